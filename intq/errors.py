@@ -1,0 +1,73 @@
+"""The one exception hierarchy of intq.
+
+Every error intq raises on purpose is an :class:`IntqError`. Errors about a
+particular node carry the node's original name (the ONNX node name or the
+PyTorch module path) so a user can find it in their own model, and end with
+what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class IntqError(Exception):
+    """Base class of every error intq raises on purpose.
+
+    ``node`` is the original name of the node the error is about (``None``
+    when it is about the model as a whole); ``hint`` says what to do.
+    """
+
+    def __init__(self, message: str, *, node: str | None = None, hint: str | None = None):
+        self.node = node
+        self.hint = hint
+        self.message = message
+        text = message
+        if node is not None:
+            text = f"node {node!r}: {text}"
+        if hint:
+            text = f"{text}\n  hint: {hint}"
+        super().__init__(text)
+
+
+class ModelImportError(IntqError):
+    """A model file could not be read: corrupt, malformed, or unsafe to load."""
+
+
+class UnsupportedOpError(ModelImportError):
+    """The model uses an operator (or an opset of it) that intq cannot convert."""
+
+
+class ShapeError(IntqError):
+    """Shapes or dtypes do not fit: at import, in a pass, or at run time."""
+
+
+class NumericsError(IntqError):
+    """A value range, NaN or overflow that makes a computation unsafe."""
+
+
+class VerificationError(IntqError):
+    """The IR verifier found a broken invariant (a bug in a pass or a hand-written graph)."""
+
+
+class ParseError(IntqError):
+    """The textual IR could not be parsed; the message shows the line and a caret."""
+
+
+class PassError(IntqError):
+    """A pass failed or a pipeline string is invalid; names the pass and those before it."""
+
+
+class ArtifactError(IntqError):
+    """A saved artifact could not be written or read back."""
+
+
+__all__ = [
+    "ArtifactError",
+    "IntqError",
+    "ModelImportError",
+    "NumericsError",
+    "ParseError",
+    "PassError",
+    "ShapeError",
+    "UnsupportedOpError",
+    "VerificationError",
+]

@@ -1,0 +1,307 @@
+"""Parse the textual IR written by :mod:`intq.ir.printer` back into a graph.
+
+Errors are :class:`~intq.errors.ParseError` with the line and a caret under
+the offending token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from intq.errors import IntqError, ParseError
+from intq.ir.graph import AttrValue, Graph, Node, Value
+from intq.ir.types import DType, QuantParams, TensorType
+
+_TOKEN = re.compile(
+    r"""
+    (?P<space>[ \t\r\n]+|\#[^\n]*)
+  | (?P<value>%(?:[A-Za-z0-9_.$]+|"(?:[^"\\\n]|\\.)*"))
+  | (?P<origin>@"(?:[^"\\\n]|\\.)*")
+  | (?P<string>"(?:[^"\\\n]|\\.)*")
+  | (?P<number>[-+]?(?:(?:inf|nan)(?![A-Za-z0-9_])|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))
+  | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
+  | (?P<arrow>->)
+  | (?P<punct>[()\[\]{},:=<>])
+    """,
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class Token:
+    """One lexical token and where it starts."""
+
+    kind: str
+    text: str
+    pos: int
+
+
+def _tokenize(text: str) -> Iterator[Token]:
+    pos = 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            raise _error(text, pos, f"unexpected character {text[pos]!r}")
+        kind = match.lastgroup
+        assert kind is not None
+        if kind != "space":
+            yield Token(kind, match.group(), pos)
+        pos = match.end()
+    yield Token("eof", "", pos)
+
+
+def _error(text: str, pos: int, message: str) -> ParseError:
+    line_no = text.count("\n", 0, pos) + 1
+    start = text.rfind("\n", 0, pos) + 1
+    end = text.find("\n", pos)
+    line = text[start : end if end >= 0 else len(text)]
+    shown = line[:200]
+    caret = " " * min(pos - start, len(shown)) + "^"
+    return ParseError(f"line {line_no}: {message}\n  {shown}\n  {caret}")
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = list(_tokenize(text))
+        self.i = 0
+        self.graph = Graph()
+
+    # ----- token helpers ---------------------------------------------------------
+
+    @property
+    def tok(self) -> Token:
+        return self.tokens[self.i]
+
+    def fail(self, message: str, token: Token | None = None) -> ParseError:
+        token = token or self.tok
+        return _error(self.text, token.pos, message)
+
+    def take(self, kind: str, text: str | None = None) -> Token:
+        token = self.tok
+        if token.kind != kind or (text is not None and token.text != text):
+            want = repr(text) if text is not None else kind
+            got = repr(token.text) if token.text else "end of text"
+            raise self.fail(f"expected {want}, got {got}")
+        self.i += 1
+        return token
+
+    def accept(self, kind: str, text: str | None = None) -> Token | None:
+        token = self.tok
+        if token.kind == kind and (text is None or token.text == text):
+            self.i += 1
+            return token
+        return None
+
+    def string(self, token: Token, skip: int = 0) -> str:
+        try:
+            return str(json.loads(token.text[skip:]))
+        except json.JSONDecodeError as err:
+            raise self.fail(f"bad string literal: {err.msg}", token) from None
+
+    def name(self) -> tuple[str, Token]:
+        token = self.take("value")
+        raw = token.text[1:]
+        return (self.string(token, 1) if raw.startswith('"') else raw), token
+
+    def comma_list(self, close: str, item):  # type: ignore[no-untyped-def]
+        items = []
+        if self.accept("punct", close):
+            return items
+        while True:
+            items.append(item())
+            if self.accept("punct", close):
+                return items
+            self.take("punct", ",")
+
+    # ----- grammar ---------------------------------------------------------------
+
+    def lookup(self) -> Value:
+        name, token = self.name()
+        value = self.graph.find(name)
+        if value is None:
+            raise self.fail(f"use of undefined value %{name}", token)
+        return value
+
+    def fresh(self) -> tuple[str, Token]:
+        name, token = self.name()
+        if self.graph.find(name) is not None:
+            raise self.fail(f"redefinition of value %{name}", token)
+        return name, token
+
+    def number(self) -> float | int:
+        token = self.take("number")
+        text = token.text
+        if any(c in text for c in ".eEin"):
+            return float(text)
+        return int(text)
+
+    def int_(self) -> int:
+        token = self.tok
+        value = self.number()
+        if not isinstance(value, int):
+            raise self.fail("expected an integer", token)
+        return value
+
+    def type_(self) -> TensorType:
+        token = self.take("word")
+        try:
+            dtype = DType(token.text)
+        except ValueError:
+            raise self.fail(f"unknown dtype {token.text!r}", token) from None
+        self.take("punct", "[")
+        shape = self.comma_list("]", self.int_)
+        quant = None
+        if self.tok.kind == "word" and self.tok.text == "q":
+            quant = self.quant()
+        try:
+            return TensorType(dtype, tuple(shape), quant)
+        except IntqError as err:
+            raise self.fail(err.message, token) from None
+
+    def quant(self) -> QuantParams:
+        start = self.take("word", "q")
+        self.take("punct", "(")
+        fields: dict[str, object] = {}
+
+        def field() -> None:
+            key = self.take("word")
+            if key.text in ("signed", "unsigned"):
+                fields["signed"] = key.text == "signed"
+            elif key.text == "narrow":
+                fields["narrow"] = True
+            elif key.text in ("bits", "axis"):
+                self.take("punct", "=")
+                fields[key.text] = self.int_()
+            elif key.text == "scale":
+                self.take("punct", "=")
+                if self.accept("punct", "["):
+                    fields["scale"] = tuple(float(x) for x in self.comma_list("]", self.number))
+                else:
+                    fields["scale"] = (float(self.number()),)
+            else:
+                raise self.fail(f"unknown quantization field {key.text!r}", key)
+
+        self.comma_list(")", field)
+        if "bits" not in fields or "signed" not in fields or "scale" not in fields:
+            raise self.fail("quantization needs bits, signed/unsigned and scale", start)
+        try:
+            return QuantParams(**fields)  # type: ignore[arg-type]
+        except IntqError as err:
+            raise self.fail(err.message, start) from None
+
+    def attr_value(self) -> AttrValue:
+        if self.accept("punct", "["):
+            return tuple(self.comma_list("]", self.attr_value))  # type: ignore[arg-type]
+        if self.tok.kind == "string":
+            return self.string(self.take("string"))
+        return self.number()
+
+    def data(self, type_: TensorType, token: Token) -> np.ndarray:
+        dtype = type_.dtype.numpy
+        if self.accept("punct", "["):
+            items = self.comma_list("]", self.number)
+            if len(items) != type_.size:
+                raise self.fail(f"{len(items)} values for a constant of {type_.size}", token)
+            return np.array(items, dtype=dtype).reshape(type_.shape)
+        word = self.take("word", "b64")
+        blob = self.take("string")
+        try:
+            raw = base64.b64decode(blob.text[1:-1], validate=True)
+        except (binascii.Error, ValueError):
+            raise self.fail("bad base64 data", blob) from None
+        if len(raw) != type_.nbytes:
+            raise self.fail(f"{len(raw)} bytes of data for a constant of {type_.nbytes}", word)
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(type_.shape)
+
+    def statement(self) -> bool:
+        if self.accept("word", "return"):
+            outputs = [self.lookup()]
+            while self.accept("punct", ","):
+                outputs.append(self.lookup())
+            self.graph.set_outputs(outputs)
+            return False
+        names = [self.fresh()]
+        while self.accept("punct", ","):
+            names.append(self.fresh())
+        self.take("punct", "=")
+        if self.accept("word", "const"):
+            if len(names) != 1:
+                raise self.fail("a constant defines one value", names[1][1])
+            type_ = self.type_()
+            value = Value(names[0][0], type_, self.data(type_, names[0][1]))
+            self.graph._register(value)
+            self.graph._constants[value.name] = value
+            return True
+        op = self.take("word")
+        self.take("punct", "(")
+
+        def operand() -> Value | None:
+            if self.accept("word", "_"):
+                return None
+            return self.lookup()
+
+        inputs = self.comma_list(")", operand)
+        attrs: dict[str, AttrValue] = {}
+        if self.accept("punct", "{"):
+
+            def attr() -> None:
+                key = self.take("word")
+                self.take("punct", "=")
+                attrs[key.text] = self.attr_value()
+
+            self.comma_list("}", attr)
+        self.take("punct", ":")
+        types = [self.type_()]
+        while self.accept("punct", ","):
+            types.append(self.type_())
+        if len(types) != len(names):
+            raise self.fail(f"{len(names)} results but {len(types)} types", op)
+        origin = ""
+        if self.tok.kind == "origin":
+            origin = self.string(self.take("origin"), 1)
+        try:
+            from intq.ops.registry import get_op
+
+            opdef = get_op(op.text, node=origin)
+            opdef.check_arity(len(inputs), node=origin)
+            full = opdef.complete_attrs(attrs, node=origin, inputs=inputs)
+        except IntqError as err:
+            raise self.fail(str(err), op) from None
+        outputs = [Value(name, t) for (name, _), t in zip(names, types)]
+        self.graph.insert(Node(op.text, inputs, outputs, full, origin))
+        return True
+
+    def parse(self) -> Graph:
+        self.take("word", "graph")
+        token = self.tok
+        if token.kind == "word":
+            self.graph.name = self.take("word").text
+        else:
+            self.graph.name = self.string(self.take("string"))
+
+        def param() -> None:
+            name, _ = self.fresh()
+            self.take("punct", ":")
+            self.graph.add_input(name, self.type_())
+
+        self.take("punct", "(")
+        self.comma_list(")", param)
+        self.take("punct", "{")
+        while self.statement():
+            pass
+        self.take("punct", "}")
+        self.take("eof")
+        return self.graph
+
+
+def from_text(text: str) -> Graph:
+    """Parse textual IR into a :class:`Graph`; raises :class:`ParseError` with a caret."""
+    return _Parser(text).parse()

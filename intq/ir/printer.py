@@ -1,0 +1,121 @@
+"""The textual IR: every value with its dtype, shape and scale.
+
+Example::
+
+    graph main(%x: f32[1,3,8,8]) {
+      %w = const f32[4,3,3,3] b64"AACAPwAA..."
+      %shape = const i64[2] [1, -1]
+      %y = Conv(%x, %w, _) {dilations=[1, 1], group=1, pads=[1, 1, 1, 1], strides=[1, 1]} : f32[1,4,8,8] @"/conv/Conv"
+      %q = Requantize(%y) : u8[1,4,8,8] q(bits=8, unsigned, scale=0.0235)
+      return %y
+    }
+
+Constants with few elements are written as a flat list, larger ones as the
+base64 of their little-endian bytes, so printing then parsing gives back the
+same graph, bit for bit (:func:`intq.ir.parser.from_text`). Pass
+``elide_above`` to abbreviate large constants for reading; such text does not
+parse.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+
+from intq.ir.graph import AttrValue, Graph, Node, Value
+from intq.ir.types import QuantParams, TensorType
+
+INLINE_LIMIT = 16
+"""Constants with at most this many elements print as a literal list."""
+
+_BARE_NAME = re.compile(r"[A-Za-z0-9_.$]+\Z")
+
+
+def format_name(name: str) -> str:
+    """``%name``, quoted when it has characters outside ``[A-Za-z0-9_.$]``."""
+    return f"%{name}" if _BARE_NAME.match(name) else f"%{json.dumps(name)}"
+
+
+def format_float(x: float) -> str:
+    """The shortest text that parses back to the same double."""
+    return repr(float(x))
+
+
+def format_quant(q: QuantParams) -> str:
+    """``q(bits=8, signed, narrow, axis=0, scale=[...])``."""
+    parts = [f"bits={q.bits}", "signed" if q.signed else "unsigned"]
+    if q.narrow:
+        parts.append("narrow")
+    if q.axis is not None:
+        parts.append(f"axis={q.axis}")
+        parts.append("scale=[" + ", ".join(format_float(s) for s in q.scale) + "]")
+    else:
+        parts.append(f"scale={format_float(q.scale[0])}")
+    return "q(" + ", ".join(parts) + ")"
+
+
+def format_type(t: TensorType) -> str:
+    """``i8[1,16,8,8] q(...)``."""
+    text = f"{t.dtype.value}[{','.join(str(d) for d in t.shape)}]"
+    return f"{text} {format_quant(t.quant)}" if t.quant is not None else text
+
+
+def format_attr(value: AttrValue) -> str:
+    """An attribute value: int, float, JSON string, or ``[...]`` list of them."""
+    if isinstance(value, tuple):
+        return "[" + ", ".join(format_attr(v) for v in value) + "]"
+    if isinstance(value, float):
+        return format_float(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def format_data(array: np.ndarray, elide_above: int | None = None) -> str:
+    """A constant's data: a flat literal list or ``b64"..."`` of little-endian bytes."""
+    if array.size <= INLINE_LIMIT:
+        flat = array.reshape(-1)
+        if array.dtype.kind == "f":
+            items = [format_float(x) for x in flat.tolist()]
+        else:
+            items = [str(int(x)) for x in flat.tolist()]
+        return "[" + ", ".join(items) + "]"
+    if elide_above is not None and array.size > elide_above:
+        return "<...>"
+    raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return 'b64"' + base64.b64encode(raw).decode("ascii") + '"'
+
+
+def format_node(node: Node) -> str:
+    """One node's line, without indentation."""
+    outs = ", ".join(format_name(v.name) for v in node.outputs)
+    ins = ", ".join("_" if v is None else format_name(v.name) for v in node.inputs)
+    text = f"{outs} = {node.op}({ins})"
+    if node.attrs:
+        attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in sorted(node.attrs.items()))
+        text += " {" + attrs + "}"
+    text += " : " + ", ".join(format_type(v.type) for v in node.outputs)
+    if node.name:
+        text += f" @{json.dumps(node.name)}"
+    return text
+
+
+def format_constant(value: Value, elide_above: int | None = None) -> str:
+    """One constant's line, without indentation."""
+    assert value.const is not None
+    data = format_data(value.const, elide_above)
+    return f"{format_name(value.name)} = const {format_type(value.type)} {data}"
+
+
+def to_text(graph: Graph, *, elide_above: int | None = None) -> str:
+    """The graph as text. With ``elide_above``, larger constants print as ``<...>``."""
+    params = ", ".join(f"{format_name(v.name)}: {format_type(v.type)}" for v in graph.inputs)
+    lines = [f"graph {format_name(graph.name)[1:]}({params}) {{"]
+    lines += [f"  {format_constant(v, elide_above)}" for v in graph.constants]
+    lines += [f"  {format_node(n)}" for n in graph.nodes]
+    lines.append("  return " + ", ".join(format_name(v.name) for v in graph.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"

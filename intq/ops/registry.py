@@ -1,0 +1,22 @@
+"""The op registry: every IR op by name, joined from the per-family tables."""
+
+from __future__ import annotations
+
+from intq.errors import UnsupportedOpError
+from intq.ops import float_ops
+from intq.ops.schema import OpDef
+
+OPS: dict[str, OpDef] = {**float_ops.OPS}
+"""Every IR op. A new family adds its table here."""
+
+
+def get_op(name: str, *, node: str = "") -> OpDef:
+    """The definition of IR op ``name``; raises :class:`UnsupportedOpError` when unknown."""
+    try:
+        return OPS[name]
+    except KeyError:
+        raise UnsupportedOpError(
+            f"unknown IR op {name!r}",
+            node=node,
+            hint=f"the IR ops are: {', '.join(sorted(OPS))}",
+        ) from None
