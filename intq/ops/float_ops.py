@@ -639,6 +639,24 @@ def _expand(ctx: InferContext) -> list[TensorType]:
     return _same_type(ctx, shape)
 
 
+@OPS.op(
+    "Pad",
+    attrs={"pads": Attr("ints"), "mode": Attr("str", "constant"), "value": Attr("float", 0.0)},
+)
+def _pad(ctx: InferContext) -> list[TensorType]:
+    """Pad every axis by ``pads = (begin..., end...)`` (negative crops) with ``mode``
+    ``constant`` (filled with ``value``), ``reflect`` or ``edge``."""
+    x, pads = ctx.type(0), ctx["pads"]
+    if len(pads) != 2 * x.rank:
+        raise ShapeError(f"Pad needs {2 * x.rank} pads for rank {x.rank}, got {len(pads)}")
+    if ctx["mode"] not in ("constant", "reflect", "edge"):
+        raise ShapeError(f"Pad mode must be constant, reflect or edge, got {ctx['mode']!r}")
+    shape = tuple(d + pads[i] + pads[i + x.rank] for i, d in enumerate(x.shape))
+    if any(d < 0 for d in shape):
+        raise ShapeError(f"Pad {list(pads)} crops {list(x.shape)} below zero")
+    return _same_type(ctx, shape)
+
+
 @OPS.op("Shape", attrs={"start": Attr("int", 0), "end": Attr("int", 1 << 62)})
 def _shape(ctx: InferContext) -> list[TensorType]:
     """The input's shape (dims ``start:end``) as i64; always folds to a constant."""

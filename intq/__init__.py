@@ -1,0 +1,41 @@
+"""intq: compile trained networks into integer-only networks for TVM and ONNX Runtime.
+
+The public entry points::
+
+    graph = intq.from_onnx("model.onnx", input_shapes={"x": (1, 3, 224, 224)})
+    exe = intq.compile(graph, target="reference")
+    outputs = exe.run({"x": array})
+"""
+
+from intq import ir, passes
+from intq.backends import compile
+from intq.errors import (
+    ArtifactError,
+    IntqError,
+    ModelImportError,
+    NumericsError,
+    ParseError,
+    PassError,
+    ShapeError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from intq.frontends import from_onnx
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "IntqError",
+    "ModelImportError",
+    "NumericsError",
+    "ParseError",
+    "PassError",
+    "ShapeError",
+    "UnsupportedOpError",
+    "VerificationError",
+    "compile",
+    "from_onnx",
+    "ir",
+    "passes",
+]

@@ -1,0 +1,105 @@
+"""What every backend shares: the executable interface, input checks, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from intq.errors import ArtifactError, ShapeError
+from intq.ir.graph import Value
+
+
+class Executable(Protocol):
+    """A compiled graph: run it, or save it as an artifact."""
+
+    target: str
+
+    @property
+    def input_names(self) -> list[str]: ...
+
+    @property
+    def output_names(self) -> list[str]: ...
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array); returns output name -> array."""
+        ...
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact atomically; returns its path."""
+        ...
+
+
+def check_feeds(inputs: Sequence[Value], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Match ``feeds`` to the graph inputs: every input given, shapes exact, dtypes compatible.
+
+    Arrays of another float width (numpy's default float64 for an f32 input)
+    are converted; integer arrays are converted when no value changes. Anything
+    else raises :class:`ShapeError` naming the input.
+    """
+    expected = {v.name: v for v in inputs}
+    unknown = sorted(set(feeds) - set(expected))
+    missing = [name for name in expected if name not in feeds]
+    if unknown or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing inputs {missing}")
+        if unknown:
+            parts.append(f"unknown inputs {unknown}")
+        raise ShapeError(
+            "; ".join(parts),
+            hint="the model's inputs are "
+            + ", ".join(f"{v.name}: {v.type}" for v in inputs),
+        )
+    out = {}
+    for name, value in expected.items():
+        array = np.asarray(feeds[name])
+        want = value.type
+        if array.shape != want.shape:
+            raise ShapeError(
+                f"input {name!r} has shape {list(array.shape)}, the model expects {list(want.shape)}",
+                hint="convert the model with input_shapes= set to the shape you will run with",
+            )
+        target = want.dtype.numpy
+        if array.dtype != target:
+            same_kind = array.dtype.kind == target.kind == "f" or (
+                array.dtype.kind in "iu" and target.kind in "iu"
+            )
+            converted = array.astype(target) if same_kind else None
+            if converted is None or (target.kind in "iu" and not np.array_equal(converted, array)):
+                raise ShapeError(
+                    f"input {name!r} has dtype {array.dtype}, the model expects {target}",
+                    hint=f"pass the array as .astype(np.{target})",
+                )
+            array = converted
+        out[name] = array
+    return out
+
+
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    A crash or a full disk leaves either the old file or none, never half
+    of a new one.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from err
+    return path

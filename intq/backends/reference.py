@@ -1,0 +1,465 @@
+"""The reference interpreter: numpy semantics of every IR op, in one table.
+
+This is the oracle of the project: every backend must agree with it (bit
+for bit on integer graphs) and every test compares against it. Each entry of
+:data:`EVAL` takes the node (for its attributes and output types) and the
+input arrays, and returns the output arrays. Float ops compute in the
+tensor's own dtype (float32 for ONNX models), as ONNX Runtime does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.special
+from numpy.lib.stride_tricks import sliding_window_view
+
+from intq.backends.base import atomic_write, check_feeds
+from intq.errors import IntqError, ShapeError
+from intq.ir.graph import Graph, Node
+from intq.ir.printer import to_text
+
+Array = np.ndarray
+Kernel = Callable[..., list[Array]]
+
+EVAL: dict[str, Kernel] = {}
+"""Op name -> ``kernel(node, *inputs) -> outputs``."""
+
+
+def _kernel(*names: str) -> Callable[[Kernel], Kernel]:
+    def register(fn: Kernel) -> Kernel:
+        for name in names:
+            EVAL[name] = fn
+        return fn
+
+    return register
+
+
+def _out_dtype(node: Node, index: int = 0) -> np.dtype:
+    return node.outputs[index].type.dtype.numpy
+
+
+# ----- elementwise ----------------------------------------------------------------
+
+
+@_kernel("Add", "Sub", "Mul", "Div")
+def _arith(node: Node, a: Array, b: Array) -> list[Array]:
+    if node.op == "Div" and a.dtype.kind in "iu":
+        if np.any(b == 0):
+            raise IntqError("integer division by zero", node=node.label())
+        # ONNX integer division truncates toward zero; numpy's // floors.
+        q = np.abs(a.astype(np.int64)) // np.abs(b.astype(np.int64))
+        return [(np.sign(a) * np.sign(b) * q).astype(a.dtype)]
+    fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[node.op]
+    return [fn(a, b).astype(a.dtype, copy=False)]
+
+
+@_kernel("Pow")
+def _pow(node: Node, a: Array, b: Array) -> list[Array]:
+    return [np.power(a, b.astype(a.dtype)).astype(a.dtype, copy=False)]
+
+
+@_kernel("Equal", "Less", "Greater", "And", "Or")
+def _compare(node: Node, a: Array, b: Array) -> list[Array]:
+    fn = {
+        "Equal": np.equal,
+        "Less": np.less,
+        "Greater": np.greater,
+        "And": np.logical_and,
+        "Or": np.logical_or,
+    }[node.op]
+    return [fn(a, b)]
+
+
+@_kernel("Not")
+def _not(node: Node, x: Array) -> list[Array]:
+    return [np.logical_not(x)]
+
+
+@_kernel("Where")
+def _where(node: Node, cond: Array, x: Array, y: Array) -> list[Array]:
+    return [np.where(cond, x, y)]
+
+
+_UNARY: dict[str, Callable[[Array], Array]] = {
+    "Sigmoid": scipy.special.expit,
+    "Tanh": np.tanh,
+    "Erf": scipy.special.erf,
+    "Sqrt": np.sqrt,
+    "Exp": np.exp,
+    "Neg": np.negative,
+    "Abs": np.abs,
+    "Relu": lambda x: np.maximum(x, np.zeros((), x.dtype)),
+    "Identity": lambda x: x,
+}
+
+
+@_kernel(*_UNARY)
+def _unary(node: Node, x: Array) -> list[Array]:
+    return [np.asarray(_UNARY[node.op](x)).astype(x.dtype, copy=False)]
+
+
+@_kernel("Gelu")
+def _gelu(node: Node, x: Array) -> list[Array]:
+    if node.attrs["approximate"] == "tanh":
+        inner = np.sqrt(2 / np.pi).astype(x.dtype) * (x + x.dtype.type(0.044715) * x**3)
+        y = x.dtype.type(0.5) * x * (1 + np.tanh(inner))
+    else:
+        y = x.dtype.type(0.5) * x * (1 + scipy.special.erf(x / np.sqrt(x.dtype.type(2))))
+    return [y.astype(x.dtype, copy=False)]
+
+
+@_kernel("Clip")
+def _clip(node: Node, x: Array) -> list[Array]:
+    low, high = node.attrs["min"], node.attrs["max"]
+    if x.dtype.kind in "iu":
+        info = np.iinfo(x.dtype)
+        low = max(info.min, math.ceil(low)) if low > -math.inf else info.min
+        high = min(info.max, math.floor(high)) if high < math.inf else info.max
+    return [np.clip(x, x.dtype.type(low), x.dtype.type(high))]
+
+
+@_kernel("Cast")
+def _cast(node: Node, x: Array) -> list[Array]:
+    return [x.astype(_out_dtype(node))]
+
+
+# ----- linear algebra --------------------------------------------------------------
+
+
+def _windows(
+    x: Array,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    out_shape: Sequence[int],
+) -> Array:
+    """A strided view ``(N, C, *out_shape, *kernel)`` of the (already padded) input."""
+    spatial = len(kernel)
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    view = sliding_window_view(x, span, axis=tuple(range(2, 2 + spatial)))
+    index = (
+        (slice(None), slice(None))
+        + tuple(slice(0, (o - 1) * s + 1, s) for o, s in zip(out_shape, strides))
+        + tuple(slice(None, None, d) for d in dilations)
+    )
+    return view[index]
+
+
+def _pad_spatial(x: Array, pads: Sequence[int], fill: float | int, extra: Sequence[int] = ()) -> Array:
+    spatial = x.ndim - 2
+    extra = tuple(extra) or (0,) * spatial
+    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial] + extra[i]) for i in range(spatial)]
+    if not any(a or b for a, b in width):
+        return x
+    return np.pad(x, width, constant_values=fill)
+
+
+@_kernel("Conv")
+def _conv(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    attrs = node.attrs
+    out_shape = node.outputs[0].type.shape
+    spatial = x.ndim - 2
+    group = attrs["group"]
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    kernel = w.shape[2:]
+    patches = _windows(
+        _pad_spatial(x, attrs["pads"], 0), kernel, attrs["strides"], attrs["dilations"],
+        out_shape[2:],
+    )
+    positions = math.prod(out_shape[2:])
+    taps = math.prod(kernel)
+    # (N, G, C/G, O..., K...) -> (N, G, O, C/G * K): one matmul per group.
+    patches = patches.reshape(n, group, c // group, positions, taps)
+    patches = patches.transpose(0, 1, 3, 2, 4).reshape(n, group, positions, (c // group) * taps)
+    weights = w.reshape(group, m // group, (c // group) * taps).transpose(0, 2, 1)
+    acc_dtype = np.int64 if x.dtype.kind in "iu" else x.dtype
+    y = np.matmul(patches.astype(acc_dtype, copy=False), weights.astype(acc_dtype, copy=False))
+    y = y.transpose(0, 1, 3, 2).reshape(out_shape)
+    if b is not None:
+        y = y + b.reshape((1, m) + (1,) * spatial).astype(acc_dtype, copy=False)
+    return [y.astype(_out_dtype(node), copy=False)]
+
+
+@_kernel("Gemm")
+def _gemm(node: Node, a: Array, b: Array, c: Array | None = None) -> list[Array]:
+    attrs = node.attrs
+    a = a.T if attrs["transA"] else a
+    b = b.T if attrs["transB"] else b
+    y = a @ b
+    if attrs["alpha"] != 1.0:
+        y = y * a.dtype.type(attrs["alpha"])
+    if c is not None:
+        y = y + (c if attrs["beta"] == 1.0 else c * c.dtype.type(attrs["beta"]))
+    return [y.astype(_out_dtype(node), copy=False)]
+
+
+@_kernel("MatMul")
+def _matmul(node: Node, a: Array, b: Array) -> list[Array]:
+    return [np.matmul(a, b).astype(_out_dtype(node), copy=False)]
+
+
+@_kernel("BatchNormalization")
+def _batchnorm(node: Node, x: Array, scale: Array, bias: Array, mean: Array, var: Array) -> list[Array]:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    eps = x.dtype.type(node.attrs["epsilon"])
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return [(y * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype, copy=False)]
+
+
+@_kernel("LayerNormalization")
+def _layernorm(node: Node, x: Array, scale: Array, bias: Array | None = None) -> list[Array]:
+    axes = tuple(range(node.attrs["axis"], x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(axis=axes, keepdims=True)
+    y = centered / np.sqrt(var + x.dtype.type(node.attrs["epsilon"])) * scale
+    if bias is not None:
+        y = y + bias
+    return [y.astype(x.dtype, copy=False)]
+
+
+@_kernel("Softmax")
+def _softmax(node: Node, x: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return [(e / e.sum(axis=axis, keepdims=True)).astype(x.dtype, copy=False)]
+
+
+# ----- pooling ----------------------------------------------------------------------
+
+
+def _ceil_extra(node: Node, x: Array) -> tuple[int, ...]:
+    """End padding beyond ``pads`` that ceil_mode windows reach into."""
+    attrs = node.attrs
+    spatial = x.ndim - 2
+    dilations = attrs.get("dilations") or (1,) * spatial
+    out = node.outputs[0].type.shape[2:]
+    extra = []
+    for i in range(spatial):
+        span = dilations[i] * (attrs["kernel_shape"][i] - 1) + 1
+        padded = x.shape[2 + i] + attrs["pads"][i] + attrs["pads"][i + spatial]
+        extra.append(max(0, (out[i] - 1) * attrs["strides"][i] + span - padded))
+    return tuple(extra)
+
+
+@_kernel("MaxPool")
+def _maxpool(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    fill = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    padded = _pad_spatial(x, attrs["pads"], fill, _ceil_extra(node, x))
+    win = _windows(
+        padded, attrs["kernel_shape"], attrs["strides"], attrs["dilations"],
+        node.outputs[0].type.shape[2:],
+    )
+    axes = tuple(range(-len(attrs["kernel_shape"]), 0))
+    return [win.max(axis=axes)]
+
+
+@_kernel("AveragePool")
+def _avgpool(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    kernel, strides = attrs["kernel_shape"], attrs["strides"]
+    out = node.outputs[0].type.shape[2:]
+    extra = _ceil_extra(node, x)
+    ones = (1,) * len(kernel)
+    axes = tuple(range(-len(kernel), 0))
+    total = _windows(_pad_spatial(x, attrs["pads"], 0, extra), kernel, strides, ones, out)
+    total = total.sum(axis=axes, dtype=np.float64)
+    # The divisor counts real elements, plus declared padding with count_include_pad;
+    # the extra end padding that ceil_mode adds never counts.
+    inside = np.ones((1, 1, *x.shape[2:]), np.float64)
+    counted = _pad_spatial(inside, attrs["pads"], 1 if attrs["count_include_pad"] else 0)
+    counted = _pad_spatial(counted, (0,) * (2 * len(kernel)), 0, extra)
+    count = _windows(counted, kernel, strides, ones, out).sum(axis=axes)
+    return [(total / count).astype(x.dtype)]
+
+
+@_kernel("GlobalAveragePool")
+def _global_avgpool(node: Node, x: Array) -> list[Array]:
+    axes = tuple(range(2, x.ndim))
+    return [x.mean(axis=axes, keepdims=True, dtype=np.float64).astype(x.dtype)]
+
+
+# ----- reductions -------------------------------------------------------------------
+
+
+@_kernel("ReduceMean", "ReduceSum", "ReduceMax")
+def _reduce(node: Node, x: Array) -> list[Array]:
+    fn = {"ReduceMean": np.mean, "ReduceSum": np.sum, "ReduceMax": np.max}[node.op]
+    axes = tuple(node.attrs["axes"])
+    y = fn(x, axis=axes, keepdims=bool(node.attrs["keepdims"]))
+    return [np.asarray(y).astype(x.dtype, copy=False)]
+
+
+# ----- data movement ------------------------------------------------------------------
+
+
+@_kernel("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(node: Node, x: Array) -> list[Array]:
+    return [x.reshape(node.outputs[0].type.shape)]
+
+
+@_kernel("Transpose")
+def _transpose(node: Node, x: Array) -> list[Array]:
+    return [np.transpose(x, node.attrs["perm"])]
+
+
+@_kernel("Concat")
+def _concat(node: Node, *xs: Array) -> list[Array]:
+    return [np.concatenate(xs, axis=node.attrs["axis"])]
+
+
+@_kernel("Slice")
+def _slice(node: Node, x: Array) -> list[Array]:
+    index = [slice(None)] * x.ndim
+    attrs = node.attrs
+    for start, end, axis, step in zip(attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]):
+        # A canonical end of -1 with a negative step means "through index 0".
+        index[axis] = slice(start, None if end < 0 else end, step)
+    return [x[tuple(index)]]
+
+
+@_kernel("Gather")
+def _gather(node: Node, data: Array, indices: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    size = data.shape[axis]
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        bad = indices[(indices < -size) | (indices >= size)].reshape(-1)[0]
+        raise ShapeError(
+            f"Gather index {bad} out of range for axis {axis} of size {size}", node=node.label()
+        )
+    return [np.take(data, indices.astype(np.int64), axis=axis)]
+
+
+@_kernel("Expand")
+def _expand(node: Node, x: Array) -> list[Array]:
+    return [np.broadcast_to(x, node.attrs["shape"]).copy()]
+
+
+@_kernel("Pad")
+def _pad(node: Node, x: Array) -> list[Array]:
+    pads, rank = node.attrs["pads"], x.ndim
+    # Negative pads crop: slice first, then pad by the positive parts.
+    crop = tuple(
+        slice(max(0, -pads[i]), x.shape[i] - max(0, -pads[i + rank])) for i in range(rank)
+    )
+    width = [(max(0, pads[i]), max(0, pads[i + rank])) for i in range(rank)]
+    mode = node.attrs["mode"]
+    if mode == "constant":
+        return [np.pad(x[crop], width, constant_values=x.dtype.type(node.attrs["value"]))]
+    return [np.pad(x[crop], width, mode=mode)]
+
+
+@_kernel("Shape")
+def _shape(node: Node, x: Array) -> list[Array]:
+    return [np.array(x.shape[node.attrs["start"] : node.attrs["end"]], dtype=np.int64)]
+
+
+@_kernel("ConstantOfShape")
+def _constant_of_shape(node: Node) -> list[Array]:
+    return [np.full(node.attrs["shape"], node.attrs["value"], dtype=_out_dtype(node))]
+
+
+# ----- the interpreter ------------------------------------------------------------------
+
+NodeHook = Callable[[Node, Sequence[Array]], None]
+
+
+def evaluate(node: Node, inputs: Sequence[Array | None]) -> list[Array]:
+    """Run one node on numpy inputs; checks the results against the declared types."""
+    kernel = EVAL.get(node.op)
+    if kernel is None:
+        raise IntqError(f"the reference interpreter has no kernel for {node.op}", node=node.label())
+    # Trailing omitted optional inputs are dropped; inner ones stay as None.
+    args = list(inputs)
+    while args and args[-1] is None:
+        args.pop()
+    with np.errstate(all="ignore"):
+        outputs = kernel(node, *args)
+    for value, array in zip(node.outputs, outputs):
+        want = value.type
+        if array.shape != want.shape or array.dtype != want.dtype.numpy:
+            raise IntqError(
+                f"{node.op} computed {array.dtype}{list(array.shape)} where its type says {want}"
+                " (a bug in intq: please report it with this model)",
+                node=node.label(),
+            )
+    return outputs
+
+
+def run_graph(
+    graph: Graph,
+    feeds: Mapping[str, Array],
+    *,
+    on_node: NodeHook | None = None,
+) -> dict[str, Array]:
+    """Run ``graph`` on ``feeds`` (input name -> array); returns output name -> array.
+
+    ``on_node(node, outputs)`` is called after each node (calibration uses it).
+    Intermediate arrays are freed after their last reader, so memory stays at
+    the graph's live set, not its total.
+    """
+    env: dict[str, Array] = dict(check_feeds(graph.inputs, feeds))
+    for value in graph.constants:
+        assert value.const is not None
+        env[value.name] = value.const
+    keep = {v.name for v in graph.outputs}
+    remaining = {name: 0 for name in env}
+    for node in graph.nodes:
+        for value in node.inputs:
+            if value is not None:
+                remaining[value.name] = remaining.get(value.name, 0) + 1
+    for node in graph.nodes:
+        inputs = [None if v is None else env[v.name] for v in node.inputs]
+        outputs = evaluate(node, inputs)
+        for value, array in zip(node.outputs, outputs):
+            env[value.name] = array
+        if on_node is not None:
+            on_node(node, outputs)
+        for value in node.inputs:
+            if value is None:
+                continue
+            remaining[value.name] -= 1
+            if remaining[value.name] == 0 and value.name not in keep and not value.is_const:
+                del env[value.name]
+    return {v.name: env[v.name] for v in graph.outputs}
+
+
+class ReferenceExecutable:
+    """A graph run by the reference interpreter; saves as textual IR."""
+
+    target = "reference"
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs :meth:`run` expects."""
+        return [v.name for v in self.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the outputs :meth:`run` returns."""
+        return [v.name for v in self.graph.outputs]
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Run on ``inputs`` (name -> array); returns output name -> array."""
+        return run_graph(self.graph, inputs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the graph as textual IR (atomically); returns the path."""
+        return atomic_write(path, to_text(self.graph).encode())
+
+
+def compile_reference(graph: Graph) -> ReferenceExecutable:
+    """The reference backend's compile: nothing to do but wrap the graph."""
+    return ReferenceExecutable(graph)
+
+
+__all__ = ["EVAL", "ReferenceExecutable", "compile_reference", "evaluate", "run_graph"]

@@ -1,0 +1,472 @@
+"""One small converter per ONNX op, keyed by ``(op_type, opset range)``.
+
+A converter gets a :class:`ConvertContext` for one ONNX node and returns the
+IR values of the node's outputs. It folds ONNX's constant operands (shapes,
+axes, bounds) into canonical IR attributes; ``ctx.emit`` folds nodes whose
+inputs are all constants, which turns exporters' Shape/Gather/Concat chains
+into constants.
+
+Adding an op: write a converter and add it to :data:`CONVERTERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from intq.errors import ModelImportError, ShapeError, UnsupportedOpError
+from intq.ir.graph import Graph, Value
+from intq.ir.types import DType, TensorType
+from intq.passes.constant_folding import fold_node, foldable
+
+MAX_OPSET = 22
+"""Newest default-domain opset the converters were written against."""
+
+
+def onnx_dtype(elem_type: int, *, node: str = "") -> DType:
+    """The IR dtype of an ONNX ``TensorProto`` element type."""
+    try:
+        return DType.from_numpy(helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, ShapeError):
+        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "UNDEFINED"
+        raise UnsupportedOpError(f"element type {name} is not supported", node=node) from None
+
+
+@dataclass
+class ConvertContext:
+    """What a converter sees: the ONNX node, its inputs as IR values, the graph."""
+
+    graph: Graph
+    node: onnx.NodeProto
+    name: str
+    opset: int
+    inputs: list[Value | None]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.attrs = {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        """ONNX attribute ``key`` (bytes decoded to str), or ``default``."""
+        value = self.attrs.get(key, default)
+        if isinstance(value, bytes):
+            return value.decode()
+        if isinstance(value, list):
+            return [v.decode() if isinstance(v, bytes) else v for v in value]
+        return value
+
+    def input(self, index: int) -> Value:
+        """Input ``index``, which must be present."""
+        value = self.optional(index)
+        if value is None:
+            raise ModelImportError(f"{self.node.op_type} needs input {index}", node=self.name)
+        return value
+
+    def optional(self, index: int) -> Value | None:
+        """Input ``index``, or ``None`` when omitted."""
+        return self.inputs[index] if index < len(self.inputs) else None
+
+    def const(self, index: int, what: str) -> np.ndarray | None:
+        """The constant data of optional input ``index``; raises if it is computed at run time."""
+        value = self.optional(index)
+        if value is None:
+            return None
+        if value.const is None:
+            raise ShapeError(
+                f"{self.node.op_type}'s {what} (input {index}, %{value.name}) is computed at run"
+                " time; intq needs static shapes",
+                node=self.name,
+                hint="give every graph input a fixed shape with input_shapes=..., so shape"
+                " computations fold to constants",
+            )
+        return value.const
+
+    def emit(self, op: str, inputs: Sequence[Value | None], **attrs: Any) -> list[Value]:
+        """Add IR node ``op`` for this ONNX node, folded to constants when possible."""
+        # Every IR op a converter emits has one output: the ONNX node's first.
+        name = self.node.output[0] if self.node.output and self.node.output[0] else self.name
+        node = self.graph.add(op, list(inputs), attrs, name=self.name, out_names=[name])
+        if foldable(node):
+            return fold_node(self.graph, node)
+        return list(node.outputs)
+
+    def emit1(self, op: str, inputs: Sequence[Value | None], **attrs: Any) -> Value:
+        """:meth:`emit` for a one-output op."""
+        return self.emit(op, inputs, **attrs)[0]
+
+    def unsupported(self, why: str) -> UnsupportedOpError:
+        """An error for a feature of this node that intq does not handle."""
+        return UnsupportedOpError(
+            f"{self.node.op_type} (opset {self.opset}): {why}", node=self.name
+        )
+
+    def only_first_output(self) -> None:
+        """Refuse when an optional extra output (BN's mean, MaxPool's indices...) is used."""
+        if any(self.node.output[1:]):
+            raise self.unsupported("only the first output is supported (training outputs, indices)")
+
+
+Converter = Callable[[ConvertContext], list[Value]]
+
+CONVERTERS: dict[str, list[tuple[int, int, Converter]]] = {}
+"""ONNX op type -> ``(first opset, last opset, converter)`` entries."""
+
+
+def _converter(op_type: str, since: int = 1, until: int = MAX_OPSET) -> Callable[[Converter], Converter]:
+    def register(fn: Converter) -> Converter:
+        CONVERTERS.setdefault(op_type, []).append((since, until, fn))
+        return fn
+
+    return register
+
+
+def find_converter(op_type: str, opset: int) -> Converter | None:
+    """The converter for ``op_type`` at ``opset``, or None."""
+    for since, until, fn in CONVERTERS.get(op_type, ()):
+        if since <= opset <= until:
+            return fn
+    return None
+
+
+def supported_ops() -> list[str]:
+    """``"Op (opsets a-b)"`` for every ONNX op intq converts."""
+    rows = []
+    for op_type, entries in sorted(CONVERTERS.items()):
+        low = min(e[0] for e in entries)
+        high = max(e[1] for e in entries)
+        rows.append(f"{op_type} ({low}-{high})")
+    return rows
+
+
+def _ints(array: np.ndarray | None) -> tuple[int, ...]:
+    return () if array is None else tuple(int(x) for x in np.asarray(array).reshape(-1))
+
+
+# ----- one-to-one ops -----------------------------------------------------------
+
+_SAME_NAME = [
+    "Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Not", "Where",
+    "Sigmoid", "Tanh", "Erf", "Sqrt", "Exp", "Neg", "Abs", "Relu", "MatMul", "GlobalAveragePool",
+]
+
+
+def _same(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit(ctx.node.op_type, ctx.inputs)
+
+
+for _op in _SAME_NAME:
+    _converter(_op, 7 if _op in ("Add", "Sub", "Mul", "Div", "Pow") else 1)(_same)
+
+
+@_converter("Identity")
+@_converter("Dropout", 7)
+def _identity(ctx: ConvertContext) -> list[Value]:
+    """Inference-time identity (Dropout's mask output is refused)."""
+    if ctx.node.op_type == "Dropout":
+        ctx.only_first_output()
+        training = ctx.const(2, "training_mode")
+        if training is not None and bool(training):
+            raise ctx.unsupported("training_mode=True")
+    return [ctx.input(0)]
+
+
+@_converter("Gelu", 20)
+def _gelu(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("Gelu", ctx.inputs[:1], approximate=ctx.attr("approximate", "none"))
+
+
+@_converter("Clip", 6, 10)
+def _clip_attrs(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit(
+        "Clip", ctx.inputs[:1], min=ctx.attr("min", -np.inf), max=ctx.attr("max", np.inf)
+    )
+
+
+@_converter("Clip", 11)
+def _clip_inputs(ctx: ConvertContext) -> list[Value]:
+    low, high = ctx.const(1, "min"), ctx.const(2, "max")
+    return ctx.emit(
+        "Clip",
+        ctx.inputs[:1],
+        min=-np.inf if low is None else float(low),
+        max=np.inf if high is None else float(high),
+    )
+
+
+@_converter("Cast", 6)
+def _cast(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("Cast", ctx.inputs, to=onnx_dtype(ctx.attr("to"), node=ctx.name).value)
+
+
+# ----- convolution, pooling -------------------------------------------------------
+
+
+def _resolve_auto_pad(
+    ctx: ConvertContext, x: TensorType, kernel: Sequence[int], strides: Sequence[int],
+    dilations: Sequence[int],
+) -> tuple[int, ...]:
+    """Explicit ``pads`` from ONNX's ``auto_pad`` (or the ``pads`` attribute)."""
+    spatial = len(kernel)
+    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    if auto_pad == "NOTSET":
+        return tuple(ctx.attr("pads", [0] * 2 * spatial))
+    if auto_pad == "VALID":
+        return (0,) * (2 * spatial)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ctx.unsupported(f"auto_pad={auto_pad!r}")
+    begin, end = [], []
+    for i in range(spatial):
+        size = x.shape[2 + i]
+        out = -(-size // strides[i])
+        total = max(0, (out - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - size)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else large)
+        end.append(large if auto_pad == "SAME_UPPER" else small)
+    return tuple(begin + end)
+
+
+@_converter("Conv", 1)
+def _conv(ctx: ConvertContext) -> list[Value]:
+    x, w = ctx.input(0), ctx.input(1)
+    spatial = w.type.rank - 2
+    kernel = tuple(w.type.shape[2:])
+    if ctx.attr("kernel_shape") and tuple(ctx.attr("kernel_shape")) != kernel:
+        raise ShapeError(
+            f"kernel_shape {ctx.attr('kernel_shape')} differs from the weight's {list(kernel)}",
+            node=ctx.name,
+        )
+    strides = tuple(ctx.attr("strides", [1] * spatial))
+    dilations = tuple(ctx.attr("dilations", [1] * spatial))
+    pads = _resolve_auto_pad(ctx, x.type, kernel, strides, dilations)
+    return ctx.emit(
+        "Conv", ctx.inputs, strides=strides, pads=pads, dilations=dilations,
+        group=ctx.attr("group", 1),
+    )
+
+
+def _pool_attrs(ctx: ConvertContext, dilations: bool) -> dict[str, Any]:
+    kernel = tuple(ctx.attr("kernel_shape"))
+    spatial = len(kernel)
+    strides = tuple(ctx.attr("strides", [1] * spatial))
+    dil = tuple(ctx.attr("dilations", [1] * spatial))
+    attrs: dict[str, Any] = {
+        "kernel_shape": kernel,
+        "strides": strides,
+        "pads": _resolve_auto_pad(ctx, ctx.input(0).type, kernel, strides, dil),
+        "ceil_mode": ctx.attr("ceil_mode", 0),
+    }
+    if dilations:
+        attrs["dilations"] = dil
+    elif any(d != 1 for d in dil):
+        raise ctx.unsupported("dilated average pooling")
+    return attrs
+
+
+@_converter("MaxPool", 8)
+def _maxpool(ctx: ConvertContext) -> list[Value]:
+    ctx.only_first_output()
+    if ctx.attr("storage_order", 0):
+        raise ctx.unsupported("storage_order=1")
+    return ctx.emit("MaxPool", ctx.inputs, **_pool_attrs(ctx, True))
+
+
+@_converter("AveragePool", 7)
+def _avgpool(ctx: ConvertContext) -> list[Value]:
+    attrs = _pool_attrs(ctx, False)
+    attrs["count_include_pad"] = ctx.attr("count_include_pad", 0)
+    return ctx.emit("AveragePool", ctx.inputs, **attrs)
+
+
+# ----- linear algebra, normalisation --------------------------------------------------
+
+
+@_converter("Gemm", 7)
+def _gemm(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit(
+        "Gemm", ctx.inputs, alpha=ctx.attr("alpha", 1.0), beta=ctx.attr("beta", 1.0),
+        transA=ctx.attr("transA", 0), transB=ctx.attr("transB", 0),
+    )
+
+
+@_converter("BatchNormalization", 9)
+def _batchnorm(ctx: ConvertContext) -> list[Value]:
+    ctx.only_first_output()
+    if ctx.attr("training_mode", 0):
+        raise ctx.unsupported("training_mode=1")
+    return ctx.emit("BatchNormalization", ctx.inputs, epsilon=ctx.attr("epsilon", 1e-5))
+
+
+@_converter("LayerNormalization", 17)
+def _layernorm(ctx: ConvertContext) -> list[Value]:
+    ctx.only_first_output()
+    return ctx.emit(
+        "LayerNormalization", ctx.inputs, axis=ctx.attr("axis", -1),
+        epsilon=ctx.attr("epsilon", 1e-5),
+    )
+
+
+@_converter("Softmax", 1, 12)
+def _softmax_flat(ctx: ConvertContext) -> list[Value]:
+    """Before opset 13 Softmax normalises over all dims from ``axis`` (flattened)."""
+    x = ctx.input(0)
+    axis = ctx.attr("axis", 1) % max(x.type.rank, 1)
+    if axis == x.type.rank - 1:
+        return ctx.emit("Softmax", [x], axis=axis)
+    rows = int(np.prod(x.type.shape[:axis]))
+    flat = ctx.graph.op("Reshape", x, name=ctx.name, shape=(rows, -1))
+    soft = ctx.graph.op("Softmax", flat, name=ctx.name, axis=1)
+    return ctx.emit("Reshape", [soft], shape=x.type.shape)
+
+
+@_converter("Softmax", 13)
+def _softmax(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("Softmax", ctx.inputs, axis=ctx.attr("axis", -1))
+
+
+# ----- reductions ---------------------------------------------------------------------
+
+
+def _reduce(ctx: ConvertContext, axes: tuple[int, ...]) -> list[Value]:
+    if not axes and ctx.attr("noop_with_empty_axes", 0):
+        return [ctx.input(0)]
+    return ctx.emit(ctx.node.op_type, ctx.inputs[:1], axes=axes, keepdims=ctx.attr("keepdims", 1))
+
+
+for _op, _last_attr_opset in (("ReduceMean", 17), ("ReduceMax", 17), ("ReduceSum", 12)):
+    _converter(_op, 1, _last_attr_opset)(lambda ctx: _reduce(ctx, tuple(ctx.attr("axes", []))))
+    _converter(_op, _last_attr_opset + 1)(lambda ctx: _reduce(ctx, _ints(ctx.const(1, "axes"))))
+
+
+# ----- data movement --------------------------------------------------------------------
+
+
+@_converter("Reshape", 5)
+def _reshape(ctx: ConvertContext) -> list[Value]:
+    shape = _ints(ctx.const(1, "shape"))
+    if ctx.attr("allowzero", 0) and 0 in shape:
+        raise ctx.unsupported("allowzero=1 with a 0 in the shape")
+    return ctx.emit("Reshape", ctx.inputs[:1], shape=shape)
+
+
+@_converter("Flatten", 1)
+def _flatten(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("Flatten", ctx.inputs, axis=ctx.attr("axis", 1))
+
+
+@_converter("Transpose", 1)
+def _transpose(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("Transpose", ctx.inputs, perm=tuple(ctx.attr("perm", [])))
+
+
+@_converter("Concat", 4)
+def _concat(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("Concat", ctx.inputs, axis=ctx.attr("axis"))
+
+
+@_converter("Slice", 1, 9)
+def _slice_attrs(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit(
+        "Slice", ctx.inputs[:1], starts=tuple(ctx.attr("starts")), ends=tuple(ctx.attr("ends")),
+        axes=tuple(ctx.attr("axes", [])),
+    )
+
+
+@_converter("Slice", 10)
+def _slice(ctx: ConvertContext) -> list[Value]:
+    # ONNX uses INT64 extremes for "to the end"; clamp so they fit the attributes.
+    def clamped(index: int, what: str) -> tuple[int, ...]:
+        return tuple(int(np.clip(v, -(1 << 62), 1 << 62)) for v in _ints(ctx.const(index, what)))
+
+    return ctx.emit(
+        "Slice", ctx.inputs[:1], starts=clamped(1, "starts"), ends=clamped(2, "ends"),
+        axes=_ints(ctx.const(3, "axes")), steps=_ints(ctx.const(4, "steps")),
+    )
+
+
+@_converter("Squeeze", 1, 12)
+@_converter("Unsqueeze", 1, 12)
+def _squeeze_attr(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit(ctx.node.op_type, ctx.inputs[:1], axes=tuple(ctx.attr("axes", [])))
+
+
+@_converter("Squeeze", 13)
+@_converter("Unsqueeze", 13)
+def _squeeze(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit(ctx.node.op_type, ctx.inputs[:1], axes=_ints(ctx.const(1, "axes")))
+
+
+@_converter("Gather", 1)
+def _gather(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("Gather", ctx.inputs, axis=ctx.attr("axis", 0))
+
+
+@_converter("Expand", 8)
+def _expand(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("Expand", ctx.inputs[:1], shape=_ints(ctx.const(1, "shape")))
+
+
+@_converter("Pad", 2, 10)
+def _pad_attrs(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit(
+        "Pad", ctx.inputs[:1], pads=tuple(ctx.attr("pads")), mode=ctx.attr("mode", "constant"),
+        value=ctx.attr("value", 0.0),
+    )
+
+
+@_converter("Pad", 11)
+def _pad(ctx: ConvertContext) -> list[Value]:
+    rank = ctx.input(0).type.rank
+    pads = _ints(ctx.const(1, "pads"))
+    axes = _ints(ctx.const(3, "axes")) or tuple(range(rank))
+    if len(pads) != 2 * len(axes):
+        raise ShapeError(f"Pad has {len(pads)} pads for {len(axes)} axes", node=ctx.name)
+    full = [0] * (2 * rank)
+    for i, axis in enumerate(axes):
+        full[axis % rank], full[axis % rank + rank] = pads[i], pads[i + len(axes)]
+    value = ctx.const(2, "constant_value")
+    mode = ctx.attr("mode", "constant")
+    if mode == "wrap":
+        raise ctx.unsupported("mode='wrap'")
+    return ctx.emit(
+        "Pad", ctx.inputs[:1], pads=tuple(full), mode=mode,
+        value=0.0 if value is None or value.size == 0 else float(value.reshape(-1)[0]),
+    )
+
+
+@_converter("Shape", 1)
+def _shape(ctx: ConvertContext) -> list[Value]:
+    rank = ctx.input(0).type.rank
+    start = ctx.attr("start", 0)
+    end = ctx.attr("end", rank)
+    return ctx.emit("Shape", ctx.inputs, start=max(0, start + rank if start < 0 else start),
+                    end=min(rank, end + rank if end < 0 else end))
+
+
+@_converter("Constant", 1)
+def _constant(ctx: ConvertContext) -> list[Value]:
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in ctx.attrs:
+            raw = ctx.attrs[key]
+            if key == "value":
+                array = numpy_helper.to_array(raw)
+            else:
+                array = np.array(raw, dtype=np.float32 if "float" in key else np.int64)
+            DType.from_numpy(array.dtype)  # refuses strings and other unsupported types
+            return [ctx.graph.add_constant(array, ctx.node.output[0])]
+    raise ctx.unsupported(f"attributes {sorted(ctx.attrs)} (sparse or string constants)")
+
+
+@_converter("ConstantOfShape", 9)
+def _constant_of_shape(ctx: ConvertContext) -> list[Value]:
+    fill = ctx.attrs.get("value")
+    array = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
+    dtype = DType.from_numpy(array.dtype)
+    return ctx.emit(
+        "ConstantOfShape", [], shape=_ints(ctx.const(0, "shape")),
+        value=float(array.reshape(-1)[0]), dtype=dtype.value,
+    )
