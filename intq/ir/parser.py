@@ -228,6 +228,8 @@ class _Parser:
                 outputs.append(self.lookup())
             self.graph.set_outputs(outputs)
             return False
+        if self.tok.kind != "value":
+            raise self.fail("expected a definition (%name = ...) or 'return'")
         names = [self.fresh()]
         while self.accept("punct", ","):
             names.append(self.fresh())

@@ -31,13 +31,13 @@ def foldable(node: Node) -> bool:
 def fold_node(graph: Graph, node: Node) -> list[Value]:
     """Replace ``node`` by constants of its outputs; returns the new constants."""
     results = evaluate(node, [None if v is None else v.const for v in node.inputs])
+    names = [v.name for v in node.outputs]
     constants = []
     for value, array in zip(node.outputs, results):
         const = graph.add_constant(array, value.name + ".folded")
         const.type = value.type  # keep quantization parameters, if any
         value.replace_all_uses_with(const)
         constants.append(const)
-    names = [v.name for v in node.outputs]
     graph.remove(node)
     for const, name in zip(constants, names):
         if graph.find(name) is None:
