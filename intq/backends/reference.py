@@ -319,7 +319,7 @@ def _slice(node: Node, x: Array) -> list[Array]:
     index = [slice(None)] * x.ndim
     attrs = node.attrs
     for start, end, axis, step in zip(attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]):
-        # A canonical end of -1 with a negative step means "through index 0".
+        # A canonical end of -dim - 1 with a negative step means "through index 0".
         index[axis] = slice(start, None if end < 0 else end, step)
     return [x[tuple(index)]]
 

@@ -466,7 +466,11 @@ def _constant_of_shape(ctx: ConvertContext) -> list[Value]:
     fill = ctx.attrs.get("value")
     array = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
     dtype = DType.from_numpy(array.dtype)
+    value, shape = array.reshape(-1)[0], _ints(ctx.const(0, "shape"))
+    if array.dtype.kind in "iu" and float(value) != int(value):
+        # The IR op's value is a float attribute: an int64 beyond 2**53 would be rounded
+        # (INT64_MAX even wraps to INT64_MIN). The op folds anyway, so build the constant.
+        return [ctx.graph.add_constant(np.full(shape, value, array.dtype), ctx.node.output[0])]
     return ctx.emit(
-        "ConstantOfShape", [], shape=_ints(ctx.const(0, "shape")),
-        value=float(array.reshape(-1)[0]), dtype=dtype.value,
+        "ConstantOfShape", [], shape=shape, value=float(value), dtype=dtype.value,
     )

@@ -475,11 +475,15 @@ def _reshape(ctx: InferContext) -> list[TensorType]:
     return _same_type(ctx, shape)
 
 
-@OPS.op(
-    "Flatten",
-    attrs={"axis": Attr("int", 1)},
-    canonicalize=lambda a, t: {**a, "axis": _axis(a["axis"], t[0].rank + 1)} if t[0] else a,
-)
+def _flatten_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> dict[str, Any]:
+    """``axis`` is in ``[-r, r]``; a negative one counts from the back (-1 is r - 1, not r)."""
+    x, axis = types[0], attrs["axis"]
+    if x is None:
+        return attrs
+    return {**attrs, "axis": _axis(axis, x.rank + 1) if axis >= 0 else _axis(axis, x.rank)}
+
+
+@OPS.op("Flatten", attrs={"axis": Attr("int", 1)}, canonicalize=_flatten_canon)
 def _flatten(ctx: InferContext) -> list[TensorType]:
     """Flatten to 2-D: dims before ``axis`` and dims from it."""
     x, axis = ctx.type(0), ctx["axis"]
@@ -544,6 +548,9 @@ def _slice_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> d
             start, end = min(max(start, 0), dim), min(max(end, 0), dim)
         else:
             start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+            # "Through index 0" is spelled -dim - 1 (as in Python slicing), not -1: -1 would
+            # read as dim - 1 when canonicalised again, so the form would not be a fixpoint.
+            end = -dim - 1 if end == -1 else end
         for key, v in zip(("starts", "ends", "axes", "steps"), (start, end, axis, step)):
             out[key].append(v)
     if len(set(out["axes"])) != len(out["axes"]):
@@ -562,11 +569,11 @@ def _slice_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> d
     canonicalize=_slice_canon,
 )
 def _slice(ctx: InferContext) -> list[TensorType]:
-    """Strided slice; bounds are clamped when built (an end of -1 with a negative step
-    means "through index 0")."""
+    """Strided slice; bounds are clamped when built (with a negative step, an end of
+    ``-dim - 1`` means "through index 0", as in Python)."""
     shape = list(ctx.type(0).shape)
     for start, end, axis, step in zip(ctx["starts"], ctx["ends"], ctx["axes"], ctx["steps"]):
-        span = end - start if step > 0 else start - end
+        span = end - start if step > 0 else start - max(end, -1)
         shape[axis] = max(0, -(-span // abs(step)))
     return _same_type(ctx, tuple(shape))
 
