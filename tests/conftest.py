@@ -8,7 +8,6 @@ Zoo models are built once per test session into a ``tmp_path_factory`` directory
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 # Before anything can import transformers / huggingface_hub: tests must never hit the network.
@@ -18,14 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 from hypothesis import settings
 
-# pytest's rootdir-relative import puts tests/ on sys.path only while tests/ has no __init__.py;
-# make `import model_zoo` work either way.
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
-
-import model_zoo  # noqa: E402  (needs the sys.path entry above)
-from model_zoo import ZooModel  # noqa: E402
+from intq import examples
+from intq.examples import ZooModel
 
 # Compiling/simulating networks is slow and jittery on 2-core CI, so no per-example deadline.
 settings.register_profile("ci", deadline=None, max_examples=50)
@@ -54,22 +47,22 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_model(zoo_dir: Path) -> ZooModel:
     """all-MiniLM-L6-v2 BertModel, inputs input_ids/attention_mask int64 [2, 16]."""
-    return model_zoo.minilm(zoo_dir)
+    return examples.minilm(zoo_dir)
 
 
 @pytest.fixture(scope="session")
 def efficientnet_model(zoo_dir: Path) -> ZooModel:
     """EfficientNet-Lite0 with ImageNet weights, input float32 [1, 3, 224, 224]."""
-    return model_zoo.efficientnet_lite0(zoo_dir)
+    return examples.efficientnet_lite0(zoo_dir)
 
 
 @pytest.fixture(scope="session")
 def resnet18_model(zoo_dir: Path) -> ZooModel:
     """ResNet-18-shaped CNN with seeded random weights, input float32 [1, 3, 112, 112]."""
-    return model_zoo.resnet18_like(zoo_dir)
+    return examples.resnet18_like(zoo_dir)
 
 
 @pytest.fixture(scope="session")
 def digits_model(zoo_dir: Path) -> ZooModel:
     """Small CNN trained on sklearn digits, input float32 [8, 1, 8, 8]."""
-    return model_zoo.digits_cnn(zoo_dir)
+    return examples.digits_cnn(zoo_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import ALL_MODEL_FIXTURES
-from model_zoo import ZooModel, run_onnxruntime
+from intq.examples import ZooModel, run_onnxruntime
 
 import intq
 from intq.ir import from_text, to_text, verify

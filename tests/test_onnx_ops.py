@@ -10,6 +10,7 @@ constants the converters fold into attributes) or ``None`` (an omitted optional 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -477,6 +478,14 @@ def test_averagepool(case: dict[str, Any], seed: int) -> None:
     check("AveragePool", [randf(*case["x"], seed=seed)], opset=case["opset"], **case["attrs"])
 
 
+def test_maxpool_window_in_padding() -> None:
+    """A dilated window that lies wholly in the padding gives the type's lowest value (ORT)."""
+    check("MaxPool", [randf(1, 1, 1)], opset=11, kernel_shape=[2], pads=[1, 1], strides=[2],
+          dilations=[2])
+    check("MaxPool", [randf(1, 2, 3, 1)], opset=12, kernel_shape=[2, 2], pads=[1, 0, 1, 1],
+          dilations=[3, 2])
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8])
 def test_maxpool_int8(dtype: Any) -> None:
     """Integer MaxPool (opset 12+): padding never wins, even against the type's minimum."""
@@ -729,6 +738,25 @@ def test_slice_inputs(starts: list[int], ends: list[int], axes: list[int] | None
     if steps is not None:
         inputs.append(Init(np.array(steps, np.int64)))
     check("Slice", inputs, opset=opset)
+
+
+_BOUND = st.one_of(st.integers(-8, 8), st.sampled_from([INT64_MIN, INT64_MAX, -(2**40), 2**40]))
+
+
+@FAST
+@given(data=st.data(), shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+       opset=st.sampled_from([11, 13]))
+def test_slice_random(data: st.DataObject, shape: list[int], opset: int) -> None:
+    """Slice-11/13 with random bounds (incl. INT64 extremes), axes (negative too) and steps."""
+    rank = len(shape)
+    axes = data.draw(st.lists(st.integers(-rank, rank - 1), min_size=1, max_size=rank,
+                              unique_by=lambda a: a % rank))
+    n = len(axes)
+    starts = data.draw(st.lists(_BOUND, min_size=n, max_size=n))
+    ends = data.draw(st.lists(_BOUND, min_size=n, max_size=n))
+    steps = data.draw(st.lists(st.sampled_from([-3, -2, -1, 1, 2, 3]), min_size=n, max_size=n))
+    ints = [Init(np.array(v, np.int64)) for v in (starts, ends, axes, steps)]
+    check("Slice", [randf(*shape), *ints], opset=opset)
 
 
 @pytest.mark.parametrize(("starts", "ends", "axes", "steps"),
@@ -992,10 +1020,14 @@ def test_opset_too_new() -> None:
         _import(model)
 
 
-def test_every_converter_is_exercised() -> None:
-    """Every op in CONVERTERS ran through :func:`check` in this module (needs the whole file)."""
-    if not _EXERCISED:
-        pytest.skip("run with the rest of the module")
+def test_every_converter_is_exercised(request: pytest.FixtureRequest) -> None:
+    """Every converter in CONVERTERS ran through :func:`check` (needs the whole module)."""
+    here = sys.modules[__name__]
+    selected = {
+        item.originalname for item in request.session.items if getattr(item, "module", None) is here
+    }
+    if {name for name in dir(here) if name.startswith("test_")} - selected:
+        pytest.skip("meaningful only when every test of this module runs")
     seen_ops = {op for op, _ in _EXERCISED}
     missing = sorted(set(CONVERTERS) - seen_ops)
     assert not missing, f"ops never compared against ORT: {missing}"

@@ -250,7 +250,9 @@ def _ceil_extra(node: Node, x: Array) -> tuple[int, ...]:
 @_kernel("MaxPool")
 def _maxpool(node: Node, x: Array) -> list[Array]:
     attrs = node.attrs
-    fill = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    # The type's lowest finite value, as ONNX Runtime: a window lying wholly in the padding
+    # (possible with dilations) gives -FLT_MAX, not -inf.
+    fill = np.finfo(x.dtype).min if x.dtype.kind == "f" else np.iinfo(x.dtype).min
     padded = _pad_spatial(x, attrs["pads"], fill, _ceil_extra(node, x))
     win = _windows(
         padded, attrs["kernel_shape"], attrs["strides"], attrs["dilations"],

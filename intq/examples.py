@@ -1,4 +1,8 @@
-"""Test-side model zoo: small real-world ONNX models plus one real input batch each.
+"""Built-in examples: small real-world ONNX models plus one real input batch each.
+
+They are what ``make demo``, the tests and the benchmarks run on, and a quick way to try intq
+without a model of your own: ``intq.examples.efficientnet_lite0("out/")``. They need the
+``dev`` extra (transformers, the packaged MiniLM and EfficientNet-Lite0 weights, scikit-learn).
 
 Every builder takes an output directory, writes one ``.onnx`` file there and returns a
 :class:`ZooModel`. Builders are deterministic and cache-friendly: if the ONNX file (and, for
