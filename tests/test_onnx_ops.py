@@ -26,6 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 import intq
 from intq.frontends.onnx_ops import CONVERTERS, MAX_OPSET, supported_ops
 
+_ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
+
 FAST = settings(max_examples=25, deadline=None)
 """Hypothesis settings of the property tests (2-core CI: keep the file well under a minute)."""
 
@@ -122,8 +124,9 @@ def assert_same(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != ORT's {want.dtype}"
     assert got.shape == want.shape, f"{what}: shape {got.shape} != ORT's {want.shape}"
     if want.dtype.kind == "f":
-        finite = want[np.isfinite(want)]
-        scale = float(np.max(np.abs(finite))) if finite.size else 1.0
+        # The range leaves out infinities and the type's extremes (MaxPool's empty windows).
+        typical = want[np.abs(want) < np.finfo(want.dtype).max]
+        scale = float(np.max(np.abs(typical))) if typical.size else 1.0
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, scale), err_msg=what)
     else:
         np.testing.assert_array_equal(got, want, err_msg=what)
@@ -174,7 +177,6 @@ def test_sqrt_negative_is_nan() -> None:
 
 
 BINARY_FLOAT = ["Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater"]
-BINARY_INT = ["Add", "Sub", "Mul", "Div", "Equal", "Less", "Greater"]
 
 
 @st.composite
@@ -255,6 +257,13 @@ def test_div_int64_truncates_toward_zero() -> None:
     np.testing.assert_array_equal(out[:9], [3, -3, -3, 3, 0, 0, 0, 2, -2])
 
 
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul"])
+def test_int32_arith_wraps(op: str) -> None:
+    """int32 arithmetic wraps around on overflow in both."""
+    big = np.array([2**31 - 1, -(2**31), 2**30 + 7, -5], np.int32)
+    check(op, [big, np.array([2, 3, -4, 2**31 - 1], np.int32)], opset=14)
+
+
 def test_div_int32_truncates_toward_zero() -> None:
     """Same with int32 and broadcasting a negative scalar divisor."""
     check("Div", [randi(3, 4, dtype=np.int32, low=-50, high=50), np.int32(-7)], opset=13)
@@ -293,10 +302,12 @@ def test_gelu(approximate: str | None) -> None:
     """Gelu (opset 20), exact and tanh approximations."""
     x = randf(4, 16, low=-5, high=5)
     attrs = {} if approximate is None else {"approximate": approximate}
+    model, _ = make_model("Gelu", [x], opset=20, **attrs)
     try:
-        check("Gelu", [x], opset=20, **attrs)
-    except ort.capi.onnxruntime_pybind11_state.NotImplemented:  # pragma: no cover
-        pytest.skip("this onnxruntime has no Gelu-20 kernel")
+        run_ort(model, {"in0": x})
+    except (_ORT_ERRORS.NotImplemented, _ORT_ERRORS.InvalidGraph, _ORT_ERRORS.Fail) as err:
+        pytest.skip(f"this onnxruntime cannot run Gelu-20: {err}")
+    check("Gelu", [x], opset=20, **attrs)
 
 
 @pytest.mark.parametrize(
@@ -482,7 +493,7 @@ def test_maxpool_window_in_padding() -> None:
     """A dilated window that lies wholly in the padding gives the type's lowest value (ORT)."""
     check("MaxPool", [randf(1, 1, 1)], opset=11, kernel_shape=[2], pads=[1, 1], strides=[2],
           dilations=[2])
-    check("MaxPool", [randf(1, 2, 3, 1)], opset=12, kernel_shape=[2, 2], pads=[1, 0, 1, 1],
+    check("MaxPool", [randf(1, 2, 3, 1)], opset=12, kernel_shape=[2, 2], pads=[1, 1, 1, 1],
           dilations=[3, 2])
 
 
@@ -755,6 +766,9 @@ def test_slice_random(data: st.DataObject, shape: list[int], opset: int) -> None
     starts = data.draw(st.lists(_BOUND, min_size=n, max_size=n))
     ends = data.draw(st.lists(_BOUND, min_size=n, max_size=n))
     steps = data.draw(st.lists(st.sampled_from([-3, -2, -1, 1, 2, 3]), min_size=n, max_size=n))
+    # ORT reads an end of INT64_MAX (or INT32_MAX) with a negative step as "through index 0";
+    # the spec clamps it to dim - 1 (an empty slice), and so does ONNX's own shape inference.
+    ends = [INT64_MIN if e == INT64_MAX and s < 0 else e for e, s in zip(ends, steps)]
     ints = [Init(np.array(v, np.int64)) for v in (starts, ends, axes, steps)]
     check("Slice", [randf(*shape), *ints], opset=opset)
 

@@ -76,6 +76,8 @@ def format_attr(value: AttrValue) -> str:
 
 def format_data(array: np.ndarray, elide_above: int | None = None) -> str:
     """A constant's data: a flat literal list or ``b64"..."`` of little-endian bytes."""
+    if elide_above is not None and array.size > elide_above:
+        return "<...>"
     if array.size <= INLINE_LIMIT:
         flat = array.reshape(-1)
         if array.dtype.kind == "f":
@@ -83,8 +85,6 @@ def format_data(array: np.ndarray, elide_above: int | None = None) -> str:
         else:
             items = [str(int(x)) for x in flat.tolist()]
         return "[" + ", ".join(items) + "]"
-    if elide_above is not None and array.size > elide_above:
-        return "<...>"
     raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
     return 'b64"' + base64.b64encode(raw).decode("ascii") + '"'
 

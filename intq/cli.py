@@ -1,0 +1,106 @@
+"""The ``intq`` command line.
+
+Exit codes: 0 success, 1 an intq error (bad model, unsupported op, shape mismatch...: the
+message says what and where), 2 bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import intq
+from intq.ir import Graph, from_text, to_text
+
+EXAMPLES = """examples:
+  intq inspect model.onnx
+  intq inspect model.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128
+  intq inspect model.onnx --ir          # print the IR, large constants elided
+  intq inspect saved.intq               # a graph saved as textual IR
+"""
+
+
+def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}") from None
+
+
+def load_graph(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
+    """An ONNX model (``.onnx``) or textual IR (anything else) as a graph."""
+    if path.suffix == ".onnx":
+        return intq.from_onnx(path, input_shapes=input_shapes)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise intq.ArtifactError(f"cannot read {path}: {err}") from None
+    return from_text(text)
+
+
+def summary(graph: Graph) -> str:
+    """Inputs, outputs, sizes and the op census of ``graph``."""
+    params = sum(v.type.size for v in graph.constants)
+    nbytes = sum(v.type.nbytes for v in graph.constants)
+    lines = [f"graph {graph.name}: {len(graph.nodes)} nodes, {params:,} constant elements"
+             f" ({nbytes / 2**20:.1f} MiB)"]
+    lines += [f"  input  {v.name}: {v.type}" for v in graph.inputs]
+    lines += [f"  output {v.name}: {v.type}" for v in graph.outputs]
+    lines.append("op census:")
+    lines += [f"  {op:<24} {n}" for op, n in sorted(Counter(n.op for n in graph).items())]
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    graph = load_graph(args.model, dict(args.input_shape) or None)
+    print(summary(graph))
+    if args.ir:
+        print()
+        print(to_text(graph, elide_above=8), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``intq`` command."""
+    parser = argparse.ArgumentParser(
+        prog="intq",
+        description="Compile trained networks into integer-only networks.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"intq {intq.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarise a model: inputs, outputs, op census",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_argument("model", type=Path, help="an .onnx file or a saved .intq graph")
+    inspect.add_argument(
+        "--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=D1,D2,...",
+        help="fix the shape of an input with symbolic dimensions (repeatable)",
+    )
+    inspect.add_argument("--ir", action="store_true", help="also print the textual IR")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``intq`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except intq.IntqError as err:
+        print(f"intq: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

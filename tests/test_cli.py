@@ -1,0 +1,46 @@
+"""The ``intq`` command, run as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import intq
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "intq.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_inspect_onnx_and_saved_ir(digits_model, tmp_path):
+    done = run_cli("inspect", str(digits_model.path))
+    assert done.returncode == 0, done.stderr
+    assert "input  input: f32[8,1,8,8]" in done.stdout
+    assert "BatchNormalization       1" in done.stdout
+
+    saved = intq.compile(intq.from_onnx(digits_model.path)).save(tmp_path / "digits.intq")
+    done = run_cli("inspect", str(saved), "--ir")
+    assert done.returncode == 0, done.stderr
+    assert "output logits: f32[8,10]" in done.stdout and "return %logits" in done.stdout
+
+
+def test_input_shape_option(digits_model):
+    done = run_cli("inspect", str(digits_model.path), "--input-shape", "input=2,1,8,8")
+    assert done.returncode == 0, done.stderr
+    assert "output logits: f32[2,10]" in done.stdout
+
+
+def test_errors_exit_1_with_message(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    done = run_cli("inspect", str(bad))
+    assert done.returncode == 1
+    assert done.stderr.startswith("intq: error:") and "Traceback" not in done.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run_cli("inspect").returncode == 2
+    assert run_cli("inspect", "m.onnx", "--input-shape", "nonsense").returncode == 2
+    assert "examples:" in run_cli("--help").stdout
