@@ -44,3 +44,14 @@ def test_usage_errors_exit_2():
     assert run_cli("inspect").returncode == 2
     assert run_cli("inspect", "m.onnx", "--input-shape", "nonsense").returncode == 2
     assert "examples:" in run_cli("--help").stdout
+
+
+def test_readme_lists_every_supported_onnx_op():
+    from pathlib import Path
+
+    from intq.frontends.onnx_ops import supported_ops
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    flat = " ".join(readme.split())
+    missing = [entry for entry in supported_ops() if entry not in flat]
+    assert not missing, f"README's op list is stale: {missing}"

@@ -322,10 +322,11 @@ def test_clip_attrs(opset: int, attrs: dict[str, float]) -> None:
 
 @pytest.mark.parametrize("opset", [11, 12, 13])
 @pytest.mark.parametrize(
-    ("low", "high"), [(-1.0, 2.5), (None, 0.5), (0.0, None), (None, None), (1.0, 1.0)]
+    ("low", "high"),
+    [(-1.0, 2.5), (None, 0.5), (0.0, None), (None, None), (1.0, 1.0), (2.0, 1.0)],
 )
 def test_clip_inputs(opset: int, low: float | None, high: float | None) -> None:
-    """Clip with bounds as (optional) inputs (opsets 11+)."""
+    """Clip with bounds as (optional) inputs (opsets 11+); min > max gives max everywhere."""
     bound = [None if v is None else Init(np.array(v, np.float32)) for v in (low, high)]
     while bound and bound[-1] is None:
         bound.pop()
@@ -540,7 +541,7 @@ def test_gemm(opset: int, trans_a: int, trans_b: int, alpha: float, beta: float,
     a = randf(*((k, m) if trans_a else (m, k)))
     b = randf(*((n, k) if trans_b else (k, n)), seed=1)
     shapes = {"1d": (n,), "2d": (m, n), "col": (m, 1), "scalar": ()}
-    inputs: list[Operand] = [a, Init(b)]
+    inputs: list[Operand] = [a, b if opset == 13 else Init(b)]
     if bias is not None:
         inputs.append(Init(randf(*shapes[bias], seed=2)))
     check("Gemm", inputs, opset=opset, alpha=alpha, beta=beta, transA=trans_a, transB=trans_b)
@@ -675,6 +676,11 @@ def test_reshape(shape: tuple[int, ...], target: tuple[int, ...], opset: int) ->
     """Reshape with 0 (copy) and -1 (inferred) entries."""
     x = randf(*shape) if shape != (1, 1) else np.ones((1, 1), np.float32)
     check("Reshape", [x, Init(np.array(target, np.int64))], opset=opset)
+
+
+def test_reshape_allowzero() -> None:
+    """Reshape-14 with allowzero=1 and no 0 in the shape is a plain reshape."""
+    check("Reshape", [randf(2, 3, 4), Init(np.array([4, -1], np.int64))], opset=14, allowzero=1)
 
 
 @pytest.mark.parametrize("axis", [None, 0, 1, 2, 3, -1, -2, -3])
@@ -835,7 +841,10 @@ def test_expand(shape: tuple[int, ...], target: tuple[int, ...]) -> None:
     ("pads", "mode", "value"),
     [([1, 0, 2, 0, 1, 3], "constant", 1.5), ([0, 0, 0, 0, 0, 0], "constant", None),
      ([1, 2, 1, 1, 2, 0], "reflect", None), ([2, 0, 1, 0, 3, 2], "edge", None),
-     ([-1, 0, 1, 0, 2, -2], "constant", -2.0), ([0, -1, 0, 0, 0, -3], "constant", None)],
+     ([-1, 0, 1, 0, 2, -2], "constant", -2.0), ([0, -1, 0, 0, 0, -3], "constant", None),
+     # Negative pads crop before reflecting (ORT refuses reflections wider than the cropped
+     # axis minus one, which the spec leaves undefined, so none are drawn).
+     ([-1, 0, 1, 1, 2, -2], "reflect", None), ([1, -2, 0, -1, 2, 3], "edge", None)],
 )
 @pytest.mark.parametrize("opset", [2, 11, 13, 18])
 def test_pad(pads: list[int], mode: str, value: float | None, opset: int) -> None:
@@ -896,7 +905,7 @@ def test_shape(start: int | None, end: int | None) -> None:
      ("value_ints", [4, 5, 6])],
 )
 def test_constant(key: str, value: Any) -> None:
-    """Constant from a tensor and from the scalar/list attributes (opset 13)."""
+    """Constant from a tensor (opset 9) and from the scalar/list attributes (opset 13)."""
     opset = 9 if key == "value" else 13
     model, feeds = make_model("Constant", [], opset=opset, **{key: value})
     want, got = run_ort(model, feeds), run_intq(model, feeds)

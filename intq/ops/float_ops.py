@@ -185,10 +185,9 @@ def _numeric_unary(ctx: InferContext) -> list[TensorType]:
 
 @OPS.op("Clip", attrs={"min": Attr("float", -INF), "max": Attr("float", INF)})
 def _clip(ctx: InferContext) -> list[TensorType]:
-    """Clamp to ``[min, max]`` (constant bounds; ReLU6 is ``Clip(0, 6)``)."""
+    """Clamp to ``[min, max]`` (constant bounds; ReLU6 is ``Clip(0, 6)``). With min > max
+    every value becomes max, as ONNX (from Clip-11) and ``np.clip`` say."""
     _need_numeric(ctx, 0)
-    if ctx["min"] > ctx["max"]:
-        raise ShapeError(f"Clip min {ctx['min']} exceeds max {ctx['max']}")
     return _same_type(ctx)
 
 
