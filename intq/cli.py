@@ -48,8 +48,10 @@ def summary(graph: Graph) -> str:
     """Inputs, outputs, sizes and the op census of ``graph``."""
     params = sum(v.type.size for v in graph.constants)
     nbytes = sum(v.type.nbytes for v in graph.constants)
-    lines = [f"graph {graph.name}: {len(graph.nodes)} nodes, {params:,} constant elements"
-             f" ({nbytes / 2**20:.1f} MiB)"]
+    lines = [
+        f"graph {graph.name}: {len(graph.nodes)} nodes, {params:,} constant elements"
+        f" ({nbytes / 2**20:.1f} MiB)"
+    ]
     lines += [f"  input  {v.name}: {v.type}" for v in graph.inputs]
     lines += [f"  output {v.name}: {v.type}" for v in graph.outputs]
     lines.append("op census:")
@@ -84,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("model", type=Path, help="an .onnx file or a saved .intq graph")
     inspect.add_argument(
-        "--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=D1,D2,...",
+        "--input-shape",
+        action="append",
+        type=_input_shape,
+        default=[],
+        metavar="NAME=D1,D2,...",
         help="fix the shape of an input with symbolic dimensions (repeatable)",
     )
     inspect.add_argument("--ir", action="store_true", help="also print the textual IR")

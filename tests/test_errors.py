@@ -149,8 +149,12 @@ def test_runtime_shape_computation_is_refused():
 def save_with_external(model: onnx.ModelProto, directory: Path) -> Path:
     path = directory / "model.onnx"
     onnx.save(
-        model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-        location="weights.bin", size_threshold=0,
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
     )
     return path
 
@@ -240,7 +244,9 @@ def test_reference_artifact_saves_atomically_and_reloads(tmp_path, linear_exe):
     assert os.listdir(path.parent) == ["model.intq"]  # no temporary file left behind
     graph = from_text(path.read_text())
     x = np.ones((2, 4), np.float32)
-    np.testing.assert_array_equal(intq.compile(graph).run({"x": x})["y"], linear_exe.run({"x": x})["y"])
+    np.testing.assert_array_equal(
+        intq.compile(graph).run({"x": x})["y"], linear_exe.run({"x": x})["y"]
+    )
 
 
 def test_unwritable_artifact_path(tmp_path, linear_exe):

@@ -106,7 +106,7 @@ def test_sort_restores_topological_order_and_detects_cycles():
 
 
 def test_extract_subgraph():
-    g, x, r, n = chain()
+    g, _, _, _ = chain()
     sub = g.extract(["relu"], ["neg"])
     verify(sub)
     assert [v.name for v in sub.inputs] == ["relu"] and [node.op for node in sub] == ["Neg"]

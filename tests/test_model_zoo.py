@@ -6,7 +6,15 @@ import numpy as np
 import onnx
 import pytest
 from conftest import ALL_MODEL_FIXTURES
-from intq.examples import IR_VERSION, OPSET, ZooModel, digits_accuracy, digits_labels, run_onnxruntime
+
+from intq.examples import (
+    IR_VERSION,
+    OPSET,
+    ZooModel,
+    digits_accuracy,
+    digits_labels,
+    run_onnxruntime,
+)
 
 EXPECTED_OUTPUTS: dict[str, dict[str, tuple[int, ...]]] = {
     "minilm_model": {"last_hidden_state": (2, 16, 384)},

@@ -1,13 +1,13 @@
-"""Real models import, run in the reference interpreter as ONNX Runtime does, and round-trip as text."""
+"""Real models import, run in the reference interpreter as in ONNX Runtime, round-trip as text."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from conftest import ALL_MODEL_FIXTURES
-from intq.examples import ZooModel, run_onnxruntime
 
 import intq
+from intq.examples import ZooModel, run_onnxruntime
 from intq.ir import from_text, to_text, verify
 from intq.passes import pipeline
 
@@ -17,7 +17,9 @@ def assert_close_to_range(got: np.ndarray, want: np.ndarray, tolerance: float = 
     assert got.shape == want.shape and got.dtype == want.dtype
     scale = max(float(np.ptp(want)), 1e-6)
     error = float(np.abs(got.astype(np.float64) - want).max())
-    assert error <= tolerance * scale, f"max abs error {error:.3g} > {tolerance} x range {scale:.3g}"
+    assert error <= tolerance * scale, (
+        f"max abs error {error:.3g} > {tolerance} x range {scale:.3g}"
+    )
 
 
 @pytest.mark.parametrize("fixture", ALL_MODEL_FIXTURES)

@@ -54,7 +54,9 @@ def randf(*shape: int, seed: int = 0, low: float = -3.0, high: float = 3.0) -> n
     return _rng(seed).uniform(low, high, shape).astype(np.float32)
 
 
-def randi(*shape: int, seed: int = 0, low: int = -9, high: int = 9, dtype: Any = np.int64) -> np.ndarray:
+def randi(
+    *shape: int, seed: int = 0, low: int = -9, high: int = 9, dtype: Any = np.int64
+) -> np.ndarray:
     """An integer array of values in ``[low, high]``."""
     return _rng(seed).integers(low, high, shape, endpoint=True).astype(dtype)
 
@@ -109,7 +111,7 @@ def run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds))))
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def run_intq(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -163,8 +165,15 @@ def test_unary_float(op: str, opset: int) -> None:
 
 @pytest.mark.parametrize(
     ("op", "dtype"),
-    [("Neg", np.int32), ("Neg", np.int64), ("Abs", np.int32), ("Abs", np.int64),
-     ("Abs", np.int8), ("Relu", np.int32), ("Relu", np.int8)],
+    [
+        ("Neg", np.int32),
+        ("Neg", np.int64),
+        ("Abs", np.int32),
+        ("Abs", np.int64),
+        ("Abs", np.int8),
+        ("Relu", np.int32),
+        ("Relu", np.int8),
+    ],
 )
 def test_unary_int(op: str, dtype: Any) -> None:
     """Integer Neg/Abs/Relu (Relu takes ints from opset 14)."""
@@ -194,7 +203,7 @@ def broadcast_shapes(draw: st.DrawFn, arity: int = 2) -> list[tuple[int, ...]]:
 
 @FAST
 @given(
-    op=st.sampled_from(BINARY_FLOAT + ["And", "Or"]),
+    op=st.sampled_from([*BINARY_FLOAT, "And", "Or"]),
     dtype=st.sampled_from(["f32", "i32", "i64"]),
     shapes=broadcast_shapes(),
     opset=st.sampled_from([7, 13, 14]),
@@ -205,6 +214,8 @@ def test_binary_broadcast(
 ) -> None:
     """Broadcasting binary ops on float, int32 and int64 (bool for And/Or)."""
     (sa, sb), rng = shapes, _rng(seed)
+    a: np.ndarray
+    b: np.ndarray
     if op in ("Equal", "Less", "Greater") and opset < 11:
         opset = 11  # Equal takes floats, Less/Greater ints, from opset 9-11
     if op in ("And", "Or"):
@@ -233,8 +244,12 @@ def test_logical(op: str) -> None:
 # intq's Pow takes a float base (integer exponents: test_pow_integer_exponent).
 @pytest.mark.parametrize(
     ("op", "dtype"),
-    [(op, dt) for op in BINARY_FLOAT for dt in (np.float32, np.int32, np.int64)
-     if op != "Pow" or dt == np.float32],
+    [
+        (op, dt)
+        for op in BINARY_FLOAT
+        for dt in (np.float32, np.int32, np.int64)
+        if op != "Pow" or dt == np.float32
+    ],
 )
 def test_binary_each(op: str, dtype: Any) -> None:
     """Every arithmetic/comparison op once per dtype, deterministically (with ties)."""
@@ -251,8 +266,10 @@ def test_div_int64_truncates_toward_zero() -> None:
     a = np.array([7, -7, 7, -7, 0, 1, -1, 9, -9, -(2**40) - 3, 2**62 + 1], np.int64)
     b = np.array([2, 2, -2, -2, 5, -3, 3, 4, 4, 7, -3], np.int64)
     out = check("Div", [a, b], opset=14)["out0"]
-    truncated = [abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1)
-                 for x, y in zip(a.tolist(), b.tolist())]
+    truncated = [
+        abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1)
+        for x, y in zip(a.tolist(), b.tolist(), strict=True)
+    ]
     np.testing.assert_array_equal(out, truncated)
     np.testing.assert_array_equal(out[:9], [3, -3, -3, 3, 0, 0, 0, 2, -2])
 
@@ -266,7 +283,7 @@ def test_int32_arith_wraps(op: str) -> None:
 
 def test_div_int32_truncates_toward_zero() -> None:
     """Same with int32 and broadcasting a negative scalar divisor."""
-    check("Div", [randi(3, 4, dtype=np.int32, low=-50, high=50), np.int32(-7)], opset=13)
+    check("Div", [randi(3, 4, dtype=np.int32, low=-50, high=50), np.array(-7, np.int32)], opset=13)
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
@@ -287,8 +304,11 @@ def test_not() -> None:
 
 
 @FAST
-@given(shapes=broadcast_shapes(3), dtype=st.sampled_from([np.float32, np.int64]),
-       seed=st.integers(0, 2**16))
+@given(
+    shapes=broadcast_shapes(3),
+    dtype=st.sampled_from([np.float32, np.int64]),
+    seed=st.integers(0, 2**16),
+)
 def test_where_broadcast(shapes: list[tuple[int, ...]], dtype: Any, seed: int) -> None:
     """Where with all three operands broadcast."""
     cond = _rng(seed).random(shapes[0]) < 0.5
@@ -301,7 +321,7 @@ def test_where_broadcast(shapes: list[tuple[int, ...]], dtype: Any, seed: int) -
 def test_gelu(approximate: str | None) -> None:
     """Gelu (opset 20), exact and tanh approximations."""
     x = randf(4, 16, low=-5, high=5)
-    attrs = {} if approximate is None else {"approximate": approximate}
+    attrs: dict[str, Any] = {} if approximate is None else {"approximate": approximate}
     model, _ = make_model("Gelu", [x], opset=20, **attrs)
     try:
         run_ort(model, {"in0": x})
@@ -312,10 +332,15 @@ def test_gelu(approximate: str | None) -> None:
 
 @pytest.mark.parametrize(
     ("opset", "attrs"),
-    [(6, {"min": -1.0, "max": 2.5}), (6, {}), (6, {"min": 0.0}), (10, {"max": 0.5}),
-     (10, {"min": -0.5, "max": 6.0})],
+    [
+        (6, {"min": -1.0, "max": 2.5}),
+        (6, {}),
+        (6, {"min": 0.0}),
+        (10, {"max": 0.5}),
+        (10, {"min": -0.5, "max": 6.0}),
+    ],
 )
-def test_clip_attrs(opset: int, attrs: dict[str, float]) -> None:
+def test_clip_attrs(opset: int, attrs: dict[str, Any]) -> None:
     """Clip with bounds as attributes (opsets 6-10)."""
     check("Clip", [randf(3, 4)], opset=opset, **attrs)
 
@@ -341,12 +366,20 @@ def test_clip_int(dtype: Any) -> None:
 
 
 CASTS = [
-    (np.float32, TensorProto.INT32), (np.float32, TensorProto.INT64),
-    (np.float32, TensorProto.BOOL), (np.float32, TensorProto.DOUBLE),
-    (np.float32, TensorProto.FLOAT16), (np.int64, TensorProto.FLOAT),
-    (np.int64, TensorProto.INT32), (np.int64, TensorProto.INT8), (np.int32, TensorProto.INT64),
-    (np.bool_, TensorProto.FLOAT), (np.bool_, TensorProto.INT64), (np.int8, TensorProto.FLOAT),
-    (np.uint8, TensorProto.INT32), (np.float64, TensorProto.FLOAT),
+    (np.float32, TensorProto.INT32),
+    (np.float32, TensorProto.INT64),
+    (np.float32, TensorProto.BOOL),
+    (np.float32, TensorProto.DOUBLE),
+    (np.float32, TensorProto.FLOAT16),
+    (np.int64, TensorProto.FLOAT),
+    (np.int64, TensorProto.INT32),
+    (np.int64, TensorProto.INT8),
+    (np.int32, TensorProto.INT64),
+    (np.bool_, TensorProto.FLOAT),
+    (np.bool_, TensorProto.INT64),
+    (np.int8, TensorProto.FLOAT),
+    (np.uint8, TensorProto.INT32),
+    (np.float64, TensorProto.FLOAT),
 ]
 
 
@@ -440,7 +473,7 @@ def pool_cases(draw: st.DrawFn, op: str) -> dict[str, Any]:
     spatial = draw(st.sampled_from([1, 2]))
     kernel = [draw(st.integers(1, 3)) for _ in range(spatial)]
     strides = [draw(st.integers(1, 3)) for _ in range(spatial)]
-    dilations = [draw(st.integers(1, 2)) for _ in range(spatial)] if op == "MaxPool" else [1] * spatial
+    dilations = [draw(st.integers(1, 2)) if op == "MaxPool" else 1 for _ in range(spatial)]
     auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
     if auto_pad.startswith("SAME"):
         # ORT computes SAME pads of pools from the undilated kernel, so its output is not
@@ -448,7 +481,7 @@ def pool_cases(draw: st.DrawFn, op: str) -> dict[str, Any]:
         # it refuses strides above the kernel there ("padding values must be non-negative",
         # the needed total padding being negative), which the spec allows (no padding).
         dilations = [1] * spatial
-        strides = [min(s, k) for s, k in zip(strides, kernel)]
+        strides = [min(s, k) for s, k in zip(strides, kernel, strict=True)]
     if auto_pad == "NOTSET":
         pads = _pads_for(draw, spatial, [k - 1 for k in kernel])
     else:
@@ -472,8 +505,11 @@ def pool_cases(draw: st.DrawFn, op: str) -> dict[str, Any]:
     if op == "AveragePool" and draw(st.booleans()):
         attrs["count_include_pad"] = 1
     opset = draw(st.sampled_from([11, 12, 19, 22] if op == "MaxPool" else [11, 19, 22]))
-    return {"x": (draw(st.integers(1, 2)), draw(st.integers(1, 3)), *sizes), "attrs": attrs,
-            "opset": opset}
+    return {
+        "x": (draw(st.integers(1, 2)), draw(st.integers(1, 3)), *sizes),
+        "attrs": attrs,
+        "opset": opset,
+    }
 
 
 @FAST
@@ -492,10 +528,23 @@ def test_averagepool(case: dict[str, Any], seed: int) -> None:
 
 def test_maxpool_window_in_padding() -> None:
     """A dilated window that lies wholly in the padding gives the type's lowest value (ORT)."""
-    check("MaxPool", [randf(1, 1, 1)], opset=11, kernel_shape=[2], pads=[1, 1], strides=[2],
-          dilations=[2])
-    check("MaxPool", [randf(1, 2, 3, 1)], opset=12, kernel_shape=[2, 2], pads=[1, 1, 1, 1],
-          dilations=[3, 2])
+    check(
+        "MaxPool",
+        [randf(1, 1, 1)],
+        opset=11,
+        kernel_shape=[2],
+        pads=[1, 1],
+        strides=[2],
+        dilations=[2],
+    )
+    check(
+        "MaxPool",
+        [randf(1, 2, 3, 1)],
+        opset=12,
+        kernel_shape=[2, 2],
+        pads=[1, 1, 1, 1],
+        dilations=[3, 2],
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8])
@@ -510,8 +559,14 @@ def test_pools_old_opsets(opset: int) -> None:
     """MaxPool-8 and AveragePool-7/10 (before ceil_mode / dilations existed)."""
     x = randf(1, 2, 6, 5)
     check("MaxPool", [x], opset=opset, kernel_shape=[2, 3], strides=[2, 1], pads=[1, 0, 0, 2])
-    check("AveragePool", [x], opset=opset - 1, kernel_shape=[3, 2], pads=[1, 1, 1, 0],
-          count_include_pad=1)
+    check(
+        "AveragePool",
+        [x],
+        opset=opset - 1,
+        kernel_shape=[3, 2],
+        pads=[1, 1, 1, 0],
+        count_include_pad=1,
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 4, 7), (1, 2, 3, 2, 2)])
@@ -523,8 +578,14 @@ def test_global_average_pool(shape: tuple[int, ...]) -> None:
 # ----- linear algebra and normalisation -----------------------------------------------
 
 
-GEMM_CASES = [(1.0, 1.0, "1d"), (0.5, 2.0, "1d"), (1.0, 1.0, "2d"), (-1.5, 0.25, "col"),
-              (2.0, 1.0, "scalar"), (1.0, 1.0, None)]
+GEMM_CASES = [
+    (1.0, 1.0, "1d"),
+    (0.5, 2.0, "1d"),
+    (1.0, 1.0, "2d"),
+    (-1.5, 0.25, "col"),
+    (2.0, 1.0, "scalar"),
+    (1.0, 1.0, None),
+]
 
 
 @pytest.mark.parametrize("trans_a", [0, 1])
@@ -534,8 +595,9 @@ GEMM_CASES = [(1.0, 1.0, "1d"), (0.5, 2.0, "1d"), (1.0, 1.0, "2d"), (-1.5, 0.25,
     # C is optional from opset 11.
     [(o, *c) for o in (7, 11, 13) for c in GEMM_CASES if o >= 11 or c[2] is not None],
 )
-def test_gemm(opset: int, trans_a: int, trans_b: int, alpha: float, beta: float,
-              bias: str | None) -> None:
+def test_gemm(
+    opset: int, trans_a: int, trans_b: int, alpha: float, beta: float, bias: str | None
+) -> None:
     """Gemm with transA/transB/alpha/beta and 1-D, 2-D, column, scalar or no bias."""
     m, k, n = 3, 4, 5
     a = randf(*((k, m) if trans_a else (m, k)))
@@ -549,9 +611,17 @@ def test_gemm(opset: int, trans_a: int, trans_b: int, alpha: float, beta: float,
 
 @pytest.mark.parametrize(
     ("sa", "sb"),
-    [((3, 4), (4, 5)), ((2, 3, 4), (2, 4, 5)), ((2, 3, 4), (4, 5)), ((4,), (4, 5)),
-     ((3, 4), (4,)), ((4,), (4,)), ((2, 1, 3, 4), (5, 4, 2)), ((5,), (2, 3, 5, 4)),
-     ((1, 3, 4), (6, 4, 2))],
+    [
+        ((3, 4), (4, 5)),
+        ((2, 3, 4), (2, 4, 5)),
+        ((2, 3, 4), (4, 5)),
+        ((4,), (4, 5)),
+        ((3, 4), (4,)),
+        ((4,), (4,)),
+        ((2, 1, 3, 4), (5, 4, 2)),
+        ((5,), (2, 3, 5, 4)),
+        ((1, 3, 4), (6, 4, 2)),
+    ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64])
 def test_matmul(sa: tuple[int, ...], sb: tuple[int, ...], dtype: Any) -> None:
@@ -566,24 +636,34 @@ def test_matmul(sa: tuple[int, ...], sb: tuple[int, ...], dtype: Any) -> None:
 def test_batchnorm(opset: int, shape: tuple[int, ...]) -> None:
     """Inference-mode BatchNormalization over axis 1 of rank 2-5 inputs."""
     c = shape[1]
-    params = [randf(c, seed=1), randf(c, seed=2), randf(c, seed=3),
-              randf(c, seed=4, low=0.1, high=2.0)]
+    params = [
+        randf(c, seed=1),
+        randf(c, seed=2),
+        randf(c, seed=3),
+        randf(c, seed=4, low=0.1, high=2.0),
+    ]
     check("BatchNormalization", [randf(*shape), *map(Init, params)], opset=opset, epsilon=1e-3)
 
 
 def test_batchnorm_runtime_params() -> None:
     """BatchNormalization with its parameters as graph inputs (no folding)."""
-    params = [randf(4, seed=1), randf(4, seed=2), randf(4, seed=3),
-              randf(4, seed=4, low=0.1, high=2.0)]
+    params = [
+        randf(4, seed=1),
+        randf(4, seed=2),
+        randf(4, seed=3),
+        randf(4, seed=4, low=0.1, high=2.0),
+    ]
     check("BatchNormalization", [randf(2, 4, 3), *params], opset=15)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((2, 3, 8), -1), ((2, 3, 8), 1), ((4, 6), 0),
-                                             ((2, 3, 4, 5), -2), ((2, 3, 8), 2)])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((2, 3, 8), -1), ((2, 3, 8), 1), ((4, 6), 0), ((2, 3, 4, 5), -2), ((2, 3, 8), 2)],
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_layernorm(shape: tuple[int, ...], axis: int, bias: bool) -> None:
     """LayerNormalization (opset 17) over trailing axes from ``axis``, with/without bias."""
-    norm = shape[axis % len(shape):]
+    norm = shape[axis % len(shape) :]
     inputs: list[Operand] = [randf(*shape), Init(randf(*norm, seed=1))]
     if bias:
         inputs.append(Init(randf(*norm, seed=2)))
@@ -596,9 +676,19 @@ def test_layernorm_default_attrs() -> None:
 
 
 @pytest.mark.parametrize("opset", [1, 11])
-@pytest.mark.parametrize(("shape", "axis"), [((2, 3, 4), None), ((2, 3, 4), 1), ((2, 3, 4), 0),
-                                             ((2, 3, 4), 2), ((2, 3, 4), -1), ((2, 3, 4), -2),
-                                             ((5,), None), ((2, 2, 3, 2), 2)])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [
+        ((2, 3, 4), None),
+        ((2, 3, 4), 1),
+        ((2, 3, 4), 0),
+        ((2, 3, 4), 2),
+        ((2, 3, 4), -1),
+        ((2, 3, 4), -2),
+        ((5,), None),
+        ((2, 2, 3, 2), 2),
+    ],
+)
 def test_softmax_flatten(opset: int, shape: tuple[int, ...], axis: int | None) -> None:
     """Softmax before opset 13 normalises over all dims from ``axis`` (default 1), flattened."""
     attrs = {} if axis is None else {"axis": axis}
@@ -659,8 +749,8 @@ def test_reduce_noop_with_empty_axes(op: str, empty_axes: bool) -> None:
 @pytest.mark.parametrize("op", ["ReduceSum", "ReduceMax", "ReduceMean"])
 def test_reduce_int(op: str, dtype: Any) -> None:
     """Integer reductions (ReduceMean of ints truncates toward zero)."""
-    check(op, [randi(3, 4, 5, low=-50, high=50, dtype=dtype)], opset=13 if op != "ReduceSum" else 11,
-          axes=[1], keepdims=0)
+    x = randi(3, 4, 5, low=-50, high=50, dtype=dtype)
+    check(op, [x], opset=REDUCE_ATTR_OPSET[op], axes=[1], keepdims=0)
 
 
 # ----- data movement ---------------------------------------------------------------------
@@ -668,8 +758,15 @@ def test_reduce_int(op: str, dtype: Any) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "target"),
-    [((2, 3, 4), (6, 4)), ((2, 3, 4), (-1,)), ((2, 3, 4), (0, -1)), ((2, 3, 4), (4, 0, 2)),
-     ((6,), (1, 2, 1, 3)), ((1, 1), ()), ((2, 3, 4), (0, 0, 0))],
+    [
+        ((2, 3, 4), (6, 4)),
+        ((2, 3, 4), (-1,)),
+        ((2, 3, 4), (0, -1)),
+        ((2, 3, 4), (4, 0, 2)),
+        ((6,), (1, 2, 1, 3)),
+        ((1, 1), ()),
+        ((2, 3, 4), (0, 0, 0)),
+    ],
 )
 @pytest.mark.parametrize("opset", [5, 14])
 def test_reshape(shape: tuple[int, ...], target: tuple[int, ...], opset: int) -> None:
@@ -695,7 +792,7 @@ def test_flatten(axis: int | None, opset: int) -> None:
 @pytest.mark.parametrize("perm", [None, (0, 2, 1, 3), (3, 2, 1, 0), (1, 0, 3, 2), (0, 1, 2, 3)])
 def test_transpose(perm: tuple[int, ...] | None) -> None:
     """Transpose with explicit and default (reversing) perm."""
-    attrs = {} if perm is None else {"perm": list(perm)}
+    attrs: dict[str, Any] = {} if perm is None else {"perm": list(perm)}
     check("Transpose", [randf(2, 3, 4, 5)], opset=13, **attrs)
     check("Transpose", [randi(2, 3, 4, 5)], opset=1, **attrs)
 
@@ -708,7 +805,11 @@ def test_concat(axis: int, opset: int) -> None:
     shapes = [[2, 3, 4], [2, 3, 4], [2, 3, 4]]
     for i, s in enumerate(shapes):
         s[axis] = i + 1
-    inputs = [randf(*shapes[0]), Init(randf(*shapes[1], seed=1)), randf(*shapes[2], seed=2)]
+    inputs: list[Operand] = [
+        randf(*shapes[0]),
+        Init(randf(*shapes[1], seed=1)),
+        randf(*shapes[2], seed=2),
+    ]
     check("Concat", inputs, opset=opset, axis=axis)
 
 
@@ -743,8 +844,9 @@ SLICE_CASES = [
 
 @pytest.mark.parametrize(("starts", "ends", "axes", "steps"), SLICE_CASES)
 @pytest.mark.parametrize("opset", [10, 13])
-def test_slice_inputs(starts: list[int], ends: list[int], axes: list[int] | None,
-                      steps: list[int] | None, opset: int) -> None:
+def test_slice_inputs(
+    starts: list[int], ends: list[int], axes: list[int] | None, steps: list[int] | None, opset: int
+) -> None:
     """Slice-10/13 with negative, out-of-range and INT64-extreme bounds and negative steps."""
     if opset == 10 and axes is not None and min(axes) < 0:
         opset = 11  # negative Slice axes exist from opset 11
@@ -761,28 +863,36 @@ _BOUND = st.one_of(st.integers(-8, 8), st.sampled_from([INT64_MIN, INT64_MAX, -(
 
 
 @FAST
-@given(data=st.data(), shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
-       opset=st.sampled_from([11, 13]))
+@given(
+    data=st.data(),
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    opset=st.sampled_from([11, 13]),
+)
 def test_slice_random(data: st.DataObject, shape: list[int], opset: int) -> None:
     """Slice-11/13 with random bounds (incl. INT64 extremes), axes (negative too) and steps."""
     rank = len(shape)
-    axes = data.draw(st.lists(st.integers(-rank, rank - 1), min_size=1, max_size=rank,
-                              unique_by=lambda a: a % rank))
+    axes = data.draw(
+        st.lists(
+            st.integers(-rank, rank - 1), min_size=1, max_size=rank, unique_by=lambda a: a % rank
+        )
+    )
     n = len(axes)
     starts = data.draw(st.lists(_BOUND, min_size=n, max_size=n))
     ends = data.draw(st.lists(_BOUND, min_size=n, max_size=n))
     steps = data.draw(st.lists(st.sampled_from([-3, -2, -1, 1, 2, 3]), min_size=n, max_size=n))
     # ORT reads an end of INT64_MAX (or INT32_MAX) with a negative step as "through index 0";
     # the spec clamps it to dim - 1 (an empty slice), and so does ONNX's own shape inference.
-    ends = [INT64_MIN if e == INT64_MAX and s < 0 else e for e, s in zip(ends, steps)]
+    ends = [INT64_MIN if e == INT64_MAX and s < 0 else e for e, s in zip(ends, steps, strict=True)]
     ints = [Init(np.array(v, np.int64)) for v in (starts, ends, axes, steps)]
     check("Slice", [randf(*shape), *ints], opset=opset)
 
 
-@pytest.mark.parametrize(("starts", "ends", "axes", "steps"),
-                         [c for c in SLICE_CASES if c[3] is None])
-def test_slice_attrs(starts: list[int], ends: list[int], axes: list[int] | None,
-                     steps: list[int] | None) -> None:
+@pytest.mark.parametrize(
+    ("starts", "ends", "axes", "steps"), [c for c in SLICE_CASES if c[3] is None]
+)
+def test_slice_attrs(
+    starts: list[int], ends: list[int], axes: list[int] | None, steps: list[int] | None
+) -> None:
     """Slice-1 (opset 9) with bounds as attributes."""
     if axes is not None and min(axes) < 0:
         axes = [a % 3 for a in axes]  # Slice-1 has no negative axes
@@ -792,18 +902,36 @@ def test_slice_attrs(starts: list[int], ends: list[int], axes: list[int] | None,
     check("Slice", [randf(3, 5, 6)], opset=9, **attrs)
 
 
-@pytest.mark.parametrize(("shape", "axes"), [((1, 3, 1, 2), None), ((1, 3, 1, 2), (0,)),
-                                             ((1, 3, 1, 2), (-2, 0)), ((3, 1), (1,)), ((1,), None)])
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [
+        ((1, 3, 1, 2), None),
+        ((1, 3, 1, 2), (0,)),
+        ((1, 3, 1, 2), (-2, 0)),
+        ((3, 1), (1,)),
+        ((1,), None),
+    ],
+)
 def test_squeeze(shape: tuple[int, ...], axes: tuple[int, ...] | None) -> None:
     """Squeeze with axes as attribute (opset 11) and input (13), and without axes."""
     x = randf(*shape)
-    check("Squeeze", [x], opset=11, **({} if axes is None else {"axes": list(axes)}))
+    attrs: dict[str, Any] = {} if axes is None else {"axes": list(axes)}
+    check("Squeeze", [x], opset=11, **attrs)
     inputs: list[Operand] = [x] if axes is None else [x, Init(np.array(axes, np.int64))]
     check("Squeeze", inputs, opset=13)
 
 
-@pytest.mark.parametrize(("shape", "axes"), [((3, 2), (0,)), ((3, 2), (-1,)), ((3, 2), (0, 3)),
-                                             ((3, 2), (1, -1)), ((), (0,)), ((4,), (0, 3, -3))])
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [
+        ((3, 2), (0,)),
+        ((3, 2), (-1,)),
+        ((3, 2), (0, 3)),
+        ((3, 2), (1, -1)),
+        ((), (0,)),
+        ((4,), (0, 3, -3)),
+    ],
+)
 def test_unsqueeze(shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
     """Unsqueeze with axes (positions in the output) as attribute (opset 11) and input (13)."""
     x = randf(*shape)
@@ -827,8 +955,15 @@ def test_gather(axis: int, indices: Any, dtype: Any, const: bool) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "target"),
-    [((3, 1), (3, 4)), ((3, 1), (2, 1, 6)), ((1,), (2, 3)), ((), (2, 2)), ((2, 3), (1, 1)),
-     ((4, 1, 2), (1, 3, 1)), ((2, 3), (4, 1, 1))],
+    [
+        ((3, 1), (3, 4)),
+        ((3, 1), (2, 1, 6)),
+        ((1,), (2, 3)),
+        ((), (2, 2)),
+        ((2, 3), (1, 1)),
+        ((4, 1, 2), (1, 3, 1)),
+        ((2, 3), (4, 1, 1)),
+    ],
 )
 def test_expand(shape: tuple[int, ...], target: tuple[int, ...]) -> None:
     """Expand, whose output is the broadcast of input and shape (which may be smaller)."""
@@ -839,12 +974,18 @@ def test_expand(shape: tuple[int, ...], target: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize(
     ("pads", "mode", "value"),
-    [([1, 0, 2, 0, 1, 3], "constant", 1.5), ([0, 0, 0, 0, 0, 0], "constant", None),
-     ([1, 2, 1, 1, 2, 0], "reflect", None), ([2, 0, 1, 0, 3, 2], "edge", None),
-     ([-1, 0, 1, 0, 2, -2], "constant", -2.0), ([0, -1, 0, 0, 0, -3], "constant", None),
-     # Negative pads crop before reflecting (ORT refuses reflections wider than the cropped
-     # axis minus one, which the spec leaves undefined, so none are drawn).
-     ([-1, 0, 1, 1, 2, -2], "reflect", None), ([1, -2, 0, -1, 2, 3], "edge", None)],
+    [
+        ([1, 0, 2, 0, 1, 3], "constant", 1.5),
+        ([0, 0, 0, 0, 0, 0], "constant", None),
+        ([1, 2, 1, 1, 2, 0], "reflect", None),
+        ([2, 0, 1, 0, 3, 2], "edge", None),
+        ([-1, 0, 1, 0, 2, -2], "constant", -2.0),
+        ([0, -1, 0, 0, 0, -3], "constant", None),
+        # Negative pads crop before reflecting (ORT refuses reflections wider than the cropped
+        # axis minus one, which the spec leaves undefined, so none are drawn).
+        ([-1, 0, 1, 1, 2, -2], "reflect", None),
+        ([1, -2, 0, -1, 2, 3], "edge", None),
+    ],
 )
 @pytest.mark.parametrize("opset", [2, 11, 13, 18])
 def test_pad(pads: list[int], mode: str, value: float | None, opset: int) -> None:
@@ -865,27 +1006,48 @@ def test_pad(pads: list[int], mode: str, value: float | None, opset: int) -> Non
 
 @pytest.mark.parametrize(
     ("axes", "pads", "mode"),
-    [([1], [2, 1], "constant"), ([-1, 0], [1, 2, 0, 1], "reflect"), ([2, 0], [1, 0, 2, 1], "edge"),
-     ([0, -2], [-1, 1, 1, -2], "constant")],
+    [
+        ([1], [2, 1], "constant"),
+        ([-1, 0], [1, 2, 0, 1], "reflect"),
+        ([2, 0], [1, 0, 2, 1], "edge"),
+        ([0, -2], [-1, 1, 1, -2], "constant"),
+    ],
 )
 def test_pad_axes(axes: list[int], pads: list[int], mode: str) -> None:
     """Pad-18 with an ``axes`` input (pads only for those axes, negative axes allowed)."""
-    inputs: list[Operand] = [randf(3, 4, 5), Init(np.array(pads, np.int64)),
-                             Init(np.array(0.5, np.float32)), Init(np.array(axes, np.int64))]
+    inputs: list[Operand] = [
+        randf(3, 4, 5),
+        Init(np.array(pads, np.int64)),
+        Init(np.array(0.5, np.float32)),
+        Init(np.array(axes, np.int64)),
+    ]
     check("Pad", inputs, opset=18, mode=mode)
 
 
 def test_pad_int() -> None:
     """Constant Pad of an int64 tensor with an int64 value."""
-    inputs: list[Operand] = [randi(2, 3), Init(np.array([1, 0, 0, 2], np.int64)),
-                             Init(np.array(-7, np.int64))]
+    inputs: list[Operand] = [
+        randi(2, 3),
+        Init(np.array([1, 0, 0, 2], np.int64)),
+        Init(np.array(-7, np.int64)),
+    ]
     check("Pad", inputs, opset=13)
 
 
 @pytest.mark.parametrize(
     ("start", "end"),
-    [(None, None), (1, None), (None, 2), (-2, None), (None, -1), (1, -1), (-10, 10), (3, 1),
-     (0, -10), (10, None)],
+    [
+        (None, None),
+        (1, None),
+        (None, 2),
+        (-2, None),
+        (None, -1),
+        (1, -1),
+        (-10, 10),
+        (3, 1),
+        (0, -10),
+        (10, None),
+    ],
 )
 def test_shape(start: int | None, end: int | None) -> None:
     """Shape with start/end (opset 15), clamped to ``[0, rank]``; plain Shape at opset 1."""
@@ -898,11 +1060,15 @@ def test_shape(start: int | None, end: int | None) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("value", numpy_helper.from_array(randf(2, 3), "v")),
-     ("value", numpy_helper.from_array(randi(4), "v")),
-     ("value", numpy_helper.from_array(np.array(True), "v")),
-     ("value_float", 2.5), ("value_floats", [1.0, -2.0]), ("value_int", -3),
-     ("value_ints", [4, 5, 6])],
+    [
+        ("value", numpy_helper.from_array(randf(2, 3), "v")),
+        ("value", numpy_helper.from_array(randi(4), "v")),
+        ("value", numpy_helper.from_array(np.array(True), "v")),
+        ("value_float", 2.5),
+        ("value_floats", [1.0, -2.0]),
+        ("value_int", -3),
+        ("value_ints", [4, 5, 6]),
+    ],
 )
 def test_constant(key: str, value: Any) -> None:
     """Constant from a tensor (opset 9) and from the scalar/list attributes (opset 13)."""
@@ -920,7 +1086,9 @@ def test_constant_feeding_an_op() -> None:
         helper.make_node("Add", ["x", "c"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [onnx.ValueInfoProto(name="y")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -931,9 +1099,17 @@ def test_constant_feeding_an_op() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [None, np.array([2.5], np.float32), np.array([-7], np.int64), np.array([3], np.int32),
-     np.array([True]), np.array([2**53 + 1], np.int64), np.array([INT64_MAX], np.int64),
-     np.array([INT64_MIN + 1], np.int64), np.array([1.25], np.float64)],
+    [
+        None,
+        np.array([2.5], np.float32),
+        np.array([-7], np.int64),
+        np.array([3], np.int32),
+        np.array([True]),
+        np.array([2**53 + 1], np.int64),
+        np.array([INT64_MAX], np.int64),
+        np.array([INT64_MIN + 1], np.int64),
+        np.array([1.25], np.float64),
+    ],
 )
 @pytest.mark.parametrize("shape", [(2, 3), (0,), ()])
 def test_constant_of_shape(value: np.ndarray | None, shape: tuple[int, ...]) -> None:
@@ -945,11 +1121,16 @@ def test_constant_of_shape(value: np.ndarray | None, shape: tuple[int, ...]) -> 
 
 def test_constant_of_shape_from_shape() -> None:
     """ConstantOfShape fed by Shape of a graph input: the usual exporter idiom, folded."""
-    nodes = [helper.make_node("Shape", ["x"], ["s"]),
-             helper.make_node("ConstantOfShape", ["s"], ["y"],
-                              value=numpy_helper.from_array(np.array([1], np.int64)))]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node(
+            "ConstantOfShape", ["s"], ["y"], value=numpy_helper.from_array(np.array([1], np.int64))
+        ),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [onnx.ValueInfoProto(name="y")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -961,20 +1142,32 @@ def test_constant_of_shape_from_shape() -> None:
 @pytest.mark.parametrize(
     ("opset", "dtype"),
     # ORT's Identity-1 kernel has no bool type.
-    [(o, d) for o in (1, 13, 16, 19, 21) for d in (np.float32, np.int64, np.bool_)
-     if o > 1 or d != np.bool_],
+    [
+        (o, d)
+        for o in (1, 13, 16, 19, 21)
+        for d in (np.float32, np.int64, np.bool_)
+        if o > 1 or d != np.bool_
+    ],
 )
 def test_identity(opset: int, dtype: Any) -> None:
     """Identity of float, int and bool tensors."""
-    check("Identity", [(randf(2, 3) > 0).astype(dtype) if dtype == np.bool_ else
-                       randf(2, 3).astype(dtype)], opset=opset)
+    check(
+        "Identity",
+        [(randf(2, 3) > 0).astype(dtype) if dtype == np.bool_ else randf(2, 3).astype(dtype)],
+        opset=opset,
+    )
 
 
 @pytest.mark.parametrize(
     ("opset", "extra", "attrs"),
-    [(7, [], {"ratio": 0.3}), (10, [], {}), (12, [Init(np.array(0.5, np.float32))], {}),
-     (13, [Init(np.array(0.2, np.float32)), Init(np.array(False))], {"seed": 3}),
-     (13, [None, Init(np.array(False))], {}), (22, [], {})],
+    [
+        (7, [], {"ratio": 0.3}),
+        (10, [], {}),
+        (12, [Init(np.array(0.5, np.float32))], {}),
+        (13, [Init(np.array(0.2, np.float32)), Init(np.array(False))], {"seed": 3}),
+        (13, [None, Init(np.array(False))], {}),
+        (22, [], {}),
+    ],
 )
 def test_dropout(opset: int, extra: list[Operand], attrs: dict[str, Any]) -> None:
     """Inference-mode Dropout is the identity."""
@@ -1005,8 +1198,9 @@ def test_unsupported_op_names_node_and_lists_supported() -> None:
 
 def test_unsupported_domain() -> None:
     """An op from another domain (com.microsoft) is refused, naming the node and the domain."""
-    model, _ = make_model("FastGelu", [randf(2, 3)], opset=13, domain="com.microsoft",
-                          name="ms_gelu")
+    model, _ = make_model(
+        "FastGelu", [randf(2, 3)], opset=13, domain="com.microsoft", name="ms_gelu"
+    )
     with pytest.raises(intq.UnsupportedOpError) as info:
         _import(model)
     text = str(info.value)
@@ -1022,14 +1216,17 @@ def test_unsupported_opset_of_supported_op() -> None:
 
 @pytest.mark.parametrize(
     ("op", "inputs", "outputs", "attrs"),
-    [("Dropout", [randf(2, 3), Init(np.array(0.5, np.float32)), Init(np.array(True))], 1, {}),
-     ("Dropout", [randf(2, 3)], 2, {}),
-     ("MaxPool", [randf(1, 1, 4, 4)], 2, {"kernel_shape": [2, 2]}),
-     ("AveragePool", [randf(1, 1, 5, 5)], 1, {"kernel_shape": [2, 2], "dilations": [2, 2]}),
-     ("Pad", [randf(3, 4), Init(np.array([1, 1, 1, 1], np.int64))], 1, {"mode": "wrap"})],
+    [
+        ("Dropout", [randf(2, 3), Init(np.array(0.5, np.float32)), Init(np.array(True))], 1, {}),
+        ("Dropout", [randf(2, 3)], 2, {}),
+        ("MaxPool", [randf(1, 1, 4, 4)], 2, {"kernel_shape": [2, 2]}),
+        ("AveragePool", [randf(1, 1, 5, 5)], 1, {"kernel_shape": [2, 2], "dilations": [2, 2]}),
+        ("Pad", [randf(3, 4), Init(np.array([1, 1, 1, 1], np.int64))], 1, {"mode": "wrap"}),
+    ],
 )
-def test_unsupported_features(op: str, inputs: list[Operand], outputs: int,
-                              attrs: dict[str, Any]) -> None:
+def test_unsupported_features(
+    op: str, inputs: list[Operand], outputs: int, attrs: dict[str, Any]
+) -> None:
     """Features of supported ops that intq refuses (training outputs, wrap padding...)."""
     model, _ = make_model(op, inputs, opset=19, outputs=outputs, name="feature_node", **attrs)
     with pytest.raises(intq.UnsupportedOpError, match="feature_node"):
@@ -1047,7 +1244,9 @@ def test_every_converter_is_exercised(request: pytest.FixtureRequest) -> None:
     """Every converter in CONVERTERS ran through :func:`check` (needs the whole module)."""
     here = sys.modules[__name__]
     selected = {
-        item.originalname for item in request.session.items if getattr(item, "module", None) is here
+        getattr(item, "originalname", item.name)
+        for item in request.session.items
+        if getattr(item, "module", None) is here
     }
     if {name for name in dir(here) if name.startswith("test_")} - selected:
         pytest.skip("meaningful only when every test of this module runs")

@@ -12,6 +12,7 @@ import pytest
 import intq
 from intq.ir import DType, Graph, TensorType, from_text, to_text, verify
 from intq.passes import (
+    PASSES,
     ConstantFolding,
     DeadCodeElimination,
     FoldBatchNorm,
@@ -20,7 +21,6 @@ from intq.passes import (
     parse_pipeline,
     pipeline,
 )
-from intq.passes import PASSES
 
 
 def check_pass(pass_: Pass, before: str, expected: str, *, modified: bool = True) -> None:
@@ -139,7 +139,12 @@ def test_fold_batchnorm_into_gemm_is_equivalent(trans_b):
     wv = g.add_constant(w.T.copy() if trans_b else w, "w")
     c = g.add_constant(rng.normal(size=4).astype(np.float32), "c")
     y = g.op("Gemm", x, wv, c, name="fc", transB=trans_b, alpha=0.5, beta=2.0)
-    params = [rng.uniform(0.5, 2, 4), rng.normal(size=4), rng.normal(size=4), rng.uniform(0.1, 3, 4)]
+    params = [
+        rng.uniform(0.5, 2, 4),
+        rng.normal(size=4),
+        rng.normal(size=4),
+        rng.uniform(0.1, 3, 4),
+    ]
     consts = [g.add_constant(p.astype(np.float32), n) for p, n in zip(params, "sbmv")]
     g.set_outputs([g.op("BatchNormalization", y, *consts, name="bn")])
     feed = {"x": rng.normal(size=(3, 5)).astype(np.float32)}

@@ -52,8 +52,7 @@ def check_feeds(inputs: Sequence[Value], feeds: Mapping[str, np.ndarray]) -> dic
             parts.append(f"unknown inputs {unknown}")
         raise ShapeError(
             "; ".join(parts),
-            hint="the model's inputs are "
-            + ", ".join(f"{v.name}: {v.type}" for v in inputs),
+            hint="the model's inputs are " + ", ".join(f"{v.name}: {v.type}" for v in inputs),
         )
     out = {}
     for name, value in expected.items():
@@ -61,7 +60,8 @@ def check_feeds(inputs: Sequence[Value], feeds: Mapping[str, np.ndarray]) -> dic
         want = value.type
         if array.shape != want.shape:
             raise ShapeError(
-                f"input {name!r} has shape {list(array.shape)}, the model expects {list(want.shape)}",
+                f"input {name!r} has shape {list(array.shape)},"
+                f" the model expects {list(want.shape)}",
                 hint="convert the model with input_shapes= set to the shape you will run with",
             )
         target = want.dtype.numpy

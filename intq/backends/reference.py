@@ -141,15 +141,15 @@ def _windows(
     spatial = len(kernel)
     span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
     view = sliding_window_view(x, span, axis=tuple(range(2, 2 + spatial)))
-    index = (
-        (slice(None), slice(None))
-        + tuple(slice(0, (o - 1) * s + 1, s) for o, s in zip(out_shape, strides))
-        + tuple(slice(None, None, d) for d in dilations)
-    )
+    positions = [slice(0, (o - 1) * s + 1, s) for o, s in zip(out_shape, strides)]
+    taps = [slice(None, None, d) for d in dilations]
+    index = (slice(None), slice(None), *positions, *taps)
     return view[index]
 
 
-def _pad_spatial(x: Array, pads: Sequence[int], fill: float | int, extra: Sequence[int] = ()) -> Array:
+def _pad_spatial(
+    x: Array, pads: Sequence[int], fill: float | int, extra: Sequence[int] = ()
+) -> Array:
     spatial = x.ndim - 2
     extra = tuple(extra) or (0,) * spatial
     width = [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial] + extra[i]) for i in range(spatial)]
@@ -168,7 +168,10 @@ def _conv(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]
     m = w.shape[0]
     kernel = w.shape[2:]
     patches = _windows(
-        _pad_spatial(x, attrs["pads"], 0), kernel, attrs["strides"], attrs["dilations"],
+        _pad_spatial(x, attrs["pads"], 0),
+        kernel,
+        attrs["strides"],
+        attrs["dilations"],
         out_shape[2:],
     )
     positions = math.prod(out_shape[2:])
@@ -204,7 +207,9 @@ def _matmul(node: Node, a: Array, b: Array) -> list[Array]:
 
 
 @_kernel("BatchNormalization")
-def _batchnorm(node: Node, x: Array, scale: Array, bias: Array, mean: Array, var: Array) -> list[Array]:
+def _batchnorm(
+    node: Node, x: Array, scale: Array, bias: Array, mean: Array, var: Array
+) -> list[Array]:
     shape = (1, -1) + (1,) * (x.ndim - 2)
     eps = x.dtype.type(node.attrs["epsilon"])
     y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
@@ -255,7 +260,10 @@ def _maxpool(node: Node, x: Array) -> list[Array]:
     fill = np.finfo(x.dtype).min if x.dtype.kind == "f" else np.iinfo(x.dtype).min
     padded = _pad_spatial(x, attrs["pads"], fill, _ceil_extra(node, x))
     win = _windows(
-        padded, attrs["kernel_shape"], attrs["strides"], attrs["dilations"],
+        padded,
+        attrs["kernel_shape"],
+        attrs["strides"],
+        attrs["dilations"],
         node.outputs[0].type.shape[2:],
     )
     axes = tuple(range(-len(attrs["kernel_shape"]), 0))
@@ -292,7 +300,12 @@ def _global_avgpool(node: Node, x: Array) -> list[Array]:
 
 @_kernel("ReduceMean", "ReduceSum", "ReduceMax")
 def _reduce(node: Node, x: Array) -> list[Array]:
-    fn = {"ReduceMean": np.mean, "ReduceSum": np.sum, "ReduceMax": np.max}[node.op]
+    reducers: dict[str, Callable[..., Array]] = {
+        "ReduceMean": np.mean,
+        "ReduceSum": np.sum,
+        "ReduceMax": np.max,
+    }
+    fn = reducers[node.op]
     axes = tuple(node.attrs["axes"])
     y = fn(x, axis=axes, keepdims=bool(node.attrs["keepdims"]))
     return [np.asarray(y).astype(x.dtype, copy=False)]
@@ -320,7 +333,9 @@ def _concat(node: Node, *xs: Array) -> list[Array]:
 def _slice(node: Node, x: Array) -> list[Array]:
     index = [slice(None)] * x.ndim
     attrs = node.attrs
-    for start, end, axis, step in zip(attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]):
+    for start, end, axis, step in zip(
+        attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]
+    ):
         # A canonical end of -dim - 1 with a negative step means "through index 0".
         index[axis] = slice(start, None if end < 0 else end, step)
     return [x[tuple(index)]]
@@ -347,9 +362,7 @@ def _expand(node: Node, x: Array) -> list[Array]:
 def _pad(node: Node, x: Array) -> list[Array]:
     pads, rank = node.attrs["pads"], x.ndim
     # Negative pads crop: slice first, then pad by the positive parts.
-    crop = tuple(
-        slice(max(0, -pads[i]), x.shape[i] - max(0, -pads[i + rank])) for i in range(rank)
-    )
+    crop = tuple(slice(max(0, -pads[i]), x.shape[i] - max(0, -pads[i + rank])) for i in range(rank))
     width = [(max(0, pads[i]), max(0, pads[i + rank])) for i in range(rank)]
     mode = node.attrs["mode"]
     if mode == "constant":
@@ -415,9 +428,9 @@ def run_graph(
     keep = {v.name for v in graph.outputs}
     remaining = {name: 0 for name in env}
     for node in graph.nodes:
-        for value in node.inputs:
-            if value is not None:
-                remaining[value.name] = remaining.get(value.name, 0) + 1
+        for operand in node.inputs:
+            if operand is not None:
+                remaining[operand.name] = remaining.get(operand.name, 0) + 1
     for node in graph.nodes:
         inputs = [None if v is None else env[v.name] for v in node.inputs]
         outputs = evaluate(node, inputs)
@@ -425,12 +438,12 @@ def run_graph(
             env[value.name] = array
         if on_node is not None:
             on_node(node, outputs)
-        for value in node.inputs:
-            if value is None:
+        for operand in node.inputs:
+            if operand is None:
                 continue
-            remaining[value.name] -= 1
-            if remaining[value.name] == 0 and value.name not in keep and not value.is_const:
-                del env[value.name]
+            remaining[operand.name] -= 1
+            if remaining[operand.name] == 0 and operand.name not in keep and not operand.is_const:
+                del env[operand.name]
     return {v.name: env[v.name] for v in graph.outputs}
 
 

@@ -117,7 +117,9 @@ CONVERTERS: dict[str, list[tuple[int, int, Converter]]] = {}
 """ONNX op type -> ``(first opset, last opset, converter)`` entries."""
 
 
-def _converter(op_type: str, since: int = 1, until: int = MAX_OPSET) -> Callable[[Converter], Converter]:
+def _converter(
+    op_type: str, since: int = 1, until: int = MAX_OPSET
+) -> Callable[[Converter], Converter]:
     def register(fn: Converter) -> Converter:
         CONVERTERS.setdefault(op_type, []).append((since, until, fn))
         return fn
@@ -150,8 +152,28 @@ def _ints(array: np.ndarray | None) -> tuple[int, ...]:
 # ----- one-to-one ops -----------------------------------------------------------
 
 _SAME_NAME = [
-    "Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Not", "Where",
-    "Sigmoid", "Tanh", "Erf", "Sqrt", "Exp", "Neg", "Abs", "Relu", "MatMul", "GlobalAveragePool",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Equal",
+    "Less",
+    "Greater",
+    "And",
+    "Or",
+    "Not",
+    "Where",
+    "Sigmoid",
+    "Tanh",
+    "Erf",
+    "Sqrt",
+    "Exp",
+    "Neg",
+    "Abs",
+    "Relu",
+    "MatMul",
+    "GlobalAveragePool",
 ]
 
 
@@ -207,7 +229,10 @@ def _cast(ctx: ConvertContext) -> list[Value]:
 
 
 def _resolve_auto_pad(
-    ctx: ConvertContext, x: TensorType, kernel: Sequence[int], strides: Sequence[int],
+    ctx: ConvertContext,
+    x: TensorType,
+    kernel: Sequence[int],
+    strides: Sequence[int],
     dilations: Sequence[int],
 ) -> tuple[int, ...]:
     """Explicit ``pads`` from ONNX's ``auto_pad`` (or the ``pads`` attribute)."""
@@ -244,7 +269,11 @@ def _conv(ctx: ConvertContext) -> list[Value]:
     dilations = tuple(ctx.attr("dilations", [1] * spatial))
     pads = _resolve_auto_pad(ctx, x.type, kernel, strides, dilations)
     return ctx.emit(
-        "Conv", ctx.inputs, strides=strides, pads=pads, dilations=dilations,
+        "Conv",
+        ctx.inputs,
+        strides=strides,
+        pads=pads,
+        dilations=dilations,
         group=ctx.attr("group", 1),
     )
 
@@ -288,8 +317,12 @@ def _avgpool(ctx: ConvertContext) -> list[Value]:
 @_converter("Gemm", 7)
 def _gemm(ctx: ConvertContext) -> list[Value]:
     return ctx.emit(
-        "Gemm", ctx.inputs, alpha=ctx.attr("alpha", 1.0), beta=ctx.attr("beta", 1.0),
-        transA=ctx.attr("transA", 0), transB=ctx.attr("transB", 0),
+        "Gemm",
+        ctx.inputs,
+        alpha=ctx.attr("alpha", 1.0),
+        beta=ctx.attr("beta", 1.0),
+        transA=ctx.attr("transA", 0),
+        transB=ctx.attr("transB", 0),
     )
 
 
@@ -305,7 +338,9 @@ def _batchnorm(ctx: ConvertContext) -> list[Value]:
 def _layernorm(ctx: ConvertContext) -> list[Value]:
     ctx.only_first_output()
     return ctx.emit(
-        "LayerNormalization", ctx.inputs, axis=ctx.attr("axis", -1),
+        "LayerNormalization",
+        ctx.inputs,
+        axis=ctx.attr("axis", -1),
         epsilon=ctx.attr("epsilon", 1e-5),
     )
 
@@ -371,7 +406,10 @@ def _concat(ctx: ConvertContext) -> list[Value]:
 @_converter("Slice", 1, 9)
 def _slice_attrs(ctx: ConvertContext) -> list[Value]:
     return ctx.emit(
-        "Slice", ctx.inputs[:1], starts=tuple(ctx.attr("starts")), ends=tuple(ctx.attr("ends")),
+        "Slice",
+        ctx.inputs[:1],
+        starts=tuple(ctx.attr("starts")),
+        ends=tuple(ctx.attr("ends")),
         axes=tuple(ctx.attr("axes", [])),
     )
 
@@ -383,8 +421,12 @@ def _slice(ctx: ConvertContext) -> list[Value]:
         return tuple(int(np.clip(v, -(1 << 62), 1 << 62)) for v in _ints(ctx.const(index, what)))
 
     return ctx.emit(
-        "Slice", ctx.inputs[:1], starts=clamped(1, "starts"), ends=clamped(2, "ends"),
-        axes=_ints(ctx.const(3, "axes")), steps=_ints(ctx.const(4, "steps")),
+        "Slice",
+        ctx.inputs[:1],
+        starts=clamped(1, "starts"),
+        ends=clamped(2, "ends"),
+        axes=_ints(ctx.const(3, "axes")),
+        steps=_ints(ctx.const(4, "steps")),
     )
 
 
@@ -413,7 +455,10 @@ def _expand(ctx: ConvertContext) -> list[Value]:
 @_converter("Pad", 2, 10)
 def _pad_attrs(ctx: ConvertContext) -> list[Value]:
     return ctx.emit(
-        "Pad", ctx.inputs[:1], pads=tuple(ctx.attr("pads")), mode=ctx.attr("mode", "constant"),
+        "Pad",
+        ctx.inputs[:1],
+        pads=tuple(ctx.attr("pads")),
+        mode=ctx.attr("mode", "constant"),
         value=ctx.attr("value", 0.0),
     )
 
@@ -433,7 +478,10 @@ def _pad(ctx: ConvertContext) -> list[Value]:
     if mode == "wrap":
         raise ctx.unsupported("mode='wrap'")
     return ctx.emit(
-        "Pad", ctx.inputs[:1], pads=tuple(full), mode=mode,
+        "Pad",
+        ctx.inputs[:1],
+        pads=tuple(full),
+        mode=mode,
         value=0.0 if value is None or value.size == 0 else float(value.reshape(-1)[0]),
     )
 
@@ -443,8 +491,12 @@ def _shape(ctx: ConvertContext) -> list[Value]:
     rank = ctx.input(0).type.rank
     start = ctx.attr("start", 0)
     end = ctx.attr("end", rank)
-    return ctx.emit("Shape", ctx.inputs, start=max(0, start + rank if start < 0 else start),
-                    end=min(rank, end + rank if end < 0 else end))
+    return ctx.emit(
+        "Shape",
+        ctx.inputs,
+        start=max(0, start + rank if start < 0 else start),
+        end=min(rank, end + rank if end < 0 else end),
+    )
 
 
 @_converter("Constant", 1)
@@ -472,5 +524,9 @@ def _constant_of_shape(ctx: ConvertContext) -> list[Value]:
         # (INT64_MAX even wraps to INT64_MIN). The op folds anyway, so build the constant.
         return [ctx.graph.add_constant(np.full(shape, value, array.dtype), ctx.node.output[0])]
     return ctx.emit(
-        "ConstantOfShape", [], shape=shape, value=float(value), dtype=dtype.value,
+        "ConstantOfShape",
+        [],
+        shape=shape,
+        value=float(value),
+        dtype=dtype.value,
     )

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,11 +27,12 @@ from intq.ir.types import TensorType
 if TYPE_CHECKING:
     from intq.ops.registry import OpDef
 
-AttrValue = Union[int, float, str, tuple[int, ...], tuple[float, ...], tuple[str, ...]]
+AttrValue = int | float | str | tuple[int, ...] | tuple[float, ...] | tuple[str, ...]
 """Node attributes are immutable scalars or tuples; tensors are constant values instead."""
 
 
-class Use(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Use:
     """One reader of a value: input ``index`` of ``node``."""
 
     node: Node
@@ -60,7 +62,10 @@ class Value:
 
     @type.setter
     def type(self, new: TensorType) -> None:
-        if self._const is not None and (new.dtype, new.shape) != (self._type.dtype, self._type.shape):
+        if self._const is not None and (new.dtype, new.shape) != (
+            self._type.dtype,
+            self._type.shape,
+        ):
             raise ShapeError(f"cannot change the dtype or shape of constant {self.name!r}")
         self._type = new
 
@@ -122,8 +127,8 @@ class Value:
         """
         if new is self:
             return
-        for node, index in self.uses():
-            node.set_input(index, new)
+        for use in self.uses():
+            use.node.set_input(use.index, new)
         graph = self._graph
         if graph_outputs and graph is not None and self.is_graph_output:
             graph._outputs = [new if v is self else v for v in graph._outputs]
@@ -156,7 +161,9 @@ class Node:
     ):
         self.op = op
         self.name = name
-        self.attrs: dict[str, AttrValue] = dict(attrs or {})
+        # Values are AttrValues (the registry checks their kinds); typed Any so that rules
+        # can index a tuple attribute without a cast at every use.
+        self.attrs: dict[str, Any] = dict(attrs or {})
         self._graph: Graph | None = None
         self._inputs: list[Value | None] = []
         for index, value in enumerate(inputs):
@@ -451,9 +458,7 @@ class Graph:
         """Put the nodes in topological order (stable); raise on a cycle."""
         pending = {node: 0 for node in self._nodes}
         for node in self._nodes:
-            pending[node] = sum(
-                1 for v in node._inputs if v is not None and v._producer in pending
-            )
+            pending[node] = sum(1 for v in node._inputs if v is not None and v._producer in pending)
         ready = [node for node in self._nodes if pending[node] == 0]
         order: list[Node] = []
         position = {node: i for i, node in enumerate(self._nodes)}
@@ -545,4 +550,3 @@ class Graph:
             f"Graph({self.name!r}: {len(self._inputs)} inputs, {len(self._constants)} constants,"
             f" {len(self._nodes)} nodes, {len(self._outputs)} outputs)"
         )
-

@@ -10,14 +10,17 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from intq.errors import IntqError, ParseError
 from intq.ir.graph import AttrValue, Graph, Node, Value
 from intq.ir.types import DType, QuantParams, TensorType
+
+T = TypeVar("T")
 
 # Strings use the unrolled-loop form: weights are long base64 strings, and a per-character
 # alternation made parsing a ResNet-18 take 14 s instead of a fraction of a second.
@@ -113,8 +116,8 @@ class _Parser:
         raw = token.text[1:]
         return (self.string(token, 1) if raw.startswith('"') else raw), token
 
-    def comma_list(self, close: str, item):  # type: ignore[no-untyped-def]
-        items = []
+    def comma_list(self, close: str, item: Callable[[], T]) -> list[T]:
+        items: list[T] = []
         if self.accept("punct", close):
             return items
         while True:
@@ -201,7 +204,7 @@ class _Parser:
 
     def attr_value(self) -> AttrValue:
         if self.accept("punct", "["):
-            return tuple(self.comma_list("]", self.attr_value))  # type: ignore[arg-type]
+            return tuple(self.comma_list("]", self.attr_value))  # type: ignore[return-value]
         if self.tok.kind == "string":
             return self.string(self.take("string"))
         return self.number()

@@ -5,7 +5,8 @@ Example::
     graph main(%x: f32[1,3,8,8]) {
       %w = const f32[4,3,3,3] b64"AACAPwAA..."
       %shape = const i64[2] [1, -1]
-      %y = Conv(%x, %w, _) {dilations=[1, 1], group=1, pads=[1, 1, 1, 1], strides=[1, 1]} : f32[1,4,8,8] @"/conv/Conv"
+      %y = Conv(%x, %w) {dilations=[1, 1], group=1, pads=[1, 1, 1, 1], strides=[1, 1]}
+        : f32[1,4,8,8] @"/conv/Conv"    (one line in real output)
       %q = Requantize(%y) : u8[1,4,8,8] q(bits=8, unsigned, scale=0.0235)
       return %y
     }

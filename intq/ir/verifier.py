@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from intq.errors import IntqError, VerificationError
-from intq.ir.graph import Graph, Node, Value
+from intq.ir.graph import Graph, Node, Use, Value
 from intq.ir.types import TensorType
 
 
@@ -44,30 +44,37 @@ def verify(graph: Graph) -> None:
 
     for node in graph.nodes:
         if node.graph is not graph:
-            raise VerificationError("a listed node does not point back to the graph", node=node.label())
-        for index, value in enumerate(node.inputs):
-            if value is None:
+            raise VerificationError(
+                "a listed node does not point back to the graph", node=node.label()
+            )
+        for index, operand in enumerate(node.inputs):
+            if operand is None:
                 continue
-            if id(value) not in defined:
+            if id(operand) not in defined:
                 raise VerificationError(
-                    f"input {index} (%{value.name}) is used before it is defined"
+                    f"input {index} (%{operand.name}) is used before it is defined"
                     " (the nodes are not in topological order, or it is not in this graph)",
                     node=node.label(),
                 )
-            if (node, index) not in {tuple(u) for u in value.uses()}:
+            if Use(node, index) not in operand.uses():
                 raise VerificationError(
-                    f"input {index} (%{value.name}) is missing from its use list", node=node.label()
+                    f"input {index} (%{operand.name}) is missing from its use list",
+                    node=node.label(),
                 )
         for index, value in enumerate(node.outputs):
             if value.producer is not node or value.index != index:
-                raise VerificationError(f"output %{value.name} does not point back to its node", node=node.label())
+                raise VerificationError(
+                    f"output %{value.name} does not point back to its node", node=node.label()
+                )
             define(value, "output")
         _check_node(node)
 
     for value in graph.values():
         for use in value.uses():
-            if use.node.graph is not graph or use.index >= len(use.node.inputs) or (
-                use.node.inputs[use.index] is not value
+            if (
+                use.node.graph is not graph
+                or use.index >= len(use.node.inputs)
+                or (use.node.inputs[use.index] is not value)
             ):
                 raise VerificationError(f"%{value.name} has a dangling use by {use.node.label()}")
     for value in graph.outputs:

@@ -97,13 +97,11 @@ def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ce
 
 # ----- elementwise --------------------------------------------------------------
 
-_binary = {"inputs": 2}
 
-
-@OPS.op("Add", **_binary)
-@OPS.op("Sub", **_binary)
-@OPS.op("Mul", **_binary)
-@OPS.op("Div", **_binary)
+@OPS.op("Add", inputs=2)
+@OPS.op("Sub", inputs=2)
+@OPS.op("Mul", inputs=2)
+@OPS.op("Div", inputs=2)
 def _arith(ctx: InferContext) -> list[TensorType]:
     """Broadcasting arithmetic on two tensors of one numeric dtype.
 
@@ -244,8 +242,12 @@ def _conv(ctx: InferContext) -> list[TensorType]:
     pads = ctx["pads"]
     dims = [
         _window_out(
-            x.shape[2 + i], w.shape[2 + i], ctx["strides"][i], pads[i] + pads[i + spatial],
-            ctx["dilations"][i], False,
+            x.shape[2 + i],
+            w.shape[2 + i],
+            ctx["strides"][i],
+            pads[i] + pads[i + spatial],
+            ctx["dilations"][i],
+            False,
         )
         for i in range(spatial)
     ]
@@ -291,7 +293,9 @@ def _matmul(ctx: InferContext) -> list[TensorType]:
     try:
         batch = np.broadcast_shapes(ash[:-2], bsh[:-2])
     except ValueError:
-        raise ShapeError(f"MatMul batch dims of {list(a.shape)} and {list(b.shape)} differ") from None
+        raise ShapeError(
+            f"MatMul batch dims of {list(a.shape)} and {list(b.shape)} differ"
+        ) from None
     shape = (*batch, ash[-2], bsh[-1])
     if a.rank == 1:
         shape = shape[:-2] + shape[-1:]
@@ -329,7 +333,9 @@ def _layernorm(ctx: InferContext) -> list[TensorType]:
     normalized = x.shape[ctx["axis"] :]
     for i in (1, 2):
         if ctx.has(i) and _broadcast(ctx.type(i), TensorType(x.dtype, normalized)) != normalized:
-            raise ShapeError(f"LayerNormalization parameter {ctx.type(i)} does not fit {list(normalized)}")
+            raise ShapeError(
+                f"LayerNormalization parameter {ctx.type(i)} does not fit {list(normalized)}"
+            )
     return _same_type(ctx)
 
 
@@ -429,12 +435,12 @@ def _reduce_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> 
     return {**attrs, "axes": _axes(axes, rank)}
 
 
-_reduce = {"attrs": {"axes": Attr("ints", ()), "keepdims": Attr("int", 1)}, "canonicalize": _reduce_canon}
+_REDUCE_ATTRS = {"axes": Attr("ints", ()), "keepdims": Attr("int", 1)}
 
 
-@OPS.op("ReduceMean", **_reduce)
-@OPS.op("ReduceSum", **_reduce)
-@OPS.op("ReduceMax", **_reduce)
+@OPS.op("ReduceMean", attrs=_REDUCE_ATTRS, canonicalize=_reduce_canon)
+@OPS.op("ReduceSum", attrs=_REDUCE_ATTRS, canonicalize=_reduce_canon)
+@OPS.op("ReduceMax", attrs=_REDUCE_ATTRS, canonicalize=_reduce_canon)
 def _reduction(ctx: InferContext) -> list[TensorType]:
     """Reduce over ``axes`` (all when empty), keeping them as size 1 with ``keepdims``."""
     _need_numeric(ctx, 0)
@@ -492,9 +498,9 @@ def _flatten(ctx: InferContext) -> list[TensorType]:
 @OPS.op(
     "Transpose",
     attrs={"perm": Attr("ints", ())},
-    canonicalize=lambda a, t: {**a, "perm": a["perm"] or tuple(reversed(range(t[0].rank)))}
-    if t[0]
-    else a,
+    canonicalize=lambda a, t: (
+        {**a, "perm": a["perm"] or tuple(reversed(range(t[0].rank)))} if t[0] else a
+    ),
 )
 def _transpose(ctx: InferContext) -> list[TensorType]:
     """Permute axes."""
@@ -521,7 +527,9 @@ def _concat(ctx: InferContext) -> list[TensorType]:
         if len(shape) != len(first) or any(
             a != b for d, (a, b) in enumerate(zip(shape, first)) if d != axis
         ):
-            raise ShapeError(f"Concat inputs {list(first)} and {list(shape)} differ off axis {axis}")
+            raise ShapeError(
+                f"Concat inputs {list(first)} and {list(shape)} differ off axis {axis}"
+            )
         total += shape[axis]
     return [TensorType(dtype, (*first[:axis], total, *first[axis + 1 :]))]
 
@@ -535,7 +543,7 @@ def _slice_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> d
     steps = attrs["steps"] or (1,) * len(starts)
     if not len(starts) == len(ends) == len(axes) == len(steps):
         raise ShapeError("Slice starts, ends, axes and steps differ in length")
-    out = {"starts": [], "ends": [], "axes": [], "steps": []}
+    out: dict[str, list[int]] = {"starts": [], "ends": [], "axes": [], "steps": []}
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = _axis(axis, x.rank)
         dim = x.shape[axis]
@@ -598,9 +606,7 @@ def _squeeze(ctx: InferContext) -> list[TensorType]:
 @OPS.op(
     "Unsqueeze",
     attrs={"axes": Attr("ints")},
-    canonicalize=lambda a, t: {"axes": _axes(a["axes"], t[0].rank + len(a["axes"]))}
-    if t[0]
-    else a,
+    canonicalize=lambda a, t: {"axes": _axes(a["axes"], t[0].rank + len(a["axes"]))} if t[0] else a,
 )
 def _unsqueeze(ctx: InferContext) -> list[TensorType]:
     """Insert size-1 ``axes`` (positions in the output)."""
@@ -623,8 +629,10 @@ def _gather(ctx: InferContext) -> list[TensorType]:
         raise ShapeError(f"Gather indices must be i32 or i64, got {indices}")
     axis = ctx["axis"]
     const = ctx.const(1)
-    if const is not None and const.size and (
-        const.min() < -data.shape[axis] or const.max() >= data.shape[axis]
+    if (
+        const is not None
+        and const.size
+        and (const.min() < -data.shape[axis] or const.max() >= data.shape[axis])
     ):
         raise ShapeError(f"Gather indices out of range for axis {axis} of size {data.shape[axis]}")
     return _same_type(ctx, (*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
@@ -633,9 +641,9 @@ def _gather(ctx: InferContext) -> list[TensorType]:
 @OPS.op(
     "Expand",
     attrs={"shape": Attr("ints")},
-    canonicalize=lambda a, t: {"shape": _broadcast(t[0], TensorType(t[0].dtype, a["shape"]))}
-    if t[0]
-    else a,
+    canonicalize=lambda a, t: (
+        {"shape": _broadcast(t[0], TensorType(t[0].dtype, a["shape"]))} if t[0] else a
+    ),
 )
 def _expand(ctx: InferContext) -> list[TensorType]:
     """Broadcast to ``shape`` (the full output shape once built)."""

@@ -52,7 +52,9 @@ class Attr:
             value = float(value)
         elif self.kind == "int" and isinstance(value, np.integer):
             value = int(value)
-        elif self.kind in ("ints", "floats", "strs") and isinstance(value, (list, tuple, np.ndarray)):
+        elif self.kind in ("ints", "floats", "strs") and isinstance(
+            value, (list, tuple, np.ndarray)
+        ):
             convert = {"ints": int, "floats": float, "strs": str}[self.kind]
             value = tuple(convert(x) for x in value)
         if not _KINDS[self.kind](value):
@@ -63,7 +65,7 @@ class Attr:
 class InferContext:
     """What a shape rule sees: input values (types and constant data) and attributes."""
 
-    def __init__(self, op: str, inputs: Sequence[Value | None], attrs: Mapping[str, AttrValue]):
+    def __init__(self, op: str, inputs: Sequence[Value | None], attrs: Mapping[str, Any]):
         self.op = op
         self.inputs = inputs
         self.attrs = attrs
@@ -137,7 +139,9 @@ class OpDef:
                 try:
                     out[key] = spec.coerce(attrs[key])
                 except TypeError as err:
-                    raise VerificationError(f"{self.name} attribute {key!r}: {err}", node=node)
+                    raise VerificationError(
+                        f"{self.name} attribute {key!r}: {err}", node=node
+                    ) from None
             elif spec.default is REQUIRED:
                 raise VerificationError(f"{self.name} needs attribute {key!r}", node=node)
             else:

@@ -17,9 +17,7 @@ PASSES: dict[str, type[Pass]] = {
 """Pass name -> pass class. A new pass adds its class here."""
 
 
-def pipeline(
-    text: str, *, verify_each: bool = False, dump: DumpHook | None = None
-) -> PassManager:
+def pipeline(text: str, *, verify_each: bool = False, dump: DumpHook | None = None) -> PassManager:
     """A :class:`PassManager` for a pipeline string such as ``"fold-batchnorm,dce"``."""
     return PassManager(parse_pipeline(text, PASSES), verify_each=verify_each, dump=dump)
 

@@ -113,7 +113,11 @@ def _replace(
     out = bn.outputs[0]
     name = out.name
     new = graph.add(
-        producer.op, inputs, attrs or producer.attrs, name=producer.name or bn.name, before=bn,
+        producer.op,
+        inputs,
+        attrs or producer.attrs,
+        name=producer.name or bn.name,
+        before=bn,
         out_names=[name + ".folded"],
     )
     out.replace_all_uses_with(new.output)

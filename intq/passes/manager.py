@@ -89,8 +89,7 @@ class PassManager:
                 raise
             except Exception as err:
                 raise PassError(
-                    f"pass {pass_} failed with {type(err).__name__}: {err}"
-                    f" ({_where(pass_, done)})"
+                    f"pass {pass_} failed with {type(err).__name__}: {err} ({_where(pass_, done)})"
                 ) from err
             graph = result.graph
             modified |= result.modified
@@ -107,9 +106,7 @@ class PassManager:
             verify(graph)
         except VerificationError as err:
             ran = ", ".join(done) or "none"
-            raise VerificationError(
-                f"invalid IR {when}: {err} (passes run: {ran})"
-            ) from None
+            raise VerificationError(f"invalid IR {when}: {err} (passes run: {ran})") from None
 
 
 def _where(pass_: Pass, done: list[str]) -> str:
