@@ -52,13 +52,8 @@ def _rebuild(
     producer: Node = m["producer"]
     w = graph.add_constant(weight, m["w"].name + ".bn")
     b = graph.add_constant(bias, (producer.name or producer.op.lower()) + ".bias.bn")
-    node = graph.add(
-        producer.op,
-        [m["x"], w, b],
-        {**producer.attrs, **attrs},
-        name=producer.name,
-        before=m.root,
-    )
+    merged: dict[str, Any] = {**producer.attrs, **attrs}
+    node = graph.add(producer.op, [m["x"], w, b], merged, name=producer.name, before=m.root)
     return node.output
 
 
