@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from intq.errors import IntqError, VerificationError
 from intq.ir.graph import Graph, Node, Use, Value
+from intq.ir.printer import format_node
 from intq.ir.types import TensorType
 
 
@@ -43,31 +44,37 @@ def verify(graph: Graph) -> None:
         define(value, "constant")
 
     for node in graph.nodes:
-        if node.graph is not graph:
+        try:
+            if node.graph is not graph:
+                raise VerificationError(
+                    "a listed node does not point back to the graph", node=node.label()
+                )
+            for index, operand in enumerate(node.inputs):
+                if operand is None:
+                    continue
+                if id(operand) not in defined:
+                    raise VerificationError(
+                        f"input {index} (%{operand.name}) is used before it is defined"
+                        " (the nodes are not in topological order, or it is not in this graph)",
+                        node=node.label(),
+                    )
+                if Use(node, index) not in operand.uses():
+                    raise VerificationError(
+                        f"input {index} (%{operand.name}) is missing from its use list",
+                        node=node.label(),
+                    )
+            for index, value in enumerate(node.outputs):
+                if value.producer is not node or value.index != index:
+                    raise VerificationError(
+                        f"output %{value.name} does not point back to its node", node=node.label()
+                    )
+                define(value, "output")
+            _check_node(node)
+        except VerificationError as err:
+            # Show the node as IR text, as a reader of the dump would see it.
             raise VerificationError(
-                "a listed node does not point back to the graph", node=node.label()
-            )
-        for index, operand in enumerate(node.inputs):
-            if operand is None:
-                continue
-            if id(operand) not in defined:
-                raise VerificationError(
-                    f"input {index} (%{operand.name}) is used before it is defined"
-                    " (the nodes are not in topological order, or it is not in this graph)",
-                    node=node.label(),
-                )
-            if Use(node, index) not in operand.uses():
-                raise VerificationError(
-                    f"input {index} (%{operand.name}) is missing from its use list",
-                    node=node.label(),
-                )
-        for index, value in enumerate(node.outputs):
-            if value.producer is not node or value.index != index:
-                raise VerificationError(
-                    f"output %{value.name} does not point back to its node", node=node.label()
-                )
-            define(value, "output")
-        _check_node(node)
+                f"{err.message}\n  in: {format_node(node)}", node=err.node, hint=err.hint
+            ) from None
 
     for value in graph.values():
         for use in value.uses():

@@ -106,7 +106,7 @@ class PassManager:
             verify(graph)
         except VerificationError as err:
             ran = ", ".join(done) or "none"
-            raise VerificationError(f"invalid IR {when}: {err} (passes run: {ran})") from None
+            raise VerificationError(f"invalid IR {when} (passes run: {ran}): {err}") from None
 
 
 def _where(pass_: Pass, done: list[str]) -> str:
