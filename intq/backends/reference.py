@@ -18,9 +18,11 @@ import scipy.special
 from numpy.lib.stride_tricks import sliding_window_view
 
 from intq.backends.base import atomic_write, check_feeds
-from intq.errors import IntqError, ShapeError
+from intq.errors import IntqError, NumericsError, ShapeError
 from intq.ir.graph import Graph, Node
 from intq.ir.printer import to_text
+from intq.ir.types import QuantParams
+from intq.numerics import requantize, shift_round
 
 Array = np.ndarray
 Kernel = Callable[..., list[Array]]
@@ -160,6 +162,11 @@ def _pad_spatial(
 
 @_kernel("Conv")
 def _conv(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    return [_convolve(node, x, w, b).astype(_out_dtype(node), copy=False)]
+
+
+def _convolve(node: Node, x: Array, w: Array, b: Array | None) -> Array:
+    """Convolution in the inputs' float type, or exactly in float64 for integer inputs."""
     attrs = node.attrs
     out_shape = node.outputs[0].type.shape
     spatial = x.ndim - 2
@@ -180,12 +187,12 @@ def _conv(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]
     patches = patches.reshape(n, group, c // group, positions, taps)
     patches = patches.transpose(0, 1, 3, 2, 4).reshape(n, group, positions, (c // group) * taps)
     weights = w.reshape(group, m // group, (c // group) * taps).transpose(0, 2, 1)
-    acc_dtype = np.int64 if x.dtype.kind in "iu" else x.dtype
+    acc_dtype = _ACC_EXACT if x.dtype.kind in "iu" else x.dtype
     y = np.matmul(patches.astype(acc_dtype, copy=False), weights.astype(acc_dtype, copy=False))
     y = y.transpose(0, 1, 3, 2).reshape(out_shape)
     if b is not None:
         y = y + b.reshape((1, m) + (1,) * spatial).astype(acc_dtype, copy=False)
-    return [y.astype(_out_dtype(node), copy=False)]
+    return y
 
 
 @_kernel("Gemm")
@@ -233,6 +240,108 @@ def _softmax(node: Node, x: Array) -> list[Array]:
     axis = node.attrs["axis"]
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return [(e / e.sum(axis=axis, keepdims=True)).astype(x.dtype, copy=False)]
+
+
+# ----- integer ops -----------------------------------------------------------------------
+
+# Integer products and sums are computed in float64 with BLAS: exact while every partial sum
+# stays below 2^53, which holds with a wide margin for 16-bit operands and any K < 2^21, and
+# far faster than numpy's int64 matmul. Results are checked against int32 before use.
+_ACC_EXACT = np.float64
+_EXACT_LIMIT = 2.0**53
+
+
+def _int32(node: Node, acc: Array) -> Array:
+    """``acc`` as int32, or a NumericsError naming the node when it does not fit."""
+    if acc.size:
+        low, high = float(acc.min()), float(acc.max())
+        if max(abs(low), abs(high)) >= _EXACT_LIMIT or low < -(2**31) or high > 2**31 - 1:
+            raise NumericsError(
+                f"int32 accumulator overflow: values reach [{low:.0f}, {high:.0f}]",
+                node=node.label(),
+                hint="the range analysis should have refused this layer; please report it",
+            )
+    return acc.astype(np.int64).astype(np.int32)
+
+
+def _quant_of(node: Node, index: int = 0) -> QuantParams:
+    value = node.inputs[index]
+    assert value is not None and value.type.quant is not None
+    return value.type.quant
+
+
+def _per_channel(values: Sequence[int | float], axis: int, ndim: int, dtype: type) -> Array:
+    """``values`` shaped to broadcast along ``axis`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    if len(values) > 1:
+        shape[axis] = len(values)
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+@_kernel("Quantize")
+def _quantize(node: Node, x: Array) -> list[Array]:
+    q = node.outputs[0].type.quant
+    assert q is not None
+    # As ONNX QuantizeLinear: divide in float32, round half to even, saturate.
+    scaled = np.rint(x.astype(np.float32) / np.float32(node.attrs["scale"]))
+    return [np.clip(scaled, q.qmin, q.qmax).astype(_out_dtype(node))]
+
+
+@_kernel("Dequantize")
+def _dequantize(node: Node, x: Array) -> list[Array]:
+    q = _quant_of(node)
+    scale = _per_channel(q.scale, q.axis or 0, x.ndim, np.float32)
+    return [x.astype(np.float32) * scale]
+
+
+@_kernel("QConv")
+def _qconv(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    return [_int32(node, _convolve(node, x, w, b))]
+
+
+@_kernel("QGemm")
+def _qgemm(node: Node, a: Array, b: Array, c: Array | None = None) -> list[Array]:
+    b = b.T if node.attrs["transB"] else b
+    y = a.astype(_ACC_EXACT) @ b.astype(_ACC_EXACT)
+    if c is not None:
+        y = y + c.astype(_ACC_EXACT)
+    return [_int32(node, y)]
+
+
+@_kernel("QMatMul")
+def _qmatmul(node: Node, a: Array, b: Array) -> list[Array]:
+    return [_int32(node, a.astype(_ACC_EXACT) @ b.astype(_ACC_EXACT))]
+
+
+@_kernel("QGlobalAveragePool")
+def _qglobal_avgpool(node: Node, x: Array) -> list[Array]:
+    return [_int32(node, x.astype(np.int64).sum(axis=tuple(range(2, x.ndim)), keepdims=True))]
+
+
+@_kernel("QAveragePool")
+def _qavgpool(node: Node, x: Array) -> list[Array]:
+    kernel = node.attrs["kernel_shape"]
+    out = node.outputs[0].type.shape[2:]
+    win = _windows(x.astype(np.int64), kernel, node.attrs["strides"], (1,) * len(kernel), out)
+    return [_int32(node, win.sum(axis=tuple(range(-len(kernel), 0))))]
+
+
+@_kernel("Requantize")
+def _requantize(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    axis = attrs["axis"]
+    multiplier = _per_channel(attrs["multiplier"], axis, x.ndim, np.int64)
+    shift = _per_channel(attrs["shift"], axis, x.ndim, np.int64)
+    y = requantize(x, multiplier, shift, attrs["lo"], attrs["hi"])
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QAdd")
+def _qadd(node: Node, a: Array, b: Array) -> list[Array]:
+    attrs = node.attrs
+    total = a.astype(np.int64) * attrs["multiplier_a"] + b.astype(np.int64) * attrs["multiplier_b"]
+    y = np.clip(shift_round(total, attrs["shift"]), attrs["lo"], attrs["hi"])
+    return [y.astype(_out_dtype(node))]
 
 
 # ----- pooling ----------------------------------------------------------------------

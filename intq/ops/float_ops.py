@@ -68,6 +68,13 @@ def _need_numeric(ctx: InferContext, index: int) -> None:
         raise ShapeError(f"{ctx.op} input {index} must be numeric, got {ctx.type(index)}")
 
 
+def _moved(ctx: InferContext, shape: tuple[int, ...] | None = None) -> list[TensorType]:
+    """Data movement: the input's dtype, and its per-tensor quantization travels along."""
+    t = ctx.type(0)
+    quant = t.quant if t.quant is not None and t.quant.axis is None else None
+    return [TensorType(t.dtype, t.shape if shape is None else shape, quant)]
+
+
 def _same_type(ctx: InferContext, shape: tuple[int, ...] | None = None) -> list[TensorType]:
     t = ctx.type(0)
     return [TensorType(t.dtype, t.shape if shape is None else shape)]
@@ -178,7 +185,8 @@ def _numeric_unary(ctx: InferContext) -> list[TensorType]:
     """Elementwise function of any numeric tensor."""
     if ctx.op != "Identity":
         _need_numeric(ctx, 0)
-    return _same_type(ctx)
+    # Identity and Relu keep a quantized input's scale; Neg and Abs would change its sign range.
+    return _moved(ctx) if ctx.op in ("Identity", "Relu") else _same_type(ctx)
 
 
 @OPS.op("Clip", attrs={"min": Attr("float", -INF), "max": Attr("float", INF)})
@@ -186,7 +194,7 @@ def _clip(ctx: InferContext) -> list[TensorType]:
     """Clamp to ``[min, max]`` (constant bounds; ReLU6 is ``Clip(0, 6)``). With min > max
     every value becomes max, as ONNX (from Clip-11) and ``np.clip`` say."""
     _need_numeric(ctx, 0)
-    return _same_type(ctx)
+    return _moved(ctx)
 
 
 @OPS.op("Cast", attrs={"to": Attr("str")})
@@ -225,19 +233,24 @@ def _conv_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> di
 )
 def _conv(ctx: InferContext) -> list[TensorType]:
     """N-d convolution, NC[D]HW layout; pads are ``(begin..., end...)``."""
-    x, w = ctx.type(0), ctx.type(1)
     _need_same_dtype(ctx, 0, 1)
     _need_float(ctx, 0)
+    return [TensorType(ctx.type(0).dtype, conv_shape(ctx))]
+
+
+def conv_shape(ctx: InferContext) -> tuple[int, ...]:
+    """The output shape of a convolution (Conv's inputs and attributes); checks the geometry."""
+    x, w = ctx.type(0), ctx.type(1)
     if x.rank < 3 or w.rank != x.rank:
-        raise ShapeError(f"Conv needs input and weight of equal rank >= 3, got {x}, {w}")
+        raise ShapeError(f"{ctx.op} needs input and weight of equal rank >= 3, got {x}, {w}")
     group = ctx["group"]
     if group < 1 or x.shape[1] != w.shape[1] * group or w.shape[0] % group:
         raise ShapeError(
-            f"Conv with group={group}: input channels {x.shape[1]} and weight {list(w.shape)}"
-            " do not fit"
+            f"{ctx.op} with group={group}: input channels {x.shape[1]} and weight"
+            f" {list(w.shape)} do not fit"
         )
     if ctx.has(2) and ctx.type(2).shape != (w.shape[0],):
-        raise ShapeError(f"Conv bias must have shape [{w.shape[0]}], got {ctx.type(2)}")
+        raise ShapeError(f"{ctx.op} bias must have shape [{w.shape[0]}], got {ctx.type(2)}")
     spatial = x.rank - 2
     pads = ctx["pads"]
     dims = [
@@ -251,7 +264,7 @@ def _conv(ctx: InferContext) -> list[TensorType]:
         )
         for i in range(spatial)
     ]
-    return [TensorType(x.dtype, (x.shape[0], w.shape[0], *dims))]
+    return (x.shape[0], w.shape[0], *dims)
 
 
 @OPS.op(
@@ -377,6 +390,8 @@ def _pool_out(ctx: InferContext) -> list[TensorType]:
         if ctx["ceil_mode"] and (out - 1) * strides[i] >= size + begin:
             out -= 1  # the last window would start in the end padding
         dims.append(out)
+    if ctx.op == "MaxPool":  # a max of quantized values keeps their scale
+        return _moved(ctx, (*x.shape[:2], *dims))
     return [TensorType(x.dtype, (*x.shape[:2], *dims))]
 
 
@@ -477,7 +492,7 @@ def _reshape(ctx: InferContext) -> list[TensorType]:
     shape = tuple(ctx["shape"])
     if any(d < 0 for d in shape) or math.prod(shape) != ctx.type(0).size:
         raise ShapeError(f"cannot reshape {list(ctx.type(0).shape)} to {list(shape)}")
-    return _same_type(ctx, shape)
+    return _moved(ctx, shape)
 
 
 def _flatten_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> dict[str, Any]:
@@ -492,7 +507,7 @@ def _flatten_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) ->
 def _flatten(ctx: InferContext) -> list[TensorType]:
     """Flatten to 2-D: dims before ``axis`` and dims from it."""
     x, axis = ctx.type(0), ctx["axis"]
-    return _same_type(ctx, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
+    return _moved(ctx, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
 
 
 @OPS.op(
@@ -507,7 +522,7 @@ def _transpose(ctx: InferContext) -> list[TensorType]:
     x, perm = ctx.type(0), ctx["perm"]
     if sorted(perm) != list(range(x.rank)):
         raise ShapeError(f"Transpose perm {list(perm)} is not a permutation of rank {x.rank}")
-    return _same_type(ctx, tuple(x.shape[p] for p in perm))
+    return _moved(ctx, tuple(x.shape[p] for p in perm))
 
 
 @OPS.op(
@@ -518,7 +533,7 @@ def _transpose(ctx: InferContext) -> list[TensorType]:
 )
 def _concat(ctx: InferContext) -> list[TensorType]:
     """Join along ``axis``."""
-    dtype = _need_same_dtype(ctx, *range(len(ctx)))
+    _need_same_dtype(ctx, *range(len(ctx)))
     axis = ctx["axis"]
     first = ctx.type(0).shape
     total = 0
@@ -531,7 +546,10 @@ def _concat(ctx: InferContext) -> list[TensorType]:
                 f"Concat inputs {list(first)} and {list(shape)} differ off axis {axis}"
             )
         total += shape[axis]
-    return [TensorType(dtype, (*first[:axis], total, *first[axis + 1 :]))]
+    quants = {ctx.type(i).quant for i in range(len(ctx))}
+    if len(quants) > 1:
+        raise ShapeError("Concat inputs must share their quantization; requantize them first")
+    return _moved(ctx, (*first[:axis], total, *first[axis + 1 :]))
 
 
 def _slice_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> dict[str, Any]:
@@ -582,7 +600,7 @@ def _slice(ctx: InferContext) -> list[TensorType]:
     for start, end, axis, step in zip(ctx["starts"], ctx["ends"], ctx["axes"], ctx["steps"]):
         span = end - start if step > 0 else start - max(end, -1)
         shape[axis] = max(0, -(-span // abs(step)))
-    return _same_type(ctx, tuple(shape))
+    return _moved(ctx, tuple(shape))
 
 
 def _squeeze_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> dict[str, Any]:
@@ -600,7 +618,7 @@ def _squeeze(ctx: InferContext) -> list[TensorType]:
     for a in ctx["axes"]:
         if x.shape[a] != 1:
             raise ShapeError(f"Squeeze axis {a} has size {x.shape[a]}, not 1")
-    return _same_type(ctx, tuple(d for i, d in enumerate(x.shape) if i not in ctx["axes"]))
+    return _moved(ctx, tuple(d for i, d in enumerate(x.shape) if i not in ctx["axes"]))
 
 
 @OPS.op(
@@ -613,7 +631,7 @@ def _unsqueeze(ctx: InferContext) -> list[TensorType]:
     shape = list(ctx.type(0).shape)
     for a in ctx["axes"]:
         shape.insert(a, 1)
-    return _same_type(ctx, tuple(shape))
+    return _moved(ctx, tuple(shape))
 
 
 @OPS.op(
@@ -635,7 +653,7 @@ def _gather(ctx: InferContext) -> list[TensorType]:
         and (const.min() < -data.shape[axis] or const.max() >= data.shape[axis])
     ):
         raise ShapeError(f"Gather indices out of range for axis {axis} of size {data.shape[axis]}")
-    return _same_type(ctx, (*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
+    return _moved(ctx, (*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
 
 
 @OPS.op(
@@ -650,7 +668,7 @@ def _expand(ctx: InferContext) -> list[TensorType]:
     shape = tuple(ctx["shape"])
     if _broadcast(ctx.type(0), TensorType(ctx.type(0).dtype, shape)) != shape:
         raise ShapeError(f"cannot expand {list(ctx.type(0).shape)} to {list(shape)}")
-    return _same_type(ctx, shape)
+    return _moved(ctx, shape)
 
 
 @OPS.op(
@@ -668,7 +686,7 @@ def _pad(ctx: InferContext) -> list[TensorType]:
     shape = tuple(d + pads[i] + pads[i + x.rank] for i, d in enumerate(x.shape))
     if any(d < 0 for d in shape):
         raise ShapeError(f"Pad {list(pads)} crops {list(x.shape)} below zero")
-    return _same_type(ctx, shape)
+    return _moved(ctx, shape)
 
 
 @OPS.op("Shape", attrs={"start": Attr("int", 0), "end": Attr("int", 1 << 62)})

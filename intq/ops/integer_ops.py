@@ -1,0 +1,280 @@
+"""Shape, dtype and scale rules of the integer ops.
+
+Integer values carry their quantization parameters in their type, and these
+rules derive them, so the verifier checks that scales stay consistent through
+the graph:
+
+- ``Quantize`` (float -> int) and ``Dequantize`` (int -> float) are the only
+  ops that cross the float boundary.
+- ``QConv``, ``QGemm``, ``QMatMul`` accumulate in int32; the accumulator's
+  scale is ``s_x * s_w[c]`` per output channel.
+- ``QAveragePool`` and ``QGlobalAveragePool`` sum in int32; the accumulator's
+  scale is ``s_x / N`` (the division lives in the scale, so it costs nothing).
+- ``Requantize`` and ``QAdd`` are the dyadic rescalings: their attributes
+  hold ``M`` and ``S`` and the output scale, and the rule checks that
+  ``M * 2^-S`` is within ``2^-30`` (relative) of ``s_in / s_out``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from intq.errors import ShapeError
+from intq.ir.types import DType, QuantParams, TensorType
+from intq.numerics import storage_dtype
+from intq.ops.float_ops import OPS as FLOAT_OPS
+from intq.ops.float_ops import conv_shape
+from intq.ops.schema import Attr, InferContext, OpTable
+
+OPS = OpTable()
+
+DYADIC_TOLERANCE = 2.0**-30
+"""Largest relative error allowed between ``M * 2^-S`` and the real multiplier it stands for."""
+
+_OUTPUT_ATTRS = {
+    "bits": Attr("int"),
+    "signed": Attr("int"),
+    "scale": Attr("float"),
+    "lo": Attr("int"),
+    "hi": Attr("int"),
+}
+
+
+def _quant(ctx: InferContext, index: int) -> QuantParams:
+    t = ctx.type(index)
+    if t.quant is None or not t.dtype.is_integer:
+        raise ShapeError(f"{ctx.op} input {index} must be a quantized integer tensor, got {t}")
+    return t.quant
+
+
+def _per_tensor(ctx: InferContext, index: int) -> float:
+    q = _quant(ctx, index)
+    if q.axis is not None:
+        raise ShapeError(f"{ctx.op} input {index} must have one scale, got per-channel {q.axis}")
+    return q.scale[0]
+
+
+def _channel_scales(q: QuantParams, axis: int, size: int) -> tuple[float, ...]:
+    """Scales along ``axis`` (a per-tensor scale repeated)."""
+    if q.axis is None:
+        return (q.scale[0],) * size
+    if q.axis != axis:
+        raise ShapeError(f"per-channel scales on axis {q.axis}, expected axis {axis}")
+    return q.scale
+
+
+def _accumulator(shape: tuple[int, ...], scales: Sequence[float], axis: int) -> TensorType:
+    quant = (
+        QuantParams(32, True, (scales[0],))
+        if len(set(scales)) == 1
+        else QuantParams(32, True, tuple(scales), axis=axis)
+    )
+    return TensorType(DType.I32, shape, quant)
+
+
+def _output(ctx: InferContext, shape: tuple[int, ...]) -> TensorType:
+    """The type an ``_OUTPUT_ATTRS`` op produces: its bits, signedness, scale; clamp checked."""
+    bits, signed = ctx["bits"], bool(ctx["signed"])
+    quant = QuantParams(bits, signed, (ctx["scale"],))
+    if not quant.qmin <= ctx["lo"] <= ctx["hi"] <= quant.qmax:
+        raise ShapeError(
+            f"clamp [{ctx['lo']}, {ctx['hi']}] outside the {bits}-bit range"
+            f" [{quant.qmin}, {quant.qmax}]"
+        )
+    return TensorType(DType.from_numpy(storage_dtype(bits, signed)), shape, quant)
+
+
+def _check_dyadic(multiplier: int, shift: int, real: float, what: str) -> None:
+    if not 0 < multiplier < 1 << 31:
+        raise ShapeError(f"{what}: multiplier {multiplier} outside (0, 2^31)")
+    value = math.ldexp(multiplier, -shift)
+    if abs(value - real) > DYADIC_TOLERANCE * real:
+        raise ShapeError(
+            f"{what}: {multiplier} * 2^-{shift} = {value!r} does not match the scale ratio {real!r}"
+        )
+
+
+# ----- the float boundary ----------------------------------------------------------------
+
+
+@OPS.op("Quantize", attrs={"bits": Attr("int"), "signed": Attr("int"), "scale": Attr("float")})
+def _quantize(ctx: InferContext) -> list[TensorType]:
+    """``clamp(round_half_even(x / scale))`` (ONNX QuantizeLinear): the graph's way in."""
+    x = ctx.type(0)
+    if not x.dtype.is_float:
+        raise ShapeError(f"Quantize takes a float tensor, got {x}")
+    bits, signed = ctx["bits"], bool(ctx["signed"])
+    quant = QuantParams(bits, signed, (ctx["scale"],))
+    return [TensorType(DType.from_numpy(storage_dtype(bits, signed)), x.shape, quant)]
+
+
+@OPS.op("Dequantize")
+def _dequantize(ctx: InferContext) -> list[TensorType]:
+    """``q * scale`` in float32 (per-channel scales broadcast on their axis): the way out."""
+    _quant(ctx, 0)
+    return [TensorType(DType.F32, ctx.type(0).shape)]
+
+
+# ----- accumulating ops ---------------------------------------------------------------------
+
+
+def _weights(ctx: InferContext, index: int, axis: int) -> tuple[float, ...]:
+    w = ctx.type(index)
+    q = _quant(ctx, index)
+    if w.dtype not in (DType.I8, DType.I16):
+        raise ShapeError(f"{ctx.op} weights must be i8 or i16, got {w}")
+    return _channel_scales(q, axis, w.shape[axis])
+
+
+def _check_bias(ctx: InferContext, index: int, scales: Sequence[float]) -> None:
+    if not ctx.has(index):
+        return
+    b = ctx.type(index)
+    if b.dtype is not DType.I32 or b.shape != (len(scales),):
+        raise ShapeError(f"{ctx.op} bias must be i32[{len(scales)}], got {b}")
+    got = _channel_scales(_quant(ctx, index), 0, len(scales))
+    if any(abs(g - s) > 1e-12 * s for g, s in zip(got, scales)):
+        raise ShapeError(f"{ctx.op} bias scales must be input scale x weight scales")
+
+
+def _activation(ctx: InferContext, index: int) -> float:
+    if ctx.type(index).dtype not in (DType.I8, DType.U8, DType.I16, DType.U16):
+        raise ShapeError(f"{ctx.op} input {index} must be 8- or 16-bit, got {ctx.type(index)}")
+    return _per_tensor(ctx, index)
+
+
+@OPS.op(
+    "QConv",
+    inputs=(2, 3),
+    attrs=FLOAT_OPS["Conv"].attrs,
+    canonicalize=FLOAT_OPS["Conv"].canonicalize,
+)
+def _qconv(ctx: InferContext) -> list[TensorType]:
+    """Integer convolution (Conv's attributes), int32 accumulation, bias at ``s_x * s_w``."""
+    s_x = _activation(ctx, 0)
+    scales = tuple(s_x * s for s in _weights(ctx, 1, 0))
+    _check_bias(ctx, 2, scales)
+    return [_accumulator(conv_shape(ctx), scales, 1)]
+
+
+@OPS.op("QGemm", inputs=(2, 3), attrs={"transB": Attr("int", 0)})
+def _qgemm(ctx: InferContext) -> list[TensorType]:
+    """``A @ op(B) + C`` on integers, int32 accumulation; B per-output-column scales."""
+    a, b = ctx.type(0), ctx.type(1)
+    if a.rank != 2 or b.rank != 2:
+        raise ShapeError(f"QGemm takes 2-D inputs, got {a}, {b}")
+    s_a = _activation(ctx, 0)
+    k2, n = b.shape[::-1] if ctx["transB"] else b.shape
+    if a.shape[1] != k2:
+        raise ShapeError(f"QGemm inner dimensions differ: {a.shape[1]} vs {k2}")
+    scales = tuple(s_a * s for s in _weights(ctx, 1, 0 if ctx["transB"] else 1))
+    _check_bias(ctx, 2, scales)
+    return [_accumulator((a.shape[0], n), scales, 1)]
+
+
+@OPS.op("QMatMul", inputs=2)
+def _qmatmul(ctx: InferContext) -> list[TensorType]:
+    """``A @ B`` on integers, int32 accumulation; B 2-D with per-column (or one) scales."""
+    a, b = ctx.type(0), ctx.type(1)
+    if b.rank != 2 or a.rank < 2 or a.shape[-1] != b.shape[0]:
+        raise ShapeError(f"QMatMul takes [..., K] @ [K, N], got {a}, {b}")
+    s_a = _activation(ctx, 0)
+    scales = tuple(s_a * s for s in _weights(ctx, 1, 1))
+    return [_accumulator((*a.shape[:-1], b.shape[1]), scales, a.rank - 1)]
+
+
+@OPS.op("QGlobalAveragePool")
+def _qglobal_avgpool(ctx: InferContext) -> list[TensorType]:
+    """Sum over the spatial axes in int32; the scale ``s_x / N`` makes it the mean."""
+    x = ctx.type(0)
+    if x.rank < 3:
+        raise ShapeError(f"QGlobalAveragePool needs rank >= 3, got {x}")
+    count = math.prod(x.shape[2:])
+    shape = (*x.shape[:2], *(1,) * (x.rank - 2))
+    return [_accumulator(shape, (_activation(ctx, 0) / count,), 1)]
+
+
+@OPS.op(
+    "QAveragePool",
+    attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", ())},
+    canonicalize=lambda a, t: {**a, "strides": a["strides"] or (1,) * len(a["kernel_shape"])},
+)
+def _qavgpool(ctx: InferContext) -> list[TensorType]:
+    """Window sums in int32 (no padding); the scale ``s_x / N`` makes them means."""
+    x = ctx.type(0)
+    kernel, strides = ctx["kernel_shape"], ctx["strides"]
+    if x.rank != len(kernel) + 2 or len(strides) != len(kernel):
+        raise ShapeError(f"QAveragePool kernel {list(kernel)} does not fit {x}")
+    dims = []
+    for size, k, s in zip(x.shape[2:], kernel, strides):
+        if k > size:
+            raise ShapeError(f"window {k} larger than the input {size}")
+        dims.append((size - k) // s + 1)
+    count = math.prod(kernel)
+    return [_accumulator((*x.shape[:2], *dims), (_activation(ctx, 0) / count,), 1)]
+
+
+# ----- rescaling --------------------------------------------------------------------------------
+
+
+@OPS.op(
+    "Requantize",
+    attrs={
+        "multiplier": Attr("ints"),
+        "shift": Attr("ints"),
+        "axis": Attr("int", -1),
+        **_OUTPUT_ATTRS,
+    },
+)
+def _requantize(ctx: InferContext) -> list[TensorType]:
+    """``clamp((x * M[c] + 2^(S[c]-1)) >> S[c], lo, hi)`` in int64 (see intq.numerics).
+
+    One ``(M, S)`` pair per tensor, or one per channel along ``axis`` matching
+    the input's per-channel scales. ReLU and ReLU6 live in the clamp.
+    """
+    x = ctx.type(0)
+    q = _quant(ctx, 0)
+    multipliers, shifts = ctx["multiplier"], ctx["shift"]
+    if len(multipliers) != len(shifts) or not multipliers:
+        raise ShapeError("Requantize needs one shift per multiplier")
+    if len(multipliers) == 1:
+        if q.axis is not None and len(set(q.scale)) > 1:
+            raise ShapeError("a per-channel input needs per-channel multipliers")
+        ins = (q.scale[0],)
+    else:
+        axis = ctx["axis"]
+        if not 0 <= axis < x.rank or x.shape[axis] != len(multipliers):
+            raise ShapeError(f"{len(multipliers)} multipliers do not fit axis {axis} of {x}")
+        ins = _channel_scales(q, axis, len(multipliers))
+    out = _output(ctx, x.shape)
+    for c, (m, s, s_in) in enumerate(zip(multipliers, shifts, ins)):
+        _check_dyadic(m, s, s_in / ctx["scale"], f"channel {c}")
+    return [out]
+
+
+@OPS.op(
+    "QAdd",
+    inputs=2,
+    attrs={
+        "multiplier_a": Attr("int"),
+        "multiplier_b": Attr("int"),
+        "shift": Attr("int"),
+        **_OUTPUT_ATTRS,
+    },
+)
+def _qadd(ctx: InferContext) -> list[TensorType]:
+    """``clamp((a * Ma + b * Mb + 2^(S-1)) >> S, lo, hi)``: both branches aligned, one rounding."""
+    s_a, s_b = _per_tensor(ctx, 0), _per_tensor(ctx, 1)
+    a, b = ctx.type(0), ctx.type(1)
+    if a.shape != b.shape:
+        raise ShapeError(f"QAdd inputs must have one shape, got {a}, {b}")
+    out = _output(ctx, a.shape)
+    shift, scale = ctx["shift"], ctx["scale"]
+    for m, s_in, name in ((ctx["multiplier_a"], s_a, "a"), (ctx["multiplier_b"], s_b, "b")):
+        real = s_in / scale
+        # One shared shift: the smaller branch has fewer multiplier bits, so its
+        # error is bounded absolutely (2^-(S+1)) rather than relatively.
+        if not 0 <= m < 1 << 31 or abs(math.ldexp(m, -shift) - real) > math.ldexp(1, -shift):
+            raise ShapeError(f"QAdd multiplier of {name} does not match its scale ratio {real!r}")
+    return [out]
