@@ -21,6 +21,8 @@ from intq.errors import (
     VerificationError,
 )
 from intq.frontends import from_onnx
+from intq.passes.integerize import LayerBits
+from intq.quantization import QuantConfig, quantize
 
 __version__ = "0.1.0"
 
@@ -34,8 +36,11 @@ __all__ = [
     "ShapeError",
     "UnsupportedOpError",
     "VerificationError",
+    "LayerBits",
+    "QuantConfig",
     "compile",
     "from_onnx",
     "ir",
     "passes",
+    "quantize",
 ]

@@ -9,10 +9,11 @@ from __future__ import annotations
 from intq.passes.constant_folding import ConstantFolding
 from intq.passes.dce import DeadCodeElimination
 from intq.passes.fold_batchnorm import FoldBatchNorm
+from intq.passes.fold_pad import FoldPad
 from intq.passes.manager import DumpHook, Pass, PassManager, PassResult, parse_pipeline
 
 PASSES: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (ConstantFolding, DeadCodeElimination, FoldBatchNorm)
+    cls.name: cls for cls in (ConstantFolding, DeadCodeElimination, FoldBatchNorm, FoldPad)
 }
 """Pass name -> pass class. A new pass adds its class here."""
 
@@ -28,6 +29,7 @@ __all__ = [
     "DeadCodeElimination",
     "DumpHook",
     "FoldBatchNorm",
+    "FoldPad",
     "Pass",
     "PassManager",
     "PassResult",

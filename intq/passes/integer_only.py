@@ -1,0 +1,86 @@
+"""The integer-only check: the op census, and no float op inside the integer region.
+
+Rules:
+
+- ``Quantize`` takes float inputs and ``Dequantize`` makes float outputs:
+  they are the boundary and always allowed.
+- Any other node touching a float value is allowed only *after* the
+  boundary: when every float it reads comes (transitively) from a
+  ``Dequantize`` — e.g. a final Softmax on the dequantized logits.
+- An integer ``Div`` is a runtime division; it is refused unless
+  ``allow_division`` declares it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from intq.errors import NumericsError
+from intq.ir.graph import Graph, Node
+
+
+@dataclass(frozen=True)
+class Census:
+    """How many nodes of each op, and which nodes break the integer-only rule."""
+
+    ops: dict[str, int]
+    violations: list[str] = field(default_factory=list)
+    divisions: int = 0
+    float_tail: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The census as an aligned two-column text table."""
+        width = max((len(op) for op in self.ops), default=2)
+        return "\n".join(f"{op:<{width}}  {n}" for op, n in sorted(self.ops.items()))
+
+
+BOUNDARY = ("Quantize", "Dequantize")
+
+
+def census(graph: Graph, *, allow_division: bool = False) -> Census:
+    """The op census of ``graph`` and its integer-only violations."""
+    after_boundary: set[str] = set()
+    violations: list[str] = []
+    tail: list[str] = []
+    divisions = 0
+    for node in graph:
+        if node.op in BOUNDARY:
+            if node.op == "Dequantize":
+                after_boundary.update(v.name for v in node.outputs)
+            continue
+        floats = [
+            v for v in (*node.inputs, *node.outputs) if v is not None and v.type.dtype.is_float
+        ]
+        float_inputs = [v for v in node.inputs if v is not None and v.type.dtype.is_float]
+        if floats:
+            if float_inputs and all(v.name in after_boundary for v in float_inputs):
+                after_boundary.update(v.name for v in node.outputs)
+                tail.append(_describe(node))
+            else:
+                violations.append(f"{_describe(node)} computes in float")
+            continue
+        if node.op == "Div":
+            divisions += 1
+            if not allow_division:
+                violations.append(f"{_describe(node)} divides at run time")
+    ops = Counter(node.op for node in graph)
+    return Census(dict(ops), violations, divisions, tail)
+
+
+def check_integer_only(graph: Graph, *, allow_division: bool = False) -> Census:
+    """The census; raises :class:`NumericsError` listing the violations, if any."""
+    result = census(graph, allow_division=allow_division)
+    if result.violations:
+        shown = "\n  ".join(result.violations[:20])
+        more = len(result.violations) - 20
+        raise NumericsError(
+            f"the graph is not integer-only:\n  {shown}"
+            + (f"\n  ... and {more} more" if more > 0 else ""),
+            hint="every op between Quantize and Dequantize must compute on integers",
+        )
+    return result
+
+
+def _describe(node: Node) -> str:
+    return f"{node.op} {node.label()!r}"

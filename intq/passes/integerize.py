@@ -1,0 +1,528 @@
+"""Integerization: lower a calibrated float graph to an integer-only graph (HAWQ-V3).
+
+The lowering walks the float graph in order and builds a new graph in which
+every value between the input ``Quantize`` and the output ``Dequantize`` is
+an integer with its scale in its type. One rule per float op, in
+:data:`LOWERINGS`.
+
+- Conv, Gemm and MatMul (constant weights) become ``QConv``/``QGemm``/
+  ``QMatMul``: weights per output channel, symmetric, narrow range; bias int32
+  at ``s_x * s_w[c]``; int32 accumulation.
+- An accumulator stays *pending* until a consumer needs an activation: a
+  following ReLU or ReLU6 then sets the clamp of the one ``Requantize``
+  (``lo = 0``, unsigned output), so the activation costs nothing and the
+  tensor is quantized once per fused conv+BN+activation.
+- A residual ``Add`` is pending too and becomes one ``QAdd``
+  ``(a*Ma + b*Mb + 2^(S-1)) >> S`` with the following ReLU's clamp.
+- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, zero Pad
+  work on the integers unchanged; Concat first requantizes its inputs to one
+  scale; average pools sum in int32 and put ``1/N`` in the dyadic multiplier.
+- Graph outputs are dequantized once, straight from the int32 accumulator
+  when they come from a Gemm (no 8-bit rounding of the logits). A trailing
+  Softmax runs after that dequantization, outside the integer region.
+
+Activation scales come from calibration statistics (``TensorStats``) of the
+float tensors; a tensor is unsigned when its producer is provably
+non-negative (ReLU, ReLU6, Softmax), and graph inputs are unsigned when every
+calibration value was non-negative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from intq.errors import IntqError, NumericsError, UnsupportedOpError
+from intq.ir.graph import Graph, Node, Value
+from intq.ir.types import DType, QuantParams, TensorType
+from intq.numerics import common_shift, dyadic, storage_dtype
+
+
+class Stats(Protocol):
+    """What the lowering needs of a tensor's calibration statistics."""
+
+    @property
+    def min(self) -> float: ...
+
+    def clip(self, method: str, bits: int, signed: bool, percentile: float = ...) -> float: ...
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """Bit widths of one layer: its weights and the activation it produces."""
+
+    weights: int = 8
+    activations: int = 8
+
+
+@dataclass(frozen=True)
+class LoweringOptions:
+    """What the lowering reads from the quantization config."""
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    layer_bits: Mapping[str, LayerBits] | None = None
+
+    def bits(self, node_name: str) -> LayerBits:
+        """The bit widths of the layer named ``node_name``."""
+        override = (self.layer_bits or {}).get(node_name)
+        return override or LayerBits(self.weight_bits, self.activation_bits)
+
+
+NON_NEGATIVE = {"Relu", "Softmax", "Sigmoid"}
+"""Ops whose output is provably >= 0 (Clip with min >= 0 is checked separately)."""
+
+
+def quantize_weights(w: np.ndarray, bits: int, axis: int) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Symmetric narrow-range per-channel quantization along ``axis``: ``(q, scales)``."""
+    qmax = (1 << (bits - 1)) - 1
+    moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
+    absmax = np.abs(moved).max(axis=1)
+    # An all-zero channel gets any valid scale; borrow the layer's smallest real one.
+    fallback = absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0
+    scales = np.where(absmax > 0, absmax, fallback) / qmax
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(w / scales.reshape(shape)), -qmax, qmax)
+    return q.astype(storage_dtype(bits, True)), tuple(float(s) for s in scales)
+
+
+# ----- values that are not materialized yet -----------------------------------------------------
+
+
+class Pending(Protocol):
+    """An integer result waiting for its output scale and clamp."""
+
+    def finish(self, lowering: _Lowering, quant: QuantParams, lo: int, hi: int, name: str) -> Value:
+        """Emit the rescaling to ``quant`` clamped to ``[lo, hi]``; returns the new value."""
+        ...
+
+
+@dataclass
+class Accumulator:
+    """An int32 accumulator (QConv, QGemm, QMatMul, average pools)."""
+
+    acc: Value
+
+    def finish(self, lowering: _Lowering, quant: QuantParams, lo: int, hi: int, name: str) -> Value:
+        q = self.acc.type.quant
+        assert q is not None
+        pairs = [dyadic(s / quant.scale[0]) for s in q.scale]
+        node = lowering.dst.add(
+            "Requantize",
+            [self.acc],
+            {
+                "multiplier": tuple(d.multiplier for d in pairs),
+                "shift": tuple(d.shift for d in pairs),
+                "axis": q.axis if q.axis is not None else -1,
+                **_output_attrs(quant, lo, hi),
+            },
+            name=name,
+        )
+        return node.output
+
+
+@dataclass
+class Sum:
+    """A residual addition of two integer tensors."""
+
+    a: Value
+    b: Value
+
+    def finish(self, lowering: _Lowering, quant: QuantParams, lo: int, hi: int, name: str) -> Value:
+        s_out = quant.scale[0]
+        (ma, mb), shift = common_shift(_scale(self.a) / s_out, _scale(self.b) / s_out)
+        node = lowering.dst.add(
+            "QAdd",
+            [self.a, self.b],
+            {
+                "multiplier_a": ma,
+                "multiplier_b": mb,
+                "shift": shift,
+                **_output_attrs(quant, lo, hi),
+            },
+            name=name,
+        )
+        return node.output
+
+
+def _output_attrs(quant: QuantParams, lo: int, hi: int) -> dict[str, int | float]:
+    return {
+        "bits": quant.bits,
+        "signed": int(quant.signed),
+        "scale": quant.scale[0],
+        "lo": lo,
+        "hi": hi,
+    }
+
+
+def _scale(value: Value) -> float:
+    q = value.type.quant
+    assert q is not None and q.axis is None
+    return q.scale[0]
+
+
+# ----- the lowering --------------------------------------------------------------------------
+
+
+class _Lowering:
+    def __init__(self, src: Graph, stats: Mapping[str, Stats], options: LoweringOptions):
+        self.src = src
+        self.stats = stats
+        self.options = options
+        self.dst = Graph(src.name)
+        self.ints: dict[Value, Value] = {}
+        self.pending: dict[Value, Pending] = {}
+        self.floats: dict[Value, Value] = {}
+
+    # ----- scales ---------------------------------------------------------------------
+
+    def activation_quant(self, value: Value, non_negative: bool | None = None) -> QuantParams:
+        """The calibrated quantization of float tensor ``value``."""
+        stats = self.stats.get(value.name)
+        if stats is None:
+            raise IntqError(f"no calibration statistics for %{value.name}", node=_origin(value))
+        if non_negative is None:
+            non_negative = _provably_non_negative(value)
+        producer = value.producer
+        bits = self.options.bits(producer.name if producer else value.name).activations
+        threshold = stats.clip(
+            self.options.calibration, bits, not non_negative, self.options.percentile
+        )
+        qmax = (1 << bits) - 1 if non_negative else (1 << (bits - 1)) - 1
+        return QuantParams(bits, not non_negative, (threshold / qmax,))
+
+    # ----- materializing -------------------------------------------------------------
+
+    def materialize(self, value: Value) -> Value:
+        """The integer form of float value ``value`` (requantizing a pending result)."""
+        if value in self.ints:
+            return self.ints[value]
+        if value in self.pending:
+            quant = self.activation_quant(value)
+            result = self.pending.pop(value).finish(
+                self, quant, quant.qmin, quant.qmax, _origin(value)
+            )
+            self.ints[value] = result
+            return result
+        if value in self.floats:
+            raise UnsupportedOpError(
+                f"%{value.name} is computed in float after dequantization and feeds an integer op",
+                node=_origin(value),
+                hint="only a model's final ops (such as Softmax) can stay in float",
+            )
+        if value.is_const:
+            return self.constant_activation(value)
+        raise IntqError(f"no integer value for %{value.name}", node=_origin(value))
+
+    def constant_activation(self, value: Value) -> Value:
+        """A constant operand of an activation op (e.g. an added vector), quantized per tensor."""
+        data = np.asarray(value.const, np.float64)
+        bits = self.options.activation_bits
+        qmax = (1 << (bits - 1)) - 1
+        scale = float(np.abs(data).max()) / qmax or 1.0
+        q = np.clip(np.rint(data / scale), -qmax, qmax).astype(storage_dtype(bits, True))
+        const = self.dst.add_constant(q, value.name)
+        const.type = const.type.with_quant(QuantParams(bits, True, (scale,)))
+        self.ints[value] = const
+        return const
+
+    def dequantized(self, value: Value) -> Value:
+        """``value`` as float32 at the output boundary (from the int32 accumulator if pending)."""
+        if value in self.floats:
+            return self.floats[value]
+        pending = self.pending.get(value)
+        source = pending.acc if isinstance(pending, Accumulator) else self.materialize(value)
+        out = self.dst.add("Dequantize", [source], name=_origin(value)).output
+        self.floats[value] = out
+        return out
+
+    # ----- driving ---------------------------------------------------------------------
+
+    def run(self) -> Graph:
+        for value in self.src.inputs:
+            self.input(value)
+        for node in self.src:
+            rule = LOWERINGS.get(node.op)
+            if rule is None:
+                raise UnsupportedOpError(
+                    f"{node.op} has no integer lowering",
+                    node=node.label(),
+                    hint="ops with an integer lowering: " + ", ".join(sorted(LOWERINGS)),
+                )
+            rule(self, node)
+        outputs = []
+        for value in self.src.outputs:
+            out = self.dequantized(value)
+            if out.name != value.name:  # users key results by the model's output names
+                taken = self.dst.find(value.name)
+                if taken is not None:
+                    self.dst.rename(taken, self.dst.unique_name(value.name + ".int"))
+                self.dst.rename(out, value.name)
+            outputs.append(out)
+        self.dst.set_outputs(outputs)
+        return self.dst
+
+    def input(self, value: Value) -> None:
+        stats = self.stats.get(value.name)
+        non_negative = stats is not None and stats.min >= 0
+        quant = self.activation_quant(value, non_negative)
+        x = self.dst.add_input(value.name, value.type)
+        q = self.dst.add(
+            "Quantize",
+            [x],
+            {"bits": quant.bits, "signed": int(quant.signed), "scale": quant.scale[0]},
+            name=value.name,
+            out_names=[value.name + ".q"],
+        )
+        self.ints[value] = q.output
+
+    def emit(self, node: Node, op: str, inputs: list[Value | None], **attrs: object) -> Value:
+        """Add ``op`` to the new graph under ``node``'s name."""
+        return self.dst.add(
+            op, inputs, attrs, name=node.label(), out_names=[node.output.name]
+        ).output
+
+    def weights(self, node: Node, index: int, axis: int) -> tuple[Value, tuple[float, ...]]:
+        """Constant input ``index`` quantized per channel along ``axis``."""
+        value = node.inputs[index]
+        if value is None or value.const is None:
+            raise UnsupportedOpError(
+                f"{node.op} input {index} must be a constant weight in the integer path",
+                node=node.label(),
+            )
+        bits = self.options.bits(node.label()).weights
+        q, scales = quantize_weights(value.const, bits, axis)
+        const = self.dst.add_constant(q, value.name)
+        quant = QuantParams(bits, True, scales, axis=axis, narrow=True)
+        if len(set(scales)) == 1:
+            quant = QuantParams(bits, True, scales[:1], narrow=True)
+        const.type = const.type.with_quant(quant)
+        return const, scales
+
+    def bias(self, node: Node, data: np.ndarray | None, scales: tuple[float, ...]) -> Value | None:
+        """Float bias as int32 at the accumulator's per-channel ``scales``."""
+        if data is None:
+            return None
+        scale = np.asarray(scales)
+        q = np.rint(np.asarray(data, np.float64).reshape(-1) / scale)
+        if np.abs(q).max(initial=0) > 2**31 - 1:
+            raise NumericsError(
+                "the bias does not fit int32 at scale input x weight",
+                node=node.label(),
+                hint="the input or weight scale is tiny for this bias; check calibration data",
+            )
+        const = self.dst.add_constant(q.astype(np.int32), f"{node.label()}.bias")
+        quant = (
+            QuantParams(32, True, scales, axis=0)
+            if len(set(scales)) > 1
+            else QuantParams(32, True, scales[:1])
+        )
+        const.type = const.type.with_quant(quant)
+        return const
+
+
+def _origin(value: Value) -> str:
+    return value.producer.label() if value.producer is not None else value.name
+
+
+def _provably_non_negative(value: Value) -> bool:
+    node = value.producer
+    if node is None:
+        return False
+    if node.op in NON_NEGATIVE:
+        return True
+    if node.op == "Clip":
+        return node.attrs["min"] >= 0
+    if node.op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice"):
+        source = node.inputs[0]
+        return source is not None and _provably_non_negative(source)
+    return False
+
+
+# ----- one rule per float op -------------------------------------------------------------------
+
+Lowering = Callable[[_Lowering, Node], None]
+LOWERINGS: dict[str, Lowering] = {}
+"""Float op -> the rule that lowers it into the integer graph."""
+
+
+def _rule(*ops: str) -> Callable[[Lowering], Lowering]:
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+
+    return register
+
+
+@_rule("Conv")
+def _conv(low: _Lowering, node: Node) -> None:
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    w, w_scales = low.weights(node, 1, 0)
+    scales = tuple(_scale(x) * s for s in w_scales)
+    b = low.bias(
+        node, node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] else None, scales
+    )
+    acc = low.emit(node, "QConv", [x, w, b], **node.attrs)
+    low.pending[node.output] = Accumulator(acc)
+
+
+@_rule("Gemm")
+def _gemm(low: _Lowering, node: Node) -> None:
+    attrs = node.attrs
+    if attrs["transA"]:
+        raise UnsupportedOpError("Gemm with transA=1 in the integer path", node=node.label())
+    b_value = node.inputs[1]
+    if b_value is None or b_value.const is None:
+        raise UnsupportedOpError("Gemm needs a constant B in the integer path", node=node.label())
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    axis = 0 if attrs["transB"] else 1
+    w, w_scales = low.weights(node, 1, axis)
+    if attrs["alpha"] != 1.0:
+        w_scales = tuple(s * attrs["alpha"] for s in w_scales)
+        w.type = w.type.with_quant(_rescaled(w.type.quant, attrs["alpha"]))
+    scales = tuple(_scale(x) * s for s in w_scales)
+    c = node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if c is not None:
+        n = node.output.type.shape[1]
+        if c.ndim == 2 and c.shape[0] != 1:
+            raise UnsupportedOpError("Gemm bias varying per row", node=node.label())
+        c = np.broadcast_to(np.asarray(c, np.float64).reshape(-1), (n,)) * attrs["beta"]
+    b = low.bias(node, c, scales)
+    acc = low.emit(node, "QGemm", [x, w, b], transB=attrs["transB"])
+    low.pending[node.output] = Accumulator(acc)
+
+
+def _rescaled(quant: QuantParams | None, factor: float) -> QuantParams:
+    assert quant is not None
+    return QuantParams(
+        quant.bits, quant.signed, tuple(s * factor for s in quant.scale), quant.axis, quant.narrow
+    )
+
+
+@_rule("MatMul")
+def _matmul(low: _Lowering, node: Node) -> None:
+    b_value = node.inputs[1]
+    if b_value is None or b_value.const is None or b_value.type.rank != 2:
+        raise UnsupportedOpError(
+            "MatMul of two activations has no integer lowering yet (a constant 2-D B is needed)",
+            node=node.label(),
+        )
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    w, _ = low.weights(node, 1, 1)
+    acc = low.emit(node, "QMatMul", [x, w])
+    low.pending[node.output] = Accumulator(acc)
+
+
+@_rule("Relu", "Clip")
+def _activation(low: _Lowering, node: Node) -> None:
+    source = node.inputs[0]
+    assert source is not None
+    low_real = 0.0 if node.op == "Relu" else node.attrs["min"]
+    high_real = math.inf if node.op == "Relu" else node.attrs["max"]
+    if source in low.pending:
+        quant = low.activation_quant(node.output)
+        scale = quant.scale[0]
+        lo = (
+            quant.qmin
+            if low_real == -math.inf
+            else max(quant.qmin, math.floor(low_real / scale + 0.5))
+        )
+        hi = (
+            quant.qmax
+            if high_real == math.inf
+            else min(quant.qmax, math.floor(high_real / scale + 0.5))
+        )
+        pending = low.pending.pop(source)
+        low.ints[node.output] = pending.finish(low, quant, lo, hi, node.label())
+        return
+    # Already an integer (after a MaxPool, say): clamp in integer units, keeping the scale.
+    x = low.materialize(source)
+    scale = _scale(x)
+    bounds = {"min": math.floor(low_real / scale + 0.5) if low_real > -math.inf else -math.inf}
+    bounds["max"] = math.floor(high_real / scale + 0.5) if high_real < math.inf else math.inf
+    low.ints[node.output] = low.emit(node, "Clip", [x], **bounds)
+
+
+@_rule("Add")
+def _add(low: _Lowering, node: Node) -> None:
+    a, b = (low.materialize(v) for v in node.inputs)  # type: ignore[arg-type]
+    if a.type.shape != b.type.shape:
+        raise UnsupportedOpError("broadcasting Add in the integer path", node=node.label())
+    low.pending[node.output] = Sum(a, b)
+
+
+@_rule("GlobalAveragePool")
+def _global_avgpool(low: _Lowering, node: Node) -> None:
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    low.pending[node.output] = Accumulator(low.emit(node, "QGlobalAveragePool", [x]))
+
+
+@_rule("AveragePool")
+def _avgpool(low: _Lowering, node: Node) -> None:
+    attrs = node.attrs
+    if any(attrs["pads"]) or attrs["ceil_mode"]:
+        raise UnsupportedOpError(
+            "AveragePool with padding or ceil_mode in the integer path", node=node.label()
+        )
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    acc = low.emit(
+        node, "QAveragePool", [x], kernel_shape=attrs["kernel_shape"], strides=attrs["strides"]
+    )
+    low.pending[node.output] = Accumulator(acc)
+
+
+@_rule(
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Identity",
+    "Expand",
+)
+def _movement(low: _Lowering, node: Node) -> None:
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    low.ints[node.output] = low.emit(node, node.op, [x], **node.attrs)
+
+
+@_rule("Pad")
+def _pad(low: _Lowering, node: Node) -> None:
+    if node.attrs["mode"] == "constant" and node.attrs["value"] != 0.0:
+        raise UnsupportedOpError(
+            "Pad with a non-zero constant in the integer path", node=node.label()
+        )
+    _movement(low, node)
+
+
+@_rule("Concat")
+def _concat(low: _Lowering, node: Node) -> None:
+    quant = low.activation_quant(node.output)
+    parts = []
+    for value in node.inputs:
+        x = low.materialize(value)  # type: ignore[arg-type]
+        if x.type.quant != quant:
+            x = Accumulator(x).finish(low, quant, quant.qmin, quant.qmax, node.label())
+        parts.append(x)
+    low.ints[node.output] = low.emit(node, "Concat", parts, axis=node.attrs["axis"])
+
+
+@_rule("Softmax")
+def _softmax(low: _Lowering, node: Node) -> None:
+    # Only as the model's last op: it runs in float after the output dequantization.
+    x = low.dequantized(node.inputs[0])  # type: ignore[arg-type]
+    low.floats[node.output] = low.emit(node, "Softmax", [x], axis=node.attrs["axis"])
+
+
+def integerize(graph: Graph, stats: Mapping[str, Stats], options: LoweringOptions) -> Graph:
+    """The integer-only graph computing ``graph`` with the calibrated ``stats``."""
+    return _Lowering(graph, stats, options).run()

@@ -1,0 +1,231 @@
+"""Range analysis: prove that no integer accumulator or product can overflow.
+
+Interval arithmetic over the integer ops, one rule per op in :data:`RULES`.
+Intervals start at the clamp ranges of quantized values (and the exact
+extremes of constants) and follow each op:
+
+- ``QConv``/``QGemm``/``QMatMul``: per output channel, the worst case of
+  ``sum(w * x) + b`` over the input interval (zero padding included) must fit
+  int32.
+- ``QGlobalAveragePool``/``QAveragePool``: ``N * x`` must fit int32.
+- ``Requantize``: ``acc * M`` (and for ``S <= 0`` the left shift) must fit int64.
+- ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64.
+- Data movement keeps the interval; Concat joins them; Clip intersects.
+
+A value that could overflow raises :class:`~intq.errors.NumericsError` naming
+the layer, the bound and what to do. An integer op without a rule is refused
+too, so a new op cannot slip past the proof.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from intq.errors import NumericsError
+from intq.ir.graph import Graph, Node, Value
+
+Interval = tuple[int, int]
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+Rule = Callable[[Node, list[Interval | None]], Interval]
+RULES: dict[str, Rule] = {}
+"""Integer op -> ``rule(node, input intervals) -> output interval`` (raises on overflow)."""
+
+
+def _rule(*ops: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def _fits(node: Node, interval: Interval, bounds: Interval, what: str, hint: str) -> Interval:
+    if interval[0] < bounds[0] or interval[1] > bounds[1]:
+        width = 32 if bounds == INT32 else 64
+        raise NumericsError(
+            f"{what} can reach [{interval[0]}, {interval[1]}], outside int{width}",
+            node=node.label(),
+            hint=hint,
+        )
+    return interval
+
+
+def _clamp(node: Node) -> Interval:
+    return node.attrs["lo"], node.attrs["hi"]
+
+
+@_rule("Quantize")
+def _quantize(node: Node, ins: list[Interval | None]) -> Interval:
+    q = node.outputs[0].type.quant
+    assert q is not None
+    return q.qmin, q.qmax
+
+
+def _dot_bound(
+    node: Node, x: Interval, w: np.ndarray, axis: int, bias: Interval | None
+) -> Interval:
+    """Worst case of ``sum(w * x)`` per output channel (``axis`` of ``w``), plus the bias."""
+    lo, hi = min(x[0], 0), max(x[1], 0)  # zero padding may enter any tap
+    per_channel = np.moveaxis(w.astype(np.int64), axis, 0).reshape(w.shape[axis], -1)
+    positive = np.where(per_channel > 0, per_channel, 0).sum(axis=1)
+    negative = np.where(per_channel < 0, per_channel, 0).sum(axis=1)
+    top = positive * hi + negative * lo
+    bottom = positive * lo + negative * hi
+    b_lo, b_hi = bias or (0, 0)
+    interval = (int(bottom.min()) + b_lo, int(top.max()) + b_hi)
+    return _fits(
+        node,
+        interval,
+        INT32,
+        "the int32 accumulator",
+        "use fewer activation or weight bits for this layer, or split its reduction",
+    )
+
+
+def _const(node: Node, index: int) -> np.ndarray:
+    value = node.inputs[index]
+    if value is None or value.const is None:
+        raise NumericsError(
+            f"{node.op} weights must be constant to bound the accumulator", node=node.label()
+        )
+    return value.const
+
+
+@_rule("QConv")
+def _qconv(node: Node, ins: list[Interval | None]) -> Interval:
+    return _dot_bound(node, ins[0], _const(node, 1), 0, ins[2] if len(ins) > 2 else None)  # type: ignore[arg-type]
+
+
+@_rule("QGemm")
+def _qgemm(node: Node, ins: list[Interval | None]) -> Interval:
+    axis = 0 if node.attrs["transB"] else 1
+    return _dot_bound(node, ins[0], _const(node, 1), axis, ins[2] if len(ins) > 2 else None)  # type: ignore[arg-type]
+
+
+@_rule("QMatMul")
+def _qmatmul(node: Node, ins: list[Interval | None]) -> Interval:
+    return _dot_bound(node, ins[0], _const(node, 1), 1, None)  # type: ignore[arg-type]
+
+
+@_rule("QGlobalAveragePool", "QAveragePool")
+def _pool_sum(node: Node, ins: list[Interval | None]) -> Interval:
+    x = ins[0]
+    assert x is not None
+    source = node.inputs[0]
+    assert source is not None
+    if node.op == "QGlobalAveragePool":
+        count = int(np.prod(source.type.shape[2:]))
+    else:
+        count = int(np.prod(node.attrs["kernel_shape"]))
+    return _fits(
+        node,
+        (count * x[0], count * x[1]),
+        INT32,
+        f"the sum of {count} values",
+        "pool over fewer elements or use fewer activation bits",
+    )
+
+
+@_rule("Requantize")
+def _requantize(node: Node, ins: list[Interval | None]) -> Interval:
+    x = ins[0]
+    assert x is not None
+    magnitude = max(abs(x[0]), abs(x[1]))
+    for m, s in zip(node.attrs["multiplier"], node.attrs["shift"]):
+        product = magnitude * m * (2 ** max(0, -s)) + (2 ** (s - 1) if s >= 1 else 0)
+        _fits(node, (-product, product), INT64, "the requantization product", "report this model")
+    return _clamp(node)
+
+
+@_rule("QAdd")
+def _qadd(node: Node, ins: list[Interval | None]) -> Interval:
+    a, b = ins[0], ins[1]
+    assert a is not None and b is not None
+    shift = node.attrs["shift"]
+    total = (
+        max(abs(a[0]), abs(a[1])) * node.attrs["multiplier_a"]
+        + max(abs(b[0]), abs(b[1])) * node.attrs["multiplier_b"]
+        + (2 ** (shift - 1) if shift >= 1 else 0)
+    )
+    _fits(node, (-total, total), INT64, "the aligned residual sum", "report this model")
+    return _clamp(node)
+
+
+@_rule(
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Identity",
+    "Expand",
+    "Relu",
+    "Gather",
+)
+def _same(node: Node, ins: list[Interval | None]) -> Interval:
+    x = ins[0]
+    assert x is not None
+    return (max(x[0], 0), max(x[1], 0)) if node.op == "Relu" else x
+
+
+@_rule("Pad")
+def _pad(node: Node, ins: list[Interval | None]) -> Interval:
+    x = ins[0]
+    assert x is not None
+    return min(x[0], 0), max(x[1], 0)
+
+
+@_rule("Clip")
+def _clip(node: Node, ins: list[Interval | None]) -> Interval:
+    x = ins[0]
+    assert x is not None
+    lo, hi = node.attrs["min"], node.attrs["max"]
+    low = x[0] if lo == -np.inf else max(x[0], int(np.ceil(lo)))
+    high = x[1] if hi == np.inf else min(x[1], int(np.floor(hi)))
+    return low, max(low, high)
+
+
+@_rule("Concat")
+def _concat(node: Node, ins: list[Interval | None]) -> Interval:
+    present = [i for i in ins if i is not None]
+    return min(i[0] for i in present), max(i[1] for i in present)
+
+
+def analyze_ranges(graph: Graph) -> dict[str, Interval]:
+    """Value name -> proven integer interval; raises :class:`NumericsError` on possible overflow."""
+    intervals: dict[str, Interval] = {}
+
+    def interval_of(value: Value | None) -> Interval | None:
+        if value is None:
+            return None
+        if value.name in intervals:
+            return intervals[value.name]
+        if value.const is not None and value.type.dtype.is_integer:
+            data = value.const
+            found = (int(data.min()), int(data.max())) if data.size else (0, 0)
+            intervals[value.name] = found
+            return found
+        return None
+
+    for node in graph:
+        if node.op == "Dequantize" or not any(v.type.dtype.is_integer for v in node.outputs):
+            continue
+        rule = RULES.get(node.op)
+        if rule is None:
+            raise NumericsError(
+                f"the range analysis has no rule for integer op {node.op}",
+                node=node.label(),
+                hint="add a rule to intq.passes.range_analysis.RULES",
+            )
+        ins = [interval_of(v) for v in node.inputs]
+        if node.op != "Quantize" and ins and ins[0] is None:
+            raise NumericsError(f"no interval for the input of {node.op}", node=node.label())
+        intervals[node.outputs[0].name] = rule(node, ins)
+    return intervals

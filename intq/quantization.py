@@ -1,0 +1,101 @@
+"""``intq.quantize``: calibrate a float graph and turn it into an integer-only graph.
+
+    config = intq.QuantConfig(calibration="percentile", percentile=99.99)
+    int_graph = intq.quantize(graph, calibration_batches, config)
+
+The steps: clean the float graph (``fold-batchnorm,fold-pad,fold-constants,dce``),
+collect calibration statistics over the batches, lower to integers
+(:mod:`intq.passes.integerize`), prove that nothing overflows
+(:mod:`intq.passes.range_analysis`), check that the result is integer-only
+(:mod:`intq.passes.integer_only`) and verify the IR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from intq.errors import IntqError
+from intq.ir.graph import Graph
+from intq.ir.verifier import verify
+from intq.passes import pipeline
+from intq.passes.calibration import collect_stats
+from intq.passes.integer_only import check_integer_only
+from intq.passes.integerize import LayerBits, LoweringOptions, integerize
+from intq.passes.range_analysis import analyze_ranges
+
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
+ACTIVATION_BITS = (4, 5, 6, 7, 8, 16)
+PREPARE = "fold-batchnorm,fold-pad,fold-constants,dce"
+"""The float clean-up pipeline run before calibration."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize.
+
+    ``weight_bits`` and ``activation_bits`` apply to every layer unless
+    ``layer_bits`` names the layer (its original node name) with its own
+    :class:`LayerBits`. ``calibration`` picks the activation range:
+    ``minmax``, ``percentile`` (of ``|x|``, with ``percentile``), or ``mse``
+    (the clipping that minimises the expected squared error).
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    layer_bits: Mapping[str, LayerBits] = field(default_factory=dict)
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_METHODS:
+            raise IntqError(
+                f"unknown calibration method {self.calibration!r}",
+                hint=f"use one of {', '.join(CALIBRATION_METHODS)}",
+            )
+        if not 0 < self.percentile <= 100:
+            raise IntqError(f"percentile must be in (0, 100], got {self.percentile}")
+        for name, bits in [("default", LayerBits(self.weight_bits, self.activation_bits))] + list(
+            self.layer_bits.items()
+        ):
+            if bits.weights not in WEIGHT_BITS or bits.activations not in ACTIVATION_BITS:
+                raise IntqError(
+                    f"layer {name!r}: {bits.weights}-bit weights / {bits.activations}-bit"
+                    " activations are not supported",
+                    hint=f"weights take {WEIGHT_BITS}, activations {ACTIVATION_BITS} bits",
+                )
+
+    def lowering(self) -> LoweringOptions:
+        """The options the integer lowering reads."""
+        return LoweringOptions(
+            self.weight_bits,
+            self.activation_bits,
+            self.calibration,
+            self.percentile,
+            dict(self.layer_bits),
+        )
+
+
+def quantize(
+    graph: Graph,
+    calibration_data: Iterable[Mapping[str, np.ndarray]],
+    config: QuantConfig | None = None,
+) -> Graph:
+    """An integer-only graph computing ``graph``, calibrated on ``calibration_data``.
+
+    ``calibration_data`` is an iterable of input dicts (name -> array), read
+    once; ``graph`` is not modified.
+    """
+    config = config or QuantConfig()
+    prepared = graph.copy()
+    pipeline(PREPARE)(prepared)
+    stats = collect_stats(prepared, calibration_data, progress=config.progress)
+    result = integerize(prepared, stats, config.lowering())
+    analyze_ranges(result)
+    check_integer_only(result)
+    verify(result)
+    return result
