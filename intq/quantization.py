@@ -59,9 +59,8 @@ class QuantConfig:
             )
         if not 0 < self.percentile <= 100:
             raise IntqError(f"percentile must be in (0, 100], got {self.percentile}")
-        for name, bits in [("default", LayerBits(self.weight_bits, self.activation_bits))] + list(
-            self.layer_bits.items()
-        ):
+        default = LayerBits(self.weight_bits, self.activation_bits)
+        for name, bits in [("default", default), *self.layer_bits.items()]:
             if bits.weights not in WEIGHT_BITS or bits.activations not in ACTIVATION_BITS:
                 raise IntqError(
                     f"layer {name!r}: {bits.weights}-bit weights / {bits.activations}-bit"

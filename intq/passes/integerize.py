@@ -38,7 +38,7 @@ import numpy as np
 
 from intq.errors import IntqError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
-from intq.ir.types import DType, QuantParams, TensorType
+from intq.ir.types import QuantParams
 from intq.numerics import common_shift, dyadic, storage_dtype
 
 
