@@ -36,7 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
-from intq.errors import IntqError, NumericsError, UnsupportedOpError
+from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.numerics import common_shift, dyadic, storage_dtype
@@ -79,14 +79,21 @@ NON_NEGATIVE = {"Relu", "Softmax", "Sigmoid"}
 """Ops whose output is provably >= 0 (Clip with min >= 0 is checked separately)."""
 
 
-def quantize_weights(w: np.ndarray, bits: int, axis: int) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Symmetric narrow-range per-channel quantization along ``axis``: ``(q, scales)``."""
+def quantize_weights(
+    w: np.ndarray, bits: int, axis: int, min_scales: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Symmetric narrow-range per-channel quantization along ``axis``: ``(q, scales)``.
+
+    ``min_scales`` raises channel scales where needed (see :meth:`_Lowering.linear`).
+    """
     qmax = (1 << (bits - 1)) - 1
     moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
     absmax = np.abs(moved).max(axis=1)
     # An all-zero channel gets any valid scale; borrow the layer's smallest real one.
     fallback = absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0
     scales = np.where(absmax > 0, absmax, fallback) / qmax
+    if min_scales is not None:
+        scales = np.maximum(scales, min_scales)
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.rint(w / scales.reshape(shape)), -qmax, qmax)
@@ -289,43 +296,42 @@ class _Lowering:
             op, inputs, attrs, name=node.label(), out_names=[node.output.name]
         ).output
 
-    def weights(self, node: Node, index: int, axis: int) -> tuple[Value, tuple[float, ...]]:
-        """Constant input ``index`` quantized per channel along ``axis``."""
-        value = node.inputs[index]
+    def linear(
+        self, node: Node, x: Value, axis: int, bias: np.ndarray | None, alpha: float = 1.0
+    ) -> tuple[Value, Value | None]:
+        """The constant weight (input 1, times ``alpha``) per channel along ``axis``, and
+        the float ``bias`` as int32 at ``s_x * s_w[c]``.
+
+        A BatchNorm with a tiny gamma leaves a channel with tiny weights but a real bias;
+        its weight scale is raised until the bias fits comfortably in int32 (below 2^30).
+        """
+        value = node.inputs[1]
         if value is None or value.const is None:
             raise UnsupportedOpError(
-                f"{node.op} input {index} must be a constant weight in the integer path",
-                node=node.label(),
+                f"{node.op} needs constant weights in the integer path", node=node.label()
             )
         bits = self.options.bits(node.label()).weights
-        q, scales = quantize_weights(value.const, bits, axis)
-        const = self.dst.add_constant(q, value.name)
-        quant = QuantParams(bits, True, scales, axis=axis, narrow=True)
-        if len(set(scales)) == 1:
-            quant = QuantParams(bits, True, scales[:1], narrow=True)
-        const.type = const.type.with_quant(quant)
-        return const, scales
+        s_x = _scale(x)
+        floor = None if bias is None else np.abs(bias) / (s_x * 2.0**30)
+        q, scales = quantize_weights(value.const * alpha, bits, axis, floor)
+        w = self.dst.add_constant(q, value.name)
+        w.type = w.type.with_quant(_channel_quant(bits, scales, axis, narrow=True))
+        if bias is None:
+            return w, None
+        acc_scales = tuple(s_x * s for s in scales)
+        b_q = np.rint(bias / np.asarray(acc_scales)).astype(np.int32)
+        b = self.dst.add_constant(b_q, f"{node.label()}.bias")
+        b.type = b.type.with_quant(_channel_quant(32, acc_scales, 0))
+        return w, b
 
-    def bias(self, node: Node, data: np.ndarray | None, scales: tuple[float, ...]) -> Value | None:
-        """Float bias as int32 at the accumulator's per-channel ``scales``."""
-        if data is None:
-            return None
-        scale = np.asarray(scales)
-        q = np.rint(np.asarray(data, np.float64).reshape(-1) / scale)
-        if np.abs(q).max(initial=0) > 2**31 - 1:
-            raise NumericsError(
-                "the bias does not fit int32 at scale input x weight",
-                node=node.label(),
-                hint="the input or weight scale is tiny for this bias; check calibration data",
-            )
-        const = self.dst.add_constant(q.astype(np.int32), f"{node.label()}.bias")
-        quant = (
-            QuantParams(32, True, scales, axis=0)
-            if len(set(scales)) > 1
-            else QuantParams(32, True, scales[:1])
-        )
-        const.type = const.type.with_quant(quant)
-        return const
+
+def _channel_quant(
+    bits: int, scales: tuple[float, ...], axis: int, narrow: bool = False
+) -> QuantParams:
+    """Per-channel parameters, or per-tensor when every channel has the same scale."""
+    if len(set(scales)) == 1:
+        return QuantParams(bits, True, scales[:1], narrow=narrow)
+    return QuantParams(bits, True, scales, axis=axis, narrow=narrow)
 
 
 def _origin(value: Value) -> str:
@@ -362,14 +368,15 @@ def _rule(*ops: str) -> Callable[[Lowering], Lowering]:
     return register
 
 
+def _bias(node: Node, index: int) -> np.ndarray | None:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    return None if value is None else np.asarray(value.const, np.float64).reshape(-1)
+
+
 @_rule("Conv")
 def _conv(low: _Lowering, node: Node) -> None:
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
-    w, w_scales = low.weights(node, 1, 0)
-    scales = tuple(_scale(x) * s for s in w_scales)
-    b = low.bias(
-        node, node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] else None, scales
-    )
+    w, b = low.linear(node, x, 0, _bias(node, 2))
     acc = low.emit(node, "QConv", [x, w, b], **node.attrs)
     low.pending[node.output] = Accumulator(acc)
 
@@ -379,32 +386,16 @@ def _gemm(low: _Lowering, node: Node) -> None:
     attrs = node.attrs
     if attrs["transA"]:
         raise UnsupportedOpError("Gemm with transA=1 in the integer path", node=node.label())
-    b_value = node.inputs[1]
-    if b_value is None or b_value.const is None:
-        raise UnsupportedOpError("Gemm needs a constant B in the integer path", node=node.label())
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
-    axis = 0 if attrs["transB"] else 1
-    w, w_scales = low.weights(node, 1, axis)
-    if attrs["alpha"] != 1.0:
-        w_scales = tuple(s * attrs["alpha"] for s in w_scales)
-        w.type = w.type.with_quant(_rescaled(w.type.quant, attrs["alpha"]))
-    scales = tuple(_scale(x) * s for s in w_scales)
     c = node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] is not None else None
     if c is not None:
         n = node.output.type.shape[1]
         if c.ndim == 2 and c.shape[0] != 1:
             raise UnsupportedOpError("Gemm bias varying per row", node=node.label())
         c = np.broadcast_to(np.asarray(c, np.float64).reshape(-1), (n,)) * attrs["beta"]
-    b = low.bias(node, c, scales)
+    w, b = low.linear(node, x, 0 if attrs["transB"] else 1, c, alpha=attrs["alpha"])
     acc = low.emit(node, "QGemm", [x, w, b], transB=attrs["transB"])
     low.pending[node.output] = Accumulator(acc)
-
-
-def _rescaled(quant: QuantParams | None, factor: float) -> QuantParams:
-    assert quant is not None
-    return QuantParams(
-        quant.bits, quant.signed, tuple(s * factor for s in quant.scale), quant.axis, quant.narrow
-    )
 
 
 @_rule("MatMul")
@@ -416,7 +407,7 @@ def _matmul(low: _Lowering, node: Node) -> None:
             node=node.label(),
         )
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
-    w, _ = low.weights(node, 1, 1)
+    w, _ = low.linear(node, x, 1, None)
     acc = low.emit(node, "QMatMul", [x, w])
     low.pending[node.output] = Accumulator(acc)
 
