@@ -207,12 +207,18 @@ def analyze_ranges(graph: Graph) -> dict[str, Interval]:
             return None
         if value.name in intervals:
             return intervals[value.name]
-        if value.const is not None and value.type.dtype.is_integer:
+        if not value.type.dtype.is_integer:
+            return None
+        if value.const is not None:
             data = value.const
             found = (int(data.min()), int(data.max())) if data.size else (0, 0)
-            intervals[value.name] = found
-            return found
-        return None
+        elif value.type.quant is not None:  # an integer graph input: its declared range
+            found = (value.type.quant.qmin, value.type.quant.qmax)
+        else:
+            info = np.iinfo(value.type.dtype.numpy)
+            found = (int(info.min), int(info.max))
+        intervals[value.name] = found
+        return found
 
     for node in graph:
         if node.op == "Dequantize" or not any(v.type.dtype.is_integer for v in node.outputs):
