@@ -9,13 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 import intq
 from intq.ir import Graph, from_text, to_text
+from intq.passes.integer_only import census
+from intq.quantization import CALIBRATION_METHODS
 
 EXAMPLES = """examples:
+  intq quantize model.onnx --calib calib.npz -o model.intq
+  intq quantize model.onnx --calib calib.npz --calibration mse --weight-bits 4 -o model.intq
   intq inspect model.onnx
   intq inspect model.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128
   intq inspect model.onnx --ir          # print the IR, large constants elided
@@ -56,6 +62,12 @@ def summary(graph: Graph) -> str:
     lines += [f"  output {v.name}: {v.type}" for v in graph.outputs]
     lines.append("op census:")
     lines += [f"  {op:<24} {n}" for op, n in sorted(Counter(n.op for n in graph).items())]
+    if any(node.op == "Quantize" for node in graph):
+        result = census(graph)
+        verdict = "yes" if not result.violations else "NO: " + "; ".join(result.violations[:5])
+        lines.append(f"integer-only: {verdict}")
+        if result.float_tail:
+            lines.append(f"  float after the output dequantization: {', '.join(result.float_tail)}")
     return "\n".join(lines)
 
 
@@ -65,6 +77,53 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.ir:
         print()
         print(to_text(graph, elide_above=8), end="")
+    return 0
+
+
+def npz_batches(path: Path, graph: Graph) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of the model's batch size from an ``.npz`` with one array per graph input,
+    samples along the first axis; a last partial batch is dropped."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise intq.ArtifactError(f"cannot read calibration data {path}: {err}") from None
+    with archive:
+        arrays = {}
+        for value in graph.inputs:
+            if value.name not in archive.files:
+                raise intq.ShapeError(
+                    f"{path} has no array for input {value.name!r}",
+                    hint=f"the archive holds {archive.files}; save one array per model input",
+                )
+            array = archive[value.name]
+            if array.shape[1:] != value.type.shape[1:]:
+                raise intq.ShapeError(
+                    f"calibration samples for {value.name!r} have shape {list(array.shape[1:])},"
+                    f" the model takes {list(value.type.shape[1:])} per sample"
+                )
+            arrays[value.name] = array
+    batch = graph.inputs[0].type.shape[0]
+    count = min(len(a) for a in arrays.values())
+    if count < batch:
+        raise intq.ShapeError(f"{path} holds {count} samples, fewer than one batch of {batch}")
+    for start in range(0, count - batch + 1, batch):
+        yield {name: a[start : start + batch] for name, a in arrays.items()}
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    graph = load_graph(args.model, dict(args.input_shape) or None)
+    config = intq.QuantConfig(
+        weight_bits=args.weight_bits,
+        activation_bits=args.activation_bits,
+        calibration=args.calibration,
+        percentile=args.percentile,
+        progress=False if args.quiet else None,
+    )
+    quantized = intq.quantize(graph, npz_batches(args.calib, graph), config)
+    path = intq.compile(quantized, target="reference").save(args.output)
+    if not args.quiet:
+        print(summary(quantized))
+        print(f"wrote {path}")
     return 0
 
 
@@ -95,6 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--ir", action="store_true", help="also print the textual IR")
     inspect.set_defaults(run=_inspect)
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="calibrate and convert a model to an integer-only graph",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    quantize.add_argument("model", type=Path, help="an .onnx file")
+    quantize.add_argument(
+        "--calib",
+        type=Path,
+        required=True,
+        metavar="CALIB.npz",
+        help="calibration samples: one array per model input, samples on the first axis",
+    )
+    quantize.add_argument(
+        "-o", "--output", type=Path, required=True, help="the .intq file to write"
+    )
+    quantize.add_argument("--calibration", default="minmax", choices=CALIBRATION_METHODS)
+    quantize.add_argument("--percentile", type=float, default=99.99)
+    quantize.add_argument("--weight-bits", type=int, default=8)
+    quantize.add_argument("--activation-bits", type=int, default=8)
+    quantize.add_argument(
+        "--input-shape",
+        action="append",
+        type=_input_shape,
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="fix the shape of an input with symbolic dimensions (repeatable)",
+    )
+    quantize.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    quantize.set_defaults(run=_quantize)
     return parser
 
 

@@ -55,3 +55,42 @@ def test_readme_lists_every_supported_onnx_op():
     flat = " ".join(readme.split())
     missing = [entry for entry in supported_ops() if entry not in flat]
     assert not missing, f"README's op list is stale: {missing}"
+
+
+def test_quantize_command_writes_an_integer_only_graph(digits_model, tmp_path):
+    import numpy as np
+
+    from intq import examples
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=examples._digits_split()[0][:64])
+    out = tmp_path / "digits.intq"
+    done = run_cli(
+        "quantize",
+        str(digits_model.path),
+        "--calib",
+        str(calib),
+        "-o",
+        str(out),
+        "--calibration",
+        "percentile",
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and out.exists()
+    inspected = run_cli("inspect", str(out))
+    assert "integer-only: yes" in inspected.stdout and "QConv" in inspected.stdout
+    # The same result as the Python API on the same batches.
+    graph = intq.from_onnx(digits_model.path)
+    batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    api = intq.quantize(graph, batches, intq.QuantConfig(calibration="percentile"))
+    assert out.read_text() == intq.ir.to_text(api)
+
+
+def test_quantize_command_reports_bad_calibration_archives(digits_model, tmp_path):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, wrong_name=np.zeros((8, 1, 8, 8), np.float32))
+    done = run_cli("quantize", str(digits_model.path), "--calib", str(calib), "-o", "x.intq")
+    assert done.returncode == 1 and "no array for input 'input'" in done.stderr
