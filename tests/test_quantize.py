@@ -175,3 +175,25 @@ def test_bad_configs_are_refused():
         intq.QuantConfig(weight_bits=1)
     with pytest.raises(intq.IntqError, match="layer 'conv1'"):
         intq.QuantConfig(layer_bits={"conv1": intq.LayerBits(weights=9)})
+
+
+def test_activation_with_a_shared_input_is_not_fused():
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.F32, (1, 2, 4, 4)))
+    w = g.add_constant(rng.normal(size=(2, 2, 1, 1)).astype(np.float32), "w")
+    conv = g.op("Conv", x, w, name="conv")
+    g.set_outputs([g.op("Add", conv, g.op("Relu", conv, name="relu"), name="add")])
+    batches = [{"x": rng.normal(size=(1, 2, 4, 4)).astype(np.float32)} for _ in range(4)]
+    quantized = intq.quantize(g, batches)
+    assert [n.op for n in quantized] == [
+        "Quantize",
+        "QConv",
+        "Requantize",
+        "Clip",
+        "QAdd",
+        "Dequantize",
+    ]
+    want = intq.compile(g).run(batches[0])["add"]
+    got = intq.compile(quantized).run(batches[0])["add"]
+    np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))

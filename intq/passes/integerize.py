@@ -418,7 +418,8 @@ def _activation(low: _Lowering, node: Node) -> None:
     assert source is not None
     low_real = 0.0 if node.op == "Relu" else node.attrs["min"]
     high_real = math.inf if node.op == "Relu" else node.attrs["max"]
-    if source in low.pending:
+    # Fuse into the pending rescale only when the activation is its sole reader.
+    if source in low.pending and len(source.uses()) == 1 and not source.is_graph_output:
         quant = low.activation_quant(node.output)
         scale = quant.scale[0]
         lo = (
