@@ -156,7 +156,7 @@ class Node:
         op: str,
         inputs: Sequence[Value | None],
         outputs: Sequence[Value],
-        attrs: Mapping[str, AttrValue] | None = None,
+        attrs: Mapping[str, Any] | None = None,
         name: str = "",
     ):
         self.op = op
@@ -357,7 +357,7 @@ class Graph:
         self,
         op: str,
         inputs: Sequence[Value | None],
-        attrs: Mapping[str, AttrValue] | None = None,
+        attrs: Mapping[str, Any] | None = None,
         *,
         name: str = "",
         out_names: Sequence[str] | None = None,

@@ -241,7 +241,7 @@ def _requantize(ctx: InferContext) -> list[TensorType]:
     if len(multipliers) == 1:
         if q.axis is not None and len(set(q.scale)) > 1:
             raise ShapeError("a per-channel input needs per-channel multipliers")
-        ins = (q.scale[0],)
+        ins: tuple[float, ...] = (q.scale[0],)
     else:
         axis = ctx["axis"]
         if not 0 <= axis < x.rank or x.shape[axis] != len(multipliers):

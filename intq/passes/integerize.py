@@ -30,7 +30,7 @@ calibration value was non-negative.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -290,7 +290,7 @@ class _Lowering:
         )
         self.ints[value] = q.output
 
-    def emit(self, node: Node, op: str, inputs: list[Value | None], **attrs: object) -> Value:
+    def emit(self, node: Node, op: str, inputs: Sequence[Value | None], **attrs: object) -> Value:
         """Add ``op`` to the new graph under ``node``'s name."""
         return self.dst.add(
             op, inputs, attrs, name=node.label(), out_names=[node.output.name]
