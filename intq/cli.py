@@ -39,6 +39,17 @@ def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}") from None
 
 
+def _add_input_shape(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        type=_input_shape,
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="fix the shape of an input with symbolic dimensions (repeatable)",
+    )
+
+
 def load_graph(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
     """An ONNX model (``.onnx``) or textual IR (anything else) as a graph."""
     if path.suffix == ".onnx":
@@ -144,14 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inspect.add_argument("model", type=Path, help="an .onnx file or a saved .intq graph")
-    inspect.add_argument(
-        "--input-shape",
-        action="append",
-        type=_input_shape,
-        default=[],
-        metavar="NAME=D1,D2,...",
-        help="fix the shape of an input with symbolic dimensions (repeatable)",
-    )
+    _add_input_shape(inspect)
     inspect.add_argument("--ir", action="store_true", help="also print the textual IR")
     inspect.set_defaults(run=_inspect)
 
@@ -176,14 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--percentile", type=float, default=99.99)
     quantize.add_argument("--weight-bits", type=int, default=8)
     quantize.add_argument("--activation-bits", type=int, default=8)
-    quantize.add_argument(
-        "--input-shape",
-        action="append",
-        type=_input_shape,
-        default=[],
-        metavar="NAME=D1,D2,...",
-        help="fix the shape of an input with symbolic dimensions (repeatable)",
-    )
+    _add_input_shape(quantize)
     quantize.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     quantize.set_defaults(run=_quantize)
     return parser

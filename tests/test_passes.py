@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import intq
-from intq.ir import DType, Graph, TensorType, from_text, to_text, verify
+from intq.ir import DType, Graph, TensorType, Value, from_text, to_text, verify
 from intq.passes import (
     PASSES,
     ConstantFolding,
@@ -98,19 +98,24 @@ def test_constant_folding_respects_max_bytes():
     check_pass(ConstantFolding(max_bytes=16), text, text, modified=False)
 
 
+def bn_params(g: Graph, rng: np.random.Generator, channels: int) -> list[Value]:
+    """Constants for BatchNormalization's scale, bias, mean and variance."""
+    params = [
+        rng.uniform(0.5, 2, channels),
+        rng.normal(size=channels),
+        rng.normal(size=channels),
+        rng.uniform(0.1, 3, channels),
+    ]
+    return [g.add_constant(p.astype(np.float32), n) for p, n in zip(params, "sbmv")]
+
+
 def conv_bn_graph(rng: np.random.Generator, bias: bool) -> Graph:
     g = Graph()
     x = g.add_input("x", TensorType(DType.F32, (2, 3, 6, 6)))
     w = g.add_constant(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
     inputs = [x, w] + ([g.add_constant(rng.normal(size=4).astype(np.float32), "b")] if bias else [])
     conv = g.op("Conv", *inputs, name="conv", pads=(1, 1, 1, 1))
-    params = [
-        rng.uniform(0.5, 2, 4),
-        rng.normal(size=4),
-        rng.normal(size=4),
-        rng.uniform(0.1, 3, 4),
-    ]
-    consts = [g.add_constant(p.astype(np.float32), n) for p, n in zip(params, "sbmv")]
+    consts = bn_params(g, rng, 4)
     bn = g.op("BatchNormalization", conv, *consts, name="bn", epsilon=1e-3)
     g.set_outputs([g.op("Relu", bn, name="relu")])
     return g
@@ -139,13 +144,7 @@ def test_fold_batchnorm_into_gemm_is_equivalent(trans_b):
     wv = g.add_constant(w.T.copy() if trans_b else w, "w")
     c = g.add_constant(rng.normal(size=4).astype(np.float32), "c")
     y = g.op("Gemm", x, wv, c, name="fc", transB=trans_b, alpha=0.5, beta=2.0)
-    params = [
-        rng.uniform(0.5, 2, 4),
-        rng.normal(size=4),
-        rng.normal(size=4),
-        rng.uniform(0.1, 3, 4),
-    ]
-    consts = [g.add_constant(p.astype(np.float32), n) for p, n in zip(params, "sbmv")]
+    consts = bn_params(g, rng, 4)
     g.set_outputs([g.op("BatchNormalization", y, *consts, name="bn")])
     feed = {"x": rng.normal(size=(3, 5)).astype(np.float32)}
     before = intq.compile(g.copy()).run(feed)["bn"]

@@ -23,21 +23,14 @@ from intq.ir.graph import Graph, Node
 from intq.ir.printer import to_text
 from intq.ir.types import QuantParams
 from intq.numerics import requantize, shift_round
+from intq.tables import RuleTable
 
 Array = np.ndarray
 Kernel = Callable[..., list[Array]]
 
-EVAL: dict[str, Kernel] = {}
+EVAL: RuleTable[Kernel] = RuleTable()
 """Op name -> ``kernel(node, *inputs) -> outputs``."""
-
-
-def _kernel(*names: str) -> Callable[[Kernel], Kernel]:
-    def register(fn: Kernel) -> Kernel:
-        for name in names:
-            EVAL[name] = fn
-        return fn
-
-    return register
+_kernel = EVAL.register
 
 
 def _out_dtype(node: Node, index: int = 0) -> np.dtype:

@@ -40,6 +40,7 @@ from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.numerics import common_shift, dyadic, storage_dtype
+from intq.tables import RuleTable
 
 
 class Stats(Protocol):
@@ -355,17 +356,9 @@ def _provably_non_negative(value: Value) -> bool:
 # ----- one rule per float op -------------------------------------------------------------------
 
 Lowering = Callable[[_Lowering, Node], None]
-LOWERINGS: dict[str, Lowering] = {}
+LOWERINGS: RuleTable[Lowering] = RuleTable()
 """Float op -> the rule that lowers it into the integer graph."""
-
-
-def _rule(*ops: str) -> Callable[[Lowering], Lowering]:
-    def register(fn: Lowering) -> Lowering:
-        for op in ops:
-            LOWERINGS[op] = fn
-        return fn
-
-    return register
+_rule = LOWERINGS.register
 
 
 def _bias(node: Node, index: int) -> np.ndarray | None:

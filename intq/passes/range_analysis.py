@@ -25,23 +25,16 @@ import numpy as np
 
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node, Value
+from intq.tables import RuleTable
 
 Interval = tuple[int, int]
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 
 Rule = Callable[[Node, list[Interval | None]], Interval]
-RULES: dict[str, Rule] = {}
+RULES: RuleTable[Rule] = RuleTable()
 """Integer op -> ``rule(node, input intervals) -> output interval`` (raises on overflow)."""
-
-
-def _rule(*ops: str) -> Callable[[Rule], Rule]:
-    def register(fn: Rule) -> Rule:
-        for op in ops:
-            RULES[op] = fn
-        return fn
-
-    return register
+_rule = RULES.register
 
 
 def _fits(node: Node, interval: Interval, bounds: Interval, what: str, hint: str) -> Interval:
