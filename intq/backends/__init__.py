@@ -10,11 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from intq.backends.base import Executable
+from intq.backends.onnxruntime import compile_onnxruntime
 from intq.backends.reference import compile_reference
 from intq.errors import IntqError
 from intq.ir.graph import Graph
 
-TARGETS: dict[str, Callable[..., Executable]] = {"reference": compile_reference}
+TARGETS: dict[str, Callable[..., Executable]] = {
+    "reference": compile_reference,
+    "onnxruntime": compile_onnxruntime,
+}
 """Target name -> compile function. Later backends add their entry here."""
 
 
