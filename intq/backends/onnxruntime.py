@@ -37,7 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from intq.backends.base import atomic_write, check_feeds
-from intq.errors import ArtifactError, UnsupportedOpError
+from intq.errors import ArtifactError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.tables import RuleTable
@@ -414,6 +414,46 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     return model
 
 
+def onnx_census(model: onnx.ModelProto) -> dict[str, int]:
+    """The op census of an exported model; raises :class:`NumericsError` when a float op
+    sits between the input ``QuantizeLinear`` and the output ``DequantizeLinear``.
+
+    The same rule as :func:`intq.passes.integer_only.census`, on the ONNX file itself:
+    a node may read floats only after a ``DequantizeLinear``.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    elem = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*graph.value_info, *graph.input, *graph.output)
+    }
+    elem.update({t.name: t.data_type for t in graph.initializer})
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
+    after: set[str] = set()
+    counts: dict[str, int] = {}
+    bad = []
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        if node.domain not in ("", "ai.onnx"):
+            bad.append(f"{node.op_type} {node.name!r} is outside the default domain")
+        if node.op_type == "QuantizeLinear":
+            continue
+        if node.op_type == "DequantizeLinear":
+            after.update(node.output)
+            continue
+        float_inputs = [n for n in node.input if n and elem.get(n) in floats]
+        float_outputs = [n for n in node.output if elem.get(n) in floats]
+        if float_inputs and all(n in after for n in float_inputs):
+            after.update(node.output)
+        elif float_inputs or float_outputs:
+            bad.append(f"{node.op_type} {node.name!r} computes in float")
+        elif node.op_type in ("Div", "Mod"):
+            bad.append(f"{node.op_type} {node.name!r} divides at run time")
+    if bad:
+        raise NumericsError("the exported model is not integer-only:\n  " + "\n  ".join(bad[:20]))
+    return counts
+
+
 def _info(value: Value) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(value.name, _ONNX_TYPE[value.type.dtype], value.type.shape)
 
@@ -465,4 +505,4 @@ def compile_onnxruntime(graph: Graph, threads: int | None = None) -> OnnxRuntime
     return OnnxRuntimeExecutable(graph, to_onnx(graph), threads)
 
 
-__all__ = ["LOWER", "OnnxRuntimeExecutable", "compile_onnxruntime", "to_onnx"]
+__all__ = ["LOWER", "OnnxRuntimeExecutable", "compile_onnxruntime", "onnx_census", "to_onnx"]

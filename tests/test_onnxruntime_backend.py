@@ -1,0 +1,255 @@
+"""The ONNX Runtime backend agrees bit for bit with the reference interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import intq
+from intq import examples
+from intq.backends.onnxruntime import onnx_census
+from intq.ir import DType, Graph, QuantParams, TensorType, verify
+from intq.numerics import dyadic
+
+
+def assert_bit_exact(graph: Graph, feeds: dict[str, np.ndarray]) -> None:
+    want = intq.compile(graph, target="reference").run(feeds)
+    got = intq.compile(graph, target="onnxruntime").run(feeds)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype and got[name].shape == array.shape
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+def adversarial(x: np.ndarray) -> list[np.ndarray]:
+    """All-max, all-min and alternating extremes, far outside any calibrated range."""
+    big = np.float32(1e6)
+    alternating = np.where(np.indices(x.shape).sum(axis=0) % 2 == 0, big, -big)
+    return [np.full_like(x, big), np.full_like(x, -big), alternating.astype(np.float32)]
+
+
+@pytest.fixture(scope="module")
+def digits_int8(digits_model):
+    x_train = examples._digits_split()[0]
+    batches = [{"input": x_train[i : i + 8]} for i in range(0, 128, 8)]
+    return intq.quantize(intq.from_onnx(digits_model.path), batches)
+
+
+def shifted_batches(x: np.ndarray, count: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [
+        {"input": np.roll(x, tuple(rng.integers(-16, 16, 2)), axis=(2, 3))} for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("fixture", ["digits_model", "resnet18_model", "efficientnet_model"])
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_real_models_are_bit_exact(fixture, weight_bits, request):
+    model = request.getfixturevalue(fixture)
+    x = model.inputs["input"]
+    config = intq.QuantConfig(weight_bits=weight_bits)
+    graph = intq.quantize(intq.from_onnx(model.path), shifted_batches(x), config)
+    for feed in [x, *adversarial(x)]:
+        assert_bit_exact(graph, {"input": feed})
+
+
+def test_saved_file_runs_on_plain_onnxruntime(digits_int8, digits_model, tmp_path):
+    exe = intq.compile(digits_int8, target="onnxruntime")
+    path = exe.save(tmp_path / "digits_int8.onnx")
+    model = onnx.load(path)
+    assert {o.domain for o in model.opset_import} == {""}
+    census = onnx_census(model)
+    assert census["QuantizeLinear"] == 1 and census["DequantizeLinear"] == 1
+    assert census["ConvInteger"] == 2 and census["MatMulInteger"] == 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, digits_model.inputs)
+    np.testing.assert_array_equal(logits, exe.run(digits_model.inputs)["logits"])
+
+
+def test_graph_optimizations_keep_results_exact(digits_int8, digits_model):
+    exe = intq.compile(digits_int8, target="onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(
+        exe.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    (logits,) = plain.run(None, digits_model.inputs)
+    np.testing.assert_array_equal(logits, exe.run(digits_model.inputs)["logits"])
+
+
+def test_census_catches_a_float_op_in_the_integer_region():
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [
+                onnx.helper.make_node("QuantizeLinear", ["x", "s"], ["q"]),
+                onnx.helper.make_node("Cast", ["q"], ["f"], to=onnx.TensorProto.FLOAT, name="leak"),
+                onnx.helper.make_node("Sigmoid", ["f"], ["y"], name="/act"),
+            ],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+            [onnx.numpy_helper.from_array(np.float32(0.1), "s")],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 21)],
+    )
+    with pytest.raises(intq.NumericsError, match="Cast 'leak' computes in float"):
+        onnx_census(model)
+
+
+# ----- single layers, full-range integers (Hypothesis) ---------------------------------------
+
+
+def int_input(g: Graph, name: str, shape, signed: bool, scale: float = 0.05):
+    dtype = DType.I8 if signed else DType.U8
+    return g.add_input(name, TensorType(dtype, tuple(shape), QuantParams(8, signed, (scale,))))
+
+
+def weight(g: Graph, data: np.ndarray, scales, axis: int):
+    w = g.add_constant(data.astype(np.int8), "w")
+    quant = QuantParams(8, True, tuple(scales), axis=axis, narrow=True)
+    w.type = w.type.with_quant(quant)
+    return w
+
+
+def full_range(rng: np.random.Generator, shape, signed: bool) -> np.ndarray:
+    low, high = (-128, 128) if signed else (0, 256)
+    values = rng.integers(low, high, size=shape)
+    values.reshape(-1)[::3] = high - 1  # many extremes: the saturation trap needs them
+    values.reshape(-1)[1::5] = low
+    return values.astype(np.int8 if signed else np.uint8)
+
+
+def requantized(g: Graph, acc, out_scale: float, signed: bool):
+    q = acc.type.quant
+    pairs = [dyadic(s / out_scale) for s in q.scale]
+    lo, hi = (-128, 127) if signed else (0, 255)
+    return g.op(
+        "Requantize",
+        acc,
+        multiplier=tuple(p.multiplier for p in pairs),
+        shift=tuple(p.shift for p in pairs),
+        axis=q.axis if q.axis is not None else -1,
+        bits=8,
+        signed=int(signed),
+        scale=out_scale,
+        lo=lo,
+        hi=hi,
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    signed=st.booleans(),
+    channels=st.sampled_from([1, 2, 4]),
+    depthwise=st.booleans(),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    pad=st.integers(0, 1),
+    bias=st.booleans(),
+)
+def test_qconv_layers_are_bit_exact(seed, signed, channels, depthwise, kernel, stride, pad, bias):
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    x = int_input(g, "x", (1, channels, 6, 6), signed)
+    out_channels = channels if depthwise else 3
+    group = channels if depthwise else 1
+    w_data = full_range(rng, (out_channels, channels // group, kernel, kernel), True).clip(-127)
+    w = weight(g, w_data, rng.uniform(0.001, 0.1, out_channels), 0)
+    inputs = [x, w]
+    if bias:
+        acc_scales = tuple(0.05 * s for s in w.type.quant.scale)
+        b = g.add_constant(rng.integers(-(2**20), 2**20, out_channels).astype(np.int32), "b")
+        b.type = b.type.with_quant(QuantParams(32, True, acc_scales, axis=0))
+        inputs.append(b)
+    acc = g.op("QConv", *inputs, group=group, strides=(stride, stride), pads=(pad,) * 4)
+    g.set_outputs([acc, requantized(g, acc, float(rng.uniform(0.5, 20)), rng.random() < 0.5)])
+    verify(g)
+    assert_bit_exact(g, {"x": full_range(rng, (1, channels, 6, 6), signed)})
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16), signed=st.booleans(), trans_b=st.booleans(), k=st.integers(1, 300)
+)
+def test_qgemm_layers_are_bit_exact(seed, signed, trans_b, k):
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    x = int_input(g, "x", (3, k), signed)
+    shape = (5, k) if trans_b else (k, 5)
+    w = weight(
+        g, full_range(rng, shape, True).clip(-127), rng.uniform(0.001, 0.1, 5), 0 if trans_b else 1
+    )
+    acc = g.op("QGemm", x, w, transB=int(trans_b))
+    g.set_outputs([acc, requantized(g, acc, float(rng.uniform(1, 100)), True)])
+    assert_bit_exact(g, {"x": full_range(rng, (3, k), signed)})
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    multiplier=st.integers(1, 2**31 - 1),
+    shift=st.integers(-4, 80),
+    signed=st.booleans(),
+)
+def test_requantize_edge_shifts_are_bit_exact(seed, multiplier, shift, signed):
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    scale = 1.0
+    x = g.add_input("x", TensorType(DType.I32, (64,), QuantParams(32, True, (scale,))))
+    if shift <= 0:
+        multiplier = min(multiplier, 2**10)  # S <= 0 products must stay in int64 (range analysis)
+    out_scale = scale / (multiplier * 2.0**-shift)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    y = g.op(
+        "Requantize",
+        x,
+        multiplier=(multiplier,),
+        shift=(shift,),
+        bits=8,
+        signed=int(signed),
+        scale=out_scale,
+        lo=lo,
+        hi=hi,
+    )
+    g.set_outputs([y])
+    acc = rng.integers(-(2**31), 2**31, 64, dtype=np.int64)
+    acc[:4] = [-(2**31), 2**31 - 1, 0, -1]
+    if shift <= 0:
+        acc = acc >> 12  # keep acc * M * 2^-S within int64, as the range analysis requires
+    assert_bit_exact(g, {"x": acc.astype(np.int32)})
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), ra=st.floats(0.01, 4.0), rb=st.floats(0.01, 4.0))
+def test_qadd_and_pools_are_bit_exact(seed, ra, rb):
+    from intq.numerics import common_shift
+
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    a = int_input(g, "a", (1, 3, 4, 4), True, 0.1)
+    b = int_input(g, "b", (1, 3, 4, 4), False, 0.1)
+    out_scale = 0.1 / max(ra, rb)
+    (ma, mb), shift = common_shift(0.1 / out_scale, 0.1 / out_scale)
+    s = g.op(
+        "QAdd",
+        a,
+        b,
+        multiplier_a=ma,
+        multiplier_b=mb,
+        shift=shift,
+        bits=8,
+        signed=1,
+        scale=out_scale,
+        lo=-128,
+        hi=127,
+    )
+    pooled = g.op("QAveragePool", b, kernel_shape=(2, 2), strides=(2, 2))
+    mean = g.op("QGlobalAveragePool", a)
+    g.set_outputs([s, pooled, mean, g.op("MaxPool", a, kernel_shape=(2, 2), strides=(1, 1))])
+    assert_bit_exact(
+        g, {"a": full_range(rng, (1, 3, 4, 4), True), "b": full_range(rng, (1, 3, 4, 4), False)}
+    )
