@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 import intq
+from intq.backends import TARGETS
 from intq.ir import Graph, from_text, to_text
 from intq.passes.integer_only import census
 from intq.quantization import CALIBRATION_METHODS
 
 EXAMPLES = """examples:
+  intq compile model.onnx --calib calib.npz --target onnxruntime -o model_int8.onnx
   intq quantize model.onnx --calib calib.npz -o model.intq
   intq quantize model.onnx --calib calib.npz --calibration mse --weight-bits 4 -o model.intq
   intq inspect model.onnx
@@ -131,7 +133,7 @@ def _quantize(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
     )
     quantized = intq.quantize(graph, npz_batches(args.calib, graph), config)
-    path = intq.compile(quantized, target="reference").save(args.output)
+    path = intq.compile(quantized, target=args.target).save(args.output)
     if not args.quiet:
         print(summary(quantized))
         print(f"wrote {path}")
@@ -159,30 +161,46 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--ir", action="store_true", help="also print the textual IR")
     inspect.set_defaults(run=_inspect)
 
-    quantize = commands.add_parser(
-        "quantize",
-        help="calibrate and convert a model to an integer-only graph",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    quantize.add_argument("model", type=Path, help="an .onnx file")
-    quantize.add_argument(
-        "--calib",
-        type=Path,
-        required=True,
-        metavar="CALIB.npz",
-        help="calibration samples: one array per model input, samples on the first axis",
-    )
-    quantize.add_argument(
-        "-o", "--output", type=Path, required=True, help="the .intq file to write"
-    )
-    quantize.add_argument("--calibration", default="minmax", choices=CALIBRATION_METHODS)
-    quantize.add_argument("--percentile", type=float, default=99.99)
-    quantize.add_argument("--weight-bits", type=int, default=8)
-    quantize.add_argument("--activation-bits", type=int, default=8)
-    _add_input_shape(quantize)
-    quantize.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    quantize.set_defaults(run=_quantize)
+    for name, target, help_text, output in (
+        ("compile", None, "calibrate, convert to integers and compile for a target", "OUT"),
+        (
+            "quantize",
+            "reference",
+            "calibrate and convert to an integer-only .intq graph",
+            "OUT.intq",
+        ),
+    ):
+        command = commands.add_parser(
+            name,
+            help=help_text,
+            epilog=EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_argument("model", type=Path, help="an .onnx file")
+        command.add_argument(
+            "--calib",
+            type=Path,
+            required=True,
+            metavar="CALIB.npz",
+            help="calibration samples: one array per model input, samples on the first axis",
+        )
+        command.add_argument("-o", "--output", type=Path, required=True, metavar=output)
+        if target is None:
+            command.add_argument(
+                "--target",
+                default="onnxruntime",
+                choices=sorted(TARGETS),
+                help="onnxruntime writes a standard .onnx file; reference a .intq graph",
+            )
+        else:
+            command.set_defaults(target=target)
+        command.add_argument("--calibration", default="minmax", choices=CALIBRATION_METHODS)
+        command.add_argument("--percentile", type=float, default=99.99)
+        command.add_argument("--weight-bits", type=int, default=8)
+        command.add_argument("--activation-bits", type=int, default=8)
+        _add_input_shape(command)
+        command.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+        command.set_defaults(run=_quantize)
     return parser
 
 

@@ -94,3 +94,33 @@ def test_quantize_command_reports_bad_calibration_archives(digits_model, tmp_pat
     np.savez(calib, wrong_name=np.zeros((8, 1, 8, 8), np.float32))
     done = run_cli("quantize", str(digits_model.path), "--calib", str(calib), "-o", "x.intq")
     assert done.returncode == 1 and "no array for input 'input'" in done.stderr
+
+
+def test_compile_command_writes_a_plain_onnx_model(digits_model, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from intq import examples
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=examples._digits_split()[0][:64])
+    out = tmp_path / "digits_int8.onnx"
+    done = run_cli(
+        "compile",
+        str(digits_model.path),
+        "--calib",
+        str(calib),
+        "--target",
+        "onnxruntime",
+        "-o",
+        str(out),
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o044  # readable by others, as any written file
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, digits_model.inputs)
+    graph = intq.from_onnx(digits_model.path)
+    batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    want = intq.compile(intq.quantize(graph, batches)).run(digits_model.inputs)["logits"]
+    np.testing.assert_array_equal(logits, want)

@@ -396,8 +396,10 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
                 hint="the backend lowers: " + ", ".join(sorted(LOWER)),
             )
         lower(b, node)
+    # Only constants the ONNX nodes read: weights travel as their own uint8 / reshaped copies.
+    read = {name for node in b.nodes for name in node.input}
     for value in graph.constants:
-        if value.uses():
+        if value.name in read:
             b.initializers.append(numpy_helper.from_array(value.const, value.name))
     model = helper.make_model(
         helper.make_graph(
