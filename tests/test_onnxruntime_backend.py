@@ -253,3 +253,24 @@ def test_qadd_and_pools_are_bit_exact(seed, ra, rb):
     assert_bit_exact(
         g, {"a": full_range(rng, (1, 3, 4, 4), True), "b": full_range(rng, (1, 3, 4, 4), False)}
     )
+
+
+def test_exported_file_runs_in_a_fresh_process_without_intq(digits_int8, digits_model, tmp_path):
+    import subprocess
+    import sys
+
+    path = intq.compile(digits_int8, target="onnxruntime").save(tmp_path / "model.onnx")
+    np.save(tmp_path / "x.npy", digits_model.inputs["input"])
+    script = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        f"s = ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])\n"
+        f"(y,) = s.run(None, {{'input': np.load({str(tmp_path / 'x.npy')!r})}})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+        "assert not any(m == 'intq' or m.startswith('intq.') for m in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    want = intq.compile(digits_int8).run(digits_model.inputs)["logits"]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
