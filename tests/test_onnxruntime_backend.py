@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import intq
@@ -189,6 +189,8 @@ def test_qgemm_layers_are_bit_exact(seed, signed, trans_b, k):
 
 
 @settings(max_examples=50, deadline=None)
+# Products between 2^31 and 2^32 once met ONNX Runtime's int64 Clip, wrong on this CPU.
+@example(seed=0, multiplier=3, shift=1, signed=False)
 @given(
     seed=st.integers(0, 2**16),
     multiplier=st.integers(1, 2**31 - 1),

@@ -62,15 +62,24 @@ _ONNX_TYPE = {
 }
 
 
+OFFSET = 128
+"""Signed 8-bit activations are stored as uint8 ``q + 128`` with zero point 128."""
+
+
 class _Builder:
-    """Collects ONNX nodes and initializers while the IR graph is lowered."""
+    """Collects ONNX nodes and initializers while the IR graph is lowered.
+
+    ``stored`` maps an IR value to the ONNX tensor holding it and that tensor's
+    zero point: signed 8-bit activations live offset by 128 in uint8, which is
+    what the u8 x u8 kernels read, so no conversion runs between layers.
+    """
 
     def __init__(self, graph: Graph):
         self.graph = graph
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.names: set[str] = {v.name for v in graph.values()}
-        self.offset_u8: dict[str, str] = {}
+        self.stored: dict[str, tuple[str, int]] = {}
 
     def fresh(self, base: str) -> str:
         """A tensor name not used yet."""
@@ -100,68 +109,101 @@ class _Builder:
         name = self.fresh(f"{node.label()}/{op_type}")
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
 
-    def as_u8(self, value: Value, node: Node) -> tuple[str, int]:
-        """``value`` as uint8 for the u8 x u8 kernels, and its zero point.
+    # ----- how values are stored ------------------------------------------------------
 
-        Unsigned 8-bit values are used as they are; signed ones (8 bits or fewer) are
-        offset by 128, with a zero point of 128, once per value.
-        """
-        dtype = value.type.dtype
-        if dtype is DType.U8:
+    @staticmethod
+    def offset(value: Value) -> bool:
+        """True for the values stored offset by 128: signed 8-bit activations."""
+        return value.type.dtype is DType.I8 and value.const is None
+
+    def tensor(self, value: Value) -> tuple[str, int]:
+        """The ONNX tensor holding ``value`` and its zero point."""
+        return self.stored.get(value.name, (value.name, 0))
+
+    def output(self, value: Value) -> tuple[str, int]:
+        """Where to write ``value``: the tensor name and its zero point."""
+        if not self.offset(value):
             return value.name, 0
-        if dtype is not DType.I8:
-            raise UnsupportedOpError(
-                f"{node.op} on {value.type} activations in the ONNX Runtime backend",
-                node=node.label(),
-                hint="the ONNX Runtime backend runs 8-bit activations (4 to 8 bits)",
-            )
-        if value.const is not None:
-            data = value.const.astype(np.int16) + 128
-            return self.const(data.astype(np.uint8), value.name + ".u8"), 128
-        if value.name not in self.offset_u8:
-            wide = self.op("Cast", [value.name], value.name + ".i16", node, to=TensorProto.INT16)
-            shifted = self.op(
-                "Add", [wide, self.const(np.int16(128), "c128")], value.name + ".p", node
-            )
-            self.offset_u8[value.name] = self.op(
-                "Cast", [shifted], value.name + ".u8", node, to=TensorProto.UINT8
-            )
-        return self.offset_u8[value.name], 128
+        name = self.fresh(value.name + ".u8")
+        self.stored[value.name] = (name, OFFSET)
+        return name, OFFSET
+
+    def storage_type(self, value: Value, zero_point: int) -> int:
+        """The ONNX element type of ``value`` as stored."""
+        return TensorProto.UINT8 if zero_point else _ONNX_TYPE[value.type.dtype]
+
+    def u8(self, value: Value, node: Node) -> tuple[str, int]:
+        """``value`` as uint8 for the u8 x u8 kernels, and its zero point."""
+        name, zp = self.tensor(value)
+        if value.type.dtype is DType.U8 or zp:
+            return name, zp
+        if value.type.dtype is DType.I8 and value.const is not None:
+            data = (value.const.astype(np.int16) + OFFSET).astype(np.uint8)
+            return self.const(data, value.name + ".u8"), OFFSET
+        raise UnsupportedOpError(
+            f"{node.op} on {value.type} in the ONNX Runtime backend",
+            node=node.label(),
+            hint="the ONNX Runtime backend runs 8-bit (or narrower) activations and weights",
+        )
+
+    def convert(self, source: str, target: str, delta: int, to: int, node: Node) -> None:
+        """``target = cast(source + delta)`` through int16: moves between int8 and offset uint8."""
+        wide = self.op("Cast", [source], target + ".i16", node, to=TensorProto.INT16)
+        moved = self.op("Add", [wide, self.const(np.int16(delta), "delta")], target + ".d", node)
+        self.add("Cast", [moved], [target], node, to=to)
 
     def zero_point(self, zp: int) -> str:
+        """A uint8 zero-point constant."""
         return self.const(np.uint8(zp), "zp")
 
+    # ----- requantization --------------------------------------------------------------
+
     def shift_round(
-        self, product: str, shifts: list[int], shape: tuple[int, ...], node: Node
+        self,
+        product: str,
+        shifts: list[int],
+        minus: np.ndarray | int,
+        shape: tuple[int, ...],
+        node: Node,
     ) -> str:
-        """``(product + 2^(S-1)) >> S`` on int64 ``product`` with per-channel ``shifts``
-        broadcast as ``shape``; see the module docstring for the exact formulation."""
+        """``(product - minus + 2^(S-1)) >> S`` for int64 ``product``, per channel as ``shape``.
+
+        ``minus`` removes input zero points (``zp * M``) for free: it joins the constant
+        added in uint64 (see the module docstring for the exact formulation).
+        """
         s = np.asarray(shifts, np.int64)
-        add = np.where(
-            s >= 1, np.left_shift(np.uint64(1), np.maximum(s - 1, 0).astype(np.uint64)), 0
+        minus = np.broadcast_to(np.asarray(minus, np.int64).reshape(-1), s.shape)
+        one = np.uint64(1)
+        rounding = np.where(s >= 1, one << np.maximum(s - 1, 0).astype(np.uint64), 0)
+        added = (
+            rounding.astype(np.uint64) + np.uint64(1 << 63) - np.asarray(minus).astype(np.uint64)
         )
-        add = add.astype(np.uint64) + np.uint64(1 << 63)
-        back = np.where(
-            s <= 63, np.left_shift(np.uint64(1), (63 - np.minimum(s, 63)).astype(np.uint64)), 0
-        )
+        back = np.where(s <= 63, one << (63 - np.minimum(s, 63)).astype(np.uint64), 0)
         as_u64 = self.op("Cast", [product], f"{product}.u64", node, to=TensorProto.UINT64)
         biased = self.op(
-            "Add", [as_u64, self.const(add.reshape(shape), "round")], f"{product}.b", node
+            "Add", [as_u64, self.const(added.reshape(shape), "round")], f"{product}.b", node
         )
         shift_by = self.const(np.minimum(s, 64).astype(np.uint64).reshape(shape), "shift")
         shifted = self.op("BitShift", [biased, shift_by], f"{product}.s", node, direction="RIGHT")
-        signed = self.op("Cast", [shifted], f"{product}.i64", node, to=TensorProto.INT64)
-        offset = self.const(
-            back.astype(np.int64).reshape(shape) if back.ndim else np.int64(back), "unbias"
-        )
-        return self.op("Sub", [signed, offset], f"{product}.r", node)
+        self.back = back.astype(np.int64).reshape(shape)
+        return self.op("Cast", [shifted], f"{product}.i64", node, to=TensorProto.INT64)
 
-    def clamp_cast(self, x: str, node: Node, out: Value) -> None:
-        """Clamp int64 ``x`` to the node's ``[lo, hi]`` and cast into ``out``."""
-        lo = self.const(np.int64(node.attrs["lo"]), "lo")
-        hi = self.const(np.int64(node.attrs["hi"]), "hi")
-        clipped = self.op("Clip", [x, lo, hi], f"{out.name}.clip", node)
-        self.add("Cast", [clipped], [out.name], node, to=_ONNX_TYPE[out.type.dtype])
+    def finish(self, shifted: str, node: Node) -> None:
+        """Undo the uint64 offset, clamp to ``[lo, hi]`` and store the node's output."""
+        out = node.output
+        name, zp = self.output(out)
+        unbias = self.const(self.back - zp, "unbias")
+        value = self.op("Sub", [shifted, unbias], f"{name}.r", node)
+        lo = self.const(np.int64(node.attrs["lo"] + zp), "lo")
+        hi = self.const(np.int64(node.attrs["hi"] + zp), "hi")
+        # Not Clip, Max or Min: on int64 values beyond +-2^31 they return wrong results on
+        # this AVX2 CPU (ONNX Runtime 1.31: 3221225471 clipped to [0, 255] gave 0).
+        # Comparisons and Where are exact.
+        below = self.op("Less", [value, lo], f"{name}.below", node)
+        raised = self.op("Where", [below, lo, value], f"{name}.raised", node)
+        above = self.op("Greater", [raised, hi], f"{name}.above", node)
+        clipped = self.op("Where", [above, hi, raised], f"{name}.clip", node)
+        self.add("Cast", [clipped], [name], node, to=self.storage_type(out, zp))
 
 
 def _channel_shape(value: Value, axis: int, count: int) -> tuple[int, ...]:
@@ -177,30 +219,41 @@ LOWER: RuleTable[Lowering] = RuleTable()
 _lower = LOWER.register
 
 
+def _input(node: Node, index: int = 0) -> Value:
+    value = node.inputs[index]
+    assert value is not None
+    return value
+
+
 @_lower("Quantize")
 def _quantize(b: _Builder, node: Node) -> None:
     out = node.output
     quant = out.type.quant
     assert quant is not None
-    zp = b.const(np.zeros((), out.type.dtype.numpy), "zp")
+    name, zp = b.output(out)
+    zero = b.const(np.asarray(zp, np.uint8 if zp else out.type.dtype.numpy), "zp")
     scale = b.const(np.float32(node.attrs["scale"]), "scale")
+    x = _input(node).name
     if quant.bits == out.type.dtype.bits:
-        b.add("QuantizeLinear", [node.inputs[0].name, scale, zp], [out.name], node)  # type: ignore[union-attr]
+        b.add("QuantizeLinear", [x, scale, zero], [name], node)
         return
-    full = b.op("QuantizeLinear", [node.inputs[0].name, scale, zp], out.name + ".full", node)  # type: ignore[union-attr]
-    lo = b.const(np.asarray(quant.qmin, out.type.dtype.numpy), "lo")
-    hi = b.const(np.asarray(quant.qmax, out.type.dtype.numpy), "hi")
-    b.add("Clip", [full, lo, hi], [out.name], node)
+    full = b.op("QuantizeLinear", [x, scale, zero], name + ".full", node)
+    stored = np.uint8 if zp else out.type.dtype.numpy
+    lo = b.const(np.asarray(quant.qmin + zp, stored), "lo")
+    hi = b.const(np.asarray(quant.qmax + zp, stored), "hi")
+    b.add("Clip", [full, lo, hi], [name], node)
 
 
 @_lower("Dequantize")
 def _dequantize(b: _Builder, node: Node) -> None:
-    x = node.inputs[0]
-    assert x is not None and x.type.quant is not None
+    x = _input(node)
     q = x.type.quant
+    assert q is not None
+    name, zp = b.tensor(x)
     scale = b.const(np.asarray(q.scale if q.axis is not None else q.scale[0], np.float32), "scale")
+    inputs = [name, scale] + ([b.zero_point(zp)] if zp else [])
     attrs = {"axis": q.axis} if q.axis is not None else {}
-    b.add("DequantizeLinear", [x.name, scale], [node.output.name], node, **attrs)
+    b.add("DequantizeLinear", inputs, [node.output.name], node, **attrs)
 
 
 def _add_bias(b: _Builder, acc: str, node: Node, bias: Value | None, axis: int) -> None:
@@ -215,10 +268,8 @@ def _add_bias(b: _Builder, acc: str, node: Node, bias: Value | None, axis: int) 
 
 @_lower("QConv")
 def _qconv(b: _Builder, node: Node) -> None:
-    x, w = node.inputs[0], node.inputs[1]
-    assert x is not None and w is not None
-    x_u8, x_zp = b.as_u8(x, node)
-    w_u8, w_zp = b.as_u8(w, node)
+    x_u8, x_zp = b.u8(_input(node, 0), node)
+    w_u8, w_zp = b.u8(_input(node, 1), node)
     attrs = node.attrs
     acc = b.op(
         "ConvInteger",
@@ -235,14 +286,14 @@ def _qconv(b: _Builder, node: Node) -> None:
 
 @_lower("QGemm", "QMatMul")
 def _qmatmul(b: _Builder, node: Node) -> None:
-    a, w = node.inputs[0], node.inputs[1]
-    assert a is not None and w is not None and w.const is not None
-    a_u8, a_zp = b.as_u8(a, node)
+    a_u8, a_zp = b.u8(_input(node, 0), node)
+    w = _input(node, 1)
+    assert w.const is not None
     weights = w.const.T if node.attrs.get("transB") else w.const
-    w_u8 = b.const((weights.astype(np.int16) + 128).astype(np.uint8), w.name + ".u8")
+    w_u8 = b.const((weights.astype(np.int16) + OFFSET).astype(np.uint8), w.name + ".u8")
     acc = b.op(
         "MatMulInteger",
-        [a_u8, w_u8, b.zero_point(a_zp), b.zero_point(128)],
+        [a_u8, w_u8, b.zero_point(a_zp), b.zero_point(OFFSET)],
         node.output.name + ".acc",
         node,
     )
@@ -252,18 +303,22 @@ def _qmatmul(b: _Builder, node: Node) -> None:
 
 @_lower("QGlobalAveragePool")
 def _qglobal_avgpool(b: _Builder, node: Node) -> None:
-    x = node.inputs[0]
-    assert x is not None
-    wide = b.op("Cast", [x.name], x.name + ".i32", node, to=TensorProto.INT32)
+    x = _input(node)
+    name, zp = b.tensor(x)
+    wide = b.op("Cast", [name], x.name + ".i32", node, to=TensorProto.INT32)
     axes = b.const(np.arange(2, x.type.rank, dtype=np.int64), "axes")
-    b.add("ReduceSum", [wide, axes], [node.output.name], node, keepdims=1)
+    if not zp:
+        b.add("ReduceSum", [wide, axes], [node.output.name], node, keepdims=1)
+        return
+    total = b.op("ReduceSum", [wide, axes], node.output.name + ".sum", node, keepdims=1)
+    count = int(np.prod(x.type.shape[2:]))
+    b.add("Sub", [total, b.const(np.int32(count * zp), "zp_sum")], [node.output.name], node)
 
 
 @_lower("QAveragePool")
 def _qavgpool(b: _Builder, node: Node) -> None:
-    x = node.inputs[0]
-    assert x is not None
-    x_u8, x_zp = b.as_u8(x, node)
+    x = _input(node)
+    x_u8, x_zp = b.u8(x, node)
     channels = x.type.shape[1]
     kernel = tuple(node.attrs["kernel_shape"])
     ones = b.const(np.ones((channels, 1, *kernel), np.uint8), "ones")
@@ -279,88 +334,90 @@ def _qavgpool(b: _Builder, node: Node) -> None:
 
 @_lower("Requantize")
 def _requantize(b: _Builder, node: Node) -> None:
-    x = node.inputs[0]
-    assert x is not None
+    x = _input(node)
+    name, zp = b.tensor(x)
     attrs = node.attrs
-    shifts = list(attrs["shift"])
     # S <= 0: no rounding; 2^-S joins the multiplier (the range analysis bounds the product).
-    multipliers = [m << max(0, -s) for m, s in zip(attrs["multiplier"], shifts)]
-    shifts = [max(0, s) for s in shifts]
+    multipliers = np.asarray(
+        [m << max(0, -s) for m, s in zip(attrs["multiplier"], attrs["shift"])], np.int64
+    )
+    shifts = [max(0, s) for s in attrs["shift"]]
     shape = _channel_shape(x, attrs["axis"], len(multipliers))
-    wide = b.op("Cast", [x.name], x.name + ".i64", node, to=TensorProto.INT64)
-    m = b.const(np.asarray(multipliers, np.int64).reshape(shape), "multiplier")
+    wide = b.op("Cast", [name], x.name + ".i64", node, to=TensorProto.INT64)
+    m = b.const(multipliers.reshape(shape), "multiplier")
     product = b.op("Mul", [wide, m], node.output.name + ".prod", node)
-    b.clamp_cast(b.shift_round(product, shifts, shape, node), node, node.output)
+    minus = multipliers * zp
+    b.finish(b.shift_round(product, shifts, minus, shape, node), node)
 
 
 @_lower("QAdd")
 def _qadd(b: _Builder, node: Node) -> None:
-    a, c = node.inputs[0], node.inputs[1]
-    assert a is not None and c is not None
     attrs = node.attrs
     shift = attrs["shift"]
     scale_up = 1 << max(0, -shift)
-    terms = []
-    for value, multiplier in ((a, attrs["multiplier_a"]), (c, attrs["multiplier_b"])):
-        wide = b.op("Cast", [value.name], value.name + ".i64", node, to=TensorProto.INT64)
-        m = b.const(np.int64(multiplier * scale_up), "multiplier")
-        terms.append(b.op("Mul", [wide, m], value.name + ".scaled", node))
+    terms, minus = [], 0
+    for value, multiplier in (
+        (_input(node, 0), attrs["multiplier_a"]),
+        (_input(node, 1), attrs["multiplier_b"]),
+    ):
+        name, zp = b.tensor(value)
+        wide = b.op("Cast", [name], value.name + ".i64", node, to=TensorProto.INT64)
+        m = multiplier * scale_up
+        terms.append(
+            b.op("Mul", [wide, b.const(np.int64(m), "multiplier")], value.name + ".m", node)
+        )
+        minus += m * zp
     total = b.op("Add", terms, node.output.name + ".sum", node)
-    b.clamp_cast(b.shift_round(total, [max(0, shift)], (), node), node, node.output)
+    b.finish(b.shift_round(total, [max(0, shift)], np.int64(minus), (), node), node)
 
 
-@_lower("Clip")
+@_lower("Clip", "Relu")
 def _clip(b: _Builder, node: Node) -> None:
-    x = node.inputs[0]
-    assert x is not None
-    dtype = x.type.dtype.numpy
+    x = _input(node)
+    name, zp = b.tensor(x)
+    out, _ = b.output(node.output)
     if x.type.dtype.is_float:
+        if node.op == "Relu":
+            b.add("Relu", [name], [out], node)
+            return
         lo, hi = np.float32(node.attrs["min"]), np.float32(node.attrs["max"])
     else:
-        info = np.iinfo(dtype)
-        low, high = node.attrs["min"], node.attrs["max"]
-        lo = np.asarray(info.min if low == -np.inf else max(info.min, int(np.ceil(low))), dtype)
-        hi = np.asarray(info.max if high == np.inf else min(info.max, int(np.floor(high))), dtype)
-    b.add("Clip", [x.name, b.const(lo, "lo"), b.const(hi, "hi")], [node.output.name], node)
+        info = np.iinfo(x.type.dtype.numpy)
+        low, high = (0.0, np.inf) if node.op == "Relu" else (node.attrs["min"], node.attrs["max"])
+        stored = np.uint8 if zp else x.type.dtype.numpy
+        lo = np.asarray(
+            (info.min if low == -np.inf else max(info.min, int(np.ceil(low)))) + zp, stored
+        )
+        hi = np.asarray(
+            (info.max if high == np.inf else min(info.max, int(np.floor(high)))) + zp, stored
+        )
+    b.add("Clip", [name, b.const(lo, "lo"), b.const(hi, "hi")], [out], node)
 
 
-def _same(op_type: str, **fixed: object) -> Lowering:
+def _moving(op_type: str, const_input: str | None = None) -> Lowering:
+    """Data movement: the same op on however the values are stored (zero points travel)."""
+
     def lower(b: _Builder, node: Node) -> None:
-        names = ["" if v is None else v.name for v in node.inputs]
-        b.add(op_type, names, [node.output.name], node, **{**node.attrs, **fixed})
+        names = ["" if v is None else b.tensor(v)[0] for v in node.inputs]
+        attrs = dict(node.attrs)
+        if const_input is not None:
+            names.append(b.const(np.asarray(attrs.pop(const_input), np.int64), const_input))
+        out, _ = b.output(node.output)
+        b.add(op_type, names, [out], node, **attrs)
 
     return lower
 
 
-def _with_const_input(op_type: str, attr: str, dtype: type = np.int64) -> Lowering:
-    """An op whose ONNX form takes the IR attribute ``attr`` as a constant input."""
-
-    def lower(b: _Builder, node: Node) -> None:
-        x = node.inputs[0]
-        assert x is not None
-        value = b.const(np.asarray(node.attrs[attr], dtype), attr)
-        b.add(op_type, [x.name, value], [node.output.name], node)
-
-    return lower
-
-
-LOWER["MaxPool"] = _same("MaxPool")
-LOWER["Flatten"] = _same("Flatten")
-LOWER["Transpose"] = _same("Transpose")
-LOWER["Concat"] = _same("Concat")
-LOWER["Identity"] = _same("Identity")
-LOWER["Softmax"] = _same("Softmax")
-LOWER["Relu"] = _same("Relu")
-LOWER["Reshape"] = _with_const_input("Reshape", "shape")
-LOWER["Squeeze"] = _with_const_input("Squeeze", "axes")
-LOWER["Unsqueeze"] = _with_const_input("Unsqueeze", "axes")
-LOWER["Expand"] = _with_const_input("Expand", "shape")
+for _op in ("MaxPool", "Flatten", "Transpose", "Concat", "Identity", "Softmax"):
+    LOWER[_op] = _moving(_op)
+LOWER["Reshape"] = _moving("Reshape", "shape")
+LOWER["Squeeze"] = _moving("Squeeze", "axes")
+LOWER["Unsqueeze"] = _moving("Unsqueeze", "axes")
+LOWER["Expand"] = _moving("Expand", "shape")
 
 
 @_lower("Slice")
 def _slice(b: _Builder, node: Node) -> None:
-    x = node.inputs[0]
-    assert x is not None
     attrs = node.attrs
     ends = [e if e >= 0 else -(1 << 62) for e in attrs["ends"]]  # "through index 0"
     names = [
@@ -372,21 +429,29 @@ def _slice(b: _Builder, node: Node) -> None:
             ("steps", attrs["steps"]),
         )
     ]
-    b.add("Slice", [x.name, *names], [node.output.name], node)
+    out, _ = b.output(node.output)
+    b.add("Slice", [b.tensor(_input(node))[0], *names], [out], node)
 
 
 @_lower("Pad")
 def _pad(b: _Builder, node: Node) -> None:
-    x = node.inputs[0]
-    assert x is not None
+    x = _input(node)
+    name, zp = b.tensor(x)
     pads = b.const(np.asarray(node.attrs["pads"], np.int64), "pads")
-    value = b.const(np.asarray(node.attrs["value"], x.type.dtype.numpy), "value")
-    b.add("Pad", [x.name, pads, value], [node.output.name], node, mode=node.attrs["mode"])
+    stored = np.uint8 if zp else x.type.dtype.numpy
+    value = b.const(np.asarray(node.attrs["value"] + zp, stored), "value")
+    out, _ = b.output(node.output)
+    b.add("Pad", [name, pads, value], [out], node, mode=node.attrs["mode"])
 
 
 def to_onnx(graph: Graph) -> onnx.ModelProto:
     """The ONNX model computing ``graph`` (integer-only graphs and their float boundary)."""
     b = _Builder(graph)
+    node_of_input = Node("Input", [], [], name="input")
+    for value in graph.inputs:
+        if b.offset(value):  # an int8 graph input: to offset uint8 once
+            name, _ = b.output(value)
+            b.convert(value.name, name, OFFSET, TensorProto.UINT8, node_of_input)
     for node in graph:
         lower = LOWER.get(node.op)
         if lower is None:
@@ -396,6 +461,11 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
                 hint="the backend lowers: " + ", ".join(sorted(LOWER)),
             )
         lower(b, node)
+    node_of_output = Node("Output", [], [], name="output")
+    for value in graph.outputs:
+        name, zp = b.tensor(value)
+        if zp:  # an int8 graph output: back from offset uint8
+            b.convert(name, value.name, -zp, TensorProto.INT8, node_of_output)
     # Only constants the ONNX nodes read: weights travel as their own uint8 / reshaped copies.
     read = {name for node in b.nodes for name in node.input}
     for value in graph.constants:
