@@ -40,6 +40,7 @@ from intq.backends.base import atomic_write, check_feeds
 from intq.errors import ArtifactError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
+from intq.passes.range_analysis import analyze_ranges
 from intq.tables import RuleTable
 
 OPSET = 21
@@ -74,8 +75,9 @@ class _Builder:
     what the u8 x u8 kernels read, so no conversion runs between layers.
     """
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, intervals: Mapping[str, tuple[int, int]]):
         self.graph = graph
+        self.intervals = intervals
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.names: set[str] = {v.name for v in graph.values()}
@@ -188,22 +190,38 @@ class _Builder:
         self.back = back.astype(np.int64).reshape(shape)
         return self.op("Cast", [shifted], f"{product}.i64", node, to=TensorProto.INT64)
 
-    def finish(self, shifted: str, node: Node) -> None:
-        """Undo the uint64 offset, clamp to ``[lo, hi]`` and store the node's output."""
+    def finish(self, shifted: str, node: Node, magnitude: int) -> None:
+        """Undo the uint64 offset, clamp to ``[lo, hi]`` and store the node's output.
+
+        ``magnitude`` bounds ``|result|`` before the clamp (from the range analysis).
+        """
         out = node.output
         name, zp = self.output(out)
         unbias = self.const(self.back - zp, "unbias")
         value = self.op("Sub", [shifted, unbias], f"{name}.r", node)
         lo = self.const(np.int64(node.attrs["lo"] + zp), "lo")
         hi = self.const(np.int64(node.attrs["hi"] + zp), "hi")
-        # Not Clip, Max or Min: on int64 values beyond +-2^31 they return wrong results on
-        # this AVX2 CPU (ONNX Runtime 1.31: 3221225471 clipped to [0, 255] gave 0).
-        # Comparisons and Where are exact.
-        below = self.op("Less", [value, lo], f"{name}.below", node)
-        raised = self.op("Where", [below, lo, value], f"{name}.raised", node)
-        above = self.op("Greater", [raised, hi], f"{name}.above", node)
-        clipped = self.op("Where", [above, hi, raised], f"{name}.clip", node)
+        if magnitude + zp < 2**31:
+            clipped = self.op("Clip", [value, lo, hi], f"{name}.clip", node)
+        else:
+            # ONNX Runtime 1.31's int64 Clip, Max and Min are wrong beyond +-2^31 on this
+            # AVX2 CPU (3221225471 clipped to [0, 255] gave 0); comparisons and Where are
+            # exact, if slower.
+            below = self.op("Less", [value, lo], f"{name}.below", node)
+            raised = self.op("Where", [below, lo, value], f"{name}.raised", node)
+            above = self.op("Greater", [raised, hi], f"{name}.above", node)
+            clipped = self.op("Where", [above, hi, raised], f"{name}.clip", node)
         self.add("Cast", [clipped], [name], node, to=self.storage_type(out, zp))
+
+    def magnitude(self, value: Value) -> int:
+        """The largest ``|x|`` the range analysis allows for integer ``value``."""
+        low, high = self.intervals.get(value.name, _dtype_range(value))
+        return max(abs(low), abs(high))
+
+
+def _dtype_range(value: Value) -> tuple[int, int]:
+    info = np.iinfo(value.type.dtype.numpy)
+    return int(info.min), int(info.max)
 
 
 def _channel_shape(value: Value, axis: int, count: int) -> tuple[int, ...]:
@@ -347,7 +365,9 @@ def _requantize(b: _Builder, node: Node) -> None:
     m = b.const(multipliers.reshape(shape), "multiplier")
     product = b.op("Mul", [wide, m], node.output.name + ".prod", node)
     minus = multipliers * zp
-    b.finish(b.shift_round(product, shifts, minus, shape, node), node)
+    top = b.magnitude(x)
+    magnitude = max((top * int(m) >> s) + 1 for m, s in zip(multipliers, shifts))
+    b.finish(b.shift_round(product, shifts, minus, shape, node), node, magnitude)
 
 
 @_lower("QAdd")
@@ -355,7 +375,7 @@ def _qadd(b: _Builder, node: Node) -> None:
     attrs = node.attrs
     shift = attrs["shift"]
     scale_up = 1 << max(0, -shift)
-    terms, minus = [], 0
+    terms, minus, top = [], 0, 0
     for value, multiplier in (
         (_input(node, 0), attrs["multiplier_a"]),
         (_input(node, 1), attrs["multiplier_b"]),
@@ -367,8 +387,10 @@ def _qadd(b: _Builder, node: Node) -> None:
             b.op("Mul", [wide, b.const(np.int64(m), "multiplier")], value.name + ".m", node)
         )
         minus += m * zp
+        top += b.magnitude(value) * m
     total = b.op("Add", terms, node.output.name + ".sum", node)
-    b.finish(b.shift_round(total, [max(0, shift)], np.int64(minus), (), node), node)
+    magnitude = (top >> max(0, shift)) + 1
+    b.finish(b.shift_round(total, [max(0, shift)], np.int64(minus), (), node), node, magnitude)
 
 
 @_lower("Clip", "Relu")
@@ -446,7 +468,7 @@ def _pad(b: _Builder, node: Node) -> None:
 
 def to_onnx(graph: Graph) -> onnx.ModelProto:
     """The ONNX model computing ``graph`` (integer-only graphs and their float boundary)."""
-    b = _Builder(graph)
+    b = _Builder(graph, analyze_ranges(graph))
     node_of_input = Node("Input", [], [], name="input")
     for value in graph.inputs:
         if b.offset(value):  # an int8 graph input: to offset uint8 once

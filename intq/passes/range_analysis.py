@@ -130,8 +130,13 @@ def _requantize(node: Node, ins: list[Interval | None]) -> Interval:
     assert x is not None
     magnitude = max(abs(x[0]), abs(x[1]))
     for m, s in zip(node.attrs["multiplier"], node.attrs["shift"]):
-        product = magnitude * m * (2 ** max(0, -s)) + (2 ** (s - 1) if s >= 1 else 0)
-        _fits(node, (-product, product), INT64, "the requantization product", "report this model")
+        if s >= 64:  # exactly 0 without computing, given |x * M| < 2^62 (intq.numerics)
+            product = magnitude * m
+            bound = (-(2**62) + 1, 2**62 - 1)
+        else:
+            product = magnitude * m * (2 ** max(0, -s)) + (2 ** (s - 1) if s >= 1 else 0)
+            bound = INT64
+        _fits(node, (-product, product), bound, "the requantization product", "report this model")
     return _clamp(node)
 
 
