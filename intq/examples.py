@@ -200,6 +200,37 @@ def _photo(size: int, image: str = "china.jpg") -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+PHOTOS = ("china.jpg", "flower.jpg")
+"""The real photos scikit-learn ships; crops of them are the image models' sample data."""
+
+
+def photo_crops(model: ZooModel, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` random crops (40-100% of the short side, random flips) of the bundled photos,
+    resized and normalised as ``model`` (EfficientNet-Lite0 or the ResNet-18-shaped network)
+    expects: an NCHW float32 array, one crop per row."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    size = model.inputs["input"].shape[-1]
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        img = load_sample_image(PHOTOS[i % len(PHOTOS)])
+        h, w, _ = img.shape
+        side = int(min(h, w) * rng.uniform(0.4, 1.0))
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = Image.fromarray(img[top : top + side, left : left + side])
+        hwc = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+        if rng.random() < 0.5:
+            hwc = hwc[:, ::-1]
+        if model.name.startswith("efficientnet"):
+            hwc = (hwc - 127.0) / 128.0
+        else:
+            hwc = (hwc - _IMAGENET_MEAN) / _IMAGENET_STD
+        crops.append(_to_nchw(hwc)[0])
+    return np.stack(crops)
+
+
 def _to_nchw(hwc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(hwc.transpose(2, 0, 1)[None]).astype(np.float32)
 
