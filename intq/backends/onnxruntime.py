@@ -31,8 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -92,20 +94,20 @@ class _Builder:
         self.names.add(name)
         return name
 
-    def const(self, array: np.ndarray, base: str) -> str:
+    def const(self, array: npt.ArrayLike, base: str) -> str:
         """An initializer holding ``array``; returns its name."""
         name = self.fresh(base)
         self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], base: str, node: Node, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], base: str, node: Node, **attrs: Any) -> str:
         """Add one ONNX node with one output named from ``base``; returns the output name."""
         out = self.fresh(base)
         self.add(op_type, inputs, [out], node, **attrs)
         return out
 
     def add(
-        self, op_type: str, inputs: list[str], outputs: list[str], node: Node, **attrs: object
+        self, op_type: str, inputs: list[str], outputs: list[str], node: Node, **attrs: Any
     ) -> None:
         """Add one ONNX node writing ``outputs``."""
         name = self.fresh(f"{node.label()}/{op_type}")
@@ -164,7 +166,7 @@ class _Builder:
         self,
         product: str,
         shifts: list[int],
-        minus: np.ndarray | int,
+        minus: npt.ArrayLike,
         shape: tuple[int, ...],
         node: Node,
     ) -> str:
@@ -402,7 +404,10 @@ def _clip(b: _Builder, node: Node) -> None:
         if node.op == "Relu":
             b.add("Relu", [name], [out], node)
             return
-        lo, hi = np.float32(node.attrs["min"]), np.float32(node.attrs["max"])
+        lo, hi = (
+            np.asarray(node.attrs["min"], np.float32),
+            np.asarray(node.attrs["max"], np.float32),
+        )
     else:
         info = np.iinfo(x.type.dtype.numpy)
         low, high = (0.0, np.inf) if node.op == "Relu" else (node.attrs["min"], node.attrs["max"])
@@ -491,7 +496,7 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     # Only constants the ONNX nodes read: weights travel as their own uint8 / reshaped copies.
     read = {name for node in b.nodes for name in node.input}
     for value in graph.constants:
-        if value.name in read:
+        if value.name in read and value.const is not None:
             b.initializers.append(numpy_helper.from_array(value.const, value.name))
     model = helper.make_model(
         helper.make_graph(
