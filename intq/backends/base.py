@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from intq.errors import ArtifactError, ShapeError
-from intq.ir.graph import Value
+from intq.ir.graph import Graph, Value
 
 
 class Executable(Protocol):
@@ -32,6 +32,25 @@ class Executable(Protocol):
     def save(self, path: str | Path) -> Path:
         """Write the artifact atomically; returns its path."""
         ...
+
+
+class GraphExecutable:
+    """What executables built from an IR graph share: the graph and its input/output names."""
+
+    target = ""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs ``run`` expects."""
+        return [v.name for v in self.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the outputs ``run`` returns."""
+        return [v.name for v in self.graph.outputs]
 
 
 def check_feeds(inputs: Sequence[Value], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

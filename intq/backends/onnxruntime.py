@@ -38,7 +38,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from intq.backends.base import atomic_write, check_feeds
+from intq.backends.base import GraphExecutable, atomic_write, check_feeds
 from intq.errors import ArtifactError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
@@ -480,14 +480,7 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
             name, _ = b.output(value)
             b.convert(value.name, name, OFFSET, TensorProto.UINT8, node_of_input)
     for node in graph:
-        lower = LOWER.get(node.op)
-        if lower is None:
-            raise UnsupportedOpError(
-                f"{node.op} has no ONNX Runtime lowering",
-                node=node.label(),
-                hint="the backend lowers: " + ", ".join(sorted(LOWER)),
-            )
-        lower(b, node)
+        LOWER.rule_for(node, "ONNX Runtime lowering")(b, node)
     node_of_output = Node("Output", [], [], name="output")
     for value in graph.outputs:
         name, zp = b.tensor(value)
@@ -557,7 +550,7 @@ def _info(value: Value) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(value.name, _ONNX_TYPE[value.type.dtype], value.type.shape)
 
 
-class OnnxRuntimeExecutable:
+class OnnxRuntimeExecutable(GraphExecutable):
     """An intq graph lowered to ONNX and run by an ONNX Runtime CPU session."""
 
     target = "onnxruntime"
@@ -565,7 +558,7 @@ class OnnxRuntimeExecutable:
     def __init__(self, graph: Graph, model: onnx.ModelProto, threads: int | None = None):
         import onnxruntime as ort
 
-        self.graph = graph
+        super().__init__(graph)
         self.model = model
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -574,16 +567,6 @@ class OnnxRuntimeExecutable:
         self.session = ort.InferenceSession(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the inputs :meth:`run` expects."""
-        return [v.name for v in self.graph.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the outputs :meth:`run` returns."""
-        return [v.name for v in self.graph.outputs]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``inputs`` (name -> array); returns output name -> array."""

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.special
 from numpy.lib.stride_tricks import sliding_window_view
 
-from intq.backends.base import atomic_write, check_feeds
+from intq.backends.base import GraphExecutable, atomic_write, check_feeds
 from intq.errors import IntqError, NumericsError, ShapeError
 from intq.ir.graph import Graph, Node
 from intq.ir.printer import to_text
@@ -549,23 +549,10 @@ def run_graph(
     return {v.name: env[v.name] for v in graph.outputs}
 
 
-class ReferenceExecutable:
+class ReferenceExecutable(GraphExecutable):
     """A graph run by the reference interpreter; saves as textual IR."""
 
     target = "reference"
-
-    def __init__(self, graph: Graph):
-        self.graph = graph
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the inputs :meth:`run` expects."""
-        return [v.name for v in self.graph.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the outputs :meth:`run` returns."""
-        return [v.name for v in self.graph.outputs]
 
     def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """Run on ``inputs`` (name -> array); returns output name -> array."""

@@ -21,6 +21,19 @@ from intq.ops.schema import Attr, InferContext, OpTable
 
 OPS = OpTable()
 
+DATA_MOVEMENT = (
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Identity",
+    "Expand",
+)
+"""Ops that move integer values without arithmetic: they keep a quantized input's scale."""
+
 INF = float("inf")
 
 

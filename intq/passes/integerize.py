@@ -40,6 +40,7 @@ from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.numerics import common_shift, dyadic, storage_dtype
+from intq.ops.float_ops import DATA_MOVEMENT
 from intq.tables import RuleTable
 
 
@@ -257,14 +258,7 @@ class _Lowering:
         for value in self.src.inputs:
             self.input(value)
         for node in self.src:
-            rule = LOWERINGS.get(node.op)
-            if rule is None:
-                raise UnsupportedOpError(
-                    f"{node.op} has no integer lowering",
-                    node=node.label(),
-                    hint="ops with an integer lowering: " + ", ".join(sorted(LOWERINGS)),
-                )
-            rule(self, node)
+            LOWERINGS.rule_for(node, "integer lowering")(self, node)
         outputs = []
         for value in self.src.outputs:
             out = self.dequantized(value)
@@ -464,17 +458,7 @@ def _avgpool(low: _Lowering, node: Node) -> None:
     low.pending[node.output] = Accumulator(acc)
 
 
-@_rule(
-    "MaxPool",
-    "Reshape",
-    "Flatten",
-    "Transpose",
-    "Squeeze",
-    "Unsqueeze",
-    "Slice",
-    "Identity",
-    "Expand",
-)
+@_rule(*DATA_MOVEMENT)
 def _movement(low: _Lowering, node: Node) -> None:
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
     low.ints[node.output] = low.emit(node, node.op, [x], **node.attrs)

@@ -25,6 +25,7 @@ import numpy as np
 
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node, Value
+from intq.ops.float_ops import DATA_MOVEMENT
 from intq.tables import RuleTable
 
 Interval = tuple[int, int]
@@ -155,15 +156,7 @@ def _qadd(node: Node, ins: list[Interval | None]) -> Interval:
 
 
 @_rule(
-    "MaxPool",
-    "Reshape",
-    "Flatten",
-    "Transpose",
-    "Squeeze",
-    "Unsqueeze",
-    "Slice",
-    "Identity",
-    "Expand",
+    *DATA_MOVEMENT,
     "Relu",
     "Gather",
 )
