@@ -24,7 +24,9 @@ Both quantizers calibrate on the same real-photo crops (scikit-learn's ``china.j
 Timing: every session gets warm-up runs, then ``--runs`` rounds in which the four sessions
 run once each in turn (A, B, C, D, A, B, C, D, ...), so load from elsewhere on the machine
 spreads over all variants; each row reports the median and 90th percentile of its wall
-times, and its median as a ratio to the FP32 median of the same rounds. Under the table, an
+times, and its median as a ratio to the FP32 median of the same rounds. Idle ORT pool
+threads do not spin by default (``--spin`` to let them; see :func:`session_options`), so one
+session's spinning workers do not slow the next. Under the table, an
 ONNX Runtime profile of each intq model (``SessionOptions.enable_profiling``) sums kernel
 time per op type, to show where the integer time goes.
 """
@@ -292,9 +294,17 @@ def intq_quantize(fp32: Path, calib: Sequence[np.ndarray], out_dir: Path) -> Pat
 # --------------------------------------------------------------------------------------------
 
 
-def session_options(threads: int, profile_prefix: Path | None = None) -> ort.SessionOptions:
+def session_options(
+    threads: int, spin: bool, profile_prefix: Path | None = None
+) -> ort.SessionOptions:
     """The options every session gets: ``threads`` intra-op threads, ORT_ENABLE_ALL.
 
+    ``spin=False`` (the default of this script) sets ``session.intra_op.allow_spinning=0``:
+    idle pool threads block instead of busy-waiting. With spinning on (ONNX Runtime's
+    default), the pool threads of the session that just ran keep spinning while the next
+    session runs; on 2 cores that more than doubled interleaved latencies here, and under
+    load from other processes spinning pools fight each other. ``spin=True`` keeps spinning
+    during a run but stops it when the run returns (``session.force_spinning_stop=1``).
     ``profile_prefix`` turns on ONNX Runtime's profiler, writing there.
     """
     opts = ort.SessionOptions()
@@ -303,6 +313,9 @@ def session_options(threads: int, profile_prefix: Path | None = None) -> ort.Ses
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_prefix)
@@ -340,14 +353,14 @@ class Variant:
 
 
 def measure(
-    variants: Sequence[Variant], x: np.ndarray, threads: int, warmup: int, runs: int
+    variants: Sequence[Variant], x: np.ndarray, threads: int, spin: bool, warmup: int, runs: int
 ) -> None:
     """Time every variant on ``x``: ``warmup`` untimed runs each, then ``runs`` rounds.
 
     Each round runs every variant once, in the same order, so slow spells of the machine hit
     all variants alike. Wall times (ms) go to ``Variant.times_ms``.
     """
-    opts = session_options(threads)
+    opts = session_options(threads, spin)
     sessions = [open_session(v.path, opts) for v in variants]
     feeds = {"input": x}
     for sess in sessions:
@@ -361,15 +374,21 @@ def measure(
 
 
 def profile_op_types(
-    path: Path, x: np.ndarray, threads: int, warmup: int, runs: int, prefix: Path
+    path: Path, x: np.ndarray, threads: int, spin: bool, warmup: int, runs: int, prefix: Path
 ) -> dict[str, tuple[float, int]]:
     """Kernel time per op type of ``path``: op type -> (ms per run, nodes of that type).
 
     Profiles ``warmup + runs`` runs and keeps the kernel events (category ``Node``, name
     ``*_kernel_time``) of the last ``runs``, split at the start of run ``warmup`` as the
-    profiler's ``model_run`` events record it.
+    profiler's ``model_run`` events record it. Grouped convolutions (``group > 1``: the
+    depthwise ones) are counted apart, as ``<op> (grouped)``.
     """
-    sess = open_session(path, session_options(threads, prefix))
+    grouped = {
+        n.name
+        for n in onnx.load(str(path), load_external_data=False).graph.node
+        if any(a.name == "group" and a.i > 1 for a in n.attribute)
+    }
+    sess = open_session(path, session_options(threads, spin, prefix))
     for _ in range(warmup + runs):
         sess.run(None, {"input": x})
     trace = Path(sess.end_profiling())
@@ -383,6 +402,8 @@ def profile_op_types(
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < cutoff:
             continue
         op = e["args"]["op_name"]
+        if e["name"].removesuffix("_kernel_time") in grouped:
+            op += " (grouped)"
         total[op] += e["dur"] / 1000.0
         nodes[op].add(e["name"])
     return {op: (total[op] / runs, len(nodes[op])) for op in total}
@@ -453,7 +474,7 @@ def latency_table(groups: Sequence[Group]) -> list[str]:
                     f"{v.p90:.2f}",
                     f"{v.median / g.fp32.median:.2f}",
                     f"{v.size_mb:.2f}",
-                    f"{v.build_s:.1f}",
+                    f"{v.build_s:.1f}" if v.build_s else "-",
                 ]
             )
     return align(header, body, left=3)
@@ -509,7 +530,7 @@ def breakdown_table(groups: Sequence[Group]) -> list[str]:
     totals = ["kernel total"]
     for g in cols:
         total = sum(t for t, _ in g.breakdown.values())
-        totals.append(f"{total:.2f} ms of {g.intq.median:.2f} wall")
+        totals.append(f"{total:.2f} ms (timed median {g.intq.median:.2f})")
     body.append(totals)
     return align(header, body, left=1)
 
@@ -544,7 +565,9 @@ def report(args: argparse.Namespace, groups: Sequence[Group], elapsed: float) ->
     lines = [
         "ONNX Runtime CPU latency: FP32 vs ORT quantize_static (QDQ) vs intq integer-only",
         f"onnxruntime {ort.__version__}, intra_op_num_threads={args.threads}, ORT_ENABLE_ALL,"
-        " sequential execution; same SessionOptions for every session",
+        " sequential, allow_spinning="
+        + ("1 (force_spinning_stop=1)" if args.spin else "0")
+        + "; same SessionOptions for every session",
         f"CPU: {cpu_description()}; load average (1 min) start {args.load_start:.2f},"
         f" end {load_average():.2f}",
         f"timing: {args.warmup} warm-up runs per session, then {args.runs} interleaved rounds"
@@ -555,8 +578,8 @@ def report(args: argparse.Namespace, groups: Sequence[Group], elapsed: float) ->
         "",
         *latency_table(groups),
         "",
-        "x FP32: median / ORT FP32 median of the same rounds. MB: file size (10^6 bytes)."
-        " build s: quantization time.",
+        "x FP32: median / ORT FP32 median of the same rounds. MB: file size (10^6 bytes).",
+        "build s: quantization time (ORT: pre-processing + both formats, halved).",
         "ORT QDQ: quant_pre_process + quantize_static(QDQ, per_channel=True, MinMax);"
         " u8s8 with reduce_range=True.",
         "intq: intq.quantize(QuantConfig()) + intq.compile(target='onnxruntime'), run as a"
@@ -569,7 +592,9 @@ def report(args: argparse.Namespace, groups: Sequence[Group], elapsed: float) ->
         lines += [
             "",
             f"intq model: ORT profiler kernel time per op type (mean of {PROFILE_RUNS} runs"
-            " after warm-up; ms/run, share of kernel total, node count)",
+            " after warm-up, separate profiled session;",
+            "  ms/run, share of kernel total, node count; (grouped) = group > 1, the depthwise"
+            " convolutions)",
             *breakdown_table(groups),
         ]
     lines += ["", f"total wall time: {elapsed:.0f} s"]
@@ -582,6 +607,7 @@ def write_json(args: argparse.Namespace, groups: Sequence[Group], elapsed: float
         "benchmark": "ort_latency",
         "config": {
             "threads": args.threads,
+            "spin": args.spin,
             "runs": args.runs,
             "warmup": args.warmup,
             "batches": args.batches,
@@ -659,11 +685,11 @@ def run_group(spec: ModelSpec, batch: int, args: argparse.Namespace) -> Group:
         Variant("intq", intq_path, intq_s),
     ]
     progress(f"{spec.name} b{batch}: timing {len(variants)} sessions x {args.runs} rounds ...")
-    measure(variants, timed, args.threads, args.warmup, args.runs)
+    measure(variants, timed, args.threads, args.spin, args.warmup, args.runs)
     group = Group(spec.label, batch, variants)
     if not args.no_profile:
         group.breakdown = profile_op_types(
-            intq_path, timed, args.threads, args.warmup, PROFILE_RUNS, work / "profile"
+            intq_path, timed, args.threads, args.spin, args.warmup, PROFILE_RUNS, work / "profile"
         )
     summary = ", ".join(f"{v.label} {v.median:.2f}" for v in variants)
     progress(f"{spec.name} b{batch}: median ms: {summary}")
@@ -684,6 +710,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="calibration crop seed (timed: +1)")
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 10 runs")
+    parser.add_argument(
+        "--spin",
+        action="store_true",
+        help="let ORT's pool threads spin during a run (off by default: see session_options)",
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip the op-type breakdown")
     parser.add_argument(
         "--work-dir", type=Path, default=Path("out/latency"), help="default out/latency"
