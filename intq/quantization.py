@@ -92,6 +92,14 @@ def quantize(
     config = config or QuantConfig()
     prepared = graph.copy()
     pipeline(PREPARE)(prepared)
+    layers = {node.label() for node in prepared}
+    unknown = sorted(set(config.layer_bits) - layers)
+    if unknown:
+        examples = ", ".join(sorted(n.label() for n in prepared if n.op in ("Conv", "Gemm"))[:3])
+        raise IntqError(
+            f"layer_bits names layers the model does not have: {unknown}",
+            hint=f"use the original node names, as `intq inspect --ir` prints them: {examples}",
+        )
     stats = collect_stats(prepared, calibration_data, progress=config.progress)
     result = integerize(prepared, stats, config.lowering())
     analyze_ranges(result)

@@ -197,3 +197,17 @@ def test_activation_with_a_shared_input_is_not_fused():
     want = intq.compile(g).run(batches[0])["add"]
     got = intq.compile(quantized).run(batches[0])["add"]
     np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))
+
+
+def test_layer_bits_must_name_real_layers(digits_model, digits_split):
+    graph = intq.from_onnx(digits_model.path)
+    config = intq.QuantConfig(layer_bits={"/no/such/Conv": intq.LayerBits(weights=4)})
+    with pytest.raises(intq.IntqError, match="does not have: \\['/no/such/Conv'\\]") as info:
+        intq.quantize(graph, calibration_batches(digits_split[0], 16), config)
+    assert "/features/features.0/Conv" in str(info.value)
+    first_conv = intq.QuantConfig(
+        layer_bits={"/features/features.0/Conv": intq.LayerBits(weights=4)}
+    )
+    quantized = intq.quantize(graph, calibration_batches(digits_split[0], 16), first_conv)
+    bits = {n.label(): n.inputs[1].type.quant.bits for n in quantized if n.op == "QConv"}
+    assert bits == {"/features/features.0/Conv": 4, "/features/features.4/Conv": 8}
