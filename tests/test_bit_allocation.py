@@ -162,7 +162,7 @@ def test_matches_brute_force(problem, data):
             assert close(error.smallest[d], lows[d])
             label = {"size_mb": "size", "bops": "BOPs", "latency_ms": "latency"}[d]
             assert f"{label} budget {bounds[d]:.6g}" in str(error)
-            assert f"{lows[d]:.6g}" in str(error)
+            assert f"{error.smallest[d]:.6g}" in str(error)
         assert set(error.infeasible) == {d for d in bounds if over(lows[d], bounds[d])}
 
     # A budget at exactly the smallest reachable total is feasible, and reaches it.
@@ -170,7 +170,8 @@ def test_matches_brute_force(problem, data):
         at_minimum = Budget(**{d: lows[d]})
         allocation = allocate_bits(layers, at_minimum, ties=ties, pins=pins)
         check_allocation(allocation, layers, ties, pins, at_minimum)
-        assert close(getattr(allocation, d), lows[d])
+        # Any total within the tolerance over the minimum fits; the cheapest is no further.
+        assert math.isclose(getattr(allocation, d), lows[d], rel_tol=2e-9)
         best = min(c["perturbation"] for c in choices if not over(c[d], lows[d]))
         assert optimal(allocation.perturbation, best, layers)
 
