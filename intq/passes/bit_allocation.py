@@ -478,8 +478,9 @@ def _solve(
         if scale == 0:
             continue  # every choice costs the same here, and the minimum fits (checked)
         rows.append(row)
-        # What _over accepts, so that HiGHS's feasible set holds every choice that fits.
-        slack = bound + RELATIVE_TOLERANCE * abs(bound) - smallest[d]
+        # Twice what _over accepts: HiGHS's feasible set must hold every choice that fits in
+        # floats, even one at the edge of the tolerance; the exact check below rejects the rest.
+        slack = bound + 2 * RELATIVE_TOLERANCE * abs(bound) - smallest[d]
         upper.append(max(slack / scale, 0.0))
     one_each = coo_array(
         (np.ones(n), ([g for g, _ in columns], np.arange(n))), shape=(len(decisions), n)
