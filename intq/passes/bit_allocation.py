@@ -19,16 +19,18 @@ The program has one binary ``x[g, b]`` per decision ``g`` and allowed bit width 
 
 Ties are handled by *merging*: layers tied together (transitively: overlapping ties join) form
 one decision whose costs are the sums of theirs, so a tie holds by construction and the
-program shrinks. Pins keep only the pinned width as a variable of its decision. It is solved
-with ``scipy.optimize.milp`` (HiGHS), with rows shifted by each decision's cheapest choice and
-scaled to coefficients in [0, 1] so that HiGHS's absolute tolerances mean the same for bits,
-BOPs and milliseconds. The answer is then checked in double precision: a choice that misses a
-budget by more than a relative ``1e-9`` (possible only within HiGHS's tolerances) is cut off
-and the program solved again. HiGHS's own tolerances (1e-10 on the scaled program, its
-smallest) leave the perturbation optimal to within about ``1e-9 * max(optimum, spread)``,
-where ``spread`` sums each layer's largest minus smallest ``Ω``: choices that differ by less
-than a billionth of the largest ``Ω`` differences are ties to it. Among allocations of equal
-perturbation, which one is returned is unspecified.
+program shrinks. Pins keep only the pinned width as a variable of its decision.
+
+It is solved with ``scipy.optimize.milp`` (HiGHS), each row shifted by every decision's
+cheapest choice and scaled to coefficients in [0, 1] so that HiGHS's absolute tolerances mean
+the same for bits, BOPs and milliseconds. A total within a relative :data:`RELATIVE_TOLERANCE`
+(1e-9) over its budget meets it. HiGHS is given twice that slack, and its answer is checked
+in double precision: one that is over after all (a cost below HiGHS's tolerances) is cut off,
+with every choice that agrees with it where it pays more than the cheapest, and the program
+solved again. So budgets hold exactly as :data:`RELATIVE_TOLERANCE` says. The perturbation
+is optimal up to HiGHS's dual tolerance (1e-10 of the largest scaled ``Ω`` difference), that
+is within about ``1e-9 * max(optimum, spread)`` where ``spread`` sums each layer's largest
+minus smallest ``Ω``. Among allocations of equal perturbation, which comes back is unspecified.
 
 Without a binding budget the answer needs no solver: every decision takes its
 least-perturbation width (ties towards more bits). And with ties and pins but no other
@@ -55,20 +57,17 @@ from intq.passes.integerize import LayerBits
 BITS_PER_MB = 8 * 2**20
 """Bits in one megabyte (2^20 bytes), the unit of :attr:`Budget.size_mb`."""
 
-DEFAULT_CANDIDATES = (4, 8)
-"""HAWQ-V3's weight bit widths; a layer's own candidates are the keys of its costs."""
-
 RELATIVE_TOLERANCE = 1e-9
 """A total within this relative margin over its budget meets it (double-precision sums)."""
 
-_DIMENSIONS = ("size_mb", "bops", "latency_ms")
-# HiGHS options for the scaled program (coefficients in [0, 1]), at HiGHS's smallest allowed
-# values: the default tolerances (1e-6 / 1e-7 absolute, 1e-4 relative gap) blur choices that
-# differ by a millionth of the largest coefficient (Ω of 1.0 against 1.0000001), and HiGHS
-# drops matrix entries under 1e-9 as zero by default.
+# HiGHS options for the scaled program (coefficients in [0, 1]). The defaults (1e-7 primal and
+# dual tolerance, 1e-4 relative gap) blur choices that differ by a millionth of the largest
+# coefficient (Ω of 1.0 against 1.0000001), and HiGHS drops matrix entries under 1e-9 as zero.
+# mip_feasibility_tolerance stays at 1e-7: tighter, HiGHS re-solves after presolve and prints
+# a debug line to stdout; the float check below catches what it lets through.
 _HIGHS_OPTIONS = {
     "mip_abs_gap": 0.0,
-    "mip_feasibility_tolerance": 1e-10,
+    "mip_feasibility_tolerance": 1e-7,
     "primal_feasibility_tolerance": 1e-10,
     "dual_feasibility_tolerance": 1e-10,
     "small_matrix_value": 1e-12,
@@ -541,7 +540,6 @@ def _solve(
 
 __all__ = [
     "BITS_PER_MB",
-    "DEFAULT_CANDIDATES",
     "RELATIVE_TOLERANCE",
     "Allocation",
     "Budget",
