@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from machine import cpu_description, load_average
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -318,33 +319,6 @@ def ort_runner(session: ort.InferenceSession) -> Runner:
     """``images -> logits`` for a session with one input and one output."""
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
-
-
-def load_average() -> float:
-    """The 1-minute load average (NaN where the OS has none): other work skews the timings."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
-def cpu_description() -> str:
-    """The CPU model and whether it has the VNNI dot-product instructions ORT's int8 GEMMs use."""
-    model, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    if not flags:
-        return model
-    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{model}, {os.cpu_count()} cores, {simd}, " + (
-        f"VNNI ({', '.join(vnni)})" if vnni else "no VNNI"
-    )
 
 
 # --------------------------------------------------------------------------------------------

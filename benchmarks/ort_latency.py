@@ -50,6 +50,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from machine import cpu_description, load_average
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -533,31 +534,6 @@ def breakdown_table(groups: Sequence[Group]) -> list[str]:
         totals.append(f"{total:.2f} ms (timed median {g.intq.median:.2f})")
     body.append(totals)
     return align(header, body, left=1)
-
-
-def cpu_description() -> str:
-    """CPU model, core count and whether it has VNNI (what ORT's int8 GEMMs want)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{model}, {os.cpu_count()} cores, {simd}, " + (
-        f"VNNI ({', '.join(vnni)})" if vnni else "no VNNI"
-    )
-
-
-def load_average() -> float:
-    """The 1-minute load average (NaN where unavailable)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
 
 
 def report(args: argparse.Namespace, groups: Sequence[Group], elapsed: float) -> str:
