@@ -1,5 +1,6 @@
-"""Frontends: import models from other frameworks into the IR."""
+"""Frontends: ONNX models and PyTorch modules into the IR."""
 
 from intq.frontends.onnx_import import from_onnx
+from intq.frontends.torch_import import from_torch
 
-__all__ = ["from_onnx"]
+__all__ = ["from_onnx", "from_torch"]
