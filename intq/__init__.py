@@ -20,7 +20,7 @@ from intq.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from intq.frontends import from_onnx
+from intq.frontends import from_onnx, from_torch
 from intq.passes.integerize import LayerBits
 from intq.quantization import QuantConfig, quantize
 
@@ -40,6 +40,7 @@ __all__ = [
     "QuantConfig",
     "compile",
     "from_onnx",
+    "from_torch",
     "ir",
     "passes",
     "quantize",

