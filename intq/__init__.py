@@ -5,9 +5,14 @@ The public entry points::
     graph = intq.from_onnx("model.onnx", input_shapes={"x": (1, 3, 224, 224)})
     exe = intq.compile(graph, target="reference")
     outputs = exe.run({"x": array})
+
+    exe = intq.convert("model.onnx", calibration_data, target="onnxruntime")  # all in one
+    exe.save("model_int8.onnx"); exe = intq.load("model_int8.onnx")
+    graph = intq.from_torch(module, example_inputs)
 """
 
 from intq import ir, passes
+from intq.api import convert, load
 from intq.backends import compile
 from intq.errors import (
     ArtifactError,
@@ -39,9 +44,11 @@ __all__ = [
     "LayerBits",
     "QuantConfig",
     "compile",
+    "convert",
     "from_onnx",
     "from_torch",
     "ir",
+    "load",
     "passes",
     "quantize",
 ]

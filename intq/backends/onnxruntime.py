@@ -575,11 +575,75 @@ class OnnxRuntimeExecutable(GraphExecutable):
         return dict(zip(self.output_names, results))
 
     def save(self, path: str | Path) -> Path:
-        """Write the ``.onnx`` file (atomically); plain ONNX Runtime runs it."""
-        data = self.model.SerializeToString()
+        """Write the ``.onnx`` file (atomically) with intq's checksummed metadata
+        (:mod:`intq.artifacts`); plain ONNX Runtime runs it."""
+        from intq.artifacts import seal_onnx
+
+        data = seal_onnx(self.model, self.graph)
         if len(data) >= 2**31:
             raise ArtifactError("the model exceeds protobuf's 2 GB limit")
         return atomic_write(path, data)
+
+
+_NUMPY_OF_ORT = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+class LoadedOnnxExecutable:
+    """An ``.onnx`` artifact reopened by ``intq.load``: the session, without the IR graph.
+
+    ``layers`` is the per-layer table (bits, scales) saved in the artifact's metadata.
+    """
+
+    target = "onnxruntime"
+
+    def __init__(self, model: onnx.ModelProto, layers: list[dict[str, Any]]):
+        import onnxruntime as ort
+
+        from intq.ir.graph import Value
+        from intq.ir.types import DType, TensorType
+
+        self.model = model
+        self.layers = layers
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # ORT raises its own exception types
+            raise ArtifactError(f"ONNX Runtime cannot open the artifact: {err}") from None
+        self.inputs = []
+        for info in self.session.get_inputs():
+            dtype = DType.from_numpy(np.dtype(_NUMPY_OF_ORT.get(info.type, np.float32)))
+            shape = tuple(int(d) for d in info.shape)
+            self.inputs.append(Value(info.name, TensorType(dtype, shape)))
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs ``run`` expects."""
+        return [v.name for v in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the outputs ``run`` returns."""
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array); returns output name -> array."""
+        feeds = check_feeds(self.inputs, inputs)
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact again (atomically), metadata and checksum unchanged."""
+        return atomic_write(path, self.model.SerializeToString())
 
 
 def compile_onnxruntime(graph: Graph, threads: int | None = None) -> OnnxRuntimeExecutable:
@@ -587,4 +651,11 @@ def compile_onnxruntime(graph: Graph, threads: int | None = None) -> OnnxRuntime
     return OnnxRuntimeExecutable(graph, to_onnx(graph), threads)
 
 
-__all__ = ["LOWER", "OnnxRuntimeExecutable", "compile_onnxruntime", "onnx_census", "to_onnx"]
+__all__ = [
+    "LOWER",
+    "LoadedOnnxExecutable",
+    "OnnxRuntimeExecutable",
+    "compile_onnxruntime",
+    "onnx_census",
+    "to_onnx",
+]

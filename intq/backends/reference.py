@@ -559,8 +559,11 @@ class ReferenceExecutable(GraphExecutable):
         return run_graph(self.graph, inputs)
 
     def save(self, path: str | Path) -> Path:
-        """Write the graph as textual IR (atomically); returns the path."""
-        return atomic_write(path, to_text(self.graph).encode())
+        """Write the graph as textual IR (atomically) after a header with the format version
+        and the payload's sha256 (:mod:`intq.artifacts`); returns the path."""
+        from intq.artifacts import seal_text
+
+        return atomic_write(path, seal_text(to_text(self.graph)))
 
 
 def compile_reference(graph: Graph) -> ReferenceExecutable:

@@ -1,0 +1,127 @@
+"""The one-call API: ``intq.convert`` (import, calibrate, quantize, compile) and ``intq.load``.
+
+exe = intq.convert("model.onnx", calibration_data, target="onnxruntime")
+exe = intq.convert(torch_module, dataloader, target="reference")
+exe.save("model_int8.onnx")
+exe = intq.load("model_int8.onnx")
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from intq.artifacts import load
+from intq.backends import compile
+from intq.backends.base import Executable
+from intq.data import calibration_batches
+from intq.errors import ModelImportError, ShapeError
+from intq.ir.graph import Graph
+from intq.quantization import QuantConfig, quantize
+
+
+def import_model(
+    model: Any,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    example_inputs: Any = None,
+) -> Graph:
+    """A float IR graph from an ONNX path or ``ModelProto``, a ``.intq`` text file, a torch
+    module (with ``example_inputs``) or a graph (copied)."""
+    from intq.frontends import from_onnx, from_torch
+
+    if isinstance(model, Graph):
+        return model.copy()
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if path.suffix == ".intq":
+            from intq.ir.parser import from_text
+
+            try:
+                return from_text(path.read_text())
+            except OSError as err:
+                raise ModelImportError(f"cannot read {path}: {err.strerror or err}") from None
+        return from_onnx(path, input_shapes=input_shapes)
+    if type(model).__name__ == "ModelProto":
+        return from_onnx(model, input_shapes=input_shapes)
+    if hasattr(model, "forward") and hasattr(model, "modules"):
+        if example_inputs is None:
+            raise ShapeError(
+                "a torch module needs example inputs to fix its shapes",
+                hint="pass example_inputs=..., or calibration data whose first batch has the"
+                " shape you will run with",
+            )
+        return from_torch(model, example_inputs)
+    raise ModelImportError(
+        f"cannot convert a {type(model).__name__}",
+        hint="pass an .onnx path, an onnx.ModelProto, a torch.nn.Module or an intq graph",
+    )
+
+
+def _first_batch_as_example(data: Any) -> tuple[Any, Any]:
+    """For a torch module: the first calibration item as example inputs, and the data with
+    that item put back (the data may be a one-shot iterator)."""
+    if isinstance(data, (str, os.PathLike)):
+        with np.load(data, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+        return _example_of(arrays), arrays
+    if isinstance(data, np.ndarray) or isinstance(data, Mapping):
+        return _example_of(data), data
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ShapeError("the calibration data is empty") from None
+    return _example_of(first), itertools.chain([first], iterator)
+
+
+def _example_of(item: Any) -> Any:
+    if isinstance(item, Mapping):
+        return {k: _tensor(v) for k, v in item.items()}
+    if isinstance(item, (tuple, list)):
+        return (_tensor(item[0]),)  # (inputs, labels) from a DataLoader
+    return (_tensor(item),)
+
+
+def _tensor(x: Any) -> Any:
+    import torch
+
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def convert(
+    model: Any,
+    calibration_data: Any,
+    target: str = "onnxruntime",
+    config: QuantConfig | None = None,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    example_inputs: Any = None,
+    **target_options: Any,
+) -> Executable:
+    """Import ``model``, calibrate on ``calibration_data``, quantize with ``config`` and
+    compile for ``target``; returns the executable (``.run``, ``.save``).
+
+    ``model``: an ``.onnx`` path, an ``onnx.ModelProto``, a ``torch.nn.Module`` (its shapes
+    come from ``example_inputs``, else from the first calibration batch) or an IR graph.
+    ``calibration_data``: a list of input dicts, a numpy array (single-input models), a
+    torch ``DataLoader`` or an ``.npz`` path (see :func:`intq.data.calibration_batches`).
+    The executable's ``float_graph`` and ``int_graph`` attributes hold the imported and the
+    integer graphs.
+    """
+    if hasattr(model, "forward") and hasattr(model, "modules") and example_inputs is None:
+        example_inputs, calibration_data = _first_batch_as_example(calibration_data)
+    graph = import_model(model, input_shapes, example_inputs)
+    batches = calibration_batches(calibration_data, graph.inputs)
+    int_graph = quantize(graph, batches, config or QuantConfig())
+    exe = compile(int_graph, target=target, **target_options)
+    exe.float_graph = graph  # type: ignore[attr-defined]
+    exe.int_graph = int_graph  # type: ignore[attr-defined]
+    return exe
+
+
+__all__ = ["convert", "import_model", "load"]
