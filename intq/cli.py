@@ -1,34 +1,73 @@
 """The ``intq`` command line.
 
-Exit codes: 0 success, 1 an intq error (bad model, unsupported op, shape mismatch...: the
-message says what and where), 2 bad command-line usage.
+Exit codes: 0 success; 1 an intq error (bad model, unsupported op, wrong calibration data,
+tampered artifact...: the message says what and where, and what to do); 2 bad command-line
+usage; 3 an internal error (a bug in intq: please report it with the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
+import time
+import traceback
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import intq
+from intq.artifacts import onnx_metadata, parse_onnx, read_artifact_bytes
 from intq.backends import TARGETS
+from intq.backends.base import atomic_write
+from intq.data import calibration_batches
+from intq.inspection import layer_sqnr, layer_table, table
 from intq.ir import Graph, from_text, to_text
 from intq.passes.integer_only import census
 from intq.quantization import CALIBRATION_METHODS
 
-EXAMPLES = """examples:
-  intq compile model.onnx --calib calib.npz --target onnxruntime -o model_int8.onnx
+EXAMPLES = {
+    "compile": """examples:
+  intq compile model.onnx --calib calib.npz -o model_int8.onnx             # ONNX Runtime
+  intq compile model.onnx --calib calib.npz --target reference -o model.intq
+  intq compile model.onnx --calib calib.npz --config cfg.toml -o model_int8.onnx
+  intq compile bert.onnx --calib calib.npz --input-shape input_ids=1,128 -o bert_int8.onnx
+
+calib.npz holds one array per model input (numpy.savez(path, input=x)), samples on the
+first axis; cfg.toml holds QuantConfig's fields (weight_bits, activation_bits, calibration,
+percentile, [layer_bits."name"]); flags given on the command line win over the file.""",
+    "quantize": """examples:
   intq quantize model.onnx --calib calib.npz -o model.intq
-  intq quantize model.onnx --calib calib.npz --calibration mse --weight-bits 4 -o model.intq
-  intq inspect model.onnx
-  intq inspect model.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128
-  intq inspect model.onnx --ir          # print the IR, large constants elided
-  intq inspect saved.intq               # a graph saved as textual IR
-"""
+  intq quantize model.onnx --calib calib.npz --calibration mse --weight-bits 4 -o model.intq""",
+    "run": """examples:
+  intq run model_int8.onnx --inputs in.npz -o out.npz
+  intq run model.intq --inputs in.npz -o out.npz --quiet
+
+in.npz holds one array per model input, of the exact shape the model takes; out.npz gets one
+array per model output.""",
+    "inspect": """examples:
+  intq inspect model.onnx                  # a float model: inputs, outputs, op census
+  intq inspect model_int8.onnx             # an artifact: integer-only check, per-layer bits
+  intq inspect model.intq --ir             # a saved graph, with its IR
+  intq inspect bert.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128""",
+    "bench": """examples:
+  intq bench model_int8.onnx                          # latency percentiles p50/p90/p99
+  intq bench model_int8.onnx --fp32 model.onnx        # and against the FP32 model
+  intq bench model_int8.onnx --inputs in.npz --repeat 200""",
+    "report": """examples:
+  intq report model.onnx --calib calib.npz -o report.png
+  intq report model.onnx --calib calib.npz --config cfg.toml -o report.png --top 10
+
+Prints the SQNR (dB) of each layer's output against the FP32 model on the calibration data,
+worst first, and plots it to the PNG. Low SQNR marks the layers that hurt accuracy: give them
+more bits with [layer_bits."name"] in a --config file.""",
+}
+OVERVIEW = "examples:\n" + "\n".join(
+    line for text in EXAMPLES.values() for line in text.splitlines()[1:3]
+)
 
 
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -52,10 +91,18 @@ def _add_input_shape(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _say(args: argparse.Namespace, *lines: str) -> None:
+    if not getattr(args, "quiet", False):
+        for line in lines:
+            print(line)
+
+
 def load_graph(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
     """An ONNX model (``.onnx``) or textual IR (anything else) as a graph."""
     if path.suffix == ".onnx":
         return intq.from_onnx(path, input_shapes=input_shapes)
+    if not path.is_file():
+        raise intq.ArtifactError(f"no file at {path}", hint="check the path")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
@@ -64,7 +111,7 @@ def load_graph(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = Non
 
 
 def summary(graph: Graph) -> str:
-    """Inputs, outputs, sizes and the op census of ``graph``."""
+    """Inputs, outputs, sizes, the op census and (for integer graphs) the integer-only check."""
     params = sum(v.type.size for v in graph.constants)
     nbytes = sum(v.type.nbytes for v in graph.constants)
     lines = [
@@ -81,10 +128,52 @@ def summary(graph: Graph) -> str:
         lines.append(f"integer-only: {verdict}")
         if result.float_tail:
             lines.append(f"  float after the output dequantization: {', '.join(result.float_tail)}")
+        lines.append("per-layer bits @ scales:")
+        lines += ["  " + line for line in table(layer_table(graph)).splitlines()]
     return "\n".join(lines)
 
 
+def _onnx_artifact_summary(path: Path) -> str | None:
+    """The summary of an intq ``.onnx`` artifact, or None for a plain ONNX model."""
+    from intq.backends.onnxruntime import onnx_census
+
+    path, data = read_artifact_bytes(path)
+    model = parse_onnx(data, path)
+    if not any(p.key == "intq.format" for p in model.metadata_props):
+        return None
+    import json
+
+    meta = onnx_metadata(model, path)
+    lines = [f"{path}: intq artifact format {meta['intq.format']}, target {meta['intq.target']}"]
+    lines += [f"  input  {i.name}: {_onnx_type(i)}" for i in model.graph.input]
+    lines += [f"  output {o.name}: {_onnx_type(o)}" for o in model.graph.output]
+    lines.append("op census (ONNX):")
+    counts = Counter(node.op_type for node in model.graph.node)
+    lines += [f"  {op:<24} {n}" for op, n in sorted(counts.items())]
+    try:
+        onnx_census(model)
+        lines.append("integer-only: yes")
+    except intq.NumericsError as err:
+        lines.append(f"integer-only: NO: {err.message}")
+    lines.append("per-layer bits @ scales:")
+    lines += ["  " + line for line in table(json.loads(meta["intq.layers"])).splitlines()]
+    return "\n".join(lines)
+
+
+def _onnx_type(info: Any) -> str:
+    import onnx
+
+    t = info.type.tensor_type
+    dims = ",".join(str(d.dim_value) if d.HasField("dim_value") else "?" for d in t.shape.dim)
+    return f"{onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{dims}]"
+
+
 def _inspect(args: argparse.Namespace) -> int:
+    if args.model.suffix == ".onnx" and not args.ir:
+        text = _onnx_artifact_summary(args.model) if args.model.is_file() else None
+        if text is not None:
+            print(text)
+            return 0
     graph = load_graph(args.model, dict(args.input_shape) or None)
     print(summary(graph))
     if args.ir:
@@ -93,51 +182,222 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def npz_batches(path: Path, graph: Graph) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the model's batch size from an ``.npz`` with one array per graph input,
-    samples along the first axis; a last partial batch is dropped."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise intq.ArtifactError(f"cannot read calibration data {path}: {err}") from None
-    with archive:
-        arrays = {}
-        for value in graph.inputs:
-            if value.name not in archive.files:
-                raise intq.ShapeError(
-                    f"{path} has no array for input {value.name!r}",
-                    hint=f"the archive holds {archive.files}; save one array per model input",
-                )
-            array = archive[value.name]
-            if array.shape[1:] != value.type.shape[1:]:
-                raise intq.ShapeError(
-                    f"calibration samples for {value.name!r} have shape {list(array.shape[1:])},"
-                    f" the model takes {list(value.type.shape[1:])} per sample"
-                )
-            arrays[value.name] = array
-    batch = graph.inputs[0].type.shape[0]
-    count = min(len(a) for a in arrays.values())
-    if count < batch:
-        raise intq.ShapeError(f"{path} holds {count} samples, fewer than one batch of {batch}")
-    for start in range(0, count - batch + 1, batch):
-        yield {name: a[start : start + batch] for name, a in arrays.items()}
+def _config(args: argparse.Namespace) -> intq.QuantConfig:
+    overrides = {
+        "weight_bits": args.weight_bits,
+        "activation_bits": args.activation_bits,
+        "calibration": args.calibration,
+        "percentile": args.percentile,
+    }
+    progress = False if args.quiet else None
+    if args.config is not None:
+        from intq.config import load_config
 
-
-def _quantize(args: argparse.Namespace) -> int:
-    graph = load_graph(args.model, dict(args.input_shape) or None)
-    config = intq.QuantConfig(
-        weight_bits=args.weight_bits,
-        activation_bits=args.activation_bits,
-        calibration=args.calibration,
-        percentile=args.percentile,
-        progress=False if args.quiet else None,
+        return load_config(args.config, progress=progress, **overrides)
+    return intq.QuantConfig(
+        **{k: v for k, v in overrides.items() if v is not None}, progress=progress
     )
-    quantized = intq.quantize(graph, npz_batches(args.calib, graph), config)
+
+
+def _check_output(path: Path) -> None:
+    if path.is_dir():
+        raise intq.ArtifactError(f"output {path} is a directory", hint="give a file name")
+
+
+def _compile(args: argparse.Namespace) -> int:
+    _check_output(args.output)
+    config = _config(args)
+    graph = load_graph(args.model, dict(args.input_shape) or None)
+    batches = calibration_batches(args.calib, graph.inputs)
+    quantized = intq.quantize(graph, batches, config)
     path = intq.compile(quantized, target=args.target).save(args.output)
-    if not args.quiet:
-        print(summary(quantized))
-        print(f"wrote {path}")
+    _say(args, summary(quantized), f"wrote {path}")
     return 0
+
+
+def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise intq.ArtifactError(f"no {what} file at {path}", hint="check the path")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise intq.ArtifactError(
+            f"cannot read {what} {path}: {err}",
+            hint="save it with numpy.savez(path, input_name=array, ...)",
+        ) from None
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write(path, buffer.getvalue())
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_output(args.output)
+    exe = intq.load(args.artifact)
+    feeds = _read_npz(args.inputs, "inputs")
+    outputs = exe.run(feeds)
+    path = _write_npz(args.output, outputs)
+    _say(
+        args,
+        *(f"  output {k}: {v.dtype}{list(v.shape)}" for k, v in outputs.items()),
+        f"wrote {path}",
+    )
+    return 0
+
+
+def _random_inputs(names: list[str], inputs: Sequence[Any], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in inputs:
+        dtype = value.type.dtype.numpy
+        shape = value.type.shape
+        if dtype.kind == "f":
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[value.name] = np.ones(shape, dtype)
+        else:
+            feeds[value.name] = rng.integers(0, 100, shape).astype(dtype)
+    return feeds
+
+
+def _percentiles(fn: Callable[[], object], repeat: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {f"p{p}": float(np.percentile(times, p)) for p in (50, 90, 99)}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.repeat < 1 or args.warmup < 0:
+        raise intq.IntqError("--repeat must be at least 1 and --warmup at least 0")
+    exe = intq.load(args.artifact)
+    inputs = getattr(exe, "inputs", None) or exe.graph.inputs
+    if args.inputs is not None:
+        feeds = _read_npz(args.inputs, "inputs")
+    else:
+        feeds = _random_inputs(exe.input_names, inputs, seed=0)
+    rows = [
+        {
+            "model": f"{args.artifact} ({exe.target})",
+            **_percentiles(lambda: exe.run(feeds), args.repeat, args.warmup),
+        }
+    ]
+    if args.fp32 is not None:
+        import onnxruntime as ort
+
+        if not args.fp32.is_file():
+            raise intq.ArtifactError(f"no FP32 model at {args.fp32}", hint="check the path")
+        try:
+            session = ort.InferenceSession(str(args.fp32), providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own types
+            raise intq.ModelImportError(f"ONNX Runtime cannot open {args.fp32}: {err}") from None
+        fp32_feeds = {i.name: feeds[i.name] for i in session.get_inputs() if i.name in feeds}
+        missing = [i.name for i in session.get_inputs() if i.name not in feeds]
+        if missing:
+            raise intq.ShapeError(
+                f"the FP32 model takes inputs {missing} the artifact does not",
+                hint="pass the FP32 model the artifact was converted from",
+            )
+        rows.append(
+            {
+                "model": f"{args.fp32} (FP32, onnxruntime)",
+                **_percentiles(lambda: session.run(None, fp32_feeds), args.repeat, args.warmup),
+            }
+        )
+    text = [
+        {"model": r["model"], **{k: f"{r[k]:.3f}" for k in ("p50", "p90", "p99")}} for r in rows
+    ]
+    if len(rows) == 2:
+        for row, raw in zip(text, rows):
+            row["vs FP32 (p50)"] = f"{raw['p50'] / rows[1]['p50']:.2f}x"
+    print(f"latency in ms over {args.repeat} runs ({args.warmup} warm-up):")
+    print(table(text))
+    return 0
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    finite = [r for r in rows if np.isfinite(r["sqnr_db"])]
+    labels = [r["layer"] for r in finite][::-1]
+    values = [r["sqnr_db"] for r in finite][::-1]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * len(labels) + 1)))
+    ax.barh(range(len(values)), values, color="tab:blue")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("SQNR of the layer output vs FP32 (dB), higher is better")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write(path, buffer.getvalue())
+
+
+def _report(args: argparse.Namespace) -> int:
+    _check_output(args.output)
+    if args.output.suffix.lower() != ".png":
+        raise intq.IntqError(f"the report plot {args.output} must be a .png file")
+    config = _config(args)
+    graph = load_graph(args.model, dict(args.input_shape) or None)
+    batches = list(calibration_batches(args.calib, graph.inputs))
+    quantized = intq.quantize(graph, batches, config)
+    rows = layer_sqnr(graph, quantized, batches, progress=config.progress)
+    shown = rows[: args.top] if args.top else rows
+    print(f"per-layer SQNR vs FP32 on {len(batches)} calibration batches, worst first:")
+    print(
+        table(
+            [{"layer": r["layer"], "op": r["op"], "SQNR dB": f"{r['sqnr_db']:.1f}"} for r in shown]
+        )
+    )
+    path = _plot(shown, args.output, f"{args.model.name}: per-layer SQNR (worst at the top)")
+    _say(args, f"wrote {path}")
+    return 0
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _command(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=EXAMPLES[name],
+        formatter_class=_formatter,
+    )
+
+
+def _add_quant_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--calib",
+        type=Path,
+        required=True,
+        metavar="CALIB.npz",
+        help="calibration samples: one array per model input, samples on the first axis",
+    )
+    command.add_argument(
+        "--config",
+        type=Path,
+        metavar="CFG.toml",
+        help="QuantConfig as TOML (flags given here override it)",
+    )
+    command.add_argument("--calibration", choices=CALIBRATION_METHODS, help="default minmax")
+    command.add_argument("--percentile", type=float, help="for --calibration percentile")
+    command.add_argument("--weight-bits", type=int, help="default 8")
+    command.add_argument("--activation-bits", type=int, help="default 8")
+    _add_input_shape(command)
+    command.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,62 +405,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="intq",
         description="Compile trained networks into integer-only networks.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=OVERVIEW + "\n\nexit codes: 0 success, 1 intq error, 2 bad usage, 3 internal error",
+        formatter_class=_formatter,
     )
     parser.add_argument("--version", action="version", version=f"intq {intq.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser(
-        "inspect",
-        help="summarise a model: inputs, outputs, op census",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    inspect.add_argument("model", type=Path, help="an .onnx file or a saved .intq graph")
-    _add_input_shape(inspect)
-    inspect.add_argument("--ir", action="store_true", help="also print the textual IR")
-    inspect.set_defaults(run=_inspect)
 
-    for name, target, help_text, output in (
-        ("compile", None, "calibrate, convert to integers and compile for a target", "OUT"),
-        (
-            "quantize",
-            "reference",
-            "calibrate and convert to an integer-only .intq graph",
-            "OUT.intq",
-        ),
-    ):
-        command = commands.add_parser(
-            name,
-            help=help_text,
-            epilog=EXAMPLES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        command.add_argument("model", type=Path, help="an .onnx file")
-        command.add_argument(
-            "--calib",
-            type=Path,
-            required=True,
-            metavar="CALIB.npz",
-            help="calibration samples: one array per model input, samples on the first axis",
-        )
-        command.add_argument("-o", "--output", type=Path, required=True, metavar=output)
-        if target is None:
-            command.add_argument(
-                "--target",
-                default="onnxruntime",
-                choices=sorted(TARGETS),
-                help="onnxruntime writes a standard .onnx file; reference a .intq graph",
-            )
-        else:
-            command.set_defaults(target=target)
-        command.add_argument("--calibration", default="minmax", choices=CALIBRATION_METHODS)
-        command.add_argument("--percentile", type=float, default=99.99)
-        command.add_argument("--weight-bits", type=int, default=8)
-        command.add_argument("--activation-bits", type=int, default=8)
-        _add_input_shape(command)
-        command.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-        command.set_defaults(run=_quantize)
+    command = _command(commands, "compile", "calibrate, convert to integers and compile")
+    command.add_argument("model", type=Path, help="an .onnx file (or a float .intq graph)")
+    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+    command.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=sorted(TARGETS),
+        help="onnxruntime writes a standard .onnx file; reference a .intq graph",
+    )
+    _add_quant_options(command)
+    command.set_defaults(run=_compile)
+
+    command = _command(commands, "quantize", "calibrate and convert to an integer-only .intq")
+    command.add_argument("model", type=Path, help="an .onnx file")
+    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.intq")
+    _add_quant_options(command)
+    command.set_defaults(run=_compile, target="reference")
+
+    command = _command(commands, "run", "run a compiled artifact on inputs from an .npz")
+    command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
+    command.add_argument("--inputs", type=Path, required=True, metavar="IN.npz")
+    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.npz")
+    command.add_argument("--quiet", action="store_true", help="print nothing")
+    command.set_defaults(run=_run)
+
+    command = _command(commands, "inspect", "summarise a model or artifact")
+    command.add_argument("model", type=Path, help="an .onnx model or artifact, or a .intq graph")
+    _add_input_shape(command)
+    command.add_argument("--ir", action="store_true", help="also print the textual IR")
+    command.set_defaults(run=_inspect)
+
+    command = _command(commands, "bench", "measure an artifact's latency (p50/p90/p99)")
+    command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
+    command.add_argument("--fp32", type=Path, metavar="MODEL.onnx", help="compare with it")
+    command.add_argument("--inputs", type=Path, metavar="IN.npz", help="default: random")
+    command.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
+    command.add_argument("--warmup", type=int, default=5, help="untimed runs (default 5)")
+    command.set_defaults(run=_bench)
+
+    command = _command(commands, "report", "per-layer SQNR vs FP32: which layer hurts")
+    command.add_argument("model", type=Path, help="the float .onnx model")
+    command.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT.png")
+    command.add_argument("--top", type=int, default=0, help="show only the N worst layers")
+    _add_quant_options(command)
+    command.set_defaults(run=_report)
     return parser
 
 
@@ -212,6 +467,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except intq.IntqError as err:
         print(f"intq: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("intq: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            "intq: internal error (a bug in intq): please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""``QuantConfig`` as a TOML file, for ``intq compile --config cfg.toml``.
+
+    weight_bits = 8
+    activation_bits = 8
+    calibration = "percentile"     # minmax | percentile | mse
+    percentile = 99.99
+
+    [layer_bits."layer3.1.conv2"]  # by original node name, as `intq inspect --ir` prints
+    weights = 4
+    activations = 8
+
+The keys are :class:`~intq.quantization.QuantConfig`'s fields (read from the dataclass, so a
+new field is a new key). An unknown key, a wrong type or a bad value is an error naming the
+key and listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from intq.errors import IntqError
+from intq.passes.integerize import LayerBits
+from intq.quantization import QuantConfig
+
+_NOT_IN_FILES = {"progress"}
+"""QuantConfig fields that are run-time choices (``--quiet``), not part of a config file."""
+
+
+def config_keys() -> dict[str, Any]:
+    """Key -> expected Python type of every key a config file may set."""
+    hints = typing.get_type_hints(QuantConfig)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(QuantConfig)
+        if f.name not in _NOT_IN_FILES and f.name != "layer_bits"
+    } | {"layer_bits": dict}
+
+
+def _check_type(key: str, value: Any, expected: Any, path: Path) -> Any:
+    origin = typing.get_origin(expected)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is None and isinstance(expected, type):
+        if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+            return value
+        raise IntqError(
+            f"{path}: key {key!r} must be a {expected.__name__}, got {value!r}",
+            hint=f"write e.g. {key} = {_example(expected)}",
+        )
+    return value  # unions and generics: QuantConfig's own checks judge the value
+
+
+def _example(kind: type) -> str:
+    return {int: "8", float: "99.99", str: '"minmax"', bool: "true"}.get(kind, "...")
+
+
+def _layer_bits(table: Any, path: Path) -> dict[str, LayerBits]:
+    if not isinstance(table, dict):
+        raise IntqError(
+            f"{path}: layer_bits must be a table of layers",
+            hint='write [layer_bits."layer.name"] followed by weights = 4 / activations = 8',
+        )
+    valid = [f.name for f in dataclasses.fields(LayerBits)]
+    result = {}
+    for layer, entry in table.items():
+        if not isinstance(entry, dict):
+            raise IntqError(
+                f"{path}: layer_bits.{layer!r} must be a table",
+                hint=f'write [layer_bits."{layer}"] with keys {", ".join(valid)}',
+            )
+        unknown = sorted(set(entry) - set(valid))
+        if unknown:
+            raise IntqError(
+                f"{path}: unknown key {unknown[0]!r} in layer_bits.{layer!r}",
+                hint=f"the valid keys are: {', '.join(valid)}",
+            )
+        for key, value in entry.items():
+            _check_type(f"layer_bits.{layer}.{key}", value, int, path)
+        result[str(layer)] = LayerBits(**entry)
+    return result
+
+
+def load_config(path: str | Path, **overrides: Any) -> QuantConfig:
+    """The :class:`QuantConfig` a TOML file describes; ``overrides`` (not None) win."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise IntqError(f"cannot read config {path}: {err.strerror or err}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise IntqError(f"{path} is not valid TOML: {err}") from None
+    keys = config_keys()
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise IntqError(
+            f"{path}: unknown config key {unknown[0]!r}",
+            hint=f"the valid keys are: {', '.join(sorted(keys))}",
+        )
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "layer_bits":
+            values[key] = _layer_bits(value, path)
+        else:
+            values[key] = _check_type(key, value, keys[key], path)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return QuantConfig(**values)
+    except IntqError as err:
+        raise IntqError(f"{path}: {err.message}", hint=err.hint) from None
+
+
+__all__ = ["config_keys", "load_config"]
