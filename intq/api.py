@@ -65,12 +65,13 @@ def import_model(
 def _first_batch_as_example(data: Any) -> tuple[Any, Any]:
     """For a torch module: the first calibration item as example inputs, and the data with
     that item put back (the data may be a one-shot iterator)."""
-    if isinstance(data, (str, os.PathLike)):
-        with np.load(data, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-        return _example_of(arrays), arrays
-    if isinstance(data, np.ndarray) or isinstance(data, Mapping):
-        return _example_of(data), data
+    if isinstance(data, (str, os.PathLike, np.ndarray, Mapping)):
+        raise ShapeError(
+            "a torch module needs example inputs to fix its batch size, and this calibration"
+            " data is one block of samples",
+            hint="pass example_inputs=(a tensor of the batch shape you will run,), or give"
+            " the calibration data as a DataLoader / list of batches (its first batch is used)",
+        )
     iterator = iter(data)
     try:
         first = next(iterator)
@@ -107,7 +108,7 @@ def convert(
     compile for ``target``; returns the executable (``.run``, ``.save``).
 
     ``model``: an ``.onnx`` path, an ``onnx.ModelProto``, a ``torch.nn.Module`` (its shapes
-    come from ``example_inputs``, else from the first calibration batch) or an IR graph.
+    come from ``example_inputs``, else from the first batch of a DataLoader or list) or an IR graph.
     ``calibration_data``: a list of input dicts, a numpy array (single-input models), a
     torch ``DataLoader`` or an ``.npz`` path (see :func:`intq.data.calibration_batches`).
     The executable's ``float_graph`` and ``int_graph`` attributes hold the imported and the

@@ -211,14 +211,12 @@ def artifact_target(path: Path, data: bytes) -> str:
         meta = onnx_metadata(parse_onnx(data, path), path)
         return meta.get("intq.target", "onnxruntime")
     for target, fmt in FORMATS.items():
-        if path.suffix in fmt.suffixes and target not in ("reference", "onnxruntime"):
+        if path.suffix in fmt.suffixes:
             return target
     raise ArtifactError(
         f"{path} is not an intq artifact",
-        hint="intq.load reads what exe.save / intq compile wrote: .intq, .onnx"
-        + "".join(
-            f", {s}" for t, f in FORMATS.items() for s in f.suffixes if s not in (".intq", ".onnx")
-        ),
+        hint="intq.load reads what exe.save / intq compile wrote: "
+        + ", ".join(s for f in FORMATS.values() for s in f.suffixes),
     )
 
 

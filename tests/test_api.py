@@ -1,0 +1,179 @@
+"""``intq.convert`` / ``intq.load``: calibration data in every form, checked artifacts, config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import intq
+from intq import examples
+from intq.artifacts import FORMAT_VERSION
+from intq.config import load_config
+
+QUIET = intq.QuantConfig(progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits_train() -> np.ndarray:
+    return examples._digits_split()[0][:64]
+
+
+@pytest.fixture(scope="module")
+def expected(digits_model, digits_train) -> np.ndarray:
+    """The integer model's output calibrated on the 64 digits as one array."""
+    exe = intq.convert(digits_model.path, digits_train, target="reference", config=QUIET)
+    return exe.run(digits_model.inputs)["logits"]
+
+
+def test_every_calibration_form_gives_the_same_model(
+    digits_model, digits_train, expected, tmp_path
+):
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, input=digits_train, labels=np.zeros(64))  # extra arrays are ignored
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(digits_train), torch.zeros(64)),
+        batch_size=16,  # regrouped into the model's batch of 8
+    )
+    forms = [
+        [{"input": digits_train[i : i + 8]} for i in range(0, 64, 8)],
+        {"input": digits_train},
+        loader,
+        npz,
+        str(npz),
+        (torch.from_numpy(digits_train[i : i + 4]) for i in range(0, 64, 4)),  # one-shot
+    ]
+    for data in forms:
+        exe = intq.convert(digits_model.path, data, target="reference", config=QUIET)
+        assert np.array_equal(exe.run(digits_model.inputs)["logits"], expected), type(data)
+
+
+def test_convert_a_torch_module_and_reload_both_targets(digits_model, digits_train, tmp_path):
+    module = examples.digits_cnn_module()
+    for target, name in (("reference", "m.intq"), ("onnxruntime", "m.onnx")):
+        example = torch.from_numpy(digits_train[:8])
+        exe = intq.convert(module, digits_train, target, QUIET, example_inputs=example)
+        assert exe.target == target and exe.input_names == ["x"]
+        assert "features.0" in {node.label() for node in exe.int_graph}
+        got = exe.run({"x": digits_model.inputs["input"]})["output"]
+        with torch.no_grad():
+            want = module(torch.from_numpy(digits_model.inputs["input"])).numpy()
+        assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.875
+        loaded = intq.load(exe.save(tmp_path / name))
+        assert loaded.target == target
+        assert np.array_equal(loaded.run({"x": digits_model.inputs["input"]})["output"], got)
+    assert loaded.layers[0]["layer"] == "features.0" and loaded.layers[0]["weights"].startswith(
+        "s8"
+    )
+    loader = [torch.from_numpy(digits_train[i : i + 8]) for i in range(0, 64, 8)]
+    assert intq.convert(module, loader, "reference", QUIET).input_names == ["x"]
+    with pytest.raises(intq.ShapeError, match="example inputs"):
+        intq.convert(module, digits_train, "reference", QUIET)
+
+
+@pytest.mark.parametrize(
+    ("data", "match", "hint"),
+    [
+        (np.zeros((16, 1, 4, 8), np.float32), r"samples of shape \[1, 4, 8\]", r"\[N, 1, 8, 8\]"),
+        (np.zeros((16, 1, 8, 8), np.int64), "dtype int64", "astype"),
+        (
+            [{"image": np.zeros((8, 1, 8, 8), np.float32)}],
+            r"unknown input name\(s\) \['image'\]",
+            "input: f32",
+        ),
+        (np.zeros((4, 1, 8, 8), np.float32), "fewer than one batch of 8", "at least 8"),
+        (["text"], "not an array", "DataLoader"),
+        (42, "not supported", "npz"),
+    ],
+)
+def test_bad_calibration_data_names_the_input_and_the_fix(digits_model, data, match, hint):
+    with pytest.raises(intq.ShapeError, match=match) as info:
+        intq.convert(digits_model.path, data, target="reference", config=QUIET)
+    assert info.value.hint is not None
+    assert __import__("re").search(hint, info.value.hint)
+
+
+def _saved(digits_model, digits_train, tmp_path, target: str, name: str):
+    exe = intq.convert(digits_model.path, digits_train, target=target, config=QUIET)
+    return exe.save(tmp_path / name)
+
+
+def test_reference_artifact_header_and_tampering(digits_model, digits_train, tmp_path):
+    path = _saved(digits_model, digits_train, tmp_path, "reference", "m.intq")
+    data = path.read_bytes()
+    assert data.startswith(f"# intq-artifact format={FORMAT_VERSION} target=reference".encode())
+    # The header is a comment to the IR parser: the file is still plain textual IR.
+    assert intq.ir.from_text(data.decode()).outputs[0].name == "logits"
+
+    flipped = tmp_path / "flipped.intq"
+    at = data.index(b"scale=") + 7
+    flipped.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :])
+    with pytest.raises(intq.ArtifactError, match="does not match its checksum"):
+        intq.load(flipped)
+    newer = tmp_path / "newer.intq"
+    newer.write_bytes(data.replace(b"format=1", b"format=9", 1))
+    with pytest.raises(intq.ArtifactError, match="format version 9"):
+        intq.load(newer)
+    truncated = tmp_path / "truncated.intq"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(intq.ArtifactError, match="checksum"):
+        intq.load(truncated)
+    bare = tmp_path / "bare.intq"
+    bare.write_text(data.decode().split("\n", 1)[1])
+    with pytest.raises(intq.ArtifactError, match="no valid intq artifact header"):
+        intq.load(bare)
+
+
+def test_onnx_artifact_metadata_and_tampering(digits_model, digits_train, tmp_path):
+    import onnx
+
+    path = _saved(digits_model, digits_train, tmp_path, "onnxruntime", "m.onnx")
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["intq.format"] == str(FORMAT_VERSION) and len(meta["intq.sha256"]) == 64
+    # A plain ONNX Runtime session runs the artifact (the metadata is ignored).
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    plain = session.run(None, digits_model.inputs)[0]
+    assert np.array_equal(plain, intq.load(path).run(digits_model.inputs)["logits"])
+
+    weights = next(t for t in model.graph.initializer if t.raw_data and len(t.raw_data) > 100)
+    raw = bytearray(weights.raw_data)
+    raw[10] ^= 1
+    weights.raw_data = bytes(raw)
+    onnx.save(model, str(tmp_path / "tampered.onnx"))
+    with pytest.raises(intq.ArtifactError, match="does not match its checksum"):
+        intq.load(tmp_path / "tampered.onnx")
+    (tmp_path / "cut.onnx").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(intq.ArtifactError, match="not a valid ONNX file"):
+        intq.load(tmp_path / "cut.onnx")
+    with pytest.raises(intq.ArtifactError, match="not an intq artifact"):
+        intq.load(digits_model.path)  # a float model, not something intq wrote
+    with pytest.raises(intq.ArtifactError, match="no artifact at"):
+        intq.load(tmp_path / "missing.onnx")
+
+
+def test_config_file(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'calibration = "percentile"\npercentile = 99\nweight_bits = 8\n'
+        '[layer_bits."features.0"]\nweights = 4\n'
+    )
+    config = load_config(good, weight_bits=None, activation_bits=8)
+    assert config.calibration == "percentile" and config.percentile == 99.0
+    assert config.layer_bits["features.0"] == intq.LayerBits(weights=4, activations=8)
+    for text, match, hint in [
+        ("weight_bit = 4\n", "unknown config key 'weight_bit'", "weight_bits"),
+        ('weight_bits = "8"\n', "'weight_bits' must be a int", "weight_bits = 8"),
+        ('calibration = "best"\n', "unknown calibration method 'best'", "minmax"),
+        ('[layer_bits."a"]\nweight = 4\n', "unknown key 'weight' in layer_bits", "weights"),
+        ("weight_bits = \n", "not valid TOML", None),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(intq.IntqError, match=match) as info:
+            load_config(bad)
+        assert str(bad) in str(info.value)
+        if hint:
+            assert hint in info.value.hint
