@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import intq
 
 
@@ -84,7 +86,7 @@ def test_quantize_command_writes_an_integer_only_graph(digits_model, tmp_path):
     graph = intq.from_onnx(digits_model.path)
     batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
     api = intq.quantize(graph, batches, intq.QuantConfig(calibration="percentile"))
-    assert out.read_text() == intq.ir.to_text(api)
+    assert intq.ir.to_text(intq.load(out).graph) == intq.ir.to_text(api)
 
 
 def test_quantize_command_reports_bad_calibration_archives(digits_model, tmp_path):
@@ -93,7 +95,7 @@ def test_quantize_command_reports_bad_calibration_archives(digits_model, tmp_pat
     calib = tmp_path / "calib.npz"
     np.savez(calib, wrong_name=np.zeros((8, 1, 8, 8), np.float32))
     done = run_cli("quantize", str(digits_model.path), "--calib", str(calib), "-o", "x.intq")
-    assert done.returncode == 1 and "no array for input 'input'" in done.stderr
+    assert done.returncode == 1 and "array named 'wrong_name'" in done.stderr
 
 
 def test_compile_command_writes_a_plain_onnx_model(digits_model, tmp_path):
@@ -124,3 +126,152 @@ def test_compile_command_writes_a_plain_onnx_model(digits_model, tmp_path):
     batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
     want = intq.compile(intq.quantize(graph, batches)).run(digits_model.inputs)["logits"]
     np.testing.assert_array_equal(logits, want)
+
+
+# ----- the whole job through the command line -------------------------------------------
+
+
+def _npz(path, **arrays):
+    import numpy as np
+
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_files(digits_model, tmp_path_factory):
+    from intq import examples
+
+    root = tmp_path_factory.mktemp("cli")
+    x_train, x_test, _, _ = examples._digits_split()
+    calib = _npz(root / "calib.npz", input=x_train[:64])
+    inputs = _npz(root / "in.npz", input=x_test[:8])
+    config = root / "cfg.toml"
+    config.write_text('calibration = "percentile"\npercentile = 99.9\n')
+    return root, calib, inputs, config
+
+
+@pytest.mark.parametrize(("target", "suffix"), [("onnxruntime", ".onnx"), ("reference", ".intq")])
+def test_compile_run_inspect_bench_report_end_to_end(digits_model, digits_files, target, suffix):
+    import numpy as np
+
+    from intq.config import load_config
+
+    root, calib, inputs, config = digits_files
+    artifact = root / f"digits{suffix}"
+    done = run_cli(
+        "compile", str(digits_model.path), "--calib", str(calib), "--config", str(config),
+        "--target", target, "-o", str(artifact), "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and artifact.is_file()
+
+    out = root / f"out_{target}.npz"
+    done = run_cli("run", str(artifact), "--inputs", str(inputs), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "output logits: float32[8, 10]" in done.stdout
+    # The same as the Python API, bit for bit.
+    exe = intq.convert(digits_model.path, calib, target=target, config=load_config(config))
+    with np.load(out) as got, np.load(inputs) as x:
+        assert np.array_equal(got["logits"], exe.run({"input": x["input"]})["logits"])
+        assert np.array_equal(
+            got["logits"], intq.load(artifact).run({"input": x["input"]})["logits"]
+        )
+
+    done = run_cli("inspect", str(artifact))
+    assert done.returncode == 0, done.stderr
+    assert "integer-only: yes" in done.stdout
+    assert "/features/features.0/Conv" in done.stdout and "s8 @" in done.stdout
+
+    done = run_cli("bench", str(artifact), "--fp32", str(digits_model.path), "--repeat", "5")
+    assert done.returncode == 0, done.stderr
+    assert "p50" in done.stdout and "p99" in done.stdout and "vs FP32 (p50)" in done.stdout
+
+    if target == "onnxruntime":  # the report does not depend on the target: run it once
+        png = root / "report.png"
+        done = run_cli(
+            "report", str(digits_model.path), "--calib", str(calib), "--config", str(config),
+            "-o", str(png), "--quiet",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert png.read_bytes().startswith(b"\x89PNG")
+        values = [float(line.split()[-1]) for line in done.stdout.splitlines()[3:]]
+        assert len(values) >= 6 and values == sorted(values)  # worst first
+        assert "/classifier/classifier.1/Gemm" in done.stdout
+
+
+def _unsupported_model(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="act"),
+         helper.make_node("Cos", ["r"], ["y"], name="block/cosine")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 4])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _error_cases(root, model, calib, inputs):
+    import numpy as np
+
+    artifact = root / "good.onnx"
+    assert (
+        run_cli(
+            "compile", str(model), "--calib", str(calib), "-o", str(artifact), "--quiet"
+        ).returncode
+        == 0
+    )
+    tampered = root / "tampered.onnx"
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    x = np.load(calib)["input"]
+    config = root / "typo.toml"
+    config.write_text("weight_bit = 4\n")
+    return {
+        "missing model": (["compile", str(root / "nope.onnx"), "--calib", str(calib)],
+                          "no model file", None),
+        "missing calibration": (["compile", str(model), "--calib", str(root / "nope.npz")],
+                                "no calibration file", "check the path"),
+        "calibration shape": (["compile", str(model), "--calib",
+                               str(_npz(root / "shape.npz", input=x[:, :, :4]))],
+                              "samples of shape [1, 4, 8]", "[N, 1, 8, 8]"),
+        "calibration name": (["compile", str(model), "--calib",
+                              str(_npz(root / "name.npz", images=x))],
+                             "array named 'images'", "input=array"),
+        "calibration dtype": (["compile", str(model), "--calib",
+                               str(_npz(root / "dtype.npz", input=x.astype(np.int64)))],
+                              "dtype int64", "astype"),
+        "unknown config key": (["compile", str(model), "--calib", str(calib), "--config",
+                                str(config)], "unknown config key 'weight_bit'", "weight_bits"),
+        "unsupported op": (["compile", str(_unsupported_model(root / "cos.onnx")), "--calib",
+                            str(_npz(root / "x.npz", x=np.ones((8, 4), np.float32)))],
+                           "node 'block/cosine': Cos (opset 17) is not supported", "Relu"),
+        "tampered artifact": (["run", str(tampered), "--inputs", str(inputs)], "", "recompile"),
+        "missing run input": (["run", str(artifact), "--inputs", str(root / "nope.npz")],
+                              "no inputs file", "check the path"),
+        "wrong run input": (["run", str(artifact), "--inputs", str(calib)],
+                            "input 'input' has shape [64, 1, 8, 8]", None),
+    }  # fmt: skip
+
+
+def test_error_paths_exit_1_with_one_paragraph_and_leave_no_file(digits_model, digits_files):
+    root, calib, inputs, _ = digits_files
+    for case, (args, message, hint) in _error_cases(root, digits_model.path, calib, inputs).items():
+        out = root / "errors" / f"{case.replace(' ', '_')}.out"
+        out.parent.mkdir(exist_ok=True)
+        option = "-o"
+        done = run_cli(*args, option, str(out))
+        assert done.returncode == 1, (case, done.stderr)
+        assert done.stderr.startswith("intq: error:"), (case, done.stderr)
+        assert message in done.stderr, (case, done.stderr)
+        if hint:
+            assert "hint:" in done.stderr and hint in done.stderr, (case, done.stderr)
+        assert "Traceback" not in done.stderr and "\n\n" not in done.stderr.strip(), case
+        assert list(out.parent.iterdir()) == [], (case, list(out.parent.iterdir()))
