@@ -1,13 +1,15 @@
 """``make demo``: intq's main job on the built-in example models, with a table of results.
 
 For each packaged CNN (a CNN trained on scikit-learn digits, EfficientNet-Lite0 with its
-ImageNet weights, a ResNet-18-shaped network) the demo imports the ONNX export, calibrates on
-real data, converts it to an integer-only graph, compiles that for ONNX Runtime (a standard
-``.onnx`` file), checks it bit for bit against the reference interpreter, and compares it with
-the FP32 model: fidelity, latency, size. The MiniLM sentence encoder is imported and checked
+ImageNet weights, a ResNet-18-shaped network) the demo runs ``intq.convert`` on the ONNX
+export for each backend (ONNX Runtime: a standard ``.onnx`` file; the numpy reference: a
+``.intq`` graph; TVM when it is installed as a target), calibrating on real data, checks each
+bit for bit against the reference interpreter, and compares it with the FP32 model:
+fidelity, latency, size, integer-only op census. The MiniLM sentence encoder is imported and checked
 in float (integer transformers are on the roadmap).
 
     python -m intq.demo [--out DIR] [--models digits_cnn,efficientnet_lite0]
+                        [--targets onnxruntime,reference]
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import numpy as np
 
 import intq
 from intq import examples
+from intq.backends import TARGETS
 from intq.backends.onnxruntime import onnx_census
+from intq.passes.integer_only import check_integer_only
 
 CNNS = ("digits_cnn", "efficientnet_lite0", "resnet18_like")
 CONFIG = intq.QuantConfig(calibration="percentile", progress=False)
@@ -51,51 +55,79 @@ def _data(
     return calib, [c[None] for c in examples.photo_crops(model, 24, seed=2)], None
 
 
-def _cnn_row(name: str, out: Path) -> dict[str, str]:
+def _census_text(counts: dict[str, int], skip: tuple[str, ...]) -> str:
+    """The three most frequent ops and the total, e.g. ``ConvInteger 49, Add 120, ... (600)``."""
+    kept = {op: n for op, n in counts.items() if op not in skip}
+    top = sorted(kept.items(), key=lambda item: -item[1])[:3]
+    return ", ".join(f"{op} {n}" for op, n in top) + f" ({sum(kept.values())} ops)"
+
+
+def _cnn_rows(name: str, out: Path, targets: list[str]) -> list[dict[str, str]]:
+    """One row per target: the model converted by ``intq.convert``, against FP32."""
     import onnxruntime as ort
 
     model = examples.ALL_BUILDERS[name](out)
-    graph = intq.from_onnx(model.path)
     calib, evaluation, labels = _data(name, model)
-    quantized = intq.quantize(graph, calib, CONFIG)
-    exe = intq.compile(quantized, target="onnxruntime")
-    int_path = exe.save(model.path.with_name(model.path.stem + "_int8.onnx"))
-    reference = intq.compile(quantized, target="reference")
     fp32 = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
-
     float_out = np.concatenate([fp32.run(None, {"input": x})[0] for x in evaluation])
-    int_out = np.concatenate([exe.run({"input": x})["logits"] for x in evaluation])
-    exact = all(
-        np.array_equal(exe.run({"input": x})["logits"], reference.run({"input": x})["logits"])
-        for x in evaluation[:3]
-    )
-    cosine = np.mean(
-        np.sum(float_out * int_out, 1)
-        / (np.linalg.norm(float_out, axis=1) * np.linalg.norm(int_out, axis=1))
-    )
-    if labels is not None:
-        fidelity = (
-            f"accuracy {np.mean(float_out.argmax(1) == labels):.1%}"
-            f" -> {np.mean(int_out.argmax(1) == labels):.1%}"
-        )
-    else:
-        fidelity = f"top-1 agree {np.mean(float_out.argmax(1) == int_out.argmax(1)):.0%}"
     x = evaluation[0]
     fp32_ms = _median_ms(lambda: fp32.run(None, {"input": x}))
-    int_ms = _median_ms(lambda: exe.run({"input": x}))
-    census = onnx_census(exe.model)  # raises unless the exported model is integer-only
-    integer_ops = (
-        sum(census.values()) - census.get("QuantizeLinear", 0) - census.get("DequantizeLinear", 0)
-    )
-    return {
-        "model": name,
-        "fidelity vs FP32": f"{fidelity}, cosine {cosine:.3f}",
-        "ORT = reference": "bit-exact" if exact else "MISMATCH",
-        "FP32 ms": f"{fp32_ms:.1f}",
-        "int ms": f"{int_ms:.1f} ({int_ms / fp32_ms:.2f}x)",
-        "size MB": f"{_mb(model.path)} -> {_mb(int_path)}",
-        "integer-only": f"yes: {integer_ops} integer ops",
-    }
+    rows = []
+    first = intq.convert(model.path, calib, target=targets[0], config=CONFIG)
+    int_graph = first.int_graph
+    oracle = intq.compile(int_graph)  # the reference interpreter: what every backend must equal
+    checked = evaluation[:2]
+    want = [oracle.run({"input": x})["logits"] for x in checked]
+    first_out: np.ndarray | None = None
+    for target in targets:
+        exe = first if target == targets[0] else intq.compile(int_graph, target=target)
+        suffix = {"onnxruntime": "_int8.onnx", "reference": "_int8.intq"}.get(target, "_int8")
+        int_path = exe.save(model.path.with_name(model.path.stem + suffix))
+        exact = all(
+            np.array_equal(exe.run({"input": x})["logits"], w) for x, w in zip(checked, want)
+        )
+        if first_out is None:
+            # Bit-exact backends score the same: the fidelity is measured once, on the first.
+            first_out = np.concatenate([exe.run({"input": x})["logits"] for x in evaluation])
+            int_out = first_out
+            cosine = np.mean(
+                np.sum(float_out * int_out, 1)
+                / (np.linalg.norm(float_out, axis=1) * np.linalg.norm(int_out, axis=1))
+            )
+            if labels is not None:
+                fidelity = (
+                    f"accuracy {np.mean(float_out.argmax(1) == labels):.1%}"
+                    f" -> {np.mean(int_out.argmax(1) == labels):.1%}"
+                )
+            else:
+                fidelity = f"top-1 agree {np.mean(float_out.argmax(1) == int_out.argmax(1)):.0%}"
+            fidelity = f"{fidelity}, cosine {cosine:.3f}"
+            shown = fidelity
+        else:
+            shown = f"same as {targets[0]}" if exact else "differs (see = reference)"
+        # The numpy reference is an oracle, not a runtime: a few runs are enough.
+        repeat = 3 if target == "reference" else 15
+        int_ms = _median_ms(lambda exe=exe, x=x: exe.run({"input": x}), repeat)
+        if target == "onnxruntime":
+            # onnx_census raises unless the exported file itself is integer-only.
+            counts = onnx_census(exe.model)
+            ops = _census_text(counts, ("QuantizeLinear", "DequantizeLinear"))
+        else:
+            counts = check_integer_only(int_graph).ops
+            ops = _census_text(counts, ("Quantize", "Dequantize"))
+        rows.append(
+            {
+                "model": name,
+                "target": target,
+                "fidelity vs FP32": shown,
+                "= reference": "bit-exact" if exact else "MISMATCH",
+                "FP32 ms": f"{fp32_ms:.1f}",
+                "int ms": f"{int_ms:.1f} ({int_ms / fp32_ms:.2f}x)",
+                "size MB": f"{_mb(model.path)} -> {_mb(int_path)}",
+                "integer-only op census": ops,
+            }
+        )
+    return rows
 
 
 def _mb(path: Path) -> str:
@@ -130,27 +162,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", default=",".join((*CNNS, "minilm")), help=f"a subset of {(*CNNS, 'minilm')}"
     )
+    parser.add_argument(
+        "--targets",
+        default=",".join(t for t in ("onnxruntime", "tvm", "reference") if t in TARGETS),
+        help=f"a subset of {sorted(TARGETS)}",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in (*CNNS, "minilm")]
     if unknown:
         parser.error(f"unknown models {unknown}")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if any(t not in TARGETS for t in targets):
+        parser.error(f"unknown targets {[t for t in targets if t not in TARGETS]}")
     print(
-        f"intq {intq.__version__}: ONNX -> calibrate ({CONFIG.calibration}) -> integer-only INT8"
-        " -> ONNX Runtime (standard .onnx), against the FP32 model"
+        f"intq {intq.__version__}: intq.convert = ONNX -> calibrate ({CONFIG.calibration})"
+        f" -> integer-only INT8 -> {', '.join(targets)}, against the FP32 model"
     )
     rows = []
     for name in names:
         if name in CNNS:
             print(f"  {name} ...", flush=True)
-            rows.append(_cnn_row(name, args.out))
+            rows.extend(_cnn_rows(name, args.out, targets))
     if rows:
         print()
         print(_table(rows))
     if "minilm" in names:
         print()
         print(_minilm_line(args.out))
-    print(f"\nThe integer-only models are {args.out}/*_int8.onnx: plain onnxruntime runs them.")
+    print(
+        f"\nThe integer-only models are {args.out}/*_int8.*: plain onnxruntime runs the .onnx"
+        " files; intq.load reopens any of them."
+    )
     return 0
 
 
