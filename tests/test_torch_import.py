@@ -130,3 +130,14 @@ def test_training_mode_is_restored_and_bad_inputs_are_refused():
         intq.from_torch(module, ["not a tensor"])
     with pytest.raises(intq.ModelImportError, match=r"torch\.nn\.Module"):
         intq.from_torch("model.onnx", torch.zeros(1))
+
+
+def test_readme_lists_every_supported_aten_op():
+    from pathlib import Path
+
+    from intq.frontends.torch_import import supported_aten_ops
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    flat = " ".join(readme.split())
+    missing = [op for op in supported_aten_ops() if op.removeprefix("aten.") not in flat]
+    assert not missing, f"README's ATen op list is stale: {missing}"
