@@ -10,8 +10,8 @@ checksum, version or target does not match, with an :class:`ArtifactError` sayin
 
 - ``onnxruntime`` (``.onnx``): a standard ONNX model; ``metadata_props`` hold
   ``intq.format``, ``intq.target``, ``intq.layers`` (JSON: per-layer bits and scales) and
-  ``intq.sha256`` (of the serialized graph, then a zero byte, then ``intq.layers``).
-  Plain ONNX Runtime ignores the metadata.
+  ``intq.sha256``: of the whole model serialized deterministically without that last entry
+  (graph, opsets, IR version, the other metadata). Plain ONNX Runtime ignores the metadata.
 
 Nothing is unpickled: the payloads are text and protobuf. A new backend plugs in with one
 entry in :data:`FORMATS` (its loader and file suffixes).
@@ -112,28 +112,39 @@ def _load_reference(path: Path, data: bytes) -> Executable:
 # ----- onnxruntime: ONNX with metadata ----------------------------------------------------
 
 
+def _onnx_digest(model: onnx.ModelProto) -> str:
+    """sha256 of the whole model except its ``intq.sha256`` entry."""
+    import onnx
+
+    unsealed = onnx.ModelProto()
+    unsealed.CopyFrom(model)
+    kept = [p for p in unsealed.metadata_props if p.key != "intq.sha256"]
+    del unsealed.metadata_props[:]
+    unsealed.metadata_props.extend(kept)
+    return _sha256(unsealed.SerializeToString(deterministic=True))
+
+
 def seal_onnx(model: onnx.ModelProto, graph: Graph, target: str = "onnxruntime") -> bytes:
-    """The serialized ``model`` with intq's metadata (format, target, layers, checksum)."""
+    """The serialized ``model`` with intq's metadata: format, target, the per-layer table,
+    and the sha256 of everything else in the file."""
     import onnx
 
     from intq.inspection import layer_table
 
     sealed = onnx.ModelProto()
     sealed.CopyFrom(model)
-    layers = json.dumps(layer_table(graph), separators=(",", ":"))
-    digest = _sha256(sealed.graph.SerializeToString(deterministic=True), layers.encode())
     entries = {
         "intq.format": str(FORMAT_VERSION),
         "intq.target": target,
-        "intq.layers": layers,
-        "intq.sha256": digest,
+        "intq.layers": json.dumps(layer_table(graph), separators=(",", ":")),
     }
-    kept = [p for p in sealed.metadata_props if p.key not in entries]
+    kept = [p for p in sealed.metadata_props if not p.key.startswith("intq.")]
     del sealed.metadata_props[:]
     sealed.metadata_props.extend(kept)
     for key, value in entries.items():
         sealed.metadata_props.add(key=key, value=value)
-    return sealed.SerializeToString()
+    sealed.metadata_props.add(key="intq.sha256", value=_onnx_digest(sealed))
+    return sealed.SerializeToString(deterministic=True)
 
 
 def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
@@ -167,10 +178,12 @@ def onnx_metadata(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     except ValueError:
         raise _tampered(path) from None
     _check_version(path, version)
-    layers = meta.get("intq.layers", "")
-    digest = _sha256(model.graph.SerializeToString(deterministic=True), layers.encode())
-    if digest != meta.get("intq.sha256"):
+    if _onnx_digest(model) != meta.get("intq.sha256"):
         raise _tampered(path)
+    try:
+        json.loads(meta.get("intq.layers", ""))
+    except ValueError:
+        raise _tampered(path) from None
     return meta
 
 

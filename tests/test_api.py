@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import intq
 from intq import examples
@@ -177,3 +181,52 @@ def test_config_file(tmp_path):
         assert str(bad) in str(info.value)
         if hint:
             assert hint in info.value.hint
+
+
+# ----- properties ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_artifacts(digits_model, digits_train, tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    int_graph = intq.convert(digits_model.path, digits_train, "reference", QUIET).int_graph
+    return {
+        "reference": intq.compile(int_graph).save(root / "m.intq").read_bytes(),
+        "onnxruntime": intq.compile(int_graph, "onnxruntime").save(root / "m.onnx").read_bytes(),
+    }
+
+
+@settings(max_examples=25)
+@given(where=st.floats(0, 1, exclude_max=True), bits=st.integers(1, 255), cut=st.booleans())
+def test_any_changed_byte_or_truncation_is_refused(
+    saved_artifacts, tmp_path_factory, where, bits, cut
+):
+    for target, data in saved_artifacts.items():
+        at = int(where * len(data))
+        changed = data[:at] if cut else data[:at] + bytes([data[at] ^ bits]) + data[at + 1 :]
+        path = (
+            tmp_path_factory.getbasetemp()
+            / f"changed.{'intq' if target == 'reference' else 'onnx'}"
+        )
+        path.write_bytes(changed)
+        with pytest.raises(intq.ArtifactError):
+            intq.load(path)
+
+
+@given(chunks=st.lists(st.integers(1, 20), min_size=1, max_size=12))
+def test_calibration_regrouped_into_model_batches_whatever_the_chunking(digits_model, chunks):
+    from intq.data import calibration_batches
+
+    inputs = intq.from_onnx(digits_model.path).inputs
+    total = sum(chunks)
+    samples = np.arange(total * 64, dtype=np.float32).reshape(total, 1, 8, 8)
+    starts = np.cumsum([0, *chunks])
+    items = [{"input": samples[a:b]} for a, b in itertools.pairwise(starts)]
+    if total < 8:
+        with pytest.raises(intq.ShapeError, match="fewer than one batch"):
+            list(calibration_batches(items, inputs))
+        return
+    batches = list(calibration_batches(items, inputs))
+    assert len(batches) == total // 8
+    for i, batch in enumerate(batches):
+        assert np.array_equal(batch["input"], samples[8 * i : 8 * i + 8])
