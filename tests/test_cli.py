@@ -261,13 +261,30 @@ def _error_cases(root, model, calib, inputs):
     }  # fmt: skip
 
 
+SUBPROCESS_CASES = ("missing model", "calibration shape", "unknown config key", "unsupported op")
+"""Run as a user would; the other error cases call ``intq.cli.main`` in-process (the same
+parser and handler, without paying an interpreter start each)."""
+
+
+def _in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    import contextlib
+    import io
+
+    from intq.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def test_error_paths_exit_1_with_one_paragraph_and_leave_no_file(digits_model, digits_files):
     root, calib, inputs, _ = digits_files
     for case, (args, message, hint) in _error_cases(root, digits_model.path, calib, inputs).items():
         out = root / "errors" / f"{case.replace(' ', '_')}.out"
         out.parent.mkdir(exist_ok=True)
-        option = "-o"
-        done = run_cli(*args, option, str(out))
+        call = run_cli if case in SUBPROCESS_CASES else _in_process
+        done = call(*args, "-o", str(out))
         assert done.returncode == 1, (case, done.stderr)
         assert done.stderr.startswith("intq: error:"), (case, done.stderr)
         assert message in done.stderr, (case, done.stderr)

@@ -69,7 +69,6 @@ def from_torch(
         try:
             with torch.no_grad():
                 program = torch.export.export(module, args, kwargs)
-                program = program.run_decompositions({})
         except Exception as err:
             if not fallback:
                 raise ModelImportError(
@@ -88,7 +87,13 @@ def from_torch(
     finally:
         for m, training in modes.items():
             m.train(training)
-    return _Importer(program, input_names, output_names).run()
+    try:
+        return _Importer(program, input_names, output_names).run()
+    except UnsupportedOpError:
+        # The exported program keeps composite ops (batch_norm, dropout, flatten...), which
+        # is faster to get; an op without a converter may decompose into ones that have one.
+        decomposed = program.run_decompositions({})
+        return _Importer(decomposed, input_names, output_names).run()
 
 
 def _first_line(err: BaseException) -> str:
@@ -365,8 +370,7 @@ def _relu6(ctx: TorchContext) -> Result:
 @_aten("aten.sigmoid.default", "aten.tanh.default", "aten.sqrt.default", "aten.exp.default")
 @_aten("aten.neg.default", "aten.abs.default", "aten.erf.default")
 def _unary(ctx: TorchContext) -> Result:
-    op = ctx.target.split(".")[1]
-    return ctx.emit(op.capitalize() if op != "sqrt" else "Sqrt", [ctx.value("self")])
+    return ctx.emit(ctx.target.split(".")[1].capitalize(), [ctx.value("self")])
 
 
 @_aten("aten.gelu.default")
@@ -582,9 +586,16 @@ def _to(ctx: TorchContext) -> Result:
 
 
 @_aten("aten.clone.default", "aten.contiguous.default", "aten.alias.default")
-@_aten("aten.detach.default", "aten.dropout.default", "aten.lift_fresh_copy.default")
+@_aten("aten.detach.default", "aten.lift_fresh_copy.default")
 def _identity(ctx: TorchContext) -> Result:
-    return ctx.value("self" if "self" in ctx.args else "input")
+    return ctx.value("self")
+
+
+@_aten("aten.dropout.default", "aten.feature_dropout.default")
+def _dropout(ctx: TorchContext) -> Result:
+    if ctx.args.get("train"):
+        raise ctx.unsupported("dropout in training mode")
+    return ctx.value("input")
 
 
 @_aten("aten._assert_tensor_metadata.default", "aten._assert_scalar.default")
