@@ -71,7 +71,7 @@ class LoweringOptions:
     calibration: str = "minmax"
     percentile: float = 99.99
     layer_bits: Mapping[str, LayerBits] | None = None
-    residual_bits: int = 16
+    wide_bits: int = 16
     softmax: str = "divfree"
     gelu: str = "divfree"
     layernorm: str = "divfree"
@@ -217,8 +217,8 @@ class _Lowering:
             non_negative = _provably_non_negative(value)
         producer = value.producer
         bits = self.options.bits(producer.name if producer else value.name).activations
-        if _residual(value):
-            bits = max(bits, self.options.residual_bits)
+        if _wide(value):
+            bits = max(bits, self.options.wide_bits)
         threshold = stats.clip(
             self.options.calibration, bits, not non_negative, self.options.percentile
         )
@@ -368,19 +368,22 @@ def _provably_non_negative(value: Value) -> bool:
     return False
 
 
-def _residual(value: Value) -> bool:
-    """A value of the residual stream, which keeps ``residual_bits``: the input of a
-    LayerNorm, or an operand of an addition that feeds one (not a LayerNorm's own output,
-    which the next layer's 8-bit products read)."""
+WIDE_PRODUCERS = ("LayerNormalization", "Gelu")
+
+
+def _wide(value: Value) -> bool:
+    """A transformer value kept at ``wide_bits``: the residual stream (the input of a
+    LayerNorm, and the operands of additions feeding one) and the LayerNorm and GELU
+    outputs that dense layers read (8 bits lose BERT's outlier channels there)."""
     producer = value.producer
-    if producer is not None and producer.op == "LayerNormalization":
-        return False
+    if producer is not None and producer.op in WIDE_PRODUCERS:
+        return True
     for use in value.uses():
         reader = use.node
         if reader.op == "LayerNormalization":
             return True
         if reader.op == "Add" and any(
-            u.node.op in ("LayerNormalization", "Add") and _residual(reader.output)
+            u.node.op in ("LayerNormalization", "Add") and _wide(reader.output)
             for u in reader.output.uses()
         ):
             return True
