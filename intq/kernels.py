@@ -22,9 +22,9 @@ Variants (per op type, chosen in the quantization config):
 ``shift``     I-ViT: base-2 exponent by multiply-and-shift, integer part as a
               shift, remainder by the linear ``2^-f ~= 1 - f/2``; normalisation
               with one integer division per row (softmax) / element (GELU).
-``divfree``   the same exponent; reciprocals and inverse square roots by
-              Newton iterations after normalising with a leading-bit count:
-              no runtime division at all.
+``divfree``   the exponent with I-BERT's quadratic remainder; reciprocals and
+              inverse square roots by Newton iterations after normalising with a
+              leading-bit count: no runtime division at all.
 ``lut``       a 2^b-entry integer table for b <= 8 bit inputs (exp of
               ``x - max``; GELU itself), normalisation as ``divfree``.
 ``poly``      I-BERT: 2nd-order polynomial for the exponent remainder (i-exp)
@@ -229,8 +229,9 @@ class _K(Generic[T]):
 
         ``t = round(-d * scale * log2(e) * 2^F)`` by one multiply-and-shift; its integer
         part ``q`` becomes a right shift and its remainder ``f = r / 2^F`` in [0, 1) is
-        approximated by ``2^-f ~= 1 - f/2`` (``shift``, error <= 6.1%) or I-BERT's
-        ``0.3585 (p + 1.353)^2 + 0.344`` with ``p = -f ln 2`` (``poly``, error <= 0.3%).
+        approximated by ``2^-f ~= 1 - f/2`` (``shift``, error <= 6.1%) or, for any other
+        variant, I-BERT's ``0.3585 (p + 1.353)^2 + 0.344`` with ``p = -f ln 2`` (error
+        <= 0.3%).
         """
         o, F = self.ops, EXP_BITS
         step = dyadic(scale * math.log2(math.e))
@@ -238,7 +239,7 @@ class _K(Generic[T]):
         t = self.round_shift(o.mul(o.sub(self.c(0), d), self.c(step.multiplier)), step.shift - F)
         q = o.sra(t, F)
         r = o.sub(t, o.mul(q, self.c(1 << F)))
-        if variant == "poly":
+        if variant != "shift":
             ln2 = dyadic(math.log(2))
             p = self.round_shift(o.mul(r, self.c(ln2.multiplier)), ln2.shift)  # f ln2, F bits
             base = o.sub(self.c(round(1.353 * 2**F)), p)  # (1.353 - f ln2), F bits
@@ -295,7 +296,9 @@ def softmax(
         e = o.gather(table, index)
     else:
         check_exp_range(scale, "softmax")
-        e = k.exp_neg(k.maximum(d, o.const(floor)), scale, variant)
+        e = k.exp_neg(
+            k.maximum(d, o.const(floor)), scale, "shift" if variant == "shift" else "poly"
+        )
     if keep is not None:
         e = o.mul(e, keep)
     total = o.reduce_sum(e, axis)  # in [2^(F-1), size * 2^F]
@@ -338,8 +341,9 @@ def gelu(
     """Integer GELU of signed ``in_bits``-bit ``x`` (<= 16) to ``clamp(round(gelu / out_scale))``.
 
     - ``shift`` / ``divfree``: ``x * sigmoid(1.702 x)`` with ``sigmoid(z) = 1 / (1 + e)``,
-      ``e = exp(-|z|)`` as :meth:`_K.exp_neg`, mirrored for ``z < 0``; the reciprocal
-      of ``1 + e`` in (1, 2] by one integer division (``shift``) or Newton (``divfree``).
+      ``e = exp(-|z|)`` as :meth:`_K.exp_neg` (linear / quadratic remainder), mirrored for
+      ``z < 0``; the reciprocal of ``1 + e`` in (1, 2] by one integer division (``shift``)
+      or Newton (``divfree``).
     - ``poly``: I-BERT's i-GELU, ``x/2 (1 + erf(x/sqrt2))`` with
       ``erf(u) ~= sign(u) (-0.2888 (min(|u|, 1.769) - 1.769)^2 + 1)``; no division.
     - ``lut``: ``table[x]``, the exactly rounded GELU for every 8-bit input.
@@ -371,7 +375,7 @@ def gelu(
         z_scale = in_scale * GELU_SIGMOID
         check_exp_range(z_scale, "GELU")
         mag = k.maximum(o.sub(o.const(0), k.absolute(x)), o.const(exp_floor(z_scale)))
-        e = o.sra(k.exp_neg(mag, z_scale, "shift"), EXP_BITS - F)  # exp(-|z|), F bits
+        e = o.sra(k.exp_neg(mag, z_scale, variant), EXP_BITS - F)  # exp(-|z|), F bits
         denominator = o.add(o.const(1 << F), e)  # in (2^F, 2^(F+1)]
         if variant == "shift":
             sig_pos = o.div(o.const(1 << (2 * F)), denominator)
@@ -398,8 +402,7 @@ def _gelu_float(x: np.ndarray) -> np.ndarray:
 def layernorm_constants(
     gamma: Sequence[float], beta: Sequence[float], eps: float, in_scale: float, out_scale: float
 ) -> dict[str, int | tuple[int, ...]]:
-    """The integer attributes of ``QLayerNorm``: ``eps`` in units of ``V`` (at least 1, so
-    ``V > 0``), and per channel ``out = round((n M_c + B_c) / 2^S_c)`` standing for
+    """The integer attributes of ``QLayerNorm``: ``eps`` in units of ``V``, and per channel ``out = round((n M_c + B_c) / 2^S_c)`` standing for
     ``(gamma_c n / 2^16 + beta_c) / out_scale`` (``M_c`` signed, ``|M_c| < 2^31``, ``S_c <= 48``).
     """
     size = len(gamma)
@@ -411,7 +414,7 @@ def layernorm_constants(
         multipliers.append(m_c if g >= 0 else -m_c)
         shifts.append(shift)
         biases.append(round(math.ldexp(b / out_scale, shift)))
-    eps_units = max(1, min(round(eps * size**3 / in_scale**2), 1 << 40))
+    eps_units = min(round(eps * size**3 / in_scale**2), 1 << 40)
     return {
         "eps": eps_units,
         "multiplier": tuple(multipliers),
@@ -439,7 +442,7 @@ def layernorm(
     ``n = d R`` with ``R = 2^16 sqrt(C) / sqrt(V)`` comes from an integer square root and
     one division per row (``isqrt``) or Newton's inverse square root (``divfree``); the
     affine ``gamma, beta`` and output scale are one per-channel multiply-and-shift
-    (:func:`layernorm_constants`). Bounds: ``|d| < C 2^16``, ``V < C^3 2^32 < 2^60``.
+    (:func:`layernorm_constants`). Bounds: ``|d| <= C 2^16``, ``V <= C^3 2^30 + eps < 2^61``.
     Error: within one output unit of the exactly rounded float LayerNorm of ``x``.
     """
     k, o = _K(ops), ops
@@ -448,18 +451,22 @@ def layernorm(
     check_layernorm_size(size)
     d = o.sub(o.mul(x, o.const(size)), o.reduce_sum(x, -1))
     v = o.add(o.reduce_sum(o.mul(d, d), -1), o.const(eps))
+    v = o.where(o.less(v, o.const(1)), o.const(1), v)  # V = 0 only where every d is 0
     sqrt_c = math.sqrt(size)
+    # Normalise: V = m / 4^h with m = V << 2h in [2^60, 2^62), so sqrt(V) = sqrt(m) / 2^h
+    # keeps 30 significant bits however small the variance is.
+    h = o.sra(o.sub(o.const(61), k.floor_log2(v)), 1)
+    m = o.shl_var(v, o.add(h, h))
     if variant == "isqrt":
-        root = _isqrt(k, v)
-        precision = 29  # R = round(sqrt(C) 2^(16+29)) // root; n = d R >> 29, |d R| < 2^51
-        r = o.div(o.const(round(sqrt_c * 2 ** (NORM_BITS + precision))), root)
-        n = k.round_shift(o.mul(d, r), precision)
+        # r = isqrt(m) in [2^30, 2^31); R = sqrt(C) 2^53 // r; n = d R 2^(h - 37).
+        # |d| <= sqrt(V) = r / 2^h, so |d R| <= sqrt(C) 2^53 / 2^h <= 2^58.
+        r = o.div(o.const(round(sqrt_c * 2**53)), _isqrt(k, m))
+        n = k.sra_var(o.mul(d, r), o.sub(o.const(37), h))
     else:
-        # V = m / 4^h with m in [2^60, 2^62): 1/sqrt(V) = 2^h / sqrt(m) = y 2^(h - 61), so
-        # n = d sqrt(C) 2^16 y 2^(h - 61). |d y| < C 2^47: shift by 37 - h >= 7 first (keeping
-        # 8 extra bits), then multiply by sqrt(C) 2^12 and round away the 20 bits.
-        h = o.sra(o.sub(o.const(61), k.floor_log2(v)), 1)
-        y = _inverse_sqrt(k, o.shl_var(v, o.add(h, h)))
+        # 1/sqrt(V) = 2^h / sqrt(m) = y 2^(h - 61), so n = d sqrt(C) 2^16 y 2^(h - 61).
+        # |d y| < C 2^47: shift by 37 - h >= 7 first (keeping 8 extra bits), then multiply
+        # by sqrt(C) 2^12 and round away the 20 bits.
+        y = _inverse_sqrt(k, m)
         scaled = k.sra_var(o.mul(d, y), o.sub(o.const(37), h))
         n = k.round_shift(o.mul(scaled, o.const(round(sqrt_c * 2**12))), 20)
     total = o.add(o.mul(n, o.const(list(multiplier))), o.const(list(bias)))
@@ -467,15 +474,16 @@ def layernorm(
 
 
 def check_layernorm_size(size: int) -> None:
-    """``C^3 2^32 + eps < 2^61`` keeps every LayerNorm intermediate inside int64."""
-    if size**3 * 2**32 >= 2**60:
-        raise NumericsError(f"integer LayerNorm supports up to 768 channels, got {size}")
+    """``V <= C^3 2^30 + eps < 2^61`` (a variance is at most (range / 2)^2 = 2^30 for 16-bit
+    inputs) keeps every LayerNorm intermediate inside int64: C <= 1024."""
+    if size > 1024:
+        raise NumericsError(f"integer LayerNorm supports up to 1024 channels, got {size}")
 
 
 def _isqrt(k: _K[T], v: T) -> T:
-    """``floor(sqrt(v))`` for ``1 <= v < 2^62``: Newton ``r = (r + v // r) / 2`` from
-    ``2^ceil((lead+1)/2) >= sqrt(v)``; from above it decreases monotonically, six steps
-    reach the floor for 62-bit inputs, and a last step fixes an overshoot of one."""
+    """``floor(sqrt(v))`` for ``1 <= v < 2^62``: Newton ``r = (r + v // r) / 2`` (I-BERT)
+    from ``2^ceil((lead+1)/2) >= sqrt(v)``; from above it decreases monotonically, six
+    steps reach the floor for 62-bit inputs, and a last step fixes an overshoot of one."""
     o = k.ops
     lead = k.floor_log2(v)
     r = o.shl_var(o.const(1), o.sra(o.add(lead, o.const(2)), 1))

@@ -228,6 +228,7 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
         "multiplier": Attr("ints"),
         "shift": Attr("ints"),
         "axis": Attr("int", -1),
+        "factor": Attr("float", 1.0),
         **_OUTPUT_ATTRS,
     },
 )
@@ -235,7 +236,9 @@ def _requantize(ctx: InferContext) -> list[TensorType]:
     """``clamp((x * M[c] + 2^(S[c]-1)) >> S[c], lo, hi)`` in int64 (see intq.numerics).
 
     One ``(M, S)`` pair per tensor, or one per channel along ``axis`` matching
-    the input's per-channel scales. ReLU and ReLU6 live in the clamp.
+    the input's per-channel scales. ReLU and ReLU6 live in the clamp. ``factor`` is a
+    constant the float graph multiplied the input by (attention's ``1/sqrt(d)``), folded
+    into the multipliers: ``M * 2^-S`` stands for ``s_in * factor / s_out``.
     """
     x = ctx.type(0)
     q = _quant(ctx, 0)
@@ -253,7 +256,7 @@ def _requantize(ctx: InferContext) -> list[TensorType]:
         ins = _channel_scales(q, axis, len(multipliers))
     out = _output(ctx, x.shape)
     for c, (m, s, s_in) in enumerate(zip(multipliers, shifts, ins)):
-        _check_dyadic(m, s, s_in / ctx["scale"], f"channel {c}")
+        _check_dyadic(m, s, s_in * ctx["factor"] / ctx["scale"], f"channel {c}")
     return [out]
 
 

@@ -143,6 +143,7 @@ class Accumulator:
                 "multiplier": tuple(d.multiplier for d in pairs),
                 "shift": tuple(d.shift for d in pairs),
                 "axis": q.axis if q.axis is not None else -1,
+                **({"factor": self.factor} if self.factor != 1.0 else {}),
                 **_output_attrs(quant, lo, hi),
             },
             name=name,
