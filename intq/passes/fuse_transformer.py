@@ -12,8 +12,8 @@ exporter wrote:
   the last axis, with an optional ``* gamma`` and ``+ beta``, becomes
   ``LayerNormalization(x, gamma, beta)``.
 
-Matching looks through products and sums in any operand order; every inner
-value must be read only inside the pattern. Constants are compared with a
+Matching looks through products and sums in any operand order; inner values
+other nodes also read are kept for them. Constants are compared with a
 relative tolerance of 1e-3 (exporters print 1.4142135 or 0.70710677).
 """
 
@@ -53,9 +53,10 @@ def _private(value: Value | None, op: str | tuple[str, ...]) -> Node | None:
 
 
 def _factors(value: Value, nodes: list[Node], top: bool = True) -> list[Value]:
-    """The operands of a tree of ``Mul`` rooted at ``value`` (its nodes appended to ``nodes``)."""
-    node = value.producer if top else _private(value, "Mul")
-    if node is None or node.op != "Mul":
+    """The operands of a tree of ``Mul`` rooted at ``value`` (its nodes appended to ``nodes``;
+    an inner product other nodes also read, such as a shared ``x * 0.5``, stays in the graph)."""
+    node = value.producer
+    if node is None or node.op != "Mul" or (not top and value.is_graph_output):
         return [value]
     nodes.append(node)
     out: list[Value] = []
