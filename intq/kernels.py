@@ -402,7 +402,8 @@ def _gelu_float(x: np.ndarray) -> np.ndarray:
 def layernorm_constants(
     gamma: Sequence[float], beta: Sequence[float], eps: float, in_scale: float, out_scale: float
 ) -> dict[str, int | tuple[int, ...]]:
-    """The integer attributes of ``QLayerNorm``: ``eps`` in units of ``V``, and per channel ``out = round((n M_c + B_c) / 2^S_c)`` standing for
+    """The integer attributes of ``QLayerNorm``: ``eps`` in units of ``V``, and per channel
+    ``out = round((n M_c + B_c) / 2^S_c)`` standing for
     ``(gamma_c n / 2^16 + beta_c) / out_scale`` (``M_c`` signed, ``|M_c| < 2^31``, ``S_c <= 48``).
     """
     size = len(gamma)

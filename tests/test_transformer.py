@@ -113,6 +113,10 @@ def test_dividing_variants_are_listed_by_the_census(minilm_model):
     assert any("QSoftmax" in d for d in result.division_nodes)
     with pytest.raises(intq.NumericsError, match="divides at run time"):
         intq.passes.integer_only.check_integer_only(quantized)
+    model = intq.compile(quantized, "onnxruntime").model
+    with pytest.raises(intq.NumericsError, match="divides at run time"):
+        onnx_census(model)
+    assert onnx_census(model, allow_division=True)["Div"] >= 25
 
 
 def test_unknown_variant_is_refused():

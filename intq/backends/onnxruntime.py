@@ -725,9 +725,11 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     return model
 
 
-def onnx_census(model: onnx.ModelProto) -> dict[str, int]:
+def onnx_census(model: onnx.ModelProto, *, allow_division: bool = False) -> dict[str, int]:
     """The op census of an exported model; raises :class:`NumericsError` when a float op
-    sits between the input ``QuantizeLinear`` and the output ``DequantizeLinear``.
+    sits between the input ``QuantizeLinear`` and the output ``DequantizeLinear``, or an
+    integer ``Div``/``Mod`` divides at run time (unless ``allow_division``: a dividing
+    kernel variant was chosen; the counts still show them).
 
     The same rule as :func:`intq.passes.integer_only.census`, on the ONNX file itself:
     a node may read floats only after a ``DequantizeLinear``.
@@ -758,7 +760,7 @@ def onnx_census(model: onnx.ModelProto) -> dict[str, int]:
             after.update(node.output)
         elif float_inputs or float_outputs:
             bad.append(f"{node.op_type} {node.name!r} computes in float")
-        elif node.op_type in ("Div", "Mod"):
+        elif node.op_type in ("Div", "Mod") and not allow_division:
             bad.append(f"{node.op_type} {node.name!r} divides at run time")
     if bad:
         raise NumericsError("the exported model is not integer-only:\n  " + "\n  ".join(bad[:20]))
