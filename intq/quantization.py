@@ -46,8 +46,9 @@ class QuantConfig:
 
     Transformers: ``softmax``, ``gelu`` and ``layernorm`` pick each integer kernel's
     variant (:mod:`intq.kernels`: ``divfree``, ``shift``, ``lut``, ``poly``; LayerNorm
-    ``divfree`` or ``isqrt``); the defaults are the most accurate that never divide at
-    run time. ``wide_bits`` (16 by default) is the width of a transformer's residual
+    ``divfree`` or ``isqrt``); the defaults (softmax and LayerNorm ``divfree``, GELU
+    ``poly``: I-BERT's erf polynomial, which never divides) measured the most accurate
+    division-free combination on MiniLM (``benchmarks/minilm_variants.py``). ``wide_bits`` (16 by default) is the width of a transformer's residual
     stream and of the LayerNorm and GELU outputs the dense layers read: at 8 bits
     BERT's outlier channels swamp the rest (MiniLM's pooled cosine to FP32 drops from
     0.996 to 0.97). The range analysis still proves every int32 accumulator.
@@ -61,7 +62,7 @@ class QuantConfig:
     progress: bool | None = None
     wide_bits: int = 16
     softmax: str = "divfree"
-    gelu: str = "divfree"
+    gelu: str = "poly"
     layernorm: str = "divfree"
 
     def __post_init__(self) -> None:

@@ -73,7 +73,7 @@ class LoweringOptions:
     layer_bits: Mapping[str, LayerBits] | None = None
     wide_bits: int = 16
     softmax: str = "divfree"
-    gelu: str = "divfree"
+    gelu: str = "poly"
     layernorm: str = "divfree"
 
     def bits(self, node_name: str) -> LayerBits:
