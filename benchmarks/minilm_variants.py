@@ -156,7 +156,7 @@ def main() -> None:
         rows += ort_rows(model.path, calib, evaluation, reference, Path(tmp))
     print(f"machine: {cpu_description()}")
     print(f"{len(calib) * 2} calibration sentences, {len(evaluation) * 2} evaluation sentences\n")
-    header = f"{'model':<32} {'mean cos':>9} {'min cos':>8} {'divisions':>9} {'float ops':>9}"
+    header = f"{'model':<36} {'mean cos':>9} {'min cos':>8} {'divisions':>9} {'float ops':>9}"
     print(header + "  quantize+compile")
     print("-" * (len(header) + 18))
     for name, c, divisions, floats, elapsed in rows:

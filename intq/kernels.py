@@ -52,8 +52,14 @@ T = TypeVar("T")
 SOFTMAX_VARIANTS = ("divfree", "shift", "lut", "poly")
 GELU_VARIANTS = ("divfree", "shift", "lut", "poly")
 LAYERNORM_VARIANTS = ("divfree", "isqrt")
-DIVIDING_VARIANTS = frozenset({"shift", "poly", "isqrt"})
-"""Variants that divide at run time (the integer-only census lists them)."""
+DIVIDING = {"QSoftmax": ("shift", "poly"), "QGelu": ("shift",), "QLayerNorm": ("isqrt",)}
+"""Kernel op -> its variants that divide at run time (the integer-only census lists them)."""
+
+
+def divides(op: str, variant: str) -> bool:
+    """Whether kernel ``op`` in ``variant`` divides at run time."""
+    return variant in DIVIDING.get(op, ())
+
 
 EXP_BITS = 16
 """Fractional bits of exponentials: ``exp(d) ~= e / 2^16`` for ``d <= 0``."""
@@ -302,7 +308,7 @@ def softmax(
     if keep is not None:
         e = o.mul(e, keep)
     total = o.reduce_sum(e, axis)  # in [2^(F-1), size * 2^F]
-    if variant in DIVIDING_VARIANTS:
+    if divides("QSoftmax", variant):
         bits = 40
         factor = o.div(o.const(1 << bits), total)
         out = k.round_shift(o.mul(e, factor), bits - SOFTMAX_OUT_BITS)

@@ -20,7 +20,7 @@ import numpy as np
 from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
-from intq.kernels import DIVIDING_VARIANTS, GELU_VARIANTS, LAYERNORM_VARIANTS, SOFTMAX_VARIANTS
+from intq.kernels import GELU_VARIANTS, LAYERNORM_VARIANTS, SOFTMAX_VARIANTS, divides
 from intq.passes import pipeline
 from intq.passes.calibration import collect_stats
 from intq.passes.integer_only import check_integer_only
@@ -48,10 +48,12 @@ class QuantConfig:
     variant (:mod:`intq.kernels`: ``divfree``, ``shift``, ``lut``, ``poly``; LayerNorm
     ``divfree`` or ``isqrt``); the defaults (softmax and LayerNorm ``divfree``, GELU
     ``poly``: I-BERT's erf polynomial, which never divides) measured the most accurate
-    division-free combination on MiniLM (``benchmarks/minilm_variants.py``). ``wide_bits`` (16 by default) is the width of a transformer's residual
-    stream and of the LayerNorm and GELU outputs the dense layers read: at 8 bits
-    BERT's outlier channels swamp the rest (MiniLM's pooled cosine to FP32 drops from
-    0.996 to 0.97). The range analysis still proves every int32 accumulator.
+    division-free combination on MiniLM (``benchmarks/minilm_variants.py``).
+
+    ``wide_bits`` (16 by default) is the width of a transformer's residual stream and of
+    the LayerNorm and GELU outputs the dense layers read: at 8 bits BERT's outlier
+    channels swamp the rest (MiniLM's pooled cosine to FP32 drops from 0.996 to 0.97).
+    The range analysis still proves every int32 accumulator.
     """
 
     weight_bits: int = 8
@@ -110,7 +112,11 @@ class QuantConfig:
     @property
     def divides(self) -> bool:
         """Whether a chosen kernel variant divides at run time."""
-        return bool({self.softmax, self.gelu, self.layernorm} & DIVIDING_VARIANTS)
+        return (
+            divides("QSoftmax", self.softmax)
+            or divides("QGelu", self.gelu)
+            or divides("QLayerNorm", self.layernorm)
+        )
 
 
 def quantize(

@@ -110,6 +110,10 @@ def test_dividing_variants_are_listed_by_the_census(minilm_model):
     quantized = intq.quantize(intq.from_onnx(minilm_model.path), [minilm_model.inputs], config)
     result = census(quantized, allow_division=True)
     assert result.divisions == 6 + 6 + 13
+    i_bert = intq.QuantConfig(softmax="poly", gelu="poly")  # only its softmax divides
+    assert i_bert.divides
+    graph = intq.quantize(intq.from_onnx(minilm_model.path), [minilm_model.inputs], i_bert)
+    assert census(graph, allow_division=True).divisions == 6
     assert any("QSoftmax" in d for d in result.division_nodes)
     with pytest.raises(intq.NumericsError, match="divides at run time"):
         intq.passes.integer_only.check_integer_only(quantized)

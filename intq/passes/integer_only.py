@@ -9,7 +9,7 @@ Rules:
   ``Dequantize`` — e.g. a final Softmax on the dequantized logits.
 - An integer ``Div`` is a runtime division, and so is a transformer kernel
   (``QSoftmax``, ``QGelu``, ``QLayerNorm``) in a dividing variant
-  (:data:`intq.kernels.DIVIDING_VARIANTS`); they are listed in
+  (:data:`intq.kernels.DIVIDING`); they are listed in
   ``Census.division_nodes`` and refused unless ``allow_division`` declares them.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node
-from intq.kernels import DIVIDING_VARIANTS
+from intq.kernels import divides
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def census(graph: Graph, *, allow_division: bool = False) -> Census:
             else:
                 violations.append(f"{_describe(node)} computes in float")
             continue
-        if node.op == "Div" or node.attrs.get("variant") in DIVIDING_VARIANTS:
+        if node.op == "Div" or divides(node.op, node.attrs.get("variant", "")):
             dividing.append(_describe(node))
             if not allow_division:
                 violations.append(f"{_describe(node)} divides at run time")
