@@ -39,12 +39,16 @@ def import_model(
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if path.suffix == ".intq":
+            from intq.artifacts import open_text, read_artifact_bytes
             from intq.ir.parser import from_text
 
+            path, data = read_artifact_bytes(path)
+            if data.startswith(b"# intq-artifact "):
+                return from_text(open_text(data, path))  # checks the checksum first
             try:
-                return from_text(path.read_text())
-            except OSError as err:
-                raise ModelImportError(f"cannot read {path}: {err.strerror or err}") from None
+                return from_text(data.decode())
+            except UnicodeDecodeError:
+                raise ModelImportError(f"{path} is not a textual IR file") from None
         return from_onnx(path, input_shapes=input_shapes)
     if type(model).__name__ == "ModelProto":
         return from_onnx(model, input_shapes=input_shapes)
