@@ -114,6 +114,8 @@ def test_reference_artifact_header_and_tampering(digits_model, digits_train, tmp
     flipped.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :])
     with pytest.raises(intq.ArtifactError, match="does not match its checksum"):
         intq.load(flipped)
+    with pytest.raises(intq.ArtifactError, match="does not match its checksum"):
+        intq.convert(flipped, digits_train, "reference", QUIET)  # a saved model, as input
     newer = tmp_path / "newer.intq"
     newer.write_bytes(data.replace(b"format=1", b"format=9", 1))
     with pytest.raises(intq.ArtifactError, match="format version 9"):
