@@ -134,6 +134,7 @@ class _Importer:
 
     def run(self) -> Graph:
         g = self.proto.graph
+        _check_strings(g)
         for tensor in g.initializer:
             self._initializer(tensor)
         if g.sparse_initializer:
@@ -234,6 +235,24 @@ class _Importer:
         if taken is not None:
             self.graph.rename(taken, self.graph.unique_name(name))
         return self.graph.add("Identity", [value], name=name, out_names=[name]).output
+
+
+def _check_strings(g: onnx.GraphProto) -> None:
+    """Refuse names that are not text: ONNX is proto2, whose parser lets invalid UTF-8 through
+    as ``bytes``, and every later message and lookup expects ``str``."""
+    named = [*g.initializer, *g.input, *g.output, *g.value_info]
+    strings = [(item.name, "a tensor name") for item in named]
+    for node in g.node:
+        strings += [(node.name, "a node name"), (node.op_type, "an op type")]
+        strings += [(node.domain, "a domain")]
+        strings += [(name, "a tensor name") for name in [*node.input, *node.output]]
+        strings += [(a.name, "an attribute name") for a in node.attribute]
+    for text, what in strings:
+        if not isinstance(text, str):
+            raise ModelImportError(
+                f"{what} is not valid UTF-8 ({bytes(text)[:40]!r}); the file is corrupt",
+                hint="re-export the model, or check that the download completed",
+            )
 
 
 def _topological_order(nodes: Sequence[onnx.NodeProto]) -> list[int]:

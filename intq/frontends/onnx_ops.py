@@ -49,7 +49,7 @@ class ConvertContext:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.attrs = {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
+        self.attrs = _checked_attributes(self.node, self.name, self.opset)
 
     def attr(self, key: str, default: Any = None) -> Any:
         """ONNX attribute ``key`` (bytes decoded to str), or ``default``."""
@@ -109,6 +109,50 @@ class ConvertContext:
         """Refuse when an optional extra output (BN's mean, MaxPool's indices...) is used."""
         if any(self.node.output[1:]):
             raise self.unsupported("only the first output is supported (training outputs, indices)")
+
+
+def _checked_attributes(node: onnx.NodeProto, name: str, opset: int) -> dict[str, Any]:
+    """The node's attribute values, each of the type the ONNX schema declares for it.
+
+    A model file is untrusted: an attribute of the wrong type (``strides`` as a float), given
+    twice, unreadable, or a required one missing would otherwise surface as a TypeError deep
+    in a converter.
+    """
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        schema = None
+    declared = schema.attributes if schema is not None else {}
+    kind = onnx.AttributeProto.AttributeType.Name
+    values: dict[str, Any] = {}
+    for attribute in node.attribute:
+        if attribute.name in values:
+            raise ModelImportError(f"attribute {attribute.name!r} is given twice", node=name)
+        expected = declared.get(attribute.name)
+        if expected is not None and attribute.type != expected.type:
+            got = (
+                kind(attribute.type)
+                if attribute.type in onnx.AttributeProto.AttributeType.values()
+                else attribute.type
+            )
+            raise ModelImportError(
+                f"attribute {attribute.name!r} of {node.op_type} is {got},"
+                f" ONNX declares it {kind(expected.type)}",
+                node=name,
+                hint="the model file is malformed; re-export it",
+            )
+        try:
+            values[attribute.name] = helper.get_attribute_value(attribute)
+        except (ValueError, TypeError) as err:
+            raise ModelImportError(
+                f"attribute {attribute.name!r} cannot be read: {err}", node=name
+            ) from None
+    for key, attr in declared.items():
+        if attr.required and key not in values:
+            raise ModelImportError(
+                f"{node.op_type} needs attribute {key!r}, which is missing", node=name
+            )
+    return values
 
 
 Converter = Callable[[ConvertContext], list[Value]]
