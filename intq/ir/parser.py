@@ -215,6 +215,12 @@ class _Parser:
             items = self.comma_list("]", self.number)
             if len(items) != type_.size:
                 raise self.fail(f"{len(items)} values for a constant of {type_.size}", token)
+            if dtype.kind in "iub":
+                info = np.iinfo(dtype) if dtype.kind != "b" else None
+                low, high = (0, 1) if info is None else (int(info.min), int(info.max))
+                bad = [x for x in items if not isinstance(x, int) or not low <= x <= high]
+                if bad:
+                    raise self.fail(f"{bad[0]} is not a value of {type_.dtype.value}", token)
             return np.array(items, dtype=dtype).reshape(type_.shape)
         word = self.take("word", "b64")
         blob = self.take("string")
