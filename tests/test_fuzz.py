@@ -132,7 +132,9 @@ def _mutate(model: onnx.ModelProto, data: st.DataObject) -> None:
         t = pick(list(g.initializer), "initializer")
         rank = data.draw(st.integers(0, 4))
         t.ClearField("dims")
-        t.dims.extend(data.draw(st.lists(st.sampled_from(_HUGE_DIMS), min_size=rank, max_size=rank)))
+        t.dims.extend(
+            data.draw(st.lists(st.sampled_from(_HUGE_DIMS), min_size=rank, max_size=rank))
+        )
     elif kind == "initializer_raw_truncated" and g.initializer:
         t = pick(list(g.initializer), "initializer")
         cut = data.draw(st.integers(0, 64))
@@ -206,8 +208,25 @@ def _mutate(model: onnx.ModelProto, data: st.DataObject) -> None:
     elif kind == "op_type" and nodes:
         node = pick(nodes, "node")
         node.op_type = pick(
-            ["Conv", "Gemm", "Relu", "Add", "MaxPool", "Reshape", "Expand", "ConstantOfShape",
-             "Concat", "Softmax", "Transpose", "Slice", "Pad", "Loop", "If", "Nope", ""],
+            [
+                "Conv",
+                "Gemm",
+                "Relu",
+                "Add",
+                "MaxPool",
+                "Reshape",
+                "Expand",
+                "ConstantOfShape",
+                "Concat",
+                "Softmax",
+                "Transpose",
+                "Slice",
+                "Pad",
+                "Loop",
+                "If",
+                "Nope",
+                "",
+            ],
             "op_type",
         )
     elif kind == "remove_node" and nodes:
@@ -281,10 +300,46 @@ def test_flipped_bytes(digits_path, data):
 # ----- the IR text parser on mutated texts --------------------------------------------------
 
 _TEXT_PIECES = [
-    "%", "%x", "%conv", "=", "(", ")", "[", "]", "{", "}", ",", ":", "->", "@\"n\"", "\"",
-    "const", "return", "graph", "b64\"AAAA\"", "q(bits=8, signed, scale=0.5)", "q(", "i32",
-    "f32[1,2]", "u8", "-1", "0", "1e999", "nan", "-inf", "99999999999999999999", "Conv",
-    "Requantize", "QAdd", "Reshape", "_", "\n", "#", "\\", "\x00", "é",
+    "%",
+    "%x",
+    "%conv",
+    "=",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ":",
+    "->",
+    '@"n"',
+    '"',
+    "const",
+    "return",
+    "graph",
+    'b64"AAAA"',
+    "q(bits=8, signed, scale=0.5)",
+    "q(",
+    "i32",
+    "f32[1,2]",
+    "u8",
+    "-1",
+    "0",
+    "1e999",
+    "nan",
+    "-inf",
+    "99999999999999999999",
+    "Conv",
+    "Requantize",
+    "QAdd",
+    "Reshape",
+    "_",
+    "\n",
+    "#",
+    "\\",
+    "\x00",
+    "é",
 ]
 
 
@@ -341,8 +396,23 @@ def test_random_ir_text(text):
 # ----- intq.quantize on odd calibration data --------------------------------------------------
 
 _ODD_ARRAYS = st.sampled_from(
-    ["normal", "zeros", "constant", "nan", "inf", "huge", "tiny", "negative", "float64",
-     "int", "bool", "wrong_shape", "scalar", "object", "string"]
+    [
+        "normal",
+        "zeros",
+        "constant",
+        "nan",
+        "inf",
+        "huge",
+        "tiny",
+        "negative",
+        "float64",
+        "int",
+        "bool",
+        "wrong_shape",
+        "scalar",
+        "object",
+        "string",
+    ]
 )
 
 

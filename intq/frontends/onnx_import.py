@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,15 +22,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import helper
 
 from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
 from intq.frontends.onnx_ops import (
     MAX_OPSET,
     ConvertContext,
+    check_size,
     find_converter,
     onnx_dtype,
     supported_ops,
+    tensor_data,
 )
 from intq.ir.graph import Graph, Value
 from intq.ir.types import TensorType
@@ -91,9 +93,13 @@ def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
         )
     if not target.is_file():
         raise ModelImportError(f"{what}: file {location!r} not found next to the model")
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    ir_dtype = onnx_dtype(tensor.data_type, node=tensor.name)
+    dtype = ir_dtype.numpy
     shape = tuple(tensor.dims)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(d < 0 for d in shape):
+        raise ModelImportError(f"{what} has negative dimensions {list(shape)}")
+    check_size(shape, ir_dtype, what)
+    expected = math.prod(shape) * dtype.itemsize
     try:
         offset = int(info.get("offset", 0))
         length = int(info.get("length", expected))
@@ -164,16 +170,11 @@ class _Importer:
     def _initializer(self, tensor: onnx.TensorProto) -> None:
         if tensor.name in self.values:
             raise ModelImportError(f"initializer {tensor.name!r} is defined twice")
-        try:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                array = read_external(tensor, self.base_dir)
-            else:
-                array = onnx.numpy_helper.to_array(tensor)
-        except IntqError:
-            raise
-        except Exception as err:
-            raise ModelImportError(f"cannot read initializer {tensor.name!r}: {err}") from None
-        onnx_dtype(tensor.data_type, node=tensor.name)
+        what = f"initializer {tensor.name!r}"
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            array = read_external(tensor, self.base_dir)
+        else:
+            array = tensor_data(tensor, what)
         self.values[tensor.name] = self.graph.add_constant(array, tensor.name)
 
     def _input(self, info: onnx.ValueInfoProto) -> None:
@@ -192,6 +193,7 @@ class _Importer:
                     f"input {info.name!r} has symbolic dimensions {symbolic}",
                     hint=f"pass input_shapes={{{info.name!r}: (...)}} with the shape you will run",
                 )
+        check_size(shape, dtype, f"input {info.name!r}")
         try:
             self.values[info.name] = self.graph.add_input(info.name, TensorType(dtype, shape))
         except IntqError as err:
