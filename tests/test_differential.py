@@ -1,0 +1,45 @@
+"""Differential testing: random small float graphs, quantized, agree bit for bit between the
+reference interpreter and every other backend.
+
+The graphs come from tests/random_graphs.py (random convs with groups, strides, dilations and
+padding, Gemm and MatMul heads, residual adds, max/average/global pools, ReLU/ReLU6, Concat;
+random weight scales, 4..8-bit weights and activations, random calibration method). Each is
+imported, quantized and run on fresh and on adversarial inputs. A new backend joins by its
+name in ``BACKENDS`` (those not in ``intq.backends.TARGETS`` skip).
+
+``INTQ_DIFFERENTIAL_GRAPHS`` sets the number of graphs (``make fuzz`` runs many more).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from random_graphs import random_case
+
+import intq
+from intq.backends import TARGETS
+
+GRAPHS = int(os.environ.get("INTQ_DIFFERENTIAL_GRAPHS", "520"))
+BACKENDS = ["onnxruntime", "tvm"]
+"""Backends compared with the reference (those not in ``intq.backends.TARGETS`` skip)."""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(GRAPHS))
+def test_random_graph_is_bit_exact(seed, backend):
+    if backend not in TARGETS:
+        pytest.skip(f"backend {backend} is not available here")
+    graph, config, ops, feeds = random_case(seed)
+    reference = intq.compile(graph, target="reference")
+    # One thread: the session is made for four tiny runs, and opens faster without a pool.
+    other = intq.compile(
+        graph, target=backend, **({"threads": 1} if backend == "onnxruntime" else {})
+    )
+    for feed in feeds:
+        want = reference.run({"x": feed})
+        got = other.run({"x": feed})
+        for name, array in want.items():
+            assert got[name].dtype == array.dtype and got[name].shape == array.shape
+            np.testing.assert_array_equal(got[name], array, err_msg=f"seed {seed}: {ops}, {config}")
