@@ -67,27 +67,28 @@ class _Builder:
         if cout is None:
             cout = group * int(self.rng.integers(1, 4))
         if same:
-            kernel, stride, dilation, pads = 3, 1, 1, [1, 1, 1, 1]
-        else:
-            kernel = int(self.rng.integers(1, 4))
-            stride = int(self.rng.integers(1, 3))
-            dilation = int(self.rng.integers(1, 3)) if kernel > 1 else 1
-            pads = [int(p) for p in self.rng.integers(0, kernel, 4)]
-        span = dilation * (kernel - 1) + 1
-        oh = (h + pads[0] + pads[2] - span) // stride + 1
-        ow = (w + pads[1] + pads[3] - span) // stride + 1
-        if oh < 1 or ow < 1:
-            kernel, stride, dilation, pads, oh, ow = 1, 1, 1, [0, 0, 0, 0], h, w
-        inputs = [x, self.const(self.weights((cout, cin // group, kernel, kernel)), "w")]
+            kernel, stride, dilation, pads = [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]
+        else:  # each spatial axis on its own: 1..3 taps, stride 1..2, dilation 1..2
+            kernel = [int(k) for k in self.rng.integers(1, 4, 2)]
+            stride = [int(s) for s in self.rng.integers(1, 3, 2)]
+            dilation = [int(self.rng.integers(1, 3)) if k > 1 else 1 for k in kernel]
+            pads = [int(self.rng.integers(0, kernel[i % 2])) for i in range(4)]
+        out = []
+        for i, size in enumerate((h, w)):
+            span = dilation[i] * (kernel[i] - 1) + 1
+            out.append((size + pads[i] + pads[i + 2] - span) // stride[i] + 1)
+        if min(out) < 1:
+            kernel, stride, dilation, pads, out = [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], [h, w]
+        inputs = [x, self.const(self.weights((cout, cin // group, *kernel)), "w")]
         if self.rng.random() < 0.8:
             inputs.append(self.const(self.weights((cout,)), "b"))
         return self.node(
             "Conv",
             inputs,
-            (n, cout, oh, ow),
-            kernel_shape=[kernel, kernel],
-            strides=[stride, stride],
-            dilations=[dilation, dilation],
+            (n, cout, *out),
+            kernel_shape=kernel,
+            strides=stride,
+            dilations=dilation,
             pads=pads,
             group=group,
         )
@@ -104,14 +105,20 @@ class _Builder:
         stride = int(self.rng.integers(1, 3))
         if self.rng.random() < 0.5:  # MaxPool, maybe padded
             pad = int(self.rng.integers(0, kernel // 2 + 1))
-            oh, ow = ((d + 2 * pad - kernel) // stride + 1 for d in (h, w))
+            ceil = int(self.rng.random() < 0.3)
+            dims = []
+            for d in (h, w):
+                span = d + 2 * pad - kernel
+                size = (-(-span // stride) if ceil else span // stride) + 1
+                dims.append(size - 1 if ceil and (size - 1) * stride >= d + pad else size)
             return self.node(
                 "MaxPool",
                 [x],
-                (n, c, oh, ow),
+                (n, c, *dims),
                 kernel_shape=[kernel, kernel],
                 strides=[stride, stride],
                 pads=[pad] * 4,
+                ceil_mode=ceil,
             )
         oh, ow = ((d - kernel) // stride + 1 for d in (h, w))
         return self.node(
@@ -135,9 +142,12 @@ class _Builder:
         for _ in range(int(self.rng.integers(1, 3))):
             out = int(self.rng.integers(1, 9))
             if self.rng.random() < 0.5:
-                w = self.const(self.weights((out, features)), "fc")
-                b = self.const(self.weights((out,)), "fcb")
-                x = self.node("Gemm", [x, w, b], (n, out), transB=1)
+                trans = int(self.rng.random() < 0.7)
+                w = self.const(self.weights((out, features) if trans else (features, out)), "fc")
+                inputs = [x, w]
+                if self.rng.random() < 0.8:
+                    inputs.append(self.const(self.weights((out,)), "fcb"))
+                x = self.node("Gemm", inputs, (n, out), transB=trans)
             else:
                 w = self.const(self.weights((features, out)), "mm")
                 x = self.node("MatMul", [x, w], (n, out))

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from random_graphs import random_case
 
 import intq
@@ -43,3 +44,27 @@ def test_random_graph_is_bit_exact(seed, backend):
         for name, array in want.items():
             assert got[name].dtype == array.dtype and got[name].shape == array.shape
             np.testing.assert_array_equal(got[name], array, err_msg=f"seed {seed}: {ops}, {config}")
+
+
+def test_maxpool_ceil_mode_whose_last_window_is_dropped():
+    """ceil_mode drops a window starting past the input; ONNX shape inference did not, and
+    ONNX Runtime refused the exported file once a Flatten and a MatMulInteger followed."""
+    w = numpy_helper.from_array(np.linspace(-1, 1, 18, dtype=np.float32).reshape(6, 3), "w")
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[1, 1], strides=[2, 2], ceil_mode=1),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w"], ["y"]),
+    ]
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 6])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x_info], [y_info], [w]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((1, 1, 4, 6)).astype(np.float32)} for _ in range(2)]
+    graph = intq.quantize(intq.from_onnx(model), batches)
+    feed = {"x": rng.standard_normal((1, 1, 4, 6)).astype(np.float32)}
+    want = intq.compile(graph).run(feed)["y"]
+    np.testing.assert_array_equal(intq.compile(graph, target="onnxruntime").run(feed)["y"], want)
