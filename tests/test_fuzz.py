@@ -259,8 +259,23 @@ def _mutated_model_case(model_path: Path, data: st.DataObject, *, with_weights: 
         path = Path(tmp) / "model.onnx"
         path.write_bytes(model.SerializeToString())
         result = ends_well(lambda: intq.from_onnx(path))
-        if isinstance(result, intq.ir.Graph):
-            intq.ir.verify(result)
+    if isinstance(result, intq.ir.Graph):
+        intq.ir.verify(result)
+        _quantize_and_run(result, data)
+
+
+def _quantize_and_run(graph: intq.ir.Graph, data: st.DataObject) -> None:
+    """A graph that imported also quantizes and runs, or says why not, in bounded time."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    if any(not v.type.dtype.is_float or v.type.size > 1 << 16 for v in graph.inputs):
+        return
+    feeds = {
+        v.name: rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy) for v in graph.inputs
+    }
+    ends_well(lambda: intq.compile(graph).run(feeds))
+    result = ends_well(lambda: intq.quantize(graph, [feeds]))
+    if isinstance(result, intq.ir.Graph):
+        ends_well(lambda: intq.compile(result).run(feeds))
 
 
 @pytest.fixture(scope="module")
