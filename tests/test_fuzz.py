@@ -485,3 +485,79 @@ def test_odd_calibration_data(
     if isinstance(result, intq.ir.Graph):
         x = rng.standard_normal(shape).astype(np.float32)
         ends_well(lambda: intq.compile(result).run({"input": x}))
+
+
+# ----- the crashes fuzzing found, one regression test each --------------------------------------
+
+
+def _conv_model(**attrs) -> onnx.ModelProto:
+    w = onnx.numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="/conv", **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _refused(model: onnx.ModelProto, error: type[intq.IntqError], match: str) -> None:
+    with pytest.raises(error, match=match) as info:
+        intq.from_onnx(model)
+    assert info.value.node == "/conv"
+
+
+def test_attribute_of_the_wrong_type():
+    """Was a TypeError: float strides, or auto_pad given as a float."""
+    _refused(_conv_model(strides=1.5), intq.ModelImportError, "'strides'.*FLOAT.*INTS")
+    _refused(_conv_model(auto_pad=2.0), intq.ModelImportError, "'auto_pad'.*FLOAT.*STRING")
+
+
+def test_missing_required_attribute():
+    """Was a TypeError: a MaxPool without kernel_shape."""
+    model = _conv_model()
+    model.graph.node[0].op_type = "MaxPool"
+    del model.graph.node[0].input[1:]
+    _refused(model, intq.ModelImportError, "needs attribute 'kernel_shape'")
+
+
+def test_zero_stride_and_negative_padding():
+    """Was a ZeroDivisionError (strides 0); negative pads are refused too."""
+    _refused(_conv_model(strides=[0, 0]), intq.ShapeError, "stride 0 .* must be >= 1")
+    _refused(_conv_model(dilations=[1, 0]), intq.ShapeError, "dilation 0")
+    _refused(_conv_model(pads=[0, -1, 0, 0]), intq.ShapeError, "pads must be >= 0")
+
+
+def test_attribute_given_twice():
+    model = _conv_model(group=1)
+    model.graph.node[0].attribute.append(helper.make_attribute("group", 1))
+    _refused(model, intq.ModelImportError, "'group' is given twice")
+
+
+def test_node_with_too_few_inputs():
+    """Was an IndexError: attributes were canonicalised before the arity was checked."""
+    model = _conv_model()
+    model.graph.node[0].op_type = "Flatten"
+    del model.graph.node[0].input[:]
+    _refused(model, intq.IntqError, "Flatten takes 1 inputs, got 0")
+
+
+def test_names_that_are_not_utf8(tmp_path):
+    """Was a node name of type bytes in the error: protobuf lets invalid UTF-8 through."""
+    raw = _conv_model().SerializeToString().replace(b"/conv", b"\xafconv")
+    path = tmp_path / "model.onnx"
+    path.write_bytes(raw)
+    with pytest.raises(intq.ModelImportError, match="not valid UTF-8"):
+        intq.from_onnx(path)
+
+
+@pytest.mark.parametrize("item", ["1e999", "300", "1.5", "-129"])
+def test_constant_values_outside_their_dtype(item):
+    """Was an OverflowError (1e999 into an integer constant); values must fit the dtype."""
+    text = f"graph g() {{\n  %c = const i8[2] [1, {item}]\n  return %c\n}}"
+    with pytest.raises(intq.ParseError, match="is not a value of i8"):
+        from_text(text)
