@@ -274,8 +274,13 @@ def _quantize_and_run(graph: intq.ir.Graph, data: st.DataObject) -> None:
     }
     ends_well(lambda: intq.compile(graph).run(feeds))
     result = ends_well(lambda: intq.quantize(graph, [feeds]))
-    if isinstance(result, intq.ir.Graph):
-        ends_well(lambda: intq.compile(result).run(feeds))
+    if not isinstance(result, intq.ir.Graph):
+        return
+    want = ends_well(lambda: intq.compile(result).run(feeds))
+    got = ends_well(lambda: intq.compile(result, target="onnxruntime", threads=1).run(feeds))
+    if isinstance(want, dict) and isinstance(got, dict):  # both ran: bit for bit the same
+        for name, array in want.items():
+            np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -464,10 +469,11 @@ def digits_graph(digits_model):
     calibration=st.sampled_from(["minmax", "percentile", "mse"]),
     weight_bits=st.integers(2, 8),
     activation_bits=st.sampled_from([4, 8, 16]),
+    percentile=st.sampled_from([99.99, 50.0, 100.0, 1e-9]),
     seed=st.integers(0, 2**16),
 )
 def test_odd_calibration_data(
-    digits_graph, kinds, extra, calibration, weight_bits, activation_bits, seed
+    digits_graph, kinds, extra, calibration, weight_bits, activation_bits, percentile, seed
 ):
     rng = np.random.default_rng(seed)
     shape = digits_graph.inputs[0].type.shape
@@ -480,7 +486,10 @@ def test_odd_calibration_data(
     elif extra == "missing_input":
         batches.append({})
     config = intq.QuantConfig(
-        weight_bits=weight_bits, activation_bits=activation_bits, calibration=calibration
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        calibration=calibration,
+        percentile=percentile,
     )
     result = ends_well(lambda: intq.quantize(digits_graph, iter(batches), config))
     if isinstance(result, intq.ir.Graph):
@@ -562,3 +571,22 @@ def test_constant_values_outside_their_dtype(item):
     text = f"graph g() {{\n  %c = const i8[2] [1, {item}]\n  return %c\n}}"
     with pytest.raises(intq.ParseError, match="is not a value of i8"):
         from_text(text)
+
+
+@_SETTINGS
+@given(
+    calibration=st.one_of(st.sampled_from(["minmax", "kl", ""]), st.text(max_size=5)),
+    weight_bits=st.integers(-2, 40),
+    activation_bits=st.integers(-2, 40),
+    percentile=st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_odd_quant_config(calibration, weight_bits, activation_bits, percentile):
+    ends_well(
+        lambda: intq.QuantConfig(
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            calibration=calibration,
+            percentile=percentile,
+            layer_bits={"/conv": intq.LayerBits(weight_bits, activation_bits)},
+        )
+    )
