@@ -590,3 +590,11 @@ def test_odd_quant_config(calibration, weight_bits, activation_bits, percentile)
             layer_bits={"/conv": intq.LayerBits(weight_bits, activation_bits)},
         )
     )
+
+
+def test_deeply_nested_attribute_list():
+    """Was a RecursionError: the parser recursed once per "[" of an attribute value."""
+    nested = "[" * 5000 + "]" * 5000
+    text = f"graph g(%x: f32[2]) {{\n  %y = Relu(%x) {{a={nested}}} : f32[2]\n  return %y\n}}"
+    with pytest.raises(intq.ParseError, match="attribute lists do not nest"):
+        from_text(text)

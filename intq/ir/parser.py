@@ -203,10 +203,17 @@ class _Parser:
             raise self.fail(err.message, start) from None
 
     def attr_value(self) -> AttrValue:
+        # One level of list only: no attribute kind nests, and recursing on "[[[[..." would
+        # let a hostile text exhaust the stack (a RecursionError instead of a ParseError).
         if self.accept("punct", "["):
-            return tuple(self.comma_list("]", self.attr_value))  # type: ignore[return-value]
+            return tuple(self.comma_list("]", self.attr_scalar))  # type: ignore[return-value]
+        return self.attr_scalar()
+
+    def attr_scalar(self) -> str | float | int:
         if self.tok.kind == "string":
             return self.string(self.take("string"))
+        if self.tok.kind != "number":
+            raise self.fail("expected a number or a string (attribute lists do not nest)")
         return self.number()
 
     def data(self, type_: TensorType, token: Token) -> np.ndarray:
