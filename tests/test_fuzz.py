@@ -598,3 +598,12 @@ def test_deeply_nested_attribute_list():
     text = f"graph g(%x: f32[2]) {{\n  %y = Relu(%x) {{a={nested}}} : f32[2]\n  return %y\n}}"
     with pytest.raises(intq.ParseError, match="attribute lists do not nest"):
         from_text(text)
+
+
+def test_calibration_batches_without_values(digits_model):
+    """Was "no values recorded yet / call update()", an internal message: now it names the
+    tensor with a zero-size dimension."""
+    graph = intq.from_onnx(digits_model.path, input_shapes={"input": (0, 1, 8, 8)})
+    batches = [{"input": np.zeros((0, 1, 8, 8), np.float32)}]
+    with pytest.raises(intq.IntqError, match="no values for %input: it has a zero-size"):
+        intq.quantize(graph, batches)
