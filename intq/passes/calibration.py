@@ -432,11 +432,11 @@ def collect_stats(
         )
     for name, tensor_stats in stats.items():
         if tensor_stats.count == 0:  # a zero-size dimension: no value to take a range from
-            value = graph.find(name)
-            producer = value.producer if value is not None else None
+            empty = graph.find(name)
+            producer = empty.producer if empty is not None else None
             raise IntqError(
                 f"the calibration batches give no values for %{name}: it has a zero-size"
-                f" dimension ({value.type if value is not None else '?'})",
+                f" dimension ({empty.type if empty is not None else '?'})",
                 node=producer.label() if producer is not None else None,
                 hint="calibrate with samples that give every tensor at least one element",
             )
