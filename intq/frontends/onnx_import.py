@@ -6,6 +6,9 @@
 - External data is read only from files inside the model's directory (a
   location escaping it, also through a symlink, is refused) and only within
   the file's size.
+- No tensor over ``onnx_ops.MAX_TENSOR_BYTES`` is accepted, judged from its
+  declared shape before anything is allocated, and an initializer's data must
+  be as long as its dims say.
 - Symbolic input dimensions must be given in ``input_shapes``; with static
   inputs, the exporters' shape computations fold to constants as the nodes
   are converted, so the IR is fully static.
