@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck clean
+.PHONY: demo test fuzz lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fuzz and differential tests with many more cases than CI runs (tens of minutes).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz INTQ_DIFFERENTIAL_GRAPHS=5000 $(PY) -m pytest -q \
+		tests/test_fuzz.py tests/test_differential.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check intq tests benchmarks

@@ -22,6 +22,8 @@ from intq.examples import ZooModel
 
 # Compiling/simulating networks is slow and jittery on 2-core CI, so no per-example deadline.
 settings.register_profile("ci", deadline=None, max_examples=50)
+# `make fuzz`: the fuzz tests (tests/test_fuzz.py) with many more cases.
+settings.register_profile("fuzz", deadline=None, max_examples=3000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ALL_MODEL_FIXTURES: list[str] = [

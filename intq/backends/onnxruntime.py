@@ -654,8 +654,35 @@ def _moving(op_type: str, const_input: str | None = None) -> Lowering:
     return lower
 
 
-for _op in ("MaxPool", "Flatten", "Transpose", "Concat", "Identity", "Softmax"):
+for _op in ("Flatten", "Transpose", "Concat", "Identity", "Softmax"):
     LOWER[_op] = _moving(_op)
+
+
+@_lower("MaxPool")
+def _maxpool(b: _Builder, node: Node) -> None:
+    """MaxPool, with ``ceil_mode`` spelled as end padding.
+
+    With ``ceil_mode=1`` a last window that would start past the input is dropped (ONNX,
+    PyTorch and ONNX Runtime's kernel agree), but ONNX shape inference keeps it, so ONNX
+    Runtime refused the file when a Flatten and a MatMulInteger followed (found by
+    tests/test_differential.py). Floor mode with the end padding that yields the IR's output
+    size computes the same windows; each holds an input element, so padding never wins.
+    """
+    attrs = dict(node.attrs)
+    if attrs["ceil_mode"]:
+        x = _input(node)
+        spatial = len(attrs["kernel_shape"])
+        pads = list(attrs["pads"])
+        for i in range(spatial):
+            span = attrs["dilations"][i] * (attrs["kernel_shape"][i] - 1) + 1
+            reach = x.type.shape[2 + i] + pads[i] + pads[i + spatial] - span
+            target = node.output.type.shape[2 + i]
+            pads[i + spatial] += max(0, (target - 1) * attrs["strides"][i] - reach)
+        attrs["pads"], attrs["ceil_mode"] = tuple(pads), 0
+    out, _ = b.output(node.output)
+    b.add("MaxPool", [b.tensor(_input(node))[0]], [out], node, **attrs)
+
+
 LOWER["Reshape"] = _moving("Reshape", "shape")
 LOWER["Squeeze"] = _moving("Squeeze", "axes")
 LOWER["Unsqueeze"] = _moving("Unsqueeze", "axes")

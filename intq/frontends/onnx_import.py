@@ -6,6 +6,9 @@
 - External data is read only from files inside the model's directory (a
   location escaping it, also through a symlink, is refused) and only within
   the file's size.
+- No tensor over ``onnx_ops.MAX_TENSOR_BYTES`` is accepted, judged from its
+  declared shape before anything is allocated, and an initializer's data must
+  be as long as its dims say.
 - Symbolic input dimensions must be given in ``input_shapes``; with static
   inputs, the exporters' shape computations fold to constants as the nodes
   are converted, so the IR is fully static.
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,15 +25,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import helper
 
 from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
 from intq.frontends.onnx_ops import (
     MAX_OPSET,
     ConvertContext,
+    check_size,
     find_converter,
     onnx_dtype,
     supported_ops,
+    tensor_data,
 )
 from intq.ir.graph import Graph, Value
 from intq.ir.types import TensorType
@@ -91,9 +96,13 @@ def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
         )
     if not target.is_file():
         raise ModelImportError(f"{what}: file {location!r} not found next to the model")
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    ir_dtype = onnx_dtype(tensor.data_type, node=tensor.name)
+    dtype = ir_dtype.numpy
     shape = tuple(tensor.dims)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(d < 0 for d in shape):
+        raise ModelImportError(f"{what} has negative dimensions {list(shape)}")
+    check_size(shape, ir_dtype, what)
+    expected = math.prod(shape) * dtype.itemsize
     try:
         offset = int(info.get("offset", 0))
         length = int(info.get("length", expected))
@@ -134,6 +143,7 @@ class _Importer:
 
     def run(self) -> Graph:
         g = self.proto.graph
+        _check_strings(g)
         for tensor in g.initializer:
             self._initializer(tensor)
         if g.sparse_initializer:
@@ -163,16 +173,11 @@ class _Importer:
     def _initializer(self, tensor: onnx.TensorProto) -> None:
         if tensor.name in self.values:
             raise ModelImportError(f"initializer {tensor.name!r} is defined twice")
-        try:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                array = read_external(tensor, self.base_dir)
-            else:
-                array = onnx.numpy_helper.to_array(tensor)
-        except IntqError:
-            raise
-        except Exception as err:
-            raise ModelImportError(f"cannot read initializer {tensor.name!r}: {err}") from None
-        onnx_dtype(tensor.data_type, node=tensor.name)
+        what = f"initializer {tensor.name!r}"
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            array = read_external(tensor, self.base_dir)
+        else:
+            array = tensor_data(tensor, what)
         self.values[tensor.name] = self.graph.add_constant(array, tensor.name)
 
     def _input(self, info: onnx.ValueInfoProto) -> None:
@@ -191,6 +196,7 @@ class _Importer:
                     f"input {info.name!r} has symbolic dimensions {symbolic}",
                     hint=f"pass input_shapes={{{info.name!r}: (...)}} with the shape you will run",
                 )
+        check_size(shape, dtype, f"input {info.name!r}")
         try:
             self.values[info.name] = self.graph.add_input(info.name, TensorType(dtype, shape))
         except IntqError as err:
@@ -234,6 +240,24 @@ class _Importer:
         if taken is not None:
             self.graph.rename(taken, self.graph.unique_name(name))
         return self.graph.add("Identity", [value], name=name, out_names=[name]).output
+
+
+def _check_strings(g: onnx.GraphProto) -> None:
+    """Refuse names that are not text: ONNX is proto2, whose parser lets invalid UTF-8 through
+    as ``bytes``, and every later message and lookup expects ``str``."""
+    named = [*g.initializer, *g.input, *g.output, *g.value_info]
+    strings = [(item.name, "a tensor name") for item in named]
+    for node in g.node:
+        strings += [(node.name, "a node name"), (node.op_type, "an op type")]
+        strings += [(node.domain, "a domain")]
+        strings += [(name, "a tensor name") for name in [*node.input, *node.output]]
+        strings += [(a.name, "an attribute name") for a in node.attribute]
+    for text, what in strings:
+        if not isinstance(text, str):
+            raise ModelImportError(
+                f"{what} is not valid UTF-8 ({bytes(text)[:40]!r}); the file is corrupt",
+                hint="re-export the model, or check that the download completed",
+            )
 
 
 def _topological_order(nodes: Sequence[onnx.NodeProto]) -> list[int]:

@@ -28,6 +28,63 @@ MAX_OPSET = 22
 """Newest default-domain opset the converters were written against."""
 
 
+MAX_TENSOR_BYTES = 1 << 33
+"""The largest tensor (8 GiB) a model may declare: an initializer, a graph input or any value
+a node computes. Larger ones are refused from their declared shape, before anything is
+allocated, so a hostile or corrupt file cannot exhaust memory."""
+
+
+def check_size(shape: Sequence[int], dtype: DType, what: str, *, node: str = "") -> None:
+    """Refuse a tensor of ``shape`` and ``dtype`` larger than :data:`MAX_TENSOR_BYTES`."""
+    elements = 1
+    for dim in shape:
+        elements *= int(dim)
+    nbytes = elements * dtype.numpy.itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise ShapeError(
+            f"{what} of shape {list(shape)} ({dtype.value}) would take {nbytes:.3g} bytes,"
+            f" more than intq's limit of {MAX_TENSOR_BYTES} bytes",
+            node=node,
+            hint="check the model's shapes (a corrupt or hostile file can declare any size),"
+            " or raise intq.frontends.onnx_ops.MAX_TENSOR_BYTES",
+        )
+
+
+def tensor_data(tensor: onnx.TensorProto, what: str, *, node: str = "") -> np.ndarray:
+    """The data of an in-file ``TensorProto``, checked before anything is allocated.
+
+    The element type must be one intq supports, the dims non-negative and within
+    :data:`MAX_TENSOR_BYTES`, and the stored data exactly as long as the dims say. External
+    data is refused here (only initializers may use it, read by ``onnx_import.read_external``
+    within the model's directory): ``numpy_helper.to_array`` would open any path it names.
+    """
+    dtype = onnx_dtype(tensor.data_type, node=node)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+        raise ModelImportError(f"{what} uses external data, which only initializers may", node=node)
+    if tensor.HasField("segment"):
+        raise UnsupportedOpError(f"{what} is a segment of a tensor", node=node)
+    dims = tuple(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise ModelImportError(f"{what} has negative dimensions {list(dims)}", node=node)
+    check_size(dims, dtype, what, node=node)
+    elements = int(np.prod(dims, dtype=object)) if dims else 1
+    if tensor.HasField("raw_data"):
+        stored, wanted, unit = len(tensor.raw_data), elements * dtype.numpy.itemsize, "bytes"
+    else:
+        field = helper.tensor_dtype_to_field(tensor.data_type)
+        stored, wanted, unit = len(getattr(tensor, field)), elements, "values"
+    if stored != wanted:
+        raise ModelImportError(
+            f"{what} of shape {list(dims)} needs {wanted} {unit} of data, the file holds {stored}",
+            node=node,
+            hint="the model file is truncated or corrupt; re-export it",
+        )
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as err:
+        raise ModelImportError(f"cannot read {what}: {err}", node=node) from None
+
+
 def onnx_dtype(elem_type: int, *, node: str = "") -> DType:
     """The IR dtype of an ONNX ``TensorProto`` element type."""
     try:
@@ -49,7 +106,7 @@ class ConvertContext:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.attrs = {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
+        self.attrs = _checked_attributes(self.node, self.name, self.opset)
 
     def attr(self, key: str, default: Any = None) -> Any:
         """ONNX attribute ``key`` (bytes decoded to str), or ``default``."""
@@ -91,6 +148,8 @@ class ConvertContext:
         # Every IR op a converter emits has one output: the ONNX node's first.
         name = self.node.output[0] if self.node.output and self.node.output[0] else self.name
         node = self.graph.add(op, list(inputs), attrs, name=self.name, out_names=[name])
+        for value in node.outputs:  # before folding allocates it (an Expand to 10^12...)
+            check_size(value.type.shape, value.type.dtype, f"the output of {op}", node=self.name)
         if foldable(node):
             return fold_node(self.graph, node)
         return list(node.outputs)
@@ -109,6 +168,50 @@ class ConvertContext:
         """Refuse when an optional extra output (BN's mean, MaxPool's indices...) is used."""
         if any(self.node.output[1:]):
             raise self.unsupported("only the first output is supported (training outputs, indices)")
+
+
+def _checked_attributes(node: onnx.NodeProto, name: str, opset: int) -> dict[str, Any]:
+    """The node's attribute values, each of the type the ONNX schema declares for it.
+
+    A model file is untrusted: an attribute of the wrong type (``strides`` as a float), given
+    twice, unreadable, or a required one missing would otherwise surface as a TypeError deep
+    in a converter.
+    """
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        schema = None
+    declared = schema.attributes if schema is not None else {}
+    kind = onnx.AttributeProto.AttributeType.Name
+    values: dict[str, Any] = {}
+    for attribute in node.attribute:
+        if attribute.name in values:
+            raise ModelImportError(f"attribute {attribute.name!r} is given twice", node=name)
+        expected = declared.get(attribute.name)
+        if expected is not None and attribute.type != expected.type:
+            got = (
+                kind(attribute.type)
+                if attribute.type in onnx.AttributeProto.AttributeType.values()
+                else attribute.type
+            )
+            raise ModelImportError(
+                f"attribute {attribute.name!r} of {node.op_type} is {got},"
+                f" ONNX declares it {kind(expected.type)}",
+                node=name,
+                hint="the model file is malformed; re-export it",
+            )
+        try:
+            values[attribute.name] = helper.get_attribute_value(attribute)
+        except (ValueError, TypeError) as err:
+            raise ModelImportError(
+                f"attribute {attribute.name!r} cannot be read: {err}", node=name
+            ) from None
+    for key, attr in declared.items():
+        if attr.required and key not in values:
+            raise ModelImportError(
+                f"{node.op_type} needs attribute {key!r}, which is missing", node=name
+            )
+    return values
 
 
 Converter = Callable[[ConvertContext], list[Value]]
@@ -505,7 +608,7 @@ def _constant(ctx: ConvertContext) -> list[Value]:
         if key in ctx.attrs:
             raw = ctx.attrs[key]
             if key == "value":
-                array = numpy_helper.to_array(raw)
+                array = tensor_data(raw, "Constant's value", node=ctx.name)
             else:
                 array = np.array(raw, dtype=np.float32 if "float" in key else np.int64)
             DType.from_numpy(array.dtype)  # refuses strings and other unsupported types
@@ -516,9 +619,19 @@ def _constant(ctx: ConvertContext) -> list[Value]:
 @_converter("ConstantOfShape", 9)
 def _constant_of_shape(ctx: ConvertContext) -> list[Value]:
     fill = ctx.attrs.get("value")
-    array = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
+    if fill is not None:
+        array = tensor_data(fill, "ConstantOfShape's value", node=ctx.name)
+    else:
+        array = np.zeros(1, np.float32)
+    if array.size != 1:
+        raise ModelImportError(
+            f"ConstantOfShape's value must hold one element, it holds {array.size}", node=ctx.name
+        )
     dtype = DType.from_numpy(array.dtype)
     value, shape = array.reshape(-1)[0], _ints(ctx.const(0, "shape"))
+    if any(d < 0 for d in shape):
+        raise ShapeError(f"ConstantOfShape to negative dimensions {list(shape)}", node=ctx.name)
+    check_size(shape, dtype, "ConstantOfShape's output", node=ctx.name)
     if array.dtype.kind in "iu" and float(value) != int(value):
         # The IR op's value is a float attribute: an int64 beyond 2**53 would be rounded
         # (INT64_MAX even wraps to INT64_MIN). The op folds anyway, so build the constant.

@@ -373,8 +373,8 @@ class Graph:
         from intq.ops.registry import get_op
 
         opdef = get_op(op, node=name)
+        opdef.check_arity(len(inputs), node=name)  # canonicalisation reads the inputs' types
         full_attrs = opdef.complete_attrs(attrs or {}, node=name, inputs=inputs)
-        opdef.check_arity(len(inputs), node=name)
         for value in inputs:
             if value is not None and value._graph is not self:
                 raise VerificationError(

@@ -203,10 +203,17 @@ class _Parser:
             raise self.fail(err.message, start) from None
 
     def attr_value(self) -> AttrValue:
+        # One level of list only: no attribute kind nests, and recursing on "[[[[..." would
+        # let a hostile text exhaust the stack (a RecursionError instead of a ParseError).
         if self.accept("punct", "["):
-            return tuple(self.comma_list("]", self.attr_value))  # type: ignore[return-value]
+            return tuple(self.comma_list("]", self.attr_scalar))  # type: ignore[return-value]
+        return self.attr_scalar()
+
+    def attr_scalar(self) -> str | float | int:
         if self.tok.kind == "string":
             return self.string(self.take("string"))
+        if self.tok.kind != "number":
+            raise self.fail("expected a number or a string (attribute lists do not nest)")
         return self.number()
 
     def data(self, type_: TensorType, token: Token) -> np.ndarray:
@@ -215,6 +222,12 @@ class _Parser:
             items = self.comma_list("]", self.number)
             if len(items) != type_.size:
                 raise self.fail(f"{len(items)} values for a constant of {type_.size}", token)
+            if dtype.kind in "iub":
+                info = np.iinfo(dtype) if dtype.kind != "b" else None
+                low, high = (0, 1) if info is None else (int(info.min), int(info.max))
+                bad = [x for x in items if not isinstance(x, int) or not low <= x <= high]
+                if bad:
+                    raise self.fail(f"{bad[0]} is not a value of {type_.dtype.value}", token)
             return np.array(items, dtype=dtype).reshape(type_.shape)
         word = self.take("word", "b64")
         blob = self.take("string")

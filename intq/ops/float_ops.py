@@ -102,11 +102,18 @@ def _spatial_defaults(
             attrs[name] = (fill,) * (spatial * times)
         if len(attrs[name]) != spatial * times:
             raise ShapeError(f"{name} has {len(attrs[name])} entries, expected {spatial * times}")
+        if name == "pads" and any(p < 0 for p in attrs[name]):
+            raise ShapeError(f"pads must be >= 0, got {list(attrs[name])}")
     return attrs
 
 
 def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil: bool) -> int:
     """Output length of a sliding window (ONNX/PyTorch rule, incl. ceil_mode)."""
+    if kernel < 1 or stride < 1 or dilation < 1 or pad < 0:
+        raise ShapeError(
+            f"window {kernel}, stride {stride} and dilation {dilation} must be >= 1"
+            f" and padding {pad} >= 0"
+        )
     span = size + pad - dilation * (kernel - 1) - 1
     if span < 0:
         raise ShapeError(f"window of {kernel} (dilation {dilation}) does not fit input of {size}")

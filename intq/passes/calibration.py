@@ -430,6 +430,16 @@ def collect_stats(
             hint="pass at least one batch, a dict of input name -> array"
             " (a generator that was already consumed yields nothing)",
         )
+    for name, tensor_stats in stats.items():
+        if tensor_stats.count == 0:  # a zero-size dimension: no value to take a range from
+            empty = graph.find(name)
+            producer = empty.producer if empty is not None else None
+            raise IntqError(
+                f"the calibration batches give no values for %{name}: it has a zero-size"
+                f" dimension ({empty.type if empty is not None else '?'})",
+                node=producer.label() if producer is not None else None,
+                hint="calibrate with samples that give every tensor at least one element",
+            )
     return stats
 
 
