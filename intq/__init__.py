@@ -21,6 +21,7 @@ from intq.errors import (
     VerificationError,
 )
 from intq.frontends import from_onnx
+from intq.mixed_precision import MixedPrecision
 from intq.passes.integerize import LayerBits
 from intq.quantization import QuantConfig, quantize
 
@@ -37,6 +38,7 @@ __all__ = [
     "UnsupportedOpError",
     "VerificationError",
     "LayerBits",
+    "MixedPrecision",
     "QuantConfig",
     "compile",
     "from_onnx",
