@@ -17,6 +17,7 @@ import numpy as np
 import intq
 from intq.backends import TARGETS
 from intq.ir import Graph, from_text, to_text
+from intq.mixed_precision import SENSITIVITY_METHODS
 from intq.passes.integer_only import census
 from intq.quantization import CALIBRATION_METHODS
 
@@ -24,6 +25,7 @@ EXAMPLES = """examples:
   intq compile model.onnx --calib calib.npz --target onnxruntime -o model_int8.onnx
   intq quantize model.onnx --calib calib.npz -o model.intq
   intq quantize model.onnx --calib calib.npz --calibration mse --weight-bits 4 -o model.intq
+  intq quantize model.onnx --calib calib.npz --size-mb 2.5 --mp-report mp -o model.intq
   intq inspect model.onnx
   intq inspect model.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128
   intq inspect model.onnx --ir          # print the IR, large constants elided
@@ -123,6 +125,51 @@ def npz_batches(path: Path, graph: Graph) -> Iterator[dict[str, np.ndarray]]:
         yield {name: a[start : start + batch] for name, a in arrays.items()}
 
 
+def add_mixed_precision_args(command: argparse.ArgumentParser) -> None:
+    """The mixed-precision flags (``--size-mb``, ``--bops``, ``--latency-ms``...) of a command
+    that quantizes; :func:`mixed_precision_from_args` reads them back."""
+    group = command.add_argument_group(
+        "mixed precision", "choose 4 or 8 weight bits per layer to meet a budget (HAWQ-V3 ILP)"
+    )
+    group.add_argument("--size-mb", type=float, help="weight storage budget in MB (2^20 bytes)")
+    group.add_argument("--bops", type=float, help="bit operations budget per sample")
+    group.add_argument(
+        "--latency-ms", type=float, help="latency budget: sum of the layers' measured latencies"
+    )
+    group.add_argument(
+        "--latency-table",
+        type=Path,
+        metavar="TABLE.json",
+        help="per-layer latency table (JSON) to use; without it one is measured on ONNX"
+        " Runtime (and saved as PREFIX.latency.json with --mp-report)",
+    )
+    group.add_argument(
+        "--sensitivity", default="hessian", choices=SENSITIVITY_METHODS, help="how Ω is measured"
+    )
+    group.add_argument(
+        "--mp-report", type=Path, metavar="PREFIX", help="write PREFIX.txt and PREFIX.png"
+    )
+
+
+def mixed_precision_from_args(args: argparse.Namespace) -> intq.MixedPrecision | None:
+    """The :class:`intq.MixedPrecision` the flags ask for, or ``None`` when no budget is set."""
+    if args.size_mb is None and args.bops is None and args.latency_ms is None:
+        if args.latency_table is not None or args.mp_report is not None:
+            raise intq.IntqError(
+                "--latency-table and --mp-report need a budget",
+                hint="add --size-mb, --bops or --latency-ms",
+            )
+        return None
+    return intq.MixedPrecision(
+        size_mb=args.size_mb,
+        bops=args.bops,
+        latency_ms=args.latency_ms,
+        sensitivity=args.sensitivity,
+        latency_table=args.latency_table,
+        report=args.mp_report,
+    )
+
+
 def _quantize(args: argparse.Namespace) -> int:
     graph = load_graph(args.model, dict(args.input_shape) or None)
     config = intq.QuantConfig(
@@ -131,6 +178,7 @@ def _quantize(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         percentile=args.percentile,
         progress=False if args.quiet else None,
+        mixed_precision=mixed_precision_from_args(args),
     )
     quantized = intq.quantize(graph, npz_batches(args.calib, graph), config)
     path = intq.compile(quantized, target=args.target).save(args.output)
@@ -199,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--weight-bits", type=int, default=8)
         command.add_argument("--activation-bits", type=int, default=8)
         _add_input_shape(command)
+        add_mixed_precision_args(command)
         command.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
         command.set_defaults(run=_quantize)
     return parser

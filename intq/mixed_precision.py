@@ -309,6 +309,7 @@ class MixedPrecisionPlan:
     pins: dict[str, int]
     method: str
     iterations: int | None = None
+    latency: LatencyTable | None = None
 
     def layer_bits(self, activations: int = 8) -> dict[str, LayerBits]:
         """The choice as :attr:`intq.QuantConfig.layer_bits`."""
@@ -370,12 +371,18 @@ class MixedPrecisionPlan:
         plt.close(fig)
         return atomic_write(path, buffer.getvalue())
 
-    def save_report(self, prefix: str | Path) -> tuple[Path, Path]:
-        """Write ``PREFIX.txt`` (:meth:`table`) and ``PREFIX.png`` (:meth:`plot`)."""
+    def save_report(self, prefix: str | Path) -> list[Path]:
+        """Write ``PREFIX.txt`` (:meth:`table`), ``PREFIX.png`` (:meth:`plot`) and, when a
+        latency table was used, ``PREFIX.latency.json`` (reusable); returns the paths."""
         prefix = Path(prefix)
         base = prefix.with_suffix("") if prefix.suffix in (".txt", ".png") else prefix
-        text = atomic_write(base.with_name(base.name + ".txt"), (self.table() + "\n").encode())
-        return text, self.plot(base.with_name(base.name + ".png"))
+        paths = [
+            atomic_write(base.with_name(base.name + ".txt"), (self.table() + "\n").encode()),
+            self.plot(base.with_name(base.name + ".png")),
+        ]
+        if self.latency is not None:
+            paths.append(self.latency.save(base.with_name(base.name + ".latency.json")))
+        return paths
 
 
 def plan_bits(
@@ -456,7 +463,15 @@ def plan_bits(
     ties = derive_ties(graph, layers) if mp.ties else []
     allocation = allocate_bits(costs, mp.budget(), ties=ties, pins=pins)
     return MixedPrecisionPlan(
-        tuple(layers), perturbation, traces, allocation, ties, pins, mp.sensitivity, iterations
+        tuple(layers),
+        perturbation,
+        traces,
+        allocation,
+        ties,
+        pins,
+        mp.sensitivity,
+        iterations,
+        latency,
     )
 
 
