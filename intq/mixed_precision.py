@@ -84,7 +84,7 @@ class MixedPrecision:
     pin_first_last: bool = True
     pins: Mapping[str, int] = field(default_factory=dict)
     latency_table: LatencyTable | str | Path | None = None
-    tol: float = 1e-2
+    tol: float = 2e-2
     max_iterations: int = 64
     seed: int = 0
     report: str | Path | None = None
@@ -436,6 +436,7 @@ def plan_bits(
             layers,
             loss=mp.loss,
             tol=mp.tol,
+            min_iterations=min(8, mp.max_iterations),
             max_iterations=mp.max_iterations,
             seed=mp.seed,
             progress=progress,

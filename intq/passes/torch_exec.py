@@ -261,12 +261,9 @@ def _slice(node: Node, x: Tensor) -> Tensor:
     for start, end, axis, step in zip(
         attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]
     ):
-        size = x.shape[axis]
-        if step > 0:
-            index = torch.arange(max(start, 0), min(end, size), step)
-        else:
-            index = torch.arange(min(start, size - 1), end, step)
-        x = torch.index_select(x, axis, index)
+        # A canonical end of -dim - 1 with a negative step means "through index 0".
+        kept = range(*slice(start, None if end < 0 else end, step).indices(x.shape[axis]))
+        x = torch.index_select(x, axis, torch.tensor(list(kept), dtype=torch.int64))
     return x
 
 
@@ -287,10 +284,17 @@ def _expand(node: Node, x: Tensor) -> Tensor:
 @_rule("Pad")
 def _pad(node: Node, x: Tensor) -> Tensor:
     pads, rank = node.attrs["pads"], x.ndim
-    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[node.attrs["mode"]]
+    # Negative pads crop: slice first, then pad by the positive parts (as the reference).
+    crop = tuple(slice(max(0, -pads[i]), x.shape[i] - max(0, -pads[i + rank])) for i in range(rank))
+    x = x[crop]
     width: list[int] = []
     for i in reversed(range(rank)):
-        width += [pads[i], pads[i + rank]]
+        width += [max(0, pads[i]), max(0, pads[i + rank])]
+    while width and not any(width[-2:]):  # F.pad's other modes take only the dims they pad
+        width = width[:-2]
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[node.attrs["mode"]]
+    if not width:
+        return x
     if mode == "constant":
         return F.pad(x, width, value=node.attrs["value"])
     return F.pad(x, width, mode=mode)
