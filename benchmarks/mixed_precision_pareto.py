@@ -16,7 +16,8 @@ reference interpreter, see tests/test_mixed_precision.py):
   (HAWQ-V3, :mod:`intq.passes.sensitivity`), the ILP's choice with direct sensitivity (one
   layer quantized at a time), and random assignments of the same budget (``--seeds`` of them):
   layers in a random order switched to 4 bits while the model still exceeds the budget (the
-  same pins; ties are not imposed on the random ones, which only widens their choice).
+  same pins; ties are not imposed on the random ones, which only widens their choice), then
+  layers switched back to 8 bits in another random order wherever the model still fits.
 
 Sensitivity is measured once per model and method; the calibration statistics once per model;
 each point is then the ILP, the integer lowering and an evaluation. Digits: accuracy on the
@@ -162,18 +163,28 @@ def size_mb(layers: Sequence[QuantLayer], bits: Mapping[str, int]) -> float:
 def random_bits(
     layers: Sequence[QuantLayer], pins: Mapping[str, int], budget: float, rng: np.random.Generator
 ) -> dict[str, int]:
+    """Free layers in random order to 4 bits until the model fits, then, in another random
+    order, back to 8 bits wherever it still fits: a random choice using the budget fully."""
     bits = {layer.name: 8 for layer in layers}
     free = [layer for layer in layers if layer.name not in pins]
     for index in rng.permutation(len(free)):
         if size_mb(layers, bits) <= budget:
             break
         bits[free[index].name] = 4
+    for index in rng.permutation(len(free)):
+        name = free[index].name
+        if bits[name] == 4:
+            bits[name] = 8
+            if size_mb(layers, bits) > budget:
+                bits[name] = 4
     return bits
 
 
-def run(task: Task, fractions: Sequence[float], seeds: int, iterations: int) -> list[Point]:
+def run(
+    task: Task, fractions: Sequence[float], seeds: int, iterations: int, pin: bool = True
+) -> list[Point]:
     layers = quantizable_layers(task.graph)
-    pins = {layers[0].name: 8, layers[-1].name: 8}
+    pins = {layers[0].name: 8, layers[-1].name: 8} if pin else {}
     ties = derive_ties(task.graph, layers)
     started = time.perf_counter()
     stats = collect_stats(task.graph, task.calibration, progress=False)
@@ -261,15 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--crops", type=int, default=48, help="EfficientNet evaluation crops")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--no-pins", action="store_true", help="let the first and last layer take 4 bits too"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"machine: {cpu_description()}; load {load_average()}")
     fractions = (0.2, 0.5, 0.8) if args.quick else (0.1, 0.3, 0.55, 0.8)
     seeds = 2 if args.quick else args.seeds
-    points = run(digits_task(args.zoo), fractions, seeds, iterations=64)
+    pin = not args.no_pins
+    points = run(digits_task(args.zoo), fractions, seeds, iterations=64, pin=pin)
     if not args.quick:
         task = efficientnet_task(args.zoo, calibration_crops=16, eval_crops=args.crops)
-        points += run(task, fractions, seeds, iterations=32)
+        points += run(task, fractions, seeds, iterations=32, pin=pin)
     print()
     print("\n".join(verdict(points)))
     if args.json:
