@@ -41,6 +41,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from intq import kernels
 from intq.backends.base import GraphExecutable, atomic_write, check_feeds
 from intq.errors import ArtifactError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
@@ -330,19 +331,237 @@ def _qconv(b: _Builder, node: Node) -> None:
 
 @_lower("QGemm", "QMatMul")
 def _qmatmul(b: _Builder, node: Node) -> None:
-    a_u8, a_zp = b.u8(_input(node, 0), node)
+    a = _input(node, 0)
     w = _input(node, 1)
     assert w.const is not None
     weights = w.const.T if node.attrs.get("transB") else w.const
     w_u8 = b.weight_u8(w, np.ascontiguousarray(weights), node)
-    acc = b.op(
-        "MatMulInteger",
-        [a_u8, w_u8, b.zero_point(a_zp), b.zero_point(OFFSET)],
-        node.output.name + ".acc",
-        node,
-    )
+    out = node.output.name
+    if a.type.dtype is DType.I16:
+        acc = _wide_matmul(b, a, w_u8, node)
+    else:
+        a_u8, a_zp = b.u8(a, node)
+        acc = b.op(
+            "MatMulInteger",
+            [a_u8, w_u8, b.zero_point(a_zp), b.zero_point(OFFSET)],
+            out + ".acc",
+            node,
+        )
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     _add_bias(b, acc, node, bias, node.output.type.rank - 1)
+
+
+def _wide_matmul(b: _Builder, a: Value, w_u8: str, node: Node) -> str:
+    """A 16-bit activation times 8-bit weights with two exact u8 x u8 ``MatMulInteger``:
+    ``x + 2^15 = 256 hi + lo`` (``hi``, ``lo`` bytes), so ``x = 256 (hi - 128) + lo``; the
+    two partial sums are joined in int64 (the total fits int32, the range analysis says)."""
+    name, _ = b.tensor(a)
+    out = node.output.name
+    wide = b.op("Cast", [name], out + ".i32", node, to=TensorProto.INT32)
+    biased = b.op("Add", [wide, b.const(np.int32(1 << 15), "half")], out + ".biased", node)
+    u32 = b.op("Cast", [biased], out + ".u32", node, to=TensorProto.UINT32)
+    hi = b.op(
+        "BitShift", [u32, b.const(np.uint32(8), "eight")], out + ".hi16", node, direction="RIGHT"
+    )
+    lo = b.op("BitwiseAnd", [u32, b.const(np.uint32(255), "low_byte")], out + ".lo16", node)
+    partial = []
+    for part, zp in ((hi, OFFSET), (lo, 0)):
+        byte = b.op("Cast", [part], part + ".u8", node, to=TensorProto.UINT8)
+        acc = b.op(
+            "MatMulInteger",
+            [byte, w_u8, b.zero_point(zp), b.zero_point(OFFSET)],
+            byte + ".acc",
+            node,
+        )
+        partial.append(b.op("Cast", [acc], acc + ".i64", node, to=TensorProto.INT64))
+    high = b.op("Mul", [partial[0], b.const(np.int64(256), "byte")], out + ".high", node)
+    total = b.op("Add", [high, partial[1]], out + ".total", node)
+    return b.op("Cast", [total], out + ".acc", node, to=TensorProto.INT32)
+
+
+@_lower("QBatchMatMul")
+def _qbatch_matmul(b: _Builder, node: Node) -> None:
+    (a_u8, a_zp), (b_u8, b_zp) = (b.u8(_input(node, i), node) for i in (0, 1))
+    b.add(
+        "MatMulInteger",
+        [a_u8, b_u8, b.zero_point(a_zp), b.zero_point(b_zp)],
+        [node.output.name],
+        node,
+    )
+
+
+@_lower("Gather")
+def _gather(b: _Builder, node: Node) -> None:
+    table, _ = b.u8(_input(node, 0), node)  # offset like every int8 activation
+    out, _ = b.output(node.output)
+    b.add("Gather", [table, b.tensor(_input(node, 1))[0]], [out], node, axis=node.attrs["axis"])
+
+
+@_lower("Cast", "Not")
+def _mask_flag(b: _Builder, node: Node) -> None:
+    """The 0/1 attention keep mask: ``Cast`` to bool or u8, and ``Not``."""
+    name = b.tensor(_input(node))[0]
+    if node.op == "Not":
+        b.add("Not", [name], [node.output.name], node)
+        return
+    b.add("Cast", [name], [node.output.name], node, to=_ONNX_TYPE[node.output.type.dtype])
+
+
+# ----- the transformer kernels: intq.kernels run on ONNX nodes -------------------------------
+
+
+class _OnnxOps:
+    """:class:`intq.kernels.IntOps` writing int64 ONNX nodes (tensor names as handles).
+
+    The shifts follow the module docstring: an arithmetic shift by a constant through
+    uint64 with a ``2^63`` offset, run-time shifts with ``BitShift`` on non-negative
+    values; comparisons and ``Where`` instead of int64 ``Max``/``Min``/``Clip``.
+    """
+
+    def __init__(self, b: _Builder, node: Node):
+        self.b, self.node = b, node
+        self.base = node.output.name
+
+    def _op(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
+        return self.b.op(op_type, inputs, f"{self.base}.{op_type.lower()}", self.node, **attrs)
+
+    def _cast(self, x: str, to: int) -> str:
+        return self._op("Cast", [x], to=to)
+
+    def const(self, value: npt.ArrayLike) -> str:
+        return self.b.const(np.asarray(value, np.int64), "k")
+
+    def add(self, a: str, b: str) -> str:
+        return self._op("Add", [a, b])
+
+    def sub(self, a: str, b: str) -> str:
+        return self._op("Sub", [a, b])
+
+    def mul(self, a: str, b: str) -> str:
+        return self._op("Mul", [a, b])
+
+    def sra(self, x: str, shift: npt.ArrayLike) -> str:
+        s = np.asarray(shift, np.int64)
+        if not s.any():
+            return x
+        as_u64 = self._cast(x, TensorProto.UINT64)
+        biased = self._op("Add", [as_u64, self.b.const(np.uint64(1 << 63), "offset")])
+        shifted = self._op(
+            "BitShift", [biased, self.b.const(s.astype(np.uint64), "shift")], direction="RIGHT"
+        )
+        back = self._cast(shifted, TensorProto.INT64)
+        return self._op("Sub", [back, self.const(np.left_shift(np.int64(1), 63 - s))])
+
+    def _shift_var(self, x: str, shift: str, direction: str) -> str:
+        amount = self._cast(self._op("Min", [shift, self.const(63)]), TensorProto.UINT64)
+        shifted = self._op(
+            "BitShift", [self._cast(x, TensorProto.UINT64), amount], direction=direction
+        )
+        return self._cast(shifted, TensorProto.INT64)
+
+    def srl_var(self, x: str, shift: str) -> str:
+        return self._shift_var(x, shift, "RIGHT")
+
+    def shl_var(self, x: str, shift: str) -> str:
+        return self._shift_var(x, shift, "LEFT")
+
+    def less(self, a: str, b: str) -> str:
+        return self._cast(self._op("Less", [a, b]), TensorProto.INT64)
+
+    def where(self, cond: str, a: str, b: str) -> str:
+        return self._op("Where", [self._cast(cond, TensorProto.BOOL), a, b])
+
+    def _axes(self, axis: int) -> str:
+        return self.b.const(np.asarray([axis], np.int64), "axes")
+
+    def reduce_max(self, x: str, axis: int) -> str:
+        return self._op("ReduceMax", [x, self._axes(axis)], keepdims=1)
+
+    def reduce_sum(self, x: str, axis: int) -> str:
+        return self._op("ReduceSum", [x, self._axes(axis)], keepdims=1)
+
+    def count_at_least(self, x: str, thresholds: np.ndarray) -> str:
+        column = self._op("Unsqueeze", [x, self._axes(-1)])
+        flags = self._op("GreaterOrEqual", [column, self.const(thresholds)])
+        return self._op(
+            "ReduceSum", [self._cast(flags, TensorProto.INT64), self._axes(-1)], keepdims=0
+        )
+
+    def gather(self, table: np.ndarray, index: str) -> str:
+        return self._op("Gather", [self.const(table), index], axis=0)
+
+    def div(self, a: str, b: str) -> str:
+        return self._op("Div", [a, b])
+
+
+def _as_int64(b: _Builder, value: Value, node: Node) -> str:
+    """``value`` as int64 with its zero point removed."""
+    name, zp = b.tensor(value)
+    wide = b.op("Cast", [name], value.name + ".i64", node, to=TensorProto.INT64)
+    if not zp:
+        return wide
+    return b.op("Sub", [wide, b.const(np.int64(zp), "zp")], value.name + ".centred", node)
+
+
+def _store(b: _Builder, result: str, node: Node) -> None:
+    """Write the kernel's int64 ``result`` (already clamped) as the node's output."""
+    out = node.output
+    name, zp = b.output(out)
+    if zp:
+        result = b.op("Add", [result, b.const(np.int64(zp), "zp")], name + ".shifted", node)
+    b.add("Cast", [result], [name], node, to=b.storage_type(out, zp))
+
+
+@_lower("QSoftmax")
+def _qsoftmax(b: _Builder, node: Node) -> None:
+    x = _input(node)
+    keep = node.inputs[1] if len(node.inputs) > 1 else None
+    ops = _OnnxOps(b, node)
+    result = kernels.softmax(
+        ops,
+        _as_int64(b, x, node),
+        None if keep is None else _as_int64(b, keep, node),
+        node.attrs["scale"],
+        node.attrs["variant"],
+        -1,
+        x.type.shape[-1],
+    )
+    _store(b, result, node)
+
+
+@_lower("QGelu")
+def _qgelu(b: _Builder, node: Node) -> None:
+    x, attrs = _input(node), node.attrs
+    assert x.type.quant is not None
+    result = kernels.gelu(
+        _OnnxOps(b, node),
+        _as_int64(b, x, node),
+        x.type.quant.scale[0],
+        x.type.quant.bits,
+        attrs["scale"],
+        attrs["lo"],
+        attrs["hi"],
+        attrs["variant"],
+    )
+    _store(b, result, node)
+
+
+@_lower("QLayerNorm")
+def _qlayernorm(b: _Builder, node: Node) -> None:
+    x, attrs = _input(node), node.attrs
+    result = kernels.layernorm(
+        _OnnxOps(b, node),
+        _as_int64(b, x, node),
+        x.type.shape[-1],
+        attrs["eps"],
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["bias"],
+        attrs["lo"],
+        attrs["hi"],
+        attrs["variant"],
+    )
+    _store(b, result, node)
 
 
 @_lower("QGlobalAveragePool")
@@ -530,9 +749,11 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     return model
 
 
-def onnx_census(model: onnx.ModelProto) -> dict[str, int]:
+def onnx_census(model: onnx.ModelProto, *, allow_division: bool = False) -> dict[str, int]:
     """The op census of an exported model; raises :class:`NumericsError` when a float op
-    sits between the input ``QuantizeLinear`` and the output ``DequantizeLinear``.
+    sits between the input ``QuantizeLinear`` and the output ``DequantizeLinear``, or an
+    integer ``Div``/``Mod`` divides at run time (unless ``allow_division``: a dividing
+    kernel variant was chosen; the counts still show them).
 
     The same rule as :func:`intq.passes.integer_only.census`, on the ONNX file itself:
     a node may read floats only after a ``DequantizeLinear``.
@@ -563,7 +784,7 @@ def onnx_census(model: onnx.ModelProto) -> dict[str, int]:
             after.update(node.output)
         elif float_inputs or float_outputs:
             bad.append(f"{node.op_type} {node.name!r} computes in float")
-        elif node.op_type in ("Div", "Mod"):
+        elif node.op_type in ("Div", "Mod") and not allow_division:
             bad.append(f"{node.op_type} {node.name!r} divides at run time")
     if bad:
         raise NumericsError("the exported model is not integer-only:\n  " + "\n  ".join(bad[:20]))

@@ -17,6 +17,7 @@ import numpy as np
 import scipy.special
 from numpy.lib.stride_tricks import sliding_window_view
 
+from intq import kernels
 from intq.backends.base import GraphExecutable, atomic_write, check_feeds
 from intq.errors import IntqError, NumericsError, ShapeError
 from intq.ir.graph import Graph, Node
@@ -301,9 +302,12 @@ def _qgemm(node: Node, a: Array, b: Array, c: Array | None = None) -> list[Array
     return [_int32(node, y)]
 
 
-@_kernel("QMatMul")
-def _qmatmul(node: Node, a: Array, b: Array) -> list[Array]:
-    return [_int32(node, a.astype(_ACC_EXACT) @ b.astype(_ACC_EXACT))]
+@_kernel("QMatMul", "QBatchMatMul")
+def _qmatmul(node: Node, a: Array, b: Array, c: Array | None = None) -> list[Array]:
+    y = a.astype(_ACC_EXACT) @ b.astype(_ACC_EXACT)
+    if c is not None:
+        y = y + c.astype(_ACC_EXACT)
+    return [_int32(node, y)]
 
 
 @_kernel("QGlobalAveragePool")
@@ -334,6 +338,58 @@ def _qadd(node: Node, a: Array, b: Array) -> list[Array]:
     attrs = node.attrs
     total = a.astype(np.int64) * attrs["multiplier_a"] + b.astype(np.int64) * attrs["multiplier_b"]
     y = np.clip(shift_round(total, attrs["shift"]), attrs["lo"], attrs["hi"])
+    return [y.astype(_out_dtype(node))]
+
+
+# ----- transformer kernels (written once in intq.kernels) -------------------------------
+
+
+@_kernel("QSoftmax")
+def _qsoftmax(node: Node, x: Array, keep: Array | None = None) -> list[Array]:
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.softmax(
+        ops,
+        x.astype(np.int64),
+        None if keep is None else keep.astype(np.int64),
+        node.attrs["scale"],
+        node.attrs["variant"],
+        -1,
+        x.shape[-1],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QGelu")
+def _qgelu(node: Node, x: Array) -> list[Array]:
+    q, attrs = _quant_of(node), node.attrs
+    y = kernels.gelu(
+        kernels.NumpyOps(node.label()),
+        x.astype(np.int64),
+        q.scale[0],
+        q.bits,
+        attrs["scale"],
+        attrs["lo"],
+        attrs["hi"],
+        attrs["variant"],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QLayerNorm")
+def _qlayernorm(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    y = kernels.layernorm(
+        kernels.NumpyOps(node.label()),
+        x.astype(np.int64),
+        x.shape[-1],
+        attrs["eps"],
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["bias"],
+        attrs["lo"],
+        attrs["hi"],
+        attrs["variant"],
+    )
     return [y.astype(_out_dtype(node))]
 
 

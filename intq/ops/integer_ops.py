@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from intq.errors import ShapeError
+import numpy as np
+
+from intq.errors import NumericsError, ShapeError
 from intq.ir.types import DType, QuantParams, TensorType
 from intq.numerics import storage_dtype
 from intq.ops.float_ops import OPS as FLOAT_OPS
@@ -173,14 +175,16 @@ def _qgemm(ctx: InferContext) -> list[TensorType]:
     return [_accumulator((a.shape[0], n), scales, 1)]
 
 
-@OPS.op("QMatMul", inputs=2)
+@OPS.op("QMatMul", inputs=(2, 3))
 def _qmatmul(ctx: InferContext) -> list[TensorType]:
-    """``A @ B`` on integers, int32 accumulation; B 2-D with per-column (or one) scales."""
+    """``A @ B + C`` on integers, int32 accumulation; B 2-D with per-column (or one) scales,
+    optional bias C int32 at ``s_a * s_b[n]``."""
     a, b = ctx.type(0), ctx.type(1)
     if b.rank != 2 or a.rank < 2 or a.shape[-1] != b.shape[0]:
         raise ShapeError(f"QMatMul takes [..., K] @ [K, N], got {a}, {b}")
     s_a = _activation(ctx, 0)
     scales = tuple(s_a * s for s in _weights(ctx, 1, 1))
+    _check_bias(ctx, 2, scales)
     return [_accumulator((*a.shape[:-1], b.shape[1]), scales, a.rank - 1)]
 
 
@@ -224,6 +228,7 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
         "multiplier": Attr("ints"),
         "shift": Attr("ints"),
         "axis": Attr("int", -1),
+        "factor": Attr("float", 1.0),
         **_OUTPUT_ATTRS,
     },
 )
@@ -231,7 +236,9 @@ def _requantize(ctx: InferContext) -> list[TensorType]:
     """``clamp((x * M[c] + 2^(S[c]-1)) >> S[c], lo, hi)`` in int64 (see intq.numerics).
 
     One ``(M, S)`` pair per tensor, or one per channel along ``axis`` matching
-    the input's per-channel scales. ReLU and ReLU6 live in the clamp.
+    the input's per-channel scales. ReLU and ReLU6 live in the clamp. ``factor`` is a
+    constant the float graph multiplied the input by (attention's ``1/sqrt(d)``), folded
+    into the multipliers: ``M * 2^-S`` stands for ``s_in * factor / s_out``.
     """
     x = ctx.type(0)
     q = _quant(ctx, 0)
@@ -249,7 +256,7 @@ def _requantize(ctx: InferContext) -> list[TensorType]:
         ins = _channel_scales(q, axis, len(multipliers))
     out = _output(ctx, x.shape)
     for c, (m, s, s_in) in enumerate(zip(multipliers, shifts, ins)):
-        _check_dyadic(m, s, s_in / ctx["scale"], f"channel {c}")
+        _check_dyadic(m, s, s_in * ctx["factor"] / ctx["scale"], f"channel {c}")
     return [out]
 
 
@@ -267,9 +274,11 @@ def _qadd(ctx: InferContext) -> list[TensorType]:
     """``clamp((a * Ma + b * Mb + 2^(S-1)) >> S, lo, hi)``: both branches aligned, one rounding."""
     s_a, s_b = _per_tensor(ctx, 0), _per_tensor(ctx, 1)
     a, b = ctx.type(0), ctx.type(1)
-    if a.shape != b.shape:
-        raise ShapeError(f"QAdd inputs must have one shape, got {a}, {b}")
-    out = _output(ctx, a.shape)
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ShapeError(f"QAdd input shapes do not broadcast: {a}, {b}") from None
+    out = _output(ctx, shape)
     shift, scale = ctx["shift"], ctx["scale"]
     for m, s_in, name in ((ctx["multiplier_a"], s_a, "a"), (ctx["multiplier_b"], s_b, "b")):
         real = s_in / scale
@@ -278,3 +287,107 @@ def _qadd(ctx: InferContext) -> list[TensorType]:
         if not 0 <= m < 1 << 31 or abs(math.ldexp(m, -shift) - real) > math.ldexp(1, -shift):
             raise ShapeError(f"QAdd multiplier of {name} does not match its scale ratio {real!r}")
     return [out]
+
+
+# ----- transformer ops ------------------------------------------------------------------------
+
+
+@OPS.op("QBatchMatMul", inputs=2)
+def _qbatch_matmul(ctx: InferContext) -> list[TensorType]:
+    """``A @ B`` of two activations (numpy batching), int32 accumulation at ``s_a * s_b``.
+
+    Attention's ``Q K^T`` and ``P V``: both operands per-tensor, 8-bit.
+    """
+    a, b = ctx.type(0), ctx.type(1)
+    if a.rank < 2 or b.rank < 2 or a.shape[-1] != b.shape[-2]:
+        raise ShapeError(f"QBatchMatMul takes [..., M, K] @ [..., K, N], got {a}, {b}")
+    try:
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ShapeError(f"QBatchMatMul batch dimensions do not broadcast: {a}, {b}") from None
+    scale = _activation(ctx, 0) * _activation(ctx, 1)
+    return [_accumulator((*batch, a.shape[-2], b.shape[-1]), (scale,), 0)]
+
+
+def _variant(ctx: InferContext, allowed: tuple[str, ...]) -> str:
+    if ctx["variant"] not in allowed:
+        raise ShapeError(f"{ctx.op} variant {ctx['variant']!r} is not one of {list(allowed)}")
+    return str(ctx["variant"])
+
+
+@OPS.op(
+    "QSoftmax",
+    inputs=(1, 2),
+    attrs={"variant": Attr("str"), "scale": Attr("float"), "axis": Attr("int", -1)},
+)
+def _qsoftmax(ctx: InferContext) -> list[TensorType]:
+    """Integer softmax (:func:`intq.kernels.softmax`) along the last axis.
+
+    Input: any per-tensor integer (the int32 attention scores) whose unit is worth
+    ``scale`` (its type's scale times any constant folded in, such as ``1/sqrt(d)``);
+    optional input 1: a 0/1 ``keep`` mask broadcasting to it. Output: u8 probabilities
+    at scale ``2^-8``.
+    """
+    from intq.kernels import SOFTMAX_OUT_BITS, SOFTMAX_VARIANTS, check_softmax_size
+
+    x = ctx.type(0)
+    _per_tensor(ctx, 0)
+    variant = _variant(ctx, SOFTMAX_VARIANTS)
+    if ctx["axis"] not in (-1, x.rank - 1):
+        raise ShapeError("QSoftmax works along the last axis")
+    if variant == "lut" and x.dtype.bits > 8:
+        raise ShapeError(f"the lut softmax needs an 8-bit input, got {x}")
+    if ctx.has(1):
+        keep = ctx.type(1)
+        if not keep.dtype.is_integer or np.broadcast_shapes(keep.shape, x.shape) != x.shape:
+            raise ShapeError(f"QSoftmax keep mask {keep} does not broadcast to {x}")
+    check_softmax_size(x.shape[-1])
+    quant = QuantParams(SOFTMAX_OUT_BITS, False, (2.0**-SOFTMAX_OUT_BITS,))
+    return [TensorType(DType.U8, x.shape, quant)]
+
+
+@OPS.op("QGelu", attrs={"variant": Attr("str"), **_OUTPUT_ATTRS})
+def _qgelu(ctx: InferContext) -> list[TensorType]:
+    """Integer GELU (:func:`intq.kernels.gelu`) of a signed per-tensor input of <= 16 bits."""
+    from intq.kernels import GELU_VARIANTS
+
+    x = ctx.type(0)
+    _per_tensor(ctx, 0)
+    if x.dtype not in (DType.I8, DType.I16):
+        raise ShapeError(f"QGelu takes i8 or i16, got {x}")
+    _variant(ctx, GELU_VARIANTS)
+    return [_output(ctx, x.shape)]
+
+
+@OPS.op(
+    "QLayerNorm",
+    attrs={
+        "variant": Attr("str"),
+        "eps": Attr("int"),
+        "multiplier": Attr("ints"),
+        "shift": Attr("ints"),
+        "bias": Attr("ints"),
+        **_OUTPUT_ATTRS,
+    },
+)
+def _qlayernorm(ctx: InferContext) -> list[TensorType]:
+    """Integer LayerNorm over the last axis (:func:`intq.kernels.layernorm`).
+
+    ``eps`` in integer units of the centred sums; ``multiplier``/``shift``/``bias`` are
+    the per-channel affine ``gamma``, ``beta`` and output scale (``layernorm_affine``).
+    """
+    from intq.kernels import LAYERNORM_VARIANTS, check_layernorm_size
+
+    x = ctx.type(0)
+    _per_tensor(ctx, 0)
+    if x.dtype not in (DType.I8, DType.I16):
+        raise ShapeError(f"QLayerNorm takes i8 or i16, got {x}")
+    _variant(ctx, LAYERNORM_VARIANTS)
+    size = x.shape[-1]
+    if not len(ctx["multiplier"]) == len(ctx["shift"]) == len(ctx["bias"]) == size:
+        raise ShapeError(f"QLayerNorm needs {size} multipliers, shifts and biases")
+    try:
+        check_layernorm_size(size)
+    except NumericsError as err:
+        raise ShapeError(str(err)) from None
+    return [_output(ctx, x.shape)]

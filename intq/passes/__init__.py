@@ -10,10 +10,12 @@ from intq.passes.constant_folding import ConstantFolding
 from intq.passes.dce import DeadCodeElimination
 from intq.passes.fold_batchnorm import FoldBatchNorm
 from intq.passes.fold_pad import FoldPad
+from intq.passes.fuse_transformer import FuseTransformer
 from intq.passes.manager import DumpHook, Pass, PassManager, PassResult, parse_pipeline
 
 PASSES: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (ConstantFolding, DeadCodeElimination, FoldBatchNorm, FoldPad)
+    cls.name: cls
+    for cls in (ConstantFolding, DeadCodeElimination, FoldBatchNorm, FoldPad, FuseTransformer)
 }
 """Pass name -> pass class. A new pass adds its class here."""
 
@@ -30,6 +32,7 @@ __all__ = [
     "DumpHook",
     "FoldBatchNorm",
     "FoldPad",
+    "FuseTransformer",
     "Pass",
     "PassManager",
     "PassResult",

@@ -7,8 +7,10 @@ Rules:
 - Any other node touching a float value is allowed only *after* the
   boundary: when every float it reads comes (transitively) from a
   ``Dequantize`` — e.g. a final Softmax on the dequantized logits.
-- An integer ``Div`` is a runtime division; it is refused unless
-  ``allow_division`` declares it.
+- An integer ``Div`` is a runtime division, and so is a transformer kernel
+  (``QSoftmax``, ``QGelu``, ``QLayerNorm``) in a dividing variant
+  (:data:`intq.kernels.DIVIDING`); they are listed in
+  ``Census.division_nodes`` and refused unless ``allow_division`` declares them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node
+from intq.kernels import divides
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Census:
     violations: list[str] = field(default_factory=list)
     divisions: int = 0
     float_tail: list[str] = field(default_factory=list)
+    division_nodes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         """The census as an aligned two-column text table."""
@@ -43,7 +47,7 @@ def census(graph: Graph, *, allow_division: bool = False) -> Census:
     after_boundary: set[str] = set()
     violations: list[str] = []
     tail: list[str] = []
-    divisions = 0
+    dividing: list[str] = []
     for node in graph:
         if node.op in BOUNDARY:
             if node.op == "Dequantize":
@@ -60,12 +64,12 @@ def census(graph: Graph, *, allow_division: bool = False) -> Census:
             else:
                 violations.append(f"{_describe(node)} computes in float")
             continue
-        if node.op == "Div":
-            divisions += 1
+        if node.op == "Div" or divides(node.op, node.attrs.get("variant", "")):
+            dividing.append(_describe(node))
             if not allow_division:
                 violations.append(f"{_describe(node)} divides at run time")
     ops = Counter(node.op for node in graph)
-    return Census(dict(ops), violations, divisions, tail)
+    return Census(dict(ops), violations, len(dividing), tail, dividing)
 
 
 def check_integer_only(graph: Graph, *, allow_division: bool = False) -> Census:

@@ -39,6 +39,7 @@ import numpy as np
 from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
+from intq.kernels import layernorm_constants
 from intq.numerics import common_shift, dyadic, storage_dtype
 from intq.ops.float_ops import DATA_MOVEMENT
 from intq.tables import RuleTable
@@ -70,6 +71,10 @@ class LoweringOptions:
     calibration: str = "minmax"
     percentile: float = 99.99
     layer_bits: Mapping[str, LayerBits] | None = None
+    wide_bits: int = 16
+    softmax: str = "divfree"
+    gelu: str = "poly"
+    layernorm: str = "divfree"
 
     def bits(self, node_name: str) -> LayerBits:
         """The bit widths of the layer named ``node_name``."""
@@ -118,11 +123,19 @@ class Accumulator:
     """An int32 accumulator (QConv, QGemm, QMatMul, average pools)."""
 
     acc: Value
+    factor: float = 1.0
+    """A constant the accumulator was multiplied by (attention's ``1/sqrt(d)``): it lives
+    in the requantization multiplier."""
+
+    @property
+    def scale(self) -> float:
+        """The real value of one unit (per-tensor accumulators)."""
+        return _scale(self.acc) * self.factor
 
     def finish(self, lowering: _Lowering, quant: QuantParams, lo: int, hi: int, name: str) -> Value:
         q = self.acc.type.quant
         assert q is not None
-        pairs = [dyadic(s / quant.scale[0]) for s in q.scale]
+        pairs = [dyadic(s * self.factor / quant.scale[0]) for s in q.scale]
         node = lowering.dst.add(
             "Requantize",
             [self.acc],
@@ -130,6 +143,7 @@ class Accumulator:
                 "multiplier": tuple(d.multiplier for d in pairs),
                 "shift": tuple(d.shift for d in pairs),
                 "axis": q.axis if q.axis is not None else -1,
+                **({"factor": self.factor} if self.factor != 1.0 else {}),
                 **_output_attrs(quant, lo, hi),
             },
             name=name,
@@ -189,6 +203,9 @@ class _Lowering:
         self.ints: dict[Value, Value] = {}
         self.pending: dict[Value, Pending] = {}
         self.floats: dict[Value, Value] = {}
+        self.absorbed: set[Node] = set()
+        self.affine: dict[Value, Affine] = {}
+        self.masked: dict[Value, tuple[Value, Value]] = {}
 
     # ----- scales ---------------------------------------------------------------------
 
@@ -201,6 +218,8 @@ class _Lowering:
             non_negative = _provably_non_negative(value)
         producer = value.producer
         bits = self.options.bits(producer.name if producer else value.name).activations
+        if _wide(value):
+            bits = max(bits, self.options.wide_bits)
         threshold = stats.clip(
             self.options.calibration, bits, not non_negative, self.options.percentile
         )
@@ -272,6 +291,9 @@ class _Lowering:
         return self.dst
 
     def input(self, value: Value) -> None:
+        if value.type.dtype.is_integer:  # token ids, attention masks: used as they are
+            self.ints[value] = self.dst.add_input(value.name, value.type)
+            return
         stats = self.stats.get(value.name)
         non_negative = stats is not None and stats.min >= 0
         quant = self.activation_quant(value, non_negative)
@@ -347,6 +369,81 @@ def _provably_non_negative(value: Value) -> bool:
     return False
 
 
+WIDE_PRODUCERS = ("LayerNormalization", "Gelu")
+
+
+def _wide(value: Value) -> bool:
+    """A transformer value kept at ``wide_bits``: the residual stream (the input of a
+    LayerNorm, and the operands of additions feeding one) and the LayerNorm and GELU
+    outputs that dense layers read (8 bits lose BERT's outlier channels there)."""
+    producer = value.producer
+    if producer is not None and producer.op in WIDE_PRODUCERS:
+        return True
+    for use in value.uses():
+        reader = use.node
+        if reader.op == "LayerNormalization":
+            return True
+        if reader.op == "Add" and any(
+            u.node.op in ("LayerNormalization", "Add") and _wide(reader.output)
+            for u in reader.output.uses()
+        ):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A float value that is ``a * source + b`` of a raw integer ``source`` (an attention
+    mask on its way to becoming additive): kept symbolic, never computed in float."""
+
+    source: Value
+    a: float
+    b: float
+
+
+MASK_FLOOR = -1000.0
+"""An additive mask value at or below this removes a position (``exp(-1000)`` is 0)."""
+
+
+def _keep_mask(low: _Lowering, node: Node, mask: Affine) -> Value:
+    """The 0/1 ``keep`` tensor (u8) of an additive mask ``a * m + b`` of a 0/1 input ``m``.
+
+    ``m`` counts as 1 when non-zero. Either ``b = 0`` and ``a + b <= -1000`` (drop where
+    ``m`` is set) or ``b <= -1000`` and ``a + b = 0`` (keep where ``m`` is set, as BERT's
+    ``(1 - m) * -10000``).
+    """
+    keep_if_set = mask.b <= MASK_FLOOR and abs(mask.a + mask.b) < 1e-6
+    drop_if_set = abs(mask.b) < 1e-6 and mask.a + mask.b <= MASK_FLOOR
+    if not (keep_if_set or drop_if_set):
+        raise UnsupportedOpError(
+            f"an additive mask {mask.a:g} * m + {mask.b:g} is neither 0 nor <= {MASK_FLOOR:g}"
+            " for m in {0, 1}",
+            node=node.label(),
+            hint="integer attention supports 0/1 masks that keep or remove positions",
+        )
+    name = node.label()
+    flag = low.dst.add("Cast", [mask.source], {"to": "bool"}, name=name).output
+    if drop_if_set:
+        flag = low.dst.add("Not", [flag], name=name).output
+    return low.dst.add("Cast", [flag], {"to": "u8"}, name=name).output
+
+
+def _bias_reader(node: Node) -> tuple[Node, np.ndarray] | None:
+    """The ``Add`` of a constant bias vector that alone reads ``node``'s output, if any."""
+    out = node.output
+    uses = out.uses()
+    if len(uses) != 1 or out.is_graph_output or uses[0].node.op != "Add":
+        return None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].index]
+    n = out.type.shape[-1]
+    if other is None or other.const is None or other.const.size != n:
+        return None
+    if other.type.rank > 1 and other.type.shape[-1] != n:
+        return None
+    return add, np.asarray(other.const, np.float64).reshape(n)
+
+
 # ----- one rule per float op -------------------------------------------------------------------
 
 Lowering = Callable[[_Lowering, Node], None]
@@ -388,15 +485,22 @@ def _gemm(low: _Lowering, node: Node) -> None:
 @_rule("MatMul")
 def _matmul(low: _Lowering, node: Node) -> None:
     b_value = node.inputs[1]
-    if b_value is None or b_value.const is None or b_value.type.rank != 2:
-        raise UnsupportedOpError(
-            "MatMul of two activations has no integer lowering yet (a constant 2-D B is needed)",
-            node=node.label(),
-        )
-    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
-    w, _ = low.linear(node, x, 1, None)
-    acc = low.emit(node, "QMatMul", [x, w])
-    low.pending[node.output] = Accumulator(acc)
+    a = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    if b_value is None or b_value.const is None:
+        # Two activations (attention's Q K^T and P V): int32 products at s_a * s_b.
+        b = low.materialize(b_value)  # type: ignore[arg-type]
+        low.pending[node.output] = Accumulator(low.emit(node, "QBatchMatMul", [a, b]))
+        return
+    if b_value.type.rank != 2:
+        raise UnsupportedOpError("MatMul with a constant B of rank != 2", node=node.label())
+    bias = _bias_reader(node)
+    w, b = low.linear(node, a, 1, None if bias is None else bias[1])
+    acc = low.emit(node, "QMatMul", [a, w] if b is None else [a, w, b])
+    if bias is None:
+        low.pending[node.output] = Accumulator(acc)
+    else:  # the bias Add is folded in: it becomes the accumulator
+        low.absorbed.add(bias[0])
+        low.pending[bias[0].output] = Accumulator(acc)
 
 
 @_rule("Relu", "Clip")
@@ -432,10 +536,90 @@ def _activation(low: _Lowering, node: Node) -> None:
 
 @_rule("Add")
 def _add(low: _Lowering, node: Node) -> None:
-    a, b = (low.materialize(v) for v in node.inputs)  # type: ignore[arg-type]
-    if a.type.shape != b.type.shape:
-        raise UnsupportedOpError("broadcasting Add in the integer path", node=node.label())
+    if node in low.absorbed:
+        return
+    x, y = node.inputs
+    assert x is not None and y is not None
+    for scores, mask in ((x, y), (y, x)):
+        if mask in low.affine:  # attention scores + an additive 0/-inf mask: a keep mask
+            low.masked[node.output] = (scores, _keep_mask(low, node, low.affine[mask]))
+            return
+    a, b = low.materialize(x), low.materialize(y)
+    try:
+        np.broadcast_shapes(a.type.shape, b.type.shape)
+    except ValueError:
+        raise UnsupportedOpError("Add of shapes that do not broadcast", node=node.label()) from None
     low.pending[node.output] = Sum(a, b)
+
+
+def _scalar(value: Value | None) -> float | None:
+    if value is None or value.const is None or value.const.size != 1:
+        return None
+    return float(np.asarray(value.const).reshape(()))
+
+
+@_rule("Mul", "Div")
+def _scale_by_constant(low: _Lowering, node: Node) -> None:
+    x, c = node.inputs
+    if node.op == "Mul" and _scalar(x) is not None:
+        x, c = c, x
+    factor = _scalar(c)
+    assert x is not None
+    if factor is not None and node.op == "Div":
+        factor = 1.0 / factor if factor else None
+    if factor is not None and x in low.affine:  # a mask on its way: stay symbolic
+        mask = low.affine[x]
+        low.affine[node.output] = Affine(mask.source, mask.a * factor, mask.b * factor)
+        return
+    pending = low.pending.get(x)
+    if factor is None or factor <= 0 or not isinstance(pending, Accumulator):
+        raise UnsupportedOpError(
+            f"{node.op} in the integer path: only a positive constant scaling an accumulator"
+            " (folded into its requantization) is supported",
+            node=node.label(),
+        )
+    low.pending[node.output] = Accumulator(pending.acc, pending.factor * factor)
+
+
+@_rule("Cast")
+def _cast(low: _Lowering, node: Node) -> None:
+    x = node.inputs[0]
+    assert x is not None
+    source = low.ints.get(x)
+    if source is None or source.type.quant is not None or not node.output.type.dtype.is_float:
+        raise UnsupportedOpError("Cast in the integer path", node=node.label())
+    low.affine[node.output] = Affine(source, 1.0, 0.0)
+
+
+@_rule("Sub")
+def _sub(low: _Lowering, node: Node) -> None:
+    x, y = node.inputs
+    if x in low.affine and _scalar(y) is not None:
+        m = low.affine[x]
+        low.affine[node.output] = Affine(m.source, m.a, m.b - _scalar(y))  # type: ignore[operator]
+    elif y in low.affine and _scalar(x) is not None:
+        m = low.affine[y]
+        low.affine[node.output] = Affine(m.source, -m.a, _scalar(x) - m.b)  # type: ignore[operator]
+    else:
+        raise UnsupportedOpError(
+            "Sub in the integer path (only on an attention mask)", node=node.label()
+        )
+
+
+@_rule("Gather")
+def _gather(low: _Lowering, node: Node) -> None:
+    """An embedding lookup: the table quantized per tensor, the lookup moves integers."""
+    table, index = node.inputs
+    if table is None or table.const is None or index not in low.ints:
+        raise UnsupportedOpError(
+            "Gather in the integer path needs a constant table and integer indices",
+            node=node.label(),
+        )
+    bits = low.options.bits(node.label()).weights
+    q, scales = quantize_weights(table.const.reshape(1, -1), bits, 0)
+    const = low.dst.add_constant(q.reshape(table.const.shape), table.name)
+    const.type = const.type.with_quant(QuantParams(bits, True, scales, narrow=True))
+    low.ints[node.output] = low.emit(node, "Gather", [const, low.ints[index]], **node.attrs)
 
 
 @_rule("GlobalAveragePool")
@@ -487,9 +671,91 @@ def _concat(low: _Lowering, node: Node) -> None:
 
 @_rule("Softmax")
 def _softmax(low: _Lowering, node: Node) -> None:
-    # Only as the model's last op: it runs in float after the output dequantization.
-    x = low.dequantized(node.inputs[0])  # type: ignore[arg-type]
-    low.floats[node.output] = low.emit(node, "Softmax", [x], axis=node.attrs["axis"])
+    source = node.inputs[0]
+    assert source is not None
+    axis = node.attrs["axis"]
+    if node.output.is_graph_output or axis not in (-1, source.type.rank - 1):
+        # A classifier's last op: it runs in float after the output dequantization.
+        x = low.dequantized(source)
+        low.floats[node.output] = low.emit(node, "Softmax", [x], axis=axis)
+        return
+    source, keep = low.masked.get(source, (source, None))
+    variant = low.options.softmax
+    pending = low.pending.get(source)
+    if (
+        isinstance(pending, Accumulator)
+        and pending.acc.type.quant.axis is None
+        and variant != "lut"
+    ):
+        # The int32 scores themselves: no rounding before the exponent.
+        x, scale = pending.acc, pending.scale
+    else:
+        if variant == "lut":
+            x = _rescaled(low, source, _signed_quant(low, source, 8), node)
+        else:
+            x = low.materialize(source)
+        scale = _scale(x)
+    inputs = [x] if keep is None else [x, keep]
+    low.ints[node.output] = low.emit(node, "QSoftmax", inputs, variant=variant, scale=scale)
+
+
+def _signed_quant(low: _Lowering, value: Value, bits: int) -> QuantParams:
+    """Signed ``bits``-bit parameters covering ``value``'s calibrated range."""
+    calibrated = low.activation_quant(value, non_negative=False)
+    threshold = calibrated.scale[0] * ((1 << (calibrated.bits - 1)) - 1)
+    return QuantParams(bits, True, (threshold / ((1 << (bits - 1)) - 1),))
+
+
+def _rescaled(low: _Lowering, value: Value, quant: QuantParams, node: Node) -> Value:
+    """``value`` as an integer with exactly ``quant`` (requantized when it differs)."""
+    pending = low.pending.get(value)
+    if isinstance(pending, Accumulator):
+        return pending.finish(low, quant, quant.qmin, quant.qmax, node.label())
+    x = low.materialize(value)
+    if x.type.quant == quant:
+        return x
+    return Accumulator(x).finish(low, quant, quant.qmin, quant.qmax, node.label())
+
+
+@_rule("Gelu")
+def _gelu(low: _Lowering, node: Node) -> None:
+    source = node.inputs[0]
+    assert source is not None
+    variant = low.options.gelu
+    x = _rescaled(low, source, _signed_quant(low, source, 8 if variant == "lut" else 16), node)
+    out = low.activation_quant(node.output, non_negative=False)
+    low.ints[node.output] = low.emit(
+        node, "QGelu", [x], variant=variant, **_output_attrs(out, out.qmin, out.qmax)
+    )
+
+
+@_rule("LayerNormalization")
+def _layernorm(low: _Lowering, node: Node) -> None:
+    x_value, gamma, beta = (*node.inputs, None, None)[:3]
+    if node.attrs["axis"] not in (-1, node.output.type.rank - 1):
+        raise UnsupportedOpError(
+            "LayerNormalization over more than the last axis", node=node.label()
+        )
+    if gamma is None or gamma.const is None or (beta is not None and beta.const is None):
+        raise UnsupportedOpError(
+            "LayerNormalization with non-constant gamma/beta", node=node.label()
+        )
+    x = low.materialize(x_value)  # type: ignore[arg-type]
+    if x.type.dtype.bits > 16:
+        raise UnsupportedOpError("LayerNormalization of a >16-bit input", node=node.label())
+    size = x.type.shape[-1]
+    g = np.asarray(gamma.const, np.float64).reshape(size)
+    b = np.zeros(size) if beta is None else np.asarray(beta.const, np.float64).reshape(size)
+    out = low.activation_quant(node.output, non_negative=False)
+    constants = layernorm_constants(g, b, node.attrs["epsilon"], _scale(x), out.scale[0])
+    low.ints[node.output] = low.emit(
+        node,
+        "QLayerNorm",
+        [x],
+        variant=low.options.layernorm,
+        **constants,
+        **_output_attrs(out, out.qmin, out.qmax),
+    )
 
 
 def integerize(graph: Graph, stats: Mapping[str, Stats], options: LoweringOptions) -> Graph:

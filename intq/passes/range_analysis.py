@@ -25,6 +25,7 @@ import numpy as np
 
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node, Value
+from intq.ir.types import DType
 from intq.ops.float_ops import DATA_MOVEMENT
 from intq.tables import RuleTable
 
@@ -103,7 +104,54 @@ def _qgemm(node: Node, ins: list[Interval | None]) -> Interval:
 
 @_rule("QMatMul")
 def _qmatmul(node: Node, ins: list[Interval | None]) -> Interval:
-    return _dot_bound(node, ins[0], _const(node, 1), 1, None)  # type: ignore[arg-type]
+    return _dot_bound(node, ins[0], _const(node, 1), 1, ins[2] if len(ins) > 2 else None)  # type: ignore[arg-type]
+
+
+def _magnitude(interval: Interval | None) -> int:
+    assert interval is not None
+    return max(abs(interval[0]), abs(interval[1]))
+
+
+@_rule("QBatchMatMul")
+def _qbatch_matmul(node: Node, ins: list[Interval | None]) -> Interval:
+    a = node.inputs[0]
+    assert a is not None
+    bound = a.type.shape[-1] * _magnitude(ins[0]) * _magnitude(ins[1])
+    return _fits(
+        node,
+        (-bound, bound),
+        INT32,
+        "the int32 accumulator of two activations",
+        "use fewer activation bits for the two operands",
+    )
+
+
+@_rule("QSoftmax", "QGelu", "QLayerNorm")
+def _kernel(node: Node, ins: list[Interval | None]) -> Interval:
+    """The kernels' intermediates are bounded in :mod:`intq.kernels` given input widths
+    (checked by the op's type rule) and these scale conditions."""
+    from intq.kernels import GELU_SIGMOID, check_exp_range
+
+    x = node.inputs[0]
+    assert x is not None and x.type.quant is not None
+    try:
+        if node.op == "QSoftmax" and node.attrs["variant"] != "lut":
+            check_exp_range(node.attrs["scale"], "softmax")
+        elif node.op == "QGelu" and node.attrs["variant"] in ("shift", "divfree"):
+            check_exp_range(x.type.quant.scale[0] * GELU_SIGMOID, "GELU")
+    except NumericsError as err:
+        raise NumericsError(str(err), node=node.label(), hint="report this model") from None
+    if node.op == "QSoftmax":
+        return 0, 255
+    return _clamp(node)
+
+
+@_rule("Cast", "Not")
+def _flag(node: Node, ins: list[Interval | None]) -> Interval:
+    """Attention masks: integers cast to bool and back (0 or 1)."""
+    if node.op == "Cast" and node.attrs["to"] not in ("bool", "u8"):
+        raise NumericsError(f"integer Cast to {node.attrs['to']}", node=node.label())
+    return 0, 1
 
 
 @_rule("QGlobalAveragePool", "QAveragePool")
@@ -198,6 +246,8 @@ def analyze_ranges(graph: Graph) -> dict[str, Interval]:
             return None
         if value.name in intervals:
             return intervals[value.name]
+        if value.type.dtype is DType.BOOL:
+            return (0, 1)
         if not value.type.dtype.is_integer:
             return None
         if value.const is not None:

@@ -1,0 +1,516 @@
+"""Integer-only kernels of the transformer ops: Shiftmax, ShiftGELU, integer LayerNorm.
+
+Each kernel is written **once**, against :class:`IntOps`, a small vocabulary
+of int64 operations (add, multiply, shifts, compare-and-select, reductions,
+table lookup, and a floor division that only the division variants use).
+The reference interpreter runs a kernel with :class:`NumpyOps`; a backend
+runs the same function with its own ``IntOps`` that emits its ops (ONNX
+nodes, Relax expressions), so every backend computes the same integers by
+construction and the tests check that it does.
+
+All values are int64. Every kernel's intermediates are bounded below 2^62
+for the input ranges the lowering admits (stated per kernel);
+:class:`NumpyOps` checks each operation and raises :class:`NumericsError`
+if one ever leaves int64.
+
+Fixed-point conventions: ``x_fx`` holds ``x * 2^F``; ``>>`` is the
+arithmetic shift (floor); rounding shifts add ``2^(s-1)`` first.
+
+Variants (per op type, chosen in the quantization config):
+
+============  ==================================================================
+``shift``     I-ViT: base-2 exponent by multiply-and-shift, integer part as a
+              shift, remainder by the linear ``2^-f ~= 1 - f/2``; normalisation
+              with one integer division per row (softmax) / element (GELU).
+``divfree``   the exponent with I-BERT's quadratic remainder; reciprocals and
+              inverse square roots by Newton iterations after normalising with a
+              leading-bit count: no runtime division at all.
+``lut``       a 2^b-entry integer table for b <= 8 bit inputs (exp of
+              ``x - max``; GELU itself), normalisation as ``divfree``.
+``poly``      I-BERT: 2nd-order polynomial for the exponent remainder (i-exp)
+              and for erf (i-GELU); integer division for the normalisation.
+============  ==================================================================
+
+LayerNorm has ``isqrt`` (integer square root by Newton with division, then one
+division per row; I-BERT) and ``divfree`` (inverse square root by Newton).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from intq.errors import NumericsError
+from intq.numerics import dyadic
+
+T = TypeVar("T")
+
+SOFTMAX_VARIANTS = ("divfree", "shift", "lut", "poly")
+GELU_VARIANTS = ("divfree", "shift", "lut", "poly")
+LAYERNORM_VARIANTS = ("divfree", "isqrt")
+DIVIDING = {"QSoftmax": ("shift", "poly"), "QGelu": ("shift",), "QLayerNorm": ("isqrt",)}
+"""Kernel op -> its variants that divide at run time (the integer-only census lists them)."""
+
+
+def divides(op: str, variant: str) -> bool:
+    """Whether kernel ``op`` in ``variant`` divides at run time."""
+    return variant in DIVIDING.get(op, ())
+
+
+EXP_BITS = 16
+"""Fractional bits of exponentials: ``exp(d) ~= e / 2^16`` for ``d <= 0``."""
+SIGMOID_BITS = 14
+"""Fractional bits of the sigmoid inside GELU (keeps ``x * sigma * M`` below 2^61)."""
+NORM_BITS = 16
+"""Fractional bits of the normalised values inside LayerNorm."""
+SOFTMAX_OUT_BITS = 8
+"""Softmax outputs are unsigned 8-bit probabilities at scale ``2^-8`` (1.0 saturates to 255)."""
+
+
+class IntOps(Protocol[T]):
+    """The int64 operations a kernel may use (``T``: a backend's tensor handle)."""
+
+    def const(self, value: npt.ArrayLike) -> T: ...
+    def add(self, a: T, b: T) -> T: ...
+    def sub(self, a: T, b: T) -> T: ...
+    def mul(self, a: T, b: T) -> T: ...
+    def sra(self, x: T, shift: npt.ArrayLike) -> T:
+        """``floor(x / 2^shift)`` for constant ``0 <= shift <= 62`` (scalar or per channel)."""
+        ...
+
+    def srl_var(self, x: T, shift: T) -> T:
+        """``x >> shift`` for ``x >= 0`` and a run-time ``0 <= shift <= 63``."""
+        ...
+
+    def shl_var(self, x: T, shift: T) -> T:
+        """``x << shift`` for ``x >= 0`` and a run-time shift; the result stays below 2^63."""
+        ...
+
+    def less(self, a: T, b: T) -> T:
+        """1 where ``a < b`` else 0."""
+        ...
+
+    def where(self, cond: T, a: T, b: T) -> T:
+        """``a`` where ``cond != 0`` else ``b``."""
+        ...
+
+    def reduce_max(self, x: T, axis: int) -> T: ...
+    def reduce_sum(self, x: T, axis: int) -> T: ...
+    def count_at_least(self, x: T, thresholds: np.ndarray) -> T:
+        """How many of the ascending ``thresholds`` are ``<= x`` (a leading-bit count)."""
+        ...
+
+    def gather(self, table: np.ndarray, index: T) -> T:
+        """``table[index]`` for ``0 <= index < len(table)``."""
+        ...
+
+    def div(self, a: T, b: T) -> T:
+        """``a // b`` for ``a >= 0``, ``b > 0``: the one run-time division."""
+        ...
+
+
+_LIMIT = 2.0**63
+
+
+class NumpyOps:
+    """:class:`IntOps` on numpy int64 arrays, checking every result stays inside int64."""
+
+    def __init__(self, where: str = "kernel"):
+        self.where_ = where
+
+    def _checked(self, exact: np.ndarray, approx: np.ndarray, what: str) -> np.ndarray:
+        if approx.size and float(np.abs(approx).max()) >= _LIMIT:
+            raise NumericsError(f"int64 overflow in {what}", node=self.where_)
+        return exact
+
+    def const(self, value: npt.ArrayLike) -> np.ndarray:
+        return np.asarray(value, np.int64)
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._checked(a + b, a.astype(np.float64) + b, "add")
+
+    def sub(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._checked(a - b, a.astype(np.float64) - b, "sub")
+
+    def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._checked(a * b, a.astype(np.float64) * b, "mul")
+
+    def sra(self, x: np.ndarray, shift: npt.ArrayLike) -> np.ndarray:
+        return x >> np.asarray(shift, np.int64)
+
+    def srl_var(self, x: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        return np.where(shift >= 63, 0, x >> np.minimum(shift, 62))
+
+    def shl_var(self, x: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        approx = x.astype(np.float64) * np.exp2(shift.astype(np.float64))
+        return self._checked(x << shift, approx, "shift left")
+
+    def less(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a < b).astype(np.int64)
+
+    def where(self, cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.where(cond != 0, a, b).astype(np.int64)
+
+    def reduce_max(self, x: np.ndarray, axis: int) -> np.ndarray:
+        return x.max(axis=axis, keepdims=True)
+
+    def reduce_sum(self, x: np.ndarray, axis: int) -> np.ndarray:
+        return self._checked(
+            x.sum(axis=axis, keepdims=True),
+            x.astype(np.float64).sum(axis=axis, keepdims=True),
+            "sum",
+        )
+
+    def count_at_least(self, x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+        return (x[..., None] >= thresholds).sum(axis=-1).astype(np.int64)
+
+    def gather(self, table: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return np.asarray(table, np.int64)[index]
+
+    def div(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a // b
+
+
+# ----- helpers on top of IntOps ---------------------------------------------------------------
+
+
+class _K(Generic[T]):
+    """Derived operations shared by the kernels."""
+
+    def __init__(self, ops: IntOps[T]):
+        self.ops = ops
+
+    def c(self, value: npt.ArrayLike) -> T:
+        return self.ops.const(value)
+
+    def round_shift(self, x: T, shift: npt.ArrayLike) -> T:
+        """``floor(x / 2^s + 1/2)`` for constant ``s >= 1`` (per channel allowed)."""
+        s = np.asarray(shift, np.int64)
+        return self.ops.sra(self.ops.add(x, self.c(np.int64(1) << (s - 1))), s)
+
+    def clamp(self, x: T, lo: int, hi: int) -> T:
+        o = self.ops
+        low = o.where(o.less(x, self.c(lo)), self.c(lo), x)
+        return o.where(o.less(self.c(hi), low), self.c(hi), low)
+
+    def maximum(self, a: T, b: T) -> T:
+        return self.ops.where(self.ops.less(a, b), b, a)
+
+    def absolute(self, x: T) -> T:
+        o = self.ops
+        return o.where(o.less(x, self.c(0)), o.sub(self.c(0), x), x)
+
+    def floor_log2(self, x: T) -> T:
+        """``floor(log2(x))`` for ``1 <= x < 2^62``."""
+        powers = np.left_shift(np.int64(1), np.arange(1, 62, dtype=np.int64))
+        return self.ops.count_at_least(x, powers)
+
+    def sra_var(self, x: T, shift: T) -> T:
+        """``floor(x / 2^shift)`` for signed ``|x| < 2^62`` and a run-time shift in [0, 62]."""
+        o = self.ops
+        bias = self.c(1 << 62)
+        return o.sub(o.srl_var(o.add(x, bias), shift), o.srl_var(bias, shift))
+
+    def reciprocal(self, m: T) -> T:
+        """``y ~= 2^61 / m`` for ``2^30 <= m <= 2^31`` by Newton's method, division-free.
+
+        Start from the chord ``48/17 - 32/17 m'`` (``m' = m / 2^31``, error <= 1/17),
+        three iterations ``y += y (2^61 - m y) / 2^61``: relative error < 2^-29.
+        """
+        o = self.ops
+        y = o.sub(
+            self.c(round(48 / 17 * 2**30)), o.sra(o.mul(self.c(round(32 / 17 * 2**30)), m), 31)
+        )
+        for _ in range(3):
+            err = o.sub(self.c(1 << 61), o.mul(m, y))  # |err| < 2^57 after the chord
+            y = o.add(y, o.sra(o.mul(y, o.sra(err, 30)), 31))
+        return y
+
+    def exp_neg(self, d: T, scale: float, variant: str) -> T:
+        """``exp(d * scale) * 2^EXP_BITS`` for ``d <= 0`` (already clamped, see ``exp_floor``).
+
+        ``t = round(-d * scale * log2(e) * 2^F)`` by one multiply-and-shift; its integer
+        part ``q`` becomes a right shift and its remainder ``f = r / 2^F`` in [0, 1) is
+        approximated by ``2^-f ~= 1 - f/2`` (``shift``, error <= 6.1%) or, for any other
+        variant, I-BERT's ``0.3585 (p + 1.353)^2 + 0.344`` with ``p = -f ln 2`` (error
+        <= 0.3%).
+        """
+        o, F = self.ops, EXP_BITS
+        step = dyadic(scale * math.log2(math.e))
+        # t >= 0 in F fractional bits; |d| * M < 2^62 is what exp_floor guarantees.
+        t = self.round_shift(o.mul(o.sub(self.c(0), d), self.c(step.multiplier)), step.shift - F)
+        q = o.sra(t, F)
+        r = o.sub(t, o.mul(q, self.c(1 << F)))
+        if variant != "shift":
+            ln2 = dyadic(math.log(2))
+            p = self.round_shift(o.mul(r, self.c(ln2.multiplier)), ln2.shift)  # f ln2, F bits
+            base = o.sub(self.c(round(1.353 * 2**F)), p)  # (1.353 - f ln2), F bits
+            square = self.round_shift(o.mul(base, base), F)
+            mantissa = o.add(
+                self.round_shift(o.mul(square, self.c(round(0.3585 * 2**F))), F),
+                self.c(round(0.344 * 2**F)),
+            )
+        else:
+            mantissa = o.sub(self.c(1 << F), o.sra(r, 1))
+        return o.srl_var(mantissa, q)
+
+
+def exp_floor(scale: float) -> int:
+    """The most negative ``d`` that matters: ``exp(d * scale) < 2^-(EXP_BITS+2)`` below it."""
+    return -math.ceil((EXP_BITS + 2) * math.log(2) / scale)
+
+
+def check_exp_range(scale: float, what: str) -> None:
+    """Refuses scales for which the exponent's ``|d| * M`` could leave int64 (or which need
+    a left shift: a unit worth more than 2^14)."""
+    step = dyadic(scale * math.log2(math.e))
+    if -exp_floor(scale) * step.multiplier >= 2**62 or step.shift - EXP_BITS < 1:
+        raise NumericsError(f"{what}: the input scale {scale:g} is too fine for the exponent")
+
+
+# ----- softmax --------------------------------------------------------------------------------
+
+
+def softmax(
+    ops: IntOps[T], x: T, keep: T | None, scale: float, variant: str, axis: int, size: int
+) -> T:
+    """Integer softmax of ``x`` (any integer width, scale ``scale``) along ``axis``.
+
+    Returns unsigned ``SOFTMAX_OUT_BITS``-bit probabilities at scale ``2^-8``:
+    ``out = round(2^8 e_i / sum_j e_j)`` clamped to 255, with ``e = exp(x - max)`` as
+    :meth:`_K.exp_neg` (``lut``: a table over ``x - max`` for 8-bit ``x``).
+    ``keep`` (0/1, broadcast to ``x``) drops positions (their ``e`` is 0); a row with
+    nothing kept keeps everything, as a float softmax with an additive ``-10^4`` does.
+    ``size`` is the length of ``axis``; rows sum to ``2^8`` within ``size / 2`` units.
+    """
+    k, o = _K(ops), ops
+    if variant not in SOFTMAX_VARIANTS:
+        raise NumericsError(f"unknown softmax variant {variant!r}")
+    floor = exp_floor(scale)
+    if keep is not None:
+        any_kept = o.reduce_max(keep, axis)
+        keep = o.where(any_kept, keep, o.const(1))
+        x = o.where(keep, x, o.const(-(1 << 40)))
+    d = o.sub(x, o.reduce_max(x, axis))
+    if variant == "lut":
+        index = o.sub(o.const(0), k.maximum(d, o.const(-255)))
+        table = np.rint(np.exp(-np.arange(256) * scale) * 2**EXP_BITS).astype(np.int64)
+        e = o.gather(table, index)
+    else:
+        check_exp_range(scale, "softmax")
+        e = k.exp_neg(
+            k.maximum(d, o.const(floor)), scale, "shift" if variant == "shift" else "poly"
+        )
+    if keep is not None:
+        e = o.mul(e, keep)
+    total = o.reduce_sum(e, axis)  # in [2^(F-1), size * 2^F]
+    if divides("QSoftmax", variant):
+        bits = 40
+        factor = o.div(o.const(1 << bits), total)
+        out = k.round_shift(o.mul(e, factor), bits - SOFTMAX_OUT_BITS)
+    else:
+        lead = k.floor_log2(total)
+        m = o.shl_var(total, o.sub(o.const(30), lead))  # in [2^30, 2^31)
+        y = k.reciprocal(m)  # 2^61 / m
+        # e / total * 2^8 = e * y * 2^(8 - 61 + 30 - lead) = e * y >> (23 + lead).
+        half = o.srl_var(o.mul(e, y), o.add(lead, o.const(22)))
+        out = o.sra(o.add(half, o.const(1)), 1)
+    return k.clamp(out, 0, (1 << SOFTMAX_OUT_BITS) - 1)
+
+
+def check_softmax_size(size: int) -> None:
+    """Row sums stay below 2^30 (the reciprocal's normalisation) for rows up to 2^14."""
+    if size > 1 << (30 - EXP_BITS):
+        raise NumericsError(f"softmax rows of {size} > 2^14 elements are not supported")
+
+
+# ----- GELU -----------------------------------------------------------------------------------
+
+GELU_SIGMOID = 1.702
+"""``gelu(x) ~= x * sigmoid(1.702 x)`` (I-ViT's ShiftGELU, max error 0.021 vs erf GELU)."""
+
+
+def gelu(
+    ops: IntOps[T],
+    x: T,
+    in_scale: float,
+    in_bits: int,
+    out_scale: float,
+    lo: int,
+    hi: int,
+    variant: str,
+) -> T:
+    """Integer GELU of signed ``in_bits``-bit ``x`` (<= 16) to ``clamp(round(gelu / out_scale))``.
+
+    - ``shift`` / ``divfree``: ``x * sigmoid(1.702 x)`` with ``sigmoid(z) = 1 / (1 + e)``,
+      ``e = exp(-|z|)`` as :meth:`_K.exp_neg` (linear / quadratic remainder), mirrored for
+      ``z < 0``; the reciprocal of ``1 + e`` in (1, 2] by one integer division (``shift``)
+      or Newton (``divfree``).
+    - ``poly``: I-BERT's i-GELU, ``x/2 (1 + erf(x/sqrt2))`` with
+      ``erf(u) ~= sign(u) (-0.2888 (min(|u|, 1.769) - 1.769)^2 + 1)``; no division.
+    - ``lut``: ``table[x]``, the exactly rounded GELU for every 8-bit input.
+    """
+    k, o, F = _K(ops), ops, SIGMOID_BITS
+    if variant not in GELU_VARIANTS:
+        raise NumericsError(f"unknown GELU variant {variant!r}")
+    if variant == "lut":
+        if in_bits > 8:
+            raise NumericsError(f"the GELU table needs inputs of <= 8 bits, got {in_bits}")
+        q = np.arange(-(1 << (in_bits - 1)), 1 << (in_bits - 1))
+        real = _gelu_float(q * in_scale)
+        table = np.clip(np.floor(real / out_scale + 0.5), lo, hi).astype(np.int64)
+        return o.gather(table, o.add(x, o.const(1 << (in_bits - 1))))
+    if variant == "poly":
+        # u = min(|x| s / sqrt2, 1.769) in F bits; erf ~= sign * (1 - 0.2888 (u - 1.769)^2).
+        to_u = dyadic(in_scale / math.sqrt(2))
+        u = k.round_shift(o.mul(k.absolute(x), o.const(to_u.multiplier)), to_u.shift - F)
+        u = o.where(o.less(o.const(round(1.769 * 2**F)), u), o.const(round(1.769 * 2**F)), u)
+        gap = o.sub(u, o.const(round(1.769 * 2**F)))
+        square = k.round_shift(o.mul(gap, gap), F)
+        erf_abs = o.sub(
+            o.const(1 << F), k.round_shift(o.mul(square, o.const(round(0.2888 * 2**F))), F)
+        )
+        erf = o.where(o.less(x, o.const(0)), o.sub(o.const(0), erf_abs), erf_abs)
+        factor = o.add(o.const(1 << F), erf)  # 2 * Phi(x) in F bits, in [0, 2^(F+1)]
+        step = dyadic(in_scale / out_scale / 2 ** (F + 1))
+    else:
+        z_scale = in_scale * GELU_SIGMOID
+        check_exp_range(z_scale, "GELU")
+        mag = k.maximum(o.sub(o.const(0), k.absolute(x)), o.const(exp_floor(z_scale)))
+        e = o.sra(k.exp_neg(mag, z_scale, variant), EXP_BITS - F)  # exp(-|z|), F bits
+        denominator = o.add(o.const(1 << F), e)  # in (2^F, 2^(F+1)]
+        if variant == "shift":
+            sig_pos = o.div(o.const(1 << (2 * F)), denominator)
+        else:
+            # 2^(2F) / v = (2^61 / (v << (30 - F))) >> (31 - F), v << (30 - F) in (2^30, 2^31].
+            y = k.reciprocal(o.mul(denominator, o.const(1 << (30 - F))))
+            sig_pos = k.round_shift(y, 31 - F)
+        factor = o.where(o.less(x, o.const(0)), o.sub(o.const(1 << F), sig_pos), sig_pos)
+        step = dyadic(in_scale / out_scale / 2**F)
+    # x * factor < 2^15 * 2^15; times M < 2^31: below 2^61.
+    y = k.round_shift(o.mul(o.mul(x, factor), o.const(step.multiplier)), step.shift)
+    return k.clamp(y, lo, hi)
+
+
+def _gelu_float(x: np.ndarray) -> np.ndarray:
+    import scipy.special
+
+    return 0.5 * x * (1.0 + scipy.special.erf(x / math.sqrt(2)))
+
+
+# ----- LayerNorm ------------------------------------------------------------------------------
+
+
+def layernorm_constants(
+    gamma: Sequence[float], beta: Sequence[float], eps: float, in_scale: float, out_scale: float
+) -> dict[str, int | tuple[int, ...]]:
+    """The integer attributes of ``QLayerNorm``: ``eps`` in units of ``V``, and per channel
+    ``out = round((n M_c + B_c) / 2^S_c)`` standing for
+    ``(gamma_c n / 2^16 + beta_c) / out_scale`` (``M_c`` signed, ``|M_c| < 2^31``, ``S_c <= 48``).
+    """
+    size = len(gamma)
+    multipliers, shifts, biases = [], [], []
+    for g, b in zip(gamma, beta):
+        real = abs(g) / out_scale / 2**NORM_BITS
+        shift = min(max(dyadic(real).shift, 1), 48) if real > 0 else 48
+        m_c = round(math.ldexp(real, shift))
+        multipliers.append(m_c if g >= 0 else -m_c)
+        shifts.append(shift)
+        biases.append(round(math.ldexp(b / out_scale, shift)))
+    eps_units = min(round(eps * size**3 / in_scale**2), 1 << 40)
+    return {
+        "eps": eps_units,
+        "multiplier": tuple(multipliers),
+        "shift": tuple(shifts),
+        "bias": tuple(biases),
+    }
+
+
+def layernorm(
+    ops: IntOps[T],
+    x: T,
+    size: int,
+    eps: int,
+    multiplier: Sequence[int],
+    shift: Sequence[int],
+    bias: Sequence[int],
+    lo: int,
+    hi: int,
+    variant: str,
+) -> T:
+    """Integer LayerNorm over the last axis (``size`` = C) of signed ``x`` (<= 16 bits).
+
+    Without any division by C: ``d = C x - sum(x)`` and ``V = sum(d^2) + eps`` give
+    ``(x - mean) / sqrt(var + eps') = d sqrt(C) / sqrt(V)``. The normalised value
+    ``n = d R`` with ``R = 2^16 sqrt(C) / sqrt(V)`` comes from an integer square root and
+    one division per row (``isqrt``) or Newton's inverse square root (``divfree``); the
+    affine ``gamma, beta`` and output scale are one per-channel multiply-and-shift
+    (:func:`layernorm_constants`). Bounds: ``|d| <= C 2^16``, ``V <= C^3 2^30 + eps < 2^61``.
+    Error: within one output unit of the exactly rounded float LayerNorm of ``x``.
+    """
+    k, o = _K(ops), ops
+    if variant not in LAYERNORM_VARIANTS:
+        raise NumericsError(f"unknown LayerNorm variant {variant!r}")
+    check_layernorm_size(size)
+    d = o.sub(o.mul(x, o.const(size)), o.reduce_sum(x, -1))
+    v = o.add(o.reduce_sum(o.mul(d, d), -1), o.const(eps))
+    v = o.where(o.less(v, o.const(1)), o.const(1), v)  # V = 0 only where every d is 0
+    sqrt_c = math.sqrt(size)
+    # Normalise: V = m / 4^h with m = V << 2h in [2^60, 2^62), so sqrt(V) = sqrt(m) / 2^h
+    # keeps 30 significant bits however small the variance is.
+    h = o.sra(o.sub(o.const(61), k.floor_log2(v)), 1)
+    m = o.shl_var(v, o.add(h, h))
+    if variant == "isqrt":
+        # r = isqrt(m) in [2^30, 2^31); R = sqrt(C) 2^53 // r; n = d R 2^(h - 37).
+        # |d| <= sqrt(V) = r / 2^h, so |d R| <= sqrt(C) 2^53 / 2^h <= 2^58.
+        r = o.div(o.const(round(sqrt_c * 2**53)), _isqrt(k, m))
+        n = k.sra_var(o.mul(d, r), o.sub(o.const(37), h))
+    else:
+        # 1/sqrt(V) = 2^h / sqrt(m) = y 2^(h - 61), so n = d sqrt(C) 2^16 y 2^(h - 61).
+        # |d y| < C 2^47: shift by 37 - h >= 7 first (keeping 8 extra bits), then multiply
+        # by sqrt(C) 2^12 and round away the 20 bits.
+        y = _inverse_sqrt(k, m)
+        scaled = k.sra_var(o.mul(d, y), o.sub(o.const(37), h))
+        n = k.round_shift(o.mul(scaled, o.const(round(sqrt_c * 2**12))), 20)
+    total = o.add(o.mul(n, o.const(list(multiplier))), o.const(list(bias)))
+    return k.clamp(k.round_shift(total, np.asarray(shift, np.int64)), lo, hi)
+
+
+def check_layernorm_size(size: int) -> None:
+    """``V <= C^3 2^30 + eps < 2^61`` (a variance is at most (range / 2)^2 = 2^30 for 16-bit
+    inputs) keeps every LayerNorm intermediate inside int64: C <= 1024."""
+    if size > 1024:
+        raise NumericsError(f"integer LayerNorm supports up to 1024 channels, got {size}")
+
+
+def _isqrt(k: _K[T], v: T) -> T:
+    """``floor(sqrt(v))`` for ``1 <= v < 2^62``: Newton ``r = (r + v // r) / 2`` (I-BERT)
+    from ``2^ceil((lead+1)/2) >= sqrt(v)``; from above it decreases monotonically, six
+    steps reach the floor for 62-bit inputs, and a last step fixes an overshoot of one."""
+    o = k.ops
+    lead = k.floor_log2(v)
+    r = o.shl_var(o.const(1), o.sra(o.add(lead, o.const(2)), 1))
+    for _ in range(6):
+        r = o.sra(o.add(r, o.div(v, r)), 1)
+    over = o.less(v, o.mul(r, r))
+    return o.sub(r, over)
+
+
+def _inverse_sqrt(k: _K[T], m: T) -> T:
+    """``y ~= 2^30 / sqrt(m / 2^62)`` for ``m`` in [2^60, 2^62), division-free.
+
+    ``m' = m / 2^62`` in [1/4, 1): start from the chord ``7/3 - 4/3 m'`` (<= 18% high),
+    five Newton steps ``y = y (3 - m' y^2) / 2``: relative error below 2^-28.
+    """
+    o = k.ops
+    m30 = o.sra(m, 32)  # m' in 30 fractional bits
+    y = o.sub(o.const(round(7 / 3 * 2**30)), o.sra(o.mul(o.const(round(4 / 3 * 2**30)), m30), 30))
+    for _ in range(5):
+        y2 = o.sra(o.mul(y, y), 30)
+        t = o.sra(o.mul(m30, y2), 30)
+        y = o.sra(o.mul(y, o.sub(o.const(3 << 30), t)), 31)
+    return y
