@@ -388,3 +388,23 @@ def test_cli_infeasible_budget_exits_1(digits_model: ZooModel, tmp_path, capsys)
     assert "infeasible" in capsys.readouterr().err
     code = main([*args, "--mp-report", "r", "-o", str(tmp_path / "x.intq")])
     assert code == 1
+
+
+def test_minilm_mixed_precision_is_bit_exact_on_onnxruntime(minilm_model: ZooModel) -> None:
+    graph = intq.from_onnx(minilm_model.path)
+    # MSE to the FP32 hidden states: a sentence encoder has no classes to take a softmax of.
+    mp = MixedPrecision(size_mb=7.0, loss="mse", max_iterations=8)
+    config = intq.QuantConfig(mixed_precision=mp, progress=False)
+    quantized = intq.quantize(graph, [minilm_model.inputs], config)
+    bits = [n.inputs[1].type.quant.bits for n in quantized if n.op in ("QMatMul", "QGemm")]
+    assert 4 in bits and 8 in bits
+    feeds = minilm_model.inputs
+    want = run_graph(quantized, feeds)
+    got = compile_onnxruntime(quantized).run(feeds)
+    np.testing.assert_array_equal(got["last_hidden_state"], want["last_hidden_state"])
+    fp32 = run_graph(graph, feeds)["last_hidden_state"]
+    mask = feeds["attention_mask"].astype(np.float32)[..., None]
+    a = (fp32 * mask).sum(1) / mask.sum(1)
+    b = (want["last_hidden_state"] * mask).sum(1) / mask.sum(1)
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cosine.min() >= 0.95
