@@ -26,6 +26,7 @@ from intq.errors import (
     VerificationError,
 )
 from intq.frontends import from_onnx, from_torch
+from intq.mixed_precision import MixedPrecision
 from intq.passes.integerize import LayerBits
 from intq.quantization import QuantConfig, quantize
 
@@ -42,6 +43,7 @@ __all__ = [
     "UnsupportedOpError",
     "VerificationError",
     "LayerBits",
+    "MixedPrecision",
     "QuantConfig",
     "compile",
     "convert",

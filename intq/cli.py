@@ -26,6 +26,7 @@ from intq.backends.base import atomic_write
 from intq.data import calibration_batches
 from intq.inspection import layer_sqnr, layer_table, table
 from intq.ir import Graph, from_text, to_text
+from intq.mixed_precision import SENSITIVITY_METHODS
 from intq.passes.integer_only import census
 from intq.quantization import CALIBRATION_METHODS
 
@@ -34,6 +35,7 @@ EXAMPLES = {
   intq compile model.onnx --calib calib.npz -o model_int8.onnx             # ONNX Runtime
   intq compile model.onnx --calib calib.npz --target reference -o model.intq
   intq compile model.onnx --calib calib.npz --config cfg.toml -o model_int8.onnx
+  intq compile model.onnx --calib calib.npz --size-mb 2.5 --mp-report mp -o model_int8.onnx
   intq compile bert.onnx --calib calib.npz --input-shape input_ids=1,128 -o bert_int8.onnx
 
 calib.npz holds one array per model input (numpy.savez(path, input=x)), samples on the
@@ -182,12 +184,58 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_mixed_precision_args(command: argparse.ArgumentParser) -> None:
+    """The mixed-precision flags (``--size-mb``, ``--bops``, ``--latency-ms``...) of a command
+    that quantizes; :func:`mixed_precision_from_args` reads them back."""
+    group = command.add_argument_group(
+        "mixed precision", "choose 4 or 8 weight bits per layer to meet a budget (HAWQ-V3 ILP)"
+    )
+    group.add_argument("--size-mb", type=float, help="weight storage budget in MB (2^20 bytes)")
+    group.add_argument("--bops", type=float, help="bit operations budget per sample")
+    group.add_argument(
+        "--latency-ms", type=float, help="latency budget: sum of the layers' measured latencies"
+    )
+    group.add_argument(
+        "--latency-table",
+        type=Path,
+        metavar="TABLE.json",
+        help="per-layer latency table (JSON) to use; without it one is measured on ONNX"
+        " Runtime (and saved as PREFIX.latency.json with --mp-report)",
+    )
+    group.add_argument(
+        "--sensitivity", default="hessian", choices=SENSITIVITY_METHODS, help="how Ω is measured"
+    )
+    group.add_argument(
+        "--mp-report", type=Path, metavar="PREFIX", help="write PREFIX.txt and PREFIX.png"
+    )
+
+
+def mixed_precision_from_args(args: argparse.Namespace) -> intq.MixedPrecision | None:
+    """The :class:`intq.MixedPrecision` the flags ask for, or ``None`` when no budget is set."""
+    if args.size_mb is None and args.bops is None and args.latency_ms is None:
+        if args.latency_table is not None or args.mp_report is not None:
+            raise intq.IntqError(
+                "--latency-table and --mp-report need a budget",
+                hint="add --size-mb, --bops or --latency-ms",
+            )
+        return None
+    return intq.MixedPrecision(
+        size_mb=args.size_mb,
+        bops=args.bops,
+        latency_ms=args.latency_ms,
+        sensitivity=args.sensitivity,
+        latency_table=args.latency_table,
+        report=args.mp_report,
+    )
+
+
 def _config(args: argparse.Namespace) -> intq.QuantConfig:
     overrides = {
         "weight_bits": args.weight_bits,
         "activation_bits": args.activation_bits,
         "calibration": args.calibration,
         "percentile": args.percentile,
+        "mixed_precision": mixed_precision_from_args(args),
     }
     progress = False if args.quiet else None
     if args.config is not None:
@@ -398,6 +446,7 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--activation-bits", type=int, help="default 8")
     _add_input_shape(command)
     command.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_mixed_precision_args(command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,10 @@
     weights = 4
     activations = 8
 
+    [mixed_precision]              # 4 or 8 weight bits per layer within a budget
+    size_mb = 2.5
+    sensitivity = "hessian"        # hessian | direct
+
 The keys are :class:`~intq.quantization.QuantConfig`'s fields (read from the dataclass, so a
 new field is a new key). An unknown key, a wrong type or a bad value is an error naming the
 key and listing the valid ones.
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from intq.errors import IntqError
+from intq.mixed_precision import MixedPrecision
 from intq.passes.integerize import LayerBits
 from intq.quantization import QuantConfig
 
@@ -36,8 +41,8 @@ def config_keys() -> dict[str, Any]:
     return {
         f.name: hints[f.name]
         for f in dataclasses.fields(QuantConfig)
-        if f.name not in _NOT_IN_FILES and f.name != "layer_bits"
-    } | {"layer_bits": dict}
+        if f.name not in _NOT_IN_FILES and f.name not in ("layer_bits", "mixed_precision")
+    } | {"layer_bits": dict, "mixed_precision": dict}
 
 
 def _check_type(key: str, value: Any, expected: Any, path: Path) -> Any:
@@ -56,6 +61,26 @@ def _check_type(key: str, value: Any, expected: Any, path: Path) -> Any:
 
 def _example(kind: type) -> str:
     return {int: "8", float: "99.99", str: '"minmax"', bool: "true"}.get(kind, "...")
+
+
+def _mixed_precision(table: Any, path: Path) -> MixedPrecision:
+    if not isinstance(table, dict):
+        raise IntqError(
+            f"{path}: mixed_precision must be a table",
+            hint="write [mixed_precision] followed by size_mb = 2.5 (or bops, latency_ms)",
+        )
+    hints = typing.get_type_hints(MixedPrecision)
+    valid = sorted(f.name for f in dataclasses.fields(MixedPrecision))
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        raise IntqError(
+            f"{path}: unknown key {unknown[0]!r} in mixed_precision",
+            hint=f"the valid keys are: {', '.join(valid)}",
+        )
+    values = {k: _check_type(f"mixed_precision.{k}", v, hints[k], path) for k, v in table.items()}
+    if "candidates" in values:
+        values["candidates"] = tuple(values["candidates"])
+    return MixedPrecision(**values)
 
 
 def _layer_bits(table: Any, path: Path) -> dict[str, LayerBits]:
@@ -106,6 +131,8 @@ def load_config(path: str | Path, **overrides: Any) -> QuantConfig:
     for key, value in raw.items():
         if key == "layer_bits":
             values[key] = _layer_bits(value, path)
+        elif key == "mixed_precision":
+            values[key] = _mixed_precision(value, path)
         else:
             values[key] = _check_type(key, value, keys[key], path)
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -13,7 +13,7 @@ collect calibration statistics over the batches, lower to integers
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
 from intq.kernels import GELU_VARIANTS, LAYERNORM_VARIANTS, SOFTMAX_VARIANTS, divides
+from intq.mixed_precision import MixedPrecision, plan_bits
 from intq.passes import pipeline
 from intq.passes.calibration import collect_stats
 from intq.passes.integer_only import check_integer_only
@@ -42,7 +43,9 @@ class QuantConfig:
     ``layer_bits`` names the layer (its original node name) with its own
     :class:`LayerBits`. ``calibration`` picks the activation range:
     ``minmax``, ``percentile`` (of ``|x|``, with ``percentile``), or ``mse``
-    (the clipping that minimises the expected squared error).
+    (the clipping that minimises the expected squared error). ``mixed_precision`` (a
+    :class:`intq.MixedPrecision`) chooses each layer's weight bits to meet a budget
+    (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.
 
     Transformers: ``softmax``, ``gelu`` and ``layernorm`` pick each integer kernel's
     variant (:mod:`intq.kernels`: ``divfree``, ``shift``, ``lut``, ``poly``; LayerNorm
@@ -66,6 +69,7 @@ class QuantConfig:
     softmax: str = "divfree"
     gelu: str = "poly"
     layernorm: str = "divfree"
+    mixed_precision: MixedPrecision | None = None
 
     def __post_init__(self) -> None:
         for what, value, allowed in (
@@ -127,7 +131,8 @@ def quantize(
     """An integer-only graph computing ``graph``, calibrated on ``calibration_data``.
 
     ``calibration_data`` is an iterable of input dicts (name -> array), read
-    once; ``graph`` is not modified.
+    once (held in memory with ``mixed_precision``, which reads it again to measure
+    sensitivity); ``graph`` is not modified.
     """
     config = config or QuantConfig()
     prepared = graph.copy()
@@ -140,8 +145,23 @@ def quantize(
             f"layer_bits names layers the model does not have: {unknown}",
             hint=f"use the original node names, as `intq inspect --ir` prints them: {examples}",
         )
+    lowering = config.lowering()
+    if config.mixed_precision is not None:
+        calibration_data = list(calibration_data)
+        plan = plan_bits(
+            prepared,
+            calibration_data,
+            config.mixed_precision,
+            activation_bits=config.activation_bits,
+            fixed={name: bits.weights for name, bits in config.layer_bits.items()},
+            progress=config.progress,
+        )
+        if config.mixed_precision.report is not None:
+            plan.save_report(config.mixed_precision.report)
+        chosen = plan.layer_bits(config.activation_bits)
+        lowering = replace(lowering, layer_bits={**chosen, **config.layer_bits})
     stats = collect_stats(prepared, calibration_data, progress=config.progress)
-    result = integerize(prepared, stats, config.lowering())
+    result = integerize(prepared, stats, lowering)
     analyze_ranges(result)
     check_integer_only(result, allow_division=config.divides)
     verify(result)

@@ -22,6 +22,9 @@ ONNX Runtime with no intq at run time. Each IR op has one lowering in
 - Average pools sum with ``ConvInteger`` against a kernel of ones; the global
   one with an int32 ``ReduceSum`` (exact: the range analysis proves the sum
   fits int32).
+- 4-bit weights are saved packed two per byte as ONNX ``INT4`` initializers (opset 21)
+  and widened by integer ``Cast``/``Add`` to the offset uint8 the kernels read; ONNX
+  Runtime has no 4-bit integer conv or matmul, so they run as 8-bit ones, exactly.
 - ``Quantize``/``Dequantize`` are ``QuantizeLinear``/``DequantizeLinear``, which
   compute exactly what the reference does (float32 division, round half to
   even; float32 product).
@@ -42,6 +45,7 @@ from intq import kernels
 from intq.backends.base import GraphExecutable, atomic_write, check_feeds
 from intq.errors import ArtifactError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
+from intq.ir.int4 import fits_int4, pack_int4
 from intq.ir.types import DType
 from intq.passes.range_analysis import analyze_ranges
 from intq.tables import RuleTable
@@ -143,13 +147,33 @@ class _Builder:
         if value.type.dtype is DType.U8 or zp:
             return name, zp
         if value.type.dtype is DType.I8 and value.const is not None:
-            data = (value.const.astype(np.int16) + OFFSET).astype(np.uint8)
-            return self.const(data, value.name + ".u8"), OFFSET
+            return self.weight_u8(value, value.const, node), OFFSET
         raise UnsupportedOpError(
             f"{node.op} on {value.type} in the ONNX Runtime backend",
             node=node.label(),
             hint="the ONNX Runtime backend runs 8-bit (or narrower) activations and weights",
         )
+
+    def weight_u8(self, value: Value, weights: np.ndarray, node: Node) -> str:
+        """Signed constant ``weights`` (``value``'s data, maybe transposed) offset to uint8.
+
+        4-bit weights are stored as an ONNX INT4 initializer, two per byte, and widened by
+        ``Cast`` to int16, ``+ 128``, ``Cast`` to uint8: integer ops on a constant, which
+        ONNX Runtime folds once when it loads the model.
+        """
+        quant = value.type.quant
+        if quant is not None and quant.bits <= 4 and fits_int4(weights, signed=True):
+            packed = self.fresh(value.name + ".i4")
+            self.initializers.append(
+                helper.make_tensor(
+                    packed, TensorProto.INT4, weights.shape, pack_int4(weights), raw=True
+                )
+            )
+            wide = self.op("Cast", [packed], value.name + ".i16", node, to=TensorProto.INT16)
+            moved = self.op("Add", [wide, self.const(np.int16(OFFSET), "offset")], wide + "+", node)
+            return self.op("Cast", [moved], value.name + ".u8", node, to=TensorProto.UINT8)
+        data = (weights.astype(np.int16) + OFFSET).astype(np.uint8)
+        return self.const(data, value.name + ".u8")
 
     def convert(self, source: str, target: str, delta: int, to: int, node: Node) -> None:
         """``target = cast(source + delta)`` through int16: moves between int8 and offset uint8."""
@@ -311,7 +335,7 @@ def _qmatmul(b: _Builder, node: Node) -> None:
     w = _input(node, 1)
     assert w.const is not None
     weights = w.const.T if node.attrs.get("transB") else w.const
-    w_u8 = b.const((weights.astype(np.int16) + OFFSET).astype(np.uint8), w.name + ".u8")
+    w_u8 = b.weight_u8(w, np.ascontiguousarray(weights), node)
     out = node.output.name
     if a.type.dtype is DType.I16:
         acc = _wide_matmul(b, a, w_u8, node)

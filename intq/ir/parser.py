@@ -18,6 +18,7 @@ import numpy as np
 
 from intq.errors import IntqError, ParseError
 from intq.ir.graph import AttrValue, Graph, Node, Value
+from intq.ir.int4 import packed_int4, unpack_int4
 from intq.ir.types import DType, QuantParams, TensorType
 
 T = TypeVar("T")
@@ -229,15 +230,30 @@ class _Parser:
                 if bad:
                     raise self.fail(f"{bad[0]} is not a value of {type_.dtype.value}", token)
             return np.array(items, dtype=dtype).reshape(type_.shape)
-        word = self.take("word", "b64")
+        word = self.accept("word", "i4") or self.take("word", "b64")
         blob = self.take("string")
         try:
             raw = base64.b64decode(blob.text[1:-1], validate=True)
         except (binascii.Error, ValueError):
             raise self.fail("bad base64 data", blob) from None
+        if word.text == "i4":
+            return self._int4(type_, raw, word)
         if len(raw) != type_.nbytes:
             raise self.fail(f"{len(raw)} bytes of data for a constant of {type_.nbytes}", word)
         return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(type_.shape)
+
+    def _int4(self, type_: TensorType, raw: bytes, word: Token) -> np.ndarray:
+        """A constant written packed two per byte (``i4"..."``): 4-bit quantized only."""
+        signed = packed_int4(type_)
+        if signed is None:
+            raise self.fail(
+                f"i4 data needs an i8/u8 type with 4-bit quantization, not {type_}", word
+            )
+        try:
+            values = unpack_int4(raw, type_.size, signed)
+        except ValueError as err:
+            raise self.fail(f"bad i4 data: {err}", word) from None
+        return values.astype(type_.dtype.numpy).reshape(type_.shape)
 
     def statement(self) -> bool:
         if self.accept("word", "return"):

@@ -13,7 +13,9 @@ Example::
 
 Constants with few elements are written as a flat list, larger ones as the
 base64 of their little-endian bytes, so printing then parsing gives back the
-same graph, bit for bit (:func:`intq.ir.parser.from_text`). Pass
+same graph, bit for bit (:func:`intq.ir.parser.from_text`). Larger 4-bit
+quantized constants (INT4 weights, held one per byte in memory) are written
+as ``i4"..."``: base64 of the values packed two per byte (:mod:`intq.ir.int4`). Pass
 ``elide_above`` to abbreviate large constants for reading; such text does not
 parse.
 """
@@ -27,6 +29,7 @@ import re
 import numpy as np
 
 from intq.ir.graph import AttrValue, Graph, Node, Value
+from intq.ir.int4 import fits_int4, pack_int4, packed_int4
 from intq.ir.types import QuantParams, TensorType
 
 INLINE_LIMIT = 16
@@ -108,6 +111,9 @@ def format_constant(value: Value, elide_above: int | None = None) -> str:
     """One constant's line, without indentation."""
     assert value.const is not None
     data = format_data(value.const, elide_above)
+    signed = packed_int4(value.type)
+    if data.startswith("b64") and signed is not None and fits_int4(value.const, signed):
+        data = 'i4"' + base64.b64encode(pack_int4(value.const)).decode("ascii") + '"'
     return f"{format_name(value.name)} = const {format_type(value.type)} {data}"
 
 

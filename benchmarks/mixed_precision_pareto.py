@@ -1,0 +1,343 @@
+"""Mixed precision: accuracy (digits CNN), top-1 agreement with FP32 (EfficientNet-Lite0) and
+pooled-embedding cosine to FP32 (MiniLM) against weight size, for budgets between all-INT4
+and all-INT8 weights.
+
+Run from the repository root (the ``dev`` extra installed)::
+
+    .venv/bin/python benchmarks/mixed_precision_pareto.py              # all three models
+    .venv/bin/python benchmarks/mixed_precision_pareto.py --models minilm
+    .venv/bin/python benchmarks/mixed_precision_pareto.py --quick      # digits only, small
+    .venv/bin/python benchmarks/mixed_precision_pareto.py --json out/pareto.json
+
+In one run, per model, every point integer-only and run by ONNX Runtime (bit-exact with the
+reference interpreter, see tests/test_mixed_precision.py):
+
+* uniform INT8 and uniform INT4 weights (8-bit activations throughout);
+* for each size budget (fractions of the way from the smallest feasible size, first and last
+  layer pinned at 8 bits, to all-INT8): the ILP's choice with Hessian-trace sensitivity
+  (HAWQ-V3, :mod:`intq.passes.sensitivity`), the ILP's choice with direct sensitivity (one
+  layer quantized at a time), and random assignments of the same budget (``--seeds`` of them):
+  layers in a random order switched to 4 bits while the model still exceeds the budget (the
+  same pins; ties are not imposed on the random ones, which only widens their choice), then
+  layers switched back to 8 bits in another random order wherever the model still fits.
+
+Sensitivity is measured once per model and method; the calibration statistics once per model;
+each point is then the ILP, the integer lowering and an evaluation. Digits: accuracy on the
+448 held-out digits of its real split (calibrated on 256 training digits). EfficientNet-Lite0:
+top-1 agreement with the FP32 model on random crops of the bundled photos (calibration crops
+and evaluation crops are different draws). Both also by the mean KL divergence from the FP32
+softmax. MiniLM (sensitivity loss MSE): mean cosine of the mean-pooled embeddings to FP32
+on 24 evaluation sentences, calibrated on 16 others (those of ``minilm_variants.py``), and
+the mean squared error of the pooled embeddings as its divergence. Torch runs on one thread
+(the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from machine import cpu_description, load_average
+
+import intq
+from intq import examples
+from intq.backends.onnxruntime import compile_onnxruntime
+from intq.ir.graph import Graph
+from intq.mixed_precision import derive_ties
+from intq.passes import pipeline
+from intq.passes.bit_allocation import BITS_PER_MB, Budget, LayerCosts, allocate_bits
+from intq.passes.calibration import collect_stats
+from intq.passes.integer_only import check_integer_only
+from intq.passes.integerize import LayerBits, LoweringOptions, integerize
+from intq.passes.range_analysis import analyze_ranges
+from intq.passes.sensitivity import (
+    QuantLayer,
+    direct_perturbations,
+    hessian_perturbations,
+    hessian_traces,
+    quantizable_layers,
+)
+from intq.quantization import PREPARE
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass
+class Point:
+    """One evaluated configuration."""
+
+    model: str
+    method: str
+    budget_mb: float | None
+    size_mb: float
+    metric: float
+    divergence: float
+    seed: int | None = None
+
+
+@dataclass
+class Task:
+    """A model, its prepared float graph, calibration batches and its metric."""
+
+    name: str
+    graph: Graph
+    calibration: list[Batch]
+    evaluate: Callable[[Graph], tuple[float, float]]
+    metric: str
+    loss: str = "kl"
+
+
+def fp32_session(path: Path) -> ort.InferenceSession:
+    """The FP32 ONNX model in ONNX Runtime: the reference the integer models are compared to."""
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def digits_task(zoo: Path) -> Task:
+    model = examples.digits_cnn(zoo)
+    graph = intq.from_onnx(model.path)
+    pipeline(PREPARE)(graph)
+    x_tr, x_te, _, y_te = examples._digits_split()
+    calibration = [{"input": x_tr[i : i + 8]} for i in range(0, 256, 8)]
+    count = len(x_te) // 8 * 8
+
+    fp32 = fp32_session(model.path)
+    reference = np.concatenate(
+        [fp32.run(["logits"], {"input": x_te[i : i + 8]})[0] for i in range(0, count, 8)]
+    )
+
+    def evaluate(int_graph: Graph) -> tuple[float, float]:
+        exe = compile_onnxruntime(int_graph)
+        logits = np.concatenate(
+            [exe.run({"input": x_te[i : i + 8]})["logits"] for i in range(0, count, 8)]
+        )
+        return float((logits.argmax(-1) == y_te[:count]).mean()), kl(reference, logits)
+
+    return Task("digits_cnn", graph, calibration, evaluate, "accuracy")
+
+
+def efficientnet_task(zoo: Path, calibration_crops: int, eval_crops: int) -> Task:
+    model = examples.efficientnet_lite0(zoo)
+    graph = intq.from_onnx(model.path)
+    pipeline(PREPARE)(graph)
+    calib = examples.photo_crops(model, calibration_crops, seed=1)
+    crops = examples.photo_crops(model, eval_crops, seed=2)
+    fp32 = fp32_session(model.path)
+    reference = np.concatenate([fp32.run(["logits"], {"input": c[None]})[0] for c in crops])
+
+    def evaluate(int_graph: Graph) -> tuple[float, float]:
+        exe = compile_onnxruntime(int_graph)
+        logits = np.concatenate([exe.run({"input": c[None]})["logits"] for c in crops])
+        agreement = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+        return agreement, kl(reference, logits)
+
+    return Task(
+        "efficientnet_lite0", graph, [{"input": c[None]} for c in calib], evaluate, "agreement"
+    )
+
+
+def minilm_task(zoo: Path) -> Task:
+    from minilm_variants import CALIBRATION, EVALUATION, batches, pooled
+
+    model = examples.minilm(zoo)
+    graph = intq.from_onnx(model.path)
+    pipeline(PREPARE)(graph)
+    calibration = batches(model, CALIBRATION)
+    evaluation = batches(model, EVALUATION)
+    fp32 = fp32_session(model.path)
+    reference = [
+        pooled(fp32.run(["last_hidden_state"], f)[0], f["attention_mask"]) for f in evaluation
+    ]
+
+    def evaluate(int_graph: Graph) -> tuple[float, float]:
+        exe = compile_onnxruntime(int_graph)
+        cosines, errors = [], []
+        for want, feed in zip(reference, evaluation):
+            got = pooled(exe.run(feed)["last_hidden_state"], feed["attention_mask"])
+            norms = np.linalg.norm(want, axis=-1) * np.linalg.norm(got, axis=-1)
+            cosines.extend((want * got).sum(-1) / norms)
+            errors.append(float(((want - got) ** 2).mean()))
+        return float(np.mean(cosines)), float(np.mean(errors))
+
+    return Task("minilm", graph, calibration, evaluate, "cosine", loss="mse")
+
+
+def kl(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Mean KL divergence of softmax(logits) from the FP32 softmax(reference), per sample."""
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64) - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    logp, logq = log_softmax(reference), log_softmax(logits)
+    return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
+
+
+def lower(task: Task, stats: Mapping[str, object], bits: Mapping[str, int]) -> Graph:
+    """The integer-only graph with the given weight bits per layer (8-bit activations)."""
+    options = LoweringOptions(layer_bits={n: LayerBits(b, 8) for n, b in bits.items()})
+    result = integerize(task.graph, stats, options)  # type: ignore[arg-type]
+    analyze_ranges(result)
+    check_integer_only(result)
+    return result
+
+
+def size_mb(layers: Sequence[QuantLayer], bits: Mapping[str, int]) -> float:
+    return sum(layer.params * bits[layer.name] for layer in layers) / BITS_PER_MB
+
+
+def random_bits(
+    layers: Sequence[QuantLayer], pins: Mapping[str, int], budget: float, rng: np.random.Generator
+) -> dict[str, int]:
+    """Free layers in random order to 4 bits until the model fits, then, in another random
+    order, back to 8 bits wherever it still fits: a random choice using the budget fully."""
+    bits = {layer.name: 8 for layer in layers}
+    free = [layer for layer in layers if layer.name not in pins]
+    for index in rng.permutation(len(free)):
+        if size_mb(layers, bits) <= budget:
+            break
+        bits[free[index].name] = 4
+    for index in rng.permutation(len(free)):
+        name = free[index].name
+        if bits[name] == 4:
+            bits[name] = 8
+            if size_mb(layers, bits) > budget:
+                bits[name] = 4
+    return bits
+
+
+def run(
+    task: Task, fractions: Sequence[float], seeds: int, iterations: int, pin: bool = True
+) -> list[Point]:
+    layers = quantizable_layers(task.graph)
+    pins = {layers[0].name: 8, layers[-1].name: 8} if pin else {}
+    ties = derive_ties(task.graph, layers)
+    started = time.perf_counter()
+    stats = collect_stats(task.graph, task.calibration, progress=False)
+    print(f"[{task.name}] calibration statistics: {time.perf_counter() - started:.1f} s")
+    omegas: dict[str, dict[str, dict[int, float]]] = {}
+    started = time.perf_counter()
+    estimate = hessian_traces(
+        task.graph,
+        task.calibration,
+        layers,
+        loss=task.loss,
+        max_iterations=iterations,
+        progress=False,
+    )
+    omegas["ilp-hessian"] = hessian_perturbations(task.graph, layers, estimate.traces, (4, 8))
+    print(
+        f"[{task.name}] Hessian traces: {estimate.iterations} iterations"
+        f" (converged: {estimate.converged}), {time.perf_counter() - started:.1f} s"
+    )
+    started = time.perf_counter()
+    omegas["ilp-direct"] = direct_perturbations(
+        task.graph, task.calibration[:8], layers, (4, 8), loss=task.loss, progress=False
+    )
+    print(f"[{task.name}] direct sensitivity: {time.perf_counter() - started:.1f} s")
+
+    points = []
+
+    def point(method: str, bits: Mapping[str, int], budget: float | None, seed=None) -> Point:
+        metric, divergence = task.evaluate(lower(task, stats, bits))
+        p = Point(task.name, method, budget, size_mb(layers, bits), metric, divergence, seed)
+        budget_text = "" if budget is None else f"{budget:.4f}"
+        print(
+            f"{task.name:<20} {method:<12} {budget_text:>9} {p.size_mb:>9.4f}"
+            f" {metric:>9.4f} {divergence:>10.3g}" + ("" if seed is None else f"  seed {seed}"),
+            flush=True,
+        )
+        points.append(p)
+        return p
+
+    print(
+        f"{'model':<20} {'method':<12} {'budget MB':>9} {'size MB':>9} {task.metric:>9}"
+        f" {'divergence':>10}"
+    )
+    point("uniform-8", {layer.name: 8 for layer in layers}, None)
+    point("uniform-4", {layer.name: 4 for layer in layers}, None)
+    low = size_mb(layers, {layer.name: pins.get(layer.name, 4) for layer in layers})
+    high = size_mb(layers, {layer.name: 8 for layer in layers})
+    for fraction in fractions:
+        budget = low + fraction * (high - low)
+        for method, omega in omegas.items():
+            costs = [
+                LayerCosts.from_counts(n.name, omega[n.name], params=n.params, macs=n.macs)
+                for n in layers
+            ]
+            allocation = allocate_bits(costs, Budget(size_mb=budget), ties=ties, pins=pins)
+            point(method, allocation.bits, budget)
+        rng = np.random.default_rng(0)
+        for seed in range(seeds):
+            point("random", random_bits(layers, pins, budget, rng), budget, seed)
+    return points
+
+
+def verdict(points: Sequence[Point]) -> list[str]:
+    lines = []
+    for model in sorted({p.model for p in points}):
+        mine = [p for p in points if p.model == model]
+        for budget in sorted({p.budget_mb for p in mine if p.budget_mb is not None}):
+            at = [p for p in mine if p.budget_mb == budget]
+            random = [p for p in at if p.method == "random"]
+            best = max(p.metric for p in random)
+            least_kl = min(p.divergence for p in random)
+            for method in ("ilp-hessian", "ilp-direct"):
+                ilp = next(p for p in at if p.method == method)
+                outcome = (
+                    "beats" if ilp.metric > best else "ties" if ilp.metric == best else "LOSES"
+                )
+                lines.append(
+                    f"{model} {budget:.4f} MB {method}: metric {ilp.metric:.4f} vs random"
+                    f" best {best:.4f} -> {outcome};"
+                    f" divergence {ilp.divergence:.3g} vs random least {least_kl:.3g} ->"
+                    f" {'beats' if ilp.divergence < least_kl else 'does not beat'}"
+                )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="digits only, 3 budgets, 2 seeds")
+    parser.add_argument("--zoo", type=Path, default=Path("out/zoo"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--crops", type=int, default=48, help="EfficientNet evaluation crops")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--models", default="digits,efficientnet,minilm", help="comma-separated subset"
+    )
+    parser.add_argument(
+        "--no-pins", action="store_true", help="let the first and last layer take 4 bits too"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"machine: {cpu_description()}; load {load_average()}")
+    fractions = (0.2, 0.5, 0.8) if args.quick else (0.1, 0.3, 0.55, 0.8)
+    seeds = 2 if args.quick else args.seeds
+    pin = not args.no_pins
+    models = ["digits"] if args.quick else args.models.split(",")
+    points = []
+    if "digits" in models:
+        points += run(digits_task(args.zoo), fractions, seeds, iterations=64, pin=pin)
+    if "efficientnet" in models:
+        task = efficientnet_task(args.zoo, calibration_crops=16, eval_crops=args.crops)
+        points += run(task, fractions, seeds, iterations=32, pin=pin)
+    if "minilm" in models:
+        points += run(minilm_task(args.zoo), fractions, seeds, iterations=32, pin=pin)
+    print()
+    print("\n".join(verdict(points)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

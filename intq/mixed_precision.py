@@ -1,0 +1,502 @@
+"""Mixed precision: pick 4 or 8 weight bits per layer to meet a budget (HAWQ-V3).
+
+    config = intq.QuantConfig(mixed_precision=intq.MixedPrecision(size_mb=1.5))
+    int_graph = intq.quantize(graph, calibration_batches, config)
+
+:func:`plan_bits` runs the steps, and :func:`intq.quantize` calls it when the config has a
+:class:`MixedPrecision`:
+
+1. **Sensitivity** ``Ω_i(b)`` of every quantizable layer (Conv/Gemm/MatMul with constant
+   weights) at every candidate width, by the Hessian trace or by quantizing one layer at a
+   time (:mod:`intq.passes.sensitivity`, which states the loss and why).
+2. **Costs** per layer and width: weight size ``params * b`` bits (biases are int32 whatever
+   the choice and are left out), BOPs ``macs * b * activation_bits`` per sample, and latency
+   from a per-layer table measured on ONNX Runtime (:func:`measure_latency`; a
+   :class:`LatencyTable` saves to and loads from JSON, see its docstring for the format).
+3. **Ties** derived from the graph (:func:`derive_ties`) and **pins** (the first and last
+   layer at the widest candidate by default).
+4. The **ILP** (:func:`intq.passes.bit_allocation.allocate_bits`) and its answer as
+   ``QuantConfig.layer_bits``.
+
+What the integer kernels require of ties: nothing. ``QAdd`` rescales each operand with its
+own dyadic multiplier and ``Concat`` requantizes each input to the output scale, so operands
+of any weight precision (and any scale) meet exactly. The ties are HAWQ-V3's choice, kept as
+the default (``ties=True``): layers whose outputs are added or concatenated share one weight
+precision, so the branches of a residual block carry errors of the same order and hardware
+that adds or concatenates in the layers' own precision (the paper's W4A4 kernels) can run
+the graph. ``ties=False`` lifts them and gives the ILP a larger search space.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from intq.backends.base import atomic_write
+from intq.errors import ArtifactError, IntqError
+from intq.ir.graph import Graph, Node
+from intq.passes.bit_allocation import Allocation, Budget, LayerCosts, allocate_bits
+from intq.passes.integerize import LayerBits
+
+if TYPE_CHECKING:
+    from intq.passes.sensitivity import QuantLayer
+
+SENSITIVITY_METHODS = ("hessian", "direct")
+LOSSES = ("kl", "mse")
+"""The sensitivity losses (:mod:`intq.passes.sensitivity` says which and why)."""
+LATENCY_FORMAT = "intq-latency-table"
+LATENCY_VERSION = 1
+
+Batch = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """What to optimise for: a budget and how to measure sensitivity.
+
+    Budgets (any combination; ``None`` leaves one free): ``size_mb`` weight storage in MB
+    (2^20 bytes), ``bops`` bit operations per sample, ``latency_ms`` the sum of the layers'
+    latencies from ``latency_table`` (a :class:`LatencyTable` or the path of its JSON file;
+    measured on ONNX Runtime when not given). ``candidates`` are the weight widths to choose
+    from; ``sensitivity`` is ``"hessian"`` (Hutchinson trace, HAWQ-V3) or ``"direct"`` (one
+    layer quantized at a time); ``loss`` is ``"kl"`` (to the FP32 softmax) or ``"mse"`` (to
+    the FP32 outputs). ``ties`` ties layers added or concatenated together; ``pin_first_last``
+    keeps the first and last layer at the widest candidate; ``pins`` fixes more layers
+    (original node name -> bits). ``tol`` and ``max_iterations`` stop Hutchinson's
+    iterations; ``seed`` draws its vectors. ``report`` (a path prefix) writes
+    ``PREFIX.txt`` (the table) and ``PREFIX.png`` (the plot) of the choice.
+    """
+
+    size_mb: float | None = None
+    bops: float | None = None
+    latency_ms: float | None = None
+    candidates: tuple[int, ...] = (4, 8)
+    sensitivity: str = "hessian"
+    loss: str = "kl"
+    ties: bool = True
+    pin_first_last: bool = True
+    pins: Mapping[str, int] = field(default_factory=dict)
+    latency_table: LatencyTable | str | Path | None = None
+    tol: float = 2e-2
+    max_iterations: int = 64
+    seed: int = 0
+    report: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            raise IntqError(
+                f"unknown sensitivity method {self.sensitivity!r}",
+                hint=f"use one of {', '.join(SENSITIVITY_METHODS)}",
+            )
+        if self.loss not in LOSSES:
+            raise IntqError(f"unknown sensitivity loss {self.loss!r}", hint=f"use one of {LOSSES}")
+        candidates = tuple(sorted(set(self.candidates)))
+        if not candidates or any(not isinstance(b, int) or not 2 <= b <= 8 for b in candidates):
+            raise IntqError(
+                f"candidate weight bits must be ints in [2, 8], got {self.candidates!r}"
+            )
+        object.__setattr__(self, "candidates", candidates)
+        self.budget()  # validates the budget values
+
+    def budget(self) -> Budget:
+        """The budgets as the ILP takes them."""
+        return Budget(self.size_mb, self.bops, self.latency_ms)
+
+
+# ----- latency --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Measured latency of each layer alone at each weight width, in milliseconds.
+
+    Saved as JSON (:meth:`save`, :meth:`load`), for reuse with ``MixedPrecision(
+    latency_table=PATH)`` or ``intq quantize --latency-table PATH``::
+
+        {"format": "intq-latency-table", "version": 1,
+         "backend": "onnxruntime", "unit": "ms", "batch": 1, "activation_bits": 8,
+         "repeats": 20,
+         "layers": {"<original node name>": {"4": 0.141, "8": 0.139}, ...}}
+
+    Each entry is the median wall time of ``repeats`` runs of a graph holding only that
+    layer, integer-only (input ``Quantize``, the ``QConv``/``QGemm``/``QMatMul``, output
+    ``Dequantize``), at the model's batch size. A table written by hand in this format works
+    as well.
+    """
+
+    layers: Mapping[str, Mapping[int, float]]
+    backend: str = "onnxruntime"
+    batch: int = 1
+    activation_bits: int = 8
+    repeats: int = 0
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON (atomically); returns the path."""
+        data = {
+            "format": LATENCY_FORMAT,
+            "version": LATENCY_VERSION,
+            "backend": self.backend,
+            "unit": "ms",
+            "batch": self.batch,
+            "activation_bits": self.activation_bits,
+            "repeats": self.repeats,
+            "layers": {n: {str(b): ms for b, ms in t.items()} for n, t in self.layers.items()},
+        }
+        return atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        """Read a table :meth:`save` wrote; :class:`ArtifactError` on a bad file."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"cannot read latency table {path}: {err}") from None
+        if not isinstance(data, dict) or data.get("format") != LATENCY_FORMAT:
+            raise ArtifactError(
+                f'{path} is not an intq latency table (no "format": "{LATENCY_FORMAT}")'
+            )
+        if data.get("version") != LATENCY_VERSION or data.get("unit", "ms") != "ms":
+            raise ArtifactError(
+                f"{path}: unsupported version {data.get('version')!r} or unit"
+                f" {data.get('unit')!r} (this intq reads version {LATENCY_VERSION}, ms)"
+            )
+        layers: dict[str, dict[int, float]] = {}
+        try:
+            for name, table in data["layers"].items():
+                layers[name] = {int(b): float(ms) for b, ms in table.items()}
+                if not all(math.isfinite(v) and v >= 0 for v in layers[name].values()):
+                    raise ValueError(f"layer {name!r} has a negative or non-finite latency")
+        except (KeyError, AttributeError, TypeError, ValueError) as err:
+            raise ArtifactError(f"{path}: malformed layers: {err}") from None
+        return cls(
+            layers,
+            str(data.get("backend", "")),
+            int(data.get("batch", 1)),
+            int(data.get("activation_bits", 8)),
+            int(data.get("repeats", 0)),
+        )
+
+    def for_layer(self, name: str, candidates: Sequence[int]) -> dict[int, float]:
+        """The latencies of layer ``name`` at ``candidates``; an error names what is missing."""
+        table = self.layers.get(name)
+        missing = [b for b in candidates if table is None or b not in table]
+        if missing:
+            raise IntqError(
+                f"the latency table has no entry for {missing} bits",
+                node=name,
+                hint="measure the table for this model (MixedPrecision(latency_table=None)"
+                " measures one) with these candidate widths",
+            )
+        assert table is not None
+        return {b: table[b] for b in candidates}
+
+
+def measure_latency(
+    graph: Graph,
+    candidates: Sequence[int] = (4, 8),
+    *,
+    activation_bits: int = 8,
+    repeats: int = 20,
+    layers: Sequence[QuantLayer] | None = None,
+    seed: int = 0,
+) -> LatencyTable:
+    """Time each quantizable layer of the float ``graph`` alone on ONNX Runtime (one thread)
+    at every candidate weight width; see :class:`LatencyTable` for what is timed."""
+    from intq.backends.onnxruntime import compile_onnxruntime
+    from intq.passes.sensitivity import quantizable_layers
+    from intq.quantization import QuantConfig, quantize
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[int, float]] = {}
+    layers = quantizable_layers(graph) if layers is None else layers
+    for layer in layers:
+        node = _node(graph, layer.name)
+        x = node.inputs[0]
+        assert x is not None
+        sub = graph.extract([x.name], [node.output.name])
+        feed = {x.name: rng.standard_normal(x.type.shape).astype(x.type.dtype.numpy)}
+        out[layer.name] = {}
+        for b in candidates:
+            config = QuantConfig(weight_bits=b, activation_bits=activation_bits, progress=False)
+            exe = compile_onnxruntime(quantize(sub, [feed], config), threads=1)
+            exe.run(feed)  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                exe.run(feed)
+                times.append(time.perf_counter() - start)
+            out[layer.name][b] = float(np.median(times) * 1e3)
+    batch = graph.inputs[0].type.shape[0] if graph.inputs and graph.inputs[0].type.rank else 1
+    return LatencyTable(out, "onnxruntime", batch, activation_bits, repeats)
+
+
+def _node(graph: Graph, name: str) -> Node:
+    for node in graph:
+        if node.label() == name:
+            return node
+    raise IntqError("no node has this name", node=name)
+
+
+# ----- ties and pins ----------------------------------------------------------------------------
+
+_PASS_THROUGH = {
+    "Relu",
+    "Clip",
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Identity",
+    "Expand",
+    "Pad",
+}
+"""Single-input ops between a layer and an Add/Concat that keep the layer's precision."""
+
+
+def derive_ties(graph: Graph, layers: Sequence[QuantLayer] | None = None) -> list[list[str]]:
+    """Groups of layers that share a precision: for each residual ``Add`` and each ``Concat``,
+    the nearest quantizable layers feeding its operands (looking back through activations and
+    data movement, not through other adds). A group needs two or more layers: an identity
+    shortcut ties nothing."""
+    from intq.passes.sensitivity import quantizable_layers
+
+    layers = quantizable_layers(graph) if layers is None else layers
+    names = {layer.name for layer in layers}
+    ties = []
+    for node in graph:
+        if node.op not in ("Add", "Concat"):
+            continue
+        group: list[str] = []
+        for operand in node.inputs:
+            producer = operand.producer if operand is not None else None
+            while producer is not None and producer.op in _PASS_THROUGH:
+                source = producer.inputs[0]
+                producer = source.producer if source is not None else None
+            if producer is not None and producer.label() in names:
+                if producer.label() not in group:
+                    group.append(producer.label())
+        if len(group) > 1:
+            ties.append(group)
+    return ties
+
+
+# ----- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixedPrecisionPlan:
+    """What :func:`plan_bits` measured and chose.
+
+    ``perturbation`` is ``Ω`` per layer and width; ``traces`` the Hessian traces (``None``
+    for the direct method); ``allocation`` the ILP's answer with its totals.
+    """
+
+    layers: tuple[QuantLayer, ...]
+    perturbation: dict[str, dict[int, float]]
+    traces: dict[str, float] | None
+    allocation: Allocation
+    ties: list[list[str]]
+    pins: dict[str, int]
+    method: str
+    iterations: int | None = None
+    latency: LatencyTable | None = None
+
+    def layer_bits(self, activations: int = 8) -> dict[str, LayerBits]:
+        """The choice as :attr:`intq.QuantConfig.layer_bits`."""
+        return self.allocation.layer_bits(activations)
+
+    def table(self) -> str:
+        """The chosen bits per layer with Ω, costs (and trace), then the ties and pins."""
+        lines = [f"mixed precision: sensitivity {self.method}", self.allocation.table()]
+        if self.traces is not None:
+            lines.append("")
+            lines.append(
+                f"Hessian trace / parameter count (Hutchinson, {self.iterations} iterations):"
+            )
+            width = max(len(layer.name) for layer in self.layers)
+            for layer in self.layers:
+                average = self.traces[layer.name] / layer.params
+                lines.append(f"  {layer.name.ljust(width)}  {average:.4g}")
+        lines += [f"tie: {', '.join(group)}" for group in self.ties]
+        lines += [f"pin: {name} = {bits}" for name, bits in sorted(self.pins.items())]
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """A PNG: bits per layer (bars), Ω at each candidate and weight size (log scale)."""
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [layer.name for layer in self.layers]
+        bits = [self.allocation.bits[n] for n in names]
+        index = np.arange(len(names))
+        fig, (top, middle, bottom) = plt.subplots(
+            3, 1, figsize=(max(8.0, 0.25 * len(names)), 9), sharex=True
+        )
+        top.bar(index, bits, color=["tab:orange" if b < 8 else "tab:blue" for b in bits])
+        top.set_ylabel("weight bits")
+        top.set_title(
+            f"{self.method} sensitivity: {self.allocation.size_mb:.3g} MB,"
+            f" {self.allocation.bops:.3g} BOPs, total Ω {self.allocation.perturbation:.3g}"
+        )
+        for b in sorted({b for table in self.perturbation.values() for b in table}):
+            values = [max(self.perturbation[n][b], 1e-30) for n in names]
+            middle.semilogy(index, values, marker="o", markersize=3, label=f"Ω at {b} bits")
+        middle.set_ylabel("perturbation Ω")
+        middle.legend(fontsize=8)
+        sizes = [
+            layer.params * self.allocation.bits[layer.name] / 8 / 1024 for layer in self.layers
+        ]
+        bottom.bar(index, sizes, color="tab:gray")
+        bottom.set_yscale("log")
+        bottom.set_ylabel("weight KiB (chosen)")
+        bottom.set_xticks(index)
+        bottom.set_xticklabels(names, rotation=90, fontsize=6)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        return atomic_write(path, buffer.getvalue())
+
+    def save_report(self, prefix: str | Path) -> list[Path]:
+        """Write ``PREFIX.txt`` (:meth:`table`), ``PREFIX.png`` (:meth:`plot`) and, when a
+        latency table was used, ``PREFIX.latency.json`` (reusable); returns the paths."""
+        prefix = Path(prefix)
+        base = prefix.with_suffix("") if prefix.suffix in (".txt", ".png") else prefix
+        paths = [
+            atomic_write(base.with_name(base.name + ".txt"), (self.table() + "\n").encode()),
+            self.plot(base.with_name(base.name + ".png")),
+        ]
+        if self.latency is not None:
+            paths.append(self.latency.save(base.with_name(base.name + ".latency.json")))
+        return paths
+
+
+def plan_bits(
+    graph: Graph,
+    batches: Sequence[Batch],
+    mp: MixedPrecision,
+    *,
+    activation_bits: int = 8,
+    fixed: Mapping[str, int] | None = None,
+    progress: bool | None = None,
+) -> MixedPrecisionPlan:
+    """Measure sensitivity and costs of the prepared float ``graph`` and solve the ILP.
+
+    ``fixed`` pins layers the caller has already decided (``QuantConfig.layer_bits``).
+    Raises :class:`~intq.passes.bit_allocation.InfeasibleBudgetError` for a budget no choice
+    meets, naming the smallest feasible one.
+    """
+    # Imported here: the sensitivity needs torch, which `import intq` does not load.
+    from intq.passes.sensitivity import (
+        direct_perturbations,
+        hessian_perturbations,
+        hessian_traces,
+        quantizable_layers,
+    )
+
+    layers = quantizable_layers(graph)
+    if not layers:
+        raise IntqError(
+            "mixed precision needs quantizable layers (Conv/Gemm/MatMul with constant"
+            " weights) and the model has none"
+        )
+    names = {layer.name for layer in layers}
+    pins = dict(mp.pins)
+    if mp.pin_first_last:
+        pins.setdefault(layers[0].name, mp.candidates[-1])
+        pins.setdefault(layers[-1].name, mp.candidates[-1])
+    pins.update({n: b for n, b in (fixed or {}).items() if n in names})
+    unknown = sorted(set(mp.pins) - names)
+    if unknown:
+        raise IntqError(
+            f"MixedPrecision.pins names layers that are not quantizable layers: {unknown}",
+            hint="use original node names of Conv/Gemm/MatMul nodes: "
+            + ", ".join(sorted(names)[:3]),
+        )
+    iterations = None
+    traces = None
+    if mp.sensitivity == "hessian":
+        estimate = hessian_traces(
+            graph,
+            batches,
+            layers,
+            loss=mp.loss,
+            tol=mp.tol,
+            min_iterations=min(8, mp.max_iterations),
+            max_iterations=mp.max_iterations,
+            seed=mp.seed,
+            progress=progress,
+        )
+        traces, iterations = estimate.traces, estimate.iterations
+        perturbation = hessian_perturbations(graph, layers, traces, mp.candidates)
+    else:
+        perturbation = direct_perturbations(
+            graph, batches, layers, mp.candidates, loss=mp.loss, progress=progress
+        )
+    latency = None
+    if mp.latency_ms is not None or mp.latency_table is not None:
+        latency = _latency_table(graph, mp, layers, activation_bits)
+    costs = [
+        LayerCosts.from_counts(
+            layer.name,
+            perturbation[layer.name],
+            params=layer.params,
+            macs=layer.macs,
+            activation_bits=activation_bits,
+            latency_ms=None if latency is None else latency.for_layer(layer.name, mp.candidates),
+        )
+        for layer in layers
+    ]
+    ties = derive_ties(graph, layers) if mp.ties else []
+    allocation = allocate_bits(costs, mp.budget(), ties=ties, pins=pins)
+    return MixedPrecisionPlan(
+        tuple(layers),
+        perturbation,
+        traces,
+        allocation,
+        ties,
+        pins,
+        mp.sensitivity,
+        iterations,
+        latency,
+    )
+
+
+def _latency_table(
+    graph: Graph, mp: MixedPrecision, layers: Sequence[QuantLayer], activation_bits: int
+) -> LatencyTable:
+    table = mp.latency_table
+    if isinstance(table, LatencyTable):
+        return table
+    if table is not None:
+        return LatencyTable.load(table)
+    return measure_latency(graph, mp.candidates, activation_bits=activation_bits, layers=layers)
+
+
+def as_list(batches: Iterable[Batch]) -> list[Batch]:
+    """The calibration batches in memory: mixed precision reads them more than once."""
+    return list(batches)
+
+
+__all__ = [
+    "LatencyTable",
+    "MixedPrecision",
+    "MixedPrecisionPlan",
+    "derive_ties",
+    "measure_latency",
+    "plan_bits",
+]
