@@ -164,17 +164,24 @@ def test_config_file(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text(
         'calibration = "percentile"\npercentile = 99\nweight_bits = 8\n'
-        '[layer_bits."features.0"]\nweights = 4\n'
+        'softmax = "lut"\n[layer_bits."features.0"]\nweights = 4\n'
+        '[mixed_precision]\nsize_mb = 2\nsensitivity = "direct"\ncandidates = [4, 8]\n'
     )
     config = load_config(good, weight_bits=None, activation_bits=8)
     assert config.calibration == "percentile" and config.percentile == 99.0
+    assert config.softmax == "lut"
     assert config.layer_bits["features.0"] == intq.LayerBits(weights=4, activations=8)
+    assert config.mixed_precision == intq.MixedPrecision(
+        size_mb=2.0, sensitivity="direct", candidates=(4, 8)
+    )
     for text, match, hint in [
         ("weight_bit = 4\n", "unknown config key 'weight_bit'", "weight_bits"),
         ('weight_bits = "8"\n', "'weight_bits' must be a int", "weight_bits = 8"),
         ('calibration = "best"\n', "unknown calibration method 'best'", "minmax"),
         ('[layer_bits."a"]\nweight = 4\n', "unknown key 'weight' in layer_bits", "weights"),
         ("weight_bits = \n", "not valid TOML", None),
+        ("[mixed_precision]\nsize = 2\n", "unknown key 'size' in mixed_precision", "size_mb"),
+        ('gelu = "exact"\n', "unknown gelu variant 'exact'", "poly"),
     ]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
