@@ -212,6 +212,8 @@ def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
     out_shape = node.output.type.shape
     per_group = m // group
     depthwise = cg == 1 and group == c == m
+    if group == 1 and _pairs_exactly(node):
+        return _packed_conv_te(node), "conv"
 
     def fn(x: Any, wt: Any, *bias: Any) -> Any:
         if top or left or bottom or right:
@@ -255,7 +257,95 @@ def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
             acc = te.compute(out_shape, lambda b, k, i, j: acc[b, k, i, j] + b_[k], name="bias")
         return acc
 
-    return fn, "depthwise" if depthwise else "conv"
+    return fn, "depthwise" if depthwise else "generic"
+
+
+LANES = 8
+"""int32 lanes of one AVX2 register: output channels computed together."""
+
+
+def _pairs_exactly(node: Node) -> bool:
+    """True when ``pmaddwd`` on int16 computes ``node`` exactly: 8-bit activations and weights.
+
+    ``pmaddwd`` multiplies int16 pairs and adds each pair in int32. With
+    ``|x| <= 255`` and ``|w| <= 127`` a pair sums to at most ``2 * 255 * 127 < 2^16``,
+    so nothing saturates or wraps (unlike ``pmaddubsw``, whose int16 pair sums
+    saturate at full range); the int32 accumulation is what the range analysis proved.
+    """
+    x, w = _input(node, 0).type.dtype, _input(node, 1).type.dtype
+    return x in (DType.I8, DType.U8) and w is DType.I8
+
+
+def _packed_weights(w: np.ndarray) -> np.ndarray:
+    """``[M, C, ...]`` int8 weights as int16 ``[ceil(M/8), ceil(C/2), ..., 8, 2]``, zero-padded:
+    one ``pmaddwd`` reads 8 output channels x 2 input channels contiguously."""
+    m, c = w.shape[:2]
+    mo, c2 = -(-m // LANES), -(-c // 2)
+    padded = np.zeros((mo * LANES, c2 * 2, *w.shape[2:]), np.int16)
+    padded[:m, :c] = w
+    spatial = w.ndim - 2
+    blocks = padded.reshape(mo, LANES, c2, 2, *w.shape[2:])
+    # (mo, mi, c2, t, *k) -> (mo, c2, *k, mi, t)
+    order = (0, 2, *range(4, 4 + spatial), 1, 3)
+    return np.ascontiguousarray(blocks.transpose(order))
+
+
+def _packed_conv_te(node: Node) -> Callable[..., Any]:
+    """``QConv`` (one group, 8-bit) with channel pairs packed for ``pmaddwd``.
+
+    ``pack[n, c2, h, w, t]`` is the zero-padded input as int16, channels ``2*c2 + t``;
+    ``dot[n, mo, i, j, mi]`` accumulates output channel ``8*mo + mi``; the result is
+    read back into NCHW (an index map the schedule inlines into the epilogue).
+    """
+    from tvm import te, tirx
+
+    attrs = node.attrs
+    n, c, h, w = _input(node, 0).type.shape
+    m, _, kh, kw = _input(node, 1).type.shape
+    top, left, bottom, right = attrs["pads"]
+    sh, sw = attrs["strides"]
+    dh, dw = attrs["dilations"]
+    out_shape = node.output.type.shape
+    oh, ow = out_shape[2:]
+    mo, c2 = -(-m // LANES), -(-c // 2)
+
+    def fn(x: Any, wp: Any, *bias: Any) -> Any:
+        zero = tirx.const(0, "int16")
+
+        def pack(b: Any, cc: Any, i: Any, j: Any, t: Any) -> Any:
+            ch = cc * 2 + t
+            inside = tirx.all(i >= top, i < h + top, j >= left, j < w + left, ch < c)
+            ci = tirx.min(ch, c - 1)
+            yi = tirx.max(tirx.min(i - top, h - 1), 0)
+            xi = tirx.max(tirx.min(j - left, w - 1), 0)
+            return tirx.if_then_else(inside, x[b, ci, yi, xi].astype("int16"), zero)
+
+        packed = te.compute((n, c2, h + top + bottom, w + left + right, 2), pack, name="pack")
+        rc = te.reduce_axis((0, c2), name="rc")
+        ry = te.reduce_axis((0, kh), name="ry")
+        rx = te.reduce_axis((0, kw), name="rx")
+        rt = te.reduce_axis((0, 2), name="rt")
+        dot = te.compute(
+            (n, mo, oh, ow, LANES),
+            lambda b, ko, i, j, ki: te.sum(
+                packed[b, rc, i * sh + ry * dh, j * sw + rx * dw, rt].astype("int32")
+                * wp[ko, rc, ry, rx, ki, rt].astype("int32"),
+                axis=[rc, ry, rx, rt],
+            ),
+            name="dot",
+        )
+        if bias:
+            (b_,) = bias
+            return te.compute(
+                out_shape,
+                lambda b, k, i, j: dot[b, k // LANES, i, j, k % LANES] + b_[k],
+                name="acc",
+            )
+        return te.compute(
+            out_shape, lambda b, k, i, j: dot[b, k // LANES, i, j, k % LANES], name="acc"
+        )
+
+    return fn
 
 
 def _dense_te(node: Node) -> Callable[..., Any]:
@@ -286,6 +376,53 @@ def _dense_te(node: Node) -> Callable[..., Any]:
     return fn
 
 
+def _packed_dense_te(node: Node) -> Callable[..., Any]:
+    """``QGemm``/``QMatMul`` (8-bit) with K pairs packed for ``pmaddwd`` (see the conv)."""
+    from tvm import te, tirx
+
+    a_shape = _input(node, 0).type.shape
+    rows, k_dim = int(np.prod(a_shape[:-1])), a_shape[-1]
+    out_shape = node.output.type.shape
+    n_dim = out_shape[-1]
+    no, k2 = -(-n_dim // LANES), -(-k_dim // 2)
+
+    def fn(a: Any, wp: Any, *bias: Any) -> Any:
+        zero = tirx.const(0, "int16")
+
+        def pack(r: Any, kk: Any, t: Any) -> Any:
+            k = kk * 2 + t
+            index = []
+            rest = r
+            for d in reversed(a_shape[:-1]):
+                index.append(rest % d)
+                rest = rest // d
+            element = a[(*reversed(index), tirx.min(k, k_dim - 1))].astype("int16")
+            return tirx.if_then_else(k < k_dim, element, zero)
+
+        packed = te.compute((rows, k2, 2), pack, name="pack")
+        rk = te.reduce_axis((0, k2), name="rk")
+        rt = te.reduce_axis((0, 2), name="rt")
+        dot = te.compute(
+            (rows, no, LANES),
+            lambda r, jo, ji: te.sum(
+                packed[r, rk, rt].astype("int32") * wp[jo, rk, ji, rt].astype("int32"),
+                axis=[rk, rt],
+            ),
+            name="dot",
+        )
+
+        def read(*i: Any) -> Any:
+            row = 0
+            for d, size in zip(i[:-1], out_shape[:-1]):
+                row = row * size + d
+            value = dot[row, i[-1] // LANES, i[-1] % LANES]
+            return value + bias[0][i[-1]] if bias else value
+
+        return te.compute(out_shape, read, name="acc")
+
+    return fn
+
+
 def _dense_weights(node: Node) -> np.ndarray:
     w = _input(node, 1)
     assert w.const is not None
@@ -298,9 +435,14 @@ def _accumulator(lw: _Lowerer, node: Node) -> tuple[Callable[..., Any], list[Any
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if node.op == "QConv":
         fn, kind = _conv_te(node)
-        args = [lw.value(_input(node, 0)), lw.value(_input(node, 1))]
+        w = _input(node, 1)
+        weights = lw.const(_packed_weights(w.const)) if kind == "conv" else lw.value(w)
+        args = [lw.value(_input(node, 0)), weights]
+    elif _pairs_exactly(node):
+        fn, kind = _packed_dense_te(node), "dense"
+        args = [lw.value(_input(node, 0)), lw.const(_packed_weights(_dense_weights(node)))]
     else:
-        fn, kind = _dense_te(node), "dense"
+        fn, kind = _dense_te(node), "generic"
         args = [lw.value(_input(node, 0)), lw.const(_dense_weights(node))]
     if bias is not None:
         args.append(lw.value(bias))
