@@ -121,21 +121,27 @@ def _inline_reads(sch: Sch, names: list[str]) -> None:
             sch.compute_inline(blocks[name])
 
 
-def _epilogue(sch: Sch) -> Any | None:
-    """The block writing the function's output after ``dot`` (inlining the index map)."""
-    _inline_reads(sch, ["acc"])
+def _epilogue(sch: Sch, producer: str) -> Any | None:
+    """Inline every block after ``producer`` into the last one (bias, index maps, the
+    requantization) and parallelize it; returns it (``None`` when ``producer`` is last)."""
     blocks = _blocks(sch)
     order = list(blocks)
-    after = order[order.index("dot") + 1 :] if "dot" in order else []
+    after = order[order.index(producer) + 1 :]
     for name in after[:-1]:
         sch.compute_inline(blocks[name])
-    return _blocks(sch)[after[-1]] if after else None
+    if not after:
+        return None
+    last = _blocks(sch)[after[-1]]
+    _parallel_outer(sch, last, keep=1)
+    return last
 
 
 def schedule_conv(sch: Sch) -> None:
     """``pack`` -> ``dot`` (tensorized, register tile over output columns) -> epilogue."""
     blocks = _blocks(sch)
     pack, dot = blocks["pack"], blocks["dot"]
+    _epilogue(sch, "dot")
+    _parallel_outer(sch, pack, keep=2)
     n, ko, i, j, ki, rc, ry, rx, rt = sch.get_loops(dot)
     width = _extent(sch, j)
     jo, ji = sch.split(j, [None, _divisor(width, 8)])
@@ -148,16 +154,14 @@ def schedule_conv(sch: Sch) -> None:
     sch.tensorize(ki, AVX2_DOT_8x2)
     sch.unroll(ji)
     sch.vectorize(sch.get_loops(local)[-1])
-    epilogue = _epilogue(sch)
-    if epilogue is not None:
-        _parallel_outer(sch, epilogue, keep=1)
-    _parallel_outer(sch, pack, keep=2)
 
 
 def schedule_dense(sch: Sch) -> None:
     """``pack`` -> ``dot`` (tensorized, up to 4 rows x 8 lanes per tile) -> epilogue."""
     blocks = _blocks(sch)
     pack, dot = blocks["pack"], blocks["dot"]
+    _epilogue(sch, "dot")
+    _parallel_outer(sch, pack, keep=1)
     r, jo, ji, rk, rt = sch.get_loops(dot)
     ro, ri = sch.split(r, [None, _divisor(_extent(sch, r), 4)])
     sch.reorder(ro, jo, rk, ri, ji, rt)
@@ -170,16 +174,13 @@ def schedule_dense(sch: Sch) -> None:
     sch.tensorize(ji, AVX2_DOT_8x2)
     sch.unroll(ri)
     sch.vectorize(sch.get_loops(local)[-1])
-    epilogue = _epilogue(sch)
-    if epilogue is not None:
-        _parallel_outer(sch, epilogue, keep=1)
-    _parallel_outer(sch, pack, keep=1)
 
 
 def schedule_depthwise(sch: Sch) -> None:
     """8 output columns per vector, taps unrolled, epilogue per output row."""
     blocks = _blocks(sch)
     acc = blocks["acc"]
+    _epilogue(sch, "acc")
     if "pad" in blocks:
         _parallel_outer(sch, blocks["pad"], keep=1)
     b, k, i, j, ry, rx = sch.get_loops(acc)
@@ -188,17 +189,11 @@ def schedule_depthwise(sch: Sch) -> None:
     sch.parallel(sch.fuse(b, k))
     local = sch.cache_write(acc, 0, "local")
     sch.reverse_compute_at(local, jo)
-    init = sch.decompose_reduction(acc, ry)
-    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(ji)
     sch.unroll(ry)
     sch.unroll(rx)
-    sch.vectorize(ji)
-    names = list(_blocks(sch))
-    for name in names[names.index("acc") + 1 : -1]:
-        sch.compute_inline(_blocks(sch)[name])
-    last = _blocks(sch)[names[-1]]
-    if names[-1] != "acc":
-        _parallel_outer(sch, last, keep=1)
+    init = sch.decompose_reduction(acc, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def schedule_elementwise(sch: Sch) -> None:
