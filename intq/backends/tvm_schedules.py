@@ -102,9 +102,10 @@ def _blocks(sch: Sch) -> dict[str, Any]:
     return {sch.get(b).name_hint: b for b in sch.get_child_blocks(root)}
 
 
-def _parallel_outer(sch: Sch, block: Any, keep: int = 1) -> None:
+def _parallel_outer(sch: Sch, block: Any, keep: int = 1, vectorize: bool = False) -> None:
     """Fuse all but the ``keep`` innermost spatial loops of an unscheduled ``block``
-    and run them in parallel."""
+    and run them in parallel; ``vectorize`` the innermost loop of an elementwise block
+    (up to 16 lanes: int64 epilogues become 4-lane AVX2 ops)."""
     loops = sch.get_loops(block)
     spatial = loops[: sum(int(iv.iter_type) == 0 for iv in sch.get(block).iter_vars)]
     if len(spatial) > keep:
@@ -112,6 +113,13 @@ def _parallel_outer(sch: Sch, block: Any, keep: int = 1) -> None:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     elif spatial:
         sch.parallel(spatial[0])
+    if vectorize and len(spatial) == len(loops) > 1:
+        inner = loops[-1]
+        lanes = _divisor(_extent(sch, inner), 16)
+        if lanes > 1:
+            if lanes < _extent(sch, inner):
+                _, inner = sch.split(inner, [None, lanes])
+            sch.vectorize(inner)
 
 
 def _inline_reads(sch: Sch, names: list[str]) -> None:
@@ -132,7 +140,7 @@ def _epilogue(sch: Sch, producer: str) -> Any | None:
     if not after:
         return None
     last = _blocks(sch)[after[-1]]
-    _parallel_outer(sch, last, keep=1)
+    _parallel_outer(sch, last, keep=1, vectorize=True)
     return last
 
 
@@ -141,7 +149,7 @@ def schedule_conv(sch: Sch) -> None:
     blocks = _blocks(sch)
     pack, dot = blocks["pack"], blocks["dot"]
     _epilogue(sch, "dot")
-    _parallel_outer(sch, pack, keep=2)
+    _parallel_outer(sch, pack, keep=2, vectorize=True)
     n, ko, i, j, ki, rc, ry, rx, rt = sch.get_loops(dot)
     width = _extent(sch, j)
     jo, ji = sch.split(j, [None, _divisor(width, 8)])
@@ -199,7 +207,7 @@ def schedule_depthwise(sch: Sch) -> None:
 def schedule_elementwise(sch: Sch) -> None:
     """Every block: outer loops fused and parallel."""
     for block in _blocks(sch).values():
-        _parallel_outer(sch, block, keep=1)
+        _parallel_outer(sch, block, keep=1, vectorize=True)
 
 
 SCHEDULES: dict[str, Callable[[Sch], None]] = {
