@@ -144,7 +144,31 @@ def _epilogue(sch: Sch, producer: str) -> Any | None:
     return last
 
 
-def schedule_conv(sch: Sch) -> None:
+def has_avx2(target: Any) -> bool:
+    """True when ``target`` is an LLVM x86 target with AVX2 (``vpmaddwd`` on 256 bits)."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    from tvm.target import codegen
+
+    return "avx2" in set(codegen.llvm_get_cpu_features(target))
+
+
+def _lanes(sch: Sch, dot: Any, reduction: Any, lanes: Any, pair: Any, avx2: bool) -> None:
+    """The 8 lanes x 2 pair loops of ``dot``: one ``vpmaddwd`` with AVX2, else a vector
+    of 8 int32 multiply-adds per channel of the pair (what other ISAs vectorize)."""
+    if avx2:
+        init = sch.decompose_reduction(dot, reduction)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(lanes, AVX2_DOT_8x2)
+        return
+    sch.reorder(pair, lanes)
+    sch.vectorize(lanes)
+    sch.unroll(pair)
+    init = sch.decompose_reduction(dot, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def schedule_conv(sch: Sch, avx2: bool) -> None:
     """``pack`` -> ``dot`` (tensorized, register tile over output columns) -> epilogue."""
     blocks = _blocks(sch)
     pack, dot = blocks["pack"], blocks["dot"]
@@ -157,14 +181,12 @@ def schedule_conv(sch: Sch) -> None:
     sch.parallel(sch.fuse(n, ko, i))
     local = sch.cache_write(dot, 0, "local")
     sch.reverse_compute_at(local, jo)
-    init = sch.decompose_reduction(dot, rc)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ki, AVX2_DOT_8x2)
+    _lanes(sch, dot, rc, ki, rt, avx2)
     sch.unroll(ji)
     sch.vectorize(sch.get_loops(local)[-1])
 
 
-def schedule_dense(sch: Sch) -> None:
+def schedule_dense(sch: Sch, avx2: bool) -> None:
     """``pack`` -> ``dot`` (tensorized, up to 4 rows x 8 lanes per tile) -> epilogue."""
     blocks = _blocks(sch)
     pack, dot = blocks["pack"], blocks["dot"]
@@ -177,14 +199,12 @@ def schedule_dense(sch: Sch) -> None:
     sch.parallel(outer)
     local = sch.cache_write(dot, 0, "local")
     sch.reverse_compute_at(local, outer)
-    init = sch.decompose_reduction(dot, rk)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, AVX2_DOT_8x2)
+    _lanes(sch, dot, rk, ji, rt, avx2)
     sch.unroll(ri)
     sch.vectorize(sch.get_loops(local)[-1])
 
 
-def schedule_depthwise(sch: Sch) -> None:
+def schedule_depthwise(sch: Sch, avx2: bool) -> None:
     """8 output columns per vector, taps unrolled, epilogue per output row."""
     blocks = _blocks(sch)
     acc = blocks["acc"]
@@ -204,13 +224,13 @@ def schedule_depthwise(sch: Sch) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def schedule_elementwise(sch: Sch) -> None:
+def schedule_elementwise(sch: Sch, avx2: bool) -> None:
     """Every block: outer loops fused and parallel."""
     for block in _blocks(sch).values():
         _parallel_outer(sch, block, keep=1, vectorize=True)
 
 
-SCHEDULES: dict[str, Callable[[Sch], None]] = {
+SCHEDULES: dict[str, Callable[[Sch, bool], None]] = {
     "conv": schedule_conv,
     "dense": schedule_dense,
     "depthwise": schedule_depthwise,
@@ -220,22 +240,29 @@ SCHEDULES: dict[str, Callable[[Sch], None]] = {
 """Kernel kind -> the function scheduling its prim func."""
 
 
-def schedule_module(mod: Any, kernels: Mapping[str, Any], target: Any) -> Any:
-    """Return ``mod`` with each kernel's prim func scheduled (fallbacks as the module says)."""
+def schedule_module(
+    mod: Any, kernels: Mapping[str, Any], target: Any, report: dict[str, str] | None = None
+) -> Any:
+    """Return ``mod`` with each kernel's prim func scheduled; a kernel whose schedule does
+    not apply falls back to the elementwise one, then to TVM's default loops. ``report``
+    receives prim func name -> the schedule that applied (``"none"`` for the default)."""
     register_intrinsics()
+    avx2 = has_avx2(target)
     for gv in mod.get_global_vars():
         kernel = kernels.get(gv.name_hint)
         if kernel is None:
             continue
-        func = mod[gv]
-        for attempt in (SCHEDULES.get(kernel.kind, schedule_elementwise), schedule_elementwise):
+        func, applied = mod[gv], "none"
+        for kind in (kernel.kind, "elementwise"):
             sch = s_tir.Schedule(func)
             try:
-                attempt(sch)
+                SCHEDULES[kind](sch, avx2)
             except Exception as err:  # a schedule primitive refused: try the next one
-                log.debug("%s: %s schedule failed: %s", kernel.node, kernel.kind, err)
+                log.debug("%s: %s schedule failed: %s", kernel.node, kind, err)
                 continue
-            func = sch.mod["main"]
+            func, applied = sch.mod["main"], kind
             break
+        if report is not None:
+            report[gv.name_hint] = applied
         mod.update_func(gv, func)
     return mod
