@@ -22,6 +22,7 @@ from intq.quantization import CALIBRATION_METHODS
 
 EXAMPLES = """examples:
   intq compile model.onnx --calib calib.npz --target onnxruntime -o model_int8.onnx
+  intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so
   intq quantize model.onnx --calib calib.npz -o model.intq
   intq quantize model.onnx --calib calib.npz --calibration mse --weight-bits 4 -o model.intq
   intq inspect model.onnx
@@ -133,7 +134,10 @@ def _quantize(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
     )
     quantized = intq.quantize(graph, npz_batches(args.calib, graph), config)
-    path = intq.compile(quantized, target=args.target).save(args.output)
+    options = {}
+    if args.target == "tvm":
+        options["tvm_target"] = getattr(args, "tvm_target", None)
+    path = intq.compile(quantized, target=args.target, **options).save(args.output)
     if not args.quiet:
         print(summary(quantized))
         print(f"wrote {path}")
@@ -190,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "--target",
                 default="onnxruntime",
                 choices=sorted(TARGETS),
-                help="onnxruntime writes a standard .onnx file; reference a .intq graph",
+                help="onnxruntime writes a standard .onnx file; reference a .intq graph;"
+                " tvm a shared object (.tar of objects for a cross target) and a manifest",
+            )
+            command.add_argument(
+                "--tvm-target",
+                metavar="JSON",
+                help='with --target tvm: a TVM target, e.g. \'{"kind": "llvm", "mtriple":'
+                ' "aarch64-linux-gnu", "mattr": "+neon"}\' (default: this machine)',
             )
         else:
             command.set_defaults(target=target)

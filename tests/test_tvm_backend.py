@@ -367,3 +367,26 @@ def test_quantize_rounds_half_to_even_after_a_float32_division():
     g.set_outputs([q, g.op("Dequantize", q)])
     ties = np.float32([0.05, 0.15, 0.25, -0.05, -0.25, 12.7, 12.75, -12.85, 1e30, -1e30, 0, 3.3])
     assert_same(g, compile_tvm(g), {"x": ties})
+
+
+# ----- command line ----------------------------------------------------------------------------------
+
+
+def test_compile_command_targets_tvm(digits_model, tmp_path, capsys):
+    from intq.cli import main
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=examples._digits_split()[0][:64])
+    common = ["compile", str(digits_model.path), "--calib", str(calib), "--target", "tvm"]
+    assert main([*common, "-o", str(tmp_path / "digits.so"), "--quiet"]) == 0
+    graph = intq.from_onnx(digits_model.path)
+    batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    want = intq.compile(intq.quantize(graph, batches)).run(digits_model.inputs)["logits"]
+    got = load_tvm(tmp_path / "digits.so").run(digits_model.inputs)["logits"]
+    np.testing.assert_array_equal(got, want)
+
+    cross = ["--tvm-target", json.dumps(AARCH64), "--quiet"]
+    assert main([*common, *cross, "-o", str(tmp_path / "digits.tar")]) == 0
+    assert tarfile.is_tarfile(tmp_path / "digits.tar")
+    assert main([*common, "--tvm-target", "{oops", "-o", str(tmp_path / "x.so")]) == 1
+    assert "not JSON" in capsys.readouterr().err

@@ -129,9 +129,9 @@ def _inline_reads(sch: Sch, names: list[str]) -> None:
             sch.compute_inline(blocks[name])
 
 
-def _epilogue(sch: Sch, producer: str) -> Any | None:
+def _epilogue(sch: Sch, producer: str, parallel: bool = True) -> Any | None:
     """Inline every block after ``producer`` into the last one (bias, index maps, the
-    requantization) and parallelize it; returns it (``None`` when ``producer`` is last)."""
+    requantization) and parallelize it if asked; returns it (``None`` if ``producer`` is last)."""
     blocks = _blocks(sch)
     order = list(blocks)
     after = order[order.index(producer) + 1 :]
@@ -140,7 +140,8 @@ def _epilogue(sch: Sch, producer: str) -> Any | None:
     if not after:
         return None
     last = _blocks(sch)[after[-1]]
-    _parallel_outer(sch, last, keep=1, vectorize=True)
+    if parallel:
+        _parallel_outer(sch, last, keep=1, vectorize=True)
     return last
 
 
@@ -172,7 +173,7 @@ def schedule_conv(sch: Sch, avx2: bool) -> None:
     """``pack`` -> ``dot`` (tensorized, register tile over output columns) -> epilogue."""
     blocks = _blocks(sch)
     pack, dot = blocks["pack"], blocks["dot"]
-    _epilogue(sch, "dot")
+    epilogue = _epilogue(sch, "dot", parallel=False)
     _parallel_outer(sch, pack, keep=2, vectorize=True)
     n, ko, i, j, ki, rc, ry, rx, rt = sch.get_loops(dot)
     width = _extent(sch, j)
@@ -184,6 +185,10 @@ def schedule_conv(sch: Sch, avx2: bool) -> None:
     _lanes(sch, dot, rc, ki, rt, avx2)
     sch.unroll(ji)
     sch.vectorize(sch.get_loops(local)[-1])
+    if epilogue is not None:
+        # The requantization of each 8x8 tile right after its accumulators: the int32
+        # tensor never leaves the cache.
+        sch.reverse_compute_at(epilogue, jo)
 
 
 def schedule_dense(sch: Sch, avx2: bool) -> None:
