@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from machine import cpu_description, load_average
 from onnx import TensorProto, helper, numpy_helper
 from ort_latency import MODELS, ModelSpec, batches, open_session, photo_crops, session_options
@@ -170,7 +169,9 @@ def gemm_rows(
         _ort_matmul(work / "mm_u8s8.onnx", TensorProto.UINT8, w_s8, True, None), opts
     )
     w_u8 = (w_s8.astype(np.int16) + 128).astype(np.uint8)
-    u8u8 = open_session(_ort_matmul(work / "mm_u8u8.onnx", TensorProto.UINT8, w_u8, True, 128), opts)
+    u8u8 = open_session(
+        _ort_matmul(work / "mm_u8u8.onnx", TensorProto.UINT8, w_u8, True, 128), opts
+    )
     f32 = open_session(
         _ort_matmul(work / "mm_f32.onnx", TensorProto.FLOAT, w_s8.astype(np.float32), False, None),
         opts,

@@ -107,7 +107,7 @@ def is_host(spec: Mapping[str, Any]) -> bool:
     return not triple or triple.startswith("x86_64")
 
 
-# ----- the lowering ---------------------------------------------------------------------------------
+# ----- the lowering -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -272,8 +272,8 @@ def _pairs_exactly(node: Node) -> bool:
     so nothing saturates or wraps (unlike ``pmaddubsw``, whose int16 pair sums
     saturate at full range); the int32 accumulation is what the range analysis proved.
     """
-    x, w = _input(node, 0).type.dtype, _input(node, 1).type.dtype
-    return x in (DType.I8, DType.U8) and w is DType.I8
+    x, w = _input(node, 0).type.dtype, _input(node, 1)
+    return x in (DType.I8, DType.U8) and w.type.dtype is DType.I8 and w.const is not None
 
 
 def _packed_weights(w: np.ndarray) -> np.ndarray:
@@ -436,7 +436,10 @@ def _accumulator(lw: _Lowerer, node: Node) -> tuple[Callable[..., Any], list[Any
     if node.op == "QConv":
         fn, kind = _conv_te(node)
         w = _input(node, 1)
-        weights = lw.const(_packed_weights(w.const)) if kind == "conv" else lw.value(w)
+        weights = lw.value(w)
+        if kind == "conv":
+            assert w.const is not None  # _pairs_exactly checked it
+            weights = lw.const(_packed_weights(w.const))
         args = [lw.value(_input(node, 0)), weights]
     elif _pairs_exactly(node):
         fn, kind = _packed_dense_te(node), "dense"
@@ -689,9 +692,7 @@ def _maxpool(lw: _Lowerer, node: Node) -> None:
             index = [o[d] * strides[d] + axes[d] * dilations[d] - pads[d] for d in range(spatial)]
             inside = tirx.all(*[tirx.all(i >= 0, i < s) for i, s in zip(index, sizes)])
             clamped = [tirx.max(tirx.min(i, s - 1), 0) for i, s in zip(index, sizes)]
-            element = tirx.if_then_else(
-                inside, x[(n, c, *clamped)], tirx.const(lowest, dtype)
-            )
+            element = tirx.if_then_else(inside, x[(n, c, *clamped)], tirx.const(lowest, dtype))
             return te.max(element, axis=axes)
 
         return te.compute(out_shape, body, name="maxpool")
@@ -808,7 +809,10 @@ def _pad(lw: _Lowerer, node: Node) -> None:
     def fn(x: Any) -> Any:
         def body(*i: Any) -> Any:
             inside = tirx.all(
-                *[tirx.all(i[d] >= before[d], i[d] < before[d] + x_type.shape[d]) for d in range(rank)]
+                *[
+                    tirx.all(i[d] >= before[d], i[d] < before[d] + x_type.shape[d])
+                    for d in range(rank)
+                ]
             )
             index = [
                 tirx.max(tirx.min(i[d] - before[d], x_type.shape[d] - 1), 0) for d in range(rank)
@@ -936,6 +940,8 @@ class TvmExecutable:
         self.outputs = list(outputs)
         self.graph = graph
         self.compile_seconds = compile_seconds
+        self.schedules: dict[str, tuple[str, str]] = {}
+        """Prim func -> (kernel kind, the schedule that applied), from :func:`compile_tvm`."""
         self._vm: Any = None
 
     @property
@@ -1067,8 +1073,9 @@ def compile_tvm(
     start = time.perf_counter()
     mod, kernels = to_relax(graph)
     target = tvm.target.Target(spec)
+    report: dict[str, str] = {}
     if schedule and spec["kind"] == "llvm":
-        mod = schedule_module(mod, kernels, target)
+        mod = schedule_module(mod, kernels, target, report=report)
     try:
         executable = tvm.compile(mod, target=target, relax_pipeline="default_build")
     except Exception as err:
@@ -1077,9 +1084,9 @@ def compile_tvm(
             hint="report it with the model; try schedule=False to rule out the schedules",
         ) from err
     inputs, outputs = _specs(graph)
-    return TvmExecutable(
-        executable, spec, inputs, outputs, graph, time.perf_counter() - start
-    )
+    exe = TvmExecutable(executable, spec, inputs, outputs, graph, time.perf_counter() - start)
+    exe.schedules = {name: (kernels[name].kind, applied) for name, applied in report.items()}
+    return exe
 
 
 __all__ = [

@@ -25,9 +25,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tvm.script import tirx as T
-
 from tvm import s_tir
+from tvm.script import tirx as T
 
 log = logging.getLogger(__name__)
 
