@@ -16,7 +16,9 @@ For EfficientNet-Lite0 (224x224) and the ResNet-18-shaped network (112x112), bat
 The two integer models must agree bit for bit on the timed input (checked, printed). Each
 round runs the three once in turn, so load from elsewhere spreads over all of them; rows
 report the median and 90th percentile and the median as a ratio to FP32's. Compile time is
-the wall time of each ``intq.compile`` call (TVM: lowering, scheduling, LLVM).
+the wall time of each ``intq.compile`` call (TVM: lowering, scheduling, LLVM). TVM runs
+with ``TVM_NUM_THREADS`` = ``--threads`` and ``TVM_THREAD_POOL_SPIN_COUNT=0`` (idle workers
+block, like the ORT sessions' ``spin=False``).
 
 The GEMM micro-benchmark (``--gemm M,K,N``, default 128x768x768, a BERT-base projection):
 intq TVM's ``QMatMul`` kernel (uint8 x int8 -> int32, the tensorized ``vpmaddwd`` schedule),
@@ -244,8 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("out/tvm_latency"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    # TVM's thread pool: as many workers as ORT's intra-op threads.
+    # TVM's thread pool: as many workers as ORT's intra-op threads, and, as ORT's sessions
+    # here (spin=False), idle workers block instead of spinning: on 2 shared cores spinning
+    # workers slowed every other variant (set before TVM starts its pool).
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     models = [
         model_rows(spec, args.work_dir, args.threads, args.tvm_target, args.warmup, args.runs)
