@@ -477,15 +477,13 @@ class _Rescale:
         right = np.where((s >= 1) & ~zero, s, 0)
         rounding = np.where(right >= 1, np.left_shift(1, np.maximum(right - 1, 0)), 0)
         return _Rescale(
-            multiplier=np.where(zero, 0, m),
-            left=np.where(s <= 0, np.minimum(-s, 62), 0),
+            # M < 2^31 and shifts < 64 are int32: x * M is then int32 x int32 -> int64,
+            # which LLVM emits as one vpmuldq per 4 lanes instead of a 64-bit multiply.
+            multiplier=np.where(zero, 0, m).astype(np.int32),
+            left=np.where(s <= 0, np.minimum(-s, 62), 0).astype(np.int32),
             rounding=rounding.astype(np.int64),
-            right=right,
+            right=right.astype(np.int32),
         )
-
-    def uniform(self) -> bool:
-        """True when every channel has the same constants (one immediate each)."""
-        return all(len(set(a.tolist())) == 1 for a in self.arrays())
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return self.multiplier, self.left, self.rounding, self.right
@@ -495,30 +493,37 @@ def _rescale_te(
     rescale: _Rescale, lo: int, hi: int, out_dtype: str, axis: int
 ) -> tuple[Callable[..., Any], list[np.ndarray]]:
     """``clamp(((x * M') << L + R) >> S', lo, hi)`` per element; returns the TE function
-    ``(x, *channel_constants) -> y`` and the per-channel constant arrays it reads."""
+    ``(x, *channel_constants) -> y`` and the per-channel constant arrays it reads.
+
+    A constant the same for every channel is an immediate; a left shift of 0 everywhere
+    (every ``S >= 1``) or no rounding anywhere is left out.
+    """
     from tvm import te, tirx
 
-    uniform = rescale.uniform()
-    constants = [] if uniform else list(rescale.arrays())
+    arrays = rescale.arrays()
+    same = [len(set(a.tolist())) == 1 for a in arrays]
+    needed = [True, bool(rescale.left.any()), bool(rescale.right.any()), bool(rescale.right.any())]
+    channel_index = {}
+    constants = []
+    for k, (array, uniform, need) in enumerate(zip(arrays, same, needed)):
+        if need and not uniform:
+            channel_index[k] = len(constants)
+            constants.append(array)
 
     def fn(x: Any, *channel: Any) -> Any:
         def at(i: tuple[Any, ...], k: int) -> Any:
-            if uniform:
-                return tirx.const(int(rescale.arrays()[k][0]), "int64")
-            return channel[k][i[axis]]
+            if k in channel_index:
+                return channel[channel_index[k]][i[axis]].astype("int64")
+            return tirx.const(int(arrays[k][0]), "int64")
 
         def body(*i: Any) -> Any:
             value = x(*i).astype("int64") * at(i, 0)
-            if uniform and int(rescale.left[0]) == 0:
-                shifted = value
-            else:
-                shifted = value << at(i, 1)
-            if uniform and int(rescale.right[0]) == 0:
-                rounded = shifted
-            else:
-                rounded = (shifted + at(i, 2)) >> at(i, 3)
+            if needed[1]:
+                value = value << at(i, 1)
+            if needed[2]:
+                value = (value + at(i, 2)) >> at(i, 3)
             low, high = tirx.const(lo, "int64"), tirx.const(hi, "int64")
-            return tirx.max(tirx.min(rounded, high), low).astype(out_dtype)
+            return tirx.max(tirx.min(value, high), low).astype(out_dtype)
 
         return te.compute(x.shape, body, name="requantize")
 

@@ -188,6 +188,7 @@ def schedule_conv(sch: Sch, avx2: bool) -> None:
         # The requantization of each 8x8 tile right after its accumulators: the int32
         # tensor never leaves the cache.
         sch.reverse_compute_at(epilogue, jo)
+        sch.vectorize(sch.get_loops(epilogue)[-1])
 
 
 def schedule_dense(sch: Sch, avx2: bool) -> None:
@@ -212,7 +213,7 @@ def schedule_depthwise(sch: Sch, avx2: bool) -> None:
     """8 output columns per vector, taps unrolled, epilogue per output row."""
     blocks = _blocks(sch)
     acc = blocks["acc"]
-    _epilogue(sch, "acc")
+    epilogue = _epilogue(sch, "acc", parallel=False)
     if "pad" in blocks:
         _parallel_outer(sch, blocks["pad"], keep=1)
     b, k, i, j, ry, rx = sch.get_loops(acc)
@@ -226,6 +227,9 @@ def schedule_depthwise(sch: Sch, avx2: bool) -> None:
     sch.unroll(rx)
     init = sch.decompose_reduction(acc, ry)
     sch.vectorize(sch.get_loops(init)[-1])
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, jo)
+        sch.vectorize(sch.get_loops(epilogue)[-1])
 
 
 def schedule_elementwise(sch: Sch, avx2: bool) -> None:
