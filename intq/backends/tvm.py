@@ -100,11 +100,17 @@ def parse_target(target: str | Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def is_host(spec: Mapping[str, Any]) -> bool:
-    """True when code for ``spec`` runs on this machine (an x86-64 LLVM target)."""
+    """True when code for ``spec`` runs on this machine's CPU (an x86-64 LLVM target)."""
     if spec.get("kind") != "llvm":
         return False
     triple = str(spec.get("mtriple", ""))
     return not triple or triple.startswith("x86_64")
+
+
+def links_here(spec: Mapping[str, Any]) -> bool:
+    """True when this machine links the module into a shared object: x86-64 CPU code, or
+    CUDA kernels (PTX/cubin embedded) with their x86-64 host code."""
+    return is_host(spec) or spec.get("kind") == "cuda"
 
 
 # ----- the lowering -------------------------------------------------------------------------------
@@ -962,21 +968,37 @@ class TvmExecutable:
     def vm(self) -> Any:
         """The Relax virtual machine on this CPU (created on first use)."""
         if self._vm is None:
-            if not is_host(self.tvm_target):
+            tvm = _tvm()
+            device = self.device()
+            if not device.exist:
                 raise IntqError(
                     f"a module compiled for {self.tvm_target} cannot run on this machine",
                     hint="save it with .save('model.tar') and run it on the device",
                 )
-            tvm = _tvm()
-            self._vm = tvm.relax.VirtualMachine(self.executable, tvm.cpu())
+            self._vm = tvm.relax.VirtualMachine(self.executable, device)
         return self._vm
+
+    def device(self) -> Any:
+        """The TVM device the module runs on (a CUDA GPU for CUDA targets, else the CPU).
+
+        The CPU only counts as present for x86-64 targets: an AArch64 module cannot run here.
+        """
+        tvm = _tvm()
+        if self.tvm_target.get("kind") == "cuda":
+            return tvm.cuda(0)
+        if is_host(self.tvm_target):
+            return tvm.cpu()
+        return tvm.device("ext_dev", 0)  # never present: no such device on this machine
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``inputs`` (name -> array); returns output name -> array."""
         tvm = _tvm()
         feeds = check_feeds([s.value() for s in self.inputs], inputs)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name])) for s in self.inputs]
-        results = self.vm()["main"](*args)
+        vm, device = self.vm(), self.device()
+        args = [
+            tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name]), device) for s in self.inputs
+        ]
+        results = vm["main"](*args)
         return {s.name: results[i].numpy() for i, s in enumerate(self.outputs)}
 
     def manifest(self) -> dict[str, Any]:
@@ -999,7 +1021,7 @@ class TvmExecutable:
         device's toolchain to link. Returns the library's path.
         """
         path = Path(path)
-        cross = not is_host(self.tvm_target)
+        cross = not links_here(self.tvm_target)
         if cross and path.suffix != ".tar":
             raise ArtifactError(
                 f"{path}: a module for {self.tvm_target} is saved as a .tar of object files",
@@ -1043,7 +1065,7 @@ def load_tvm(path: str | Path) -> TvmExecutable:
     if manifest.get("format") != "intq-tvm" or manifest.get("version") != MANIFEST_VERSION:
         raise ArtifactError(f"{manifest_path} is not an intq TVM manifest (version 1)")
     target = manifest["target"]
-    if not is_host(target):
+    if not links_here(target):
         raise ArtifactError(
             f"{path} holds code for {target}, not this machine",
             hint="load it on the device it was compiled for",
@@ -1077,10 +1099,21 @@ def compile_tvm(
     spec = parse_target(tvm_target)
     start = time.perf_counter()
     mod, kernels = to_relax(graph)
-    target = tvm.target.Target(spec)
     report: dict[str, str] = {}
-    if schedule and spec["kind"] == "llvm":
-        mod = schedule_module(mod, kernels, target, report=report)
+    if spec["kind"] == "cuda":
+        # GPU kernels need their loops bound to threads: dlight's default GPU schedules
+        # (integer kernels as they are; a tuned GPU schedule is future work).
+        from tvm.s_tir import dlight
+
+        target = tvm.target.Target(spec, host=host_target())
+        with target:
+            mod = dlight.ApplyDefaultSchedule(
+                dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()
+            )(mod)
+    else:
+        target = tvm.target.Target(spec)
+        if schedule and spec["kind"] == "llvm":
+            mod = schedule_module(mod, kernels, target, report=report)
     try:
         executable = tvm.compile(mod, target=target, relax_pipeline="default_build")
     except Exception as err:
