@@ -215,9 +215,10 @@ def schedule_depthwise(sch: Sch, avx2: bool) -> None:
     acc = blocks["acc"]
     epilogue = _epilogue(sch, "acc", parallel=False)
     if "pad" in blocks:
-        _parallel_outer(sch, blocks["pad"], keep=1)
+        _parallel_outer(sch, blocks["pad"], keep=1, vectorize=True)
     b, k, i, j, ry, rx = sch.get_loops(acc)
-    jo, ji = sch.split(j, [None, 8])
+    # A divisor of the width (7 for 28, 14 and 7): a predicated tail would be scalarized.
+    jo, ji = sch.split(j, [None, _divisor(_extent(sch, j), 8)])
     sch.reorder(b, k, i, jo, ry, rx, ji)
     sch.parallel(sch.fuse(b, k))
     local = sch.cache_write(acc, 0, "local")
