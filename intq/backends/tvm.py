@@ -120,7 +120,7 @@ def links_here(spec: Mapping[str, Any]) -> bool:
 class Kernel:
     """A TE function the schedules know: its kind and the facts a schedule needs."""
 
-    kind: str  # "conv", "depthwise", "dense", "elementwise"
+    kind: str  # "conv", "dense" (packed, tensorized), "depthwise", "generic", "elementwise"
     node: str  # the IR node's label, for errors and tuning records
 
 

@@ -9,11 +9,14 @@ scheduled model with the reference interpreter anyway).
   int32 output-channel lanes. Its two innermost loops (8 lanes x 2 channels)
   are tensorized with :data:`AVX2_DOT_8x2` -- one ``vpmaddwd``, 16 multiply-adds
   -- inside a register tile of up to 8 output columns (conv) or 4 rows (dense),
-  accumulated in a local buffer; the requantization epilogue is computed per
-  tile, right after its accumulators.
-- ``depthwise``: 8 output columns per vector, the 3x3 (or kxk) taps unrolled.
-- ``elementwise`` and anything else: the outer loops fused and parallel, the
-  innermost vectorized where it is contiguous.
+  accumulated in a local buffer. The conv's requantization epilogue runs per
+  tile, right after its accumulators; the dense one's after the whole product.
+  Without AVX2 (AArch64, plain x86) the same tiles use vector multiply-adds.
+- ``depthwise``: up to 8 output columns per vector (a divisor of the width: a
+  predicated tail would be scalarized), the kxk taps unrolled, the epilogue per
+  tile.
+- ``elementwise`` and ``generic`` (grouped or 16-bit convs and matmuls): the
+  outer loops fused and parallel, the innermost vectorized where it is contiguous.
 
 Every kernel falls back to a plain parallel schedule, and then to TVM's
 default loops, if its schedule cannot be applied (logged at debug level).
