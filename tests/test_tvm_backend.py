@@ -309,6 +309,9 @@ def test_qgemm_and_qmatmul_layers_are_bit_exact(seed, signed, trans_b, rows, k, 
 
 @settings(max_examples=25, deadline=None)
 @example(seed=0, pairs=[(3, 1), (2**31 - 1, 64), (5, 0), (7, -3)], signed=False)
+# Every S >= 32: the kernel shifts the product's high half on 32-bit lanes.
+@example(seed=1, pairs=[(2**31 - 1, 32), (2**30, 63), (12345, 70), (2**31 - 1, 45)], signed=True)
+@example(seed=2, pairs=[(2**31 - 1, 32)], signed=False)
 @given(
     seed=st.integers(0, 2**16),
     pairs=st.lists(

@@ -506,7 +506,14 @@ def _rescale_te(
     """
     from tvm import te, tirx
 
+    # Every S in [32, 63] (or >= 64: M' = 0), as for nearly every conv: floor(p / 2^S) is
+    # floor(floor(p / 2^32) / 2^(S-32)), and p >> 32 fits int32 (|acc * M| < 2^62), so the
+    # shift and the clamp run on 32-bit lanes: the high half of the product, then vpsrad.
+    high = bool(np.all((rescale.right >= 32) | (rescale.multiplier == 0)))
+    right = np.where(rescale.right >= 32, rescale.right - 32, 0).astype(np.int32)
     arrays = rescale.arrays()
+    if high:
+        arrays = (rescale.multiplier, rescale.left, rescale.rounding, right)
     same = [len(set(a.tolist())) == 1 for a in arrays]
     needed = [True, bool(rescale.left.any()), bool(rescale.right.any()), bool(rescale.right.any())]
     channel_index = {}
@@ -517,19 +524,24 @@ def _rescale_te(
             constants.append(array)
 
     def fn(x: Any, *channel: Any) -> Any:
-        def at(i: tuple[Any, ...], k: int) -> Any:
+        def at(i: tuple[Any, ...], k: int, dtype: str = "int64") -> Any:
             if k in channel_index:
-                return channel[channel_index[k]][i[axis]].astype("int64")
-            return tirx.const(int(arrays[k][0]), "int64")
+                return channel[channel_index[k]][i[axis]].astype(dtype)
+            return tirx.const(int(arrays[k][0]), dtype)
 
         def body(*i: Any) -> Any:
             value = x(*i).astype("int64") * at(i, 0)
+            if high:
+                top = ((value + at(i, 2)) >> tirx.const(32, "int64")).astype("int32")
+                shifted = top >> at(i, 3, "int32")
+                low, high_ = tirx.const(lo, "int32"), tirx.const(hi, "int32")
+                return tirx.max(tirx.min(shifted, high_), low).astype(out_dtype)
             if needed[1]:
                 value = value << at(i, 1)
             if needed[2]:
                 value = (value + at(i, 2)) >> at(i, 3)
-            low, high = tirx.const(lo, "int64"), tirx.const(hi, "int64")
-            return tirx.max(tirx.min(value, high), low).astype(out_dtype)
+            low, high_ = tirx.const(lo, "int64"), tirx.const(hi, "int64")
+            return tirx.max(tirx.min(value, high_), low).astype(out_dtype)
 
         return te.compute(x.shape, body, name="requantize")
 
