@@ -206,9 +206,17 @@ class ArtifactFormat:
     suffixes: tuple[str, ...]
 
 
+def _load_tvm(path: Path, data: bytes) -> Executable:
+    """A TVM library with its manifest (which holds the library's sha256)."""
+    from intq.backends.tvm_runtime import load_tvm
+
+    return load_tvm(path)
+
+
 FORMATS: dict[str, ArtifactFormat] = {
     "reference": ArtifactFormat(_load_reference, (".intq",)),
     "onnxruntime": ArtifactFormat(_load_onnxruntime, (".onnx",)),
+    "tvm": ArtifactFormat(_load_tvm, (".so", ".tar")),
 }
 """Target -> artifact format. A backend with its own artifact adds one entry here."""
 

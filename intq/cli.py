@@ -34,6 +34,9 @@ EXAMPLES = {
     "compile": """examples:
   intq compile model.onnx --calib calib.npz -o model_int8.onnx             # ONNX Runtime
   intq compile model.onnx --calib calib.npz --target reference -o model.intq
+  intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so     # TVM, this CPU
+  intq compile model.onnx --calib calib.npz --target tvm -o model_arm.tar \
+      --tvm-target '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": "+neon"}'
   intq compile model.onnx --calib calib.npz --config cfg.toml -o model_int8.onnx
   intq compile model.onnx --calib calib.npz --size-mb 2.5 --mp-report mp -o model_int8.onnx
   intq compile bert.onnx --calib calib.npz --input-shape input_ids=1,128 -o bert_int8.onnx
@@ -257,8 +260,12 @@ def _compile(args: argparse.Namespace) -> int:
     config = _config(args)
     graph = load_graph(args.model, dict(args.input_shape) or None)
     batches = calibration_batches(args.calib, graph.inputs)
+    tvm_target = getattr(args, "tvm_target", None)
+    if tvm_target is not None and args.target != "tvm":
+        raise intq.IntqError("--tvm-target applies to --target tvm only", hint="add --target tvm")
     quantized = intq.quantize(graph, batches, config)
-    path = intq.compile(quantized, target=args.target).save(args.output)
+    options = {"tvm_target": tvm_target} if args.target == "tvm" else {}
+    path = intq.compile(quantized, target=args.target, **options).save(args.output)
     _say(args, summary(quantized), f"wrote {path}")
     return 0
 
@@ -467,7 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default="onnxruntime",
         choices=sorted(TARGETS),
-        help="onnxruntime writes a standard .onnx file; reference a .intq graph",
+        help="onnxruntime writes a standard .onnx file; reference a .intq graph;"
+        " tvm a shared object (.tar of objects for a cross target) and a manifest",
+    )
+    command.add_argument(
+        "--tvm-target",
+        metavar="JSON",
+        help='with --target tvm: a TVM target, e.g. \'{"kind": "llvm", "mtriple":'
+        ' "aarch64-linux-gnu", "mattr": "+neon"}\' (default: this machine)',
     )
     _add_quant_options(command)
     command.set_defaults(run=_compile)

@@ -21,8 +21,9 @@ OPS = kernels.NumpyOps()
 SOFTMAX_ERROR = {"divfree": 0.006, "poly": 0.006, "lut": 0.006, "shift": 0.03}
 # Max |error| of GELU beyond the output rounding (half a unit), in absolute terms: the
 # sigmoid form x * sigmoid(1.702 x) is itself 0.020 off erf-GELU, I-BERT's erf polynomial
-# 0.018; the table is exactly rounded. Measured 0.0201 / 0.0229 / 0.0174 / 0.
-GELU_ERROR = {"divfree": 0.021, "shift": 0.024, "poly": 0.018, "lut": 1e-9}
+# 0.018; the table is exactly rounded. Plus the 14-bit fixed point of the sigmoid / erf
+# factor: |x| 2^-13 at most. Measured over input ranges 0.5-20: 0.0203 / 0.0232 / 0.0181 / 0.
+GELU_ERROR = {"divfree": 0.021, "shift": 0.024, "poly": 0.019, "lut": 1e-9}
 
 
 def _rows(seed: int, rows: int, size: int, spread: float) -> np.ndarray:
@@ -76,7 +77,8 @@ def test_gelu_error_within_stated_bound(seed, in_range, variant):
     out_scale = max(np.abs(real).max(), 1e-3) / 127
     out = kernels.gelu(OPS, q, in_scale, bits, out_scale, -128, 127, variant)
     assert out.min() >= -128 and out.max() <= 127
-    assert (np.abs(out * out_scale - real) - out_scale / 2).max() <= GELU_ERROR[variant]
+    slack = 0 if variant == "lut" else in_range * 2.0**-13
+    assert (np.abs(out * out_scale - real) - out_scale / 2).max() <= GELU_ERROR[variant] + slack
 
 
 @given(

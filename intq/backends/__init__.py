@@ -12,12 +12,14 @@ from typing import Any
 from intq.backends.base import Executable
 from intq.backends.onnxruntime import compile_onnxruntime
 from intq.backends.reference import compile_reference
+from intq.backends.tvm import compile_tvm
 from intq.errors import IntqError
 from intq.ir.graph import Graph
 
 TARGETS: dict[str, Callable[..., Executable]] = {
     "reference": compile_reference,
     "onnxruntime": compile_onnxruntime,
+    "tvm": compile_tvm,
 }
 """Target name -> compile function. Later backends add their entry here."""
 

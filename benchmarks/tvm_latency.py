@@ -1,0 +1,279 @@
+"""TVM integer-only latency against intq's ONNX Runtime model and ORT FP32, plus one GEMM.
+
+Run from the repository root (the ``dev`` extra installed)::
+
+    .venv/bin/python benchmarks/tvm_latency.py               # 30 interleaved rounds
+    .venv/bin/python benchmarks/tvm_latency.py --runs 10 --json out/tvm_latency.json
+
+For EfficientNet-Lite0 (224x224) and the ResNet-18-shaped network (112x112), batch 1:
+
+* **ORT FP32**: the exported float model in an ONNX Runtime CPU session;
+* **intq ORT**: ``intq.quantize`` (default ``QuantConfig``, 8 calibration crops of real
+  photos, as ``ort_latency.py`` makes them) then ``intq.compile(..., target="onnxruntime")``;
+* **intq TVM**: the same integer graph through ``intq.compile(..., target="tvm")`` for this
+  machine (``--tvm-target`` to override), run on TVM's Relax VM.
+
+The two integer models must agree bit for bit on the timed input (checked, printed). Each
+round runs the three once in turn, so load from elsewhere spreads over all of them; rows
+report the median and 90th percentile and the median as a ratio to FP32's. Compile time is
+the wall time of each ``intq.compile`` call (TVM: lowering, scheduling, LLVM). TVM runs
+with ``TVM_NUM_THREADS`` = ``--threads`` and ``TVM_THREAD_POOL_SPIN_COUNT=0`` (idle workers
+block, like the ORT sessions' ``spin=False``).
+
+The GEMM micro-benchmark (``--gemm M,K,N``, default 128x768x768, a BERT-base projection):
+intq TVM's ``QMatMul`` kernel (uint8 x int8 -> int32, the tensorized ``vpmaddwd`` schedule),
+ORT ``MatMulInteger`` with u8 x s8 operands (its fast ``vpmaddubsw`` kernel, exact only for
+7-bit weights) and u8 x u8 (exact at full range, what intq's ORT backend uses), and ORT
+FP32 ``MatMul`` (the float peak of this machine), each as GOPS = 2*M*K*N / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from machine import cpu_description, load_average
+from onnx import TensorProto, helper, numpy_helper
+from ort_latency import MODELS, ModelSpec, batches, open_session, photo_crops, session_options
+
+import intq
+from intq.ir import DType, Graph, QuantParams, TensorType
+
+TARGET_LINE = (
+    "target: intq TVM integer-only no slower than intq ORT integer-only, <= 0.75x ORT FP32"
+)
+CALIBRATION_CROPS = 8
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout carries only the report)."""
+    print(f"[tvm-latency] {message}", file=sys.stderr, flush=True)
+
+
+def timed_rounds(
+    runners: dict[str, Callable[[], object]], warmup: int, runs: int
+) -> dict[str, list[float]]:
+    """Wall times (ms) of each runner over ``runs`` interleaved rounds, after warm-up."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            start = time.perf_counter_ns()
+            run()
+            times[name].append((time.perf_counter_ns() - start) / 1e6)
+    return times
+
+
+def model_rows(
+    spec: ModelSpec, work: Path, threads: int, tvm_target: str | None, warmup: int, runs: int
+) -> dict[str, object]:
+    """Compile ``spec`` both ways, check they agree, time all three; returns the results."""
+    fp32_path = spec.builder(work).path
+    crops = photo_crops(spec, CALIBRATION_CROPS + 1, seed=0)
+    x = crops[-1:]
+    progress(f"{spec.name}: quantizing ...")
+    graph = intq.quantize(
+        intq.from_onnx(fp32_path),
+        [{"input": b} for b in batches(crops[:-1], 1)],
+        intq.QuantConfig(progress=False),
+    )
+    progress(f"{spec.name}: compiling for ONNX Runtime and TVM ...")
+    start = time.perf_counter()
+    ort_exe = intq.compile(graph, target="onnxruntime")
+    ort_path = ort_exe.save(work / f"{spec.name}_intq.onnx")
+    ort_compile = time.perf_counter() - start
+    start = time.perf_counter()
+    tvm_exe = intq.compile(graph, target="tvm", tvm_target=tvm_target)
+    tvm_compile = time.perf_counter() - start
+
+    opts = session_options(threads, spin=False)
+    fp32 = open_session(fp32_path, opts)
+    int_ort = open_session(ort_path, opts)
+    feeds = {"input": x}
+    same = np.array_equal(int_ort.run(None, feeds)[0], tvm_exe.run(feeds)["logits"])
+    progress(f"{spec.name}: timing {runs} rounds (bit-exact: {same}) ...")
+    times = timed_rounds(
+        {
+            "ORT FP32": lambda: fp32.run(None, feeds),
+            "intq ORT": lambda: int_ort.run(None, feeds),
+            "intq TVM": lambda: tvm_exe.run(feeds),
+        },
+        warmup,
+        runs,
+    )
+    return {
+        "model": spec.label,
+        "bit_exact": bool(same),
+        "compile_s": {"intq ORT": ort_compile, "intq TVM": tvm_compile},
+        "median_ms": {k: float(np.median(v)) for k, v in times.items()},
+        "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
+    }
+
+
+# ----- the GEMM micro-benchmark ---------------------------------------------------------------
+
+
+def _ort_matmul(
+    path: Path, a_type: int, b: np.ndarray, integer: bool, b_zero_point: int | None
+) -> Path:
+    m_name, out_type = ("MatMulInteger", TensorProto.INT32) if integer else ("MatMul", a_type)
+    inputs = ["a", "b"] + (["", "bz"] if b_zero_point is not None else [])
+    inits = [numpy_helper.from_array(b, "b")]
+    if b_zero_point is not None:
+        inits.append(numpy_helper.from_array(np.asarray(b_zero_point, b.dtype), "bz"))
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node(m_name, inputs, ["y"])],
+            "gemm",
+            [helper.make_tensor_value_info("a", a_type, None)],
+            [helper.make_tensor_value_info("y", out_type, None)],
+            inits,
+        ),
+        opset_imports=[helper.make_opsetid("", 21)],
+    )
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def gemm_rows(
+    shape: Sequence[int], work: Path, threads: int, tvm_target: str | None, warmup: int, runs: int
+) -> dict[str, object]:
+    """GOPS of one M x K x N integer GEMM in TVM and ORT, and ORT's FP32 MatMul."""
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a_u8 = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w_s8 = rng.integers(-127, 128, (k, n), dtype=np.int8)
+
+    g = Graph("gemm")
+    a = g.add_input("a", TensorType(DType.U8, (m, k), QuantParams(8, False, (0.02,))))
+    w = g.add_constant(w_s8, "w")
+    w.type = w.type.with_quant(QuantParams(8, True, (0.01,) * n, axis=1, narrow=True))
+    g.set_outputs([g.op("QMatMul", a, w)])
+    tvm_exe = intq.compile(g, target="tvm", tvm_target=tvm_target)
+    want = a_u8.astype(np.int64) @ w_s8.astype(np.int64)
+    assert np.array_equal(tvm_exe.run({"a": a_u8})[g.outputs[0].name], want)
+    import tvm
+
+    vm, a_tvm = tvm_exe.vm(), tvm.runtime.tensor(a_u8)
+
+    opts = session_options(threads, spin=False)
+    u8s8 = open_session(
+        _ort_matmul(work / "mm_u8s8.onnx", TensorProto.UINT8, w_s8, True, None), opts
+    )
+    w_u8 = (w_s8.astype(np.int16) + 128).astype(np.uint8)
+    u8u8 = open_session(
+        _ort_matmul(work / "mm_u8u8.onnx", TensorProto.UINT8, w_u8, True, 128), opts
+    )
+    f32 = open_session(
+        _ort_matmul(work / "mm_f32.onnx", TensorProto.FLOAT, w_s8.astype(np.float32), False, None),
+        opts,
+    )
+    a_f32 = a_u8.astype(np.float32)
+    times = timed_rounds(
+        {
+            "intq TVM u8 x s8 (vpmaddwd)": lambda: vm["main"](a_tvm),
+            "ORT MatMulInteger u8 x s8": lambda: u8s8.run(None, {"a": a_u8}),
+            "ORT MatMulInteger u8 x u8": lambda: u8u8.run(None, {"a": a_u8}),
+            "ORT MatMul FP32": lambda: f32.run(None, {"a": a_f32}),
+        },
+        warmup,
+        runs,
+    )
+    ops = 2 * m * k * n
+    return {
+        "shape": [m, k, n],
+        "gops": {name: ops / (float(np.median(t)) * 1e6) for name, t in times.items()},
+        "best_gops": {name: ops / (float(np.min(t)) * 1e6) for name, t in times.items()},
+        "median_ms": {name: float(np.median(t)) for name, t in times.items()},
+    }
+
+
+# ----- report ------------------------------------------------------------------------------------
+
+
+def report(models: Sequence[dict], gemm: dict, threads: int) -> list[str]:
+    """The markdown tables printed on stdout."""
+    lines = [
+        f"machine: {cpu_description()}; {threads} threads; load average"
+        f" {load_average():.1f} at the end",
+        TARGET_LINE,
+        "",
+        "| model | variant | median ms | p90 ms | vs FP32 | compile s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in models:
+        base = row["median_ms"]["ORT FP32"]
+        for name, median in row["median_ms"].items():
+            compile_s = row["compile_s"].get(name)
+            lines.append(
+                f"| {row['model']} | {name} | {median:.1f} | {row['p90_ms'][name]:.1f}"
+                f" | {median / base:.2f}x | {'' if compile_s is None else f'{compile_s:.1f}'} |"
+            )
+    lines += [""]
+    for row in models:
+        med = row["median_ms"]
+        ok_ort = med["intq TVM"] <= med["intq ORT"]
+        ok_fp32 = med["intq TVM"] <= 0.75 * med["ORT FP32"]
+        lines.append(
+            f"{row['model']}: TVM = ORT integer bit for bit: {row['bit_exact']};"
+            f" TVM <= intq ORT: {'yes' if ok_ort else 'NO'};"
+            f" TVM <= 0.75x FP32: {'yes' if ok_fp32 else 'NO'}"
+        )
+    m, k, n = gemm["shape"]
+    lines += [
+        "",
+        f"GEMM {m}x{k}x{n} (batch of {m} rows; best = the fastest round, least disturbed):",
+        "",
+        "| kernel | median ms | GOPS (median) | GOPS (best) |",
+        "|---|---|---|---|",
+    ]
+    for name, gops in gemm["gops"].items():
+        lines.append(
+            f"| {name} | {gemm['median_ms'][name]:.2f} | {gops:.1f}"
+            f" | {gemm['best_gops'][name]:.1f} |"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tvm-target", default=None, metavar="JSON")
+    parser.add_argument("--gemm", default="128,768,768", metavar="M,K,N")
+    parser.add_argument("--work-dir", type=Path, default=Path("out/tvm_latency"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    # TVM's thread pool: as many workers as ORT's intra-op threads, and, as ORT's sessions
+    # here (spin=False), idle workers block instead of spinning: on 2 shared cores spinning
+    # workers slowed every other variant (set before TVM starts its pool).
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    models = [
+        model_rows(spec, args.work_dir, args.threads, args.tvm_target, args.warmup, args.runs)
+        for spec in MODELS
+    ]
+    shape = [int(v) for v in args.gemm.split(",")]
+    progress(f"GEMM {shape} ...")
+    gemm = gemm_rows(shape, args.work_dir, args.threads, args.tvm_target, args.warmup, args.runs)
+    print("\n".join(report(models, gemm, args.threads)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"models": models, "gemm": gemm}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

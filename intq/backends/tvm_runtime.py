@@ -1,0 +1,351 @@
+"""The TVM backend's targets, compiled executable, artifacts (library + manifest) and loader.
+
+:func:`intq.backends.tvm.compile_tvm` builds a :class:`TvmExecutable`; this module holds
+what runs and saves it, and :func:`load_tvm`, which needs TVM's runtime and the manifest
+only (no IR graph), as a device-side loader would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from intq.backends.base import atomic_write, check_feeds
+from intq.errors import ArtifactError, IntqError
+from intq.ir.graph import Graph, Value
+from intq.ir.types import DType, TensorType
+
+MANIFEST_VERSION = 1
+
+
+def _tvm() -> Any:
+    """Import TVM on first use: ``import intq`` must not pay for it."""
+    import tvm
+    from tvm import relax  # noqa: F401  (registers the Relax namespace)
+
+    return tvm
+
+
+# ----- targets ------------------------------------------------------------------------------------
+
+
+def host_target() -> dict[str, Any]:
+    """The LLVM target of this machine: its CPU name (``znver3`` here) and core count."""
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
+
+
+def parse_target(target: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """A target dict from ``None`` (the host), a dict, or its JSON text; checked by TVM."""
+    if target is None:
+        return host_target()
+    if isinstance(target, str):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError as err:
+            raise IntqError(
+                f"the TVM target {target!r} is not JSON: {err}",
+                hint='write it as a JSON object, e.g. {"kind": "llvm", "mcpu": "znver3"}',
+            ) from err
+    if not isinstance(target, Mapping) or "kind" not in target:
+        raise IntqError(
+            f"a TVM target must be an object with a 'kind', got {target!r}",
+            hint='e.g. {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}',
+        )
+    spec = dict(target)
+    if isinstance(spec.get("mattr"), str):  # "+neon,+dotprod" is how people write it
+        spec["mattr"] = [a for a in spec["mattr"].split(",") if a]
+    try:
+        _tvm().target.Target(spec)
+    except Exception as err:  # TVM raises its own error types from the FFI
+        raise IntqError(
+            f"TVM rejects the target {spec}: {str(err).strip().splitlines()[-1]}",
+            hint="see tvm.target.Target for the keys of each kind",
+        ) from err
+    return spec
+
+
+def is_host(spec: Mapping[str, Any]) -> bool:
+    """True when code for ``spec`` runs on this machine's CPU (an x86-64 LLVM target)."""
+    if spec.get("kind") != "llvm":
+        return False
+    triple = str(spec.get("mtriple", ""))
+    return not triple or triple.startswith("x86_64")
+
+
+def links_here(spec: Mapping[str, Any]) -> bool:
+    """True when this machine links the module into a shared object: x86-64 CPU code, or
+    CUDA kernels (PTX/cubin embedded) with their x86-64 host code."""
+    return is_host(spec) or spec.get("kind") == "cuda"
+
+
+def _dtype(value: Value) -> str:
+    return str(value.type.dtype.numpy)
+
+
+def _input(node: Any) -> Value:
+    value = node.inputs[0]
+    assert value is not None
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output as the manifest describes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    quantization: dict[str, Any] | None = None
+
+    def value(self) -> Value:
+        """An IR value with this name and type (what :func:`check_feeds` reads)."""
+        return Value(self.name, TensorType(DType.from_numpy(np.dtype(self.dtype)), self.shape))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> TensorSpec:
+        return TensorSpec(
+            data["name"], tuple(data["shape"]), data["dtype"], data.get("quantization")
+        )
+
+
+def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs with the quantization their ``Quantize`` applies; outputs with the scale
+    their ``Dequantize`` multiplies by (or their own quantization, for integer outputs)."""
+    inputs = []
+    for v in graph.inputs:
+        quant = None
+        readers = [n for n in v.consumers() if n.op == "Quantize"]
+        if readers:
+            q = readers[0].output.type.quant
+            assert q is not None
+            quant = {
+                "op": "quantize",
+                "formula": "clamp(round_half_even(float32(x) / scale), qmin, qmax)",
+                "scale": float(np.float32(readers[0].attrs["scale"])),
+                "bits": q.bits,
+                "signed": q.signed,
+                "qmin": q.qmin,
+                "qmax": q.qmax,
+                "dtype": _dtype(readers[0].output),
+            }
+        inputs.append(TensorSpec(v.name, v.type.shape, _dtype(v), quant))
+    outputs = []
+    for v in graph.outputs:
+        quant = None
+        producer = v.producer
+        if producer is not None and producer.op == "Dequantize":
+            q = _input(producer).type.quant
+            assert q is not None
+            quant = {
+                "op": "dequantize",
+                "formula": "float32(q) * scale[c]",
+                "scale": list(q.scale),
+                "axis": q.axis,
+                "bits": q.bits,
+                "signed": q.signed,
+            }
+        elif v.type.quant is not None:
+            q = v.type.quant
+            quant = {
+                "op": "integer",
+                "scale": list(q.scale),
+                "axis": q.axis,
+                "bits": q.bits,
+                "signed": q.signed,
+            }
+        outputs.append(TensorSpec(v.name, v.type.shape, _dtype(v), quant))
+    return inputs, outputs
+
+
+class TvmExecutable:
+    """A graph compiled by TVM: runs on the Relax VM (host targets) and saves as a library."""
+
+    target = "tvm"
+
+    def __init__(
+        self,
+        executable: Any,
+        tvm_target: Mapping[str, Any],
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        graph: Graph | None = None,
+        compile_seconds: float = 0.0,
+    ):
+        self.executable = executable
+        self.tvm_target = dict(tvm_target)
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.graph = graph
+        self.compile_seconds = compile_seconds
+        self.schedules: dict[str, tuple[str, str]] = {}
+        """Prim func -> (kernel kind, the schedule that applied), from :func:`compile_tvm`."""
+        self._vm: Any = None
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs ``run`` expects."""
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the outputs ``run`` returns."""
+        return [s.name for s in self.outputs]
+
+    def vm(self) -> Any:
+        """The Relax virtual machine on this CPU (created on first use)."""
+        if self._vm is None:
+            tvm = _tvm()
+            device = self.device()
+            if not device.exist:
+                raise IntqError(
+                    f"a module compiled for {self.tvm_target} cannot run on this machine",
+                    hint="save it with .save('model.tar') and run it on the device",
+                )
+            self._vm = tvm.relax.VirtualMachine(self.executable, device)
+        return self._vm
+
+    def device(self) -> Any:
+        """The TVM device the module runs on (a CUDA GPU for CUDA targets, else the CPU).
+
+        The CPU only counts as present for x86-64 targets: an AArch64 module cannot run here.
+        """
+        tvm = _tvm()
+        if self.tvm_target.get("kind") == "cuda":
+            return tvm.cuda(0)
+        if is_host(self.tvm_target):
+            return tvm.cpu()
+        return tvm.device("ext_dev", 0)  # never present: no such device on this machine
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array); returns output name -> array."""
+        tvm = _tvm()
+        feeds = check_feeds([s.value() for s in self.inputs], inputs)
+        vm, device = self.vm(), self.device()
+        args = [
+            tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name]), device) for s in self.inputs
+        ]
+        results = vm["main"](*args)
+        return {s.name: results[i].numpy() for i, s in enumerate(self.outputs)}
+
+    def manifest(self) -> dict[str, Any]:
+        """What a device-side loader needs: entry point, tensors, how to (de)quantize."""
+        return {
+            "format": "intq-tvm",
+            "version": MANIFEST_VERSION,
+            "entry": "main",
+            "runtime": "tvm.relax.VirtualMachine",
+            "target": self.tvm_target,
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the library and ``<path>.json`` (its manifest), each atomically.
+
+        A host target writes a shared object (any name; ``.so`` by convention); a
+        cross target needs a ``.tar`` name and writes its object files there, for the
+        device's toolchain to link. Returns the library's path.
+        """
+        path = Path(path)
+        cross = not links_here(self.tvm_target)
+        if cross and path.suffix != ".tar":
+            raise ArtifactError(
+                f"{path}: a module for {self.tvm_target} is saved as a .tar of object files",
+                hint=f"save it as {path.with_suffix('.tar')}; no cross linker is needed",
+            )
+        directory = path.parent if str(path.parent) else Path(".")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=directory, prefix=f".{path.name}.") as tmp:
+                staged = Path(tmp) / ("lib.tar" if path.suffix == ".tar" else "lib.so")
+                self.executable.export_library(str(staged))
+                os.replace(staged, path)
+        except OSError as err:
+            raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from err
+        except Exception as err:  # TVM's toolchain errors (no linker, ...) come from the FFI
+            if isinstance(err, IntqError):
+                raise
+            raise ArtifactError(
+                f"TVM could not export {path}: {str(err).strip().splitlines()[-1]}",
+                hint="for a cross target, save as .tar (object files, no linker needed)",
+            ) from err
+        manifest = {**self.manifest(), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        atomic_write(_manifest_path(path), json.dumps(manifest, indent=2).encode())
+        return path
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def load_tvm(path: str | Path) -> TvmExecutable:
+    """Reopen a host library written by :meth:`TvmExecutable.save` (with its manifest)."""
+    path = Path(path)
+    manifest_path = _manifest_path(path)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactError(
+            f"cannot read the manifest {manifest_path}: {err}",
+            hint="save() writes it next to the library; keep the two together",
+        ) from err
+    if manifest.get("format") != "intq-tvm" or manifest.get("version") != MANIFEST_VERSION:
+        raise ArtifactError(f"{manifest_path} is not an intq TVM manifest (version 1)")
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path}: {err.strerror or err}") from None
+    if digest != manifest.get("sha256"):
+        raise ArtifactError(
+            f"{path} does not match the checksum in {manifest_path.name}: it was modified or"
+            " damaged after intq wrote it",
+            hint="compile it again; a library is loaded (its code run) only when it matches",
+        )
+    target = manifest["target"]
+    if not links_here(target):
+        raise ArtifactError(
+            f"{path} holds code for {target}, not this machine",
+            hint="load it on the device it was compiled for",
+        )
+    tvm = _tvm()
+    try:
+        module = tvm.runtime.load_module(str(path))
+    except Exception as err:
+        raise ArtifactError(f"TVM cannot load {path}: {str(err).strip().splitlines()[-1]}") from err
+    return TvmExecutable(
+        module,
+        target,
+        [TensorSpec.from_json(s) for s in manifest["inputs"]],
+        [TensorSpec.from_json(s) for s in manifest["outputs"]],
+    )
+
+
+__all__ = [
+    "MANIFEST_VERSION",
+    "graph_specs",
+    "TensorSpec",
+    "TvmExecutable",
+    "host_target",
+    "is_host",
+    "links_here",
+    "load_tvm",
+    "parse_target",
+]

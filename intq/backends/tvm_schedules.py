@@ -1,0 +1,280 @@
+"""TIR schedules for the TVM backend's integer kernels on x86 AVX2.
+
+The kernels arrive as TE functions (:mod:`intq.backends.tvm`) whose compute
+fixes the arithmetic; a schedule only reorders, tiles, vectorizes and
+parallelizes it, so exactness does not depend on it (the tests compare every
+scheduled model with the reference interpreter anyway).
+
+- ``conv`` and ``dense``: the ``dot`` block reduces int16 channel pairs into 8
+  int32 output-channel lanes. Its two innermost loops (8 lanes x 2 channels)
+  are tensorized with :data:`AVX2_DOT_8x2` -- one ``vpmaddwd``, 16 multiply-adds
+  -- inside a register tile of up to 8 output columns (conv) or 4 rows (dense),
+  accumulated in a local buffer. The conv's requantization epilogue runs per
+  tile, right after its accumulators; the dense one's after the whole product.
+  Without AVX2 (AArch64, plain x86) the same tiles use vector multiply-adds.
+- ``depthwise``: up to 8 output columns per vector (a divisor of the width: a
+  predicated tail would be scalarized), the kxk taps unrolled, the epilogue per
+  tile.
+- ``elementwise`` and ``generic`` (grouped or 16-bit convs and matmuls): the
+  outer loops fused and parallel, the innermost vectorized where it is contiguous.
+
+Every kernel falls back to a plain parallel schedule, and then to TVM's
+default loops, if its schedule cannot be applied (logged at debug level).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tvm import s_tir
+from tvm.script import tirx as T
+
+log = logging.getLogger(__name__)
+
+# ----- the AVX2 dot-product intrinsic ---------------------------------------------------------
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x2_desc(
+    a: T.Buffer((2,), "int16", offset_factor=1),
+    b: T.Buffer((8, 2), "int16", offset_factor=1),
+    c: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(c[0:8], a[0:2], b[0:8, 0:2])
+        T.writes(c[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x2_avx2(
+    a: T.Buffer((2,), "int16", offset_factor=1),
+    b: T.Buffer((8, 2), "int16", offset_factor=1),
+    c: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(c[0:8], a[0:2], b[0:8, 0:2])
+        T.writes(c[0:8])
+        pair = T.reinterpret(a.vload([0], "int16x2"), dtype="int32")
+        both = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
+        c[T.ramp(T.int32(0), 1, 8)] = c.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            both,
+            b.vload([0, 0], dtype="int16x16"),
+            dtype="int32x8",
+        )
+
+
+AVX2_DOT_8x2 = "intq_avx2_dot_8x2_i16i16i32"
+"""``c[i] += a[0]*b[i,0] + a[1]*b[i,1]`` for 8 lanes: one ``vpmaddwd`` and one add."""
+
+_registered = False
+
+
+def register_intrinsics() -> None:
+    """Register :data:`AVX2_DOT_8x2` with TVM (once per process)."""
+    global _registered
+    if not _registered:
+        s_tir.TensorIntrin.register(AVX2_DOT_8x2, _dot_8x2_desc, _dot_8x2_avx2, override=True)
+        _registered = True
+
+
+# ----- schedules ------------------------------------------------------------------------------
+
+Sch = Any
+
+
+def _extent(sch: Sch, loop: Any) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit``."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _blocks(sch: Sch) -> dict[str, Any]:
+    root = sch.get_sblock("root")
+    return {sch.get(b).name_hint: b for b in sch.get_child_blocks(root)}
+
+
+def _parallel_outer(sch: Sch, block: Any, keep: int = 1, vectorize: bool = False) -> None:
+    """Fuse all but the ``keep`` innermost spatial loops of an unscheduled ``block``
+    and run them in parallel; ``vectorize`` the innermost loop of an elementwise block
+    (up to 16 lanes: int64 epilogues become 4-lane AVX2 ops)."""
+    loops = sch.get_loops(block)
+    spatial = loops[: sum(int(iv.iter_type) == 0 for iv in sch.get(block).iter_vars)]
+    if len(spatial) > keep:
+        outer = spatial[: len(spatial) - keep]
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    elif spatial:
+        sch.parallel(spatial[0])
+    if vectorize and len(spatial) == len(loops) > 1:
+        inner = loops[-1]
+        lanes = _divisor(_extent(sch, inner), 16)
+        if lanes > 1:
+            if lanes < _extent(sch, inner):
+                _, inner = sch.split(inner, [None, lanes])
+            sch.vectorize(inner)
+
+
+def _inline_reads(sch: Sch, names: list[str]) -> None:
+    blocks = _blocks(sch)
+    for name in names:
+        if name in blocks:
+            sch.compute_inline(blocks[name])
+
+
+def _epilogue(sch: Sch, producer: str, parallel: bool = True) -> Any | None:
+    """Inline every block after ``producer`` into the last one (bias, index maps, the
+    requantization) and parallelize it if asked; returns it (``None`` if ``producer`` is last)."""
+    blocks = _blocks(sch)
+    order = list(blocks)
+    after = order[order.index(producer) + 1 :]
+    for name in after[:-1]:
+        sch.compute_inline(blocks[name])
+    if not after:
+        return None
+    last = _blocks(sch)[after[-1]]
+    if parallel:
+        _parallel_outer(sch, last, keep=1, vectorize=True)
+    return last
+
+
+def has_avx2(target: Any) -> bool:
+    """True when ``target`` is an LLVM x86 target with AVX2 (``vpmaddwd`` on 256 bits)."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    from tvm.target import codegen
+
+    return "avx2" in set(codegen.llvm_get_cpu_features(target))
+
+
+def _lanes(sch: Sch, dot: Any, reduction: Any, lanes: Any, pair: Any, avx2: bool) -> None:
+    """The 8 lanes x 2 pair loops of ``dot``: one ``vpmaddwd`` with AVX2, else a vector
+    of 8 int32 multiply-adds per channel of the pair (what other ISAs vectorize)."""
+    if avx2:
+        init = sch.decompose_reduction(dot, reduction)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(lanes, AVX2_DOT_8x2)
+        return
+    sch.reorder(pair, lanes)
+    sch.vectorize(lanes)
+    sch.unroll(pair)
+    init = sch.decompose_reduction(dot, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def schedule_conv(sch: Sch, avx2: bool) -> None:
+    """``pack`` -> ``dot`` (tensorized, register tile over output columns) -> epilogue."""
+    blocks = _blocks(sch)
+    pack, dot = blocks["pack"], blocks["dot"]
+    epilogue = _epilogue(sch, "dot", parallel=False)
+    _parallel_outer(sch, pack, keep=2, vectorize=True)
+    n, ko, i, j, ki, rc, ry, rx, rt = sch.get_loops(dot)
+    width = _extent(sch, j)
+    jo, ji = sch.split(j, [None, _divisor(width, 8)])
+    sch.reorder(n, ko, i, jo, rc, ry, rx, ji, ki, rt)
+    sch.parallel(sch.fuse(n, ko, i))
+    local = sch.cache_write(dot, 0, "local")
+    sch.reverse_compute_at(local, jo)
+    _lanes(sch, dot, rc, ki, rt, avx2)
+    sch.unroll(ji)
+    sch.vectorize(sch.get_loops(local)[-1])
+    if epilogue is not None:
+        # The requantization of each 8x8 tile right after its accumulators: the int32
+        # tensor never leaves the cache.
+        sch.reverse_compute_at(epilogue, jo)
+        sch.vectorize(sch.get_loops(epilogue)[-1])
+
+
+def schedule_dense(sch: Sch, avx2: bool) -> None:
+    """``pack`` -> ``dot`` (tensorized, up to 4 rows x 8 lanes per tile) -> epilogue."""
+    blocks = _blocks(sch)
+    pack, dot = blocks["pack"], blocks["dot"]
+    _epilogue(sch, "dot")
+    _parallel_outer(sch, pack, keep=1)
+    r, jo, ji, rk, rt = sch.get_loops(dot)
+    ro, ri = sch.split(r, [None, _divisor(_extent(sch, r), 4)])
+    sch.reorder(ro, jo, rk, ri, ji, rt)
+    outer = sch.fuse(ro, jo)
+    sch.parallel(outer)
+    local = sch.cache_write(dot, 0, "local")
+    sch.reverse_compute_at(local, outer)
+    _lanes(sch, dot, rk, ji, rt, avx2)
+    sch.unroll(ri)
+    sch.vectorize(sch.get_loops(local)[-1])
+
+
+def schedule_depthwise(sch: Sch, avx2: bool) -> None:
+    """8 output columns per vector, taps unrolled, epilogue per output row."""
+    blocks = _blocks(sch)
+    acc = blocks["acc"]
+    epilogue = _epilogue(sch, "acc", parallel=False)
+    if "pad" in blocks:
+        _parallel_outer(sch, blocks["pad"], keep=1, vectorize=True)
+    b, k, i, j, ry, rx = sch.get_loops(acc)
+    # A divisor of the width (7 for 28, 14 and 7): a predicated tail would be scalarized.
+    jo, ji = sch.split(j, [None, _divisor(_extent(sch, j), 8)])
+    sch.reorder(b, k, i, jo, ry, rx, ji)
+    sch.parallel(sch.fuse(b, k))
+    local = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(local, jo)
+    sch.vectorize(ji)
+    sch.unroll(ry)
+    sch.unroll(rx)
+    init = sch.decompose_reduction(acc, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, jo)
+        sch.vectorize(sch.get_loops(epilogue)[-1])
+
+
+def schedule_elementwise(sch: Sch, avx2: bool) -> None:
+    """Every block: outer loops fused and parallel."""
+    for block in _blocks(sch).values():
+        _parallel_outer(sch, block, keep=1, vectorize=True)
+
+
+SCHEDULES: dict[str, Callable[[Sch, bool], None]] = {
+    "conv": schedule_conv,
+    "dense": schedule_dense,
+    "depthwise": schedule_depthwise,
+    "elementwise": schedule_elementwise,
+    "generic": schedule_elementwise,
+}
+"""Kernel kind -> the function scheduling its prim func."""
+
+
+def schedule_module(
+    mod: Any, kernels: Mapping[str, Any], target: Any, report: dict[str, str] | None = None
+) -> Any:
+    """Return ``mod`` with each kernel's prim func scheduled; a kernel whose schedule does
+    not apply falls back to the elementwise one, then to TVM's default loops. ``report``
+    receives prim func name -> the schedule that applied (``"none"`` for the default)."""
+    register_intrinsics()
+    avx2 = has_avx2(target)
+    for gv in mod.get_global_vars():
+        kernel = kernels.get(gv.name_hint)
+        if kernel is None:
+            continue
+        func, applied = mod[gv], "none"
+        for kind in (kernel.kind, "elementwise"):
+            sch = s_tir.Schedule(func)
+            try:
+                SCHEDULES[kind](sch, avx2)
+            except Exception as err:  # a schedule primitive refused: try the next one
+                log.debug("%s: %s schedule failed: %s", kernel.node, kind, err)
+                continue
+            func, applied = sch.mod["main"], kind
+            break
+        if report is not None:
+            report[gv.name_hint] = applied
+        mod.update_func(gv, func)
+    return mod

@@ -1,0 +1,418 @@
+"""The TVM backend agrees bit for bit with the reference interpreter, and exports libraries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import intq
+from intq import examples
+from intq.backends.tvm import TvmExecutable, compile_tvm, load_tvm
+from intq.ir import DType, Graph, QuantParams, TensorType, verify
+from intq.numerics import common_shift, dyadic
+
+AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": "+neon"}
+EM_AARCH64 = 183
+
+
+def assert_same(graph: Graph, exe: TvmExecutable, feeds: dict[str, np.ndarray]) -> None:
+    want = intq.compile(graph, target="reference").run(feeds)
+    got = exe.run(feeds)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype and got[name].shape == array.shape, name
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+def adversarial(x: np.ndarray) -> list[np.ndarray]:
+    """All-max, all-min and alternating extremes, far outside any calibrated range."""
+    big = np.float32(1e6)
+    alternating = np.where(np.indices(x.shape).sum(axis=0) % 2 == 0, big, -big)
+    return [np.full_like(x, big), np.full_like(x, -big), alternating.astype(np.float32)]
+
+
+def shifted_batches(x: np.ndarray, count: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [
+        {"input": np.roll(x, tuple(rng.integers(-16, 16, 2)), axis=(2, 3))} for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def digits_int8(digits_model):
+    x_train = examples._digits_split()[0]
+    batches = [{"input": x_train[i : i + 8]} for i in range(0, 128, 8)]
+    graph = intq.quantize(intq.from_onnx(digits_model.path), batches)
+    return graph, intq.compile(graph, target="tvm")
+
+
+# ----- real models --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["digits_model", "resnet18_model", "efficientnet_model"])
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_real_models_are_bit_exact(fixture, weight_bits, request):
+    model = request.getfixturevalue(fixture)
+    x = model.inputs["input"]
+    config = intq.QuantConfig(weight_bits=weight_bits)
+    graph = intq.quantize(intq.from_onnx(model.path), shifted_batches(x), config)
+    exe = intq.compile(graph, target="tvm")
+    for feed in [x, *adversarial(x)]:
+        assert_same(graph, exe, {"input": feed})
+    # Every kernel got its own schedule (tensorized conv/dense, depthwise, elementwise):
+    # none fell back to a plainer one.
+    kinds = {kind for kind, _ in exe.schedules.values()}
+    assert "conv" in kinds and "dense" in kinds
+    fallbacks = {name: s for name, s in exe.schedules.items() if s[0] != s[1]}
+    assert not fallbacks
+
+
+def test_tensorized_kernels_use_vpmaddwd(digits_int8):
+    _, exe = digits_int8
+    asm = "".join(m.inspect_source("asm") for m in exe.executable.mod.imports)
+    assert "vpmaddwd" in asm
+
+
+# ----- export -------------------------------------------------------------------------------------
+
+
+def test_saved_library_reloads_and_runs(digits_int8, digits_model, tmp_path):
+    graph, exe = digits_int8
+    path = exe.save(tmp_path / "digits.so")
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    manifest = json.loads((tmp_path / "digits.so.json").read_text())
+    (spec,) = manifest["inputs"]
+    assert spec["name"] == "input" and spec["shape"] == [8, 1, 8, 8] and spec["dtype"] == "float32"
+    quantize = next(n for n in graph if n.op == "Quantize")
+    assert spec["quantization"]["scale"] == pytest.approx(quantize.attrs["scale"], rel=1e-7)
+    assert spec["quantization"]["bits"] == 8
+    (out,) = manifest["outputs"]
+    assert out["name"] == "logits" and out["quantization"]["op"] == "dequantize"
+    assert len(out["quantization"]["scale"]) == 10  # per class, straight from the Gemm
+    loaded = load_tvm(path)
+    assert loaded.input_names == ["input"] and loaded.output_names == ["logits"]
+    np.testing.assert_array_equal(
+        loaded.run(digits_model.inputs)["logits"], exe.run(digits_model.inputs)["logits"]
+    )
+    np.testing.assert_array_equal(  # intq.load knows the format too
+        intq.load(path).run(digits_model.inputs)["logits"], exe.run(digits_model.inputs)["logits"]
+    )
+    assert not list(tmp_path.glob(".*"))  # no temporary left behind
+    # A modified library is refused before TVM loads (runs) it.
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(intq.ArtifactError, match="checksum"):
+        intq.load(path)
+
+
+def test_saved_library_runs_in_a_fresh_process(digits_int8, digits_model, tmp_path):
+    """A device-side loader needs only TVM's runtime, the .so and the manifest."""
+    _, exe = digits_int8
+    path = exe.save(tmp_path / "model.so")
+    np.save(tmp_path / "x.npy", digits_model.inputs["input"])
+    script = (
+        "import json, sys, numpy as np, tvm\n"
+        "from tvm import relax\n"
+        f"spec = json.load(open({str(path) + '.json'!r}))\n"
+        f"vm = relax.VirtualMachine(tvm.runtime.load_module({str(path)!r}), tvm.cpu())\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        "out = vm[spec['entry']](tvm.runtime.tensor(x))\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, out[0].numpy())\n"
+        "assert not any(m == 'intq' or m.startswith('intq.') for m in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "y.npy"), exe.run(digits_model.inputs)["logits"]
+    )
+
+
+def test_aarch64_export_is_a_tar_of_aarch64_objects(digits_int8, tmp_path):
+    graph, _ = digits_int8
+    exe = compile_tvm(graph, tvm_target=AARCH64)
+    with pytest.raises(intq.IntqError, match="cannot run on this machine"):
+        exe.run({"input": np.zeros((8, 1, 8, 8), np.float32)})
+    with pytest.raises(intq.ArtifactError, match=r"\.tar"):
+        exe.save(tmp_path / "digits.so")
+    path = exe.save(tmp_path / "digits.tar")
+    with tarfile.open(path) as tar:
+        objects = [m for m in tar.getmembers() if m.name.endswith(".o")]
+        assert objects
+        for member in objects:
+            header = tar.extractfile(member).read(20)  # type: ignore[union-attr]
+            assert header[:4] == b"\x7fELF" and header[4] == 2  # 64-bit
+            assert int.from_bytes(header[18:20], "little") == EM_AARCH64, member.name
+    manifest = json.loads((tmp_path / "digits.tar.json").read_text())
+    assert manifest["target"]["mtriple"] == "aarch64-linux-gnu"
+    with pytest.raises(intq.ArtifactError, match="not this machine"):
+        load_tvm(path)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="TVM needs nvcc to build CUDA kernels")
+def test_cuda_sm90_module_builds(digits_int8, digits_model, tmp_path):
+    """Built here, where there is no GPU; run and compared only where one is present."""
+    import tvm
+
+    graph, host = digits_int8
+    exe = compile_tvm(graph, tvm_target={"kind": "cuda", "arch": "sm_90"})
+    kinds = [m.kind for m in exe.executable.mod.imports[0].imports]
+    assert "cuda" in kinds
+    cuda = exe.executable.mod.imports[0].imports[kinds.index("cuda")]
+    assert "__global__" in cuda.inspect_source()
+    path = exe.save(tmp_path / "digits_cuda.so")
+    assert json.loads((tmp_path / "digits_cuda.so.json").read_text())["target"]["arch"] == "sm_90"
+    if tvm.cuda(0).exist:
+        np.testing.assert_array_equal(
+            load_tvm(path).run(digits_model.inputs)["logits"],
+            host.run(digits_model.inputs)["logits"],
+        )
+    else:
+        with pytest.raises(intq.IntqError, match="cannot run on this machine"):
+            exe.run(digits_model.inputs)
+
+
+def test_bad_targets_and_artifacts_raise_intq_errors(digits_int8, tmp_path):
+    graph, _ = digits_int8
+    with pytest.raises(intq.IntqError, match="not JSON"):
+        compile_tvm(graph, tvm_target="llvm -mcpu=znver3")
+    with pytest.raises(intq.IntqError, match="kind"):
+        compile_tvm(graph, tvm_target={"mcpu": "znver3"})
+    with pytest.raises(intq.ArtifactError, match="manifest"):
+        load_tvm(tmp_path / "missing.so")
+
+
+# ----- errors -------------------------------------------------------------------------------------
+
+
+def test_an_op_without_a_lowering_names_the_node():
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.F32, (2, 3)))
+    g.set_outputs([g.op("Sigmoid", x, name="/head/act")])
+    with pytest.raises(intq.UnsupportedOpError, match="Sigmoid has no TVM lowering") as err:
+        intq.compile(g, target="tvm")
+    assert err.value.node == "/head/act"
+
+
+def test_a_3d_convolution_is_refused_with_its_name():
+    g = Graph()
+    x = int_input(g, "x", (1, 2, 4, 4, 4), True)
+    w = weight(g, np.ones((3, 2, 1, 1, 1), np.int8), [0.1] * 3, 0)
+    g.set_outputs([g.op("QConv", x, w, name="/conv3d")])
+    with pytest.raises(intq.UnsupportedOpError, match="spatial dimensions") as err:
+        intq.compile(g, target="tvm")
+    assert err.value.node == "/conv3d"
+
+
+# ----- single layers, full-range integers (Hypothesis) --------------------------------------------
+
+
+def int_input(g: Graph, name: str, shape, signed: bool, scale: float = 0.05):
+    dtype = DType.I8 if signed else DType.U8
+    return g.add_input(name, TensorType(dtype, tuple(shape), QuantParams(8, signed, (scale,))))
+
+
+def weight(g: Graph, data: np.ndarray, scales, axis: int):
+    w = g.add_constant(data.astype(np.int8), "w")
+    w.type = w.type.with_quant(QuantParams(8, True, tuple(scales), axis=axis, narrow=True))
+    return w
+
+
+def full_range(rng: np.random.Generator, shape, signed: bool) -> np.ndarray:
+    low, high = (-128, 128) if signed else (0, 256)
+    values = rng.integers(low, high, size=shape)
+    values.reshape(-1)[::3] = high - 1  # many extremes: the int16 pair sums must not saturate
+    values.reshape(-1)[1::5] = low
+    return values.astype(np.int8 if signed else np.uint8)
+
+
+def requantized(g: Graph, acc, out_scale: float, signed: bool):
+    q = acc.type.quant
+    pairs = [dyadic(s / out_scale) for s in q.scale]
+    lo, hi = (-128, 127) if signed else (0, 255)
+    return g.op(
+        "Requantize",
+        acc,
+        multiplier=tuple(p.multiplier for p in pairs),
+        shift=tuple(p.shift for p in pairs),
+        axis=q.axis if q.axis is not None else -1,
+        bits=8,
+        signed=int(signed),
+        scale=out_scale,
+        lo=lo,
+        hi=hi,
+    )
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    signed=st.booleans(),
+    channels=st.sampled_from([1, 2, 3, 4, 6]),
+    groups=st.sampled_from(["one", "depthwise", "two"]),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    pad=st.integers(0, 2),
+    bias=st.booleans(),
+    fused=st.booleans(),
+    width=st.sampled_from([5, 7, 9]),
+)
+def test_qconv_layers_are_bit_exact(
+    seed, signed, channels, groups, kernel, stride, pad, bias, fused, width
+):
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    x = int_input(g, "x", (1, channels, 6, width), signed)
+    group = {"one": 1, "depthwise": channels, "two": 2 if channels % 2 == 0 else 1}[groups]
+    out_channels = channels if groups == "depthwise" else 10
+    w_data = full_range(rng, (out_channels, channels // group, kernel, kernel), True).clip(-127)
+    w = weight(g, w_data, rng.uniform(0.001, 0.1, out_channels), 0)
+    inputs = [x, w]
+    if bias:
+        acc_scales = tuple(0.05 * s for s in w.type.quant.scale)
+        b = g.add_constant(rng.integers(-(2**20), 2**20, out_channels).astype(np.int32), "b")
+        b.type = b.type.with_quant(QuantParams(32, True, acc_scales, axis=0))
+        inputs.append(b)
+    acc = g.op("QConv", *inputs, group=group, strides=(stride, stride), pads=(pad,) * 4)
+    y = requantized(g, acc, float(rng.uniform(0.5, 20)), rng.random() < 0.5)
+    g.set_outputs([y] if fused else [acc, y])  # alone, the accumulator is fused with the requantize
+    verify(g)
+    assert_same(g, compile_tvm(g), {"x": full_range(rng, (1, channels, 6, width), signed)})
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    signed=st.booleans(),
+    trans_b=st.booleans(),
+    rows=st.integers(1, 9),
+    k=st.integers(1, 300),
+    n=st.integers(1, 20),
+    matmul=st.booleans(),
+)
+def test_qgemm_and_qmatmul_layers_are_bit_exact(seed, signed, trans_b, rows, k, n, matmul):
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    shape = (2, rows, k) if matmul else (rows, k)
+    x = int_input(g, "x", shape, signed)
+    if matmul:
+        w = weight(g, full_range(rng, (k, n), True).clip(-127), rng.uniform(0.001, 0.1, n), 1)
+        acc = g.op("QMatMul", x, w)
+    else:
+        w_shape = (n, k) if trans_b else (k, n)
+        scales = rng.uniform(0.001, 0.1, n)
+        w = weight(g, full_range(rng, w_shape, True).clip(-127), scales, 0 if trans_b else 1)
+        acc = g.op("QGemm", x, w, transB=int(trans_b))
+    g.set_outputs([requantized(g, acc, float(rng.uniform(1, 100)), True)])
+    assert_same(g, compile_tvm(g), {"x": full_range(rng, shape, signed)})
+
+
+@settings(max_examples=25, deadline=None)
+@example(seed=0, pairs=[(3, 1), (2**31 - 1, 64), (5, 0), (7, -3)], signed=False)
+# Every S >= 32: the kernel shifts the product's high half on 32-bit lanes.
+@example(seed=1, pairs=[(2**31 - 1, 32), (2**30, 63), (12345, 70), (2**31 - 1, 45)], signed=True)
+@example(seed=2, pairs=[(2**31 - 1, 32)], signed=False)
+@given(
+    seed=st.integers(0, 2**16),
+    pairs=st.lists(
+        st.tuples(st.integers(1, 2**31 - 1), st.integers(-4, 80)), min_size=1, max_size=6
+    ),
+    signed=st.booleans(),
+)
+def test_requantize_edge_shifts_are_bit_exact(seed, pairs, signed):
+    """Per tensor (immediates) and per channel (constant arrays), S from -4 to 80."""
+    rng = np.random.default_rng(seed)
+    pairs = [(min(m, 2**10) if s <= 0 else m, s) for m, s in pairs]  # S <= 0 fits int64
+    channels = len(pairs)
+    ratios = [m * 2.0**-s for m, s in pairs]  # output scale 1: input scale = M * 2^-S
+    shape = (channels, 16)
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.I32, shape, QuantParams(32, True, (ratios[0],))))
+    xc = g.add_input("xc", TensorType(DType.I32, shape, QuantParams(32, True, ratios, axis=0)))
+    lo, hi = (-128, 127) if signed else (0, 255)
+    common = dict(bits=8, signed=int(signed), scale=1.0, lo=lo, hi=hi)
+    per_tensor = g.op("Requantize", x, multiplier=(pairs[0][0],), shift=(pairs[0][1],), **common)
+    multipliers, shifts = zip(*pairs)
+    per_channel = g.op("Requantize", xc, multiplier=multipliers, shift=shifts, axis=0, **common)
+    g.set_outputs([per_tensor, per_channel])
+    acc = rng.integers(-(2**31), 2**31, shape, dtype=np.int64)
+    acc[:, :4] = [-(2**31), 2**31 - 1, 0, -1]
+    if any(s <= 0 for _, s in pairs):
+        acc = acc >> 12  # keep acc * M * 2^-S within int64, as the range analysis requires
+    feeds = {"x": acc.astype(np.int32), "xc": acc.astype(np.int32)}
+    assert_same(g, compile_tvm(g), feeds)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), ra=st.floats(0.01, 4.0), rb=st.floats(0.01, 4.0))
+def test_qadd_pools_and_data_movement_are_bit_exact(seed, ra, rb):
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    a = int_input(g, "a", (1, 3, 4, 4), True, 0.1)
+    b = int_input(g, "b", (1, 3, 4, 4), False, 0.1)
+    out_scale = 0.1 / max(ra, rb)
+    (ma, mb), shift = common_shift(0.1 / out_scale, 0.1 / out_scale)
+    s = g.op(
+        "QAdd",
+        a,
+        b,
+        multiplier_a=ma,
+        multiplier_b=mb,
+        shift=shift,
+        bits=8,
+        signed=1,
+        scale=out_scale,
+        lo=-128,
+        hi=127,
+    )
+    pooled = g.op("QAveragePool", b, kernel_shape=(2, 2), strides=(2, 2))
+    mean = g.op("QGlobalAveragePool", a)
+    maxed = g.op("MaxPool", a, kernel_shape=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1))
+    moved = g.op("Transpose", g.op("Slice", s, starts=(3,), ends=(-5,), axes=(3,), steps=(-2,)))
+    joined = g.op("Flatten", g.op("Concat", a, g.op("Relu", a), axis=1), axis=1)
+    padded = g.op("Pad", b, pads=(0, 0, 1, 0, 0, 0, 0, 2), value=3.0)
+    g.set_outputs([s, pooled, mean, maxed, moved, joined, padded])
+    verify(g)
+    feeds = {"a": full_range(rng, (1, 3, 4, 4), True), "b": full_range(rng, (1, 3, 4, 4), False)}
+    assert_same(g, compile_tvm(g), feeds)
+
+
+def test_quantize_rounds_half_to_even_after_a_float32_division():
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.F32, (12,)))
+    q = g.op("Quantize", x, bits=8, signed=1, scale=0.1)
+    g.set_outputs([q, g.op("Dequantize", q)])
+    ties = np.float32([0.05, 0.15, 0.25, -0.05, -0.25, 12.7, 12.75, -12.85, 1e30, -1e30, 0, 3.3])
+    assert_same(g, compile_tvm(g), {"x": ties})
+
+
+# ----- command line -------------------------------------------------------------------------------
+
+
+def test_compile_command_targets_tvm(digits_model, tmp_path, capsys):
+    from intq.cli import main
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=examples._digits_split()[0][:64])
+    common = ["compile", str(digits_model.path), "--calib", str(calib), "--target", "tvm"]
+    assert main([*common, "-o", str(tmp_path / "digits.so"), "--quiet"]) == 0
+    graph = intq.from_onnx(digits_model.path)
+    batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    want = intq.compile(intq.quantize(graph, batches)).run(digits_model.inputs)["logits"]
+    got = load_tvm(tmp_path / "digits.so").run(digits_model.inputs)["logits"]
+    np.testing.assert_array_equal(got, want)
+
+    cross = ["--tvm-target", json.dumps(AARCH64), "--quiet"]
+    assert main([*common, *cross, "-o", str(tmp_path / "digits.tar")]) == 0
+    assert tarfile.is_tarfile(tmp_path / "digits.tar")
+    assert main([*common, "--tvm-target", "{oops", "-o", str(tmp_path / "x.so")]) == 1
+    assert "not JSON" in capsys.readouterr().err
