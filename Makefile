@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # The fuzz and differential tests with many more cases than CI runs (tens of minutes).
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz INTQ_DIFFERENTIAL_GRAPHS=5000 $(PY) -m pytest -q \
+	HYPOTHESIS_PROFILE=fuzz INTQ_DIFFERENTIAL_GRAPHS=5000 INTQ_DIFFERENTIAL_TVM_GRAPHS=5000 $(PY) -m pytest -q \
 		tests/test_fuzz.py tests/test_differential.py
 
 lint: $(STAMP)

@@ -205,3 +205,41 @@ def test_qlayernorm_lowering_is_bit_exact(seed, variant, size):
     x = rng.integers(-32768, 32767, (2, size), endpoint=True).astype(np.int16)
     x[1] = x[1, :1]  # a constant row: zero variance
     _bit_exact(g, x)
+
+
+# ----- and so does the TVM lowering (the same kernels emitted as Relax ops) -----------------
+
+CASES = [("QSoftmax", v) for v in kernels.SOFTMAX_VARIANTS]
+CASES += [("QGelu", v) for v in kernels.GELU_VARIANTS]
+CASES += [("QLayerNorm", v) for v in kernels.LAYERNORM_VARIANTS]
+
+
+@pytest.mark.parametrize(("op", "variant"), CASES)
+def test_kernels_on_tvm_are_bit_exact(op, variant):
+    if "tvm" not in intq.backends.TARGETS:
+        pytest.skip("TVM is not installed")
+    rng = np.random.default_rng(len(op) + len(variant))
+    if op == "QSoftmax":
+        dtype = DType.I8 if variant == "lut" else DType.I32
+        scale = 0.05 if variant == "lut" else 1e-4
+        graph = _single_op(op, dtype, (4, 24), scale, variant=variant, scale=scale)
+        shape = (4, 24)
+    elif op == "QGelu":
+        dtype = DType.I8 if variant == "lut" else DType.I16
+        attrs = dict(variant=variant, bits=8, signed=1, scale=0.03, lo=-128, hi=127)
+        graph, shape = _single_op(op, dtype, (256,), 2e-3, **attrs), (256,)
+    else:
+        dtype, shape = DType.I16, (3, 96)
+        c = kernels.layernorm_constants(
+            rng.normal(1, 1, 96), rng.normal(0, 1, 96), 1e-12, 1e-3, 0.05
+        )
+        attrs = dict(variant=variant, bits=8, signed=1, scale=0.05, lo=-128, hi=127, **c)
+        graph = _single_op(op, dtype, shape, 1e-3, **attrs)
+    info = np.iinfo(dtype.numpy)
+    x = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype.numpy)
+    if op == "QLayerNorm":
+        x[2] = x[2, :1]  # a constant row
+    want = intq.compile(graph, target="reference").run({"x": x})
+    got = intq.compile(graph, target="tvm").run({"x": x})
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])

@@ -105,6 +105,21 @@ def test_minilm_onnxruntime_is_bit_exact_and_integer_only(minilm_int8, minilm_mo
     np.testing.assert_array_equal(exe.run(feeds)["last_hidden_state"], want["last_hidden_state"])
 
 
+def test_minilm_tvm_is_bit_exact(minilm_int8, minilm_model):
+    if "tvm" not in intq.backends.TARGETS:
+        pytest.skip("TVM is not installed")
+    _, quantized = minilm_int8
+    exe = intq.compile(quantized, "tvm")
+    rng = np.random.default_rng(1)
+    masked = {
+        "input_ids": rng.integers(0, 30522, (2, 16)).astype(np.int64),
+        "attention_mask": np.stack([np.ones(16), np.zeros(16)]).astype(np.int64),
+    }
+    for feeds in (minilm_model.inputs, masked):
+        want = intq.compile(quantized, "reference").run(feeds)["last_hidden_state"]
+        np.testing.assert_array_equal(exe.run(feeds)["last_hidden_state"], want)
+
+
 def test_dividing_variants_are_listed_by_the_census(minilm_model):
     config = intq.QuantConfig(softmax="shift", gelu="shift", layernorm="isqrt")
     quantized = intq.quantize(intq.from_onnx(minilm_model.path), [minilm_model.inputs], config)

@@ -571,11 +571,13 @@ def _qadd(lw: _Lowerer, node: Node) -> None:
     ma, mb, shift = attrs["multiplier_a"], attrs["multiplier_b"], attrs["shift"]
     lo, hi, out = attrs["lo"], attrs["hi"], _dtype(node.output)
 
+    shape = node.output.type.shape
+
     def fn(a: Any, b: Any) -> Any:
         def body(*i: Any) -> Any:
-            total = a(*i).astype("int64") * tirx.const(ma, "int64") + b(*i).astype(
-                "int64"
-            ) * tirx.const(mb, "int64")
+            total = _broadcast(a, i).astype("int64") * tirx.const(ma, "int64") + _broadcast(
+                b, i
+            ).astype("int64") * tirx.const(mb, "int64")
             if shift >= 64:
                 rounded = tirx.const(0, "int64")
             elif shift >= 1:
@@ -587,10 +589,16 @@ def _qadd(lw: _Lowerer, node: Node) -> None:
             low, high = tirx.const(lo, "int64"), tirx.const(hi, "int64")
             return tirx.max(tirx.min(rounded, high), low).astype(out)
 
-        return te.compute(a.shape, body, name="qadd")
+        return te.compute(shape, body, name="qadd")
 
     args = [lw.value(_input(node, 0)), lw.value(_input(node, 1))]
     lw.bind(node, lw.emit_te(fn, args, node, "elementwise"))
+
+
+def _broadcast(t: Any, index: tuple[Any, ...]) -> Any:
+    """``t`` read at the output ``index`` under numpy broadcasting (size-1 dims repeat)."""
+    trailing = index[len(index) - len(t.shape) :]
+    return t(*(0 if int(d) == 1 else i for d, i in zip(t.shape, trailing)))
 
 
 @_lower("QGlobalAveragePool")
@@ -849,6 +857,155 @@ def compile_tvm(
     exe = TvmExecutable(executable, spec, inputs, outputs, graph, time.perf_counter() - start)
     exe.schedules = {name: (kernels[name].kind, applied) for name, applied in report.items()}
     return exe
+
+
+# ----- transformers ---------------------------------------------------------------------------
+
+
+@_lower("QBatchMatMul")
+def _qbatch_matmul(lw: _Lowerer, node: Node) -> None:
+    """Two activations, int32 products and sums (numpy batching)."""
+    op = lw.relax.op
+    a, b = (lw.bb.emit(op.astype(lw.value(_input(node, i)), "int32")) for i in (0, 1))
+    lw.bind(node, lw.bb.emit(op.matmul(a, b, out_dtype="int32")))
+
+
+@_lower("Gather")
+def _gather(lw: _Lowerer, node: Node) -> None:
+    table, index = (lw.value(_input(node, i)) for i in (0, 1))
+    lw.bind(node, lw.bb.emit(lw.relax.op.take(table, index, axis=node.attrs["axis"])))
+
+
+@_lower("Not")
+def _not(lw: _Lowerer, node: Node) -> None:
+    lw.bind(node, lw.bb.emit(lw.relax.op.logical_not(lw.value(_input(node)))))
+
+
+class _RelaxOps:
+    """:class:`intq.kernels.IntOps` as Relax int64 ops: the transformer kernels are the
+    reference's own code (:mod:`intq.kernels`), emitted op by op. ``>>`` on int64 is the
+    arithmetic shift; run-time shifts are capped at 63 (the kernels shift non-negative
+    values there, for which 63 already gives 0)."""
+
+    def __init__(self, lw: _Lowerer):
+        self.lw, self.op = lw, lw.relax.op
+
+    def _emit(self, expr: Any) -> Any:
+        return self.lw.bb.emit(expr)
+
+    def const(self, value: Any) -> Any:
+        return self.lw.const(np.asarray(value, np.int64))
+
+    def add(self, a: Any, b: Any) -> Any:
+        return self._emit(self.op.add(a, b))
+
+    def sub(self, a: Any, b: Any) -> Any:
+        return self._emit(self.op.subtract(a, b))
+
+    def mul(self, a: Any, b: Any) -> Any:
+        return self._emit(self.op.multiply(a, b))
+
+    def sra(self, x: Any, shift: Any) -> Any:
+        return self._emit(self.op.right_shift(x, self.const(shift)))
+
+    def _capped(self, shift: Any) -> Any:
+        return self._emit(self.op.minimum(shift, self.const(63)))
+
+    def srl_var(self, x: Any, shift: Any) -> Any:
+        return self._emit(self.op.right_shift(x, self._capped(shift)))
+
+    def shl_var(self, x: Any, shift: Any) -> Any:
+        return self._emit(self.op.left_shift(x, self._capped(shift)))
+
+    def less(self, a: Any, b: Any) -> Any:
+        return self._emit(self.op.astype(self._emit(self.op.less(a, b)), "int64"))
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        flag = self._emit(self.op.not_equal(cond, self.const(0)))
+        return self._emit(self.op.where(flag, a, b))
+
+    def reduce_max(self, x: Any, axis: int) -> Any:
+        return self._emit(self.op.max(x, axis=[axis], keepdims=True))
+
+    def reduce_sum(self, x: Any, axis: int) -> Any:
+        return self._emit(self.op.sum(x, axis=[axis], keepdims=True))
+
+    def count_at_least(self, x: Any, thresholds: np.ndarray) -> Any:
+        column = self._emit(self.op.expand_dims(x, axis=[-1]))
+        flags = self._emit(self.op.greater_equal(column, self.const(thresholds)))
+        counts = self._emit(self.op.astype(flags, "int64"))
+        return self._emit(self.op.sum(counts, axis=[-1], keepdims=False))
+
+    def gather(self, table: np.ndarray, index: Any) -> Any:
+        return self._emit(self.op.take(self.const(table), index, axis=0))
+
+    def div(self, a: Any, b: Any) -> Any:
+        return self._emit(self.op.floor_divide(a, b))
+
+
+def _int64(lw: _Lowerer, value: Value) -> Any:
+    return lw.bb.emit(lw.relax.op.astype(lw.value(value), "int64"))
+
+
+def _store(lw: _Lowerer, node: Node, result: Any) -> None:
+    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, _dtype(node.output))))
+
+
+@_lower("QSoftmax")
+def _qsoftmax(lw: _Lowerer, node: Node) -> None:
+    from intq import kernels
+
+    x = _input(node)
+    keep = node.inputs[1] if len(node.inputs) > 1 else None
+    result = kernels.softmax(
+        _RelaxOps(lw),
+        _int64(lw, x),
+        None if keep is None else _int64(lw, keep),
+        node.attrs["scale"],
+        node.attrs["variant"],
+        -1,
+        x.type.shape[-1],
+    )
+    _store(lw, node, result)
+
+
+@_lower("QGelu")
+def _qgelu(lw: _Lowerer, node: Node) -> None:
+    from intq import kernels
+
+    x, attrs = _input(node), node.attrs
+    assert x.type.quant is not None
+    result = kernels.gelu(
+        _RelaxOps(lw),
+        _int64(lw, x),
+        x.type.quant.scale[0],
+        x.type.quant.bits,
+        attrs["scale"],
+        attrs["lo"],
+        attrs["hi"],
+        attrs["variant"],
+    )
+    _store(lw, node, result)
+
+
+@_lower("QLayerNorm")
+def _qlayernorm(lw: _Lowerer, node: Node) -> None:
+    from intq import kernels
+
+    x, attrs = _input(node), node.attrs
+    result = kernels.layernorm(
+        _RelaxOps(lw),
+        _int64(lw, x),
+        x.type.shape[-1],
+        attrs["eps"],
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["bias"],
+        attrs["lo"],
+        attrs["hi"],
+        attrs["variant"],
+    )
+    _store(lw, node, result)
 
 
 __all__ = [
