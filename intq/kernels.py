@@ -39,13 +39,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from intq.errors import NumericsError
 from intq.numerics import dyadic
+
+if TYPE_CHECKING:
+    from intq.ir.graph import Node
 
 T = TypeVar("T")
 
@@ -514,3 +517,36 @@ def _inverse_sqrt(k: _K[T], m: T) -> T:
         t = o.sra(o.mul(m30, y2), 30)
         y = o.sra(o.mul(y, o.sub(o.const(3 << 30), t)), 31)
     return y
+
+
+# ----- one entry point for the backends ---------------------------------------------------------
+
+KERNEL_OPS = ("QSoftmax", "QGelu", "QLayerNorm")
+"""The IR ops computed by this module's kernels."""
+
+
+def run_node(ops: IntOps[T], node: Node, x: T, keep: T | None = None) -> T:
+    """The kernel of IR ``node`` (one of :data:`KERNEL_OPS`) on its int64 input ``x`` (and
+    ``keep`` mask), with ``ops``: what every backend calls, so they all read the node's
+    attributes the same way. Returns the clamped int64 result."""
+    attrs, source = node.attrs, node.inputs[0]
+    assert source is not None and source.type.quant is not None
+    if node.op == "QSoftmax":
+        size = source.type.shape[-1]
+        return softmax(ops, x, keep, attrs["scale"], attrs["variant"], -1, size)
+    if node.op == "QGelu":
+        quant = source.type.quant
+        lo, hi = attrs["lo"], attrs["hi"]
+        return gelu(ops, x, quant.scale[0], quant.bits, attrs["scale"], lo, hi, attrs["variant"])
+    return layernorm(
+        ops,
+        x,
+        source.type.shape[-1],
+        attrs["eps"],
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["bias"],
+        attrs["lo"],
+        attrs["hi"],
+        attrs["variant"],
+    )

@@ -512,56 +512,12 @@ def _store(b: _Builder, result: str, node: Node) -> None:
     b.add("Cast", [result], [name], node, to=b.storage_type(out, zp))
 
 
-@_lower("QSoftmax")
-def _qsoftmax(b: _Builder, node: Node) -> None:
-    x = _input(node)
+@_lower(*kernels.KERNEL_OPS)
+def _transformer_kernel(b: _Builder, node: Node) -> None:
     keep = node.inputs[1] if len(node.inputs) > 1 else None
-    ops = _OnnxOps(b, node)
-    result = kernels.softmax(
-        ops,
-        _as_int64(b, x, node),
-        None if keep is None else _as_int64(b, keep, node),
-        node.attrs["scale"],
-        node.attrs["variant"],
-        -1,
-        x.type.shape[-1],
-    )
-    _store(b, result, node)
-
-
-@_lower("QGelu")
-def _qgelu(b: _Builder, node: Node) -> None:
-    x, attrs = _input(node), node.attrs
-    assert x.type.quant is not None
-    result = kernels.gelu(
-        _OnnxOps(b, node),
-        _as_int64(b, x, node),
-        x.type.quant.scale[0],
-        x.type.quant.bits,
-        attrs["scale"],
-        attrs["lo"],
-        attrs["hi"],
-        attrs["variant"],
-    )
-    _store(b, result, node)
-
-
-@_lower("QLayerNorm")
-def _qlayernorm(b: _Builder, node: Node) -> None:
-    x, attrs = _input(node), node.attrs
-    result = kernels.layernorm(
-        _OnnxOps(b, node),
-        _as_int64(b, x, node),
-        x.type.shape[-1],
-        attrs["eps"],
-        attrs["multiplier"],
-        attrs["shift"],
-        attrs["bias"],
-        attrs["lo"],
-        attrs["hi"],
-        attrs["variant"],
-    )
-    _store(b, result, node)
+    x = _as_int64(b, _input(node), node)
+    mask = None if keep is None else _as_int64(b, keep, node)
+    _store(b, kernels.run_node(_OnnxOps(b, node), node, x, mask), node)
 
 
 @_lower("QGlobalAveragePool")

@@ -344,53 +344,11 @@ def _qadd(node: Node, a: Array, b: Array) -> list[Array]:
 # ----- transformer kernels (written once in intq.kernels) -------------------------------
 
 
-@_kernel("QSoftmax")
-def _qsoftmax(node: Node, x: Array, keep: Array | None = None) -> list[Array]:
+@_kernel(*kernels.KERNEL_OPS)
+def _transformer_kernel(node: Node, x: Array, keep: Array | None = None) -> list[Array]:
     ops = kernels.NumpyOps(node.label())
-    y = kernels.softmax(
-        ops,
-        x.astype(np.int64),
-        None if keep is None else keep.astype(np.int64),
-        node.attrs["scale"],
-        node.attrs["variant"],
-        -1,
-        x.shape[-1],
-    )
-    return [y.astype(_out_dtype(node))]
-
-
-@_kernel("QGelu")
-def _qgelu(node: Node, x: Array) -> list[Array]:
-    q, attrs = _quant_of(node), node.attrs
-    y = kernels.gelu(
-        kernels.NumpyOps(node.label()),
-        x.astype(np.int64),
-        q.scale[0],
-        q.bits,
-        attrs["scale"],
-        attrs["lo"],
-        attrs["hi"],
-        attrs["variant"],
-    )
-    return [y.astype(_out_dtype(node))]
-
-
-@_kernel("QLayerNorm")
-def _qlayernorm(node: Node, x: Array) -> list[Array]:
-    attrs = node.attrs
-    y = kernels.layernorm(
-        kernels.NumpyOps(node.label()),
-        x.astype(np.int64),
-        x.shape[-1],
-        attrs["eps"],
-        attrs["multiplier"],
-        attrs["shift"],
-        attrs["bias"],
-        attrs["lo"],
-        attrs["hi"],
-        attrs["variant"],
-    )
-    return [y.astype(_out_dtype(node))]
+    mask = None if keep is None else keep.astype(np.int64)
+    return [kernels.run_node(ops, node, x.astype(np.int64), mask).astype(_out_dtype(node))]
 
 
 # ----- pooling ----------------------------------------------------------------------

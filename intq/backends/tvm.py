@@ -951,61 +951,14 @@ def _store(lw: _Lowerer, node: Node, result: Any) -> None:
     lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, _dtype(node.output))))
 
 
-@_lower("QSoftmax")
-def _qsoftmax(lw: _Lowerer, node: Node) -> None:
+@_lower("QSoftmax", "QGelu", "QLayerNorm")
+def _transformer_kernel(lw: _Lowerer, node: Node) -> None:
     from intq import kernels
 
-    x = _input(node)
     keep = node.inputs[1] if len(node.inputs) > 1 else None
-    result = kernels.softmax(
-        _RelaxOps(lw),
-        _int64(lw, x),
-        None if keep is None else _int64(lw, keep),
-        node.attrs["scale"],
-        node.attrs["variant"],
-        -1,
-        x.type.shape[-1],
-    )
-    _store(lw, node, result)
-
-
-@_lower("QGelu")
-def _qgelu(lw: _Lowerer, node: Node) -> None:
-    from intq import kernels
-
-    x, attrs = _input(node), node.attrs
-    assert x.type.quant is not None
-    result = kernels.gelu(
-        _RelaxOps(lw),
-        _int64(lw, x),
-        x.type.quant.scale[0],
-        x.type.quant.bits,
-        attrs["scale"],
-        attrs["lo"],
-        attrs["hi"],
-        attrs["variant"],
-    )
-    _store(lw, node, result)
-
-
-@_lower("QLayerNorm")
-def _qlayernorm(lw: _Lowerer, node: Node) -> None:
-    from intq import kernels
-
-    x, attrs = _input(node), node.attrs
-    result = kernels.layernorm(
-        _RelaxOps(lw),
-        _int64(lw, x),
-        x.type.shape[-1],
-        attrs["eps"],
-        attrs["multiplier"],
-        attrs["shift"],
-        attrs["bias"],
-        attrs["lo"],
-        attrs["hi"],
-        attrs["variant"],
-    )
-    _store(lw, node, result)
+    x = _int64(lw, _input(node))
+    mask = None if keep is None else _int64(lw, keep)
+    _store(lw, node, kernels.run_node(_RelaxOps(lw), node, x, mask))
 
 
 __all__ = [

@@ -20,6 +20,7 @@ relative tolerance of 1e-3 (exporters print 1.4142135 or 0.70710677).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -106,16 +107,24 @@ def _scaled_by(value: Value | None, x: Value, factor: float, nodes: list[Node]) 
     return ok
 
 
-def _gelu_erf(node: Node) -> tuple[Value, str, list[Node]] | None:
+def _half_x_times_one_plus(node: Node, inner_op: str) -> Iterator[tuple[Value, Node, list[Node]]]:
+    """Each way ``node`` is ``0.5 * x * (inner_op(...) + 1)``: ``x``, the inner node and the
+    nodes matched so far."""
     nodes: list[Node] = []
     constant, rest = _split(_factors(node.output, nodes))
     if len(rest) != 2 or not _close(constant, 0.5):
-        return None
+        return
     for x, other in (rest, rest[::-1]):
         inner: list[Node] = []
-        erf = _plus_one(other, "Erf", inner)
-        if erf is not None and _scaled_by(erf.inputs[0], x, 1 / math.sqrt(2), inner):
-            return x, "none", nodes + inner
+        found = _plus_one(other, inner_op, inner)
+        if found is not None:
+            yield x, found, nodes + inner
+
+
+def _gelu_erf(node: Node) -> tuple[Value, str, list[Node]] | None:
+    for x, erf, nodes in _half_x_times_one_plus(node, "Erf"):
+        if _scaled_by(erf.inputs[0], x, 1 / math.sqrt(2), nodes):
+            return x, "none", nodes
     return None
 
 
@@ -135,15 +144,7 @@ def _cube(value: Value | None, x: Value, nodes: list[Node]) -> bool:
 
 
 def _gelu_tanh(node: Node) -> tuple[Value, str, list[Node]] | None:
-    nodes: list[Node] = []
-    constant, rest = _split(_factors(node.output, nodes))
-    if len(rest) != 2 or not _close(constant, 0.5):
-        return None
-    for x, other in (rest, rest[::-1]):
-        inner: list[Node] = []
-        tanh = _plus_one(other, "Tanh", inner)
-        if tanh is None:
-            continue
+    for x, tanh, nodes in _half_x_times_one_plus(node, "Tanh"):
         arg: list[Node] = []
         c, terms = _split(_factors(tanh.inputs[0], arg, top=False))  # type: ignore[arg-type]
         add = _private(terms[0], "Add") if len(terms) == 1 else None
@@ -153,7 +154,7 @@ def _gelu_tanh(node: Node) -> tuple[Value, str, list[Node]] | None:
             cubic: list[Node] = []
             k, cube = _split(_factors(b, cubic, top=False))  # type: ignore[arg-type]
             if a is x and len(cube) == 1 and _close(k, 0.044715) and _cube(cube[0], x, cubic):
-                return x, "tanh", nodes + inner + arg + [add] + cubic
+                return x, "tanh", nodes + arg + [add] + cubic
     return None
 
 
