@@ -458,7 +458,7 @@ def _rescale_te(
     same = [len(set(a.tolist())) == 1 for a in arrays]
     needed = [True, bool(rescale.left.any()), bool(rescale.right.any()), bool(rescale.right.any())]
     channel_index = {}
-    constants = []
+    constants: list[np.ndarray] = []
     for k, (array, uniform, need) in enumerate(zip(arrays, same, needed)):
         if need and not uniform:
             channel_index[k] = len(constants)

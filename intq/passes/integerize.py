@@ -185,6 +185,13 @@ def _output_attrs(quant: QuantParams, lo: int, hi: int) -> dict[str, int | float
     }
 
 
+def _scale_count(value: Value) -> int:
+    """How many scales ``value`` has (1: per tensor)."""
+    q = value.type.quant
+    assert q is not None
+    return 1 if q.axis is None else len(q.scale)
+
+
 def _scale(value: Value) -> float:
     q = value.type.quant
     assert q is not None and q.axis is None
@@ -488,8 +495,8 @@ def _matmul(low: _Lowering, node: Node) -> None:
     a = low.materialize(node.inputs[0])  # type: ignore[arg-type]
     if b_value is None or b_value.const is None:
         # Two activations (attention's Q K^T and P V): int32 products at s_a * s_b.
-        b = low.materialize(b_value)  # type: ignore[arg-type]
-        low.pending[node.output] = Accumulator(low.emit(node, "QBatchMatMul", [a, b]))
+        other = low.materialize(b_value)  # type: ignore[arg-type]
+        low.pending[node.output] = Accumulator(low.emit(node, "QBatchMatMul", [a, other]))
         return
     if b_value.type.rank != 2:
         raise UnsupportedOpError("MatMul with a constant B of rank != 2", node=node.label())
@@ -682,11 +689,8 @@ def _softmax(low: _Lowering, node: Node) -> None:
     source, keep = low.masked.get(source, (source, None))
     variant = low.options.softmax
     pending = low.pending.get(source)
-    if (
-        isinstance(pending, Accumulator)
-        and pending.acc.type.quant.axis is None
-        and variant != "lut"
-    ):
+    per_tensor = isinstance(pending, Accumulator) and _scale_count(pending.acc) == 1
+    if isinstance(pending, Accumulator) and per_tensor and variant != "lut":
         # The int32 scores themselves: no rounding before the exponent.
         x, scale = pending.acc, pending.scale
     else:
@@ -747,7 +751,9 @@ def _layernorm(low: _Lowering, node: Node) -> None:
     g = np.asarray(gamma.const, np.float64).reshape(size)
     b = np.zeros(size) if beta is None else np.asarray(beta.const, np.float64).reshape(size)
     out = low.activation_quant(node.output, non_negative=False)
-    constants = layernorm_constants(g, b, node.attrs["epsilon"], _scale(x), out.scale[0])
+    constants = layernorm_constants(
+        g.tolist(), b.tolist(), node.attrs["epsilon"], _scale(x), out.scale[0]
+    )
     low.ints[node.output] = low.emit(
         node,
         "QLayerNorm",
