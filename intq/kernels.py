@@ -445,7 +445,7 @@ def layernorm(
     hi: int,
     variant: str,
 ) -> T:
-    """Integer LayerNorm over the last axis (``size`` = C) of signed ``x`` (<= 16 bits).
+    """Integer LayerNorm over the last axis (``size`` = C) of ``x`` (<= 16 bits, any sign).
 
     Without any division by C: ``d = C x - sum(x)`` and ``V = sum(d^2) + eps`` give
     ``(x - mean) / sqrt(var + eps') = d sqrt(C) / sqrt(V)``. The normalised value

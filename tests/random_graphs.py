@@ -1,9 +1,11 @@
-"""Random small float CNNs as ONNX models, quantized: the differential tests' generator.
+"""Random small float models as ONNX, quantized: the differential tests' generator.
 
-Each seed builds one ONNX model (random convs with groups, strides, dilations and padding,
-Gemm and MatMul heads, residual adds, max/average/global pools, ReLU/ReLU6, Concat) with
-random weight scales, then :func:`random_case` quantizes it with 4..8-bit weights and
-activations and a random calibration method on random calibration batches.
+Each seed builds one ONNX model, a CNN (random convs with groups, strides, dilations and
+padding, Gemm and MatMul heads, residual adds, max/average/global pools, ReLU/ReLU6, Concat)
+or an encoder layer (projections, multi-head attention with Softmax, residual adds,
+LayerNorm and GELU, each as the op or decomposed as exporters write it), with random weight
+scales; then :func:`random_case` quantizes it with 4..8-bit weights and activations, a random
+calibration method, random kernel variants and residual width on random calibration batches.
 """
 
 from __future__ import annotations
@@ -200,10 +202,95 @@ def random_model(seed: int) -> tuple[onnx.ModelProto, tuple[int, ...], list[str]
     return model, shape, b.ops
 
 
+def _dense(b: _Builder, x: str, out: int) -> str:
+    """``x @ W + bias`` on the last axis (a transformer's projection)."""
+    shape = b.shapes[x]
+    y = b.node("MatMul", [x, b.const(b.weights((shape[-1], out)), "w")], (*shape[:-1], out))
+    return b.node("Add", [b.const(b.weights((out,)), "bias"), y], b.shapes[y])
+
+
+def _layernorm(b: _Builder, x: str) -> str:
+    """LayerNormalization, or the decomposed form an exporter writes (fused back by intq)."""
+    shape, c = b.shapes[x], b.shapes[x][-1]
+    gamma = b.const((1 + b.weights((c,))).astype(np.float32), "gamma")
+    beta = b.const(b.weights((c,)), "beta")
+    if b.rng.random() < 0.5:
+        return b.node("LayerNormalization", [x, gamma, beta], shape, axis=-1, epsilon=1e-5)
+    row = (*shape[:-1], 1)
+    axes = b.const(np.array([-1]), "axes")
+    mean = b.node("ReduceMean", [x, axes], row, keepdims=1)
+    centred = b.node("Sub", [x, mean], shape)
+    square = b.node("Mul", [centred, centred], shape)
+    var = b.node("ReduceMean", [square, axes], row, keepdims=1)
+    eps = b.node("Add", [var, b.const(np.array(1e-5, np.float32), "eps")], row)
+    std = b.node("Sqrt", [eps], row)
+    normed = b.node("Div", [centred, std], shape)
+    scaled = b.node("Mul", [normed, gamma], shape)
+    return b.node("Add", [scaled, beta], shape)
+
+
+def _gelu(b: _Builder, x: str) -> str:
+    """Gelu, or x * 0.5 * (1 + erf(x / sqrt2)) as exporters write it."""
+    shape = b.shapes[x]
+    if b.rng.random() < 0.5:
+        return b.node("Gelu", [x], shape)
+    scaled = b.node("Div", [x, b.const(np.array(np.sqrt(2), np.float32), "sqrt2")], shape)
+    erf = b.node("Erf", [scaled], shape)
+    plus = b.node("Add", [erf, b.const(np.array(1, np.float32), "one")], shape)
+    product = b.node("Mul", [x, plus], shape)
+    return b.node("Mul", [product, b.const(np.array(0.5, np.float32), "half")], shape)
+
+
+def random_transformer(seed: int) -> tuple[onnx.ModelProto, tuple[int, ...], list[str]]:
+    """A random small pre-LN-free encoder layer (BERT order): attention, residual, LayerNorm,
+    GELU feed-forward, residual, LayerNorm; random widths, 1 or 2 heads."""
+    rng = np.random.default_rng(seed)
+    batch, tokens = int(rng.integers(1, 3)), int(rng.integers(2, 9))
+    heads = int(rng.integers(1, 3))
+    width = heads * int(rng.integers(2, 9))
+    shape = (batch, tokens, width)
+    b = _Builder(rng)
+    b.shapes["x"] = shape
+    x = _layernorm(b, "x") if rng.random() < 0.5 else "x"
+    d = width // heads
+
+    def split(t: str) -> str:  # [B, T, H*d] -> [B, H, T, d]
+        r = b.node(
+            "Reshape",
+            [t, b.const(np.array([batch, tokens, heads, d]), "s")],
+            (batch, tokens, heads, d),
+        )
+        return b.node("Transpose", [r], (batch, heads, tokens, d), perm=[0, 2, 1, 3])
+
+    q, k, v = (split(_dense(b, x, width)) for _ in range(3))
+    kt = b.node("Transpose", [k], (batch, heads, d, tokens), perm=[0, 1, 3, 2])
+    scores = b.node("MatMul", [q, kt], (batch, heads, tokens, tokens))
+    scale = b.const(np.array(1 / np.sqrt(d), np.float32), "scale")
+    scores = b.node("Mul", [scores, scale], b.shapes[scores])
+    probs = b.node("Softmax", [scores], b.shapes[scores], axis=-1)
+    context = b.node("MatMul", [probs, v], (batch, heads, tokens, d))
+    merged = b.node("Transpose", [context], (batch, tokens, heads, d), perm=[0, 2, 1, 3])
+    merged = b.node("Reshape", [merged, b.const(np.array(shape), "s")], shape)
+    attended = _layernorm(b, b.node("Add", [_dense(b, merged, width), x], shape))
+    hidden = _gelu(b, _dense(b, attended, int(rng.integers(2, 17))))
+    out = _layernorm(b, b.node("Add", [_dense(b, hidden, width), attended], shape))
+    graph = helper.make_graph(
+        b.nodes,
+        f"transformer{seed}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, shape)],
+        b.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])  # Gelu
+    model.ir_version = 9
+    return model, shape, b.ops
+
+
 @functools.lru_cache(maxsize=1)  # each seed's backends run one after another
-def random_case(seed: int):
-    """The quantized graph of seed ``seed``, its config, and the feeds to compare on."""
-    model, shape, ops = random_model(seed)
+def random_case(seed: int, transformer: bool = False):
+    """The quantized graph of seed ``seed`` (a CNN, or an encoder layer with ``transformer``:
+    random kernel variants and residual width too), its config, and the feeds to compare on."""
+    model, shape, ops = (random_transformer if transformer else random_model)(seed)
     rng = np.random.default_rng(seed + 1_000_000)
     scale = 10.0 ** rng.uniform(-1, 1)
     non_negative = rng.random() < 0.3
@@ -212,10 +299,19 @@ def random_case(seed: int):
         x = rng.standard_normal(shape) * scale
         return (np.abs(x) if non_negative else x).astype(np.float32)
 
+    kernels = {}
+    if transformer:
+        kernels = {
+            "softmax": str(rng.choice(intq.kernels.SOFTMAX_VARIANTS)),
+            "gelu": str(rng.choice(intq.kernels.GELU_VARIANTS)),
+            "layernorm": str(rng.choice(intq.kernels.LAYERNORM_VARIANTS)),
+            "wide_bits": int(rng.choice([8, 12, 16])),
+        }
     config = intq.QuantConfig(
         weight_bits=int(rng.integers(4, 9)),
         activation_bits=int(rng.integers(4, 9)),
         calibration=str(rng.choice(["minmax", "percentile", "mse"])),
+        **kernels,
     )
     graph = intq.quantize(intq.from_onnx(model), [{"x": sample()} for _ in range(3)], config)
     big = np.float32(1e6)

@@ -7,6 +7,7 @@ random weight scales, 4..8-bit weights and activations, random calibration metho
 imported, quantized and run on fresh and on adversarial inputs. A new backend joins by its
 name in ``BACKENDS`` (those not in ``intq.backends.TARGETS`` skip).
 
+Encoder layers (attention, LayerNorm, GELU; random kernel variants) run a tenth as many.
 ``INTQ_DIFFERENTIAL_GRAPHS`` sets the number of graphs per backend (``make fuzz`` runs many
 more); TVM, whose every graph is an LLVM compile (about a second here), runs the first
 ``INTQ_DIFFERENTIAL_TVM_GRAPHS`` of them (130 by default).
@@ -38,9 +39,21 @@ BACKENDS = {
     [(seed, backend) for backend, count in BACKENDS.items() for seed in range(count)],
 )
 def test_random_graph_is_bit_exact(seed, backend):
+    _check(seed, backend, transformer=False)
+
+
+@pytest.mark.parametrize(
+    ("seed", "backend"),
+    [(seed, backend) for backend, count in BACKENDS.items() for seed in range(count // 10)],
+)
+def test_random_transformer_is_bit_exact(seed, backend):
+    _check(seed, backend, transformer=True)
+
+
+def _check(seed: int, backend: str, transformer: bool) -> None:
     if backend not in TARGETS:
         pytest.skip(f"backend {backend} is not available here")
-    graph, config, ops, feeds = random_case(seed)
+    graph, config, ops, feeds = random_case(seed, transformer)
     reference = intq.compile(graph, target="reference")
     # One thread: the session is made for four tiny runs, and opens faster without a pool.
     other = intq.compile(

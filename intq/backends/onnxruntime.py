@@ -284,9 +284,16 @@ def _quantize(b: _Builder, node: Node) -> None:
         return
     full = b.op("QuantizeLinear", [x, scale, zero], name + ".full", node)
     stored = np.uint8 if zp else out.type.dtype.numpy
-    lo = b.const(np.asarray(quant.qmin + zp, stored), "lo")
-    hi = b.const(np.asarray(quant.qmax + zp, stored), "hi")
-    b.add("Clip", [full, lo, hi], [name], node)
+    if np.dtype(stored).itemsize == 1:
+        lo = b.const(np.asarray(quant.qmin + zp, stored), "lo")
+        hi = b.const(np.asarray(quant.qmax + zp, stored), "hi")
+        b.add("Clip", [full, lo, hi], [name], node)
+        return
+    # ONNX Runtime has no 16-bit Clip: clamp a 12-bit value (say) in int32.
+    wide = b.op("Cast", [full], name + ".i32", node, to=TensorProto.INT32)
+    lo, hi = (b.const(np.int32(v), k) for v, k in ((quant.qmin, "lo"), (quant.qmax, "hi")))
+    clipped = b.op("Clip", [wide, lo, hi], name + ".clip", node)
+    b.add("Cast", [clipped], [name], node, to=_ONNX_TYPE[out.type.dtype])
 
 
 @_lower("Dequantize")
@@ -337,7 +344,7 @@ def _qmatmul(b: _Builder, node: Node) -> None:
     weights = w.const.T if node.attrs.get("transB") else w.const
     w_u8 = b.weight_u8(w, np.ascontiguousarray(weights), node)
     out = node.output.name
-    if a.type.dtype is DType.I16:
+    if a.type.dtype in (DType.I16, DType.U16):
         acc = _wide_matmul(b, a, w_u8, node)
     else:
         a_u8, a_zp = b.u8(a, node)
@@ -353,19 +360,22 @@ def _qmatmul(b: _Builder, node: Node) -> None:
 
 def _wide_matmul(b: _Builder, a: Value, w_u8: str, node: Node) -> str:
     """A 16-bit activation times 8-bit weights with two exact u8 x u8 ``MatMulInteger``:
-    ``x + 2^15 = 256 hi + lo`` (``hi``, ``lo`` bytes), so ``x = 256 (hi - 128) + lo``; the
-    two partial sums are joined in int64 (the total fits int32, the range analysis says)."""
+    ``x + 2^15 = 256 hi + lo`` (``hi``, ``lo`` bytes), so ``x = 256 (hi - 128) + lo``
+    (unsigned ``x``: ``x = 256 hi + lo``); the two partial sums are joined in int64 (the
+    total fits int32, the range analysis says)."""
     name, _ = b.tensor(a)
     out = node.output.name
+    signed = a.type.dtype is DType.I16
     wide = b.op("Cast", [name], out + ".i32", node, to=TensorProto.INT32)
-    biased = b.op("Add", [wide, b.const(np.int32(1 << 15), "half")], out + ".biased", node)
-    u32 = b.op("Cast", [biased], out + ".u32", node, to=TensorProto.UINT32)
+    if signed:
+        wide = b.op("Add", [wide, b.const(np.int32(1 << 15), "half")], out + ".biased", node)
+    u32 = b.op("Cast", [wide], out + ".u32", node, to=TensorProto.UINT32)
     hi = b.op(
         "BitShift", [u32, b.const(np.uint32(8), "eight")], out + ".hi16", node, direction="RIGHT"
     )
     lo = b.op("BitwiseAnd", [u32, b.const(np.uint32(255), "low_byte")], out + ".lo16", node)
     partial = []
-    for part, zp in ((hi, OFFSET), (lo, 0)):
+    for part, zp in ((hi, OFFSET if signed else 0), (lo, 0)):
         byte = b.op("Cast", [part], part + ".u8", node, to=TensorProto.UINT8)
         acc = b.op(
             "MatMulInteger",

@@ -380,8 +380,8 @@ def _qlayernorm(ctx: InferContext) -> list[TensorType]:
 
     x = ctx.type(0)
     _per_tensor(ctx, 0)
-    if x.dtype not in (DType.I8, DType.I16):
-        raise ShapeError(f"QLayerNorm takes i8 or i16, got {x}")
+    if x.dtype not in (DType.I8, DType.I16, DType.U8, DType.U16):
+        raise ShapeError(f"QLayerNorm takes 8- or 16-bit integers, got {x}")
     _variant(ctx, LAYERNORM_VARIANTS)
     size = x.shape[-1]
     if not len(ctx["multiplier"]) == len(ctx["shift"]) == len(ctx["bias"]) == size:

@@ -179,7 +179,7 @@ def _layernorm(node: Node) -> tuple[Value, float, list[Node]] | None:
         return None
     sub = centred.producer
     x, mean = sub.inputs
-    if x is None or len(centred.uses()) != 2 or centred.is_graph_output:
+    if x is None or centred.is_graph_output:
         return None
     nodes = [sub]
     if _mean_of(mean, nodes) is not x:
@@ -196,7 +196,12 @@ def _layernorm(node: Node) -> tuple[Value, float, list[Node]] | None:
         if eps is None or squared is None:
             continue
         a, b = squared.inputs
-        if a is centred and (b is centred or _close(_scalar(b), 2.0)):
+        readers = {id(u.node) for u in centred.uses()}  # the square and this Div, no other
+        if (
+            a is centred
+            and (b is centred or _close(_scalar(b), 2.0))
+            and readers == {id(squared), id(node)}
+        ):
             return x, eps, nodes + inner + [squared]
     return None
 
