@@ -111,3 +111,13 @@ def test_verifier_runs_on_parsed_text():
     graph = from_text(text)
     with pytest.raises(intq.VerificationError, match="f32\\[3\\]"):
         verify(graph)
+
+
+def test_nan_payloads_and_signs_survive_the_round_trip():
+    """``nan`` in the text is the canonical quiet NaN: others (a payload, a sign bit) go b64."""
+    odd = np.frombuffer(np.array([0x7FF8000000000001], np.uint64).tobytes(), np.float64)
+    for array in (odd.reshape(()), np.array([np.nan, -np.nan, 1.0], np.float32)):
+        g = Graph()
+        g.set_outputs([g.add_constant(array, "c")])
+        got = from_text(to_text(g))["c"].const
+        assert got is not None and got.tobytes() == array.tobytes()

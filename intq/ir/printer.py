@@ -78,11 +78,20 @@ def format_attr(value: AttrValue) -> str:
     return str(value)
 
 
+def _nan_payload(array: np.ndarray) -> bool:
+    """Whether ``array`` holds a NaN that ``nan`` would not spell bit for bit."""
+    if array.dtype.kind != "f" or not np.isnan(array).any():
+        return False
+    nans = array[np.isnan(array)]
+    canonical = np.full(nans.shape, np.nan, array.dtype)
+    return nans.tobytes() != canonical.tobytes()
+
+
 def format_data(array: np.ndarray, elide_above: int | None = None) -> str:
     """A constant's data: a flat literal list or ``b64"..."`` of little-endian bytes."""
     if elide_above is not None and array.size > elide_above:
         return "<...>"
-    if array.size <= INLINE_LIMIT:
+    if array.size <= INLINE_LIMIT and not _nan_payload(array):
         flat = array.reshape(-1)
         if array.dtype.kind == "f":
             items = [format_float(x) for x in flat.tolist()]
