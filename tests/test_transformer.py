@@ -120,6 +120,16 @@ def test_minilm_tvm_is_bit_exact(minilm_int8, minilm_model):
         np.testing.assert_array_equal(exe.run(feeds)["last_hidden_state"], want)
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(minilm_int8, minilm_model):
+    _, quantized = minilm_int8
+    feeds = dict(minilm_model.inputs)
+    feeds["input_ids"] = feeds["input_ids"].copy()
+    feeds["input_ids"][0, 3] = 30522
+    for target in ("reference", "onnxruntime"):
+        with pytest.raises(intq.ShapeError, match="30522, outside"):
+            intq.compile(quantized, target).run(feeds)
+
+
 def test_dividing_variants_are_listed_by_the_census(minilm_model):
     config = intq.QuantConfig(softmax="shift", gelu="shift", layernorm="isqrt")
     quantized = intq.quantize(intq.from_onnx(minilm_model.path), [minilm_model.inputs], config)

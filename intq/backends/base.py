@@ -95,8 +95,27 @@ def check_feeds(inputs: Sequence[Value], feeds: Mapping[str, np.ndarray]) -> dic
                     hint=f"pass the array as .astype(np.{target})",
                 )
             array = converted
+        _check_indices(value, array)
         out[name] = array
     return out
+
+
+def _check_indices(value: Value, array: np.ndarray) -> None:
+    """Token ids and other indices fed to a ``Gather`` must lie in its table."""
+    for use in value.uses():
+        node = use.node
+        table = node.inputs[0]
+        if node.op != "Gather" or use.index != 1 or table is None or not array.size:
+            continue
+        size = table.type.shape[node.attrs["axis"]]
+        low, high = int(array.min()), int(array.max())
+        if low < -size or high >= size:
+            raise ShapeError(
+                f"input {value.name!r} holds index {low if low < -size else high}, outside"
+                f" [{-size}, {size - 1}] of {table.name!r}",
+                node=node.label(),
+                hint="token ids must come from the model's own tokenizer / vocabulary",
+            )
 
 
 def _umask() -> int:
