@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from int_graphs import adversarial, full_range, int_input, requantized, shifted_batches, weight
 
 import intq
 from intq import examples
 from intq.backends.tvm import TvmExecutable, compile_tvm, load_tvm
 from intq.ir import DType, Graph, QuantParams, TensorType, verify
-from intq.numerics import common_shift, dyadic
+from intq.numerics import common_shift
 
 AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": "+neon"}
 EM_AARCH64 = 183
@@ -29,20 +30,6 @@ def assert_same(graph: Graph, exe: TvmExecutable, feeds: dict[str, np.ndarray]) 
     for name, array in want.items():
         assert got[name].dtype == array.dtype and got[name].shape == array.shape, name
         np.testing.assert_array_equal(got[name], array, err_msg=name)
-
-
-def adversarial(x: np.ndarray) -> list[np.ndarray]:
-    """All-max, all-min and alternating extremes, far outside any calibrated range."""
-    big = np.float32(1e6)
-    alternating = np.where(np.indices(x.shape).sum(axis=0) % 2 == 0, big, -big)
-    return [np.full_like(x, big), np.full_like(x, -big), alternating.astype(np.float32)]
-
-
-def shifted_batches(x: np.ndarray, count: int = 3) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(0)
-    return [
-        {"input": np.roll(x, tuple(rng.integers(-16, 16, 2)), axis=(2, 3))} for _ in range(count)
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -214,43 +201,6 @@ def test_a_3d_convolution_is_refused_with_its_name():
 
 
 # ----- single layers, full-range integers (Hypothesis) --------------------------------------------
-
-
-def int_input(g: Graph, name: str, shape, signed: bool, scale: float = 0.05):
-    dtype = DType.I8 if signed else DType.U8
-    return g.add_input(name, TensorType(dtype, tuple(shape), QuantParams(8, signed, (scale,))))
-
-
-def weight(g: Graph, data: np.ndarray, scales, axis: int):
-    w = g.add_constant(data.astype(np.int8), "w")
-    w.type = w.type.with_quant(QuantParams(8, True, tuple(scales), axis=axis, narrow=True))
-    return w
-
-
-def full_range(rng: np.random.Generator, shape, signed: bool) -> np.ndarray:
-    low, high = (-128, 128) if signed else (0, 256)
-    values = rng.integers(low, high, size=shape)
-    values.reshape(-1)[::3] = high - 1  # many extremes: the int16 pair sums must not saturate
-    values.reshape(-1)[1::5] = low
-    return values.astype(np.int8 if signed else np.uint8)
-
-
-def requantized(g: Graph, acc, out_scale: float, signed: bool):
-    q = acc.type.quant
-    pairs = [dyadic(s / out_scale) for s in q.scale]
-    lo, hi = (-128, 127) if signed else (0, 255)
-    return g.op(
-        "Requantize",
-        acc,
-        multiplier=tuple(p.multiplier for p in pairs),
-        shift=tuple(p.shift for p in pairs),
-        axis=q.axis if q.axis is not None else -1,
-        bits=8,
-        signed=int(signed),
-        scale=out_scale,
-        lo=lo,
-        hi=hi,
-    )
 
 
 @settings(max_examples=12, deadline=None)

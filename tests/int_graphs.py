@@ -1,0 +1,62 @@
+"""Helpers shared by the backend tests: integer single-layer graphs and hostile inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from intq.ir import DType, Graph, QuantParams, TensorType
+from intq.numerics import dyadic
+
+
+def adversarial(x: np.ndarray) -> list[np.ndarray]:
+    """All-max, all-min and alternating extremes, far outside any calibrated range."""
+    big = np.float32(1e6)
+    alternating = np.where(np.indices(x.shape).sum(axis=0) % 2 == 0, big, -big)
+    return [np.full_like(x, big), np.full_like(x, -big), alternating.astype(np.float32)]
+
+
+def shifted_batches(x: np.ndarray, count: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [
+        {"input": np.roll(x, tuple(rng.integers(-16, 16, 2)), axis=(2, 3))} for _ in range(count)
+    ]
+
+
+def int_input(g: Graph, name: str, shape, signed: bool, scale: float = 0.05):
+    dtype = DType.I8 if signed else DType.U8
+    return g.add_input(name, TensorType(dtype, tuple(shape), QuantParams(8, signed, (scale,))))
+
+
+def weight(g: Graph, data: np.ndarray, scales, axis: int):
+    w = g.add_constant(data.astype(np.int8), "w")
+    quant = QuantParams(8, True, tuple(scales), axis=axis, narrow=True)
+    w.type = w.type.with_quant(quant)
+    return w
+
+
+def full_range(rng: np.random.Generator, shape, signed: bool) -> np.ndarray:
+    low, high = (-128, 128) if signed else (0, 256)
+    values = rng.integers(low, high, size=shape)
+    values.reshape(-1)[::3] = (
+        high - 1
+    )  # many extremes: saturating kernels (vpmaddubsw) fail on them
+    values.reshape(-1)[1::5] = low
+    return values.astype(np.int8 if signed else np.uint8)
+
+
+def requantized(g: Graph, acc, out_scale: float, signed: bool):
+    q = acc.type.quant
+    pairs = [dyadic(s / out_scale) for s in q.scale]
+    lo, hi = (-128, 127) if signed else (0, 255)
+    return g.op(
+        "Requantize",
+        acc,
+        multiplier=tuple(p.multiplier for p in pairs),
+        shift=tuple(p.shift for p in pairs),
+        axis=q.axis if q.axis is not None else -1,
+        bits=8,
+        signed=int(signed),
+        scale=out_scale,
+        lo=lo,
+        hi=hi,
+    )
