@@ -92,12 +92,15 @@ def test_saved_library_reloads_and_runs(digits_int8, digits_model, tmp_path):
         intq.load(path).run(digits_model.inputs)["logits"], exe.run(digits_model.inputs)["logits"]
     )
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
-    # A modified library is refused before TVM loads (runs) it.
+    # A modified library is refused before TVM loads (runs) it. (A copy: the original is
+    # mapped into this process, and rewriting a loaded library in place corrupts its code.)
+    tampered = tmp_path / "tampered.so"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    tampered.write_bytes(bytes(data))
+    shutil.copy(tmp_path / "digits.so.json", tmp_path / "tampered.so.json")
     with pytest.raises(intq.ArtifactError, match="checksum"):
-        intq.load(path)
+        intq.load(tampered)
 
 
 def test_saved_library_runs_in_a_fresh_process(digits_int8, digits_model, tmp_path):
