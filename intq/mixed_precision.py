@@ -42,6 +42,7 @@ import numpy as np
 from intq.backends.base import atomic_write
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph, Node
+from intq.ops.float_ops import DATA_MOVEMENT
 from intq.passes.bit_allocation import Allocation, Budget, LayerCosts, allocate_bits
 from intq.passes.integerize import LayerBits
 
@@ -246,20 +247,7 @@ def _node(graph: Graph, name: str) -> Node:
 
 # ----- ties and pins ----------------------------------------------------------------------------
 
-_PASS_THROUGH = {
-    "Relu",
-    "Clip",
-    "MaxPool",
-    "Reshape",
-    "Flatten",
-    "Transpose",
-    "Squeeze",
-    "Unsqueeze",
-    "Slice",
-    "Identity",
-    "Expand",
-    "Pad",
-}
+_PASS_THROUGH = frozenset({*DATA_MOVEMENT, "Relu", "Clip", "Pad"})
 """Single-input ops between a layer and an Add/Concat that keep the layer's precision."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from intq.ir import DType, Graph, QuantParams, TensorType
+from intq.ir import DType, Graph, QuantParams, TensorType, Value
 from intq.numerics import dyadic
 
 
@@ -60,3 +60,31 @@ def requantized(g: Graph, acc, out_scale: float, signed: bool):
         lo=lo,
         hi=hi,
     )
+
+
+def qadd_and_pools(ra: float, rb: float) -> tuple[Graph, Value, Value, list[Value]]:
+    """A signed and an unsigned 8-bit input ``a``, ``b`` (1x3x4x4) and integer ops on them:
+    their ``QAdd`` at an output scale set by ``ra``/``rb``, a 2x2 ``QAveragePool`` of ``b``
+    and a ``QGlobalAveragePool`` of ``a``. Returns the graph, ``a``, ``b`` and those values."""
+    from intq.numerics import common_shift
+
+    g = Graph()
+    a = int_input(g, "a", (1, 3, 4, 4), True, 0.1)
+    b = int_input(g, "b", (1, 3, 4, 4), False, 0.1)
+    out_scale = 0.1 / max(ra, rb)
+    (ma, mb), shift = common_shift(0.1 / out_scale, 0.1 / out_scale)
+    s = g.op(
+        "QAdd",
+        a,
+        b,
+        multiplier_a=ma,
+        multiplier_b=mb,
+        shift=shift,
+        bits=8,
+        signed=1,
+        scale=out_scale,
+        lo=-128,
+        hi=127,
+    )
+    pooled = g.op("QAveragePool", b, kernel_shape=(2, 2), strides=(2, 2))
+    return g, a, b, [s, pooled, g.op("QGlobalAveragePool", a)]

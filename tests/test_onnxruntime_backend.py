@@ -8,7 +8,15 @@ import onnxruntime as ort
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from int_graphs import adversarial, full_range, int_input, requantized, shifted_batches, weight
+from int_graphs import (
+    adversarial,
+    full_range,
+    int_input,
+    qadd_and_pools,
+    requantized,
+    shifted_batches,
+    weight,
+)
 
 import intq
 from intq import examples
@@ -176,29 +184,8 @@ def test_requantize_edge_shifts_are_bit_exact(seed, multiplier, shift, signed):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), ra=st.floats(0.01, 4.0), rb=st.floats(0.01, 4.0))
 def test_qadd_and_pools_are_bit_exact(seed, ra, rb):
-    from intq.numerics import common_shift
-
     rng = np.random.default_rng(seed)
-    g = Graph()
-    a = int_input(g, "a", (1, 3, 4, 4), True, 0.1)
-    b = int_input(g, "b", (1, 3, 4, 4), False, 0.1)
-    out_scale = 0.1 / max(ra, rb)
-    (ma, mb), shift = common_shift(0.1 / out_scale, 0.1 / out_scale)
-    s = g.op(
-        "QAdd",
-        a,
-        b,
-        multiplier_a=ma,
-        multiplier_b=mb,
-        shift=shift,
-        bits=8,
-        signed=1,
-        scale=out_scale,
-        lo=-128,
-        hi=127,
-    )
-    pooled = g.op("QAveragePool", b, kernel_shape=(2, 2), strides=(2, 2))
-    mean = g.op("QGlobalAveragePool", a)
+    g, a, _, (s, pooled, mean) = qadd_and_pools(ra, rb)
     g.set_outputs([s, pooled, mean, g.op("MaxPool", a, kernel_shape=(2, 2), strides=(1, 1))])
     assert_bit_exact(
         g, {"a": full_range(rng, (1, 3, 4, 4), True), "b": full_range(rng, (1, 3, 4, 4), False)}

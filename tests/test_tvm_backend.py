@@ -12,13 +12,20 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from int_graphs import adversarial, full_range, int_input, requantized, shifted_batches, weight
+from int_graphs import (
+    adversarial,
+    full_range,
+    int_input,
+    qadd_and_pools,
+    requantized,
+    shifted_batches,
+    weight,
+)
 
 import intq
 from intq import examples
 from intq.backends.tvm import TvmExecutable, compile_tvm, load_tvm
 from intq.ir import DType, Graph, QuantParams, TensorType, verify
-from intq.numerics import common_shift
 
 AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": "+neon"}
 EM_AARCH64 = 183
@@ -309,26 +316,7 @@ def test_requantize_edge_shifts_are_bit_exact(seed, pairs, signed):
 @given(seed=st.integers(0, 2**16), ra=st.floats(0.01, 4.0), rb=st.floats(0.01, 4.0))
 def test_qadd_pools_and_data_movement_are_bit_exact(seed, ra, rb):
     rng = np.random.default_rng(seed)
-    g = Graph()
-    a = int_input(g, "a", (1, 3, 4, 4), True, 0.1)
-    b = int_input(g, "b", (1, 3, 4, 4), False, 0.1)
-    out_scale = 0.1 / max(ra, rb)
-    (ma, mb), shift = common_shift(0.1 / out_scale, 0.1 / out_scale)
-    s = g.op(
-        "QAdd",
-        a,
-        b,
-        multiplier_a=ma,
-        multiplier_b=mb,
-        shift=shift,
-        bits=8,
-        signed=1,
-        scale=out_scale,
-        lo=-128,
-        hi=127,
-    )
-    pooled = g.op("QAveragePool", b, kernel_shape=(2, 2), strides=(2, 2))
-    mean = g.op("QGlobalAveragePool", a)
+    g, a, b, (s, pooled, mean) = qadd_and_pools(ra, rb)
     maxed = g.op("MaxPool", a, kernel_shape=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1))
     moved = g.op("Transpose", g.op("Slice", s, starts=(3,), ends=(-5,), axes=(3,), steps=(-2,)))
     joined = g.op("Flatten", g.op("Concat", a, g.op("Relu", a), axis=1), axis=1)
