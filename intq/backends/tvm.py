@@ -66,15 +66,25 @@ class Kernel:
 
 
 class _Lowerer:
-    """Walks the graph in order and adds one or a few Relax bindings per node."""
+    """Walks the graph in order and adds one or a few Relax bindings per node.
 
-    def __init__(self, graph: Graph):
+    With ``channels_last``, 4-D activations between the CNN kernels are stored NHWC
+    (channels innermost: what the conv and depthwise schedules vectorize over); a value
+    keeps the layout its producer chose, and a consumer asks for the one it needs with
+    :meth:`value` (NCHW, the graph's own) or :meth:`value_nhwc`, which transpose once
+    and remember it.
+    """
+
+    def __init__(self, graph: Graph, channels_last: bool = False):
         from tvm import relax
 
         self.relax = relax
         self.graph = graph
+        self.channels_last = channels_last
         self.bb = relax.BlockBuilder()
-        self.env: dict[str, Any] = {}
+        self.env: dict[str, Any] = {}  # value name -> its Relax expression, as stored
+        self.nhwc: set[str] = set()  # the values stored NHWC
+        self.transposed: dict[str, Any] = {}  # value name -> its other layout, once asked
         self.kernels: dict[str, Kernel] = {}  # prim func name -> what it computes
         # Accumulators read by exactly one Requantize/Dequantize: fused into that reader.
         self.deferred: dict[str, Node] = {}
@@ -86,12 +96,40 @@ class _Lowerer:
                     self.deferred[out.name] = node
 
     def value(self, value: Value | None) -> Any:
-        """The Relax expression holding ``value`` (constants become ``relax.const``)."""
+        """The Relax expression holding ``value`` in the graph's layout (NCHW for 4-D);
+        constants become ``relax.const``."""
         assert value is not None
         if value.name not in self.env:
             assert value.const is not None, value.name
             self.env[value.name] = self.const(value.const)
+        if value.name in self.nhwc:
+            return self._transpose(value, NHWC_TO_NCHW)
         return self.env[value.name]
+
+    def value_nhwc(self, value: Value) -> Any:
+        """The Relax expression holding the 4-D ``value`` as NHWC."""
+        if value.name in self.nhwc:
+            return self.env[value.name]
+        return self._transpose(value, NCHW_TO_NHWC)
+
+    def is_nhwc(self, value: Value) -> bool:
+        """True when ``value`` is (or, fused into its reader, will be) stored NHWC."""
+        producer = self.deferred.get(value.name)
+        if producer is not None:
+            return self.channels_last and _channels_last_kernel(producer)
+        return value.name in self.nhwc
+
+    def channel_axis(self, value: Value, axis: int) -> int:
+        """Where ``value``'s axis ``axis`` (in the graph's layout) is stored."""
+        return _nhwc_axis(axis) if self.is_nhwc(value) else axis
+
+    def _transpose(self, value: Value, perm: tuple[int, ...]) -> Any:
+        if value.name not in self.transposed:
+            source = self.value(value) if perm == NCHW_TO_NHWC else self.env[value.name]
+            self.transposed[value.name] = self.emit_te(
+                _permute_te(perm), [source], f"layout_{_label_name(value.name)}", value.name
+            )
+        return self.transposed[value.name]
 
     def const(self, array: np.ndarray) -> Any:
         """A Relax constant."""
@@ -99,22 +137,64 @@ class _Lowerer:
         # The dtype explicitly: relax.const narrows int64 arrays to int32 by default.
         return self.relax.const(array, dtype=str(array.dtype))
 
-    def emit_te(self, fn: Callable[..., Any], args: Sequence[Any], node: Node, kind: str) -> Any:
-        """Bind ``fn`` applied to ``args`` as one TE prim func named after ``node``."""
-        hint = _func_name(node)
+    def emit_te(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        hint: str,
+        label: str,
+        kind: str = "elementwise",
+    ) -> Any:
+        """Bind ``fn`` applied to ``args`` as one TE prim func named ``hint`` (a kernel of
+        ``kind`` for the schedules; ``label`` names its node in errors)."""
         var = self.bb.emit_te(fn, *args, primfunc_name_hint=hint)
         call = self.bb.lookup_binding(var)
-        self.kernels[call.args[0].name_hint] = Kernel(kind, node.label())
+        self.kernels[call.args[0].name_hint] = Kernel(kind, label)
         return var
 
-    def bind(self, node: Node, expr: Any) -> None:
-        """Record ``expr`` as the value of ``node``'s output."""
+    def emit_node(self, fn: Callable[..., Any], args: Sequence[Any], node: Node, kind: str) -> Any:
+        """:meth:`emit_te` named after ``node``."""
+        return self.emit_te(fn, args, _func_name(node), node.label(), kind)
+
+    def bind(self, node: Node, expr: Any, nhwc: bool = False) -> None:
+        """Record ``expr`` as the value of ``node``'s output (stored NHWC if ``nhwc``)."""
         self.env[node.output.name] = expr
+        if nhwc:
+            self.nhwc.add(node.output.name)
+
+
+NCHW_TO_NHWC = (0, 2, 3, 1)
+NHWC_TO_NCHW = (0, 3, 1, 2)
+
+
+def _nhwc_axis(axis: int) -> int:
+    """Where NCHW axis ``axis`` is in NHWC."""
+    return NCHW_TO_NHWC.index(axis)
+
+
+def _permute_te(perm: tuple[int, ...]) -> Callable[..., Any]:
+    from tvm import te
+
+    def fn(x: Any) -> Any:
+        shape = [x.shape[p] for p in perm]
+
+        def body(*i: Any) -> Any:
+            index = [0] * len(perm)
+            for k, p in enumerate(perm):
+                index[p] = i[k]
+            return x(*index)
+
+        return te.compute(shape, body, name="layout")
+
+    return fn
+
+
+def _label_name(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
 
 
 def _func_name(node: Node) -> str:
-    label = "".join(c if c.isalnum() else "_" for c in node.label()).strip("_")
-    return f"{node.op.lower()}_{label}"[:60] or node.op.lower()
+    return f"{node.op.lower()}_{_label_name(node.label())}"[:60] or node.op.lower()
 
 
 Lowering = Callable[[_Lowerer, Node], None]
@@ -138,65 +218,125 @@ def _dtype(value: Value) -> str:
 # ----- integer kernels as tensor expressions ----------------------------------------------------
 
 
-def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
-    """The TE function ``(x, w[, b]) -> int32 acc`` of a 2-D ``QConv``, and its kernel kind."""
+@dataclass(frozen=True)
+class _ConvShape:
+    """The geometry of a 2-D ``QConv``."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    m: int
+    cg: int
+    kh: int
+    kw: int
+    group: int
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    out: tuple[int, int]  # output height, width
+
+    @staticmethod
+    def of(node: Node) -> _ConvShape:
+        x_type, w_type = _input(node, 0).type, _input(node, 1).type
+        if x_type.rank != 4:
+            raise UnsupportedOpError(
+                f"QConv with {x_type.rank - 2} spatial dimensions in the TVM backend",
+                node=node.label(),
+                hint="the TVM backend lowers 2-D convolutions; use the onnxruntime target",
+            )
+        attrs = node.attrs
+        return _ConvShape(
+            *x_type.shape,
+            *w_type.shape,
+            group=attrs["group"],
+            pads=tuple(attrs["pads"]),
+            strides=tuple(attrs["strides"]),
+            dilations=tuple(attrs["dilations"]),
+            out=tuple(node.output.type.shape[2:]),
+        )
+
+    @property
+    def depthwise(self) -> bool:
+        return self.cg == 1 and self.group == self.c == self.m
+
+    @property
+    def padded(self) -> bool:
+        return any(self.pads)
+
+    def window(self, i: Any, j: Any, ry: Any, rx: Any) -> tuple[Any, Any]:
+        """The (padded) input row and column output ``(i, j)`` reads at tap ``(ry, rx)``."""
+        return (
+            i * self.strides[0] + ry * self.dilations[0],
+            j * self.strides[1] + rx * self.dilations[1],
+        )
+
+
+def _channels_last_kernel(node: Node) -> bool:
+    """True for the convolutions with an NHWC kernel: depthwise, and one group of 8-bit
+    operands (``pmaddwd`` pairs, see :func:`_pairs_exactly`)."""
+    if node.op != "QConv" or _input(node).type.rank != 4:
+        return False
+    conv = _ConvShape.of(node)
+    return conv.depthwise or (conv.group == 1 and _pairs_exactly(node))
+
+
+def _padded_nhwc(x: Any, conv: _ConvShape, channels: int, dtype: str | None = None) -> Any:
+    """``x`` (NHWC) with the conv's zero padding, ``channels`` (>= C) channels and ``dtype``
+    (default: its own), or ``x`` itself when that changes nothing."""
     from tvm import te, tirx
 
-    attrs = node.attrs
-    x_type, w_type = _input(node, 0).type, _input(node, 1).type
-    if x_type.rank != 4:
-        raise UnsupportedOpError(
-            f"QConv with {x_type.rank - 2} spatial dimensions in the TVM backend",
-            node=node.label(),
-            hint="the TVM backend lowers 2-D convolutions (NCHW); use the onnxruntime target",
-        )
-    n, c, h, w = x_type.shape
-    m, cg, kh, kw = w_type.shape
-    group = attrs["group"]
-    top, left, bottom, right = attrs["pads"]
-    sh, sw = attrs["strides"]
-    dh, dw = attrs["dilations"]
+    top, left, bottom, right = conv.pads
+    dtype = dtype or x.dtype
+    if not conv.padded and channels == conv.c and dtype == x.dtype:
+        return x
+    zero = tirx.const(0, dtype)
+
+    def body(b: Any, i: Any, j: Any, ch: Any) -> Any:
+        inside = tirx.all(i >= top, i < conv.h + top, j >= left, j < conv.w + left, ch < conv.c)
+        yi = tirx.max(tirx.min(i - top, conv.h - 1), 0)
+        xi = tirx.max(tirx.min(j - left, conv.w - 1), 0)
+        element = x[b, yi, xi, tirx.min(ch, conv.c - 1)].astype(dtype)
+        return tirx.if_then_else(inside, element, zero)
+
+    shape = (conv.n, conv.h + top + bottom, conv.w + left + right, channels)
+    return te.compute(shape, body, name="pad")
+
+
+def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
+    """The TE function ``(x, w[, b]) -> int32 acc`` of a 2-D ``QConv`` in NCHW (any groups
+    and operand widths), and its kernel kind."""
+    from tvm import te, tirx
+
+    conv = _ConvShape.of(node)
+    top, left, bottom, right = conv.pads
     out_shape = node.output.type.shape
-    per_group = m // group
-    depthwise = cg == 1 and group == c == m
-    if group == 1 and _pairs_exactly(node):
-        return _packed_conv_te(node), "conv"
+    per_group = conv.m // conv.group
 
     def fn(x: Any, wt: Any, *bias: Any) -> Any:
-        if top or left or bottom or right:
+        padded = x
+        if conv.padded:
             zero = tirx.const(0, x.dtype)
             padded = te.compute(
-                (n, c, h + top + bottom, w + left + right),
+                (conv.n, conv.c, conv.h + top + bottom, conv.w + left + right),
                 lambda b, ch, i, j: tirx.if_then_else(
-                    tirx.all(i >= top, i < h + top, j >= left, j < w + left),
+                    tirx.all(i >= top, i < conv.h + top, j >= left, j < conv.w + left),
                     x[b, ch, i - top, j - left],
                     zero,
                 ),
                 name="pad",
             )
-        else:
-            padded = x
-        ry = te.reduce_axis((0, kh), name="ry")
-        rx = te.reduce_axis((0, kw), name="rx")
-        if depthwise:
+        rc = te.reduce_axis((0, conv.cg), name="rc")
+        ry = te.reduce_axis((0, conv.kh), name="ry")
+        rx = te.reduce_axis((0, conv.kw), name="rx")
 
-            def body(b: Any, k: Any, i: Any, j: Any) -> Any:
-                return te.sum(
-                    padded[b, k, i * sh + ry * dh, j * sw + rx * dw].astype("int32")
-                    * wt[k, 0, ry, rx].astype("int32"),
-                    axis=[ry, rx],
-                )
-
-        else:
-            rc = te.reduce_axis((0, cg), name="rc")
-
-            def body(b: Any, k: Any, i: Any, j: Any) -> Any:
-                channel = rc if group == 1 else (k // per_group) * cg + rc
-                return te.sum(
-                    padded[b, channel, i * sh + ry * dh, j * sw + rx * dw].astype("int32")
-                    * wt[k, rc, ry, rx].astype("int32"),
-                    axis=[rc, ry, rx],
-                )
+        def body(b: Any, k: Any, i: Any, j: Any) -> Any:
+            channel = rc if conv.group == 1 else (k // per_group) * conv.cg + rc
+            return te.sum(
+                padded[(b, channel, *conv.window(i, j, ry, rx))].astype("int32")
+                * wt[k, rc, ry, rx].astype("int32"),
+                axis=[rc, ry, rx],
+            )
 
         acc = te.compute(out_shape, body, name="acc")
         if bias:
@@ -204,7 +344,36 @@ def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
             acc = te.compute(out_shape, lambda b, k, i, j: acc[b, k, i, j] + b_[k], name="bias")
         return acc
 
-    return fn, "depthwise" if depthwise else "generic"
+    return fn, "generic"
+
+
+def _depthwise_nhwc_te(node: Node) -> Callable[..., Any]:
+    """Depthwise ``QConv`` on NHWC: ``(x, w[kh, kw, C][, b]) -> int32 acc`` (NHWC), the
+    channels innermost so that a vector holds neighbouring channels of one pixel."""
+    from tvm import te
+
+    conv = _ConvShape.of(node)
+    shape = (conv.n, *conv.out, conv.m)
+
+    def fn(x: Any, wt: Any, *bias: Any) -> Any:
+        padded = _padded_nhwc(x, conv, conv.c)
+        ry = te.reduce_axis((0, conv.kh), name="ry")
+        rx = te.reduce_axis((0, conv.kw), name="rx")
+        acc = te.compute(
+            shape,
+            lambda b, i, j, k: te.sum(
+                padded[(b, *conv.window(i, j, ry, rx), k)].astype("int32")
+                * wt[ry, rx, k].astype("int32"),
+                axis=[ry, rx],
+            ),
+            name="acc",
+        )
+        if bias:
+            (b_,) = bias
+            acc = te.compute(shape, lambda b, i, j, k: acc[b, i, j, k] + b_[k], name="bias")
+        return acc
+
+    return fn
 
 
 LANES = 8
@@ -224,73 +393,56 @@ def _pairs_exactly(node: Node) -> bool:
 
 
 def _packed_weights(w: np.ndarray) -> np.ndarray:
-    """``[M, C, ...]`` int8 weights as int16 ``[ceil(M/8), ceil(C/2), ..., 8, 2]``, zero-padded:
-    one ``pmaddwd`` reads 8 output channels x 2 input channels contiguously."""
+    """``[M, C, *k]`` int8 weights as int16 ``[ceil(M/8), *k, ceil(C/2), 8, 2]``, zero-padded:
+    one ``pmaddwd`` reads 8 output channels x 2 input channels contiguously, and the
+    reduction walks the taps, then the channel pairs, as an NHWC input lies in memory."""
     m, c = w.shape[:2]
     mo, c2 = -(-m // LANES), -(-c // 2)
     padded = np.zeros((mo * LANES, c2 * 2, *w.shape[2:]), np.int16)
     padded[:m, :c] = w
     spatial = w.ndim - 2
     blocks = padded.reshape(mo, LANES, c2, 2, *w.shape[2:])
-    # (mo, mi, c2, t, *k) -> (mo, c2, *k, mi, t)
-    order = (0, 2, *range(4, 4 + spatial), 1, 3)
+    # (mo, mi, c2, t, *k) -> (mo, *k, c2, mi, t)
+    order = (0, *range(4, 4 + spatial), 2, 1, 3)
     return np.ascontiguousarray(blocks.transpose(order))
 
 
 def _packed_conv_te(node: Node) -> Callable[..., Any]:
-    """``QConv`` (one group, 8-bit) with channel pairs packed for ``pmaddwd``.
+    """``QConv`` (one group, 8-bit) on NHWC, channel pairs reduced by ``pmaddwd``.
 
-    ``pack[n, c2, h, w, t]`` is the zero-padded input as int16, channels ``2*c2 + t``;
-    ``dot[n, mo, i, j, mi]`` accumulates output channel ``8*mo + mi``; the result is
-    read back into NCHW (an index map the schedule inlines into the epilogue).
+    ``padded[n, y, x, c]`` is the input as int16 (a pair is then one 32-bit broadcast
+    from memory) with the conv's zero padding and an even channel count;
+    ``dot[n, i, j, mo, mi]`` accumulates output channel ``8*mo + mi`` from channels
+    ``2*rc + rt``; the result is read back as NHWC ``[n, i, j, m]`` (an index map the
+    schedule inlines into the epilogue).
     """
-    from tvm import te, tirx
+    from tvm import te
 
-    attrs = node.attrs
-    n, c, h, w = _input(node, 0).type.shape
-    m, _, kh, kw = _input(node, 1).type.shape
-    top, left, bottom, right = attrs["pads"]
-    sh, sw = attrs["strides"]
-    dh, dw = attrs["dilations"]
-    out_shape = node.output.type.shape
-    oh, ow = out_shape[2:]
-    mo, c2 = -(-m // LANES), -(-c // 2)
+    conv = _ConvShape.of(node)
+    shape = (conv.n, *conv.out, conv.m)
+    mo, c2 = -(-conv.m // LANES), -(-conv.c // 2)
 
     def fn(x: Any, wp: Any, *bias: Any) -> Any:
-        zero = tirx.const(0, "int16")
-
-        def pack(b: Any, cc: Any, i: Any, j: Any, t: Any) -> Any:
-            ch = cc * 2 + t
-            inside = tirx.all(i >= top, i < h + top, j >= left, j < w + left, ch < c)
-            ci = tirx.min(ch, c - 1)
-            yi = tirx.max(tirx.min(i - top, h - 1), 0)
-            xi = tirx.max(tirx.min(j - left, w - 1), 0)
-            return tirx.if_then_else(inside, x[b, ci, yi, xi].astype("int16"), zero)
-
-        packed = te.compute((n, c2, h + top + bottom, w + left + right, 2), pack, name="pack")
+        padded = _padded_nhwc(x, conv, 2 * c2, "int16")
+        ry = te.reduce_axis((0, conv.kh), name="ry")
+        rx = te.reduce_axis((0, conv.kw), name="rx")
         rc = te.reduce_axis((0, c2), name="rc")
-        ry = te.reduce_axis((0, kh), name="ry")
-        rx = te.reduce_axis((0, kw), name="rx")
         rt = te.reduce_axis((0, 2), name="rt")
         dot = te.compute(
-            (n, mo, oh, ow, LANES),
-            lambda b, ko, i, j, ki: te.sum(
-                packed[b, rc, i * sh + ry * dh, j * sw + rx * dw, rt].astype("int32")
-                * wp[ko, rc, ry, rx, ki, rt].astype("int32"),
-                axis=[rc, ry, rx, rt],
+            (conv.n, *conv.out, mo, LANES),
+            lambda b, i, j, ko, ki: te.sum(
+                padded[(b, *conv.window(i, j, ry, rx), rc * 2 + rt)].astype("int32")
+                * wp[ko, ry, rx, rc, ki, rt].astype("int32"),
+                axis=[ry, rx, rc, rt],
             ),
             name="dot",
         )
-        if bias:
-            (b_,) = bias
-            return te.compute(
-                out_shape,
-                lambda b, k, i, j: dot[b, k // LANES, i, j, k % LANES] + b_[k],
-                name="acc",
-            )
-        return te.compute(
-            out_shape, lambda b, k, i, j: dot[b, k // LANES, i, j, k % LANES], name="acc"
-        )
+
+        def read(b: Any, i: Any, j: Any, k: Any) -> Any:
+            value = dot[b, i, j, k // LANES, k % LANES]
+            return value + bias[0][k] if bias else value
+
+        return te.compute(shape, read, name="acc")
 
     return fn
 
@@ -324,7 +476,11 @@ def _dense_te(node: Node) -> Callable[..., Any]:
 
 
 def _packed_dense_te(node: Node) -> Callable[..., Any]:
-    """``QGemm``/``QMatMul`` (8-bit) with K pairs packed for ``pmaddwd`` (see the conv)."""
+    """``QGemm``/``QMatMul`` (8-bit) with K pairs reduced by ``pmaddwd`` (see the conv).
+
+    The input arrives as ``[rows, K]`` (a Relax reshape, free) and is widened to int16
+    with K padded to even; ``dot[r, jo, ji]`` accumulates output column ``8*jo + ji``.
+    """
     from tvm import te, tirx
 
     a_shape = _input(node, 0).type.shape
@@ -335,24 +491,19 @@ def _packed_dense_te(node: Node) -> Callable[..., Any]:
 
     def fn(a: Any, wp: Any, *bias: Any) -> Any:
         zero = tirx.const(0, "int16")
-
-        def pack(r: Any, kk: Any, t: Any) -> Any:
-            k = kk * 2 + t
-            index = []
-            rest = r
-            for d in reversed(a_shape[:-1]):
-                index.append(rest % d)
-                rest = rest // d
-            element = a[(*reversed(index), tirx.min(k, k_dim - 1))].astype("int16")
-            return tirx.if_then_else(k < k_dim, element, zero)
-
-        packed = te.compute((rows, k2, 2), pack, name="pack")
+        padded = te.compute(
+            (rows, 2 * k2),
+            lambda r, k: tirx.if_then_else(
+                k < k_dim, a[r, tirx.min(k, k_dim - 1)].astype("int16"), zero
+            ),
+            name="pad",
+        )
         rk = te.reduce_axis((0, k2), name="rk")
         rt = te.reduce_axis((0, 2), name="rt")
         dot = te.compute(
             (rows, no, LANES),
             lambda r, jo, ji: te.sum(
-                packed[r, rk, rt].astype("int32") * wp[jo, rk, ji, rt].astype("int32"),
+                padded[r, rk * 2 + rt].astype("int32") * wp[jo, rk, ji, rt].astype("int32"),
                 axis=[rk, rt],
             ),
             name="dot",
@@ -377,34 +528,49 @@ def _dense_weights(node: Node) -> np.ndarray:
     return np.ascontiguousarray(nk)
 
 
-def _accumulator(lw: _Lowerer, node: Node) -> tuple[Callable[..., Any], list[Any], str]:
+@dataclass(frozen=True)
+class _Accumulator:
+    """How one ``QConv``/``QGemm``/``QMatMul`` computes its int32 accumulator."""
+
+    fn: Callable[..., Any]  # TE: args -> int32 accumulator
+    args: list[Any]  # Relax expressions: input, weights[, bias]
+    kind: str  # the schedule's kernel kind
+    nhwc: bool  # the accumulator (a 4-D conv output) is NHWC
+
+
+def _accumulator(lw: _Lowerer, node: Node) -> _Accumulator:
     """The TE function computing ``node``'s int32 accumulator, its arguments and kind."""
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    x, w = _input(node, 0), _input(node, 1)
+    bias = [lw.value(node.inputs[2])] if len(node.inputs) > 2 and node.inputs[2] else []
+    if lw.channels_last and _channels_last_kernel(node):
+        assert w.const is not None
+        x_nhwc = lw.value_nhwc(x)
+        if _ConvShape.of(node).depthwise:
+            weights = np.ascontiguousarray(w.const[:, 0].transpose(1, 2, 0))  # [kh, kw, C]
+            return _Accumulator(
+                _depthwise_nhwc_te(node), [x_nhwc, lw.const(weights), *bias], "depthwise", True
+            )
+        weights = _packed_weights(w.const)
+        return _Accumulator(_packed_conv_te(node), [x_nhwc, lw.const(weights), *bias], "conv", True)
     if node.op == "QConv":
         fn, kind = _conv_te(node)
-        w = _input(node, 1)
-        weights = lw.value(w)
-        if kind == "conv":
-            assert w.const is not None  # _pairs_exactly checked it
-            weights = lw.const(_packed_weights(w.const))
-        args = [lw.value(_input(node, 0)), weights]
-    elif _pairs_exactly(node):
-        fn, kind = _packed_dense_te(node), "dense"
-        args = [lw.value(_input(node, 0)), lw.const(_packed_weights(_dense_weights(node)))]
-    else:
-        fn, kind = _dense_te(node), "generic"
-        args = [lw.value(_input(node, 0)), lw.const(_dense_weights(node))]
-    if bias is not None:
-        args.append(lw.value(bias))
-    return fn, args, kind
+        return _Accumulator(fn, [lw.value(x), lw.value(w), *bias], kind, False)
+    if _pairs_exactly(node):
+        shape = x.type.shape
+        rows = lw.relax.ShapeExpr([int(np.prod(shape[:-1])), shape[-1]])
+        a = lw.bb.emit(lw.relax.op.reshape(lw.value(x), rows))
+        weights = lw.const(_packed_weights(_dense_weights(node)))
+        return _Accumulator(_packed_dense_te(node), [a, weights, *bias], "dense", False)
+    weights = lw.const(_dense_weights(node))
+    return _Accumulator(_dense_te(node), [lw.value(x), weights, *bias], "generic", False)
 
 
 @_lower(*_ACCUMULATORS)
 def _accumulate(lw: _Lowerer, node: Node) -> None:
     if node.output.name in lw.deferred:
         return  # computed inside its reader's kernel
-    fn, args, kind = _accumulator(lw, node)
-    lw.bind(node, lw.emit_te(fn, args, node, kind))
+    acc = _accumulator(lw, node)
+    lw.bind(node, lw.emit_node(acc.fn, acc.args, node, acc.kind), nhwc=acc.nhwc)
 
 
 @dataclass(frozen=True)
@@ -497,22 +663,24 @@ def _fused(
     extra = [lw.const(c) for c in constants]
     producer = lw.deferred.get(x.name)
     if producer is None:
-        lw.bind(node, lw.emit_te(epilogue, [lw.value(x), *extra], node, "elementwise"))
+        nhwc = lw.is_nhwc(x)
+        source = lw.value_nhwc(x) if nhwc else lw.value(x)
+        lw.bind(node, lw.emit_node(epilogue, [source, *extra], node, "elementwise"), nhwc=nhwc)
         return
-    acc_fn, args, kind = _accumulator(lw, producer)
-    count = len(args)
+    acc = _accumulator(lw, producer)
+    count = len(acc.args)
 
     def fn(*tensors: Any) -> Any:
-        return epilogue(acc_fn(*tensors[:count]), *tensors[count:])
+        return epilogue(acc.fn(*tensors[:count]), *tensors[count:])
 
-    lw.bind(node, lw.emit_te(fn, [*args, *extra], producer, kind))
+    lw.bind(node, lw.emit_node(fn, [*acc.args, *extra], producer, acc.kind), nhwc=acc.nhwc)
 
 
 @_lower("Requantize")
 def _requantize(lw: _Lowerer, node: Node) -> None:
     attrs = node.attrs
     rescale = _Rescale.of(attrs["multiplier"], attrs["shift"])
-    axis = attrs["axis"] if len(attrs["multiplier"]) > 1 else 0
+    axis = lw.channel_axis(_input(node), attrs["axis"]) if len(attrs["multiplier"]) > 1 else 0
     fn, constants = _rescale_te(rescale, attrs["lo"], attrs["hi"], _dtype(node.output), axis)
     _fused(lw, node, fn, constants)
 
@@ -524,7 +692,7 @@ def _dequantize(lw: _Lowerer, node: Node) -> None:
     q = _input(node).type.quant
     assert q is not None
     scales = np.asarray(q.scale, np.float32)
-    axis = q.axis if q.axis is not None else 0
+    axis = lw.channel_axis(_input(node), q.axis) if q.axis is not None else 0
     if len(scales) == 1:
 
         def fn(x: Any) -> Any:
@@ -560,7 +728,7 @@ def _quantize(lw: _Lowerer, node: Node) -> None:
 
         return te.compute(x.shape, body, name="quantize")
 
-    lw.bind(node, lw.emit_te(fn, [lw.value(_input(node))], node, "elementwise"))
+    lw.bind(node, lw.emit_node(fn, [lw.value(_input(node))], node, "elementwise"))
 
 
 @_lower("QAdd")
@@ -591,8 +759,53 @@ def _qadd(lw: _Lowerer, node: Node) -> None:
 
         return te.compute(shape, body, name="qadd")
 
-    args = [lw.value(_input(node, 0)), lw.value(_input(node, 1))]
-    lw.bind(node, lw.emit_te(fn, args, node, "elementwise"))
+    nhwc = _elementwise_nhwc(lw, node)
+    if nhwc:
+        shape = _nhwc_shape(shape)
+        args = [lw.value_nhwc(_input(node, 0)), lw.value_nhwc(_input(node, 1))]
+    else:
+        args = [lw.value(_input(node, 0)), lw.value(_input(node, 1))]
+    lw.bind(node, lw.emit_node(fn, args, node, "elementwise"), nhwc=nhwc)
+
+
+def _elementwise_nhwc(lw: _Lowerer, node: Node) -> bool:
+    """True when the elementwise ``node`` should run NHWC: an input already is, and every
+    input has the output's 4-D shape (no broadcasting to remap)."""
+    inputs = [v for v in node.inputs if v is not None]
+    shape = node.output.type.shape
+    return (
+        len(shape) == 4
+        and all(v.type.shape == shape for v in inputs)
+        and any(lw.is_nhwc(v) for v in inputs)
+    )
+
+
+def _nhwc_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(shape[p] for p in NCHW_TO_NHWC)
+
+
+def _spatial_input(lw: _Lowerer, node: Node) -> tuple[Any, bool, Callable[..., Any]]:
+    """A pool's input as stored (NCHW or NHWC), whether it is NHWC, and the pool's output
+    shape in that layout; ``at(x, n, c, spatial)`` reads ``x`` in either."""
+    x = _input(node)
+    nhwc = x.type.rank == 4 and lw.is_nhwc(x)
+    return (lw.value_nhwc(x) if nhwc else lw.value(x)), nhwc, _reader(nhwc)
+
+
+def _reader(nhwc: bool) -> Callable[..., Any]:
+    if nhwc:
+        return lambda x, n, c, spatial: x[(n, *spatial, c)]
+    return lambda x, n, c, spatial: x[(n, c, *spatial)]
+
+
+def _pool_compute(node: Node, nhwc: bool, body: Callable[..., Any], name: str) -> Any:
+    """The TE compute of ``body(n, c, spatial)`` over ``node``'s output in the chosen layout."""
+    from tvm import te
+
+    shape = node.output.type.shape
+    if nhwc:
+        return te.compute(_nhwc_shape(shape), lambda n, i, j, c: body(n, c, (i, j)), name=name)
+    return te.compute(shape, lambda n, c, *o: body(n, c, o), name=name)
 
 
 def _broadcast(t: Any, index: tuple[Any, ...]) -> Any:
@@ -605,19 +818,15 @@ def _broadcast(t: Any, index: tuple[Any, ...]) -> Any:
 def _qglobal_avgpool(lw: _Lowerer, node: Node) -> None:
     from tvm import te
 
-    x_type = _input(node).type
-    spatial = x_type.shape[2:]
-    out_shape = node.output.type.shape
+    spatial = _input(node).type.shape[2:]
+    source, nhwc, at = _spatial_input(lw, node)
 
     def fn(x: Any) -> Any:
         axes = [te.reduce_axis((0, d), name=f"r{k}") for k, d in enumerate(spatial)]
-        return te.compute(
-            out_shape,
-            lambda n, c, *_: te.sum(x[(n, c, *axes)].astype("int32"), axis=axes),
-            name="pool",
-        )
+        body = lambda n, c, _: te.sum(at(x, n, c, axes).astype("int32"), axis=axes)  # noqa: E731
+        return _pool_compute(node, nhwc, body, "pool")
 
-    lw.bind(node, lw.emit_te(fn, [lw.value(_input(node))], node, "elementwise"))
+    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
 
 
 @_lower("QAveragePool")
@@ -625,18 +834,18 @@ def _qavgpool(lw: _Lowerer, node: Node) -> None:
     from tvm import te
 
     kernel, strides = node.attrs["kernel_shape"], node.attrs["strides"]
-    out_shape = node.output.type.shape
+    source, nhwc, at = _spatial_input(lw, node)
 
     def fn(x: Any) -> Any:
         axes = [te.reduce_axis((0, k), name=f"r{d}") for d, k in enumerate(kernel)]
 
-        def body(n: Any, c: Any, *o: Any) -> Any:
+        def body(n: Any, c: Any, o: Sequence[Any]) -> Any:
             index = [o[d] * strides[d] + axes[d] for d in range(len(kernel))]
-            return te.sum(x[(n, c, *index)].astype("int32"), axis=axes)
+            return te.sum(at(x, n, c, index).astype("int32"), axis=axes)
 
-        return te.compute(out_shape, body, name="pool")
+        return _pool_compute(node, nhwc, body, "pool")
 
-    lw.bind(node, lw.emit_te(fn, [lw.value(_input(node))], node, "elementwise"))
+    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
 
 
 def _lowest(dtype: np.dtype) -> int | float:
@@ -652,24 +861,24 @@ def _maxpool(lw: _Lowerer, node: Node) -> None:
     kernel, strides, pads = attrs["kernel_shape"], attrs["strides"], attrs["pads"]
     spatial = len(kernel)
     dilations = attrs.get("dilations") or (1,) * spatial
-    out_shape = node.output.type.shape
     dtype = _dtype(node.output)
     lowest = _lowest(x_type.dtype.numpy)
     sizes = x_type.shape[2:]
+    source, nhwc, at = _spatial_input(lw, node)
 
     def fn(x: Any) -> Any:
         axes = [te.reduce_axis((0, k), name=f"r{d}") for d, k in enumerate(kernel)]
 
-        def body(n: Any, c: Any, *o: Any) -> Any:
+        def body(n: Any, c: Any, o: Sequence[Any]) -> Any:
             index = [o[d] * strides[d] + axes[d] * dilations[d] - pads[d] for d in range(spatial)]
             inside = tirx.all(*[tirx.all(i >= 0, i < s) for i, s in zip(index, sizes)])
             clamped = [tirx.max(tirx.min(i, s - 1), 0) for i, s in zip(index, sizes)]
-            element = tirx.if_then_else(inside, x[(n, c, *clamped)], tirx.const(lowest, dtype))
+            element = tirx.if_then_else(inside, at(x, n, c, clamped), tirx.const(lowest, dtype))
             return te.max(element, axis=axes)
 
-        return te.compute(out_shape, body, name="maxpool")
+        return _pool_compute(node, nhwc, body, "maxpool")
 
-    lw.bind(node, lw.emit_te(fn, [lw.value(_input(node))], node, "elementwise"))
+    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
 
 
 @_lower("Clip", "Relu")
@@ -691,7 +900,9 @@ def _clip(lw: _Lowerer, node: Node) -> None:
         lo_, hi_ = tirx.const(low, dtype), tirx.const(high, dtype)
         return te.compute(x.shape, lambda *i: tirx.max(tirx.min(x(*i), hi_), lo_), name="clip")
 
-    lw.bind(node, lw.emit_te(fn, [lw.value(_input(node))], node, "elementwise"))
+    nhwc = lw.is_nhwc(_input(node))  # elementwise: any layout
+    source = lw.value_nhwc(_input(node)) if nhwc else lw.value(_input(node))
+    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
 
 
 @_lower("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -713,9 +924,12 @@ def _transpose(lw: _Lowerer, node: Node) -> None:
 
 @_lower("Concat")
 def _concat(lw: _Lowerer, node: Node) -> None:
-    parts = [lw.value(v) for v in node.inputs]
-    expr = lw.relax.op.concat(lw.relax.Tuple(parts), axis=node.attrs["axis"])
-    lw.bind(node, lw.bb.emit(expr))
+    inputs = [v for v in node.inputs if v is not None]
+    axis = node.attrs["axis"] % node.output.type.rank
+    nhwc = node.output.type.rank == 4 and all(lw.is_nhwc(v) for v in inputs)
+    parts = [lw.value_nhwc(v) if nhwc else lw.value(v) for v in inputs]
+    expr = lw.relax.op.concat(lw.relax.Tuple(parts), axis=_nhwc_axis(axis) if nhwc else axis)
+    lw.bind(node, lw.bb.emit(expr), nhwc=nhwc)
 
 
 @_lower("Expand")
@@ -759,7 +973,7 @@ def _slice(lw: _Lowerer, node: Node) -> None:
             name="slice",
         )
 
-    lw.bind(node, lw.emit_te(fn, [lw.value(_input(node))], node, "elementwise"))
+    lw.bind(node, lw.emit_node(fn, [lw.value(_input(node))], node, "elementwise"))
 
 
 @_lower("Pad")
@@ -793,15 +1007,16 @@ def _pad(lw: _Lowerer, node: Node) -> None:
 
         return te.compute(node.output.type.shape, body, name="pad")
 
-    lw.bind(node, lw.emit_te(fn, [lw.value(_input(node))], node, "elementwise"))
+    lw.bind(node, lw.emit_node(fn, [lw.value(_input(node))], node, "elementwise"))
 
 
 # ----- module, compile, run ---------------------------------------------------------------------
 
 
-def to_relax(graph: Graph) -> tuple[Any, dict[str, Kernel]]:
-    """The Relax ``IRModule`` computing ``graph`` and the kernels it holds (by prim func name)."""
-    lw = _Lowerer(graph)
+def to_relax(graph: Graph, channels_last: bool = True) -> tuple[Any, dict[str, Kernel]]:
+    """The Relax ``IRModule`` computing ``graph`` and the kernels it holds (by prim func name);
+    ``channels_last`` keeps CNN activations NHWC between the kernels that want it."""
+    lw = _Lowerer(graph, channels_last)
     relax = lw.relax
     params = [relax.Var(v.name, relax.TensorType(v.type.shape, _dtype(v))) for v in graph.inputs]
     with lw.bb.function("main", params):
@@ -830,7 +1045,8 @@ def compile_tvm(
     tvm = _tvm()
     spec = parse_target(tvm_target)
     start = time.perf_counter()
-    mod, kernels = to_relax(graph)
+    # NHWC for the CPU schedules; the GPU's default schedules take the graph as it is.
+    mod, kernels = to_relax(graph, channels_last=spec["kind"] == "llvm")
     report: dict[str, str] = {}
     if spec["kind"] == "cuda":
         # GPU kernels need their loops bound to threads: dlight's default GPU schedules

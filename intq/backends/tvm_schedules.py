@@ -72,7 +72,8 @@ def _dot_8x2_avx2(
 
 
 AVX2_DOT_8x2 = "intq_avx2_dot_8x2_i16i16i32"
-"""``c[i] += a[0]*b[i,0] + a[1]*b[i,1]`` for 8 lanes: one ``vpmaddwd`` and one add."""
+"""``c[i] += a[0]*b[i,0] + a[1]*b[i,1]`` for 8 lanes: one ``vpmaddwd`` and one add (the
+pair broadcast straight from memory: the kernels widen activations to int16 first)."""
 
 _registered = False
 
@@ -171,35 +172,40 @@ def _lanes(sch: Sch, dot: Any, reduction: Any, lanes: Any, pair: Any, avx2: bool
     sch.vectorize(sch.get_loops(init)[-1])
 
 
+def _pad(sch: Sch) -> None:
+    """A kernel's ``pad`` block (if any): rows in parallel, channels vectorized."""
+    pad = _blocks(sch).get("pad")
+    if pad is not None:
+        _parallel_outer(sch, pad, keep=1, vectorize=True)
+
+
 def schedule_conv(sch: Sch, avx2: bool) -> None:
-    """``pack`` -> ``dot`` (tensorized, register tile over output columns) -> epilogue."""
-    blocks = _blocks(sch)
-    pack, dot = blocks["pack"], blocks["dot"]
+    """NHWC ``[pad] -> dot`` (tensorized, register tile over output columns) -> epilogue."""
     epilogue = _epilogue(sch, "dot", parallel=False)
-    _parallel_outer(sch, pack, keep=2, vectorize=True)
-    n, ko, i, j, ki, rc, ry, rx, rt = sch.get_loops(dot)
-    width = _extent(sch, j)
-    jo, ji = sch.split(j, [None, _divisor(width, 8)])
-    sch.reorder(n, ko, i, jo, rc, ry, rx, ji, ki, rt)
+    _pad(sch)
+    dot = _blocks(sch)["dot"]
+    n, i, j, ko, ki, ry, rx, rc, rt = sch.get_loops(dot)
+    jo, ji = sch.split(j, [None, _divisor(_extent(sch, j), 8)])
+    # Output-channel blocks outermost: one block's weights stay in cache over the image.
+    sch.reorder(n, ko, i, jo, ry, rx, rc, ji, ki, rt)
     sch.parallel(sch.fuse(n, ko, i))
     local = sch.cache_write(dot, 0, "local")
     sch.reverse_compute_at(local, jo)
-    _lanes(sch, dot, rc, ki, rt, avx2)
+    _lanes(sch, dot, ry, ki, rt, avx2)
     sch.unroll(ji)
     sch.vectorize(sch.get_loops(local)[-1])
     if epilogue is not None:
-        # The requantization of each 8x8 tile right after its accumulators: the int32
+        # The requantization of each tile right after its accumulators: the int32
         # tensor never leaves the cache.
         sch.reverse_compute_at(epilogue, jo)
         sch.vectorize(sch.get_loops(epilogue)[-1])
 
 
 def schedule_dense(sch: Sch, avx2: bool) -> None:
-    """``pack`` -> ``dot`` (tensorized, up to 4 rows x 8 lanes per tile) -> epilogue."""
-    blocks = _blocks(sch)
-    pack, dot = blocks["pack"], blocks["dot"]
+    """``[pad] -> dot`` (tensorized, up to 4 rows x 8 lanes per tile) -> epilogue."""
     _epilogue(sch, "dot")
-    _parallel_outer(sch, pack, keep=1)
+    _pad(sch)
+    dot = _blocks(sch)["dot"]
     r, jo, ji, rk, rt = sch.get_loops(dot)
     ro, ri = sch.split(r, [None, _divisor(_extent(sch, r), 4)])
     sch.reorder(ro, jo, rk, ri, ji, rt)
@@ -213,26 +219,28 @@ def schedule_dense(sch: Sch, avx2: bool) -> None:
 
 
 def schedule_depthwise(sch: Sch, avx2: bool) -> None:
-    """8 output columns per vector, taps unrolled, epilogue per output row."""
-    blocks = _blocks(sch)
-    acc = blocks["acc"]
+    """NHWC: up to 16 channels per vector x 4 output columns per tile, taps unrolled,
+    the epilogue per tile."""
     epilogue = _epilogue(sch, "acc", parallel=False)
-    if "pad" in blocks:
-        _parallel_outer(sch, blocks["pad"], keep=1, vectorize=True)
-    b, k, i, j, ry, rx = sch.get_loops(acc)
-    # A divisor of the width (7 for 28, 14 and 7): a predicated tail would be scalarized.
-    jo, ji = sch.split(j, [None, _divisor(_extent(sch, j), 8)])
-    sch.reorder(b, k, i, jo, ry, rx, ji)
-    sch.parallel(sch.fuse(b, k))
+    _pad(sch)
+    acc = _blocks(sch)["acc"]
+    b, i, j, k, ry, rx = sch.get_loops(acc)
+    # Divisors: a predicated tail would be scalarized.
+    ko, ki = sch.split(k, [None, _divisor(_extent(sch, k), 16)])
+    jo, ji = sch.split(j, [None, _divisor(_extent(sch, j), 4)])
+    sch.reorder(b, i, jo, ko, ry, rx, ji, ki)
+    sch.parallel(sch.fuse(b, i))
     local = sch.cache_write(acc, 0, "local")
-    sch.reverse_compute_at(local, jo)
-    sch.vectorize(ji)
-    sch.unroll(ry)
+    sch.reverse_compute_at(local, ko)
+    sch.vectorize(ki)
+    sch.unroll(ji)
     sch.unroll(rx)
+    sch.unroll(ry)
     init = sch.decompose_reduction(acc, ry)
     sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(local)[-1])
     if epilogue is not None:
-        sch.reverse_compute_at(epilogue, jo)
+        sch.reverse_compute_at(epilogue, ko)
         sch.vectorize(sch.get_loops(epilogue)[-1])
 
 
