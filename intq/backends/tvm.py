@@ -798,6 +798,11 @@ def _reader(nhwc: bool) -> Callable[..., Any]:
     return lambda x, n, c, spatial: x[(n, c, *spatial)]
 
 
+def _bind_pool(lw: _Lowerer, node: Node, fn: Callable[..., Any], source: Any, nhwc: bool) -> None:
+    """Bind a pool's kernel: the NHWC pool schedule vectorizes over channels."""
+    lw.bind(node, lw.emit_node(fn, [source], node, "pool" if nhwc else "elementwise"), nhwc=nhwc)
+
+
 def _pool_compute(node: Node, nhwc: bool, body: Callable[..., Any], name: str) -> Any:
     """The TE compute of ``body(n, c, spatial)`` over ``node``'s output in the chosen layout."""
     from tvm import te
@@ -826,7 +831,7 @@ def _qglobal_avgpool(lw: _Lowerer, node: Node) -> None:
         body = lambda n, c, _: te.sum(at(x, n, c, axes).astype("int32"), axis=axes)  # noqa: E731
         return _pool_compute(node, nhwc, body, "pool")
 
-    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
+    _bind_pool(lw, node, fn, source, nhwc)
 
 
 @_lower("QAveragePool")
@@ -845,7 +850,7 @@ def _qavgpool(lw: _Lowerer, node: Node) -> None:
 
         return _pool_compute(node, nhwc, body, "pool")
 
-    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
+    _bind_pool(lw, node, fn, source, nhwc)
 
 
 def _lowest(dtype: np.dtype) -> int | float:
@@ -878,7 +883,7 @@ def _maxpool(lw: _Lowerer, node: Node) -> None:
 
         return _pool_compute(node, nhwc, body, "maxpool")
 
-    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
+    _bind_pool(lw, node, fn, source, nhwc)
 
 
 @_lower("Clip", "Relu")

@@ -186,18 +186,20 @@ def schedule_conv(sch: Sch, avx2: bool) -> None:
     dot = _blocks(sch)["dot"]
     n, i, j, ko, ki, ry, rx, rc, rt = sch.get_loops(dot)
     jo, ji = sch.split(j, [None, _divisor(_extent(sch, j), 8)])
-    # Output-channel blocks outermost: one block's weights stay in cache over the image.
-    sch.reorder(n, ko, i, jo, ry, rx, rc, ji, ki, rt)
-    sch.parallel(sch.fuse(n, ko, i))
+    # Each tile of output columns through every output-channel block, while its input
+    # rows are in cache (measured here: as fast or faster than channel blocks outermost
+    # for every ResNet-18 and EfficientNet-Lite0 shape, up to 1.5x for 1x1 convs).
+    sch.reorder(n, i, jo, ko, ry, rx, rc, ji, ki, rt)
+    sch.parallel(sch.fuse(n, i))
     local = sch.cache_write(dot, 0, "local")
-    sch.reverse_compute_at(local, jo)
+    sch.reverse_compute_at(local, ko)
     _lanes(sch, dot, ry, ki, rt, avx2)
     sch.unroll(ji)
     sch.vectorize(sch.get_loops(local)[-1])
     if epilogue is not None:
         # The requantization of each tile right after its accumulators: the int32
         # tensor never leaves the cache.
-        sch.reverse_compute_at(epilogue, jo)
+        sch.reverse_compute_at(epilogue, ko)
         sch.vectorize(sch.get_loops(epilogue)[-1])
 
 
@@ -244,6 +246,30 @@ def schedule_depthwise(sch: Sch, avx2: bool) -> None:
         sch.vectorize(sch.get_loops(epilogue)[-1])
 
 
+def schedule_pool(sch: Sch, avx2: bool) -> None:
+    """An NHWC pool (``maxpool``/``pool`` block, then maybe an epilogue): output rows in
+    parallel, the window's taps outside a vector of up to 16 channels."""
+    blocks = _blocks(sch)
+    pool = blocks.get("maxpool", blocks.get("pool"))
+    n, i, j, c, *taps = sch.get_loops(pool)
+    co, ci = sch.split(c, [None, _divisor(_extent(sch, c), 16)])
+    sch.reorder(n, i, j, co, *taps, ci)
+    sch.parallel(sch.fuse(n, i))
+    later = list(blocks)[list(blocks).index(sch.get(pool).name_hint) + 1 :]
+    if taps:
+        # Reduce into registers (a reduction vectorizes only into a local buffer).
+        local = sch.cache_write(pool, 0, "local")
+        sch.reverse_compute_at(local, co)
+        sch.vectorize(ci)
+        init = sch.decompose_reduction(pool, taps[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(sch.get_loops(local)[-1])
+    else:
+        sch.vectorize(ci)
+    for name in later:
+        _parallel_outer(sch, _blocks(sch)[name], keep=1, vectorize=True)
+
+
 def schedule_elementwise(sch: Sch, avx2: bool) -> None:
     """Every block: outer loops fused and parallel."""
     for block in _blocks(sch).values():
@@ -255,6 +281,7 @@ SCHEDULES: dict[str, Callable[[Sch, bool], None]] = {
     "dense": schedule_dense,
     "depthwise": schedule_depthwise,
     "elementwise": schedule_elementwise,
+    "pool": schedule_pool,
     "generic": schedule_elementwise,
 }
 """Kernel kind -> the function scheduling its prim func."""
