@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 
 import intq
-from intq.artifacts import onnx_metadata, parse_onnx, read_artifact_bytes
+from intq.artifacts import artifact_target, onnx_metadata, parse_onnx, read_artifact_bytes
 from intq.backends import TARGETS
 from intq.backends.base import atomic_write
+from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
+from intq.backends.tvm_runtime import read_tvm_artifact
 from intq.data import calibration_batches
 from intq.inspection import layer_sqnr, layer_table, table
 from intq.ir import Graph, from_text, to_text
@@ -61,7 +63,13 @@ array per model output.""",
     "bench": """examples:
   intq bench model_int8.onnx                          # latency percentiles p50/p90/p99
   intq bench model_int8.onnx --fp32 model.onnx        # and against the FP32 model
-  intq bench model_int8.onnx --inputs in.npz --repeat 200""",
+  intq bench model_int8.onnx --inputs in.npz --repeat 200
+  intq bench model.so --rpc-tracker 10.0.0.5:9190 --rpc-key rasp4   # on a device, via TVM RPC
+
+--rpc-tracker runs a TVM artifact on a device that registered with a TVM RPC tracker:
+  python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190            # anywhere
+  python -m tvm.exec.rpc_server --tracker 10.0.0.5:9190 --key rasp4    # on each device
+A .tar (cross target) is linked on the device by its C++ compiler.""",
     "report": """examples:
   intq report model.onnx --calib calib.npz -o report.png
   intq report model.onnx --calib calib.npz --config cfg.toml -o report.png --top 10
@@ -332,6 +340,8 @@ def _percentiles(fn: Callable[[], object], repeat: int, warmup: int) -> dict[str
 def _bench(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.warmup < 0:
         raise intq.IntqError("--repeat must be at least 1 and --warmup at least 0")
+    if args.rpc_tracker is not None or args.rpc_key is not None:
+        return _bench_remote(args)
     exe = intq.load(args.artifact)
     inputs = getattr(exe, "inputs", None) or exe.graph.inputs
     if args.inputs is not None:
@@ -366,15 +376,67 @@ def _bench(args: argparse.Namespace) -> int:
                 **_percentiles(lambda: session.run(None, fp32_feeds), args.repeat, args.warmup),
             }
         )
+    _print_latency(args, rows)
+    return 0
+
+
+def _print_latency(args: argparse.Namespace, rows: list[dict[str, Any]], where: str = "") -> None:
     text = [
         {"model": r["model"], **{k: f"{r[k]:.3f}" for k in ("p50", "p90", "p99")}} for r in rows
     ]
     if len(rows) == 2:
         for row, raw in zip(text, rows):
             row["vs FP32 (p50)"] = f"{raw['p50'] / rows[1]['p50']:.2f}x"
-    print(f"latency in ms over {args.repeat} runs ({args.warmup} warm-up):")
+    print(f"latency in ms over {args.repeat} runs ({args.warmup} warm-up){where}:")
     print(table(text))
+
+
+def _bench_remote(args: argparse.Namespace) -> int:
+    """``bench --rpc-tracker``: the artifact runs on a device the tracker hands out."""
+    if args.rpc_tracker is None or args.rpc_key is None:
+        raise intq.IntqError(
+            "--rpc-tracker and --rpc-key go together",
+            hint="e.g. --rpc-tracker 10.0.0.5:9190 --rpc-key rasp4",
+        )
+    if args.fp32 is not None:
+        raise intq.IntqError(
+            "--fp32 runs here while --rpc-tracker runs the artifact on a device:"
+            " their times do not compare",
+            hint="bench the FP32 model on the device separately",
+        )
+    path, data = read_artifact_bytes(args.artifact)
+    target = artifact_target(path, data)
+    if target != "tvm":
+        raise intq.IntqError(
+            f"{path} is a {target} artifact; --rpc-tracker runs TVM artifacts only",
+            hint="compile it with --target tvm (and --tvm-target for the device)",
+        )
+    artifact = read_tvm_artifact(path)
+    if args.inputs is not None:
+        feeds = _read_npz(args.inputs, "inputs")
+    else:
+        names = [s.name for s in artifact.inputs]
+        feeds = _random_inputs(names, [s.value() for s in artifact.inputs], seed=0)
+    result = remote_bench(
+        artifact,
+        args.rpc_tracker,
+        args.rpc_key,
+        feeds,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        timeout=args.rpc_timeout,
+    )
+    row = {"model": f"{path} (tvm, remote {args.rpc_key})", **result.percentiles()}
+    where = f" on {args.rpc_key!r} via the tracker at {result.tracker}, timed on the device"
+    _print_latency(args, [row], where)
     return 0
+
+
+def _tracker_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_tracker(text)
+    except intq.IntqError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
@@ -511,6 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--inputs", type=Path, metavar="IN.npz", help="default: random")
     command.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
     command.add_argument("--warmup", type=int, default=5, help="untimed runs (default 5)")
+    group = command.add_argument_group("remote (TVM artifacts)", "run on a device via TVM RPC")
+    group.add_argument(
+        "--rpc-tracker", type=_tracker_address, metavar="HOST:PORT", help="the RPC tracker"
+    )
+    group.add_argument("--rpc-key", metavar="KEY", help="the key the device's server registered")
+    group.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait this long for the tracker and a free device (default {DEFAULT_TIMEOUT:g})",
+    )
     command.set_defaults(run=_bench)
 
     command = _command(commands, "report", "per-layer SQNR vs FP32: which layer hurts")

@@ -60,6 +60,11 @@ class ArtifactError(IntqError):
     """A saved artifact could not be written or read back."""
 
 
+class RemoteError(IntqError):
+    """A remote device could not be reached or used: no RPC tracker, no server with the key,
+    none free in time, or the device failed to load or run the module."""
+
+
 __all__ = [
     "ArtifactError",
     "IntqError",
@@ -67,6 +72,7 @@ __all__ = [
     "NumericsError",
     "ParseError",
     "PassError",
+    "RemoteError",
     "ShapeError",
     "UnsupportedOpError",
     "VerificationError",

@@ -175,6 +175,34 @@ def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, outputs
 
 
+def check_inputs(
+    specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``inputs`` matched to the module's inputs (names, shapes, dtypes; see :func:`check_feeds`).
+
+    The module quantizes its float inputs itself (the graph's ``Quantize`` ops are compiled
+    into it), so checking is all the preparation an input needs, here or on a remote device.
+    """
+    return check_feeds([s.value() for s in specs], inputs)
+
+
+def device_arguments(
+    specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray], device: Any
+) -> list[Any]:
+    """Checked ``feeds`` as TVM tensors on ``device`` (local or an RPC session's), in the
+    order of ``specs``: the arguments of the module's entry function."""
+    tvm = _tvm()
+    return [tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name]), device) for s in specs]
+
+
+def named_outputs(specs: Sequence[TensorSpec], results: Any) -> dict[str, np.ndarray]:
+    """The entry function's results (a tuple of tensors, or one tensor) as name -> array,
+    copied to this machine; ``Dequantize`` outputs are already float, as the graph says."""
+    if hasattr(results, "numpy"):  # a single tensor, not a tuple of them
+        results = (results,)
+    return {s.name: results[i].numpy() for i, s in enumerate(specs)}
+
+
 class TvmExecutable:
     """A graph compiled by TVM: runs on the Relax VM (host targets) and saves as a library."""
 
@@ -197,6 +225,8 @@ class TvmExecutable:
         self.compile_seconds = compile_seconds
         self.schedules: dict[str, tuple[str, str]] = {}
         """Prim func -> (kernel kind, the schedule that applied), from :func:`compile_tvm`."""
+        self.path: Path | None = None
+        """The library this executable was loaded from (:func:`load_tvm`); None when compiled."""
         self._vm: Any = None
 
     @property
@@ -236,14 +266,11 @@ class TvmExecutable:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``inputs`` (name -> array); returns output name -> array."""
-        tvm = _tvm()
-        feeds = check_feeds([s.value() for s in self.inputs], inputs)
+        feeds = check_inputs(self.inputs, inputs)
         vm, device = self.vm(), self.device()
-        args = [
-            tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name]), device) for s in self.inputs
-        ]
-        results = vm["main"](*args)
-        return {s.name: results[i].numpy() for i, s in enumerate(self.outputs)}
+        return named_outputs(
+            self.outputs, vm["main"](*device_arguments(self.inputs, feeds, device))
+        )
 
     def manifest(self) -> dict[str, Any]:
         """What a device-side loader needs: entry point, tensors, how to (de)quantize."""
@@ -296,8 +323,31 @@ def _manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def load_tvm(path: str | Path) -> TvmExecutable:
-    """Reopen a host library written by :meth:`TvmExecutable.save` (with its manifest)."""
+@dataclass(frozen=True)
+class TvmArtifact:
+    """A saved library's verified bytes and its manifest, without loading (running) it.
+
+    What a loader needs, here or on another machine: :func:`load_tvm` loads ``library``
+    into this process; :func:`intq.backends.tvm_rpc.remote_bench` uploads it to a device.
+    """
+
+    path: Path
+    library: bytes
+    target: dict[str, Any]
+    entry: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def needs_linker(self) -> bool:
+        """True for a ``.tar`` of object files: whoever loads it links it first (TVM's
+        ``load_module`` runs the machine's C++ compiler, ``$CXX`` or ``g++``)."""
+        return self.path.suffix == ".tar"
+
+
+def read_tvm_artifact(path: str | Path) -> TvmArtifact:
+    """Read a library written by :meth:`TvmExecutable.save` and its manifest, checking the
+    manifest's format and the library's sha256; any target (a cross ``.tar`` too)."""
     path = Path(path)
     manifest_path = _manifest_path(path)
     try:
@@ -310,19 +360,32 @@ def load_tvm(path: str | Path) -> TvmExecutable:
     if manifest.get("format") != "intq-tvm" or manifest.get("version") != MANIFEST_VERSION:
         raise ArtifactError(f"{manifest_path} is not an intq TVM manifest (version 1)")
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        library = path.read_bytes()
     except OSError as err:
         raise ArtifactError(f"cannot read {path}: {err.strerror or err}") from None
-    if digest != manifest.get("sha256"):
+    if hashlib.sha256(library).hexdigest() != manifest.get("sha256"):
         raise ArtifactError(
             f"{path} does not match the checksum in {manifest_path.name}: it was modified or"
             " damaged after intq wrote it",
             hint="compile it again; a library is loaded (its code run) only when it matches",
         )
-    target = manifest["target"]
-    if not links_here(target):
+    return TvmArtifact(
+        path,
+        library,
+        manifest["target"],
+        manifest.get("entry", "main"),
+        [TensorSpec.from_json(s) for s in manifest["inputs"]],
+        [TensorSpec.from_json(s) for s in manifest["outputs"]],
+    )
+
+
+def load_tvm(path: str | Path) -> TvmExecutable:
+    """Reopen a host library written by :meth:`TvmExecutable.save` (with its manifest)."""
+    artifact = read_tvm_artifact(path)
+    path = artifact.path
+    if not links_here(artifact.target):
         raise ArtifactError(
-            f"{path} holds code for {target}, not this machine",
+            f"{path} holds code for {artifact.target}, not this machine",
             hint="load it on the device it was compiled for",
         )
     tvm = _tvm()
@@ -330,22 +393,24 @@ def load_tvm(path: str | Path) -> TvmExecutable:
         module = tvm.runtime.load_module(str(path))
     except Exception as err:
         raise ArtifactError(f"TVM cannot load {path}: {str(err).strip().splitlines()[-1]}") from err
-    return TvmExecutable(
-        module,
-        target,
-        [TensorSpec.from_json(s) for s in manifest["inputs"]],
-        [TensorSpec.from_json(s) for s in manifest["outputs"]],
-    )
+    exe = TvmExecutable(module, artifact.target, artifact.inputs, artifact.outputs)
+    exe.path = path
+    return exe
 
 
 __all__ = [
     "MANIFEST_VERSION",
     "graph_specs",
     "TensorSpec",
+    "TvmArtifact",
     "TvmExecutable",
     "host_target",
     "is_host",
     "links_here",
+    "check_inputs",
+    "device_arguments",
     "load_tvm",
+    "named_outputs",
     "parse_target",
+    "read_tvm_artifact",
 ]
