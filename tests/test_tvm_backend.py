@@ -217,7 +217,7 @@ def test_a_3d_convolution_is_refused_with_its_name():
 @given(
     seed=st.integers(0, 2**16),
     signed=st.booleans(),
-    channels=st.sampled_from([1, 2, 3, 4, 6]),
+    channels=st.sampled_from([1, 2, 3, 4, 6, 17, 24]),  # odd, and several vector blocks
     groups=st.sampled_from(["one", "depthwise", "two"]),
     kernel=st.integers(1, 3),
     stride=st.integers(1, 2),
@@ -325,6 +325,38 @@ def test_qadd_pools_and_data_movement_are_bit_exact(seed, ra, rb):
     verify(g)
     feeds = {"a": full_range(rng, (1, 3, 4, 4), True), "b": full_range(rng, (1, 3, 4, 4), False)}
     assert_same(g, compile_tvm(g), feeds)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), signed=st.booleans())
+def test_nhwc_activations_meet_nchw_ops_bit_exactly(seed, signed):
+    """Convs, depthwise convs and pools keep activations NHWC; grouped convs, slices and
+    concats with an NCHW value take them back; every path agrees with the reference."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    x = int_input(g, "x", (1, 5, 9, 7), signed)
+
+    def conv(v, out, k, group=1, stride=1):
+        c = v.type.shape[1]
+        w = weight(g, full_range(rng, (out, c // group, k, k), True).clip(-127), [0.02] * out, 0)
+        acc = g.op("QConv", v, w, group=group, strides=(stride, stride), pads=(k // 2,) * 4)
+        return requantized(g, acc, 8.0, False)  # one scale: the concats need it
+
+    a = conv(x, 16, 3)  # NHWC
+    d = conv(a, 16, 3, group=16, stride=2)  # NHWC, depthwise
+    m = g.op("MaxPool", a, kernel_shape=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1))  # NHWC
+    grouped = conv(m, 8, 1, group=2)  # NCHW: takes m back
+    both = g.op("Concat", d, m, axis=1)  # NHWC inputs: NHWC concat
+    mixed = g.op("Concat", grouped, d, axis=1)  # mixed: NCHW
+    pooled = g.op("QAveragePool", both, kernel_shape=(2, 2), strides=(1, 1))
+    mean = g.op("QGlobalAveragePool", conv(mixed, 24, 1))
+    g.set_outputs([a, both, mixed, pooled, mean])
+    verify(g)
+    exe = compile_tvm(g)
+    assert_same(g, exe, {"x": full_range(rng, (1, 5, 9, 7), signed)})
+    kinds = {kind for kind, _ in exe.schedules.values()}
+    assert {"conv", "depthwise", "pool"} <= kinds
+    assert all(kind == applied for kind, applied in exe.schedules.values())
 
 
 def test_quantize_rounds_half_to_even_after_a_float32_division():
