@@ -281,6 +281,8 @@ def test_qgemm_and_qmatmul_layers_are_bit_exact(seed, signed, trans_b, rows, k, 
 # Every S >= 32: the kernel shifts the product's high half on 32-bit lanes.
 @example(seed=1, pairs=[(2**31 - 1, 32), (2**30, 63), (12345, 70), (2**31 - 1, 45)], signed=True)
 @example(seed=2, pairs=[(2**31 - 1, 32)], signed=False)
+# Every S >= 33: the rounding is an int32 add on the high half of the product.
+@example(seed=3, pairs=[(2**31 - 1, 33), (1, 33), (2**30 + 7, 40), (5, 64), (3, 63)], signed=False)
 @given(
     seed=st.integers(0, 2**16),
     pairs=st.lists(

@@ -598,55 +598,73 @@ class _Rescale:
             right=right.astype(np.int32),
         )
 
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.multiplier, self.left, self.rounding, self.right
-
 
 def _rescale_te(
     rescale: _Rescale, lo: int, hi: int, out_dtype: str, axis: int
 ) -> tuple[Callable[..., Any], list[np.ndarray]]:
     """``clamp(((x * M') << L + R) >> S', lo, hi)`` per element; returns the TE function
-    ``(x, *channel_constants) -> y`` and the per-channel constant arrays it reads.
-
-    A constant the same for every channel is an immediate; a left shift of 0 everywhere
-    (every ``S >= 1``) or no rounding anywhere is left out.
-    """
+    ``(x, *channel_constants) -> y`` and the per-channel constant arrays it reads."""
     from tvm import te, tirx
 
-    # Every S in [32, 63] (or >= 64: M' = 0), as for nearly every conv: floor(p / 2^S) is
-    # floor(floor(p / 2^32) / 2^(S-32)), and p >> 32 fits int32 (|acc * M| < 2^62), so the
-    # shift and the clamp run on 32-bit lanes: the high half of the product, then vpsrad.
-    high = bool(np.all((rescale.right >= 32) | (rescale.multiplier == 0)))
-    right = np.where(rescale.right >= 32, rescale.right - 32, 0).astype(np.int32)
-    arrays = rescale.arrays()
+    # Every S in [32, 63] (or >= 64: M' = 0), as for nearly every conv: the shift and the
+    # clamp run on 32-bit lanes. With p = x * M' (|p| < 2^62) and q = p >> 32 (which fits
+    # int32), for S >= 33 floor((p + 2^(S-1)) / 2^S) = (q + 2^(S-33)) >> (S-32) exactly
+    # (the dropped low half is below one unit of q and cannot carry past a multiple of
+    # 2^(S-32)), so the rounding is an int32 add on the high half; S = 32 rounds in int64.
+    s = rescale.right
+    high = bool(np.all((s >= 32) | (rescale.multiplier == 0)))
+    terms: dict[str, tuple[np.ndarray, str]]
     if high:
-        arrays = (rescale.multiplier, rescale.left, rescale.rounding, right)
-    same = [len(set(a.tolist())) == 1 for a in arrays]
-    needed = [True, bool(rescale.left.any()), bool(rescale.right.any()), bool(rescale.right.any())]
-    channel_index = {}
+        terms = {
+            "m": (rescale.multiplier, "int64"),
+            "round_low": (np.where(s == 32, 1 << 31, 0).astype(np.int64), "int64"),
+            "round_high": (
+                np.where(s >= 33, np.left_shift(1, np.maximum(s - 33, 0)), 0).astype(np.int32),
+                "int32",
+            ),
+            "shift": (np.where(s >= 32, s - 32, 0).astype(np.int32), "int32"),
+        }
+    else:
+        terms = {
+            "m": (rescale.multiplier, "int64"),
+            "left": (rescale.left, "int64"),
+            "round": (rescale.rounding, "int64"),
+            "shift": (rescale.right, "int64"),
+        }
+    # Terms that are 0 everywhere are left out; one value for every channel is an immediate.
+    used = {k: v for k, v in terms.items() if k == "m" or v[0].any()}
+    channel_index: dict[str, int] = {}
     constants: list[np.ndarray] = []
-    for k, (array, uniform, need) in enumerate(zip(arrays, same, needed)):
-        if need and not uniform:
-            channel_index[k] = len(constants)
+    for name, (array, _) in used.items():
+        if len(set(array.tolist())) > 1:
+            channel_index[name] = len(constants)
             constants.append(array)
 
     def fn(x: Any, *channel: Any) -> Any:
-        def at(i: tuple[Any, ...], k: int, dtype: str = "int64") -> Any:
-            if k in channel_index:
-                return channel[channel_index[k]][i[axis]].astype(dtype)
-            return tirx.const(int(arrays[k][0]), dtype)
+        def at(i: tuple[Any, ...], name: str) -> Any:
+            array, dtype = used[name]
+            if name in channel_index:
+                return channel[channel_index[name]][i[axis]].astype(dtype)
+            return tirx.const(int(array[0]), dtype)
 
         def body(*i: Any) -> Any:
-            value = x(*i).astype("int64") * at(i, 0)
+            value = x(*i).astype("int64") * at(i, "m")
             if high:
-                top = ((value + at(i, 2)) >> tirx.const(32, "int64")).astype("int32")
-                shifted = top >> at(i, 3, "int32")
+                if "round_low" in used:
+                    value = value + at(i, "round_low")
+                top = (value >> tirx.const(32, "int64")).astype("int32")
+                if "round_high" in used:
+                    top = top + at(i, "round_high")
+                if "shift" in used:
+                    top = top >> at(i, "shift")
                 low, high_ = tirx.const(lo, "int32"), tirx.const(hi, "int32")
-                return tirx.max(tirx.min(shifted, high_), low).astype(out_dtype)
-            if needed[1]:
-                value = value << at(i, 1)
-            if needed[2]:
-                value = (value + at(i, 2)) >> at(i, 3)
+                return tirx.max(tirx.min(top, high_), low).astype(out_dtype)
+            if "left" in used:
+                value = value << at(i, "left")
+            if "round" in used:
+                value = value + at(i, "round")
+            if "shift" in used:
+                value = value >> at(i, "shift")
             low, high_ = tirx.const(lo, "int64"), tirx.const(hi, "int64")
             return tirx.max(tirx.min(value, high_), low).astype(out_dtype)
 
