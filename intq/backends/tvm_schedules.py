@@ -5,18 +5,23 @@ fixes the arithmetic; a schedule only reorders, tiles, vectorizes and
 parallelizes it, so exactness does not depend on it (the tests compare every
 scheduled model with the reference interpreter anyway).
 
-- ``conv`` and ``dense``: the ``dot`` block reduces int16 channel pairs into 8
-  int32 output-channel lanes. Its two innermost loops (8 lanes x 2 channels)
-  are tensorized with :data:`AVX2_DOT_8x2` -- one ``vpmaddwd``, 16 multiply-adds
-  -- inside a register tile of up to 8 output columns (conv) or 4 rows (dense),
-  accumulated in a local buffer. The conv's requantization epilogue runs per
-  tile, right after its accumulators; the dense one's after the whole product.
+- ``conv`` (NHWC) and ``dense``: the ``dot`` block reduces int16 channel pairs
+  into 8 int32 output-channel lanes. Its two innermost loops (8 lanes x 2
+  channels) are tensorized with :data:`AVX2_DOT_8x2` -- one ``vpmaddwd``, 16
+  multiply-adds -- inside a register tile, accumulated in a local buffer: 8 output
+  columns of one row for the conv, visiting every output-channel block while the
+  tile's input is in cache (LLVM keeps its broadcast pairs across the blocks), and
+  4 rows x 3 blocks of 8 columns for the dense. The conv's requantization epilogue
+  runs per tile, right after its accumulators; the dense one's after the product.
   Without AVX2 (AArch64, plain x86) the same tiles use vector multiply-adds.
-- ``depthwise``: up to 8 output columns per vector (a divisor of the width: a
-  predicated tail would be scalarized), the kxk taps unrolled, the epilogue per
-  tile.
-- ``elementwise`` and ``generic`` (grouped or 16-bit convs and matmuls): the
-  outer loops fused and parallel, the innermost vectorized where it is contiguous.
+- ``depthwise`` (NHWC): up to 16 channels per vector x 4 output columns per tile
+  (divisors: a predicated tail would be scalarized), the kxk taps unrolled, the
+  epilogue per tile.
+- ``pool`` (NHWC max/average pools): rows in parallel, the window's taps outside
+  a vector of channels.
+- ``elementwise`` and ``generic`` (grouped or 16-bit convs, matmuls, layout
+  changes): the outer loops fused and parallel, the innermost vectorized where it
+  is contiguous.
 
 Every kernel falls back to a plain parallel schedule, and then to TVM's
 default loops, if its schedule cannot be applied (logged at debug level).
@@ -204,19 +209,22 @@ def schedule_conv(sch: Sch, avx2: bool) -> None:
 
 
 def schedule_dense(sch: Sch, avx2: bool) -> None:
-    """``[pad] -> dot`` (tensorized, up to 4 rows x 8 lanes per tile) -> epilogue."""
+    """``pad -> dot`` (tensorized; a tile of up to 4 rows x 3 blocks of 8 columns: 12
+    accumulators, the weights of a block loaded once per row) -> epilogue."""
     _epilogue(sch, "dot")
     _pad(sch)
     dot = _blocks(sch)["dot"]
     r, jo, ji, rk, rt = sch.get_loops(dot)
     ro, ri = sch.split(r, [None, _divisor(_extent(sch, r), 4)])
-    sch.reorder(ro, jo, rk, ri, ji, rt)
-    outer = sch.fuse(ro, jo)
+    joo, joi = sch.split(jo, [None, _divisor(_extent(sch, jo), 3)])
+    sch.reorder(ro, joo, rk, ri, joi, ji, rt)
+    outer = sch.fuse(ro, joo)
     sch.parallel(outer)
     local = sch.cache_write(dot, 0, "local")
     sch.reverse_compute_at(local, outer)
     _lanes(sch, dot, rk, ji, rt, avx2)
     sch.unroll(ri)
+    sch.unroll(joi)
     sch.vectorize(sch.get_loops(local)[-1])
 
 
