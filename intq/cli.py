@@ -39,6 +39,8 @@ EXAMPLES = {
   intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so     # TVM, this CPU
   intq compile model.onnx --calib calib.npz --target tvm -o model_arm.tar \
       --tvm-target '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": "+neon"}'
+  intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so \
+      --tune-trials 64 --tuning-db tuning/   # MetaSchedule; later compiles reuse tuning/
   intq compile model.onnx --calib calib.npz --config cfg.toml -o model_int8.onnx
   intq compile model.onnx --calib calib.npz --size-mb 2.5 --mp-report mp -o model_int8.onnx
   intq compile bert.onnx --calib calib.npz --input-shape input_ids=1,128 -o bert_int8.onnx
@@ -271,8 +273,19 @@ def _compile(args: argparse.Namespace) -> int:
     tvm_target = getattr(args, "tvm_target", None)
     if tvm_target is not None and args.target != "tvm":
         raise intq.IntqError("--tvm-target applies to --target tvm only", hint="add --target tvm")
+    # `intq quantize` shares this function and has no TVM flags.
+    tuning = {
+        "tune_trials": getattr(args, "tune_trials", 0),
+        "tuning_db": getattr(args, "tuning_db", None),
+    }
+    if args.target != "tvm" and (tuning["tune_trials"] or tuning["tuning_db"] is not None):
+        raise intq.IntqError(
+            "--tune-trials and --tuning-db apply to --target tvm only", hint="add --target tvm"
+        )
     quantized = intq.quantize(graph, batches, config)
-    options = {"tvm_target": tvm_target} if args.target == "tvm" else {}
+    options: dict[str, object] = {}
+    if args.target == "tvm":
+        options = {"tvm_target": tvm_target, **tuning, "progress": False if args.quiet else None}
     path = intq.compile(quantized, target=args.target, **options).save(args.output)
     _say(args, summary(quantized), f"wrote {path}")
     return 0
@@ -544,6 +557,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='with --target tvm: a TVM target, e.g. \'{"kind": "llvm", "mtriple":'
         ' "aarch64-linux-gnu", "mattr": "+neon"}\' (default: this machine)',
+    )
+    command.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --target tvm: tune the depthwise and generic kernels that --tuning-db has"
+        " no record for with MetaSchedule, N candidates each, measured on this machine",
+    )
+    command.add_argument(
+        "--tuning-db",
+        type=Path,
+        metavar="DIR",
+        help="with --target tvm: MetaSchedule database directory; kernels it has records for"
+        " use the best one (created by --tune-trials)",
     )
     _add_quant_options(command)
     command.set_defaults(run=_compile)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -1057,16 +1058,31 @@ def compile_tvm(
     graph: Graph,
     tvm_target: str | Mapping[str, Any] | None = None,
     schedule: bool = True,
+    *,
+    tune_trials: int = 0,
+    tuning_db: str | Path | None = None,
+    progress: bool | None = None,
 ) -> TvmExecutable:
     """Lower ``graph`` to Relax, schedule its integer kernels and compile it for ``tvm_target``.
 
     ``tvm_target`` is a TVM target dict (or its JSON); ``None`` means this machine.
     ``schedule=False`` keeps TVM's default (naive) loops: slow, for checking schedules.
+    ``tuning_db`` is a MetaSchedule database directory: kernels it has records for use
+    the best one; ``tune_trials > 0`` first tunes the depthwise and generic kernels it has
+    none for (that many candidates each, measured here; see
+    :mod:`intq.backends.tvm_tuning`). ``progress`` shows a tuning progress bar (``None``:
+    on a terminal).
     """
     from intq.backends.tvm_schedules import schedule_module
 
     tvm = _tvm()
     spec = parse_target(tvm_target)
+    if (tuning_db is not None or tune_trials) and not (schedule and spec["kind"] == "llvm"):
+        raise IntqError(
+            f"MetaSchedule tuning applies to scheduled llvm targets, not kind {spec['kind']!r}"
+            f" with schedule={schedule}",
+            hint="drop tune_trials/tuning_db (--tune-trials/--tuning-db) for this target",
+        )
     start = time.perf_counter()
     # NHWC for the CPU schedules; the GPU's default schedules take the graph as it is.
     mod, kernels = to_relax(graph, channels_last=spec["kind"] == "llvm")
@@ -1084,7 +1100,16 @@ def compile_tvm(
     else:
         target = tvm.target.Target(spec)
         if schedule and spec["kind"] == "llvm":
-            mod = schedule_module(mod, kernels, target, report=report)
+            hand = kernels
+            if tuning_db is not None or tune_trials:
+                from intq.backends.tvm_tuning import tune_with_database
+
+                mod, tuned = tune_with_database(
+                    mod, kernels, target, tuning_db, tune_trials, progress=progress
+                )
+                report.update(tuned)
+                hand = {name: k for name, k in kernels.items() if name not in tuned}
+            mod = schedule_module(mod, hand, target, report=report)
     try:
         executable = tvm.compile(mod, target=target, relax_pipeline="default_build")
     except Exception as err:
