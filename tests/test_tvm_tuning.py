@@ -49,7 +49,9 @@ def test_tuned_kernels_are_bit_exact_and_their_records_are_reused(tmp_path):
     exe = compile_tvm(graph, tune_trials=3, tuning_db=db, progress=False)
     assert_bit_exact(graph, exe)
     kinds = sorted(exe.schedules.values())
-    assert kinds == [("depthwise", "tuned"), ("elementwise", "elementwise")]
+    # The depthwise kernel tuned; the Clip and the NHWC layout changes hand-scheduled.
+    assert kinds.count(("depthwise", "tuned")) == 1
+    assert all(applied == kind for kind, applied in kinds if kind != "depthwise")
     # The hand schedule's record plus up to 3 tuned candidates, each with its time.
     lines = (db / RECORDS).read_text().splitlines()
     assert 2 <= len(lines) <= 4
