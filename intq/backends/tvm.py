@@ -62,7 +62,7 @@ from intq.tables import RuleTable
 class Kernel:
     """A TE function the schedules know: its kind and the facts a schedule needs."""
 
-    kind: str  # "conv", "dense" (packed, tensorized), "depthwise", "generic", "elementwise"
+    kind: str  # a key of tvm_schedules.SCHEDULES, or "fused" (Relax ops: default loops)
     node: str  # the IR node's label, for errors and tuning records
 
 
@@ -274,8 +274,8 @@ class _ConvShape:
 
 
 def _channels_last_kernel(node: Node) -> bool:
-    """True for the convolutions with an NHWC kernel: depthwise, and one group of 8-bit
-    operands (``pmaddwd`` pairs, see :func:`_pairs_exactly`)."""
+    """True for the convolutions with an NHWC kernel: depthwise, and one group of operands
+    ``pmaddwd`` reduces exactly (see :func:`_pairs_exactly`)."""
     if node.op != "QConv" or _input(node).type.rank != 4:
         return False
     conv = _ConvShape.of(node)
@@ -382,15 +382,17 @@ LANES = 8
 
 
 def _pairs_exactly(node: Node) -> bool:
-    """True when ``pmaddwd`` on int16 computes ``node`` exactly: 8-bit activations and weights.
+    """True when ``pmaddwd`` on int16 computes ``node`` exactly: 8-bit weights and 8-bit or
+    signed 16-bit activations.
 
-    ``pmaddwd`` multiplies int16 pairs and adds each pair in int32. With
-    ``|x| <= 255`` and ``|w| <= 127`` a pair sums to at most ``2 * 255 * 127 < 2^16``,
-    so nothing saturates or wraps (unlike ``pmaddubsw``, whose int16 pair sums
-    saturate at full range); the int32 accumulation is what the range analysis proved.
+    ``pmaddwd`` multiplies int16 pairs exactly and adds each pair in int32. With
+    ``|x| <= 2^15`` and ``|w| <= 2^7`` a pair sums to at most ``2^23``, so nothing
+    saturates or wraps (unlike ``pmaddubsw``, whose int16 pair sums saturate at full
+    8-bit range); the int32 accumulation is what the range analysis proved.
+    Unsigned 16-bit activations (up to 65535) are not int16, so they take the generic path.
     """
     x, w = _input(node, 0).type.dtype, _input(node, 1)
-    return x in (DType.I8, DType.U8) and w.type.dtype is DType.I8 and w.const is not None
+    return x in (DType.I8, DType.U8, DType.I16) and w.type.dtype is DType.I8 and w.const is not None
 
 
 def _packed_weights(w: np.ndarray) -> np.ndarray:
@@ -409,7 +411,8 @@ def _packed_weights(w: np.ndarray) -> np.ndarray:
 
 
 def _packed_conv_te(node: Node) -> Callable[..., Any]:
-    """``QConv`` (one group, 8-bit) on NHWC, channel pairs reduced by ``pmaddwd``.
+    """``QConv`` (one group, :func:`_pairs_exactly`) on NHWC, channel pairs reduced by
+    ``pmaddwd``.
 
     ``padded[n, y, x, c]`` is the input as int16 (a pair is then one 32-bit broadcast
     from memory) with the conv's zero padding and an even channel count;
@@ -477,7 +480,7 @@ def _dense_te(node: Node) -> Callable[..., Any]:
 
 
 def _packed_dense_te(node: Node) -> Callable[..., Any]:
-    """``QGemm``/``QMatMul`` (8-bit) with K pairs reduced by ``pmaddwd`` (see the conv).
+    """``QGemm``/``QMatMul`` (:func:`_pairs_exactly`) with K pairs reduced by ``pmaddwd``.
 
     The input arrives as ``[rows, K]`` (a Relax reshape, free) and is widened to int16
     with K padded to even; ``dot[r, jo, ji]`` accumulates output column ``8*jo + ji``.
@@ -1054,6 +1057,31 @@ def to_relax(graph: Graph, channels_last: bool = True) -> tuple[Any, dict[str, K
     return lw.bb.get(), lw.kernels
 
 
+OPAQUE = 8
+"""Relax's ``kOpaque`` op pattern: ``FuseOps`` leaves a prim func marked so alone."""
+
+
+def fuse_relax_ops(mod: Any, kernels: Mapping[str, Kernel]) -> tuple[Any, dict[str, Kernel]]:
+    """Legalize the Relax ops (the transformer kernels' int64 arithmetic, data movement) to
+    TIR and fuse each chain of them into one prim func (``FuseOps``/``FuseTIR``), so that a
+    LayerNorm is a few loops instead of dozens of kernel calls, each with its own output
+    allocation. intq's own TE kernels are marked opaque and stay as they are. Returns the
+    module and the kernels, with the fused prim funcs as ``fused`` ones."""
+    from tvm import relax, tirx
+
+    mod = relax.transform.AnnotateTIROpPattern()(relax.transform.LegalizeOps()(mod))
+    for gv in mod.get_global_vars():
+        if gv.name_hint in kernels:
+            mod.update_func(gv, mod[gv].with_attr("op_pattern", OPAQUE))
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+    fused = {
+        gv.name_hint: Kernel("fused", gv.name_hint)
+        for gv in mod.get_global_vars()
+        if isinstance(mod[gv], tirx.PrimFunc) and gv.name_hint not in kernels
+    }
+    return mod, {**kernels, **fused}
+
+
 def compile_tvm(
     graph: Graph,
     tvm_target: str | Mapping[str, Any] | None = None,
@@ -1100,6 +1128,7 @@ def compile_tvm(
     else:
         target = tvm.target.Target(spec)
         if schedule and spec["kind"] == "llvm":
+            mod, kernels = fuse_relax_ops(mod, kernels)
             hand = kernels
             if tuning_db is not None or tune_trials:
                 from intq.backends.tvm_tuning import tune_with_database

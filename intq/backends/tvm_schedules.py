@@ -305,7 +305,7 @@ def schedule_module(
     avx2 = has_avx2(target)
     for gv in mod.get_global_vars():
         kernel = kernels.get(gv.name_hint)
-        if kernel is None:
+        if kernel is None or kernel.kind not in SCHEDULES:
             continue
         func, applied = mod[gv], "none"
         for kind in (kernel.kind, "elementwise"):
