@@ -19,6 +19,7 @@ import numpy as np
 
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
+from intq.progress import show_progress
 
 LAYER_OPS = ("QConv", "QGemm", "QMatMul", "QAdd", "QGlobalAveragePool", "QAveragePool")
 
@@ -141,7 +142,7 @@ def layer_sqnr(
     prepared = float_graph.copy()
     pipeline(PREPARE)(prepared)
     energy: dict[str, _Energy] = {}
-    items = tqdm(batches, desc="per-layer SQNR", unit="batch", disable=not _show(progress))
+    items = tqdm(batches, desc="per-layer SQNR", unit="batch", disable=not show_progress(progress))
     for feeds in items:
         want = _last_outputs(prepared, run_graph, feeds)
         got = _last_outputs(int_graph, run_graph, feeds)
@@ -164,12 +165,6 @@ def layer_sqnr(
     ]
     rows.sort(key=lambda r: (r["sqnr_db"], r["position"]))
     return rows
-
-
-def _show(progress: bool | None) -> bool:
-    import sys
-
-    return sys.stderr.isatty() if progress is None else progress
 
 
 __all__ = ["LAYER_OPS", "layer_sqnr", "layer_table", "real_value", "table"]

@@ -247,14 +247,25 @@ class _ConvShape:
                 hint="the TVM backend lowers 2-D convolutions; use the onnxruntime target",
             )
         attrs = node.attrs
+        (n, c, h, w), (m, cg, kh, kw) = x_type.shape, w_type.shape
+        top, left, bottom, right = attrs["pads"]
+        sh, sw = attrs["strides"]
+        dh, dw = attrs["dilations"]
+        oh, ow = node.output.type.shape[2:]
         return _ConvShape(
-            *x_type.shape,
-            *w_type.shape,
-            group=attrs["group"],
-            pads=tuple(attrs["pads"]),
-            strides=tuple(attrs["strides"]),
-            dilations=tuple(attrs["dilations"]),
-            out=tuple(node.output.type.shape[2:]),
+            n,
+            c,
+            h,
+            w,
+            m,
+            cg,
+            kh,
+            kw,
+            attrs["group"],
+            (top, left, bottom, right),
+            (sh, sw),
+            (dh, dw),
+            (oh, ow),
         )
 
     @property

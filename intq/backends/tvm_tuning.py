@@ -51,6 +51,7 @@ from typing import Any
 
 from intq.backends.tvm_schedules import SCHEDULES, has_avx2, register_intrinsics
 from intq.errors import IntqError
+from intq.progress import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +249,6 @@ def _progress_callback(bar: Any) -> Any:
     return Progress()
 
 
-def _show_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty is not None and isatty())
-
-
 def _tune(
     database: Any,
     directory: Path,
@@ -305,7 +299,7 @@ def _tune(
             total=trials * len(jobs),
             desc="tuning",
             unit="trial",
-            disable=not _show_progress(progress),
+            disable=not show_progress(progress),
             file=sys.stderr,
         ) as bar:
             ms.tune.tune_tasks(

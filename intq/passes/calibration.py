@@ -28,6 +28,7 @@ from intq.backends.base import check_feeds
 from intq.backends.reference import run_graph
 from intq.errors import IntqError, NumericsError
 from intq.ir.graph import Graph, Node
+from intq.progress import show_progress
 
 CLIP_METHODS: Final = ("minmax", "percentile", "mse")
 """The clipping methods :meth:`TensorStats.clip` accepts."""
@@ -342,13 +343,6 @@ def _nonfinite(array: np.ndarray) -> str | None:
     return " and ".join(p for p in parts if p)
 
 
-def _show_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty is not None and isatty())
-
-
 def collect_stats(
     graph: Graph,
     batches: Iterable[Mapping[str, np.ndarray]],
@@ -377,7 +371,7 @@ def collect_stats(
         for node in graph.nodes
     }
     total = len(batches) if isinstance(batches, Sized) else None
-    show = _show_progress(progress)
+    show = show_progress(progress)
     index = -1
 
     def on_node(node: Node, outputs: Sequence[np.ndarray]) -> None:

@@ -54,6 +54,7 @@ from intq.errors import IntqError
 from intq.ir.graph import Graph, Node
 from intq.passes.integerize import quantize_weights
 from intq.passes.torch_exec import run_torch
+from intq.progress import show_progress
 
 LOSSES = ("kl", "mse")
 Batch = Mapping[str, np.ndarray]
@@ -165,13 +166,6 @@ def make_loss(graph: Graph, reference: Mapping[str, torch.Tensor], loss: str) ->
     return kl
 
 
-def _show(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty is not None and isatty())
-
-
 def _need_batches(batches: Sequence[Batch]) -> None:
     if not batches:
         raise IntqError(
@@ -231,7 +225,10 @@ def hessian_traces(
     converged = False
     iteration = 0
     with tqdm(
-        total=max_iterations, desc="Hessian traces", disable=not _show(progress), file=sys.stderr
+        total=max_iterations,
+        desc="Hessian traces",
+        disable=not show_progress(progress),
+        file=sys.stderr,
     ) as bar:
         for iteration in range(1, max_iterations + 1):
             batch = batches[(iteration - 1) % len(batches)]
@@ -326,7 +323,7 @@ def direct_perturbations(
         out: dict[str, dict[int, float]] = {}
         total = len(layers) * len(candidates)
         with tqdm(
-            total=total, desc="sensitivity", disable=not _show(progress), file=sys.stderr
+            total=total, desc="sensitivity", disable=not show_progress(progress), file=sys.stderr
         ) as bar:
             for layer in layers:
                 w = graph[layer.weight].const
