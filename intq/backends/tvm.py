@@ -62,7 +62,7 @@ from intq.tables import RuleTable
 class Kernel:
     """A TE function the schedules know: its kind and the facts a schedule needs."""
 
-    kind: str  # a key of tvm_schedules.SCHEDULES, or "fused" (Relax ops: default loops)
+    kind: str  # a key of tvm_schedules.SCHEDULES
     node: str  # the IR node's label, for errors and tuning records
 
 
