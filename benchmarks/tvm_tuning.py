@@ -121,7 +121,8 @@ def main() -> int:
     hand = timed_compile("hand schedules")
     tuned = timed_compile(f"tune {args.trials} trials", tune_trials=args.trials, tuning_db=db)
     reused = timed_compile("apply the database", tuning_db=db)
-    assert [s for _, s in tuned.schedules.values()] == ["tuned"], tuned.schedules
+    # The kernel itself tuned (the NHWC layout changes around it stay hand-scheduled).
+    assert [s for _, s in tuned.schedules.values()].count("tuned") == 1, tuned.schedules
     out = graph.outputs[0].name
     want = intq.compile(graph, target="reference").run(feeds)[out]
     exact = {
