@@ -149,20 +149,11 @@ def seal_onnx(model: onnx.ModelProto, graph: Graph, target: str = "onnxruntime")
 
 def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
     """An ONNX model from ``data``, or an :class:`ArtifactError` naming ``path``."""
-    import onnx
-    from google.protobuf.message import DecodeError
+    from intq.frontends.onnx_import import parse_model
 
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as err:
-        raise ArtifactError(
-            f"{path} is not a valid ONNX file ({err}); it may be truncated or corrupt",
-            hint="recompile the model, or copy the file again",
-        ) from None
-    if not model.HasField("graph"):
-        raise ArtifactError(f"{path} holds no ONNX graph")
-    return model
+    return parse_model(
+        data, path, ArtifactError, hint="recompile the model, or copy the file again"
+    )
 
 
 def onnx_metadata(model: onnx.ModelProto, path: Path) -> dict[str, str]:

@@ -69,16 +69,26 @@ def _load(path: Path) -> onnx.ModelProto:
         data = path.read_bytes()
     except OSError as err:
         raise ModelImportError(f"cannot read {path}: {err.strerror}") from None
+    return parse_model(data, path)
+
+
+def parse_model(
+    data: bytes,
+    path: Path,
+    error: type[IntqError] = ModelImportError,
+    hint: str = "re-export the model, or check that the download completed",
+) -> onnx.ModelProto:
+    """The ONNX model in ``data`` (read from ``path``), or ``error`` naming ``path``."""
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as err:
-        raise ModelImportError(
+        raise error(
             f"{path} is not a valid ONNX file ({err}); it may be truncated or corrupt",
-            hint="re-export the model, or check that the download completed",
+            hint=hint,
         ) from None
     if not proto.HasField("graph"):
-        raise ModelImportError(f"{path} holds no ONNX graph; it is not an ONNX model")
+        raise error(f"{path} holds no ONNX graph; it is not an ONNX model")
     return proto
 
 
