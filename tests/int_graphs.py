@@ -44,6 +44,23 @@ def full_range(rng: np.random.Generator, shape, signed: bool) -> np.ndarray:
     return values.astype(np.int8 if signed else np.uint8)
 
 
+def qconv(
+    g: Graph, rng, x, out_channels: int, group: int, kernel: int, stride: int, pad: int, bias: bool
+):
+    """A ``QConv`` of ``x`` with full-range narrow int8 weights and, if ``bias``, an int32
+    bias: its int32 accumulator."""
+    channels = x.type.shape[1]
+    w_data = full_range(rng, (out_channels, channels // group, kernel, kernel), True).clip(-127)
+    w = weight(g, w_data, rng.uniform(0.001, 0.1, out_channels), 0)
+    inputs = [x, w]
+    if bias:
+        acc_scales = tuple(0.05 * s for s in w.type.quant.scale)
+        b = g.add_constant(rng.integers(-(2**20), 2**20, out_channels).astype(np.int32), "b")
+        b.type = b.type.with_quant(QuantParams(32, True, acc_scales, axis=0))
+        inputs.append(b)
+    return g.op("QConv", *inputs, group=group, strides=(stride, stride), pads=(pad,) * 4)
+
+
 def requantized(g: Graph, acc, out_scale: float, signed: bool):
     q = acc.type.quant
     pairs = [dyadic(s / out_scale) for s in q.scale]

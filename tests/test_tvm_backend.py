@@ -17,6 +17,7 @@ from int_graphs import (
     full_range,
     int_input,
     qadd_and_pools,
+    qconv,
     requantized,
     shifted_batches,
     weight,
@@ -234,15 +235,7 @@ def test_qconv_layers_are_bit_exact(
     x = int_input(g, "x", (1, channels, 6, width), signed)
     group = {"one": 1, "depthwise": channels, "two": 2 if channels % 2 == 0 else 1}[groups]
     out_channels = channels if groups == "depthwise" else 10
-    w_data = full_range(rng, (out_channels, channels // group, kernel, kernel), True).clip(-127)
-    w = weight(g, w_data, rng.uniform(0.001, 0.1, out_channels), 0)
-    inputs = [x, w]
-    if bias:
-        acc_scales = tuple(0.05 * s for s in w.type.quant.scale)
-        b = g.add_constant(rng.integers(-(2**20), 2**20, out_channels).astype(np.int32), "b")
-        b.type = b.type.with_quant(QuantParams(32, True, acc_scales, axis=0))
-        inputs.append(b)
-    acc = g.op("QConv", *inputs, group=group, strides=(stride, stride), pads=(pad,) * 4)
+    acc = qconv(g, rng, x, out_channels, group, kernel, stride, pad, bias)
     y = requantized(g, acc, float(rng.uniform(0.5, 20)), rng.random() < 0.5)
     g.set_outputs([y] if fused else [acc, y])  # alone, the accumulator is fused with the requantize
     verify(g)
