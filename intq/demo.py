@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ import intq
 from intq import examples
 from intq.backends import TARGETS
 from intq.backends.onnxruntime import onnx_census
+from intq.ir import Graph
 from intq.passes.integer_only import check_integer_only
 
 CNNS = ("digits_cnn", "efficientnet_lite0", "resnet18_like")
@@ -83,8 +85,7 @@ def _cnn_rows(name: str, out: Path, targets: list[str]) -> list[dict[str, str]]:
     first_out: np.ndarray | None = None
     for target in targets:
         exe = first if target == targets[0] else intq.compile(int_graph, target=target)
-        suffix = {"onnxruntime": "_int8.onnx", "reference": "_int8.intq"}.get(target, "_int8")
-        int_path = exe.save(model.path.with_name(model.path.stem + suffix))
+        int_path = _save(exe, target, model.path)
         exact = all(
             np.array_equal(exe.run({"input": x})["logits"], w) for x, w in zip(checked, want)
         )
@@ -107,29 +108,58 @@ def _cnn_rows(name: str, out: Path, targets: list[str]) -> list[dict[str, str]]:
             shown = fidelity
         else:
             shown = f"same as {targets[0]}" if exact else "differs (see = reference)"
-        # The numpy reference is an oracle, not a runtime: a few runs are enough.
-        repeat = 3 if target == "reference" else 15
-        int_ms = _median_ms(lambda exe=exe, x=x: exe.run({"input": x}), repeat)
-        if target == "onnxruntime":
-            # onnx_census raises unless the exported file itself is integer-only.
-            counts = onnx_census(exe.model)
-            ops = _census_text(counts, ("QuantizeLinear", "DequantizeLinear"))
-        else:
-            counts = check_integer_only(int_graph).ops
-            ops = _census_text(counts, ("Quantize", "Dequantize"))
-        rows.append(
-            {
-                "model": name,
-                "target": target,
-                "fidelity vs FP32": shown,
-                "= reference": "bit-exact" if exact else "MISMATCH",
-                "FP32 ms": f"{fp32_ms:.1f}",
-                "int ms": f"{int_ms:.1f} ({int_ms / fp32_ms:.2f}x)",
-                "size MB": f"{_mb(model.path)} -> {_mb(int_path)}",
-                "integer-only op census": ops,
-            }
-        )
+        int_ms = _median_ms(lambda exe=exe, x=x: exe.run({"input": x}), _repeat(target))
+        ops = _census(exe, target, int_graph)
+        rows.append(_row(name, target, shown, exact, fp32_ms, int_ms, model.path, int_path, ops))
     return rows
+
+
+def _save(exe: Any, target: str, model_path: Path, tag: str = "") -> Path:
+    """Save ``exe`` next to its FP32 model, named for the target's artifact kind."""
+    suffix = {"onnxruntime": "_int8.onnx", "reference": "_int8.intq"}.get(target, "_int8")
+    return exe.save(model_path.with_name(model_path.stem + tag + suffix))
+
+
+def _repeat(target: str) -> int:
+    """Timed runs: the numpy reference is an oracle, not a runtime: a few runs are enough."""
+    return 3 if target == "reference" else 15
+
+
+def _census(exe: Any, target: str, int_graph: Graph, allow_division: bool = False) -> str:
+    """The integer-only op census of what ``target`` runs: the exported ONNX file itself for
+    ONNX Runtime (``onnx_census`` raises unless it is integer-only), else the IR graph."""
+    if target == "onnxruntime":
+        counts = onnx_census(exe.model, allow_division=allow_division)
+        return _census_text(counts, ("QuantizeLinear", "DequantizeLinear"))
+    result = check_integer_only(int_graph, allow_division=allow_division)
+    ops = _census_text(result.ops, ("Quantize", "Dequantize"))
+    if result.divisions:
+        ops += f", {result.divisions} dividing kernels"
+    return ops
+
+
+def _row(
+    model: str,
+    target: str,
+    fidelity: str,
+    exact: bool,
+    fp32_ms: float,
+    int_ms: float,
+    fp32_path: Path,
+    int_path: Path,
+    ops: str,
+) -> dict[str, str]:
+    """One row of the demo's table."""
+    return {
+        "model": model,
+        "target": target,
+        "fidelity vs FP32": fidelity,
+        "= reference": "bit-exact" if exact else "MISMATCH",
+        "FP32 ms": f"{fp32_ms:.1f}",
+        "int ms": f"{int_ms:.1f} ({int_ms / fp32_ms:.2f}x)",
+        "size MB": f"{_mb(fp32_path)} -> {_mb(int_path)}",
+        "integer-only op census": ops,
+    }
 
 
 def _mb(path: Path) -> str:
@@ -162,35 +192,19 @@ def _minilm_rows(out: Path, targets: list[str]) -> list[dict[str, str]]:
     rows = []
     for target in targets:
         exe = first if target == targets[0] else intq.compile(first.int_graph, target=target)
-        suffix = {"onnxruntime": "_int8.onnx", "reference": "_int8.intq"}.get(target, "_int8")
-        int_path = exe.save(model.path.with_name(model.path.stem + "_torch" + suffix))
+        int_path = _save(exe, target, model.path, "_torch")
         got = exe.run(feeds)
         exact = all(np.array_equal(got[k], oracle[k]) for k in oracle)
         hidden = next(iter(got.values()))
         a, b = (hidden * mask).sum(1) / mask.sum(1), (want * mask).sum(1) / mask.sum(1)
         cosine = np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-        repeat = 3 if target == "reference" else 15
-        int_ms = _median_ms(lambda exe=exe: exe.run(feeds), repeat)
-        divides = MINILM_CONFIG.divides  # a dividing kernel variant is allowed, and counted
-        if target == "onnxruntime":
-            counts = onnx_census(exe.model, allow_division=divides)
-            ops = _census_text(counts, ("QuantizeLinear", "DequantizeLinear"))
-        else:
-            result = check_integer_only(first.int_graph, allow_division=divides)
-            ops = _census_text(result.ops, ("Quantize", "Dequantize"))
-            if result.divisions:
-                ops += f", {result.divisions} dividing kernels"
+        int_ms = _median_ms(lambda exe=exe: exe.run(feeds), _repeat(target))
+        # A dividing kernel variant is allowed by MINILM_CONFIG, and counted.
+        ops = _census(exe, target, first.int_graph, MINILM_CONFIG.divides)
+        fidelity = f"pooled cosine {cosine.min():.4f}"
+        label = "minilm (from PyTorch)"
         rows.append(
-            {
-                "model": "minilm (from PyTorch)",
-                "target": target,
-                "fidelity vs FP32": f"pooled cosine {cosine.min():.4f}",
-                "= reference": "bit-exact" if exact else "MISMATCH",
-                "FP32 ms": f"{fp32_ms:.1f}",
-                "int ms": f"{int_ms:.1f} ({int_ms / fp32_ms:.2f}x)",
-                "size MB": f"{_mb(model.path)} -> {_mb(int_path)}",
-                "integer-only op census": ops,
-            }
+            _row(label, target, fidelity, exact, fp32_ms, int_ms, model.path, int_path, ops)
         )
     return rows
 
