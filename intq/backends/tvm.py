@@ -113,6 +113,15 @@ class _Lowerer:
             return self.env[value.name]
         return self._transpose(value, NCHW_TO_NHWC)
 
+    def in_layout(self, value: Value, nhwc: bool) -> Any:
+        """``value`` as NHWC if ``nhwc``, else in the graph's layout."""
+        return self.value_nhwc(value) if nhwc else self.value(value)
+
+    def stored(self, value: Value) -> tuple[Any, bool]:
+        """``value`` as it is stored, and whether that is NHWC (for layout-agnostic ops)."""
+        nhwc = self.is_nhwc(value)
+        return self.in_layout(value, nhwc), nhwc
+
     def is_nhwc(self, value: Value) -> bool:
         """True when ``value`` is (or, fused into its reader, will be) stored NHWC."""
         producer = self.deferred.get(value.name)
@@ -696,8 +705,7 @@ def _fused(
     extra = [lw.const(c) for c in constants]
     producer = lw.deferred.get(x.name)
     if producer is None:
-        nhwc = lw.is_nhwc(x)
-        source = lw.value_nhwc(x) if nhwc else lw.value(x)
+        source, nhwc = lw.stored(x)
         lw.bind(node, lw.emit_node(epilogue, [source, *extra], node, "elementwise"), nhwc=nhwc)
         return
     acc = _accumulator(lw, producer)
@@ -795,9 +803,7 @@ def _qadd(lw: _Lowerer, node: Node) -> None:
     nhwc = _elementwise_nhwc(lw, node)
     if nhwc:
         shape = _nhwc_shape(shape)
-        args = [lw.value_nhwc(_input(node, 0)), lw.value_nhwc(_input(node, 1))]
-    else:
-        args = [lw.value(_input(node, 0)), lw.value(_input(node, 1))]
+    args = [lw.in_layout(_input(node, 0), nhwc), lw.in_layout(_input(node, 1), nhwc)]
     lw.bind(node, lw.emit_node(fn, args, node, "elementwise"), nhwc=nhwc)
 
 
@@ -818,11 +824,10 @@ def _nhwc_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _spatial_input(lw: _Lowerer, node: Node) -> tuple[Any, bool, Callable[..., Any]]:
-    """A pool's input as stored (NCHW or NHWC), whether it is NHWC, and the pool's output
-    shape in that layout; ``at(x, n, c, spatial)`` reads ``x`` in either."""
-    x = _input(node)
-    nhwc = x.type.rank == 4 and lw.is_nhwc(x)
-    return (lw.value_nhwc(x) if nhwc else lw.value(x)), nhwc, _reader(nhwc)
+    """A pool's input as stored (NCHW or NHWC), whether it is NHWC, and ``at(x, n, c,
+    spatial)``, which reads ``x`` in that layout."""
+    source, nhwc = lw.stored(_input(node))
+    return source, nhwc, _reader(nhwc)
 
 
 def _reader(nhwc: bool) -> Callable[..., Any]:
@@ -938,8 +943,7 @@ def _clip(lw: _Lowerer, node: Node) -> None:
         lo_, hi_ = tirx.const(low, dtype), tirx.const(high, dtype)
         return te.compute(x.shape, lambda *i: tirx.max(tirx.min(x(*i), hi_), lo_), name="clip")
 
-    nhwc = lw.is_nhwc(_input(node))  # elementwise: any layout
-    source = lw.value_nhwc(_input(node)) if nhwc else lw.value(_input(node))
+    source, nhwc = lw.stored(_input(node))  # elementwise: any layout
     lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
 
 
@@ -965,7 +969,7 @@ def _concat(lw: _Lowerer, node: Node) -> None:
     inputs = [v for v in node.inputs if v is not None]
     axis = node.attrs["axis"] % node.output.type.rank
     nhwc = node.output.type.rank == 4 and all(lw.is_nhwc(v) for v in inputs)
-    parts = [lw.value_nhwc(v) if nhwc else lw.value(v) for v in inputs]
+    parts = [lw.in_layout(v, nhwc) for v in inputs]
     expr = lw.relax.op.concat(lw.relax.Tuple(parts), axis=_nhwc_axis(axis) if nhwc else axis)
     lw.bind(node, lw.bb.emit(expr), nhwc=nhwc)
 

@@ -132,13 +132,6 @@ def _parallel_outer(sch: Sch, block: Any, keep: int = 1, vectorize: bool = False
             sch.vectorize(inner)
 
 
-def _inline_reads(sch: Sch, names: list[str]) -> None:
-    blocks = _blocks(sch)
-    for name in names:
-        if name in blocks:
-            sch.compute_inline(blocks[name])
-
-
 def _epilogue(sch: Sch, producer: str, parallel: bool = True) -> Any | None:
     """Inline every block after ``producer`` into the last one (bias, index maps, the
     requantization) and parallelize it if asked; returns it (``None`` if ``producer`` is last)."""
