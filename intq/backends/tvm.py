@@ -562,10 +562,17 @@ class _Accumulator:
     nhwc: bool  # the accumulator (a 4-D conv output) is NHWC
 
 
-def _accumulator(lw: _Lowerer, node: Node) -> _Accumulator:
-    """The TE function computing ``node``'s int32 accumulator, its arguments and kind."""
+def _bias(node: Node) -> Value | None:
+    """The int32 bias input of a ``QConv``/``QGemm``/``QMatMul``, if it has one."""
+    return node.inputs[2] if len(node.inputs) > 2 else None
+
+
+def _accumulator(lw: _Lowerer, node: Node, with_bias: bool = True) -> _Accumulator:
+    """The TE function computing ``node``'s int32 accumulator (without its bias unless
+    ``with_bias``), its arguments and kind."""
     x, w = _input(node, 0), _input(node, 1)
-    bias = [lw.value(node.inputs[2])] if len(node.inputs) > 2 and node.inputs[2] else []
+    b = _bias(node) if with_bias else None
+    bias = [lw.value(b)] if b is not None else []
     if lw.channels_last and _channels_last_kernel(node):
         assert w.const is not None
         x_nhwc = lw.value_nhwc(x)
@@ -606,6 +613,11 @@ class _Rescale:
     rounding: np.ndarray
     right: np.ndarray
 
+    @property
+    def high(self) -> bool:
+        """Every channel's ``S'`` is in ``[32, 63]`` (or ``M' = 0``): nearly every conv."""
+        return bool(np.all((self.right >= 32) | (self.multiplier == 0)))
+
     @staticmethod
     def of(multipliers: Sequence[int], shifts: Sequence[int]) -> _Rescale:
         m = np.asarray(multipliers, np.int64)
@@ -624,10 +636,11 @@ class _Rescale:
 
 
 def _rescale_te(
-    rescale: _Rescale, lo: int, hi: int, out_dtype: str, axis: int
+    rescale: _Rescale, lo: int, hi: int, out_dtype: str, axis: int, bias: np.ndarray | None = None
 ) -> tuple[Callable[..., Any], list[np.ndarray]]:
-    """``clamp(((x * M') << L + R) >> S', lo, hi)`` per element; returns the TE function
-    ``(x, *channel_constants) -> y`` and the per-channel constant arrays it reads."""
+    """``clamp((((x + bias) * M') << L + R) >> S', lo, hi)`` per element; returns the TE
+    function ``(x, *channel_constants) -> y`` and the per-channel constant arrays it reads.
+    A ``bias`` (the accumulator's, per channel along ``axis``) needs ``rescale.high``."""
     from tvm import te, tirx
 
     # Every S in [32, 63] (or >= 64: M' = 0), as for nearly every conv: the shift and the
@@ -635,13 +648,20 @@ def _rescale_te(
     # int32), for S >= 33 floor((p + 2^(S-1)) / 2^S) = (q + 2^(S-33)) >> (S-32) exactly
     # (the dropped low half is below one unit of q and cannot carry past a multiple of
     # 2^(S-32)), so the rounding is an int32 add on the high half; S = 32 rounds in int64.
+    # An int32 bias b joins the int64 addend as b * M' (|x * M' + b * M'| < 2^63): x * M'
+    # is then int32 x int32 (one vpmuldq per 4 lanes); (x + b) would need 33 bits, and
+    # LLVM emulates that 64-bit product with three multiplies.
     s = rescale.right
-    high = bool(np.all((s >= 32) | (rescale.multiplier == 0)))
+    high = rescale.high
+    assert bias is None or high, "a folded bias needs S' >= 32"
+    low = np.where(s == 32, 1 << 31, 0).astype(np.int64)
+    if bias is not None:
+        low = low + bias.reshape(-1).astype(np.int64) * rescale.multiplier
     terms: dict[str, tuple[np.ndarray, str]]
     if high:
         terms = {
             "m": (rescale.multiplier, "int64"),
-            "round_low": (np.where(s == 32, 1 << 31, 0).astype(np.int64), "int64"),
+            "round_low": (low, "int64"),
             "round_high": (
                 np.where(s >= 33, np.left_shift(1, np.maximum(s - 33, 0)), 0).astype(np.int32),
                 "int32",
@@ -660,7 +680,7 @@ def _rescale_te(
     channel_index: dict[str, int] = {}
     constants: list[np.ndarray] = []
     for name, (array, _) in used.items():
-        if len(set(array.tolist())) > 1:
+        if array.size > 1 and len(set(array.tolist())) > 1:
             channel_index[name] = len(constants)
             constants.append(array)
 
@@ -698,9 +718,14 @@ def _rescale_te(
 
 
 def _fused(
-    lw: _Lowerer, node: Node, epilogue: Callable[..., Any], constants: Sequence[np.ndarray]
+    lw: _Lowerer,
+    node: Node,
+    epilogue: Callable[..., Any],
+    constants: Sequence[np.ndarray],
+    bias_folded: bool = False,
 ) -> None:
-    """Bind ``epilogue(acc, *constants)``, fused with the accumulator's kernel if deferred."""
+    """Bind ``epilogue(acc, *constants)``, fused with the accumulator's kernel if deferred
+    (which leaves out its bias if the epilogue adds it: ``bias_folded``)."""
     x = _input(node)
     extra = [lw.const(c) for c in constants]
     producer = lw.deferred.get(x.name)
@@ -708,7 +733,7 @@ def _fused(
         source, nhwc = lw.stored(x)
         lw.bind(node, lw.emit_node(epilogue, [source, *extra], node, "elementwise"), nhwc=nhwc)
         return
-    acc = _accumulator(lw, producer)
+    acc = _accumulator(lw, producer, with_bias=not bias_folded)
     count = len(acc.args)
 
     def fn(*tensors: Any) -> Any:
@@ -720,10 +745,22 @@ def _fused(
 @_lower("Requantize")
 def _requantize(lw: _Lowerer, node: Node) -> None:
     attrs = node.attrs
+    x = _input(node)
     rescale = _Rescale.of(attrs["multiplier"], attrs["shift"])
-    axis = lw.channel_axis(_input(node), attrs["axis"]) if len(attrs["multiplier"]) > 1 else 0
-    fn, constants = _rescale_te(rescale, attrs["lo"], attrs["hi"], _dtype(node.output), axis)
-    _fused(lw, node, fn, constants)
+    producer = lw.deferred.get(x.name)
+    b = _bias(producer) if producer is not None and rescale.high else None
+    bias = b.const if b is not None else None
+    if len(attrs["multiplier"]) > 1:
+        axis = lw.channel_axis(x, attrs["axis"])
+    elif bias is not None:
+        assert producer is not None
+        axis = lw.channel_axis(x, 1 if producer.op == "QConv" else len(x.type.shape) - 1)
+    else:
+        axis = 0
+    fn, constants = _rescale_te(
+        rescale, attrs["lo"], attrs["hi"], _dtype(node.output), axis, bias
+    )
+    _fused(lw, node, fn, constants, bias_folded=bias is not None)
 
 
 @_lower("Dequantize")
