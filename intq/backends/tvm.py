@@ -757,9 +757,7 @@ def _requantize(lw: _Lowerer, node: Node) -> None:
         axis = lw.channel_axis(x, 1 if producer.op == "QConv" else len(x.type.shape) - 1)
     else:
         axis = 0
-    fn, constants = _rescale_te(
-        rescale, attrs["lo"], attrs["hi"], _dtype(node.output), axis, bias
-    )
+    fn, constants = _rescale_te(rescale, attrs["lo"], attrs["hi"], _dtype(node.output), axis, bias)
     _fused(lw, node, fn, constants, bias_folded=bias is not None)
 
 
