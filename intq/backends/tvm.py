@@ -416,12 +416,12 @@ def _pairs_exactly(node: Node) -> bool:
 
 
 def _packed_weights(w: np.ndarray) -> np.ndarray:
-    """``[M, C, *k]`` int8 weights as int16 ``[ceil(M/8), *k, ceil(C/2), 8, 2]``, zero-padded:
+    """``[M, C, *k]`` int8 weights packed as ``[ceil(M/8), *k, ceil(C/2), 8, 2]``, zero-padded:
     one ``pmaddwd`` reads 8 output channels x 2 input channels contiguously, and the
     reduction walks the taps, then the channel pairs, as an NHWC input lies in memory."""
     m, c = w.shape[:2]
     mo, c2 = -(-m // LANES), -(-c // 2)
-    padded = np.zeros((mo * LANES, c2 * 2, *w.shape[2:]), np.int16)
+    padded = np.zeros((mo * LANES, c2 * 2, *w.shape[2:]), np.int8)
     padded[:m, :c] = w
     spatial = w.ndim - 2
     blocks = padded.reshape(mo, LANES, c2, 2, *w.shape[2:])
