@@ -269,6 +269,48 @@ def test_qgemm_and_qmatmul_layers_are_bit_exact(seed, signed, trans_b, rows, k, 
     assert_same(g, compile_tvm(g), {"x": full_range(rng, shape, signed)})
 
 
+@settings(max_examples=16, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    layer=st.sampled_from(["conv", "depthwise", "gemm", "matmul"]),
+    one_multiplier=st.booleans(),
+    bias_bits=st.sampled_from([4, 20, 30]),
+)
+def test_a_fused_bias_joins_the_requantization_exactly(seed, layer, one_multiplier, bias_bits):
+    """With every S' >= 32 (as these scales give) the kernel adds the accumulator's bias
+    to the int64 addend as bias * M' instead of to the accumulator: exact for biases up to
+    2^30, with per-channel and per-tensor weights (one multiplier; the bias stays per
+    channel)."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    channels = 12
+    conv = layer in ("conv", "depthwise")
+    if conv:
+        shape = (1, channels, 5, 8)
+        group = channels if layer == "depthwise" else 1
+        w_shape = (channels, channels // group, 3, 3)
+        attrs = dict(group=group, strides=(1, 1), pads=(1, 1, 1, 1))
+    else:
+        shape = (2, 3, 40) if layer == "matmul" else (3, 40)
+        w_shape, attrs = (40, channels), {}
+    x = int_input(g, "x", shape, conv)
+    w_data = full_range(rng, w_shape, True).clip(-127)
+    w_scales = rng.uniform(0.001, 0.1, 1 if one_multiplier else channels)
+    w = weight(g, w_data, w_scales, None if one_multiplier else 0 if conv else 1)
+    b = g.add_constant(rng.integers(-(2**bias_bits), 2**bias_bits, channels, np.int32), "b")
+    acc_scales = tuple(0.05 * s for s in w.type.quant.scale)
+    b.type = b.type.with_quant(
+        QuantParams(32, True, acc_scales, axis=None if one_multiplier else 0)
+    )
+    op = "QConv" if conv else "QMatMul" if layer == "matmul" else "QGemm"
+    acc = g.op(op, x, w, b, **attrs)
+    y = requantized(g, acc, float(rng.uniform(0.5, 20)), True)
+    assert min(y.producer.attrs["shift"]) >= 32 and len(y.producer.attrs["shift"]) == len(w_scales)
+    g.set_outputs([y])
+    verify(g)
+    assert_same(g, compile_tvm(g), {"x": full_range(rng, shape, conv)})
+
+
 @settings(max_examples=25, deadline=None)
 @example(seed=0, pairs=[(3, 1), (2**31 - 1, 64), (5, 0), (7, -3)], signed=False)
 # Every S >= 32: the kernel shifts the product's high half on 32-bit lanes.

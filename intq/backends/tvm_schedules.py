@@ -99,7 +99,7 @@ def register_intrinsics() -> None:
 # ----- schedules ------------------------------------------------------------------------------
 
 WEIGHTS_IN_CACHE = 512 * 1024
-"""Packed conv weights above this many bytes (the L2 of one Zen 3 core) stream from memory."""
+"""Packed int8 conv weights above this many bytes (one Zen 3 core's L2) stream from memory."""
 
 Sch = Any
 
@@ -192,11 +192,11 @@ def schedule_conv(sch: Sch, avx2: bool) -> None:
     dot = _blocks(sch)["dot"]
     n, i, j, ko, ki, ry, rx, rc, rt = sch.get_loops(dot)
     taps = _extent(sch, ry) * _extent(sch, rx)
-    int16s = _extent(sch, ko) * _extent(sch, ki) * taps * _extent(sch, rc) * _extent(sch, rt)
+    weight_bytes = _extent(sch, ko) * _extent(sch, ki) * taps * _extent(sch, rc) * _extent(sch, rt)
     columns, blocks = _conv_tile(_extent(sch, j), _extent(sch, ko))
     jo, ji = sch.split(j, [None, columns])
     koo, koi = sch.split(ko, [None, blocks])
-    if taps > 1 and 2 * int16s > WEIGHTS_IN_CACHE:
+    if taps > 1 and weight_bytes > WEIGHTS_IN_CACHE:  # int8 weights
         # Weights larger than L2 (ResNet's 3x3 convs at 7x7 and 4x4): each block of
         # output channels visits every output pixel, so the weights stream in once rather
         # than once per output row. Measured with cold caches, as in a model: 512
