@@ -130,12 +130,17 @@ def _parallel_outer(sch: Sch, block: Any, keep: int = 1, vectorize: bool = False
     elif spatial:
         sch.parallel(spatial[0])
     if vectorize and len(spatial) == len(loops) > 1:
-        inner = loops[-1]
-        lanes = _divisor(_extent(sch, inner), 16)
-        if lanes > 1:
-            if lanes < _extent(sch, inner):
-                _, inner = sch.split(inner, [None, lanes])
-            sch.vectorize(inner)
+        _vectorize_innermost(sch, loops[-1])
+
+
+def _vectorize_innermost(sch: Sch, inner: Any) -> None:
+    """Vectorize ``inner`` by its largest divisor up to 16 lanes (splitting it if that is
+    less than its extent); nothing when that divisor is 1."""
+    lanes = _divisor(_extent(sch, inner), 16)
+    if lanes > 1:
+        if lanes < _extent(sch, inner):
+            _, inner = sch.split(inner, [None, lanes])
+        sch.vectorize(inner)
 
 
 def _epilogue(sch: Sch, producer: str, parallel: bool = True) -> Any | None:
@@ -324,12 +329,7 @@ def schedule_fused(sch: Sch, avx2: bool) -> None:
         iters = sch.get(block).iter_vars
         if not loops or len(loops) != len(iters) or any(int(iv.iter_type) != 0 for iv in iters):
             continue  # a reduction, or loops around more than this block
-        inner = loops[-1]
-        lanes = _divisor(_extent(sch, inner), 16)
-        if lanes > 1:
-            if lanes < _extent(sch, inner):
-                _, inner = sch.split(inner, [None, lanes])
-            sch.vectorize(inner)
+        _vectorize_innermost(sch, loops[-1])
 
 
 def schedule_elementwise(sch: Sch, avx2: bool) -> None:
