@@ -66,6 +66,7 @@ array per model output.""",
   intq bench model_int8.onnx                          # latency percentiles p50/p90/p99
   intq bench model_int8.onnx --fp32 model.onnx        # and against the FP32 model
   intq bench model_int8.onnx --inputs in.npz --repeat 200
+  intq bench model.so --profile --top 10              # and its 10 slowest kernels
   intq bench model.so --rpc-tracker 10.0.0.5:9190 --rpc-key rasp4   # on a device, via TVM RPC
 
 --rpc-tracker runs a TVM artifact on a device that registered with a TVM RPC tracker:
@@ -351,9 +352,14 @@ def _percentiles(fn: Callable[[], object], repeat: int, warmup: int) -> dict[str
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.repeat < 1 or args.warmup < 0:
-        raise intq.IntqError("--repeat must be at least 1 and --warmup at least 0")
+    if args.repeat < 1 or args.warmup < 0 or args.top < 0:
+        raise intq.IntqError("--repeat must be at least 1, --warmup and --top at least 0")
     if args.rpc_tracker is not None or args.rpc_key is not None:
+        if args.profile:
+            raise intq.IntqError(
+                "--profile times the kernels on this machine, not through --rpc-tracker",
+                hint="bench the device without --profile, or profile a host build here",
+            )
         return _bench_remote(args)
     exe = intq.load(args.artifact)
     inputs = getattr(exe, "inputs", None) or exe.graph.inputs
@@ -390,7 +396,42 @@ def _bench(args: argparse.Namespace) -> int:
             }
         )
     _print_latency(args, rows)
+    if args.profile:
+        _print_profile(args, exe, feeds)
     return 0
+
+
+def _print_profile(args: argparse.Namespace, exe: Any, feeds: dict[str, np.ndarray]) -> None:
+    """``bench --profile``: the artifact's kernels, slowest first, with their graph nodes."""
+    profile = getattr(exe, "profile", None)
+    if profile is None:
+        raise intq.IntqError(
+            f"--profile times the kernels of TVM and ONNX Runtime artifacts, not {exe.target}",
+            hint="compile with --target tvm or --target onnxruntime",
+        )
+    kernels = profile(feeds, runs=args.repeat, warmup=args.warmup)
+    total = sum(k.ms for k in kernels) or 1.0
+    shown = kernels[: args.top] if args.top > 0 else kernels
+    rows = []
+    for k in shown:
+        nodes = k.nodes[0] if k.nodes else "-"
+        if len(k.nodes) > 1:
+            nodes += f" (+{len(k.nodes) - 1} more)"
+        share = f"{100 * k.ms / total:.1f}%"
+        rows.append(
+            {
+                "kernel": k.kernel,
+                "calls": k.calls,
+                "ms": f"{k.ms:.3f}",
+                "share": share,
+                "node": nodes,
+            }
+        )
+    print(f"\nkernels, median ms per run over {args.repeat} profiled runs:")
+    print(table(rows))
+    rest = kernels[len(shown) :]
+    if rest:
+        print(f"... {len(rest)} more kernels: {sum(k.ms for k in rest):.3f} ms")
 
 
 def _print_latency(args: argparse.Namespace, rows: list[dict[str, Any]], where: str = "") -> None:
@@ -601,6 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--inputs", type=Path, metavar="IN.npz", help="default: random")
     command.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
     command.add_argument("--warmup", type=int, default=5, help="untimed runs (default 5)")
+    command.add_argument(
+        "--profile", action="store_true", help="also time each kernel (TVM, ONNX Runtime)"
+    )
+    command.add_argument(
+        "--top", type=int, default=20, metavar="N", help="profile rows shown (0: all; default 20)"
+    )
     group = command.add_argument_group("remote (TVM artifacts)", "run on a device via TVM RPC")
     group.add_argument(
         "--rpc-tracker", type=_tracker_address, metavar="HOST:PORT", help="the RPC tracker"

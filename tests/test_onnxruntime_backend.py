@@ -75,6 +75,22 @@ def test_graph_optimizations_keep_results_exact(digits_int8, digits_model):
     np.testing.assert_array_equal(logits, exe.run(digits_model.inputs)["logits"])
 
 
+def test_profile_gives_each_onnx_node_its_graph_node(digits_int8, digits_model, tmp_path):
+    exe = intq.compile(digits_int8, target="onnxruntime")
+    rows = exe.profile(digits_model.inputs, runs=3, warmup=1)
+    assert [r.ms for r in rows] == sorted((r.ms for r in rows), reverse=True)
+    labels = {n.label() for n in digits_int8}
+    convs = [r for r in rows if r.kernel.endswith("/ConvInteger")]
+    assert len(convs) == 2 and all(r.calls == 1 and r.ms > 0 for r in convs)
+    for row in rows:  # intq names each ONNX node "<graph node>/<op type>"
+        assert len(row.nodes) == 1 and row.nodes[0] in labels and row.calls == 1, row
+    loaded = intq.load(exe.save(tmp_path / "digits.onnx"))
+    assert {r.kernel for r in loaded.profile(digits_model.inputs, runs=2)} == {
+        r.kernel for r in rows
+    }
+    assert not list(tmp_path.glob("*.json"))  # ORT's trace went to a temporary folder
+
+
 def test_census_catches_a_float_op_in_the_integer_region():
     model = onnx.helper.make_model(
         onnx.helper.make_graph(

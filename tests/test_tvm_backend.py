@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -403,6 +404,46 @@ def test_quantize_rounds_half_to_even_after_a_float32_division():
     g.set_outputs([q, g.op("Dequantize", q)])
     ties = np.float32([0.05, 0.15, 0.25, -0.05, -0.25, 12.7, 12.75, -12.85, 1e30, -1e30, 0, 3.3])
     assert_same(g, compile_tvm(g), {"x": ties})
+
+
+# ----- profiling ----------------------------------------------------------------------------------
+
+
+def test_profile_times_each_kernel_and_names_its_nodes(tmp_path, capsys):
+    from intq.cli import main
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = int_input(g, "x", (1, 16, 8, 8), True)
+    for _ in range(2):  # the same shapes twice: TVM shares one prim func between the convs
+        x = requantized(g, qconv(g, rng, x, 16, 1, 1, 1, 0, True), 0.05, True)
+    g.set_outputs([x])
+    exe = compile_tvm(g)
+    feeds = {"x": full_range(rng, (1, 16, 8, 8), True)}
+    rows = exe.profile(feeds, runs=3, warmup=1)
+    assert [r.ms for r in rows] == sorted((r.ms for r in rows), reverse=True)
+    assert all(r.calls >= 1 and r.ms > 0 for r in rows)
+    by_kernel = {r.kernel: r for r in rows}
+    conv = by_kernel[next(name for name, (kind, _) in exe.schedules.items() if kind == "conv")]
+    assert conv.calls == 2 and conv.nodes == tuple(n.label() for n in g if n.op == "QConv")
+    assert any(name.startswith("vm.builtin.alloc") for name in by_kernel)  # the VM's own calls
+    assert_same(g, exe, feeds)  # run() is not instrumented, and still exact
+    with pytest.raises(intq.IntqError, match="runs >= 1"):
+        exe.profile(feeds, runs=0)
+
+    # A saved library keeps the names (in its manifest), and the CLI prints the table.
+    path = exe.save(tmp_path / "twins.so")
+    loaded = {r.kernel: r for r in load_tvm(path).profile(feeds, runs=2)}
+    assert loaded[conv.kernel].nodes == conv.nodes
+    np.savez(tmp_path / "in.npz", **feeds)
+    bench = ["bench", str(path), "--inputs", str(tmp_path / "in.npz"), "--repeat", "3"]
+    assert main([*bench, "--profile", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^{conv.kernel} +2 ", out, re.M) and "QConv -> %qconv (+1 more)" in out
+    assert "more kernels:" in out  # what --top left out, summed
+    rpc = ["--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"]
+    assert main([*bench, "--profile", *rpc]) == 1
+    assert "--profile times the kernels on this machine" in capsys.readouterr().err
 
 
 # ----- command line -------------------------------------------------------------------------------

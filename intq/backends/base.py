@@ -1,10 +1,12 @@
-"""What every backend shares: the executable interface, input checks, atomic writes."""
+"""What every backend shares: the executable interface, input checks, atomic writes, and
+the rows of a per-kernel profile."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +34,40 @@ class Executable(Protocol):
     def save(self, path: str | Path) -> Path:
         """Write the artifact atomically; returns its path."""
         ...
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One row of a per-kernel profile (``.profile(inputs)`` of the TVM and ONNX Runtime
+    executables): a kernel, the graph nodes it computes, and its time per run."""
+
+    kernel: str
+    """The runtime's name for it: a TVM prim func or VM builtin, an ONNX Runtime node."""
+    nodes: tuple[str, ...]
+    """The intq graph nodes it computes (TVM shares one prim func among identical nodes);
+    empty when the runtime added it (an allocation, a layout change)."""
+    calls: int
+    """Calls per run."""
+    ms: float
+    """Median over the runs of its time in one run, all its calls together."""
+
+
+def kernel_times(
+    runs: Sequence[Mapping[str, tuple[int, float]]], nodes: Mapping[str, Sequence[str]]
+) -> list[KernelTime]:
+    """The profile of ``runs`` (each: kernel -> (calls, ms) in that run), slowest first;
+    ``nodes`` names the graph nodes of each kernel it knows."""
+    names = {name for run in runs for name in run}
+    rows = [
+        KernelTime(
+            name,
+            tuple(nodes.get(name, ())),
+            max(run.get(name, (0, 0.0))[0] for run in runs),
+            float(np.median([run.get(name, (0, 0.0))[1] for run in runs])),
+        )
+        for name in names
+    ]
+    return sorted(rows, key=lambda row: (-row.ms, row.kernel))
 
 
 class GraphExecutable:

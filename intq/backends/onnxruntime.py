@@ -32,6 +32,8 @@ ONNX Runtime with no intq at run time. Each IR op has one lowering in
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from intq import kernels
-from intq.backends.base import GraphExecutable, atomic_write, check_feeds
-from intq.errors import ArtifactError, NumericsError, UnsupportedOpError
+from intq.backends.base import (
+    GraphExecutable,
+    KernelTime,
+    atomic_write,
+    check_feeds,
+    kernel_times,
+)
+from intq.errors import ArtifactError, IntqError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.int4 import fits_int4, pack_int4
 from intq.ir.types import DType
@@ -812,6 +820,13 @@ class OnnxRuntimeExecutable(GraphExecutable):
         results = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, results))
 
+    def profile(
+        self, inputs: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 2
+    ) -> list[KernelTime]:
+        """Per-node times over ``runs`` runs (see :func:`profile_session`); slowest first."""
+        feeds = check_feeds(self.graph.inputs, inputs)
+        return profile_session(self.session, self.model, feeds, runs, warmup)
+
     def save(self, path: str | Path) -> Path:
         """Write the ``.onnx`` file (atomically) with intq's checksummed metadata
         (:mod:`intq.artifacts`); plain ONNX Runtime runs it."""
@@ -879,9 +894,56 @@ class LoadedOnnxExecutable:
         feeds = check_feeds(self.inputs, inputs)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
+    def profile(
+        self, inputs: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 2
+    ) -> list[KernelTime]:
+        """Per-node times over ``runs`` runs (see :func:`profile_session`); slowest first."""
+        feeds = check_feeds(self.inputs, inputs)
+        return profile_session(self.session, self.model, feeds, runs, warmup)
+
     def save(self, path: str | Path) -> Path:
         """Write the artifact again (atomically), metadata and checksum unchanged."""
         return atomic_write(path, self.model.SerializeToString())
+
+
+def profile_session(
+    session: Any, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int, warmup: int
+) -> list[KernelTime]:
+    """ONNX Runtime's own per-node profile of ``model``, run like ``session`` (its options)
+    in a second, profiling session: ``runs`` runs after ``warmup``, each node's time per run
+    (the median). intq names an ONNX node ``<its graph node>/<op type>``, which gives the
+    rows' ``nodes``; ONNX Runtime renames the nodes it fuses."""
+    import onnxruntime as ort
+
+    if runs < 1 or warmup < 0:
+        raise IntqError(f"profile needs runs >= 1 and warmup >= 0, not {runs} and {warmup}")
+    options = session.get_session_options()
+    with tempfile.TemporaryDirectory(prefix="intq-profile-") as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        profiling = ort.InferenceSession(
+            model.SerializeToString(), options, providers=session.get_providers()
+        )
+        for _ in range(warmup + runs):
+            profiling.run(None, dict(feeds))
+        events = json.loads(Path(profiling.end_profiling()).read_text())
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[
+        warmup:
+    ]
+    per_run: list[dict[str, tuple[int, float]]] = [{} for _ in spans]
+    suffix = "_kernel_time"
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith(suffix):
+            continue
+        for run, (start, end) in zip(per_run, spans):
+            if start <= event["ts"] <= end:
+                kernel = name[: -len(suffix)]
+                calls, ms = run.get(kernel, (0, 0.0))
+                run[kernel] = (calls + 1, ms + event["dur"] / 1e3)
+                break
+    nodes = {k: [k.rsplit("/", 1)[0]] for run in per_run for k in run if "/" in k}
+    return kernel_times(per_run, nodes)
 
 
 def compile_onnxruntime(graph: Graph, threads: int | None = None) -> OnnxRuntimeExecutable:
@@ -895,5 +957,6 @@ __all__ = [
     "OnnxRuntimeExecutable",
     "compile_onnxruntime",
     "onnx_census",
+    "profile_session",
     "to_onnx",
 ]

@@ -64,6 +64,7 @@ class Kernel:
 
     kind: str  # a key of tvm_schedules.SCHEDULES
     node: str  # the IR node's label, for errors and tuning records
+    nodes: tuple[str, ...] = ()  # every node it computes: identical prim funcs are shared
 
 
 class _Lowerer:
@@ -158,8 +159,9 @@ class _Lowerer:
         """Bind ``fn`` applied to ``args`` as one TE prim func named ``hint`` (a kernel of
         ``kind`` for the schedules; ``label`` names its node in errors)."""
         var = self.bb.emit_te(fn, *args, primfunc_name_hint=hint)
-        call = self.bb.lookup_binding(var)
-        self.kernels[call.args[0].name_hint] = Kernel(kind, label)
+        name = self.bb.lookup_binding(var).args[0].name_hint
+        shared = self.kernels.get(name)  # the BlockBuilder reuses an identical prim func
+        self.kernels[name] = Kernel(kind, label, (*shared.nodes, label) if shared else (label,))
         return var
 
     def emit_node(self, fn: Callable[..., Any], args: Sequence[Any], node: Node, kind: str) -> Any:
@@ -1199,6 +1201,7 @@ def compile_tvm(
     inputs, outputs = graph_specs(graph)
     exe = TvmExecutable(executable, spec, inputs, outputs, graph, time.perf_counter() - start)
     exe.schedules = {name: (kernels[name].kind, applied) for name, applied in report.items()}
+    exe.kernel_nodes = {name: list(k.nodes) for name, k in kernels.items() if k.nodes}
     return exe
 
 
