@@ -362,6 +362,11 @@ def _bench(args: argparse.Namespace) -> int:
             )
         return _bench_remote(args)
     exe = intq.load(args.artifact)
+    if args.profile and not hasattr(exe, "profile"):
+        raise intq.IntqError(
+            f"--profile times the kernels of TVM and ONNX Runtime artifacts, not {exe.target}",
+            hint="compile with --target tvm or --target onnxruntime",
+        )
     inputs = getattr(exe, "inputs", None) or exe.graph.inputs
     if args.inputs is not None:
         feeds = _read_npz(args.inputs, "inputs")
@@ -403,13 +408,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _print_profile(args: argparse.Namespace, exe: Any, feeds: dict[str, np.ndarray]) -> None:
     """``bench --profile``: the artifact's kernels, slowest first, with their graph nodes."""
-    profile = getattr(exe, "profile", None)
-    if profile is None:
-        raise intq.IntqError(
-            f"--profile times the kernels of TVM and ONNX Runtime artifacts, not {exe.target}",
-            hint="compile with --target tvm or --target onnxruntime",
-        )
-    kernels = profile(feeds, runs=args.repeat, warmup=args.warmup)
+    kernels = exe.profile(feeds, runs=args.repeat, warmup=args.warmup)
     total = sum(k.ms for k in kernels) or 1.0
     shown = kernels[: args.top] if args.top > 0 else kernels
     rows = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -186,6 +187,13 @@ def test_compile_run_inspect_bench_report_end_to_end(digits_model, digits_files,
     done = run_cli("bench", str(artifact), "--fp32", str(digits_model.path), "--repeat", "5")
     assert done.returncode == 0, done.stderr
     assert "p50" in done.stdout and "p99" in done.stdout and "vs FP32 (p50)" in done.stdout
+    done = run_cli("bench", str(artifact), "--repeat", "2", "--profile", "--top", "1")
+    if target == "onnxruntime":  # its slowest node, named after the graph node it computes
+        assert done.returncode == 0, done.stderr
+        (row,) = re.findall(r"^(/\S+)/(\w+) +1 +[\d.]+ +[\d.]+% +(\S+)$", done.stdout, re.M)
+        assert row[0] == row[2], row  # the ONNX node "<graph node>/<op type>", and its node
+    else:
+        assert done.returncode == 1 and "--profile times the kernels of TVM" in done.stderr
 
     if target == "onnxruntime":  # the report does not depend on the target: run it once
         png = root / "report.png"

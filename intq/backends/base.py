@@ -44,8 +44,8 @@ class KernelTime:
     kernel: str
     """The runtime's name for it: a TVM prim func or VM builtin, an ONNX Runtime node."""
     nodes: tuple[str, ...]
-    """The intq graph nodes it computes (TVM shares one prim func among identical nodes);
-    empty when the runtime added it (an allocation, a layout change)."""
+    """The intq graph nodes it computes (TVM shares one prim func among identical nodes; a
+    layout change names the value it transposes); empty for the runtime's own calls."""
     calls: int
     """Calls per run."""
     ms: float
