@@ -754,8 +754,7 @@ def _requantize(lw: _Lowerer, node: Node) -> None:
     bias = b.const if b is not None else None
     if len(attrs["multiplier"]) > 1:
         axis = lw.channel_axis(x, attrs["axis"])
-    elif bias is not None:
-        assert producer is not None
+    elif producer is not None and bias is not None:
         axis = lw.channel_axis(x, 1 if producer.op == "QConv" else len(x.type.shape) - 1)
     else:
         axis = 0
