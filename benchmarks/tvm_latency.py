@@ -14,6 +14,10 @@ the quantized all-MiniLM-L6-v2 (2 sentences x 16 tokens; ``--no-minilm`` leaves 
 * **intq TVM**: the same integer graph through ``intq.compile(..., target="tvm")`` for this
   machine (``--tvm-target`` to override), run on TVM's Relax VM.
 
+Then, per model, where intq TVM's time goes: ``exe.profile`` (each kernel call timed on an
+instrumented VM) summed by kind: 1x1 convs, kxk convs, depthwise convs, matmuls, Relax ops
+fused by TVM, the VM's own calls, and the rest (quantize, adds, pools, layout changes).
+
 The two integer models must agree bit for bit on the timed input (checked, printed). Each
 round runs the three once in turn, so load from elsewhere spreads over all of them; rows
 report the median and 90th percentile and the median as a ratio to FP32's. Compile time is
@@ -45,7 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ort_latency import MODELS, ModelSpec, batches, open_session, photo_crops, session_options
 
 import intq
-from intq.ir import DType, Graph, QuantParams, TensorType
+from intq.ir import DType, Graph, Node, QuantParams, TensorType
 
 TARGET_LINE = (
     "target: intq TVM integer-only no slower than intq ORT integer-only, <= 0.75x ORT FP32"
@@ -89,9 +93,10 @@ def model_rows(
     )
     progress(f"{spec.name}: compiling for ONNX Runtime and TVM ...")
     compiles, ort_path, tvm_exe = compile_both(graph, work / f"{spec.name}_intq.onnx", tvm_target)
-    return compare(
+    row = compare(
         spec.label, fp32_path, ort_path, tvm_exe, {"input": x}, compiles, threads, warmup, runs
     )
+    return {**row, "tvm_ms_by_kind": time_by_kind(graph, tvm_exe, {"input": x}, runs)}
 
 
 def minilm_rows(
@@ -109,9 +114,39 @@ def minilm_rows(
     progress("MiniLM: compiling for ONNX Runtime and TVM ...")
     compiles, ort_path, tvm_exe = compile_both(graph, work / "minilm_intq.onnx", tvm_target)
     label = "MiniLM-L6 (2x16 tokens)"
-    return compare(
+    row = compare(
         label, model.path, ort_path, tvm_exe, model.inputs, compiles, threads, warmup, runs
     )
+    return {**row, "tvm_ms_by_kind": time_by_kind(graph, tvm_exe, model.inputs, runs)}
+
+
+def kernel_kind(node: Node | None, kernel: str) -> str:
+    """What a profiled TVM kernel computes, coarsely: the rows of the "time goes" line."""
+    if node is None:  # the VM's own calls, Relax ops fused by TVM, layout changes
+        for prefix, kind in (("vm.", "VM calls"), ("fused", "fused ops")):
+            if kernel.startswith(prefix):
+                return kind
+        return "other"
+    if node.op == "QConv":
+        channels, kernel_hw = node.inputs[0].type.shape[1], node.inputs[1].type.shape[2:]
+        if node.attrs.get("group", 1) == channels > 1:
+            return "depthwise"
+        return "conv 1x1" if all(k == 1 for k in kernel_hw) else "conv kxk"
+    return "matmul" if node.op in ("QGemm", "QMatMul") else "other"
+
+
+def time_by_kind(
+    graph: Graph, exe: object, feeds: dict[str, np.ndarray], runs: int
+) -> dict[str, float]:
+    """intq TVM's time per run (ms) by kernel kind, from ``exe.profile``, largest first."""
+    nodes: dict[str, Node] = {}
+    for node in graph:  # the first node of a name: a conv's Requantize shares its name
+        nodes.setdefault(node.label(), node)
+    kinds: dict[str, float] = {}
+    for row in exe.profile(feeds, runs=runs):
+        kind = kernel_kind(nodes.get(row.nodes[0]) if row.nodes else None, row.kernel)
+        kinds[kind] = kinds.get(kind, 0.0) + row.ms
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def compile_both(
@@ -264,6 +299,14 @@ def report(models: Sequence[dict], gemm: dict, threads: int) -> list[str]:
                 f"| {row['model']} | {name} | {median:.1f} | {row['p90_ms'][name]:.1f}"
                 f" | {median / base:.2f}x | {'' if compile_s is None else f'{compile_s:.1f}'} |"
             )
+    lines += ["", "Where intq TVM's time goes (exe.profile, median ms per run by kernel kind):", ""]
+    for row in models:
+        total = sum(row["tvm_ms_by_kind"].values())
+        kinds = ", ".join(
+            f"{kind} {ms:.1f} ({100 * ms / total:.0f}%)"
+            for kind, ms in row["tvm_ms_by_kind"].items()
+        )
+        lines.append(f"- {row['model']}: {kinds}")
     lines += [""]
     for row in models:
         med = row["median_ms"]
