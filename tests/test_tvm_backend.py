@@ -437,10 +437,13 @@ def test_profile_times_each_kernel_and_names_its_nodes(tmp_path, capsys):
     assert loaded[conv.kernel].nodes == conv.nodes
     np.savez(tmp_path / "in.npz", **feeds)
     bench = ["bench", str(path), "--inputs", str(tmp_path / "in.npz"), "--repeat", "3"]
-    assert main([*bench, "--profile", "--top", "2"]) == 0
+    assert main([*bench, "--profile", "--top", "0"]) == 0  # every kernel
     out = capsys.readouterr().out
     assert re.search(rf"^{conv.kernel} +2 ", out, re.M) and "QConv -> %qconv (+1 more)" in out
-    assert "more kernels:" in out  # what --top left out, summed
+    assert "more kernels:" not in out
+    assert main([*bench, "--profile", "--top", "1"]) == 0
+    out = capsys.readouterr().out.split("profiled runs:\n")[1].splitlines()
+    assert len(out) == 4 and out[3].startswith(f"... {len(rows) - 1} more kernels: ")
     rpc = ["--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"]
     assert main([*bench, "--profile", *rpc]) == 1
     assert "--profile times the kernels on this machine" in capsys.readouterr().err
