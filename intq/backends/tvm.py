@@ -63,8 +63,8 @@ class Kernel:
     """A TE function the schedules know: its kind and the facts a schedule needs."""
 
     kind: str  # a key of tvm_schedules.SCHEDULES
-    node: str  # the IR node's label, for errors and tuning records
-    nodes: tuple[str, ...] = ()  # every node it computes: identical prim funcs are shared
+    nodes: tuple[str, ...] = ()  # the labels of the nodes it computes (identical prim funcs
+    # are shared); none for the Relax ops TVM fuses
 
 
 class _Lowerer:
@@ -157,11 +157,11 @@ class _Lowerer:
         kind: str = "elementwise",
     ) -> Any:
         """Bind ``fn`` applied to ``args`` as one TE prim func named ``hint`` (a kernel of
-        ``kind`` for the schedules; ``label`` names its node in errors)."""
+        ``kind`` for the schedules; ``label`` names its node in logs and profiles)."""
         var = self.bb.emit_te(fn, *args, primfunc_name_hint=hint)
         name = self.bb.lookup_binding(var).args[0].name_hint
         shared = self.kernels.get(name)  # the BlockBuilder reuses an identical prim func
-        self.kernels[name] = Kernel(kind, label, (*shared.nodes, label) if shared else (label,))
+        self.kernels[name] = Kernel(kind, (*shared.nodes, label) if shared else (label,))
         return var
 
     def emit_node(self, fn: Callable[..., Any], args: Sequence[Any], node: Node, kind: str) -> Any:
@@ -1126,7 +1126,7 @@ def fuse_relax_ops(mod: Any, kernels: Mapping[str, Kernel]) -> tuple[Any, dict[s
             mod.update_func(gv, mod[gv].with_attr("op_pattern", OPAQUE))
     mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
     fused = {
-        gv.name_hint: Kernel("fused", gv.name_hint)
+        gv.name_hint: Kernel("fused")
         for gv in mod.get_global_vars()
         if isinstance(mod[gv], tirx.PrimFunc) and gv.name_hint not in kernels
     }

@@ -355,8 +355,8 @@ def schedule_module(
 ) -> Any:
     """Return ``mod`` with each kernel's prim func scheduled; a kernel whose schedule does
     not apply falls back to the elementwise one (not a fused one), then to TVM's default
-    loops. ``report``
-    receives prim func name -> the schedule that applied (``"none"`` for the default)."""
+    loops. ``report`` receives prim func name -> the schedule that applied (``"none"`` for
+    the default)."""
     register_intrinsics()
     avx2 = has_avx2(target)
     for gv in mod.get_global_vars():
@@ -370,7 +370,7 @@ def schedule_module(
             try:
                 SCHEDULES[kind](sch, avx2)
             except Exception as err:  # a schedule primitive refused: try the next one
-                log.debug("%s: %s schedule failed: %s", kernel.node, kind, err)
+                log.debug("%s %s: %s schedule failed: %s", gv.name_hint, kernel.nodes, kind, err)
                 continue
             func, applied = sch.mod["main"], kind
             break
