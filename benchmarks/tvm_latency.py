@@ -91,12 +91,10 @@ def model_rows(
         [{"input": b} for b in batches(crops[:-1], 1)],
         intq.QuantConfig(progress=False),
     )
-    progress(f"{spec.name}: compiling for ONNX Runtime and TVM ...")
-    compiles, ort_path, tvm_exe = compile_both(graph, work / f"{spec.name}_intq.onnx", tvm_target)
-    row = compare(
-        spec.label, fp32_path, ort_path, tvm_exe, {"input": x}, compiles, threads, warmup, runs
+    ort_path = work / f"{spec.name}_intq.onnx"
+    return measure(
+        spec.label, graph, fp32_path, ort_path, {"input": x}, tvm_target, threads, warmup, runs
     )
-    return {**row, "tvm_ms_by_kind": time_by_kind(graph, tvm_exe, {"input": x}, runs)}
 
 
 def minilm_rows(
@@ -111,13 +109,10 @@ def minilm_rows(
     graph = intq.quantize(
         intq.from_onnx(model.path), [model.inputs], intq.QuantConfig(progress=False)
     )
-    progress("MiniLM: compiling for ONNX Runtime and TVM ...")
-    compiles, ort_path, tvm_exe = compile_both(graph, work / "minilm_intq.onnx", tvm_target)
-    label = "MiniLM-L6 (2x16 tokens)"
-    row = compare(
-        label, model.path, ort_path, tvm_exe, model.inputs, compiles, threads, warmup, runs
+    label, ort_path = "MiniLM-L6 (2x16 tokens)", work / "minilm_intq.onnx"
+    return measure(
+        label, graph, model.path, ort_path, model.inputs, tvm_target, threads, warmup, runs
     )
-    return {**row, "tvm_ms_by_kind": time_by_kind(graph, tvm_exe, model.inputs, runs)}
 
 
 def kernel_kind(node: Node | None, kernel: str) -> str:
@@ -149,31 +144,27 @@ def time_by_kind(
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
-def compile_both(
-    graph: Graph, ort_path: Path, tvm_target: str | None
-) -> tuple[dict[str, float], Path, object]:
-    """``graph`` compiled for ONNX Runtime (saved at ``ort_path``) and TVM, with the times."""
+def measure(
+    label: str,
+    graph: Graph,
+    fp32_path: Path,
+    ort_path: Path,
+    feeds: dict[str, np.ndarray],
+    tvm_target: str | None,
+    threads: int,
+    warmup: int,
+    runs: int,
+) -> dict[str, object]:
+    """Compile ``graph`` for ONNX Runtime (saved at ``ort_path``) and TVM, timing each
+    compile; check the two integer models agree on ``feeds``; time them and the FP32 model
+    in interleaved rounds; then profile the TVM one by kernel kind."""
+    progress(f"{label}: compiling for ONNX Runtime and TVM ...")
     start = time.perf_counter()
     intq.compile(graph, target="onnxruntime").save(ort_path)
     ort_compile = time.perf_counter() - start
     start = time.perf_counter()
     tvm_exe = intq.compile(graph, target="tvm", tvm_target=tvm_target)
     compiles = {"intq ORT": ort_compile, "intq TVM": time.perf_counter() - start}
-    return compiles, ort_path, tvm_exe
-
-
-def compare(
-    label: str,
-    fp32_path: Path,
-    ort_path: Path,
-    tvm_exe: object,
-    feeds: dict[str, np.ndarray],
-    compiles: dict[str, float],
-    threads: int,
-    warmup: int,
-    runs: int,
-) -> dict[str, object]:
-    """Check the two integer models agree on ``feeds``, then time all three."""
     opts = session_options(threads, spin=False)
     fp32 = open_session(fp32_path, opts)
     int_ort = open_session(ort_path, opts)
@@ -196,6 +187,7 @@ def compare(
         "compile_s": compiles,
         "median_ms": {k: float(np.median(v)) for k, v in times.items()},
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
+        "tvm_ms_by_kind": time_by_kind(graph, tvm_exe, feeds, runs),
     }
 
 
