@@ -89,6 +89,7 @@ def test_profile_gives_each_onnx_node_its_graph_node(digits_int8, digits_model, 
         r.kernel for r in rows
     }
     assert not list(tmp_path.glob("*.json"))  # ORT's trace went to a temporary folder
+    assert not exe.session.get_session_options().enable_profiling  # its options set back
 
 
 def test_census_catches_a_float_op_in_the_integer_region():

@@ -917,13 +917,18 @@ def profile_session(
 
     if runs < 1 or warmup < 0:
         raise IntqError(f"profile needs runs >= 1 and warmup >= 0, not {runs} and {warmup}")
+    # The session's own options object (ORT cannot copy one): set for the new session,
+    # which copies them, then set back.
     options = session.get_session_options()
+    before = options.enable_profiling, options.profile_file_prefix
     with tempfile.TemporaryDirectory(prefix="intq-profile-") as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        profiling = ort.InferenceSession(
-            model.SerializeToString(), options, providers=session.get_providers()
-        )
+        options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / "ort")
+        try:
+            profiling = ort.InferenceSession(
+                model.SerializeToString(), options, providers=session.get_providers()
+            )
+        finally:
+            options.enable_profiling, options.profile_file_prefix = before
         for _ in range(warmup + runs):
             profiling.run(None, dict(feeds))
         events = json.loads(Path(profiling.end_profiling()).read_text())
