@@ -70,10 +70,15 @@ def test_real_models_are_bit_exact(fixture, weight_bits, request):
     assert not fallbacks
 
 
-def test_tensorized_kernels_use_vpmaddwd(digits_int8):
+def test_tensorized_kernels_use_vpmaddwd_and_32_bit_products(digits_int8):
     _, exe = digits_int8
     asm = "".join(m.inspect_source("asm") for m in exe.executable.mod.imports)
     assert "vpmaddwd" in asm
+    # The requantization multiplies the biased int32 accumulator by M' as LLVM's
+    # high-half multiply (vpmuldq on even and odd lanes, then a blend), never as an
+    # emulated 64-bit product (vpmuludq), which a plain int32 bias add would give.
+    assert "vpmuldq" in asm and "vpblendd" in asm
+    assert "vpmuludq" not in asm
 
 
 # ----- export -------------------------------------------------------------------------------------
@@ -278,10 +283,10 @@ def test_qgemm_and_qmatmul_layers_are_bit_exact(seed, signed, trans_b, rows, k, 
     bias_bits=st.sampled_from([4, 20, 30]),
 )
 def test_a_fused_bias_joins_the_requantization_exactly(seed, layer, one_multiplier, bias_bits):
-    """With every S' >= 32 (as these scales give) the kernel adds the accumulator's bias
-    to the int64 addend as bias * M' instead of to the accumulator: exact for biases up to
-    2^30, with per-channel and per-tensor weights (one multiplier; the bias stays per
-    channel)."""
+    """With every S' >= 32 (as these scales give) the kernel adds the bias to the int32
+    accumulator (an unsigned add, reinterpreted) and takes the high half of its product
+    with M': exact for biases up to 2^30, with per-channel and per-tensor weights (one
+    multiplier; the bias stays per channel)."""
     rng = np.random.default_rng(seed)
     g = Graph()
     channels = 12

@@ -326,6 +326,16 @@ def _padded_nhwc(x: Any, conv: _ConvShape, channels: int, dtype: str | None = No
     return te.compute(shape, body, name="pad")
 
 
+def _plus_bias(acc: Any, bias: Any) -> Any:
+    """``acc + bias`` in int32, as an unsigned add reinterpreted: the range analysis proved
+    the sum fits int32, and an add that cannot carry LLVM's ``nsw`` flag keeps
+    ``sext(acc + bias)`` a sign-extended int32, so the requantization's ``x * M'`` stays a
+    32 x 32-bit product (vpmuldq) rather than a 64-bit one (three vpmuludq)."""
+    from tvm import tirx
+
+    return tirx.reinterpret("int32", acc.astype("uint32") + bias.astype("uint32"))
+
+
 def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
     """The TE function ``(x, w[, b]) -> int32 acc`` of a 2-D ``QConv`` in NCHW (any groups
     and operand widths), and its kernel kind."""
@@ -364,7 +374,9 @@ def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
         acc = te.compute(out_shape, body, name="acc")
         if bias:
             (b_,) = bias
-            acc = te.compute(out_shape, lambda b, k, i, j: acc[b, k, i, j] + b_[k], name="bias")
+            acc = te.compute(
+                out_shape, lambda b, k, i, j: _plus_bias(acc[b, k, i, j], b_[k]), name="bias"
+            )
         return acc
 
     return fn, "generic"
@@ -393,7 +405,9 @@ def _depthwise_nhwc_te(node: Node) -> Callable[..., Any]:
         )
         if bias:
             (b_,) = bias
-            acc = te.compute(shape, lambda b, i, j, k: acc[b, i, j, k] + b_[k], name="bias")
+            acc = te.compute(
+                shape, lambda b, i, j, k: _plus_bias(acc[b, i, j, k], b_[k]), name="bias"
+            )
         return acc
 
     return fn
@@ -466,7 +480,7 @@ def _packed_conv_te(node: Node) -> Callable[..., Any]:
 
         def read(b: Any, i: Any, j: Any, k: Any) -> Any:
             value = dot[b, i, j, k // LANES, k % LANES]
-            return value + bias[0][k] if bias else value
+            return _plus_bias(value, bias[0][k]) if bias else value
 
         return te.compute(shape, read, name="acc")
 
@@ -495,7 +509,7 @@ def _dense_te(node: Node) -> Callable[..., Any]:
         )
         if bias:
             (b_,) = bias
-            acc = te.compute(out_shape, lambda *i: acc(*i) + b_[i[-1]], name="bias")
+            acc = te.compute(out_shape, lambda *i: _plus_bias(acc(*i), b_[i[-1]]), name="bias")
         return acc
 
     return fn
@@ -540,7 +554,7 @@ def _packed_dense_te(node: Node) -> Callable[..., Any]:
             for d, size in zip(i[:-1], out_shape[:-1]):
                 row = row * size + d
             value = dot[row, i[-1] // LANES, i[-1] % LANES]
-            return value + bias[0][i[-1]] if bias else value
+            return _plus_bias(value, bias[0][i[-1]]) if bias else value
 
         return te.compute(out_shape, read, name="acc")
 
@@ -569,11 +583,10 @@ def _bias(node: Node) -> Value | None:
     return node.inputs[2] if len(node.inputs) > 2 else None
 
 
-def _accumulator(lw: _Lowerer, node: Node, with_bias: bool = True) -> _Accumulator:
-    """The TE function computing ``node``'s int32 accumulator (without its bias unless
-    ``with_bias``), its arguments and kind."""
+def _accumulator(lw: _Lowerer, node: Node) -> _Accumulator:
+    """The TE function computing ``node``'s int32 accumulator, its arguments and kind."""
     x, w = _input(node, 0), _input(node, 1)
-    b = _bias(node) if with_bias else None
+    b = _bias(node)
     bias = [lw.value(b)] if b is not None else []
     if lw.channels_last and _channels_last_kernel(node):
         assert w.const is not None
@@ -638,11 +651,11 @@ class _Rescale:
 
 
 def _rescale_te(
-    rescale: _Rescale, lo: int, hi: int, out_dtype: str, axis: int, bias: np.ndarray | None = None
+    rescale: _Rescale, lo: int, hi: int, out_dtype: str, axis: int
 ) -> tuple[Callable[..., Any], list[np.ndarray]]:
-    """``clamp((((x + bias) * M') << L + R) >> S', lo, hi)`` per element; returns the TE
-    function ``(x, *channel_constants) -> y`` and the per-channel constant arrays it reads.
-    A ``bias`` (the accumulator's, per channel along ``axis``) needs ``rescale.high``."""
+    """``clamp(((x * M') << L + R) >> S', lo, hi)`` per element (per channel along
+    ``axis``); returns the TE function ``(x, *channel_constants) -> y`` and the per-channel
+    constant arrays it reads."""
     from tvm import te, tirx
 
     # Every S in [32, 63] (or >= 64: M' = 0), as for nearly every conv: the shift and the
@@ -650,15 +663,12 @@ def _rescale_te(
     # int32), for S >= 33 floor((p + 2^(S-1)) / 2^S) = (q + 2^(S-33)) >> (S-32) exactly
     # (the dropped low half is below one unit of q and cannot carry past a multiple of
     # 2^(S-32)), so the rounding is an int32 add on the high half; S = 32 rounds in int64.
-    # An int32 bias b joins the int64 addend as b * M' (|x * M' + b * M'| < 2^63): x * M'
-    # is then int32 x int32 (one vpmuldq per 4 lanes); (x + b) would need 33 bits, and
-    # LLVM emulates that 64-bit product with three multiplies.
+    # With nothing added in int64, q = sext(x) * sext(M') >> 32 is LLVM's high-half
+    # multiply of int32 lanes: two vpmuldq (even and odd lanes) and a blend per 8 lanes,
+    # with no widening of x (see _plus_bias for how x keeps its bias in int32).
     s = rescale.right
     high = rescale.high
-    assert bias is None or high, "a folded bias needs S' >= 32"
     low = np.where(s == 32, 1 << 31, 0).astype(np.int64)
-    if bias is not None:
-        low = low + bias.reshape(-1).astype(np.int64) * rescale.multiplier
     terms: dict[str, tuple[np.ndarray, str]]
     if high:
         terms = {
@@ -724,10 +734,8 @@ def _fused(
     node: Node,
     epilogue: Callable[..., Any],
     constants: Sequence[np.ndarray],
-    bias_folded: bool = False,
 ) -> None:
-    """Bind ``epilogue(acc, *constants)``, fused with the accumulator's kernel if deferred
-    (which leaves out its bias if the epilogue adds it: ``bias_folded``)."""
+    """Bind ``epilogue(acc, *constants)``, fused with the accumulator's kernel if deferred."""
     x = _input(node)
     extra = [lw.const(c) for c in constants]
     producer = lw.deferred.get(x.name)
@@ -735,7 +743,7 @@ def _fused(
         source, nhwc = lw.stored(x)
         lw.bind(node, lw.emit_node(epilogue, [source, *extra], node, "elementwise"), nhwc=nhwc)
         return
-    acc = _accumulator(lw, producer, with_bias=not bias_folded)
+    acc = _accumulator(lw, producer)
     count = len(acc.args)
 
     def fn(*tensors: Any) -> Any:
@@ -749,17 +757,9 @@ def _requantize(lw: _Lowerer, node: Node) -> None:
     attrs = node.attrs
     x = _input(node)
     rescale = _Rescale.of(attrs["multiplier"], attrs["shift"])
-    producer = lw.deferred.get(x.name)
-    b = _bias(producer) if producer is not None and rescale.high else None
-    bias = b.const if b is not None else None
-    if len(attrs["multiplier"]) > 1:
-        axis = lw.channel_axis(x, attrs["axis"])
-    elif producer is not None and bias is not None:
-        axis = lw.channel_axis(x, 1 if producer.op == "QConv" else len(x.type.shape) - 1)
-    else:
-        axis = 0
-    fn, constants = _rescale_te(rescale, attrs["lo"], attrs["hi"], _dtype(node.output), axis, bias)
-    _fused(lw, node, fn, constants, bias_folded=bias is not None)
+    axis = lw.channel_axis(x, attrs["axis"]) if len(attrs["multiplier"]) > 1 else 0
+    fn, constants = _rescale_te(rescale, attrs["lo"], attrs["hi"], _dtype(node.output), axis)
+    _fused(lw, node, fn, constants)
 
 
 @_lower("Dequantize")
