@@ -245,15 +245,18 @@ class TvmExecutable:
     def vm(self) -> Any:
         """The Relax virtual machine on this CPU (created on first use)."""
         if self._vm is None:
-            tvm = _tvm()
-            device = self.device()
-            if not device.exist:
-                raise IntqError(
-                    f"a module compiled for {self.tvm_target} cannot run on this machine",
-                    hint="save it with .save('model.tar') and run it on the device",
-                )
-            self._vm = tvm.relax.VirtualMachine(self.executable, device)
+            self._vm = _tvm().relax.VirtualMachine(self.executable, self._local_device())
         return self._vm
+
+    def _local_device(self) -> Any:
+        """:meth:`device`, which must exist on this machine (else a clear error)."""
+        device = self.device()
+        if not device.exist:
+            raise IntqError(
+                f"a module compiled for {self.tvm_target} cannot run on this machine",
+                hint="save it with .save('model.tar') and run it on the device",
+            )
+        return device
 
     def device(self) -> Any:
         """The TVM device the module runs on (a CUDA GPU for CUDA targets, else the CPU).
@@ -288,8 +291,7 @@ class TvmExecutable:
         if runs < 1 or warmup < 0:
             raise IntqError(f"profile needs runs >= 1 and warmup >= 0, not {runs} and {warmup}")
         feeds = check_inputs(self.inputs, inputs)
-        self.vm()  # the clear error where the module cannot run here
-        device = self.device()
+        device = self._local_device()
         vm = _tvm().relax.VirtualMachine(self.executable, device)
         arguments = device_arguments(self.inputs, feeds, device)
         run: dict[str, tuple[int, float]] = {}
