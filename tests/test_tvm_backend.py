@@ -283,7 +283,7 @@ def test_qgemm_and_qmatmul_layers_are_bit_exact(seed, signed, trans_b, rows, k, 
     one_multiplier=st.booleans(),
     bias_bits=st.sampled_from([4, 20, 30]),
 )
-def test_a_fused_bias_joins_the_requantization_exactly(seed, layer, one_multiplier, bias_bits):
+def test_a_bias_in_the_accumulator_requantizes_exactly(seed, layer, one_multiplier, bias_bits):
     """With every S' >= 32 (as these scales give) the kernel adds the bias to the int32
     accumulator (an unsigned add, reinterpreted) and takes the high half of its product
     with M': exact for biases up to 2^30, with per-channel and per-tensor weights (one

@@ -336,6 +336,17 @@ def _plus_bias(acc: Any, bias: Any) -> Any:
     return tirx.reinterpret("int32", acc.astype("uint32") + bias.astype("uint32"))
 
 
+def _add_bias(acc: Any, bias: Sequence[Any], axis: int) -> Any:
+    """``acc`` plus its per-channel int32 bias (channels along ``axis``) if it has one: a
+    stage the schedules inline into the epilogue."""
+    from tvm import te
+
+    if not bias:
+        return acc
+    (b,) = bias
+    return te.compute(acc.shape, lambda *i: _plus_bias(acc(*i), b[i[axis]]), name="bias")
+
+
 def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
     """The TE function ``(x, w[, b]) -> int32 acc`` of a 2-D ``QConv`` in NCHW (any groups
     and operand widths), and its kernel kind."""
@@ -371,13 +382,7 @@ def _conv_te(node: Node) -> tuple[Callable[..., Any], str]:
                 axis=[rc, ry, rx],
             )
 
-        acc = te.compute(out_shape, body, name="acc")
-        if bias:
-            (b_,) = bias
-            acc = te.compute(
-                out_shape, lambda b, k, i, j: _plus_bias(acc[b, k, i, j], b_[k]), name="bias"
-            )
-        return acc
+        return _add_bias(te.compute(out_shape, body, name="acc"), bias, 1)
 
     return fn, "generic"
 
@@ -403,12 +408,7 @@ def _depthwise_nhwc_te(node: Node) -> Callable[..., Any]:
             ),
             name="acc",
         )
-        if bias:
-            (b_,) = bias
-            acc = te.compute(
-                shape, lambda b, i, j, k: _plus_bias(acc[b, i, j, k], b_[k]), name="bias"
-            )
-        return acc
+        return _add_bias(acc, bias, 3)
 
     return fn
 
@@ -507,10 +507,7 @@ def _dense_te(node: Node) -> Callable[..., Any]:
             ),
             name="acc",
         )
-        if bias:
-            (b_,) = bias
-            acc = te.compute(out_shape, lambda *i: _plus_bias(acc(*i), b_[i[-1]]), name="bias")
-        return acc
+        return _add_bias(acc, bias, -1)
 
     return fn
 
