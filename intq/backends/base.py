@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from intq.errors import ArtifactError, ShapeError
+from intq.errors import ArtifactError, IntqError, ShapeError
 from intq.ir.graph import Graph, Value
 
 
@@ -50,6 +50,12 @@ class KernelTime:
     """Calls per run."""
     ms: float
     """Median over the runs of its time in one run, all its calls together."""
+
+
+def check_profile_runs(runs: int, warmup: int) -> None:
+    """Refuse a profile of fewer than one timed run or a negative warm-up."""
+    if runs < 1 or warmup < 0:
+        raise IntqError(f"profile needs runs >= 1 and warmup >= 0, not {runs} and {warmup}")
 
 
 def kernel_times(

@@ -49,9 +49,10 @@ from intq.backends.base import (
     KernelTime,
     atomic_write,
     check_feeds,
+    check_profile_runs,
     kernel_times,
 )
-from intq.errors import ArtifactError, IntqError, NumericsError, UnsupportedOpError
+from intq.errors import ArtifactError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.int4 import fits_int4, pack_int4
 from intq.ir.types import DType
@@ -915,8 +916,7 @@ def profile_session(
     rows' ``nodes``; ONNX Runtime renames the nodes it fuses."""
     import onnxruntime as ort
 
-    if runs < 1 or warmup < 0:
-        raise IntqError(f"profile needs runs >= 1 and warmup >= 0, not {runs} and {warmup}")
+    check_profile_runs(runs, warmup)
     # The session's own options object (ORT cannot copy one): set for the new session,
     # which copies them, then set back.
     options = session.get_session_options()

@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from intq.backends.base import KernelTime, atomic_write, check_feeds, kernel_times
+from intq.backends.base import (
+    KernelTime,
+    atomic_write,
+    check_feeds,
+    check_profile_runs,
+    kernel_times,
+)
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
@@ -288,8 +294,7 @@ class TvmExecutable:
         uninstrumented. Each call is timed from Python (a few microseconds), so the rows add
         up to more than a plain run takes, most visibly for the many small builtins.
         """
-        if runs < 1 or warmup < 0:
-            raise IntqError(f"profile needs runs >= 1 and warmup >= 0, not {runs} and {warmup}")
+        check_profile_runs(runs, warmup)
         feeds = check_inputs(self.inputs, inputs)
         device = self._local_device()
         vm = _tvm().relax.VirtualMachine(self.executable, device)
