@@ -45,12 +45,23 @@ def full_range(rng: np.random.Generator, shape, signed: bool) -> np.ndarray:
 
 
 def qconv(
-    g: Graph, rng, x, out_channels: int, group: int, kernel: int, stride: int, pad: int, bias: bool
+    g: Graph,
+    rng,
+    x,
+    out_channels: int,
+    group: int,
+    kernel: int,
+    stride: int,
+    pad: int,
+    bias: bool,
+    weight_max: int = 127,
 ):
-    """A ``QConv`` of ``x`` with full-range narrow int8 weights and, if ``bias``, an int32
-    bias: its int32 accumulator."""
+    """A ``QConv`` of ``x`` with narrow int8 weights over their full range, or up to
+    ``weight_max`` in magnitude (64: what 7-bit weights reach, the TVM backend's byte
+    kernel) and, if ``bias``, an int32 bias: its int32 accumulator."""
     channels = x.type.shape[1]
-    w_data = full_range(rng, (out_channels, channels // group, kernel, kernel), True).clip(-127)
+    w_shape = (out_channels, channels // group, kernel, kernel)
+    w_data = full_range(rng, w_shape, True).clip(-weight_max, weight_max)
     w = weight(g, w_data, rng.uniform(0.001, 0.1, out_channels), 0)
     inputs = [x, w]
     if bias:

@@ -81,6 +81,37 @@ def test_tensorized_kernels_use_vpmaddwd_and_32_bit_products(digits_int8):
     assert "vpmuludq" not in asm
 
 
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize(("pair", "byte_kernel"), [((64, 64), True), ((65, 64), False)])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("layer", ["conv", "gemm"])
+def test_byte_kernel_only_where_no_weight_pair_can_saturate(signed, pair, byte_kernel, sign, layer):
+    """``vpmaddubsw`` adds each pair of byte products with int16 saturation: 255 * 128 =
+    32640 fits, 255 * 129 = 32895 does not. Weights whose packed pairs reach 129 take the
+    ``vpmaddwd`` kernel instead; both are exact on the inputs that saturate the most."""
+    rng = np.random.default_rng(0)
+    g = Graph()
+    shape = (1, 8, 3, 4) if layer == "conv" else (3, 8)
+    x = int_input(g, "x", shape, signed)
+    w_data = rng.integers(-5, 6, (16, 8)).astype(np.int8)
+    w_data[3, 4:6] = sign * np.array(pair)  # a pair the kernel reads together
+    if layer == "conv":
+        w = weight(g, w_data[:, :, None, None], rng.uniform(0.001, 0.1, 16), 0)
+        acc = g.op("QConv", x, w, group=1, strides=(1, 1), pads=(1, 1, 1, 1))
+    else:
+        w = weight(g, w_data, rng.uniform(0.001, 0.1, 16), 0)
+        acc = g.op("QGemm", x, w, transB=1)
+    g.set_outputs([acc, requantized(g, acc, 20.0, True)])
+    verify(g)
+    exe = compile_tvm(g)
+    asm = "".join(m.inspect_source("asm") for m in exe.executable.mod.imports)
+    assert ("vpmaddubsw" in asm) == byte_kernel and "vpmaddwd" in asm
+    dtype = np.int8 if signed else np.uint8
+    for value in (np.iinfo(dtype).max, np.iinfo(dtype).min):
+        assert_same(g, exe, {"x": np.full(shape, value, dtype)})
+    assert_same(g, exe, {"x": full_range(rng, shape, signed)})
+
+
 # ----- export -------------------------------------------------------------------------------------
 
 
@@ -233,16 +264,17 @@ def test_a_3d_convolution_is_refused_with_its_name():
     bias=st.booleans(),
     fused=st.booleans(),
     width=st.sampled_from([5, 7, 9]),
+    weight_max=st.sampled_from([127, 64, 7]),  # 64 and 7: the byte kernel (vpmaddubsw)
 )
 def test_qconv_layers_are_bit_exact(
-    seed, signed, channels, groups, kernel, stride, pad, bias, fused, width
+    seed, signed, channels, groups, kernel, stride, pad, bias, fused, width, weight_max
 ):
     rng = np.random.default_rng(seed)
     g = Graph()
     x = int_input(g, "x", (1, channels, 6, width), signed)
     group = {"one": 1, "depthwise": channels, "two": 2 if channels % 2 == 0 else 1}[groups]
     out_channels = channels if groups == "depthwise" else 10
-    acc = qconv(g, rng, x, out_channels, group, kernel, stride, pad, bias)
+    acc = qconv(g, rng, x, out_channels, group, kernel, stride, pad, bias, weight_max)
     y = requantized(g, acc, float(rng.uniform(0.5, 20)), rng.random() < 0.5)
     g.set_outputs([y] if fused else [acc, y])  # alone, the accumulator is fused with the requantize
     verify(g)
@@ -258,19 +290,22 @@ def test_qconv_layers_are_bit_exact(
     k=st.integers(1, 300),
     n=st.integers(1, 20),
     matmul=st.booleans(),
+    weight_max=st.sampled_from([127, 64]),
 )
-def test_qgemm_and_qmatmul_layers_are_bit_exact(seed, signed, trans_b, rows, k, n, matmul):
+def test_qgemm_and_qmatmul_layers_are_bit_exact(
+    seed, signed, trans_b, rows, k, n, matmul, weight_max
+):
     rng = np.random.default_rng(seed)
     g = Graph()
     shape = (2, rows, k) if matmul else (rows, k)
     x = int_input(g, "x", shape, signed)
+    w_shape = (k, n) if matmul or not trans_b else (n, k)
+    w_data = full_range(rng, w_shape, True).clip(-weight_max, weight_max)
+    scales = rng.uniform(0.001, 0.1, n)
     if matmul:
-        w = weight(g, full_range(rng, (k, n), True).clip(-127), rng.uniform(0.001, 0.1, n), 1)
-        acc = g.op("QMatMul", x, w)
+        acc = g.op("QMatMul", x, weight(g, w_data, scales, 1))
     else:
-        w_shape = (n, k) if trans_b else (k, n)
-        scales = rng.uniform(0.001, 0.1, n)
-        w = weight(g, full_range(rng, w_shape, True).clip(-127), scales, 0 if trans_b else 1)
+        w = weight(g, w_data, scales, 0 if trans_b else 1)
         acc = g.op("QGemm", x, w, transB=int(trans_b))
     g.set_outputs([requantized(g, acc, float(rng.uniform(1, 100)), True)])
     assert_same(g, compile_tvm(g), {"x": full_range(rng, shape, signed)})
@@ -282,8 +317,11 @@ def test_qgemm_and_qmatmul_layers_are_bit_exact(seed, signed, trans_b, rows, k, 
     layer=st.sampled_from(["conv", "depthwise", "gemm", "matmul"]),
     one_multiplier=st.booleans(),
     bias_bits=st.sampled_from([4, 20, 30]),
+    weight_max=st.sampled_from([127, 64]),
 )
-def test_a_bias_in_the_accumulator_requantizes_exactly(seed, layer, one_multiplier, bias_bits):
+def test_a_bias_in_the_accumulator_requantizes_exactly(
+    seed, layer, one_multiplier, bias_bits, weight_max
+):
     """With every S' >= 32 (as these scales give) the kernel adds the bias to the int32
     accumulator (an unsigned add, reinterpreted) and takes the high half of its product
     with M': exact for biases up to 2^30, with per-channel and per-tensor weights (one
@@ -301,7 +339,7 @@ def test_a_bias_in_the_accumulator_requantizes_exactly(seed, layer, one_multipli
         shape = (2, 3, 40) if layer == "matmul" else (3, 40)
         w_shape, attrs = (40, channels), {}
     x = int_input(g, "x", shape, conv)
-    w_data = full_range(rng, w_shape, True).clip(-127)
+    w_data = full_range(rng, w_shape, True).clip(-weight_max, weight_max)
     w_scales = rng.uniform(0.001, 0.1, 1 if one_multiplier else channels)
     w = weight(g, w_data, w_scales, None if one_multiplier else 0 if conv else 1)
     b = g.add_constant(rng.integers(-(2**bias_bits), 2**bias_bits, channels, np.int32), "b")

@@ -304,23 +304,28 @@ def _channels_last_kernel(node: Node) -> bool:
     return conv.depthwise or (conv.group == 1 and _pairs_exactly(node))
 
 
-def _padded_nhwc(x: Any, conv: _ConvShape, channels: int, dtype: str | None = None) -> Any:
-    """``x`` (NHWC) with the conv's zero padding, ``channels`` (>= C) channels and ``dtype``
-    (default: its own), or ``x`` itself when that changes nothing."""
+def _padded_nhwc(
+    x: Any, conv: _ConvShape, channels: int, dtype: str | None = None, offset: int = 0
+) -> Any:
+    """``x + offset`` (NHWC) with the conv's zero padding (``offset`` there), ``channels``
+    (>= C) channels and ``dtype`` (default: its own), or ``x`` itself when that changes
+    nothing."""
     from tvm import te, tirx
 
     top, left, bottom, right = conv.pads
     dtype = dtype or x.dtype
-    if not conv.padded and channels == conv.c and dtype == x.dtype:
+    if not conv.padded and channels == conv.c and dtype == x.dtype and not offset:
         return x
-    zero = tirx.const(0, dtype)
+    zero = tirx.const(offset, dtype)
 
     def body(b: Any, i: Any, j: Any, ch: Any) -> Any:
         inside = tirx.all(i >= top, i < conv.h + top, j >= left, j < conv.w + left, ch < conv.c)
         yi = tirx.max(tirx.min(i - top, conv.h - 1), 0)
         xi = tirx.max(tirx.min(j - left, conv.w - 1), 0)
-        element = x[b, yi, xi, tirx.min(ch, conv.c - 1)].astype(dtype)
-        return tirx.if_then_else(inside, element, zero)
+        element = x[b, yi, xi, tirx.min(ch, conv.c - 1)]
+        if offset:
+            element = element.astype("int32") + offset
+        return tirx.if_then_else(inside, element.astype(dtype), zero)
 
     shape = (conv.n, conv.h + top + bottom, conv.w + left + right, channels)
     return te.compute(shape, body, name="pad")
@@ -431,47 +436,101 @@ def _pairs_exactly(node: Node) -> bool:
     return x in (DType.I8, DType.U8, DType.I16) and w.type.dtype is DType.I8 and w.const is not None
 
 
-def _packed_weights(w: np.ndarray) -> np.ndarray:
-    """``[M, C, *k]`` int8 weights packed as ``[ceil(M/8), *k, ceil(C/2), 8, 2]``, zero-padded:
-    one ``pmaddwd`` reads 8 output channels x 2 input channels contiguously, and the
-    reduction walks the taps, then the channel pairs, as an NHWC input lies in memory."""
+BYTE_OFFSET = 128
+"""Added to int8 activations to make them the unsigned operand of ``pmaddubsw``."""
+
+
+def _reduction_depth(node: Node, w: np.ndarray) -> int:
+    """Input channels per int32 lane of one step of the tensorized conv or dense of ``node``
+    with int8 weights ``w`` (``[outputs, inputs, *taps]``): 4 (``pmaddubsw`` on bytes, then
+    ``pmaddwd`` by ones) where that is exact, else 2 (``pmaddwd`` on int16).
+
+    ``pmaddubsw`` multiplies unsigned by signed bytes and adds each pair *with int16
+    saturation*, so it is exact only if no pair of packed weights can reach past int16 with
+    activations in ``[0, 255]`` (int8 activations are offset by :data:`BYTE_OFFSET`; see
+    :func:`_offset_bias`): ``255 * (w_a + w_b) <= 32767`` over each pair's positive weights
+    and ``255 * (|w_a| + |w_b|) <= 32768`` over its negative ones. Weights of 7 bits or
+    fewer always pass; full-range 8-bit weights almost never do. Every partial sum must
+    also fit int32 (it does unless a channel reduces more than ~65000 inputs).
+    """
+    x, b = _input(node, 0).type.dtype, _bias(node)
+    if x not in (DType.I8, DType.U8) or (b is not None and b.const is None):
+        return 2
+    pairs = _packed_weights(w, 4).reshape(-1, 2).astype(np.int64)
+    positive, negative = np.maximum(pairs, 0).sum(1), np.maximum(-pairs, 0).sum(1)
+    if 255 * positive.max() > 2**15 - 1 or 255 * negative.max() > 2**15:
+        return 2
+    reach = 255 * np.abs(w.astype(np.int64)).reshape(len(w), -1).sum(1)
+    reach += np.abs(_offset_bias(node, w).astype(np.int64))
+    return 4 if reach.max() < 2**31 else 2
+
+
+def _operand(node: Node, depth: int) -> tuple[str, int]:
+    """The dtype and offset of the activations the tensorized kernel reads: int16 for
+    ``pmaddwd``; uint8 for ``pmaddubsw``, int8 offset by :data:`BYTE_OFFSET`."""
+    if depth == 2:
+        return "int16", 0
+    return "uint8", BYTE_OFFSET if _input(node).type.dtype is DType.I8 else 0
+
+
+def _offset_bias(node: Node, w: np.ndarray) -> np.ndarray:
+    """The int32 bias of the byte kernel: ``sum(x * w) = sum((x + 128) * w) - 128 * sum(w)``
+    for int8 activations, so ``bias - 128 * sum(w)`` per output channel (the bias itself, or
+    zeros, for uint8 ones), with ``w`` as in :func:`_reduction_depth`."""
+    b = _bias(node)
+    bias = np.zeros(len(w), np.int64)
+    if b is not None:
+        assert b.const is not None  # _reduction_depth takes constant biases only
+        bias += b.const.astype(np.int64)
+    if _input(node, 0).type.dtype is DType.I8:
+        bias = bias - BYTE_OFFSET * w.astype(np.int64).reshape(len(w), -1).sum(1)
+    return bias.astype(np.int32)
+
+
+def _packed_weights(w: np.ndarray, depth: int = 2) -> np.ndarray:
+    """``[M, C, *k]`` int8 weights packed as ``[ceil(M/8), *k, ceil(C/depth), 8, depth]``,
+    zero-padded: one ``pmaddwd`` (depth 2) or ``pmaddubsw`` (depth 4) reads 8 output
+    channels x ``depth`` input channels contiguously, and the reduction walks the taps,
+    then the channel groups, as an NHWC input lies in memory."""
     m, c = w.shape[:2]
-    mo, c2 = -(-m // LANES), -(-c // 2)
-    padded = np.zeros((mo * LANES, c2 * 2, *w.shape[2:]), np.int8)
+    mo, groups = -(-m // LANES), -(-c // depth)
+    padded = np.zeros((mo * LANES, groups * depth, *w.shape[2:]), np.int8)
     padded[:m, :c] = w
     spatial = w.ndim - 2
-    blocks = padded.reshape(mo, LANES, c2, 2, *w.shape[2:])
-    # (mo, mi, c2, t, *k) -> (mo, *k, c2, mi, t)
+    blocks = padded.reshape(mo, LANES, groups, depth, *w.shape[2:])
+    # (mo, mi, groups, t, *k) -> (mo, *k, groups, mi, t)
     order = (0, *range(4, 4 + spatial), 2, 1, 3)
     return np.ascontiguousarray(blocks.transpose(order))
 
 
-def _packed_conv_te(node: Node) -> Callable[..., Any]:
-    """``QConv`` (one group, :func:`_pairs_exactly`) on NHWC, channel pairs reduced by
-    ``pmaddwd``.
+def _packed_conv_te(node: Node, depth: int) -> Callable[..., Any]:
+    """``QConv`` (one group, :func:`_pairs_exactly`) on NHWC, ``depth`` input channels at a
+    time (:func:`_reduction_depth`).
 
-    ``padded[n, y, x, c]`` is the input as int16 (a pair is then one 32-bit broadcast
-    from memory) with the conv's zero padding and an even channel count;
-    ``dot[n, i, j, mo, mi]`` accumulates output channel ``8*mo + mi`` from channels
-    ``2*rc + rt``; the result is read back as NHWC ``[n, i, j, m]`` (an index map the
-    schedule inlines into the epilogue).
+    ``padded[n, y, x, c]`` is the input with the conv's zero padding and a channel count
+    that ``depth`` divides: as int16 for ``pmaddwd`` (a pair is then one 32-bit broadcast
+    from memory), as uint8 for ``pmaddubsw`` (int8 offset by :data:`BYTE_OFFSET`, padding
+    included: the bias takes the offset back out); ``dot[n, i, j, mo, mi]`` accumulates
+    output channel ``8*mo + mi`` from channels ``depth*rc + rt``; the result is read back as
+    NHWC ``[n, i, j, m]`` (an index map the schedule inlines into the epilogue).
     """
     from tvm import te
 
     conv = _ConvShape.of(node)
     shape = (conv.n, *conv.out, conv.m)
-    mo, c2 = -(-conv.m // LANES), -(-conv.c // 2)
+    mo, groups = -(-conv.m // LANES), -(-conv.c // depth)
+    dtype, offset = _operand(node, depth)
 
     def fn(x: Any, wp: Any, *bias: Any) -> Any:
-        padded = _padded_nhwc(x, conv, 2 * c2, "int16")
+        padded = _padded_nhwc(x, conv, depth * groups, dtype, offset)
         ry = te.reduce_axis((0, conv.kh), name="ry")
         rx = te.reduce_axis((0, conv.kw), name="rx")
-        rc = te.reduce_axis((0, c2), name="rc")
-        rt = te.reduce_axis((0, 2), name="rt")
+        rc = te.reduce_axis((0, groups), name="rc")
+        rt = te.reduce_axis((0, depth), name="rt")
         dot = te.compute(
             (conv.n, *conv.out, mo, LANES),
             lambda b, i, j, ko, ki: te.sum(
-                padded[(b, *conv.window(i, j, ry, rx), rc * 2 + rt)].astype("int32")
+                padded[(b, *conv.window(i, j, ry, rx), rc * depth + rt)].astype("int32")
                 * wp[ko, ry, rx, rc, ki, rt].astype("int32"),
                 axis=[ry, rx, rc, rt],
             ),
@@ -512,11 +571,13 @@ def _dense_te(node: Node) -> Callable[..., Any]:
     return fn
 
 
-def _packed_dense_te(node: Node) -> Callable[..., Any]:
-    """``QGemm``/``QMatMul`` (:func:`_pairs_exactly`) with K pairs reduced by ``pmaddwd``.
+def _packed_dense_te(node: Node, depth: int) -> Callable[..., Any]:
+    """``QGemm``/``QMatMul`` (:func:`_pairs_exactly`) reducing ``depth`` values of K at a
+    time (:func:`_reduction_depth`).
 
-    The input arrives as ``[rows, K]`` (a Relax reshape, free) and is widened to int16
-    with K padded to even; ``dot[r, jo, ji]`` accumulates output column ``8*jo + ji``.
+    The input arrives as ``[rows, K]`` (a Relax reshape, free) and is widened to int16 (or
+    offset to uint8, as for the conv) with K padded to a multiple of ``depth``;
+    ``dot[r, jo, ji]`` accumulates output column ``8*jo + ji``.
     """
     from tvm import te, tirx
 
@@ -524,23 +585,21 @@ def _packed_dense_te(node: Node) -> Callable[..., Any]:
     rows, k_dim = int(np.prod(a_shape[:-1])), a_shape[-1]
     out_shape = node.output.type.shape
     n_dim = out_shape[-1]
-    no, k2 = -(-n_dim // LANES), -(-k_dim // 2)
+    no, groups = -(-n_dim // LANES), -(-k_dim // depth)
+    dtype, offset = _operand(node, depth)
 
     def fn(a: Any, wp: Any, *bias: Any) -> Any:
-        zero = tirx.const(0, "int16")
-        padded = te.compute(
-            (rows, 2 * k2),
-            lambda r, k: tirx.if_then_else(
-                k < k_dim, a[r, tirx.min(k, k_dim - 1)].astype("int16"), zero
-            ),
-            name="pad",
-        )
-        rk = te.reduce_axis((0, k2), name="rk")
-        rt = te.reduce_axis((0, 2), name="rt")
+        def pad(r: Any, k: Any) -> Any:
+            value = a[r, tirx.min(k, k_dim - 1)].astype("int32") + offset
+            return tirx.if_then_else(k < k_dim, value, offset).astype(dtype)
+
+        padded = te.compute((rows, depth * groups), pad, name="pad")
+        rk = te.reduce_axis((0, groups), name="rk")
+        rt = te.reduce_axis((0, depth), name="rt")
         dot = te.compute(
             (rows, no, LANES),
             lambda r, jo, ji: te.sum(
-                padded[r, rk * 2 + rt].astype("int32") * wp[jo, rk, ji, rt].astype("int32"),
+                padded[r, rk * depth + rt].astype("int32") * wp[jo, rk, ji, rt].astype("int32"),
                 axis=[rk, rt],
             ),
             name="dot",
@@ -580,6 +639,18 @@ def _bias(node: Node) -> Value | None:
     return node.inputs[2] if len(node.inputs) > 2 else None
 
 
+def _packed_operands(
+    lw: _Lowerer, node: Node, w: np.ndarray, bias: list[Any]
+) -> tuple[int, Any, list[Any]]:
+    """The reduction depth of the tensorized ``node`` with weights ``w`` (``[outputs,
+    inputs, *taps]``), its packed weights, and its bias arguments (the byte kernel's
+    :func:`_offset_bias` where it needs one)."""
+    depth = _reduction_depth(node, w)
+    if depth == 4 and (bias or _input(node).type.dtype is DType.I8):
+        bias = [lw.const(_offset_bias(node, w))]
+    return depth, lw.const(_packed_weights(w, depth)), bias
+
+
 def _accumulator(lw: _Lowerer, node: Node) -> _Accumulator:
     """The TE function computing ``node``'s int32 accumulator, its arguments and kind."""
     x, w = _input(node, 0), _input(node, 1)
@@ -593,8 +664,8 @@ def _accumulator(lw: _Lowerer, node: Node) -> _Accumulator:
             return _Accumulator(
                 _depthwise_nhwc_te(node), [x_nhwc, lw.const(weights), *bias], "depthwise", True
             )
-        weights = _packed_weights(w.const)
-        return _Accumulator(_packed_conv_te(node), [x_nhwc, lw.const(weights), *bias], "conv", True)
+        depth, weights, bias = _packed_operands(lw, node, w.const, bias)
+        return _Accumulator(_packed_conv_te(node, depth), [x_nhwc, weights, *bias], "conv", True)
     if node.op == "QConv":
         fn, kind = _conv_te(node)
         return _Accumulator(fn, [lw.value(x), lw.value(w), *bias], kind, False)
@@ -602,8 +673,8 @@ def _accumulator(lw: _Lowerer, node: Node) -> _Accumulator:
         shape = x.type.shape
         rows = lw.relax.ShapeExpr([int(np.prod(shape[:-1])), shape[-1]])
         a = lw.bb.emit(lw.relax.op.reshape(lw.value(x), rows))
-        weights = lw.const(_packed_weights(_dense_weights(node)))
-        return _Accumulator(_packed_dense_te(node), [a, weights, *bias], "dense", False)
+        depth, weights, bias = _packed_operands(lw, node, _dense_weights(node), bias)
+        return _Accumulator(_packed_dense_te(node, depth), [a, weights, *bias], "dense", False)
     weights = lw.const(_dense_weights(node))
     return _Accumulator(_dense_te(node), [lw.value(x), weights, *bias], "generic", False)
 
