@@ -12,7 +12,11 @@ the quantized all-MiniLM-L6-v2 (2 sentences x 16 tokens; ``--no-minilm`` leaves 
 * **intq ORT**: ``intq.quantize`` (default ``QuantConfig``, 8 calibration crops of real
   photos, as ``ort_latency.py`` makes them) then ``intq.compile(..., target="onnxruntime")``;
 * **intq TVM**: the same integer graph through ``intq.compile(..., target="tvm")`` for this
-  machine (``--tvm-target`` to override), run on TVM's Relax VM.
+  machine (``--tvm-target`` to override), run on TVM's Relax VM;
+* **intq TVM, 7-bit weights** (the CNNs): quantized with ``weight_bits=7`` instead, whose
+  weights cannot saturate ``vpmaddubsw``, so the convs take TVM's byte kernel (8-bit
+  weights take ``vpmaddwd``; ``benchmarks/efficientnet_agreement.py`` measures what the
+  seventh bit costs in agreement with FP32).
 
 Then, per model, where intq TVM's time goes: ``exe.profile`` (each kernel call timed on an
 instrumented VM) summed by kind: 1x1 convs, kxk convs, depthwise convs, matmuls, Relax ops
@@ -26,7 +30,8 @@ with ``TVM_NUM_THREADS`` = ``--threads`` and ``TVM_THREAD_POOL_SPIN_COUNT=0`` (i
 block, like the ORT sessions' ``spin=False``).
 
 The GEMM micro-benchmark (``--gemm M,K,N``, default 128x768x768, a BERT-base projection):
-intq TVM's ``QMatMul`` kernel (uint8 x int8 -> int32, the tensorized ``vpmaddwd`` schedule),
+intq TVM's ``QMatMul`` kernel (uint8 x int8 -> int32: the tensorized ``vpmaddwd`` schedule
+for full-range weights, the byte kernel for the same weights halved to 7 bits),
 ORT ``MatMulInteger`` with u8 x s8 operands (its fast ``vpmaddubsw`` kernel, exact only for
 7-bit weights) and u8 x u8 (exact at full range, what intq's ORT backend uses), and ORT
 FP32 ``MatMul`` (the float peak of this machine), each as GOPS = 2*M*K*N / time.
@@ -40,7 +45,9 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -51,6 +58,10 @@ from ort_latency import MODELS, ModelSpec, batches, open_session, photo_crops, s
 import intq
 from intq.ir import DType, Graph, Node, QuantParams, TensorType
 
+TVM = "intq TVM"
+TVM_W7 = "intq TVM, 7-bit weights"
+"""The CNNs quantized with ``weight_bits=7`` as well: their weights cannot saturate
+``vpmaddubsw``, so TVM takes its byte kernel (the default 8-bit weights take ``vpmaddwd``)."""
 TARGET_LINE = (
     "target: intq TVM integer-only no slower than intq ORT integer-only, <= 0.75x ORT FP32"
 )
@@ -86,14 +97,25 @@ def model_rows(
     crops = photo_crops(spec, CALIBRATION_CROPS + 1, seed=0)
     x = crops[-1:]
     progress(f"{spec.name}: quantizing ...")
-    graph = intq.quantize(
-        intq.from_onnx(fp32_path),
-        [{"input": b} for b in batches(crops[:-1], 1)],
-        intq.QuantConfig(progress=False),
+    graph, graph_w7 = (
+        intq.quantize(
+            intq.from_onnx(fp32_path),
+            [{"input": b} for b in batches(crops[:-1], 1)],
+            intq.QuantConfig(progress=False, weight_bits=bits),
+        )
+        for bits in (8, 7)
     )
     ort_path = work / f"{spec.name}_intq.onnx"
     return measure(
-        spec.label, graph, fp32_path, ort_path, {"input": x}, tvm_target, threads, warmup, runs
+        spec.label,
+        {TVM: graph, TVM_W7: graph_w7},
+        fp32_path,
+        ort_path,
+        {"input": x},
+        tvm_target,
+        threads,
+        warmup,
+        runs,
     )
 
 
@@ -111,7 +133,7 @@ def minilm_rows(
     )
     label, ort_path = "MiniLM-L6 (2x16 tokens)", work / "minilm_intq.onnx"
     return measure(
-        label, graph, model.path, ort_path, model.inputs, tvm_target, threads, warmup, runs
+        label, {TVM: graph}, model.path, ort_path, model.inputs, tvm_target, threads, warmup, runs
     )
 
 
@@ -146,7 +168,7 @@ def time_by_kind(
 
 def measure(
     label: str,
-    graph: Graph,
+    graphs: dict[str, Graph],
     fp32_path: Path,
     ort_path: Path,
     feeds: dict[str, np.ndarray],
@@ -155,39 +177,47 @@ def measure(
     warmup: int,
     runs: int,
 ) -> dict[str, object]:
-    """Compile ``graph`` for ONNX Runtime (saved at ``ort_path``) and TVM, timing each
-    compile; check the two integer models agree on ``feeds``; time them and the FP32 model
-    in interleaved rounds; then profile the TVM one by kernel kind."""
+    """Compile the first of ``graphs`` (variant name -> graph; the first is :data:`TVM`)
+    for ONNX Runtime (saved at ``ort_path``) and each for TVM, timing each compile; check
+    every TVM model against intq's ONNX Runtime model of its graph on ``feeds``; time the
+    TVM models, the first one's ONNX Runtime model and the FP32 model in interleaved rounds;
+    then profile the first TVM model by kernel kind."""
     progress(f"{label}: compiling for ONNX Runtime and TVM ...")
+    graph = graphs[TVM]
     start = time.perf_counter()
     intq.compile(graph, target="onnxruntime").save(ort_path)
-    ort_compile = time.perf_counter() - start
-    start = time.perf_counter()
-    tvm_exe = intq.compile(graph, target="tvm", tvm_target=tvm_target)
-    compiles = {"intq ORT": ort_compile, "intq TVM": time.perf_counter() - start}
+    compiles = {"intq ORT": time.perf_counter() - start}
+    tvm_exes = {}
+    for name, variant in graphs.items():
+        start = time.perf_counter()
+        tvm_exes[name] = intq.compile(variant, target="tvm", tvm_target=tvm_target)
+        compiles[name] = time.perf_counter() - start
     opts = session_options(threads, spin=False)
     fp32 = open_session(fp32_path, opts)
     int_ort = open_session(ort_path, opts)
     same = all(
-        np.array_equal(a, b) for a, b in zip(int_ort.run(None, feeds), tvm_exe.run(feeds).values())
+        np.array_equal(a, b)
+        for name, exe in tvm_exes.items()
+        for a, b in zip(
+            intq.compile(graphs[name], target="onnxruntime").run(feeds).values(),
+            exe.run(feeds).values(),
+        )
     )
     progress(f"{label}: timing {runs} rounds (bit-exact: {same}) ...")
-    times = timed_rounds(
-        {
-            "ORT FP32": lambda: fp32.run(None, feeds),
-            "intq ORT": lambda: int_ort.run(None, feeds),
-            "intq TVM": lambda: tvm_exe.run(feeds),
-        },
-        warmup,
-        runs,
-    )
+    runners: dict[str, Callable[[], object]] = {
+        "ORT FP32": lambda: fp32.run(None, feeds),
+        "intq ORT": lambda: int_ort.run(None, feeds),
+    }
+    for name, exe in tvm_exes.items():
+        runners[name] = partial(exe.run, feeds)
+    times = timed_rounds(runners, warmup, runs)
     return {
         "model": label,
         "bit_exact": bool(same),
         "compile_s": compiles,
         "median_ms": {k: float(np.median(v)) for k, v in times.items()},
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
-        "tvm_ms_by_kind": time_by_kind(graph, tvm_exe, feeds, runs),
+        "tvm_ms_by_kind": time_by_kind(graph, tvm_exes[TVM], feeds, runs),
     }
 
 
@@ -217,6 +247,21 @@ def _ort_matmul(
     return path
 
 
+def _tvm_matmul(a_u8: np.ndarray, w_s8: np.ndarray, tvm_target: str | None) -> Any:
+    """The Relax VM of intq's ``QMatMul`` of uint8 ``a_u8``-shaped input by ``w_s8``,
+    checked against numpy."""
+    g = Graph("gemm")
+    a = g.add_input("a", TensorType(DType.U8, a_u8.shape, QuantParams(8, False, (0.02,))))
+    w = g.add_constant(w_s8, "w")
+    n = w_s8.shape[1]
+    w.type = w.type.with_quant(QuantParams(8, True, (0.01,) * n, axis=1, narrow=True))
+    g.set_outputs([g.op("QMatMul", a, w)])
+    exe = intq.compile(g, target="tvm", tvm_target=tvm_target)
+    want = a_u8.astype(np.int64) @ w_s8.astype(np.int64)
+    assert np.array_equal(exe.run({"a": a_u8})[g.outputs[0].name], want)
+    return exe.vm()
+
+
 def gemm_rows(
     shape: Sequence[int], work: Path, threads: int, tvm_target: str | None, warmup: int, runs: int
 ) -> dict[str, object]:
@@ -225,18 +270,16 @@ def gemm_rows(
     rng = np.random.default_rng(0)
     a_u8 = rng.integers(0, 256, (m, k), dtype=np.uint8)
     w_s8 = rng.integers(-127, 128, (k, n), dtype=np.int8)
-
-    g = Graph("gemm")
-    a = g.add_input("a", TensorType(DType.U8, (m, k), QuantParams(8, False, (0.02,))))
-    w = g.add_constant(w_s8, "w")
-    w.type = w.type.with_quant(QuantParams(8, True, (0.01,) * n, axis=1, narrow=True))
-    g.set_outputs([g.op("QMatMul", a, w)])
-    tvm_exe = intq.compile(g, target="tvm", tvm_target=tvm_target)
-    want = a_u8.astype(np.int64) @ w_s8.astype(np.int64)
-    assert np.array_equal(tvm_exe.run({"a": a_u8})[g.outputs[0].name], want)
     import tvm
 
-    vm, a_tvm = tvm_exe.vm(), tvm.runtime.tensor(a_u8)
+    a_tvm = tvm.runtime.tensor(a_u8)
+    vms = {
+        name: _tvm_matmul(a_u8, w, tvm_target)
+        for name, w in (
+            ("intq TVM u8 x s8 (vpmaddwd)", w_s8),
+            ("intq TVM u8 x s7 (vpmaddubsw)", w_s8 // 2),  # 7-bit weights: [-64, 63]
+        )
+    }
 
     opts = session_options(threads, spin=False)
     u8s8 = open_session(
@@ -253,7 +296,7 @@ def gemm_rows(
     a_f32 = a_u8.astype(np.float32)
     times = timed_rounds(
         {
-            "intq TVM u8 x s8 (vpmaddwd)": lambda: vm["main"](a_tvm),
+            **{name: partial(vm["main"], a_tvm) for name, vm in vms.items()},
             "ORT MatMulInteger u8 x s8": lambda: u8s8.run(None, {"a": a_u8}),
             "ORT MatMulInteger u8 x u8": lambda: u8u8.run(None, {"a": a_u8}),
             "ORT MatMul FP32": lambda: f32.run(None, {"a": a_f32}),
@@ -306,12 +349,15 @@ def report(models: Sequence[dict], gemm: dict, threads: int) -> list[str]:
             # The speed targets are the CNNs'; the transformer row is information.
             lines.append(f"{row['model']}: TVM = ORT integer bit for bit: {row['bit_exact']}")
             continue
-        ok_ort = med["intq TVM"] <= med["intq ORT"]
-        ok_fp32 = med["intq TVM"] <= 0.75 * med["ORT FP32"]
+        ok_ort = med[TVM] <= med["intq ORT"]
+        verdicts = "; ".join(
+            f"{name} <= 0.75x FP32: {'yes' if med[name] <= 0.75 * med['ORT FP32'] else 'NO'}"
+            for name in med
+            if name.startswith(TVM)
+        )
         lines.append(
             f"{row['model']}: TVM = ORT integer bit for bit: {row['bit_exact']};"
-            f" TVM <= intq ORT: {'yes' if ok_ort else 'NO'};"
-            f" TVM <= 0.75x FP32: {'yes' if ok_fp32 else 'NO'}"
+            f" TVM <= intq ORT: {'yes' if ok_ort else 'NO'}; {verdicts}"
         )
     m, k, n = gemm["shape"]
     lines += [
