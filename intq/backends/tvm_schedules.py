@@ -229,10 +229,14 @@ def _lanes(sch: Sch, dot: Any, reduction: Any, lanes: Any, pair: Any, avx2: bool
 
 
 def _pad(sch: Sch) -> None:
-    """A kernel's ``pad`` block (if any): rows in parallel, channels vectorized."""
+    """A kernel's ``pad`` block (if any): rows in parallel, channels vectorized, and an
+    NHWC pad's columns a plain loop between them. (Columns fused into the parallel loop cost
+    a division per pixel to recover the row: measured in-process, interleaved, one thread,
+    the ResNet's convs went from 8.15 to 7.10 ms, EfficientNet-Lite0's 3x3 stem from 0.43
+    to 0.33 ms.)"""
     pad = _blocks(sch).get("pad")
     if pad is not None:
-        _parallel_outer(sch, pad, keep=1, vectorize=True)
+        _parallel_outer(sch, pad, keep=2, vectorize=True)
 
 
 def schedule_conv(sch: Sch, avx2: bool) -> None:
