@@ -323,12 +323,16 @@ def _padded_nhwc(
         yi = tirx.max(tirx.min(i - top, conv.h - 1), 0)
         xi = tirx.max(tirx.min(j - left, conv.w - 1), 0)
         element = x[b, yi, xi, tirx.min(ch, conv.c - 1)]
-        if offset:
-            element = element.astype("int32") + offset
-        return tirx.if_then_else(inside, element.astype(dtype), zero)
+        return tirx.if_then_else(inside, _as_operand(element, dtype, offset), zero)
 
     shape = (conv.n, conv.h + top + bottom, conv.w + left + right, channels)
     return te.compute(shape, body, name="pad")
+
+
+def _as_operand(value: Any, dtype: str, offset: int) -> Any:
+    """``value + offset`` as ``dtype``: what a tensorized kernel reads of one activation
+    (the add in int32, and only where there is an offset)."""
+    return (value.astype("int32") + offset).astype(dtype) if offset else value.astype(dtype)
 
 
 def _plus_bias(acc: Any, bias: Any) -> Any:
@@ -590,8 +594,8 @@ def _packed_dense_te(node: Node, depth: int) -> Callable[..., Any]:
 
     def fn(a: Any, wp: Any, *bias: Any) -> Any:
         def pad(r: Any, k: Any) -> Any:
-            value = a[r, tirx.min(k, k_dim - 1)].astype("int32") + offset
-            return tirx.if_then_else(k < k_dim, value, offset).astype(dtype)
+            value = _as_operand(a[r, tirx.min(k, k_dim - 1)], dtype, offset)
+            return tirx.if_then_else(k < k_dim, value, tirx.const(offset, dtype))
 
         padded = te.compute((rows, depth * groups), pad, name="pad")
         rk = te.reduce_axis((0, groups), name="rk")
