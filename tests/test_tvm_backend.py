@@ -41,6 +41,11 @@ def assert_same(graph: Graph, exe: TvmExecutable, feeds: dict[str, np.ndarray]) 
         np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
+def assembly(exe: TvmExecutable) -> str:
+    """The x86 assembly of every kernel of ``exe``."""
+    return "".join(m.inspect_source("asm") for m in exe.executable.mod.imports)
+
+
 @pytest.fixture(scope="module")
 def digits_int8(digits_model):
     x_train = examples._digits_split()[0]
@@ -72,7 +77,7 @@ def test_real_models_are_bit_exact(fixture, weight_bits, request):
 
 def test_tensorized_kernels_use_vpmaddwd_and_32_bit_products(digits_int8):
     _, exe = digits_int8
-    asm = "".join(m.inspect_source("asm") for m in exe.executable.mod.imports)
+    asm = assembly(exe)
     assert "vpmaddwd" in asm
     # The requantization multiplies the biased int32 accumulator by M' as LLVM's
     # high-half multiply (vpmuldq on even and odd lanes, then a blend), never as an
@@ -104,7 +109,7 @@ def test_byte_kernel_only_where_no_weight_pair_can_saturate(signed, pair, byte_k
     g.set_outputs([acc, requantized(g, acc, 20.0, True)])
     verify(g)
     exe = compile_tvm(g)
-    asm = "".join(m.inspect_source("asm") for m in exe.executable.mod.imports)
+    asm = assembly(exe)
     assert ("vpmaddubsw" in asm) == byte_kernel and "vpmaddwd" in asm
     dtype = np.int8 if signed else np.uint8
     for value in (np.iinfo(dtype).max, np.iinfo(dtype).min):
