@@ -37,7 +37,7 @@ from machine import cpu_description, load_average
 from tvm_latency import timed_rounds
 
 from intq.ir import DType, Graph, QuantParams, TensorType, verify
-from intq.numerics import dyadic
+from intq.semantics.numerics import dyadic
 
 
 def progress(message: str) -> None:

@@ -135,9 +135,9 @@ def layer_sqnr(
     float graph ``quantize`` started from (BatchNorm folding keeps the names)."""
     from tqdm import tqdm
 
-    from intq.backends.reference import run_graph
     from intq.passes import pipeline
     from intq.quantization import PREPARE
+    from intq.semantics.numpy_eval import run_graph
 
     prepared = float_graph.copy()
     pipeline(PREPARE)(prepared)

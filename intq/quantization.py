@@ -20,13 +20,13 @@ import numpy as np
 from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
-from intq.kernels import GELU_VARIANTS, LAYERNORM_VARIANTS, SOFTMAX_VARIANTS, divides
 from intq.mixed_precision import MixedPrecision, plan_bits
 from intq.passes import pipeline
 from intq.passes.calibration import collect_stats
 from intq.passes.integer_only import check_integer_only
 from intq.passes.integerize import LayerBits, LoweringOptions, integerize
 from intq.passes.range_analysis import analyze_ranges
+from intq.semantics.kernels import GELU_VARIANTS, LAYERNORM_VARIANTS, SOFTMAX_VARIANTS, divides
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -48,7 +48,7 @@ class QuantConfig:
     (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.
 
     Transformers: ``softmax``, ``gelu`` and ``layernorm`` pick each integer kernel's
-    variant (:mod:`intq.kernels`: ``divfree``, ``shift``, ``lut``, ``poly``; LayerNorm
+    variant (:mod:`intq.semantics.kernels`: ``divfree``, ``shift``, ``lut``, ``poly``; LayerNorm
     ``divfree`` or ``isqrt``); the defaults (softmax and LayerNorm ``divfree``, GELU
     ``poly``: I-BERT's erf polynomial, which never divides) measured the most accurate
     division-free combination on MiniLM (``benchmarks/minilm_variants.py``).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from intq.ir import DType, Graph, QuantParams, TensorType, Value
-from intq.numerics import dyadic
+from intq.semantics.numerics import dyadic
 
 
 def adversarial(x: np.ndarray) -> list[np.ndarray]:
@@ -94,7 +94,7 @@ def qadd_and_pools(ra: float, rb: float) -> tuple[Graph, Value, Value, list[Valu
     """A signed and an unsigned 8-bit input ``a``, ``b`` (1x3x4x4) and integer ops on them:
     their ``QAdd`` at an output scale set by ``ra``/``rb``, a 2x2 ``QAveragePool`` of ``b``
     and a ``QGlobalAveragePool`` of ``a``. Returns the graph, ``a``, ``b`` and those values."""
-    from intq.numerics import common_shift
+    from intq.semantics.numerics import common_shift
 
     g = Graph()
     a = int_input(g, "a", (1, 3, 4, 4), True, 0.1)

@@ -302,9 +302,9 @@ def random_case(seed: int, transformer: bool = False):
     kernels = {}
     if transformer:
         kernels = {
-            "softmax": str(rng.choice(intq.kernels.SOFTMAX_VARIANTS)),
-            "gelu": str(rng.choice(intq.kernels.GELU_VARIANTS)),
-            "layernorm": str(rng.choice(intq.kernels.LAYERNORM_VARIANTS)),
+            "softmax": str(rng.choice(intq.semantics.kernels.SOFTMAX_VARIANTS)),
+            "gelu": str(rng.choice(intq.semantics.kernels.GELU_VARIANTS)),
+            "layernorm": str(rng.choice(intq.semantics.kernels.LAYERNORM_VARIANTS)),
             "wide_bits": int(rng.choice([8, 12, 16])),
         }
     config = intq.QuantConfig(

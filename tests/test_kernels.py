@@ -1,4 +1,4 @@
-"""The transformer kernels (intq.kernels): error bounds against the float functions, per
+"""The transformer kernels (intq.semantics.kernels): error bounds against the float functions, per
 variant, and bit-exact agreement of the ONNX Runtime lowering with the reference."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import intq
-from intq import kernels
 from intq.errors import NumericsError
 from intq.ir import DType, Graph, QuantParams, TensorType
+from intq.semantics import kernels
 
 OPS = kernels.NumpyOps()
 

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 import intq
 from intq import examples
 from intq.backends.onnxruntime import compile_onnxruntime, onnx_census
-from intq.backends.reference import run_graph
 from intq.cli import main
 from intq.examples import ZooModel
 from intq.ir import from_text, to_text
@@ -31,8 +30,9 @@ from intq.passes.sensitivity import (
     make_loss,
     quantizable_layers,
 )
-from intq.passes.torch_exec import run_torch
 from intq.quantization import PREPARE
+from intq.semantics.numpy_eval import run_graph
+from intq.semantics.torch_eval import run_torch
 
 
 def _prepared(model: ZooModel) -> intq.ir.Graph:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import intq
 from intq.ir import DType, Graph, QuantParams, TensorType, verify
-from intq.numerics import common_shift, dyadic, requantize, round_half_up, shift_round
+from intq.semantics.numerics import common_shift, dyadic, requantize, round_half_up, shift_round
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
 SCALES = st.floats(2.0**-40, 2.0**10, allow_nan=False, allow_infinity=False)

@@ -16,10 +16,10 @@ import pytest
 from random_graphs import random_case
 
 import intq
-from intq.backends.reference import run_graph
 from intq.ops import float_ops, integer_ops
 from intq.ops.schema import REQUIRED
 from intq.passes.range_analysis import RULES, analyze_ranges
+from intq.semantics.numpy_eval import run_graph
 
 _SAMPLE_ATTRS = {
     "kernel_shape": (2, 2),

@@ -43,12 +43,10 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from intq import kernels
 from intq.backends.base import (
     GraphExecutable,
     KernelTime,
     atomic_write,
-    check_feeds,
     check_profile_runs,
     kernel_times,
 )
@@ -57,6 +55,8 @@ from intq.ir.graph import Graph, Node, Value
 from intq.ir.int4 import fits_int4, pack_int4
 from intq.ir.types import DType
 from intq.passes.range_analysis import analyze_ranges
+from intq.semantics import kernels
+from intq.semantics.feeds import check_feeds
 from intq.tables import RuleTable
 
 OPSET = 21
@@ -426,11 +426,11 @@ def _mask_flag(b: _Builder, node: Node) -> None:
     b.add("Cast", [name], [node.output.name], node, to=_ONNX_TYPE[node.output.type.dtype])
 
 
-# ----- the transformer kernels: intq.kernels run on ONNX nodes -------------------------------
+# ----- the transformer kernels: intq.semantics.kernels run on ONNX nodes -----------------
 
 
 class _OnnxOps:
-    """:class:`intq.kernels.IntOps` writing int64 ONNX nodes (tensor names as handles).
+    """:class:`intq.semantics.kernels.IntOps` writing int64 ONNX nodes (tensor names as handles).
 
     The shifts follow the module docstring: an arithmetic shift by a constant through
     uint64 with a ``2^63`` offset, run-time shifts with ``BitShift`` on non-negative

@@ -14,7 +14,7 @@ the compiled module's only inputs are the graph's inputs.
   ``((acc * M') << L + R) >> S'`` then the clamp: ``S`` in ``[1, 63]`` gives
   ``M' = M, L = 0, R = 2^(S-1), S' = S``; ``S <= 0`` gives ``L = -S`` and no
   rounding; ``S >= 64`` gives ``M' = 0`` (the result is exactly 0, see
-  :mod:`intq.numerics`). ``>>`` on int64 is LLVM's ``ashr``, the arithmetic
+  :mod:`intq.semantics.numerics`). ``>>`` on int64 is LLVM's ``ashr``, the arithmetic
   shift. One formula for all channels, so per-channel shifts need no branch.
 - **Quantize** divides in float32 and rounds half to even (``nearbyint``), as
   the reference and ONNX ``QuantizeLinear`` do; ``Dequantize`` multiplies in
@@ -1302,8 +1302,8 @@ def _not(lw: _Lowerer, node: Node) -> None:
 
 
 class _RelaxOps:
-    """:class:`intq.kernels.IntOps` as Relax int64 ops: the transformer kernels are the
-    reference's own code (:mod:`intq.kernels`), emitted op by op. ``>>`` on int64 is the
+    """:class:`intq.semantics.kernels.IntOps` as Relax int64 ops: the transformer kernels are the
+    reference's own code (:mod:`intq.semantics.kernels`), emitted op by op. ``>>`` on int64 is the
     arithmetic shift; run-time shifts are capped at 63 (the kernels shift non-negative
     values there, for which 63 already gives 0)."""
 
@@ -1373,7 +1373,7 @@ def _store(lw: _Lowerer, node: Node, result: Any) -> None:
 
 @_lower("QSoftmax", "QGelu", "QLayerNorm")
 def _transformer_kernel(lw: _Lowerer, node: Node) -> None:
-    from intq import kernels
+    from intq.semantics import kernels
 
     keep = node.inputs[1] if len(node.inputs) > 1 else None
     x = _int64(lw, _input(node))

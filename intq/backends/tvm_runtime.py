@@ -22,13 +22,13 @@ import numpy as np
 from intq.backends.base import (
     KernelTime,
     atomic_write,
-    check_feeds,
     check_profile_runs,
     kernel_times,
 )
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
+from intq.semantics.feeds import check_feeds
 
 MANIFEST_VERSION = 1
 

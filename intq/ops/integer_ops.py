@@ -24,10 +24,18 @@ import numpy as np
 
 from intq.errors import NumericsError, ShapeError
 from intq.ir.types import DType, QuantParams, TensorType
-from intq.numerics import storage_dtype
 from intq.ops.float_ops import OPS as FLOAT_OPS
 from intq.ops.float_ops import conv_shape
 from intq.ops.schema import Attr, InferContext, OpTable
+from intq.semantics.kernels import (
+    GELU_VARIANTS,
+    LAYERNORM_VARIANTS,
+    SOFTMAX_OUT_BITS,
+    SOFTMAX_VARIANTS,
+    check_layernorm_size,
+    check_softmax_size,
+)
+from intq.semantics.numerics import storage_dtype
 
 OPS = OpTable()
 
@@ -233,7 +241,7 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
     },
 )
 def _requantize(ctx: InferContext) -> list[TensorType]:
-    """``clamp((x * M[c] + 2^(S[c]-1)) >> S[c], lo, hi)`` in int64 (see intq.numerics).
+    """``clamp((x * M[c] + 2^(S[c]-1)) >> S[c], lo, hi)`` in int64 (see intq.semantics.numerics).
 
     One ``(M, S)`` pair per tensor, or one per channel along ``axis`` matching
     the input's per-channel scales. ReLU and ReLU6 live in the clamp. ``factor`` is a
@@ -321,15 +329,13 @@ def _variant(ctx: InferContext, allowed: tuple[str, ...]) -> str:
     attrs={"variant": Attr("str"), "scale": Attr("float"), "axis": Attr("int", -1)},
 )
 def _qsoftmax(ctx: InferContext) -> list[TensorType]:
-    """Integer softmax (:func:`intq.kernels.softmax`) along the last axis.
+    """Integer softmax (:func:`intq.semantics.kernels.softmax`) along the last axis.
 
     Input: any per-tensor integer (the int32 attention scores) whose unit is worth
     ``scale`` (its type's scale times any constant folded in, such as ``1/sqrt(d)``);
     optional input 1: a 0/1 ``keep`` mask broadcasting to it. Output: u8 probabilities
     at scale ``2^-8``.
     """
-    from intq.kernels import SOFTMAX_OUT_BITS, SOFTMAX_VARIANTS, check_softmax_size
-
     x = ctx.type(0)
     _per_tensor(ctx, 0)
     variant = _variant(ctx, SOFTMAX_VARIANTS)
@@ -348,9 +354,8 @@ def _qsoftmax(ctx: InferContext) -> list[TensorType]:
 
 @OPS.op("QGelu", attrs={"variant": Attr("str"), **_OUTPUT_ATTRS})
 def _qgelu(ctx: InferContext) -> list[TensorType]:
-    """Integer GELU (:func:`intq.kernels.gelu`) of a signed per-tensor input of <= 16 bits."""
-    from intq.kernels import GELU_VARIANTS
-
+    """Integer GELU (:func:`intq.semantics.kernels.gelu`) of a signed per-tensor input
+    of <= 16 bits."""
     x = ctx.type(0)
     _per_tensor(ctx, 0)
     if x.dtype not in (DType.I8, DType.I16):
@@ -371,13 +376,11 @@ def _qgelu(ctx: InferContext) -> list[TensorType]:
     },
 )
 def _qlayernorm(ctx: InferContext) -> list[TensorType]:
-    """Integer LayerNorm over the last axis (:func:`intq.kernels.layernorm`).
+    """Integer LayerNorm over the last axis (:func:`intq.semantics.kernels.layernorm`).
 
     ``eps`` in integer units of the centred sums; ``multiplier``/``shift``/``bias`` are
     the per-channel affine ``gamma``, ``beta`` and output scale (``layernorm_affine``).
     """
-    from intq.kernels import LAYERNORM_VARIANTS, check_layernorm_size
-
     x = ctx.type(0)
     _per_tensor(ctx, 0)
     if x.dtype not in (DType.I8, DType.I16, DType.U8, DType.U16):

@@ -4,7 +4,7 @@ An :class:`OpDef` holds one op's arity, its attributes (with defaults), an
 optional ``canonicalize`` hook that makes attributes explicit (so the IR
 text always spells out strides, pads, axes...), and ``infer``, the shape and
 dtype rule, which also rejects illegal dtypes. The reference semantics of
-each op live in :mod:`intq.backends.reference`, one table entry per op.
+each op live in :mod:`intq.semantics.numpy_eval`, one table entry per op.
 
 Each op family defines its entries in its own module with :class:`OpTable`;
 :mod:`intq.ops.registry` joins those tables explicitly (no registration by import).

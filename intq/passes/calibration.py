@@ -24,11 +24,11 @@ from typing import Final
 import numpy as np
 from tqdm import tqdm
 
-from intq.backends.base import check_feeds
-from intq.backends.reference import run_graph
 from intq.errors import IntqError, NumericsError
 from intq.ir.graph import Graph, Node
 from intq.progress import show_progress
+from intq.semantics.feeds import check_feeds
+from intq.semantics.numpy_eval import run_graph
 
 CLIP_METHODS: Final = ("minmax", "percentile", "mse")
 """The clipping methods :meth:`TensorStats.clip` accepts."""

@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from intq.backends.reference import evaluate
 from intq.ir.graph import Graph, Node, Value
 from intq.passes.manager import Pass
+from intq.semantics.numpy_eval import evaluate
 
 
 def foldable(node: Node) -> bool:

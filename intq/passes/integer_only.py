@@ -9,7 +9,7 @@ Rules:
   ``Dequantize`` — e.g. a final Softmax on the dequantized logits.
 - An integer ``Div`` is a runtime division, and so is a transformer kernel
   (``QSoftmax``, ``QGelu``, ``QLayerNorm``) in a dividing variant
-  (:data:`intq.kernels.DIVIDING`); they are listed in
+  (:data:`intq.semantics.kernels.DIVIDING`); they are listed in
   ``Census.division_nodes`` and refused unless ``allow_division`` declares them.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node
-from intq.kernels import divides
+from intq.semantics.kernels import divides
 
 
 @dataclass(frozen=True)

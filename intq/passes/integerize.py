@@ -39,9 +39,9 @@ import numpy as np
 from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
-from intq.kernels import layernorm_constants
-from intq.numerics import common_shift, dyadic, storage_dtype
 from intq.ops.float_ops import DATA_MOVEMENT
+from intq.semantics.kernels import layernorm_constants
+from intq.semantics.numerics import common_shift, dyadic, storage_dtype
 from intq.tables import RuleTable
 
 

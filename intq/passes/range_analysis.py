@@ -27,6 +27,7 @@ from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops.float_ops import DATA_MOVEMENT
+from intq.semantics.kernels import GELU_SIGMOID, check_exp_range
 from intq.tables import RuleTable
 
 Interval = tuple[int, int]
@@ -128,10 +129,8 @@ def _qbatch_matmul(node: Node, ins: list[Interval | None]) -> Interval:
 
 @_rule("QSoftmax", "QGelu", "QLayerNorm")
 def _kernel(node: Node, ins: list[Interval | None]) -> Interval:
-    """The kernels' intermediates are bounded in :mod:`intq.kernels` given input widths
+    """The kernels' intermediates are bounded in :mod:`intq.semantics.kernels` given input widths
     (checked by the op's type rule) and these scale conditions."""
-    from intq.kernels import GELU_SIGMOID, check_exp_range
-
     x = node.inputs[0]
     assert x is not None and x.type.quant is not None
     try:
@@ -179,7 +178,7 @@ def _requantize(node: Node, ins: list[Interval | None]) -> Interval:
     assert x is not None
     magnitude = max(abs(x[0]), abs(x[1]))
     for m, s in zip(node.attrs["multiplier"], node.attrs["shift"]):
-        if s >= 64:  # exactly 0 without computing, given |x * M| < 2^62 (intq.numerics)
+        if s >= 64:  # exactly 0 without computing, given |x * M| < 2^62 (intq.semantics.numerics)
             product = magnitude * m
             bound = (-(2**62) + 1, 2**62 - 1)
         else:

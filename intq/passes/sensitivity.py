@@ -6,7 +6,7 @@ Two ways to measure its sensitivity, both on unlabelled calibration batches:
 
 - :func:`hessian_traces` (HAWQ-V3): the trace of the Hessian of a loss with respect to the
   layer's weights, by Hutchinson's method ``tr(H) = E[vᵀ H v]`` with Rademacher ``v``,
-  through PyTorch autograd over the float graph (:mod:`intq.passes.torch_exec`). Then
+  through PyTorch autograd over the float graph (:mod:`intq.semantics.torch_eval`). Then
   ``Ω_i(b) = tr(H_i) / n_i * ||Q_b(W_i) - W_i||²`` (:func:`hessian_perturbations`), ``Q_b``
   being the very weight quantizer of the lowering (:func:`intq.passes.integerize.quantize_weights`).
 - :func:`direct_perturbations`: quantize one layer at a time to ``b`` bits (the others stay
@@ -53,8 +53,8 @@ from tqdm import tqdm
 from intq.errors import IntqError
 from intq.ir.graph import Graph, Node
 from intq.passes.integerize import quantize_weights
-from intq.passes.torch_exec import run_torch
 from intq.progress import show_progress
+from intq.semantics.torch_eval import run_torch
 
 LOSSES = ("kl", "mse")
 Batch = Mapping[str, np.ndarray]

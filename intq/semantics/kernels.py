@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from intq.errors import NumericsError
-from intq.numerics import dyadic
+from intq.semantics.numerics import dyadic
 
 if TYPE_CHECKING:
     from intq.ir.graph import Node

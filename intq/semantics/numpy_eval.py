@@ -1,0 +1,564 @@
+"""The numpy semantics of every IR op, in one table, and the interpreter that runs them.
+
+This is the oracle of the project: every backend must agree with it (bit
+for bit on integer graphs) and every test compares against it. Each entry of
+:data:`EVAL` takes the node (for its attributes and output types) and the
+input arrays, and returns the output arrays. Float ops compute in the
+tensor's own dtype (float32 for ONNX models), as ONNX Runtime does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import scipy.special
+from numpy.lib.stride_tricks import sliding_window_view
+
+from intq.errors import IntqError, NumericsError, ShapeError
+from intq.ir.graph import Graph, Node
+from intq.ir.types import QuantParams
+from intq.semantics import kernels
+from intq.semantics.feeds import check_feeds
+from intq.semantics.numerics import requantize, shift_round
+from intq.tables import RuleTable
+
+Array = np.ndarray
+Kernel = Callable[..., list[Array]]
+
+EVAL: RuleTable[Kernel] = RuleTable()
+"""Op name -> ``kernel(node, *inputs) -> outputs``."""
+_kernel = EVAL.register
+
+
+def _out_dtype(node: Node, index: int = 0) -> np.dtype:
+    return node.outputs[index].type.dtype.numpy
+
+
+# ----- elementwise ----------------------------------------------------------------
+
+
+@_kernel("Add", "Sub", "Mul", "Div")
+def _arith(node: Node, a: Array, b: Array) -> list[Array]:
+    if node.op == "Div" and a.dtype.kind in "iu":
+        if np.any(b == 0):
+            raise IntqError("integer division by zero", node=node.label())
+        # ONNX integer division truncates toward zero; numpy's // floors.
+        q = np.abs(a.astype(np.int64)) // np.abs(b.astype(np.int64))
+        return [(np.sign(a) * np.sign(b) * q).astype(a.dtype)]
+    fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[node.op]
+    return [fn(a, b).astype(a.dtype, copy=False)]
+
+
+@_kernel("Pow")
+def _pow(node: Node, a: Array, b: Array) -> list[Array]:
+    return [np.power(a, b.astype(a.dtype)).astype(a.dtype, copy=False)]
+
+
+@_kernel("Equal", "Less", "Greater", "And", "Or")
+def _compare(node: Node, a: Array, b: Array) -> list[Array]:
+    fn = {
+        "Equal": np.equal,
+        "Less": np.less,
+        "Greater": np.greater,
+        "And": np.logical_and,
+        "Or": np.logical_or,
+    }[node.op]
+    return [fn(a, b)]
+
+
+@_kernel("Not")
+def _not(node: Node, x: Array) -> list[Array]:
+    return [np.logical_not(x)]
+
+
+@_kernel("Where")
+def _where(node: Node, cond: Array, x: Array, y: Array) -> list[Array]:
+    return [np.where(cond, x, y)]
+
+
+_UNARY: dict[str, Callable[[Array], Array]] = {
+    "Sigmoid": scipy.special.expit,
+    "Tanh": np.tanh,
+    "Erf": scipy.special.erf,
+    "Sqrt": np.sqrt,
+    "Exp": np.exp,
+    "Neg": np.negative,
+    "Abs": np.abs,
+    "Relu": lambda x: np.maximum(x, np.zeros((), x.dtype)),
+    "Identity": lambda x: x,
+}
+
+
+@_kernel(*_UNARY)
+def _unary(node: Node, x: Array) -> list[Array]:
+    return [np.asarray(_UNARY[node.op](x)).astype(x.dtype, copy=False)]
+
+
+@_kernel("Gelu")
+def _gelu(node: Node, x: Array) -> list[Array]:
+    if node.attrs["approximate"] == "tanh":
+        inner = np.sqrt(2 / np.pi).astype(x.dtype) * (x + x.dtype.type(0.044715) * x**3)
+        y = x.dtype.type(0.5) * x * (1 + np.tanh(inner))
+    else:
+        y = x.dtype.type(0.5) * x * (1 + scipy.special.erf(x / np.sqrt(x.dtype.type(2))))
+    return [y.astype(x.dtype, copy=False)]
+
+
+@_kernel("Clip")
+def _clip(node: Node, x: Array) -> list[Array]:
+    low, high = node.attrs["min"], node.attrs["max"]
+    if x.dtype.kind in "iu":
+        info = np.iinfo(x.dtype)
+        low = max(info.min, math.ceil(low)) if low > -math.inf else info.min
+        high = min(info.max, math.floor(high)) if high < math.inf else info.max
+    return [np.clip(x, x.dtype.type(low), x.dtype.type(high))]
+
+
+@_kernel("Cast")
+def _cast(node: Node, x: Array) -> list[Array]:
+    return [x.astype(_out_dtype(node))]
+
+
+# ----- linear algebra --------------------------------------------------------------
+
+
+def _windows(
+    x: Array,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    out_shape: Sequence[int],
+) -> Array:
+    """A strided view ``(N, C, *out_shape, *kernel)`` of the (already padded) input."""
+    spatial = len(kernel)
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    view = sliding_window_view(x, span, axis=tuple(range(2, 2 + spatial)))
+    positions = [slice(0, (o - 1) * s + 1, s) for o, s in zip(out_shape, strides)]
+    taps = [slice(None, None, d) for d in dilations]
+    index = (slice(None), slice(None), *positions, *taps)
+    return view[index]
+
+
+def _pad_spatial(
+    x: Array, pads: Sequence[int], fill: float | int, extra: Sequence[int] = ()
+) -> Array:
+    spatial = x.ndim - 2
+    extra = tuple(extra) or (0,) * spatial
+    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial] + extra[i]) for i in range(spatial)]
+    if not any(a or b for a, b in width):
+        return x
+    return np.pad(x, width, constant_values=fill)
+
+
+@_kernel("Conv")
+def _conv(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    return [_convolve(node, x, w, b).astype(_out_dtype(node), copy=False)]
+
+
+def _convolve(node: Node, x: Array, w: Array, b: Array | None) -> Array:
+    """Convolution in the inputs' float type, or exactly in float64 for integer inputs."""
+    attrs = node.attrs
+    out_shape = node.outputs[0].type.shape
+    spatial = x.ndim - 2
+    group = attrs["group"]
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    kernel = w.shape[2:]
+    patches = _windows(
+        _pad_spatial(x, attrs["pads"], 0),
+        kernel,
+        attrs["strides"],
+        attrs["dilations"],
+        out_shape[2:],
+    )
+    positions = math.prod(out_shape[2:])
+    taps = math.prod(kernel)
+    # (N, G, C/G, O..., K...) -> (N, G, O, C/G * K): one matmul per group.
+    patches = patches.reshape(n, group, c // group, positions, taps)
+    patches = patches.transpose(0, 1, 3, 2, 4).reshape(n, group, positions, (c // group) * taps)
+    weights = w.reshape(group, m // group, (c // group) * taps).transpose(0, 2, 1)
+    acc_dtype = _ACC_EXACT if x.dtype.kind in "iu" else x.dtype
+    y = np.matmul(patches.astype(acc_dtype, copy=False), weights.astype(acc_dtype, copy=False))
+    y = y.transpose(0, 1, 3, 2).reshape(out_shape)
+    if b is not None:
+        y = y + b.reshape((1, m) + (1,) * spatial).astype(acc_dtype, copy=False)
+    return y
+
+
+@_kernel("Gemm")
+def _gemm(node: Node, a: Array, b: Array, c: Array | None = None) -> list[Array]:
+    attrs = node.attrs
+    a = a.T if attrs["transA"] else a
+    b = b.T if attrs["transB"] else b
+    y = a @ b
+    if attrs["alpha"] != 1.0:
+        y = y * a.dtype.type(attrs["alpha"])
+    if c is not None:
+        y = y + (c if attrs["beta"] == 1.0 else c * c.dtype.type(attrs["beta"]))
+    return [y.astype(_out_dtype(node), copy=False)]
+
+
+@_kernel("MatMul")
+def _matmul(node: Node, a: Array, b: Array) -> list[Array]:
+    return [np.matmul(a, b).astype(_out_dtype(node), copy=False)]
+
+
+@_kernel("BatchNormalization")
+def _batchnorm(
+    node: Node, x: Array, scale: Array, bias: Array, mean: Array, var: Array
+) -> list[Array]:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    eps = x.dtype.type(node.attrs["epsilon"])
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return [(y * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype, copy=False)]
+
+
+@_kernel("LayerNormalization")
+def _layernorm(node: Node, x: Array, scale: Array, bias: Array | None = None) -> list[Array]:
+    axes = tuple(range(node.attrs["axis"], x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(axis=axes, keepdims=True)
+    y = centered / np.sqrt(var + x.dtype.type(node.attrs["epsilon"])) * scale
+    if bias is not None:
+        y = y + bias
+    return [y.astype(x.dtype, copy=False)]
+
+
+@_kernel("Softmax")
+def _softmax(node: Node, x: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return [(e / e.sum(axis=axis, keepdims=True)).astype(x.dtype, copy=False)]
+
+
+# ----- integer ops -----------------------------------------------------------------------
+
+# Integer products and sums are computed in float64 with BLAS: exact while every partial sum
+# stays below 2^53, which holds with a wide margin for 16-bit operands and any K < 2^21, and
+# far faster than numpy's int64 matmul. Results are checked against int32 before use.
+_ACC_EXACT = np.float64
+_EXACT_LIMIT = 2.0**53
+
+
+def _int32(node: Node, acc: Array) -> Array:
+    """``acc`` as int32, or a NumericsError naming the node when it does not fit."""
+    if acc.size:
+        low, high = float(acc.min()), float(acc.max())
+        if max(abs(low), abs(high)) >= _EXACT_LIMIT or low < -(2**31) or high > 2**31 - 1:
+            raise NumericsError(
+                f"int32 accumulator overflow: values reach [{low:.0f}, {high:.0f}]",
+                node=node.label(),
+                hint="the range analysis should have refused this layer; please report it",
+            )
+    return acc.astype(np.int64).astype(np.int32)
+
+
+def _quant_of(node: Node, index: int = 0) -> QuantParams:
+    value = node.inputs[index]
+    assert value is not None and value.type.quant is not None
+    return value.type.quant
+
+
+def _per_channel(values: Sequence[int | float], axis: int, ndim: int, dtype: type) -> Array:
+    """``values`` shaped to broadcast along ``axis`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    if len(values) > 1:
+        shape[axis] = len(values)
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+@_kernel("Quantize")
+def _quantize(node: Node, x: Array) -> list[Array]:
+    q = node.outputs[0].type.quant
+    assert q is not None
+    # As ONNX QuantizeLinear: divide in float32, round half to even, saturate.
+    scaled = np.rint(x.astype(np.float32) / np.float32(node.attrs["scale"]))
+    return [np.clip(scaled, q.qmin, q.qmax).astype(_out_dtype(node))]
+
+
+@_kernel("Dequantize")
+def _dequantize(node: Node, x: Array) -> list[Array]:
+    q = _quant_of(node)
+    scale = _per_channel(q.scale, q.axis or 0, x.ndim, np.float32)
+    return [x.astype(np.float32) * scale]
+
+
+@_kernel("QConv")
+def _qconv(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    return [_int32(node, _convolve(node, x, w, b))]
+
+
+@_kernel("QGemm")
+def _qgemm(node: Node, a: Array, b: Array, c: Array | None = None) -> list[Array]:
+    b = b.T if node.attrs["transB"] else b
+    y = a.astype(_ACC_EXACT) @ b.astype(_ACC_EXACT)
+    if c is not None:
+        y = y + c.astype(_ACC_EXACT)
+    return [_int32(node, y)]
+
+
+@_kernel("QMatMul", "QBatchMatMul")
+def _qmatmul(node: Node, a: Array, b: Array, c: Array | None = None) -> list[Array]:
+    y = a.astype(_ACC_EXACT) @ b.astype(_ACC_EXACT)
+    if c is not None:
+        y = y + c.astype(_ACC_EXACT)
+    return [_int32(node, y)]
+
+
+@_kernel("QGlobalAveragePool")
+def _qglobal_avgpool(node: Node, x: Array) -> list[Array]:
+    return [_int32(node, x.astype(np.int64).sum(axis=tuple(range(2, x.ndim)), keepdims=True))]
+
+
+@_kernel("QAveragePool")
+def _qavgpool(node: Node, x: Array) -> list[Array]:
+    kernel = node.attrs["kernel_shape"]
+    out = node.outputs[0].type.shape[2:]
+    win = _windows(x.astype(np.int64), kernel, node.attrs["strides"], (1,) * len(kernel), out)
+    return [_int32(node, win.sum(axis=tuple(range(-len(kernel), 0))))]
+
+
+@_kernel("Requantize")
+def _requantize(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    axis = attrs["axis"]
+    multiplier = _per_channel(attrs["multiplier"], axis, x.ndim, np.int64)
+    shift = _per_channel(attrs["shift"], axis, x.ndim, np.int64)
+    y = requantize(x, multiplier, shift, attrs["lo"], attrs["hi"])
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QAdd")
+def _qadd(node: Node, a: Array, b: Array) -> list[Array]:
+    attrs = node.attrs
+    total = a.astype(np.int64) * attrs["multiplier_a"] + b.astype(np.int64) * attrs["multiplier_b"]
+    y = np.clip(shift_round(total, attrs["shift"]), attrs["lo"], attrs["hi"])
+    return [y.astype(_out_dtype(node))]
+
+
+# ----- transformer kernels (written once in intq.kernels) -------------------------------
+
+
+@_kernel(*kernels.KERNEL_OPS)
+def _transformer_kernel(node: Node, x: Array, keep: Array | None = None) -> list[Array]:
+    ops = kernels.NumpyOps(node.label())
+    mask = None if keep is None else keep.astype(np.int64)
+    return [kernels.run_node(ops, node, x.astype(np.int64), mask).astype(_out_dtype(node))]
+
+
+# ----- pooling ----------------------------------------------------------------------
+
+
+def _ceil_extra(node: Node, x: Array) -> tuple[int, ...]:
+    """End padding beyond ``pads`` that ceil_mode windows reach into."""
+    attrs = node.attrs
+    spatial = x.ndim - 2
+    dilations = attrs.get("dilations") or (1,) * spatial
+    out = node.outputs[0].type.shape[2:]
+    extra = []
+    for i in range(spatial):
+        span = dilations[i] * (attrs["kernel_shape"][i] - 1) + 1
+        padded = x.shape[2 + i] + attrs["pads"][i] + attrs["pads"][i + spatial]
+        extra.append(max(0, (out[i] - 1) * attrs["strides"][i] + span - padded))
+    return tuple(extra)
+
+
+@_kernel("MaxPool")
+def _maxpool(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    # The type's lowest finite value, as ONNX Runtime: a window lying wholly in the padding
+    # (possible with dilations) gives -FLT_MAX, not -inf.
+    fill = np.finfo(x.dtype).min if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    padded = _pad_spatial(x, attrs["pads"], fill, _ceil_extra(node, x))
+    win = _windows(
+        padded,
+        attrs["kernel_shape"],
+        attrs["strides"],
+        attrs["dilations"],
+        node.outputs[0].type.shape[2:],
+    )
+    axes = tuple(range(-len(attrs["kernel_shape"]), 0))
+    return [win.max(axis=axes)]
+
+
+@_kernel("AveragePool")
+def _avgpool(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    kernel, strides = attrs["kernel_shape"], attrs["strides"]
+    out = node.outputs[0].type.shape[2:]
+    extra = _ceil_extra(node, x)
+    ones = (1,) * len(kernel)
+    axes = tuple(range(-len(kernel), 0))
+    total = _windows(_pad_spatial(x, attrs["pads"], 0, extra), kernel, strides, ones, out)
+    total = total.sum(axis=axes, dtype=np.float64)
+    # The divisor counts real elements, plus declared padding with count_include_pad;
+    # the extra end padding that ceil_mode adds never counts.
+    inside = np.ones((1, 1, *x.shape[2:]), np.float64)
+    counted = _pad_spatial(inside, attrs["pads"], 1 if attrs["count_include_pad"] else 0)
+    counted = _pad_spatial(counted, (0,) * (2 * len(kernel)), 0, extra)
+    count = _windows(counted, kernel, strides, ones, out).sum(axis=axes)
+    return [(total / count).astype(x.dtype)]
+
+
+@_kernel("GlobalAveragePool")
+def _global_avgpool(node: Node, x: Array) -> list[Array]:
+    axes = tuple(range(2, x.ndim))
+    return [x.mean(axis=axes, keepdims=True, dtype=np.float64).astype(x.dtype)]
+
+
+# ----- reductions -------------------------------------------------------------------
+
+
+@_kernel("ReduceMean", "ReduceSum", "ReduceMax")
+def _reduce(node: Node, x: Array) -> list[Array]:
+    reducers: dict[str, Callable[..., Array]] = {
+        "ReduceMean": np.mean,
+        "ReduceSum": np.sum,
+        "ReduceMax": np.max,
+    }
+    fn = reducers[node.op]
+    axes = tuple(node.attrs["axes"])
+    y = fn(x, axis=axes, keepdims=bool(node.attrs["keepdims"]))
+    return [np.asarray(y).astype(x.dtype, copy=False)]
+
+
+# ----- data movement ------------------------------------------------------------------
+
+
+@_kernel("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(node: Node, x: Array) -> list[Array]:
+    return [x.reshape(node.outputs[0].type.shape)]
+
+
+@_kernel("Transpose")
+def _transpose(node: Node, x: Array) -> list[Array]:
+    return [np.transpose(x, node.attrs["perm"])]
+
+
+@_kernel("Concat")
+def _concat(node: Node, *xs: Array) -> list[Array]:
+    return [np.concatenate(xs, axis=node.attrs["axis"])]
+
+
+@_kernel("Slice")
+def _slice(node: Node, x: Array) -> list[Array]:
+    index = [slice(None)] * x.ndim
+    attrs = node.attrs
+    for start, end, axis, step in zip(
+        attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]
+    ):
+        # A canonical end of -dim - 1 with a negative step means "through index 0".
+        index[axis] = slice(start, None if end < 0 else end, step)
+    return [x[tuple(index)]]
+
+
+@_kernel("Gather")
+def _gather(node: Node, data: Array, indices: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    size = data.shape[axis]
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        bad = indices[(indices < -size) | (indices >= size)].reshape(-1)[0]
+        raise ShapeError(
+            f"Gather index {bad} out of range for axis {axis} of size {size}", node=node.label()
+        )
+    return [np.take(data, indices.astype(np.int64), axis=axis)]
+
+
+@_kernel("Expand")
+def _expand(node: Node, x: Array) -> list[Array]:
+    return [np.broadcast_to(x, node.attrs["shape"]).copy()]
+
+
+@_kernel("Pad")
+def _pad(node: Node, x: Array) -> list[Array]:
+    pads, rank = node.attrs["pads"], x.ndim
+    # Negative pads crop: slice first, then pad by the positive parts.
+    crop = tuple(slice(max(0, -pads[i]), x.shape[i] - max(0, -pads[i + rank])) for i in range(rank))
+    width = [(max(0, pads[i]), max(0, pads[i + rank])) for i in range(rank)]
+    mode = node.attrs["mode"]
+    if mode == "constant":
+        return [np.pad(x[crop], width, constant_values=x.dtype.type(node.attrs["value"]))]
+    return [np.pad(x[crop], width, mode=mode)]
+
+
+@_kernel("Shape")
+def _shape(node: Node, *_: Array) -> list[Array]:
+    # Shapes are static: the input's type says it all, so constant folding needs no data.
+    shape = node.inputs[0].type.shape  # type: ignore[union-attr]
+    return [np.array(shape[node.attrs["start"] : node.attrs["end"]], dtype=np.int64)]
+
+
+@_kernel("ConstantOfShape")
+def _constant_of_shape(node: Node) -> list[Array]:
+    return [np.full(node.attrs["shape"], node.attrs["value"], dtype=_out_dtype(node))]
+
+
+# ----- the interpreter ------------------------------------------------------------------
+
+NodeHook = Callable[[Node, Sequence[Array]], None]
+
+
+def evaluate(node: Node, inputs: Sequence[Array | None]) -> list[Array]:
+    """Run one node on numpy inputs; checks the results against the declared types."""
+    kernel = EVAL.get(node.op)
+    if kernel is None:
+        raise IntqError(f"the reference interpreter has no kernel for {node.op}", node=node.label())
+    # Trailing omitted optional inputs are dropped; inner ones stay as None.
+    args = list(inputs)
+    while args and args[-1] is None:
+        args.pop()
+    with np.errstate(all="ignore"):
+        outputs = kernel(node, *args)
+    for value, array in zip(node.outputs, outputs):
+        want = value.type
+        if array.shape != want.shape or array.dtype != want.dtype.numpy:
+            raise IntqError(
+                f"{node.op} computed {array.dtype}{list(array.shape)} where its type says {want}"
+                " (a bug in intq: please report it with this model)",
+                node=node.label(),
+            )
+    return outputs
+
+
+def run_graph(
+    graph: Graph,
+    feeds: Mapping[str, Array],
+    *,
+    on_node: NodeHook | None = None,
+) -> dict[str, Array]:
+    """Run ``graph`` on ``feeds`` (input name -> array); returns output name -> array.
+
+    ``on_node(node, outputs)`` is called after each node (calibration uses it).
+    Intermediate arrays are freed after their last reader, so memory stays at
+    the graph's live set, not its total.
+    """
+    env: dict[str, Array] = dict(check_feeds(graph.inputs, feeds))
+    for value in graph.constants:
+        assert value.const is not None
+        env[value.name] = value.const
+    keep = {v.name for v in graph.outputs}
+    remaining = {name: 0 for name in env}
+    for node in graph.nodes:
+        for operand in node.inputs:
+            if operand is not None:
+                remaining[operand.name] = remaining.get(operand.name, 0) + 1
+    for node in graph.nodes:
+        inputs = [None if v is None else env[v.name] for v in node.inputs]
+        outputs = evaluate(node, inputs)
+        for value, array in zip(node.outputs, outputs):
+            env[value.name] = array
+        if on_node is not None:
+            on_node(node, outputs)
+        for operand in node.inputs:
+            if operand is None:
+                continue
+            remaining[operand.name] -= 1
+            if remaining[operand.name] == 0 and operand.name not in keep and not operand.is_const:
+                del env[operand.name]
+    return {v.name: env[v.name] for v in graph.outputs}
+
+
+__all__ = ["EVAL", "evaluate", "run_graph"]
