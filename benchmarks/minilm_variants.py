@@ -147,7 +147,7 @@ def main() -> None:
         rows = []
         for name, variant in VARIANTS.items():
             start = time.perf_counter()
-            quantized = intq.quantize(graph, calib, intq.QuantConfig(**variant))
+            quantized = intq.quantize(graph, calib, intq.QuantConfig(kernels=variant))
             exe = intq.compile(quantized, "onnxruntime")
             elapsed = time.perf_counter() - start
             c = cosines(lambda f, e=exe: e.run(f)["last_hidden_state"], reference, evaluation)

@@ -52,20 +52,18 @@ from intq import examples
 from intq.backends.onnxruntime import compile_onnxruntime
 from intq.ir.graph import Graph
 from intq.mixed_precision import derive_ties
-from intq.passes import pipeline
+from intq.passes import PREPARE, pipeline
 from intq.passes.bit_allocation import BITS_PER_MB, Budget, LayerCosts, allocate_bits
-from intq.passes.calibration import collect_stats
+from intq.passes.calibration import TensorStats, collect_stats
 from intq.passes.integer_only import check_integer_only
-from intq.passes.integerize import LayerBits, LoweringOptions, integerize
+from intq.passes.integerize import Integerize, integerize
+from intq.passes.precision import LayerBits, QuantLayer, quantizable_layers
 from intq.passes.range_analysis import analyze_ranges
 from intq.passes.sensitivity import (
-    QuantLayer,
     direct_perturbations,
     hessian_perturbations,
     hessian_traces,
-    quantizable_layers,
 )
-from intq.quantization import PREPARE
 
 Batch = dict[str, np.ndarray]
 
@@ -180,10 +178,12 @@ def kl(reference: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
 
 
-def lower(task: Task, stats: Mapping[str, object], bits: Mapping[str, int]) -> Graph:
-    """The integer-only graph with the given weight bits per layer (8-bit activations)."""
-    options = LoweringOptions(layer_bits={n: LayerBits(b, 8) for n, b in bits.items()})
-    result = integerize(task.graph, stats, options)  # type: ignore[arg-type]
+def lower(task: Task, stats: Mapping[str, TensorStats], bits: Mapping[str, int]) -> Graph:
+    """The integer-only graph with the given weight bits per layer (8-bit activations),
+    from statistics collected once for every choice."""
+    options = Integerize(layer_bits={n: LayerBits(b, 8) for n, b in bits.items()})
+    by_value = {task.graph[name]: s for name, s in stats.items()}
+    result = integerize(task.graph, by_value, options)
     analyze_ranges(result)
     check_integer_only(result)
     return result

@@ -28,7 +28,7 @@ from intq.errors import (
 )
 from intq.frontends import from_onnx, from_torch
 from intq.mixed_precision import MixedPrecision
-from intq.passes.integerize import LayerBits
+from intq.passes.precision import LayerBits
 from intq.quantization import QuantConfig, quantize
 
 __version__ = "0.1.0"

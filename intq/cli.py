@@ -29,8 +29,9 @@ from intq.data import calibration_batches
 from intq.inspection import layer_sqnr, layer_table, table
 from intq.ir import Graph, from_text, to_text
 from intq.mixed_precision import SENSITIVITY_METHODS
+from intq.ops import Trait
+from intq.passes.calibration import CLIP_METHODS
 from intq.passes.integer_only import census
-from intq.quantization import CALIBRATION_METHODS
 
 EXAMPLES = {
     "compile": """examples:
@@ -138,7 +139,7 @@ def summary(graph: Graph) -> str:
     lines += [f"  output {v.name}: {v.type}" for v in graph.outputs]
     lines.append("op census:")
     lines += [f"  {op:<24} {n}" for op, n in sorted(Counter(n.op for n in graph).items())]
-    if any(node.op == "Quantize" for node in graph):
+    if any(node.opdef.has(Trait.BOUNDARY) for node in graph):
         result = census(graph)
         verdict = "yes" if not result.violations else "NO: " + "; ".join(result.violations[:5])
         lines.append(f"integer-only: {verdict}")
@@ -562,7 +563,7 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
         metavar="CFG.toml",
         help="QuantConfig as TOML (flags given here override it)",
     )
-    command.add_argument("--calibration", choices=CALIBRATION_METHODS, help="default minmax")
+    command.add_argument("--calibration", choices=CLIP_METHODS, help="default minmax")
     command.add_argument("--percentile", type=float, help="for --calibration percentile")
     command.add_argument(
         "--weight-bits",

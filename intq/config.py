@@ -9,6 +9,9 @@
     weights = 4
     activations = 8
 
+    [kernels]                      # transformer kernel variants (the others keep defaults)
+    softmax = "shift"
+
     [mixed_precision]              # 4 or 8 weight bits per layer within a budget
     size_mb = 2.5
     sensitivity = "hessian"        # hessian | direct
@@ -28,11 +31,14 @@ from typing import Any
 
 from intq.errors import IntqError
 from intq.mixed_precision import MixedPrecision
-from intq.passes.integerize import LayerBits
+from intq.passes.integerize import kernel_specs
+from intq.passes.precision import LayerBits
 from intq.quantization import QuantConfig
 
 _NOT_IN_FILES = {"progress"}
 """QuantConfig fields that are run-time choices (``--quiet``), not part of a config file."""
+_TABLES = ("layer_bits", "kernels", "mixed_precision")
+"""QuantConfig fields written as TOML tables."""
 
 
 def config_keys() -> dict[str, Any]:
@@ -41,8 +47,8 @@ def config_keys() -> dict[str, Any]:
     return {
         f.name: hints[f.name]
         for f in dataclasses.fields(QuantConfig)
-        if f.name not in _NOT_IN_FILES and f.name not in ("layer_bits", "mixed_precision")
-    } | {"layer_bits": dict, "mixed_precision": dict}
+        if f.name not in _NOT_IN_FILES and f.name not in _TABLES
+    } | dict.fromkeys(_TABLES, dict)
 
 
 def _check_type(key: str, value: Any, expected: Any, path: Path) -> Any:
@@ -81,6 +87,30 @@ def _mixed_precision(table: Any, path: Path) -> MixedPrecision:
     if "candidates" in values:
         values["candidates"] = tuple(values["candidates"])
     return MixedPrecision(**values)
+
+
+def _kernels(table: Any, path: Path) -> dict[str, str]:
+    specs = kernel_specs()
+    if not isinstance(table, dict):
+        raise IntqError(
+            f"{path}: kernels must be a table",
+            hint='write [kernels] followed by softmax = "shift" (kernels: '
+            + ", ".join(sorted(specs))
+            + ")",
+        )
+    for key, value in table.items():
+        if key not in specs:
+            raise IntqError(
+                f"{path}: unknown kernel {key!r} in kernels",
+                hint=f"the kernels are: {', '.join(sorted(specs))}",
+            )
+        if not isinstance(value, str):
+            raise IntqError(
+                f"{path}: kernels.{key} must be a string, got {value!r}",
+                hint=f"write {key} = {specs[key].default!r}: one of"
+                f" {', '.join(specs[key].variants)}",
+            )
+    return dict(table)
 
 
 def _layer_bits(table: Any, path: Path) -> dict[str, LayerBits]:
@@ -131,6 +161,8 @@ def load_config(path: str | Path, **overrides: Any) -> QuantConfig:
     for key, value in raw.items():
         if key == "layer_bits":
             values[key] = _layer_bits(value, path)
+        elif key == "kernels":
+            values[key] = _kernels(value, path)
         elif key == "mixed_precision":
             values[key] = _mixed_precision(value, path)
         else:

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
+from intq.ops import Trait
+from intq.passes import PREPARE, pipeline
 from intq.progress import show_progress
-
-LAYER_OPS = ("QConv", "QGemm", "QMatMul", "QAdd", "QGlobalAveragePool", "QAveragePool")
+from intq.semantics.numpy_eval import run_graph
 
 
 def _scale_text(quant: QuantParams | None) -> str:
@@ -50,10 +52,10 @@ def layer_table(graph: Graph) -> list[dict[str, Any]]:
     """One row per integer layer: name, op, input/weight/output bits and scales."""
     rows = []
     for node in graph:
-        if node.op not in LAYER_OPS:
+        if not node.opdef.has(Trait.LAYER):
             continue
         x = node.inputs[0]
-        weight = node.inputs[1] if node.op in ("QConv", "QGemm", "QMatMul") else None
+        weight = node.inputs[1] if node.opdef.weight_axis is not None else None
         out = _result(node)
         rows.append(
             {
@@ -133,12 +135,6 @@ def layer_sqnr(
     """Per-layer SQNR (dB) of ``int_graph`` against ``float_graph`` over ``batches``, worst
     first. Layers are matched by their original node names; ``float_graph`` should be the
     float graph ``quantize`` started from (BatchNorm folding keeps the names)."""
-    from tqdm import tqdm
-
-    from intq.passes import pipeline
-    from intq.quantization import PREPARE
-    from intq.semantics.numpy_eval import run_graph
-
     prepared = float_graph.copy()
     pipeline(PREPARE)(prepared)
     energy: dict[str, _Energy] = {}
@@ -147,7 +143,7 @@ def layer_sqnr(
         want = _last_outputs(prepared, run_graph, feeds)
         got = _last_outputs(int_graph, run_graph, feeds)
         for label, (node, array) in got.items():
-            if label not in want or node.op in ("Quantize",):
+            if label not in want or node.opdef.has(Trait.BOUNDARY):
                 continue
             reference = want[label][1]
             if not node.output.type.dtype.is_float and node.output.type.quant is None:
@@ -167,4 +163,4 @@ def layer_sqnr(
     return rows
 
 
-__all__ = ["LAYER_OPS", "layer_sqnr", "layer_table", "real_value", "table"]
+__all__ = ["layer_sqnr", "layer_table", "real_value", "table"]

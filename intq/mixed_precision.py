@@ -35,19 +35,17 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from intq.backends.base import atomic_write
+from intq.backends.onnxruntime import compile_onnxruntime
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph, Node
-from intq.ops.float_ops import DATA_MOVEMENT
+from intq.ops import Trait
+from intq.passes import PREPARE, Integerize, lowering_pipeline, pipeline
 from intq.passes.bit_allocation import Allocation, Budget, LayerCosts, allocate_bits
-from intq.passes.integerize import LayerBits
-
-if TYPE_CHECKING:
-    from intq.passes.sensitivity import QuantLayer
+from intq.passes.precision import LayerBits, QuantLayer, quantizable_layers
 
 SENSITIVITY_METHODS = ("hessian", "direct")
 LOSSES = ("kl", "mse")
@@ -210,10 +208,6 @@ def measure_latency(
 ) -> LatencyTable:
     """Time each quantizable layer of the float ``graph`` alone on ONNX Runtime (one thread)
     at every candidate weight width; see :class:`LatencyTable` for what is timed."""
-    from intq.backends.onnxruntime import compile_onnxruntime
-    from intq.passes.sensitivity import quantizable_layers
-    from intq.quantization import QuantConfig, quantize
-
     rng = np.random.default_rng(seed)
     out: dict[str, dict[int, float]] = {}
     layers = quantizable_layers(graph) if layers is None else layers
@@ -224,9 +218,11 @@ def measure_latency(
         sub = graph.extract([x.name], [node.output.name])
         feed = {x.name: rng.standard_normal(x.type.shape).astype(x.type.dtype.numpy)}
         out[layer.name] = {}
+        pipeline(PREPARE)(sub)
         for b in candidates:
-            config = QuantConfig(weight_bits=b, activation_bits=activation_bits, progress=False)
-            exe = compile_onnxruntime(quantize(sub, [feed], config), threads=1)
+            lowering = Integerize(weight_bits=b, activation_bits=activation_bits)
+            int_graph = lowering_pipeline([feed], lowering, progress=False)(sub).graph
+            exe = compile_onnxruntime(int_graph, threads=1)
             exe.run(feed)  # warm-up
             times = []
             for _ in range(repeats):
@@ -247,17 +243,12 @@ def _node(graph: Graph, name: str) -> Node:
 
 # ----- ties and pins ----------------------------------------------------------------------------
 
-_PASS_THROUGH = frozenset({*DATA_MOVEMENT, "Relu", "Clip", "Pad"})
-"""Single-input ops between a layer and an Add/Concat that keep the layer's precision."""
-
 
 def derive_ties(graph: Graph, layers: Sequence[QuantLayer] | None = None) -> list[list[str]]:
     """Groups of layers that share a precision: for each residual ``Add`` and each ``Concat``,
     the nearest quantizable layers feeding its operands (looking back through activations and
     data movement, not through other adds). A group needs two or more layers: an identity
     shortcut ties nothing."""
-    from intq.passes.sensitivity import quantizable_layers
-
     layers = quantizable_layers(graph) if layers is None else layers
     names = {layer.name for layer in layers}
     ties = []
@@ -267,7 +258,7 @@ def derive_ties(graph: Graph, layers: Sequence[QuantLayer] | None = None) -> lis
         group: list[str] = []
         for operand in node.inputs:
             producer = operand.producer if operand is not None else None
-            while producer is not None and producer.op in _PASS_THROUGH:
+            while producer is not None and producer.opdef.has(Trait.PASS_THROUGH):
                 source = producer.inputs[0]
                 producer = source.producer if source is not None else None
             if producer is not None and producer.label() in names:
@@ -393,7 +384,6 @@ def plan_bits(
         direct_perturbations,
         hessian_perturbations,
         hessian_traces,
-        quantizable_layers,
     )
 
     layers = quantizable_layers(graph)

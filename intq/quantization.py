@@ -19,20 +19,11 @@ import numpy as np
 
 from intq.errors import IntqError
 from intq.ir.graph import Graph
-from intq.ir.verifier import verify
 from intq.mixed_precision import MixedPrecision, plan_bits
-from intq.passes import pipeline
-from intq.passes.calibration import collect_stats
-from intq.passes.integer_only import check_integer_only
-from intq.passes.integerize import LayerBits, LoweringOptions, integerize
-from intq.passes.range_analysis import analyze_ranges
-from intq.semantics.kernels import GELU_VARIANTS, LAYERNORM_VARIANTS, SOFTMAX_VARIANTS, divides
-
-CALIBRATION_METHODS = ("minmax", "percentile", "mse")
-WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
-ACTIVATION_BITS = (4, 5, 6, 7, 8, 16)
-PREPARE = "fold-batchnorm,fold-pad,fold-constants,fuse-transformer,dce"
-"""The float clean-up pipeline run before calibration."""
+from intq.passes import PREPARE, DumpHook, lowering_pipeline, pipeline
+from intq.passes.calibration import CLIP_METHODS
+from intq.passes.integerize import Integerize
+from intq.passes.precision import ACTIVATION_BITS, WEIGHT_BITS, WIDE_BITS, LayerBits
 
 
 @dataclass(frozen=True)
@@ -47,11 +38,12 @@ class QuantConfig:
     :class:`intq.MixedPrecision`) chooses each layer's weight bits to meet a budget
     (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.
 
-    Transformers: ``softmax``, ``gelu`` and ``layernorm`` pick each integer kernel's
-    variant (:mod:`intq.semantics.kernels`: ``divfree``, ``shift``, ``lut``, ``poly``; LayerNorm
-    ``divfree`` or ``isqrt``); the defaults (softmax and LayerNorm ``divfree``, GELU
-    ``poly``: I-BERT's erf polynomial, which never divides) measured the most accurate
-    division-free combination on MiniLM (``benchmarks/minilm_variants.py``).
+    Transformers: ``kernels`` picks integer kernels' variants by kernel name
+    (:mod:`intq.semantics.kernels`): ``{"softmax": ..., "gelu": ..., "layernorm": ...}`` with
+    ``divfree``, ``shift``, ``lut`` or ``poly`` (LayerNorm ``divfree`` or ``isqrt``); a kernel
+    not named keeps its default (softmax and LayerNorm ``divfree``, GELU ``poly``: I-BERT's
+    erf polynomial, which never divides), the most accurate division-free combination
+    measured on MiniLM (``benchmarks/minilm_variants.py``).
 
     ``wide_bits`` (16 by default) is the width of a transformer's residual stream and of
     the LayerNorm and GELU outputs the dense layers read: at 8 bits BERT's outlier
@@ -66,27 +58,18 @@ class QuantConfig:
     layer_bits: Mapping[str, LayerBits] = field(default_factory=dict)
     progress: bool | None = None
     wide_bits: int = 16
-    softmax: str = "divfree"
-    gelu: str = "poly"
-    layernorm: str = "divfree"
+    kernels: Mapping[str, str] = field(default_factory=dict)
     mixed_precision: MixedPrecision | None = None
 
     def __post_init__(self) -> None:
-        for what, value, allowed in (
-            ("softmax", self.softmax, SOFTMAX_VARIANTS),
-            ("gelu", self.gelu, GELU_VARIANTS),
-            ("layernorm", self.layernorm, LAYERNORM_VARIANTS),
-        ):
-            if value not in allowed:
-                raise IntqError(
-                    f"unknown {what} variant {value!r}", hint=f"use one of {', '.join(allowed)}"
-                )
-        if self.wide_bits not in (8, 12, 16):
-            raise IntqError(f"wide_bits must be 8, 12 or 16, got {self.wide_bits}")
-        if self.calibration not in CALIBRATION_METHODS:
+        if self.wide_bits not in WIDE_BITS:
+            raise IntqError(
+                f"wide_bits must be one of {', '.join(map(str, WIDE_BITS))}, got {self.wide_bits}"
+            )
+        if self.calibration not in CLIP_METHODS:
             raise IntqError(
                 f"unknown calibration method {self.calibration!r}",
-                hint=f"use one of {', '.join(CALIBRATION_METHODS)}",
+                hint=f"use one of {', '.join(CLIP_METHODS)}",
             )
         if not 0 < self.percentile <= 100:
             raise IntqError(f"percentile must be in (0, 100], got {self.percentile}")
@@ -98,49 +81,51 @@ class QuantConfig:
                     " activations are not supported",
                     hint=f"weights take {WEIGHT_BITS}, activations {ACTIVATION_BITS} bits",
                 )
+        self.lowering()  # checks the kernel names and variants
 
-    def lowering(self) -> LoweringOptions:
-        """The options the integer lowering reads."""
-        return LoweringOptions(
+    def lowering(self) -> Integerize:
+        """The integer lowering pass these settings configure."""
+        return Integerize(
             self.weight_bits,
             self.activation_bits,
             self.calibration,
             self.percentile,
             dict(self.layer_bits),
             self.wide_bits,
-            self.softmax,
-            self.gelu,
-            self.layernorm,
+            dict(self.kernels),
         )
 
     @property
     def divides(self) -> bool:
         """Whether a chosen kernel variant divides at run time."""
-        return (
-            divides("QSoftmax", self.softmax)
-            or divides("QGelu", self.gelu)
-            or divides("QLayerNorm", self.layernorm)
-        )
+        return self.lowering().divides
 
 
 def quantize(
     graph: Graph,
     calibration_data: Iterable[Mapping[str, np.ndarray]],
     config: QuantConfig | None = None,
+    *,
+    verify_each: bool = False,
+    dump: DumpHook | None = None,
 ) -> Graph:
     """An integer-only graph computing ``graph``, calibrated on ``calibration_data``.
 
     ``calibration_data`` is an iterable of input dicts (name -> array), read
     once (held in memory with ``mixed_precision``, which reads it again to measure
-    sensitivity); ``graph`` is not modified.
+    sensitivity); ``graph`` is not modified. The steps run under one pass manager
+    (:func:`lowering_pipeline`): ``verify_each`` verifies the IR after each and ``dump`` is
+    called after each, as for :func:`intq.passes.pipeline`.
     """
     config = config or QuantConfig()
     prepared = graph.copy()
-    pipeline(PREPARE)(prepared)
+    pipeline(PREPARE, verify_each=verify_each, dump=dump)(prepared)
     layers = {node.label() for node in prepared}
     unknown = sorted(set(config.layer_bits) - layers)
     if unknown:
-        examples = ", ".join(sorted(n.label() for n in prepared if n.op in ("Conv", "Gemm"))[:3])
+        examples = ", ".join(
+            sorted(n.label() for n in prepared if n.opdef.weight_axis is not None)[:3]
+        )
         raise IntqError(
             f"layer_bits names layers the model does not have: {unknown}",
             hint=f"use the original node names, as `intq inspect --ir` prints them: {examples}",
@@ -160,9 +145,6 @@ def quantize(
             plan.save_report(config.mixed_precision.report)
         chosen = plan.layer_bits(config.activation_bits)
         lowering = replace(lowering, layer_bits={**chosen, **config.layer_bits})
-    stats = collect_stats(prepared, calibration_data, progress=config.progress)
-    result = integerize(prepared, stats, lowering)
-    analyze_ranges(result)
-    check_integer_only(result, allow_division=config.divides)
-    verify(result)
-    return result
+    manager = lowering_pipeline(calibration_data, lowering, progress=config.progress)
+    manager.verify_each, manager.dump = verify_each, dump
+    return manager(prepared).graph

@@ -299,19 +299,21 @@ def random_case(seed: int, transformer: bool = False):
         x = rng.standard_normal(shape) * scale
         return (np.abs(x) if non_negative else x).astype(np.float32)
 
-    kernels = {}
+    kernels: dict[str, str] = {}
+    wide_bits = 16
     if transformer:
         kernels = {
             "softmax": str(rng.choice(intq.semantics.kernels.SOFTMAX_VARIANTS)),
             "gelu": str(rng.choice(intq.semantics.kernels.GELU_VARIANTS)),
             "layernorm": str(rng.choice(intq.semantics.kernels.LAYERNORM_VARIANTS)),
-            "wide_bits": int(rng.choice([8, 12, 16])),
         }
+        wide_bits = int(rng.choice([8, 12, 16]))
     config = intq.QuantConfig(
         weight_bits=int(rng.integers(4, 9)),
         activation_bits=int(rng.integers(4, 9)),
         calibration=str(rng.choice(["minmax", "percentile", "mse"])),
-        **kernels,
+        kernels=kernels,
+        wide_bits=wide_bits,
     )
     graph = intq.quantize(intq.from_onnx(model), [{"x": sample()} for _ in range(3)], config)
     big = np.float32(1e6)

@@ -164,12 +164,12 @@ def test_config_file(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text(
         'calibration = "percentile"\npercentile = 99\nweight_bits = 8\n'
-        'softmax = "lut"\n[layer_bits."features.0"]\nweights = 4\n'
+        '[kernels]\nsoftmax = "lut"\n[layer_bits."features.0"]\nweights = 4\n'
         '[mixed_precision]\nsize_mb = 2\nsensitivity = "direct"\ncandidates = [4, 8]\n'
     )
     config = load_config(good, weight_bits=None, activation_bits=8)
     assert config.calibration == "percentile" and config.percentile == 99.0
-    assert config.softmax == "lut"
+    assert config.kernels == {"softmax": "lut"}
     assert config.layer_bits["features.0"] == intq.LayerBits(weights=4, activations=8)
     assert config.mixed_precision == intq.MixedPrecision(
         size_mb=2.0, sensitivity="direct", candidates=(4, 8)

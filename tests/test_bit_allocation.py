@@ -20,7 +20,7 @@ from intq.passes.bit_allocation import (
     LayerCosts,
     allocate_bits,
 )
-from intq.passes.integerize import LayerBits
+from intq.passes.precision import LayerBits
 
 DIMENSIONS = ("size_mb", "bops", "latency_ms")
 COSTS = st.floats(0.0, 1e3, allow_nan=False, allow_infinity=False)

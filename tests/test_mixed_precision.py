@@ -21,16 +21,15 @@ from intq.examples import ZooModel
 from intq.ir import from_text, to_text
 from intq.ir.int4 import pack_int4, unpack_int4
 from intq.mixed_precision import LatencyTable, MixedPrecision, derive_ties, plan_bits
-from intq.passes import pipeline
+from intq.passes import PREPARE, pipeline
 from intq.passes.bit_allocation import InfeasibleBudgetError
+from intq.passes.precision import quantizable_layers
 from intq.passes.sensitivity import (
     direct_perturbations,
     fake_quantized,
     hessian_traces,
     make_loss,
-    quantizable_layers,
 )
-from intq.quantization import PREPARE
 from intq.semantics.numpy_eval import run_graph
 from intq.semantics.torch_eval import run_torch
 

@@ -127,7 +127,7 @@ def test_range_analysis_bounds_a_small_layer():
     intervals = analyze_ranges(g)
     # x in [-128, 127]. Column 0, w = (1, 3, -5): [-128*4 - 127*5, 127*4 + 128*5];
     # column 1, w = (-2, 4, 6): [-128*10 - 127*2, 127*10 + 128*2]. The union:
-    assert intervals[acc.name] == (-128 * 10 - 127 * 2, 127 * 10 + 128 * 2)
+    assert intervals[acc] == (-128 * 10 - 127 * 2, 127 * 10 + 128 * 2)
 
 
 def test_integer_only_checker_names_float_ops():

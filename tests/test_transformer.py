@@ -131,11 +131,13 @@ def test_token_ids_outside_the_vocabulary_are_refused(minilm_int8, minilm_model)
 
 
 def test_dividing_variants_are_listed_by_the_census(minilm_model):
-    config = intq.QuantConfig(softmax="shift", gelu="shift", layernorm="isqrt")
+    config = intq.QuantConfig(kernels={"softmax": "shift", "gelu": "shift", "layernorm": "isqrt"})
     quantized = intq.quantize(intq.from_onnx(minilm_model.path), [minilm_model.inputs], config)
     result = census(quantized, allow_division=True)
     assert result.divisions == 6 + 6 + 13
-    i_bert = intq.QuantConfig(softmax="poly", gelu="poly")  # only its softmax divides
+    i_bert = intq.QuantConfig(
+        kernels={"softmax": "poly", "gelu": "poly"}
+    )  # only its softmax divides
     assert i_bert.divides
     graph = intq.quantize(intq.from_onnx(minilm_model.path), [minilm_model.inputs], i_bert)
     assert census(graph, allow_division=True).divisions == 6
@@ -150,4 +152,4 @@ def test_dividing_variants_are_listed_by_the_census(minilm_model):
 
 def test_unknown_variant_is_refused():
     with pytest.raises(intq.IntqError, match="softmax variant"):
-        intq.QuantConfig(softmax="exact")
+        intq.QuantConfig(kernels={"softmax": "exact"})

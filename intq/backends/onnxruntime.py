@@ -54,7 +54,8 @@ from intq.errors import ArtifactError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.int4 import fits_int4, pack_int4
 from intq.ir.types import DType
-from intq.passes.range_analysis import analyze_ranges
+from intq.ops import Trait, ops_with
+from intq.passes.range_analysis import ValueRanges, value_ranges
 from intq.semantics import kernels
 from intq.semantics.feeds import check_feeds
 from intq.tables import RuleTable
@@ -91,7 +92,7 @@ class _Builder:
     what the u8 x u8 kernels read, so no conversion runs between layers.
     """
 
-    def __init__(self, graph: Graph, intervals: Mapping[str, tuple[int, int]]):
+    def __init__(self, graph: Graph, intervals: ValueRanges):
         self.graph = graph
         self.intervals = intervals
         self.nodes: list[onnx.NodeProto] = []
@@ -251,7 +252,7 @@ class _Builder:
 
     def magnitude(self, value: Value) -> int:
         """The largest ``|x|`` the range analysis allows for integer ``value``."""
-        low, high = self.intervals.get(value.name, _dtype_range(value))
+        low, high = self.intervals.get(value, _dtype_range(value))
         return max(abs(low), abs(high))
 
 
@@ -531,7 +532,7 @@ def _store(b: _Builder, result: str, node: Node) -> None:
     b.add("Cast", [result], [name], node, to=b.storage_type(out, zp))
 
 
-@_lower(*kernels.KERNEL_OPS)
+@_lower(*ops_with(Trait.KERNEL))
 def _transformer_kernel(b: _Builder, node: Node) -> None:
     keep = node.inputs[1] if len(node.inputs) > 1 else None
     x = _as_int64(b, _input(node), node)
@@ -718,7 +719,7 @@ def _pad(b: _Builder, node: Node) -> None:
 
 def to_onnx(graph: Graph) -> onnx.ModelProto:
     """The ONNX model computing ``graph`` (integer-only graphs and their float boundary)."""
-    b = _Builder(graph, analyze_ranges(graph))
+    b = _Builder(graph, value_ranges(graph))
     node_of_input = Node("Input", [], [], name="input")
     for value in graph.inputs:
         if b.offset(value):  # an int8 graph input: to offset uint8 once

@@ -9,7 +9,9 @@ snapshot, so rewriting while iterating over it is safe, and
 A :class:`Graph` keeps its nodes in a list in topological order. Iterating a
 graph iterates a snapshot of that list and skips nodes removed meanwhile, so
 passes may add and remove nodes while they walk the graph. There is no
-"recompile" step after a mutation.
+"recompile" step after a mutation. Analyses (the proven integer ranges, say) may store
+their result on the graph as a side table keyed by value (:meth:`Graph.store_analysis`);
+any mutation invalidates it, so a reader never sees a stale result.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +28,8 @@ from intq.ir.types import TensorType
 
 if TYPE_CHECKING:
     from intq.ops.registry import OpDef
+
+AnalysisT = TypeVar("AnalysisT")
 
 AttrValue = int | float | str | tuple[int, ...] | tuple[float, ...] | tuple[str, ...]
 """Node attributes are immutable scalars or tuples; tensors are constant values instead."""
@@ -68,6 +72,8 @@ class Value:
         ):
             raise ShapeError(f"cannot change the dtype or shape of constant {self.name!r}")
         self._type = new
+        if self._graph is not None:
+            self._graph._touch()
 
     @property
     def const(self) -> np.ndarray | None:
@@ -84,6 +90,8 @@ class Value:
                 f"constant {self.name!r}: data of type {got} does not match declared {self._type}"
             )
         self._const = array
+        if self._graph is not None:
+            self._graph._touch()
 
     @property
     def is_const(self) -> bool:
@@ -132,6 +140,7 @@ class Value:
         graph = self._graph
         if graph_outputs and graph is not None and self.is_graph_output:
             graph._outputs = [new if v is self else v for v in graph._outputs]
+            graph._touch()
             if new.name != self.name:
                 old_name = self.name
                 graph.rename(self, graph.unique_name(old_name + "_replaced"))
@@ -214,6 +223,8 @@ class Node:
         self._inputs[index] = value
         if value is not None:
             value._uses[(self, index)] = None
+        if self._graph is not None:
+            self._graph._touch()
 
     def label(self) -> str:
         """How errors refer to the node: its origin name, else op and first output."""
@@ -240,6 +251,8 @@ class Graph:
         self._nodes: list[Node] = []
         self._names: dict[str, Value] = {}
         self._counter = itertools.count()
+        self._revision = 0
+        self._analyses: dict[type, tuple[int, object]] = {}
 
     # ----- reading -------------------------------------------------------
 
@@ -289,6 +302,29 @@ class Graph:
         for node in self._nodes:
             yield from node._outputs
 
+    # ----- analyses --------------------------------------------------------
+
+    def _touch(self) -> None:
+        self._revision += 1
+
+    def analysis(self, kind: type[AnalysisT]) -> AnalysisT | None:
+        """The stored result of analysis ``kind`` (a side table keyed by value, such as the
+        proven integer ranges), or None when none was stored or the graph changed since.
+
+        Every mutation through the graph's API invalidates stored results. Editing a node's
+        ``attrs`` dict in place is not tracked: rewrite by replacing the node instead.
+        """
+        stored = self._analyses.get(kind)
+        if stored is None or stored[0] != self._revision:
+            return None
+        result = stored[1]
+        assert isinstance(result, kind)
+        return result
+
+    def store_analysis(self, result: object) -> None:
+        """Keep ``result`` under its type until the graph next changes."""
+        self._analyses[type(result)] = (self._revision, result)
+
     # ----- naming --------------------------------------------------------
 
     def unique_name(self, base: str) -> str:
@@ -314,6 +350,7 @@ class Graph:
             }
         value.name = name
         self._names[name] = value
+        self._touch()
 
     def _register(self, value: Value) -> None:
         if value._graph is not None:
@@ -322,11 +359,13 @@ class Graph:
             raise VerificationError(f"duplicate value name %{value.name}")
         value._graph = self
         self._names[value.name] = value
+        self._touch()
 
     def _unregister(self, value: Value) -> None:
         if self._names.get(value.name) is value:
             del self._names[value.name]
         value._graph = None
+        self._touch()
 
     # ----- building ------------------------------------------------------
 
@@ -352,6 +391,7 @@ class Graph:
             if value._graph is not self:
                 raise VerificationError(f"output %{value.name} is not in graph {self.name!r}")
         self._outputs = outputs
+        self._touch()
 
     def add(
         self,
@@ -413,6 +453,7 @@ class Graph:
             self._nodes.insert(self._position(after) + 1, node)
         else:
             self._nodes.append(node)
+        self._touch()
 
     def _position(self, node: Node) -> int:
         if node._graph is not self:
@@ -435,6 +476,7 @@ class Graph:
         node._detach()
         self._nodes.remove(node)
         node._graph = None
+        self._touch()
         for value in node._outputs:
             self._unregister(value)
 
@@ -480,6 +522,7 @@ class Graph:
             stuck = [n.label() for n in self._nodes if n not in set(order)][:5]
             raise VerificationError(f"the graph has a cycle through {', '.join(stuck)}")
         self._nodes = order
+        self._touch()
 
     def copy(self) -> Graph:
         """A structural copy (constant data is shared; it is read-only)."""

@@ -17,22 +17,12 @@ import numpy as np
 
 from intq.errors import ShapeError
 from intq.ir.types import DType, TensorType
-from intq.ops.schema import Attr, InferContext, OpTable
+from intq.ops.schema import Attr, InferContext, OpTable, Trait
 
 OPS = OpTable()
 
-DATA_MOVEMENT = (
-    "MaxPool",
-    "Reshape",
-    "Flatten",
-    "Transpose",
-    "Squeeze",
-    "Unsqueeze",
-    "Slice",
-    "Identity",
-    "Expand",
-)
-"""Ops that move integer values without arithmetic: they keep a quantized input's scale."""
+_MOVES = (Trait.INTEGER, Trait.MOVEMENT, Trait.PASS_THROUGH)
+"""The traits of the ops that move values without arithmetic (Reshape, Slice, MaxPool...)."""
 
 INF = float("inf")
 
@@ -128,7 +118,7 @@ def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ce
 @OPS.op("Add", inputs=2)
 @OPS.op("Sub", inputs=2)
 @OPS.op("Mul", inputs=2)
-@OPS.op("Div", inputs=2)
+@OPS.op("Div", inputs=2, traits=(Trait.DIVIDES,))
 def _arith(ctx: InferContext) -> list[TensorType]:
     """Broadcasting arithmetic on two tensors of one numeric dtype.
 
@@ -166,7 +156,7 @@ def _logical(ctx: InferContext) -> list[TensorType]:
     return [TensorType(DType.BOOL, _broadcast(ctx.type(0), ctx.type(1)))]
 
 
-@OPS.op("Not")
+@OPS.op("Not", traits=(Trait.INTEGER,))
 def _not(ctx: InferContext) -> list[TensorType]:
     """Logical not of a bool tensor."""
     if ctx.type(0).dtype is not DType.BOOL:
@@ -183,12 +173,12 @@ def _where(ctx: InferContext) -> list[TensorType]:
     return [TensorType(dtype, _broadcast(ctx.type(0), ctx.type(1), ctx.type(2)))]
 
 
-@OPS.op("Sigmoid")
+@OPS.op("Sigmoid", traits=(Trait.NON_NEGATIVE,))
 @OPS.op("Tanh")
 @OPS.op("Erf")
 @OPS.op("Sqrt")
 @OPS.op("Exp")
-@OPS.op("Gelu", attrs={"approximate": Attr("str", "none")})
+@OPS.op("Gelu", attrs={"approximate": Attr("str", "none")}, traits=(Trait.WIDE,))
 def _float_unary(ctx: InferContext) -> list[TensorType]:
     """Elementwise float function."""
     _need_float(ctx, 0)
@@ -197,10 +187,10 @@ def _float_unary(ctx: InferContext) -> list[TensorType]:
     return _same_type(ctx)
 
 
-@OPS.op("Relu")
+@OPS.op("Relu", traits=(Trait.INTEGER, Trait.ACTIVATION, Trait.NON_NEGATIVE, Trait.PASS_THROUGH))
 @OPS.op("Neg")
 @OPS.op("Abs")
-@OPS.op("Identity")
+@OPS.op("Identity", traits=_MOVES)
 def _numeric_unary(ctx: InferContext) -> list[TensorType]:
     """Elementwise function of any numeric tensor."""
     if ctx.op != "Identity":
@@ -209,7 +199,12 @@ def _numeric_unary(ctx: InferContext) -> list[TensorType]:
     return _moved(ctx) if ctx.op in ("Identity", "Relu") else _same_type(ctx)
 
 
-@OPS.op("Clip", attrs={"min": Attr("float", -INF), "max": Attr("float", INF)})
+@OPS.op(
+    "Clip",
+    attrs={"min": Attr("float", -INF), "max": Attr("float", INF)},
+    traits=(Trait.INTEGER, Trait.ACTIVATION, Trait.PASS_THROUGH),
+    non_negative_if=lambda attrs: attrs["min"] >= 0,
+)
 def _clip(ctx: InferContext) -> list[TensorType]:
     """Clamp to ``[min, max]`` (constant bounds; ReLU6 is ``Clip(0, 6)``). With min > max
     every value becomes max, as ONNX (from Clip-11) and ``np.clip`` say."""
@@ -217,7 +212,7 @@ def _clip(ctx: InferContext) -> list[TensorType]:
     return _moved(ctx)
 
 
-@OPS.op("Cast", attrs={"to": Attr("str")})
+@OPS.op("Cast", attrs={"to": Attr("str")}, traits=(Trait.INTEGER,))
 def _cast(ctx: InferContext) -> list[TensorType]:
     """Convert to dtype ``to`` (an IR dtype name such as ``f32`` or ``i64``)."""
     try:
@@ -250,6 +245,7 @@ def _conv_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> di
         "group": Attr("int", 1),
     },
     canonicalize=_conv_canon,
+    weight_axis=lambda node: 0,
 )
 def _conv(ctx: InferContext) -> list[TensorType]:
     """N-d convolution, NC[D]HW layout; pads are ``(begin..., end...)``."""
@@ -296,6 +292,7 @@ def conv_shape(ctx: InferContext) -> tuple[int, ...]:
         "transA": Attr("int", 0),
         "transB": Attr("int", 0),
     },
+    weight_axis=lambda node: None if node.attrs["transA"] else 1 - node.attrs["transB"],
 )
 def _gemm(ctx: InferContext) -> list[TensorType]:
     """``alpha * op(A) @ op(B) + beta * C`` for 2-D A and B, C broadcast."""
@@ -312,7 +309,7 @@ def _gemm(ctx: InferContext) -> list[TensorType]:
     return [TensorType(dtype, (m, n))]
 
 
-@OPS.op("MatMul", inputs=2)
+@OPS.op("MatMul", inputs=2, weight_axis=lambda node: 1 if node.inputs[1].type.rank == 2 else None)
 def _matmul(ctx: InferContext) -> list[TensorType]:
     """numpy ``matmul``: batched, broadcasting, 1-D operands promoted."""
     a, b = ctx.type(0), ctx.type(1)
@@ -358,6 +355,7 @@ def _batchnorm(ctx: InferContext) -> list[TensorType]:
     inputs=(2, 3),
     attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
     canonicalize=lambda a, t: {**a, "axis": _axis(a["axis"], t[0].rank)} if t[0] else a,
+    traits=(Trait.WIDE,),
 )
 def _layernorm(ctx: InferContext) -> list[TensorType]:
     """Normalise over axes ``axis..`` then ``* scale + B``."""
@@ -376,6 +374,7 @@ def _layernorm(ctx: InferContext) -> list[TensorType]:
     "Softmax",
     attrs={"axis": Attr("int", -1)},
     canonicalize=lambda a, t: {**a, "axis": _axis(a["axis"], t[0].rank)} if t[0] else a,
+    traits=(Trait.NON_NEGATIVE, Trait.TAIL),
 )
 def _softmax(ctx: InferContext) -> list[TensorType]:
     """Softmax along ``axis``."""
@@ -425,6 +424,7 @@ def _pool_out(ctx: InferContext) -> list[TensorType]:
         "ceil_mode": Attr("int", 0),
     },
     canonicalize=_pool_canon,
+    traits=_MOVES,
 )
 def _maxpool(ctx: InferContext) -> list[TensorType]:
     """Max over windows; padding never wins."""
@@ -506,7 +506,7 @@ def _reshape_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) ->
     return {**attrs, "shape": tuple(shape)}
 
 
-@OPS.op("Reshape", attrs={"shape": Attr("ints")}, canonicalize=_reshape_canon)
+@OPS.op("Reshape", attrs={"shape": Attr("ints")}, canonicalize=_reshape_canon, traits=_MOVES)
 def _reshape(ctx: InferContext) -> list[TensorType]:
     """Same data, new shape (``0`` copies a dim and ``-1`` is inferred when built)."""
     shape = tuple(ctx["shape"])
@@ -523,7 +523,7 @@ def _flatten_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) ->
     return {**attrs, "axis": _axis(axis, x.rank + 1) if axis >= 0 else _axis(axis, x.rank)}
 
 
-@OPS.op("Flatten", attrs={"axis": Attr("int", 1)}, canonicalize=_flatten_canon)
+@OPS.op("Flatten", attrs={"axis": Attr("int", 1)}, canonicalize=_flatten_canon, traits=_MOVES)
 def _flatten(ctx: InferContext) -> list[TensorType]:
     """Flatten to 2-D: dims before ``axis`` and dims from it."""
     x, axis = ctx.type(0), ctx["axis"]
@@ -536,6 +536,7 @@ def _flatten(ctx: InferContext) -> list[TensorType]:
     canonicalize=lambda a, t: (
         {**a, "perm": a["perm"] or tuple(reversed(range(t[0].rank)))} if t[0] else a
     ),
+    traits=_MOVES,
 )
 def _transpose(ctx: InferContext) -> list[TensorType]:
     """Permute axes."""
@@ -550,6 +551,7 @@ def _transpose(ctx: InferContext) -> list[TensorType]:
     inputs=(1, 1 << 16),
     attrs={"axis": Attr("int")},
     canonicalize=lambda a, t: {**a, "axis": _axis(a["axis"], t[0].rank)} if t[0] else a,
+    traits=(Trait.INTEGER,),
 )
 def _concat(ctx: InferContext) -> list[TensorType]:
     """Join along ``axis``."""
@@ -612,6 +614,7 @@ def _slice_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> d
         "steps": Attr("ints", ()),
     },
     canonicalize=_slice_canon,
+    traits=_MOVES,
 )
 def _slice(ctx: InferContext) -> list[TensorType]:
     """Strided slice; bounds are clamped when built (with a negative step, an end of
@@ -631,7 +634,7 @@ def _squeeze_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) ->
     return {"axes": _axes(axes, x.rank)}
 
 
-@OPS.op("Squeeze", attrs={"axes": Attr("ints", ())}, canonicalize=_squeeze_canon)
+@OPS.op("Squeeze", attrs={"axes": Attr("ints", ())}, canonicalize=_squeeze_canon, traits=_MOVES)
 def _squeeze(ctx: InferContext) -> list[TensorType]:
     """Drop size-1 ``axes``."""
     x = ctx.type(0)
@@ -645,6 +648,7 @@ def _squeeze(ctx: InferContext) -> list[TensorType]:
     "Unsqueeze",
     attrs={"axes": Attr("ints")},
     canonicalize=lambda a, t: {"axes": _axes(a["axes"], t[0].rank + len(a["axes"]))} if t[0] else a,
+    traits=_MOVES,
 )
 def _unsqueeze(ctx: InferContext) -> list[TensorType]:
     """Insert size-1 ``axes`` (positions in the output)."""
@@ -659,6 +663,7 @@ def _unsqueeze(ctx: InferContext) -> list[TensorType]:
     inputs=2,
     attrs={"axis": Attr("int", 0)},
     canonicalize=lambda a, t: {**a, "axis": _axis(a["axis"], t[0].rank)} if t[0] else a,
+    traits=(Trait.INTEGER,),
 )
 def _gather(ctx: InferContext) -> list[TensorType]:
     """Take ``indices`` along ``axis`` (negative indices count from the end)."""
@@ -682,6 +687,7 @@ def _gather(ctx: InferContext) -> list[TensorType]:
     canonicalize=lambda a, t: (
         {"shape": _broadcast(t[0], TensorType(t[0].dtype, a["shape"]))} if t[0] else a
     ),
+    traits=_MOVES,
 )
 def _expand(ctx: InferContext) -> list[TensorType]:
     """Broadcast to ``shape`` (the full output shape once built)."""
@@ -694,6 +700,7 @@ def _expand(ctx: InferContext) -> list[TensorType]:
 @OPS.op(
     "Pad",
     attrs={"pads": Attr("ints"), "mode": Attr("str", "constant"), "value": Attr("float", 0.0)},
+    traits=(Trait.INTEGER, Trait.PASS_THROUGH),
 )
 def _pad(ctx: InferContext) -> list[TensorType]:
     """Pad every axis by ``pads = (begin..., end...)`` (negative crops) with ``mode``
@@ -709,7 +716,9 @@ def _pad(ctx: InferContext) -> list[TensorType]:
     return _moved(ctx, shape)
 
 
-@OPS.op("Shape", attrs={"start": Attr("int", 0), "end": Attr("int", 1 << 62)})
+@OPS.op(
+    "Shape", attrs={"start": Attr("int", 0), "end": Attr("int", 1 << 62)}, traits=(Trait.FOLDED,)
+)
 def _shape(ctx: InferContext) -> list[TensorType]:
     """The input's shape (dims ``start:end``) as i64; always folds to a constant."""
     dims = ctx.type(0).shape[ctx["start"] : ctx["end"]]
@@ -720,6 +729,7 @@ def _shape(ctx: InferContext) -> list[TensorType]:
     "ConstantOfShape",
     inputs=0,
     attrs={"shape": Attr("ints"), "value": Attr("float", 0.0), "dtype": Attr("str", "f32")},
+    traits=(Trait.FOLDED,),
 )
 def _constant_of_shape(ctx: InferContext) -> list[TensorType]:
     """A tensor of ``shape`` filled with ``value``; always folds to a constant."""

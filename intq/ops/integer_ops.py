@@ -26,10 +26,13 @@ from intq.errors import NumericsError, ShapeError
 from intq.ir.types import DType, QuantParams, TensorType
 from intq.ops.float_ops import OPS as FLOAT_OPS
 from intq.ops.float_ops import conv_shape
-from intq.ops.schema import Attr, InferContext, OpTable
+from intq.ops.schema import Attr, InferContext, KernelSpec, OpTable, Trait
 from intq.semantics.kernels import (
+    GELU_DIVIDING,
     GELU_VARIANTS,
+    LAYERNORM_DIVIDING,
     LAYERNORM_VARIANTS,
+    SOFTMAX_DIVIDING,
     SOFTMAX_OUT_BITS,
     SOFTMAX_VARIANTS,
     check_layernorm_size,
@@ -38,6 +41,16 @@ from intq.semantics.kernels import (
 from intq.semantics.numerics import storage_dtype
 
 OPS = OpTable()
+
+_WEIGHTED = (Trait.INTEGER, Trait.ACCUMULATOR, Trait.LAYER)
+"""The traits of the layers with constant quantized weights (QConv, QGemm, QMatMul)."""
+
+SOFTMAX_KERNEL = KernelSpec("softmax", SOFTMAX_VARIANTS, "divfree", SOFTMAX_DIVIDING)
+GELU_KERNEL = KernelSpec("gelu", GELU_VARIANTS, "poly", GELU_DIVIDING)
+LAYERNORM_KERNEL = KernelSpec("layernorm", LAYERNORM_VARIANTS, "divfree", LAYERNORM_DIVIDING)
+# The defaults: softmax and LayerNorm ``divfree``, GELU ``poly`` (I-BERT's erf polynomial,
+# which never divides) measured the most accurate division-free combination on MiniLM
+# (benchmarks/minilm_variants.py).
 
 DYADIC_TOLERANCE = 2.0**-30
 """Largest relative error allowed between ``M * 2^-S`` and the real multiplier it stands for."""
@@ -108,7 +121,11 @@ def _check_dyadic(multiplier: int, shift: int, real: float, what: str) -> None:
 # ----- the float boundary ----------------------------------------------------------------
 
 
-@OPS.op("Quantize", attrs={"bits": Attr("int"), "signed": Attr("int"), "scale": Attr("float")})
+@OPS.op(
+    "Quantize",
+    attrs={"bits": Attr("int"), "signed": Attr("int"), "scale": Attr("float")},
+    traits=(Trait.INTEGER, Trait.BOUNDARY),
+)
 def _quantize(ctx: InferContext) -> list[TensorType]:
     """``clamp(round_half_even(x / scale))`` (ONNX QuantizeLinear): the graph's way in."""
     x = ctx.type(0)
@@ -119,7 +136,7 @@ def _quantize(ctx: InferContext) -> list[TensorType]:
     return [TensorType(DType.from_numpy(storage_dtype(bits, signed)), x.shape, quant)]
 
 
-@OPS.op("Dequantize")
+@OPS.op("Dequantize", traits=(Trait.BOUNDARY,))
 def _dequantize(ctx: InferContext) -> list[TensorType]:
     """``q * scale`` in float32 (per-channel scales broadcast on their axis): the way out."""
     _quant(ctx, 0)
@@ -159,6 +176,8 @@ def _activation(ctx: InferContext, index: int) -> float:
     inputs=(2, 3),
     attrs=FLOAT_OPS["Conv"].attrs,
     canonicalize=FLOAT_OPS["Conv"].canonicalize,
+    traits=_WEIGHTED,
+    weight_axis=lambda node: 0,
 )
 def _qconv(ctx: InferContext) -> list[TensorType]:
     """Integer convolution (Conv's attributes), int32 accumulation, bias at ``s_x * s_w``."""
@@ -168,7 +187,13 @@ def _qconv(ctx: InferContext) -> list[TensorType]:
     return [_accumulator(conv_shape(ctx), scales, 1)]
 
 
-@OPS.op("QGemm", inputs=(2, 3), attrs={"transB": Attr("int", 0)})
+@OPS.op(
+    "QGemm",
+    inputs=(2, 3),
+    attrs={"transB": Attr("int", 0)},
+    traits=_WEIGHTED,
+    weight_axis=lambda node: 1 - node.attrs["transB"],
+)
 def _qgemm(ctx: InferContext) -> list[TensorType]:
     """``A @ op(B) + C`` on integers, int32 accumulation; B per-output-column scales."""
     a, b = ctx.type(0), ctx.type(1)
@@ -183,7 +208,12 @@ def _qgemm(ctx: InferContext) -> list[TensorType]:
     return [_accumulator((a.shape[0], n), scales, 1)]
 
 
-@OPS.op("QMatMul", inputs=(2, 3))
+@OPS.op(
+    "QMatMul",
+    inputs=(2, 3),
+    traits=_WEIGHTED,
+    weight_axis=lambda node: 1,
+)
 def _qmatmul(ctx: InferContext) -> list[TensorType]:
     """``A @ B + C`` on integers, int32 accumulation; B 2-D with per-column (or one) scales,
     optional bias C int32 at ``s_a * s_b[n]``."""
@@ -196,7 +226,7 @@ def _qmatmul(ctx: InferContext) -> list[TensorType]:
     return [_accumulator((*a.shape[:-1], b.shape[1]), scales, a.rank - 1)]
 
 
-@OPS.op("QGlobalAveragePool")
+@OPS.op("QGlobalAveragePool", traits=(Trait.INTEGER, Trait.ACCUMULATOR, Trait.LAYER))
 def _qglobal_avgpool(ctx: InferContext) -> list[TensorType]:
     """Sum over the spatial axes in int32; the scale ``s_x / N`` makes it the mean."""
     x = ctx.type(0)
@@ -211,6 +241,7 @@ def _qglobal_avgpool(ctx: InferContext) -> list[TensorType]:
     "QAveragePool",
     attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", ())},
     canonicalize=lambda a, t: {**a, "strides": a["strides"] or (1,) * len(a["kernel_shape"])},
+    traits=(Trait.INTEGER, Trait.ACCUMULATOR, Trait.LAYER),
 )
 def _qavgpool(ctx: InferContext) -> list[TensorType]:
     """Window sums in int32 (no padding); the scale ``s_x / N`` makes them means."""
@@ -239,6 +270,7 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
         "factor": Attr("float", 1.0),
         **_OUTPUT_ATTRS,
     },
+    traits=(Trait.INTEGER,),
 )
 def _requantize(ctx: InferContext) -> list[TensorType]:
     """``clamp((x * M[c] + 2^(S[c]-1)) >> S[c], lo, hi)`` in int64 (see intq.semantics.numerics).
@@ -277,6 +309,7 @@ def _requantize(ctx: InferContext) -> list[TensorType]:
         "shift": Attr("int"),
         **_OUTPUT_ATTRS,
     },
+    traits=(Trait.INTEGER, Trait.LAYER),
 )
 def _qadd(ctx: InferContext) -> list[TensorType]:
     """``clamp((a * Ma + b * Mb + 2^(S-1)) >> S, lo, hi)``: both branches aligned, one rounding."""
@@ -300,7 +333,7 @@ def _qadd(ctx: InferContext) -> list[TensorType]:
 # ----- transformer ops ------------------------------------------------------------------------
 
 
-@OPS.op("QBatchMatMul", inputs=2)
+@OPS.op("QBatchMatMul", inputs=2, traits=(Trait.INTEGER, Trait.ACCUMULATOR))
 def _qbatch_matmul(ctx: InferContext) -> list[TensorType]:
     """``A @ B`` of two activations (numpy batching), int32 accumulation at ``s_a * s_b``.
 
@@ -327,6 +360,8 @@ def _variant(ctx: InferContext, allowed: tuple[str, ...]) -> str:
     "QSoftmax",
     inputs=(1, 2),
     attrs={"variant": Attr("str"), "scale": Attr("float"), "axis": Attr("int", -1)},
+    traits=(Trait.INTEGER, Trait.NON_NEGATIVE),
+    kernel=SOFTMAX_KERNEL,
 )
 def _qsoftmax(ctx: InferContext) -> list[TensorType]:
     """Integer softmax (:func:`intq.semantics.kernels.softmax`) along the last axis.
@@ -352,7 +387,12 @@ def _qsoftmax(ctx: InferContext) -> list[TensorType]:
     return [TensorType(DType.U8, x.shape, quant)]
 
 
-@OPS.op("QGelu", attrs={"variant": Attr("str"), **_OUTPUT_ATTRS})
+@OPS.op(
+    "QGelu",
+    attrs={"variant": Attr("str"), **_OUTPUT_ATTRS},
+    traits=(Trait.INTEGER,),
+    kernel=GELU_KERNEL,
+)
 def _qgelu(ctx: InferContext) -> list[TensorType]:
     """Integer GELU (:func:`intq.semantics.kernels.gelu`) of a signed per-tensor input
     of <= 16 bits."""
@@ -374,6 +414,8 @@ def _qgelu(ctx: InferContext) -> list[TensorType]:
         "bias": Attr("ints"),
         **_OUTPUT_ATTRS,
     },
+    traits=(Trait.INTEGER,),
+    kernel=LAYERNORM_KERNEL,
 )
 def _qlayernorm(ctx: InferContext) -> list[TensorType]:
     """Integer LayerNorm over the last axis (:func:`intq.semantics.kernels.layernorm`).

@@ -1,10 +1,14 @@
-"""How an IR op is described: arity, attributes, canonical form, shape rule.
+"""How an IR op is described: arity, attributes, canonical form, shape rule, traits.
 
 An :class:`OpDef` holds one op's arity, its attributes (with defaults), an
 optional ``canonicalize`` hook that makes attributes explicit (so the IR
 text always spells out strides, pads, axes...), and ``infer``, the shape and
-dtype rule, which also rejects illegal dtypes. The reference semantics of
-each op live in :mod:`intq.semantics.numpy_eval`, one table entry per op.
+dtype rule, which also rejects illegal dtypes. Its :class:`Trait` set and the
+optional ``weight_axis``, ``non_negative_if`` and ``kernel`` entries are the facts
+that passes and backends read about an op, instead of keeping lists of op names: a new
+op states them once, here. The semantics of each op live in
+:mod:`intq.semantics.numpy_eval`, one table entry per op; ``tests/test_rule_tables.py``
+checks that every rule table covers every op that needs an entry.
 
 Each op family defines its entries in its own module with :class:`OpTable`;
 :mod:`intq.ops.registry` joins those tables explicitly (no registration by import).
@@ -12,6 +16,7 @@ Each op family defines its entries in its own module with :class:`OpTable`;
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +27,7 @@ from intq.errors import ShapeError, VerificationError
 from intq.ir.types import TensorType
 
 if TYPE_CHECKING:
-    from intq.ir.graph import AttrValue, Value
+    from intq.ir.graph import AttrValue, Node, Value
 
 
 REQUIRED: Any = object()
@@ -95,11 +100,54 @@ class InferContext:
 
 InferRule = Callable[[InferContext], list[TensorType]]
 Canonicalize = Callable[[dict[str, Any], Sequence[TensorType | None]], dict[str, Any]]
+AttrTest = Callable[[Mapping[str, Any]], bool]
+WeightAxis = Callable[["Node"], "int | None"]
+
+
+class Trait(enum.Enum):
+    """A fact about an op that passes and backends act on. The value says what it means."""
+
+    INTEGER = (
+        "may compute on integers inside the integer region: the range analysis, the ONNX"
+        " Runtime and the TVM lowerings each have a rule for it"
+    )
+    MOVEMENT = "moves values without arithmetic: an integer input keeps its per-tensor scale"
+    PASS_THROUGH = (
+        "one data input whose values it only moves, clamps or zero-pads: a layer's bit width"
+        " reaches through it (mixed-precision ties)"
+    )
+    ACTIVATION = "an elementwise clamp that the integer lowering fuses into the rescale"
+    NON_NEGATIVE = "its output is >= 0 for every input"
+    WIDE = "feeds a transformer's residual stream and dense layers: quantized at wide_bits"
+    BOUNDARY = "crosses between float and integer (Quantize, Dequantize)"
+    ACCUMULATOR = "accumulates integer products or sums in int32"
+    LAYER = "its integer result is a layer's output: a row of the per-layer table"
+    DIVIDES = "divides at run time (an integer Div)"
+    TAIL = (
+        "may run in float after the output dequantization (a classifier's final Softmax):"
+        " the backends lower it in float"
+    )
+    KERNEL = "computed by intq.semantics.kernels in a chosen variant (its OpDef.kernel)"
+    FOLDED = "depends on shapes only: always folded to a constant before a graph runs"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """An op computed by :mod:`intq.semantics.kernels` in one of several variants.
+
+    ``key`` names it in ``QuantConfig.kernels`` (``{"softmax": "shift"}``); ``dividing``
+    lists the variants that divide at run time (the integer-only census counts them).
+    """
+
+    key: str
+    variants: tuple[str, ...]
+    default: str
+    dividing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class OpDef:
-    """One op: arity, attributes, canonical form and shape/dtype rule."""
+    """One op: arity, attributes, canonical form, shape/dtype rule and traits."""
 
     name: str
     infer: InferRule
@@ -108,6 +156,30 @@ class OpDef:
     attrs: Mapping[str, Attr] = field(default_factory=dict)
     canonicalize: Canonicalize | None = None
     doc: str = ""
+    traits: frozenset[Trait] = frozenset()
+    weight_axis: WeightAxis | None = None
+    """For a layer whose input 1 may be constant weights: ``weight_axis(node)``, the weights'
+    output-channel axis (along which they are quantized per channel), or None when this
+    node's form has no such axis (a Gemm with ``transA``)."""
+    non_negative_if: AttrTest | None = None
+    """For an op whose output is >= 0 only for some attributes (Clip with ``min >= 0``)."""
+    kernel: KernelSpec | None = None
+
+    def has(self, trait: Trait) -> bool:
+        """Whether this op has ``trait``."""
+        return trait in self.traits
+
+    def is_non_negative(self, attrs: Mapping[str, Any]) -> bool:
+        """Whether the output is >= 0 for every input, given the node's attributes."""
+        if Trait.NON_NEGATIVE in self.traits:
+            return True
+        return self.non_negative_if is not None and bool(self.non_negative_if(attrs))
+
+    def divides(self, attrs: Mapping[str, Any]) -> bool:
+        """Whether a node of this op with ``attrs`` divides at run time."""
+        if Trait.DIVIDES in self.traits:
+            return True
+        return self.kernel is not None and attrs.get("variant") in self.kernel.dividing
 
     def check_arity(self, count: int, *, node: str = "") -> None:
         """Raise when ``count`` inputs do not fit this op."""
@@ -175,6 +247,10 @@ class OpTable(dict[str, OpDef]):
         inputs: int | tuple[int, int] = 1,
         attrs: Mapping[str, Attr] | None = None,
         canonicalize: Canonicalize | None = None,
+        traits: Sequence[Trait] = (),
+        weight_axis: WeightAxis | None = None,
+        non_negative_if: AttrTest | None = None,
+        kernel: KernelSpec | None = None,
     ) -> Callable[[InferRule], InferRule]:
         """Register ``name`` with the decorated function as its shape rule."""
         low, high = (inputs, inputs) if isinstance(inputs, int) else inputs
@@ -183,7 +259,17 @@ class OpTable(dict[str, OpDef]):
             if name in self:
                 raise ValueError(f"op {name} registered twice")
             self[name] = OpDef(
-                name, rule, low, high, dict(attrs or {}), canonicalize, (rule.__doc__ or "").strip()
+                name,
+                rule,
+                low,
+                high,
+                dict(attrs or {}),
+                canonicalize,
+                (rule.__doc__ or "").strip(),
+                frozenset(traits) | ({Trait.KERNEL} if kernel else set()),
+                weight_axis,
+                non_negative_if,
+                kernel,
             )
             return rule
 

@@ -1,23 +1,46 @@
 """Graph passes and the pass manager.
 
-Every pass is a frozen dataclass registered in :data:`PASSES` under the name
-pipelines use: ``intq.passes.pipeline("fold-batchnorm,dce")``.
+Every pass is a frozen dataclass; those a pipeline string can spell are registered in
+:data:`PASSES` under their names: ``intq.passes.pipeline("fold-batchnorm,dce")``.
+``calibrate`` (which takes data) and ``integerize`` (whose per-layer and per-kernel options
+are mappings) are built in Python; :func:`lowering_pipeline` lines up the core steps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from intq.passes.calibration import Calibrate
 from intq.passes.constant_folding import ConstantFolding
 from intq.passes.dce import DeadCodeElimination
 from intq.passes.fold_batchnorm import FoldBatchNorm
 from intq.passes.fold_pad import FoldPad
 from intq.passes.fuse_transformer import FuseTransformer
+from intq.passes.integer_only import CheckIntegerOnly
+from intq.passes.integerize import Integerize
 from intq.passes.manager import DumpHook, Pass, PassManager, PassResult, parse_pipeline
+from intq.passes.range_analysis import RangeAnalysis
+from intq.passes.verify import Verify
 
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (ConstantFolding, DeadCodeElimination, FoldBatchNorm, FoldPad, FuseTransformer)
+    for cls in (
+        CheckIntegerOnly,
+        ConstantFolding,
+        DeadCodeElimination,
+        FoldBatchNorm,
+        FoldPad,
+        FuseTransformer,
+        RangeAnalysis,
+        Verify,
+    )
 }
 """Pass name -> pass class. A new pass adds its class here."""
+
+PREPARE = "fold-batchnorm,fold-pad,fold-constants,fuse-transformer,dce"
+"""The float clean-up pipeline run before calibration."""
 
 
 def pipeline(text: str, *, verify_each: bool = False, dump: DumpHook | None = None) -> PassManager:
@@ -25,17 +48,44 @@ def pipeline(text: str, *, verify_each: bool = False, dump: DumpHook | None = No
     return PassManager(parse_pipeline(text, PASSES), verify_each=verify_each, dump=dump)
 
 
+def lowering_pipeline(
+    calibration_data: Iterable[Mapping[str, np.ndarray]],
+    lowering: Integerize,
+    *,
+    progress: bool | None = None,
+) -> PassManager:
+    """The core steps after the float clean-up, as one pipeline: ``calibrate`` (on the data),
+    ``integerize`` (with ``lowering``'s options), ``range-analysis`` (the overflow proof, kept
+    on the graph for the backends), ``check-integer-only`` and ``verify``."""
+    return PassManager(
+        [
+            Calibrate(calibration_data, progress),
+            lowering,
+            RangeAnalysis(),
+            CheckIntegerOnly(allow_division=lowering.divides),
+            Verify(),
+        ]
+    )
+
+
 __all__ = [
     "PASSES",
+    "PREPARE",
+    "Calibrate",
+    "CheckIntegerOnly",
     "ConstantFolding",
     "DeadCodeElimination",
     "DumpHook",
     "FoldBatchNorm",
     "FoldPad",
     "FuseTransformer",
+    "Integerize",
     "Pass",
     "PassManager",
     "PassResult",
+    "RangeAnalysis",
+    "Verify",
+    "lowering_pipeline",
     "parse_pipeline",
     "pipeline",
 ]

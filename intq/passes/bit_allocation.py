@@ -52,7 +52,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array, csr_array, vstack
 
 from intq.errors import IntqError, NumericsError
-from intq.passes.integerize import LayerBits
+from intq.passes.precision import LayerBits
 
 BITS_PER_MB = 8 * 2**20
 """Bits in one megabyte (2^20 bytes), the unit of :attr:`Budget.size_mb`."""

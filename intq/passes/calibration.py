@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Collection, Iterable, Mapping, Sequence, Sized
-from typing import Final
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
+from typing import ClassVar, Final
 
 import numpy as np
 from tqdm import tqdm
 
 from intq.errors import IntqError, NumericsError
-from intq.ir.graph import Graph, Node
+from intq.ir.graph import Graph, Node, Value
+from intq.passes.manager import Pass
 from intq.progress import show_progress
 from intq.semantics.feeds import check_feeds
 from intq.semantics.numpy_eval import run_graph
@@ -437,6 +439,42 @@ def collect_stats(
     return stats
 
 
+class CalibrationStats(Mapping[Value, TensorStats]):
+    """The calibration statistics of a float graph's tensors: a side table keyed by value,
+    stored on the graph by :class:`Calibrate` for :class:`~intq.passes.integerize.Integerize`."""
+
+    def __init__(self, stats: Mapping[Value, TensorStats]):
+        self._stats = dict(stats)
+
+    def __getitem__(self, value: Value) -> TensorStats:
+        return self._stats[value]
+
+    def __iter__(self) -> Iterator[Value]:
+        return iter(self._stats)
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+
+@dataclass(frozen=True)
+class Calibrate(Pass):
+    """Run the float graph over the calibration ``batches`` (read once) and keep every float
+    tensor's statistics on the graph (:class:`CalibrationStats`) for ``integerize``.
+
+    Changes nothing in the graph. ``batches`` and ``progress`` are the arguments of
+    :func:`collect_stats`; the batches are data, not an option a pipeline string can spell.
+    """
+
+    name: ClassVar[str] = "calibrate"
+    batches: Iterable[Mapping[str, np.ndarray]] = field(default=(), repr=False, compare=False)
+    progress: bool | None = None
+
+    def apply(self, graph: Graph) -> bool:
+        stats = collect_stats(graph, self.batches, progress=self.progress)
+        graph.store_analysis(CalibrationStats({graph[name]: s for name, s in stats.items()}))
+        return False
+
+
 def _tracked_outputs(graph: Graph, names: Collection[str] | None) -> list[str]:
     """The node outputs to record, in graph order; checks that ``names`` exist and are float."""
     computed = [v for node in graph.nodes for v in node.outputs]
@@ -463,6 +501,8 @@ def _tracked_outputs(graph: Graph, names: Collection[str] | None) -> list[str]:
 
 __all__ = [
     "CLIP_METHODS",
+    "Calibrate",
+    "CalibrationStats",
     "DEFAULT_BINS",
     "MIN_THRESHOLD",
     "TensorStats",

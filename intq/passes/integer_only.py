@@ -2,25 +2,27 @@
 
 Rules:
 
-- ``Quantize`` takes float inputs and ``Dequantize`` makes float outputs:
-  they are the boundary and always allowed.
+- ``Quantize`` takes float inputs and ``Dequantize`` makes float outputs: they are the
+  boundary (the ``BOUNDARY`` trait) and always allowed.
 - Any other node touching a float value is allowed only *after* the
   boundary: when every float it reads comes (transitively) from a
   ``Dequantize`` — e.g. a final Softmax on the dequantized logits.
-- An integer ``Div`` is a runtime division, and so is a transformer kernel
-  (``QSoftmax``, ``QGelu``, ``QLayerNorm``) in a dividing variant
-  (:data:`intq.semantics.kernels.DIVIDING`); they are listed in
-  ``Census.division_nodes`` and refused unless ``allow_division`` declares them.
+- An integer ``Div`` is a runtime division (the ``DIVIDES`` trait), and so is a
+  transformer kernel (``QSoftmax``, ``QGelu``, ``QLayerNorm``) in a dividing variant (its
+  op's ``KernelSpec.dividing``); they are listed in ``Census.division_nodes`` and refused
+  unless ``allow_division`` declares them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node
-from intq.semantics.kernels import divides
+from intq.ops import Trait
+from intq.passes.manager import Pass
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,6 @@ class Census:
         return "\n".join(f"{op:<{width}}  {n}" for op, n in sorted(self.ops.items()))
 
 
-BOUNDARY = ("Quantize", "Dequantize")
-
-
 def census(graph: Graph, *, allow_division: bool = False) -> Census:
     """The op census of ``graph`` and its integer-only violations."""
     after_boundary: set[str] = set()
@@ -49,8 +48,8 @@ def census(graph: Graph, *, allow_division: bool = False) -> Census:
     tail: list[str] = []
     dividing: list[str] = []
     for node in graph:
-        if node.op in BOUNDARY:
-            if node.op == "Dequantize":
+        if node.opdef.has(Trait.BOUNDARY):
+            if all(v.type.dtype.is_float for v in node.outputs):  # the way out
                 after_boundary.update(v.name for v in node.outputs)
             continue
         floats = [
@@ -64,7 +63,7 @@ def census(graph: Graph, *, allow_division: bool = False) -> Census:
             else:
                 violations.append(f"{_describe(node)} computes in float")
             continue
-        if node.op == "Div" or divides(node.op, node.attrs.get("variant", "")):
+        if node.opdef.divides(node.attrs):
             dividing.append(_describe(node))
             if not allow_division:
                 violations.append(f"{_describe(node)} divides at run time")
@@ -84,6 +83,19 @@ def check_integer_only(graph: Graph, *, allow_division: bool = False) -> Census:
             hint="every op between Quantize and Dequantize must compute on integers",
         )
     return result
+
+
+@dataclass(frozen=True)
+class CheckIntegerOnly(Pass):
+    """Refuse a graph that computes in float between its ``Quantize`` and ``Dequantize``
+    nodes, or that divides at run time unless ``allow_division`` (listing every offender)."""
+
+    name: ClassVar[str] = "check-integer-only"
+    allow_division: bool = False
+
+    def apply(self, graph: Graph) -> bool:
+        check_integer_only(graph, allow_division=self.allow_division)
+        return False
 
 
 def _describe(node: Node) -> str:

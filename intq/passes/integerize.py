@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import numpy as np
 
-from intq.errors import IntqError, UnsupportedOpError
+from intq.errors import IntqError, PassError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
-from intq.ops.float_ops import DATA_MOVEMENT
+from intq.ops import OPS, KernelSpec, Trait, ops_with
+from intq.passes.calibration import CLIP_METHODS, CalibrationStats
+from intq.passes.manager import Pass, PassResult
+from intq.passes.precision import LayerBits, quantize_weights
 from intq.semantics.kernels import layernorm_constants
 from intq.semantics.numerics import common_shift, dyadic, storage_dtype
 from intq.tables import RuleTable
@@ -52,59 +55,6 @@ class Stats(Protocol):
     def min(self) -> float: ...
 
     def clip(self, method: str, bits: int, signed: bool, percentile: float = ...) -> float: ...
-
-
-@dataclass(frozen=True)
-class LayerBits:
-    """Bit widths of one layer: its weights and the activation it produces."""
-
-    weights: int = 8
-    activations: int = 8
-
-
-@dataclass(frozen=True)
-class LoweringOptions:
-    """What the lowering reads from the quantization config."""
-
-    weight_bits: int = 8
-    activation_bits: int = 8
-    calibration: str = "minmax"
-    percentile: float = 99.99
-    layer_bits: Mapping[str, LayerBits] | None = None
-    wide_bits: int = 16
-    softmax: str = "divfree"
-    gelu: str = "poly"
-    layernorm: str = "divfree"
-
-    def bits(self, node_name: str) -> LayerBits:
-        """The bit widths of the layer named ``node_name``."""
-        override = (self.layer_bits or {}).get(node_name)
-        return override or LayerBits(self.weight_bits, self.activation_bits)
-
-
-NON_NEGATIVE = {"Relu", "Softmax", "Sigmoid"}
-"""Ops whose output is provably >= 0 (Clip with min >= 0 is checked separately)."""
-
-
-def quantize_weights(
-    w: np.ndarray, bits: int, axis: int, min_scales: np.ndarray | None = None
-) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Symmetric narrow-range per-channel quantization along ``axis``: ``(q, scales)``.
-
-    ``min_scales`` raises channel scales where needed (see :meth:`_Lowering.linear`).
-    """
-    qmax = (1 << (bits - 1)) - 1
-    moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
-    absmax = np.abs(moved).max(axis=1)
-    # An all-zero channel gets any valid scale; borrow the layer's smallest real one.
-    fallback = absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0
-    scales = np.where(absmax > 0, absmax, fallback) / qmax
-    if min_scales is not None:
-        scales = np.maximum(scales, min_scales)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.rint(w / scales.reshape(shape)), -qmax, qmax)
-    return q.astype(storage_dtype(bits, True)), tuple(float(s) for s in scales)
 
 
 # ----- values that are not materialized yet -----------------------------------------------------
@@ -202,7 +152,7 @@ def _scale(value: Value) -> float:
 
 
 class _Lowering:
-    def __init__(self, src: Graph, stats: Mapping[str, Stats], options: LoweringOptions):
+    def __init__(self, src: Graph, stats: Mapping[Value, Stats], options: Integerize):
         self.src = src
         self.stats = stats
         self.options = options
@@ -218,7 +168,7 @@ class _Lowering:
 
     def activation_quant(self, value: Value, non_negative: bool | None = None) -> QuantParams:
         """The calibrated quantization of float tensor ``value``."""
-        stats = self.stats.get(value.name)
+        stats = self.stats.get(value)
         if stats is None:
             raise IntqError(f"no calibration statistics for %{value.name}", node=_origin(value))
         if non_negative is None:
@@ -301,7 +251,7 @@ class _Lowering:
         if value.type.dtype.is_integer:  # token ids, attention masks: used as they are
             self.ints[value] = self.dst.add_input(value.name, value.type)
             return
-        stats = self.stats.get(value.name)
+        stats = self.stats.get(value)
         non_negative = stats is not None and stats.min >= 0
         quant = self.activation_quant(value, non_negative)
         x = self.dst.add_input(value.name, value.type)
@@ -366,17 +316,12 @@ def _provably_non_negative(value: Value) -> bool:
     node = value.producer
     if node is None:
         return False
-    if node.op in NON_NEGATIVE:
+    if node.opdef.is_non_negative(node.attrs):
         return True
-    if node.op == "Clip":
-        return node.attrs["min"] >= 0
-    if node.op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice"):
+    if node.opdef.has(Trait.MOVEMENT):
         source = node.inputs[0]
         return source is not None and _provably_non_negative(source)
     return False
-
-
-WIDE_PRODUCERS = ("LayerNormalization", "Gelu")
 
 
 def _wide(value: Value) -> bool:
@@ -384,7 +329,7 @@ def _wide(value: Value) -> bool:
     LayerNorm, and the operands of additions feeding one) and the LayerNorm and GELU
     outputs that dense layers read (8 bits lose BERT's outlier channels there)."""
     producer = value.producer
-    if producer is not None and producer.op in WIDE_PRODUCERS:
+    if producer is not None and producer.opdef.has(Trait.WIDE):
         return True
     for use in value.uses():
         reader = use.node
@@ -649,7 +594,7 @@ def _avgpool(low: _Lowering, node: Node) -> None:
     low.pending[node.output] = Accumulator(acc)
 
 
-@_rule(*DATA_MOVEMENT)
+@_rule(*ops_with(Trait.MOVEMENT))
 def _movement(low: _Lowering, node: Node) -> None:
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
     low.ints[node.output] = low.emit(node, node.op, [x], **node.attrs)
@@ -687,7 +632,7 @@ def _softmax(low: _Lowering, node: Node) -> None:
         low.floats[node.output] = low.emit(node, "Softmax", [x], axis=axis)
         return
     source, keep = low.masked.get(source, (source, None))
-    variant = low.options.softmax
+    variant = low.options.variant("QSoftmax")
     pending = low.pending.get(source)
     per_tensor = isinstance(pending, Accumulator) and _scale_count(pending.acc) == 1
     if isinstance(pending, Accumulator) and per_tensor and variant != "lut":
@@ -725,7 +670,7 @@ def _rescaled(low: _Lowering, value: Value, quant: QuantParams, node: Node) -> V
 def _gelu(low: _Lowering, node: Node) -> None:
     source = node.inputs[0]
     assert source is not None
-    variant = low.options.gelu
+    variant = low.options.variant("QGelu")
     x = _rescaled(low, source, _signed_quant(low, source, 8 if variant == "lut" else 16), node)
     out = low.activation_quant(node.output, non_negative=False)
     low.ints[node.output] = low.emit(
@@ -758,12 +703,87 @@ def _layernorm(low: _Lowering, node: Node) -> None:
         node,
         "QLayerNorm",
         [x],
-        variant=low.options.layernorm,
+        variant=low.options.variant("QLayerNorm"),
         **constants,
         **_output_attrs(out, out.qmin, out.qmax),
     )
 
 
-def integerize(graph: Graph, stats: Mapping[str, Stats], options: LoweringOptions) -> Graph:
-    """The integer-only graph computing ``graph`` with the calibrated ``stats``."""
+def kernel_specs() -> dict[str, KernelSpec]:
+    """The integer kernels' variant specs, keyed as ``QuantConfig.kernels`` is."""
+    return {opdef.kernel.key: opdef.kernel for opdef in OPS.values() if opdef.kernel}
+
+
+@dataclass(frozen=True)
+class Integerize(Pass):
+    """Lower the calibrated float graph to an integer-only graph (a new graph).
+
+    Reads the :class:`CalibrationStats` that ``calibrate`` stored on the graph. The options
+    are :class:`intq.QuantConfig`'s: default widths, the clipping method, per-layer widths by
+    original node name, the transformer's residual width and the kernel variants
+    (``{"softmax": "shift"}``; the others keep their defaults).
+    """
+
+    name: ClassVar[str] = "integerize"
+    weight_bits: int = 8
+    activation_bits: int = 8
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    layer_bits: Mapping[str, LayerBits] = field(default_factory=dict)
+    wide_bits: int = 16
+    kernels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CLIP_METHODS:
+            raise IntqError(
+                f"unknown calibration method {self.calibration!r}",
+                hint=f"use one of {', '.join(CLIP_METHODS)}",
+            )
+        specs = kernel_specs()
+        for key, variant in self.kernels.items():
+            spec = specs.get(key)
+            if spec is None:
+                raise IntqError(
+                    f"unknown kernel {key!r}", hint=f"the kernels are: {', '.join(sorted(specs))}"
+                )
+            if variant not in spec.variants:
+                raise IntqError(
+                    f"unknown {key} variant {variant!r}",
+                    hint=f"use one of {', '.join(spec.variants)}",
+                )
+
+    def bits(self, node_name: str) -> LayerBits:
+        """The bit widths of the layer named ``node_name``."""
+        return self.layer_bits.get(node_name) or LayerBits(self.weight_bits, self.activation_bits)
+
+    def variant(self, op: str) -> str:
+        """The chosen variant of kernel op ``op`` (``QSoftmax``...)."""
+        spec = OPS[op].kernel
+        assert spec is not None
+        return self.kernels.get(spec.key, spec.default)
+
+    @property
+    def divides(self) -> bool:
+        """Whether a chosen kernel variant divides at run time."""
+        return any(
+            self.kernels.get(key, spec.default) in spec.dividing
+            for key, spec in kernel_specs().items()
+        )
+
+    def requires(self, graph: Graph) -> None:
+        if graph.analysis(CalibrationStats) is None:
+            raise PassError(
+                "integerize needs the graph's calibration statistics: run the calibrate pass"
+                " first (intq.quantize runs both)"
+            )
+
+    def run(self, graph: Graph) -> PassResult:
+        stats = graph.analysis(CalibrationStats)
+        assert stats is not None
+        return PassResult(_Lowering(graph, stats, self).run(), True)
+
+
+def integerize(graph: Graph, stats: Mapping[Value, Stats], options: Integerize) -> Graph:
+    """The integer-only graph computing ``graph`` with the calibrated ``stats`` (the lowering
+    of :class:`Integerize`, for callers that hold statistics of their own)."""
     return _Lowering(graph, stats, options).run()

@@ -3,9 +3,10 @@
 A pass is a frozen dataclass whose fields are its options and whose class
 attribute ``name`` is how pipelines spell it: ``"fold-batchnorm,dce"`` or,
 with options, ``"fold-constants{max_bytes=1048576}"``. ``apply`` mutates the
-graph in place and returns whether it changed anything. Optional
-``requires``/``ensures`` check pre- and postconditions and raise
-:class:`~intq.errors.PassError`.
+graph in place and returns whether it changed anything; a pass that builds a
+new graph (``integerize``) overrides ``run`` and returns it in its
+:class:`PassResult`. Optional ``requires``/``ensures`` check pre- and
+postconditions and raise :class:`~intq.errors.PassError`.
 
 The :class:`PassManager` runs a pipeline, optionally verifying the graph
 after every pass (``verify_each``) and calling ``dump(pass, graph, result)``
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,6 +45,11 @@ class Pass:
         """Rewrite ``graph`` in place; return True when anything changed."""
         raise NotImplementedError
 
+    def run(self, graph: Graph) -> PassResult:
+        """Apply the pass; the result holds the graph to continue with (``graph`` itself,
+        unless the pass builds a new one)."""
+        return PassResult(graph, self.apply(graph))
+
     def requires(self, graph: Graph) -> None:
         """Raise :class:`PassError` when ``graph`` does not meet this pass's preconditions."""
 
@@ -52,15 +58,15 @@ class Pass:
 
     def __call__(self, graph: Graph) -> PassResult:
         self.requires(graph)
-        modified = self.apply(graph)
-        self.ensures(graph)
-        return PassResult(graph, modified)
+        result = self.run(graph)
+        self.ensures(result.graph)
+        return result
 
     def __str__(self) -> str:
         options = [
             f"{f.name}={_format_option(getattr(self, f.name))}"
             for f in dataclasses.fields(self)
-            if getattr(self, f.name) != f.default
+            if f.repr and getattr(self, f.name) != _default(f)
         ]
         return self.name + ("{" + ",".join(options) + "}" if options else "")
 
@@ -109,6 +115,12 @@ class PassManager:
             raise VerificationError(f"invalid IR {when} (passes run: {ran}): {err}") from None
 
 
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def _where(pass_: Pass, done: list[str]) -> str:
     return f"in pass {pass_}, after: {', '.join(done) or 'no other pass'}"
 
@@ -118,6 +130,8 @@ def _format_option(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (tuple, list)):
         return "[" + ",".join(_format_option(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_format_option(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -151,7 +165,7 @@ def _instantiate(cls: type[Pass], options: str) -> Pass:
         if not sep or key not in fields:
             known = ", ".join(fields) or "none"
             raise PassError(f"pass {cls.name!r} has no option {key!r} (options: {known})")
-        kwargs[key] = _parse_option(cls.name, key, raw.strip(), fields[key].default)
+        kwargs[key] = _parse_option(cls.name, key, raw.strip(), _default(fields[key]))
     return cls(**kwargs)
 
 
@@ -176,6 +190,8 @@ def _parse_option(pass_name: str, key: str, raw: str, default: Any) -> Any:
             return int(raw)
         if isinstance(default, float):
             return float(raw)
+        if isinstance(default, Mapping):
+            raise ValueError("a mapping option is set from Python, not in a pipeline string")
         if isinstance(default, tuple):
             inner = raw.strip("[]")
             return tuple(int(x) for x in inner.split(",") if x.strip())

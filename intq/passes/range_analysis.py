@@ -19,14 +19,17 @@ too, so a new op cannot slip past the proof.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
-from intq.ops.float_ops import DATA_MOVEMENT
+from intq.ops import Trait, ops_with
+from intq.passes.manager import Pass
 from intq.semantics.kernels import GELU_SIGMOID, check_exp_range
 from intq.tables import RuleTable
 
@@ -127,7 +130,7 @@ def _qbatch_matmul(node: Node, ins: list[Interval | None]) -> Interval:
     )
 
 
-@_rule("QSoftmax", "QGelu", "QLayerNorm")
+@_rule(*ops_with(Trait.KERNEL))
 def _kernel(node: Node, ins: list[Interval | None]) -> Interval:
     """The kernels' intermediates are bounded in :mod:`intq.semantics.kernels` given input widths
     (checked by the op's type rule) and these scale conditions."""
@@ -140,7 +143,7 @@ def _kernel(node: Node, ins: list[Interval | None]) -> Interval:
             check_exp_range(x.type.quant.scale[0] * GELU_SIGMOID, "GELU")
     except NumericsError as err:
         raise NumericsError(str(err), node=node.label(), hint="report this model") from None
-    if node.op == "QSoftmax":
+    if node.op == "QSoftmax":  # the only kernel without a clamp: its output is u8
         return 0, 255
     return _clamp(node)
 
@@ -202,15 +205,18 @@ def _qadd(node: Node, ins: list[Interval | None]) -> Interval:
     return _clamp(node)
 
 
-@_rule(
-    *DATA_MOVEMENT,
-    "Relu",
-    "Gather",
-)
+@_rule(*ops_with(Trait.MOVEMENT), "Gather")
 def _same(node: Node, ins: list[Interval | None]) -> Interval:
     x = ins[0]
     assert x is not None
-    return (max(x[0], 0), max(x[1], 0)) if node.op == "Relu" else x
+    return x
+
+
+@_rule("Relu")
+def _relu(node: Node, ins: list[Interval | None]) -> Interval:
+    x = ins[0]
+    assert x is not None
+    return max(x[0], 0), max(x[1], 0)
 
 
 @_rule("Pad")
@@ -236,15 +242,36 @@ def _concat(node: Node, ins: list[Interval | None]) -> Interval:
     return min(i[0] for i in present), max(i[1] for i in present)
 
 
-def analyze_ranges(graph: Graph) -> dict[str, Interval]:
-    """Value name -> proven integer interval; raises :class:`NumericsError` on possible overflow."""
-    intervals: dict[str, Interval] = {}
+class ValueRanges(Mapping[Value, Interval]):
+    """The proven interval of every integer value of one graph: a side table keyed by value.
+
+    Stored on the graph by :func:`value_ranges` until the graph changes, so that the
+    backends reuse the proof instead of repeating it.
+    """
+
+    def __init__(self, intervals: Mapping[Value, Interval]):
+        self._intervals = dict(intervals)
+
+    def __getitem__(self, value: Value) -> Interval:
+        return self._intervals[value]
+
+    def __iter__(self) -> Iterator[Value]:
+        return iter(self._intervals)
+
+    def __len__(self) -> int:
+        return len(self._intervals)
+
+
+def analyze_ranges(graph: Graph) -> ValueRanges:
+    """The proven interval of every integer value; raises :class:`NumericsError` on a possible
+    overflow. Recomputes: :func:`value_ranges` reuses a result stored on the graph."""
+    intervals: dict[Value, Interval] = {}
 
     def interval_of(value: Value | None) -> Interval | None:
         if value is None:
             return None
-        if value.name in intervals:
-            return intervals[value.name]
+        if value in intervals:
+            return intervals[value]
         if value.type.dtype is DType.BOOL:
             return (0, 1)
         if not value.type.dtype.is_integer:
@@ -257,12 +284,12 @@ def analyze_ranges(graph: Graph) -> dict[str, Interval]:
         else:
             info = np.iinfo(value.type.dtype.numpy)
             found = (int(info.min), int(info.max))
-        intervals[value.name] = found
+        intervals[value] = found
         return found
 
     for node in graph:
-        if node.op == "Dequantize" or not any(v.type.dtype.is_integer for v in node.outputs):
-            continue
+        if not any(v.type.dtype.is_integer for v in node.outputs):
+            continue  # Dequantize and the float tail
         rule = RULES.get(node.op)
         if rule is None:
             raise NumericsError(
@@ -271,7 +298,29 @@ def analyze_ranges(graph: Graph) -> dict[str, Interval]:
                 hint="add a rule to intq.passes.range_analysis.RULES",
             )
         ins = [interval_of(v) for v in node.inputs]
-        if node.op != "Quantize" and ins and ins[0] is None:
+        if not node.opdef.has(Trait.BOUNDARY) and ins and ins[0] is None:
             raise NumericsError(f"no interval for the input of {node.op}", node=node.label())
-        intervals[node.outputs[0].name] = rule(node, ins)
-    return intervals
+        intervals[node.outputs[0]] = rule(node, ins)
+    return ValueRanges(intervals)
+
+
+def value_ranges(graph: Graph) -> ValueRanges:
+    """The proven intervals of ``graph``: stored on it by an earlier analysis of the same
+    graph unchanged, else computed (and stored). Raises on a possible overflow."""
+    ranges = graph.analysis(ValueRanges)
+    if ranges is None:
+        ranges = analyze_ranges(graph)
+        graph.store_analysis(ranges)
+    return ranges
+
+
+@dataclass(frozen=True)
+class RangeAnalysis(Pass):
+    """Prove that no integer accumulator or product of the graph can overflow (refusing the
+    layer that could, by name) and keep the intervals on the graph for the backends."""
+
+    name: ClassVar[str] = "range-analysis"
+
+    def apply(self, graph: Graph) -> bool:
+        value_ranges(graph)
+        return False

@@ -1,14 +1,15 @@
 """How much each quantizable layer suffers from fewer weight bits: the ``Ω`` of HAWQ-V3.
 
 A *quantizable layer* is what the integer lowering turns into ``QConv``/``QGemm``/``QMatMul``:
-a Conv, Gemm or MatMul whose weight (input 1) is a constant (:func:`quantizable_layers`).
+a Conv, Gemm or MatMul whose weight (input 1) is a constant
+(:func:`intq.passes.precision.quantizable_layers`).
 Two ways to measure its sensitivity, both on unlabelled calibration batches:
 
 - :func:`hessian_traces` (HAWQ-V3): the trace of the Hessian of a loss with respect to the
   layer's weights, by Hutchinson's method ``tr(H) = E[vᵀ H v]`` with Rademacher ``v``,
   through PyTorch autograd over the float graph (:mod:`intq.semantics.torch_eval`). Then
   ``Ω_i(b) = tr(H_i) / n_i * ||Q_b(W_i) - W_i||²`` (:func:`hessian_perturbations`), ``Q_b``
-  being the very weight quantizer of the lowering (:func:`intq.passes.integerize.quantize_weights`).
+  being the very weight quantizer of the lowering (:func:`intq.passes.precision.quantize_weights`).
 - :func:`direct_perturbations`: quantize one layer at a time to ``b`` bits (the others stay
   float) and measure the same loss on the calibration set. Costs ``layers x candidates``
   forward passes and no autograd; it sees effects beyond second order.
@@ -51,63 +52,13 @@ import torch
 from tqdm import tqdm
 
 from intq.errors import IntqError
-from intq.ir.graph import Graph, Node
-from intq.passes.integerize import quantize_weights
+from intq.ir.graph import Graph
+from intq.passes.precision import QuantLayer, quantize_weights
 from intq.progress import show_progress
 from intq.semantics.torch_eval import run_torch
 
 LOSSES = ("kl", "mse")
 Batch = Mapping[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class QuantLayer:
-    """One quantizable layer: its node name, weight constant and counts.
-
-    ``axis`` is the weight's output-channel axis (the per-channel quantization axis);
-    ``params`` the weight's element count; ``macs`` its multiply-accumulates per sample
-    (the output's first axis is the batch).
-    """
-
-    name: str
-    op: str
-    weight: str
-    axis: int
-    params: int
-    macs: int
-
-
-def _weight_axis(node: Node) -> int | None:
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if w is None or w.const is None:
-        return None
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm" and not node.attrs["transA"]:
-        return 0 if node.attrs["transB"] else 1
-    if node.op == "MatMul" and w.type.rank == 2:
-        return 1
-    return None
-
-
-def quantizable_layers(graph: Graph) -> list[QuantLayer]:
-    """The Conv/Gemm/MatMul nodes with constant weights, in graph order."""
-    layers = []
-    for node in graph:
-        axis = _weight_axis(node)
-        if axis is None:
-            continue
-        w = node.inputs[1]
-        assert w is not None and w.const is not None
-        out = node.output.type
-        reduce = w.const.size // w.const.shape[axis]  # inputs feeding one output element
-        batch = out.shape[0] if out.rank > 1 else 1
-        layers.append(
-            QuantLayer(
-                node.label(), node.op, w.name, axis, int(w.const.size), out.size // batch * reduce
-            )
-        )
-    return layers
 
 
 def fake_quantized(weight: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -342,13 +293,11 @@ def direct_perturbations(
 
 __all__ = [
     "LOSSES",
-    "QuantLayer",
     "TraceEstimate",
     "direct_perturbations",
     "fake_quantized",
     "hessian_perturbations",
     "hessian_traces",
     "make_loss",
-    "quantizable_layers",
     "weight_error",
 ]

@@ -55,14 +55,10 @@ T = TypeVar("T")
 SOFTMAX_VARIANTS = ("divfree", "shift", "lut", "poly")
 GELU_VARIANTS = ("divfree", "shift", "lut", "poly")
 LAYERNORM_VARIANTS = ("divfree", "isqrt")
-DIVIDING = {"QSoftmax": ("shift", "poly"), "QGelu": ("shift",), "QLayerNorm": ("isqrt",)}
-"""Kernel op -> its variants that divide at run time (the integer-only census lists them)."""
-
-
-def divides(op: str, variant: str) -> bool:
-    """Whether kernel ``op`` in ``variant`` divides at run time."""
-    return variant in DIVIDING.get(op, ())
-
+SOFTMAX_DIVIDING = ("shift", "poly")
+GELU_DIVIDING = ("shift",)
+LAYERNORM_DIVIDING = ("isqrt",)
+"""The variants that divide at run time (the op definitions state them for the census)."""
 
 EXP_BITS = 16
 """Fractional bits of exponentials: ``exp(d) ~= e / 2^16`` for ``d <= 0``."""
@@ -311,7 +307,7 @@ def softmax(
     if keep is not None:
         e = o.mul(e, keep)
     total = o.reduce_sum(e, axis)  # in [2^(F-1), size * 2^F]
-    if divides("QSoftmax", variant):
+    if variant in SOFTMAX_DIVIDING:
         bits = 40
         factor = o.div(o.const(1 << bits), total)
         out = k.round_shift(o.mul(e, factor), bits - SOFTMAX_OUT_BITS)
@@ -521,12 +517,9 @@ def _inverse_sqrt(k: _K[T], m: T) -> T:
 
 # ----- one entry point for the backends ---------------------------------------------------------
 
-KERNEL_OPS = ("QSoftmax", "QGelu", "QLayerNorm")
-"""The IR ops computed by this module's kernels."""
-
 
 def run_node(ops: IntOps[T], node: Node, x: T, keep: T | None = None) -> T:
-    """The kernel of IR ``node`` (one of :data:`KERNEL_OPS`) on its int64 input ``x`` (and
+    """The kernel of IR ``node`` (an op with the ``KERNEL`` trait) on its int64 input ``x`` (and
     ``keep`` mask), with ``ops``: what every backend calls, so they all read the node's
     attributes the same way. Returns the clamped int64 result."""
     attrs, source = node.attrs, node.inputs[0]

@@ -19,6 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from intq.errors import IntqError, NumericsError, ShapeError
 from intq.ir.graph import Graph, Node
 from intq.ir.types import QuantParams
+from intq.ops import Trait, ops_with
 from intq.semantics import kernels
 from intq.semantics.feeds import check_feeds
 from intq.semantics.numerics import requantize, shift_round
@@ -342,7 +343,7 @@ def _qadd(node: Node, a: Array, b: Array) -> list[Array]:
 # ----- transformer kernels (written once in intq.kernels) -------------------------------
 
 
-@_kernel(*kernels.KERNEL_OPS)
+@_kernel(*ops_with(Trait.KERNEL))
 def _transformer_kernel(node: Node, x: Array, keep: Array | None = None) -> list[Array]:
     ops = kernels.NumpyOps(node.label())
     mask = None if keep is None else keep.astype(np.int64)
