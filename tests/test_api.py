@@ -181,7 +181,9 @@ def test_config_file(tmp_path):
         ('[layer_bits."a"]\nweight = 4\n', "unknown key 'weight' in layer_bits", "weights"),
         ("weight_bits = \n", "not valid TOML", None),
         ("[mixed_precision]\nsize = 2\n", "unknown key 'size' in mixed_precision", "size_mb"),
-        ('gelu = "exact"\n', "unknown gelu variant 'exact'", "poly"),
+        ('[kernels]\ngelu = "exact"\n', "unknown gelu variant 'exact'", "poly"),
+        ('[kernels]\nsoftmx = "lut"\n', "unknown kernel 'softmx' in kernels", "softmax"),
+        ("[kernels]\nsoftmax = 3\n", "kernels.softmax must be a string", "divfree"),
     ]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
