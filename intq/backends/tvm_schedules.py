@@ -1,6 +1,6 @@
 """TIR schedules for the TVM backend's integer kernels on x86 AVX2.
 
-The kernels arrive as TE functions (:mod:`intq.backends.tvm`) whose compute
+The kernels arrive as TE functions (:mod:`intq.backends.tvm_kernels`) whose compute
 fixes the arithmetic; a schedule only reorders, tiles, vectorizes and
 parallelizes it, so exactness does not depend on it (the tests compare every
 scheduled model with the reference interpreter anyway).
@@ -119,7 +119,7 @@ def _dot_8x4_avx2(
 AVX2_DOT_8x4 = "intq_avx2_dot_8x4_u8i8i32"
 """``c[i] += a[0]*b[i,0] + ... + a[3]*b[i,3]`` for 8 lanes: ``vpmaddubsw`` (unsigned x
 signed bytes, pairs added with int16 saturation, so only for weights that cannot saturate:
-see ``intq.backends.tvm._reduction_depth``), ``vpmaddwd`` by ones, an add: 32
+see ``intq.backends.tvm_kernels.reduction_depth``), ``vpmaddwd`` by ones, an add: 32
 multiply-adds in three instructions, against 16 in two for :data:`AVX2_DOT_8x2`."""
 
 INTRINSICS = {2: AVX2_DOT_8x2, 4: AVX2_DOT_8x4}

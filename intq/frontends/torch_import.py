@@ -2,7 +2,9 @@
 
 The module is captured with ``torch.export`` (ATen ops with static shapes), then every ATen
 op is turned into the IR ops the ONNX frontend produces, so ``intq.quantize`` and the
-backends work unchanged. One small converter per ATen op, in :data:`ATEN_CONVERTERS`.
+backends work unchanged. One small converter per ATen op, in the table
+:data:`intq.frontends.torch_ops.ATEN_CONVERTERS`; this module drives ``torch.export`` and
+builds the graph.
 
 - Node names are module paths (``layer3.1.conv2``), from ``torch.export``'s
   ``nn_module_stack``: a module that runs one op gives the op its path; a module that runs
@@ -16,20 +18,23 @@ backends work unchanged. One small converter per ATen op, in :data:`ATEN_CONVERT
 
 from __future__ import annotations
 
+import inspect
+import operator
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
+from intq.frontends.onnx_import import from_onnx
+from intq.frontends.torch_ops import ATEN_CONVERTERS, TorchContext, supported_aten_ops
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
 from intq.ir.verifier import verify
-from intq.passes.constant_folding import fold_node, foldable
 from intq.passes.dce import DeadCodeElimination
 
 
@@ -129,12 +134,7 @@ def _via_onnx(
     output_names: Sequence[str] | None,
 ) -> Graph:
     """The fallback: ``torch.onnx.export`` (TorchScript tracer) and ``from_onnx``."""
-    import inspect
-
-    import onnx
     import torch
-
-    from intq.frontends.onnx_import import from_onnx
 
     if kwargs:
         params = list(inspect.signature(module.forward).parameters)
@@ -167,441 +167,12 @@ def _via_onnx(
 
 
 def _forward_names(module: Any, count: int) -> list[str]:
-    import inspect
-
     params = [
         p.name
         for p in inspect.signature(module.forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
-
-
-# ----- the converter table ---------------------------------------------------------------
-
-
-@dataclass
-class TorchContext:
-    """What a converter sees: the fx node, its arguments bound by name, the graph."""
-
-    graph: Graph
-    target: str
-    name: str
-    args: dict[str, Any]
-    out_type: TensorType | None
-    out_name: str
-    module_type: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def value(self, key: str) -> Value:
-        """Argument ``key``, which must be a tensor."""
-        value = self.args.get(key)
-        if not isinstance(value, Value):
-            raise self.unsupported(f"argument {key!r} must be a tensor, got {value!r}")
-        return value
-
-    def emit(self, op: str, inputs: Sequence[Value | None], **attrs: Any) -> Value:
-        """Add IR node ``op`` for this ATen op, folded to a constant when its inputs are."""
-        node = self.graph.add(op, list(inputs), attrs, name=self.name, out_names=[self.out_name])
-        if foldable(node):
-            return fold_node(self.graph, node)[0]
-        return node.output
-
-    def scalar(self, number: Any, like: Value) -> Value:
-        """A 0-d constant of ``like``'s dtype (for ``x * 2.0`` and friends)."""
-        return self.graph.add_constant(np.array(number, dtype=like.type.dtype.numpy), "scalar")
-
-    def operand(self, key: str, like: Value) -> Value:
-        """Argument ``key`` as a tensor: a Python number becomes a constant like ``like``."""
-        value = self.args.get(key)
-        if isinstance(value, Value):
-            return value
-        if isinstance(value, (bool, int, float)):
-            return self.scalar(value, like)
-        raise self.unsupported(f"argument {key!r} = {value!r}")
-
-    def unsupported(self, why: str) -> UnsupportedOpError:
-        """An error for a feature of this op that intq does not handle."""
-        where = f" in {self.module_type}" if self.module_type else ""
-        return UnsupportedOpError(
-            f"ATen op {self.target}{where}: {why}",
-            node=self.name,
-            hint="rewrite this part of the model, or export it to ONNX and use intq.from_onnx",
-        )
-
-
-Result = Value | list[Value | None] | None
-TorchConverter = Callable[[TorchContext], Result]
-
-ATEN_CONVERTERS: dict[str, TorchConverter] = {}
-"""ATen overload (``aten.conv2d.default``) -> converter."""
-
-
-def _aten(*targets: str) -> Callable[[TorchConverter], TorchConverter]:
-    def register(fn: TorchConverter) -> TorchConverter:
-        for target in targets:
-            ATEN_CONVERTERS[target] = fn
-        return fn
-
-    return register
-
-
-def supported_aten_ops() -> list[str]:
-    """The ATen overloads :func:`from_torch` converts."""
-    return sorted(ATEN_CONVERTERS)
-
-
-def _pairs(values: Sequence[int] | int, spatial: int) -> tuple[int, ...]:
-    if isinstance(values, int):
-        return (values,) * spatial
-    values = tuple(int(v) for v in values)
-    return values * spatial if len(values) == 1 else values
-
-
-@_aten("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default")
-def _conv(ctx: TorchContext) -> Result:
-    x, w = ctx.value("input"), ctx.value("weight")
-    spatial = w.type.rank - 2
-    if isinstance(ctx.args["padding"], str):
-        raise ctx.unsupported(f"padding={ctx.args['padding']!r}; give explicit padding")
-    padding = _pairs(ctx.args["padding"], spatial)
-    return ctx.emit(
-        "Conv",
-        [x, w, ctx.args.get("bias")],
-        strides=_pairs(ctx.args["stride"], spatial),
-        pads=padding + padding,
-        dilations=_pairs(ctx.args["dilation"], spatial),
-        group=int(ctx.args["groups"]),
-    )
-
-
-@_aten("aten.linear.default")
-def _linear(ctx: TorchContext) -> Result:
-    """Gemm for 2-D input, else MatMul by the transposed weight plus the bias (as ONNX)."""
-    x, w, bias = ctx.value("input"), ctx.value("weight"), ctx.args.get("bias")
-    if x.type.rank == 2:
-        return ctx.emit("Gemm", [x, w, bias], transB=1)
-    if w.const is not None:
-        wt = ctx.graph.add_constant(np.ascontiguousarray(w.const.T), w.name + ".T")
-    else:
-        wt = ctx.emit("Transpose", [w], perm=(1, 0))
-    y = ctx.emit("MatMul", [x, wt])
-    return y if bias is None else ctx.emit("Add", [y, bias])
-
-
-@_aten("aten.matmul.default", "aten.mm.default", "aten.bmm.default")
-def _matmul(ctx: TorchContext) -> Result:
-    return ctx.emit(
-        "MatMul", [ctx.value("self"), ctx.value("other" if "other" in ctx.args else "mat2")]
-    )
-
-
-@_aten("aten.addmm.default")
-def _addmm(ctx: TorchContext) -> Result:
-    return ctx.emit(
-        "Gemm",
-        [ctx.value("mat1"), ctx.value("mat2"), ctx.value("self")],
-        alpha=float(ctx.args["alpha"]),
-        beta=float(ctx.args["beta"]),
-    )
-
-
-@_aten("aten._native_batch_norm_legit_no_training.default", "aten.batch_norm.default")
-def _batchnorm(ctx: TorchContext) -> Result:
-    x = ctx.value("input")
-    if ctx.args.get("training"):
-        raise ctx.unsupported("batch norm in training mode")
-    channels = x.type.shape[1]
-    weight = ctx.args.get("weight")
-    bias = ctx.args.get("bias")
-    if weight is None:
-        weight = ctx.graph.add_constant(np.ones(channels, x.type.dtype.numpy), "bn_scale")
-    if bias is None:
-        bias = ctx.graph.add_constant(np.zeros(channels, x.type.dtype.numpy), "bn_bias")
-    y = ctx.emit(
-        "BatchNormalization",
-        [x, weight, bias, ctx.value("running_mean"), ctx.value("running_var")],
-        epsilon=float(ctx.args["eps"]),
-    )
-    if ctx.target.startswith("aten.batch_norm"):
-        return y
-    return [y, None, None]  # the mean / invstd outputs exist only in training
-
-
-@_aten("aten.layer_norm.default")
-def _layernorm(ctx: TorchContext) -> Result:
-    x = ctx.value("input")
-    shape = tuple(ctx.args["normalized_shape"])
-    weight, bias = ctx.args.get("weight"), ctx.args.get("bias")
-    if weight is None:
-        weight = ctx.graph.add_constant(np.ones(shape, x.type.dtype.numpy), "ln_scale")
-    return ctx.emit(
-        "LayerNormalization",
-        [x, weight, bias],
-        axis=x.type.rank - len(shape),
-        epsilon=float(ctx.args["eps"]),
-    )
-
-
-@_aten("aten.relu.default", "aten.relu_.default")
-def _relu(ctx: TorchContext) -> Result:
-    return ctx.emit("Relu", [ctx.value("self")])
-
-
-@_aten("aten.hardtanh.default", "aten.hardtanh_.default", "aten.clamp.default")
-def _clip(ctx: TorchContext) -> Result:
-    low = ctx.args.get("min_val", ctx.args.get("min"))
-    high = ctx.args.get("max_val", ctx.args.get("max"))
-    if isinstance(low, Value) or isinstance(high, Value):
-        raise ctx.unsupported("tensor bounds")
-    return ctx.emit(
-        "Clip",
-        [ctx.value("self")],
-        min=-np.inf if low is None else float(low),
-        max=np.inf if high is None else float(high),
-    )
-
-
-@_aten("aten.relu6.default")
-def _relu6(ctx: TorchContext) -> Result:
-    return ctx.emit("Clip", [ctx.value("self")], min=0.0, max=6.0)
-
-
-@_aten("aten.sigmoid.default", "aten.tanh.default", "aten.sqrt.default", "aten.exp.default")
-@_aten("aten.neg.default", "aten.abs.default", "aten.erf.default")
-def _unary(ctx: TorchContext) -> Result:
-    return ctx.emit(ctx.target.split(".")[1].capitalize(), [ctx.value("self")])
-
-
-@_aten("aten.gelu.default")
-def _gelu(ctx: TorchContext) -> Result:
-    return ctx.emit("Gelu", [ctx.value("self")], approximate=ctx.args["approximate"])
-
-
-@_aten("aten.silu.default")
-def _silu(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    return ctx.emit("Mul", [x, ctx.emit("Sigmoid", [x])])
-
-
-_ARITH = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}
-
-
-@_aten("aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor")
-@_aten("aten.add.Scalar", "aten.sub.Scalar", "aten.mul.Scalar", "aten.div.Scalar")
-def _arith(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    other = ctx.operand("other", x)
-    op = _ARITH[ctx.target.split(".")[1]]
-    if ctx.args.get("rounding_mode") is not None:
-        raise ctx.unsupported(f"rounding_mode={ctx.args['rounding_mode']!r}")
-    alpha = ctx.args.get("alpha", 1)
-    if alpha != 1:
-        other = ctx.emit("Mul", [other, ctx.scalar(alpha, other)])
-    return ctx.emit(op, [x, other])
-
-
-@_aten("aten.rsub.Scalar", "aten.rsub.Tensor")
-def _rsub(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    if ctx.args.get("alpha", 1) != 1:
-        raise ctx.unsupported("alpha != 1")
-    return ctx.emit("Sub", [ctx.operand("other", x), x])
-
-
-@_aten("aten.max_pool2d.default", "aten.max_pool1d.default")
-def _maxpool(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    spatial = x.type.rank - 2
-    kernel = _pairs(ctx.args["kernel_size"], spatial)
-    stride = ctx.args["stride"]
-    padding = _pairs(ctx.args["padding"], spatial)
-    return ctx.emit(
-        "MaxPool",
-        [x],
-        kernel_shape=kernel,
-        strides=_pairs(stride, spatial) if stride else kernel,
-        pads=padding + padding,
-        dilations=_pairs(ctx.args["dilation"], spatial),
-        ceil_mode=int(bool(ctx.args["ceil_mode"])),
-    )
-
-
-@_aten("aten.avg_pool2d.default", "aten.avg_pool1d.default")
-def _avgpool(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    spatial = x.type.rank - 2
-    if ctx.args.get("divisor_override") is not None:
-        raise ctx.unsupported("divisor_override")
-    kernel = _pairs(ctx.args["kernel_size"], spatial)
-    stride = ctx.args["stride"]
-    padding = _pairs(ctx.args["padding"], spatial)
-    return ctx.emit(
-        "AveragePool",
-        [x],
-        kernel_shape=kernel,
-        strides=_pairs(stride, spatial) if stride else kernel,
-        pads=padding + padding,
-        ceil_mode=int(bool(ctx.args["ceil_mode"])),
-        count_include_pad=int(bool(ctx.args["count_include_pad"])),
-    )
-
-
-@_aten("aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default")
-@_aten("aten.adaptive_avg_pool1d.default")
-def _adaptive_avgpool(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    sizes = x.type.shape[2:]
-    out = _pairs(ctx.args["output_size"], len(sizes))
-    if all(o == 1 for o in out):
-        return ctx.emit("GlobalAveragePool", [x])
-    if any(s % o for s, o in zip(sizes, out)):
-        raise ctx.unsupported(f"output size {list(out)} does not divide the input {list(sizes)}")
-    kernel = tuple(s // o for s, o in zip(sizes, out))
-    return ctx.emit("AveragePool", [x], kernel_shape=kernel, strides=kernel)
-
-
-def _reduce(op: str) -> TorchConverter:
-    def convert(ctx: TorchContext) -> Result:
-        x = ctx.value("self")
-        dims = ctx.args.get("dim")
-        if ctx.args.get("dtype") is not None:
-            raise ctx.unsupported("dtype=")
-        axes = tuple(range(x.type.rank)) if not dims else tuple(int(d) for d in dims)
-        return ctx.emit(op, [x], axes=axes, keepdims=int(bool(ctx.args.get("keepdim"))))
-
-    return convert
-
-
-_aten("aten.mean.dim")(_reduce("ReduceMean"))
-_aten("aten.sum.dim_IntList")(_reduce("ReduceSum"))
-_aten("aten.amax.default")(_reduce("ReduceMax"))
-
-
-@_aten("aten.softmax.int", "aten._softmax.default")
-def _softmax(ctx: TorchContext) -> Result:
-    if ctx.args.get("dtype") is not None:
-        raise ctx.unsupported("dtype=")
-    return ctx.emit("Softmax", [ctx.value("self")], axis=int(ctx.args["dim"]))
-
-
-@_aten("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
-@_aten("aten.flatten.using_ints", "aten.expand.default")
-def _reshape(ctx: TorchContext) -> Result:
-    """Reshapes take the static output shape torch.export recorded (no -1 left to resolve)."""
-    assert ctx.out_type is not None
-    x = ctx.value("self")
-    if ctx.target == "aten.expand.default":
-        return ctx.emit("Expand", [x], shape=ctx.out_type.shape)
-    return ctx.emit("Reshape", [x], shape=ctx.out_type.shape)
-
-
-@_aten("aten.permute.default")
-def _permute(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    return ctx.emit("Transpose", [x], perm=tuple(int(d) % x.type.rank for d in ctx.args["dims"]))
-
-
-@_aten("aten.transpose.int", "aten.t.default")
-def _transpose(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    perm = list(range(x.type.rank))
-    a, b = (ctx.args["dim0"], ctx.args["dim1"]) if "dim0" in ctx.args else (0, 1)
-    a, b = a % max(x.type.rank, 1), b % max(x.type.rank, 1)
-    perm[a], perm[b] = perm[b], perm[a]
-    return ctx.emit("Transpose", [x], perm=tuple(perm))
-
-
-@_aten("aten.unsqueeze.default")
-def _unsqueeze(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    return ctx.emit("Unsqueeze", [x], axes=(int(ctx.args["dim"]) % (x.type.rank + 1),))
-
-
-@_aten("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default")
-def _squeeze(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    dims = ctx.args.get("dim", [i for i, d in enumerate(x.type.shape) if d == 1])
-    dims = [dims] if isinstance(dims, int) else dims
-    axes = tuple(int(d) % x.type.rank for d in dims if x.type.shape[int(d)] == 1)
-    return ctx.emit("Squeeze", [x], axes=axes) if axes else x
-
-
-@_aten("aten.cat.default")
-def _cat(ctx: TorchContext) -> Result:
-    tensors = [t for t in ctx.args["tensors"] if isinstance(t, Value)]
-    rank = tensors[0].type.rank
-    return ctx.emit("Concat", tensors, axis=int(ctx.args["dim"]) % rank)
-
-
-@_aten("aten.slice.Tensor")
-def _slice(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    dim = int(ctx.args["dim"]) % x.type.rank
-    start, end = ctx.args.get("start"), ctx.args.get("end")
-    start = 0 if start is None else int(start)
-    end = x.type.shape[dim] if end is None else min(int(end), x.type.shape[dim])
-    return ctx.emit(
-        "Slice", [x], starts=(start,), ends=(end,), axes=(dim,), steps=(int(ctx.args["step"]),)
-    )
-
-
-@_aten("aten.select.int")
-def _select(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    index = ctx.graph.add_constant(np.array(int(ctx.args["index"]), np.int64), "index")
-    return ctx.emit("Gather", [x, index], axis=int(ctx.args["dim"]) % x.type.rank)
-
-
-@_aten("aten.embedding.default")
-def _embedding(ctx: TorchContext) -> Result:
-    return ctx.emit("Gather", [ctx.value("weight"), ctx.value("indices")], axis=0)
-
-
-@_aten("aten.pad.default", "aten.constant_pad_nd.default")
-def _pad(ctx: TorchContext) -> Result:
-    """torch pads the last dimension first, as (begin, end) pairs; ONNX wants all begins."""
-    x = ctx.value("self" if "self" in ctx.args else "input")
-    mode = ctx.args.get("mode", "constant")
-    if mode != "constant":
-        raise ctx.unsupported(f"mode={mode!r}")
-    pad = [int(p) for p in ctx.args["pad"]]
-    begins, ends = [0] * x.type.rank, [0] * x.type.rank
-    for i in range(len(pad) // 2):
-        axis = x.type.rank - 1 - i
-        begins[axis], ends[axis] = pad[2 * i], pad[2 * i + 1]
-    value = ctx.args.get("value")
-    return ctx.emit(
-        "Pad", [x], pads=tuple(begins + ends), value=0.0 if value is None else float(value)
-    )
-
-
-@_aten("aten._to_copy.default", "aten.to.dtype")
-def _to(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    assert ctx.out_type is not None
-    if ctx.out_type.dtype == x.type.dtype:
-        return x
-    return ctx.emit("Cast", [x], to=ctx.out_type.dtype.value)
-
-
-@_aten("aten.clone.default", "aten.contiguous.default", "aten.alias.default")
-@_aten("aten.detach.default", "aten.lift_fresh_copy.default")
-def _identity(ctx: TorchContext) -> Result:
-    return ctx.value("self")
-
-
-@_aten("aten.dropout.default", "aten.feature_dropout.default")
-def _dropout(ctx: TorchContext) -> Result:
-    if ctx.args.get("train"):
-        raise ctx.unsupported("dropout in training mode")
-    return ctx.value("input")
-
-
-@_aten("aten._assert_tensor_metadata.default", "aten._assert_scalar.default")
-def _assertion(ctx: TorchContext) -> Result:
-    """Shape/dtype assertions: the IR's types already say it."""
-    return None
 
 
 # ----- the importer ----------------------------------------------------------------------
@@ -663,8 +234,6 @@ class _Importer:
 
     def _labels(self) -> dict[str, tuple[str, str]]:
         """fx node name -> (node label, module type): module paths, made unique per node."""
-        import operator
-
         paths: dict[str, tuple[str, str]] = {}
         count: dict[str, int] = {}
         for node in self.program.graph_module.graph.nodes:
@@ -686,8 +255,6 @@ class _Importer:
         return labels
 
     def run(self) -> Graph:
-        import operator
-
         import torch
 
         signature = self.program.graph_signature
@@ -815,4 +382,9 @@ class _Importer:
         self.graph.set_outputs(outputs)
 
 
-__all__ = ["ATEN_CONVERTERS", "TorchExportFallbackWarning", "from_torch", "supported_aten_ops"]
+__all__ = [
+    "ATEN_CONVERTERS",
+    "TorchExportFallbackWarning",
+    "from_torch",
+    "supported_aten_ops",
+]
