@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +242,17 @@ def test_calibration_regrouped_into_model_batches_whatever_the_chunking(digits_m
     assert len(batches) == total // 8
     for i, batch in enumerate(batches):
         assert np.array_equal(batch["input"], samples[8 * i : 8 * i + 8])
+
+
+def test_import_intq_loads_no_heavy_optional_dependency():
+    """``import intq`` stays cheap: TVM, PyTorch and transformers load when first used."""
+    script = (
+        "import sys, intq\n"
+        "heavy = {'tvm', 'torch', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, f'import intq imported {sorted(heavy)}'\n"
+    )
+    root = Path(intq.__file__).parent.parent  # `python -c` imports from its working directory
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
