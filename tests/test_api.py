@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import intq
-from intq import examples
+from examples import zoo
 from intq.artifacts import FORMAT_VERSION
 from intq.config import load_config
 
@@ -23,7 +23,7 @@ QUIET = intq.QuantConfig(progress=False)
 
 @pytest.fixture(scope="module")
 def digits_train() -> np.ndarray:
-    return examples._digits_split()[0][:64]
+    return zoo._digits_split()[0][:64]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_every_calibration_form_gives_the_same_model(
 
 
 def test_convert_a_torch_module_and_reload_both_targets(digits_model, digits_train, tmp_path):
-    module = examples.digits_cnn_module()
+    module = zoo.digits_cnn_module()
     for target, name in (("reference", "m.intq"), ("onnxruntime", "m.onnx")):
         example = torch.from_numpy(digits_train[:8])
         exe = intq.convert(module, digits_train, target, QUIET, example_inputs=example)
