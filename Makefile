@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m intq.demo
+	$(PY) -m examples.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -28,8 +28,8 @@ fuzz: $(STAMP)
 		tests/test_fuzz.py tests/test_differential.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check intq tests benchmarks
-	$(PY) -m ruff format --check intq tests benchmarks
+	$(PY) -m ruff check intq tests benchmarks examples
+	$(PY) -m ruff format --check intq tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(PY) -m mypy intq/ir intq/passes

@@ -3,9 +3,9 @@ quantization follow the FP32 model, on the same real photo crops?
 
 Run from the repository root (the ``dev`` extra installed)::
 
-    .venv/bin/python benchmarks/efficientnet_agreement.py            # full run
-    .venv/bin/python benchmarks/efficientnet_agreement.py --quick    # smoke run, about a minute
-    .venv/bin/python benchmarks/efficientnet_agreement.py --json out/bench/agreement.json
+    .venv/bin/python -m benchmarks.efficientnet_agreement            # full run
+    .venv/bin/python -m benchmarks.efficientnet_agreement --quick    # smoke run, about a minute
+    .venv/bin/python -m benchmarks.efficientnet_agreement --json out/bench/agreement.json
 
 What runs, every executable on the same evaluation crops:
 
@@ -49,7 +49,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from machine import cpu_description, load_average
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -63,13 +62,14 @@ from onnxruntime.quantization import (
 from PIL import Image
 
 import intq
-from intq import examples
+from benchmarks.machine import cpu_description, load_average
+from examples import zoo
 from intq.passes.integer_only import Census, census, check_integer_only
 
-SIZE = examples.EFFNET_SIZE
+SIZE = zoo.EFFNET_SIZE
 """Input side of the exported model (224)."""
 
-# The Lite models' TF preprocessing: (x - 127) / 128 (see intq.examples.efficientnet_lite0).
+# The Lite models' TF preprocessing: (x - 127) / 128 (see examples.zoo.efficientnet_lite0).
 MEAN_RGB = 127.0
 STDDEV_RGB = 128.0
 
@@ -202,7 +202,7 @@ def draw_crops(photos: Mapping[str, np.ndarray], count: int, seed: int) -> list[
 def render(photos: Mapping[str, np.ndarray], crops: Sequence[Crop]) -> np.ndarray:
     """The crops as the model's input: float32 ``[N, 3, 224, 224]``, normalised ``(x-127)/128``.
 
-    Resized with PIL's bilinear filter, like ``intq.examples`` does for its sample input.
+    Resized with PIL's bilinear filter, like ``examples.zoo`` does for its sample input.
     """
     out = np.empty((len(crops), 3, SIZE, SIZE), np.float32)
     for i, c in enumerate(crops):
@@ -717,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model = examples.efficientnet_lite0(args.work_dir)
+    model = zoo.efficientnet_lite0(args.work_dir)
 
     # The FP32 reference.
     start = time.perf_counter()

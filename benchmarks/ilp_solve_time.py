@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/ilp_solve_time.py              # 3 repeats per problem
-    .venv/bin/python benchmarks/ilp_solve_time.py --repeats 5 --seed 1
+    .venv/bin/python -m benchmarks.ilp_solve_time              # 3 repeats per problem
+    .venv/bin/python -m benchmarks.ilp_solve_time --repeats 5 --seed 1
 
 Each problem is HAWQ-shaped: per layer a weight count (500 to 2M) and MACs, ``Ω(b)``
 falling about 4x per extra bit with random per-layer sensitivity, size ``params * b`` bits and

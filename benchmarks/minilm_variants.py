@@ -3,10 +3,10 @@ Runtime's quantized models to FP32, on real varied sentences?
 
 Run from the repository root (the ``dev`` extra installed)::
 
-    .venv/bin/python benchmarks/minilm_variants.py            # about 3 minutes here
-    .venv/bin/python benchmarks/minilm_variants.py --quick    # fewer sentences
+    .venv/bin/python -m benchmarks.minilm_variants            # about 3 minutes here
+    .venv/bin/python -m benchmarks.minilm_variants --quick    # fewer sentences
 
-The model is the packaged MiniLM export (static batch 2, sequence 16, ``intq.examples``).
+The model is the packaged MiniLM export (static batch 2, sequence 16, ``examples.zoo``).
 Sentences below are two disjoint sets: the calibration set and the evaluation set. The metric
 is the cosine similarity of the mean-pooled sentence embeddings (what sentence-transformers
 computes) to the FP32 ones, over the evaluation sentences; also the number of run-time
@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_description
 
 import intq
-from intq import examples
+from benchmarks.machine import cpu_description
+from examples import zoo
 from intq.passes.integer_only import census
 
 CALIBRATION = (
@@ -91,11 +91,11 @@ VARIANTS = {
 }
 
 
-def batches(model: examples.ZooModel, sentences: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+def batches(model: zoo.ZooModel, sentences: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
     """``sentences`` tokenized as the packaged model expects, two at a time."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(examples._minilm_folder()))
+    tok = AutoTokenizer.from_pretrained(str(zoo._minilm_folder()))
     batch, seq = model.inputs["input_ids"].shape
     out = []
     for i in range(0, len(sentences) - batch + 1, batch):
@@ -138,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer warns about pre-processing
     with tempfile.TemporaryDirectory() as tmp:
-        model = examples.minilm(tmp)
+        model = zoo.minilm(tmp)
         calib = batches(model, CALIBRATION[:4] if args.quick else CALIBRATION)
         evaluation = batches(model, EVALUATION[:6] if args.quick else EVALUATION)
         fp32 = ort_session(model.path)

@@ -4,10 +4,10 @@ and all-INT8 weights.
 
 Run from the repository root (the ``dev`` extra installed)::
 
-    .venv/bin/python benchmarks/mixed_precision_pareto.py              # all three models
-    .venv/bin/python benchmarks/mixed_precision_pareto.py --models minilm
-    .venv/bin/python benchmarks/mixed_precision_pareto.py --quick      # digits only, small
-    .venv/bin/python benchmarks/mixed_precision_pareto.py --json out/pareto.json
+    .venv/bin/python -m benchmarks.mixed_precision_pareto              # all three models
+    .venv/bin/python -m benchmarks.mixed_precision_pareto --models minilm
+    .venv/bin/python -m benchmarks.mixed_precision_pareto --quick      # digits only, small
+    .venv/bin/python -m benchmarks.mixed_precision_pareto --json out/pareto.json
 
 In one run, per model, every point integer-only and run by ONNX Runtime (bit-exact with the
 reference interpreter, see tests/test_mixed_precision.py):
@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from machine import cpu_description, load_average
 
 import intq
-from intq import examples
+from benchmarks.machine import cpu_description, load_average
+from examples import zoo
 from intq.backends.onnxruntime import compile_onnxruntime
 from intq.ir.graph import Graph
 from intq.mixed_precision import derive_ties
@@ -98,11 +98,11 @@ def fp32_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def digits_task(zoo: Path) -> Task:
-    model = examples.digits_cnn(zoo)
+def digits_task(zoo_dir: Path) -> Task:
+    model = zoo.digits_cnn(zoo_dir)
     graph = intq.from_onnx(model.path)
     pipeline(PREPARE)(graph)
-    x_tr, x_te, _, y_te = examples._digits_split()
+    x_tr, x_te, _, y_te = zoo._digits_split()
     calibration = [{"input": x_tr[i : i + 8]} for i in range(0, 256, 8)]
     count = len(x_te) // 8 * 8
 
@@ -121,12 +121,12 @@ def digits_task(zoo: Path) -> Task:
     return Task("digits_cnn", graph, calibration, evaluate, "accuracy")
 
 
-def efficientnet_task(zoo: Path, calibration_crops: int, eval_crops: int) -> Task:
-    model = examples.efficientnet_lite0(zoo)
+def efficientnet_task(zoo_dir: Path, calibration_crops: int, eval_crops: int) -> Task:
+    model = zoo.efficientnet_lite0(zoo_dir)
     graph = intq.from_onnx(model.path)
     pipeline(PREPARE)(graph)
-    calib = examples.photo_crops(model, calibration_crops, seed=1)
-    crops = examples.photo_crops(model, eval_crops, seed=2)
+    calib = zoo.photo_crops(model, calibration_crops, seed=1)
+    crops = zoo.photo_crops(model, eval_crops, seed=2)
     fp32 = fp32_session(model.path)
     reference = np.concatenate([fp32.run(["logits"], {"input": c[None]})[0] for c in crops])
 
@@ -141,10 +141,10 @@ def efficientnet_task(zoo: Path, calibration_crops: int, eval_crops: int) -> Tas
     )
 
 
-def minilm_task(zoo: Path) -> Task:
-    from minilm_variants import CALIBRATION, EVALUATION, batches, pooled
+def minilm_task(zoo_dir: Path) -> Task:
+    from benchmarks.minilm_variants import CALIBRATION, EVALUATION, batches, pooled
 
-    model = examples.minilm(zoo)
+    model = zoo.minilm(zoo_dir)
     graph = intq.from_onnx(model.path)
     pipeline(PREPARE)(graph)
     calibration = batches(model, CALIBRATION)

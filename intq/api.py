@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from intq.artifacts import load
-from intq.backends import compile
+from intq.artifacts import has_header, open_text, read_artifact_bytes
+from intq.backends import compile, load
 from intq.backends.base import Executable
 from intq.data import calibration_batches
 from intq.errors import ModelImportError, ShapeError
+from intq.frontends import from_onnx, from_torch
 from intq.ir.graph import Graph
+from intq.ir.parser import from_text
 from intq.quantization import QuantConfig, quantize
 
 
@@ -32,18 +34,13 @@ def import_model(
 ) -> Graph:
     """A float IR graph from an ONNX path or ``ModelProto``, a ``.intq`` text file, a torch
     module (with ``example_inputs``) or a graph (copied)."""
-    from intq.frontends import from_onnx, from_torch
-
     if isinstance(model, Graph):
         return model.copy()
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if path.suffix == ".intq":
-            from intq.artifacts import open_text, read_artifact_bytes
-            from intq.ir.parser import from_text
-
             path, data = read_artifact_bytes(path)
-            if data.startswith(b"# intq-artifact "):
+            if has_header(data):
                 return from_text(open_text(data, path))  # checks the checksum first
             try:
                 return from_text(data.decode())

@@ -1,20 +1,24 @@
-"""Saved artifacts: a versioned, checksummed envelope, and ``intq.load`` to reopen them.
+"""Saved artifacts' envelope: a format version, the target that wrote it, a sha256.
 
-Two formats, one rule: the artifact says what it is (format version, target) and carries
-the sha256 of its payload; loading recomputes the checksum and refuses a file whose
-checksum, version or target does not match, with an :class:`ArtifactError` saying which.
+Two envelopes, one rule: the artifact says what it is (format version, target) and carries
+the sha256 of its payload; opening it recomputes the checksum and refuses a file whose
+checksum or version does not match, with an :class:`ArtifactError` saying which.
 
-- ``reference`` (``.intq``): textual IR after one header line (a comment to the IR parser)::
+- Text (``.intq``): the payload after one header line (a comment to the IR parser)::
 
       # intq-artifact format=1 target=reference sha256=<hex of the UTF-8 payload>
 
-- ``onnxruntime`` (``.onnx``): a standard ONNX model; ``metadata_props`` hold
-  ``intq.format``, ``intq.target``, ``intq.layers`` (JSON: per-layer bits and scales) and
-  ``intq.sha256``: of the whole model serialized deterministically without that last entry
-  (graph, opsets, IR version, the other metadata). Plain ONNX Runtime ignores the metadata.
+- ONNX (``.onnx``): a standard ONNX model; ``metadata_props`` hold ``intq.format``,
+  ``intq.target``, ``intq.layers`` (JSON: per-layer bits and scales) and ``intq.sha256``:
+  of the whole model serialized deterministically without that last entry (graph, opsets,
+  IR version, the other metadata). Plain ONNX Runtime ignores the metadata.
 
-Nothing is unpickled: the payloads are text and protobuf. A new backend plugs in with one
-entry in :data:`FORMATS` (its loader and file suffixes).
+The ONNX envelope lives here rather than beside the ONNX Runtime backend because loading
+reads an ``.onnx`` file's metadata to learn which target wrote it before any backend is
+chosen, and because it needs nothing but ``onnx`` (imported by the functions that use it,
+so that this module stays cheap to import). This module knows no backend: the backends
+seal and open their payloads with it, and :func:`intq.backends.load` picks the backend
+from :func:`envelope_target`. Nothing is unpickled: the payloads are text and protobuf.
 """
 
 from __future__ import annotations
@@ -22,18 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from intq.errors import ArtifactError, IntqError
+from intq.errors import ArtifactError
 
 if TYPE_CHECKING:
     import onnx
-
-    from intq.backends.base import Executable
-    from intq.ir.graph import Graph
 
 FORMAT_VERSION = 1
 """Bumped whenever a payload's meaning changes; loading refuses other versions."""
@@ -73,7 +73,26 @@ def _tampered(path: Path) -> ArtifactError:
     )
 
 
-# ----- reference: textual IR ------------------------------------------------------------
+def read_artifact_bytes(path: str | Path) -> tuple[Path, bytes]:
+    """The bytes of an artifact file, refusing missing, unreadable and oversized files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"no artifact at {path}", hint="check the path")
+    size = path.stat().st_size
+    if size > MAX_ARTIFACT_BYTES:
+        raise ArtifactError(f"{path} is {size} bytes, more than intq reads ({MAX_ARTIFACT_BYTES})")
+    try:
+        return path, path.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+# ----- text: one header line -----------------------------------------------------------
+
+
+def has_header(data: bytes) -> bool:
+    """True when ``data`` starts like a text artifact (its header may still be damaged)."""
+    return data.startswith(_MAGIC)
 
 
 def seal_text(text: str, target: str = "reference") -> bytes:
@@ -102,14 +121,7 @@ def open_text(data: bytes, path: Path) -> str:
         raise _tampered(path) from None
 
 
-def _load_reference(path: Path, data: bytes) -> Executable:
-    from intq.backends.reference import compile_reference
-    from intq.ir.parser import from_text
-
-    return compile_reference(from_text(open_text(data, path)))
-
-
-# ----- onnxruntime: ONNX with metadata ----------------------------------------------------
+# ----- ONNX: metadata in the model ------------------------------------------------------
 
 
 def _onnx_digest(model: onnx.ModelProto) -> str:
@@ -124,19 +136,20 @@ def _onnx_digest(model: onnx.ModelProto) -> str:
     return _sha256(unsealed.SerializeToString(deterministic=True))
 
 
-def seal_onnx(model: onnx.ModelProto, graph: Graph, target: str = "onnxruntime") -> bytes:
-    """The serialized ``model`` with intq's metadata: format, target, the per-layer table,
-    and the sha256 of everything else in the file."""
+def seal_onnx(
+    model: onnx.ModelProto, layers: Sequence[dict[str, Any]], target: str = "onnxruntime"
+) -> bytes:
+    """The serialized ``model`` with intq's metadata: format, target, the per-layer table
+    ``layers`` (:func:`intq.inspection.layer_table` of the graph the model computes), and the
+    sha256 of everything else in the file."""
     import onnx
-
-    from intq.inspection import layer_table
 
     sealed = onnx.ModelProto()
     sealed.CopyFrom(model)
     entries = {
         "intq.format": str(FORMAT_VERSION),
         "intq.target": target,
-        "intq.layers": json.dumps(layer_table(graph), separators=(",", ":")),
+        "intq.layers": json.dumps(list(layers), separators=(",", ":")),
     }
     kept = [p for p in sealed.metadata_props if not p.key.startswith("intq.")]
     del sealed.metadata_props[:]
@@ -149,11 +162,20 @@ def seal_onnx(model: onnx.ModelProto, graph: Graph, target: str = "onnxruntime")
 
 def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
     """An ONNX model from ``data``, or an :class:`ArtifactError` naming ``path``."""
-    from intq.frontends.onnx_import import parse_model
+    import onnx
+    from google.protobuf.message import DecodeError
 
-    return parse_model(
-        data, path, ArtifactError, hint="recompile the model, or copy the file again"
-    )
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise ArtifactError(
+            f"{path} is not a valid ONNX file ({err}); it may be truncated or corrupt",
+            hint="recompile the model, or copy the file again",
+        ) from None
+    if not model.HasField("graph"):
+        raise ArtifactError(f"{path} holds no ONNX graph; it is not an ONNX model")
+    return model
 
 
 def onnx_metadata(model: onnx.ModelProto, path: Path) -> dict[str, str]:
@@ -178,107 +200,39 @@ def onnx_metadata(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     return meta
 
 
-def _load_onnxruntime(path: Path, data: bytes) -> Executable:
-    from intq.backends.onnxruntime import LoadedOnnxExecutable
-
+def open_onnx(data: bytes, path: Path) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """The verified model of an ``.onnx`` artifact's bytes and its per-layer table."""
     model = parse_onnx(data, path)
-    meta = onnx_metadata(model, path)
-    return LoadedOnnxExecutable(model, json.loads(meta["intq.layers"]))
+    layers: list[dict[str, Any]] = json.loads(onnx_metadata(model, path)["intq.layers"])
+    return model, layers
 
 
-# ----- dispatch -------------------------------------------------------------------------
+# ----- which target wrote it ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ArtifactFormat:
-    """How to reopen one target's artifacts: ``load(path, data)`` and the usual suffixes."""
-
-    load: Callable[[Path, bytes], Executable]
-    suffixes: tuple[str, ...]
-
-
-def _load_tvm(path: Path, data: bytes) -> Executable:
-    """A TVM library with its manifest (which holds the library's sha256)."""
-    from intq.backends.tvm_runtime import load_tvm
-
-    return load_tvm(path)
-
-
-FORMATS: dict[str, ArtifactFormat] = {
-    "reference": ArtifactFormat(_load_reference, (".intq",)),
-    "onnxruntime": ArtifactFormat(_load_onnxruntime, (".onnx",)),
-    "tvm": ArtifactFormat(_load_tvm, (".so", ".tar")),
-}
-"""Target -> artifact format. A backend with its own artifact adds one entry here."""
-
-
-def artifact_target(path: Path, data: bytes) -> str:
-    """Which target wrote the artifact: from its header or metadata, else its suffix."""
-    if data.startswith(_MAGIC):
+def envelope_target(path: Path, data: bytes) -> str | None:
+    """The target an artifact's envelope names: a text header's, or an ``.onnx`` file's
+    metadata (verified); None for a file with neither, which only its suffix can place."""
+    if has_header(data):
         match = _HEADER.match(data)
         if match is None:
             raise ArtifactError(f"{path} has a damaged intq artifact header")
         return match["target"].decode()
     if path.suffix == ".onnx":
-        meta = onnx_metadata(parse_onnx(data, path), path)
-        return meta.get("intq.target", "onnxruntime")
-    for target, fmt in FORMATS.items():
-        if path.suffix in fmt.suffixes:
-            return target
-    raise ArtifactError(
-        f"{path} is not an intq artifact",
-        hint="intq.load reads what exe.save / intq compile wrote: "
-        + ", ".join(s for f in FORMATS.values() for s in f.suffixes),
-    )
-
-
-def read_artifact_bytes(path: str | Path) -> tuple[Path, bytes]:
-    """The bytes of an artifact file, refusing missing, unreadable and oversized files."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"no artifact at {path}", hint="check the path")
-    size = path.stat().st_size
-    if size > MAX_ARTIFACT_BYTES:
-        raise ArtifactError(f"{path} is {size} bytes, more than intq reads ({MAX_ARTIFACT_BYTES})")
-    try:
-        return path, path.read_bytes()
-    except OSError as err:
-        raise ArtifactError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def load(path: str | Path) -> Executable:
-    """Reopen an artifact written by ``exe.save`` / ``intq compile``; returns an executable.
-
-    The checksum and format version are verified first: a modified, damaged or
-    other-version file raises :class:`ArtifactError`.
-    """
-    path, data = read_artifact_bytes(path)
-    target = artifact_target(path, data)
-    fmt = FORMATS.get(target)
-    if fmt is None:
-        raise ArtifactError(
-            f"{path} was written for target {target!r}, which this intq cannot load",
-            hint=f"loadable targets: {', '.join(sorted(FORMATS))}",
-        )
-    try:
-        return fmt.load(path, data)
-    except ArtifactError:
-        raise
-    except IntqError as err:
-        raise ArtifactError(f"{path}: {err}") from None
-
-
-def describe(meta: dict[str, Any]) -> str:
-    """One line about an artifact's metadata (for ``intq inspect``)."""
-    return f"intq artifact: format {meta.get('intq.format')}, target {meta.get('intq.target')}"
+        return onnx_metadata(parse_onnx(data, path), path).get("intq.target", "onnxruntime")
+    return None
 
 
 __all__ = [
-    "FORMATS",
     "FORMAT_VERSION",
-    "ArtifactFormat",
-    "load",
+    "MAX_ARTIFACT_BYTES",
+    "envelope_target",
+    "has_header",
+    "onnx_metadata",
+    "open_onnx",
     "open_text",
+    "parse_onnx",
+    "read_artifact_bytes",
     "seal_onnx",
     "seal_text",
 ]

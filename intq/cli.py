@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 import intq
-from intq.artifacts import artifact_target, onnx_metadata, parse_onnx, read_artifact_bytes
-from intq.backends import TARGETS
+from intq.artifacts import onnx_metadata, parse_onnx, read_artifact_bytes
+from intq.backends import TARGETS, artifact_target
 from intq.backends.base import atomic_write
+from intq.backends.onnxruntime import onnx_census
 from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
 from intq.backends.tvm_runtime import read_tvm_artifact
 from intq.data import calibration_batches
@@ -152,8 +153,6 @@ def summary(graph: Graph) -> str:
 
 def _onnx_artifact_summary(path: Path) -> str | None:
     """The summary of an intq ``.onnx`` artifact, or None for a plain ONNX model."""
-    from intq.backends.onnxruntime import onnx_census
-
     path, data = read_artifact_bytes(path)
     model = parse_onnx(data, path)
     if not any(p.key == "intq.format" for p in model.metadata_props):
@@ -254,8 +253,6 @@ def _config(args: argparse.Namespace) -> intq.QuantConfig:
     }
     progress = False if args.quiet else None
     if args.config is not None:
-        from intq.config import load_config
-
         return load_config(args.config, progress=progress, **overrides)
     return intq.QuantConfig(
         **{k: v for k, v in overrides.items() if v is not None}, progress=progress
@@ -594,8 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default="onnxruntime",
         choices=sorted(TARGETS),
-        help="onnxruntime writes a standard .onnx file; reference a .intq graph;"
-        " tvm a shared object (.tar of objects for a cross target) and a manifest",
+        help="; ".join(f"{b.name} writes {b.artifact}" for b in TARGETS.values()),
     )
     command.add_argument(
         "--tvm-target",

@@ -17,8 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 from hypothesis import settings
 
-from intq import examples
-from intq.examples import ZooModel
+from examples import zoo
+from examples.zoo import ZooModel
 
 # Compiling/simulating networks is slow and jittery on 2-core CI, so no per-example deadline.
 settings.register_profile("ci", deadline=None, max_examples=50)
@@ -49,22 +49,22 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_model(zoo_dir: Path) -> ZooModel:
     """all-MiniLM-L6-v2 BertModel, inputs input_ids/attention_mask int64 [2, 16]."""
-    return examples.minilm(zoo_dir)
+    return zoo.minilm(zoo_dir)
 
 
 @pytest.fixture(scope="session")
 def efficientnet_model(zoo_dir: Path) -> ZooModel:
     """EfficientNet-Lite0 with ImageNet weights, input float32 [1, 3, 224, 224]."""
-    return examples.efficientnet_lite0(zoo_dir)
+    return zoo.efficientnet_lite0(zoo_dir)
 
 
 @pytest.fixture(scope="session")
 def resnet18_model(zoo_dir: Path) -> ZooModel:
     """ResNet-18-shaped CNN with seeded random weights, input float32 [1, 3, 112, 112]."""
-    return examples.resnet18_like(zoo_dir)
+    return zoo.resnet18_like(zoo_dir)
 
 
 @pytest.fixture(scope="session")
 def digits_model(zoo_dir: Path) -> ZooModel:
     """Small CNN trained on sklearn digits, input float32 [8, 1, 8, 8]."""
-    return examples.digits_cnn(zoo_dir)
+    return zoo.digits_cnn(zoo_dir)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import intq
-from intq import examples
+from examples import zoo
 from intq.artifacts import FORMAT_VERSION
 from intq.config import load_config
 
@@ -20,7 +23,7 @@ QUIET = intq.QuantConfig(progress=False)
 
 @pytest.fixture(scope="module")
 def digits_train() -> np.ndarray:
-    return examples._digits_split()[0][:64]
+    return zoo._digits_split()[0][:64]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def test_every_calibration_form_gives_the_same_model(
 
 
 def test_convert_a_torch_module_and_reload_both_targets(digits_model, digits_train, tmp_path):
-    module = examples.digits_cnn_module()
+    module = zoo.digits_cnn_module()
     for target, name in (("reference", "m.intq"), ("onnxruntime", "m.onnx")):
         example = torch.from_numpy(digits_train[:8])
         exe = intq.convert(module, digits_train, target, QUIET, example_inputs=example)
@@ -241,3 +244,17 @@ def test_calibration_regrouped_into_model_batches_whatever_the_chunking(digits_m
     assert len(batches) == total // 8
     for i, batch in enumerate(batches):
         assert np.array_equal(batch["input"], samples[8 * i : 8 * i + 8])
+
+
+def test_import_intq_loads_no_heavy_optional_dependency():
+    """``import intq`` stays cheap: TVM, PyTorch and transformers load when first used."""
+    script = (
+        "import sys, intq\n"
+        "heavy = {'tvm', 'torch', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, f'import intq imported {sorted(heavy)}'\n"
+    )
+    root = Path(intq.__file__).parent.parent  # `python -c` imports from its working directory
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root
+    )
+    assert done.returncode == 0, done.stderr

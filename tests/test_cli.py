@@ -63,10 +63,10 @@ def test_readme_lists_every_supported_onnx_op():
 def test_quantize_command_writes_an_integer_only_graph(digits_model, tmp_path):
     import numpy as np
 
-    from intq import examples
+    from examples import zoo
 
     calib = tmp_path / "calib.npz"
-    np.savez(calib, input=examples._digits_split()[0][:64])
+    np.savez(calib, input=zoo._digits_split()[0][:64])
     out = tmp_path / "digits.intq"
     done = run_cli(
         "quantize",
@@ -85,7 +85,7 @@ def test_quantize_command_writes_an_integer_only_graph(digits_model, tmp_path):
     assert "integer-only: yes" in inspected.stdout and "QConv" in inspected.stdout
     # The same result as the Python API on the same batches.
     graph = intq.from_onnx(digits_model.path)
-    batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    batches = [{"input": zoo._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
     api = intq.quantize(graph, batches, intq.QuantConfig(calibration="percentile"))
     assert intq.ir.to_text(intq.load(out).graph) == intq.ir.to_text(api)
 
@@ -103,10 +103,10 @@ def test_compile_command_writes_a_plain_onnx_model(digits_model, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    from intq import examples
+    from examples import zoo
 
     calib = tmp_path / "calib.npz"
-    np.savez(calib, input=examples._digits_split()[0][:64])
+    np.savez(calib, input=zoo._digits_split()[0][:64])
     out = tmp_path / "digits_int8.onnx"
     done = run_cli(
         "compile",
@@ -124,7 +124,7 @@ def test_compile_command_writes_a_plain_onnx_model(digits_model, tmp_path):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, digits_model.inputs)
     graph = intq.from_onnx(digits_model.path)
-    batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    batches = [{"input": zoo._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
     want = intq.compile(intq.quantize(graph, batches)).run(digits_model.inputs)["logits"]
     np.testing.assert_array_equal(logits, want)
 
@@ -141,10 +141,10 @@ def _npz(path, **arrays):
 
 @pytest.fixture(scope="module")
 def digits_files(digits_model, tmp_path_factory):
-    from intq import examples
+    from examples import zoo
 
     root = tmp_path_factory.mktemp("cli")
-    x_train, x_test, _, _ = examples._digits_split()
+    x_train, x_test, _, _ = zoo._digits_split()
     calib = _npz(root / "calib.npz", input=x_train[:64])
     inputs = _npz(root / "in.npz", input=x_test[:8])
     config = root / "cfg.toml"

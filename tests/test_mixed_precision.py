@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import intq
-from intq import examples
+from examples import zoo
+from examples.zoo import ZooModel
 from intq.backends.onnxruntime import compile_onnxruntime, onnx_census
 from intq.cli import main
-from intq.examples import ZooModel
 from intq.ir import from_text, to_text
 from intq.ir.int4 import pack_int4, unpack_int4
 from intq.mixed_precision import LatencyTable, MixedPrecision, derive_ties, plan_bits
@@ -41,7 +41,7 @@ def _prepared(model: ZooModel) -> intq.ir.Graph:
 
 
 def _digits_batches(count: int) -> list[dict[str, np.ndarray]]:
-    x_train = examples._digits_split()[0]
+    x_train = zoo._digits_split()[0]
     return [{"input": x_train[8 * i : 8 * (i + 1)]} for i in range(count)]
 
 
@@ -353,7 +353,7 @@ def test_int4_onnx_artifact_is_packed_integer_only_and_exact(
 
 def test_cli_size_budget_writes_the_report(digits_model: ZooModel, tmp_path) -> None:
     calib = tmp_path / "calib.npz"
-    np.savez(calib, input=examples._digits_split()[0][:64])
+    np.savez(calib, input=zoo._digits_split()[0][:64])
     out = tmp_path / "digits.intq"
     code = main(
         [
@@ -380,7 +380,7 @@ def test_cli_size_budget_writes_the_report(digits_model: ZooModel, tmp_path) -> 
 
 def test_cli_infeasible_budget_exits_1(digits_model: ZooModel, tmp_path, capsys) -> None:
     calib = tmp_path / "calib.npz"
-    np.savez(calib, input=examples._digits_split()[0][:16])
+    np.savez(calib, input=zoo._digits_split()[0][:16])
     args = ["quantize", str(digits_model.path), "--calib", str(calib), "--quiet"]
     code = main([*args, "--size-mb", "0.0001", "-o", str(tmp_path / "x.intq")])
     assert code == 1

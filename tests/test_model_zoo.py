@@ -7,7 +7,7 @@ import onnx
 import pytest
 from conftest import ALL_MODEL_FIXTURES
 
-from intq.examples import (
+from examples.zoo import (
     IR_VERSION,
     OPSET,
     ZooModel,

@@ -7,7 +7,7 @@ import pytest
 from conftest import ALL_MODEL_FIXTURES
 
 import intq
-from intq.examples import ZooModel, run_onnxruntime
+from examples.zoo import ZooModel, run_onnxruntime
 from intq.ir import from_text, to_text, verify
 from intq.passes import pipeline
 

@@ -20,7 +20,7 @@ from int_graphs import (
 )
 
 import intq
-from intq import examples
+from examples import zoo
 from intq.backends.onnxruntime import onnx_census
 from intq.ir import DType, Graph, QuantParams, TensorType, verify
 
@@ -35,7 +35,7 @@ def assert_bit_exact(graph: Graph, feeds: dict[str, np.ndarray]) -> None:
 
 @pytest.fixture(scope="module")
 def digits_int8(digits_model):
-    x_train = examples._digits_split()[0]
+    x_train = zoo._digits_split()[0]
     batches = [{"input": x_train[i : i + 8]} for i in range(0, 128, 8)]
     return intq.quantize(intq.from_onnx(digits_model.path), batches)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import intq
-from intq import examples
+from examples import zoo
 from intq.ir import DType, Graph, QuantParams, TensorType, from_text, to_text, verify
 from intq.passes.integer_only import census, check_integer_only
 from intq.passes.range_analysis import analyze_ranges
@@ -14,7 +14,7 @@ from intq.passes.range_analysis import analyze_ranges
 
 @pytest.fixture(scope="module")
 def digits_split():
-    return examples._digits_split()
+    return zoo._digits_split()
 
 
 def digits_accuracy(exe, x: np.ndarray, y: np.ndarray, batch: int = 8) -> float:

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 import intq
-from intq.backends.onnxruntime import LOWER as ONNXRUNTIME_LOWERING
-from intq.backends.tvm import LOWER as TVM_LOWERING
+from intq.backends.onnx_lowering import LOWER as ONNXRUNTIME_LOWERING
+from intq.backends.tvm_lowering import LOWER as TVM_LOWERING
 from intq.frontends.onnx_ops import supported_ops
 from intq.ops import OPS, Trait, float_ops, ops_with
 from intq.ops.schema import REQUIRED, OpDef

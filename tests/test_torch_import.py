@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import intq
-from intq import examples
+from examples import zoo
 from intq.frontends.torch_import import TorchExportFallbackWarning
 
 # Float32 graphs computed op by op in numpy against PyTorch's fused kernels: the largest
@@ -36,21 +36,21 @@ def _check(module: nn.Module, inputs: dict[str, np.ndarray], **kwargs) -> intq.i
 
 def test_digits_cnn_matches_pytorch_and_names_nodes_by_module_path(digits_model):
     start = time.perf_counter()
-    module = examples.digits_cnn_module()
+    module = zoo.digits_cnn_module()
     graph = _check(module, digits_model.inputs, output_names=["logits"])
     assert [v.name for v in graph.inputs] == ["x"] and graph.outputs[0].name == "logits"
     labels = {node.label() for node in graph}
     assert {"features.0", "features.1", "classifier.1", "classifier.3"} <= labels
     assert "features.0.weight" in {v.name for v in graph.constants}
     # Integer-only conversion works on it unchanged, and keeps the module paths.
-    calibration = [{"x": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    calibration = [{"x": zoo._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
     int_graph = intq.quantize(graph, calibration)
     assert "features.0" in {node.label() for node in int_graph}
     assert time.perf_counter() - start < 60
 
 
 def test_resnet18_like_matches_pytorch(resnet18_model):
-    graph = _check(examples.resnet18_like_module(), resnet18_model.inputs)
+    graph = _check(zoo.resnet18_like_module(), resnet18_model.inputs)
     labels = {node.label() for node in graph}
     assert "layer3.1.conv2" in labels and "layer2.0.downsample.0" in labels
     by_label = {node.label(): node.op for node in graph}
@@ -59,13 +59,13 @@ def test_resnet18_like_matches_pytorch(resnet18_model):
 
 
 def test_efficientnet_lite0_matches_pytorch(efficientnet_model):
-    graph = _check(examples.efficientnet_lite0_module(), efficientnet_model.inputs)
+    graph = _check(zoo.efficientnet_lite0_module(), efficientnet_model.inputs)
     census = {node.op for node in graph}
     assert {"Conv", "Clip", "Pad", "GlobalAveragePool", "Gemm"} <= census
 
 
 def test_minilm_bert_matches_pytorch(minilm_model):
-    module = examples.minilm_module()
+    module = zoo.minilm_module()
     graph = _check(module, minilm_model.inputs)
     assert [v.name for v in graph.inputs] == ["input_ids", "attention_mask"]
     ops = {node.op for node in graph}
@@ -137,7 +137,7 @@ def test_falls_back_to_onnx_with_a_warning():
 
 
 def test_training_mode_is_restored_and_bad_inputs_are_refused():
-    module = examples.DigitsCNN().train()
+    module = zoo.DigitsCNN().train()
     intq.from_torch(module, torch.zeros(2, 1, 8, 8))
     assert module.training and module.features[1].training
     with pytest.raises(intq.ShapeError, match="not a tensor"):

@@ -25,7 +25,7 @@ from int_graphs import (
 )
 
 import intq
-from intq import examples
+from examples import zoo
 from intq.backends.tvm import TvmExecutable, compile_tvm, load_tvm
 from intq.ir import DType, Graph, QuantParams, TensorType, verify
 
@@ -48,7 +48,7 @@ def assembly(exe: TvmExecutable) -> str:
 
 @pytest.fixture(scope="module")
 def digits_int8(digits_model):
-    x_train = examples._digits_split()[0]
+    x_train = zoo._digits_split()[0]
     batches = [{"input": x_train[i : i + 8]} for i in range(0, 128, 8)]
     graph = intq.quantize(intq.from_onnx(digits_model.path), batches)
     return graph, intq.compile(graph, target="tvm")
@@ -505,11 +505,11 @@ def test_compile_command_targets_tvm(digits_model, tmp_path, capsys):
     from intq.cli import main
 
     calib = tmp_path / "calib.npz"
-    np.savez(calib, input=examples._digits_split()[0][:64])
+    np.savez(calib, input=zoo._digits_split()[0][:64])
     common = ["compile", str(digits_model.path), "--calib", str(calib), "--target", "tvm"]
     assert main([*common, "-o", str(tmp_path / "digits.so"), "--quiet"]) == 0
     graph = intq.from_onnx(digits_model.path)
-    batches = [{"input": examples._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    batches = [{"input": zoo._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
     want = intq.compile(intq.quantize(graph, batches)).run(digits_model.inputs)["logits"]
     got = load_tvm(tmp_path / "digits.so").run(digits_model.inputs)["logits"]
     np.testing.assert_array_equal(got, want)

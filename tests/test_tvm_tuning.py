@@ -93,11 +93,11 @@ def test_tuning_option_errors(tmp_path):
 
 
 def test_compile_command_rejects_tuning_flags_for_other_targets(digits_model, tmp_path, capsys):
-    from intq import examples
+    from examples import zoo
     from intq.cli import main
 
     calib = tmp_path / "calib.npz"
-    np.savez(calib, input=examples._digits_split()[0][:16])
+    np.savez(calib, input=zoo._digits_split()[0][:16])
     argv = ["compile", str(digits_model.path), "--calib", str(calib), "-o", str(tmp_path / "m")]
     assert main([*argv, "--tune-trials", "4", "--tuning-db", str(tmp_path / "db")]) == 1
     assert "apply to --target tvm only" in capsys.readouterr().err

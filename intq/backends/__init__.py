@@ -1,27 +1,52 @@
-"""Backends: turn an IR graph into an executable for one runtime.
+"""Backends: turn an IR graph into an executable for one runtime, and reopen saved ones.
 
-``compile(graph, target)`` picks the backend from :data:`TARGETS`; every
-backend's executable has ``.run(inputs)`` and ``.save(path)``.
+:data:`TARGETS` is the one table of backends: each backend declares one
+:class:`~intq.backends.base.Backend` record (its compile and load functions, its artifact's
+suffixes). :func:`compile` and :func:`load` dispatch through it; every backend's executable
+has ``.run(inputs)`` and ``.save(path)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from intq.backends.base import Executable
-from intq.backends.onnxruntime import compile_onnxruntime
-from intq.backends.reference import compile_reference
-from intq.backends.tvm import compile_tvm
-from intq.errors import IntqError
+from intq.artifacts import envelope_target, read_artifact_bytes
+from intq.backends.base import Backend, Executable
+from intq.backends.onnxruntime import ONNXRUNTIME
+from intq.backends.reference import REFERENCE
+from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph
 
-TARGETS: dict[str, Callable[..., Executable]] = {
-    "reference": compile_reference,
-    "onnxruntime": compile_onnxruntime,
-    "tvm": compile_tvm,
-}
-"""Target name -> compile function. Later backends add their entry here."""
+# The TVM backend's modules are imported on first use: the lowering is large and its
+# runtime loads TVM, an optional heavy dependency that `import intq` must not pull in.
+
+
+def _compile_tvm(graph: Graph, **options: Any) -> Executable:
+    from intq.backends.tvm import compile_tvm
+
+    return compile_tvm(graph, **options)
+
+
+def _load_tvm(path: Path, data: bytes) -> Executable:
+    """A TVM library with its manifest, which holds the library's sha256 (the library's bytes
+    are read again there, next to the manifest)."""
+    from intq.backends.tvm_runtime import load_tvm
+
+    return load_tvm(path)
+
+
+TVM = Backend(
+    "tvm",
+    _compile_tvm,
+    _load_tvm,
+    (".so", ".tar"),
+    "a shared object (.tar of objects for a cross target) and a manifest",
+)
+"""The TVM backend's record (:mod:`intq.backends.tvm`, :mod:`intq.backends.tvm_runtime`)."""
+
+TARGETS: dict[str, Backend] = {b.name: b for b in (REFERENCE, ONNXRUNTIME, TVM)}
+"""Target name -> backend record. A new backend adds its record here."""
 
 
 def compile(graph: Graph, target: str = "reference", **options: Any) -> Executable:
@@ -31,7 +56,44 @@ def compile(graph: Graph, target: str = "reference", **options: Any) -> Executab
         raise IntqError(
             f"unknown target {target!r}", hint=f"the targets are: {', '.join(sorted(TARGETS))}"
         )
-    return backend(graph, **options)
+    return backend.compile(graph, **options)
 
 
-__all__ = ["TARGETS", "Executable", "compile"]
+def artifact_target(path: Path, data: bytes) -> str:
+    """Which target wrote the artifact: from its header or metadata, else its suffix."""
+    target = envelope_target(path, data)
+    if target is not None:
+        return target
+    for backend in TARGETS.values():
+        if path.suffix in backend.suffixes:
+            return backend.name
+    raise ArtifactError(
+        f"{path} is not an intq artifact",
+        hint="intq.load reads what exe.save / intq compile wrote: "
+        + ", ".join(s for b in TARGETS.values() for s in b.suffixes),
+    )
+
+
+def load(path: str | Path) -> Executable:
+    """Reopen an artifact written by ``exe.save`` / ``intq compile``; returns an executable.
+
+    The checksum and format version are verified first: a modified, damaged or
+    other-version file raises :class:`ArtifactError`.
+    """
+    path, data = read_artifact_bytes(path)
+    target = artifact_target(path, data)
+    backend = TARGETS.get(target)
+    if backend is None:
+        raise ArtifactError(
+            f"{path} was written for target {target!r}, which this intq cannot load",
+            hint=f"loadable targets: {', '.join(sorted(TARGETS))}",
+        )
+    try:
+        return backend.load(path, data)
+    except ArtifactError:
+        raise
+    except IntqError as err:
+        raise ArtifactError(f"{path}: {err}") from None
+
+
+__all__ = ["TARGETS", "Backend", "Executable", "artifact_target", "compile", "load"]

@@ -1,11 +1,11 @@
-"""What every backend shares: the executable interface, input checks, atomic writes, and
-the rows of a per-kernel profile."""
+"""What every backend shares: the executable interface, the backend record, atomic writes,
+and the rows of a per-kernel profile."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +34,25 @@ class Executable(Protocol):
     def save(self, path: str | Path) -> Path:
         """Write the artifact atomically; returns its path."""
         ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend as ``intq.compile`` and ``intq.load`` see it: its entry in
+    :data:`intq.backends.TARGETS`. Adding a backend means declaring one of these."""
+
+    name: str
+    """The target name: ``intq.compile(graph, target=name)``, ``intq compile --target``."""
+    compile: Callable[..., Executable]
+    """``compile(graph, **options)``: the graph as an executable."""
+    load: Callable[[Path, bytes], Executable]
+    """``load(path, data)``: the executable reopened from an artifact's path and bytes
+    (read by :func:`intq.artifacts.read_artifact_bytes`)."""
+    suffixes: tuple[str, ...]
+    """The artifact's usual file suffixes: how ``intq.load`` places a file whose envelope
+    does not name its target."""
+    artifact: str
+    """What ``save`` writes, in a few words (for ``intq compile --help``)."""
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from intq.artifacts import seal_text
-from intq.backends.base import GraphExecutable, atomic_write
+from intq.artifacts import open_text, seal_text
+from intq.backends.base import Backend, GraphExecutable, atomic_write
 from intq.ir.graph import Graph
+from intq.ir.parser import from_text
 from intq.ir.printer import to_text
 from intq.semantics.numpy_eval import run_graph
 
@@ -35,4 +36,15 @@ def compile_reference(graph: Graph) -> ReferenceExecutable:
     return ReferenceExecutable(graph)
 
 
-__all__ = ["ReferenceExecutable", "compile_reference"]
+def load_reference(path: Path, data: bytes) -> ReferenceExecutable:
+    """Reopen the ``.intq`` artifact ``data`` read from ``path`` (checksum verified first)."""
+    return compile_reference(from_text(open_text(data, path)))
+
+
+REFERENCE = Backend(
+    "reference", compile_reference, load_reference, (".intq",), "a .intq graph (textual IR)"
+)
+"""The reference backend's record in :data:`intq.backends.TARGETS`."""
+
+
+__all__ = ["REFERENCE", "ReferenceExecutable", "compile_reference", "load_reference"]

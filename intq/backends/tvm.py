@@ -13,8 +13,8 @@ The executable, its artifacts and the loader live in :mod:`intq.backends.tvm_run
 ``.tar`` of object files (cross targets, no cross linker needed) plus a JSON manifest;
 :func:`load_tvm` reopens a host artifact.
 
-``import intq`` imports this module but not TVM: TVM, and the schedule and tuning modules,
-which import it at their top, are imported when a graph is compiled.
+``import intq`` imports neither this module nor TVM: :mod:`intq.backends` imports the TVM
+backend when a graph is first compiled for it or an artifact of it is loaded.
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ from intq.backends.tvm_runtime import (
     load_tvm,
     parse_target,
 )
+from intq.backends.tvm_schedules import schedule_module
+from intq.backends.tvm_tuning import tune_with_database
 from intq.errors import IntqError
 from intq.ir.graph import Graph
+from intq.passes.range_analysis import value_ranges
 
 
 def to_relax(graph: Graph, channels_last: bool = True) -> tuple[Any, dict[str, Kernel]]:
@@ -100,10 +103,7 @@ def compile_tvm(
     :mod:`intq.backends.tvm_tuning`). ``progress`` shows a tuning progress bar (``None``:
     on a terminal).
     """
-    # Here, not at the top: tvm_schedules and tvm_tuning import TVM when they are imported,
-    # and `import intq` imports this module (intq.backends) but must not import TVM.
-    from intq.backends.tvm_schedules import schedule_module
-
+    value_ranges(graph)  # the overflow proof, as the other backends: refuses before compiling
     tvm = _tvm()
     spec = parse_target(tvm_target)
     if (tuning_db is not None or tune_trials) and not (schedule and spec["kind"] == "llvm"):
@@ -132,8 +132,6 @@ def compile_tvm(
             mod, kernels = fuse_relax_ops(mod, kernels)
             hand = kernels
             if tuning_db is not None or tune_trials:
-                from intq.backends.tvm_tuning import tune_with_database
-
                 mod, tuned = tune_with_database(
                     mod, kernels, target, tuning_db, tune_trials, progress=progress
                 )

