@@ -26,6 +26,7 @@ from intq.backends.base import atomic_write
 from intq.backends.onnxruntime import onnx_census
 from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
 from intq.backends.tvm_runtime import read_tvm_artifact
+from intq.config import load_config
 from intq.data import calibration_batches
 from intq.inspection import layer_sqnr, layer_table, table
 from intq.ir import Graph, from_text, to_text
