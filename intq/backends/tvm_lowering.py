@@ -660,7 +660,7 @@ def _store(lw: Lowerer, node: Node, result: Any) -> None:
     lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))))
 
 
-@_lower("QSoftmax", "QGelu", "QLayerNorm")
+@_lower(*ops_with(Trait.KERNEL))
 def _transformer_kernel(lw: Lowerer, node: Node) -> None:
     keep = node.inputs[1] if len(node.inputs) > 1 else None
     x = _int64(lw, input_of(node))

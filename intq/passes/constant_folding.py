@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from intq.ir.graph import Graph, Node, Value
+from intq.ops import Trait
 from intq.passes.manager import Pass
 from intq.semantics.numpy_eval import evaluate
 
 
 def foldable(node: Node) -> bool:
     """True when ``node``'s outputs are known at compile time."""
-    if node.op == "Shape":
+    if node.opdef.has(Trait.FOLDED):  # Shape: its result is in its input's type
         return True
     return all(v is None or v.is_const for v in node.inputs)
 
