@@ -529,6 +529,8 @@ LN_NEAR_MISSES = {
     "the mean read twice": LN + "%w = Neg(%mean) : f32[2,3,1]",
     "the square root read twice": LN + "%w = Neg(%std) : f32[2,3,1]",
     "a cube, not a square": LN.replace("Pow(%d, %two)", "Pow(%d, %three)"),
+    "twice, not a square": LN.replace("Pow(%d, %two)", "Mul(%d, %two)"),
+    "d to the d": LN.replace("Pow(%d, %two)", "Pow(%d, %d)"),
     "eps outside the square root": LN.replace(
         "%ve = Add(%var, %eps) : f32[2,3,1]\n%std = Sqrt(%ve)",
         "%ve = Sqrt(%var) : f32[2,3,1]\n%std = Add(%ve, %eps)",
@@ -561,3 +563,36 @@ def test_layernorm_mean_without_keepdims_is_left_alone():
     }
     """
     check_fusion(text, None)
+
+
+def test_layernorm_gamma_must_scale_the_last_axis_only():
+    # A [4,1] factor scales rows, a [1,1,1,4] one adds an axis: the LayerNorm ends at the Div.
+    for gamma, out in (("f32[4,1]", "f32[2,4,4]"), ("f32[1,1,1,4]", "f32[1,2,4,4]")):
+        before = f"""
+        graph main(%x: f32[2,4,4]) {{
+          %eps = const f32[] [0.0009765625]
+          %g = const {gamma} [0.5, 1.0, 1.5, 2.0]
+          %mean = ReduceMean(%x) {{axes=[2], keepdims=1}} : f32[2,4,1]
+          %d = Sub(%x, %mean) : f32[2,4,4]
+          %sq = Mul(%d, %d) : f32[2,4,4]
+          %var = ReduceMean(%sq) {{axes=[2], keepdims=1}} : f32[2,4,1]
+          %ve = Add(%var, %eps) : f32[2,4,1]
+          %std = Sqrt(%ve) : f32[2,4,1]
+          %n = Div(%d, %std) : f32[2,4,4] @"div"
+          %y = Mul(%n, %g) : {out}
+          return %y
+        }}
+        """
+        expected = f"""
+        graph main(%x: f32[2,4,4]) {{
+          %eps = const f32[] [0.0009765625]
+          %g = const {gamma} [0.5, 1.0, 1.5, 2.0]
+          %div.gamma = const f32[4] [1.0, 1.0, 1.0, 1.0]
+          %div.beta = const f32[4] [0.0, 0.0, 0.0, 0.0]
+          %n = LayerNormalization(%x, %div.gamma, %div.beta) {{axis=2, epsilon=0.0009765625}}
+            : f32[2,4,4] @"div"
+          %y = Mul(%n, %g) : {out}
+          return %y
+        }}
+        """
+        check_fusion(before, expected)

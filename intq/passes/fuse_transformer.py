@@ -197,11 +197,8 @@ def _layernorm(node: Node) -> tuple[Value, float, list[Node]] | None:
             continue
         a, b = squared.inputs
         readers = {id(u.node) for u in centred.uses()}  # the square and this Div, no other
-        if (
-            a is centred
-            and (b is centred or _close(_scalar(b), 2.0))
-            and readers == {id(squared), id(node)}
-        ):
+        square = b is centred if squared.op == "Mul" else _close(_scalar(b), 2.0)
+        if a is centred and square and readers == {id(squared), id(node)}:
             return x, eps, nodes + inner + [squared]
     return None
 
@@ -215,7 +212,12 @@ def _affine(value: Value, op: str) -> tuple[Node, Value] | None:
     if reader.op != op:
         return None
     other = reader.inputs[1 - uses[0].index]
-    if other is None or other.const is None or other.const.size != value.type.shape[-1]:
+    if other is None or other.const is None:
+        return None
+    # One factor per channel of the last axis, broadcast along the others: a [C, 1] or a
+    # higher-rank constant of C elements would scale rows, or change the value's shape.
+    shape, size = other.const.shape, value.type.shape[-1]
+    if other.const.size != size or len(shape) > value.type.rank or shape[-1:] not in ((), (size,)):
         return None
     return reader, other
 
