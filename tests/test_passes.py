@@ -23,6 +23,8 @@ from intq.passes import (
     parse_pipeline,
     pipeline,
 )
+from intq.passes.fuse_transformer import RULES as FUSE_RULES
+from intq.passes.rewrite import apply_rules
 
 
 def check_pass(pass_: Pass, before: str, expected: str, *, modified: bool = True) -> None:
@@ -596,3 +598,67 @@ def test_layernorm_gamma_must_scale_the_last_axis_only():
         }}
         """
         check_fusion(before, expected)
+
+
+def traced(text: str) -> list[tuple[str, str, str]]:
+    """``(rule, root label, reason)`` for each refusal of the fuse-transformer rules on ``text``."""
+    seen: list[tuple[str, str, str]] = []
+    apply_rules(
+        from_text(text),
+        FUSE_RULES,
+        trace=lambda rule, node, why: seen.append((rule.name, node.label(), why)),
+        max_rounds=1,
+    )
+    return seen
+
+
+GELU_REASONS = {
+    "0.49 instead of 0.5": "the product's constant is 0.49, not 0.5",
+    "x / 2 instead of x / sqrt2": "the divisor of erf's x is 2, not 1.41421",
+    "erf + 2": "the constant added to erf/tanh is 2, not 1",
+    "a 0.5 tensor, not a scalar": "the product's constant: factor %h is not a one-element constant",
+    "erf read twice": "%e is also read by Neg -> %e2",
+    "tanh: 0.04 x^3": "the cube's factor is 0.04, not 0.044715",
+    "tanh: x^2": "the exponent of the cube is 2, not 3",
+    "tanh: 0.8 (x + ...)": "tanh's factor is 0.8, not 0.797885",
+}
+
+
+@pytest.mark.parametrize("case", GELU_REASONS)
+def test_gelu_near_misses_say_why(case):
+    body, consts = GELU_NEAR_MISSES[case]
+    rule = "gelu-tanh" if case.startswith("tanh") else "gelu-erf"
+    assert traced(gelu_graph(body, consts)) == [(rule, "root", GELU_REASONS[case])]
+
+
+LN_REASONS = {
+    "the mean over axis 1": "the mean is over axes [1], not the last axis (2)",
+    "the variance over axis 1": "the variance is over axes [1], not the last axis (2)",
+    "the mean of another value": "the mean subtracted from %x is the mean of %w",
+    "x - mean read a third time": "%d is also read by Neg -> %w",
+    "a cube, not a square": "the exponent of the square is 3, not 2",
+    "eps per channel": "eps %e4 is not a one-element constant",
+}
+
+
+@pytest.mark.parametrize("case", LN_REASONS)
+def test_layernorm_near_misses_say_why(case):
+    consts = "%three = const f32[] [3.0]\n%e4 = const f32[4] [0.001, 0.001, 0.001, 0.001]"
+    text = ln_graph(LN_NEAR_MISSES[case].replace("%n =", "%y ="), consts)
+    assert traced(text) == [("layernorm", "div", LN_REASONS[case])]
+
+
+def test_layernorm_ends_at_the_last_per_channel_mul_and_add():
+    assert traced(ln_graph(LN + GAMMA + BETA)) == [
+        ("layernorm", "div", "mul goes on with a per-channel Mul: layernorm-gamma fuses it there"),
+        (
+            "layernorm-gamma",
+            "mul",
+            "add goes on with a per-channel Add: layernorm-gamma-beta fuses it there",
+        ),
+    ]
+    # A [4, 1] gamma is not per channel: the LayerNorm ends at the Div, nothing is refused.
+    consts = "%g41 = const f32[4,1] [0.5, 1.0, 1.5, 2.0]"
+    text = ln_graph(LN + GAMMA.replace("%gamma", "%g41").replace("%s =", "%y ="), consts)
+    text = text.replace("f32[2,3,4]) {", "f32[2,4,4]) {").replace("f32[2,3,", "f32[2,4,")
+    assert traced(text) == []
