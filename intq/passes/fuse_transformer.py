@@ -2,25 +2,35 @@
 
 The integer lowering has one kernel per op (``QGelu``, ``QLayerNorm``), so the
 float graph must say ``Gelu`` and ``LayerNormalization``, whatever the
-exporter wrote:
+exporter wrote. Rules (:data:`RULES`, applied in one sweep in graph order):
 
-- ``gelu-erf``: ``x * (erf(x / sqrt2) + 1) * 0.5`` in any order of the
-  products (``Div`` by sqrt2 or ``Mul`` by 1/sqrt2) becomes ``Gelu(x)``.
-- ``gelu-tanh``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``
-  (``Pow(x, 3)`` or ``x * x * x``) becomes ``Gelu(x, approximate="tanh")``.
-- ``layernorm``: ``(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)``, over
-  the last axis, with an optional ``* gamma`` and ``+ beta``, becomes
+- ``gelu-erf``: ``x * 0.5 * (erf(x / sqrt2) + 1)``, the products in any order
+  and bracketing, ``Div`` by sqrt2 or ``Mul`` by 1/sqrt2, becomes ``Gelu(x)``.
+- ``gelu-tanh``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 Pow(x, 3))))``
+  becomes ``Gelu(x, approximate="tanh")``.
+- ``layernorm``: ``(x - mean(x)) / Sqrt(mean(square) + eps)``, the square
+  ``Pow(x - mean, 2)`` or ``(x - mean) * (x - mean)``, both means over the last
+  axis keeping it, becomes ``LayerNormalization(x, 1, 0)``; refused (in favour
+  of ``layernorm-gamma``) when the quotient's one reader scales it per channel.
+- ``layernorm-gamma``: that times a per-channel constant ``gamma`` becomes
+  ``LayerNormalization(x, gamma, 0)``; refused (in favour of
+  ``layernorm-gamma-beta``) when its one reader adds a per-channel constant.
+- ``layernorm-gamma-beta``: that plus a per-channel constant ``beta`` becomes
   ``LayerNormalization(x, gamma, beta)``.
 
-Matching looks through products and sums in any operand order; inner values
-other nodes also read are kept for them. Constants are compared with a
-relative tolerance of 1e-3 (exporters print 1.4142135 or 0.70710677).
+Per channel means C elements (C the last axis) broadcast along the other axes:
+``[C]``, ``[1, C]``... The scalar factors of a product multiply (``x * 0.25 * 2``
+is the 0.5); products other nodes also read stay for them. The operands of a
+product include the factors of any product feeding it, so neither a GELU of a
+product nor a cube written ``x * x * x`` is recognised. Constants are compared
+with a relative tolerance of 1e-3 (exporters print 1.4142135 or 0.70710677).
+The fused node is named after the root's label, as are LayerNorm's new gamma
+and beta constants.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,259 +38,231 @@ import numpy as np
 
 from intq.ir.graph import Graph, Node, Value
 from intq.passes.manager import Pass
-
-_TOL = 1e-3
-
-
-def _scalar(value: Value | None) -> float | None:
-    if value is None or value.const is None or value.const.size != 1:
-        return None
-    return float(np.asarray(value.const).reshape(()))
-
-
-def _close(got: float | None, want: float) -> bool:
-    return got is not None and abs(got - want) <= _TOL * abs(want)
-
-
-def _private(value: Value | None, op: str | tuple[str, ...]) -> Node | None:
-    """The producer of ``value`` if it is an ``op`` read by one node only."""
-    if value is None or value.producer is None or value.is_graph_output:
-        return None
-    node = value.producer
-    ops = (op,) if isinstance(op, str) else op
-    if node.op not in ops or len(value.uses()) != 1:
-        return None
-    return node
+from intq.passes.rewrite import (
+    AnyOf,
+    Const,
+    Match,
+    Op,
+    Rewrite,
+    Rule,
+    Tree,
+    Var,
+    apply_rules,
+    expect_close,
+    scalar,
+)
 
 
-def _factors(value: Value, nodes: list[Node], top: bool = True) -> list[Value]:
-    """The operands of a tree of ``Mul`` rooted at ``value`` (its nodes appended to ``nodes``;
-    an inner product other nodes also read, such as a shared ``x * 0.5``, stays in the graph)."""
-    node = value.producer
-    if node is None or node.op != "Mul" or (not top and value.is_graph_output):
-        return [value]
-    nodes.append(node)
-    out: list[Value] = []
-    for operand in node.inputs:
-        assert operand is not None
-        out.extend(_factors(operand, nodes, top=False))
-    return out
+def _plus_one_times_half_x(inner: Op) -> Tree:
+    """``x * 0.5 * (inner + 1)``: the factors other than ``x`` and the sum are bound as "half"."""
+    plus_one = Op("Add", inner, Const("one"), commutative=True)
+    # The sum first: it binds x, so that Var("x") tries one operand, not each.
+    return Tree("Mul", plus_one, Var("x"), rest="half", shared=True)
 
 
-def _split(factors: list[Value]) -> tuple[float, list[Value]]:
-    """The product of the scalar constants among ``factors``, and the other factors."""
-    constant, rest = 1.0, []
-    for f in factors:
-        c = _scalar(f)
-        if c is None:
-            rest.append(f)
-        else:
-            constant *= c
-    return constant, rest
+def _product(m: Match, rest: str, want: float, what: str) -> str | None:
+    """The reason the scalar factors bound as ``rest`` do not multiply to ``want``."""
+    product = 1.0
+    for value in m[rest]:
+        factor = scalar(value)
+        if factor is None:
+            return f"{what}: factor %{value.name} is not a one-element constant"
+        product *= factor
+    return expect_close(what, product, want)
 
 
-def _plus_one(value: Value, inner_op: str, nodes: list[Node]) -> Node | None:
-    """``inner_op(...) + 1`` (either order): returns the inner node."""
-    add = _private(value, "Add")
-    if add is None:
-        return None
-    for a, b in (add.inputs, add.inputs[::-1]):
-        inner = _private(a, inner_op)
-        if inner is not None and _close(_scalar(b), 1.0):
-            nodes += [add, inner]
-            return inner
-    return None
+GELU_ERF = _plus_one_times_half_x(
+    Op(
+        "Erf",
+        AnyOf(
+            Op("Div", Var("x"), Const("sqrt2")),
+            Op("Mul", Var("x"), Const("rsqrt2"), commutative=True),
+        ),
+    )
+)
+"""``x * 0.5 * (erf(x / sqrt2) + 1)``."""
+
+_CUBIC = Tree("Mul", Op("Pow", Var("x"), Const("three")), rest="k", shared=True)
+GELU_TANH = _plus_one_times_half_x(
+    Op(
+        "Tanh",
+        Tree("Mul", Op("Add", Var("x"), _CUBIC, commutative=True), rest="c", shared=True),
+    )
+)
+"""``x * 0.5 * (tanh(c * (x + k * Pow(x, 3))) + 1)``."""
 
 
-def _scaled_by(value: Value | None, x: Value, factor: float, nodes: list[Node]) -> bool:
-    """``value`` is ``x * factor`` (a ``Mul``, or a ``Div`` by ``1 / factor``)."""
-    node = _private(value, ("Mul", "Div"))
-    if node is None:
-        return False
-    a, b = node.inputs
-    if node.op == "Div":
-        ok = a is x and _close(_scalar(b), 1 / factor)
+def _check_gelu(m: Match) -> str | None:
+    return _product(m, "half", 0.5, "the product's constant") or expect_close(
+        "the constant added to erf/tanh", scalar(m["one"]), 1.0
+    )
+
+
+def _check_gelu_erf(m: Match) -> str | None:
+    if m["sqrt2"] is not None:
+        scale = expect_close("the divisor of erf's x", scalar(m["sqrt2"]), math.sqrt(2))
     else:
-        ok = (a is x and _close(_scalar(b), factor)) or (b is x and _close(_scalar(a), factor))
-    if ok:
-        nodes.append(node)
-    return ok
+        scale = expect_close("the factor of erf's x", scalar(m["rsqrt2"]), 1 / math.sqrt(2))
+    return _check_gelu(m) or scale
 
 
-def _half_x_times_one_plus(node: Node, inner_op: str) -> Iterator[tuple[Value, Node, list[Node]]]:
-    """Each way ``node`` is ``0.5 * x * (inner_op(...) + 1)``: ``x``, the inner node and the
-    nodes matched so far."""
-    nodes: list[Node] = []
-    constant, rest = _split(_factors(node.output, nodes))
-    if len(rest) != 2 or not _close(constant, 0.5):
-        return
-    for x, other in (rest, rest[::-1]):
-        inner: list[Node] = []
-        found = _plus_one(other, inner_op, inner)
-        if found is not None:
-            yield x, found, nodes + inner
+def _check_gelu_tanh(m: Match) -> str | None:
+    return (
+        _check_gelu(m)
+        or _product(m, "c", math.sqrt(2 / math.pi), "tanh's factor")
+        or _product(m, "k", 0.044715, "the cube's factor")
+        or expect_close("the exponent of the cube", scalar(m["three"]), 3.0)
+    )
 
 
-def _gelu_erf(node: Node) -> tuple[Value, str, list[Node]] | None:
-    for x, erf, nodes in _half_x_times_one_plus(node, "Erf"):
-        if _scaled_by(erf.inputs[0], x, 1 / math.sqrt(2), nodes):
-            return x, "none", nodes
+def _gelu(approximate: str) -> Rewrite:
+    """The rewrite to ``Gelu(x, approximate)``, named after the root."""
+
+    def rewrite(graph: Graph, m: Match) -> list[Value]:
+        root = m.root
+        attrs = {"approximate": approximate}
+        return [graph.add("Gelu", [m["x"]], attrs, name=root.label(), before=root).output]
+
+    return rewrite
+
+
+_MEAN = Op("ReduceMean", Var("mean_of"), name="mean")
+_CENTRED = Op("Sub", Var("x"), _MEAN, name="centred")
+_SQUARE = AnyOf(
+    Op("Pow", _CENTRED, Const("two"), name="square"),
+    Op("Mul", _CENTRED, _CENTRED, name="square"),
+)
+_STD = Op(
+    "Sqrt", Op("Add", Op("ReduceMean", _SQUARE, name="variance"), Const("eps"), commutative=True)
+)
+LAYERNORM = Op("Div", _CENTRED, _STD, name="normed")
+"""``(x - mean(x)) / Sqrt(mean(square) + eps)``."""
+LAYERNORM_GAMMA = Op("Mul", LAYERNORM, Const("gamma"), commutative=True, name="scaled")
+"""``LAYERNORM * gamma``."""
+LAYERNORM_GAMMA_BETA = Op("Add", LAYERNORM_GAMMA, Const("beta"), commutative=True)
+"""``LAYERNORM * gamma + beta``."""
+
+
+def _last_axis(mean: Node, what: str) -> str | None:
+    """The reason ``mean`` is not a mean over the last axis that keeps it."""
+    x = mean.inputs[0]
+    assert x is not None  # the pattern bound it
+    axes = tuple(mean.attrs.get("axes") or ())
+    if axes not in ((x.type.rank - 1,), (-1,)):
+        return f"the {what} is over axes {list(axes)}, not the last axis ({x.type.rank - 1})"
+    if not mean.attrs.get("keepdims", 1):
+        return f"the {what} does not keep the reduced axis"
     return None
 
 
-def _cube(value: Value | None, x: Value, nodes: list[Node]) -> bool:
-    pow_node = _private(value, "Pow")
-    if pow_node is not None and pow_node.inputs[0] is x and _close(_scalar(pow_node.inputs[1]), 3):
-        nodes.append(pow_node)
-        return True
-    if value is None:
-        return False
-    inner: list[Node] = []
-    factors = _factors(value, inner, top=False)
-    if len(factors) == 3 and all(f is x for f in factors):
-        nodes += inner
-        return True
-    return False
+def _check_core(m: Match) -> str | None:
+    x, mean_of, eps = m["x"], m["mean_of"], m["eps"]
+    if mean_of is not x:
+        return f"the mean subtracted from %{x.name} is the mean of %{mean_of.name}"
+    if m["two"] is not None:  # Pow(d, two); the other square is Mul(d, d)
+        reason = expect_close("the exponent of the square", scalar(m["two"]), 2.0)
+        if reason is not None:
+            return reason
+    if scalar(eps) is None:
+        return f"eps %{eps.name} is not a one-element constant"
+    return _last_axis(m["mean"], "mean") or _last_axis(m["variance"], "variance")
 
 
-def _gelu_tanh(node: Node) -> tuple[Value, str, list[Node]] | None:
-    for x, tanh, nodes in _half_x_times_one_plus(node, "Tanh"):
-        arg: list[Node] = []
-        c, terms = _split(_factors(tanh.inputs[0], arg, top=False))  # type: ignore[arg-type]
-        add = _private(terms[0], "Add") if len(terms) == 1 else None
-        if add is None or not _close(c, math.sqrt(2 / math.pi)):
-            continue
-        for a, b in (add.inputs, add.inputs[::-1]):
-            cubic: list[Node] = []
-            k, cube = _split(_factors(b, cubic, top=False))  # type: ignore[arg-type]
-            if a is x and len(cube) == 1 and _close(k, 0.044715) and _cube(cube[0], x, cubic):
-                return x, "tanh", nodes + arg + [add] + cubic
-    return None
+def _per_channel(const: Value, value: Value) -> bool:
+    """Whether ``const`` holds one number per channel of ``value``'s last axis (C elements,
+    broadcast along the other axes: a [C, 1] constant would scale rows, a [1, 1, 1, C] one
+    add an axis)."""
+    assert const.const is not None
+    shape, size = const.const.shape, value.type.shape[-1]
+    return (
+        const.const.size == size and len(shape) <= value.type.rank and shape[-1:] in ((), (size,))
+    )
 
 
-def _mean_of(value: Value | None, nodes: list[Node]) -> Value | None:
-    """``ReduceMean(v)`` over the last axis, keeping dims: returns ``v``."""
-    node = _private(value, "ReduceMean")
-    if node is None:
+def _check_channel(m: Match, name: str, value: Value) -> str | None:
+    const = m[name]
+    if _per_channel(const, value):
         return None
-    x = node.inputs[0]
-    assert x is not None
-    axes = node.attrs.get("axes") or ()
-    if tuple(axes) not in ((x.type.rank - 1,), (-1,)) or not node.attrs.get("keepdims", 1):
-        return None
-    nodes.append(node)
-    return x
+    return (
+        f"{name} %{const.name} of shape {list(const.type.shape)} is not one number per channel"
+        f" of the last axis ({value.type.shape[-1]})"
+    )
 
 
-def _layernorm(node: Node) -> tuple[Value, float, list[Node]] | None:
-    """``Div(x - mean, Sqrt(mean((x - mean)^2) + eps))`` rooted at the ``Div``."""
-    centred, std = node.inputs
-    if centred is None or centred.producer is None or centred.producer.op != "Sub":
-        return None
-    sub = centred.producer
-    x, mean = sub.inputs
-    if x is None or centred.is_graph_output:
-        return None
-    nodes = [sub]
-    if _mean_of(mean, nodes) is not x:
-        return None
-    sqrt = _private(std, "Sqrt")
-    add = _private(sqrt.inputs[0] if sqrt else None, "Add")
-    if sqrt is None or add is None:
-        return None
-    nodes += [sqrt, add]
-    for var, eps_value in (add.inputs, add.inputs[::-1]):
-        eps = _scalar(eps_value)
-        inner: list[Node] = []
-        squared = _private(_mean_of(var, inner), ("Pow", "Mul"))
-        if eps is None or squared is None:
-            continue
-        a, b = squared.inputs
-        readers = {id(u.node) for u in centred.uses()}  # the square and this Div, no other
-        if (
-            a is centred
-            and (b is centred or _close(_scalar(b), 2.0))
-            and readers == {id(squared), id(node)}
-        ):
-            return x, eps, nodes + inner + [squared]
-    return None
-
-
-def _affine(value: Value, op: str) -> tuple[Node, Value] | None:
-    """The sole reader of ``value`` if it is ``op`` with a constant per-channel operand."""
+def _absorbed(value: Value, op: str, rule: str) -> str | None:
+    """Why a LayerNorm must not end at ``value``: its one reader is ``op`` with a per-channel
+    constant, which the larger ``rule`` fuses when the sweep reaches it."""
     uses = value.uses()
-    if len(uses) != 1 or value.is_graph_output:
+    if len(uses) != 1 or value.is_graph_output or uses[0].node.op != op:
         return None
     reader = uses[0].node
-    if reader.op != op:
-        return None
     other = reader.inputs[1 - uses[0].index]
-    if other is None or other.const is None or other.const.size != value.type.shape[-1]:
+    if other is None or not other.is_const or not _per_channel(other, value):
         return None
-    return reader, other
+    return f"{reader.label()} goes on with a per-channel {op}: {rule} fuses it there"
+
+
+def _check_layernorm(m: Match) -> str | None:
+    return _check_core(m) or _absorbed(m.root.output, "Mul", "layernorm-gamma")
+
+
+def _check_layernorm_gamma(m: Match) -> str | None:
+    return (
+        _check_core(m)
+        or _check_channel(m, "gamma", m["normed"].output)
+        or _absorbed(m.root.output, "Add", "layernorm-gamma-beta")
+    )
+
+
+def _check_layernorm_gamma_beta(m: Match) -> str | None:
+    return (
+        _check_core(m)
+        or _check_channel(m, "gamma", m["normed"].output)
+        or _check_channel(m, "beta", m["scaled"].output)
+    )
+
+
+def _channels(m: Match, name: str, size: int, default: float) -> np.ndarray:
+    """The per-channel constant bound as ``name`` as a float32 [C], or ``default`` everywhere."""
+    value = m.values.get(name)
+    data = np.full(size, default) if value is None else value.const
+    return np.asarray(data, np.float32).reshape(size)
+
+
+def _fuse_layernorm(graph: Graph, m: Match) -> list[Value]:
+    x: Value = m["x"]
+    size, label = x.type.shape[-1], m.root.label()
+    gamma = graph.add_constant(_channels(m, "gamma", size, 1.0), f"{label}.gamma")
+    beta = graph.add_constant(_channels(m, "beta", size, 0.0), f"{label}.beta")
+    attrs = {"axis": x.type.rank - 1, "epsilon": scalar(m["eps"])}
+    node = graph.add("LayerNormalization", [x, gamma, beta], attrs, name=label, before=m.root)
+    return [node.output]
+
+
+RULES = (
+    Rule("gelu-erf", GELU_ERF, _gelu("none"), _check_gelu_erf),
+    Rule("gelu-tanh", GELU_TANH, _gelu("tanh"), _check_gelu_tanh),
+    Rule("layernorm", LAYERNORM, _fuse_layernorm, _check_layernorm),
+    Rule("layernorm-gamma", LAYERNORM_GAMMA, _fuse_layernorm, _check_layernorm_gamma),
+    Rule(
+        "layernorm-gamma-beta", LAYERNORM_GAMMA_BETA, _fuse_layernorm, _check_layernorm_gamma_beta
+    ),
+)
+"""The rules of ``fuse-transformer``, in the order they are tried at a node."""
 
 
 @dataclass(frozen=True)
 class FuseTransformer(Pass):
-    """Fuse decomposed GELU and LayerNorm into ``Gelu`` and ``LayerNormalization``."""
+    """Fuse decomposed GELU and LayerNorm into ``Gelu`` and ``LayerNormalization``.
+
+    Rules (:data:`RULES`): ``gelu-erf``, ``gelu-tanh``, ``layernorm``,
+    ``layernorm-gamma``, ``layernorm-gamma-beta``; the module docstring says
+    what each matches.
+    """
 
     name: ClassVar[str] = "fuse-transformer"
 
     def apply(self, graph: Graph) -> bool:
-        changed = False
-        for node in graph:
-            if node.graph is not graph:  # removed by an earlier fusion in this sweep
-                continue
-            if node.op == "Mul":
-                found = _gelu_erf(node) or _gelu_tanh(node)
-                if found is not None:
-                    x, approximate, nodes = found
-                    self._replace(graph, node, nodes, "Gelu", [x], {"approximate": approximate})
-                    changed = True
-            elif node.op == "Div":
-                ln = _layernorm(node)
-                if ln is not None:
-                    x, eps, nodes = ln
-                    self._fuse_layernorm(graph, node, nodes, x, eps)
-                    changed = True
-        return changed
-
-    def _fuse_layernorm(
-        self, graph: Graph, div: Node, nodes: list[Node], x: Value, eps: float
-    ) -> None:
-        size = x.type.shape[-1]
-        root, gamma, beta = div, np.ones(size, np.float32), np.zeros(size, np.float32)
-        scaled = _affine(root.output, "Mul")
-        if scaled is not None:
-            root, g = scaled
-            gamma = np.asarray(g.const, np.float32).reshape(size)
-            nodes = [*nodes, div]
-            shifted = _affine(root.output, "Add")
-            if shifted is not None:
-                nodes.append(root)
-                root, b = shifted
-                beta = np.asarray(b.const, np.float32).reshape(size)
-        else:
-            nodes = list(nodes)
-        g_value = graph.add_constant(gamma, graph.unique_name(f"{root.label()}.gamma"))
-        b_value = graph.add_constant(beta, graph.unique_name(f"{root.label()}.beta"))
-        attrs = {"axis": x.type.rank - 1, "epsilon": eps}
-        self._replace(graph, root, nodes, "LayerNormalization", [x, g_value, b_value], attrs)
-
-    @staticmethod
-    def _replace(
-        graph: Graph, root: Node, nodes: list[Node], op: str, inputs: list[Value], attrs: dict
-    ) -> None:
-        fused = graph.add(op, inputs, attrs, name=root.label(), before=root)
-        name = root.output.name
-        root.output.replace_all_uses_with(fused.output)
-        dead = {id(n): n for n in (root, *nodes)}
-        while dead:  # remove readers before what they read
-            free = [n for n in dead.values() if not any(v.uses() for v in n.outputs)]
-            if not free:
-                break
-            for node in free:
-                graph.remove(node)
-                del dead[id(node)]
-        if graph.find(name) is None:
-            graph.rename(fused.output, name)
+        # One sweep: the ops made are no rule's input, so another round could only find a
+        # pattern that overlapped one fused in this round.
+        return apply_rules(graph, RULES, max_rounds=1) > 0
