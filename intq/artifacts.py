@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from intq.errors import ArtifactError
+from intq.errors import ArtifactError, IntqError
 
 if TYPE_CHECKING:
     import onnx
@@ -160,8 +160,14 @@ def seal_onnx(
     return sealed.SerializeToString(deterministic=True)
 
 
-def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
-    """An ONNX model from ``data``, or an :class:`ArtifactError` naming ``path``."""
+def parse_onnx(
+    data: bytes,
+    path: Path,
+    error: type[IntqError] = ArtifactError,
+    hint: str = "recompile the model, or copy the file again",
+) -> onnx.ModelProto:
+    """An ONNX model from ``data`` (read from ``path``), or ``error`` naming ``path``: an
+    artifact's by default; the ONNX importer passes its own error and hint."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -169,12 +175,12 @@ def parse_onnx(data: bytes, path: Path) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as err:
-        raise ArtifactError(
+        raise error(
             f"{path} is not a valid ONNX file ({err}); it may be truncated or corrupt",
-            hint="recompile the model, or copy the file again",
+            hint=hint,
         ) from None
     if not model.HasField("graph"):
-        raise ArtifactError(f"{path} holds no ONNX graph; it is not an ONNX model")
+        raise error(f"{path} holds no ONNX graph; it is not an ONNX model")
     return model
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 
+from intq.artifacts import parse_onnx
 from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
 from intq.frontends.onnx_ops import (
     MAX_OPSET,
@@ -69,27 +69,9 @@ def _load(path: Path) -> onnx.ModelProto:
         data = path.read_bytes()
     except OSError as err:
         raise ModelImportError(f"cannot read {path}: {err.strerror}") from None
-    return parse_model(data, path)
-
-
-def parse_model(
-    data: bytes,
-    path: Path,
-    error: type[IntqError] = ModelImportError,
-    hint: str = "re-export the model, or check that the download completed",
-) -> onnx.ModelProto:
-    """The ONNX model in ``data`` (read from ``path``), or ``error`` naming ``path``."""
-    proto = onnx.ModelProto()
-    try:
-        proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as err:
-        raise error(
-            f"{path} is not a valid ONNX file ({err}); it may be truncated or corrupt",
-            hint=hint,
-        ) from None
-    if not proto.HasField("graph"):
-        raise error(f"{path} holds no ONNX graph; it is not an ONNX model")
-    return proto
+    return parse_onnx(
+        data, path, ModelImportError, "re-export the model, or check that the download completed"
+    )
 
 
 def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:

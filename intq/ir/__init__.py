@@ -1,6 +1,6 @@
 """The intq IR: typed values, nodes, graphs, their text form and verifier."""
 
-from intq.ir.graph import AttrValue, Graph, Node, Use, Value
+from intq.ir.graph import AttrValue, Graph, Node, Use, Value, ValueMap
 from intq.ir.parser import from_text
 from intq.ir.printer import to_text
 from intq.ir.types import DType, QuantParams, TensorType
@@ -15,6 +15,7 @@ __all__ = [
     "TensorType",
     "Use",
     "Value",
+    "ValueMap",
     "from_text",
     "to_text",
     "verify",

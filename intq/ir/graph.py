@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from intq.ops.registry import OpDef
 
 AnalysisT = TypeVar("AnalysisT")
+Entry = TypeVar("Entry")
 
 AttrValue = int | float | str | tuple[int, ...] | tuple[float, ...] | tuple[str, ...]
 """Node attributes are immutable scalars or tuples; tensors are constant values instead."""
@@ -238,6 +239,23 @@ class Node:
         ins = ", ".join("_" if v is None else f"%{v.name}" for v in self._inputs)
         outs = ", ".join(f"%{v.name}" for v in self._outputs)
         return f"Node({outs} = {self.op}({ins}) @{self.name!r})"
+
+
+class ValueMap(Mapping[Value, Entry], Generic[Entry]):
+    """A side table keyed by value, read-only once built: what an analysis stores on a graph
+    (:meth:`Graph.store_analysis`), one subclass per analysis."""
+
+    def __init__(self, entries: Mapping[Value, Entry]):
+        self._entries = dict(entries)
+
+    def __getitem__(self, value: Value) -> Entry:
+        return self._entries[value]
+
+    def __iter__(self) -> Iterator[Value]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class Graph:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Collection, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from intq.errors import IntqError, NumericsError
-from intq.ir.graph import Graph, Node, Value
+from intq.ir.graph import Graph, Node, ValueMap
 from intq.passes.manager import Pass
 from intq.progress import show_progress
 from intq.semantics.feeds import check_feeds
@@ -439,21 +439,9 @@ def collect_stats(
     return stats
 
 
-class CalibrationStats(Mapping[Value, TensorStats]):
-    """The calibration statistics of a float graph's tensors: a side table keyed by value,
-    stored on the graph by :class:`Calibrate` for :class:`~intq.passes.integerize.Integerize`."""
-
-    def __init__(self, stats: Mapping[Value, TensorStats]):
-        self._stats = dict(stats)
-
-    def __getitem__(self, value: Value) -> TensorStats:
-        return self._stats[value]
-
-    def __iter__(self) -> Iterator[Value]:
-        return iter(self._stats)
-
-    def __len__(self) -> int:
-        return len(self._stats)
+class CalibrationStats(ValueMap[TensorStats]):
+    """The calibration statistics of a float graph's tensors, stored on the graph by
+    :class:`Calibrate` for :class:`~intq.passes.integerize.Integerize`."""
 
 
 @dataclass(frozen=True)

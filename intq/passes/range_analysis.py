@@ -19,14 +19,14 @@ too, so a new op cannot slip past the proof.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from intq.errors import NumericsError
-from intq.ir.graph import Graph, Node, Value
+from intq.ir.graph import Graph, Node, Value, ValueMap
 from intq.ir.types import DType
 from intq.ops import Trait, ops_with
 from intq.passes.manager import Pass
@@ -242,24 +242,12 @@ def _concat(node: Node, ins: list[Interval | None]) -> Interval:
     return min(i[0] for i in present), max(i[1] for i in present)
 
 
-class ValueRanges(Mapping[Value, Interval]):
-    """The proven interval of every integer value of one graph: a side table keyed by value.
+class ValueRanges(ValueMap[Interval]):
+    """The proven interval of every integer value of one graph.
 
     Stored on the graph by :func:`value_ranges` until the graph changes, so that the
     backends reuse the proof instead of repeating it.
     """
-
-    def __init__(self, intervals: Mapping[Value, Interval]):
-        self._intervals = dict(intervals)
-
-    def __getitem__(self, value: Value) -> Interval:
-        return self._intervals[value]
-
-    def __iter__(self) -> Iterator[Value]:
-        return iter(self._intervals)
-
-    def __len__(self) -> int:
-        return len(self._intervals)
 
 
 def analyze_ranges(graph: Graph) -> ValueRanges:
