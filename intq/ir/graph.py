@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from intq.errors import IntqError, ShapeError, VerificationError
+from intq.ir.printer import to_text
 from intq.ir.types import TensorType
 
 if TYPE_CHECKING:
@@ -602,8 +603,6 @@ class Graph:
         return sub
 
     def __str__(self) -> str:
-        from intq.ir.printer import to_text
-
         return to_text(self)
 
     def __repr__(self) -> str:

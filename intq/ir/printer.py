@@ -25,12 +25,15 @@ from __future__ import annotations
 import base64
 import json
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from intq.ir.graph import AttrValue, Graph, Node, Value
 from intq.ir.int4 import fits_int4, pack_int4, packed_int4
-from intq.ir.types import QuantParams, TensorType
+
+if TYPE_CHECKING:  # the graph prints itself with to_text, so the printer reads it lazily
+    from intq.ir.graph import AttrValue, Graph, Node, Value
+    from intq.ir.types import QuantParams, TensorType
 
 INLINE_LIMIT = 16
 """Constants with at most this many elements print as a literal list."""
@@ -49,22 +52,13 @@ def format_float(x: float) -> str:
 
 
 def format_quant(q: QuantParams) -> str:
-    """``q(bits=8, signed, narrow, axis=0, scale=[...])``."""
-    parts = [f"bits={q.bits}", "signed" if q.signed else "unsigned"]
-    if q.narrow:
-        parts.append("narrow")
-    if q.axis is not None:
-        parts.append(f"axis={q.axis}")
-        parts.append("scale=[" + ", ".join(format_float(s) for s in q.scale) + "]")
-    else:
-        parts.append(f"scale={format_float(q.scale[0])}")
-    return "q(" + ", ".join(parts) + ")"
+    """``q(bits=8, signed, narrow, axis=0, scale=[...])``: the parameters' own text form."""
+    return str(q)
 
 
 def format_type(t: TensorType) -> str:
-    """``i8[1,16,8,8] q(...)``."""
-    text = f"{t.dtype.value}[{','.join(str(d) for d in t.shape)}]"
-    return f"{text} {format_quant(t.quant)}" if t.quant is not None else text
+    """``i8[1,16,8,8] q(...)``: the type's own text form."""
+    return str(t)
 
 
 def format_attr(value: AttrValue) -> str:

@@ -130,6 +130,19 @@ class QuantParams:
         """Largest representable integer."""
         return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
 
+    def __str__(self) -> str:
+        """The IR text form: ``q(bits=8, signed, narrow, axis=0, scale=[...])``; each scale
+        is the shortest text that parses back to the same double."""
+        parts = [f"bits={self.bits}", "signed" if self.signed else "unsigned"]
+        if self.narrow:
+            parts.append("narrow")
+        if self.axis is not None:
+            parts.append(f"axis={self.axis}")
+            parts.append("scale=[" + ", ".join(repr(float(s)) for s in self.scale) + "]")
+        else:
+            parts.append(f"scale={float(self.scale[0])!r}")
+        return "q(" + ", ".join(parts) + ")"
+
 
 @dataclass(frozen=True)
 class TensorType:
@@ -181,6 +194,6 @@ class TensorType:
         return cls(DType.from_numpy(array.dtype), tuple(array.shape))
 
     def __str__(self) -> str:
-        from intq.ir.printer import format_type
-
-        return format_type(self)
+        """The IR text form: ``i8[1,16,8,8] q(...)``."""
+        text = f"{self.dtype.value}[{','.join(str(d) for d in self.shape)}]"
+        return f"{text} {self.quant}" if self.quant is not None else text
