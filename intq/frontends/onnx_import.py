@@ -15,6 +15,9 @@
   shared by several inputs gets one value. With static inputs, the
   exporters' shape computations fold to constants as the nodes are
   converted, so the IR is fully static.
+- A node intq has no converter for whose inputs are all constants is evaluated
+  by onnx's reference evaluator (:mod:`intq.frontends.onnx_fold`) and becomes
+  a constant.
 - Every IR node keeps its ONNX node's name (``Op_i`` for unnamed nodes).
 """
 
@@ -30,6 +33,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
+from intq.frontends.onnx_fold import can_fold, fold
 from intq.frontends.onnx_ops import (
     MAX_OPSET,
     ConvertContext,
@@ -354,17 +358,20 @@ class _Importer:
                 node=name,
                 hint="intq converts standard ONNX (ai.onnx) ops only",
             )
+        missing = [n for n in node.input if n not in self.values]
+        if missing:
+            raise ModelImportError(f"input {missing[0]!r} is not defined anywhere", node=name)
+        inputs = [self.values[n] for n in node.input]
         converter = find_converter(node.op_type, self.opset)
         if converter is None:
+            constants = [False if v is not None and v.const is None else v for v in inputs]
+            if can_fold(node, constants) and self._fold(node, name, inputs):
+                return
             raise UnsupportedOpError(
                 f"{node.op_type} (opset {self.opset}) is not supported",
                 node=name,
                 hint="supported ONNX ops (opsets): " + ", ".join(supported_ops()),
             )
-        missing = [n for n in node.input if n not in self.values]
-        if missing:
-            raise ModelImportError(f"input {missing[0]!r} is not defined anywhere", node=name)
-        inputs = [self.values[n] for n in node.input]
         ctx = ConvertContext(self.graph, node, name, self.opset, inputs)
         try:
             outputs = converter(ctx)
@@ -375,6 +382,17 @@ class _Importer:
         for onnx_name, value in zip(node.output, outputs):
             if onnx_name:
                 self.values[onnx_name] = value
+
+    def _fold(self, node: onnx.NodeProto, name: str, inputs: list[Value | None]) -> bool:
+        """Evaluate a node intq has no converter for on its constant inputs; False when onnx
+        cannot tell its output sizes in advance."""
+        arrays = fold(node, name, self.opset, [None if v is None else v.const for v in inputs])
+        if arrays is None:
+            return False
+        for onnx_name, array in zip(node.output, arrays):
+            if onnx_name and array is not None:
+                self.values[onnx_name] = self.graph.add_constant(array, onnx_name)
+        return True
 
     def _named_output(self, value: Value, name: str) -> Value:
         """Keep the ONNX output name: users key their results by it."""
