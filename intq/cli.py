@@ -33,6 +33,7 @@ from intq.frontends.onnx_import import (
     is_static,
     load_model,
     resolve_input_shapes,
+    survey,
 )
 from intq.inspection import layer_sqnr, layer_table, table
 from intq.ir import Graph, from_text, to_text
@@ -213,7 +214,20 @@ def _inspect(args: argparse.Namespace) -> int:
         if text is not None:
             print(text)
             return 0
-    graph = load_graph(args.model, dict(args.input_shape) or None)
+    if args.model.suffix == ".onnx":
+        # A plain ONNX model: which of its ops intq converts, also when some are missing.
+        proto = load_model(args.model)
+        given = dict(args.input_shape)
+        shapes = resolve_input_shapes(declared_inputs(proto), given, cli=True)
+        result = survey(proto, shapes, args.model.resolve().parent)
+        print("ONNX op census:")
+        print("\n".join(f"  {u.op:<24} {u.count:>5}  {u.status}" for u in result.ops))
+        if result.error is not None:
+            raise result.error
+        assert result.graph is not None
+        graph = result.graph
+    else:
+        graph = load_graph(args.model, dict(args.input_shape) or None)
     print(summary(graph))
     if args.ir:
         print()

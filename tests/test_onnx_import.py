@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -140,3 +142,79 @@ def test_a_tensor_attribute_with_external_data_is_refused():
     )
     with pytest.raises(intq.ModelImportError, match="'/sneaky'.*external data"):
         intq.from_onnx(model)
+
+
+# ----- one report of everything missing ------------------------------------------------------
+
+
+def missing_ops_model() -> onnx.ModelProto:
+    """Five HardSwish, one Sigmoid-free custom op and a Range on runtime values, around
+    supported ops; the Range on constants folds and is not reported."""
+    nodes = [helper.make_node("Relu", ["x"], ["h0"], name="/relu")]
+    for i in range(5):
+        nodes.append(helper.make_node("HardSwish", [f"h{i}"], [f"h{i + 1}"], name=f"/act{i}"))
+    nodes += [
+        helper.make_node("FusedGemm", ["h5", "h5"], ["g"], name="/fused", domain="com.microsoft"),
+        helper.make_node("Range", ["zero", "four", "one"], ["r"], name="/const_range"),
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0, name="/max"),
+        helper.make_node("Range", ["zero", "m", "onef"], ["rr"], name="/runtime_range"),
+        helper.make_node("Add", ["g", "x"], ["y"], name="/add"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(v, np.float32), k)
+        for k, v in [("zero", 0.0), ("four", 4.0), ("one", 1.0), ("onef", 1.0)]
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2]),
+        helper.make_tensor_value_info("r", TensorProto.FLOAT, [4]),
+        helper.make_tensor_value_info("rr", TensorProto.FLOAT, None),
+    ]
+    model = model_of(nodes, [x], outputs, inits, opset=17)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def test_every_missing_op_is_reported_at_once_with_its_nodes_and_count():
+    with pytest.raises(intq.UnsupportedOpError) as info:
+        intq.from_onnx(missing_ops_model())
+    err = info.value
+    assert err.node is None
+    assert "3 ops are not supported, in 7 nodes" in err.message
+    assert "HardSwish (opset 17) x5 ('/act0', '/act1', '/act2' and 2 more)" in err.message
+    assert "FusedGemm from domain 'com.microsoft' x1 ('/fused')" in err.message
+    assert "Range (opset 17) x1 ('/runtime_range')" in err.message
+    assert "/const_range" not in err.message
+    assert err.hint is not None and "ai.onnx" in err.hint and "Conv (1-22)" in err.hint
+
+
+def test_inspect_prints_the_census_with_a_status_per_op(tmp_path):
+    path = tmp_path / "missing.onnx"
+    onnx.save(missing_ops_model(), path)
+    done = subprocess.run(
+        [sys.executable, "-m", "intq.cli", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
+    assert rows["HardSwish"] == ["5", "unsupported"]
+    assert rows["FusedGemm"] == ["(com.microsoft)", "1", "unsupported"]
+    assert rows["Range"] == ["2", "unsupported"]
+    assert rows["Relu"] == ["1", "supported"]
+    assert "3 ops are not supported" in done.stderr
+
+    path = tmp_path / "folded.onnx"
+    onnx.save(position_model(), path)
+    done = subprocess.run(
+        [sys.executable, "-m", "intq.cli", "inspect", str(path), "--input-shape", "x=2,6"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:9]}
+    assert rows["Range"] == ["2", "folded"] and rows["Log"] == ["1", "folded"]
+    assert rows["Reshape"] == ["1", "supported"]
+    assert "graph g:" in done.stdout

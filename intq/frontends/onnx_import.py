@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,8 @@ from intq.ir.verifier import verify
 from intq.passes.dce import DeadCodeElimination
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_SHOWN = 3
+"""Nodes named per unsupported op in the report."""
 
 
 def from_onnx(
@@ -71,6 +75,60 @@ def from_onnx(
         proto, root = load_model(model), Path(model).resolve().parent
     shapes = resolve_input_shapes(declared_inputs(proto), input_shapes or {})
     return _Importer(proto, root, shapes).run()
+
+
+@dataclass(frozen=True)
+class OpUse:
+    """One op type of an ONNX model: how many nodes use it and whether intq converts it."""
+
+    op: str
+    """The op type (with its domain when not ``ai.onnx``)."""
+    count: int
+    status: str
+    """``supported``, ``folded`` (no converter, but every node of it computes on constants
+    and was evaluated at import) or ``unsupported``."""
+
+
+@dataclass(frozen=True)
+class Survey:
+    """The op census of an ONNX model, and its import: the graph, or the error it raised."""
+
+    ops: list[OpUse]
+    graph: Graph | None
+    error: IntqError | None
+
+
+def survey(
+    proto: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]],
+    base_dir: str | os.PathLike[str],
+) -> Survey:
+    """Import ``proto`` (with the static ``input_shapes`` of :func:`resolve_input_shapes`)
+    and count its op types with a support status each, also when the import fails."""
+    importer = _Importer(proto, Path(base_dir), {k: tuple(v) for k, v in input_shapes.items()})
+    graph: Graph | None = None
+    error: IntqError | None = None
+    try:
+        graph = importer.run()
+    except IntqError as err:
+        error = err
+    opset = importer.opset
+    counts = Counter(
+        (n.op_type, n.domain if n.domain not in _DEFAULT_DOMAINS else "") for n in proto.graph.node
+    )
+    ops = []
+    for (op_type, domain), count in sorted(counts.items()):
+        if domain:
+            ops.append(OpUse(f"{op_type} ({domain})", count, "unsupported"))
+        elif find_converter(op_type, opset) is not None:
+            ops.append(OpUse(op_type, count, "supported"))
+        elif (
+            op_type in importer.folded and f"{op_type} (opset {opset})" not in importer.unsupported
+        ):
+            ops.append(OpUse(op_type, count, "folded"))
+        else:
+            ops.append(OpUse(op_type, count, "unsupported"))
+    return Survey(ops, graph, error)
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -289,6 +347,8 @@ class _Importer:
         self.graph = Graph(proto.graph.name or "main")
         self.values: dict[str, Value | None] = {"": None}
         self.opset = self._opset()
+        self.unsupported: dict[str, list[str]] = {}  # op -> the nodes intq cannot convert
+        self.folded: set[str] = set()  # op types without a converter, folded on constants
 
     def _opset(self) -> int:
         versions = {o.domain: o.version for o in self.proto.opset_import}
@@ -313,7 +373,18 @@ class _Importer:
             if info.name not in self.values:
                 self._input(info)
         for index in _topological_order(g.node):
-            self._node(g.node[index], index)
+            node = g.node[index]
+            name = node.name or f"{node.op_type}_{index}"
+            try:
+                missing = self._node(node, name)
+            except IntqError:
+                if not self.unsupported:
+                    raise
+                continue  # the nodes after an unsupported one are only surveyed
+            if missing is not None:
+                self.unsupported.setdefault(missing, []).append(name)
+        if self.unsupported:
+            raise self._report()
         outputs = []
         for info in g.output:
             value = self.values.get(info.name)
@@ -350,28 +421,24 @@ class _Importer:
         except IntqError as err:
             raise ShapeError(f"input {info.name!r}: {err.message}") from None
 
-    def _node(self, node: onnx.NodeProto, index: int) -> None:
-        name = node.name or f"{node.op_type}_{index}"
+    def _node(self, node: onnx.NodeProto, name: str) -> str | None:
+        """Convert one node; returns its op (as the report names it) when intq has no
+        converter for it, and nothing computes its outputs."""
         if node.domain not in _DEFAULT_DOMAINS:
-            raise UnsupportedOpError(
-                f"{node.op_type} from domain {node.domain!r} is not supported",
-                node=name,
-                hint="intq converts standard ONNX (ai.onnx) ops only",
-            )
+            return f"{node.op_type} from domain {node.domain!r}"
+        converter = find_converter(node.op_type, self.opset)
         missing = [n for n in node.input if n not in self.values]
         if missing:
+            if self.unsupported and converter is None:
+                return f"{node.op_type} (opset {self.opset})"
             raise ModelImportError(f"input {missing[0]!r} is not defined anywhere", node=name)
         inputs = [self.values[n] for n in node.input]
-        converter = find_converter(node.op_type, self.opset)
         if converter is None:
             constants = [False if v is not None and v.const is None else v for v in inputs]
             if can_fold(node, constants) and self._fold(node, name, inputs):
-                return
-            raise UnsupportedOpError(
-                f"{node.op_type} (opset {self.opset}) is not supported",
-                node=name,
-                hint="supported ONNX ops (opsets): " + ", ".join(supported_ops()),
-            )
+                self.folded.add(node.op_type)
+                return None
+            return f"{node.op_type} (opset {self.opset})"
         ctx = ConvertContext(self.graph, node, name, self.opset, inputs)
         try:
             outputs = converter(ctx)
@@ -382,6 +449,28 @@ class _Importer:
         for onnx_name, value in zip(node.output, outputs):
             if onnx_name:
                 self.values[onnx_name] = value
+        return None
+
+    def _report(self) -> UnsupportedOpError:
+        """One error listing every op intq cannot convert, with a few of its nodes each."""
+        custom = any(" from domain " in op for op in self.unsupported)
+        hint = "supported ONNX ops (opsets): " + ", ".join(supported_ops())
+        if custom:
+            hint = "intq converts standard ONNX (ai.onnx) ops only; " + hint
+        if len(self.unsupported) == 1:
+            ((op, names),) = self.unsupported.items()
+            if len(names) == 1:
+                return UnsupportedOpError(f"{op} is not supported", node=names[0], hint=hint)
+        total = sum(len(names) for names in self.unsupported.values())
+        parts = []
+        for op, names in sorted(self.unsupported.items(), key=lambda item: -len(item[1])):
+            shown = ", ".join(repr(n) for n in names[:_SHOWN])
+            more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+            parts.append(f"{op} x{len(names)} ({shown}{more})")
+        kinds = "op is" if len(self.unsupported) == 1 else f"{len(self.unsupported)} ops are"
+        return UnsupportedOpError(
+            f"{kinds} not supported, in {total} nodes: " + "; ".join(parts), hint=hint
+        )
 
     def _fold(self, node: onnx.NodeProto, name: str, inputs: list[Value | None]) -> bool:
         """Evaluate a node intq has no converter for on its constant inputs; False when onnx
