@@ -218,3 +218,27 @@ def test_inspect_prints_the_census_with_a_status_per_op(tmp_path):
     assert rows["Range"] == ["2", "folded"] and rows["Log"] == ["1", "folded"]
     assert rows["Reshape"] == ["1", "supported"]
     assert "graph g:" in done.stdout
+
+
+def test_a_bicubic_resize_of_constant_position_embeddings_folds():
+    """A feature a converter refuses (cubic Resize) is computed by onnx on constants."""
+    table = np.random.default_rng(0).normal(size=(1, 4, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Resize", ["pos", "", "scales"], ["grid"], mode="cubic", name="/pos"),
+        helper.make_node("Add", ["x", "grid"], ["y"], name="/add"),
+    ]
+    model = model_of(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [
+            numpy_helper.from_array(table, "pos"),
+            numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        ],
+        opset=13,
+    )
+    graph = intq.from_onnx(model)
+    assert [n.op for n in graph] == ["Add"]
+    x = np.zeros((1, 4, 6, 6), np.float32)
+    got = intq.compile(graph, target="reference").run({"x": x})["y"]
+    np.testing.assert_allclose(got, run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)

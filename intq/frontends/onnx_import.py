@@ -433,8 +433,8 @@ class _Importer:
                 return f"{node.op_type} (opset {self.opset})"
             raise ModelImportError(f"input {missing[0]!r} is not defined anywhere", node=name)
         inputs = [self.values[n] for n in node.input]
+        constants = [None if v is None else False if v.const is None else v.const for v in inputs]
         if converter is None:
-            constants = [False if v is not None and v.const is None else v for v in inputs]
             if can_fold(node, constants) and self._fold(node, name, inputs):
                 self.folded.add(node.op_type)
                 return None
@@ -442,6 +442,12 @@ class _Importer:
         ctx = ConvertContext(self.graph, node, name, self.opset, inputs)
         try:
             outputs = converter(ctx)
+        except UnsupportedOpError:
+            # A feature intq lacks (a bicubic Resize of position embeddings) on constants:
+            # onnx computes it.
+            if can_fold(node, constants) and self._fold(node, name, inputs):
+                return None
+            raise
         except IntqError as err:
             if err.node is None:
                 raise type(err)(err.message, node=name, hint=err.hint) from None
