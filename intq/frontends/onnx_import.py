@@ -210,6 +210,7 @@ Dim = int | str | None
 def declared_inputs(proto: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
     """The graph inputs that are not initializers, with their declared dims (None: no shape)."""
     g = proto.graph
+    _check_strings(g)  # the first reader of the names
     initialized = {t.name for t in g.initializer}
     declared: dict[str, tuple[Dim, ...] | None] = {}
     for info in g.input:
