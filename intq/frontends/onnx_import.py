@@ -214,8 +214,8 @@ def declared_inputs(proto: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]
     initialized = {t.name for t in g.initializer}
     declared: dict[str, tuple[Dim, ...] | None] = {}
     for info in g.input:
-        if info.name in initialized:
-            continue
+        if info.name in initialized or not info.type.HasField("tensor_type"):
+            continue  # the import refuses an input that is not a tensor, naming it
         ttype = info.type.tensor_type
         if not ttype.HasField("shape"):
             declared[info.name] = None
