@@ -19,9 +19,15 @@ import numpy as np
 from intq.artifacts import has_header, open_text, read_artifact_bytes
 from intq.backends import compile, load
 from intq.backends.base import Executable
-from intq.data import calibration_batches
+from intq.data import calibration_batches, first_batch_shapes
 from intq.errors import ModelImportError, ShapeError
 from intq.frontends import from_onnx, from_torch
+from intq.frontends.onnx_import import (
+    declared_inputs,
+    is_static,
+    load_model,
+    resolve_input_shapes,
+)
 from intq.ir.graph import Graph
 from intq.ir.parser import from_text
 from intq.quantization import QuantConfig, quantize
@@ -61,6 +67,30 @@ def import_model(
         f"cannot convert a {type(model).__name__}",
         hint="pass an .onnx path, an onnx.ModelProto, a torch.nn.Module or an intq graph",
     )
+
+
+def _import_onnx(
+    model: Any, input_shapes: Mapping[str, Sequence[int]] | None, data: Any
+) -> tuple[Graph, Any]:
+    """An ONNX model (a path or a ``ModelProto``) whose symbolic dims the first calibration
+    batch fixes where ``input_shapes`` does not; and the data (its first item put back)."""
+    if isinstance(model, (str, os.PathLike)):
+        proto, base_dir = load_model(model), Path(model).resolve().parent
+    else:
+        proto, base_dir = model, Path.cwd()
+    declared = declared_inputs(proto)
+    observed: dict[str, tuple[int, ...]] = {}
+    if not all(is_static(dims) for dims in declared.values()):
+        ranks = {name: None if dims is None else len(dims) for name, dims in declared.items()}
+        observed, data = first_batch_shapes(data, ranks)
+    shapes = resolve_input_shapes(declared, input_shapes or {}, observed)
+    return from_onnx(proto, shapes, base_dir=base_dir), data
+
+
+def _is_onnx(model: Any) -> bool:
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model).suffix != ".intq"
+    return type(model).__name__ == "ModelProto"
 
 
 def _first_batch_as_example(data: Any) -> tuple[Any, Any]:
@@ -112,12 +142,18 @@ def convert(
     come from ``example_inputs``, else from the first batch of a DataLoader or list) or an IR graph.
     ``calibration_data``: a list of input dicts, a numpy array (single-input models), a
     torch ``DataLoader`` or an ``.npz`` path (see :func:`intq.data.calibration_batches`).
+    An ONNX model's symbolic dimensions (``batch_size``, ``sequence_length``) are fixed by
+    ``input_shapes`` (``{"input_ids": (1, 128)}``) where given, else by the first calibration
+    batch (a block of samples, such as one array, gives batches of one sample).
     The executable's ``float_graph`` and ``int_graph`` attributes hold the imported and the
     integer graphs.
     """
     if hasattr(model, "forward") and hasattr(model, "modules") and example_inputs is None:
         example_inputs, calibration_data = _first_batch_as_example(calibration_data)
-    graph = import_model(model, input_shapes, example_inputs)
+    if _is_onnx(model):
+        graph, calibration_data = _import_onnx(model, input_shapes, calibration_data)
+    else:
+        graph = import_model(model, input_shapes, example_inputs)
     batches = calibration_batches(calibration_data, graph.inputs)
     int_graph = quantize(graph, batches, config or QuantConfig())
     exe = compile(int_graph, target=target, **target_options)

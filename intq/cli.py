@@ -27,7 +27,14 @@ from intq.backends.onnxruntime import onnx_census
 from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
 from intq.backends.tvm_runtime import read_tvm_artifact
 from intq.config import load_config
-from intq.data import calibration_batches
+from intq.data import calibration_batches, first_batch_shapes
+from intq.frontends.onnx_import import (
+    declared_inputs,
+    is_static,
+    load_model,
+    resolve_input_shapes,
+    survey,
+)
 from intq.inspection import layer_sqnr, layer_table, table
 from intq.ir import Graph, from_text, to_text
 from intq.mixed_precision import SENSITIVITY_METHODS
@@ -106,7 +113,8 @@ def _add_input_shape(parser: argparse.ArgumentParser) -> None:
         type=_input_shape,
         default=[],
         metavar="NAME=D1,D2,...",
-        help="fix the shape of an input with symbolic dimensions (repeatable)",
+        help="fix the shape of an input (repeatable); symbolic dimensions it leaves open come"
+        " from the first --calib sample",
     )
 
 
@@ -116,10 +124,23 @@ def _say(args: argparse.Namespace, *lines: str) -> None:
             print(line)
 
 
-def load_graph(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
-    """An ONNX model (``.onnx``) or textual IR (anything else) as a graph."""
+def load_graph(
+    path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None, calib: Path | None = None
+) -> Graph:
+    """An ONNX model (``.onnx``) or textual IR (anything else) as a graph.
+
+    An ONNX model's symbolic dimensions are fixed by ``--input-shape`` where given, else by
+    the calibration archive ``calib`` (batches of one sample).
+    """
     if path.suffix == ".onnx":
-        return intq.from_onnx(path, input_shapes=input_shapes)
+        proto = load_model(path)
+        declared = declared_inputs(proto)
+        observed: dict[str, tuple[int, ...]] = {}
+        if calib is not None and not all(is_static(d) for d in declared.values()):
+            ranks = {name: None if d is None else len(d) for name, d in declared.items()}
+            observed, _ = first_batch_shapes(calib, ranks)
+        shapes = resolve_input_shapes(declared, input_shapes or {}, observed, cli=True)
+        return intq.from_onnx(proto, shapes, base_dir=path.resolve().parent)
     if not path.is_file():
         raise intq.ArtifactError(f"no file at {path}", hint="check the path")
     try:
@@ -181,7 +202,9 @@ def _onnx_type(info: Any) -> str:
     import onnx
 
     t = info.type.tensor_type
-    dims = ",".join(str(d.dim_value) if d.HasField("dim_value") else "?" for d in t.shape.dim)
+    dims = ",".join(
+        str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in t.shape.dim
+    )
     return f"{onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{dims}]"
 
 
@@ -191,7 +214,20 @@ def _inspect(args: argparse.Namespace) -> int:
         if text is not None:
             print(text)
             return 0
-    graph = load_graph(args.model, dict(args.input_shape) or None)
+    if args.model.suffix == ".onnx":
+        # A plain ONNX model: which of its ops intq converts, also when some are missing.
+        proto = load_model(args.model)
+        given = dict(args.input_shape)
+        shapes = resolve_input_shapes(declared_inputs(proto), given, cli=True)
+        result = survey(proto, shapes, args.model.resolve().parent)
+        print("ONNX op census:")
+        print("\n".join(f"  {u.op:<24} {u.count:>5}  {u.status}" for u in result.ops))
+        if result.error is not None:
+            raise result.error
+        assert result.graph is not None
+        graph = result.graph
+    else:
+        graph = load_graph(args.model, dict(args.input_shape) or None)
     print(summary(graph))
     if args.ir:
         print()
@@ -268,7 +304,7 @@ def _check_output(path: Path) -> None:
 def _compile(args: argparse.Namespace) -> int:
     _check_output(args.output)
     config = _config(args)
-    graph = load_graph(args.model, dict(args.input_shape) or None)
+    graph = load_graph(args.model, dict(args.input_shape) or None, args.calib)
     batches = calibration_batches(args.calib, graph.inputs)
     tvm_target = getattr(args, "tvm_target", None)
     if tvm_target is not None and args.target != "tvm":
@@ -517,7 +553,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".png":
         raise intq.IntqError(f"the report plot {args.output} must be a .png file")
     config = _config(args)
-    graph = load_graph(args.model, dict(args.input_shape) or None)
+    graph = load_graph(args.model, dict(args.input_shape) or None, args.calib)
     batches = list(calibration_batches(args.calib, graph.inputs))
     quantized = intq.quantize(graph, batches, config)
     rows = layer_sqnr(graph, quantized, batches, progress=config.progress)

@@ -10,6 +10,7 @@ dtypes raise :class:`~intq.errors.ShapeError` naming the input and saying what t
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,29 +32,29 @@ def _inputs_text(inputs: Sequence[Value]) -> str:
     return ", ".join(f"{v.name}: {v.type}" for v in inputs)
 
 
-def _as_dict(item: Any, inputs: Sequence[Value], index: int) -> dict[str, np.ndarray]:
-    """One item of calibration data as name -> array."""
+def _as_dict(item: Any, names: Sequence[str], index: int, described: str) -> dict[str, np.ndarray]:
+    """One item of calibration data as name -> array (``described``: the inputs, for hints)."""
     item = _to_numpy(item)
     if isinstance(item, Mapping):
         return {str(k): np.asarray(_to_numpy(v)) for k, v in item.items()}
     if isinstance(item, np.ndarray):
-        if len(inputs) != 1:
+        if len(names) != 1:
             raise ShapeError(
-                f"calibration item {index} is one array, but the model has {len(inputs)} inputs",
-                hint="pass dicts mapping each input name to an array: " + _inputs_text(inputs),
+                f"calibration item {index} is one array, but the model has {len(names)} inputs",
+                hint="pass dicts mapping each input name to an array: " + described,
             )
-        return {inputs[0].name: item}
+        return {names[0]: item}
     if isinstance(item, (tuple, list)) and item:
         # A DataLoader's (inputs, labels) pair, or positional inputs.
         arrays = [np.asarray(_to_numpy(x)) for x in item]
-        if len(inputs) == 1:
-            return {inputs[0].name: arrays[0]}
-        if len(arrays) >= len(inputs):
-            return {v.name: a for v, a in zip(inputs, arrays)}
+        if len(names) == 1:
+            return {names[0]: arrays[0]}
+        if len(arrays) >= len(names):
+            return dict(zip(names, arrays))
     raise ShapeError(
         f"calibration item {index} is a {type(item).__name__}, not an array or a dict of arrays",
         hint="pass a list of dicts {input name: array}, a numpy array (one input), a torch"
-        " DataLoader, or an .npz path; the inputs are " + _inputs_text(inputs),
+        " DataLoader, or an .npz path; the inputs are " + described,
     )
 
 
@@ -162,24 +163,76 @@ def calibration_batches(data: Any, inputs: Sequence[Value]) -> Iterator[dict[str
 
     def items() -> Iterator[dict[str, np.ndarray]]:
         for index, item in enumerate(data):
-            arrays = _as_dict(item, inputs, index)
+            arrays = _as_dict(item, [v.name for v in inputs], index, _inputs_text(inputs))
             _check(arrays, inputs, f"calibration item {index}")
             yield arrays
 
     yield from _rebatch(items(), inputs)
 
 
-def _npz(path: Path, inputs: Sequence[Value]) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise ArtifactError(f"no calibration file at {path}", hint="check the path")
+def first_batch_shapes(
+    data: Any, inputs: Mapping[str, int | None]
+) -> tuple[dict[str, tuple[int, ...]], Any]:
+    """The shapes of the first batch ``data`` gives a model whose inputs have the ranks
+    ``inputs`` (name -> rank, None when the model does not say), and the data to calibrate
+    with instead of ``data`` (a one-shot iterator's first item is put back).
+
+    These fix an ONNX model's symbolic dimensions. An iterable of batches (a DataLoader, a
+    list of dicts) gives its first batch's shapes; a block of samples (an array, a dict of
+    arrays, an ``.npz``) has no batch size of its own and gives batches of one sample. A
+    sample without its batch axis counts as a batch of one. Inputs the data does not hold are
+    left out (the checks of :func:`calibration_batches` report them).
+    """
+    names = list(inputs)
+    described = ", ".join(names)
+    block: Mapping[str, Any] | None = None
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        block = _read_npz(path) if path.is_file() else {}
+    else:
+        data = _to_numpy(data)
+        if isinstance(data, np.ndarray):
+            block = {names[0]: data} if len(names) == 1 else {}
+        elif isinstance(data, Mapping):
+            block = data
+    if block is not None:
+        found = {str(k): np.shape(_to_numpy(v)) for k, v in block.items()}
+        return {
+            k: (1, *s[1:]) if len(s) == inputs[k] or inputs[k] is None else (1, *s)
+            for k, s in found.items()
+            if k in inputs
+        }, data
+    if not isinstance(data, Iterable):
+        return {}, data  # calibration_batches says what is wrong with it
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return {}, []
+    arrays = _as_dict(first, names, 0, described)
+    shapes = {
+        k: a.shape if a.ndim == inputs[k] or inputs[k] is None else (1, *a.shape)
+        for k, a in arrays.items()
+        if k in inputs
+    }
+    return shapes, itertools.chain([first], iterator)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+            return {name: archive[name] for name in archive.files}
     except (OSError, ValueError, EOFError) as err:
         raise ArtifactError(
             f"cannot read calibration data {path}: {err}",
             hint="save it with numpy.savez(path, input_name=array, ...)",
         ) from None
+
+
+def _npz(path: Path, inputs: Sequence[Value]) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise ArtifactError(f"no calibration file at {path}", hint="check the path")
+    arrays = _read_npz(path)
     if len(inputs) == 1 and len(arrays) == 1 and inputs[0].name not in arrays:
         (only,) = arrays
         raise ShapeError(
@@ -192,4 +245,4 @@ def _npz(path: Path, inputs: Sequence[Value]) -> dict[str, np.ndarray]:
     return arrays
 
 
-__all__ = ["calibration_batches"]
+__all__ = ["calibration_batches", "first_batch_shapes"]

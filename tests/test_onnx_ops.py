@@ -1177,6 +1177,239 @@ def test_dropout(opset: int, extra: list[Operand], attrs: dict[str, Any]) -> Non
 # ----- refusals ----------------------------------------------------------------------------
 
 
+# ----- ops added for real models (Split, PRelu, Resize, ConvTranspose...) -------------------
+
+
+@pytest.mark.parametrize(
+    ("opset", "shape", "axis", "split", "outputs"),
+    [
+        (11, (4, 6), 1, [2, 4], 2),
+        (11, (4, 6), 0, None, 2),
+        (2, (3, 6), -1, [1, 2, 3], 3),
+        (13, (4, 6), 1, [1, 5], 2),
+        (13, (2, 3, 4), -1, None, 2),
+        (18, (4, 7), 1, None, 3),
+        (18, (4, 6), 1, [3, 3], 2),
+    ],
+)
+def test_split(
+    opset: int, shape: tuple[int, ...], axis: int, split: list[int] | None, outputs: int
+) -> None:
+    """Split with sizes as attribute (up to 12), as input (13+) or by num_outputs (18+)."""
+    x = randf(*shape)
+    attrs: dict[str, Any] = {"axis": axis}
+    inputs: list[Operand] = [x]
+    if split is not None and opset < 13:
+        attrs["split"] = split
+    elif split is not None:
+        inputs.append(Init(np.array(split, np.int64)))
+    elif opset >= 18:
+        attrs["num_outputs"] = outputs
+    check("Split", inputs, opset=opset, outputs=outputs, **attrs)
+
+
+@pytest.mark.parametrize(
+    "slope", [np.array([0.25], np.float32), randf(3, 1, 1, seed=2), randf(4, seed=3)]
+)
+@pytest.mark.parametrize("const", [True, False])
+def test_prelu(slope: np.ndarray, const: bool) -> None:
+    """PRelu with a scalar, per-channel and last-axis slope (constant or fed)."""
+    check("PRelu", [randf(2, 3, 5, 4), Init(slope) if const else slope], opset=16)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.2])
+@pytest.mark.parametrize("opset", [6, 16])
+def test_leaky_relu(alpha: float | None, opset: int) -> None:
+    attrs = {} if alpha is None else {"alpha": alpha}
+    check("LeakyRelu", [randf(3, 4)], opset=opset, **attrs)
+
+
+@pytest.mark.parametrize("op", ["Min", "Max"])
+@pytest.mark.parametrize("arity", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_min_max(op: str, arity: int, dtype: Any) -> None:
+    """n-ary Min/Max with broadcasting, float and int (opset 13)."""
+    shapes = [(2, 3, 4), (3, 1), (4,)][:arity]
+    inputs = [randf(*s, seed=i).astype(dtype) for i, s in enumerate(shapes)]
+    check(op, inputs, opset=13)
+    if arity == 2 and dtype == np.float32:
+        check(op, [inputs[0], Init(inputs[1])], opset=8)
+
+
+@pytest.mark.parametrize(("op", "opset"), [("Softplus", 1), ("Softplus", 13), ("Mish", 18)])
+def test_softplus_mish(op: str, opset: int) -> None:
+    check(op, [randf(4, 25, low=-30, high=30)], opset=opset)
+
+
+@pytest.mark.parametrize(
+    ("shape", "repeats"), [((2, 3), (1, 2)), ((2, 1, 3), (3, 2, 1)), ((4,), (0,)), ((), ())]
+)
+def test_tile(shape: tuple[int, ...], repeats: tuple[int, ...]) -> None:
+    check("Tile", [randf(*shape), Init(np.array(repeats, np.int64))], opset=13)
+    check("Tile", [randi(*shape), Init(np.array(repeats, np.int64))], opset=6)
+
+
+@pytest.mark.parametrize("mode", [None, "DCR", "CRD"])
+def test_depth_to_space(mode: str | None) -> None:
+    attrs: dict[str, Any] = {"blocksize": 2} if mode is None else {"blocksize": 2, "mode": mode}
+    check("DepthToSpace", [randf(2, 8, 3, 2)], opset=1 if mode is None else 13, **attrs)
+
+
+def test_space_to_depth() -> None:
+    check("SpaceToDepth", [randf(2, 3, 4, 6)], opset=13, blocksize=2)
+    check("SpaceToDepth", [randf(1, 2, 6, 3)], opset=1, blocksize=3)
+
+
+RESIZE_TRANSFORMS = ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"]
+
+
+@pytest.mark.parametrize("transform", RESIZE_TRANSFORMS)
+@pytest.mark.parametrize(
+    "nearest_mode", ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
+)
+@pytest.mark.parametrize("scales", [(1, 1, 2, 2), (1, 1, 3, 1.5), (1, 1, 0.5, 0.75)])
+def test_resize_nearest(transform: str, nearest_mode: str, scales: tuple[float, ...]) -> None:
+    """Nearest Resize with constant scales, every transform and rounding (opset 13)."""
+    x = randf(2, 3, 4, 4)
+    check(
+        "Resize",
+        [x, Init(np.array([], np.float32)), Init(np.array(scales, np.float32))],
+        opset=13,
+        mode="nearest",
+        coordinate_transformation_mode=transform,
+        nearest_mode=nearest_mode,
+    )
+
+
+@pytest.mark.parametrize("transform", RESIZE_TRANSFORMS)
+@pytest.mark.parametrize("scales", [(1, 1, 2, 2), (1, 1, 3, 1.5), (1, 1, 0.5, 0.75)])
+@pytest.mark.parametrize("opset", [11, 19])
+def test_resize_linear(transform: str, scales: tuple[float, ...], opset: int) -> None:
+    """Bilinear Resize on NCHW with constant scales."""
+    x = randf(1, 2, 4, 5)
+    check(
+        "Resize",
+        [x, Init(np.array([], np.float32)), Init(np.array(scales, np.float32))],
+        opset=opset,
+        mode="linear",
+        coordinate_transformation_mode=transform,
+    )
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_sizes(mode: str) -> None:
+    """Resize to constant sizes (the scales ONNX Runtime derives from them)."""
+    x = randf(1, 2, 3, 5)
+    sizes = Init(np.array([1, 2, 7, 4], np.int64))
+    check("Resize", [x, None, None, sizes], opset=13, mode=mode)
+
+
+def test_resize_10_and_upsample() -> None:
+    """Resize-10 and Upsample: asymmetric nearest (and linear) upsampling."""
+    x = randf(1, 2, 3, 4)
+    scales = np.array([1, 1, 2, 3], np.float32)
+    check("Resize", [x, Init(scales)], opset=10)
+    check("Resize", [x, Init(scales)], opset=10, mode="linear")
+    check("Upsample", [x, Init(scales)], opset=9)
+    check("Upsample", [x], opset=7, scales=[1.0, 1.0, 2.0, 2.0])
+    check("Upsample", [x], opset=8, scales=[1.0, 1.0, 3.0, 2.0], mode="nearest")
+
+
+@st.composite
+def conv_transpose_cases(draw: st.DrawFn) -> dict[str, Any]:
+    spatial = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2]))
+    c = group * draw(st.integers(1, 2))
+    m_per = draw(st.integers(1, 3))
+    kernel = [draw(st.integers(1, 3)) for _ in range(spatial)]
+    strides = [draw(st.integers(1, 3)) for _ in range(spatial)]
+    dilations = [draw(st.integers(1, 2)) for _ in range(spatial)]
+    extra = [draw(st.integers(0, s - 1)) for s in strides]
+    sizes = [draw(st.integers(1, 5)) for _ in range(spatial)]
+    full = [(n - 1) * s + d * (k - 1) + 1 for n, s, d, k in zip(sizes, strides, dilations, kernel)]
+    pads = [draw(st.integers(0, max(0, (f - 1) // 2))) for f in full] * 2
+    return {
+        "x": (1, c, *sizes),
+        "w": (c, m_per, *kernel),
+        "bias": draw(st.booleans()),
+        "attrs": {
+            "strides": strides,
+            "dilations": dilations,
+            "pads": pads,
+            "output_padding": extra,
+            "group": group,
+        },
+    }
+
+
+@FAST
+@given(case=conv_transpose_cases(), seed=st.integers(0, 2**16))
+def test_conv_transpose(case: dict[str, Any], seed: int) -> None:
+    """ConvTranspose: strides, pads, output_padding, groups, dilations, with and without bias."""
+    w = randf(*case["w"], seed=seed + 1)
+    inputs: list[Operand] = [randf(*case["x"], seed=seed), Init(w)]
+    if case["bias"]:
+        inputs.append(Init(randf(w.shape[1] * case["attrs"]["group"], seed=seed + 2)))
+    check("ConvTranspose", inputs, opset=11, **case["attrs"])
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+        {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+        {"output_shape": [7, 8], "strides": [2, 2]},
+        {"output_shape": [6, 7], "strides": [2, 2]},
+        {"auto_pad": "SAME_UPPER", "strides": [3, 1]},
+        {"auto_pad": "VALID", "strides": [1, 2]},
+    ],
+)
+def test_conv_transpose_output_shape_and_auto_pad(attrs: dict[str, Any]) -> None:
+    check("ConvTranspose", [randf(1, 2, 3, 4), Init(randf(2, 3, 3, 2, seed=1))], opset=1, **attrs)
+
+
+@pytest.mark.parametrize(
+    ("op", "inputs", "opset", "attrs"),
+    [
+        ("PRelu", [randf(2, 3, 4), Init(randf(3, 1, seed=1))], 16, {}),
+        ("Min", [randf(2, 3), randf(3, seed=1)], 13, {}),
+        ("Max", [randf(2, 3), randf(3, seed=1)], 13, {}),
+        ("Softplus", [randf(3, 9, low=-30, high=30)], 13, {}),
+        ("Mish", [randf(3, 9, low=-30, high=30)], 18, {}),
+        (
+            "Resize",
+            [randf(1, 2, 4, 5), None, Init(np.array([1, 1, 1.5, 0.6], np.float32))],
+            13,
+            {"mode": "linear"},
+        ),
+        (
+            "Resize",
+            [randf(1, 2, 4, 5), None, Init(np.array([1, 1, 2, 3], np.float32))],
+            13,
+            {"mode": "nearest", "coordinate_transformation_mode": "asymmetric"},
+        ),
+        (
+            "ConvTranspose",
+            [randf(1, 4, 3, 5), Init(randf(4, 3, 3, 2, seed=1)), Init(randf(6, seed=2))],
+            11,
+            {"strides": [2, 3], "pads": [1, 0, 0, 1], "output_padding": [1, 2], "group": 2},
+        ),
+    ],
+)
+def test_torch_semantics_of_the_added_ops_match_the_reference(
+    op: str, inputs: list[Operand], opset: int, attrs: dict[str, Any]
+) -> None:
+    """The torch rules (for the sensitivity's autograd) compute what the numpy oracle does."""
+    torch = pytest.importorskip("torch")
+    from intq.semantics.torch_eval import run_torch
+
+    model, feeds = make_model(op, inputs, opset=opset, **attrs)
+    graph = intq.from_onnx(model)
+    want = intq.compile(graph, target="reference").run(feeds)["out0"]
+    got = run_torch(graph, {k: torch.from_numpy(v) for k, v in feeds.items()})["out0"]
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def _import(model: onnx.ModelProto) -> None:
     intq.from_onnx(model)
 

@@ -9,9 +9,15 @@
 - No tensor over ``onnx_ops.MAX_TENSOR_BYTES`` is accepted, judged from its
   declared shape before anything is allocated, and an initializer's data must
   be as long as its dims say.
-- Symbolic input dimensions must be given in ``input_shapes``; with static
-  inputs, the exporters' shape computations fold to constants as the nodes
-  are converted, so the IR is fully static.
+- Symbolic input dimensions (``batch_size``, ``sequence_length``) are fixed
+  by :func:`resolve_input_shapes` from ``input_shapes`` (and, in
+  ``intq.convert`` and the CLI, from the calibration data); a dimension name
+  shared by several inputs gets one value. With static inputs, the
+  exporters' shape computations fold to constants as the nodes are
+  converted, so the IR is fully static.
+- A node intq has no converter for whose inputs are all constants is evaluated
+  by onnx's reference evaluator (:mod:`intq.frontends.onnx_fold`) and becomes
+  a constant.
 - Every IR node keeps its ONNX node's name (``Op_i`` for unnamed nodes).
 """
 
@@ -19,7 +25,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +35,7 @@ import onnx
 
 from intq.artifacts import parse_onnx
 from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
+from intq.frontends.onnx_fold import can_fold, fold
 from intq.frontends.onnx_ops import (
     MAX_OPSET,
     ConvertContext,
@@ -42,27 +51,89 @@ from intq.ir.verifier import verify
 from intq.passes.dce import DeadCodeElimination
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_SHOWN = 3
+"""Nodes named per unsupported op in the report."""
 
 
 def from_onnx(
     model: str | os.PathLike[str] | onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> Graph:
     """Convert an ONNX model (a path or a ``ModelProto``) into an IR graph.
 
     ``input_shapes`` fixes the shape of inputs (by name) whose dimensions are
-    symbolic, or overrides declared ones. External data of a ``ModelProto``
-    is resolved relative to the current directory; pass a path instead to
-    resolve it next to the model file.
+    symbolic, or overrides declared ones; a dimension name it fixes is fixed for
+    every input that uses it. External data of a ``ModelProto`` is resolved
+    relative to ``base_dir`` (default: the current directory); a path resolves it
+    next to the model file.
     """
     if isinstance(model, onnx.ModelProto):
-        proto, base_dir = model, Path.cwd()
+        proto, root = model, Path(base_dir) if base_dir is not None else Path.cwd()
     else:
-        proto, base_dir = _load(Path(model)), Path(model).resolve().parent
-    return _Importer(proto, base_dir, dict(input_shapes or {})).run()
+        proto, root = load_model(model), Path(model).resolve().parent
+    shapes = resolve_input_shapes(declared_inputs(proto), input_shapes or {})
+    return _Importer(proto, root, shapes).run()
 
 
-def _load(path: Path) -> onnx.ModelProto:
+@dataclass(frozen=True)
+class OpUse:
+    """One op type of an ONNX model: how many nodes use it and whether intq converts it."""
+
+    op: str
+    """The op type (with its domain when not ``ai.onnx``)."""
+    count: int
+    status: str
+    """``supported``, ``folded`` (no converter, but every node of it computes on constants
+    and was evaluated at import) or ``unsupported``."""
+
+
+@dataclass(frozen=True)
+class Survey:
+    """The op census of an ONNX model, and its import: the graph, or the error it raised."""
+
+    ops: list[OpUse]
+    graph: Graph | None
+    error: IntqError | None
+
+
+def survey(
+    proto: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]],
+    base_dir: str | os.PathLike[str],
+) -> Survey:
+    """Import ``proto`` (with the static ``input_shapes`` of :func:`resolve_input_shapes`)
+    and count its op types with a support status each, also when the import fails."""
+    importer = _Importer(proto, Path(base_dir), {k: tuple(v) for k, v in input_shapes.items()})
+    graph: Graph | None = None
+    error: IntqError | None = None
+    try:
+        graph = importer.run()
+    except IntqError as err:
+        error = err
+    opset = importer.opset
+    counts = Counter(
+        (n.op_type, n.domain if n.domain not in _DEFAULT_DOMAINS else "") for n in proto.graph.node
+    )
+    ops = []
+    for (op_type, domain), count in sorted(counts.items()):
+        if domain:
+            ops.append(OpUse(f"{op_type} ({domain})", count, "unsupported"))
+        elif find_converter(op_type, opset) is not None:
+            ops.append(OpUse(op_type, count, "supported"))
+        elif (
+            op_type in importer.folded and f"{op_type} (opset {opset})" not in importer.unsupported
+        ):
+            ops.append(OpUse(op_type, count, "folded"))
+        else:
+            ops.append(OpUse(op_type, count, "unsupported"))
+    return Survey(ops, graph, error)
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """The parsed ONNX file at ``path`` (external data is read later, on import)."""
+    path = Path(path)
     if not path.is_file():
         raise ModelImportError(f"no model file at {path}")
     try:
@@ -112,14 +183,155 @@ def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
 
 
+# ----- symbolic input dimensions ------------------------------------------------------------
+
+Dim = int | str | None
+"""A declared input dimension: a size, a ``dim_param`` name, or None (neither)."""
+
+
+def declared_inputs(proto: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
+    """The graph inputs that are not initializers, with their declared dims (None: no shape)."""
+    g = proto.graph
+    _check_strings(g)  # the first reader of the names
+    initialized = {t.name for t in g.initializer}
+    declared: dict[str, tuple[Dim, ...] | None] = {}
+    for info in g.input:
+        if info.name in initialized or not info.type.HasField("tensor_type"):
+            continue  # the import refuses an input that is not a tensor, naming it
+        ttype = info.type.tensor_type
+        if not ttype.HasField("shape"):
+            declared[info.name] = None
+            continue
+        declared[info.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in ttype.shape.dim
+        )
+    return declared
+
+
+def is_static(dims: tuple[Dim, ...] | None) -> bool:
+    """Whether declared ``dims`` are all sizes."""
+    return dims is not None and all(isinstance(d, int) for d in dims)
+
+
+def dims_text(dims: Sequence[Dim]) -> str:
+    """``[batch, 3, 224, 224]``: sizes as numbers, named dims by name, unnamed ones as ``?``."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def resolve_input_shapes(
+    declared: Mapping[str, tuple[Dim, ...] | None],
+    given: Mapping[str, Sequence[int]],
+    observed: Mapping[str, Sequence[int]] | None = None,
+    *,
+    cli: bool = False,
+) -> dict[str, tuple[int, ...]]:
+    """A static shape for every input whose declared shape is not static, and every one in
+    ``given``.
+
+    ``given`` (``input_shapes``) wins; ``observed`` (the shapes of the first calibration batch)
+    fixes the rest. A dimension name gets one value across inputs: data that disagrees on it
+    is refused naming both inputs. ``cli`` spells the hints as ``--input-shape`` options.
+    """
+    observed = observed or {}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise ShapeError(
+            f"{_option(cli)} names unknown inputs {unknown}",
+            hint="the model's inputs are " + ", ".join(declared),
+        )
+    bound: dict[str, tuple[int, str]] = {}  # dim name -> (size, the input that fixed it)
+
+    def bind(sources: Mapping[str, Sequence[int]], override: bool) -> None:
+        for name, shape in sources.items():
+            dims = declared.get(name)
+            if dims is None or len(dims) != len(shape):
+                continue  # a new rank (given) or data the checks below refuse
+            for dim, size in zip(dims, shape):
+                if not isinstance(dim, str):
+                    continue
+                size = int(size)
+                if dim in bound and bound[dim][0] != size:
+                    other = bound[dim][1]
+                    if not override and other in given:
+                        continue  # input_shapes wins; the data check reports the data
+                    what = f"{_option(cli)} gives" if override else "the calibration data gives"
+                    raise ShapeError(
+                        f"dimension {dim!r} is {bound[dim][0]} for input {other!r} but {size}"
+                        f" for input {name!r} ({what} both); one name means one size",
+                        hint=f"give both inputs the same {dim!r}, e.g. with "
+                        + _spell(cli, name, [bound[dim][0] if d == dim else d for d in dims]),
+                    )
+                bound.setdefault(dim, (size, name))
+
+    bind({k: tuple(v) for k, v in given.items()}, True)
+    bind({k: v for k, v in observed.items() if k not in given}, False)
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in given.items()}
+    for name, dims in declared.items():
+        if name in shapes or is_static(dims):
+            continue
+        seen = observed.get(name)
+        if dims is None:
+            if seen is None:
+                raise ShapeError(
+                    f"input {name!r} declares no shape",
+                    hint=f"give the shape you will run with {_spell(cli, name, ['...'])}",
+                )
+            shapes[name] = tuple(int(d) for d in seen)
+            continue
+        if seen is not None and len(seen) != len(dims):
+            raise ShapeError(
+                f"the calibration data for input {name!r} has shape {list(seen)}, the model"
+                f" takes rank {len(dims)}: {dims_text(dims)}",
+                hint="samples go on the first axis; or fix the shape with "
+                + _spell(cli, name, dims),
+            )
+        resolved: list[int] = []
+        for i, dim in enumerate(dims):
+            if isinstance(dim, int):
+                resolved.append(dim)
+            elif isinstance(dim, str) and dim in bound:
+                resolved.append(bound[dim][0])
+            elif seen is not None:
+                resolved.append(int(seen[i]))
+            else:
+                free = [("?" if d is None else d) for d in dims if not isinstance(d, int)]
+                raise ShapeError(
+                    f"input {name!r} has symbolic dimensions {free} (shape {dims_text(dims)})"
+                    " that nothing fixes",
+                    hint="pass the shape you will run: "
+                    + _spell(cli, name, dims)
+                    + " with the names replaced by sizes"
+                    + ("" if cli else ", or calibration data to intq.convert"),
+                )
+        shapes[name] = tuple(resolved)
+    return shapes
+
+
+def _option(cli: bool) -> str:
+    return "--input-shape" if cli else "input_shapes"
+
+
+def _spell(cli: bool, name: str, dims: Sequence[Dim]) -> str:
+    """How the user fixes ``name``'s shape: ``input_shapes={'x': (1, seq)}`` or
+    ``--input-shape x=1,seq``."""
+    parts = ["?" if d is None else str(d) for d in dims]
+    if cli:
+        return f"--input-shape {name}={','.join(parts)}"
+    inner = ", ".join(parts) + ("," if len(parts) == 1 else "")
+    return f"input_shapes={{{name!r}: ({inner})}}"
+
+
 class _Importer:
-    def __init__(self, proto: onnx.ModelProto, base_dir: Path, shapes: dict[str, Sequence[int]]):
+    def __init__(self, proto: onnx.ModelProto, base_dir: Path, shapes: dict[str, tuple[int, ...]]):
         self.proto = proto
         self.base_dir = base_dir
         self.shapes = shapes
         self.graph = Graph(proto.graph.name or "main")
         self.values: dict[str, Value | None] = {"": None}
         self.opset = self._opset()
+        self.unsupported: dict[str, list[str]] = {}  # op -> the nodes intq cannot convert
+        self.folded: set[str] = set()  # op types without a converter, folded on constants
 
     def _opset(self) -> int:
         versions = {o.domain: o.version for o in self.proto.opset_import}
@@ -140,17 +352,22 @@ class _Importer:
             self._initializer(tensor)
         if g.sparse_initializer:
             raise UnsupportedOpError("sparse initializers are not supported")
-        unknown = sorted(set(self.shapes) - {i.name for i in g.input})
-        if unknown:
-            raise ShapeError(
-                f"input_shapes names unknown inputs {unknown}",
-                hint="the model's inputs are " + ", ".join(i.name for i in g.input),
-            )
         for info in g.input:
             if info.name not in self.values:
                 self._input(info)
         for index in _topological_order(g.node):
-            self._node(g.node[index], index)
+            node = g.node[index]
+            name = node.name or f"{node.op_type}_{index}"
+            try:
+                missing = self._node(node, name)
+            except IntqError:
+                if not self.unsupported:
+                    raise
+                continue  # the nodes after an unsupported one are only surveyed
+            if missing is not None:
+                self.unsupported.setdefault(missing, []).append(name)
+        if self.unsupported:
+            raise self._report()
         outputs = []
         for info in g.output:
             value = self.values.get(info.name)
@@ -178,44 +395,42 @@ class _Importer:
             raise UnsupportedOpError(f"input {info.name!r} is not a tensor")
         dtype = onnx_dtype(ttype.elem_type, node=info.name)
         if info.name in self.shapes:
-            shape = tuple(int(d) for d in self.shapes[info.name])
-        else:
-            dims = ttype.shape.dim
-            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
-            if not ttype.HasField("shape") or -1 in shape:
-                symbolic = [d.dim_param or "?" for d in dims]
-                raise ShapeError(
-                    f"input {info.name!r} has symbolic dimensions {symbolic}",
-                    hint=f"pass input_shapes={{{info.name!r}: (...)}} with the shape you will run",
-                )
+            shape = self.shapes[info.name]
+        else:  # resolve_input_shapes gave every input that is not static a shape
+            shape = tuple(d.dim_value for d in ttype.shape.dim)
         check_size(shape, dtype, f"input {info.name!r}")
         try:
             self.values[info.name] = self.graph.add_input(info.name, TensorType(dtype, shape))
         except IntqError as err:
             raise ShapeError(f"input {info.name!r}: {err.message}") from None
 
-    def _node(self, node: onnx.NodeProto, index: int) -> None:
-        name = node.name or f"{node.op_type}_{index}"
+    def _node(self, node: onnx.NodeProto, name: str) -> str | None:
+        """Convert one node; returns its op (as the report names it) when intq has no
+        converter for it, and nothing computes its outputs."""
         if node.domain not in _DEFAULT_DOMAINS:
-            raise UnsupportedOpError(
-                f"{node.op_type} from domain {node.domain!r} is not supported",
-                node=name,
-                hint="intq converts standard ONNX (ai.onnx) ops only",
-            )
+            return f"{node.op_type} from domain {node.domain!r}"
         converter = find_converter(node.op_type, self.opset)
-        if converter is None:
-            raise UnsupportedOpError(
-                f"{node.op_type} (opset {self.opset}) is not supported",
-                node=name,
-                hint="supported ONNX ops (opsets): " + ", ".join(supported_ops()),
-            )
         missing = [n for n in node.input if n not in self.values]
         if missing:
+            if self.unsupported and converter is None:
+                return f"{node.op_type} (opset {self.opset})"
             raise ModelImportError(f"input {missing[0]!r} is not defined anywhere", node=name)
         inputs = [self.values[n] for n in node.input]
+        constants = [None if v is None else False if v.const is None else v.const for v in inputs]
+        if converter is None:
+            if can_fold(node, constants) and self._fold(node, name, inputs):
+                self.folded.add(node.op_type)
+                return None
+            return f"{node.op_type} (opset {self.opset})"
         ctx = ConvertContext(self.graph, node, name, self.opset, inputs)
         try:
             outputs = converter(ctx)
+        except UnsupportedOpError:
+            # A feature intq lacks (a bicubic Resize of position embeddings) on constants:
+            # onnx computes it.
+            if can_fold(node, constants) and self._fold(node, name, inputs):
+                return None
+            raise
         except IntqError as err:
             if err.node is None:
                 raise type(err)(err.message, node=name, hint=err.hint) from None
@@ -223,6 +438,39 @@ class _Importer:
         for onnx_name, value in zip(node.output, outputs):
             if onnx_name:
                 self.values[onnx_name] = value
+        return None
+
+    def _report(self) -> UnsupportedOpError:
+        """One error listing every op intq cannot convert, with a few of its nodes each."""
+        custom = any(" from domain " in op for op in self.unsupported)
+        hint = "supported ONNX ops (opsets): " + ", ".join(supported_ops())
+        if custom:
+            hint = "intq converts standard ONNX (ai.onnx) ops only; " + hint
+        if len(self.unsupported) == 1:
+            ((op, names),) = self.unsupported.items()
+            if len(names) == 1:
+                return UnsupportedOpError(f"{op} is not supported", node=names[0], hint=hint)
+        total = sum(len(names) for names in self.unsupported.values())
+        parts = []
+        for op, names in sorted(self.unsupported.items(), key=lambda item: -len(item[1])):
+            shown = ", ".join(repr(n) for n in names[:_SHOWN])
+            more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+            parts.append(f"{op} x{len(names)} ({shown}{more})")
+        kinds = "op is" if len(self.unsupported) == 1 else f"{len(self.unsupported)} ops are"
+        return UnsupportedOpError(
+            f"{kinds} not supported, in {total} nodes: " + "; ".join(parts), hint=hint
+        )
+
+    def _fold(self, node: onnx.NodeProto, name: str, inputs: list[Value | None]) -> bool:
+        """Evaluate a node intq has no converter for on its constant inputs; False when onnx
+        cannot tell its output sizes in advance."""
+        arrays = fold(node, name, self.opset, [None if v is None else v.const for v in inputs])
+        if arrays is None:
+            return False
+        for onnx_name, array in zip(node.output, arrays):
+            if onnx_name and array is not None:
+                self.values[onnx_name] = self.graph.add_constant(array, onnx_name)
+        return True
 
     def _named_output(self, value: Value, name: str) -> Value:
         """Keep the ONNX output name: users key their results by it."""

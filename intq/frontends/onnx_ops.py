@@ -643,3 +643,252 @@ def _constant_of_shape(ctx: ConvertContext) -> list[Value]:
         value=float(value),
         dtype=dtype.value,
     )
+
+
+# ----- ops the importer added for real models (Split, PRelu, Resize, ConvTranspose...) -------
+
+
+def _step(
+    ctx: ConvertContext, op: str, inputs: Sequence[Value | None], out: str = "", **attrs: Any
+) -> Value:
+    """One IR node of a multi-node conversion (output named ``out``, or after the op),
+    size-checked and folded like :meth:`ConvertContext.emit`."""
+    node = ctx.graph.add(op, list(inputs), attrs, name=ctx.name, out_names=[out or op.lower()])
+    check_size(node.output.type.shape, node.output.type.dtype, f"the output of {op}", node=ctx.name)
+    return fold_node(ctx.graph, node)[0] if foldable(node) else node.output
+
+
+def _split(ctx: ConvertContext, sizes: Sequence[int]) -> list[Value]:
+    x = ctx.input(0)
+    axis = ctx.attr("axis", 0)
+    if not -x.type.rank <= axis < x.type.rank:
+        raise ShapeError(f"Split axis {axis} out of range for rank {x.type.rank}", node=ctx.name)
+    axis %= x.type.rank
+    count = len(ctx.node.output)
+    dim = x.type.shape[axis]
+    if not sizes:
+        parts = ctx.attr("num_outputs", count)
+        if parts != count or parts < 1:
+            raise ShapeError(f"Split num_outputs={parts} but {count} outputs", node=ctx.name)
+        chunk = -(-dim // parts)
+        sizes = [min(chunk, max(0, dim - i * chunk)) for i in range(parts)]
+        if "num_outputs" not in ctx.attrs and dim % parts:
+            raise ShapeError(f"Split of {dim} into {parts} equal parts", node=ctx.name)
+    if len(sizes) != count or sum(sizes) != dim or any(s < 0 for s in sizes):
+        raise ShapeError(
+            f"Split sizes {list(sizes)} for {count} outputs do not add up to {dim}", node=ctx.name
+        )
+    outputs, start = [], 0
+    for size, name in zip(sizes, ctx.node.output):
+        outputs.append(
+            _step(
+                ctx,
+                "Slice",
+                [x],
+                name or "split",
+                starts=(start,),
+                ends=(start + size,),
+                axes=(axis,),
+            )
+        )
+        start += size
+    return outputs
+
+
+@_converter("Split", 2, 12)
+def _split_attr(ctx: ConvertContext) -> list[Value]:
+    return _split(ctx, tuple(ctx.attr("split", [])))
+
+
+@_converter("Split", 13)
+def _split_input(ctx: ConvertContext) -> list[Value]:
+    return _split(ctx, _ints(ctx.const(1, "split")))
+
+
+@_converter("PRelu", 7)
+def _prelu(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("PRelu", ctx.inputs[:2])
+
+
+@_converter("LeakyRelu", 6)
+def _leaky_relu(ctx: ConvertContext) -> list[Value]:
+    x = ctx.input(0)
+    alpha = ctx.graph.add_constant(
+        np.array(ctx.attr("alpha", 0.01), x.type.dtype.numpy), f"{ctx.name}.alpha"
+    )
+    return ctx.emit("PRelu", [x, alpha])
+
+
+@_converter("Min", 8)
+@_converter("Max", 8)
+def _min_max(ctx: ConvertContext) -> list[Value]:
+    """ONNX's n-ary Min/Max as a chain of binary ones."""
+    operands = [v for v in ctx.inputs if v is not None]
+    if not operands:
+        raise ModelImportError(f"{ctx.node.op_type} needs at least one input", node=ctx.name)
+    if len(operands) == 1:
+        return [operands[0]]
+    acc = operands[0]
+    for operand in operands[1:-1]:
+        acc = _step(ctx, ctx.node.op_type, [acc, operand])
+    return ctx.emit(ctx.node.op_type, [acc, operands[-1]])
+
+
+@_converter("Softplus", 1)
+@_converter("Mish", 18)
+def _softplus(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit(ctx.node.op_type, ctx.inputs[:1])
+
+
+@_converter("Tile", 6)
+def _tile(ctx: ConvertContext) -> list[Value]:
+    """``Tile`` as Reshape to ``(1, d0, 1, d1...)``, Expand to ``(r0, d0, r1, d1...)`` and
+    Reshape to ``(r0 * d0, ...)``: data movement the integer lowering already knows."""
+    x = ctx.input(0)
+    repeats = _ints(ctx.const(1, "repeats"))
+    shape = x.type.shape
+    if len(repeats) != len(shape) or any(r < 0 for r in repeats):
+        raise ShapeError(f"Tile repeats {list(repeats)} do not fit {list(shape)}", node=ctx.name)
+    spread = tuple(d for dim in shape for d in (1, dim))
+    grown = tuple(d for r, dim in zip(repeats, shape) for d in (r, dim))
+    check_size(grown, x.type.dtype, "the output of Tile", node=ctx.name)
+    flat = _step(ctx, "Reshape", [x], shape=spread)
+    wide = _step(ctx, "Expand", [flat], shape=grown)
+    return ctx.emit("Reshape", [wide], shape=tuple(r * d for r, d in zip(repeats, shape)))
+
+
+@_converter("DepthToSpace", 1)
+def _depth_to_space(ctx: ConvertContext) -> list[Value]:
+    """Reshape, Transpose, Reshape, as the ONNX definition (modes DCR and CRD)."""
+    x = ctx.input(0)
+    if x.type.rank != 4:
+        raise ctx.unsupported(f"input of rank {x.type.rank} (4-D NCHW only)")
+    b = ctx.attr("blocksize")
+    n, c, h, w = x.type.shape
+    if b < 1 or c % (b * b):
+        raise ShapeError(f"DepthToSpace blocksize {b} does not divide {c} channels", node=ctx.name)
+    if ctx.attr("mode", "DCR") == "DCR":
+        split, perm = (n, b, b, c // (b * b), h, w), (0, 3, 4, 1, 5, 2)
+    else:
+        split, perm = (n, c // (b * b), b, b, h, w), (0, 1, 4, 2, 5, 3)
+    moved = _step(ctx, "Transpose", [_step(ctx, "Reshape", [x], shape=split)], perm=perm)
+    return ctx.emit("Reshape", [moved], shape=(n, c // (b * b), h * b, w * b))
+
+
+@_converter("SpaceToDepth", 1)
+def _space_to_depth(ctx: ConvertContext) -> list[Value]:
+    x = ctx.input(0)
+    if x.type.rank != 4:
+        raise ctx.unsupported(f"input of rank {x.type.rank} (4-D NCHW only)")
+    b = ctx.attr("blocksize")
+    n, c, h, w = x.type.shape
+    if b < 1 or h % b or w % b:
+        raise ShapeError(f"SpaceToDepth blocksize {b} does not divide {h}x{w}", node=ctx.name)
+    split = _step(ctx, "Reshape", [x], shape=(n, c, h // b, b, w // b, b))
+    moved = _step(ctx, "Transpose", [split], perm=(0, 3, 5, 1, 2, 4))
+    return ctx.emit("Reshape", [moved], shape=(n, c * b * b, h // b, w // b))
+
+
+def _resize_node(
+    ctx: ConvertContext, scales: np.ndarray | None, sizes: np.ndarray | None, **modes: str
+) -> list[Value]:
+    x = ctx.input(0)
+    mode = ctx.attr("mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise ctx.unsupported(f"mode={mode!r} (nearest and linear are supported)")
+    if ctx.attr("antialias", 0) and mode == "linear":
+        raise ctx.unsupported("antialias=1")
+    if ctx.attr("axes") is not None or ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise ctx.unsupported("axes or keep_aspect_ratio_policy")
+    scale_list = (
+        () if scales is None or scales.size == 0 else tuple(float(s) for s in scales.reshape(-1))
+    )
+    size_list = _ints(sizes) if sizes is not None and sizes.size else ()
+    return ctx.emit("Resize", [x], mode=mode, scales=scale_list, sizes=size_list, **modes)
+
+
+def _upsample(ctx: ConvertContext, scales: np.ndarray | None) -> list[Value]:
+    """Upsample and Resize-10: asymmetric coordinates, nearest rounding down when upsampling
+    (ONNX Runtime rounds up when downsampling: refused)."""
+    if scales is None:
+        raise ModelImportError(f"{ctx.node.op_type} needs scales", node=ctx.name)
+    if ctx.attr("mode", "nearest") == "nearest" and np.any(scales < 1):
+        raise ctx.unsupported("nearest downsampling (scales below 1)")
+    return _resize_node(
+        ctx, scales, None, coordinate_transformation_mode="asymmetric", nearest_mode="floor"
+    )
+
+
+@_converter("Upsample", 7, 8)
+def _upsample_attr(ctx: ConvertContext) -> list[Value]:
+    return _upsample(ctx, np.array(ctx.attr("scales"), np.float32))
+
+
+@_converter("Upsample", 9, 9)
+@_converter("Resize", 10, 10)
+def _upsample_input(ctx: ConvertContext) -> list[Value]:
+    return _upsample(ctx, ctx.const(1, "scales"))
+
+
+@_converter("Resize", 11)
+def _resize(ctx: ConvertContext) -> list[Value]:
+    transform = ctx.attr("coordinate_transformation_mode", "half_pixel")
+    if transform in ("tf_crop_and_resize", "tf_half_pixel_for_nearest", "half_pixel_symmetric"):
+        raise ctx.unsupported(f"coordinate_transformation_mode={transform!r}")
+    return _resize_node(
+        ctx,
+        ctx.const(2, "scales"),
+        ctx.const(3, "sizes"),
+        coordinate_transformation_mode=transform,
+        nearest_mode=ctx.attr("nearest_mode", "round_prefer_floor"),
+    )
+
+
+@_converter("ConvTranspose", 1)
+def _conv_transpose(ctx: ConvertContext) -> list[Value]:
+    x, w = ctx.input(0), ctx.input(1)
+    spatial = w.type.rank - 2
+    kernel = tuple(w.type.shape[2:])
+    if ctx.attr("kernel_shape") and tuple(ctx.attr("kernel_shape")) != kernel:
+        raise ShapeError(
+            f"kernel_shape {ctx.attr('kernel_shape')} differs from the weight's {list(kernel)}",
+            node=ctx.name,
+        )
+    strides = tuple(ctx.attr("strides", [1] * spatial))
+    dilations = tuple(ctx.attr("dilations", [1] * spatial))
+    extra = tuple(ctx.attr("output_padding", [0] * spatial))
+    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    wanted = ctx.attr("output_shape")
+    if wanted is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = [x.type.shape[2 + i] * strides[i] for i in range(spatial)]
+    if wanted is not None:
+        wanted = list(wanted)[-spatial:]
+        begin, end = [], []
+        for i in range(spatial):
+            full = (x.type.shape[2 + i] - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1
+            total = full + extra[i] - wanted[i]
+            if total < 0:
+                raise ctx.unsupported(f"output_shape {wanted} larger than the unpadded output")
+            small, large = total // 2, total - total // 2
+            # As ONNX Runtime: SAME_UPPER puts the larger half at the end, SAME_LOWER and an
+            # explicit output_shape at the start.
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        pads = tuple(begin + end)
+    elif auto_pad in ("NOTSET", "VALID"):
+        pads = (
+            tuple(ctx.attr("pads", [0] * 2 * spatial))
+            if auto_pad == "NOTSET"
+            else (0,) * 2 * spatial
+        )
+    else:
+        raise ctx.unsupported(f"auto_pad={auto_pad!r}")
+    return ctx.emit(
+        "ConvTranspose",
+        ctx.inputs,
+        strides=strides,
+        pads=pads,
+        dilations=dilations,
+        output_padding=extra,
+        group=ctx.attr("group", 1),
+    )

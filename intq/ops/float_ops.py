@@ -738,3 +738,162 @@ def _constant_of_shape(ctx: InferContext) -> list[TensorType]:
     except ValueError:
         raise ShapeError(f"unknown dtype {ctx['dtype']!r}") from None
     return [TensorType(dtype, tuple(ctx["shape"]))]
+
+
+# ----- float ops the ONNX importer added for real models (no integer lowering yet) ----------
+
+
+@OPS.op("Min", inputs=2)
+@OPS.op("Max", inputs=2)
+def _min_max(ctx: InferContext) -> list[TensorType]:
+    """Broadcasting elementwise minimum / maximum of two tensors of one numeric dtype (ONNX's
+    n-ary Min and Max are chains of these)."""
+    dtype = _need_same_dtype(ctx, 0, 1)
+    _need_numeric(ctx, 0)
+    return [TensorType(dtype, _broadcast(ctx.type(0), ctx.type(1)))]
+
+
+@OPS.op("PRelu", inputs=2)
+def _prelu(ctx: InferContext) -> list[TensorType]:
+    """``x < 0 ? x * slope : x``; ``slope`` broadcasts to ``x`` (LeakyRelu: a scalar slope)."""
+    _need_float(ctx, 0)
+    _need_same_dtype(ctx, 0, 1)
+    x = ctx.type(0)
+    if _broadcast(x, ctx.type(1)) != x.shape:
+        raise ShapeError(f"PRelu slope {ctx.type(1)} does not broadcast to {x}")
+    return _same_type(ctx)
+
+
+@OPS.op("Softplus")
+@OPS.op("Mish")
+def _softplus(ctx: InferContext) -> list[TensorType]:
+    """``Softplus(x) = log(1 + exp(x))``; ``Mish(x) = x * tanh(Softplus(x))``."""
+    _need_float(ctx, 0)
+    return _same_type(ctx)
+
+
+RESIZE_MODES = ("nearest", "linear")
+RESIZE_COORDINATES = (
+    "half_pixel",
+    "pytorch_half_pixel",
+    "align_corners",
+    "asymmetric",
+)
+NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def _resize_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> dict[str, Any]:
+    """Both ``scales`` and ``sizes`` explicit: sizes are ``floor(dim * scale)`` (as ONNX), and
+    scales given by sizes are ``size / dim`` in float32 (as ONNX Runtime computes them)."""
+    x = types[0]
+    if x is None:
+        return attrs
+    scales, sizes = attrs["scales"], attrs["sizes"]
+    if not scales and not sizes:
+        raise ShapeError("Resize needs scales or sizes")
+    if (scales and len(scales) != x.rank) or (sizes and len(sizes) != x.rank):
+        raise ShapeError(f"Resize scales {scales} / sizes {sizes} do not fit rank {x.rank}")
+    if not sizes:
+        if any(not s > 0 for s in scales):
+            raise ShapeError(f"Resize scales must be > 0, got {list(scales)}")
+        # float32 products, as ONNX Runtime computes them
+        sizes = tuple(int(np.float32(d) * np.float32(s)) for d, s in zip(x.shape, scales))
+    if not scales:
+        scales = tuple(
+            float(np.float32(s) / np.float32(d)) if d else 1.0 for d, s in zip(x.shape, sizes)
+        )
+    return {**attrs, "scales": scales, "sizes": sizes}
+
+
+@OPS.op(
+    "Resize",
+    attrs={
+        "mode": Attr("str", "nearest"),
+        "scales": Attr("floats", ()),
+        "sizes": Attr("ints", ()),
+        "coordinate_transformation_mode": Attr("str", "half_pixel"),
+        "nearest_mode": Attr("str", "round_prefer_floor"),
+    },
+    canonicalize=_resize_canon,
+)
+def _resize(ctx: InferContext) -> list[TensorType]:
+    """Resize every axis to ``sizes`` by ``scales`` (ONNX Resize without roi, cubic or
+    antialias): ``nearest`` or separable ``linear`` interpolation (bilinear on NCHW)."""
+    _need_numeric(ctx, 0)
+    for key, allowed in (
+        ("mode", RESIZE_MODES),
+        ("coordinate_transformation_mode", RESIZE_COORDINATES),
+        ("nearest_mode", NEAREST_MODES),
+    ):
+        if ctx[key] not in allowed:
+            raise ShapeError(f"Resize {key} must be one of {', '.join(allowed)}, got {ctx[key]!r}")
+    if ctx["mode"] == "linear":
+        _need_float(ctx, 0)
+    sizes = tuple(ctx["sizes"])
+    if any(d < 0 for d in sizes):
+        raise ShapeError(f"Resize to negative sizes {list(sizes)}")
+    return _same_type(ctx, sizes)
+
+
+def _conv_transpose_canon(
+    attrs: dict[str, Any], types: Sequence[TensorType | None]
+) -> dict[str, Any]:
+    w = types[1] if len(types) > 1 else None
+    if w is None:
+        return attrs
+    return _spatial_defaults(
+        attrs,
+        w.rank - 2,
+        [("strides", 1, 1), ("pads", 0, 2), ("dilations", 1, 1), ("output_padding", 0, 1)],
+    )
+
+
+@OPS.op(
+    "ConvTranspose",
+    inputs=(2, 3),
+    attrs={
+        "strides": Attr("ints", ()),
+        "pads": Attr("ints", ()),
+        "dilations": Attr("ints", ()),
+        "output_padding": Attr("ints", ()),
+        "group": Attr("int", 1),
+    },
+    canonicalize=_conv_transpose_canon,
+)
+def _conv_transpose(ctx: InferContext) -> list[TensorType]:
+    """N-d transposed convolution, NC[D]HW; weight ``(C, M / group, k...)``; each spatial
+    size is ``(in - 1) * stride + dilation * (k - 1) + 1 + output_padding - pads``."""
+    _need_same_dtype(ctx, 0, 1)
+    _need_float(ctx, 0)
+    x, w = ctx.type(0), ctx.type(1)
+    group = ctx["group"]
+    if x.rank < 3 or w.rank != x.rank:
+        raise ShapeError(f"ConvTranspose needs input and weight of equal rank >= 3, got {x}, {w}")
+    if group < 1 or x.shape[1] != w.shape[0] or w.shape[0] % group:
+        raise ShapeError(
+            f"ConvTranspose with group={group}: input channels {x.shape[1]} and weight"
+            f" {list(w.shape)} do not fit"
+        )
+    m = w.shape[1] * group
+    if ctx.has(2) and ctx.type(2).shape != (m,):
+        raise ShapeError(f"ConvTranspose bias must have shape [{m}], got {ctx.type(2)}")
+    spatial = x.rank - 2
+    pads, strides, dilations = ctx["pads"], ctx["strides"], ctx["dilations"]
+    dims = []
+    for i in range(spatial):
+        if strides[i] < 1 or dilations[i] < 1:
+            raise ShapeError("ConvTranspose strides and dilations must be >= 1")
+        if not 0 <= ctx["output_padding"][i] < strides[i]:
+            raise ShapeError("ConvTranspose output_padding must be below the stride")
+        size = (
+            (x.shape[2 + i] - 1) * strides[i]
+            + dilations[i] * (w.shape[2 + i] - 1)
+            + 1
+            + ctx["output_padding"][i]
+            - pads[i]
+            - pads[i + spatial]
+        )
+        if size < 1:
+            raise ShapeError(f"ConvTranspose pads {list(pads)} leave no output")
+        dims.append(size)
+    return [TensorType(x.dtype, (x.shape[0], m, *dims))]

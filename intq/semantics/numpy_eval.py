@@ -497,6 +497,124 @@ def _constant_of_shape(node: Node) -> list[Array]:
     return [np.full(node.attrs["shape"], node.attrs["value"], dtype=_out_dtype(node))]
 
 
+# ----- float ops the ONNX importer added for real models -----------------------------------
+
+
+@_kernel("Min", "Max")
+def _min_max(node: Node, a: Array, b: Array) -> list[Array]:
+    return [(np.minimum if node.op == "Min" else np.maximum)(a, b)]
+
+
+@_kernel("PRelu")
+def _prelu(node: Node, x: Array, slope: Array) -> list[Array]:
+    return [np.where(x < 0, x * slope, x).astype(x.dtype, copy=False)]
+
+
+def _softplus_of(x: Array) -> Array:
+    # As ONNX Runtime: log1p(exp(-|x|)) + max(x, 0) never overflows.
+    return np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0)
+
+
+@_kernel("Softplus")
+def _softplus(node: Node, x: Array) -> list[Array]:
+    return [_softplus_of(x).astype(x.dtype, copy=False)]
+
+
+@_kernel("Mish")
+def _mish(node: Node, x: Array) -> list[Array]:
+    return [(x * np.tanh(_softplus_of(x))).astype(x.dtype, copy=False)]
+
+
+def resize_coordinates(out: int, size: int, scale: float, transform: str) -> np.ndarray:
+    """The input coordinate (float32, as ONNX Runtime) of each of ``out`` output positions
+    along an axis of ``size`` resized by ``scale``."""
+    x = np.arange(out, dtype=np.float32)
+    s = np.float32(scale)
+    half = np.float32(0.5)
+    if transform == "half_pixel":
+        return (x + half) / s - half
+    if transform == "pytorch_half_pixel":
+        return (x + half) / s - half if out > 1 else np.zeros(out, np.float32)
+    if transform == "align_corners":
+        if out == 1:
+            return np.zeros(out, np.float32)
+        return x * np.float32(size - 1) / np.float32(out - 1)
+    return x / s  # asymmetric
+
+
+def _nearest_index(coords: np.ndarray, size: int, mode: str) -> np.ndarray:
+    if mode == "floor":
+        index = np.floor(coords)
+    elif mode == "ceil":
+        index = np.ceil(coords)
+    elif mode == "round_prefer_ceil":
+        index = np.floor(coords + np.float32(0.5))
+    else:  # round_prefer_floor
+        index = np.ceil(coords - np.float32(0.5))
+    return np.clip(index, 0, size - 1).astype(np.int64)
+
+
+@_kernel("Resize")
+def _resize(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    y = x
+    for axis, (size, out, scale) in enumerate(zip(x.shape, attrs["sizes"], attrs["scales"])):
+        if size == out and scale == 1.0:
+            continue
+        coords = resize_coordinates(out, size, scale, attrs["coordinate_transformation_mode"])
+        if attrs["mode"] == "nearest":
+            y = np.take(y, _nearest_index(coords, size, attrs["nearest_mode"]), axis=axis)
+            continue
+        coords = np.clip(coords, 0, size - 1)
+        low = np.minimum(coords.astype(np.int64), size - 1)
+        high = np.minimum(low + 1, size - 1)
+        frac = np.where(low == high, np.float32(0.5), coords - low.astype(np.float32))
+        shape = [1] * x.ndim
+        shape[axis] = out
+        w_high = frac.reshape(shape).astype(x.dtype)
+        w_low = np.where(low == high, np.float32(0.5), 1 - frac).reshape(shape).astype(x.dtype)
+        y = np.take(y, low, axis=axis) * w_low + np.take(y, high, axis=axis) * w_high
+    return [np.ascontiguousarray(y).astype(x.dtype, copy=False)]
+
+
+@_kernel("ConvTranspose")
+def _conv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    attrs = node.attrs
+    group = attrs["group"]
+    strides, dilations, pads = attrs["strides"], attrs["dilations"], attrs["pads"]
+    spatial = x.ndim - 2
+    n, c = x.shape[:2]
+    kernel = w.shape[2:]
+    m_per = w.shape[1]
+    full = [
+        (x.shape[2 + i] - 1) * strides[i]
+        + dilations[i] * (kernel[i] - 1)
+        + 1
+        + attrs["output_padding"][i]
+        for i in range(spatial)
+    ]
+    acc = x.dtype if x.dtype.kind == "f" else np.float64
+    y = np.zeros((n, group, m_per, *full), acc)
+    xg = x.reshape(n, group, c // group, *x.shape[2:]).astype(acc, copy=False)
+    wg = w.reshape(group, c // group, m_per, *kernel).astype(acc, copy=False)
+    for tap in np.ndindex(*kernel):
+        # Every input position i adds x[i] * w[tap] at output i * stride + tap * dilation.
+        part = np.einsum(
+            "ngc...,gcm->ngm...", xg, wg[(slice(None), slice(None), slice(None), *tap)]
+        )
+        index = tuple(
+            slice(t * d, t * d + (size - 1) * s + 1, s)
+            for t, d, s, size in zip(tap, dilations, strides, x.shape[2:])
+        )
+        y[(slice(None), slice(None), slice(None), *index)] += part
+    y = y.reshape(n, group * m_per, *full)
+    crop = tuple(slice(pads[i], full[i] - pads[i + spatial]) for i in range(spatial))
+    y = y[(slice(None), slice(None), *crop)]
+    if b is not None:
+        y = y + b.reshape((1, -1) + (1,) * spatial).astype(acc, copy=False)
+    return [np.ascontiguousarray(y).astype(_out_dtype(node), copy=False)]
+
+
 # ----- the interpreter ------------------------------------------------------------------
 
 NodeHook = Callable[[Node, Sequence[Array]], None]

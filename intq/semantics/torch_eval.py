@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from intq.errors import IntqError
 from intq.ir.graph import Graph, Node
 from intq.ir.types import DType
+from intq.semantics.numpy_eval import resize_coordinates
 from intq.tables import RuleTable
 
 Tensor = torch.Tensor
@@ -298,6 +299,82 @@ def _pad(node: Node, x: Tensor) -> Tensor:
     if mode == "constant":
         return F.pad(x, width, value=node.attrs["value"])
     return F.pad(x, width, mode=mode)
+
+
+# ----- float ops the ONNX importer added for real models -------------------------------------
+
+
+@_rule("Min", "Max")
+def _min_max(node: Node, a: Tensor, b: Tensor) -> Tensor:
+    return torch.minimum(a, b) if node.op == "Min" else torch.maximum(a, b)
+
+
+@_rule("PRelu")
+def _prelu(node: Node, x: Tensor, slope: Tensor) -> Tensor:
+    return torch.where(x < 0, x * slope, x)
+
+
+@_rule("Softplus")
+def _softplus(node: Node, x: Tensor) -> Tensor:
+    return F.softplus(x)
+
+
+@_rule("Mish")
+def _mish(node: Node, x: Tensor) -> Tensor:
+    return F.mish(x)
+
+
+@_rule("Resize")
+def _resize(node: Node, x: Tensor) -> Tensor:
+    """The reference's per-axis nearest or linear interpolation, with torch ops."""
+    attrs = node.attrs
+    y = x
+    for axis, (size, out, scale) in enumerate(zip(x.shape, attrs["sizes"], attrs["scales"])):
+        if size == out and scale == 1.0:
+            continue
+        coords = torch.from_numpy(
+            resize_coordinates(out, size, scale, attrs["coordinate_transformation_mode"])
+        )
+        if attrs["mode"] == "nearest":
+            mode = attrs["nearest_mode"]
+            if mode == "floor":
+                index = torch.floor(coords)
+            elif mode == "ceil":
+                index = torch.ceil(coords)
+            elif mode == "round_prefer_ceil":
+                index = torch.floor(coords + 0.5)
+            else:
+                index = torch.ceil(coords - 0.5)
+            y = torch.index_select(y, axis, index.clamp(0, size - 1).to(torch.int64))
+            continue
+        coords = coords.clamp(0, size - 1)
+        low = torch.clamp(coords.to(torch.int64), max=size - 1)
+        high = torch.clamp(low + 1, max=size - 1)
+        same = low == high
+        frac = torch.where(same, torch.tensor(0.5), coords - low.to(torch.float32))
+        shape = [1] * x.ndim
+        shape[axis] = out
+        w_high = frac.reshape(shape).to(x.dtype)
+        w_low = torch.where(same, torch.tensor(0.5), 1 - frac).reshape(shape).to(x.dtype)
+        y = torch.index_select(y, axis, low) * w_low + torch.index_select(y, axis, high) * w_high
+    return y
+
+
+@_rule("ConvTranspose")
+def _conv_transpose(node: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    attrs = node.attrs
+    spatial = x.ndim - 2
+    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
+    # Unpadded, then ONNX's (possibly asymmetric) pads cropped and output_padding appended.
+    y = conv(x, w, None, attrs["strides"], 0, 0, attrs["group"], attrs["dilations"])
+    pads, extra = attrs["pads"], attrs["output_padding"]
+    if any(extra):
+        y = F.pad(y, _split_pads([0] * spatial + list(extra)))
+    crop = tuple(slice(pads[i], y.shape[2 + i] - pads[i + spatial]) for i in range(spatial))
+    y = y[(slice(None), slice(None), *crop)]
+    if b is not None:
+        y = y + b.reshape((1, -1) + (1,) * spatial)
+    return y
 
 
 # ----- the interpreter ---------------------------------------------------------------------
