@@ -23,8 +23,8 @@ the model. The choices, measured on this x86 AVX2 CPU without VNNI
   sign (wrapping uint64/int64 casts, as ONNX Runtime implements them).
   ``S >= 64`` gives 0 (offset 0) and ``S <= 0`` folds ``2^-S`` into ``M``.
 - Average pools sum with ``ConvInteger`` against a kernel of ones; the global
-  one with an int32 ``ReduceSum`` (exact: the range analysis proves the sum
-  fits int32).
+  one and ``QReduceSum`` with an int32 ``ReduceSum`` (exact: the range analysis proves
+  the sum fits int32).
 - 4-bit weights are saved packed two per byte as ONNX ``INT4`` initializers (opset 21)
   and widened by integer ``Cast``/``Add`` to the offset uint8 the kernels read; ONNX
   Runtime has no 4-bit integer conv or matmul, so they run as 8-bit ones, exactly.
@@ -543,6 +543,24 @@ def _qglobal_avgpool(b: _Builder, node: Node) -> None:
         return
     total = b.op("ReduceSum", [wide, axes], node.output.name + ".sum", node, keepdims=1)
     count = int(np.prod(x.type.shape[2:]))
+    b.add("Sub", [total, b.const(np.int32(count * zp), "zp_sum")], [node.output.name], node)
+
+
+@_lower("QReduceSum")
+def _qreduce_sum(b: _Builder, node: Node) -> None:
+    """An int32 ``ReduceSum`` (exact: the range analysis proves the sum fits int32), less
+    ``N * zp`` for a value stored offset."""
+    x = _input(node)
+    name, zp = b.tensor(x)
+    axes = node.attrs["axes"]
+    wide = b.op("Cast", [name], x.name + ".i32", node, to=TensorProto.INT32)
+    keep = node.attrs["keepdims"]
+    axes_const = b.const(np.asarray(axes, np.int64), "axes")
+    if not zp:
+        b.add("ReduceSum", [wide, axes_const], [node.output.name], node, keepdims=keep)
+        return
+    total = b.op("ReduceSum", [wide, axes_const], node.output.name + ".sum", node, keepdims=keep)
+    count = int(np.prod([x.type.shape[a] for a in axes]))
     b.add("Sub", [total, b.const(np.int32(count * zp), "zp_sum")], [node.output.name], node)
 
 

@@ -428,6 +428,23 @@ def _qavgpool(lw: Lowerer, node: Node) -> None:
     _bind_pool(lw, node, avgpool_te(node, nhwc), source, nhwc)
 
 
+@_lower("QReduceSum")
+def _qreduce_sum(lw: Lowerer, node: Node) -> None:
+    """An int32 sum (the range analysis proves it fits), on the layout the input is stored
+    in when the kept axes keep their order there (an NHWC input stays NHWC with keepdims)."""
+    x = input_of(node)
+    axes, keep = list(node.attrs["axes"]), bool(node.attrs["keepdims"])
+    source, nhwc = lw.stored(x)
+    kept = [a for a in range(x.type.rank) if a not in axes]
+    if nhwc and not keep and sorted(kept, key=nhwc_axis) != kept:
+        source, nhwc = lw.value(x), False
+    if nhwc:
+        axes = [nhwc_axis(a) for a in axes]
+    op = lw.relax.op
+    wide = lw.bb.emit(op.astype(source, "int32"))
+    lw.bind(node, lw.bb.emit(op.sum(wide, axis=axes, keepdims=keep)), nhwc=nhwc and keep)
+
+
 @_lower("MaxPool")
 def _maxpool(lw: Lowerer, node: Node) -> None:
     source, nhwc = lw.stored(input_of(node))

@@ -8,8 +8,9 @@ the graph:
   ops that cross the float boundary.
 - ``QConv``, ``QGemm``, ``QMatMul`` accumulate in int32; the accumulator's
   scale is ``s_x * s_w[c]`` per output channel.
-- ``QAveragePool`` and ``QGlobalAveragePool`` sum in int32; the accumulator's
-  scale is ``s_x / N`` (the division lives in the scale, so it costs nothing).
+- ``QAveragePool``, ``QGlobalAveragePool`` and ``QReduceSum`` (with ``mean``) sum in
+  int32; the accumulator's scale is ``s_x / N`` (the division lives in the scale, so it
+  costs nothing); a plain ``QReduceSum`` keeps ``s_x``.
 - ``Requantize`` and ``QAdd`` are the dyadic rescalings: their attributes
   hold ``M`` and ``S`` and the output scale, and the rule checks that
   ``M * 2^-S`` is within ``2^-30`` (relative) of ``s_in / s_out``.
@@ -256,6 +257,27 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
         dims.append((size - k) // s + 1)
     count = math.prod(kernel)
     return [_accumulator((*x.shape[:2], *dims), (_activation(ctx, 0) / count,), 1)]
+
+
+@OPS.op(
+    "QReduceSum",
+    attrs={"axes": Attr("ints"), "keepdims": Attr("int", 1), "mean": Attr("int", 0)},
+    traits=(Trait.INTEGER, Trait.ACCUMULATOR, Trait.LAYER),
+)
+def _qreduce_sum(ctx: InferContext) -> list[TensorType]:
+    """Sum over ``axes`` in int32 (kept as size 1 with ``keepdims``); the scale is ``s_x``,
+    or ``s_x / N`` with ``mean`` (ReduceMean: the division lives in the scale)."""
+    x = ctx.type(0)
+    axes = ctx["axes"]
+    if not axes or len(set(axes)) != len(axes) or not all(0 <= a < x.rank for a in axes):
+        raise ShapeError(f"QReduceSum axes {list(axes)} do not fit {x}")
+    count = math.prod(x.shape[a] for a in axes)
+    if ctx["keepdims"]:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    else:
+        shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    scale = _activation(ctx, 0) / (count if ctx["mean"] else 1)
+    return [_accumulator(shape, (scale,), 0)]
 
 
 # ----- rescaling --------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ an integer with its scale in its type. One rule per float op, in
   ``(a*Ma + b*Mb + 2^(S-1)) >> S`` with the following ReLU's clamp.
 - MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, zero Pad
   work on the integers unchanged; Concat first requantizes its inputs to one
-  scale; average pools sum in int32 and put ``1/N`` in the dyadic multiplier.
+  scale; average pools and ReduceMean sum in int32 and put ``1/N`` in the dyadic
+  multiplier (ReduceSum keeps the input's scale).
 - Graph outputs are dequantized once, straight from the int32 accumulator
   when they come from a Gemm (no 8-bit rounding of the logits). A trailing
   Softmax runs after that dequantization, outside the integer region.
@@ -578,6 +579,21 @@ def _gather(low: _Lowering, node: Node) -> None:
 def _global_avgpool(low: _Lowering, node: Node) -> None:
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
     low.pending[node.output] = Accumulator(low.emit(node, "QGlobalAveragePool", [x]))
+
+
+@_rule("ReduceMean", "ReduceSum")
+def _reduce_sum(low: _Lowering, node: Node) -> None:
+    """An int32 sum over the axes; a mean's ``1/N`` lives in the accumulator's scale."""
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    acc = low.emit(
+        node,
+        "QReduceSum",
+        [x],
+        axes=node.attrs["axes"],
+        keepdims=node.attrs["keepdims"],
+        mean=int(node.op == "ReduceMean"),
+    )
+    low.pending[node.output] = Accumulator(acc)
 
 
 @_rule("AveragePool")

@@ -7,7 +7,7 @@ extremes of constants) and follow each op:
 - ``QConv``/``QGemm``/``QMatMul``: per output channel, the worst case of
   ``sum(w * x) + b`` over the input interval (zero padding included) must fit
   int32.
-- ``QGlobalAveragePool``/``QAveragePool``: ``N * x`` must fit int32.
+- ``QGlobalAveragePool``/``QAveragePool``/``QReduceSum``: ``N * x`` must fit int32.
 - ``Requantize``: ``acc * M`` (and for ``S <= 0`` the left shift) must fit int64.
 - ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64.
 - Data movement keeps the interval; Concat joins them; Clip intersects.
@@ -156,7 +156,7 @@ def _flag(node: Node, ins: list[Interval | None]) -> Interval:
     return 0, 1
 
 
-@_rule("QGlobalAveragePool", "QAveragePool")
+@_rule("QGlobalAveragePool", "QAveragePool", "QReduceSum")
 def _pool_sum(node: Node, ins: list[Interval | None]) -> Interval:
     x = ins[0]
     assert x is not None
@@ -164,6 +164,8 @@ def _pool_sum(node: Node, ins: list[Interval | None]) -> Interval:
     assert source is not None
     if node.op == "QGlobalAveragePool":
         count = int(np.prod(source.type.shape[2:]))
+    elif node.op == "QReduceSum":
+        count = int(np.prod([source.type.shape[a] for a in node.attrs["axes"]]))
     else:
         count = int(np.prod(node.attrs["kernel_shape"]))
     return _fits(

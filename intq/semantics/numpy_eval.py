@@ -314,6 +314,13 @@ def _qglobal_avgpool(node: Node, x: Array) -> list[Array]:
     return [_int32(node, x.astype(np.int64).sum(axis=tuple(range(2, x.ndim)), keepdims=True))]
 
 
+@_kernel("QReduceSum")
+def _qreduce_sum(node: Node, x: Array) -> list[Array]:
+    axes = tuple(node.attrs["axes"])
+    total = x.astype(np.int64).sum(axis=axes, keepdims=bool(node.attrs["keepdims"]))
+    return [_int32(node, np.asarray(total))]
+
+
 @_kernel("QAveragePool")
 def _qavgpool(node: Node, x: Array) -> list[Array]:
     kernel = node.attrs["kernel_shape"]
