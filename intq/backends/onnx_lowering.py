@@ -2,11 +2,11 @@
 
 Only default-domain ONNX ops (opset 21), so the ``.onnx`` file runs on plain
 ONNX Runtime with no intq at run time. Each IR op has one lowering in
-:data:`LOWER`; the transformer kernels are written once against the ``IntOps``
-vocabulary (:mod:`intq.semantics.kernels`), which :class:`_OnnxOps` emits as ONNX
-nodes. :func:`to_onnx` runs the table; :mod:`intq.backends.onnxruntime` runs and saves
-the model. The choices, measured on this x86 AVX2 CPU without VNNI
-(``benchmarks/ort_integer_ops_probe.py``):
+:data:`LOWER`; the transformer kernels, tables and products of activations are written
+once against the ``IntOps`` vocabulary (:mod:`intq.semantics.kernels`), which
+:class:`_OnnxOps` emits as ONNX nodes. :func:`to_onnx` runs the table;
+:mod:`intq.backends.onnxruntime` runs and saves the model. The choices, measured on
+this x86 AVX2 CPU without VNNI (``benchmarks/ort_integer_ops_probe.py``):
 
 - Integer convolutions and matrix products run as ``ConvInteger`` and
   ``MatMulInteger`` with **uint8 x uint8** operands: signed values are stored
@@ -530,6 +530,30 @@ def _transformer_kernel(b: _Builder, node: Node) -> None:
     x = _as_int64(b, _input(node), node)
     mask = None if keep is None else _as_int64(b, keep, node)
     _store(b, kernels.run_node(_OnnxOps(b, node), node, x, mask), node)
+
+
+@_lower("QLookup")
+def _qlookup(b: _Builder, node: Node) -> None:
+    """One ``Gather``: the stored codes index the table directly (an int8 stored offset by
+    128 is its own index), whose entries hold the output's stored codes."""
+    x = _input(node)
+    name, zp = b.tensor(x)
+    out_name, out_zp = b.output(node.output)
+    table = np.asarray(node.attrs["table"], np.int64) + out_zp
+    index = b.op("Cast", [name], x.name + ".i64", node, to=TensorProto.INT64)
+    offset = kernels.lookup_offset(x.type.dtype.numpy) - zp
+    result = kernels.lookup(_OnnxOps(b, node), index, table, offset)
+    b.add("Cast", [result], [out_name], node, to=b.storage_type(node.output, out_zp))
+
+
+@_lower("QMul")
+def _qmul(b: _Builder, node: Node) -> None:
+    attrs = node.attrs
+    a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+    result = kernels.multiply(
+        _OnnxOps(b, node), a, c, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    _store(b, result, node)
 
 
 @_lower("QGlobalAveragePool")

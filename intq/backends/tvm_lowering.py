@@ -16,8 +16,9 @@ graph's inputs. :func:`intq.backends.tvm.to_relax` drives it over a graph.
 - **Quantize** divides in float32 and rounds half to even (``nearbyint``), as
   the reference and ONNX ``QuantizeLinear`` do; ``Dequantize`` multiplies in
   float32.
-- **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``) are the reference's own
-  code (:mod:`intq.semantics.kernels`), emitted op by op as Relax int64 ops (:class:`_RelaxOps`).
+- **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``), tables (``QLookup``) and
+  products of activations (``QMul``) are the reference's own code
+  (:mod:`intq.semantics.kernels`), emitted op by op as Relax int64 ops (:class:`_RelaxOps`).
 
 Every kernel keeps the compute it is given here, so a schedule
 (:mod:`intq.backends.tvm_schedules`) can only reorder it. TVM is imported when a
@@ -64,7 +65,7 @@ from intq.errors import UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
-from intq.semantics.kernels import run_node
+from intq.semantics.kernels import lookup, lookup_offset, multiply, run_node
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
@@ -663,10 +664,38 @@ class _RelaxOps:
         return self._emit(self.op.sum(counts, axis=[-1], keepdims=False))
 
     def gather(self, table: np.ndarray, index: Any) -> Any:
-        return self._emit(self.op.take(self.const(table), index, axis=0))
+        # "clip" never changes an index the kernels give (always inside the table) and
+        # keeps TVM from warning that "fast" mode trusts them.
+        return self._emit(self.op.take(self.const(table), index, axis=0, mode="clip"))
 
     def div(self, a: Any, b: Any) -> Any:
         return self._emit(self.op.floor_divide(a, b))
+
+
+@_lower("QLookup")
+def _qlookup(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.lookup` as a Relax ``take``, on the stored layout."""
+    x = input_of(node)
+    source, nhwc = lw.stored(x)  # elementwise: any layout
+    codes = lw.bb.emit(lw.relax.op.astype(source, "int64"))
+    table = np.asarray(node.attrs["table"], np.int64)
+    result = lookup(_RelaxOps(lw), codes, table, lookup_offset(x.type.dtype.numpy))
+    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+
+
+@_lower("QMul")
+def _qmul(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.multiply` as Relax int64 ops (broadcasting as numpy)."""
+    attrs = node.attrs
+    nhwc = _elementwise_nhwc(lw, node)
+    a, b = (
+        lw.bb.emit(lw.relax.op.astype(lw.in_layout(input_of(node, i), nhwc), "int64"))
+        for i in (0, 1)
+    )
+    result = multiply(
+        _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
 
 
 def _int64(lw: Lowerer, value: Value) -> Any:

@@ -11,9 +11,11 @@ the graph:
 - ``QAveragePool``, ``QGlobalAveragePool`` and ``QReduceSum`` (with ``mean``) sum in
   int32; the accumulator's scale is ``s_x / N`` (the division lives in the scale, so it
   costs nothing); a plain ``QReduceSum`` keeps ``s_x``.
-- ``Requantize`` and ``QAdd`` are the dyadic rescalings: their attributes
-  hold ``M`` and ``S`` and the output scale, and the rule checks that
-  ``M * 2^-S`` is within ``2^-30`` (relative) of ``s_in / s_out``.
+- ``Requantize``, ``QAdd`` and ``QMul`` (a product of two activations) are the dyadic
+  rescalings: their attributes hold ``M`` and ``S`` and the output scale, and the rule
+  checks that ``M * 2^-S`` is within ``2^-30`` (relative) of ``s_in / s_out``
+  (``s_a * s_b / s_out`` for ``QMul``).
+- ``QLookup`` is an elementwise function of an 8-bit input as a 256-entry table.
 """
 
 from __future__ import annotations
@@ -349,6 +351,53 @@ def _qadd(ctx: InferContext) -> list[TensorType]:
         # error is bounded absolutely (2^-(S+1)) rather than relatively.
         if not 0 <= m < 1 << 31 or abs(math.ldexp(m, -shift) - real) > math.ldexp(1, -shift):
             raise ShapeError(f"QAdd multiplier of {name} does not match its scale ratio {real!r}")
+    return [out]
+
+
+@OPS.op(
+    "QMul",
+    inputs=2,
+    attrs={"multiplier": Attr("int"), "shift": Attr("int"), **_OUTPUT_ATTRS},
+    traits=(Trait.INTEGER, Trait.LAYER),
+)
+def _qmul(ctx: InferContext) -> list[TensorType]:
+    """``clamp((a * b * M + 2^(S-1)) >> S, lo, hi)`` (:func:`intq.semantics.kernels.multiply`):
+    a product of two per-tensor activations of <= 16 bits, broadcasting as numpy, and one
+    dyadic rescaling with ``M * 2^-S ~= s_a * s_b / s_out``."""
+    s_a, s_b = _activation(ctx, 0), _activation(ctx, 1)
+    a, b = ctx.type(0), ctx.type(1)
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ShapeError(f"QMul input shapes do not broadcast: {a}, {b}") from None
+    out = _output(ctx, shape)
+    _check_dyadic(ctx["multiplier"], ctx["shift"], s_a * s_b / ctx["scale"], "QMul")
+    return [out]
+
+
+LOOKUP_SIZE = 256
+"""A ``QLookup`` table has one entry per code of its 8-bit input's storage type."""
+
+
+@OPS.op(
+    "QLookup",
+    attrs={"table": Attr("ints"), **_OUTPUT_ATTRS},
+    traits=(Trait.INTEGER, Trait.LAYER),
+)
+def _qlookup(ctx: InferContext) -> list[TensorType]:
+    """``table[x - qmin]`` (:func:`intq.semantics.kernels.lookup`): an elementwise function
+    of an 8-bit per-tensor input, one entry per storage code (``qmin`` -128 for int8, 0 for
+    uint8), each entry within ``[lo, hi]``."""
+    x = ctx.type(0)
+    _per_tensor(ctx, 0)
+    if x.dtype not in (DType.I8, DType.U8):
+        raise ShapeError(f"QLookup takes an 8-bit input, got {x}")
+    table = ctx["table"]
+    if len(table) != LOOKUP_SIZE:
+        raise ShapeError(f"QLookup needs {LOOKUP_SIZE} table entries, got {len(table)}")
+    out = _output(ctx, x.shape)
+    if not ctx["lo"] <= min(table) <= max(table) <= ctx["hi"]:
+        raise ShapeError(f"QLookup table entries outside the clamp [{ctx['lo']}, {ctx['hi']}]")
     return [out]
 
 

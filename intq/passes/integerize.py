@@ -18,6 +18,9 @@ an integer with its scale in its type. One rule per float op, in
   work on the integers unchanged; Concat first requantizes its inputs to one
   scale; average pools and ReduceMean sum in int32 and put ``1/N`` in the dyadic
   multiplier (ReduceSum keeps the input's scale).
+- An elementwise function (an op with ``Trait.ELEMENTWISE``: Sigmoid, Tanh, HardSwish...)
+  of an 8-bit input becomes ``QLookup``, its exactly rounded 256-entry table, evaluated by
+  the reference semantics at every input code.
 - Graph outputs are dequantized once, straight from the int32 accumulator
   when they come from a Gemm (no 8-bit rounding of the logits). A trailing
   Softmax runs after that dequantization, outside the integer region.
@@ -37,15 +40,16 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from intq.errors import IntqError, PassError, UnsupportedOpError
+from intq.errors import IntqError, NumericsError, PassError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
-from intq.ir.types import QuantParams
+from intq.ir.types import DType, QuantParams
 from intq.ops import OPS, KernelSpec, Trait, ops_with
 from intq.passes.calibration import CLIP_METHODS, CalibrationStats
 from intq.passes.manager import Pass, PassResult
 from intq.passes.precision import LayerBits, quantize_weights
-from intq.semantics.kernels import layernorm_constants
+from intq.semantics.kernels import elementwise_table, layernorm_constants
 from intq.semantics.numerics import common_shift, dyadic, storage_dtype
+from intq.semantics.numpy_eval import EVAL
 from intq.tables import RuleTable
 
 
@@ -691,6 +695,41 @@ def _gelu(low: _Lowering, node: Node) -> None:
     out = low.activation_quant(node.output, non_negative=False)
     low.ints[node.output] = low.emit(
         node, "QGelu", [x], variant=variant, **_output_attrs(out, out.qmin, out.qmax)
+    )
+
+
+@_rule(*ops_with(Trait.ELEMENTWISE))
+def _tabled(low: _Lowering, node: Node) -> None:
+    """An elementwise function of an 8-bit input: its exactly rounded 256-entry table,
+    evaluated by the reference semantics at every input code (a pending accumulator is
+    requantized to its calibrated width first)."""
+    source = node.inputs[0]
+    assert source is not None
+    x = low.materialize(source)
+    quant = x.type.quant
+    if quant is None or quant.axis is not None or x.type.dtype not in (DType.I8, DType.U8):
+        raise UnsupportedOpError(
+            f"{node.op} of a {x.type} input in the integer path: only 8-bit inputs are tabled",
+            node=node.label(),
+            hint="a 16-bit input (a transformer's residual stream) is not supported yet;"
+            " give the layer before it 8-bit activations",
+        )
+    out = low.activation_quant(node.output)
+    kernel = EVAL[node.op]
+    try:
+        table = elementwise_table(
+            lambda v: kernel(node, v)[0],
+            quant.scale[0],
+            quant.bits,
+            quant.signed,
+            out.scale[0],
+            out.qmin,
+            out.qmax,
+        )
+    except NumericsError as err:
+        raise UnsupportedOpError(f"{node.op} cannot be tabled: {err}", node=node.label()) from None
+    low.ints[node.output] = low.emit(
+        node, "QLookup", [x], table=tuple(table.tolist()), **_output_attrs(out, out.qmin, out.qmax)
     )
 
 
