@@ -200,3 +200,85 @@ def test_a_16_bit_input_is_refused_naming_the_layer():
     with pytest.raises(intq.UnsupportedOpError, match="only 8-bit inputs are tabled") as err:
         intq.quantize(graph, [{"x": data}])
     assert "act" in str(err.value)
+
+
+# ----- products of two activations ------------------------------------------------------------
+
+
+def test_silu_squeeze_excite_and_exported_hardswish_are_bit_exact_on_every_backend():
+    """SiLU ``x * sigmoid(x)``, HardSwish as exported ``x * hardsigmoid(x)`` and a
+    squeeze-excite gate ``x * sigmoid(fc(mean(x)))`` broadcast over H and W: each product one
+    ``QMul`` of two 8-bit activations."""
+    rng = np.random.default_rng(3)
+    c1, w1 = _conv("c1", "x", 2, 4, rng)
+    c2, w2 = _conv("c2", "silu", 4, 4, rng)
+    fc = numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 0.5).astype(np.float32), "fc")
+    axes = numpy_helper.from_array(np.asarray([2, 3], np.int64), "axes")
+    nodes = [
+        c1,
+        helper.make_node("Sigmoid", ["c1"], ["s"]),
+        helper.make_node("Mul", ["c1", "s"], ["silu"]),
+        c2,
+        helper.make_node("HardSigmoid", ["c2"], ["hs"], alpha=1 / 6),
+        helper.make_node("Mul", ["hs", "c2"], ["hswish"]),
+        helper.make_node("ReduceMean", ["hswish", "axes"], ["pooled"], keepdims=1),
+        helper.make_node("Conv", ["pooled", "fc"], ["squeezed"]),
+        helper.make_node("Sigmoid", ["squeezed"], ["gate"]),
+        helper.make_node("Mul", ["hswish", "gate"], ["y"]),
+    ]
+    shape = (2, 2, 5, 6)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("y", (2, 4, 5, 6))], [*w1, *w2, fc, axes], opset=18
+    )
+    graph, feeds = _quantized(model, shape)
+    products = [node for node in graph if node.op == "QMul"]
+    assert len(products) == 3
+    assert products[-1].inputs[1].type.shape == (2, 4, 1, 1)
+    got = _bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))
+
+
+def test_a_product_then_relu_is_one_clamped_qmul():
+    """A ReLU after a product lives in the QMul's clamp (unsigned output)."""
+    graph = intq.ir.from_text(
+        """
+        graph main(%x: f32[2,3], %g: f32[2,3]) {
+          %p = Mul(%x, %g) : f32[2,3]
+          %y = Relu(%p) : f32[2,3] @"act"
+          return %y
+        }
+        """
+    )
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "x": rng.standard_normal((2, 3)).astype(np.float32),
+            "g": rng.standard_normal((2, 3)).astype(np.float32),
+        }
+    ]
+    lowered = intq.quantize(graph, batches)
+    (product,) = [node for node in lowered if node.op == "QMul"]
+    assert product.attrs["lo"] == 0 and product.output.type.dtype is intq.ir.DType.U8
+    assert "Relu" not in _ops(lowered)
+    feed = batches[0]
+    want = np.maximum(feed["x"] * feed["g"], 0)
+    got = intq.compile(lowered).run(feed)["y"]
+    np.testing.assert_allclose(got, want, atol=0.05)
+    for target in ("onnxruntime", "tvm"):
+        if target in TARGETS:
+            np.testing.assert_array_equal(intq.compile(lowered, target=target).run(feed)["y"], got)
+
+
+def test_a_rescaled_product_beyond_int64_is_refused_naming_the_layer():
+    """``|a b| M 2^-S`` for a multiplier of 2^32 (``S = -2``) could reach 2^63."""
+    text = """
+    graph main(%a: i16[4] q(bits=16, signed, scale=0.5), %b: i16[4] q(bits=16, signed, scale=0.5)) {
+      %p = QMul(%a, %b) {bits=8, hi=127, lo=-128, multiplier=1073741824, scale=5.820766091346741e-11, shift=-2, signed=1} : i8[4] q(bits=8, signed, scale=5.820766091346741e-11) @"gate"
+      return %p
+    }
+    """
+    graph = intq.ir.from_text(text)
+    with pytest.raises(intq.NumericsError, match="the rescaled product") as err:
+        analyze_ranges(graph)
+    assert "gate" in str(err.value)

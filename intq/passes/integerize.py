@@ -21,6 +21,8 @@ an integer with its scale in its type. One rule per float op, in
 - An elementwise function (an op with ``Trait.ELEMENTWISE``: Sigmoid, Tanh, HardSwish...)
   of an 8-bit input becomes ``QLookup``, its exactly rounded 256-entry table, evaluated by
   the reference semantics at every input code.
+- A ``Mul`` of two activations (SiLU, gates) is pending too and becomes one ``QMul``
+  ``(a*b*M + 2^(S-1)) >> S`` (broadcasting) with the following ReLU's clamp.
 - Graph outputs are dequantized once, straight from the int32 accumulator
   when they come from a Gemm (no 8-bit rounding of the logits). A trailing
   Softmax runs after that dequantization, outside the integer region.
@@ -125,6 +127,24 @@ class Sum:
                 "shift": shift,
                 **_output_attrs(quant, lo, hi),
             },
+            name=name,
+        )
+        return node.output
+
+
+@dataclass
+class Product:
+    """A product of two integer activations (SiLU's ``x * sigmoid(x)``, a gate)."""
+
+    a: Value
+    b: Value
+
+    def finish(self, lowering: _Lowering, quant: QuantParams, lo: int, hi: int, name: str) -> Value:
+        step = dyadic(_scale(self.a) * _scale(self.b) / quant.scale[0])
+        node = lowering.dst.add(
+            "QMul",
+            [self.a, self.b],
+            {"multiplier": step.multiplier, "shift": step.shift, **_output_attrs(quant, lo, hi)},
             name=name,
         )
         return node.output
@@ -529,10 +549,14 @@ def _scale_by_constant(low: _Lowering, node: Node) -> None:
         low.affine[node.output] = Affine(mask.source, mask.a * factor, mask.b * factor)
         return
     pending = low.pending.get(x)
+    if node.op == "Mul" and c is not None and not (x.is_const or c.is_const):
+        a, b = low.materialize(x), low.materialize(c)
+        low.pending[node.output] = Product(a, b)
+        return
     if factor is None or factor <= 0 or not isinstance(pending, Accumulator):
         raise UnsupportedOpError(
             f"{node.op} in the integer path: only a positive constant scaling an accumulator"
-            " (folded into its requantization) is supported",
+            " (folded into its requantization) or a product of two activations is supported",
             node=node.label(),
         )
     low.pending[node.output] = Accumulator(pending.acc, pending.factor * factor)

@@ -539,11 +539,11 @@ def elementwise_table(
     if in_bits > 8:
         raise NumericsError(f"a table needs an input of <= 8 bits, got {in_bits}")
     first = -128 if in_signed else 0
-    real = np.asarray(fn(np.arange(first, first + 256, dtype=np.float64) * in_scale), np.float64)
-    if np.isnan(real).any():
-        raise NumericsError("the function is undefined (NaN) for some input codes")
-    with np.errstate(over="ignore", invalid="ignore"):
-        scaled = np.floor(real / out_scale + 0.5)
+    with np.errstate(all="ignore"):  # exp overflows to inf, which the clamp takes to hi
+        real = np.asarray(fn(np.arange(first, first + 256, dtype=np.float64) * in_scale))
+        if np.isnan(real).any():
+            raise NumericsError("the function is undefined (NaN) for some input codes")
+        scaled = np.floor(real.astype(np.float64) / out_scale + 0.5)
     return np.clip(scaled, lo, hi).astype(np.int64)
 
 
