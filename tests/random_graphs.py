@@ -1,10 +1,10 @@
 """Random small float models as ONNX, quantized: the differential tests' generator.
 
 Each seed builds one ONNX model, a CNN (random convs with groups, strides, dilations and
-padding, Gemm and MatMul heads, residual adds, max/average/global pools and ReduceMean,
-ReLU/ReLU6, Concat, tabled functions such as Sigmoid and HardSwish, products of two
-activations: SiLU, exported HardSwish, squeeze-excite gates)
-or an encoder layer (projections, multi-head attention with Softmax, residual adds,
+padding, Gemm and MatMul heads, residual adds and subtractions, max/average/global pools and
+ReduceMean, per-channel LayerScale, ReLU/ReLU6, Concat, tabled functions such as Sigmoid and
+HardSwish, products of two activations: SiLU, exported HardSwish, squeeze-excite gates) or
+an encoder layer (projections, multi-head attention with Softmax, residual adds,
 LayerNorm and GELU, each as the op or decomposed as exporters write it), with random weight
 scales; then :func:`random_case` quantizes it with 4..8-bit weights and activations, a random
 calibration method, random kernel variants and residual width on random calibration batches.
@@ -104,7 +104,9 @@ class _Builder:
         branch = self.activation(self.conv(x, cout=self.shapes[x][1], same=True))
         branch = self.conv(branch, cout=self.shapes[x][1], same=True)
         first, second = (x, branch) if self.rng.random() < 0.5 else (branch, x)
-        return self.node("Add", [first, second], self.shapes[x])
+        return self.node(
+            "Sub" if self.rng.random() < 0.2 else "Add", [first, second], self.shapes[x]
+        )
 
     def pool(self, x: str) -> str:
         n, c, h, w = self.shapes[x]
@@ -214,7 +216,11 @@ def random_model(seed: int) -> tuple[onnx.ModelProto, tuple[int, ...], list[str]
             p=[0.3, 0.15, 0.15, 0.1, 0.1, 0.1, 0.1],
         )
         if step == "conv":
-            x = b.activation(b.conv(x))
+            x = b.conv(x)
+            if rng.random() < 0.25:  # LayerScale: a per-channel constant, any sign
+                gamma = b.weights((1, b.shapes[x][1], 1, 1))
+                x = b.node("Mul", [x, b.const(gamma, "gamma")], b.shapes[x])
+            x = b.activation(x)
         elif step == "residual":
             x = b.residual(x)
             if rng.random() < 0.6:

@@ -37,7 +37,8 @@ def _quantized(model, shape: tuple[int, ...], seed: int = 0, **config):
     rng = np.random.default_rng(seed)
     batches = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(3)]
     graph = intq.quantize(intq.from_onnx(model), batches, intq.QuantConfig(**config))
-    feeds = [rng.standard_normal(shape).astype(np.float32) * k for k in (1, 3)]
+    # The first feed is calibration data (accuracy is compared there), then fresh ones.
+    feeds = [batches[0]["x"], *(rng.standard_normal(shape).astype(np.float32) * k for k in (1, 3))]
     return graph, feeds
 
 
@@ -282,3 +283,63 @@ def test_a_rescaled_product_beyond_int64_is_refused_naming_the_layer():
     with pytest.raises(intq.NumericsError, match="the rescaled product") as err:
         analyze_ranges(graph)
     assert "gate" in str(err.value)
+
+
+# ----- sums and differences of activations ------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub"])
+def test_broadcast_add_and_sub_of_activations_are_bit_exact_on_every_backend(op):
+    """``x +- mean(x)`` over H, W (a [N, C, 1, 1] operand broadcast): one ``QAdd``, a
+    difference with a negative multiplier."""
+    rng = np.random.default_rng(4)
+    conv, weights = _conv("c", "x", 2, 3, rng)
+    axes = numpy_helper.from_array(np.asarray([2, 3], np.int64), "axes")
+    nodes = [
+        conv,
+        helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=1),
+        helper.make_node(op, ["c", "m"], ["y"]),
+    ]
+    shape = (2, 2, 4, 5)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("y", (2, 3, 4, 5))], [*weights, axes], opset=18
+    )
+    graph, feeds = _quantized(model, shape)
+    (add,) = [node for node in graph if node.op == "QAdd"]
+    assert (add.attrs["multiplier_b"] < 0) == (op == "Sub")
+    got = _bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+
+
+# ----- constant multiplies ------------------------------------------------------------------------
+
+
+def test_layerscale_folds_into_the_layer_and_a_mask_multiply_is_a_qmul():
+    """DINOv2's LayerScale ``gamma * (x W + b)`` (one negative and one zero channel) folds
+    into the layer's weight scales: no extra op, exact signs. A constant multiplying a value
+    that is no accumulator (after a MaxPool) is a ``QMul`` by the 8-bit constant."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bias")
+    gamma = numpy_helper.from_array(np.array([0.5, -0.02, 0.0, 1e-3], np.float32), "gamma")
+    mask = numpy_helper.from_array(np.array([[[1.0, 0.0, 1.0, 1.0]]], np.float32), "mask")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "bias"], ["lin"]),
+        helper.make_node("Mul", ["lin", "gamma"], ["scaled"]),
+        helper.make_node("Relu", ["scaled"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[1]),
+        helper.make_node("Mul", ["mask", "p"], ["y"]),
+    ]
+    shape = (2, 3, 6)
+    model = make_model(nodes, [f32("x", shape)], [f32("y", (2, 3, 4))], [w, bias, gamma, mask])
+    graph, feeds = _quantized(model, shape)
+    ops = _ops(graph)
+    assert ops.count("QMul") == 1 and ops.count("QMatMul") == 1
+    (layer,) = [node for node in graph if node.op == "QMatMul"]
+    weights = layer.inputs[1]
+    assert np.all(weights.const[:, 2] == 0)  # gamma 0: the channel vanishes
+    got = _bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.02 * float(np.abs(want).max()) + 1e-6)

@@ -642,7 +642,7 @@ def _qadd(b: _Builder, node: Node) -> None:
             b.op("Mul", [wide, b.const(np.int64(m), "multiplier")], value.name + ".m", node)
         )
         minus += m * zp
-        top += b.magnitude(value) * m
+        top += b.magnitude(value) * abs(m)
     total = b.op("Add", terms, node.output.name + ".sum", node)
     magnitude = (top >> max(0, shift)) + 1
     b.finish(b.shift_round(total, [max(0, shift)], np.int64(minus), (), node), node, magnitude)

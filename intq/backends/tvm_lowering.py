@@ -90,7 +90,9 @@ def _dense_weights(node: Node) -> np.ndarray:
     w = input_of(node, 1)
     assert w.const is not None
     # Output channels on axis 0 (QGemm with transB) is already [N, K].
-    nk = w.const if node.opdef.weight_axis(node) == 0 else w.const.T
+    weight_axis = node.opdef.weight_axis
+    assert weight_axis is not None
+    nk = w.const if weight_axis(node) == 0 else w.const.T
     return np.ascontiguousarray(nk)
 
 

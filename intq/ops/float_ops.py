@@ -320,7 +320,13 @@ def _gemm(ctx: InferContext) -> list[TensorType]:
     return [TensorType(dtype, (m, n))]
 
 
-@OPS.op("MatMul", inputs=2, weight_axis=lambda node: 1 if node.inputs[1].type.rank == 2 else None)
+@OPS.op(
+    "MatMul",
+    inputs=2,
+    weight_axis=lambda node: (
+        1 if node.inputs[1] is not None and node.inputs[1].type.rank == 2 else None
+    ),
+)
 def _matmul(ctx: InferContext) -> list[TensorType]:
     """numpy ``matmul``: batched, broadcasting, 1-D operands promoted."""
     a, b = ctx.type(0), ctx.type(1)

@@ -336,7 +336,9 @@ def _requantize(ctx: InferContext) -> list[TensorType]:
     traits=(Trait.INTEGER, Trait.LAYER),
 )
 def _qadd(ctx: InferContext) -> list[TensorType]:
-    """``clamp((a * Ma + b * Mb + 2^(S-1)) >> S, lo, hi)``: both branches aligned, one rounding."""
+    """``clamp((a * Ma + b * Mb + 2^(S-1)) >> S, lo, hi)``: both branches aligned, one rounding.
+
+    A multiplier is negative for a subtracted branch (``a - b``: ``Mb < 0``)."""
     s_a, s_b = _per_tensor(ctx, 0), _per_tensor(ctx, 1)
     a, b = ctx.type(0), ctx.type(1)
     try:
@@ -349,7 +351,9 @@ def _qadd(ctx: InferContext) -> list[TensorType]:
         real = s_in / scale
         # One shared shift: the smaller branch has fewer multiplier bits, so its
         # error is bounded absolutely (2^-(S+1)) rather than relatively.
-        if not 0 <= m < 1 << 31 or abs(math.ldexp(m, -shift) - real) > math.ldexp(1, -shift):
+        if not -(1 << 31) < m < 1 << 31 or (
+            abs(math.ldexp(abs(m), -shift) - real) > math.ldexp(1, -shift)
+        ):
             raise ShapeError(f"QAdd multiplier of {name} does not match its scale ratio {real!r}")
     return [out]
 

@@ -9,7 +9,7 @@ extremes of constants) and follow each op:
   int32.
 - ``QGlobalAveragePool``/``QAveragePool``/``QReduceSum``: ``N * x`` must fit int32.
 - ``Requantize``: ``acc * M`` (and for ``S <= 0`` the left shift) must fit int64.
-- ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64.
+- ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64 (``Mb < 0`` for a Sub).
 - ``QMul``: ``a * b`` must fit int32 and ``a * b * M + 2^(S-1)`` stay below 2^62.
 - ``QLookup``: its table's smallest and largest entries.
 - Data movement keeps the interval; Concat joins them; Clip intersects.
@@ -202,8 +202,8 @@ def _qadd(node: Node, ins: list[Interval | None]) -> Interval:
     assert a is not None and b is not None
     shift = node.attrs["shift"]
     total = (
-        max(abs(a[0]), abs(a[1])) * node.attrs["multiplier_a"]
-        + max(abs(b[0]), abs(b[1])) * node.attrs["multiplier_b"]
+        max(abs(a[0]), abs(a[1])) * abs(node.attrs["multiplier_a"])
+        + max(abs(b[0]), abs(b[1])) * abs(node.attrs["multiplier_b"])
         + (2 ** (shift - 1) if shift >= 1 else 0)
     )
     _fits(node, (-total, total), INT64, "the aligned residual sum", "report this model")
