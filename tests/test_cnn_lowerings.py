@@ -343,3 +343,24 @@ def test_layerscale_folds_into_the_layer_and_a_mask_multiply_is_a_qmul():
     got = _bit_exact(graph, feeds)["y"]
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.02 * float(np.abs(want).max()) + 1e-6)
+
+
+def test_a_scaled_accumulator_at_the_graph_output_keeps_its_factor():
+    """``(x W) * 0.5`` as the graph's output: the factor lives in a requantization, not lost
+    by dequantizing the int32 accumulator with its own scale (it came out doubled)."""
+    graph = intq.ir.from_text(
+        """
+        graph main(%x: f32[2,3]) {
+          %half = const f32[] [0.5]
+          %w = const f32[3,2] [1.0, 2.0, -1.0, 0.5, 0.25, 1.0]
+          %m = MatMul(%x, %w) : f32[2,2]
+          %y = Mul(%m, %half) : f32[2,2]
+          return %y
+        }
+        """
+    )
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    lowered = intq.quantize(graph, [{"x": x}])
+    want = intq.compile(graph).run({"x": x})["y"]
+    got = _bit_exact(lowered, [x])["y"]
+    np.testing.assert_allclose(got, want, atol=0.01 * float(np.abs(want).max()))

@@ -252,7 +252,12 @@ class _Lowering:
         if value in self.floats:
             return self.floats[value]
         pending = self.pending.get(value)
-        source = pending.acc if isinstance(pending, Accumulator) else self.materialize(value)
+        # Straight from the int32 accumulator, unless a constant factor waits in it (the
+        # Dequantize has only the accumulator's own scale).
+        if isinstance(pending, Accumulator) and pending.factor == 1.0:
+            source = pending.acc
+        else:
+            source = self.materialize(value)
         out = self.dst.add("Dequantize", [source], name=_origin(value)).output
         self.floats[value] = out
         return out
