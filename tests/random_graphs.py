@@ -1,8 +1,10 @@
 """Random small float models as ONNX, quantized: the differential tests' generator.
 
 Each seed builds one ONNX model, a CNN (random convs with groups, strides, dilations and
-padding, Gemm and MatMul heads, residual adds, max/average/global pools, ReLU/ReLU6, Concat)
-or an encoder layer (projections, multi-head attention with Softmax, residual adds,
+padding, Gemm and MatMul heads, residual adds and subtractions, max/average/global pools and
+ReduceMean, per-channel LayerScale, ReLU/ReLU6, Concat, tabled functions such as Sigmoid and
+HardSwish, products of two activations: SiLU, exported HardSwish, squeeze-excite gates) or
+an encoder layer (projections, multi-head attention with Softmax, residual adds,
 LayerNorm and GELU, each as the op or decomposed as exporters write it), with random weight
 scales; then :func:`random_case` quantizes it with 4..8-bit weights and activations, a random
 calibration method, random kernel variants and residual width on random calibration batches.
@@ -18,6 +20,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import intq
+
+TABLED = ("Sigmoid", "Tanh", "Erf", "Exp", "Neg", "Abs", "HardSigmoid", "HardSwish")
+"""The elementwise functions the integer lowering tables (``QLookup``)."""
 
 
 @dataclass
@@ -99,7 +104,9 @@ class _Builder:
         branch = self.activation(self.conv(x, cout=self.shapes[x][1], same=True))
         branch = self.conv(branch, cout=self.shapes[x][1], same=True)
         first, second = (x, branch) if self.rng.random() < 0.5 else (branch, x)
-        return self.node("Add", [first, second], self.shapes[x])
+        return self.node(
+            "Sub" if self.rng.random() < 0.2 else "Add", [first, second], self.shapes[x]
+        )
 
     def pool(self, x: str) -> str:
         n, c, h, w = self.shapes[x]
@@ -133,14 +140,47 @@ class _Builder:
         parts = [x, other] if self.rng.random() < 0.5 else [other, x]
         return self.node("Concat", parts, (n, c + self.shapes[other][1], h, w), axis=1)
 
+    def function(self, x: str) -> str:
+        """An elementwise function (an integer table), maybe HardSigmoid with PyTorch's
+        alpha."""
+        op = str(self.rng.choice(TABLED))
+        attrs = {"alpha": 1 / 6} if op == "HardSigmoid" and self.rng.random() < 0.5 else {}
+        return self.node(op, [x], self.shapes[x], **attrs)
+
+    def product(self, x: str) -> str:
+        """SiLU ``x * sigmoid(x)``, an exported HardSwish ``x * hardsigmoid(x)`` or a
+        squeeze-excite gate ``x * sigmoid(conv1x1(mean(x)))`` (broadcast over H, W)."""
+        n, c = self.shapes[x][:2]
+        roll = self.rng.random()
+        if roll < 0.6:
+            gate = self.node("Sigmoid" if roll < 0.3 else "HardSigmoid", [x], self.shapes[x])
+        else:
+            axes = self.const(np.array([2, 3]), "axes")
+            pooled = self.node("ReduceMean", [x, axes], (n, c, 1, 1), keepdims=1)
+            fc = [
+                pooled,
+                self.const(self.weights((c, c, 1, 1)), "se"),
+                self.const(self.weights((c,)), "seb"),
+            ]
+            squeezed = self.node("Conv", fc, (n, c, 1, 1), kernel_shape=[1, 1])
+            gate = self.node("Sigmoid", [squeezed], self.shapes[squeezed])
+        first, second = (x, gate) if self.rng.random() < 0.5 else (gate, x)
+        return self.node("Mul", [first, second], self.shapes[x])
+
     def head(self, x: str) -> str:
         n, c, h, w = self.shapes[x]
-        if self.rng.random() < 0.5:
+        roll = self.rng.random()
+        if roll < 0.35:
             x = self.node("GlobalAveragePool", [x], (n, c, 1, 1))
+            x = self.node("Flatten", [x], (n, c), axis=1)
+            features = c
+        elif roll < 0.55:  # PyTorch's x.mean((2, 3))
+            axes = self.const(np.array([2, 3]), "axes")
+            x = self.node("ReduceMean", [x, axes], (n, c), keepdims=0)
             features = c
         else:
             features = c * h * w
-        x = self.node("Flatten", [x], (n, features), axis=1)
+            x = self.node("Flatten", [x], (n, features), axis=1)
         for _ in range(int(self.rng.integers(1, 3))):
             out = int(self.rng.integers(1, 9))
             if self.rng.random() < 0.5:
@@ -172,10 +212,15 @@ def random_model(seed: int) -> tuple[onnx.ModelProto, tuple[int, ...], list[str]
     x = "x"
     for _ in range(int(rng.integers(1, 5))):
         step = rng.choice(
-            ["conv", "residual", "pool", "concat", "relu"], p=[0.4, 0.2, 0.2, 0.1, 0.1]
+            ["conv", "residual", "pool", "concat", "relu", "function", "product"],
+            p=[0.3, 0.15, 0.15, 0.1, 0.1, 0.1, 0.1],
         )
         if step == "conv":
-            x = b.activation(b.conv(x))
+            x = b.conv(x)
+            if rng.random() < 0.25:  # LayerScale: a per-channel constant, any sign
+                gamma = b.weights((1, b.shapes[x][1], 1, 1))
+                x = b.node("Mul", [x, b.const(gamma, "gamma")], b.shapes[x])
+            x = b.activation(x)
         elif step == "residual":
             x = b.residual(x)
             if rng.random() < 0.6:
@@ -184,6 +229,10 @@ def random_model(seed: int) -> tuple[onnx.ModelProto, tuple[int, ...], list[str]
             x = b.pool(x)
         elif step == "concat":
             x = b.concat(x)
+        elif step == "function":
+            x = b.function(b.conv(x))
+        elif step == "product":
+            x = b.product(b.conv(x))
         else:
             x = b.node("Relu", [x], b.shapes[x])
     if rng.random() < 0.6:
@@ -197,7 +246,7 @@ def random_model(seed: int) -> tuple[onnx.ModelProto, tuple[int, ...], list[str]
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, b.shapes[x])],
         b.initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])  # HardSwish
     model.ir_version = 8
     return model, shape, b.ops
 

@@ -53,14 +53,14 @@ def test_missing_file(tmp_path):
 
 
 def test_unsupported_op_names_node_opset_and_lists_supported_ops():
-    nodes = [helper.make_node("HardSwish", ["x"], ["y"], name="/blocks.3/act/HardSwish")]
-    model = make_model(nodes, [f32("x", [2, 4])], [f32("y", [2, 4])])
+    nodes = [helper.make_node("Det", ["x"], ["y"], name="/blocks.3/head/Det")]
+    model = make_model(nodes, [f32("x", [2, 4, 4])], [f32("y", [2])])
     with pytest.raises(intq.UnsupportedOpError) as info:
         intq.from_onnx(model)
     text = str(info.value)
-    assert "/blocks.3/act/HardSwish" in text and "HardSwish (opset 17)" in text
+    assert "/blocks.3/head/Det" in text and "Det (opset 17)" in text
     assert "Conv (1-" in text and "Softmax" in text
-    assert info.value.node == "/blocks.3/act/HardSwish"
+    assert info.value.node == "/blocks.3/head/Det"
 
 
 def test_custom_domain_is_refused():

@@ -317,6 +317,19 @@ def test_where_broadcast(shapes: list[tuple[int, ...]], dtype: Any, seed: int) -
     check("Where", [cond, x, y], opset=16)
 
 
+@pytest.mark.parametrize(
+    ("op", "opset", "attrs"),
+    [
+        ("HardSigmoid", 6, {}),
+        ("HardSigmoid", 13, {"alpha": 1 / 6, "beta": 0.5}),
+        ("HardSwish", 14, {}),
+    ],
+)
+def test_hard_activations(op: str, opset: int, attrs: dict[str, Any]) -> None:
+    """HardSigmoid (default and MobileNetV3's alpha) and HardSwish, through both kinks."""
+    check(op, [randf(3, 17, low=-5, high=5)], opset=opset, **attrs)
+
+
 @pytest.mark.parametrize("approximate", [None, "none", "tanh"])
 def test_gelu(approximate: str | None) -> None:
     """Gelu (opset 20), exact and tanh approximations."""
@@ -1416,13 +1429,13 @@ def _import(model: onnx.ModelProto) -> None:
 
 def test_unsupported_op_names_node_and_lists_supported() -> None:
     """An op intq lacks raises UnsupportedOpError naming the node and op, listing what works."""
-    assert "HardSwish" not in CONVERTERS
-    model, _ = make_model("HardSwish", [randf(2, 3)], opset=14, name="my_hswish")
+    assert "Det" not in CONVERTERS
+    model, _ = make_model("Det", [randf(2, 3, 3)], opset=14, name="my_det")
     with pytest.raises(intq.UnsupportedOpError) as info:
         _import(model)
     err = info.value
-    assert err.node == "my_hswish"
-    assert "my_hswish" in str(err) and "HardSwish" in str(err)
+    assert err.node == "my_det"
+    assert "my_det" in str(err) and "Det" in str(err)
     assert err.hint is not None
     for entry in supported_ops():
         assert entry in err.hint

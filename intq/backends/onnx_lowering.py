@@ -2,11 +2,11 @@
 
 Only default-domain ONNX ops (opset 21), so the ``.onnx`` file runs on plain
 ONNX Runtime with no intq at run time. Each IR op has one lowering in
-:data:`LOWER`; the transformer kernels are written once against the ``IntOps``
-vocabulary (:mod:`intq.semantics.kernels`), which :class:`_OnnxOps` emits as ONNX
-nodes. :func:`to_onnx` runs the table; :mod:`intq.backends.onnxruntime` runs and saves
-the model. The choices, measured on this x86 AVX2 CPU without VNNI
-(``benchmarks/ort_integer_ops_probe.py``):
+:data:`LOWER`; the transformer kernels, tables and products of activations are written
+once against the ``IntOps`` vocabulary (:mod:`intq.semantics.kernels`), which
+:class:`_OnnxOps` emits as ONNX nodes. :func:`to_onnx` runs the table;
+:mod:`intq.backends.onnxruntime` runs and saves the model. The choices, measured on
+this x86 AVX2 CPU without VNNI (``benchmarks/ort_integer_ops_probe.py``):
 
 - Integer convolutions and matrix products run as ``ConvInteger`` and
   ``MatMulInteger`` with **uint8 x uint8** operands: signed values are stored
@@ -23,8 +23,8 @@ the model. The choices, measured on this x86 AVX2 CPU without VNNI
   sign (wrapping uint64/int64 casts, as ONNX Runtime implements them).
   ``S >= 64`` gives 0 (offset 0) and ``S <= 0`` folds ``2^-S`` into ``M``.
 - Average pools sum with ``ConvInteger`` against a kernel of ones; the global
-  one with an int32 ``ReduceSum`` (exact: the range analysis proves the sum
-  fits int32).
+  one and ``QReduceSum`` with an int32 ``ReduceSum`` (exact: the range analysis proves
+  the sum fits int32).
 - 4-bit weights are saved packed two per byte as ONNX ``INT4`` initializers (opset 21)
   and widened by integer ``Cast``/``Add`` to the offset uint8 the kernels read; ONNX
   Runtime has no 4-bit integer conv or matmul, so they run as 8-bit ones, exactly.
@@ -532,6 +532,30 @@ def _transformer_kernel(b: _Builder, node: Node) -> None:
     _store(b, kernels.run_node(_OnnxOps(b, node), node, x, mask), node)
 
 
+@_lower("QLookup")
+def _qlookup(b: _Builder, node: Node) -> None:
+    """One ``Gather``: the stored codes index the table directly (an int8 stored offset by
+    128 is its own index), whose entries hold the output's stored codes."""
+    x = _input(node)
+    name, zp = b.tensor(x)
+    out_name, out_zp = b.output(node.output)
+    table = np.asarray(node.attrs["table"], np.int64) + out_zp
+    index = b.op("Cast", [name], x.name + ".i64", node, to=TensorProto.INT64)
+    offset = kernels.lookup_offset(x.type.dtype.numpy) - zp
+    result = kernels.lookup(_OnnxOps(b, node), index, table, offset)
+    b.add("Cast", [result], [out_name], node, to=b.storage_type(node.output, out_zp))
+
+
+@_lower("QMul")
+def _qmul(b: _Builder, node: Node) -> None:
+    attrs = node.attrs
+    a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+    result = kernels.multiply(
+        _OnnxOps(b, node), a, c, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    _store(b, result, node)
+
+
 @_lower("QGlobalAveragePool")
 def _qglobal_avgpool(b: _Builder, node: Node) -> None:
     x = _input(node)
@@ -543,6 +567,24 @@ def _qglobal_avgpool(b: _Builder, node: Node) -> None:
         return
     total = b.op("ReduceSum", [wide, axes], node.output.name + ".sum", node, keepdims=1)
     count = int(np.prod(x.type.shape[2:]))
+    b.add("Sub", [total, b.const(np.int32(count * zp), "zp_sum")], [node.output.name], node)
+
+
+@_lower("QReduceSum")
+def _qreduce_sum(b: _Builder, node: Node) -> None:
+    """An int32 ``ReduceSum`` (exact: the range analysis proves the sum fits int32), less
+    ``N * zp`` for a value stored offset."""
+    x = _input(node)
+    name, zp = b.tensor(x)
+    axes = node.attrs["axes"]
+    wide = b.op("Cast", [name], x.name + ".i32", node, to=TensorProto.INT32)
+    keep = node.attrs["keepdims"]
+    axes_const = b.const(np.asarray(axes, np.int64), "axes")
+    if not zp:
+        b.add("ReduceSum", [wide, axes_const], [node.output.name], node, keepdims=keep)
+        return
+    total = b.op("ReduceSum", [wide, axes_const], node.output.name + ".sum", node, keepdims=keep)
+    count = int(np.prod([x.type.shape[a] for a in axes]))
     b.add("Sub", [total, b.const(np.int32(count * zp), "zp_sum")], [node.output.name], node)
 
 
@@ -600,7 +642,7 @@ def _qadd(b: _Builder, node: Node) -> None:
             b.op("Mul", [wide, b.const(np.int64(m), "multiplier")], value.name + ".m", node)
         )
         minus += m * zp
-        top += b.magnitude(value) * m
+        top += b.magnitude(value) * abs(m)
     total = b.op("Add", terms, node.output.name + ".sum", node)
     magnitude = (top >> max(0, shift)) + 1
     b.finish(b.shift_round(total, [max(0, shift)], np.int64(minus), (), node), node, magnitude)

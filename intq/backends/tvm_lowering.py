@@ -16,8 +16,9 @@ graph's inputs. :func:`intq.backends.tvm.to_relax` drives it over a graph.
 - **Quantize** divides in float32 and rounds half to even (``nearbyint``), as
   the reference and ONNX ``QuantizeLinear`` do; ``Dequantize`` multiplies in
   float32.
-- **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``) are the reference's own
-  code (:mod:`intq.semantics.kernels`), emitted op by op as Relax int64 ops (:class:`_RelaxOps`).
+- **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``), tables (``QLookup``) and
+  products of activations (``QMul``) are the reference's own code
+  (:mod:`intq.semantics.kernels`), emitted op by op as Relax int64 ops (:class:`_RelaxOps`).
 
 Every kernel keeps the compute it is given here, so a schedule
 (:mod:`intq.backends.tvm_schedules`) can only reorder it. TVM is imported when a
@@ -64,7 +65,7 @@ from intq.errors import UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
-from intq.semantics.kernels import run_node
+from intq.semantics.kernels import lookup, lookup_offset, multiply, run_node
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
@@ -89,7 +90,9 @@ def _dense_weights(node: Node) -> np.ndarray:
     w = input_of(node, 1)
     assert w.const is not None
     # Output channels on axis 0 (QGemm with transB) is already [N, K].
-    nk = w.const if node.opdef.weight_axis(node) == 0 else w.const.T
+    weight_axis = node.opdef.weight_axis
+    assert weight_axis is not None
+    nk = w.const if weight_axis(node) == 0 else w.const.T
     return np.ascontiguousarray(nk)
 
 
@@ -428,6 +431,23 @@ def _qavgpool(lw: Lowerer, node: Node) -> None:
     _bind_pool(lw, node, avgpool_te(node, nhwc), source, nhwc)
 
 
+@_lower("QReduceSum")
+def _qreduce_sum(lw: Lowerer, node: Node) -> None:
+    """An int32 sum (the range analysis proves it fits), on the layout the input is stored
+    in when the kept axes keep their order there (an NHWC input stays NHWC with keepdims)."""
+    x = input_of(node)
+    axes, keep = list(node.attrs["axes"]), bool(node.attrs["keepdims"])
+    source, nhwc = lw.stored(x)
+    kept = [a for a in range(x.type.rank) if a not in axes]
+    if nhwc and not keep and sorted(kept, key=nhwc_axis) != kept:
+        source, nhwc = lw.value(x), False
+    if nhwc:
+        axes = [nhwc_axis(a) for a in axes]
+    op = lw.relax.op
+    wide = lw.bb.emit(op.astype(source, "int32"))
+    lw.bind(node, lw.bb.emit(op.sum(wide, axis=axes, keepdims=keep)), nhwc=nhwc and keep)
+
+
 @_lower("MaxPool")
 def _maxpool(lw: Lowerer, node: Node) -> None:
     source, nhwc = lw.stored(input_of(node))
@@ -646,10 +666,38 @@ class _RelaxOps:
         return self._emit(self.op.sum(counts, axis=[-1], keepdims=False))
 
     def gather(self, table: np.ndarray, index: Any) -> Any:
-        return self._emit(self.op.take(self.const(table), index, axis=0))
+        # "clip" never changes an index the kernels give (always inside the table) and
+        # keeps TVM from warning that "fast" mode trusts them.
+        return self._emit(self.op.take(self.const(table), index, axis=0, mode="clip"))
 
     def div(self, a: Any, b: Any) -> Any:
         return self._emit(self.op.floor_divide(a, b))
+
+
+@_lower("QLookup")
+def _qlookup(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.lookup` as a Relax ``take``, on the stored layout."""
+    x = input_of(node)
+    source, nhwc = lw.stored(x)  # elementwise: any layout
+    codes = lw.bb.emit(lw.relax.op.astype(source, "int64"))
+    table = np.asarray(node.attrs["table"], np.int64)
+    result = lookup(_RelaxOps(lw), codes, table, lookup_offset(x.type.dtype.numpy))
+    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+
+
+@_lower("QMul")
+def _qmul(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.multiply` as Relax int64 ops (broadcasting as numpy)."""
+    attrs = node.attrs
+    nhwc = _elementwise_nhwc(lw, node)
+    a, b = (
+        lw.bb.emit(lw.relax.op.astype(lw.in_layout(input_of(node, i), nhwc), "int64"))
+        for i in (0, 1)
+    )
+    result = multiply(
+        _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
 
 
 def _int64(lw: Lowerer, value: Value) -> Any:

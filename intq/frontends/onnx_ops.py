@@ -466,6 +466,23 @@ def _softmax(ctx: ConvertContext) -> list[Value]:
     return ctx.emit("Softmax", ctx.inputs, axis=ctx.attr("axis", -1))
 
 
+# ----- hard activations (MobileNetV3's HardSigmoid and HardSwish) ----------------------
+
+
+@_converter("HardSigmoid", 6)
+def _hard_sigmoid(ctx: ConvertContext) -> list[Value]:
+    """``clip(alpha x + beta, 0, 1)``."""
+    return ctx.emit(
+        "HardSigmoid", ctx.inputs[:1], alpha=ctx.attr("alpha", 0.2), beta=ctx.attr("beta", 0.5)
+    )
+
+
+@_converter("HardSwish", 14)
+def _hard_swish(ctx: ConvertContext) -> list[Value]:
+    """``x * clip(x / 6 + 1/2, 0, 1)``."""
+    return ctx.emit("HardSwish", ctx.inputs[:1])
+
+
 # ----- reductions ---------------------------------------------------------------------
 
 

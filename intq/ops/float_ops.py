@@ -173,14 +173,25 @@ def _where(ctx: InferContext) -> list[TensorType]:
     return [TensorType(dtype, _broadcast(ctx.type(0), ctx.type(1), ctx.type(2)))]
 
 
-@OPS.op("Sigmoid", traits=(Trait.NON_NEGATIVE,))
-@OPS.op("Tanh")
-@OPS.op("Erf")
+_TABLED = (Trait.ELEMENTWISE,)
+"""The float functions an 8-bit integer input tables exactly (``QLookup``)."""
+
+
+@OPS.op("Sigmoid", traits=(*_TABLED, Trait.NON_NEGATIVE))
+@OPS.op("Tanh", traits=_TABLED)
+@OPS.op("Erf", traits=_TABLED)
 @OPS.op("Sqrt")
-@OPS.op("Exp")
+@OPS.op("Exp", traits=(*_TABLED, Trait.NON_NEGATIVE))
 @OPS.op("Gelu", attrs={"approximate": Attr("str", "none")}, traits=(Trait.WIDE,))
+@OPS.op(
+    "HardSigmoid",
+    attrs={"alpha": Attr("float", 0.2), "beta": Attr("float", 0.5)},
+    traits=(*_TABLED, Trait.NON_NEGATIVE),
+)
+@OPS.op("HardSwish", traits=_TABLED)
 def _float_unary(ctx: InferContext) -> list[TensorType]:
-    """Elementwise float function."""
+    """Elementwise float function (HardSigmoid: ``clip(alpha x + beta, 0, 1)``; HardSwish:
+    ``x * clip(x / 6 + 1/2, 0, 1)``, as ONNX)."""
     _need_float(ctx, 0)
     if ctx.op == "Gelu" and ctx["approximate"] not in ("none", "tanh"):
         raise ShapeError(f"Gelu approximate must be 'none' or 'tanh', got {ctx['approximate']!r}")
@@ -188,8 +199,8 @@ def _float_unary(ctx: InferContext) -> list[TensorType]:
 
 
 @OPS.op("Relu", traits=(Trait.INTEGER, Trait.ACTIVATION, Trait.NON_NEGATIVE, Trait.PASS_THROUGH))
-@OPS.op("Neg")
-@OPS.op("Abs")
+@OPS.op("Neg", traits=_TABLED)
+@OPS.op("Abs", traits=_TABLED)
 @OPS.op("Identity", traits=_MOVES)
 def _numeric_unary(ctx: InferContext) -> list[TensorType]:
     """Elementwise function of any numeric tensor."""
@@ -309,7 +320,13 @@ def _gemm(ctx: InferContext) -> list[TensorType]:
     return [TensorType(dtype, (m, n))]
 
 
-@OPS.op("MatMul", inputs=2, weight_axis=lambda node: 1 if node.inputs[1].type.rank == 2 else None)
+@OPS.op(
+    "MatMul",
+    inputs=2,
+    weight_axis=lambda node: (
+        1 if node.inputs[1] is not None and node.inputs[1].type.rank == 2 else None
+    ),
+)
 def _matmul(ctx: InferContext) -> list[TensorType]:
     """numpy ``matmul``: batched, broadcasting, 1-D operands promoted."""
     a, b = ctx.type(0), ctx.type(1)

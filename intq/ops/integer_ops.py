@@ -8,11 +8,14 @@ the graph:
   ops that cross the float boundary.
 - ``QConv``, ``QGemm``, ``QMatMul`` accumulate in int32; the accumulator's
   scale is ``s_x * s_w[c]`` per output channel.
-- ``QAveragePool`` and ``QGlobalAveragePool`` sum in int32; the accumulator's
-  scale is ``s_x / N`` (the division lives in the scale, so it costs nothing).
-- ``Requantize`` and ``QAdd`` are the dyadic rescalings: their attributes
-  hold ``M`` and ``S`` and the output scale, and the rule checks that
-  ``M * 2^-S`` is within ``2^-30`` (relative) of ``s_in / s_out``.
+- ``QAveragePool``, ``QGlobalAveragePool`` and ``QReduceSum`` (with ``mean``) sum in
+  int32; the accumulator's scale is ``s_x / N`` (the division lives in the scale, so it
+  costs nothing); a plain ``QReduceSum`` keeps ``s_x``.
+- ``Requantize``, ``QAdd`` and ``QMul`` (a product of two activations) are the dyadic
+  rescalings: their attributes hold ``M`` and ``S`` and the output scale, and the rule
+  checks that ``M * 2^-S`` is within ``2^-30`` (relative) of ``s_in / s_out``
+  (``s_a * s_b / s_out`` for ``QMul``).
+- ``QLookup`` is an elementwise function of an 8-bit input as a 256-entry table.
 """
 
 from __future__ import annotations
@@ -258,6 +261,27 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
     return [_accumulator((*x.shape[:2], *dims), (_activation(ctx, 0) / count,), 1)]
 
 
+@OPS.op(
+    "QReduceSum",
+    attrs={"axes": Attr("ints"), "keepdims": Attr("int", 1), "mean": Attr("int", 0)},
+    traits=(Trait.INTEGER, Trait.ACCUMULATOR, Trait.LAYER),
+)
+def _qreduce_sum(ctx: InferContext) -> list[TensorType]:
+    """Sum over ``axes`` in int32 (kept as size 1 with ``keepdims``); the scale is ``s_x``,
+    or ``s_x / N`` with ``mean`` (ReduceMean: the division lives in the scale)."""
+    x = ctx.type(0)
+    axes = ctx["axes"]
+    if not axes or len(set(axes)) != len(axes) or not all(0 <= a < x.rank for a in axes):
+        raise ShapeError(f"QReduceSum axes {list(axes)} do not fit {x}")
+    count = math.prod(x.shape[a] for a in axes)
+    if ctx["keepdims"]:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    else:
+        shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    scale = _activation(ctx, 0) / (count if ctx["mean"] else 1)
+    return [_accumulator(shape, (scale,), 0)]
+
+
 # ----- rescaling --------------------------------------------------------------------------------
 
 
@@ -312,7 +336,9 @@ def _requantize(ctx: InferContext) -> list[TensorType]:
     traits=(Trait.INTEGER, Trait.LAYER),
 )
 def _qadd(ctx: InferContext) -> list[TensorType]:
-    """``clamp((a * Ma + b * Mb + 2^(S-1)) >> S, lo, hi)``: both branches aligned, one rounding."""
+    """``clamp((a * Ma + b * Mb + 2^(S-1)) >> S, lo, hi)``: both branches aligned, one rounding.
+
+    A multiplier is negative for a subtracted branch (``a - b``: ``Mb < 0``)."""
     s_a, s_b = _per_tensor(ctx, 0), _per_tensor(ctx, 1)
     a, b = ctx.type(0), ctx.type(1)
     try:
@@ -325,8 +351,57 @@ def _qadd(ctx: InferContext) -> list[TensorType]:
         real = s_in / scale
         # One shared shift: the smaller branch has fewer multiplier bits, so its
         # error is bounded absolutely (2^-(S+1)) rather than relatively.
-        if not 0 <= m < 1 << 31 or abs(math.ldexp(m, -shift) - real) > math.ldexp(1, -shift):
+        if not -(1 << 31) < m < 1 << 31 or (
+            abs(math.ldexp(abs(m), -shift) - real) > math.ldexp(1, -shift)
+        ):
             raise ShapeError(f"QAdd multiplier of {name} does not match its scale ratio {real!r}")
+    return [out]
+
+
+@OPS.op(
+    "QMul",
+    inputs=2,
+    attrs={"multiplier": Attr("int"), "shift": Attr("int"), **_OUTPUT_ATTRS},
+    traits=(Trait.INTEGER, Trait.LAYER),
+)
+def _qmul(ctx: InferContext) -> list[TensorType]:
+    """``clamp((a * b * M + 2^(S-1)) >> S, lo, hi)`` (:func:`intq.semantics.kernels.multiply`):
+    a product of two per-tensor activations of <= 16 bits, broadcasting as numpy, and one
+    dyadic rescaling with ``M * 2^-S ~= s_a * s_b / s_out``."""
+    s_a, s_b = _activation(ctx, 0), _activation(ctx, 1)
+    a, b = ctx.type(0), ctx.type(1)
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ShapeError(f"QMul input shapes do not broadcast: {a}, {b}") from None
+    out = _output(ctx, shape)
+    _check_dyadic(ctx["multiplier"], ctx["shift"], s_a * s_b / ctx["scale"], "QMul")
+    return [out]
+
+
+LOOKUP_SIZE = 256
+"""A ``QLookup`` table has one entry per code of its 8-bit input's storage type."""
+
+
+@OPS.op(
+    "QLookup",
+    attrs={"table": Attr("ints"), **_OUTPUT_ATTRS},
+    traits=(Trait.INTEGER, Trait.LAYER),
+)
+def _qlookup(ctx: InferContext) -> list[TensorType]:
+    """``table[x - qmin]`` (:func:`intq.semantics.kernels.lookup`): an elementwise function
+    of an 8-bit per-tensor input, one entry per storage code (``qmin`` -128 for int8, 0 for
+    uint8), each entry within ``[lo, hi]``."""
+    x = ctx.type(0)
+    _per_tensor(ctx, 0)
+    if x.dtype not in (DType.I8, DType.U8):
+        raise ShapeError(f"QLookup takes an 8-bit input, got {x}")
+    table = ctx["table"]
+    if len(table) != LOOKUP_SIZE:
+        raise ShapeError(f"QLookup needs {LOOKUP_SIZE} table entries, got {len(table)}")
+    out = _output(ctx, x.shape)
+    if not ctx["lo"] <= min(table) <= max(table) <= ctx["hi"]:
+        raise ShapeError(f"QLookup table entries outside the clamp [{ctx['lo']}, {ctx['hi']}]")
     return [out]
 
 

@@ -129,6 +129,10 @@ class Trait(enum.Enum):
     )
     KERNEL = "computed by intq.semantics.kernels in a chosen variant (its OpDef.kernel)"
     FOLDED = "depends on shapes only: always folded to a constant before a graph runs"
+    ELEMENTWISE = (
+        "a pure function of each element, with no attribute that depends on the shape: an"
+        " integer lowering may table it (one entry per input code)"
+    )
 
 
 @dataclass(frozen=True)

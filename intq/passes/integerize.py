@@ -12,11 +12,18 @@ an integer with its scale in its type. One rule per float op, in
   following ReLU or ReLU6 then sets the clamp of the one ``Requantize``
   (``lo = 0``, unsigned output), so the activation costs nothing and the
   tensor is quantized once per fused conv+BN+activation.
-- A residual ``Add`` is pending too and becomes one ``QAdd``
-  ``(a*Ma + b*Mb + 2^(S-1)) >> S`` with the following ReLU's clamp.
+- A residual ``Add`` (or a ``Sub``: ``Mb < 0``) of two activations, broadcasting, is pending
+  too and becomes one ``QAdd`` ``(a*Ma + b*Mb + 2^(S-1)) >> S`` with the following ReLU's
+  clamp.
 - MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, zero Pad
   work on the integers unchanged; Concat first requantizes its inputs to one
-  scale; average pools sum in int32 and put ``1/N`` in the dyadic multiplier.
+  scale; average pools and ReduceMean sum in int32 and put ``1/N`` in the dyadic
+  multiplier (ReduceSum keeps the input's scale).
+- An elementwise function (an op with ``Trait.ELEMENTWISE``: Sigmoid, Tanh, HardSwish...)
+  of an 8-bit input becomes ``QLookup``, its exactly rounded 256-entry table, evaluated by
+  the reference semantics at every input code.
+- A ``Mul`` of two activations (SiLU, gates) is pending too and becomes one ``QMul``
+  ``(a*b*M + 2^(S-1)) >> S`` (broadcasting) with the following ReLU's clamp.
 - Graph outputs are dequantized once, straight from the int32 accumulator
   when they come from a Gemm (no 8-bit rounding of the logits). A trailing
   Softmax runs after that dequantization, outside the integer region.
@@ -36,15 +43,16 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from intq.errors import IntqError, PassError, UnsupportedOpError
+from intq.errors import IntqError, NumericsError, PassError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
-from intq.ir.types import QuantParams
+from intq.ir.types import DType, QuantParams
 from intq.ops import OPS, KernelSpec, Trait, ops_with
 from intq.passes.calibration import CLIP_METHODS, CalibrationStats
 from intq.passes.manager import Pass, PassResult
 from intq.passes.precision import LayerBits, quantize_weights
-from intq.semantics.kernels import layernorm_constants
+from intq.semantics.kernels import elementwise_table, layernorm_constants
 from intq.semantics.numerics import common_shift, dyadic, storage_dtype
+from intq.semantics.numpy_eval import EVAL
 from intq.tables import RuleTable
 
 
@@ -103,14 +111,17 @@ class Accumulator:
 
 @dataclass
 class Sum:
-    """A residual addition of two integer tensors."""
+    """A residual addition of two integer tensors (``a - b`` with ``subtract``)."""
 
     a: Value
     b: Value
+    subtract: bool = False
 
     def finish(self, lowering: _Lowering, quant: QuantParams, lo: int, hi: int, name: str) -> Value:
         s_out = quant.scale[0]
         (ma, mb), shift = common_shift(_scale(self.a) / s_out, _scale(self.b) / s_out)
+        if self.subtract:
+            mb = -mb
         node = lowering.dst.add(
             "QAdd",
             [self.a, self.b],
@@ -120,6 +131,24 @@ class Sum:
                 "shift": shift,
                 **_output_attrs(quant, lo, hi),
             },
+            name=name,
+        )
+        return node.output
+
+
+@dataclass
+class Product:
+    """A product of two integer activations (SiLU's ``x * sigmoid(x)``, a gate)."""
+
+    a: Value
+    b: Value
+
+    def finish(self, lowering: _Lowering, quant: QuantParams, lo: int, hi: int, name: str) -> Value:
+        step = dyadic(_scale(self.a) * _scale(self.b) / quant.scale[0])
+        node = lowering.dst.add(
+            "QMul",
+            [self.a, self.b],
+            {"multiplier": step.multiplier, "shift": step.shift, **_output_attrs(quant, lo, hi)},
             name=name,
         )
         return node.output
@@ -223,7 +252,12 @@ class _Lowering:
         if value in self.floats:
             return self.floats[value]
         pending = self.pending.get(value)
-        source = pending.acc if isinstance(pending, Accumulator) else self.materialize(value)
+        # Straight from the int32 accumulator, unless a constant factor waits in it (the
+        # Dequantize has only the accumulator's own scale).
+        if isinstance(pending, Accumulator) and pending.factor == 1.0:
+            source = pending.acc
+        else:
+            source = self.materialize(value)
         out = self.dst.add("Dequantize", [source], name=_origin(value)).output
         self.floats[value] = out
         return out
@@ -513,10 +547,10 @@ def _scalar(value: Value | None) -> float | None:
 @_rule("Mul", "Div")
 def _scale_by_constant(low: _Lowering, node: Node) -> None:
     x, c = node.inputs
-    if node.op == "Mul" and _scalar(x) is not None:
+    assert x is not None and c is not None
+    if node.op == "Mul" and (_scalar(x) is not None or (x.is_const and not c.is_const)):
         x, c = c, x
     factor = _scalar(c)
-    assert x is not None
     if factor is not None and node.op == "Div":
         factor = 1.0 / factor if factor else None
     if factor is not None and x in low.affine:  # a mask on its way: stay symbolic
@@ -524,13 +558,76 @@ def _scale_by_constant(low: _Lowering, node: Node) -> None:
         low.affine[node.output] = Affine(mask.source, mask.a * factor, mask.b * factor)
         return
     pending = low.pending.get(x)
-    if factor is None or factor <= 0 or not isinstance(pending, Accumulator):
-        raise UnsupportedOpError(
-            f"{node.op} in the integer path: only a positive constant scaling an accumulator"
-            " (folded into its requantization) is supported",
-            node=node.label(),
-        )
-    low.pending[node.output] = Accumulator(pending.acc, pending.factor * factor)
+    if factor is not None and factor > 0 and isinstance(pending, Accumulator):
+        low.pending[node.output] = Accumulator(pending.acc, pending.factor * factor)
+        return
+    if node.op == "Mul" and c.is_const and _fold_channel_scale(low, node, x, c):
+        return
+    if node.op == "Mul" and not x.is_const and x not in low.affine and c not in low.affine:
+        # Two activations, or one and a constant this cannot fold (quantized per tensor).
+        low.pending[node.output] = Product(low.materialize(x), low.materialize(c))
+        return
+    raise UnsupportedOpError(
+        f"{node.op} in the integer path: only a positive constant scaling an accumulator"
+        " (folded into its requantization) or a product is supported",
+        node=node.label(),
+    )
+
+
+def _fold_channel_scale(low: _Lowering, node: Node, x: Value, c: Value) -> bool:
+    """A per-output-channel constant (LayerScale's ``gamma``) times a layer's pending
+    accumulator, folded into the layer's weight and bias scales, and so into the dyadic
+    multipliers of its requantization: the integer weights only change sign where ``gamma``
+    is negative (and vanish where it is 0). False when the pattern does not fit."""
+    pending = low.pending.get(x)
+    layer = pending.acc.producer if isinstance(pending, Accumulator) else None
+    if layer is None or layer.opdef.weight_axis is None or len(x.uses()) != 1:
+        return False
+    if x.is_graph_output or c.const is None:
+        return False
+    acc = pending.acc  # type: ignore[union-attr]
+    axis = 1 if layer.op == "QConv" else acc.type.rank - 1
+    gamma = _channel_vector(np.asarray(c.const, np.float64), x.type.shape, axis)
+    w_axis = layer.opdef.weight_axis(layer)
+    if gamma is None or w_axis is None:
+        return False
+    x_q, w, b = (*layer.inputs, None)[:3]
+    assert x_q is not None and w is not None and w.const is not None
+    sign = np.sign(gamma)
+    w_quant, shape = w.type.quant, [1] * w.type.rank
+    assert w_quant is not None
+    shape[w_axis] = len(gamma)
+    old = np.broadcast_to(np.asarray(w_quant.scale), gamma.shape)
+    scales = tuple(float(s * abs(g)) if g else float(s) for s, g in zip(old, gamma))
+    weights = (w.const * sign.reshape(shape)).astype(w.const.dtype)
+    low.dst.remove(layer)
+    low.dst.remove_constant(w)
+    new_w = low.dst.add_constant(weights, w.name)
+    new_w.type = new_w.type.with_quant(_channel_quant(w_quant.bits, scales, w_axis, narrow=True))
+    inputs = [x_q, new_w]
+    if b is not None:
+        assert b.const is not None
+        low.dst.remove_constant(b)
+        s_x = _scale(x_q)
+        new_b = low.dst.add_constant((b.const * sign).astype(np.int32), b.name)
+        new_b.type = new_b.type.with_quant(_channel_quant(32, tuple(s_x * s for s in scales), 0))
+        inputs.append(new_b)
+    refolded = low.dst.add(
+        layer.op, inputs, layer.attrs, name=layer.name, out_names=[acc.name]
+    ).output
+    low.pending[node.output] = Accumulator(refolded, pending.factor)  # type: ignore[union-attr]
+    return True
+
+
+def _channel_vector(c: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray | None:
+    """The entries of constant ``c`` along ``axis`` of ``shape`` when ``c`` broadcasts to it
+    varying along that axis only, else None."""
+    if c.ndim > len(shape):
+        return None
+    dims = (1,) * (len(shape) - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(dims) if i != axis) or dims[axis] != shape[axis]:
+        return None
+    return c.reshape(-1)
 
 
 @_rule("Cast")
@@ -552,10 +649,13 @@ def _sub(low: _Lowering, node: Node) -> None:
     elif y in low.affine and _scalar(x) is not None:
         m = low.affine[y]
         low.affine[node.output] = Affine(m.source, -m.a, _scalar(x) - m.b)  # type: ignore[operator]
-    else:
+    elif x in low.affine or y in low.affine:
         raise UnsupportedOpError(
-            "Sub in the integer path (only on an attention mask)", node=node.label()
+            "Sub of an attention mask and a tensor in the integer path", node=node.label()
         )
+    else:  # a difference of activations: a QAdd with a negative multiplier
+        a, b = low.materialize(x), low.materialize(y)  # type: ignore[arg-type]
+        low.pending[node.output] = Sum(a, b, subtract=True)
 
 
 @_rule("Gather")
@@ -578,6 +678,21 @@ def _gather(low: _Lowering, node: Node) -> None:
 def _global_avgpool(low: _Lowering, node: Node) -> None:
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
     low.pending[node.output] = Accumulator(low.emit(node, "QGlobalAveragePool", [x]))
+
+
+@_rule("ReduceMean", "ReduceSum")
+def _reduce_sum(low: _Lowering, node: Node) -> None:
+    """An int32 sum over the axes; a mean's ``1/N`` lives in the accumulator's scale."""
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    acc = low.emit(
+        node,
+        "QReduceSum",
+        [x],
+        axes=node.attrs["axes"],
+        keepdims=node.attrs["keepdims"],
+        mean=int(node.op == "ReduceMean"),
+    )
+    low.pending[node.output] = Accumulator(acc)
 
 
 @_rule("AveragePool")
@@ -675,6 +790,41 @@ def _gelu(low: _Lowering, node: Node) -> None:
     out = low.activation_quant(node.output, non_negative=False)
     low.ints[node.output] = low.emit(
         node, "QGelu", [x], variant=variant, **_output_attrs(out, out.qmin, out.qmax)
+    )
+
+
+@_rule(*ops_with(Trait.ELEMENTWISE))
+def _tabled(low: _Lowering, node: Node) -> None:
+    """An elementwise function of an 8-bit input: its exactly rounded 256-entry table,
+    evaluated by the reference semantics at every input code (a pending accumulator is
+    requantized to its calibrated width first)."""
+    source = node.inputs[0]
+    assert source is not None
+    x = low.materialize(source)
+    quant = x.type.quant
+    if quant is None or quant.axis is not None or x.type.dtype not in (DType.I8, DType.U8):
+        raise UnsupportedOpError(
+            f"{node.op} of a {x.type} input in the integer path: only 8-bit inputs are tabled",
+            node=node.label(),
+            hint="a 16-bit input (a transformer's residual stream) is not supported yet;"
+            " give the layer before it 8-bit activations",
+        )
+    out = low.activation_quant(node.output)
+    kernel = EVAL[node.op]
+    try:
+        table = elementwise_table(
+            lambda v: kernel(node, v)[0],
+            quant.scale[0],
+            quant.bits,
+            quant.signed,
+            out.scale[0],
+            out.qmin,
+            out.qmax,
+        )
+    except NumericsError as err:
+        raise UnsupportedOpError(f"{node.op} cannot be tabled: {err}", node=node.label()) from None
+    low.ints[node.output] = low.emit(
+        node, "QLookup", [x], table=tuple(table.tolist()), **_output_attrs(out, out.qmin, out.qmax)
     )
 
 

@@ -7,9 +7,11 @@ extremes of constants) and follow each op:
 - ``QConv``/``QGemm``/``QMatMul``: per output channel, the worst case of
   ``sum(w * x) + b`` over the input interval (zero padding included) must fit
   int32.
-- ``QGlobalAveragePool``/``QAveragePool``: ``N * x`` must fit int32.
+- ``QGlobalAveragePool``/``QAveragePool``/``QReduceSum``: ``N * x`` must fit int32.
 - ``Requantize``: ``acc * M`` (and for ``S <= 0`` the left shift) must fit int64.
-- ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64.
+- ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64 (``Mb < 0`` for a Sub).
+- ``QMul``: ``a * b`` must fit int32 and ``a * b * M + 2^(S-1)`` stay below 2^62.
+- ``QLookup``: its table's smallest and largest entries.
 - Data movement keeps the interval; Concat joins them; Clip intersects.
 
 A value that could overflow raises :class:`~intq.errors.NumericsError` naming
@@ -36,6 +38,7 @@ from intq.tables import RuleTable
 Interval = tuple[int, int]
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
+INT62 = (-(2**62) + 1, 2**62 - 1)
 
 Rule = Callable[[Node, list[Interval | None]], Interval]
 RULES: RuleTable[Rule] = RuleTable()
@@ -45,7 +48,7 @@ _rule = RULES.register
 
 def _fits(node: Node, interval: Interval, bounds: Interval, what: str, hint: str) -> Interval:
     if interval[0] < bounds[0] or interval[1] > bounds[1]:
-        width = 32 if bounds == INT32 else 64
+        width = {INT32: 32, INT62: 62}.get(bounds, 64)
         raise NumericsError(
             f"{what} can reach [{interval[0]}, {interval[1]}], outside int{width}",
             node=node.label(),
@@ -156,7 +159,7 @@ def _flag(node: Node, ins: list[Interval | None]) -> Interval:
     return 0, 1
 
 
-@_rule("QGlobalAveragePool", "QAveragePool")
+@_rule("QGlobalAveragePool", "QAveragePool", "QReduceSum")
 def _pool_sum(node: Node, ins: list[Interval | None]) -> Interval:
     x = ins[0]
     assert x is not None
@@ -164,6 +167,8 @@ def _pool_sum(node: Node, ins: list[Interval | None]) -> Interval:
     assert source is not None
     if node.op == "QGlobalAveragePool":
         count = int(np.prod(source.type.shape[2:]))
+    elif node.op == "QReduceSum":
+        count = int(np.prod([source.type.shape[a] for a in node.attrs["axes"]]))
     else:
         count = int(np.prod(node.attrs["kernel_shape"]))
     return _fits(
@@ -197,12 +202,38 @@ def _qadd(node: Node, ins: list[Interval | None]) -> Interval:
     assert a is not None and b is not None
     shift = node.attrs["shift"]
     total = (
-        max(abs(a[0]), abs(a[1])) * node.attrs["multiplier_a"]
-        + max(abs(b[0]), abs(b[1])) * node.attrs["multiplier_b"]
+        max(abs(a[0]), abs(a[1])) * abs(node.attrs["multiplier_a"])
+        + max(abs(b[0]), abs(b[1])) * abs(node.attrs["multiplier_b"])
         + (2 ** (shift - 1) if shift >= 1 else 0)
     )
     _fits(node, (-total, total), INT64, "the aligned residual sum", "report this model")
     return _clamp(node)
+
+
+@_rule("QMul")
+def _qmul(node: Node, ins: list[Interval | None]) -> Interval:
+    """``|a b|`` fits int32 and ``|a b| M 2^max(0, -S) + 2^(S-1)`` stays below 2^62 (what
+    :func:`intq.semantics.kernels.multiply` needs for its rounding shift)."""
+    product = _magnitude(ins[0]) * _magnitude(ins[1])
+    _fits(
+        node,
+        (-product, product),
+        INT32,
+        "the product of two activations",
+        "use fewer activation bits for the two operands",
+    )
+    shift = node.attrs["shift"]
+    total = product * node.attrs["multiplier"] * 2 ** max(0, -shift) + (
+        2 ** (shift - 1) if 1 <= shift < 63 else 0
+    )
+    _fits(node, (-total, total), INT62, "the rescaled product", "report this model")
+    return _clamp(node)
+
+
+@_rule("QLookup")
+def _qlookup(node: Node, ins: list[Interval | None]) -> Interval:
+    table = node.attrs["table"]
+    return min(table), max(table)
 
 
 @_rule(*ops_with(Trait.MOVEMENT), "Gather")

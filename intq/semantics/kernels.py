@@ -1,4 +1,8 @@
-"""Integer-only kernels of the transformer ops: Shiftmax, ShiftGELU, integer LayerNorm.
+"""Integer-only kernels: Shiftmax, ShiftGELU, integer LayerNorm; tables and products.
+
+``QLookup`` (an elementwise function as an exactly rounded 256-entry table,
+:func:`elementwise_table`, :func:`lookup`) and ``QMul`` (a product of two activations and
+one dyadic rescaling, :func:`multiply`) are written the same way.
 
 Each kernel is written **once**, against :class:`IntOps`, a small vocabulary
 of int64 operations (add, multiply, shifts, compare-and-select, reductions,
@@ -38,7 +42,7 @@ division per row; I-BERT) and ``divfree`` (inverse square root by Newton).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -513,6 +517,63 @@ def _inverse_sqrt(k: _K[T], m: T) -> T:
         t = o.sra(o.mul(m30, y2), 30)
         y = o.sra(o.mul(y, o.sub(o.const(3 << 30), t)), 31)
     return y
+
+
+# ----- tables and products of activations ----------------------------------------------------
+
+
+def elementwise_table(
+    fn: Callable[[np.ndarray], np.ndarray],
+    in_scale: float,
+    in_bits: int,
+    in_signed: bool,
+    out_scale: float,
+    lo: int,
+    hi: int,
+) -> np.ndarray:
+    """The exactly rounded table of ``fn`` for every code of an 8-bit storage type:
+    ``table[i] = clamp(floor(fn(q s_in) / s_out + 1/2), lo, hi)`` for ``q = i + qmin`` of the
+    storage type (-128 for int8, 0 for uint8), ``fn`` evaluated in float64. Codes outside
+    the input's ``in_bits`` range are tabled too (they never occur). Refuses a function
+    that is NaN somewhere on the grid (a square root of negative codes)."""
+    if in_bits > 8:
+        raise NumericsError(f"a table needs an input of <= 8 bits, got {in_bits}")
+    first = -128 if in_signed else 0
+    with np.errstate(all="ignore"):  # exp overflows to inf, which the clamp takes to hi
+        real = np.asarray(fn(np.arange(first, first + 256, dtype=np.float64) * in_scale))
+        if np.isnan(real).any():
+            raise NumericsError("the function is undefined (NaN) for some input codes")
+        scaled = np.floor(real.astype(np.float64) / out_scale + 0.5)
+    return np.clip(scaled, lo, hi).astype(np.int64)
+
+
+def lookup_offset(dtype: npt.DTypeLike) -> int:
+    """What takes an 8-bit code of ``dtype`` to its table index (128 for int8, 0 for uint8)."""
+    return -int(np.iinfo(dtype).min)
+
+
+def lookup(ops: IntOps[T], x: T, table: np.ndarray, offset: int) -> T:
+    """``table[x + offset]``: an elementwise function of an 8-bit input as one gather
+    (``offset`` takes the input's codes, however a backend stores them, to 0..255)."""
+    index = x if offset == 0 else ops.add(x, ops.const(offset))
+    return ops.gather(table, index)
+
+
+def multiply(
+    ops: IntOps[T], a: T, b: T, multiplier: int, shift: int, lo: int, hi: int, offset: int = 0
+) -> T:
+    """``clamp((a b M + 2^(S-1)) >> S, lo, hi) + offset`` with numpy broadcasting: a product
+    of two activations and one dyadic rescaling (``S <= 0``: ``a b M 2^-S``, no rounding).
+    ``offset`` is added after the clamp (a backend's storage zero point). The caller proves
+    ``|a b| M 2^max(0, -S) < 2^62``."""
+    k = _K(ops)
+    product = ops.mul(ops.mul(a, b), ops.const(multiplier << max(0, -shift)))
+    if shift >= 63:  # |p| < 2^62 <= 2^(S-1): exactly 0 (intq.semantics.numerics)
+        rounded = ops.mul(product, ops.const(0))
+    else:
+        rounded = k.round_shift(product, shift) if shift >= 1 else product
+    out = k.clamp(rounded, lo, hi)
+    return out if offset == 0 else ops.add(out, ops.const(offset))
 
 
 # ----- one entry point for the backends ---------------------------------------------------------

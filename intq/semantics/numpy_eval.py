@@ -97,6 +97,18 @@ def _unary(node: Node, x: Array) -> list[Array]:
     return [np.asarray(_UNARY[node.op](x)).astype(x.dtype, copy=False)]
 
 
+@_kernel("HardSigmoid", "HardSwish")
+def _hard(node: Node, x: Array) -> list[Array]:
+    t = x.dtype.type
+    alpha, beta = (
+        (t(node.attrs["alpha"]), t(node.attrs["beta"]))
+        if node.op == "HardSigmoid"
+        else (t(1 / 6), t(0.5))
+    )
+    gate = np.clip(alpha * x + beta, t(0), t(1))
+    return [(gate if node.op == "HardSigmoid" else x * gate).astype(x.dtype, copy=False)]
+
+
 @_kernel("Gelu")
 def _gelu(node: Node, x: Array) -> list[Array]:
     if node.attrs["approximate"] == "tanh":
@@ -314,6 +326,13 @@ def _qglobal_avgpool(node: Node, x: Array) -> list[Array]:
     return [_int32(node, x.astype(np.int64).sum(axis=tuple(range(2, x.ndim)), keepdims=True))]
 
 
+@_kernel("QReduceSum")
+def _qreduce_sum(node: Node, x: Array) -> list[Array]:
+    axes = tuple(node.attrs["axes"])
+    total = x.astype(np.int64).sum(axis=axes, keepdims=bool(node.attrs["keepdims"]))
+    return [_int32(node, np.asarray(total))]
+
+
 @_kernel("QAveragePool")
 def _qavgpool(node: Node, x: Array) -> list[Array]:
     kernel = node.attrs["kernel_shape"]
@@ -337,6 +356,30 @@ def _qadd(node: Node, a: Array, b: Array) -> list[Array]:
     attrs = node.attrs
     total = a.astype(np.int64) * attrs["multiplier_a"] + b.astype(np.int64) * attrs["multiplier_b"]
     y = np.clip(shift_round(total, attrs["shift"]), attrs["lo"], attrs["hi"])
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QLookup")
+def _qlookup(node: Node, x: Array) -> list[Array]:
+    table = np.asarray(node.attrs["table"], np.int64)
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.lookup(ops, x.astype(np.int64), table, kernels.lookup_offset(x.dtype))
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QMul")
+def _qmul(node: Node, a: Array, b: Array) -> list[Array]:
+    attrs = node.attrs
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.multiply(
+        ops,
+        a.astype(np.int64),
+        b.astype(np.int64),
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["lo"],
+        attrs["hi"],
+    )
     return [y.astype(_out_dtype(node))]
 
 

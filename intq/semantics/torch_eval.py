@@ -94,6 +94,16 @@ def _unary(node: Node, x: Tensor) -> Tensor:
     return _UNARY[node.op](x)
 
 
+@_rule("HardSigmoid")
+def _hardsigmoid(node: Node, x: Tensor) -> Tensor:
+    return torch.clamp(node.attrs["alpha"] * x + node.attrs["beta"], 0.0, 1.0)
+
+
+@_rule("HardSwish")
+def _hardswish(node: Node, x: Tensor) -> Tensor:
+    return x * torch.clamp(x / 6 + 0.5, 0.0, 1.0)
+
+
 @_rule("Gelu")
 def _gelu(node: Node, x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh" if node.attrs["approximate"] == "tanh" else "none")

@@ -1,0 +1,366 @@
+"""The integer lowerings of the CNN ops users bring most: ReduceMean/ReduceSum as an int32
+sum, elementwise functions as exactly rounded tables, products of two activations.
+
+Each small model is imported, quantized and run on the reference, ONNX Runtime and TVM,
+which must agree bit for bit; the integer graph must hold the expected integer op.
+"""
+
+# ruff: noqa: E501  (IR text: one node per line)
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.special
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+from onnx_models import f32, make_model
+
+import intq
+from intq.backends import TARGETS
+from intq.ops import Trait, ops_with
+from intq.passes.range_analysis import analyze_ranges
+from intq.semantics.numpy_eval import evaluate
+
+
+def _conv(name: str, x: str, cin: int, cout: int, rng: np.random.Generator) -> tuple:
+    w = numpy_helper.from_array(
+        (rng.standard_normal((cout, cin, 3, 3)) * 0.3).astype(np.float32), f"{name}.w"
+    )
+    b = numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"{name}.b")
+    node = helper.make_node("Conv", [x, w.name, b.name], [name], pads=[1, 1, 1, 1])
+    return node, [w, b]
+
+
+def _quantized(model, shape: tuple[int, ...], seed: int = 0, **config):
+    rng = np.random.default_rng(seed)
+    batches = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(3)]
+    graph = intq.quantize(intq.from_onnx(model), batches, intq.QuantConfig(**config))
+    # The first feed is calibration data (accuracy is compared there), then fresh ones.
+    feeds = [batches[0]["x"], *(rng.standard_normal(shape).astype(np.float32) * k for k in (1, 3))]
+    return graph, feeds
+
+
+def _bit_exact(graph, feeds) -> dict[str, np.ndarray]:
+    """Runs ``graph`` on every backend; all must equal the reference. Returns the reference's
+    outputs on the first feed."""
+    reference = intq.compile(graph, target="reference")
+    for target in ("onnxruntime", "tvm"):
+        if target not in TARGETS:
+            continue
+        compiled = intq.compile(graph, target=target)
+        for feed in feeds:
+            want = reference.run({"x": feed})
+            got = compiled.run({"x": feed})
+            for name, array in want.items():
+                np.testing.assert_array_equal(got[name], array, err_msg=f"{target}: {name}")
+    return reference.run({"x": feeds[0]})
+
+
+def _ops(graph) -> list[str]:
+    return [node.op for node in graph]
+
+
+# ----- ReduceMean / ReduceSum ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "axes", "keepdims"),
+    [("ReduceMean", (2, 3), 0), ("ReduceMean", (2, 3), 1), ("ReduceSum", (1,), 0)],
+)
+def test_reduce_is_an_int32_sum_on_every_backend(op, axes, keepdims):
+    """``x.mean((2, 3))`` (PyTorch's classifier pooling) and a channel sum: one ``QReduceSum``,
+    the mean's ``1/N`` in the requantization; close to the float result."""
+    rng = np.random.default_rng(1)
+    conv, weights = _conv("c", "x", 2, 3, rng)
+    axes_const = numpy_helper.from_array(np.asarray(axes, np.int64), "axes")
+    relu = helper.make_node("Relu", ["c"], ["r"])
+    reduce = helper.make_node(op, ["r", "axes"], ["y"], keepdims=keepdims)
+    shape = (1, 2, 5, 4)
+    full = [1 if i in axes else d for i, d in enumerate((1, 3, 5, 4))]
+    out = full if keepdims else [d for i, d in enumerate((1, 3, 5, 4)) if i not in axes]
+    model = make_model(
+        [conv, relu, reduce],
+        [f32("x", shape)],
+        [f32("y", out)],
+        [*weights, axes_const],
+        opset=18,
+    )
+    graph, feeds = _quantized(model, shape)
+    assert "QReduceSum" in _ops(graph)
+    got = _bit_exact(graph, feeds[:1])["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()) + 1e-3)
+
+
+def test_reduce_sum_refuses_an_int32_overflow():
+    """The range analysis bounds ``N * x``: 2^17 positions of 16-bit values cannot fit int32."""
+    text = """
+    graph main(%x: i16[1,1,512,256] q(bits=16, signed, scale=0.5)) {
+      %s = QReduceSum(%x) {axes=[2, 3], keepdims=1, mean=1} : i32[1,1,1,1] q(bits=32, signed, scale=3.814697265625e-06) @"pool"
+      return %s
+    }
+    """
+    graph = intq.ir.from_text(text)
+    with pytest.raises(intq.NumericsError, match="sum of 131072 values") as err:
+        analyze_ranges(graph)
+    assert "pool" in str(err.value)
+
+
+# ----- elementwise functions as tables ------------------------------------------------------
+
+
+def test_hardswish_and_sigmoid_cnn_is_bit_exact_on_every_backend():
+    """conv -> HardSwish -> conv -> HardSigmoid, and a Sigmoid output: each function one
+    ``QLookup`` of the requantized 8-bit accumulator; the Sigmoid's output is unsigned."""
+    rng = np.random.default_rng(2)
+    c1, w1 = _conv("c1", "x", 2, 4, rng)
+    c2, w2 = _conv("c2", "h", 4, 3, rng)
+    nodes = [
+        c1,
+        helper.make_node("HardSwish", ["c1"], ["h"]),
+        c2,
+        helper.make_node("HardSigmoid", ["c2"], ["g"], alpha=1 / 6),
+        helper.make_node("Sigmoid", ["g"], ["y"]),
+    ]
+    shape = (1, 2, 6, 5)
+    model = make_model(nodes, [f32("x", shape)], [f32("y", (1, 3, 6, 5))], [*w1, *w2], opset=14)
+    graph, feeds = _quantized(model, shape)
+    tables = [node for node in graph if node.op == "QLookup"]
+    assert len(tables) == 3
+    assert tables[-1].output.type.dtype is intq.ir.DType.U8
+    got = _bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.03)
+
+
+_FLOAT64 = {
+    "Sigmoid": scipy.special.expit,
+    "Tanh": np.tanh,
+    "Erf": scipy.special.erf,
+    "Exp": np.exp,
+    "Neg": np.negative,
+    "Abs": np.abs,
+    "HardSigmoid": lambda x: np.clip(0.2 * x + 0.5, 0, 1),
+    "HardSwish": lambda x: x * np.clip(x * (1 / 6) + 0.5, 0, 1),
+}
+"""Each tabled function in float64, written independently of intq's semantics."""
+
+
+def test_every_tabled_op_is_checked():
+    assert sorted(_FLOAT64) == sorted(ops_with(Trait.ELEMENTWISE))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    op=st.sampled_from(sorted(_FLOAT64)),
+    log_scale=st.floats(-2.5, 1.5),
+    non_negative=st.booleans(),
+    bits=st.integers(4, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_a_table_is_the_function_exactly_rounded(op, log_scale, non_negative, bits, seed):
+    """For every input code ``q``: ``out = clamp(floor(f(q s_in) / s_out + 1/2))``, the
+    float function of the dequantized input rounded (half up) to the output grid."""
+    graph = intq.ir.from_text(
+        f"graph main(%x: f32[256]) {{\n  %y = {op}(%x) : f32[256]\n  return %y\n}}"
+    )
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal(256) * 10.0**log_scale
+    data = (np.abs(data) if non_negative else data).astype(np.float32)
+    config = intq.QuantConfig(activation_bits=bits)
+    lowered = intq.quantize(graph, [{"x": data}], config)
+    (table,) = [node for node in lowered if node.op == "QLookup"]
+    x = table.inputs[0]
+    first = -128 if x.type.dtype is intq.ir.DType.I8 else 0
+    codes = np.arange(first, first + 256).astype(x.type.dtype.numpy)
+    (got,) = evaluate(table, [codes])
+    with np.errstate(over="ignore"):
+        real = _FLOAT64[op](codes.astype(np.float64) * x.type.quant.scale[0])
+        want = np.floor(real / table.attrs["scale"] + 0.5)
+    want = np.clip(want, table.attrs["lo"], table.attrs["hi"])
+    np.testing.assert_array_equal(got.astype(np.int64), want.astype(np.int64))
+    assert got.dtype == table.output.type.dtype.numpy
+
+
+def test_a_16_bit_input_is_refused_naming_the_layer():
+    """A transformer's residual stream is 16-bit: no 65536-entry tables."""
+    graph = intq.ir.from_text(
+        """
+        graph main(%x: f32[2,4]) {
+          %g = const f32[4] [1.0, 1.0, 1.0, 1.0]
+          %t = Tanh(%x) : f32[2,4] @"act"
+          %n = LayerNormalization(%x, %g) {axis=-1} : f32[2,4]
+          return %t, %n
+        }
+        """
+    )
+    data = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    with pytest.raises(intq.UnsupportedOpError, match="only 8-bit inputs are tabled") as err:
+        intq.quantize(graph, [{"x": data}])
+    assert "act" in str(err.value)
+
+
+# ----- products of two activations ------------------------------------------------------------
+
+
+def test_silu_squeeze_excite_and_exported_hardswish_are_bit_exact_on_every_backend():
+    """SiLU ``x * sigmoid(x)``, HardSwish as exported ``x * hardsigmoid(x)`` and a
+    squeeze-excite gate ``x * sigmoid(fc(mean(x)))`` broadcast over H and W: each product one
+    ``QMul`` of two 8-bit activations."""
+    rng = np.random.default_rng(3)
+    c1, w1 = _conv("c1", "x", 2, 4, rng)
+    c2, w2 = _conv("c2", "silu", 4, 4, rng)
+    fc = numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 0.5).astype(np.float32), "fc")
+    axes = numpy_helper.from_array(np.asarray([2, 3], np.int64), "axes")
+    nodes = [
+        c1,
+        helper.make_node("Sigmoid", ["c1"], ["s"]),
+        helper.make_node("Mul", ["c1", "s"], ["silu"]),
+        c2,
+        helper.make_node("HardSigmoid", ["c2"], ["hs"], alpha=1 / 6),
+        helper.make_node("Mul", ["hs", "c2"], ["hswish"]),
+        helper.make_node("ReduceMean", ["hswish", "axes"], ["pooled"], keepdims=1),
+        helper.make_node("Conv", ["pooled", "fc"], ["squeezed"]),
+        helper.make_node("Sigmoid", ["squeezed"], ["gate"]),
+        helper.make_node("Mul", ["hswish", "gate"], ["y"]),
+    ]
+    shape = (2, 2, 5, 6)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("y", (2, 4, 5, 6))], [*w1, *w2, fc, axes], opset=18
+    )
+    graph, feeds = _quantized(model, shape)
+    products = [node for node in graph if node.op == "QMul"]
+    assert len(products) == 3
+    assert products[-1].inputs[1].type.shape == (2, 4, 1, 1)
+    got = _bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))
+
+
+def test_a_product_then_relu_is_one_clamped_qmul():
+    """A ReLU after a product lives in the QMul's clamp (unsigned output)."""
+    graph = intq.ir.from_text(
+        """
+        graph main(%x: f32[2,3], %g: f32[2,3]) {
+          %p = Mul(%x, %g) : f32[2,3]
+          %y = Relu(%p) : f32[2,3] @"act"
+          return %y
+        }
+        """
+    )
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "x": rng.standard_normal((2, 3)).astype(np.float32),
+            "g": rng.standard_normal((2, 3)).astype(np.float32),
+        }
+    ]
+    lowered = intq.quantize(graph, batches)
+    (product,) = [node for node in lowered if node.op == "QMul"]
+    assert product.attrs["lo"] == 0 and product.output.type.dtype is intq.ir.DType.U8
+    assert "Relu" not in _ops(lowered)
+    feed = batches[0]
+    want = np.maximum(feed["x"] * feed["g"], 0)
+    got = intq.compile(lowered).run(feed)["y"]
+    np.testing.assert_allclose(got, want, atol=0.05)
+    for target in ("onnxruntime", "tvm"):
+        if target in TARGETS:
+            np.testing.assert_array_equal(intq.compile(lowered, target=target).run(feed)["y"], got)
+
+
+def test_a_rescaled_product_beyond_int64_is_refused_naming_the_layer():
+    """``|a b| M 2^-S`` for a multiplier of 2^32 (``S = -2``) could reach 2^63."""
+    text = """
+    graph main(%a: i16[4] q(bits=16, signed, scale=0.5), %b: i16[4] q(bits=16, signed, scale=0.5)) {
+      %p = QMul(%a, %b) {bits=8, hi=127, lo=-128, multiplier=1073741824, scale=5.820766091346741e-11, shift=-2, signed=1} : i8[4] q(bits=8, signed, scale=5.820766091346741e-11) @"gate"
+      return %p
+    }
+    """
+    graph = intq.ir.from_text(text)
+    with pytest.raises(intq.NumericsError, match="the rescaled product") as err:
+        analyze_ranges(graph)
+    assert "gate" in str(err.value)
+
+
+# ----- sums and differences of activations ------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub"])
+def test_broadcast_add_and_sub_of_activations_are_bit_exact_on_every_backend(op):
+    """``x +- mean(x)`` over H, W (a [N, C, 1, 1] operand broadcast): one ``QAdd``, a
+    difference with a negative multiplier."""
+    rng = np.random.default_rng(4)
+    conv, weights = _conv("c", "x", 2, 3, rng)
+    axes = numpy_helper.from_array(np.asarray([2, 3], np.int64), "axes")
+    nodes = [
+        conv,
+        helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=1),
+        helper.make_node(op, ["c", "m"], ["y"]),
+    ]
+    shape = (2, 2, 4, 5)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("y", (2, 3, 4, 5))], [*weights, axes], opset=18
+    )
+    graph, feeds = _quantized(model, shape)
+    (add,) = [node for node in graph if node.op == "QAdd"]
+    assert (add.attrs["multiplier_b"] < 0) == (op == "Sub")
+    got = _bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+
+
+# ----- constant multiplies ------------------------------------------------------------------------
+
+
+def test_layerscale_folds_into_the_layer_and_a_mask_multiply_is_a_qmul():
+    """DINOv2's LayerScale ``gamma * (x W + b)`` (one negative and one zero channel) folds
+    into the layer's weight scales: no extra op, exact signs. A constant multiplying a value
+    that is no accumulator (after a MaxPool) is a ``QMul`` by the 8-bit constant."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bias")
+    gamma = numpy_helper.from_array(np.array([0.5, -0.02, 0.0, 1e-3], np.float32), "gamma")
+    mask = numpy_helper.from_array(np.array([[[1.0, 0.0, 1.0, 1.0]]], np.float32), "mask")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "bias"], ["lin"]),
+        helper.make_node("Mul", ["lin", "gamma"], ["scaled"]),
+        helper.make_node("Relu", ["scaled"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[1]),
+        helper.make_node("Mul", ["mask", "p"], ["y"]),
+    ]
+    shape = (2, 3, 6)
+    model = make_model(nodes, [f32("x", shape)], [f32("y", (2, 3, 4))], [w, bias, gamma, mask])
+    graph, feeds = _quantized(model, shape)
+    ops = _ops(graph)
+    assert ops.count("QMul") == 1 and ops.count("QMatMul") == 1
+    (layer,) = [node for node in graph if node.op == "QMatMul"]
+    weights = layer.inputs[1]
+    assert np.all(weights.const[:, 2] == 0)  # gamma 0: the channel vanishes
+    got = _bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.02 * float(np.abs(want).max()) + 1e-6)
+
+
+def test_a_scaled_accumulator_at_the_graph_output_keeps_its_factor():
+    """``(x W) * 0.5`` as the graph's output: the factor lives in a requantization, not lost
+    by dequantizing the int32 accumulator with its own scale (it came out doubled)."""
+    graph = intq.ir.from_text(
+        """
+        graph main(%x: f32[2,3]) {
+          %half = const f32[] [0.5]
+          %w = const f32[3,2] [1.0, 2.0, -1.0, 0.5, 0.25, 1.0]
+          %m = MatMul(%x, %w) : f32[2,2]
+          %y = Mul(%m, %half) : f32[2,2]
+          return %y
+        }
+        """
+    )
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    lowered = intq.quantize(graph, [{"x": x}])
+    want = intq.compile(graph).run({"x": x})["y"]
+    got = _bit_exact(lowered, [x])["y"]
+    np.testing.assert_allclose(got, want, atol=0.01 * float(np.abs(want).max()))
