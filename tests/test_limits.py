@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_models import f32, make_model
 
 import intq
-from intq.frontends.onnx_ops import MAX_TENSOR_BYTES
+from intq.frontends.onnx_context import MAX_TENSOR_BYTES
 
 GIB = 1 << 30
 SMALL = 64 << 20

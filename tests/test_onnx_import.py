@@ -148,11 +148,11 @@ def test_a_tensor_attribute_with_external_data_is_refused():
 
 
 def missing_ops_model() -> onnx.ModelProto:
-    """Five HardSwish, one Sigmoid-free custom op and a Range on runtime values, around
+    """Five Hardmax, one Sigmoid-free custom op and a Range on runtime values, around
     supported ops; the Range on constants folds and is not reported."""
     nodes = [helper.make_node("Relu", ["x"], ["h0"], name="/relu")]
     for i in range(5):
-        nodes.append(helper.make_node("HardSwish", [f"h{i}"], [f"h{i + 1}"], name=f"/act{i}"))
+        nodes.append(helper.make_node("Hardmax", [f"h{i}"], [f"h{i + 1}"], name=f"/act{i}"))
     nodes += [
         helper.make_node("FusedGemm", ["h5", "h5"], ["g"], name="/fused", domain="com.microsoft"),
         helper.make_node("Range", ["zero", "four", "one"], ["r"], name="/const_range"),
@@ -181,7 +181,7 @@ def test_every_missing_op_is_reported_at_once_with_its_nodes_and_count():
     err = info.value
     assert err.node is None
     assert "3 ops are not supported, in 7 nodes" in err.message
-    assert "HardSwish (opset 17) x5 ('/act0', '/act1', '/act2' and 2 more)" in err.message
+    assert "Hardmax (opset 17) x5 ('/act0', '/act1', '/act2' and 2 more)" in err.message
     assert "FusedGemm from domain 'com.microsoft' x1 ('/fused')" in err.message
     assert "Range (opset 17) x1 ('/runtime_range')" in err.message
     assert "/const_range" not in err.message
@@ -199,7 +199,7 @@ def test_inspect_prints_the_census_with_a_status_per_op(tmp_path):
     )
     assert done.returncode == 1
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
-    assert rows["HardSwish"] == ["5", "unsupported"]
+    assert rows["Hardmax"] == ["5", "unsupported"]
     assert rows["FusedGemm"] == ["(com.microsoft)", "1", "unsupported"]
     assert rows["Range"] == ["2", "unsupported"]
     assert rows["Relu"] == ["1", "supported"]

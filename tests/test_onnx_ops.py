@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import intq
-from intq.frontends.onnx_ops import CONVERTERS, MAX_OPSET, supported_ops
+from intq.frontends.onnx_context import MAX_OPSET
+from intq.frontends.onnx_ops import CONVERTERS, supported_ops
 
 _ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
 

@@ -6,7 +6,7 @@
 - External data is read only from files inside the model's directory (a
   location escaping it, also through a symlink, is refused) and only within
   the file's size.
-- No tensor over ``onnx_ops.MAX_TENSOR_BYTES`` is accepted, judged from its
+- No tensor over ``onnx_context.MAX_TENSOR_BYTES`` is accepted, judged from its
   declared shape before anything is allocated, and an initializer's data must
   be as long as its dims say.
 - Symbolic input dimensions (``batch_size``, ``sequence_length``) are fixed
@@ -35,16 +35,15 @@ import onnx
 
 from intq.artifacts import parse_onnx
 from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
-from intq.frontends.onnx_fold import can_fold, fold
-from intq.frontends.onnx_ops import (
+from intq.frontends.onnx_context import (
     MAX_OPSET,
     ConvertContext,
     check_size,
-    find_converter,
     onnx_dtype,
-    supported_ops,
     tensor_data,
 )
+from intq.frontends.onnx_fold import can_fold, fold
+from intq.frontends.onnx_ops import find_converter, supported_ops
 from intq.ir.graph import Graph, Value
 from intq.ir.types import TensorType
 from intq.ir.verifier import verify

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from intq.errors import UnsupportedOpError
-from intq.ops import float_ops, integer_ops
+from intq.ops import float_ops, integer_ops, shape_ops
 from intq.ops.schema import OpDef, Trait
 
-OPS: dict[str, OpDef] = {**float_ops.OPS, **integer_ops.OPS}
+OPS: dict[str, OpDef] = {**float_ops.OPS, **shape_ops.OPS, **integer_ops.OPS}
 """Every IR op. A new family adds its table here."""
 
 

@@ -1,0 +1,460 @@
+"""One integer lowering rule per float op (:data:`LOWERINGS`), run by
+:class:`~intq.passes.integer_lowering.Lowering`; :mod:`intq.passes.integerize` lists what
+each op becomes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from intq.errors import NumericsError, UnsupportedOpError
+from intq.ir.graph import Node, Value
+from intq.ir.types import DType, QuantParams
+from intq.ops import Trait, ops_with
+from intq.passes.integer_lowering import (
+    Accumulator,
+    Affine,
+    Lowering,
+    Product,
+    Sum,
+    bias_reader,
+    channel_quant,
+    keep_mask,
+    output_attrs,
+    scale_count,
+    scale_of,
+)
+from intq.passes.precision import quantize_weights
+from intq.semantics.kernels import elementwise_table, layernorm_constants
+from intq.semantics.numpy_eval import EVAL
+from intq.tables import RuleTable
+
+# ----- one rule per float op -------------------------------------------------------------------
+
+Rule = Callable[[Lowering, Node], None]
+LOWERINGS: RuleTable[Rule] = RuleTable()
+"""Float op -> the rule that lowers it into the integer graph."""
+_rule = LOWERINGS.register
+
+
+def _bias(node: Node, index: int) -> np.ndarray | None:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    return None if value is None else np.asarray(value.const, np.float64).reshape(-1)
+
+
+@_rule("Conv")
+def _conv(low: Lowering, node: Node) -> None:
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    w, b = low.linear(node, x, 0, _bias(node, 2))
+    acc = low.emit(node, "QConv", [x, w, b], **node.attrs)
+    low.pending[node.output] = Accumulator(acc)
+
+
+@_rule("Gemm")
+def _gemm(low: Lowering, node: Node) -> None:
+    attrs = node.attrs
+    if attrs["transA"]:
+        raise UnsupportedOpError("Gemm with transA=1 in the integer path", node=node.label())
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    c = node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if c is not None:
+        n = node.output.type.shape[1]
+        if c.ndim == 2 and c.shape[0] != 1:
+            raise UnsupportedOpError("Gemm bias varying per row", node=node.label())
+        c = np.broadcast_to(np.asarray(c, np.float64).reshape(-1), (n,)) * attrs["beta"]
+    w, b = low.linear(node, x, 0 if attrs["transB"] else 1, c, alpha=attrs["alpha"])
+    acc = low.emit(node, "QGemm", [x, w, b], transB=attrs["transB"])
+    low.pending[node.output] = Accumulator(acc)
+
+
+@_rule("MatMul")
+def _matmul(low: Lowering, node: Node) -> None:
+    b_value = node.inputs[1]
+    a = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    if b_value is None or b_value.const is None:
+        # Two activations (attention's Q K^T and P V): int32 products at s_a * s_b.
+        other = low.materialize(b_value)  # type: ignore[arg-type]
+        low.pending[node.output] = Accumulator(low.emit(node, "QBatchMatMul", [a, other]))
+        return
+    if b_value.type.rank != 2:
+        raise UnsupportedOpError("MatMul with a constant B of rank != 2", node=node.label())
+    bias = bias_reader(node)
+    w, b = low.linear(node, a, 1, None if bias is None else bias[1])
+    acc = low.emit(node, "QMatMul", [a, w] if b is None else [a, w, b])
+    if bias is None:
+        low.pending[node.output] = Accumulator(acc)
+    else:  # the bias Add is folded in: it becomes the accumulator
+        low.absorbed.add(bias[0])
+        low.pending[bias[0].output] = Accumulator(acc)
+
+
+@_rule("Relu", "Clip")
+def _activation(low: Lowering, node: Node) -> None:
+    source = node.inputs[0]
+    assert source is not None
+    low_real = 0.0 if node.op == "Relu" else node.attrs["min"]
+    high_real = math.inf if node.op == "Relu" else node.attrs["max"]
+    # Fuse into the pending rescale only when the activation is its sole reader.
+    if source in low.pending and len(source.uses()) == 1 and not source.is_graph_output:
+        quant = low.activation_quant(node.output)
+        scale = quant.scale[0]
+        lo = (
+            quant.qmin
+            if low_real == -math.inf
+            else max(quant.qmin, math.floor(low_real / scale + 0.5))
+        )
+        hi = (
+            quant.qmax
+            if high_real == math.inf
+            else min(quant.qmax, math.floor(high_real / scale + 0.5))
+        )
+        pending = low.pending.pop(source)
+        low.ints[node.output] = pending.finish(low, quant, lo, hi, node.label())
+        return
+    # Already an integer (after a MaxPool, say): clamp in integer units, keeping the scale.
+    x = low.materialize(source)
+    scale = scale_of(x)
+    bounds = {"min": math.floor(low_real / scale + 0.5) if low_real > -math.inf else -math.inf}
+    bounds["max"] = math.floor(high_real / scale + 0.5) if high_real < math.inf else math.inf
+    low.ints[node.output] = low.emit(node, "Clip", [x], **bounds)
+
+
+@_rule("Add")
+def _add(low: Lowering, node: Node) -> None:
+    if node in low.absorbed:
+        return
+    x, y = node.inputs
+    assert x is not None and y is not None
+    for scores, mask in ((x, y), (y, x)):
+        if mask in low.affine:  # attention scores + an additive 0/-inf mask: a keep mask
+            low.masked[node.output] = (scores, keep_mask(low, node, low.affine[mask]))
+            return
+    a, b = low.materialize(x), low.materialize(y)
+    try:
+        np.broadcast_shapes(a.type.shape, b.type.shape)
+    except ValueError:
+        raise UnsupportedOpError("Add of shapes that do not broadcast", node=node.label()) from None
+    low.pending[node.output] = Sum(a, b)
+
+
+def _scalar(value: Value | None) -> float | None:
+    if value is None or value.const is None or value.const.size != 1:
+        return None
+    return float(np.asarray(value.const).reshape(()))
+
+
+@_rule("Mul", "Div")
+def _scale_by_constant(low: Lowering, node: Node) -> None:
+    x, c = node.inputs
+    assert x is not None and c is not None
+    if node.op == "Mul" and (_scalar(x) is not None or (x.is_const and not c.is_const)):
+        x, c = c, x
+    factor = _scalar(c)
+    if factor is not None and node.op == "Div":
+        factor = 1.0 / factor if factor else None
+    if factor is not None and x in low.affine:  # a mask on its way: stay symbolic
+        mask = low.affine[x]
+        low.affine[node.output] = Affine(mask.source, mask.a * factor, mask.b * factor)
+        return
+    pending = low.pending.get(x)
+    if factor is not None and factor > 0 and isinstance(pending, Accumulator):
+        low.pending[node.output] = Accumulator(pending.acc, pending.factor * factor)
+        return
+    if node.op == "Mul" and c.is_const and _fold_channel_scale(low, node, x, c):
+        return
+    if node.op == "Mul" and not x.is_const and x not in low.affine and c not in low.affine:
+        # Two activations, or one and a constant this cannot fold (quantized per tensor).
+        low.pending[node.output] = Product(low.materialize(x), low.materialize(c))
+        return
+    raise UnsupportedOpError(
+        f"{node.op} in the integer path: only a positive constant scaling an accumulator"
+        " (folded into its requantization) or a product is supported",
+        node=node.label(),
+    )
+
+
+def _fold_channel_scale(low: Lowering, node: Node, x: Value, c: Value) -> bool:
+    """A per-output-channel constant (LayerScale's ``gamma``) times a layer's pending
+    accumulator, folded into the layer's weight and bias scales, and so into the dyadic
+    multipliers of its requantization: the integer weights only change sign where ``gamma``
+    is negative (and vanish where it is 0). False when the pattern does not fit."""
+    pending = low.pending.get(x)
+    layer = pending.acc.producer if isinstance(pending, Accumulator) else None
+    if layer is None or layer.opdef.weight_axis is None or len(x.uses()) != 1:
+        return False
+    if x.is_graph_output or c.const is None:
+        return False
+    acc = pending.acc  # type: ignore[union-attr]
+    axis = 1 if layer.op == "QConv" else acc.type.rank - 1
+    gamma = _channel_vector(np.asarray(c.const, np.float64), x.type.shape, axis)
+    w_axis = layer.opdef.weight_axis(layer)
+    if gamma is None or w_axis is None:
+        return False
+    x_q, w, b = (*layer.inputs, None)[:3]
+    assert x_q is not None and w is not None and w.const is not None
+    sign = np.sign(gamma)
+    w_quant, shape = w.type.quant, [1] * w.type.rank
+    assert w_quant is not None
+    shape[w_axis] = len(gamma)
+    old = np.broadcast_to(np.asarray(w_quant.scale), gamma.shape)
+    scales = tuple(float(s * abs(g)) if g else float(s) for s, g in zip(old, gamma))
+    weights = (w.const * sign.reshape(shape)).astype(w.const.dtype)
+    low.dst.remove(layer)
+    low.dst.remove_constant(w)
+    new_w = low.dst.add_constant(weights, w.name)
+    new_w.type = new_w.type.with_quant(channel_quant(w_quant.bits, scales, w_axis, narrow=True))
+    inputs = [x_q, new_w]
+    if b is not None:
+        assert b.const is not None
+        low.dst.remove_constant(b)
+        s_x = scale_of(x_q)
+        new_b = low.dst.add_constant((b.const * sign).astype(np.int32), b.name)
+        new_b.type = new_b.type.with_quant(channel_quant(32, tuple(s_x * s for s in scales), 0))
+        inputs.append(new_b)
+    refolded = low.dst.add(
+        layer.op, inputs, layer.attrs, name=layer.name, out_names=[acc.name]
+    ).output
+    low.pending[node.output] = Accumulator(refolded, pending.factor)  # type: ignore[union-attr]
+    return True
+
+
+def _channel_vector(c: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray | None:
+    """The entries of constant ``c`` along ``axis`` of ``shape`` when ``c`` broadcasts to it
+    varying along that axis only, else None."""
+    if c.ndim > len(shape):
+        return None
+    dims = (1,) * (len(shape) - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(dims) if i != axis) or dims[axis] != shape[axis]:
+        return None
+    return c.reshape(-1)
+
+
+@_rule("Cast")
+def _cast(low: Lowering, node: Node) -> None:
+    x = node.inputs[0]
+    assert x is not None
+    source = low.ints.get(x)
+    if source is None or source.type.quant is not None or not node.output.type.dtype.is_float:
+        raise UnsupportedOpError("Cast in the integer path", node=node.label())
+    low.affine[node.output] = Affine(source, 1.0, 0.0)
+
+
+@_rule("Sub")
+def _sub(low: Lowering, node: Node) -> None:
+    x, y = node.inputs
+    if x in low.affine and _scalar(y) is not None:
+        m = low.affine[x]
+        low.affine[node.output] = Affine(m.source, m.a, m.b - _scalar(y))  # type: ignore[operator]
+    elif y in low.affine and _scalar(x) is not None:
+        m = low.affine[y]
+        low.affine[node.output] = Affine(m.source, -m.a, _scalar(x) - m.b)  # type: ignore[operator]
+    elif x in low.affine or y in low.affine:
+        raise UnsupportedOpError(
+            "Sub of an attention mask and a tensor in the integer path", node=node.label()
+        )
+    else:  # a difference of activations: a QAdd with a negative multiplier
+        a, b = low.materialize(x), low.materialize(y)  # type: ignore[arg-type]
+        low.pending[node.output] = Sum(a, b, subtract=True)
+
+
+@_rule("Gather")
+def _gather(low: Lowering, node: Node) -> None:
+    """An embedding lookup: the table quantized per tensor, the lookup moves integers."""
+    table, index = node.inputs
+    if table is None or table.const is None or index not in low.ints:
+        raise UnsupportedOpError(
+            "Gather in the integer path needs a constant table and integer indices",
+            node=node.label(),
+        )
+    bits = low.options.bits(node.label()).weights
+    q, scales = quantize_weights(table.const.reshape(1, -1), bits, 0)
+    const = low.dst.add_constant(q.reshape(table.const.shape), table.name)
+    const.type = const.type.with_quant(QuantParams(bits, True, scales, narrow=True))
+    low.ints[node.output] = low.emit(node, "Gather", [const, low.ints[index]], **node.attrs)
+
+
+@_rule("GlobalAveragePool")
+def _global_avgpool(low: Lowering, node: Node) -> None:
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    low.pending[node.output] = Accumulator(low.emit(node, "QGlobalAveragePool", [x]))
+
+
+@_rule("ReduceMean", "ReduceSum")
+def _reduce_sum(low: Lowering, node: Node) -> None:
+    """An int32 sum over the axes; a mean's ``1/N`` lives in the accumulator's scale."""
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    acc = low.emit(
+        node,
+        "QReduceSum",
+        [x],
+        axes=node.attrs["axes"],
+        keepdims=node.attrs["keepdims"],
+        mean=int(node.op == "ReduceMean"),
+    )
+    low.pending[node.output] = Accumulator(acc)
+
+
+@_rule("AveragePool")
+def _avgpool(low: Lowering, node: Node) -> None:
+    attrs = node.attrs
+    if any(attrs["pads"]) or attrs["ceil_mode"]:
+        raise UnsupportedOpError(
+            "AveragePool with padding or ceil_mode in the integer path", node=node.label()
+        )
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    acc = low.emit(
+        node, "QAveragePool", [x], kernel_shape=attrs["kernel_shape"], strides=attrs["strides"]
+    )
+    low.pending[node.output] = Accumulator(acc)
+
+
+@_rule(*ops_with(Trait.MOVEMENT))
+def _movement(low: Lowering, node: Node) -> None:
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    low.ints[node.output] = low.emit(node, node.op, [x], **node.attrs)
+
+
+@_rule("Pad")
+def _pad(low: Lowering, node: Node) -> None:
+    if node.attrs["mode"] == "constant" and node.attrs["value"] != 0.0:
+        raise UnsupportedOpError(
+            "Pad with a non-zero constant in the integer path", node=node.label()
+        )
+    _movement(low, node)
+
+
+@_rule("Concat")
+def _concat(low: Lowering, node: Node) -> None:
+    quant = low.activation_quant(node.output)
+    parts = []
+    for value in node.inputs:
+        x = low.materialize(value)  # type: ignore[arg-type]
+        if x.type.quant != quant:
+            x = Accumulator(x).finish(low, quant, quant.qmin, quant.qmax, node.label())
+        parts.append(x)
+    low.ints[node.output] = low.emit(node, "Concat", parts, axis=node.attrs["axis"])
+
+
+@_rule("Softmax")
+def _softmax(low: Lowering, node: Node) -> None:
+    source = node.inputs[0]
+    assert source is not None
+    axis = node.attrs["axis"]
+    if node.output.is_graph_output or axis not in (-1, source.type.rank - 1):
+        # A classifier's last op: it runs in float after the output dequantization.
+        x = low.dequantized(source)
+        low.floats[node.output] = low.emit(node, "Softmax", [x], axis=axis)
+        return
+    source, keep = low.masked.get(source, (source, None))
+    variant = low.options.variant("QSoftmax")
+    pending = low.pending.get(source)
+    per_tensor = isinstance(pending, Accumulator) and scale_count(pending.acc) == 1
+    if isinstance(pending, Accumulator) and per_tensor and variant != "lut":
+        # The int32 scores themselves: no rounding before the exponent.
+        x, scale = pending.acc, pending.scale
+    else:
+        if variant == "lut":
+            x = _rescaled(low, source, _signed_quant(low, source, 8), node)
+        else:
+            x = low.materialize(source)
+        scale = scale_of(x)
+    inputs = [x] if keep is None else [x, keep]
+    low.ints[node.output] = low.emit(node, "QSoftmax", inputs, variant=variant, scale=scale)
+
+
+def _signed_quant(low: Lowering, value: Value, bits: int) -> QuantParams:
+    """Signed ``bits``-bit parameters covering ``value``'s calibrated range."""
+    calibrated = low.activation_quant(value, non_negative=False)
+    threshold = calibrated.scale[0] * ((1 << (calibrated.bits - 1)) - 1)
+    return QuantParams(bits, True, (threshold / ((1 << (bits - 1)) - 1),))
+
+
+def _rescaled(low: Lowering, value: Value, quant: QuantParams, node: Node) -> Value:
+    """``value`` as an integer with exactly ``quant`` (requantized when it differs)."""
+    pending = low.pending.get(value)
+    if isinstance(pending, Accumulator):
+        return pending.finish(low, quant, quant.qmin, quant.qmax, node.label())
+    x = low.materialize(value)
+    if x.type.quant == quant:
+        return x
+    return Accumulator(x).finish(low, quant, quant.qmin, quant.qmax, node.label())
+
+
+@_rule("Gelu")
+def _gelu(low: Lowering, node: Node) -> None:
+    source = node.inputs[0]
+    assert source is not None
+    variant = low.options.variant("QGelu")
+    x = _rescaled(low, source, _signed_quant(low, source, 8 if variant == "lut" else 16), node)
+    out = low.activation_quant(node.output, non_negative=False)
+    low.ints[node.output] = low.emit(
+        node, "QGelu", [x], variant=variant, **output_attrs(out, out.qmin, out.qmax)
+    )
+
+
+@_rule(*ops_with(Trait.ELEMENTWISE))
+def _tabled(low: Lowering, node: Node) -> None:
+    """An elementwise function of an 8-bit input: its exactly rounded 256-entry table,
+    evaluated by the reference semantics at every input code (a pending accumulator is
+    requantized to its calibrated width first)."""
+    source = node.inputs[0]
+    assert source is not None
+    x = low.materialize(source)
+    quant = x.type.quant
+    if quant is None or quant.axis is not None or x.type.dtype not in (DType.I8, DType.U8):
+        raise UnsupportedOpError(
+            f"{node.op} of a {x.type} input in the integer path: only 8-bit inputs are tabled",
+            node=node.label(),
+            hint="a 16-bit input (a transformer's residual stream) is not supported yet;"
+            " give the layer before it 8-bit activations",
+        )
+    out = low.activation_quant(node.output)
+    kernel = EVAL[node.op]
+    try:
+        table = elementwise_table(
+            lambda v: kernel(node, v)[0],
+            quant.scale[0],
+            quant.bits,
+            quant.signed,
+            out.scale[0],
+            out.qmin,
+            out.qmax,
+        )
+    except NumericsError as err:
+        raise UnsupportedOpError(f"{node.op} cannot be tabled: {err}", node=node.label()) from None
+    low.ints[node.output] = low.emit(
+        node, "QLookup", [x], table=tuple(table.tolist()), **output_attrs(out, out.qmin, out.qmax)
+    )
+
+
+@_rule("LayerNormalization")
+def _layernorm(low: Lowering, node: Node) -> None:
+    x_value, gamma, beta = (*node.inputs, None, None)[:3]
+    if node.attrs["axis"] not in (-1, node.output.type.rank - 1):
+        raise UnsupportedOpError(
+            "LayerNormalization over more than the last axis", node=node.label()
+        )
+    if gamma is None or gamma.const is None or (beta is not None and beta.const is None):
+        raise UnsupportedOpError(
+            "LayerNormalization with non-constant gamma/beta", node=node.label()
+        )
+    x = low.materialize(x_value)  # type: ignore[arg-type]
+    if x.type.dtype.bits > 16:
+        raise UnsupportedOpError("LayerNormalization of a >16-bit input", node=node.label())
+    size = x.type.shape[-1]
+    g = np.asarray(gamma.const, np.float64).reshape(size)
+    b = np.zeros(size) if beta is None else np.asarray(beta.const, np.float64).reshape(size)
+    out = low.activation_quant(node.output, non_negative=False)
+    constants = layernorm_constants(
+        g.tolist(), b.tolist(), node.attrs["epsilon"], scale_of(x), out.scale[0]
+    )
+    low.ints[node.output] = low.emit(
+        node,
+        "QLayerNorm",
+        [x],
+        variant=low.options.variant("QLayerNorm"),
+        **constants,
+        **output_attrs(out, out.qmin, out.qmax),
+    )
