@@ -25,11 +25,11 @@ from intq.backends import TARGETS, artifact_target
 from intq.backends.base import atomic_write
 from intq.backends.onnxruntime import onnx_census
 from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
-from intq.backends.tvm_runtime import read_tvm_artifact
+from intq.backends.tvm_runtime import TensorSpec, read_tvm_artifact
 from intq.config import load_config
 from intq.data import calibration_batches
 from intq.inspection import layer_sqnr, layer_table, table
-from intq.ir import Graph, from_text, to_text
+from intq.ir import Graph, Value, from_text, to_text
 from intq.mixed_precision import SENSITIVITY_METHODS
 from intq.ops import Trait
 from intq.passes.calibration import CLIP_METHODS
@@ -324,7 +324,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _random_inputs(names: list[str], inputs: Sequence[Any], seed: int) -> dict[str, np.ndarray]:
+def _input_values(exe: Any) -> list[Value]:
+    """The inputs ``exe.run`` takes, as IR values: a graph's, a loaded ONNX artifact's, or
+    (TVM) the manifest's tensor specs turned into values."""
+    inputs = getattr(exe, "inputs", None) or exe.graph.inputs
+    return [v.value() if isinstance(v, TensorSpec) else v for v in inputs]
+
+
+def _random_inputs(inputs: Sequence[Value], seed: int) -> dict[str, np.ndarray]:
+    """Random feeds of each input's shape and dtype (``bench`` without ``--inputs``)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for value in inputs:
@@ -366,11 +374,10 @@ def _bench(args: argparse.Namespace) -> int:
             f"--profile times the kernels of TVM and ONNX Runtime artifacts, not {exe.target}",
             hint="compile with --target tvm or --target onnxruntime",
         )
-    inputs = getattr(exe, "inputs", None) or exe.graph.inputs
     if args.inputs is not None:
         feeds = _read_npz(args.inputs, "inputs")
     else:
-        feeds = _random_inputs(exe.input_names, inputs, seed=0)
+        feeds = _random_inputs(_input_values(exe), seed=0)
     rows = [
         {
             "model": f"{args.artifact} ({exe.target})",
@@ -467,8 +474,7 @@ def _bench_remote(args: argparse.Namespace) -> int:
     if args.inputs is not None:
         feeds = _read_npz(args.inputs, "inputs")
     else:
-        names = [s.name for s in artifact.inputs]
-        feeds = _random_inputs(names, [s.value() for s in artifact.inputs], seed=0)
+        feeds = _random_inputs([s.value() for s in artifact.inputs], seed=0)
     result = remote_bench(
         artifact,
         args.rpc_tracker,

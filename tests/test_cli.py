@@ -300,3 +300,22 @@ def test_error_paths_exit_1_with_one_paragraph_and_leave_no_file(digits_model, d
             assert "hint:" in done.stderr and hint in done.stderr, (case, done.stderr)
         assert "Traceback" not in done.stderr and "\n\n" not in done.stderr.strip(), case
         assert list(out.parent.iterdir()) == [], (case, list(out.parent.iterdir()))
+
+
+# ----- TVM artifacts ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_so(digits_model, digits_files):
+    """The digits CNN compiled for TVM (this CPU) and saved as a library with its manifest."""
+    root, calib, _, _ = digits_files
+    exe = intq.convert(
+        digits_model.path, calib, target="tvm", config=intq.QuantConfig(progress=False)
+    )
+    return exe.save(root / "digits_int8.so")
+
+
+def test_bench_a_tvm_library_without_inputs_feeds_random_ones(digits_so):
+    done = _in_process("bench", str(digits_so), "--repeat", "2", "--warmup", "0")
+    assert done.returncode == 0, done.stderr
+    assert f"{digits_so} (tvm)" in done.stdout and "p50" in done.stdout
