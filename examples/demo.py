@@ -113,10 +113,23 @@ def _cnn_rows(name: str, out: Path, targets: list[str]) -> list[dict[str, str]]:
     return rows
 
 
+def _artifact_suffix(target: str) -> str:
+    """The end of the name of a ``target`` artifact the demo writes: the suffix the target's
+    backend record declares first (what ``intq.load`` recognises), after ``_int8``."""
+    return "_int8" + TARGETS[target].suffixes[0]
+
+
 def _save(exe: Any, target: str, model_path: Path, tag: str = "") -> Path:
     """Save ``exe`` next to its FP32 model, named for the target's artifact kind."""
-    suffix = {"onnxruntime": "_int8.onnx", "reference": "_int8.intq"}.get(target, "_int8")
-    return exe.save(model_path.with_name(model_path.stem + tag + suffix))
+    return exe.save(model_path.with_name(model_path.stem + tag + _artifact_suffix(target)))
+
+
+def closing_line(out: Path, targets: list[str]) -> str:
+    """The demo's last line: where the artifacts are (one glob per target) and what opens them."""
+    globs = ", ".join(f"{out}/*{_artifact_suffix(t)}" for t in targets)
+    manifests = " (each .so with its .so.json manifest beside it)" if "tvm" in targets else ""
+    plain = "plain onnxruntime runs the .onnx files; " if "onnxruntime" in targets else ""
+    return f"The integer-only models are {globs}{manifests}: {plain}intq.load reopens any of them."
 
 
 def _repeat(target: str) -> int:
@@ -273,10 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(_torch_line(args.out))
 
-    print(
-        f"\nThe integer-only models are {args.out}/*_int8.*: plain onnxruntime runs the .onnx"
-        " files; intq.load reopens any of them."
-    )
+    print()
+    print(closing_line(args.out, targets))
     return 0
 
 

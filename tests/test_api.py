@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,29 @@ def test_onnx_artifact_metadata_and_tampering(digits_model, digits_train, tmp_pa
         intq.load(digits_model.path)  # a float model, not something intq wrote
     with pytest.raises(intq.ArtifactError, match="no artifact at"):
         intq.load(tmp_path / "missing.onnx")
+
+
+def test_the_demo_names_its_artifacts_so_that_intq_load_reopens_them(
+    digits_model, digits_train, tmp_path
+):
+    """What the demo's closing line promises: its globs match every artifact it saved, and
+    ``intq.load`` reopens each (the demo itself takes minutes; its save path is checked here)."""
+    from examples import demo
+
+    int_graph = intq.convert(digits_model.path, digits_train, "reference", QUIET).int_graph
+    fp32_path = tmp_path / digits_model.path.name  # the demo saves next to the FP32 model
+    targets = ["onnxruntime", "tvm", "reference"]
+    saved = {}
+    for target in targets:
+        exe = intq.compile(int_graph, target=target)
+        saved[demo._save(exe, target, fp32_path)] = exe.run(digits_model.inputs)["logits"]
+    line = demo.closing_line(tmp_path, targets)
+    globs = re.findall(rf"{re.escape(str(tmp_path))}/(\S+?)[,: ]", line)
+    assert len(globs) == len(targets), line
+    matched = {path for glob in globs for path in tmp_path.glob(glob)}
+    assert matched == set(saved), line
+    for path, logits in saved.items():
+        assert np.array_equal(intq.load(path).run(digits_model.inputs)["logits"], logits), path
 
 
 def test_config_file(tmp_path):
