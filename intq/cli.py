@@ -48,9 +48,11 @@ EXAMPLES = {
   intq compile model.onnx --calib calib.npz --size-mb 2.5 --mp-report mp -o model_int8.onnx
   intq compile bert.onnx --calib calib.npz --input-shape input_ids=1,128 -o bert_int8.onnx
 
-calib.npz holds one array per model input (numpy.savez(path, input=x)), samples on the
-first axis; cfg.toml holds QuantConfig's fields (weight_bits, activation_bits, calibration,
-percentile, [layer_bits."name"]); flags given on the command line win over the file.""",
+Without --target, the suffix of -o picks the target: .onnx onnxruntime, .intq reference,
+.so/.tar tvm. calib.npz holds one array per model input (numpy.savez(path, input=x)),
+samples on the first axis; cfg.toml holds QuantConfig's fields (weight_bits,
+activation_bits, calibration, percentile, [layer_bits."name"]); flags given on the command
+line win over the file.""",
     "quantize": """examples:
   intq quantize model.onnx --calib calib.npz -o model.intq
   intq quantize model.onnx --calib calib.npz --calibration mse --weight-bits 4 -o model.intq""",
@@ -265,8 +267,48 @@ def _check_output(path: Path) -> None:
         raise intq.ArtifactError(f"output {path} is a directory", hint="give a file name")
 
 
+def _suffixes() -> dict[str, str]:
+    """Artifact suffix -> the target that writes it, from the backend records."""
+    return {s: b.name for b in TARGETS.values() for s in b.suffixes}
+
+
+def _suffix_list() -> str:
+    """Each target's suffixes, for help texts: ``.intq reference, .onnx onnxruntime, ...``."""
+    return ", ".join(f"{'/'.join(b.suffixes)} {b.name}" for b in TARGETS.values())
+
+
+def _output_target(output: Path, target: str | None, command: str = "compile") -> str:
+    """The target ``intq compile`` writes ``output`` for: ``target`` (``--target``) when
+    given, else the one whose artifacts end in ``output``'s suffix. Refused, before any work,
+    when the suffix is not one the target writes (an ELF file named ``.onnx`` misleads; and
+    ``intq.load`` places some artifacts by their suffix)."""
+    writers = _suffixes()
+    if target is None:
+        if output.suffix not in writers:
+            raise intq.IntqError(
+                f"-o {output}: cannot tell the target from the name's suffix"
+                f" ({output.suffix or 'none'})",
+                hint=f"name the output for its target ({_suffix_list()}), or give --target",
+            )
+        return writers[output.suffix]
+    backend = TARGETS[target]
+    if output.suffix not in backend.suffixes:
+        names = " or ".join(backend.suffixes)
+        hint = f"name it {output.with_suffix(backend.suffixes[0]).name}"
+        if command == "quantize":
+            hint += "; intq compile --target writes the other targets' artifacts"
+        elif output.suffix in writers:
+            hint += f", or drop --target {target}: {output.suffix} means {writers[output.suffix]}"
+        what = f"intq {command}" if command == "quantize" else f"--target {target}"
+        raise intq.IntqError(
+            f"-o {output}: {what} writes {backend.artifact}, named {names}", hint=hint
+        )
+    return target
+
+
 def _compile(args: argparse.Namespace) -> int:
     _check_output(args.output)
+    args.target = _output_target(args.output, args.target, args.command)
     config = _config(args)
     graph = load_graph(args.model, dict(args.input_shape) or None)
     batches = calibration_batches(args.calib, graph.inputs)
@@ -593,12 +635,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = _command(commands, "compile", "calibrate, convert to integers and compile")
     command.add_argument("model", type=Path, help="an .onnx file (or a float .intq graph)")
-    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT",
+        help="the artifact to write; its suffix picks the target when --target is not given: "
+        + _suffix_list(),
+    )
     command.add_argument(
         "--target",
-        default="onnxruntime",
         choices=sorted(TARGETS),
-        help="; ".join(f"{b.name} writes {b.artifact}" for b in TARGETS.values()),
+        help="; ".join(f"{b.name} writes {b.artifact}" for b in TARGETS.values())
+        + " (default: the target of OUT's suffix; a suffix the target does not write is"
+        " refused)",
     )
     command.add_argument(
         "--tvm-target",

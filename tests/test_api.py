@@ -282,3 +282,23 @@ def test_import_intq_loads_no_heavy_optional_dependency():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_save_refuses_a_name_for_another_kind_of_artifact(digits_model, digits_train, tmp_path):
+    """Each backend's ``save`` writes only names with its record's suffixes (``intq.load``
+    places a file by its suffix when its envelope does not say)."""
+    int_graph = intq.convert(digits_model.path, digits_train, "reference", QUIET).int_graph
+    for target, wrong, right in [
+        ("reference", "m.onnx", "m.intq"),
+        ("onnxruntime", "m.intq", "m.onnx"),
+        ("tvm", "m.onnx", "m.so"),
+    ]:
+        exe = intq.compile(int_graph, target=target)
+        with pytest.raises(intq.ArtifactError, match=f"a {target} artifact") as info:
+            exe.save(tmp_path / wrong)
+        assert info.value.hint == f"save it as {right}"
+        loaded = intq.load(exe.save(tmp_path / right))
+        if target != "tvm":  # TVM cannot export a library it loaded (its file is the artifact)
+            with pytest.raises(intq.ArtifactError, match=f"a {target} artifact"):
+                loaded.save(tmp_path / f"again{Path(wrong).suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.intq", "m.onnx", "m.so", "m.so.json"]

@@ -289,7 +289,8 @@ def _in_process(*args: str) -> subprocess.CompletedProcess[str]:
 def test_error_paths_exit_1_with_one_paragraph_and_leave_no_file(digits_model, digits_files):
     root, calib, inputs, _ = digits_files
     for case, (args, message, hint) in _error_cases(root, digits_model.path, calib, inputs).items():
-        out = root / "errors" / f"{case.replace(' ', '_')}.out"
+        suffix = ".onnx" if args[0] == "compile" else ".npz"  # -o names what it writes
+        out = root / "errors" / f"{case.replace(' ', '_')}{suffix}"
         out.parent.mkdir(exist_ok=True)
         call = run_cli if case in SUBPROCESS_CASES else _in_process
         done = call(*args, "-o", str(out))
@@ -307,12 +308,42 @@ def test_error_paths_exit_1_with_one_paragraph_and_leave_no_file(digits_model, d
 
 @pytest.fixture(scope="module")
 def digits_so(digits_model, digits_files):
-    """The digits CNN compiled for TVM (this CPU) and saved as a library with its manifest."""
+    """The digits CNN compiled for TVM (this CPU) by ``intq compile -o digits_int8.so``: the
+    suffix picks the target."""
     root, calib, _, _ = digits_files
-    exe = intq.convert(
-        digits_model.path, calib, target="tvm", config=intq.QuantConfig(progress=False)
-    )
-    return exe.save(root / "digits_int8.so")
+    out = root / "digits_int8.so"
+    done = _in_process("compile", str(digits_model.path), "--calib", str(calib), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_the_output_suffix_picks_the_target_and_a_mismatch_is_refused(
+    digits_model, digits_files, digits_so
+):
+    root, calib, _, _ = digits_files
+    assert intq.load(digits_so).target == "tvm" and (root / "digits_int8.so.json").is_file()
+    compile_ = ["compile", str(digits_model.path), "--calib", str(calib), "--quiet"]
+    out = root / "by_suffix.intq"
+    assert _in_process(*compile_, "-o", str(out)).returncode == 0
+    assert intq.load(out).target == "reference"
+
+    refused = root / "refused"
+    refused.mkdir()
+    for args, message, hint in [
+        (["--target", "tvm", "-o", "x.onnx"], "--target tvm writes a shared object",
+         ["x.so", "drop --target tvm: .onnx means onnxruntime"]),
+        (["--target", "onnxruntime", "-o", "x.intq"], "named .onnx", ["x.onnx"]),
+        (["-o", "x.out"], "cannot tell the target", [".so/.tar tvm", "--target"]),
+    ]:  # fmt: skip
+        args[-1] = str(refused / args[-1])
+        done = _in_process(*compile_, *args)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("intq: error: -o ") and message in done.stderr, done.stderr
+        assert all(h in done.stderr.split("hint:")[1] for h in hint), done.stderr
+    done = _in_process("quantize", str(digits_model.path), "--calib", str(calib), "-o",
+                       str(refused / "x.onnx"))  # fmt: skip
+    assert done.returncode == 1 and "intq quantize writes a .intq graph" in done.stderr
+    assert list(refused.iterdir()) == []  # refused before any work: nothing written
 
 
 def test_bench_a_tvm_library_without_inputs_feeds_random_ones(digits_so):

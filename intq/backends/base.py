@@ -54,6 +54,20 @@ class Backend:
     artifact: str
     """What ``save`` writes, in a few words (for ``intq compile --help``)."""
 
+    def check_path(self, path: str | Path) -> Path:
+        """``path`` as the name of this backend's artifact: refused (:class:`ArtifactError`,
+        before anything is written) unless it ends in one of :attr:`suffixes`, since a
+        file named for another kind of artifact misleads its readers and ``intq.load``
+        places a file by its suffix when its envelope does not say."""
+        path = Path(path)
+        if path.suffix not in self.suffixes:
+            raise ArtifactError(
+                f"{path}: a {self.name} artifact is {self.artifact}, named"
+                f" {' or '.join(self.suffixes)}",
+                hint=f"save it as {path.with_suffix(self.suffixes[0]).name}",
+            )
+        return path
+
 
 @dataclass(frozen=True)
 class KernelTime:

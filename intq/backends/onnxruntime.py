@@ -111,7 +111,8 @@ class OnnxRuntimeExecutable(GraphExecutable):
 
     def save(self, path: str | Path) -> Path:
         """Write the ``.onnx`` file (atomically) with intq's checksummed metadata
-        (:mod:`intq.artifacts`); plain ONNX Runtime runs it."""
+        (:mod:`intq.artifacts`); plain ONNX Runtime runs it. The name must end in ``.onnx``."""
+        path = ONNXRUNTIME.check_path(path)
         data = seal_onnx(self.model, layer_table(self.graph))
         if len(data) >= 2**31:
             raise ArtifactError("the model exceeds protobuf's 2 GB limit")
@@ -180,7 +181,7 @@ class LoadedOnnxExecutable:
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact again (atomically), metadata and checksum unchanged."""
-        return atomic_write(path, self.model.SerializeToString())
+        return atomic_write(ONNXRUNTIME.check_path(path), self.model.SerializeToString())
 
 
 def profile_session(

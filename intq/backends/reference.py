@@ -27,8 +27,9 @@ class ReferenceExecutable(GraphExecutable):
 
     def save(self, path: str | Path) -> Path:
         """Write the graph as textual IR (atomically) after a header with the format version
-        and the payload's sha256 (:mod:`intq.artifacts`); returns the path."""
-        return atomic_write(path, seal_text(to_text(self.graph)))
+        and the payload's sha256 (:mod:`intq.artifacts`); returns the path. The name must
+        end in ``.intq`` (:meth:`Backend.check_path`)."""
+        return atomic_write(REFERENCE.check_path(path), seal_text(to_text(self.graph)))
 
 
 def compile_reference(graph: Graph) -> ReferenceExecutable:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from intq.backends import TVM
 from intq.backends.base import (
     KernelTime,
     atomic_write,
@@ -336,11 +337,12 @@ class TvmExecutable:
     def save(self, path: str | Path) -> Path:
         """Write the library and ``<path>.json`` (its manifest), each atomically.
 
-        A host target writes a shared object (any name; ``.so`` by convention); a
+        A host target writes a shared object (``.so``, or ``.tar`` of its object files); a
         cross target needs a ``.tar`` name and writes its object files there, for the
-        device's toolchain to link. Returns the library's path.
+        device's toolchain to link. Another suffix is refused (:meth:`Backend.check_path`).
+        Returns the library's path.
         """
-        path = Path(path)
+        path = TVM.check_path(path)
         cross = not links_here(self.tvm_target)
         if cross and path.suffix != ".tar":
             raise ArtifactError(
