@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 import traceback
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 import intq
-from intq.artifacts import onnx_metadata, parse_onnx, read_artifact_bytes
+from intq.artifacts import has_header, onnx_metadata, open_text, parse_onnx, read_artifact_bytes
 from intq.backends import TARGETS, artifact_target
 from intq.backends.base import atomic_write
 from intq.backends.onnxruntime import onnx_census
@@ -66,6 +67,7 @@ array per model output.""",
   intq inspect model.onnx                  # a float model: inputs, outputs, op census
   intq inspect model_int8.onnx             # an artifact: integer-only check, per-layer bits
   intq inspect model.intq --ir             # a saved graph, with its IR
+  intq inspect model_int8.so               # a TVM library: its manifest (target, tensors)
   intq inspect bert.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128""",
     "bench": """examples:
   intq bench model_int8.onnx                          # latency percentiles p50/p90/p99
@@ -119,16 +121,23 @@ def _say(args: argparse.Namespace, *lines: str) -> None:
 
 
 def load_graph(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
-    """An ONNX model (``.onnx``) or textual IR (anything else) as a graph."""
+    """An ONNX model (``.onnx``) or textual IR (anything else) as a graph. A saved ``.intq``
+    artifact's checksum is checked before its text is parsed: a damaged file says so, rather
+    than failing to parse where it was cut."""
     if path.suffix == ".onnx":
         return intq.from_onnx(path, input_shapes=input_shapes)
     if not path.is_file():
         raise intq.ArtifactError(f"no file at {path}", hint="check the path")
+    path, data = read_artifact_bytes(path)
+    if has_header(data):
+        return from_text(open_text(data, path))
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise intq.ArtifactError(f"cannot read {path}: {err}") from None
-    return from_text(text)
+        return from_text(data.decode())
+    except UnicodeDecodeError:
+        raise intq.ArtifactError(
+            f"{path} is neither textual IR nor an ONNX model",
+            hint="intq reads .onnx models and .intq graphs (and TVM libraries in intq inspect)",
+        ) from None
 
 
 def summary(graph: Graph) -> str:
@@ -160,8 +169,6 @@ def _onnx_artifact_summary(path: Path) -> str | None:
     model = parse_onnx(data, path)
     if not any(p.key == "intq.format" for p in model.metadata_props):
         return None
-    import json
-
     meta = onnx_metadata(model, path)
     lines = [f"{path}: intq artifact format {meta['intq.format']}, target {meta['intq.target']}"]
     lines += [f"  input  {i.name}: {_onnx_type(i)}" for i in model.graph.input]
@@ -179,6 +186,33 @@ def _onnx_artifact_summary(path: Path) -> str | None:
     return "\n".join(lines)
 
 
+def _tvm_artifact_summary(path: Path) -> str:
+    """The summary of a TVM library from its manifest (the library's checksum verified; its
+    code is not loaded): target, tensors and how they are (de)quantized, kernels."""
+    artifact = read_tvm_artifact(path)
+    kind = "object files to link" if artifact.needs_linker else "a shared object"
+    lines = [f"{path}: intq TVM artifact ({kind}), target {json.dumps(artifact.target)}"]
+    for role, specs in (("input ", artifact.inputs), ("output", artifact.outputs)):
+        lines += [f"  {role} {s.name}: {_spec_text(s)}" for s in specs]
+    nodes = sum(len(v) for v in artifact.kernels.values())
+    lines.append(f"kernels: {len(artifact.kernels)} TVM functions computing {nodes} graph nodes")
+    return "\n".join(lines)
+
+
+def _spec_text(spec: TensorSpec) -> str:
+    """``float32[8,1,8,8], quantized to u8 @ 0.00392`` for a manifest's tensor."""
+    text = f"{spec.dtype}[{','.join(str(d) for d in spec.shape)}]"
+    quant = spec.quantization
+    if quant is None:
+        return text
+    bits = f"{'s' if quant['signed'] else 'u'}{quant['bits']}"
+    scales = quant["scale"] if isinstance(quant["scale"], list) else [quant["scale"]]
+    low, high = min(scales), max(scales)
+    scale = f"{low:.3g}" if low == high else f"{low:.3g}..{high:.3g}"
+    how = {"quantize": "quantized to", "dequantize": "dequantized from"}.get(quant["op"], "")
+    return f"{text}, {how} {bits} @ {scale}" if how else f"{text}, {bits} @ {scale}"
+
+
 def _onnx_type(info: Any) -> str:
     import onnx
 
@@ -188,6 +222,14 @@ def _onnx_type(info: Any) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.model.suffix in TARGETS["tvm"].suffixes:
+        if args.ir:
+            raise intq.IntqError(
+                f"{args.model} is a TVM library: it holds compiled code, not the IR graph",
+                hint="inspect --ir the .intq or .onnx the model was compiled from",
+            )
+        print(_tvm_artifact_summary(args.model))
+        return 0
     if args.model.suffix == ".onnx" and not args.ir:
         text = _onnx_artifact_summary(args.model) if args.model.is_file() else None
         if text is not None:
@@ -689,7 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(run=_run)
 
     command = _command(commands, "inspect", "summarise a model or artifact")
-    command.add_argument("model", type=Path, help="an .onnx model or artifact, or a .intq graph")
+    command.add_argument(
+        "model", type=Path, help="an .onnx model or artifact, a .intq graph or a TVM .so/.tar"
+    )
     _add_input_shape(command)
     command.add_argument("--ir", action="store_true", help="also print the textual IR")
     command.set_defaults(run=_inspect)

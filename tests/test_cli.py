@@ -350,3 +350,22 @@ def test_bench_a_tvm_library_without_inputs_feeds_random_ones(digits_so):
     done = _in_process("bench", str(digits_so), "--repeat", "2", "--warmup", "0")
     assert done.returncode == 0, done.stderr
     assert f"{digits_so} (tvm)" in done.stdout and "p50" in done.stdout
+
+
+def test_inspect_a_tvm_library_reads_its_manifest(digits_so):
+    done = _in_process("inspect", str(digits_so))
+    assert done.returncode == 0, done.stderr
+    assert f"{digits_so}: intq TVM artifact (a shared object), target {{" in done.stdout
+    assert "input  input: float32[8,1,8,8], quantized to u8 @ 0.00392" in done.stdout
+    assert "output logits: float32[8,10], dequantized from s32 @ " in done.stdout
+    done = _in_process("inspect", str(digits_so), "--ir")
+    assert done.returncode == 1 and "holds compiled code, not the IR graph" in done.stderr
+
+
+def test_inspect_a_damaged_intq_artifact_says_checksum(digits_model, tmp_path):
+    saved = intq.compile(intq.from_onnx(digits_model.path)).save(tmp_path / "digits.intq")
+    data = saved.read_bytes()
+    cut = tmp_path / "cut.intq"
+    cut.write_bytes(data[: len(data) // 2])
+    done = _in_process("inspect", str(cut))
+    assert done.returncode == 1 and "does not match its checksum" in done.stderr, done.stderr
