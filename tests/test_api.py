@@ -302,3 +302,23 @@ def test_save_refuses_a_name_for_another_kind_of_artifact(digits_model, digits_t
             with pytest.raises(intq.ArtifactError, match=f"a {target} artifact"):
                 loaded.save(tmp_path / f"again{Path(wrong).suffix}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.intq", "m.onnx", "m.so", "m.so.json"]
+
+
+def test_saving_and_loading_a_tvm_library_after_running_it_prints_nothing(
+    digits_model, digits_train, tmp_path, capfd
+):
+    """TVM logs one "Scope Saving:" / "Scope Loaded:" warning per constant once a VM has run;
+    intq filters them out of stderr, and passes on anything else written meanwhile."""
+    import os
+
+    from intq.backends.tvm_runtime import without_scope_log
+
+    exe = intq.convert(digits_model.path, digits_train, "tvm", QUIET)
+    want = exe.run(digits_model.inputs)["logits"]  # running fills TVM's table of scopes
+    capfd.readouterr()
+    loaded = intq.load(exe.save(tmp_path / "m.so"))
+    assert np.array_equal(loaded.run(digits_model.inputs)["logits"], want)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err
+    assert without_scope_log(lambda: os.write(2, b"kept\n")) == 5
+    assert capfd.readouterr().err == "kept\n"

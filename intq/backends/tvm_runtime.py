@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,6 +42,43 @@ def _tvm() -> Any:
     from tvm import relax  # noqa: F401  (registers the Relax namespace)
 
     return tvm
+
+
+_SCOPE_LOG = re.compile(
+    rb"^\[[\d:]+\] \S*executable\.cc:\d+: Warning: Scope (?:Saving|Loaded):.*\n?", re.M
+)
+
+_T = TypeVar("_T")
+
+
+def without_scope_log(call: Callable[[], _T]) -> _T:
+    """``call()`` with the ``Scope Saving:`` / ``Scope Loaded:`` lines TVM's VM executable
+    writes on each save and load removed from stderr; anything else written meanwhile is
+    passed on when the call returns.
+
+    TVM 0.27 logs one such warning per constant once a VM has run on the executable (running
+    fills its table of memory scopes), with no log level or hook to turn them off: its C++
+    ``LOG(WARNING)`` writes straight to ``std::cerr``. So file descriptor 2 is pointed at a
+    temporary file around the call, and the lines are filtered out of it afterwards.
+    """
+    sys.stderr.flush()
+    try:
+        original = os.dup(2)
+    except OSError:  # no stderr to clean: nothing would be printed
+        return call()
+    try:
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                return call()
+            finally:
+                os.dup2(original, 2)
+                capture.seek(0)
+                rest = memoryview(_SCOPE_LOG.sub(b"", capture.read()))
+                while rest:
+                    rest = rest[os.write(2, rest) :]
+    finally:
+        os.close(original)
 
 
 # ----- targets ------------------------------------------------------------------------------------
@@ -354,7 +393,7 @@ class TvmExecutable:
             directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=directory, prefix=f".{path.name}.") as tmp:
                 staged = Path(tmp) / ("lib.tar" if path.suffix == ".tar" else "lib.so")
-                self.executable.export_library(str(staged))
+                without_scope_log(lambda: self.executable.export_library(str(staged)))
                 os.replace(staged, path)
         except OSError as err:
             raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from err
@@ -444,7 +483,7 @@ def load_tvm(path: str | Path) -> TvmExecutable:
         )
     tvm = _tvm()
     try:
-        module = tvm.runtime.load_module(str(path))
+        module = without_scope_log(lambda: tvm.runtime.load_module(str(path)))
     except Exception as err:
         raise ArtifactError(f"TVM cannot load {path}: {str(err).strip().splitlines()[-1]}") from err
     exe = TvmExecutable(module, artifact.target, artifact.inputs, artifact.outputs)
@@ -468,4 +507,5 @@ __all__ = [
     "named_outputs",
     "parse_target",
     "read_tvm_artifact",
+    "without_scope_log",
 ]
