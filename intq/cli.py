@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import time
 import traceback
@@ -41,9 +42,9 @@ EXAMPLES = {
   intq compile model.onnx --calib calib.npz -o model_int8.onnx             # ONNX Runtime
   intq compile model.onnx --calib calib.npz --target reference -o model.intq
   intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so     # TVM, this CPU
-  intq compile model.onnx --calib calib.npz --target tvm -o model_arm.tar \
+  intq compile model.onnx --calib calib.npz --target tvm -o model_arm.tar \\
       --tvm-target '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": "+neon"}'
-  intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so \
+  intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so \\
       --tune-trials 64 --tuning-db tuning/   # MetaSchedule; later compiles reuse tuning/
   intq compile model.onnx --calib calib.npz --config cfg.toml -o model_int8.onnx
   intq compile model.onnx --calib calib.npz --size-mb 2.5 --mp-report mp -o model_int8.onnx
@@ -91,6 +92,40 @@ more bits with [layer_bits."name"] in a --config file.""",
 OVERVIEW = "examples:\n" + "\n".join(
     line for text in EXAMPLES.values() for line in text.splitlines()[1:3]
 )
+
+
+API_FLAGS = {
+    "input_shapes": "--input-shape",
+    "tune_trials": "--tune-trials",
+    "tuning_db": "--tuning-db",
+    "tvm_target": "--tvm-target",
+}
+"""Keyword argument of the Python API -> the flag that sets it, for hints shown by the CLI."""
+
+_KEYWORDS = "|".join(API_FLAGS)
+_HINT_RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
+    # "tune_trials=N (--tune-trials N)": the hint names both; the CLI keeps the flag.
+    (re.compile(rf"\b(?:{_KEYWORDS})(?:=\S+)?(?:/(?:{_KEYWORDS}))* \((--[^()]*)\)"), r"\1"),
+    (re.compile(r"\binput_shapes=\{'([^']+)': \(\.\.\.\)\}"), r"--input-shape \1=D1,D2,..."),
+    (re.compile(r"\binput_shapes=(?:\.\.\.)?"), "--input-shape NAME=D1,D2,..."),
+    (re.compile(rf"\b({_KEYWORDS})=(?=\S)"), lambda m: API_FLAGS[m[1]] + " "),
+]
+
+
+def cli_hint(hint: str) -> str:
+    """``hint`` as the command line should say it: the flags for the Python keywords it
+    names (``pass input_shapes={'x': (...)}`` -> ``pass --input-shape x=D1,D2,...``)."""
+    for pattern, replacement in _HINT_RULES:
+        hint = pattern.sub(replacement, hint)
+    return hint
+
+
+def error_text(err: intq.IntqError) -> str:
+    """The message the CLI prints for ``err``: as ``str(err)``, its hint in CLI terms."""
+    text = str(err)
+    if err.hint and text.endswith(err.hint):
+        text = text[: -len(err.hint)] + cli_hint(err.hint)
+    return text
 
 
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -228,18 +263,17 @@ def _inspect(args: argparse.Namespace) -> int:
                 f"{args.model} is a TVM library: it holds compiled code, not the IR graph",
                 hint="inspect --ir the .intq or .onnx the model was compiled from",
             )
-        print(_tvm_artifact_summary(args.model))
+        _say(args, _tvm_artifact_summary(args.model))
         return 0
     if args.model.suffix == ".onnx" and not args.ir:
         text = _onnx_artifact_summary(args.model) if args.model.is_file() else None
         if text is not None:
-            print(text)
+            _say(args, text)
             return 0
     graph = load_graph(args.model, dict(args.input_shape) or None)
-    print(summary(graph))
+    _say(args, summary(graph))
     if args.ir:
-        print()
-        print(to_text(graph, elide_above=8), end="")
+        _say(args, "", to_text(graph, elide_above=8).rstrip("\n"))
     return 0
 
 
@@ -719,14 +753,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = _command(commands, "quantize", "calibrate and convert to an integer-only .intq")
     command.add_argument("model", type=Path, help="an .onnx file")
-    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.intq")
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT.intq",
+        help="the integer-only graph to write (a .intq artifact: textual IR, checksummed)",
+    )
     _add_quant_options(command)
     command.set_defaults(run=_compile, target="reference")
 
     command = _command(commands, "run", "run a compiled artifact on inputs from an .npz")
     command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
-    command.add_argument("--inputs", type=Path, required=True, metavar="IN.npz")
-    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.npz")
+    command.add_argument(
+        "--inputs",
+        type=Path,
+        required=True,
+        metavar="IN.npz",
+        help="one array per model input (numpy.savez(path, input=x)), of the exact shape and"
+        " dtype the model takes",
+    )
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT.npz",
+        help="where to write the outputs: one array per model output",
+    )
     command.add_argument("--quiet", action="store_true", help="print nothing")
     command.set_defaults(run=_run)
 
@@ -736,12 +791,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_input_shape(command)
     command.add_argument("--ir", action="store_true", help="also print the textual IR")
+    command.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing: the exit code says whether the file reads (checksums verified)",
+    )
     command.set_defaults(run=_inspect)
 
     command = _command(commands, "bench", "measure an artifact's latency (p50/p90/p99)")
     command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
     command.add_argument("--fp32", type=Path, metavar="MODEL.onnx", help="compare with it")
-    command.add_argument("--inputs", type=Path, metavar="IN.npz", help="default: random")
+    command.add_argument(
+        "--inputs",
+        type=Path,
+        metavar="IN.npz",
+        help="one array per model input (numpy.savez(path, input=x)); default: random arrays"
+        " of the shapes and dtypes the artifact takes",
+    )
     command.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
     command.add_argument("--warmup", type=int, default=5, help="untimed runs (default 5)")
     command.add_argument(
@@ -749,6 +815,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument(
         "--top", type=int, default=20, metavar="N", help="profile rows shown (0: all; default 20)"
+    )
+    command.add_argument(
+        "--quiet",
+        action="store_true",
+        help="accepted as by every command; bench prints its results only, no progress",
     )
     group = command.add_argument_group("remote (TVM artifacts)", "run on a device via TVM RPC")
     group.add_argument(
@@ -766,7 +837,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = _command(commands, "report", "per-layer SQNR vs FP32: which layer hurts")
     command.add_argument("model", type=Path, help="the float .onnx model")
-    command.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT.png")
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="REPORT.png",
+        help="the plot of the per-layer SQNR to write (PNG)",
+    )
     command.add_argument("--top", type=int, default=0, help="show only the N worst layers")
     _add_quant_options(command)
     command.set_defaults(run=_report)
@@ -779,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except intq.IntqError as err:
-        print(f"intq: error: {err}", file=sys.stderr)
+        print(f"intq: error: {error_text(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("intq: interrupted", file=sys.stderr)

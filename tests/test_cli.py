@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -369,3 +370,77 @@ def test_inspect_a_damaged_intq_artifact_says_checksum(digits_model, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     done = _in_process("inspect", str(cut))
     assert done.returncode == 1 and "does not match its checksum" in done.stderr, done.stderr
+
+
+# ----- messages and help ----------------------------------------------------------------------
+
+
+def test_hints_name_the_flag_not_the_python_keyword(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="act")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "symbolic.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(intq.ShapeError) as info:  # the API's hint names its keyword...
+        intq.from_onnx(path)
+    assert "input_shapes=" in info.value.hint
+    done = _in_process("inspect", str(path))  # ...the command line's, the flag
+    assert done.returncode == 1 and "input 'x' has symbolic dimensions" in done.stderr
+    assert "hint: pass --input-shape x=D1,D2,... with the shape" in done.stderr, done.stderr
+    assert "input_shapes" not in done.stderr
+    assert _in_process("inspect", str(path), "--input-shape", "x=2,4").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("hint", "cli"),
+    [
+        ("tune first: tune_trials=N (--tune-trials N) creates it", "tune first: --tune-trials N"),
+        ("or tune_trials=0 to only read it", "or --tune-trials 0 to only"),
+        ("drop tune_trials/tuning_db (--tune-trials/--tuning-db) for", "drop --tune-trials/--tun"),
+        ("a fixed shape with input_shapes=..., so", "with --input-shape NAME=D1,D2,..., so"),
+        ("convert the model with input_shapes= set to", "with --input-shape NAME=D1,D2,... set"),
+    ],
+)
+def test_every_python_keyword_form_in_hints_maps_to_its_flag(hint, cli):
+    from intq.cli import API_FLAGS, cli_hint, error_text
+
+    assert cli in cli_hint(hint) and not any(k in cli_hint(hint) for k in API_FLAGS)
+    err = intq.IntqError("message", node="n", hint=hint)
+    assert error_text(err) == f"node 'n': message\n  hint: {cli_hint(hint)}"
+
+
+def test_help_texts_every_argument_the_default_target_and_line_breaks():
+    from intq.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+        assert "--quiet" in command._option_string_actions, name  # as the README says
+    text = commands.choices["compile"].format_help()
+    assert "(default: the target of OUT's suffix" in " ".join(text.split())
+    # Shell continuations in the examples keep their line breaks.
+    assert "-o model_arm.tar \\\n      --tvm-target" in text
+
+
+def test_inspect_and_bench_accept_quiet(digits_so, tmp_path):
+    done = _in_process("inspect", str(digits_so), "--quiet")
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(digits_so.read_bytes()[:1000])
+    (tmp_path / "cut.so.json").write_bytes(
+        digits_so.with_name(digits_so.name + ".json").read_bytes()
+    )
+    done = _in_process("inspect", str(cut), "--quiet")
+    assert done.returncode == 1 and "checksum" in done.stderr and done.stdout == ""
+    done = _in_process("bench", str(digits_so), "--repeat", "1", "--warmup", "0", "--quiet")
+    assert done.returncode == 0 and "p50" in done.stdout, done.stderr
