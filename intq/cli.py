@@ -223,7 +223,7 @@ def _onnx_artifact_summary(path: Path) -> str | None:
 
 def _tvm_artifact_summary(path: Path) -> str:
     """The summary of a TVM library from its manifest (the library's checksum verified; its
-    code is not loaded): target, tensors and how they are (de)quantized, kernels."""
+    code is not loaded): target, tensors and how they are (de)quantized, kernels, layers."""
     artifact = read_tvm_artifact(path)
     kind = "object files to link" if artifact.needs_linker else "a shared object"
     lines = [f"{path}: intq TVM artifact ({kind}), target {json.dumps(artifact.target)}"]
@@ -231,6 +231,9 @@ def _tvm_artifact_summary(path: Path) -> str:
         lines += [f"  {role} {s.name}: {_spec_text(s)}" for s in specs]
     nodes = sum(len(v) for v in artifact.kernels.values())
     lines.append(f"kernels: {len(artifact.kernels)} TVM functions computing {nodes} graph nodes")
+    if artifact.layers is not None:  # manifests written before the table have none
+        lines.append("per-layer bits @ scales:")
+        lines += ["  " + line for line in table(artifact.layers).splitlines()]
     return "\n".join(lines)
 
 

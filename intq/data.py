@@ -10,6 +10,7 @@ dtypes raise :class:`~intq.errors.ShapeError` naming the input and saying what t
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -169,6 +170,37 @@ def calibration_batches(data: Any, inputs: Sequence[Value]) -> Iterator[dict[str
     yield from _rebatch(items(), inputs)
 
 
+def model_batches(data: Any, inputs: Sequence[Value]) -> Iterable[dict[str, np.ndarray]]:
+    """``data`` as batches for ``inputs``, in any form :func:`calibration_batches` accepts.
+
+    Input dicts that already hold exactly the inputs' shapes (judged by the first) are
+    returned as they are, unchecked and not regrouped: that is the form ``intq.quantize``
+    always took, and a graph whose inputs have no common sample axis (``x[2, 3]`` with
+    ``y[3]``) has no other. So is an empty list or iterator (calibration says it is empty)."""
+    if isinstance(data, (Sequence, Iterator)) and not isinstance(data, (str, bytes)):
+        if isinstance(data, Sequence):
+            if not data or _exact(data[0], inputs):
+                return data
+        else:
+            try:
+                first = next(data)
+            except StopIteration:
+                return []
+            data = itertools.chain([first], data)
+            if _exact(first, inputs):
+                return data
+    return calibration_batches(data, inputs)
+
+
+def _exact(item: Any, inputs: Sequence[Value]) -> bool:
+    """True when ``item`` is an input dict holding exactly the inputs' names and shapes."""
+    return (
+        isinstance(item, Mapping)
+        and set(item) == {v.name for v in inputs}
+        and all(tuple(np.shape(item[v.name])) == v.type.shape for v in inputs)
+    )
+
+
 def _npz(path: Path, inputs: Sequence[Value]) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ArtifactError(f"no calibration file at {path}", hint="check the path")
@@ -192,4 +224,4 @@ def _npz(path: Path, inputs: Sequence[Value]) -> dict[str, np.ndarray]:
     return arrays
 
 
-__all__ = ["calibration_batches"]
+__all__ = ["calibration_batches", "model_batches"]

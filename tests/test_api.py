@@ -28,6 +28,18 @@ def digits_train() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def digits_int(digits_model, digits_train) -> intq.ir.Graph:
+    """The digits CNN's integer graph, calibrated on the 64 digits as one array."""
+    return intq.convert(digits_model.path, digits_train, target="reference", config=QUIET).int_graph
+
+
+@pytest.fixture(scope="module")
+def digits_tvm(digits_int):
+    """``digits_int`` compiled for TVM (this CPU)."""
+    return intq.compile(digits_int, target="tvm")
+
+
+@pytest.fixture(scope="module")
 def expected(digits_model, digits_train) -> np.ndarray:
     """The integer model's output calibrated on the 64 digits as one array."""
     exe = intq.convert(digits_model.path, digits_train, target="reference", config=QUIET)
@@ -165,18 +177,17 @@ def test_onnx_artifact_metadata_and_tampering(digits_model, digits_train, tmp_pa
 
 
 def test_the_demo_names_its_artifacts_so_that_intq_load_reopens_them(
-    digits_model, digits_train, tmp_path
+    digits_model, digits_int, tmp_path
 ):
     """What the demo's closing line promises: its globs match every artifact it saved, and
     ``intq.load`` reopens each (the demo itself takes minutes; its save path is checked here)."""
     from examples import demo
 
-    int_graph = intq.convert(digits_model.path, digits_train, "reference", QUIET).int_graph
     fp32_path = tmp_path / digits_model.path.name  # the demo saves next to the FP32 model
     targets = ["onnxruntime", "tvm", "reference"]
     saved = {}
     for target in targets:
-        exe = intq.compile(int_graph, target=target)
+        exe = intq.compile(digits_int, target=target)
         saved[demo._save(exe, target, fp32_path)] = exe.run(digits_model.inputs)["logits"]
     line = demo.closing_line(tmp_path, targets)
     globs = re.findall(rf"{re.escape(str(tmp_path))}/(\S+?)[,: ]", line)
@@ -284,16 +295,15 @@ def test_import_intq_loads_no_heavy_optional_dependency():
     assert done.returncode == 0, done.stderr
 
 
-def test_save_refuses_a_name_for_another_kind_of_artifact(digits_model, digits_train, tmp_path):
+def test_save_refuses_a_name_for_another_kind_of_artifact(digits_int, digits_tvm, tmp_path):
     """Each backend's ``save`` writes only names with its record's suffixes (``intq.load``
     places a file by its suffix when its envelope does not say)."""
-    int_graph = intq.convert(digits_model.path, digits_train, "reference", QUIET).int_graph
     for target, wrong, right in [
         ("reference", "m.onnx", "m.intq"),
         ("onnxruntime", "m.intq", "m.onnx"),
         ("tvm", "m.onnx", "m.so"),
     ]:
-        exe = intq.compile(int_graph, target=target)
+        exe = digits_tvm if target == "tvm" else intq.compile(digits_int, target=target)
         with pytest.raises(intq.ArtifactError, match=f"a {target} artifact") as info:
             exe.save(tmp_path / wrong)
         assert info.value.hint == f"save it as {right}"
@@ -305,7 +315,7 @@ def test_save_refuses_a_name_for_another_kind_of_artifact(digits_model, digits_t
 
 
 def test_saving_and_loading_a_tvm_library_after_running_it_prints_nothing(
-    digits_model, digits_train, tmp_path, capfd
+    digits_model, digits_tvm, tmp_path, capfd
 ):
     """TVM logs one "Scope Saving:" / "Scope Loaded:" warning per constant once a VM has run;
     intq filters them out of stderr, and passes on anything else written meanwhile."""
@@ -313,7 +323,7 @@ def test_saving_and_loading_a_tvm_library_after_running_it_prints_nothing(
 
     from intq.backends.tvm_runtime import without_scope_log
 
-    exe = intq.convert(digits_model.path, digits_train, "tvm", QUIET)
+    exe = digits_tvm
     want = exe.run(digits_model.inputs)["logits"]  # running fills TVM's table of scopes
     capfd.readouterr()
     loaded = intq.load(exe.save(tmp_path / "m.so"))
@@ -322,3 +332,80 @@ def test_saving_and_loading_a_tvm_library_after_running_it_prints_nothing(
     assert out == "" and err == "", err
     assert without_scope_log(lambda: os.write(2, b"kept\n")) == 5
     assert capfd.readouterr().err == "kept\n"
+
+
+# ----- the executables' API ----------------------------------------------------------------------
+
+
+def test_run_takes_a_bare_array_for_a_single_input_model(
+    digits_model, digits_int, digits_tvm, tmp_path
+):
+    x = digits_model.inputs["input"]
+    want = intq.compile(digits_int).run({"input": x})["logits"]
+    executables = {
+        "reference": intq.compile(digits_int),
+        "onnxruntime": intq.compile(digits_int, "onnxruntime"),
+        "tvm": digits_tvm,
+        "loaded onnxruntime": intq.load(
+            intq.compile(digits_int, "onnxruntime").save(tmp_path / "m.onnx")
+        ),
+        "loaded tvm": intq.load(digits_tvm.save(tmp_path / "m.so")),
+    }
+    for name, exe in executables.items():
+        assert np.array_equal(exe.run(x)["logits"], want), name
+        assert np.array_equal(exe.run(torch.from_numpy(x))["logits"], want), name
+        with pytest.raises(intq.ShapeError, match="must be a dict of input name -> array"):
+            exe.run([x])
+
+
+def test_run_with_one_array_for_several_inputs_names_them():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["z"], name="add")],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    exe = intq.compile(intq.from_onnx(model))
+    with pytest.raises(intq.ShapeError, match="the model takes 2 inputs: x, y") as info:
+        exe.run(np.zeros((2, 3), np.float32))
+    assert "x: f32[2,3]" in info.value.hint and "y: f32[2,3]" in info.value.hint
+
+
+def test_quantize_takes_every_calibration_form_convert_takes(
+    digits_model, digits_train, expected, tmp_path
+):
+    graph = intq.from_onnx(digits_model.path)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, input=digits_train)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(digits_train)), batch_size=16
+    )
+    for data in (digits_train, {"input": digits_train}, npz, loader, iter(list(digits_train))):
+        int_graph = intq.quantize(graph, data, QUIET)
+        got = intq.compile(int_graph).run(digits_model.inputs)["logits"]
+        assert np.array_equal(got, expected), type(data)
+    with pytest.raises(intq.ShapeError, match=r"samples of shape \[1, 4, 8\]"):
+        intq.quantize(graph, digits_train[:, :, :4], QUIET)
+
+
+def test_every_executable_has_the_per_layer_table(digits_int, digits_tvm, tmp_path):
+    import json
+
+    from intq.inspection import layer_table
+
+    want = layer_table(digits_int)
+    assert want and want[0]["weights"].startswith("s8")
+    assert intq.compile(digits_int).layers == want
+    assert intq.compile(digits_int, "onnxruntime").layers == want
+    assert digits_tvm.layers == want
+    path = digits_tvm.save(tmp_path / "m.so")
+    assert intq.load(path).layers == want  # from the manifest
+    manifest = path.with_name("m.so.json")
+    old = json.loads(manifest.read_text())
+    del old["layers"]  # as an earlier intq wrote it (the manifest holds the library's digest)
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(intq.ArtifactError, match="holds no per-layer table"):
+        _ = intq.load(path).layers

@@ -359,6 +359,7 @@ def test_inspect_a_tvm_library_reads_its_manifest(digits_so):
     assert f"{digits_so}: intq TVM artifact (a shared object), target {{" in done.stdout
     assert "input  input: float32[8,1,8,8], quantized to u8 @ 0.00392" in done.stdout
     assert "output logits: float32[8,10], dequantized from s32 @ " in done.stdout
+    assert "per-layer bits @ scales:" in done.stdout and "/features/features.0/Conv" in done.stdout
     done = _in_process("inspect", str(digits_so), "--ir")
     assert done.returncode == 1 and "holds compiled code, not the IR graph" in done.stderr
 

@@ -29,9 +29,10 @@ from intq.backends.base import (
     kernel_times,
 )
 from intq.errors import ArtifactError, IntqError
+from intq.inspection import layer_table
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
-from intq.semantics.feeds import check_feeds
+from intq.semantics.feeds import Feeds, check_feeds
 
 MANIFEST_VERSION = 1
 
@@ -222,9 +223,7 @@ def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, outputs
 
 
-def check_inputs(
-    specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+def check_inputs(specs: Sequence[TensorSpec], inputs: Feeds) -> dict[str, np.ndarray]:
     """``inputs`` matched to the module's inputs (names, shapes, dtypes; see :func:`check_feeds`).
 
     The module quantizes its float inputs itself (the graph's ``Quantize`` ops are compiled
@@ -276,6 +275,9 @@ class TvmExecutable:
         """Prim func -> the graph nodes it computes (saved in the manifest)."""
         self.path: Path | None = None
         """The library this executable was loaded from (:func:`load_tvm`); None when compiled."""
+        self.saved_layers: list[dict[str, Any]] | None = None
+        """The per-layer table read from a loaded library's manifest (None when compiled, or
+        when the manifest predates it)."""
         self._vm: Any = None
 
     @property
@@ -287,6 +289,19 @@ class TvmExecutable:
     def output_names(self) -> list[str]:
         """Names of the outputs ``run`` returns."""
         return [s.name for s in self.outputs]
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """The per-layer table (bits and scales): of the graph when compiled, from the
+        manifest when loaded (``save`` stores it there)."""
+        if self.graph is not None:
+            return layer_table(self.graph)
+        if self.saved_layers is None:
+            raise ArtifactError(
+                f"{self.path}'s manifest holds no per-layer table (an earlier intq wrote it)",
+                hint="compile the model again to save the table with the library",
+            )
+        return self.saved_layers
 
     def vm(self) -> Any:
         """The Relax virtual machine on this CPU (created on first use)."""
@@ -316,17 +331,16 @@ class TvmExecutable:
             return tvm.cpu()
         return tvm.device("ext_dev", 0)  # never present: no such device on this machine
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on ``inputs`` (name -> array); returns output name -> array."""
+    def run(self, inputs: Feeds) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array, or one array for a single-input model); returns
+        output name -> array."""
         feeds = check_inputs(self.inputs, inputs)
         vm, device = self.vm(), self.device()
         return named_outputs(
             self.outputs, vm["main"](*device_arguments(self.inputs, feeds, device))
         )
 
-    def profile(
-        self, inputs: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 2
-    ) -> list[KernelTime]:
+    def profile(self, inputs: Feeds, runs: int = 10, warmup: int = 2) -> list[KernelTime]:
         """Time every call the VM makes (kernels and its own builtins, such as allocations)
         over ``runs`` runs on ``inputs`` after ``warmup`` untimed ones; slowest first.
 
@@ -371,6 +385,7 @@ class TvmExecutable:
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
             "kernels": self.kernel_nodes,
+            "layers": self.layers if self.graph is not None else self.saved_layers,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -429,6 +444,8 @@ class TvmArtifact:
     outputs: list[TensorSpec]
     kernels: dict[str, list[str]]
     """Prim func -> the graph nodes it computes (for profiles of a loaded library)."""
+    layers: list[dict[str, Any]] | None = None
+    """The per-layer table (:func:`intq.inspection.layer_table`); None in older manifests."""
 
     @property
     def needs_linker(self) -> bool:
@@ -469,6 +486,7 @@ def read_tvm_artifact(path: str | Path) -> TvmArtifact:
         [TensorSpec.from_json(s) for s in manifest["inputs"]],
         [TensorSpec.from_json(s) for s in manifest["outputs"]],
         {str(k): [str(n) for n in v] for k, v in manifest.get("kernels", {}).items()},
+        manifest.get("layers"),
     )
 
 
@@ -489,6 +507,7 @@ def load_tvm(path: str | Path) -> TvmExecutable:
     exe = TvmExecutable(module, artifact.target, artifact.inputs, artifact.outputs)
     exe.path = path
     exe.kernel_nodes = artifact.kernels
+    exe.saved_layers = artifact.layers
     return exe
 
 
