@@ -198,6 +198,29 @@ def test_the_demo_names_its_artifacts_so_that_intq_load_reopens_them(
         assert np.array_equal(intq.load(path).run(digits_model.inputs)["logits"], logits), path
 
 
+def test_the_demo_says_each_models_calibration_and_readable_latencies(tmp_path, capsys):
+    """The demo's header and rows (digits on the reference only: the whole demo takes
+    minutes); no progress bars when stderr is not a terminal."""
+    from examples import demo
+
+    assert demo.calibration_text(demo.CONFIG) == "percentile 99.99"
+    assert demo.calibration_text(demo.MINILM_CONFIG) == "minmax"  # BERT's outliers matter
+    assert [demo.ms_text(ms) for ms in (0.0412, 0.21, 8.43, 0.0004)] == [
+        "0.041", "0.21", "8.4", "<0.001",
+    ]  # fmt: skip
+    assert (
+        demo.main(["--models", "digits_cnn", "--targets", "reference", "--out", str(tmp_path)]) == 0
+    )
+    out, err = capsys.readouterr()
+    header, model_line = out.splitlines()[:2]
+    assert "percentile" not in header and "minmax" not in header
+    assert model_line == "  digits_cnn: calibration percentile 99.99 ..."
+    row = next(line for line in out.splitlines() if line.startswith("digits_cnn | reference"))
+    fp32_ms = row.split(" | ")[4].strip()
+    assert float(fp32_ms) > 0, row  # not "0.0"
+    assert err == ""
+
+
 def test_config_file(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text(
