@@ -60,7 +60,8 @@ def without_scope_log(call: Callable[[], _T]) -> _T:
     TVM 0.27 logs one such warning per constant once a VM has run on the executable (running
     fills its table of memory scopes), with no log level or hook to turn them off: its C++
     ``LOG(WARNING)`` writes straight to ``std::cerr``. So file descriptor 2 is pointed at a
-    temporary file around the call, and the lines are filtered out of it afterwards.
+    temporary file around the call, and the lines are filtered out of it afterwards (what
+    other threads write to stderr meanwhile is delayed until the call returns, not lost).
     """
     sys.stderr.flush()
     try:
