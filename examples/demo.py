@@ -30,11 +30,56 @@ from intq.backends import TARGETS
 from intq.backends.onnxruntime import onnx_census
 from intq.ir import Graph
 from intq.passes.integer_only import check_integer_only
+from intq.progress import show_progress
 
 CNNS = ("digits_cnn", "efficientnet_lite0", "resnet18_like")
-CONFIG = intq.QuantConfig(calibration="percentile", progress=False)
-MINILM_CONFIG = intq.QuantConfig(progress=False)
+CONFIG = intq.QuantConfig(calibration="percentile")
+MINILM_CONFIG = intq.QuantConfig()
 """min/max ranges for BERT: its activation outliers carry signal (SPEC: clipping hurts)."""
+# Both configs leave ``progress`` unset: calibration shows its bar on a terminal only.
+
+
+def calibration_text(config: intq.QuantConfig) -> str:
+    """How ``config`` calibrates, as the demo prints it: ``percentile 99.99``, ``minmax``."""
+    if config.calibration == "percentile":
+        return f"percentile {config.percentile:g}"
+    return config.calibration
+
+
+def ms_text(ms: float) -> str:
+    """A latency in ms with the digits that matter: ``8.4``, ``0.21``, ``0.043``."""
+    if ms >= 1:
+        return f"{ms:.1f}"
+    if ms >= 0.1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}" if ms >= 0.001 else "<0.001"
+
+
+class Steps:
+    """One progress bar per model, over its slow steps (export, FP32 runs, convert, and per
+    target: compile, check, time), saying which one runs; shown only on a terminal
+    (:func:`intq.progress.show_progress`), so logs and pipes get the table alone."""
+
+    def __init__(self, name: str, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total, desc=f"  {name}", unit="step", leave=False,
+            disable=not show_progress(None),
+        )  # fmt: skip
+        self.started = False
+
+    def __call__(self, step: str) -> None:
+        """Mark the previous step done and show ``step`` as the one running."""
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.bar.set_postfix_str(step)
+
+    def close(self) -> None:
+        """The last step is done: remove the bar."""
+        self.bar.update()
+        self.bar.close()
 
 
 def _median_ms(fn: Callable[[], object], repeat: int = 15) -> float:
@@ -69,13 +114,17 @@ def _cnn_rows(name: str, out: Path, targets: list[str]) -> list[dict[str, str]]:
     """One row per target: the model converted by ``intq.convert``, against FP32."""
     import onnxruntime as ort
 
+    step = Steps(name, 3 + 2 * len(targets))
+    step("export the model, load its data")
     model = zoo.ALL_BUILDERS[name](out)
     calib, evaluation, labels = _data(name, model)
+    step("run and time FP32")
     fp32 = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
     float_out = np.concatenate([fp32.run(None, {"input": x})[0] for x in evaluation])
     x = evaluation[0]
     fp32_ms = _median_ms(lambda: fp32.run(None, {"input": x}))
     rows = []
+    step(f"intq.convert: calibrate ({calibration_text(CONFIG)}), integerize, {targets[0]}")
     first = intq.convert(model.path, calib, target=targets[0], config=CONFIG)
     int_graph = first.int_graph
     oracle = intq.compile(int_graph)  # the reference interpreter: what every backend must equal
@@ -83,8 +132,10 @@ def _cnn_rows(name: str, out: Path, targets: list[str]) -> list[dict[str, str]]:
     want = [oracle.run({"input": x})["logits"] for x in checked]
     first_out: np.ndarray | None = None
     for target in targets:
+        step(f"compile for {target}, save")
         exe = first if target == targets[0] else intq.compile(int_graph, target=target)
         int_path = _save(exe, target, model.path)
+        step(f"{target}: check against the reference, time")
         exact = all(
             np.array_equal(exe.run({"input": x})["logits"], w) for x, w in zip(checked, want)
         )
@@ -110,13 +161,27 @@ def _cnn_rows(name: str, out: Path, targets: list[str]) -> list[dict[str, str]]:
         int_ms = _median_ms(lambda exe=exe, x=x: exe.run({"input": x}), _repeat(target))
         ops = _census(exe, target, int_graph)
         rows.append(_row(name, target, shown, exact, fp32_ms, int_ms, model.path, int_path, ops))
+    step.close()
     return rows
+
+
+def _artifact_suffix(target: str) -> str:
+    """The end of the name of a ``target`` artifact the demo writes: the suffix the target's
+    backend record declares first (what ``intq.load`` recognises), after ``_int8``."""
+    return "_int8" + TARGETS[target].suffixes[0]
 
 
 def _save(exe: Any, target: str, model_path: Path, tag: str = "") -> Path:
     """Save ``exe`` next to its FP32 model, named for the target's artifact kind."""
-    suffix = {"onnxruntime": "_int8.onnx", "reference": "_int8.intq"}.get(target, "_int8")
-    return exe.save(model_path.with_name(model_path.stem + tag + suffix))
+    return exe.save(model_path.with_name(model_path.stem + tag + _artifact_suffix(target)))
+
+
+def closing_line(out: Path, targets: list[str]) -> str:
+    """The demo's last line: where the artifacts are (one glob per target) and what opens them."""
+    globs = ", ".join(f"{out}/*{_artifact_suffix(t)}" for t in targets)
+    manifests = " (each .so with its .so.json manifest beside it)" if "tvm" in targets else ""
+    plain = "plain onnxruntime runs the .onnx files; " if "onnxruntime" in targets else ""
+    return f"The integer-only models are {globs}{manifests}: {plain}intq.load reopens any of them."
 
 
 def _repeat(target: str) -> int:
@@ -154,8 +219,8 @@ def _row(
         "target": target,
         "fidelity vs FP32": fidelity,
         "= reference": "bit-exact" if exact else "MISMATCH",
-        "FP32 ms": f"{fp32_ms:.1f}",
-        "int ms": f"{int_ms:.1f} ({int_ms / fp32_ms:.2f}x)",
+        "FP32 ms": ms_text(fp32_ms),
+        "int ms": f"{ms_text(int_ms)} ({int_ms / fp32_ms:.2f}x)",
         "size MB": f"{_mb(fp32_path)} -> {_mb(int_path)}",
         "integer-only op census": ops,
     }
@@ -180,18 +245,24 @@ def _minilm_rows(out: Path, targets: list[str]) -> list[dict[str, str]]:
     mean-pooled sentence embeddings to ORT FP32 on the bundled sentences."""
     import onnxruntime as ort
 
+    step = Steps("minilm", 3 + 2 * len(targets))
+    step("export the model")
     model = zoo.minilm(out)
     feeds = model.inputs
+    step("run and time FP32")
     fp32 = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
     want = fp32.run(None, feeds)[0]
     fp32_ms = _median_ms(lambda: fp32.run(None, feeds))
     mask = feeds["attention_mask"][..., None].astype(np.float32)
+    step(f"intq.convert from PyTorch: calibrate ({calibration_text(MINILM_CONFIG)}), integerize")
     first = intq.convert(zoo.minilm_module(), [feeds], targets[0], MINILM_CONFIG)
     oracle = intq.compile(first.int_graph).run(feeds)
     rows = []
     for target in targets:
+        step(f"compile for {target}, save")
         exe = first if target == targets[0] else intq.compile(first.int_graph, target=target)
         int_path = _save(exe, target, model.path, "_torch")
+        step(f"{target}: check against the reference, time")
         got = exe.run(feeds)
         exact = all(np.array_equal(got[k], oracle[k]) for k in oracle)
         hidden = next(iter(got.values()))
@@ -205,6 +276,7 @@ def _minilm_rows(out: Path, targets: list[str]) -> list[dict[str, str]]:
         rows.append(
             _row(label, target, fidelity, exact, fp32_ms, int_ms, model.path, int_path, ops)
         )
+    step.close()
     return rows
 
 
@@ -212,6 +284,8 @@ def _torch_line(out: Path) -> str:
     """EfficientNet-Lite0 as a PyTorch module through ``intq.from_torch``, against PyTorch."""
     import torch
 
+    step = Steps("from_torch", 2)
+    step("torch.export the EfficientNet-Lite0 module, import it")
     model = zoo.efficientnet_lite0(out)
     module = zoo.efficientnet_lite0_module()
     x = model.inputs["input"]
@@ -220,7 +294,9 @@ def _torch_line(out: Path) -> str:
         module, (torch.from_numpy(x),), input_names=["input"], output_names=["logits"]
     )
     seconds = time.perf_counter() - start
+    step("run it on the reference interpreter")
     got = intq.compile(graph).run({"input": x})["logits"]
+    step.close()
     with torch.no_grad():
         want = module(torch.from_numpy(x)).numpy()
     error = float(np.abs(got - want).max()) / float(np.ptp(want))
@@ -255,16 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     if any(t not in TARGETS for t in targets):
         parser.error(f"unknown targets {[t for t in targets if t not in TARGETS]}")
     print(
-        f"intq {intq.__version__}: intq.convert = ONNX -> calibrate ({CONFIG.calibration})"
-        f" -> integer-only INT8 -> {', '.join(targets)}, against the FP32 model"
+        f"intq {intq.__version__}: intq.convert = ONNX or PyTorch -> calibrate -> integer-only"
+        f" INT8 -> {', '.join(targets)}, against the FP32 model"
     )
     rows = []
     for name in names:
         if name in CNNS:
-            print(f"  {name} ...", flush=True)
+            print(f"  {name}: calibration {calibration_text(CONFIG)} ...", flush=True)
             rows.extend(_cnn_rows(name, args.out, targets))
         elif name == "minilm":
-            print(f"  {name} ...", flush=True)
+            print(f"  {name}: calibration {calibration_text(MINILM_CONFIG)} ...", flush=True)
             rows.extend(_minilm_rows(args.out, targets))
     if rows:
         print()
@@ -273,10 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(_torch_line(args.out))
 
-    print(
-        f"\nThe integer-only models are {args.out}/*_int8.*: plain onnxruntime runs the .onnx"
-        " files; intq.load reopens any of them."
-    )
+    print()
+    print(closing_line(args.out, targets))
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import re
 import sys
 import time
 import traceback
@@ -20,12 +22,12 @@ from typing import Any
 import numpy as np
 
 import intq
-from intq.artifacts import onnx_metadata, parse_onnx, read_artifact_bytes
+from intq.artifacts import has_header, onnx_metadata, open_text, parse_onnx, read_artifact_bytes
 from intq.backends import TARGETS, artifact_target
 from intq.backends.base import atomic_write
 from intq.backends.onnxruntime import onnx_census
 from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
-from intq.backends.tvm_runtime import read_tvm_artifact
+from intq.backends.tvm_runtime import TensorSpec, read_tvm_artifact
 from intq.config import load_config
 from intq.data import calibration_batches, first_batch_shapes
 from intq.frontends.onnx_import import (
@@ -36,7 +38,7 @@ from intq.frontends.onnx_import import (
     survey,
 )
 from intq.inspection import layer_sqnr, layer_table, table
-from intq.ir import Graph, from_text, to_text
+from intq.ir import Graph, Value, from_text, to_text
 from intq.mixed_precision import SENSITIVITY_METHODS
 from intq.ops import Trait
 from intq.passes.calibration import CLIP_METHODS
@@ -47,17 +49,19 @@ EXAMPLES = {
   intq compile model.onnx --calib calib.npz -o model_int8.onnx             # ONNX Runtime
   intq compile model.onnx --calib calib.npz --target reference -o model.intq
   intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so     # TVM, this CPU
-  intq compile model.onnx --calib calib.npz --target tvm -o model_arm.tar \
+  intq compile model.onnx --calib calib.npz --target tvm -o model_arm.tar \\
       --tvm-target '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": "+neon"}'
-  intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so \
+  intq compile model.onnx --calib calib.npz --target tvm -o model_int8.so \\
       --tune-trials 64 --tuning-db tuning/   # MetaSchedule; later compiles reuse tuning/
   intq compile model.onnx --calib calib.npz --config cfg.toml -o model_int8.onnx
   intq compile model.onnx --calib calib.npz --size-mb 2.5 --mp-report mp -o model_int8.onnx
   intq compile bert.onnx --calib calib.npz --input-shape input_ids=1,128 -o bert_int8.onnx
 
-calib.npz holds one array per model input (numpy.savez(path, input=x)), samples on the
-first axis; cfg.toml holds QuantConfig's fields (weight_bits, activation_bits, calibration,
-percentile, [layer_bits."name"]); flags given on the command line win over the file.""",
+Without --target, the suffix of -o picks the target: .onnx onnxruntime, .intq reference,
+.so/.tar tvm. calib.npz holds one array per model input (numpy.savez(path, input=x)),
+samples on the first axis; cfg.toml holds QuantConfig's fields (weight_bits,
+activation_bits, calibration, percentile, [layer_bits."name"]); flags given on the command
+line win over the file.""",
     "quantize": """examples:
   intq quantize model.onnx --calib calib.npz -o model.intq
   intq quantize model.onnx --calib calib.npz --calibration mse --weight-bits 4 -o model.intq""",
@@ -71,6 +75,7 @@ array per model output.""",
   intq inspect model.onnx                  # a float model: inputs, outputs, op census
   intq inspect model_int8.onnx             # an artifact: integer-only check, per-layer bits
   intq inspect model.intq --ir             # a saved graph, with its IR
+  intq inspect model_int8.so               # a TVM library: its manifest (target, tensors)
   intq inspect bert.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128""",
     "bench": """examples:
   intq bench model_int8.onnx                          # latency percentiles p50/p90/p99
@@ -94,6 +99,40 @@ more bits with [layer_bits."name"] in a --config file.""",
 OVERVIEW = "examples:\n" + "\n".join(
     line for text in EXAMPLES.values() for line in text.splitlines()[1:3]
 )
+
+
+API_FLAGS = {
+    "input_shapes": "--input-shape",
+    "tune_trials": "--tune-trials",
+    "tuning_db": "--tuning-db",
+    "tvm_target": "--tvm-target",
+}
+"""Keyword argument of the Python API -> the flag that sets it, for hints shown by the CLI."""
+
+_KEYWORDS = "|".join(API_FLAGS)
+_HINT_RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
+    # "tune_trials=N (--tune-trials N)": the hint names both; the CLI keeps the flag.
+    (re.compile(rf"\b(?:{_KEYWORDS})(?:=\S+)?(?:/(?:{_KEYWORDS}))* \((--[^()]*)\)"), r"\1"),
+    (re.compile(r"\binput_shapes=\{'([^']+)': \(\.\.\.\)\}"), r"--input-shape \1=D1,D2,..."),
+    (re.compile(r"\binput_shapes=(?:\.\.\.)?"), "--input-shape NAME=D1,D2,..."),
+    (re.compile(rf"\b({_KEYWORDS})=(?=\S)"), lambda m: API_FLAGS[m[1]] + " "),
+]
+
+
+def cli_hint(hint: str) -> str:
+    """``hint`` as the command line should say it: the flags for the Python keywords it
+    names (``pass input_shapes={'x': (...)}`` -> ``pass --input-shape x=D1,D2,...``)."""
+    for pattern, replacement in _HINT_RULES:
+        hint = pattern.sub(replacement, hint)
+    return hint
+
+
+def error_text(err: intq.IntqError) -> str:
+    """The message the CLI prints for ``err``: as ``str(err)``, its hint in CLI terms."""
+    text = str(err)
+    if err.hint and text.endswith(err.hint):
+        text = text[: -len(err.hint)] + cli_hint(err.hint)
+    return text
 
 
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -130,7 +169,9 @@ def load_graph(
     """An ONNX model (``.onnx``) or textual IR (anything else) as a graph.
 
     An ONNX model's symbolic dimensions are fixed by ``--input-shape`` where given, else by
-    the calibration archive ``calib`` (batches of one sample).
+    the calibration archive ``calib`` (batches of one sample). A saved ``.intq`` artifact's
+    checksum is checked before its text is parsed: a damaged file says so, rather than
+    failing to parse where it was cut.
     """
     if path.suffix == ".onnx":
         proto = load_model(path)
@@ -143,11 +184,16 @@ def load_graph(
         return intq.from_onnx(proto, shapes, base_dir=path.resolve().parent)
     if not path.is_file():
         raise intq.ArtifactError(f"no file at {path}", hint="check the path")
+    path, data = read_artifact_bytes(path)
+    if has_header(data):
+        return from_text(open_text(data, path))
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise intq.ArtifactError(f"cannot read {path}: {err}") from None
-    return from_text(text)
+        return from_text(data.decode())
+    except UnicodeDecodeError:
+        raise intq.ArtifactError(
+            f"{path} is neither textual IR nor an ONNX model",
+            hint="intq reads .onnx models and .intq graphs (and TVM libraries in intq inspect)",
+        ) from None
 
 
 def summary(graph: Graph) -> str:
@@ -179,8 +225,6 @@ def _onnx_artifact_summary(path: Path) -> str | None:
     model = parse_onnx(data, path)
     if not any(p.key == "intq.format" for p in model.metadata_props):
         return None
-    import json
-
     meta = onnx_metadata(model, path)
     lines = [f"{path}: intq artifact format {meta['intq.format']}, target {meta['intq.target']}"]
     lines += [f"  input  {i.name}: {_onnx_type(i)}" for i in model.graph.input]
@@ -198,6 +242,36 @@ def _onnx_artifact_summary(path: Path) -> str | None:
     return "\n".join(lines)
 
 
+def _tvm_artifact_summary(path: Path) -> str:
+    """The summary of a TVM library from its manifest (the library's checksum verified; its
+    code is not loaded): target, tensors and how they are (de)quantized, kernels, layers."""
+    artifact = read_tvm_artifact(path)
+    kind = "object files to link" if artifact.needs_linker else "a shared object"
+    lines = [f"{path}: intq TVM artifact ({kind}), target {json.dumps(artifact.target)}"]
+    for role, specs in (("input ", artifact.inputs), ("output", artifact.outputs)):
+        lines += [f"  {role} {s.name}: {_spec_text(s)}" for s in specs]
+    nodes = sum(len(v) for v in artifact.kernels.values())
+    lines.append(f"kernels: {len(artifact.kernels)} TVM functions computing {nodes} graph nodes")
+    if artifact.layers is not None:  # manifests written before the table have none
+        lines.append("per-layer bits @ scales:")
+        lines += ["  " + line for line in table(artifact.layers).splitlines()]
+    return "\n".join(lines)
+
+
+def _spec_text(spec: TensorSpec) -> str:
+    """``float32[8,1,8,8], quantized to u8 @ 0.00392`` for a manifest's tensor."""
+    text = f"{spec.dtype}[{','.join(str(d) for d in spec.shape)}]"
+    quant = spec.quantization
+    if quant is None:
+        return text
+    bits = f"{'s' if quant['signed'] else 'u'}{quant['bits']}"
+    scales = quant["scale"] if isinstance(quant["scale"], list) else [quant["scale"]]
+    low, high = min(scales), max(scales)
+    scale = f"{low:.3g}" if low == high else f"{low:.3g}..{high:.3g}"
+    how = {"quantize": "quantized to", "dequantize": "dequantized from"}.get(quant["op"], "")
+    return f"{text}, {how} {bits} @ {scale}" if how else f"{text}, {bits} @ {scale}"
+
+
 def _onnx_type(info: Any) -> str:
     import onnx
 
@@ -209,10 +283,18 @@ def _onnx_type(info: Any) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.model.suffix in TARGETS["tvm"].suffixes:
+        if args.ir:
+            raise intq.IntqError(
+                f"{args.model} is a TVM library: it holds compiled code, not the IR graph",
+                hint="inspect --ir the .intq or .onnx the model was compiled from",
+            )
+        _say(args, _tvm_artifact_summary(args.model))
+        return 0
     if args.model.suffix == ".onnx" and not args.ir:
         text = _onnx_artifact_summary(args.model) if args.model.is_file() else None
         if text is not None:
-            print(text)
+            _say(args, text)
             return 0
     if args.model.suffix == ".onnx":
         # A plain ONNX model: which of its ops intq converts, also when some are missing.
@@ -220,18 +302,18 @@ def _inspect(args: argparse.Namespace) -> int:
         given = dict(args.input_shape)
         shapes = resolve_input_shapes(declared_inputs(proto), given, cli=True)
         result = survey(proto, shapes, args.model.resolve().parent)
-        print("ONNX op census:")
-        print("\n".join(f"  {u.op:<24} {u.count:>5}  {u.status}" for u in result.ops))
+        _say(
+            args, "ONNX op census:", *(f"  {u.op:<24} {u.count:>5}  {u.status}" for u in result.ops)
+        )
         if result.error is not None:
             raise result.error
         assert result.graph is not None
         graph = result.graph
     else:
         graph = load_graph(args.model, dict(args.input_shape) or None)
-    print(summary(graph))
+    _say(args, summary(graph))
     if args.ir:
-        print()
-        print(to_text(graph, elide_above=8), end="")
+        _say(args, "", to_text(graph, elide_above=8).rstrip("\n"))
     return 0
 
 
@@ -301,8 +383,48 @@ def _check_output(path: Path) -> None:
         raise intq.ArtifactError(f"output {path} is a directory", hint="give a file name")
 
 
+def _suffixes() -> dict[str, str]:
+    """Artifact suffix -> the target that writes it, from the backend records."""
+    return {s: b.name for b in TARGETS.values() for s in b.suffixes}
+
+
+def _suffix_list() -> str:
+    """Each target's suffixes, for help texts: ``.intq reference, .onnx onnxruntime, ...``."""
+    return ", ".join(f"{'/'.join(b.suffixes)} {b.name}" for b in TARGETS.values())
+
+
+def _output_target(output: Path, target: str | None, command: str = "compile") -> str:
+    """The target ``intq compile`` writes ``output`` for: ``target`` (``--target``) when
+    given, else the one whose artifacts end in ``output``'s suffix. Refused, before any work,
+    when the suffix is not one the target writes (an ELF file named ``.onnx`` misleads; and
+    ``intq.load`` places some artifacts by their suffix)."""
+    writers = _suffixes()
+    if target is None:
+        if output.suffix not in writers:
+            raise intq.IntqError(
+                f"-o {output}: cannot tell the target from the name's suffix"
+                f" ({output.suffix or 'none'})",
+                hint=f"name the output for its target ({_suffix_list()}), or give --target",
+            )
+        return writers[output.suffix]
+    backend = TARGETS[target]
+    if output.suffix not in backend.suffixes:
+        names = " or ".join(backend.suffixes)
+        hint = f"name it {output.with_suffix(backend.suffixes[0]).name}"
+        if command == "quantize":
+            hint += "; intq compile --target writes the other targets' artifacts"
+        elif output.suffix in writers:
+            hint += f", or drop --target {target}: {output.suffix} means {writers[output.suffix]}"
+        what = f"intq {command}" if command == "quantize" else f"--target {target}"
+        raise intq.IntqError(
+            f"-o {output}: {what} writes {backend.artifact}, named {names}", hint=hint
+        )
+    return target
+
+
 def _compile(args: argparse.Namespace) -> int:
     _check_output(args.output)
+    args.target = _output_target(args.output, args.target, args.command)
     config = _config(args)
     graph = load_graph(args.model, dict(args.input_shape) or None, args.calib)
     batches = calibration_batches(args.calib, graph.inputs)
@@ -360,7 +482,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _random_inputs(names: list[str], inputs: Sequence[Any], seed: int) -> dict[str, np.ndarray]:
+def _input_values(exe: Any) -> list[Value]:
+    """The inputs ``exe.run`` takes, as IR values: a graph's, a loaded ONNX artifact's, or
+    (TVM) the manifest's tensor specs turned into values."""
+    inputs = getattr(exe, "inputs", None) or exe.graph.inputs
+    return [v.value() if isinstance(v, TensorSpec) else v for v in inputs]
+
+
+def _random_inputs(inputs: Sequence[Value], seed: int) -> dict[str, np.ndarray]:
+    """Random feeds of each input's shape and dtype (``bench`` without ``--inputs``)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for value in inputs:
@@ -402,11 +532,10 @@ def _bench(args: argparse.Namespace) -> int:
             f"--profile times the kernels of TVM and ONNX Runtime artifacts, not {exe.target}",
             hint="compile with --target tvm or --target onnxruntime",
         )
-    inputs = getattr(exe, "inputs", None) or exe.graph.inputs
     if args.inputs is not None:
         feeds = _read_npz(args.inputs, "inputs")
     else:
-        feeds = _random_inputs(exe.input_names, inputs, seed=0)
+        feeds = _random_inputs(_input_values(exe), seed=0)
     rows = [
         {
             "model": f"{args.artifact} ({exe.target})",
@@ -503,8 +632,7 @@ def _bench_remote(args: argparse.Namespace) -> int:
     if args.inputs is not None:
         feeds = _read_npz(args.inputs, "inputs")
     else:
-        names = [s.name for s in artifact.inputs]
-        feeds = _random_inputs(names, [s.value() for s in artifact.inputs], seed=0)
+        feeds = _random_inputs([s.value() for s in artifact.inputs], seed=0)
     result = remote_bench(
         artifact,
         args.rpc_tracker,
@@ -623,12 +751,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = _command(commands, "compile", "calibrate, convert to integers and compile")
     command.add_argument("model", type=Path, help="an .onnx file (or a float .intq graph)")
-    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT",
+        help="the artifact to write; its suffix picks the target when --target is not given: "
+        + _suffix_list(),
+    )
     command.add_argument(
         "--target",
-        default="onnxruntime",
         choices=sorted(TARGETS),
-        help="; ".join(f"{b.name} writes {b.artifact}" for b in TARGETS.values()),
+        help="; ".join(f"{b.name} writes {b.artifact}" for b in TARGETS.values())
+        + " (default: the target of OUT's suffix; a suffix the target does not write is"
+        " refused)",
     )
     command.add_argument(
         "--tvm-target",
@@ -656,27 +793,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = _command(commands, "quantize", "calibrate and convert to an integer-only .intq")
     command.add_argument("model", type=Path, help="an .onnx file")
-    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.intq")
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT.intq",
+        help="the integer-only graph to write (a .intq artifact: textual IR, checksummed)",
+    )
     _add_quant_options(command)
     command.set_defaults(run=_compile, target="reference")
 
     command = _command(commands, "run", "run a compiled artifact on inputs from an .npz")
     command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
-    command.add_argument("--inputs", type=Path, required=True, metavar="IN.npz")
-    command.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.npz")
+    command.add_argument(
+        "--inputs",
+        type=Path,
+        required=True,
+        metavar="IN.npz",
+        help="one array per model input (numpy.savez(path, input=x)), of the exact shape and"
+        " dtype the model takes",
+    )
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT.npz",
+        help="where to write the outputs: one array per model output",
+    )
     command.add_argument("--quiet", action="store_true", help="print nothing")
     command.set_defaults(run=_run)
 
     command = _command(commands, "inspect", "summarise a model or artifact")
-    command.add_argument("model", type=Path, help="an .onnx model or artifact, or a .intq graph")
+    command.add_argument(
+        "model", type=Path, help="an .onnx model or artifact, a .intq graph or a TVM .so/.tar"
+    )
     _add_input_shape(command)
     command.add_argument("--ir", action="store_true", help="also print the textual IR")
+    command.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing: the exit code says whether the file reads (checksums verified)",
+    )
     command.set_defaults(run=_inspect)
 
     command = _command(commands, "bench", "measure an artifact's latency (p50/p90/p99)")
     command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
     command.add_argument("--fp32", type=Path, metavar="MODEL.onnx", help="compare with it")
-    command.add_argument("--inputs", type=Path, metavar="IN.npz", help="default: random")
+    command.add_argument(
+        "--inputs",
+        type=Path,
+        metavar="IN.npz",
+        help="one array per model input (numpy.savez(path, input=x)); default: random arrays"
+        " of the shapes and dtypes the artifact takes",
+    )
     command.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
     command.add_argument("--warmup", type=int, default=5, help="untimed runs (default 5)")
     command.add_argument(
@@ -684,6 +855,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument(
         "--top", type=int, default=20, metavar="N", help="profile rows shown (0: all; default 20)"
+    )
+    command.add_argument(
+        "--quiet",
+        action="store_true",
+        help="accepted as by every command; bench prints its results only, no progress",
     )
     group = command.add_argument_group("remote (TVM artifacts)", "run on a device via TVM RPC")
     group.add_argument(
@@ -701,7 +877,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = _command(commands, "report", "per-layer SQNR vs FP32: which layer hurts")
     command.add_argument("model", type=Path, help="the float .onnx model")
-    command.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT.png")
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="REPORT.png",
+        help="the plot of the per-layer SQNR to write (PNG)",
+    )
     command.add_argument("--top", type=int, default=0, help="show only the N worst layers")
     _add_quant_options(command)
     command.set_defaults(run=_report)
@@ -714,7 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except intq.IntqError as err:
-        print(f"intq: error: {err}", file=sys.stderr)
+        print(f"intq: error: {error_text(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("intq: interrupted", file=sys.stderr)

@@ -218,6 +218,37 @@ def first_batch_shapes(
     return shapes, itertools.chain([first], iterator)
 
 
+def model_batches(data: Any, inputs: Sequence[Value]) -> Iterable[dict[str, np.ndarray]]:
+    """``data`` as batches for ``inputs``, in any form :func:`calibration_batches` accepts.
+
+    Input dicts that already hold exactly the inputs' shapes (judged by the first) are
+    returned as they are, unchecked and not regrouped: that is the form ``intq.quantize``
+    always took, and a graph whose inputs have no common sample axis (``x[2, 3]`` with
+    ``y[3]``) has no other. So is an empty list or iterator (calibration says it is empty)."""
+    if isinstance(data, (Sequence, Iterator)) and not isinstance(data, (str, bytes)):
+        if isinstance(data, Sequence):
+            if not data or _exact(data[0], inputs):
+                return data
+        else:
+            try:
+                first = next(data)
+            except StopIteration:
+                return []
+            data = itertools.chain([first], data)
+            if _exact(first, inputs):
+                return data
+    return calibration_batches(data, inputs)
+
+
+def _exact(item: Any, inputs: Sequence[Value]) -> bool:
+    """True when ``item`` is an input dict holding exactly the inputs' names and shapes."""
+    return (
+        isinstance(item, Mapping)
+        and set(item) == {v.name for v in inputs}
+        and all(tuple(np.shape(item[v.name])) == v.type.shape for v in inputs)
+    )
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -245,4 +276,4 @@ def _npz(path: Path, inputs: Sequence[Value]) -> dict[str, np.ndarray]:
     return arrays
 
 
-__all__ = ["calibration_batches", "first_batch_shapes"]
+__all__ = ["calibration_batches", "first_batch_shapes", "model_batches"]

@@ -12,11 +12,11 @@ collect calibration statistics over the batches, lower to integers
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-import numpy as np
-
+from intq.data import model_batches
 from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.mixed_precision import MixedPrecision, plan_bits
@@ -103,7 +103,7 @@ class QuantConfig:
 
 def quantize(
     graph: Graph,
-    calibration_data: Iterable[Mapping[str, np.ndarray]],
+    calibration_data: Any,
     config: QuantConfig | None = None,
     *,
     verify_each: bool = False,
@@ -111,13 +111,16 @@ def quantize(
 ) -> Graph:
     """An integer-only graph computing ``graph``, calibrated on ``calibration_data``.
 
-    ``calibration_data`` is an iterable of input dicts (name -> array), read
-    once (held in memory with ``mixed_precision``, which reads it again to measure
-    sensitivity); ``graph`` is not modified. The steps run under one pass manager
-    (:func:`lowering_pipeline`): ``verify_each`` verifies the IR after each and ``dump`` is
-    called after each, as for :func:`intq.passes.pipeline`.
+    ``calibration_data`` is in any form :func:`intq.convert` takes (input dicts, a numpy
+    array for a single-input model, a dict of arrays, a torch ``DataLoader``, an ``.npz``
+    path: :func:`intq.data.calibration_batches`), read once (held in memory with
+    ``mixed_precision``, which reads it again to measure sensitivity); input dicts of the
+    graph's exact input shapes are used as they are. ``graph`` is not modified. The steps
+    run under one pass manager (:func:`lowering_pipeline`): ``verify_each`` verifies the IR
+    after each and ``dump`` is called after each, as for :func:`intq.passes.pipeline`.
     """
     config = config or QuantConfig()
+    calibration_data = model_batches(calibration_data, graph.inputs)
     prepared = graph.copy()
     pipeline(PREPARE, verify_each=verify_each, dump=dump)(prepared)
     layers = {node.label() for node in prepared}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,18 @@ QUIET = intq.QuantConfig(progress=False)
 @pytest.fixture(scope="module")
 def digits_train() -> np.ndarray:
     return zoo._digits_split()[0][:64]
+
+
+@pytest.fixture(scope="module")
+def digits_int(digits_model, digits_train) -> intq.ir.Graph:
+    """The digits CNN's integer graph, calibrated on the 64 digits as one array."""
+    return intq.convert(digits_model.path, digits_train, target="reference", config=QUIET).int_graph
+
+
+@pytest.fixture(scope="module")
+def digits_tvm(digits_int):
+    """``digits_int`` compiled for TVM (this CPU)."""
+    return intq.compile(digits_int, target="tvm")
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +176,51 @@ def test_onnx_artifact_metadata_and_tampering(digits_model, digits_train, tmp_pa
         intq.load(tmp_path / "missing.onnx")
 
 
+def test_the_demo_names_its_artifacts_so_that_intq_load_reopens_them(
+    digits_model, digits_int, tmp_path
+):
+    """What the demo's closing line promises: its globs match every artifact it saved, and
+    ``intq.load`` reopens each (the demo itself takes minutes; its save path is checked here)."""
+    from examples import demo
+
+    fp32_path = tmp_path / digits_model.path.name  # the demo saves next to the FP32 model
+    targets = ["onnxruntime", "tvm", "reference"]
+    saved = {}
+    for target in targets:
+        exe = intq.compile(digits_int, target=target)
+        saved[demo._save(exe, target, fp32_path)] = exe.run(digits_model.inputs)["logits"]
+    line = demo.closing_line(tmp_path, targets)
+    globs = re.findall(rf"{re.escape(str(tmp_path))}/(\S+?)[,: ]", line)
+    assert len(globs) == len(targets), line
+    matched = {path for glob in globs for path in tmp_path.glob(glob)}
+    assert matched == set(saved), line
+    for path, logits in saved.items():
+        assert np.array_equal(intq.load(path).run(digits_model.inputs)["logits"], logits), path
+
+
+def test_the_demo_says_each_models_calibration_and_readable_latencies(tmp_path, capsys):
+    """The demo's header and rows (digits on the reference only: the whole demo takes
+    minutes); no progress bars when stderr is not a terminal."""
+    from examples import demo
+
+    assert demo.calibration_text(demo.CONFIG) == "percentile 99.99"
+    assert demo.calibration_text(demo.MINILM_CONFIG) == "minmax"  # BERT's outliers matter
+    assert [demo.ms_text(ms) for ms in (0.0412, 0.21, 8.43, 0.0004)] == [
+        "0.041", "0.21", "8.4", "<0.001",
+    ]  # fmt: skip
+    assert (
+        demo.main(["--models", "digits_cnn", "--targets", "reference", "--out", str(tmp_path)]) == 0
+    )
+    out, err = capsys.readouterr()
+    header, model_line = out.splitlines()[:2]
+    assert "percentile" not in header and "minmax" not in header
+    assert model_line == "  digits_cnn: calibration percentile 99.99 ..."
+    row = next(line for line in out.splitlines() if line.startswith("digits_cnn | reference"))
+    fp32_ms = row.split(" | ")[4].strip()
+    assert float(fp32_ms) > 0, row  # not "0.0"
+    assert err == ""
+
+
 def test_config_file(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text(
@@ -258,3 +316,119 @@ def test_import_intq_loads_no_heavy_optional_dependency():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_save_refuses_a_name_for_another_kind_of_artifact(digits_int, digits_tvm, tmp_path):
+    """Each backend's ``save`` writes only names with its record's suffixes (``intq.load``
+    places a file by its suffix when its envelope does not say)."""
+    for target, wrong, right in [
+        ("reference", "m.onnx", "m.intq"),
+        ("onnxruntime", "m.intq", "m.onnx"),
+        ("tvm", "m.onnx", "m.so"),
+    ]:
+        exe = digits_tvm if target == "tvm" else intq.compile(digits_int, target=target)
+        with pytest.raises(intq.ArtifactError, match=f"a {target} artifact") as info:
+            exe.save(tmp_path / wrong)
+        assert info.value.hint == f"save it as {right}"
+        loaded = intq.load(exe.save(tmp_path / right))
+        if target != "tvm":  # TVM cannot export a library it loaded (its file is the artifact)
+            with pytest.raises(intq.ArtifactError, match=f"a {target} artifact"):
+                loaded.save(tmp_path / f"again{Path(wrong).suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.intq", "m.onnx", "m.so", "m.so.json"]
+
+
+def test_saving_and_loading_a_tvm_library_after_running_it_prints_nothing(
+    digits_model, digits_tvm, tmp_path, capfd
+):
+    """TVM logs one "Scope Saving:" / "Scope Loaded:" warning per constant once a VM has run;
+    intq filters them out of stderr, and passes on anything else written meanwhile."""
+    import os
+
+    from intq.backends.tvm_runtime import without_scope_log
+
+    exe = digits_tvm
+    want = exe.run(digits_model.inputs)["logits"]  # running fills TVM's table of scopes
+    capfd.readouterr()
+    loaded = intq.load(exe.save(tmp_path / "m.so"))
+    assert np.array_equal(loaded.run(digits_model.inputs)["logits"], want)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err
+    assert without_scope_log(lambda: os.write(2, b"kept\n")) == 5
+    assert capfd.readouterr().err == "kept\n"
+
+
+# ----- the executables' API ----------------------------------------------------------------------
+
+
+def test_run_takes_a_bare_array_for_a_single_input_model(
+    digits_model, digits_int, digits_tvm, tmp_path
+):
+    x = digits_model.inputs["input"]
+    want = intq.compile(digits_int).run({"input": x})["logits"]
+    executables = {
+        "reference": intq.compile(digits_int),
+        "onnxruntime": intq.compile(digits_int, "onnxruntime"),
+        "tvm": digits_tvm,
+        "loaded onnxruntime": intq.load(
+            intq.compile(digits_int, "onnxruntime").save(tmp_path / "m.onnx")
+        ),
+        "loaded tvm": intq.load(digits_tvm.save(tmp_path / "m.so")),
+    }
+    for name, exe in executables.items():
+        assert np.array_equal(exe.run(x)["logits"], want), name
+        assert np.array_equal(exe.run(torch.from_numpy(x))["logits"], want), name
+        with pytest.raises(intq.ShapeError, match="must be a dict of input name -> array"):
+            exe.run([x])
+
+
+def test_run_with_one_array_for_several_inputs_names_them():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["z"], name="add")],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    exe = intq.compile(intq.from_onnx(model))
+    with pytest.raises(intq.ShapeError, match="the model takes 2 inputs: x, y") as info:
+        exe.run(np.zeros((2, 3), np.float32))
+    assert "x: f32[2,3]" in info.value.hint and "y: f32[2,3]" in info.value.hint
+
+
+def test_quantize_takes_every_calibration_form_convert_takes(
+    digits_model, digits_train, expected, tmp_path
+):
+    graph = intq.from_onnx(digits_model.path)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, input=digits_train)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(digits_train)), batch_size=16
+    )
+    for data in (digits_train, {"input": digits_train}, npz, loader, iter(list(digits_train))):
+        int_graph = intq.quantize(graph, data, QUIET)
+        got = intq.compile(int_graph).run(digits_model.inputs)["logits"]
+        assert np.array_equal(got, expected), type(data)
+    with pytest.raises(intq.ShapeError, match=r"samples of shape \[1, 4, 8\]"):
+        intq.quantize(graph, digits_train[:, :, :4], QUIET)
+
+
+def test_every_executable_has_the_per_layer_table(digits_int, digits_tvm, tmp_path):
+    import json
+
+    from intq.inspection import layer_table
+
+    want = layer_table(digits_int)
+    assert want and want[0]["weights"].startswith("s8")
+    assert intq.compile(digits_int).layers == want
+    assert intq.compile(digits_int, "onnxruntime").layers == want
+    assert digits_tvm.layers == want
+    path = digits_tvm.save(tmp_path / "m.so")
+    assert intq.load(path).layers == want  # from the manifest
+    manifest = path.with_name("m.so.json")
+    old = json.loads(manifest.read_text())
+    del old["layers"]  # as an earlier intq wrote it (the manifest holds the library's digest)
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(intq.ArtifactError, match="holds no per-layer table"):
+        _ = intq.load(path).layers

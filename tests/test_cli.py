@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -289,7 +290,8 @@ def _in_process(*args: str) -> subprocess.CompletedProcess[str]:
 def test_error_paths_exit_1_with_one_paragraph_and_leave_no_file(digits_model, digits_files):
     root, calib, inputs, _ = digits_files
     for case, (args, message, hint) in _error_cases(root, digits_model.path, calib, inputs).items():
-        out = root / "errors" / f"{case.replace(' ', '_')}.out"
+        suffix = ".onnx" if args[0] == "compile" else ".npz"  # -o names what it writes
+        out = root / "errors" / f"{case.replace(' ', '_')}{suffix}"
         out.parent.mkdir(exist_ok=True)
         call = run_cli if case in SUBPROCESS_CASES else _in_process
         done = call(*args, "-o", str(out))
@@ -300,3 +302,146 @@ def test_error_paths_exit_1_with_one_paragraph_and_leave_no_file(digits_model, d
             assert "hint:" in done.stderr and hint in done.stderr, (case, done.stderr)
         assert "Traceback" not in done.stderr and "\n\n" not in done.stderr.strip(), case
         assert list(out.parent.iterdir()) == [], (case, list(out.parent.iterdir()))
+
+
+# ----- TVM artifacts ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_so(digits_model, digits_files):
+    """The digits CNN compiled for TVM (this CPU) by ``intq compile -o digits_int8.so``: the
+    suffix picks the target."""
+    root, calib, _, _ = digits_files
+    out = root / "digits_int8.so"
+    done = _in_process("compile", str(digits_model.path), "--calib", str(calib), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_the_output_suffix_picks_the_target_and_a_mismatch_is_refused(
+    digits_model, digits_files, digits_so
+):
+    root, calib, _, _ = digits_files
+    assert intq.load(digits_so).target == "tvm" and (root / "digits_int8.so.json").is_file()
+    compile_ = ["compile", str(digits_model.path), "--calib", str(calib), "--quiet"]
+    out = root / "by_suffix.intq"
+    assert _in_process(*compile_, "-o", str(out)).returncode == 0
+    assert intq.load(out).target == "reference"
+
+    refused = root / "refused"
+    refused.mkdir()
+    for args, message, hint in [
+        (["--target", "tvm", "-o", "x.onnx"], "--target tvm writes a shared object",
+         ["x.so", "drop --target tvm: .onnx means onnxruntime"]),
+        (["--target", "onnxruntime", "-o", "x.intq"], "named .onnx", ["x.onnx"]),
+        (["-o", "x.out"], "cannot tell the target", [".so/.tar tvm", "--target"]),
+    ]:  # fmt: skip
+        args[-1] = str(refused / args[-1])
+        done = _in_process(*compile_, *args)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("intq: error: -o ") and message in done.stderr, done.stderr
+        assert all(h in done.stderr.split("hint:")[1] for h in hint), done.stderr
+    done = _in_process("quantize", str(digits_model.path), "--calib", str(calib), "-o",
+                       str(refused / "x.onnx"))  # fmt: skip
+    assert done.returncode == 1 and "intq quantize writes a .intq graph" in done.stderr
+    assert list(refused.iterdir()) == []  # refused before any work: nothing written
+
+
+def test_bench_a_tvm_library_without_inputs_feeds_random_ones(digits_so):
+    done = _in_process("bench", str(digits_so), "--repeat", "2", "--warmup", "0")
+    assert done.returncode == 0, done.stderr
+    assert f"{digits_so} (tvm)" in done.stdout and "p50" in done.stdout
+
+
+def test_inspect_a_tvm_library_reads_its_manifest(digits_so):
+    done = _in_process("inspect", str(digits_so))
+    assert done.returncode == 0, done.stderr
+    assert f"{digits_so}: intq TVM artifact (a shared object), target {{" in done.stdout
+    assert "input  input: float32[8,1,8,8], quantized to u8 @ 0.00392" in done.stdout
+    assert "output logits: float32[8,10], dequantized from s32 @ " in done.stdout
+    assert "per-layer bits @ scales:" in done.stdout and "/features/features.0/Conv" in done.stdout
+    done = _in_process("inspect", str(digits_so), "--ir")
+    assert done.returncode == 1 and "holds compiled code, not the IR graph" in done.stderr
+
+
+def test_inspect_a_damaged_intq_artifact_says_checksum(digits_model, tmp_path):
+    saved = intq.compile(intq.from_onnx(digits_model.path)).save(tmp_path / "digits.intq")
+    data = saved.read_bytes()
+    cut = tmp_path / "cut.intq"
+    cut.write_bytes(data[: len(data) // 2])
+    done = _in_process("inspect", str(cut))
+    assert done.returncode == 1 and "does not match its checksum" in done.stderr, done.stderr
+
+
+# ----- messages and help ----------------------------------------------------------------------
+
+
+def test_hints_name_the_flag_not_the_python_keyword(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="act")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "symbolic.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(intq.ShapeError) as info:  # the API's hint names its keyword...
+        intq.from_onnx(path)
+    assert "input_shapes=" in info.value.hint
+    done = _in_process("inspect", str(path))  # ...the command line's, the flag
+    assert done.returncode == 1 and "input 'x' has symbolic dimensions" in done.stderr
+    assert "hint: pass the shape you will run: --input-shape x=batch,4" in done.stderr, done.stderr
+    assert "input_shapes" not in done.stderr
+    assert _in_process("inspect", str(path), "--input-shape", "x=2,4").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("hint", "cli"),
+    [
+        ("tune first: tune_trials=N (--tune-trials N) creates it", "tune first: --tune-trials N"),
+        ("or tune_trials=0 to only read it", "or --tune-trials 0 to only"),
+        ("drop tune_trials/tuning_db (--tune-trials/--tuning-db) for", "drop --tune-trials/--tun"),
+        ("a fixed shape with input_shapes=..., so", "with --input-shape NAME=D1,D2,..., so"),
+        ("convert the model with input_shapes= set to", "with --input-shape NAME=D1,D2,... set"),
+    ],
+)
+def test_every_python_keyword_form_in_hints_maps_to_its_flag(hint, cli):
+    from intq.cli import API_FLAGS, cli_hint, error_text
+
+    assert cli in cli_hint(hint) and not any(k in cli_hint(hint) for k in API_FLAGS)
+    err = intq.IntqError("message", node="n", hint=hint)
+    assert error_text(err) == f"node 'n': message\n  hint: {cli_hint(hint)}"
+
+
+def test_help_texts_every_argument_the_default_target_and_line_breaks():
+    from intq.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+        assert "--quiet" in command._option_string_actions, name  # as the README says
+    text = commands.choices["compile"].format_help()
+    assert "(default: the target of OUT's suffix" in " ".join(text.split())
+    # Shell continuations in the examples keep their line breaks.
+    assert "-o model_arm.tar \\\n      --tvm-target" in text
+
+
+def test_inspect_and_bench_accept_quiet(digits_so, tmp_path):
+    done = _in_process("inspect", str(digits_so), "--quiet")
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(digits_so.read_bytes()[:1000])
+    (tmp_path / "cut.so.json").write_bytes(
+        digits_so.with_name(digits_so.name + ".json").read_bytes()
+    )
+    done = _in_process("inspect", str(cut), "--quiet")
+    assert done.returncode == 1 and "checksum" in done.stderr and done.stdout == ""
+    done = _in_process("bench", str(digits_so), "--repeat", "1", "--warmup", "0", "--quiet")
+    assert done.returncode == 0 and "p50" in done.stdout, done.stderr

@@ -98,6 +98,7 @@ def test_compile_command_rejects_tuning_flags_for_other_targets(digits_model, tm
 
     calib = tmp_path / "calib.npz"
     np.savez(calib, input=zoo._digits_split()[0][:16])
-    argv = ["compile", str(digits_model.path), "--calib", str(calib), "-o", str(tmp_path / "m")]
+    out = str(tmp_path / "m.onnx")  # the default target's suffix
+    argv = ["compile", str(digits_model.path), "--calib", str(calib), "-o", out]
     assert main([*argv, "--tune-trials", "4", "--tuning-db", str(tmp_path / "db")]) == 1
     assert "apply to --target tvm only" in capsys.readouterr().err

@@ -8,12 +8,14 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from intq.errors import ArtifactError, IntqError
+from intq.inspection import layer_table
 from intq.ir.graph import Graph
+from intq.semantics.feeds import Feeds
 
 
 class Executable(Protocol):
@@ -27,8 +29,15 @@ class Executable(Protocol):
     @property
     def output_names(self) -> list[str]: ...
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on ``inputs`` (name -> array); returns output name -> array."""
+    def run(self, inputs: Feeds) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array; a single-input model also takes the bare array);
+        returns output name -> array."""
+        ...
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """The per-layer table: each integer layer's input, weight and output bits and scales
+        (:func:`intq.inspection.layer_table`)."""
         ...
 
     def save(self, path: str | Path) -> Path:
@@ -53,6 +62,20 @@ class Backend:
     does not name its target."""
     artifact: str
     """What ``save`` writes, in a few words (for ``intq compile --help``)."""
+
+    def check_path(self, path: str | Path) -> Path:
+        """``path`` as the name of this backend's artifact: refused (:class:`ArtifactError`,
+        before anything is written) unless it ends in one of :attr:`suffixes`, since a
+        file named for another kind of artifact misleads its readers and ``intq.load``
+        places a file by its suffix when its envelope does not say."""
+        path = Path(path)
+        if path.suffix not in self.suffixes:
+            raise ArtifactError(
+                f"{path}: a {self.name} artifact is {self.artifact}, named"
+                f" {' or '.join(self.suffixes)}",
+                hint=f"save it as {path.with_suffix(self.suffixes[0]).name}",
+            )
+        return path
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,11 @@ class GraphExecutable:
     def output_names(self) -> list[str]:
         """Names of the outputs ``run`` returns."""
         return [v.name for v in self.graph.outputs]
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """The per-layer table of the graph: each integer layer's bits and scales."""
+        return layer_table(self.graph)
 
 
 def _umask() -> int:

@@ -33,7 +33,7 @@ from intq.errors import ArtifactError, NumericsError
 from intq.inspection import layer_table
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
-from intq.semantics.feeds import check_feeds
+from intq.semantics.feeds import Feeds, check_feeds
 
 
 def onnx_census(model: onnx.ModelProto, *, allow_division: bool = False) -> dict[str, int]:
@@ -96,22 +96,22 @@ class OnnxRuntimeExecutable(GraphExecutable):
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on ``inputs`` (name -> array); returns output name -> array."""
+    def run(self, inputs: Feeds) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array, or one array for a single-input model); returns
+        output name -> array."""
         feeds = check_feeds(self.graph.inputs, inputs)
         results = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, results))
 
-    def profile(
-        self, inputs: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 2
-    ) -> list[KernelTime]:
+    def profile(self, inputs: Feeds, runs: int = 10, warmup: int = 2) -> list[KernelTime]:
         """Per-node times over ``runs`` runs (see :func:`profile_session`); slowest first."""
         feeds = check_feeds(self.graph.inputs, inputs)
         return profile_session(self.session, self.model, feeds, runs, warmup)
 
     def save(self, path: str | Path) -> Path:
         """Write the ``.onnx`` file (atomically) with intq's checksummed metadata
-        (:mod:`intq.artifacts`); plain ONNX Runtime runs it."""
+        (:mod:`intq.artifacts`); plain ONNX Runtime runs it. The name must end in ``.onnx``."""
+        path = ONNXRUNTIME.check_path(path)
         data = seal_onnx(self.model, layer_table(self.graph))
         if len(data) >= 2**31:
             raise ArtifactError("the model exceeds protobuf's 2 GB limit")
@@ -166,21 +166,20 @@ class LoadedOnnxExecutable:
         """Names of the outputs ``run`` returns."""
         return [o.name for o in self.session.get_outputs()]
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on ``inputs`` (name -> array); returns output name -> array."""
+    def run(self, inputs: Feeds) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array, or one array for a single-input model); returns
+        output name -> array."""
         feeds = check_feeds(self.inputs, inputs)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
-    def profile(
-        self, inputs: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 2
-    ) -> list[KernelTime]:
+    def profile(self, inputs: Feeds, runs: int = 10, warmup: int = 2) -> list[KernelTime]:
         """Per-node times over ``runs`` runs (see :func:`profile_session`); slowest first."""
         feeds = check_feeds(self.inputs, inputs)
         return profile_session(self.session, self.model, feeds, runs, warmup)
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact again (atomically), metadata and checksum unchanged."""
-        return atomic_write(path, self.model.SerializeToString())
+        return atomic_write(ONNXRUNTIME.check_path(path), self.model.SerializeToString())
 
 
 def profile_session(

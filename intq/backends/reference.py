@@ -3,7 +3,6 @@ as textual IR."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from intq.backends.base import Backend, GraphExecutable, atomic_write
 from intq.ir.graph import Graph
 from intq.ir.parser import from_text
 from intq.ir.printer import to_text
+from intq.semantics.feeds import Feeds, check_feeds
 from intq.semantics.numpy_eval import run_graph
 
 
@@ -21,14 +21,17 @@ class ReferenceExecutable(GraphExecutable):
 
     target = "reference"
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on ``inputs`` (name -> array); returns output name -> array."""
-        return run_graph(self.graph, inputs)
+    def run(self, inputs: Feeds) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array, or one array for a single-input model); returns
+        output name -> array."""
+        # Named here (a bare array becomes {name: array}); run_graph takes names only.
+        return run_graph(self.graph, check_feeds(self.graph.inputs, inputs))
 
     def save(self, path: str | Path) -> Path:
         """Write the graph as textual IR (atomically) after a header with the format version
-        and the payload's sha256 (:mod:`intq.artifacts`); returns the path."""
-        return atomic_write(path, seal_text(to_text(self.graph)))
+        and the payload's sha256 (:mod:`intq.artifacts`); returns the path. The name must
+        end in ``.intq`` (:meth:`Backend.check_path`)."""
+        return atomic_write(REFERENCE.check_path(path), seal_text(to_text(self.graph)))
 
 
 def compile_reference(graph: Graph) -> ReferenceExecutable:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from intq.backends import TVM
 from intq.backends.base import (
     KernelTime,
     atomic_write,
@@ -26,9 +29,10 @@ from intq.backends.base import (
     kernel_times,
 )
 from intq.errors import ArtifactError, IntqError
+from intq.inspection import layer_table
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
-from intq.semantics.feeds import check_feeds
+from intq.semantics.feeds import Feeds, check_feeds
 
 MANIFEST_VERSION = 1
 
@@ -39,6 +43,44 @@ def _tvm() -> Any:
     from tvm import relax  # noqa: F401  (registers the Relax namespace)
 
     return tvm
+
+
+_SCOPE_LOG = re.compile(
+    rb"^\[[\d:]+\] \S*executable\.cc:\d+: Warning: Scope (?:Saving|Loaded):.*\n?", re.M
+)
+
+_T = TypeVar("_T")
+
+
+def without_scope_log(call: Callable[[], _T]) -> _T:
+    """``call()`` with the ``Scope Saving:`` / ``Scope Loaded:`` lines TVM's VM executable
+    writes on each save and load removed from stderr; anything else written meanwhile is
+    passed on when the call returns.
+
+    TVM 0.27 logs one such warning per constant once a VM has run on the executable (running
+    fills its table of memory scopes), with no log level or hook to turn them off: its C++
+    ``LOG(WARNING)`` writes straight to ``std::cerr``. So file descriptor 2 is pointed at a
+    temporary file around the call, and the lines are filtered out of it afterwards (what
+    other threads write to stderr meanwhile is delayed until the call returns, not lost).
+    """
+    sys.stderr.flush()
+    try:
+        original = os.dup(2)
+    except OSError:  # no stderr to clean: nothing would be printed
+        return call()
+    try:
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                return call()
+            finally:
+                os.dup2(original, 2)
+                capture.seek(0)
+                rest = memoryview(_SCOPE_LOG.sub(b"", capture.read()))
+                while rest:
+                    rest = rest[os.write(2, rest) :]
+    finally:
+        os.close(original)
 
 
 # ----- targets ------------------------------------------------------------------------------------
@@ -182,9 +224,7 @@ def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, outputs
 
 
-def check_inputs(
-    specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+def check_inputs(specs: Sequence[TensorSpec], inputs: Feeds) -> dict[str, np.ndarray]:
     """``inputs`` matched to the module's inputs (names, shapes, dtypes; see :func:`check_feeds`).
 
     The module quantizes its float inputs itself (the graph's ``Quantize`` ops are compiled
@@ -236,6 +276,9 @@ class TvmExecutable:
         """Prim func -> the graph nodes it computes (saved in the manifest)."""
         self.path: Path | None = None
         """The library this executable was loaded from (:func:`load_tvm`); None when compiled."""
+        self.saved_layers: list[dict[str, Any]] | None = None
+        """The per-layer table read from a loaded library's manifest (None when compiled, or
+        when the manifest predates it)."""
         self._vm: Any = None
 
     @property
@@ -247,6 +290,19 @@ class TvmExecutable:
     def output_names(self) -> list[str]:
         """Names of the outputs ``run`` returns."""
         return [s.name for s in self.outputs]
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """The per-layer table (bits and scales): of the graph when compiled, from the
+        manifest when loaded (``save`` stores it there)."""
+        if self.graph is not None:
+            return layer_table(self.graph)
+        if self.saved_layers is None:
+            raise ArtifactError(
+                f"{self.path}'s manifest holds no per-layer table (an earlier intq wrote it)",
+                hint="compile the model again to save the table with the library",
+            )
+        return self.saved_layers
 
     def vm(self) -> Any:
         """The Relax virtual machine on this CPU (created on first use)."""
@@ -276,17 +332,16 @@ class TvmExecutable:
             return tvm.cpu()
         return tvm.device("ext_dev", 0)  # never present: no such device on this machine
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on ``inputs`` (name -> array); returns output name -> array."""
+    def run(self, inputs: Feeds) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (name -> array, or one array for a single-input model); returns
+        output name -> array."""
         feeds = check_inputs(self.inputs, inputs)
         vm, device = self.vm(), self.device()
         return named_outputs(
             self.outputs, vm["main"](*device_arguments(self.inputs, feeds, device))
         )
 
-    def profile(
-        self, inputs: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 2
-    ) -> list[KernelTime]:
+    def profile(self, inputs: Feeds, runs: int = 10, warmup: int = 2) -> list[KernelTime]:
         """Time every call the VM makes (kernels and its own builtins, such as allocations)
         over ``runs`` runs on ``inputs`` after ``warmup`` untimed ones; slowest first.
 
@@ -331,16 +386,18 @@ class TvmExecutable:
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
             "kernels": self.kernel_nodes,
+            "layers": self.layers if self.graph is not None else self.saved_layers,
         }
 
     def save(self, path: str | Path) -> Path:
         """Write the library and ``<path>.json`` (its manifest), each atomically.
 
-        A host target writes a shared object (any name; ``.so`` by convention); a
+        A host target writes a shared object (``.so``, or ``.tar`` of its object files); a
         cross target needs a ``.tar`` name and writes its object files there, for the
-        device's toolchain to link. Returns the library's path.
+        device's toolchain to link. Another suffix is refused (:meth:`Backend.check_path`).
+        Returns the library's path.
         """
-        path = Path(path)
+        path = TVM.check_path(path)
         cross = not links_here(self.tvm_target)
         if cross and path.suffix != ".tar":
             raise ArtifactError(
@@ -352,7 +409,7 @@ class TvmExecutable:
             directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=directory, prefix=f".{path.name}.") as tmp:
                 staged = Path(tmp) / ("lib.tar" if path.suffix == ".tar" else "lib.so")
-                self.executable.export_library(str(staged))
+                without_scope_log(lambda: self.executable.export_library(str(staged)))
                 os.replace(staged, path)
         except OSError as err:
             raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from err
@@ -388,6 +445,8 @@ class TvmArtifact:
     outputs: list[TensorSpec]
     kernels: dict[str, list[str]]
     """Prim func -> the graph nodes it computes (for profiles of a loaded library)."""
+    layers: list[dict[str, Any]] | None = None
+    """The per-layer table (:func:`intq.inspection.layer_table`); None in older manifests."""
 
     @property
     def needs_linker(self) -> bool:
@@ -428,6 +487,7 @@ def read_tvm_artifact(path: str | Path) -> TvmArtifact:
         [TensorSpec.from_json(s) for s in manifest["inputs"]],
         [TensorSpec.from_json(s) for s in manifest["outputs"]],
         {str(k): [str(n) for n in v] for k, v in manifest.get("kernels", {}).items()},
+        manifest.get("layers"),
     )
 
 
@@ -442,12 +502,13 @@ def load_tvm(path: str | Path) -> TvmExecutable:
         )
     tvm = _tvm()
     try:
-        module = tvm.runtime.load_module(str(path))
+        module = without_scope_log(lambda: tvm.runtime.load_module(str(path)))
     except Exception as err:
         raise ArtifactError(f"TVM cannot load {path}: {str(err).strip().splitlines()[-1]}") from err
     exe = TvmExecutable(module, artifact.target, artifact.inputs, artifact.outputs)
     exe.path = path
     exe.kernel_nodes = artifact.kernels
+    exe.saved_layers = artifact.layers
     return exe
 
 
@@ -466,4 +527,5 @@ __all__ = [
     "named_outputs",
     "parse_target",
     "read_tvm_artifact",
+    "without_scope_log",
 ]

@@ -10,15 +10,21 @@ import numpy as np
 from intq.errors import ShapeError
 from intq.ir.graph import Value
 
+Feeds = Mapping[str, np.ndarray] | np.ndarray
+"""What ``run`` takes: input name -> array, or the bare array of a single-input model."""
 
-def check_feeds(inputs: Sequence[Value], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+
+def check_feeds(inputs: Sequence[Value], feeds: Feeds) -> dict[str, np.ndarray]:
     """Match ``feeds`` to the graph inputs: every input given, shapes exact, dtypes compatible.
 
+    ``feeds`` maps input names to arrays; a single-input graph also takes the bare array.
     Arrays of another float width (numpy's default float64 for an f32 input)
     are converted; integer arrays are converted when no value changes. Anything
     else raises :class:`ShapeError` naming the input.
     """
     expected = {v.name: v for v in inputs}
+    if not isinstance(feeds, Mapping):
+        feeds = _single_input(inputs, feeds)
     unknown = sorted(set(feeds) - set(expected))
     missing = [name for name in expected if name not in feeds]
     if unknown or missing:
@@ -76,4 +82,22 @@ def _check_indices(value: Value, array: np.ndarray) -> None:
             )
 
 
-__all__ = ["check_feeds"]
+def _single_input(inputs: Sequence[Value], feed: object) -> dict[str, np.ndarray]:
+    """A bare array (numpy, or anything with ``__array__``: a torch tensor) as the feed of a
+    single-input graph; anything else, or several inputs, raises :class:`ShapeError`."""
+    described = ", ".join(f"{v.name}: {v.type}" for v in inputs)
+    if not (isinstance(feed, np.ndarray) or hasattr(feed, "__array__")):
+        raise ShapeError(
+            f"inputs must be a dict of input name -> array, not a {type(feed).__name__}",
+            hint=f"pass {{name: array}} for the model's inputs: {described}",
+        )
+    if len(inputs) != 1:
+        raise ShapeError(
+            f"one array given, but the model takes {len(inputs)} inputs:"
+            f" {', '.join(v.name for v in inputs)}",
+            hint=f"pass a dict naming each input: {described}",
+        )
+    return {inputs[0].name: np.asarray(feed)}
+
+
+__all__ = ["Feeds", "check_feeds"]
