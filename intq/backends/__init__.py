@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from intq.artifacts import envelope_target, read_artifact_bytes
+from intq.backends import tvm_runtime
 from intq.backends.base import Backend, Executable
 from intq.backends.onnxruntime import ONNXRUNTIME
 from intq.backends.reference import REFERENCE
+from intq.backends.tvm_runtime import load_tvm
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph
 
-# The TVM backend's modules are imported on first use: the lowering is large and its
-# runtime loads TVM, an optional heavy dependency that `import intq` must not pull in.
+# The TVM compiler is imported on first use: its schedules import TVM, an optional heavy
+# dependency that `import intq` must not pull in (the runtime module imports TVM only when a
+# library is loaded or run).
 
 
 def _compile_tvm(graph: Graph, **options: Any) -> Executable:
@@ -31,8 +34,6 @@ def _compile_tvm(graph: Graph, **options: Any) -> Executable:
 def _load_tvm(path: Path, data: bytes) -> Executable:
     """A TVM library with its manifest, which holds the library's sha256 (the library's bytes
     are read again there, next to the manifest)."""
-    from intq.backends.tvm_runtime import load_tvm
-
     return load_tvm(path)
 
 
@@ -40,8 +41,8 @@ TVM = Backend(
     "tvm",
     _compile_tvm,
     _load_tvm,
-    (".so", ".tar"),
-    "a shared object (.tar of objects for a cross target) and a manifest",
+    tvm_runtime.SUFFIXES,
+    tvm_runtime.ARTIFACT,
 )
 """The TVM backend's record (:mod:`intq.backends.tvm`, :mod:`intq.backends.tvm_runtime`)."""
 

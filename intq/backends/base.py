@@ -64,18 +64,24 @@ class Backend:
     """What ``save`` writes, in a few words (for ``intq compile --help``)."""
 
     def check_path(self, path: str | Path) -> Path:
-        """``path`` as the name of this backend's artifact: refused (:class:`ArtifactError`,
-        before anything is written) unless it ends in one of :attr:`suffixes`, since a
-        file named for another kind of artifact misleads its readers and ``intq.load``
-        places a file by its suffix when its envelope does not say."""
-        path = Path(path)
-        if path.suffix not in self.suffixes:
-            raise ArtifactError(
-                f"{path}: a {self.name} artifact is {self.artifact}, named"
-                f" {' or '.join(self.suffixes)}",
-                hint=f"save it as {path.with_suffix(self.suffixes[0]).name}",
-            )
-        return path
+        """``path`` as the name of this backend's artifact (:func:`check_artifact_path`)."""
+        return check_artifact_path(path, self.name, self.suffixes, self.artifact)
+
+
+def check_artifact_path(
+    path: str | Path, target: str, suffixes: Sequence[str], artifact: str
+) -> Path:
+    """``path`` as the name of a ``target`` artifact: refused (:class:`ArtifactError`,
+    before anything is written) unless it ends in one of ``suffixes``, since a file named
+    for another kind of artifact misleads its readers and ``intq.load`` places a file by its
+    suffix when its envelope does not say."""
+    path = Path(path)
+    if path.suffix not in suffixes:
+        raise ArtifactError(
+            f"{path}: a {target} artifact is {artifact}, named {' or '.join(suffixes)}",
+            hint=f"save it as {path.with_suffix(suffixes[0]).name}",
+        )
+    return path
 
 
 @dataclass(frozen=True)

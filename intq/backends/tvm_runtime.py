@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from intq.backends import TVM
 from intq.backends.base import (
     KernelTime,
     atomic_write,
+    check_artifact_path,
     check_profile_runs,
     kernel_times,
 )
@@ -35,6 +35,11 @@ from intq.ir.types import DType, TensorType
 from intq.semantics.feeds import Feeds, check_feeds
 
 MANIFEST_VERSION = 1
+
+SUFFIXES = (".so", ".tar")
+"""What a TVM artifact's library is named: a shared object, or a .tar of object files."""
+ARTIFACT = "a shared object (.tar of objects for a cross target) and a manifest"
+"""What :meth:`TvmExecutable.save` writes, in a few words."""
 
 
 def _tvm() -> Any:
@@ -394,10 +399,11 @@ class TvmExecutable:
 
         A host target writes a shared object (``.so``, or ``.tar`` of its object files); a
         cross target needs a ``.tar`` name and writes its object files there, for the
-        device's toolchain to link. Another suffix is refused (:meth:`Backend.check_path`).
+        device's toolchain to link. Another suffix is refused
+        (:func:`~intq.backends.base.check_artifact_path`).
         Returns the library's path.
         """
-        path = TVM.check_path(path)
+        path = check_artifact_path(path, "tvm", SUFFIXES, ARTIFACT)
         cross = not links_here(self.tvm_target)
         if cross and path.suffix != ".tar":
             raise ArtifactError(
