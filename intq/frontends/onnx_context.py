@@ -234,6 +234,24 @@ class ConverterTable(dict[str, list[tuple[int, int, Converter]]]):
         return out
 
 
+def window_geometry(
+    ctx: ConvertContext,
+) -> tuple[Value, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A convolution's input, kernel, strides and dilations (Conv, ConvTranspose); a
+    ``kernel_shape`` attribute must agree with the weight's."""
+    x, w = ctx.input(0), ctx.input(1)
+    spatial = w.type.rank - 2
+    kernel = tuple(w.type.shape[2:])
+    if ctx.attr("kernel_shape") and tuple(ctx.attr("kernel_shape")) != kernel:
+        raise ShapeError(
+            f"kernel_shape {ctx.attr('kernel_shape')} differs from the weight's {list(kernel)}",
+            node=ctx.name,
+        )
+    strides = tuple(ctx.attr("strides", [1] * spatial))
+    dilations = tuple(ctx.attr("dilations", [1] * spatial))
+    return x, kernel, strides, dilations
+
+
 def ints(array: np.ndarray | None) -> tuple[int, ...]:
     """A constant operand as a tuple of ints (``()`` when absent)."""
     return () if array is None else tuple(int(x) for x in np.asarray(array).reshape(-1))

@@ -16,6 +16,7 @@ from intq.frontends.onnx_context import (
     check_size,
     ints,
     tensor_data,
+    window_geometry,
 )
 from intq.ir.graph import Value
 from intq.ir.types import DType
@@ -392,16 +393,8 @@ def _resize(ctx: ConvertContext) -> list[Value]:
 
 @converter("ConvTranspose", 1)
 def _conv_transpose(ctx: ConvertContext) -> list[Value]:
-    x, w = ctx.input(0), ctx.input(1)
-    spatial = w.type.rank - 2
-    kernel = tuple(w.type.shape[2:])
-    if ctx.attr("kernel_shape") and tuple(ctx.attr("kernel_shape")) != kernel:
-        raise ShapeError(
-            f"kernel_shape {ctx.attr('kernel_shape')} differs from the weight's {list(kernel)}",
-            node=ctx.name,
-        )
-    strides = tuple(ctx.attr("strides", [1] * spatial))
-    dilations = tuple(ctx.attr("dilations", [1] * spatial))
+    x, kernel, strides, dilations = window_geometry(ctx)
+    spatial = len(kernel)
     extra = tuple(ctx.attr("output_padding", [0] * spatial))
     auto_pad = ctx.attr("auto_pad", "NOTSET")
     wanted = ctx.attr("output_shape")

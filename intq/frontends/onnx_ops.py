@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from intq.errors import ShapeError
 from intq.frontends.onnx_context import (
     ConvertContext,
     Converter,
     ConverterTable,
     ints,
     onnx_dtype,
+    window_geometry,
 )
 from intq.frontends.onnx_layout_ops import CONVERTERS as LAYOUT_CONVERTERS
 from intq.ir.graph import Value
@@ -141,16 +141,7 @@ def _resolve_auto_pad(
 
 @converter("Conv", 1)
 def _conv(ctx: ConvertContext) -> list[Value]:
-    x, w = ctx.input(0), ctx.input(1)
-    spatial = w.type.rank - 2
-    kernel = tuple(w.type.shape[2:])
-    if ctx.attr("kernel_shape") and tuple(ctx.attr("kernel_shape")) != kernel:
-        raise ShapeError(
-            f"kernel_shape {ctx.attr('kernel_shape')} differs from the weight's {list(kernel)}",
-            node=ctx.name,
-        )
-    strides = tuple(ctx.attr("strides", [1] * spatial))
-    dilations = tuple(ctx.attr("dilations", [1] * spatial))
+    x, kernel, strides, dilations = window_geometry(ctx)
     pads = _resolve_auto_pad(ctx, x.type, kernel, strides, dilations)
     return ctx.emit(
         "Conv",
