@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m examples.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The fuzz and differential tests with many more cases than CI runs (tens of minutes).
 fuzz: $(STAMP)
