@@ -229,6 +229,67 @@ def _silu(ctx: TorchContext) -> Result:
     return ctx.emit("Mul", [x, ctx.emit("Sigmoid", [x])])
 
 
+@_aten("aten.hardswish.default", "aten.hardswish_.default")
+def _hardswish(ctx: TorchContext) -> Result:
+    """``x * relu6(x + 3) / 6``: ONNX's HardSwish."""
+    return ctx.emit("HardSwish", [ctx.value("self")])
+
+
+@_aten("aten.hardsigmoid.default", "aten.hardsigmoid_.default")
+def _hardsigmoid(ctx: TorchContext) -> Result:
+    """``relu6(x + 3) / 6``: HardSigmoid with alpha 1/6 (ONNX's default is 0.2)."""
+    return ctx.emit("HardSigmoid", [ctx.value("self")], alpha=1.0 / 6.0, beta=0.5)
+
+
+@_aten("aten.prelu.default", "aten._prelu_kernel.default")
+def _prelu(ctx: TorchContext) -> Result:
+    """torch's slope is one per channel (dim 1) or one in all; the IR's broadcasts as numpy."""
+    x, slope = ctx.value("self"), ctx.value("weight")
+    if slope.type.size == 1:
+        shape: tuple[int, ...] = ()
+    elif slope.type.rank == 1 and x.type.rank >= 2:
+        shape = (slope.type.shape[0],) + (1,) * (x.type.rank - 2)
+    else:
+        return ctx.emit("PRelu", [x, slope])
+    if slope.const is not None:
+        slope = ctx.graph.add_constant(slope.const.reshape(shape), slope.name + ".per_channel")
+    else:
+        slope = ctx.emit("Reshape", [slope], shape=shape)
+    return ctx.emit("PRelu", [x, slope])
+
+
+@_aten("aten.leaky_relu.default", "aten.leaky_relu_.default")
+def _leaky_relu(ctx: TorchContext) -> Result:
+    """PRelu by a scalar slope, as the ONNX frontend converts LeakyRelu."""
+    x = ctx.value("self")
+    return ctx.emit("PRelu", [x, ctx.scalar(float(ctx.args["negative_slope"]), x)])
+
+
+@_aten("aten.minimum.default", "aten.maximum.default")
+def _min_max(ctx: TorchContext) -> Result:
+    op = "Min" if ctx.target.startswith("aten.minimum") else "Max"
+    return ctx.emit(op, [ctx.value("self"), ctx.value("other")])
+
+
+@_aten("aten.softplus.default")
+def _softplus(ctx: TorchContext) -> Result:
+    """``softplus(beta x) / beta``. torch returns ``x`` where ``beta x > threshold``; at the
+    default 20 the two differ by ``exp(-20)``, below float32's resolution there."""
+    x = ctx.value("self")
+    beta, threshold = float(ctx.args["beta"]), float(ctx.args["threshold"])
+    scaled = x if beta == 1.0 else ctx.emit("Mul", [x, ctx.scalar(beta, x)])
+    y = ctx.emit("Softplus", [scaled])
+    if threshold < 20.0:
+        cut = ctx.emit("Greater", [scaled, ctx.scalar(threshold, x)])
+        y = ctx.emit("Where", [cut, scaled, y])
+    return y if beta == 1.0 else ctx.emit("Div", [y, ctx.scalar(beta, x)])
+
+
+@_aten("aten.mish.default")
+def _mish(ctx: TorchContext) -> Result:
+    return ctx.emit("Mish", [ctx.value("self")])
+
+
 _ARITH = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}
 
 
