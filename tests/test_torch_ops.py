@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import intq
@@ -83,6 +84,68 @@ def test_elementwise_activations_match_pytorch(name):
 def test_minimum_and_maximum_broadcast(fn):
     graph = _check(_Fn(fn), _inputs(X, (1, 4, 1, 6)))
     assert _ops(graph) & {"Min", "Max"}
+
+
+SPLITS = {
+    "split": lambda x: torch.split(x, 3, dim=1),  # 3 + 1
+    "split_with_sizes": lambda x: torch.split(x, [1, 3], dim=1),
+    "chunk": lambda x: torch.chunk(x, 3, dim=-1),  # 2 + 2 + 2
+    "chunk_uneven": lambda x: torch.chunk(x, 4, dim=2),  # 2 + 2 + 2 (torch makes 3)
+    "unbind": lambda x: torch.unbind(x, dim=1),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_multi_output_splits_give_every_piece(name):
+    fn = SPLITS[name]
+    graph = _check(_Fn(lambda x: tuple(p * (i + 1) for i, p in enumerate(fn(x)))), _inputs(X))
+    with torch.no_grad():
+        assert len(graph.outputs) == len(fn(torch.zeros(X)))
+
+
+def test_one_unused_piece_is_dropped():
+    graph = _check(_Fn(lambda x: torch.split(x, [1, 3], dim=1)[1]), _inputs(X))
+    assert [node.op for node in graph].count("Slice") == 1
+
+
+UPSAMPLES = {
+    "nearest_scale": nn.Upsample(scale_factor=2),
+    "nearest_scale_3": nn.Upsample(scale_factor=3),
+    "nearest_size": _Fn(lambda x: F.interpolate(x, size=(9, 14))),
+    "nearest_shrink": _Fn(lambda x: F.interpolate(x, size=(4, 5))),
+    "bilinear": nn.Upsample(scale_factor=2, mode="bilinear"),
+    "bilinear_size": _Fn(lambda x: F.interpolate(x, size=(9, 13), mode="bilinear")),
+    "bilinear_corners": nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+    "bilinear_corners_size": _Fn(
+        lambda x: F.interpolate(x, size=(5, 11), mode="bilinear", align_corners=True)
+    ),
+    "nearest_1d": _Fn(lambda x: F.interpolate(x.flatten(2), scale_factor=2)),
+    "linear_1d": _Fn(lambda x: F.interpolate(x.flatten(2), size=50, mode="linear")),
+}
+
+
+@pytest.mark.parametrize("name", list(UPSAMPLES))
+def test_upsample_matches_pytorch(name):
+    assert "Resize" in _ops(_check(UPSAMPLES[name], _inputs(X)))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1},
+        {"kernel_size": (2, 3), "stride": (2, 1), "bias": False},
+        {"kernel_size": 3, "groups": 2, "dilation": 2},
+    ],
+)
+def test_conv_transpose2d_matches_pytorch(kwargs):
+    torch.manual_seed(0)
+    graph = _check(nn.ConvTranspose2d(4, 6, **kwargs), _inputs(X))
+    assert "ConvTranspose" in _ops(graph)
+
+
+def test_conv_transpose1d_matches_pytorch():
+    torch.manual_seed(0)
+    _check(nn.ConvTranspose1d(4, 2, 3, stride=2), _inputs((2, 4, 7)))
 
 
 class _HardCNN(nn.Module):

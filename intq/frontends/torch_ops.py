@@ -120,6 +120,23 @@ def _conv(ctx: TorchContext) -> Result:
     )
 
 
+@_aten("aten.conv_transpose1d.default", "aten.conv_transpose2d.input")
+@_aten("aten.conv_transpose3d.input")
+def _conv_transpose(ctx: TorchContext) -> Result:
+    x, w = ctx.value("input"), ctx.value("weight")
+    spatial = w.type.rank - 2
+    padding = _pairs(ctx.args["padding"], spatial)
+    return ctx.emit(
+        "ConvTranspose",
+        [x, w, ctx.args.get("bias")],
+        strides=_pairs(ctx.args["stride"], spatial),
+        pads=padding + padding,
+        output_padding=_pairs(ctx.args["output_padding"], spatial),
+        dilations=_pairs(ctx.args["dilation"], spatial),
+        group=int(ctx.args["groups"]),
+    )
+
+
 @_aten("aten.linear.default")
 def _linear(ctx: TorchContext) -> Result:
     """Gemm for 2-D input, else MatMul by the transposed weight plus the bias (as ONNX)."""
@@ -391,6 +408,45 @@ def _softmax(ctx: TorchContext) -> Result:
     return ctx.emit("Softmax", [ctx.value("self")], axis=int(ctx.args["dim"]))
 
 
+def _resize(ctx: TorchContext, mode: str, coordinates: str) -> Result:
+    """torch's upsample: ``output_size`` gives sizes; ``scale_factors`` the scales it maps
+    coordinates by (``1 / scale``, not ``in / out``, as torch does when it is given)."""
+    x = ctx.value("input")
+    assert ctx.out_type is not None
+    factors = ctx.args.get("scale_factors")
+    if ctx.args.get("output_size") is None and factors:
+        scales = (1.0, 1.0, *(float(f) for f in _pairs(factors, x.type.rank - 2)))
+        return ctx.emit(
+            "Resize",
+            [x],
+            mode=mode,
+            scales=scales,
+            sizes=ctx.out_type.shape,
+            coordinate_transformation_mode=coordinates,
+            nearest_mode="floor",
+        )
+    return ctx.emit(
+        "Resize",
+        [x],
+        mode=mode,
+        sizes=ctx.out_type.shape,
+        coordinate_transformation_mode=coordinates,
+        nearest_mode="floor",
+    )
+
+
+@_aten("aten.upsample_nearest2d.vec", "aten.upsample_nearest1d.vec")
+def _upsample_nearest(ctx: TorchContext) -> Result:
+    """torch's nearest: ``floor(out_index * in / out)``, ONNX's asymmetric + floor."""
+    return _resize(ctx, "nearest", "asymmetric")
+
+
+@_aten("aten.upsample_bilinear2d.vec", "aten.upsample_linear1d.vec")
+def _upsample_linear(ctx: TorchContext) -> Result:
+    corners = bool(ctx.args.get("align_corners"))
+    return _resize(ctx, "linear", "align_corners" if corners else "half_pixel")
+
+
 @_aten("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
 @_aten("aten.flatten.using_ints", "aten.expand.default")
 def _reshape(ctx: TorchContext) -> Result:
@@ -450,6 +506,48 @@ def _slice(ctx: TorchContext) -> Result:
     return ctx.emit(
         "Slice", [x], starts=(start,), ends=(end,), axes=(dim,), steps=(int(ctx.args["step"]),)
     )
+
+
+def _slices(ctx: TorchContext, sizes: Sequence[int]) -> Result:
+    """One Slice per piece of ``self`` along ``dim``: split's, chunk's outputs."""
+    x = ctx.value("self")
+    dim = int(ctx.args.get("dim", 0)) % x.type.rank
+    if sum(sizes) != x.type.shape[dim]:
+        raise ctx.unsupported(f"sizes {list(sizes)} do not add up to {x.type.shape[dim]}")
+    pieces: list[Value | None] = []
+    start = 0
+    for size in sizes:
+        pieces.append(
+            ctx.emit("Slice", [x], starts=(start,), ends=(start + size,), axes=(dim,), steps=(1,))
+        )
+        start += size
+    return pieces
+
+
+@_aten("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default")
+def _split(ctx: TorchContext) -> Result:
+    x = ctx.value("self")
+    length = x.type.shape[int(ctx.args.get("dim", 0)) % x.type.rank]
+    if ctx.target == "aten.split_with_sizes.default":
+        return _slices(ctx, [int(s) for s in ctx.args["split_sizes"]])
+    if ctx.target == "aten.chunk.default":
+        step = -(-length // int(ctx.args["chunks"]))  # torch's chunk: ceil-sized pieces
+    else:
+        step = int(ctx.args["split_size"])
+    if step <= 0:
+        raise ctx.unsupported(f"pieces of size {step}")
+    return _slices(ctx, [min(step, length - s) for s in range(0, length, step)] or [0])
+
+
+@_aten("aten.unbind.int")
+def _unbind(ctx: TorchContext) -> Result:
+    x = ctx.value("self")
+    dim = int(ctx.args.get("dim", 0)) % x.type.rank
+    pieces: list[Value | None] = []
+    for i in range(x.type.shape[dim]):
+        index = ctx.graph.add_constant(np.array(i, np.int64), "index")
+        pieces.append(ctx.emit("Gather", [x, index], axis=dim))
+    return pieces
 
 
 @_aten("aten.select.int")
