@@ -148,6 +148,59 @@ def test_conv_transpose1d_matches_pytorch():
     _check(nn.ConvTranspose1d(4, 2, 3, stride=2), _inputs((2, 4, 7)))
 
 
+Q = (2, 3, 5, 8)
+
+
+def test_attention_decomposes_into_the_matmul_softmax_pattern():
+    graph = _check(_Fn(F.scaled_dot_product_attention), _inputs(Q, (2, 3, 7, 8), (2, 3, 7, 4)))
+    assert [node.op for node in graph] == ["Transpose", "MatMul", "Mul", "Softmax", "MatMul"]
+    mask_fn = _Fn(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, scale=0.3))
+    graph = _check(mask_fn, _inputs(Q, Q, Q, (2, 1, 5, 5)))
+    assert "Add" in _ops(graph)
+    _check(_Fn(F.scaled_dot_product_attention), _inputs((4, 5, 8), (4, 6, 8), (4, 6, 3)))
+
+
+class _Attention(nn.Module):
+    """Two-head self-attention through ``F.scaled_dot_product_attention`` with a padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, 2, 8).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask
+        )
+        return y.transpose(1, 2).reshape(b, t, 16)
+
+
+def test_attention_lowers_to_integer_attention():
+    torch.manual_seed(0)
+    x = _inputs((2, 5, 16))[0]
+    mask = np.zeros((2, 1, 1, 5), np.float32)
+    mask[1, ..., 3:] = -1e4
+    graph = _check(_Attention(), [x, mask])
+    feeds = {graph.inputs[0].name: x, graph.inputs[1].name: mask}
+    int_graph = intq.quantize(graph, [feeds], intq.QuantConfig(progress=False))
+    assert {"QBatchMatMul", "QSoftmax"} <= _ops(int_graph)
+    assert not {"Softmax", "MatMul"} & _ops(int_graph)
+
+
+def test_attention_refuses_what_it_cannot_express():
+    qkv = tuple(torch.zeros(Q) for _ in range(3))
+    causal = _Fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    with pytest.raises(intq.UnsupportedOpError, match="is_causal") as info:
+        intq.from_torch(causal, qkv)
+    assert "scaled_dot_product_attention" in str(info.value)
+    with pytest.raises(intq.UnsupportedOpError, match="boolean attn_mask"):
+        intq.from_torch(_Fn(F.scaled_dot_product_attention), (*qkv, torch.ones(5, 5).bool()))
+
+
 class _HardCNN(nn.Module):
     """A MobileNetV3-style block: the tabled activations lower to integer lookups."""
 

@@ -408,6 +408,32 @@ def _softmax(ctx: TorchContext) -> Result:
     return ctx.emit("Softmax", [ctx.value("self")], axis=int(ctx.args["dim"]))
 
 
+@_aten("aten.scaled_dot_product_attention.default")
+def _attention(ctx: TorchContext) -> Result:
+    """``softmax(q k^T * scale + mask) v``: MatMul, Mul, Add, Softmax, MatMul, the pattern
+    the integer attention lowering recognises (as an exported BERT's eager attention)."""
+    q, k, v = ctx.value("query"), ctx.value("key"), ctx.value("value")
+    if ctx.args.get("is_causal"):
+        raise ctx.unsupported("is_causal=True; pass the causal mask as attn_mask")
+    if float(ctx.args.get("dropout_p") or 0.0) != 0.0:
+        raise ctx.unsupported(f"dropout_p={ctx.args['dropout_p']}")
+    if ctx.args.get("enable_gqa"):
+        raise ctx.unsupported("enable_gqa=True")
+    mask = ctx.args.get("attn_mask")
+    if mask is not None and (not isinstance(mask, Value) or not mask.type.dtype.is_float):
+        raise ctx.unsupported("a boolean attn_mask; pass an additive float mask")
+    scale = ctx.args.get("scale")
+    scale = 1.0 / float(np.sqrt(q.type.shape[-1])) if scale is None else float(scale)
+    perm = list(range(k.type.rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    scores = ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], perm=tuple(perm))])
+    scores = ctx.emit("Mul", [scores, ctx.scalar(scale, scores)])
+    if mask is not None:
+        scores = ctx.emit("Add", [scores, mask])
+    weights = ctx.emit("Softmax", [scores], axis=scores.type.rank - 1)
+    return ctx.emit("MatMul", [weights, v])
+
+
 def _resize(ctx: TorchContext, mode: str, coordinates: str) -> Result:
     """torch's upsample: ``output_size`` gives sizes; ``scale_factors`` the scales it maps
     coordinates by (``1 / scale``, not ``in / out``, as torch does when it is given)."""
