@@ -212,3 +212,21 @@ def test_vectors_command_bad_inputs_exit_1(digits, tmp_path):
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith("intq: error:") and "Traceback" not in done.stderr
     assert not (tmp_path / "v").exists()
+
+
+def test_tvm_executable_writes_the_same_vectors_and_a_loaded_library_refuses(digits, tmp_path):
+    _, quantized, _, _, feeds = digits
+    exe = intq.compile(quantized, "tvm")
+    tvm = exe.golden_vectors(feeds, tmp_path / "tvm")
+    ref = intq.compile(quantized, "reference").golden_vectors(feeds, tmp_path / "ref")
+    assert (ref / MANIFEST).read_text() == (tvm / MANIFEST).read_text()
+    for entry in read_manifest(ref)["nodes"]:
+        assert (ref / entry["file"]).read_bytes() == (tvm / entry["file"]).read_bytes()
+    # What the vectors promise: the TVM build computes the last node's output bit for bit.
+    last = read_manifest(tvm)["nodes"][-1]
+    with np.load(tvm / last["file"]) as npz:
+        np.testing.assert_array_equal(npz["out0"], exe.run(feeds)[last["outputs"][0]["value"]])
+    library = exe.save(tmp_path / "m.so")
+    with pytest.raises(intq.IntqError, match="not the integer graph") as info:
+        intq.load(library).golden_vectors(feeds, tmp_path / "v")
+    assert ".intq" in str(info.value) and not (tmp_path / "v").exists()
