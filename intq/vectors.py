@@ -28,27 +28,41 @@ The manifest, ``vectors.json`` (UTF-8 JSON)::
     {
       "format": "intq-golden-vectors",
       "version": 1,
-      "graph": "main",                      # the graph's name
+      "graph": "main_graph",                # the graph's name
       "inputs": ["input"],                  # the graph's input names, in order
       "outputs": ["logits"],                # the graph's output names, in order
-      "nodes": [
+      "nodes": [                            # the chosen nodes, in graph order
         {
-          "index": 3,                       # position in the graph's node list
+          "index": 1,                       # position in the graph's node list
           "op": "QConv",                    # the IR op
           "name": "/features/features.0/Conv",  # node.label(): the source node it came from
-          "file": "node0003_QConv.npz",
+          "file": "node0001_QConv.npz",
           "inputs": [                       # one entry per input position
-            {"key": "in0", "value": "x_q", "constant": false, "dtype": "uint8",
+            {"key": "in0", "value": "input.q", "constant": false, "dtype": "uint8",
              "shape": [8, 1, 8, 8],
              "quant": {"bits": 8, "signed": false, "narrow": false, "axis": null,
-                       "scale": [0.0039]}},
-            {"key": null, "omitted": true}  # an omitted optional input
+                       "scale": [0.00392156862745098]}},
+            {"key": "in1", "value": "features.0.weight.bn", "constant": true,
+             "dtype": "int8", "shape": [16, 1, 3, 3],
+             "quant": {"bits": 8, "signed": true, "narrow": true, "axis": 0,
+                       "scale": [0.0239, ...]}},          # one scale per output channel
+            ...
           ],
-          "outputs": [ ... the same fields, keys "out0", ... ],
-          "attrs": {"multiplier": [...], "shift": [...], "lo": 0, "hi": 255, ...}
-        }, ...
+          "outputs": [{"key": "out0", "dtype": "int32", ...}],   # the accumulator
+          "attrs": {"dilations": [1, 1], "group": 1, "pads": [1, 1, 1, 1],
+                    "strides": [1, 1]}
+        },
+        {
+          "index": 2, "op": "Requantize", "name": "/features/features.2/Relu", ...,
+          "attrs": {"axis": 1, "bits": 8, "factor": 1.0, "hi": 255, "lo": 0,
+                    "multiplier": [1401674502, ...], "scale": 0.0183..., "shift": [38, ...],
+                    "signed": 0}
+        },
+        ...
       ]
     }
+
+An omitted optional input's entry is ``{"key": null, "omitted": true}``.
 
 - ``value`` is the IR value's name; ``constant`` says whether it is a constant of the graph
   (weights, biases, tables).
@@ -63,6 +77,12 @@ The manifest, ``vectors.json`` (UTF-8 JSON)::
   op's definition in ``intq/ops/integer_ops.py`` and its kernel in
   ``intq/semantics/numpy_eval.py`` (requantization ``y = clamp((acc*M + 2^(S-1)) >> S, lo,
   hi)`` with ``M`` = ``multiplier``, ``S`` = ``shift``).
+
+Tensors are integers between the boundary nodes; ``Quantize``'s input and ``Dequantize``'s
+output are the float32 tensors on the float side. Flags such as ``signed`` are the ints 0
+and 1, as in the IR. To replay a node in Python: ``intq.load("model.intq").graph.nodes[index]``
+run by ``intq.semantics.numpy_eval.evaluate(node, [in0, in1, ...])`` (``None`` where an
+input is omitted) returns ``[out0, ...]`` bit for bit.
 
 Writing is atomic: everything goes into a temporary sibling directory, renamed to ``DIR``
 once complete, so a half-written set never exists under that name. An existing non-empty

@@ -230,3 +230,14 @@ def test_tvm_executable_writes_the_same_vectors_and_a_loaded_library_refuses(dig
     with pytest.raises(intq.IntqError, match="not the integer graph") as info:
         intq.load(library).golden_vectors(feeds, tmp_path / "v")
     assert ".intq" in str(info.value) and not (tmp_path / "v").exists()
+
+
+def test_attributes_become_json():
+    assert json_attr((1, 2)) == [1, 2] and json_attr(("a",)) == ["a"]
+    assert json_attr((float("inf"), -float("inf"), float("nan"), 0.5)) == [
+        "inf",
+        "-inf",
+        "nan",
+        0.5,
+    ]
+    assert json_attr(np.int64(3)) == 3 and type(json_attr(np.int64(3))) is int
