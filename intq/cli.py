@@ -43,6 +43,7 @@ from intq.mixed_precision import SENSITIVITY_METHODS
 from intq.ops import Trait
 from intq.passes.calibration import CLIP_METHODS
 from intq.passes.integer_only import census
+from intq.vectors import read_manifest
 
 EXAMPLES = {
     "compile": """examples:
@@ -71,6 +72,14 @@ line win over the file.""",
 
 in.npz holds one array per model input, of the exact shape the model takes; out.npz gets one
 array per model output.""",
+    "vectors": """examples:
+  intq vectors model.intq --inputs in.npz -o vectors/
+  intq vectors model.intq --inputs in.npz -o vectors/ --force    # replace vectors/
+
+Writes vectors/vectors.json (the manifest: every integer node's op, name, tensors with their
+quantization, and exact parameters) and one .npz per node holding its inputs in0, in1, ...
+and outputs out0, ...; the format is documented in intq/vectors.py and
+docs/golden-vectors.md. in.npz holds one array per model input, as for intq run.""",
     "inspect": """examples:
   intq inspect model.onnx                  # a float model: inputs, outputs, op census
   intq inspect model_int8.onnx             # an artifact: integer-only check, per-layer bits
@@ -482,6 +491,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vectors(args: argparse.Namespace) -> int:
+    exe = intq.load(args.artifact)
+    feeds = _read_npz(args.inputs, "inputs")
+    out_dir = exe.golden_vectors(feeds, args.output, overwrite=args.force)
+    manifest = read_manifest(out_dir)
+    _say(args, f"wrote golden vectors of {len(manifest['nodes'])} nodes to {out_dir}")
+    return 0
+
+
 def _input_values(exe: Any) -> list[Value]:
     """The inputs ``exe.run`` takes, as IR values: a graph's, a loaded ONNX artifact's, or
     (TVM) the manifest's tensor specs turned into values."""
@@ -824,6 +842,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--quiet", action="store_true", help="print nothing")
     command.set_defaults(run=_run)
+
+    command = _command(
+        commands, "vectors", "write golden vectors: each integer node's inputs and outputs"
+    )
+    command.add_argument(
+        "artifact", type=Path, help="a .intq artifact (intq quantize; the integer graph)"
+    )
+    command.add_argument(
+        "--inputs",
+        type=Path,
+        required=True,
+        metavar="IN.npz",
+        help="one array per model input (numpy.savez(path, input=x)), of the exact shape and"
+        " dtype the model takes",
+    )
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the directory to write (vectors.json and one .npz per node), written atomically",
+    )
+    command.add_argument(
+        "--force", action="store_true", help="replace DIR when it exists and is not empty"
+    )
+    command.add_argument("--quiet", action="store_true", help="print nothing")
+    command.set_defaults(run=_vectors)
 
     command = _command(commands, "inspect", "summarise a model or artifact")
     command.add_argument(

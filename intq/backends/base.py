@@ -16,6 +16,7 @@ from intq.errors import ArtifactError, IntqError
 from intq.inspection import layer_table
 from intq.ir.graph import Graph
 from intq.semantics.feeds import Feeds
+from intq.vectors import write_golden_vectors
 
 
 class Executable(Protocol):
@@ -42,6 +43,14 @@ class Executable(Protocol):
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact atomically; returns its path."""
+        ...
+
+    def golden_vectors(
+        self, inputs: Feeds, out_dir: str | Path, *, overwrite: bool = False
+    ) -> Path:
+        """Write every integer node's inputs and outputs on ``inputs`` into ``out_dir``
+        (:mod:`intq.vectors`); returns ``out_dir``. Needs the integer graph: an artifact
+        loaded without it refuses."""
         ...
 
 
@@ -146,6 +155,24 @@ class GraphExecutable:
     def layers(self) -> list[dict[str, Any]]:
         """The per-layer table of the graph: each integer layer's bits and scales."""
         return layer_table(self.graph)
+
+    def golden_vectors(
+        self, inputs: Feeds, out_dir: str | Path, *, overwrite: bool = False
+    ) -> Path:
+        """Write every integer node's inputs and outputs on ``inputs`` into ``out_dir``, as
+        the reference interpreter computes them (the format of :mod:`intq.vectors`);
+        returns ``out_dir``. An existing non-empty ``out_dir`` is refused unless
+        ``overwrite``."""
+        return write_golden_vectors(self.graph, inputs, out_dir, overwrite=overwrite)
+
+
+def no_graph_for_vectors(what: str) -> IntqError:
+    """The refusal of ``golden_vectors`` by an executable loaded without its IR graph."""
+    return IntqError(
+        f"{what} holds compiled code, not the integer graph golden vectors are computed from",
+        hint="write them from the .intq artifact of the same model (intq quantize, or"
+        " intq compile --target reference), or from the executable intq.compile returned",
+    )
 
 
 def _umask() -> int:

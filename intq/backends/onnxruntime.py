@@ -27,6 +27,7 @@ from intq.backends.base import (
     atomic_write,
     check_profile_runs,
     kernel_times,
+    no_graph_for_vectors,
 )
 from intq.backends.onnx_lowering import to_onnx
 from intq.errors import ArtifactError, NumericsError
@@ -176,6 +177,12 @@ class LoadedOnnxExecutable:
         """Per-node times over ``runs`` runs (see :func:`profile_session`); slowest first."""
         feeds = check_feeds(self.inputs, inputs)
         return profile_session(self.session, self.model, feeds, runs, warmup)
+
+    def golden_vectors(
+        self, inputs: Feeds, out_dir: str | Path, *, overwrite: bool = False
+    ) -> Path:
+        """Refused: a loaded ``.onnx`` artifact has no integer graph (:mod:`intq.vectors`)."""
+        raise no_graph_for_vectors("a loaded .onnx artifact")
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact again (atomically), metadata and checksum unchanged."""

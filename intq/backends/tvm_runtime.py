@@ -27,12 +27,14 @@ from intq.backends.base import (
     check_artifact_path,
     check_profile_runs,
     kernel_times,
+    no_graph_for_vectors,
 )
 from intq.errors import ArtifactError, IntqError
 from intq.inspection import layer_table
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
 from intq.semantics.feeds import Feeds, check_feeds
+from intq.vectors import write_golden_vectors
 
 MANIFEST_VERSION = 1
 
@@ -379,6 +381,17 @@ class TvmExecutable:
             if index >= warmup:
                 runs_seen.append(run)
         return kernel_times(runs_seen, self.kernel_nodes)
+
+    def golden_vectors(
+        self, inputs: Feeds, out_dir: str | Path, *, overwrite: bool = False
+    ) -> Path:
+        """Write every integer node's inputs and outputs on ``inputs`` into ``out_dir``, as
+        the reference interpreter computes them (:mod:`intq.vectors`; the TVM build is bit
+        exact with it); returns ``out_dir``. A library loaded from disk has no graph and
+        refuses."""
+        if self.graph is None:
+            raise no_graph_for_vectors(f"the TVM library {self.path}")
+        return write_golden_vectors(self.graph, inputs, out_dir, overwrite=overwrite)
 
     def manifest(self) -> dict[str, Any]:
         """What a device-side loader needs: entry point, tensors, how to (de)quantize."""
