@@ -729,6 +729,18 @@ def _command(commands: Any, name: str, help_text: str) -> argparse.ArgumentParse
     )
 
 
+def _add_exact_inputs(command: argparse.ArgumentParser) -> None:
+    """``--inputs IN.npz``, required: what ``run`` and ``vectors`` feed the artifact."""
+    command.add_argument(
+        "--inputs",
+        type=Path,
+        required=True,
+        metavar="IN.npz",
+        help="one array per model input (numpy.savez(path, input=x)), of the exact shape and"
+        " dtype the model takes",
+    )
+
+
 def _add_quant_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--calib",
@@ -824,14 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = _command(commands, "run", "run a compiled artifact on inputs from an .npz")
     command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
-    command.add_argument(
-        "--inputs",
-        type=Path,
-        required=True,
-        metavar="IN.npz",
-        help="one array per model input (numpy.savez(path, input=x)), of the exact shape and"
-        " dtype the model takes",
-    )
+    _add_exact_inputs(command)
     command.add_argument(
         "-o",
         "--output",
@@ -849,14 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument(
         "artifact", type=Path, help="a .intq artifact (intq quantize; the integer graph)"
     )
-    command.add_argument(
-        "--inputs",
-        type=Path,
-        required=True,
-        metavar="IN.npz",
-        help="one array per model input (numpy.savez(path, input=x)), of the exact shape and"
-        " dtype the model takes",
-    )
+    _add_exact_inputs(command)
     command.add_argument(
         "-o",
         "--output",

@@ -148,6 +148,7 @@ def quantize(
             plan.save_report(config.mixed_precision.report)
         chosen = plan.layer_bits(config.activation_bits)
         lowering = replace(lowering, layer_bits={**chosen, **config.layer_bits})
-    manager = lowering_pipeline(calibration_data, lowering, progress=config.progress)
-    manager.verify_each, manager.dump = verify_each, dump
+    manager = lowering_pipeline(
+        calibration_data, lowering, progress=config.progress, verify_each=verify_each, dump=dump
+    )
     return manager(prepared).graph

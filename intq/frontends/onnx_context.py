@@ -136,20 +136,26 @@ class ConvertContext:
             )
         return value.const
 
-    def emit(self, op: str, inputs: Sequence[Value | None], **attrs: Any) -> list[Value]:
-        """Add IR node ``op`` for this ONNX node, folded to constants when possible."""
+    def emit(
+        self, op: str, inputs: Sequence[Value | None], *, out_name: str = "", **attrs: Any
+    ) -> list[Value]:
+        """Add IR node ``op`` for this ONNX node, size-checked and folded to constants when
+        possible. Its output is named ``out_name`` (an intermediate node of a multi-node
+        conversion), else after the ONNX node's first output."""
         # Every IR op a converter emits has one output: the ONNX node's first.
         name = self.node.output[0] if self.node.output and self.node.output[0] else self.name
-        node = self.graph.add(op, list(inputs), attrs, name=self.name, out_names=[name])
+        node = self.graph.add(op, list(inputs), attrs, name=self.name, out_names=[out_name or name])
         for value in node.outputs:  # before folding allocates it (an Expand to 10^12...)
             check_size(value.type.shape, value.type.dtype, f"the output of {op}", node=self.name)
         if foldable(node):
             return fold_node(self.graph, node)
         return list(node.outputs)
 
-    def emit1(self, op: str, inputs: Sequence[Value | None], **attrs: Any) -> Value:
+    def emit1(
+        self, op: str, inputs: Sequence[Value | None], *, out_name: str = "", **attrs: Any
+    ) -> Value:
         """:meth:`emit` for a one-output op."""
-        return self.emit(op, inputs, **attrs)[0]
+        return self.emit(op, inputs, out_name=out_name, **attrs)[0]
 
     def unsupported(self, why: str) -> UnsupportedOpError:
         """An error for a feature of this node that intq does not handle."""

@@ -20,7 +20,6 @@ from intq.frontends.onnx_context import (
 )
 from intq.ir.graph import Value
 from intq.ir.types import DType
-from intq.passes.constant_folding import fold_node, foldable
 
 CONVERTERS = ConverterTable()
 """ONNX op type -> the converters of this module."""
@@ -198,11 +197,9 @@ def _constant_of_shape(ctx: ConvertContext) -> list[Value]:
 def _step(
     ctx: ConvertContext, op: str, inputs: Sequence[Value | None], out: str = "", **attrs: Any
 ) -> Value:
-    """One IR node of a multi-node conversion (output named ``out``, or after the op),
-    size-checked and folded like :meth:`ConvertContext.emit`."""
-    node = ctx.graph.add(op, list(inputs), attrs, name=ctx.name, out_names=[out or op.lower()])
-    check_size(node.output.type.shape, node.output.type.dtype, f"the output of {op}", node=ctx.name)
-    return fold_node(ctx.graph, node)[0] if foldable(node) else node.output
+    """One IR node of a multi-node conversion, its output named ``out`` or after the op (the
+    ONNX node's output name is for the last one, :meth:`ConvertContext.emit`'s default)."""
+    return ctx.emit1(op, inputs, out_name=out or op.lower(), **attrs)
 
 
 def _split(ctx: ConvertContext, sizes: Sequence[int]) -> list[Value]:

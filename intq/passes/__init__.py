@@ -53,10 +53,13 @@ def lowering_pipeline(
     lowering: Integerize,
     *,
     progress: bool | None = None,
+    verify_each: bool = False,
+    dump: DumpHook | None = None,
 ) -> PassManager:
     """The core steps after the float clean-up, as one pipeline: ``calibrate`` (on the data),
     ``integerize`` (with ``lowering``'s options), ``range-analysis`` (the overflow proof, kept
-    on the graph for the backends), ``check-integer-only`` and ``verify``."""
+    on the graph for the backends), ``check-integer-only`` and ``verify``; ``verify_each`` and
+    ``dump`` as for :func:`pipeline`."""
     return PassManager(
         [
             Calibrate(calibration_data, progress),
@@ -64,7 +67,9 @@ def lowering_pipeline(
             RangeAnalysis(),
             CheckIntegerOnly(allow_division=lowering.divides),
             Verify(),
-        ]
+        ],
+        verify_each=verify_each,
+        dump=dump,
     )
 
 
