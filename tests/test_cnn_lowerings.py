@@ -169,7 +169,10 @@ def test_a_table_is_the_function_exactly_rounded(op, log_scale, non_negative, bi
     )
     rng = np.random.default_rng(seed)
     data = rng.standard_normal(256) * 10.0**log_scale
-    data = (np.abs(data) if non_negative else data).astype(np.float32)
+    data = np.abs(data) if non_negative else data
+    if op == "Exp":  # a float model whose exp overflows float32 (x > 88.7) is refused
+        data = np.minimum(data, 80.0)
+    data = data.astype(np.float32)
     config = intq.QuantConfig(activation_bits=bits)
     lowered = intq.quantize(graph, [{"x": data}], config)
     (table,) = [node for node in lowered if node.op == "QLookup"]
