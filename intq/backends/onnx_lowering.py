@@ -404,7 +404,12 @@ def _qbatch_matmul(b: _Builder, node: Node) -> None:
 
 @_lower("Gather")
 def _gather(b: _Builder, node: Node) -> None:
-    table, _ = b.u8(_input(node, 0), node)  # offset like every int8 activation
+    source = _input(node, 0)
+    if source.type.quant is None:  # positions of a raw mask: moved as they are
+        index = b.tensor(_input(node, 1))[0]
+        b.add("Gather", [b.tensor(source)[0], index], [node.output.name], node, **node.attrs)
+        return
+    table, _ = b.u8(source, node)  # offset like every int8 activation
     out, _ = b.output(node.output)
     b.add("Gather", [table, b.tensor(_input(node, 1))[0]], [out], node, axis=node.attrs["axis"])
 

@@ -47,6 +47,7 @@ _SAME_NAME = [
     "And",
     "Or",
     "Not",
+    "IsNaN",
     "Where",
     "Sigmoid",
     "Tanh",
@@ -65,8 +66,11 @@ def _same(ctx: ConvertContext) -> list[Value]:
     return ctx.emit(ctx.node.op_type, ctx.inputs)
 
 
+_SINCE = {"Add": 7, "Sub": 7, "Mul": 7, "Div": 7, "Pow": 7, "IsNaN": 9}
+"""The first opset of the ``_SAME_NAME`` ops whose converters do not start at opset 1."""
+
 for _op in _SAME_NAME:
-    converter(_op, 7 if _op in ("Add", "Sub", "Mul", "Div", "Pow") else 1)(_same)
+    converter(_op, _SINCE.get(_op, 1))(_same)
 
 
 @converter("Identity")

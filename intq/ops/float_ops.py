@@ -86,6 +86,14 @@ def _not(ctx: InferContext) -> list[TensorType]:
     return same_type(ctx)
 
 
+@OPS.op("IsNaN")
+def _isnan(ctx: InferContext) -> list[TensorType]:
+    """Which elements of a float tensor are NaN; bool result."""
+    if not ctx.type(0).dtype.is_float:
+        raise ShapeError(f"IsNaN takes a float tensor, got {ctx.type(0)}")
+    return [TensorType(DType.BOOL, ctx.type(0).shape)]
+
+
 @OPS.op("Where", inputs=3)
 def _where(ctx: InferContext) -> list[TensorType]:
     """``cond ? x : y`` with broadcasting."""

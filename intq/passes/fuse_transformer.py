@@ -17,6 +17,13 @@ exporter wrote. Rules (:data:`RULES`, applied in one sweep in graph order):
   ``layernorm-gamma-beta``) when its one reader adds a per-channel constant.
 - ``layernorm-gamma-beta``: that plus a per-channel constant ``beta`` becomes
   ``LayerNormalization(x, gamma, beta)``.
+- ``safe-softmax``: ``Where(IsNaN(s), 0, s)`` of a ``Softmax`` output ``s`` becomes ``s``.
+  torch's ONNX export of ``scaled_dot_product_attention`` writes it after the softmax of
+  scores masked with ``-inf``, for rows masked entirely (0/0); the integer softmax never
+  makes NaN, and calibration refuses a float model that does.
+- ``finite-mask``: ``Where(keep, x, -inf)`` (x a constant) becomes ``Where(keep, x, m)``, ``m``
+  float32's lowest finite value, as Hugging Face's own float masks: an additive attention
+  mask that removes the same positions, and that calibration can check for overflow.
 
 Per channel means C elements (C the last axis) broadcast along the other axes:
 ``[C]``, ``[1, C]``... The scalar factors of a product multiply (``x * 0.25 * 2``
@@ -239,6 +246,31 @@ def _fuse_layernorm(graph: Graph, m: Match) -> list[Value]:
     return [node.output]
 
 
+SAFE_SOFTMAX = Op("Where", Op("IsNaN", Var("s")), Const("zero"), Var("s"))
+
+
+def _check_safe_softmax(m: Match) -> str | None:
+    producer = m["s"].producer
+    if producer is None or producer.op != "Softmax":
+        return f"%{m['s'].name} is not a Softmax output"
+    return expect_close("the replacement of NaN", scalar(m["zero"]), 0.0)
+
+
+FINITE_MASK = Op("Where", Var("keep"), Const("x"), Const("drop"))
+
+
+def _check_finite_mask(m: Match) -> str | None:
+    drop = scalar(m["drop"])
+    return None if drop == -math.inf else "the removed positions are not -inf"
+
+
+def _finite_mask(graph: Graph, m: Match) -> list[Value]:
+    lowest = np.asarray(np.finfo(np.float32).min, m["drop"].const.dtype)
+    drop = graph.add_constant(lowest, f"{m.root.label()}.lowest")
+    inputs = [m["keep"], m["x"], drop]
+    return [graph.add("Where", inputs, name=m.root.label(), before=m.root).output]
+
+
 RULES = (
     Rule("gelu-erf", GELU_ERF, _gelu("none"), _check_gelu_erf),
     Rule("gelu-tanh", GELU_TANH, _gelu("tanh"), _check_gelu_tanh),
@@ -247,17 +279,20 @@ RULES = (
     Rule(
         "layernorm-gamma-beta", LAYERNORM_GAMMA_BETA, _fuse_layernorm, _check_layernorm_gamma_beta
     ),
+    Rule("safe-softmax", SAFE_SOFTMAX, lambda graph, m: [m["s"]], _check_safe_softmax),
+    Rule("finite-mask", FINITE_MASK, _finite_mask, _check_finite_mask),
 )
 """The rules of ``fuse-transformer``, in the order they are tried at a node."""
 
 
 @dataclass(frozen=True)
 class FuseTransformer(Pass):
-    """Fuse decomposed GELU and LayerNorm into ``Gelu`` and ``LayerNormalization``.
+    """Fuse decomposed GELU and LayerNorm into ``Gelu`` and ``LayerNormalization``, and drop
+    the NaN guard exporters write after a softmax.
 
     Rules (:data:`RULES`): ``gelu-erf``, ``gelu-tanh``, ``layernorm``,
-    ``layernorm-gamma``, ``layernorm-gamma-beta``; the module docstring says
-    what each matches.
+    ``layernorm-gamma``, ``layernorm-gamma-beta``, ``safe-softmax``, ``finite-mask``; the
+    module docstring says what each matches.
     """
 
     name: ClassVar[str] = "fuse-transformer"

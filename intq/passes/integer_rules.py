@@ -231,14 +231,61 @@ def _channel_vector(c: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndar
     return c.reshape(-1)
 
 
+def raw(low: Lowering, value: Value | None) -> Value | None:
+    """The integer graph's value for ``value`` when it is a raw integer or bool tensor (a
+    token id, an attention mask and what is computed from them: no scale), else None."""
+    source = low.ints.get(value) if value is not None else None
+    return source if source is not None and source.type.quant is None else None
+
+
 @_rule("Cast")
 def _cast(low: Lowering, node: Node) -> None:
     x = node.inputs[0]
     assert x is not None
-    source = low.ints.get(x)
-    if source is None or source.type.quant is not None or not node.output.type.dtype.is_float:
+    source = raw(low, x)
+    if source is not None and node.output.type.dtype is DType.BOOL:
+        # A mask made boolean, carried on as 0/1 bytes: TVM vectorizes the moves of bytes
+        # (Expand, Gather), not of booleans.
+        flag = low.dst.add("Cast", [source], {"to": "bool"}, name=node.label()).output
+        low.ints[node.output] = low.emit(node, "Cast", [flag], to="u8")
+        return
+    if source is None or not node.output.type.dtype.is_float:
         raise UnsupportedOpError("Cast in the integer path", node=node.label())
     low.affine[node.output] = Affine(source, 1.0, 0.0)
+
+
+@_rule("And")
+def _and(low: Lowering, node: Node) -> None:
+    """A mask combined with an all-true constant (the causal or sliding-window part of a
+    Hugging Face mask builder, at a bidirectional model's fixed shapes): a broadcast."""
+    for x, c in (node.inputs, node.inputs[::-1]):
+        source = raw(low, x)
+        if source is not None and c is not None and c.const is not None and c.const.all():
+            shape = node.output.type.shape
+            low.ints[node.output] = (
+                source
+                if source.type.shape == shape
+                else low.emit(node, "Expand", [source], shape=shape)
+            )
+            return
+    raise UnsupportedOpError(
+        "And in the integer path: only a mask and an all-true constant", node=node.label()
+    )
+
+
+@_rule("Where")
+def _where(low: Lowering, node: Node) -> None:
+    """``Where(keep, 0, -inf)``: an additive attention mask of a boolean ``keep``, kept
+    symbolic as ``a * keep + b`` (``-inf`` stands as -1e30: a removed position either way)."""
+    cond, x, y = node.inputs
+    source, hi, lo = raw(low, cond), _scalar(x), _scalar(y)
+    if source is None or hi is None or lo is None:
+        raise UnsupportedOpError(
+            "Where in the integer path: only an additive attention mask Where(mask, 0, -inf)",
+            node=node.label(),
+        )
+    hi, lo = max(hi, -1e30), max(lo, -1e30)
+    low.affine[node.output] = Affine(source, hi - lo, lo)
 
 
 @_rule("Sub")
@@ -263,6 +310,12 @@ def _sub(low: Lowering, node: Node) -> None:
 def _gather(low: Lowering, node: Node) -> None:
     """An embedding lookup: the table quantized per tensor, the lookup moves integers."""
     table, index = node.inputs
+    source = raw(low, table)
+    if source is not None and index is not None and index.const is not None:
+        # a mask's positions picked by constant indices (a mask builder's batch/kv indexing)
+        indices = low.dst.add_constant(index.const, index.name)
+        low.ints[node.output] = low.emit(node, "Gather", [source, indices], **node.attrs)
+        return
     if table is None or table.const is None or index not in low.ints:
         raise UnsupportedOpError(
             "Gather in the integer path needs a constant table and integer indices",

@@ -74,6 +74,11 @@ def _not(node: Node, x: Array) -> list[Array]:
     return [np.logical_not(x)]
 
 
+@_kernel("IsNaN")
+def _isnan(node: Node, x: Array) -> list[Array]:
+    return [np.isnan(x)]
+
+
 @_kernel("Where")
 def _where(node: Node, cond: Array, x: Array, y: Array) -> list[Array]:
     return [np.where(cond, x, y)]

@@ -86,6 +86,7 @@ _UNARY: dict[str, Callable[[Tensor], Tensor]] = {
     "Relu": torch.relu,
     "Identity": lambda x: x,
     "Not": torch.logical_not,
+    "IsNaN": torch.isnan,
 }
 
 

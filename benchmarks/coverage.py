@@ -1,0 +1,323 @@
+"""Coverage: which common architectures convert integer-only, as they are, on every backend.
+
+Run from the repository root (the ``dev`` extra installed)::
+
+    .venv/bin/python -m benchmarks.coverage                    # the whole corpus
+    .venv/bin/python -m benchmarks.coverage --models hf-vit,unet --targets reference,onnxruntime
+    .venv/bin/python -m benchmarks.coverage --fast --json out/coverage.json
+
+For every entry of :mod:`examples.corpus` (Hugging Face CNNs, ViTs and BERTs built from their
+configs, compact versions of the classic CNN families, detection and segmentation shapes,
+random seeded weights, small inputs) and the real-weight models of :mod:`examples.zoo`, one row:
+
+* **onnx**: ``torch.onnx.export`` (TorchScript exporter, opset 17, Hugging Face text models
+  with symbolic ``batch`` / ``sequence`` dims) then ``intq.from_onnx``;
+* **torch**: ``intq.from_torch`` on the module (``torch.export``);
+* **quantize**: ``intq.quantize`` of the ONNX import (the torch import where the ONNX one
+  failed) with the default ``QuantConfig``, calibrated on 16 samples like the example input;
+* **reference / onnxruntime / tvm**: ``intq.compile`` for each target and one run;
+* **exact**: every backend's outputs equal the reference interpreter's, bit for bit;
+* **fidelity**: cosine similarity of the reference interpreter's outputs to the FP32 module's
+  on 4 held-out samples (the worst of them); for the real-weight image models also top-1
+  agreement with FP32 on real photo crops;
+* **islands**: ops left in float inside the integer graph (always 0: intq is integer-only).
+
+A failing cell shows ``FAIL``; the row's note names the obstacle (the missing op, the
+refusal). The last line counts the rows that convert integer-only and are bit-exact on all
+backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from tqdm import tqdm
+
+import intq
+from benchmarks.machine import cpu_description, load_average
+from examples import corpus
+from intq.ir import Graph
+from intq.passes.integer_only import census
+from intq.progress import show_progress
+
+TARGETS = ("reference", "onnxruntime", "tvm")
+CALIBRATION_SAMPLES = 16
+TEST_SAMPLES = 4
+CLASSIFIER_SAMPLES = 48
+OPSET = 17
+COLUMNS = ("onnx", "torch", "quantize", *TARGETS, "exact")
+
+
+@dataclass
+class Row:
+    """One model's way through intq: each step ``ok``, ``FAIL`` or ``-`` (not reached)."""
+
+    name: str
+    family: str
+    steps: dict[str, str] = field(default_factory=dict)
+    fidelity: float | None = None
+    top1: float | None = None
+    islands: int | None = None
+    note: str = ""
+    seconds: float = 0.0
+
+    @property
+    def converts(self) -> bool:
+        """Integer-only, no float island, bit-exact on every backend that ran."""
+        return self.steps.get("exact") == "ok" and self.islands == 0
+
+    def fail(self, step: str, err: BaseException) -> None:
+        self.steps[step] = "FAIL"
+        self.note = "; ".join(filter(None, (self.note, f"{step}: {describe(err)}")))
+
+
+def describe(err: BaseException) -> str:
+    """An error in one line: its type, its first line, the node it names."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    node = getattr(err, "node", None)
+    where = f" [{node}]" if node and str(node) not in text else ""
+    return f"{type(err).__name__}: {text[:160]}{where}"
+
+
+def samples(inputs: dict[str, torch.Tensor], count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """``count`` inputs shaped like ``inputs``: normal floats, token ids, the same masks."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        sample = {}
+        for name, x in inputs.items():
+            if x.dtype.is_floating_point:
+                sample[name] = torch.randn(x.shape, generator=gen).numpy()
+            elif name == "input_ids":
+                sample[name] = torch.randint(3, corpus.VOCAB, x.shape, generator=gen).numpy()
+            else:
+                sample[name] = x.numpy()
+        out.append(sample)
+    return out
+
+
+def export_onnx(
+    module: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic: Sequence[str], path: Path
+) -> None:
+    names = list(inputs)
+    axes = {n: {0: "batch", 1: "sequence"} for n in dynamic}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, tuple(inputs.values()), str(path), dynamo=False, opset_version=OPSET,
+            input_names=names, output_names=["output"], dynamic_axes=axes or None,
+            training=torch.onnx.TrainingMode.PRESERVE,
+        )  # fmt: skip
+    proto = onnx.load(str(path))
+    proto.ir_version = 8
+    onnx.save(proto, str(path))
+
+
+Outputs = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def torch_fp32(module: torch.nn.Module) -> Outputs:
+    """The FP32 outputs of ``module`` on one input dict, in order."""
+
+    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = module(*(torch.from_numpy(v) for v in batch.values()))
+        return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+    return run
+
+
+def onnx_fp32(path: Path) -> Outputs:
+    """The FP32 outputs of ONNX file ``path`` under ONNX Runtime, in order."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(None, batch)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom else float(np.array_equal(a, b))
+
+
+def cover(
+    name: str,
+    out_dir: Path,
+    targets: Sequence[str] = TARGETS,
+    step: Callable[[str], None] = lambda _: None,
+) -> Row:
+    """Run corpus entry ``name`` through every step; never raises for an intq failure."""
+    entry = corpus.CORPUS[name]
+    row = Row(name, entry.family)
+    start = time.perf_counter()
+    module, inputs = corpus.build(name)
+    if entry.samples is not None:
+        calib = entry.samples(CALIBRATION_SAMPLES, 1)
+        tests = entry.samples(TEST_SAMPLES if not entry.classifier else CLASSIFIER_SAMPLES, 2)
+    else:
+        calib = samples(inputs, CALIBRATION_SAMPLES, seed=1)
+        tests = samples(inputs, TEST_SAMPLES, seed=2)
+    shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+
+    graph: Graph | None = None
+    step("onnx")
+    path = module if isinstance(module, Path) else out_dir / f"{name}.onnx"
+    try:
+        if not isinstance(module, Path):
+            export_onnx(module, inputs, entry.dynamic, path)
+        graph = intq.from_onnx(path, input_shapes=shapes)
+        row.steps["onnx"] = "ok"
+    except intq.IntqError as err:
+        row.fail("onnx", err)
+    except Exception as err:  # the exporter's failure, not intq's
+        row.steps["onnx"] = "-"
+        row.note = f"torch.onnx.export: {describe(err)}"
+    if isinstance(module, Path):
+        fp32 = onnx_fp32(path)
+    else:
+        step("torch")
+        fp32 = torch_fp32(module)
+        try:
+            torch_graph = intq.from_torch(
+                module, tuple(inputs.values()), input_names=list(inputs), fallback=False
+            )
+            row.steps["torch"] = "ok"
+            graph = graph or torch_graph
+        except intq.IntqError as err:
+            row.fail("torch", err)
+    if graph is None:
+        return _finish(row, start)
+    step("quantize")
+    try:
+        int_graph = intq.quantize(graph, calib, intq.QuantConfig(progress=False))
+        row.steps["quantize"] = "ok"
+    except intq.IntqError as err:
+        row.fail("quantize", err)
+        return _finish(row, start)
+    row.islands = len(census(int_graph).violations)
+    outputs: dict[str, list[dict[str, np.ndarray]]] = {}
+    for target in targets:
+        step(target)
+        try:
+            exe = intq.compile(int_graph, target=target)
+            outputs[target] = [exe.run(t) for t in tests]
+            row.steps[target] = "ok"
+        except intq.IntqError as err:
+            row.fail(target, err)
+    if "reference" in outputs:
+        ref = outputs["reference"]
+        expected = [fp32(t) for t in tests]
+        row.fidelity = min(
+            cosine(got, want) for r, f in zip(ref, expected) for got, want in zip(r.values(), f)
+        )
+        if entry.classifier:
+            row.top1 = float(
+                np.mean(
+                    [
+                        np.argmax(next(iter(r.values()))) == np.argmax(f[0])
+                        for r, f in zip(ref, expected)
+                    ]
+                )
+            )
+        exact = all(
+            all(np.array_equal(a[k], b[k]) for a, b in zip(ref, got) for k in a)
+            for got in outputs.values()
+        )
+        ran_all = len(outputs) == len(targets)
+        row.steps["exact"] = "ok" if exact and ran_all else "FAIL" if not exact else "-"
+        if not exact and not row.note:
+            row.note = "backends disagree with the reference interpreter"
+    return _finish(row, start)
+
+
+def safe_cover(name: str, out_dir: Path, targets: Sequence[str], bar: Any) -> Row:
+    """:func:`cover`, with a crash (a bug in intq or in the corpus) shown as the row's note."""
+    bar.set_postfix_str(name)
+    try:
+        return cover(name, out_dir, targets, lambda step: bar.set_postfix_str(f"{name}: {step}"))
+    except Exception as err:
+        row = Row(name, corpus.CORPUS[name].family, note=f"crash: {describe(err)}")
+        return _finish(row, time.perf_counter())
+
+
+def _finish(row: Row, start: float) -> Row:
+    row.seconds = time.perf_counter() - start
+    for column in COLUMNS:
+        row.steps.setdefault(column, "-")
+    return row
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = ["model", "family", *COLUMNS, "cosine", "top-1", "islands", "s", "obstacle"]
+    body = [
+        [
+            r.name, r.family, *(r.steps[c] for c in COLUMNS),
+            "-" if r.fidelity is None else f"{r.fidelity:.4f}",
+            "-" if r.top1 is None else f"{r.top1:.2f}",
+            "-" if r.islands is None else str(r.islands), f"{r.seconds:.0f}", r.note,
+        ]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    widths[-1] = 0
+    lines = [
+        " | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body]
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths[:-1]) + "-+-" + "-" * 8)
+    converted = sum(r.converts for r in rows)
+    lines.append(
+        f"\n{converted} of {len(rows)} models ({100 * converted / max(len(rows), 1):.0f}%) convert"
+        " integer-only with no float island and are bit-exact on every backend"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", help="comma-separated corpus names (default: all)")
+    parser.add_argument("--fast", action="store_true", help="only the make-test subset")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    names = args.models.split(",") if args.models else list(corpus.CORPUS)
+    if args.fast:
+        names = [n for n in names if corpus.CORPUS[n].fast]
+    unknown = [n for n in names if n not in corpus.CORPUS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {', '.join(corpus.CORPUS)}")
+    targets = args.targets.split(",")
+    print(f"# intq coverage, {time.strftime('%Y-%m-%d')}, {cpu_description()}")
+    print(f"# load average at start {load_average():.2f}; torch {torch.__version__}")
+    rows: list[Row] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        shown = show_progress(False if args.quiet else None)
+        with tqdm(total=len(names), desc="coverage", disable=not shown, leave=False) as bar:
+            for name in names:
+                rows.append(safe_cover(name, Path(tmp), targets, bar))
+                bar.update()
+    print(table(rows))
+    print(f"# {len(rows)} models in {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
