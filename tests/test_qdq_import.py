@@ -12,6 +12,7 @@ with one error.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
@@ -189,6 +190,10 @@ def test_the_weights_are_the_models_int8_integers_exactly(models, model):
         np.testing.assert_array_equal(w.const, stored[w.name], err_msg=node.name)
         if model == "cnn-reduced":
             assert np.abs(w.const).max() <= 64
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if model in ("cnn-s8s8", "cnn-reduced"):
+            # Every input scale is the model's, so the int32 bias at s_x * s_w[c] is too.
+            np.testing.assert_array_equal(bias.const, stored[node.name.split("/")[1] + ".bias"])
 
 
 @pytest.mark.parametrize("model", ["cnn-s8s8", "block-s8s8"])
@@ -296,6 +301,25 @@ def test_convert_takes_a_qdq_file_without_calibration_data(models):
         exe = intq.convert(models["cnn-u8"], target="onnxruntime")
     x = _samples(SHAPES["cnn"], 1, seed=3)[0]
     assert exe.run({"x": x})["y"].shape == (1, 10)
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from intq.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    return code, err.getvalue()
+
+
+def test_the_command_line_compiles_a_qdq_model_without_calib(models, tmp_path):
+    out = tmp_path / "cnn_int8.onnx"
+    code, err = _cli("compile", str(models["cnn-s8s8"]), "-o", str(out), "--quiet")
+    assert code == 0, err
+    assert intq.load(out).run({"x": _samples(SHAPES["cnn"], 1, seed=3)[0]})["y"].shape == (1, 10)
+    code, err = _cli("compile", str(models["cnn"]), "-o", str(tmp_path / "f.onnx"), "--quiet")
+    assert code == 1 and "needs --calib" in err
+    assert not (tmp_path / "f.onnx").exists()
 
 
 # ----- calibration data with a QDQ model ---------------------------------------------------
