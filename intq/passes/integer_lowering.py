@@ -190,6 +190,10 @@ class Lowering:
             bits = max(bits, self.options.wide_bits)
         model = self.model.activation(value)
         if model is not None:
+            if non_negative is None and model.exact is None:
+                # A range intq cannot keep: unsigned where intq knows the value is
+                # non-negative, which halves the step of the covering range.
+                non_negative = model.lo >= 0 or provably_non_negative(value)
             return model.quant(bits, None if non_negative is None else not non_negative)
         stats = self.stats.get(value)
         if stats is None:
