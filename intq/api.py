@@ -80,7 +80,7 @@ def _import_onnx(
         proto, base_dir = model, Path.cwd()
     declared = declared_inputs(proto)
     observed: dict[str, tuple[int, ...]] = {}
-    if not all(is_static(dims) for dims in declared.values()):
+    if data is not None and not all(is_static(dims) for dims in declared.values()):
         ranks = {name: None if dims is None else len(dims) for name, dims in declared.items()}
         observed, data = first_batch_shapes(data, ranks)
     shapes = resolve_input_shapes(declared, input_shapes or {}, observed)
@@ -127,7 +127,7 @@ def _tensor(x: Any) -> Any:
 
 def convert(
     model: Any,
-    calibration_data: Any,
+    calibration_data: Any = None,
     target: str = "onnxruntime",
     config: QuantConfig | None = None,
     *,
@@ -141,7 +141,8 @@ def convert(
     ``model``: an ``.onnx`` path, an ``onnx.ModelProto``, a ``torch.nn.Module`` (its shapes
     come from ``example_inputs``, else from the first batch of a DataLoader or list) or an IR graph.
     ``calibration_data``: a list of input dicts, a numpy array (single-input models), a
-    torch ``DataLoader`` or an ``.npz`` path (see :func:`intq.data.calibration_batches`).
+    torch ``DataLoader`` or an ``.npz`` path (see :func:`intq.data.calibration_batches`);
+    ``None`` for a pre-quantized (QDQ) ONNX model, which brings its own ranges.
     An ONNX model's symbolic dimensions (``batch_size``, ``sequence_length``) are fixed by
     ``input_shapes`` (``{"input_ids": (1, 128)}``) where given, else by the first calibration
     batch (a block of samples, such as one array, gives batches of one sample).
@@ -154,7 +155,9 @@ def convert(
         graph, calibration_data = _import_onnx(model, input_shapes, calibration_data)
     else:
         graph = import_model(model, input_shapes, example_inputs)
-    batches = calibration_batches(calibration_data, graph.inputs)
+    batches = None
+    if calibration_data is not None:
+        batches = calibration_batches(calibration_data, graph.inputs)
     int_graph = quantize(graph, batches, config or QuantConfig())
     exe = compile(int_graph, target=target, **target_options)
     exe.float_graph = graph  # type: ignore[attr-defined]

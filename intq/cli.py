@@ -43,6 +43,7 @@ from intq.mixed_precision import SENSITIVITY_METHODS
 from intq.ops import Trait
 from intq.passes.calibration import CLIP_METHODS
 from intq.passes.integer_only import census
+from intq.passes.model_quantization import ModelQuantization
 from intq.vectors import read_manifest
 
 EXAMPLES = {
@@ -436,7 +437,15 @@ def _compile(args: argparse.Namespace) -> int:
     args.target = _output_target(args.output, args.target, args.command)
     config = _config(args)
     graph = load_graph(args.model, dict(args.input_shape) or None, args.calib)
-    batches = calibration_batches(args.calib, graph.inputs)
+    batches = None
+    if args.calib is not None:
+        batches = calibration_batches(args.calib, graph.inputs)
+    elif graph.analysis(ModelQuantization) is None:
+        raise intq.IntqError(
+            f"{args.model} is a float model: it needs --calib samples to choose its ranges",
+            hint="add --calib CALIB.npz (numpy.savez(path, input=x), samples on the first"
+            " axis); only a pre-quantized (QDQ) model brings its own",
+        )
     tvm_target = getattr(args, "tvm_target", None)
     if tvm_target is not None and args.target != "tvm":
         raise intq.IntqError("--tvm-target applies to --target tvm only", hint="add --target tvm")
@@ -699,6 +708,11 @@ def _report(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".png":
         raise intq.IntqError(f"the report plot {args.output} must be a .png file")
     config = _config(args)
+    if args.calib is None:
+        raise intq.IntqError(
+            "intq report compares the float and integer models on samples: give --calib",
+            hint="add --calib CALIB.npz (numpy.savez(path, input=x), samples on the first axis)",
+        )
     graph = load_graph(args.model, dict(args.input_shape) or None, args.calib)
     batches = list(calibration_batches(args.calib, graph.inputs))
     quantized = intq.quantize(graph, batches, config)
@@ -745,9 +759,9 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--calib",
         type=Path,
-        required=True,
         metavar="CALIB.npz",
-        help="calibration samples: one array per model input, samples on the first axis",
+        help="calibration samples: one array per model input, samples on the first axis"
+        " (optional for a model already quantized in QDQ format: it brings its own ranges)",
     )
     command.add_argument(
         "--config",

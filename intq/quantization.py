@@ -23,6 +23,7 @@ from intq.mixed_precision import MixedPrecision, plan_bits
 from intq.passes import PREPARE, DumpHook, lowering_pipeline, pipeline
 from intq.passes.calibration import CLIP_METHODS
 from intq.passes.integerize import Integerize
+from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import ACTIVATION_BITS, WEIGHT_BITS, WIDE_BITS, LayerBits
 
 
@@ -103,13 +104,18 @@ class QuantConfig:
 
 def quantize(
     graph: Graph,
-    calibration_data: Any,
+    calibration_data: Any = None,
     config: QuantConfig | None = None,
     *,
     verify_each: bool = False,
     dump: DumpHook | None = None,
 ) -> Graph:
     """An integer-only graph computing ``graph``, calibrated on ``calibration_data``.
+
+    A graph imported from a pre-quantized model (a QDQ ONNX model) carries the model's own
+    quantization (:class:`~intq.passes.model_quantization.ModelQuantization`): its
+    activation scales and weight integers are used as they are, and ``calibration_data`` may
+    be omitted; when given, it only fills the values the model did not quantize.
 
     ``calibration_data`` is in any form :func:`intq.convert` takes (input dicts, a numpy
     array for a single-input model, a dict of arrays, a torch ``DataLoader``, an ``.npz``
@@ -120,8 +126,18 @@ def quantize(
     after each and ``dump`` is called after each, as for :func:`intq.passes.pipeline`.
     """
     config = config or QuantConfig()
-    calibration_data = model_batches(calibration_data, graph.inputs)
+    model = graph.analysis(ModelQuantization)
+    if calibration_data is None and model is None:
+        raise IntqError(
+            "no calibration data: a float model needs samples of its inputs to choose its"
+            " activation ranges",
+            hint="pass calibration data (a list of input dicts, an array, a DataLoader or an"
+            " .npz path); only a pre-quantized (QDQ) model brings its own ranges",
+        )
+    if calibration_data is not None:
+        calibration_data = model_batches(calibration_data, graph.inputs)
     prepared = graph.copy()
+    carried = model.copied_to(prepared) if model is not None else None
     pipeline(PREPARE, verify_each=verify_each, dump=dump)(prepared)
     layers = {node.label() for node in prepared}
     unknown = sorted(set(config.layer_bits) - layers)
@@ -135,6 +151,12 @@ def quantize(
         )
     lowering = config.lowering()
     if config.mixed_precision is not None:
+        if calibration_data is None:
+            raise IntqError(
+                "mixed precision measures each layer's sensitivity on calibration data,"
+                " and none was given",
+                hint="pass calibration data, or drop mixed_precision",
+            )
         calibration_data = list(calibration_data)
         plan = plan_bits(
             prepared,
@@ -148,6 +170,9 @@ def quantize(
             plan.save_report(config.mixed_precision.report)
         chosen = plan.layer_bits(config.activation_bits)
         lowering = replace(lowering, layer_bits={**chosen, **config.layer_bits})
+    if carried is not None:
+        # The clean-up rewrote the graph in place: values it kept keep their entries.
+        prepared.store_analysis(carried.surviving(prepared))
     manager = lowering_pipeline(
         calibration_data, lowering, progress=config.progress, verify_each=verify_each, dump=dump
     )

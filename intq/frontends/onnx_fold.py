@@ -40,6 +40,10 @@ _NONDETERMINISTIC = frozenset(
         "RandomUniformLike",
     }
 )
+_EVALUATED_SINCE = {"QuantizeLinear": 19, "DequantizeLinear": 19}
+"""Ops onnx's evaluator implements only from a later opset, whose meaning on the integer
+types of earlier opsets is unchanged (19 added float8 types): evaluated at that opset (a QDQ
+model's weights, ``DequantizeLinear`` of int8 constants, at opset 13 to 18)."""
 _SUBGRAPH = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 _TENSORS = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS)
 
@@ -60,7 +64,7 @@ def fold(
     """The outputs of ``node`` (``None`` for an omitted one) computed from the constant
     ``inputs``, or ``None`` when onnx cannot tell the outputs' sizes before computing them."""
     _check_attributes(node, name)
-    model = _one_node_model(node, opset, inputs)
+    model = _one_node_model(node, max(opset, _EVALUATED_SINCE.get(node.op_type, 0)), inputs)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as err:  # onnx raises InferenceError, ValueError, RuntimeError...

@@ -18,6 +18,9 @@
 - A node intq has no converter for whose inputs are all constants is evaluated
   by onnx's reference evaluator (:mod:`intq.frontends.onnx_fold`) and becomes
   a constant.
+- A model quantized in QDQ format imports as its float graph plus its own quantization
+  (:mod:`intq.frontends.onnx_qdq`), stored on the graph for ``intq.quantize``; a model
+  quantized dynamically or in QOperator format is refused with one error.
 - Every IR node keeps its ONNX node's name (``Op_i`` for unnamed nodes).
 """
 
@@ -44,6 +47,7 @@ from intq.frontends.onnx_context import (
 )
 from intq.frontends.onnx_fold import can_fold, fold
 from intq.frontends.onnx_ops import find_converter, supported_ops
+from intq.frontends.onnx_qdq import DEQUANTIZE, QUANTIZE, QdqImport, refuse_other_quantization
 from intq.ir.graph import Graph, Value
 from intq.ir.types import TensorType
 from intq.ir.verifier import verify
@@ -119,7 +123,7 @@ def survey(
     for (op_type, domain), count in sorted(counts.items()):
         if domain:
             ops.append(OpUse(f"{op_type} ({domain})", count, "unsupported"))
-        elif find_converter(op_type, opset) is not None:
+        elif find_converter(op_type, opset) is not None or op_type in importer.qdq.seen:
             ops.append(OpUse(op_type, count, "supported"))
         elif (
             op_type in importer.folded and f"{op_type} (opset {opset})" not in importer.unsupported
@@ -331,6 +335,7 @@ class _Importer:
         self.opset = self._opset()
         self.unsupported: dict[str, list[str]] = {}  # op -> the nodes intq cannot convert
         self.folded: set[str] = set()  # op types without a converter, folded on constants
+        self.qdq = QdqImport(self.graph, proto.graph.node)
 
     def _opset(self) -> int:
         versions = {o.domain: o.version for o in self.proto.opset_import}
@@ -354,6 +359,7 @@ class _Importer:
         for info in g.input:
             if info.name not in self.values:
                 self._input(info)
+        refuse_other_quantization(g.node)
         for index in _topological_order(g.node):
             node = g.node[index]
             name = node.name or f"{node.op_type}_{index}"
@@ -371,11 +377,19 @@ class _Importer:
         for info in g.output:
             value = self.values.get(info.name)
             if value is None:
+                if info.name in self.qdq.pairs:
+                    raise UnsupportedOpError(
+                        f"graph output {info.name!r} is the integer output of a QuantizeLinear",
+                        hint="intq's models return floats: end the model with its DequantizeLinear",
+                    )
                 raise ModelImportError(f"graph output {info.name!r} is never computed")
             outputs.append(self._named_output(value, info.name))
         self.graph.set_outputs(outputs)
         DeadCodeElimination()(self.graph)
         verify(self.graph)
+        model_quantization = self.qdq.result(self.graph)
+        if model_quantization is not None:  # after the last mutation, which would drop it
+            self.graph.store_analysis(model_quantization)
         return self.graph
 
     def _initializer(self, tensor: onnx.TensorProto) -> None:
@@ -408,17 +422,30 @@ class _Importer:
         converter for it, and nothing computes its outputs."""
         if node.domain not in _DEFAULT_DOMAINS:
             return f"{node.op_type} from domain {node.domain!r}"
+        if node.op_type == DEQUANTIZE and node.input and node.input[0] in self.qdq.pairs:
+            rest = [self.values.get(n) for n in node.input[1:]]
+            self.values[node.output[0]] = self.qdq.dequantize(node, name, [None, *rest])
+            return None
         converter = find_converter(node.op_type, self.opset)
         missing = [n for n in node.input if n not in self.values]
+        quantized = [n for n in missing if n in self.qdq.pairs]
+        if quantized:
+            raise self.qdq.reads_integers(node, name, quantized[0])
         if missing:
             if self.unsupported and converter is None:
                 return f"{node.op_type} (opset {self.opset})"
             raise ModelImportError(f"input {missing[0]!r} is not defined anywhere", node=name)
         inputs = [self.values[n] for n in node.input]
         constants = [None if v is None else False if v.const is None else v.const for v in inputs]
+        if node.op_type == QUANTIZE and inputs and inputs[0] is not None and not inputs[0].is_const:
+            self.qdq.quantize(node, name, inputs)  # the first half of a QDQ pair
+            return None
         if converter is None:
             if can_fold(node, constants) and self._fold(node, name, inputs):
                 self.folded.add(node.op_type)
+                computed = self.values.get(node.output[0])
+                if node.op_type == DEQUANTIZE and computed is not None:  # a weight, say
+                    self.qdq.dequantized_constant(node, name, inputs, computed)
                 return None
             return f"{node.op_type} (opset {self.opset})"
         ctx = ConvertContext(self.graph, node, name, self.opset, inputs)

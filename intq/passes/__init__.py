@@ -49,7 +49,7 @@ def pipeline(text: str, *, verify_each: bool = False, dump: DumpHook | None = No
 
 
 def lowering_pipeline(
-    calibration_data: Iterable[Mapping[str, np.ndarray]],
+    calibration_data: Iterable[Mapping[str, np.ndarray]] | None,
     lowering: Integerize,
     *,
     progress: bool | None = None,
@@ -59,10 +59,14 @@ def lowering_pipeline(
     """The core steps after the float clean-up, as one pipeline: ``calibrate`` (on the data),
     ``integerize`` (with ``lowering``'s options), ``range-analysis`` (the overflow proof, kept
     on the graph for the backends), ``check-integer-only`` and ``verify``; ``verify_each`` and
-    ``dump`` as for :func:`pipeline`."""
+    ``dump`` as for :func:`pipeline`. Without ``calibration_data`` there is no ``calibrate``
+    step: a pre-quantized model's graph carries its own ranges (``ModelQuantization``)."""
+    calibrate: list[Pass] = []
+    if calibration_data is not None:
+        calibrate.append(Calibrate(calibration_data, progress))
     return PassManager(
         [
-            Calibrate(calibration_data, progress),
+            *calibrate,
             lowering,
             RangeAnalysis(),
             CheckIntegerOnly(allow_division=lowering.divides),

@@ -19,6 +19,7 @@ from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.ops import Trait
+from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantize_weights
 from intq.semantics.numerics import common_shift, dyadic, storage_dtype
 from intq.tables import RuleTable
@@ -155,10 +156,17 @@ class Lowering:
     """The state of one integer lowering: the new graph and, for every float value of the
     source, its integer form, its pending rescale or its float form after the boundary."""
 
-    def __init__(self, src: Graph, stats: Mapping[Value, Stats], options: Integerize):
+    def __init__(
+        self,
+        src: Graph,
+        stats: Mapping[Value, Stats],
+        options: Integerize,
+        model: ModelQuantization | None = None,
+    ):
         self.src = src
         self.stats = stats
         self.options = options
+        self.model = model if model is not None else ModelQuantization({})
         self.dst = Graph(src.name)
         self.ints: dict[Value, Value] = {}
         self.pending: dict[Value, Pending] = {}
@@ -170,16 +178,36 @@ class Lowering:
     # ----- scales ---------------------------------------------------------------------
 
     def activation_quant(self, value: Value, non_negative: bool | None = None) -> QuantParams:
-        """The calibrated quantization of float tensor ``value``."""
-        stats = self.stats.get(value)
-        if stats is None:
-            raise IntqError(f"no calibration statistics for %{value.name}", node=origin(value))
-        if non_negative is None:
-            non_negative = provably_non_negative(value)
+        """The quantization of float tensor ``value``: the model's own where a pre-quantized
+        model states it (:class:`ModelQuantization`), else from its calibration statistics.
+
+        ``non_negative`` forces unsigned (True) or signed (False); ``None`` lets the model's
+        quantization decide, else whether the value is provably non-negative.
+        """
         producer = value.producer
         bits = self.options.bits(producer.name if producer else value.name).activations
         if is_wide(value):
             bits = max(bits, self.options.wide_bits)
+        model = self.model.activation(value)
+        if model is not None:
+            if non_negative is None and model.exact is None:
+                # A range intq cannot keep: unsigned where intq knows the value is
+                # non-negative, which halves the step of the covering range.
+                non_negative = model.lo >= 0 or provably_non_negative(value)
+            return model.quant(bits, None if non_negative is None else not non_negative)
+        stats = self.stats.get(value)
+        if stats is None:
+            if self.model:
+                raise IntqError(
+                    f"no quantization for %{value.name}: the pre-quantized model does not"
+                    " quantize it (no QuantizeLinear/DequantizeLinear pair) and no calibration"
+                    " data was given",
+                    node=origin(value),
+                    hint="pass calibration data: it fills the values the model left in float",
+                )
+            raise IntqError(f"no calibration statistics for %{value.name}", node=origin(value))
+        if non_negative is None:
+            non_negative = provably_non_negative(value)
         threshold = stats.clip(
             self.options.calibration, bits, not non_negative, self.options.percentile
         )
@@ -261,8 +289,11 @@ class Lowering:
             self.ints[value] = self.dst.add_input(value.name, value.type)
             return
         stats = self.stats.get(value)
-        non_negative = stats is not None and stats.min >= 0
-        quant = self.activation_quant(value, non_negative)
+        model = self.model.activation(value)
+        if model is not None:  # the model's signedness: a uint8 input clamps negatives
+            quant = self.activation_quant(value)
+        else:
+            quant = self.activation_quant(value, stats is not None and stats.min >= 0)
         x = self.dst.add_input(value.name, value.type)
         q = self.dst.add(
             "Quantize",
@@ -296,7 +327,12 @@ class Lowering:
         bits = self.options.bits(node.label()).weights
         s_x = scale_of(x)
         floor = None if bias is None else np.abs(bias) / (s_x * 2.0**30)
-        q, scales = quantize_weights(value.const * alpha, bits, axis, floor)
+        # A pre-quantized model's own scales reproduce its integers (alpha would change them).
+        model = self.model.weight(value)
+        given = None
+        if model is not None and alpha == 1.0:
+            given = model.channel_scales(value.const.shape, axis, bits)
+        q, scales = quantize_weights(value.const * alpha, bits, axis, floor, given)
         w = self.dst.add_constant(q, value.name)
         w.type = w.type.with_quant(channel_quant(bits, scales, axis, narrow=True))
         if bias is None:

@@ -30,8 +30,10 @@ an integer with its scale in its type. One rule per float op, in
   Softmax runs after that dequantization, outside the integer region.
 
 Activation scales come from calibration statistics (``TensorStats``) of the
-float tensors; a tensor is unsigned when its producer is provably
-non-negative (ReLU, ReLU6, Softmax), and graph inputs are unsigned when every
+float tensors, or from a pre-quantized model's own scales (``ModelQuantization``: a QDQ
+model's QuantizeLinear/DequantizeLinear pairs, its weights' per-channel scales); a tensor
+is unsigned when its producer is provably non-negative (ReLU, ReLU6, Softmax) or the model
+quantizes it to uint8 with zero point 0, and graph inputs are unsigned when every
 calibration value was non-negative.
 """
 
@@ -48,6 +50,7 @@ from intq.passes.calibration import CLIP_METHODS, CalibrationStats
 from intq.passes.integer_lowering import Lowering, Stats
 from intq.passes.integer_rules import LOWERINGS
 from intq.passes.manager import Pass, PassResult
+from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import LayerBits
 
 
@@ -60,7 +63,9 @@ def kernel_specs() -> dict[str, KernelSpec]:
 class Integerize(Pass):
     """Lower the calibrated float graph to an integer-only graph (a new graph).
 
-    Reads the :class:`CalibrationStats` that ``calibrate`` stored on the graph. The options
+    Reads the :class:`CalibrationStats` that ``calibrate`` stored on the graph, and the
+    :class:`ModelQuantization` of a pre-quantized model, whose scales win for the values it
+    quantizes (calibration, when given, fills the others). The options
     are :class:`intq.QuantConfig`'s: default widths, the clipping method, per-layer widths by
     original node name, the transformer's residual width and the kernel variants
     (``{"softmax": "shift"}``; the others keep their defaults).
@@ -113,16 +118,17 @@ class Integerize(Pass):
         )
 
     def requires(self, graph: Graph) -> None:
-        if graph.analysis(CalibrationStats) is None:
+        if graph.analysis(CalibrationStats) is None and graph.analysis(ModelQuantization) is None:
             raise PassError(
                 "integerize needs the graph's calibration statistics: run the calibrate pass"
-                " first (intq.quantize runs both)"
+                " first (intq.quantize runs both), or a pre-quantized model's quantization"
             )
 
     def run(self, graph: Graph) -> PassResult:
         stats = graph.analysis(CalibrationStats)
-        assert stats is not None
-        return PassResult(Lowering(graph, stats, self).run(LOWERINGS), True)
+        model = graph.analysis(ModelQuantization)
+        lowering = Lowering(graph, stats if stats is not None else {}, self, model)
+        return PassResult(lowering.run(LOWERINGS), True)
 
 
 def integerize(graph: Graph, stats: Mapping[Value, Stats], options: Integerize) -> Graph:

@@ -80,19 +80,29 @@ def quantizable_layers(graph: Graph) -> list[QuantLayer]:
 
 
 def quantize_weights(
-    w: np.ndarray, bits: int, axis: int, min_scales: np.ndarray | None = None
+    w: np.ndarray,
+    bits: int,
+    axis: int,
+    min_scales: np.ndarray | None = None,
+    scales: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple[float, ...]]:
     """Symmetric narrow-range per-channel quantization along ``axis``: ``(q, scales)``.
 
-    ``min_scales`` raises channel scales where needed (a BatchNorm with a tiny gamma leaves
-    a channel with tiny weights but a real bias, which must still fit int32).
+    ``scales`` gives the channel scales instead of taking them from each channel's largest
+    magnitude: a pre-quantized model's own (:class:`~intq.passes.model_quantization.WeightScales`),
+    with which its dequantized weights round back to exactly its integers. ``min_scales``
+    raises channel scales where needed (a BatchNorm with a tiny gamma leaves a channel with
+    tiny weights but a real bias, which must still fit int32).
     """
     qmax = (1 << (bits - 1)) - 1
-    moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
-    absmax = np.abs(moved).max(axis=1)
-    # An all-zero channel gets any valid scale; borrow the layer's smallest real one.
-    fallback = absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0
-    scales = np.where(absmax > 0, absmax, fallback) / qmax
+    if scales is None:
+        moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
+        absmax = np.abs(moved).max(axis=1)
+        # An all-zero channel gets any valid scale; borrow the layer's smallest real one.
+        fallback = absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0
+        scales = np.where(absmax > 0, absmax, fallback) / qmax
+    else:
+        scales = np.asarray(scales, np.float64).reshape(w.shape[axis])
     if min_scales is not None:
         scales = np.maximum(scales, min_scales)
     shape = [1] * w.ndim
