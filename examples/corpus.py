@@ -797,7 +797,7 @@ def packaged_file(distribution: str, path: str) -> Path:
     return Path(str(importlib.metadata.distribution(distribution).locate_file(path)))
 
 
-PHOTOS = ("china.jpg", "flower.jpg", "astronaut", "coffee", "chelsea", "rocket", "motorcycle_left")
+PHOTOS = ("china.jpg", "flower.jpg", "astronaut", "coffee", "chelsea", "rocket")
 
 
 def _photo(index: int) -> np.ndarray:

@@ -404,14 +404,14 @@ def _qbatch_matmul(b: _Builder, node: Node) -> None:
 
 @_lower("Gather")
 def _gather(b: _Builder, node: Node) -> None:
-    source = _input(node, 0)
-    if source.type.quant is None:  # positions of a raw mask: moved as they are
-        index = b.tensor(_input(node, 1))[0]
-        b.add("Gather", [b.tensor(source)[0], index], [node.output.name], node, **node.attrs)
+    source, index = _input(node, 0), b.tensor(_input(node, 1))[0]
+    if source.const is None:  # positions of an activation or a raw mask: moved as stored
+        out, _ = b.output(node.output)
+        b.add("Gather", [b.tensor(source)[0], index], [out], node, axis=node.attrs["axis"])
         return
     table, _ = b.u8(source, node)  # offset like every int8 activation
     out, _ = b.output(node.output)
-    b.add("Gather", [table, b.tensor(_input(node, 1))[0]], [out], node, axis=node.attrs["axis"])
+    b.add("Gather", [table, index], [out], node, axis=node.attrs["axis"])
 
 
 @_lower("Cast", "Not")

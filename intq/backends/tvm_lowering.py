@@ -601,8 +601,10 @@ def _gather(lw: Lowerer, node: Node) -> None:
     table, index = (lw.value(input_of(node, i)) for i in (0, 1))
     # "clip": an index outside the table can never read outside it, even in a device-side
     # loader that skips intq's input checks (TVM's "fast" mode does not check at all).
-    take = lw.relax.op.take(table, index, axis=node.attrs["axis"], mode="clip")
-    lw.bind(node, lw.bb.emit(take))
+    take = lw.bb.emit(lw.relax.op.take(table, index, axis=node.attrs["axis"], mode="clip"))
+    if input_of(node, 1).type.rank == 0:  # a scalar index: its axis goes (Relax keeps it)
+        take = lw.bb.emit(lw.relax.op.reshape(take, node.output.type.shape))
+    lw.bind(node, take)
 
 
 @_lower("Not")

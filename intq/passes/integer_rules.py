@@ -164,6 +164,9 @@ def _scale_by_constant(low: Lowering, node: Node) -> None:
         return
     if node.op == "Mul" and c.is_const and _fold_channel_scale(low, node, x, c):
         return
+    if factor is not None and factor > 0 and x in low.ints:  # a requantization by the factor
+        low.pending[node.output] = Accumulator(low.ints[x], factor)
+        return
     if node.op == "Mul" and not x.is_const and x not in low.affine and c not in low.affine:
         # Two activations, or one and a constant this cannot fold (quantized per tensor).
         low.pending[node.output] = Product(low.materialize(x), low.materialize(c))
@@ -249,9 +252,21 @@ def _cast(low: Lowering, node: Node) -> None:
         flag = low.dst.add("Cast", [source], {"to": "bool"}, name=node.label()).output
         low.ints[node.output] = low.emit(node, "Cast", [flag], to="u8")
         return
+    if x.type.dtype.is_float and node.output.type.dtype.is_float:  # float to float: a no-op
+        _alias(low, x, node.output)
+        return
     if source is None or not node.output.type.dtype.is_float:
         raise UnsupportedOpError("Cast in the integer path", node=node.label())
     low.affine[node.output] = Affine(source, 1.0, 0.0)
+
+
+def _alias(low: Lowering, x: Value, out: Value) -> None:
+    """``out`` is ``x`` in the integer graph (whatever form ``x`` has there)."""
+    for table in (low.ints, low.pending, low.affine, low.floats):
+        if x in table:
+            table[out] = table[x]  # type: ignore[index]
+            return
+    low.ints[out] = low.materialize(x)
 
 
 @_rule("And")
@@ -310,10 +325,11 @@ def _sub(low: Lowering, node: Node) -> None:
 def _gather(low: Lowering, node: Node) -> None:
     """An embedding lookup: the table quantized per tensor, the lookup moves integers."""
     table, index = node.inputs
-    source = raw(low, table)
-    if source is not None and index is not None and index.const is not None:
-        # a mask's positions picked by constant indices (a mask builder's batch/kv indexing)
+    if table is not None and table.const is None and index is not None and index.const is not None:
+        # Constant positions of an activation (a ViT's class token) or of a raw mask (a mask
+        # builder's batch and key indexing): data movement, the scale kept.
         indices = low.dst.add_constant(index.const, index.name)
+        source = low.materialize(table)
         low.ints[node.output] = low.emit(node, "Gather", [source, indices], **node.attrs)
         return
     if table is None or table.const is None or index not in low.ints:
