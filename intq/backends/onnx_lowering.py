@@ -404,7 +404,10 @@ def _qbatch_matmul(b: _Builder, node: Node) -> None:
 
 @_lower("Gather")
 def _gather(b: _Builder, node: Node) -> None:
-    table, _ = b.u8(_input(node, 0), node)  # offset like every int8 activation
+    """An embedding lookup (a constant table, offset like every int8 activation) or the
+    data movement of a nearest Resize (an activation, however it is stored)."""
+    data = _input(node, 0)
+    table = b.u8(data, node)[0] if data.const is not None else b.tensor(data)[0]
     out, _ = b.output(node.output)
     b.add("Gather", [table, b.tensor(_input(node, 1))[0]], [out], node, axis=node.attrs["axis"])
 

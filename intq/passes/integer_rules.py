@@ -28,7 +28,7 @@ from intq.passes.integer_lowering import (
 )
 from intq.passes.precision import quantize_weights
 from intq.semantics.kernels import elementwise_table, layernorm_constants
-from intq.semantics.numpy_eval import EVAL
+from intq.semantics.numpy_eval import EVAL, resize_nearest_index, resized_axes
 from intq.tables import RuleTable
 
 # ----- one rule per float op -------------------------------------------------------------------
@@ -323,6 +323,28 @@ def _pad(low: Lowering, node: Node) -> None:
             "Pad with a non-zero constant in the integer path", node=node.label()
         )
     _movement(low, node)
+
+
+@_rule("Resize")
+def _resize(low: Lowering, node: Node) -> None:
+    """Nearest: pure data movement, one ``Gather`` of constant indices per resized axis (the
+    indices the float semantics computes), so the output keeps the input's scale."""
+    attrs = node.attrs
+    if attrs["mode"] != "nearest":
+        raise UnsupportedOpError(
+            f"Resize mode {attrs['mode']!r} in the integer path", node=node.label()
+        )
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    axes = resized_axes(attrs, x.type.shape)
+    transform, rounding = attrs["coordinate_transformation_mode"], attrs["nearest_mode"]
+    for i, (axis, size, out, scale) in enumerate(axes):
+        index = resize_nearest_index(size, out, scale, transform, rounding)
+        const = low.dst.add_constant(index, f"{node.label()}.index{axis}")
+        if i == len(axes) - 1:
+            x = low.emit(node, "Gather", [x, const], axis=axis)
+        else:
+            x = low.dst.add("Gather", [x, const], {"axis": axis}, name=node.label()).output
+    low.ints[node.output] = x
 
 
 @_rule("Concat")

@@ -20,6 +20,8 @@ an integer with its scale in its type. One rule per float op, in
   work on the integers unchanged; Concat first requantizes its inputs to one
   scale; average pools and ReduceMean sum in int32 and put ``1/N`` in the dyadic
   multiplier (ReduceSum keeps the input's scale).
+- A nearest Resize is one ``Gather`` per resized axis, of the constant input indices the
+  float semantics computes: data movement, so the input's scale travels.
 - An elementwise function (an op with ``Trait.ELEMENTWISE``: Sigmoid, Tanh, HardSwish...)
   of an 8-bit input becomes ``QLookup``, its exactly rounded 256-entry table, evaluated by
   the reference semantics at every input code.

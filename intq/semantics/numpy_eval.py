@@ -597,17 +597,40 @@ def _nearest_index(coords: np.ndarray, size: int, mode: str) -> np.ndarray:
     return np.clip(index, 0, size - 1).astype(np.int64)
 
 
+def resized_axes(
+    attrs: Mapping[str, object], shape: Sequence[int]
+) -> list[tuple[int, int, int, float]]:
+    """``(axis, size, out, scale)`` of each axis a Resize with ``attrs`` changes, in the order
+    it resizes them (an axis of unchanged size and scale 1 is left as it is)."""
+    sizes, scales = attrs["sizes"], attrs["scales"]
+    assert isinstance(sizes, tuple) and isinstance(scales, tuple)
+    return [
+        (axis, size, out, scale)
+        for axis, (size, out, scale) in enumerate(zip(shape, sizes, scales))
+        if not (size == out and scale == 1.0)
+    ]
+
+
+def resize_nearest_index(
+    size: int, out: int, scale: float, transform: str, nearest_mode: str
+) -> np.ndarray:
+    """The input index (int64) each of ``out`` output positions of a nearest Resize reads
+    along an axis of ``size``: the float semantics and the integer lowering (a ``Gather``
+    per axis) share it."""
+    return _nearest_index(resize_coordinates(out, size, scale, transform), size, nearest_mode)
+
+
 @_kernel("Resize")
 def _resize(node: Node, x: Array) -> list[Array]:
     attrs = node.attrs
     y = x
-    for axis, (size, out, scale) in enumerate(zip(x.shape, attrs["sizes"], attrs["scales"])):
-        if size == out and scale == 1.0:
-            continue
-        coords = resize_coordinates(out, size, scale, attrs["coordinate_transformation_mode"])
+    transform = attrs["coordinate_transformation_mode"]
+    for axis, size, out, scale in resized_axes(attrs, x.shape):
         if attrs["mode"] == "nearest":
-            y = np.take(y, _nearest_index(coords, size, attrs["nearest_mode"]), axis=axis)
+            index = resize_nearest_index(size, out, scale, transform, attrs["nearest_mode"])
+            y = np.take(y, index, axis=axis)
             continue
+        coords = resize_coordinates(out, size, scale, transform)
         coords = np.clip(coords, 0, size - 1)
         low = np.minimum(coords.astype(np.int64), size - 1)
         high = np.minimum(low + 1, size - 1)
