@@ -135,3 +135,181 @@ def test_linear_resize_is_refused_until_lowered():
     x = np.ones((1, 1, 2, 2), np.float32)
     with pytest.raises(intq.UnsupportedOpError, match="Resize mode 'linear'"):
         intq.quantize(graph, [{"x": x}])
+
+
+# ----- ConvTranspose ------------------------------------------------------------------------------
+
+
+def _scatter(x, w, b, strides, pads, dilations, output_padding, group) -> np.ndarray:
+    """A 2-D transposed convolution by loops, in float64, written from its definition: input
+    ``(i, j)`` adds ``x * w[tap]`` at output ``(i, j) * stride + tap * dilation - pad``."""
+    n, c, h, wd = x.shape
+    per_group, kh, kw = w.shape[1:]
+    cg = c // group
+    full = [
+        (size - 1) * s + d * (k - 1) + 1 + p
+        for size, s, d, k, p in zip((h, wd), strides, dilations, (kh, kw), output_padding)
+    ]
+    y = np.zeros((n, group * per_group, *full))
+    for ch in range(c):
+        g = ch // cg
+        for m in range(per_group):
+            for ty in range(kh):
+                for tx in range(kw):
+                    for i in range(h):
+                        for j in range(wd):
+                            oy = i * strides[0] + ty * dilations[0]
+                            ox = j * strides[1] + tx * dilations[1]
+                            y[:, g * per_group + m, oy, ox] += x[:, ch, i, j] * w[ch, m, ty, tx]
+    y = y[:, :, pads[0] : full[0] - pads[2], pads[1] : full[1] - pads[3]]
+    return y + (0 if b is None else b.reshape(1, -1, 1, 1))
+
+
+_DECONV = st.fixed_dictionaries(
+    {
+        "group": st.sampled_from([1, 2]),
+        "per_group": st.integers(1, 3),
+        "k": st.integers(1, 4),
+        "stride": st.integers(1, 3),
+        "dilation": st.integers(1, 2),
+        "pad": st.integers(0, 3),
+        "output_padding": st.integers(0, 2),
+        "bias": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def _deconv_graph(p, h=3, w=4) -> tuple[intq.ir.Graph, np.ndarray] | None:
+    """A float ConvTranspose graph for the drawn parameters ``p`` and its input, or None when
+    they leave no output or an output_padding not below the stride."""
+    group, k, s, d, pad, op = (
+        p[key] for key in ("group", "k", "stride", "dilation", "pad", "output_padding")
+    )
+    out_h, out_w = ((size - 1) * s + d * (k - 1) + 1 + op - 2 * pad for size in (h, w))
+    if op >= s or out_h < 1 or out_w < 1:
+        return None
+    rng = np.random.default_rng(p["seed"])
+    c, m = 2 * group, p["per_group"] * group
+    g = intq.ir.Graph()
+    x = g.add_input("x", intq.ir.TensorType(intq.ir.DType.F32, (2, c, h, w)))
+    weights = g.add_constant(rng.standard_normal((c, p["per_group"], k, k)).astype(np.float32), "w")
+    inputs = [x, weights]
+    if p["bias"]:
+        inputs.append(g.add_constant(rng.standard_normal(m).astype(np.float32), "b"))
+    y = g.op(
+        "ConvTranspose",
+        *inputs,
+        group=group,
+        strides=(s, s),
+        dilations=(d, d),
+        pads=(pad,) * 4,
+        output_padding=(op, op),
+        name="deconv",
+    )
+    g.set_outputs([y])
+    return g, rng.standard_normal((2, c, h, w)).astype(np.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=_DECONV)
+def test_integer_conv_transpose_is_the_exact_sum_and_within_its_bound(p):
+    """``QConvTranspose`` is the exact int32 transposed convolution of the codes (checked
+    against loops over its definition); dequantized straight from the accumulator, the
+    integer model is off the float one only by the operands' rounding: per output
+    ``sum(|w| s_x / 2 + |x| s_w / 2 + s_x s_w / 4) + s_x s_w / 2`` (bias) over the products
+    it sums, here bounded over all of an output channel's weights."""
+    built = _deconv_graph(p)
+    if built is None:
+        return
+    graph, x = built
+    lowered = intq.quantize(graph, [{"x": x}], intq.QuantConfig(calibration="minmax"))
+    (layer,) = [node for node in lowered if node.op == "QConvTranspose"]
+    codes_value, w_q = layer.inputs[0], layer.inputs[1]
+    bias = layer.inputs[2] if len(layer.inputs) > 2 else None
+    codes = np.random.default_rng(p["seed"]).integers(-128, 128, codes_value.type.shape)
+    (acc,) = intq.semantics.numpy_eval.evaluate(
+        layer, [codes.astype(np.int8), w_q.const, None if bias is None else bias.const]
+    )
+    a = layer.attrs
+    want = _scatter(
+        codes,
+        w_q.const.astype(np.float64),
+        None if bias is None else bias.const,
+        a["strides"],
+        a["pads"],
+        a["dilations"],
+        a["output_padding"],
+        a["group"],
+    )
+    np.testing.assert_array_equal(acc, want)
+    assert acc.dtype == np.int32
+
+    name = graph.outputs[0].name
+    got = intq.compile(lowered).run({"x": x})[name]
+    exact = intq.compile(graph).run({"x": x})[name].astype(np.float64)
+    s_x = codes_value.type.quant.scale[0]
+    s_w = np.asarray(w_q.type.quant.scale)
+    s_w = np.broadcast_to(s_w, (w_q.type.shape[1],))
+    w = graph.find("w").const.astype(np.float64)
+    cg = w.shape[0] // p["group"]
+    bounds = []
+    for m in range(w.shape[1] * p["group"]):
+        g, j = divmod(m, w.shape[1])
+        taps = np.abs(w[g * cg : (g + 1) * cg, j])
+        sw = s_w[j]
+        bounds.append(
+            taps.sum() * s_x / 2
+            + taps.size * (np.abs(x).max() * sw / 2 + s_x * sw / 4)
+            + s_x * sw / 2
+        )
+    bound = np.asarray(bounds).reshape(1, -1, 1, 1) * (1 + 1e-6) + 1e-6
+    assert (np.abs(got - exact) <= bound).all()
+
+
+def test_upsampling_decoder_with_transposed_convs_is_bit_exact_on_every_backend():
+    """A segmentation decoder: conv -> ReLU -> ConvTranspose (stride 2, output_padding 1) ->
+    ReLU -> grouped ConvTranspose (dilation 2, pads beyond its reach, so the ONNX Runtime
+    lowering crops) -> conv: each transposed conv one ``QConvTranspose`` whose accumulator
+    is requantized once, the ReLU in its clamp."""
+    rng = np.random.default_rng(12)
+    c1, w1 = conv_node("c1", "x", 2, 4, rng)
+    d1 = numpy_helper.from_array(
+        (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "d1.w"
+    )
+    b1 = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32) * 0.1, "d1.b")
+    d2 = numpy_helper.from_array(
+        (rng.standard_normal((4, 2, 2, 2)) * 0.3).astype(np.float32), "d2.w"
+    )
+    c2, w2 = conv_node("c2", "up2", 4, 2, rng)
+    nodes = [
+        c1,
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node(
+            "ConvTranspose",
+            ["r1", "d1.w", "d1.b"],
+            ["up1"],
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+            output_padding=[1, 1],
+        ),
+        helper.make_node("Relu", ["up1"], ["r2"]),
+        helper.make_node("Pad", ["r2", "pads"], ["r2p"]),
+        helper.make_node(
+            "ConvTranspose", ["r2p", "d2.w"], ["up2"], group=2, dilations=[2, 2], pads=[3, 2, 2, 3]
+        ),
+        c2,
+    ]
+    pads = numpy_helper.from_array(np.asarray([0, 0, 0, 0, 0, 1, 0, 0], np.int64), "pads")
+    shape = (1, 2, 3, 4)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("c2", (1, 2, 7, 8))], [*w1, d1, b1, d2, *w2, pads]
+    )
+    graph, feeds = quantized(model, shape)
+    layers = [node for node in graph if node.op == "QConvTranspose"]
+    assert len(layers) == 2
+    assert "Relu" not in op_names(graph)
+    _within_proven_ranges(graph, {"x": feeds[2]})
+    got = bit_exact(graph, feeds)["c2"]
+    want = intq.compile(_float(model)).run({"x": feeds[0]})["c2"]
+    np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))

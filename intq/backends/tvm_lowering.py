@@ -39,6 +39,7 @@ from intq.backends.tvm_kernels import (
     avgpool_te,
     bias_input,
     conv_te,
+    conv_transpose_te,
     dense_te,
     depthwise_nhwc_te,
     dequantize_te,
@@ -71,8 +72,8 @@ from intq.tables import RuleTable
 # ----- op facts -----------------------------------------------------------------------------------
 
 _LAYERS = tuple(op for op in ops_with(Trait.ACCUMULATOR) if OPS[op].weight_axis is not None)
-"""The layers with constant weights (QConv, QGemm, QMatMul): one kernel each, its int32
-accumulator fused into a lone reading epilogue."""
+"""The layers with constant weights (QConv, QConvTranspose, QGemm, QMatMul): one kernel each,
+its int32 accumulator fused into a lone reading epilogue."""
 
 
 def _channels_last_kernel(node: Node) -> bool:
@@ -270,6 +271,9 @@ def _accumulator(lw: Lowerer, node: Node) -> _Accumulator:
             )
         depth, weights, bias = _packed_operands(lw, node, w.const, bias)
         return _Accumulator(packed_conv_te(node, depth), [x_nhwc, weights, *bias], "conv", True)
+    if node.op == "QConvTranspose":
+        args = [lw.value(x), lw.value(w), *bias]
+        return _Accumulator(conv_transpose_te(node), args, "generic", False)
     if node.op == "QConv":
         fn, kind = conv_te(node)
         return _Accumulator(fn, [lw.value(x), lw.value(w), *bias], kind, False)

@@ -6,8 +6,8 @@ the graph:
 
 - ``Quantize`` (float -> int) and ``Dequantize`` (int -> float) are the only
   ops that cross the float boundary.
-- ``QConv``, ``QGemm``, ``QMatMul`` accumulate in int32; the accumulator's
-  scale is ``s_x * s_w[c]`` per output channel.
+- ``QConv``, ``QConvTranspose``, ``QGemm``, ``QMatMul`` accumulate in int32; the
+  accumulator's scale is ``s_x * s_w[c]`` per output channel.
 - ``QAveragePool``, ``QGlobalAveragePool`` and ``QReduceSum`` (with ``mean``) sum in
   int32; the accumulator's scale is ``s_x / N`` (the division lives in the scale, so it
   costs nothing); a plain ``QReduceSum`` keeps ``s_x``.
@@ -28,7 +28,7 @@ import numpy as np
 from intq.errors import NumericsError, ShapeError
 from intq.ir.types import DType, QuantParams, TensorType
 from intq.ops.float_ops import OPS as FLOAT_OPS
-from intq.ops.float_ops import conv_shape
+from intq.ops.float_ops import conv_shape, conv_transpose_shape
 from intq.ops.schema import Attr, InferContext, KernelSpec, OpTable, Trait
 from intq.semantics.kernels import (
     GELU_DIVIDING,
@@ -188,6 +188,27 @@ def _qconv(ctx: InferContext) -> list[TensorType]:
     scales = tuple(s_x * s for s in _weights(ctx, 1, 0))
     _check_bias(ctx, 2, scales)
     return [_accumulator(conv_shape(ctx), scales, 1)]
+
+
+@OPS.op(
+    "QConvTranspose",
+    inputs=(2, 3),
+    attrs=FLOAT_OPS["ConvTranspose"].attrs,
+    canonicalize=FLOAT_OPS["ConvTranspose"].canonicalize,
+    traits=_WEIGHTED,
+    weight_axis=lambda node: 1,
+)
+def _qconv_transpose(ctx: InferContext) -> list[TensorType]:
+    """Integer transposed convolution (ConvTranspose's attributes), int32 accumulation.
+
+    Weights ``(C, M / group, k...)`` are quantized along axis 1, one scale per output channel
+    of a group shared by every group (output channel ``g * M / group + j`` has ``s_w[j]``);
+    bias int32 at ``s_x * s_w``.
+    """
+    s_x = _activation(ctx, 0)
+    scales = tuple(s_x * s for s in _weights(ctx, 1, 1)) * ctx["group"]
+    _check_bias(ctx, 2, scales)
+    return [_accumulator(conv_transpose_shape(ctx), scales, 1)]
 
 
 @OPS.op(

@@ -52,6 +52,14 @@ def _conv(low: Lowering, node: Node) -> None:
     low.pending[node.output] = Accumulator(acc)
 
 
+@_rule("ConvTranspose")
+def _conv_transpose(low: Lowering, node: Node) -> None:
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    w, b = low.linear(node, x, 1, _bias(node, 2))
+    acc = low.emit(node, "QConvTranspose", [x, w, b], **node.attrs)
+    low.pending[node.output] = Accumulator(acc)
+
+
 @_rule("Gemm")
 def _gemm(low: Lowering, node: Node) -> None:
     attrs = node.attrs
@@ -187,13 +195,15 @@ def _fold_channel_scale(low: Lowering, node: Node, x: Value, c: Value) -> bool:
     if x.is_graph_output or c.const is None:
         return False
     acc = pending.acc  # type: ignore[union-attr]
-    axis = 1 if layer.op == "QConv" else acc.type.rank - 1
+    axis = 1 if layer.op in ("QConv", "QConvTranspose") else acc.type.rank - 1
     gamma = _channel_vector(np.asarray(c.const, np.float64), x.type.shape, axis)
     w_axis = layer.opdef.weight_axis(layer)
     if gamma is None or w_axis is None:
         return False
     x_q, w, b = (*layer.inputs, None)[:3]
     assert x_q is not None and w is not None and w.const is not None
+    if w.const.shape[w_axis] != len(gamma):  # a grouped transposed conv's shared scales
+        return False
     sign = np.sign(gamma)
     w_quant, shape = w.type.quant, [1] * w.type.rank
     assert w_quant is not None

@@ -6,9 +6,9 @@ an integer with its scale in its type. One rule per float op, in
 :data:`intq.passes.integer_rules.LOWERINGS`; the lowering's state is in
 :mod:`intq.passes.integer_lowering`.
 
-- Conv, Gemm and MatMul (constant weights) become ``QConv``/``QGemm``/
-  ``QMatMul``: weights per output channel, symmetric, narrow range; bias int32
-  at ``s_x * s_w[c]``; int32 accumulation.
+- Conv, ConvTranspose, Gemm and MatMul (constant weights) become ``QConv``/
+  ``QConvTranspose``/``QGemm``/``QMatMul``: weights per output channel, symmetric, narrow
+  range; bias int32 at ``s_x * s_w[c]``; int32 accumulation.
 - An accumulator stays *pending* until a consumer needs an activation: a
   following ReLU or ReLU6 then sets the clamp of the one ``Requantize``
   (``lo = 0``, unsigned output), so the activation costs nothing and the

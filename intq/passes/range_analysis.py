@@ -4,7 +4,7 @@ Interval arithmetic over the integer ops, one rule per op in :data:`RULES`.
 Intervals start at the clamp ranges of quantized values (and the exact
 extremes of constants) and follow each op:
 
-- ``QConv``/``QGemm``/``QMatMul``: per output channel, the worst case of
+- ``QConv``/``QConvTranspose``/``QGemm``/``QMatMul``: per output channel, the worst case of
   ``sum(w * x) + b`` over the input interval (zero padding included) must fit
   int32.
 - ``QGlobalAveragePool``/``QAveragePool``/``QReduceSum``: ``N * x`` must fit int32.
@@ -101,6 +101,13 @@ def _const(node: Node, index: int) -> np.ndarray:
 @_rule("QConv")
 def _qconv(node: Node, ins: list[Interval | None]) -> Interval:
     return _dot_bound(node, ins[0], _const(node, 1), 0, ins[2] if len(ins) > 2 else None)  # type: ignore[arg-type]
+
+
+@_rule("QConvTranspose")
+def _qconv_transpose(node: Node, ins: list[Interval | None]) -> Interval:
+    """Per output channel of a group (axis 1 of the weights), every input channel and tap:
+    a superset of the products any output sums, in every group."""
+    return _dot_bound(node, ins[0], _const(node, 1), 1, ins[2] if len(ins) > 2 else None)  # type: ignore[arg-type]
 
 
 @_rule("QGemm")

@@ -645,6 +645,17 @@ def _resize(node: Node, x: Array) -> list[Array]:
 
 @_kernel("ConvTranspose")
 def _conv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    return [_transposed(node, x, w, b).astype(_out_dtype(node), copy=False)]
+
+
+@_kernel("QConvTranspose")
+def _qconv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    return [_int32(node, _transposed(node, x, w, b))]
+
+
+def _transposed(node: Node, x: Array, w: Array, b: Array | None) -> Array:
+    """Transposed convolution in the inputs' float type, or exactly in float64 for integer
+    inputs."""
     attrs = node.attrs
     group = attrs["group"]
     strides, dilations, pads = attrs["strides"], attrs["dilations"], attrs["pads"]
@@ -659,7 +670,7 @@ def _conv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> l
         + attrs["output_padding"][i]
         for i in range(spatial)
     ]
-    acc = x.dtype if x.dtype.kind == "f" else np.float64
+    acc = x.dtype if x.dtype.kind == "f" else _ACC_EXACT
     y = np.zeros((n, group, m_per, *full), acc)
     xg = x.reshape(n, group, c // group, *x.shape[2:]).astype(acc, copy=False)
     wg = w.reshape(group, c // group, m_per, *kernel).astype(acc, copy=False)
@@ -678,7 +689,7 @@ def _conv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> l
     y = y[(slice(None), slice(None), *crop)]
     if b is not None:
         y = y + b.reshape((1, -1) + (1,) * spatial).astype(acc, copy=False)
-    return [np.ascontiguousarray(y).astype(_out_dtype(node), copy=False)]
+    return np.ascontiguousarray(y)
 
 
 # ----- the interpreter ------------------------------------------------------------------
