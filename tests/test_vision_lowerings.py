@@ -19,7 +19,7 @@ from onnx_models import bit_exact, conv_node, f32, make_model, op_names, quantiz
 import intq
 from intq.ops.float_ops import NEAREST_MODES, RESIZE_COORDINATES
 from intq.passes.range_analysis import analyze_ranges
-from intq.semantics.numpy_eval import run_graph
+from intq.semantics.numpy_eval import EVAL, run_graph
 
 
 def _within_proven_ranges(graph, feed: dict[str, np.ndarray]) -> None:
@@ -312,4 +312,69 @@ def test_upsampling_decoder_with_transposed_convs_is_bit_exact_on_every_backend(
     _within_proven_ranges(graph, {"x": feeds[2]})
     got = bit_exact(graph, feeds)["c2"]
     want = intq.compile(_float(model)).run({"x": feeds[0]})["c2"]
+    np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+
+
+# ----- PRelu and LeakyRelu ------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    channels=st.integers(1, 4),
+    slopes=st.lists(st.floats(-1.5, 3.0), min_size=4, max_size=4),
+    log_scale=st.floats(-2, 1.5),
+    bits=st.sampled_from([8, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_qprelu_rounds_the_float_prelu_once(channels, slopes, log_scale, bits, seed):
+    """For every input code ``q`` of channel ``c``: ``|y s_out - prelu(q s_x)| <= s_out / 2 +
+    |q| s_out 2^-S`` wherever the clamp does not bind: one rounding of the float PRelu of the
+    dequantized input, the shared shift's multiplier error on top."""
+    slope = np.asarray(slopes[:channels], np.float32).reshape(channels, 1, 1)
+    g = intq.ir.Graph()
+    x = g.add_input("x", intq.ir.TensorType(intq.ir.DType.F32, (2, channels, 3, 3)))
+    g.set_outputs([g.op("PRelu", x, g.add_constant(slope, "slope"), name="act")])
+    rng = np.random.default_rng(seed)
+    data = (rng.standard_normal((2, channels, 3, 3)) * 10.0**log_scale).astype(np.float32)
+    lowered = intq.quantize(g, [{"x": data}], intq.QuantConfig(activation_bits=bits))
+    (node,) = [n for n in lowered if n.op == "QPRelu"]
+    quant = node.inputs[0].type.quant
+    codes = rng.integers(quant.qmin, quant.qmax + 1, (64, channels, 1, 1))
+    codes[0], codes[1], codes[2] = quant.qmin, quant.qmax, 0
+    # The node's kernel on more codes than its input's shape holds (it broadcasts per channel).
+    (got,) = EVAL["QPRelu"](node, codes.astype(node.inputs[0].type.dtype.numpy))
+    real = codes * quant.scale[0]
+    real = np.where(real < 0, real * slope.astype(np.float64), real)
+    s_out, lo, hi = node.attrs["scale"], node.attrs["lo"], node.attrs["hi"]
+    free = (real / s_out >= lo) & (real / s_out <= hi)
+    error = np.abs(got * s_out - real)[free]
+    bound = s_out / 2 + np.abs(codes).astype(np.float64) * s_out * 2.0 ** -node.attrs["shift"]
+    assert (error <= np.broadcast_to(bound, got.shape)[free] * (1 + 1e-9)).all()
+    assert (got >= lo).all() and (got <= hi).all()
+
+
+def test_prelu_and_leaky_relu_are_bit_exact_on_every_backend():
+    """A face-model block: conv -> PRelu (a slope per channel, one negative, one zero) ->
+    conv -> LeakyRelu (one slope): each a ``QPRelu``, the same integers on every backend."""
+    rng = np.random.default_rng(13)
+    c1, w1 = conv_node("c1", "x", 2, 4, rng)
+    c2, w2 = conv_node("c2", "p", 4, 3, rng)
+    slope = numpy_helper.from_array(
+        np.asarray([0.25, -0.5, 0.0, 1.5], np.float32).reshape(4, 1, 1), "slope"
+    )
+    nodes = [
+        c1,
+        helper.make_node("PRelu", ["c1", "slope"], ["p"]),
+        c2,
+        helper.make_node("LeakyRelu", ["c2"], ["y"], alpha=0.1),
+    ]
+    shape = (2, 2, 4, 5)
+    model = make_model(nodes, [f32("x", shape)], [f32("y", (2, 3, 4, 5))], [*w1, *w2, slope])
+    graph, feeds = quantized(model, shape)
+    layers = [node for node in graph if node.op == "QPRelu"]
+    assert [len(n.attrs["slope"]) for n in layers] == [4, 1]
+    assert layers[0].attrs["multiplier_neg"][1] < 0 and layers[0].attrs["multiplier_neg"][2] == 0
+    _within_proven_ranges(graph, {"x": feeds[2]})
+    got = bit_exact(graph, feeds)["y"]
+    want = intq.compile(_float(model)).run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))

@@ -647,6 +647,24 @@ def _qmul(b: _Builder, node: Node) -> None:
     _store(b, result, node)
 
 
+@_lower("QPRelu")
+def _qprelu(b: _Builder, node: Node) -> None:
+    a = node.attrs
+    x = _input(node)
+    result = kernels.prelu(
+        _OnnxOps(b, node),
+        _as_int64(b, x, node),
+        a["multiplier_pos"],
+        a["multiplier_neg"],
+        a["axis"],
+        x.type.rank,
+        a["shift"],
+        a["lo"],
+        a["hi"],
+    )
+    _store(b, result, node)
+
+
 @_lower("QGlobalAveragePool")
 def _qglobal_avgpool(b: _Builder, node: Node) -> None:
     x = _input(node)

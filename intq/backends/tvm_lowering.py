@@ -66,7 +66,7 @@ from intq.errors import UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
-from intq.semantics.kernels import lookup, lookup_offset, multiply, run_node
+from intq.semantics.kernels import lookup, lookup_offset, multiply, prelu, run_node
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
@@ -702,6 +702,26 @@ def _qmul(lw: Lowerer, node: Node) -> None:
         _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
     )
     lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+
+
+@_lower("QPRelu")
+def _qprelu(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.prelu` as Relax int64 ops (the graph's layout: the
+    slopes run along its channel axis)."""
+    a = node.attrs
+    x = input_of(node)
+    result = prelu(
+        _RelaxOps(lw),
+        _int64(lw, x),
+        a["multiplier_pos"],
+        a["multiplier_neg"],
+        a["axis"],
+        x.type.rank,
+        a["shift"],
+        a["lo"],
+        a["hi"],
+    )
+    _store(lw, node, result)
 
 
 def _int64(lw: Lowerer, value: Value) -> Any:

@@ -28,6 +28,7 @@ from intq.passes.integer_lowering import (
 )
 from intq.passes.precision import quantize_weights
 from intq.semantics.kernels import elementwise_table, layernorm_constants
+from intq.semantics.numerics import common_shift
 from intq.semantics.numpy_eval import EVAL, resize_nearest_index, resized_axes
 from intq.tables import RuleTable
 
@@ -239,6 +240,41 @@ def _channel_vector(c: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndar
     if any(d != 1 for i, d in enumerate(dims) if i != axis) or dims[axis] != shape[axis]:
         return None
     return c.reshape(-1)
+
+
+@_rule("PRelu")
+def _prelu(low: Lowering, node: Node) -> None:
+    """One ``QPRelu``: the slope (a constant, per tensor or varying along one axis) times the
+    rescaling on the negative side, the rescaling alone on the other, one rounding."""
+    source, slope = node.inputs
+    assert source is not None
+    if slope is None or slope.const is None:
+        raise UnsupportedOpError("PRelu with a computed slope", node=node.label())
+    x = low.materialize(source)
+    c = np.asarray(slope.const, np.float64)
+    dims = (1,) * (x.type.rank - c.ndim) + c.shape
+    varying = [i for i, d in enumerate(dims) if d != 1]
+    if len(varying) > 1:
+        raise UnsupportedOpError(
+            f"PRelu with a slope {list(c.shape)} varying along more than one axis",
+            node=node.label(),
+        )
+    slopes = [float(v) for v in c.reshape(-1)]
+    out = low.activation_quant(node.output)
+    ratio = scale_of(x) / out.scale[0]
+    magnitudes, shift = common_shift(ratio, *(abs(a) * ratio for a in slopes))
+    negatives = tuple(int(math.copysign(m, a)) for m, a in zip(magnitudes[1:], slopes))
+    low.ints[node.output] = low.emit(
+        node,
+        "QPRelu",
+        [x],
+        slope=tuple(slopes),
+        multiplier_pos=magnitudes[0],
+        multiplier_neg=negatives,
+        shift=shift,
+        axis=varying[0] if varying else -1,
+        **output_attrs(out, out.qmin, out.qmax),
+    )
 
 
 @_rule("Cast")

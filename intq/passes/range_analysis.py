@@ -11,6 +11,7 @@ extremes of constants) and follow each op:
 - ``Requantize``: ``acc * M`` (and for ``S <= 0`` the left shift) must fit int64.
 - ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64 (``Mb < 0`` for a Sub).
 - ``QMul``: ``a * b`` must fit int32 and ``a * b * M + 2^(S-1)`` stay below 2^62.
+- ``QPRelu``: ``x * M + 2^(S-1)`` (``M`` the larger side's) must stay below 2^62.
 - ``QLookup``: its table's smallest and largest entries.
 - Data movement keeps the interval; Concat joins them; Clip intersects.
 
@@ -234,6 +235,20 @@ def _qmul(node: Node, ins: list[Interval | None]) -> Interval:
         2 ** (shift - 1) if 1 <= shift < 63 else 0
     )
     _fits(node, (-total, total), INT62, "the rescaled product", "report this model")
+    return _clamp(node)
+
+
+@_rule("QPRelu")
+def _qprelu(node: Node, ins: list[Interval | None]) -> Interval:
+    """``|x| max|M| 2^max(0, -S) + 2^(S-1)`` stays below 2^62 (what
+    :func:`intq.semantics.kernels.prelu` needs for its rounding shift)."""
+    a = node.attrs
+    shift = a["shift"]
+    largest = max(abs(a["multiplier_pos"]), *(abs(m) for m in a["multiplier_neg"]))
+    total = _magnitude(ins[0]) * largest * 2 ** max(0, -shift) + (
+        2 ** (shift - 1) if 1 <= shift < 63 else 0
+    )
+    _fits(node, (-total, total), INT62, "the rescaled PRelu", "report this model")
     return _clamp(node)
 
 

@@ -383,6 +383,24 @@ def _qmul(node: Node, a: Array, b: Array) -> list[Array]:
     return [y.astype(_out_dtype(node))]
 
 
+@_kernel("QPRelu")
+def _qprelu(node: Node, x: Array) -> list[Array]:
+    a = node.attrs
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.prelu(
+        ops,
+        x.astype(np.int64),
+        a["multiplier_pos"],
+        a["multiplier_neg"],
+        a["axis"],
+        x.ndim,
+        a["shift"],
+        a["lo"],
+        a["hi"],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
 # ----- transformer kernels (written once in intq.kernels) -------------------------------
 
 
