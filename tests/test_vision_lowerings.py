@@ -378,3 +378,83 @@ def test_prelu_and_leaky_relu_are_bit_exact_on_every_backend():
     got = bit_exact(graph, feeds)["y"]
     want = intq.compile(_float(model)).run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+
+
+# ----- Min and Max --------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    op=st.sampled_from(["Min", "Max"]),
+    spread=st.tuples(st.floats(-1.5, 1.5), st.floats(-1.5, 1.5)),
+    constant=st.sampled_from([None, "scalar", "tensor"]),
+    seed=st.integers(0, 2**16),
+)
+def test_min_max_are_within_half_an_input_step_and_half_an_output_step(op, spread, constant, seed):
+    """Both operands rescaled to the output's scale (rounding is monotone, so the extreme of
+    the rounded operands is the rounded extreme): off the float op by at most
+    ``max(s_a, s_b) / 2 + s_out / 2`` with min-max calibration; a scalar constant is a clamp
+    of the other operand, in its own scale (``s_a / 2`` and the constant's rounding)."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((2, 3, 4)) * 10.0 ** spread[0]).astype(np.float32)
+    b = (rng.standard_normal((2, 3, 4)) * 10.0 ** spread[1]).astype(np.float32)
+    g = intq.ir.Graph()
+    x = g.add_input("a", intq.ir.TensorType(intq.ir.DType.F32, a.shape))
+    feeds = {"a": a}
+    if constant == "scalar":
+        other = g.add_constant(np.float32(b[0, 0, 0]), "c")
+    elif constant == "tensor":
+        other = g.add_constant(b[0, :, :1], "c")  # [3, 1], broadcast
+    else:
+        other = g.add_input("b", intq.ir.TensorType(intq.ir.DType.F32, b.shape))
+        feeds["b"] = b
+    g.set_outputs([g.op(op, x, other, name="m")])
+    lowered = intq.quantize(g, [feeds], intq.QuantConfig(calibration="minmax"))
+    ops = op_names(lowered)
+    assert op in ops or (constant == "scalar" and "Clip" in ops)
+    name = g.outputs[0].name
+    got = intq.compile(lowered).run(feeds)[name]
+    want = intq.compile(g).run(feeds)[name]
+    s_in = max(n.attrs["scale"] for n in lowered if n.op == "Quantize")
+    (s_out,) = [n.inputs[0].type.quant.scale[0] for n in lowered if n.op == "Dequantize"]
+    # A Clip in the input's units: its rounding and the bound's. Else the operands' rounding
+    # and the rescale's (a constant rounds once, to the output's step).
+    bound = s_in if "Clip" in ops else s_in / 2 + s_out / 2
+    assert np.abs(got - want).max() <= bound * (1 + 1e-5) + 1e-7
+
+
+def test_min_max_of_activations_and_constants_are_bit_exact_on_every_backend():
+    """``Max`` of two convolutions (both accumulators rescaled straight to the output's
+    scale), ``Min`` with a per-channel constant, ``Max(x, 0)`` as an integer clamp and
+    ``Min(conv, 0.5)`` fused into the conv's requantization (as a ReLU6's top is exported)."""
+    rng = np.random.default_rng(14)
+    c1, w1 = conv_node("c1", "x", 2, 3, rng)
+    c2, w2 = conv_node("c2", "x", 2, 3, rng)
+    c3, w3 = conv_node("c3", "r", 3, 2, rng)
+    cap = numpy_helper.from_array(np.asarray([0.5, 1.0, 2.0], np.float32).reshape(3, 1, 1), "cap")
+    zero = numpy_helper.from_array(np.asarray(0.0, np.float32), "zero")
+    top = numpy_helper.from_array(np.asarray(0.5, np.float32), "top")
+    nodes = [
+        c1,
+        c2,
+        helper.make_node("Max", ["c1", "c2"], ["m"]),
+        helper.make_node("Min", ["m", "cap"], ["n"]),
+        helper.make_node("Max", ["n", "zero"], ["r"]),
+        c3,
+        helper.make_node("Min", ["c3", "top"], ["y"]),
+    ]
+    shape = (2, 2, 4, 5)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("y", (2, 2, 4, 5))], [*w1, *w2, *w3, cap, zero, top]
+    )
+    graph, feeds = quantized(model, shape)
+    ops = op_names(graph)
+    assert ops.count("Max") == 1 and ops.count("Min") == 1 and ops.count("Clip") == 1
+    (out,) = [n for n in graph if n.op == "Dequantize"]
+    last = out.inputs[0].producer
+    assert last.op == "Requantize" and last.inputs[0].producer.op == "QConv"
+    assert last.attrs["hi"] == round(0.5 / last.attrs["scale"])  # the cap, in the clamp
+    _within_proven_ranges(graph, {"x": feeds[2]})
+    got = bit_exact(graph, feeds)["y"]
+    want = intq.compile(_float(model)).run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))

@@ -757,6 +757,24 @@ def _qadd(b: _Builder, node: Node) -> None:
     b.finish(b.shift_round(total, [max(0, shift)], np.int64(minus), (), node), node, magnitude)
 
 
+@_lower("Min", "Max")
+def _min_max(b: _Builder, node: Node) -> None:
+    """In int32 (ONNX Runtime has no 8-bit Min and Max), each input moved to the output's
+    storage zero point (a constant is stored as it is, an int8 activation offset)."""
+    out = node.output
+    name, zp = b.output(out)
+    parts = []
+    for value in (_input(node, 0), _input(node, 1)):
+        stored, value_zp = b.tensor(value)
+        wide = b.op("Cast", [stored], value.name + ".i32", node, to=TensorProto.INT32)
+        if value_zp != zp:
+            delta = b.const(np.int32(zp - value_zp), "delta")
+            wide = b.op("Add", [wide, delta], value.name + ".moved", node)
+        parts.append(wide)
+    result = b.op(node.op, parts, name + ".i32", node)
+    b.add("Cast", [result], [name], node, to=b.storage_type(out, zp))
+
+
 @_lower("Clip", "Relu")
 def _clip(b: _Builder, node: Node) -> None:
     x = _input(node)

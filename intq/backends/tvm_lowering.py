@@ -484,6 +484,15 @@ def _clip(lw: Lowerer, node: Node) -> None:
     lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
 
 
+@_lower("Min", "Max")
+def _min_max(lw: Lowerer, node: Node) -> None:
+    """Two integers of one quantization (broadcasting as numpy): Relax ``minimum`` /
+    ``maximum`` on the stored type."""
+    a, b = (lw.value(input_of(node, i)) for i in (0, 1))
+    fn = lw.relax.op.minimum if node.op == "Min" else lw.relax.op.maximum
+    lw.bind(node, lw.bb.emit(fn(a, b)))
+
+
 @_lower("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def _reshape(lw: Lowerer, node: Node) -> None:
     shape = lw.relax.ShapeExpr(list(node.output.type.shape))

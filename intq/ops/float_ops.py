@@ -327,14 +327,22 @@ def _softmax(ctx: InferContext) -> list[TensorType]:
 # ----- float ops the ONNX importer added for real models ----------------------------------------
 
 
-@OPS.op("Min", inputs=2)
-@OPS.op("Max", inputs=2)
+@OPS.op("Min", inputs=2, traits=(Trait.INTEGER,))
+@OPS.op("Max", inputs=2, traits=(Trait.INTEGER,))
 def _min_max(ctx: InferContext) -> list[TensorType]:
     """Broadcasting elementwise minimum / maximum of two tensors of one numeric dtype (ONNX's
-    n-ary Min and Max are chains of these)."""
+    n-ary Min and Max are chains of these). Quantized integers must share their per-tensor
+    quantization, which the result keeps."""
     dtype = need_same_dtype(ctx, 0, 1)
     need_numeric(ctx, 0)
-    return [TensorType(dtype, broadcast_shape(ctx.type(0), ctx.type(1)))]
+    shape = broadcast_shape(ctx.type(0), ctx.type(1))
+    quants = {ctx.type(0).quant, ctx.type(1).quant}
+    if quants == {None}:
+        return [TensorType(dtype, shape)]
+    (quant,) = quants if len(quants) == 1 else (None,)
+    if quant is None or quant.axis is not None:
+        raise ShapeError(f"{ctx.op} inputs must share one per-tensor quantization; requantize them")
+    return [TensorType(dtype, shape, quant)]
 
 
 @OPS.op("PRelu", inputs=2)

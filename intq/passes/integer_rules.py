@@ -28,7 +28,7 @@ from intq.passes.integer_lowering import (
 )
 from intq.passes.precision import quantize_weights
 from intq.semantics.kernels import elementwise_table, layernorm_constants
-from intq.semantics.numerics import common_shift
+from intq.semantics.numerics import common_shift, storage_dtype
 from intq.semantics.numpy_eval import EVAL, resize_nearest_index, resized_axes
 from intq.tables import RuleTable
 
@@ -105,9 +105,15 @@ def _activation(low: Lowering, node: Node) -> None:
     assert source is not None
     low_real = 0.0 if node.op == "Relu" else node.attrs["min"]
     high_real = math.inf if node.op == "Relu" else node.attrs["max"]
+    _clamped(low, node, source, low_real, high_real)
+
+
+def _clamped(low: Lowering, node: Node, source: Value, low_real: float, high_real: float) -> None:
+    """``node``'s output: ``source`` clamped to ``[low_real, high_real]``, in the pending
+    rescale of ``source`` when ``node`` is its only reader, else as an integer ``Clip``."""
     # Fuse into the pending rescale only when the activation is its sole reader.
     if source in low.pending and len(source.uses()) == 1 and not source.is_graph_output:
-        quant = low.activation_quant(node.output)
+        quant = low.activation_quant(node.output, non_negative=low_real >= 0)
         scale = quant.scale[0]
         lo = (
             quant.qmin
@@ -128,6 +134,56 @@ def _activation(low: Lowering, node: Node) -> None:
     bounds = {"min": math.floor(low_real / scale + 0.5) if low_real > -math.inf else -math.inf}
     bounds["max"] = math.floor(high_real / scale + 0.5) if high_real < math.inf else math.inf
     low.ints[node.output] = low.emit(node, "Clip", [x], **bounds)
+
+
+@_rule("Min", "Max")
+def _min_max(low: Lowering, node: Node) -> None:
+    """With a scalar constant, a clamp (``Max(x, 0)`` is a ReLU, fused like one); otherwise
+    both operands rescaled to the output's calibrated quantization (a constant quantized to
+    it), then the integer ``Min``/``Max``: rounding is monotone, so the extreme of the rounded
+    operands is the rounded extreme."""
+    a, b = node.inputs
+    assert a is not None and b is not None
+    for x, c in ((a, b), (b, a)):
+        bound = _scalar(c) if c.is_const and not x.is_const else None
+        fused = x in low.pending and len(x.uses()) == 1 and not x.is_graph_output
+        # A bound the unfused operand cannot represent (a cap below its whole range) takes
+        # the general path: the output's own scale holds it.
+        if bound is not None and (fused or _representable(low.materialize(x), bound)):
+            if node.op == "Max":
+                _clamped(low, node, x, bound, math.inf)
+            else:
+                _clamped(low, node, x, -math.inf, bound)
+            return
+    quant = low.activation_quant(node.output)
+    parts = []
+    for value in (a, b):
+        pending = low.pending.get(value)
+        if value.const is not None:
+            codes = np.clip(
+                np.rint(np.asarray(value.const, np.float64) / quant.scale[0]),
+                quant.qmin,
+                quant.qmax,
+            )
+            part = low.dst.add_constant(
+                codes.astype(storage_dtype(quant.bits, quant.signed)), value.name
+            )
+            part.type = part.type.with_quant(quant)
+        elif pending is not None:  # rescaled straight to the output's quantization
+            part = pending.finish(low, quant, quant.qmin, quant.qmax, node.label())
+        else:
+            part = low.materialize(value)
+            if part.type.quant != quant:
+                part = Accumulator(part).finish(low, quant, quant.qmin, quant.qmax, node.label())
+        parts.append(part)
+    low.ints[node.output] = low.emit(node, node.op, parts)
+
+
+def _representable(x: Value, real: float) -> bool:
+    """Whether ``real`` rounds to a code of integer ``x``'s quantization."""
+    quant = x.type.quant
+    assert quant is not None
+    return quant.qmin <= math.floor(real / quant.scale[0] + 0.5) <= quant.qmax
 
 
 @_rule("Add")

@@ -29,6 +29,8 @@ an integer with its scale in its type. One rule per float op, in
   ``(a*b*M + 2^(S-1)) >> S`` (broadcasting) with the following ReLU's clamp.
 - A PRelu (LeakyRelu) with a constant slope becomes one ``QPRelu``: the rescaling of its
   8- or 16-bit input, times the slope of the element's channel where it is negative.
+- Min/Max with a scalar constant is a clamp (fused like a ReLU); of two activations (or a
+  constant tensor) both operands are rescaled to the output's scale, then integer Min/Max.
 - Graph outputs are dequantized once, straight from the int32 accumulator
   when they come from a Gemm (no 8-bit rounding of the logits). A trailing
   Softmax runs after that dequantization, outside the integer region.

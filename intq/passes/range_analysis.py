@@ -13,7 +13,8 @@ extremes of constants) and follow each op:
 - ``QMul``: ``a * b`` must fit int32 and ``a * b * M + 2^(S-1)`` stay below 2^62.
 - ``QPRelu``: ``x * M + 2^(S-1)`` (``M`` the larger side's) must stay below 2^62.
 - ``QLookup``: its table's smallest and largest entries.
-- Data movement keeps the interval; Concat joins them; Clip intersects.
+- Data movement keeps the interval; Concat joins them; Clip intersects; Min and Max take
+  the smaller or larger bounds.
 
 A value that could overflow raises :class:`~intq.errors.NumericsError` naming
 the layer, the bound and what to do. An integer op without a rule is refused
@@ -287,6 +288,14 @@ def _clip(node: Node, ins: list[Interval | None]) -> Interval:
     low = x[0] if lo == -np.inf else max(x[0], int(np.ceil(lo)))
     high = x[1] if hi == np.inf else min(x[1], int(np.floor(hi)))
     return low, max(low, high)
+
+
+@_rule("Min", "Max")
+def _min_max(node: Node, ins: list[Interval | None]) -> Interval:
+    a, b = ins[0], ins[1]
+    assert a is not None and b is not None
+    pick = min if node.op == "Min" else max
+    return pick(a[0], b[0]), pick(a[1], b[1])
 
 
 @_rule("Concat")
