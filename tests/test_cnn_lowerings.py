@@ -15,52 +15,13 @@ import scipy.special
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
-from onnx_models import f32, make_model
+from onnx_models import bit_exact, conv_node, f32, make_model, op_names, quantized
 
 import intq
 from intq.backends import TARGETS
 from intq.ops import Trait, ops_with
 from intq.passes.range_analysis import analyze_ranges
 from intq.semantics.numpy_eval import evaluate
-
-
-def _conv(name: str, x: str, cin: int, cout: int, rng: np.random.Generator) -> tuple:
-    w = numpy_helper.from_array(
-        (rng.standard_normal((cout, cin, 3, 3)) * 0.3).astype(np.float32), f"{name}.w"
-    )
-    b = numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"{name}.b")
-    node = helper.make_node("Conv", [x, w.name, b.name], [name], pads=[1, 1, 1, 1])
-    return node, [w, b]
-
-
-def _quantized(model, shape: tuple[int, ...], seed: int = 0, **config):
-    rng = np.random.default_rng(seed)
-    batches = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(3)]
-    graph = intq.quantize(intq.from_onnx(model), batches, intq.QuantConfig(**config))
-    # The first feed is calibration data (accuracy is compared there), then fresh ones.
-    feeds = [batches[0]["x"], *(rng.standard_normal(shape).astype(np.float32) * k for k in (1, 3))]
-    return graph, feeds
-
-
-def _bit_exact(graph, feeds) -> dict[str, np.ndarray]:
-    """Runs ``graph`` on every backend; all must equal the reference. Returns the reference's
-    outputs on the first feed."""
-    reference = intq.compile(graph, target="reference")
-    for target in ("onnxruntime", "tvm"):
-        if target not in TARGETS:
-            continue
-        compiled = intq.compile(graph, target=target)
-        for feed in feeds:
-            want = reference.run({"x": feed})
-            got = compiled.run({"x": feed})
-            for name, array in want.items():
-                np.testing.assert_array_equal(got[name], array, err_msg=f"{target}: {name}")
-    return reference.run({"x": feeds[0]})
-
-
-def _ops(graph) -> list[str]:
-    return [node.op for node in graph]
-
 
 # ----- ReduceMean / ReduceSum ---------------------------------------------------------------
 
@@ -73,7 +34,7 @@ def test_reduce_is_an_int32_sum_on_every_backend(op, axes, keepdims):
     """``x.mean((2, 3))`` (PyTorch's classifier pooling) and a channel sum: one ``QReduceSum``,
     the mean's ``1/N`` in the requantization; close to the float result."""
     rng = np.random.default_rng(1)
-    conv, weights = _conv("c", "x", 2, 3, rng)
+    conv, weights = conv_node("c", "x", 2, 3, rng)
     axes_const = numpy_helper.from_array(np.asarray(axes, np.int64), "axes")
     relu = helper.make_node("Relu", ["c"], ["r"])
     reduce = helper.make_node(op, ["r", "axes"], ["y"], keepdims=keepdims)
@@ -87,9 +48,9 @@ def test_reduce_is_an_int32_sum_on_every_backend(op, axes, keepdims):
         [*weights, axes_const],
         opset=18,
     )
-    graph, feeds = _quantized(model, shape)
-    assert "QReduceSum" in _ops(graph)
-    got = _bit_exact(graph, feeds[:1])["y"]
+    graph, feeds = quantized(model, shape)
+    assert "QReduceSum" in op_names(graph)
+    got = bit_exact(graph, feeds[:1])["y"]
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()) + 1e-3)
@@ -116,8 +77,8 @@ def test_hardswish_and_sigmoid_cnn_is_bit_exact_on_every_backend():
     """conv -> HardSwish -> conv -> HardSigmoid, and a Sigmoid output: each function one
     ``QLookup`` of the requantized 8-bit accumulator; the Sigmoid's output is unsigned."""
     rng = np.random.default_rng(2)
-    c1, w1 = _conv("c1", "x", 2, 4, rng)
-    c2, w2 = _conv("c2", "h", 4, 3, rng)
+    c1, w1 = conv_node("c1", "x", 2, 4, rng)
+    c2, w2 = conv_node("c2", "h", 4, 3, rng)
     nodes = [
         c1,
         helper.make_node("HardSwish", ["c1"], ["h"]),
@@ -127,11 +88,11 @@ def test_hardswish_and_sigmoid_cnn_is_bit_exact_on_every_backend():
     ]
     shape = (1, 2, 6, 5)
     model = make_model(nodes, [f32("x", shape)], [f32("y", (1, 3, 6, 5))], [*w1, *w2], opset=14)
-    graph, feeds = _quantized(model, shape)
+    graph, feeds = quantized(model, shape)
     tables = [node for node in graph if node.op == "QLookup"]
     assert len(tables) == 3
     assert tables[-1].output.type.dtype is intq.ir.DType.U8
-    got = _bit_exact(graph, feeds)["y"]
+    got = bit_exact(graph, feeds)["y"]
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.03)
 
@@ -214,8 +175,8 @@ def test_silu_squeeze_excite_and_exported_hardswish_are_bit_exact_on_every_backe
     squeeze-excite gate ``x * sigmoid(fc(mean(x)))`` broadcast over H and W: each product one
     ``QMul`` of two 8-bit activations."""
     rng = np.random.default_rng(3)
-    c1, w1 = _conv("c1", "x", 2, 4, rng)
-    c2, w2 = _conv("c2", "silu", 4, 4, rng)
+    c1, w1 = conv_node("c1", "x", 2, 4, rng)
+    c2, w2 = conv_node("c2", "silu", 4, 4, rng)
     fc = numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 0.5).astype(np.float32), "fc")
     axes = numpy_helper.from_array(np.asarray([2, 3], np.int64), "axes")
     nodes = [
@@ -234,11 +195,11 @@ def test_silu_squeeze_excite_and_exported_hardswish_are_bit_exact_on_every_backe
     model = make_model(
         nodes, [f32("x", shape)], [f32("y", (2, 4, 5, 6))], [*w1, *w2, fc, axes], opset=18
     )
-    graph, feeds = _quantized(model, shape)
+    graph, feeds = quantized(model, shape)
     products = [node for node in graph if node.op == "QMul"]
     assert len(products) == 3
     assert products[-1].inputs[1].type.shape == (2, 4, 1, 1)
-    got = _bit_exact(graph, feeds)["y"]
+    got = bit_exact(graph, feeds)["y"]
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))
 
@@ -264,7 +225,7 @@ def test_a_product_then_relu_is_one_clamped_qmul():
     lowered = intq.quantize(graph, batches)
     (product,) = [node for node in lowered if node.op == "QMul"]
     assert product.attrs["lo"] == 0 and product.output.type.dtype is intq.ir.DType.U8
-    assert "Relu" not in _ops(lowered)
+    assert "Relu" not in op_names(lowered)
     feed = batches[0]
     want = np.maximum(feed["x"] * feed["g"], 0)
     got = intq.compile(lowered).run(feed)["y"]
@@ -296,7 +257,7 @@ def test_broadcast_add_and_sub_of_activations_are_bit_exact_on_every_backend(op)
     """``x +- mean(x)`` over H, W (a [N, C, 1, 1] operand broadcast): one ``QAdd``, a
     difference with a negative multiplier."""
     rng = np.random.default_rng(4)
-    conv, weights = _conv("c", "x", 2, 3, rng)
+    conv, weights = conv_node("c", "x", 2, 3, rng)
     axes = numpy_helper.from_array(np.asarray([2, 3], np.int64), "axes")
     nodes = [
         conv,
@@ -307,10 +268,10 @@ def test_broadcast_add_and_sub_of_activations_are_bit_exact_on_every_backend(op)
     model = make_model(
         nodes, [f32("x", shape)], [f32("y", (2, 3, 4, 5))], [*weights, axes], opset=18
     )
-    graph, feeds = _quantized(model, shape)
+    graph, feeds = quantized(model, shape)
     (add,) = [node for node in graph if node.op == "QAdd"]
     assert (add.attrs["multiplier_b"] < 0) == (op == "Sub")
-    got = _bit_exact(graph, feeds)["y"]
+    got = bit_exact(graph, feeds)["y"]
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
 
@@ -337,13 +298,13 @@ def test_layerscale_folds_into_the_layer_and_a_mask_multiply_is_a_qmul():
     ]
     shape = (2, 3, 6)
     model = make_model(nodes, [f32("x", shape)], [f32("y", (2, 3, 4))], [w, bias, gamma, mask])
-    graph, feeds = _quantized(model, shape)
-    ops = _ops(graph)
+    graph, feeds = quantized(model, shape)
+    ops = op_names(graph)
     assert ops.count("QMul") == 1 and ops.count("QMatMul") == 1
     (layer,) = [node for node in graph if node.op == "QMatMul"]
     weights = layer.inputs[1]
     assert np.all(weights.const[:, 2] == 0)  # gamma 0: the channel vanishes
-    got = _bit_exact(graph, feeds)["y"]
+    got = bit_exact(graph, feeds)["y"]
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.02 * float(np.abs(want).max()) + 1e-6)
 
@@ -365,5 +326,5 @@ def test_a_scaled_accumulator_at_the_graph_output_keeps_its_factor():
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
     lowered = intq.quantize(graph, [{"x": x}])
     want = intq.compile(graph).run({"x": x})["y"]
-    got = _bit_exact(lowered, [x])["y"]
+    got = bit_exact(lowered, [x])["y"]
     np.testing.assert_allclose(got, want, atol=0.01 * float(np.abs(want).max()))

@@ -338,6 +338,94 @@ def _qconv(b: _Builder, node: Node) -> None:
     _add_bias(b, acc, node, node.inputs[2] if len(node.inputs) > 2 else None, 1)
 
 
+@_lower("QConvTranspose")
+def _qconv_transpose(b: _Builder, node: Node) -> None:
+    """A ``ConvInteger`` (ONNX Runtime has no integer transposed convolution): the input with
+    ``stride - 1`` zeros (its zero point) stuffed between elements, the weights flipped and
+    regrouped to ``(M, C / group, k...)``, each side padded by ``dilation * (k - 1)`` less the
+    transposed conv's pads (plus ``output_padding`` at the end); a pad that would be negative
+    crops the int32 result instead. Data movement and one exact integer convolution."""
+    x, w = _input(node, 0), _input(node, 1)
+    assert w.const is not None
+    x_u8, x_zp = b.u8(x, node)
+    attrs = node.attrs
+    group, strides, dilations = attrs["group"], attrs["strides"], attrs["dilations"]
+    shape = x.type.shape
+    spatial = len(shape) - 2
+    out = node.output.name
+    if any(s > 1 for s in strides):
+        # (N, C, H, W) -> (N, C, H, 1, W, 1) -> pad each new axis to its stride with the zero
+        # point -> (N, C, H s, W s) -> drop the trailing s - 1 zeros.
+        split = [*shape[:2], *(d for size in shape[2:] for d in (size, 1))]
+        pads = [0] * len(split) * 2
+        for i, s in enumerate(strides):
+            pads[len(split) + 3 + 2 * i] = s - 1
+        tall = b.op(
+            "Reshape", [x_u8, b.const(np.asarray(split, np.int64), "shape")], out + ".split", node
+        )
+        value = b.const(np.asarray(x_zp, np.uint8), "zp")
+        padded = b.op(
+            "Pad",
+            [tall, b.const(np.asarray(pads, np.int64), "pads"), value],
+            out + ".stuffed",
+            node,
+        )
+        merged = [*shape[:2], *(size * s for size, s in zip(shape[2:], strides))]
+        flat = b.op(
+            "Reshape", [padded, b.const(np.asarray(merged, np.int64), "shape")], out + ".flat", node
+        )
+        ends = [(size - 1) * s + 1 for size, s in zip(shape[2:], strides)]
+        x_u8 = b.op(
+            "Slice",
+            [
+                flat,
+                b.const(np.zeros(spatial, np.int64), "starts"),
+                b.const(np.asarray(ends, np.int64), "ends"),
+                b.const(np.arange(2, 2 + spatial, dtype=np.int64), "axes"),
+            ],
+            out + ".dilated",
+            node,
+        )
+    c, per_group = w.const.shape[:2]
+    kernel = w.const.shape[2:]
+    regrouped = w.const.reshape(group, c // group, per_group, *kernel).swapaxes(1, 2)
+    flipped = np.flip(
+        regrouped.reshape(group * per_group, c // group, *kernel), tuple(range(2, 2 + spatial))
+    )
+    w_u8 = b.weight_u8(w, np.ascontiguousarray(flipped), node)
+    conv_pads: list[tuple[int, int]] = []
+    crop: list[tuple[int, int]] = []
+    for i in range(spatial):
+        reach = dilations[i] * (kernel[i] - 1)
+        begin = reach - attrs["pads"][i]
+        end = reach - attrs["pads"][i + spatial] + attrs["output_padding"][i]
+        conv_pads.append((max(0, begin), max(0, end)))
+        crop.append((max(0, -begin), max(0, -end)))
+    acc = b.op(
+        "ConvInteger",
+        [x_u8, w_u8, b.zero_point(x_zp), b.zero_point(OFFSET)],
+        out + ".acc",
+        node,
+        dilations=list(dilations),
+        group=group,
+        pads=[p[0] for p in conv_pads] + [p[1] for p in conv_pads],
+    )
+    if any(a or z for a, z in crop):
+        full = [size + a + z for size, (a, z) in zip(node.output.type.shape[2:], crop)]
+        acc = b.op(
+            "Slice",
+            [
+                acc,
+                b.const(np.asarray([a for a, _ in crop], np.int64), "starts"),
+                b.const(np.asarray([f - z for f, (_, z) in zip(full, crop)], np.int64), "ends"),
+                b.const(np.arange(2, 2 + spatial, dtype=np.int64), "axes"),
+            ],
+            out + ".cropped",
+            node,
+        )
+    _add_bias(b, acc, node, node.inputs[2] if len(node.inputs) > 2 else None, 1)
+
+
 @_lower("QGemm", "QMatMul")
 def _qmatmul(b: _Builder, node: Node) -> None:
     a = _input(node, 0)
@@ -404,12 +492,11 @@ def _qbatch_matmul(b: _Builder, node: Node) -> None:
 
 @_lower("Gather")
 def _gather(b: _Builder, node: Node) -> None:
-    source, index = _input(node, 0), b.tensor(_input(node, 1))[0]
-    if source.const is None:  # positions of an activation or a raw mask: moved as stored
-        out, _ = b.output(node.output)
-        b.add("Gather", [b.tensor(source)[0], index], [out], node, axis=node.attrs["axis"])
-        return
-    table, _ = b.u8(source, node)  # offset like every int8 activation
+    """An embedding lookup (a constant table, offset like every int8 activation), or the data
+    movement of a nearest Resize, a class token or a mask (an activation or a raw integer
+    tensor, however it is stored)."""
+    data, index = _input(node, 0), b.tensor(_input(node, 1))[0]
+    table = b.u8(data, node)[0] if data.const is not None else b.tensor(data)[0]
     out, _ = b.output(node.output)
     b.add("Gather", [table, index], [out], node, axis=node.attrs["axis"])
 
@@ -561,6 +648,24 @@ def _qmul(b: _Builder, node: Node) -> None:
     _store(b, result, node)
 
 
+@_lower("QPRelu")
+def _qprelu(b: _Builder, node: Node) -> None:
+    a = node.attrs
+    x = _input(node)
+    result = kernels.prelu(
+        _OnnxOps(b, node),
+        _as_int64(b, x, node),
+        a["multiplier_pos"],
+        a["multiplier_neg"],
+        a["axis"],
+        x.type.rank,
+        a["shift"],
+        a["lo"],
+        a["hi"],
+    )
+    _store(b, result, node)
+
+
 @_lower("QGlobalAveragePool")
 def _qglobal_avgpool(b: _Builder, node: Node) -> None:
     x = _input(node)
@@ -651,6 +756,24 @@ def _qadd(b: _Builder, node: Node) -> None:
     total = b.op("Add", terms, node.output.name + ".sum", node)
     magnitude = (top >> max(0, shift)) + 1
     b.finish(b.shift_round(total, [max(0, shift)], np.int64(minus), (), node), node, magnitude)
+
+
+@_lower("Min", "Max")
+def _min_max(b: _Builder, node: Node) -> None:
+    """In int32 (ONNX Runtime has no 8-bit Min and Max), each input moved to the output's
+    storage zero point (a constant is stored as it is, an int8 activation offset)."""
+    out = node.output
+    name, zp = b.output(out)
+    parts = []
+    for value in (_input(node, 0), _input(node, 1)):
+        stored, value_zp = b.tensor(value)
+        wide = b.op("Cast", [stored], value.name + ".i32", node, to=TensorProto.INT32)
+        if value_zp != zp:
+            delta = b.const(np.int32(zp - value_zp), "delta")
+            wide = b.op("Add", [wide, delta], value.name + ".moved", node)
+        parts.append(wide)
+    result = b.op(node.op, parts, name + ".i32", node)
+    b.add("Cast", [result], [name], node, to=b.storage_type(out, zp))
 
 
 @_lower("Clip", "Relu")

@@ -5,11 +5,11 @@ none knows the lowering's rule table, its Relax expressions or the schedules
 (:mod:`intq.backends.tvm_lowering` binds the kernels, :mod:`intq.backends.tvm_schedules`
 reorders their loops and can change no arithmetic).
 
-- **Accumulators** (``QConv``, ``QGemm``, ``QMatMul``): the int32 sums of products, with the
-  bias. A generic NCHW conv and a generic dense; a depthwise conv on NHWC; and the
-  tensorized ones, which read packed int8 weights (:func:`packed_weights`) and reduce 2
-  (``pmaddwd`` on int16) or 4 (``pmaddubsw`` on bytes) input channels per int32 lane, where
-  :func:`pairs_exactly` and :func:`reduction_depth` show that this is exact.
+- **Accumulators** (``QConv``, ``QConvTranspose``, ``QGemm``, ``QMatMul``): the int32 sums of
+  products, with the bias. A generic NCHW conv, transposed conv and dense; a depthwise conv
+  on NHWC; and the tensorized ones, which read packed int8 weights (:func:`packed_weights`)
+  and reduce 2 (``pmaddwd`` on int16) or 4 (``pmaddubsw`` on bytes) input channels per int32
+  lane, where :func:`pairs_exactly` and :func:`reduction_depth` show that this is exact.
 - **Requantization** (:func:`rescale_te`) is the reference's arithmetic in int64, per channel
   ``((acc * M') << L + R) >> S'`` then the clamp: ``S`` in ``[1, 63]`` gives
   ``M' = M, L = 0, R = 2^(S-1), S' = S``; ``S <= 0`` gives ``L = -S`` and no
@@ -364,6 +364,47 @@ def packed_conv_te(node: Node, depth: int) -> Callable[..., Any]:
             return _plus_bias(value, bias[0][k]) if bias else value
 
         return te.compute(shape, read, name="acc")
+
+    return fn
+
+
+def conv_transpose_te(node: Node) -> Callable[..., Any]:
+    """The TE function ``(x, w[, b]) -> int32 acc`` of an N-d ``QConvTranspose`` in NC[D]HW,
+    any groups: output ``o`` sums ``x[i] * w[tap]`` over the taps with
+    ``o + pad = i * stride + tap * dilation`` for an input position ``i`` inside the input
+    (the reference's scatter, read as a gather)."""
+    from tvm import te, tirx
+
+    x_type, w_type = input_of(node, 0).type, input_of(node, 1).type
+    attrs = node.attrs
+    spatial = x_type.rank - 2
+    sizes, kernel = x_type.shape[2:], w_type.shape[2:]
+    cg = x_type.shape[1] // attrs["group"]
+    per_group = w_type.shape[1]
+    strides, dilations, pads = attrs["strides"], attrs["dilations"], attrs["pads"]
+
+    def fn(x: Any, wt: Any, *bias: Any) -> Any:
+        rc = te.reduce_axis((0, cg), name="rc")
+        taps = [te.reduce_axis((0, k), name=f"rk{d}") for d, k in enumerate(kernel)]
+
+        def body(b: Any, m: Any, *o: Any) -> Any:
+            channel = (m // per_group) * cg + rc
+            inside, index = [], []
+            for d in range(spatial):
+                offset = o[d] + pads[d] - taps[d] * dilations[d]
+                i = tirx.floordiv(offset, strides[d])
+                inside += [tirx.floormod(offset, strides[d]) == 0, i >= 0, i < sizes[d]]
+                index.append(tirx.max(tirx.min(i, sizes[d] - 1), 0))
+            product = x[(b, channel, *index)].astype("int32") * wt[
+                (channel, m % per_group, *taps)
+            ].astype("int32")
+            return te.sum(
+                tirx.if_then_else(tirx.all(*inside), product, tirx.const(0, "int32")),
+                axis=[rc, *taps],
+            )
+
+        acc = te.compute(node.output.type.shape, body, name="acc")
+        return _add_bias(acc, bias, 1)
 
     return fn
 

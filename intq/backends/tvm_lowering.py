@@ -39,6 +39,7 @@ from intq.backends.tvm_kernels import (
     avgpool_te,
     bias_input,
     conv_te,
+    conv_transpose_te,
     dense_te,
     depthwise_nhwc_te,
     dequantize_te,
@@ -65,14 +66,14 @@ from intq.errors import UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
-from intq.semantics.kernels import lookup, lookup_offset, multiply, run_node
+from intq.semantics.kernels import lookup, lookup_offset, multiply, prelu, run_node
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
 
 _LAYERS = tuple(op for op in ops_with(Trait.ACCUMULATOR) if OPS[op].weight_axis is not None)
-"""The layers with constant weights (QConv, QGemm, QMatMul): one kernel each, its int32
-accumulator fused into a lone reading epilogue."""
+"""The layers with constant weights (QConv, QConvTranspose, QGemm, QMatMul): one kernel each,
+its int32 accumulator fused into a lone reading epilogue."""
 
 
 def _channels_last_kernel(node: Node) -> bool:
@@ -270,6 +271,9 @@ def _accumulator(lw: Lowerer, node: Node) -> _Accumulator:
             )
         depth, weights, bias = _packed_operands(lw, node, w.const, bias)
         return _Accumulator(packed_conv_te(node, depth), [x_nhwc, weights, *bias], "conv", True)
+    if node.op == "QConvTranspose":
+        args = [lw.value(x), lw.value(w), *bias]
+        return _Accumulator(conv_transpose_te(node), args, "generic", False)
     if node.op == "QConv":
         fn, kind = conv_te(node)
         return _Accumulator(fn, [lw.value(x), lw.value(w), *bias], kind, False)
@@ -478,6 +482,15 @@ def _clip(lw: Lowerer, node: Node) -> None:
 
     source, nhwc = lw.stored(input_of(node))  # elementwise: any layout
     lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
+
+
+@_lower("Min", "Max")
+def _min_max(lw: Lowerer, node: Node) -> None:
+    """Two integers of one quantization (broadcasting as numpy): Relax ``minimum`` /
+    ``maximum`` on the stored type."""
+    a, b = (lw.value(input_of(node, i)) for i in (0, 1))
+    fn = lw.relax.op.minimum if node.op == "Min" else lw.relax.op.maximum
+    lw.bind(node, lw.bb.emit(fn(a, b)))
 
 
 @_lower("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -700,6 +713,26 @@ def _qmul(lw: Lowerer, node: Node) -> None:
         _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
     )
     lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+
+
+@_lower("QPRelu")
+def _qprelu(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.prelu` as Relax int64 ops (the graph's layout: the
+    slopes run along its channel axis)."""
+    a = node.attrs
+    x = input_of(node)
+    result = prelu(
+        _RelaxOps(lw),
+        _int64(lw, x),
+        a["multiplier_pos"],
+        a["multiplier_neg"],
+        a["axis"],
+        x.type.rank,
+        a["shift"],
+        a["lo"],
+        a["hi"],
+    )
+    _store(lw, node, result)
 
 
 def _int64(lw: Lowerer, value: Value) -> Any:

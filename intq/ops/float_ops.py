@@ -332,17 +332,25 @@ def _softmax(ctx: InferContext) -> list[TensorType]:
     return same_type(ctx)
 
 
-# ----- float ops the ONNX importer added for real models (no integer lowering yet) ----------
+# ----- float ops the ONNX importer added for real models ----------------------------------------
 
 
-@OPS.op("Min", inputs=2)
-@OPS.op("Max", inputs=2)
+@OPS.op("Min", inputs=2, traits=(Trait.INTEGER,))
+@OPS.op("Max", inputs=2, traits=(Trait.INTEGER,))
 def _min_max(ctx: InferContext) -> list[TensorType]:
     """Broadcasting elementwise minimum / maximum of two tensors of one numeric dtype (ONNX's
-    n-ary Min and Max are chains of these)."""
+    n-ary Min and Max are chains of these). Quantized integers must share their per-tensor
+    quantization, which the result keeps."""
     dtype = need_same_dtype(ctx, 0, 1)
     need_numeric(ctx, 0)
-    return [TensorType(dtype, broadcast_shape(ctx.type(0), ctx.type(1)))]
+    shape = broadcast_shape(ctx.type(0), ctx.type(1))
+    quants = {ctx.type(0).quant, ctx.type(1).quant}
+    if quants == {None}:
+        return [TensorType(dtype, shape)]
+    (quant,) = quants if len(quants) == 1 else (None,)
+    if quant is None or quant.axis is not None:
+        raise ShapeError(f"{ctx.op} inputs must share one per-tensor quantization; requantize them")
+    return [TensorType(dtype, shape, quant)]
 
 
 @OPS.op("PRelu", inputs=2)
@@ -451,12 +459,19 @@ def _conv_transpose_canon(
         "group": Attr("int", 1),
     },
     canonicalize=_conv_transpose_canon,
+    weight_axis=lambda node: 1,
 )
 def _conv_transpose(ctx: InferContext) -> list[TensorType]:
     """N-d transposed convolution, NC[D]HW; weight ``(C, M / group, k...)``; each spatial
     size is ``(in - 1) * stride + dilation * (k - 1) + 1 + output_padding - pads``."""
     need_same_dtype(ctx, 0, 1)
     need_float(ctx, 0)
+    return [TensorType(ctx.type(0).dtype, conv_transpose_shape(ctx))]
+
+
+def conv_transpose_shape(ctx: InferContext) -> tuple[int, ...]:
+    """The output shape of a transposed convolution (ConvTranspose's inputs and attributes);
+    checks the geometry."""
     x, w = ctx.type(0), ctx.type(1)
     group = ctx["group"]
     if x.rank < 3 or w.rank != x.rank:
@@ -488,4 +503,4 @@ def _conv_transpose(ctx: InferContext) -> list[TensorType]:
         if size < 1:
             raise ShapeError(f"ConvTranspose pads {list(pads)} leave no output")
         dims.append(size)
-    return [TensorType(x.dtype, (x.shape[0], m, *dims))]
+    return (x.shape[0], m, *dims)

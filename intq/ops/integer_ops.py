@@ -6,8 +6,8 @@ the graph:
 
 - ``Quantize`` (float -> int) and ``Dequantize`` (int -> float) are the only
   ops that cross the float boundary.
-- ``QConv``, ``QGemm``, ``QMatMul`` accumulate in int32; the accumulator's
-  scale is ``s_x * s_w[c]`` per output channel.
+- ``QConv``, ``QConvTranspose``, ``QGemm``, ``QMatMul`` accumulate in int32; the
+  accumulator's scale is ``s_x * s_w[c]`` per output channel.
 - ``QAveragePool``, ``QGlobalAveragePool`` and ``QReduceSum`` (with ``mean``) sum in
   int32; the accumulator's scale is ``s_x / N`` (the division lives in the scale, so it
   costs nothing); a plain ``QReduceSum`` keeps ``s_x``.
@@ -16,6 +16,8 @@ the graph:
   checks that ``M * 2^-S`` is within ``2^-30`` (relative) of ``s_in / s_out``
   (``s_a * s_b / s_out`` for ``QMul``).
 - ``QLookup`` is an elementwise function of an 8-bit input as a 256-entry table.
+- ``QPRelu`` is a PRelu and its rescaling: one multiplier for ``x >= 0``, one per channel
+  (the slope times it) for ``x < 0``, one shared shift.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from intq.errors import NumericsError, ShapeError
 from intq.ir.types import DType, QuantParams, TensorType
 from intq.ops.float_ops import OPS as FLOAT_OPS
-from intq.ops.float_ops import conv_shape
+from intq.ops.float_ops import conv_shape, conv_transpose_shape
 from intq.ops.schema import Attr, InferContext, KernelSpec, OpTable, Trait
 from intq.semantics.kernels import (
     GELU_DIVIDING,
@@ -188,6 +190,27 @@ def _qconv(ctx: InferContext) -> list[TensorType]:
     scales = tuple(s_x * s for s in _weights(ctx, 1, 0))
     _check_bias(ctx, 2, scales)
     return [_accumulator(conv_shape(ctx), scales, 1)]
+
+
+@OPS.op(
+    "QConvTranspose",
+    inputs=(2, 3),
+    attrs=FLOAT_OPS["ConvTranspose"].attrs,
+    canonicalize=FLOAT_OPS["ConvTranspose"].canonicalize,
+    traits=_WEIGHTED,
+    weight_axis=lambda node: 1,
+)
+def _qconv_transpose(ctx: InferContext) -> list[TensorType]:
+    """Integer transposed convolution (ConvTranspose's attributes), int32 accumulation.
+
+    Weights ``(C, M / group, k...)`` are quantized along axis 1, one scale per output channel
+    of a group shared by every group (output channel ``g * M / group + j`` has ``s_w[j]``);
+    bias int32 at ``s_x * s_w``.
+    """
+    s_x = _activation(ctx, 0)
+    scales = tuple(s_x * s for s in _weights(ctx, 1, 1)) * ctx["group"]
+    _check_bias(ctx, 2, scales)
+    return [_accumulator(conv_transpose_shape(ctx), scales, 1)]
 
 
 @OPS.op(
@@ -376,6 +399,44 @@ def _qmul(ctx: InferContext) -> list[TensorType]:
         raise ShapeError(f"QMul input shapes do not broadcast: {a}, {b}") from None
     out = _output(ctx, shape)
     _check_dyadic(ctx["multiplier"], ctx["shift"], s_a * s_b / ctx["scale"], "QMul")
+    return [out]
+
+
+@OPS.op(
+    "QPRelu",
+    attrs={
+        "slope": Attr("floats"),
+        "multiplier_pos": Attr("int"),
+        "multiplier_neg": Attr("ints"),
+        "shift": Attr("int"),
+        "axis": Attr("int", -1),
+        **_OUTPUT_ATTRS,
+    },
+    traits=(Trait.INTEGER, Trait.LAYER),
+)
+def _qprelu(ctx: InferContext) -> list[TensorType]:
+    """``clamp((x * M + 2^(S-1)) >> S, lo, hi)``, ``M`` the positive side's
+    ``multiplier_pos`` where ``x >= 0`` and ``multiplier_neg[c]`` where ``x < 0``
+    (:func:`intq.semantics.kernels.prelu`): PRelu (LeakyRelu: one slope) of a per-tensor
+    activation of <= 16 bits with one ``slope`` per channel along ``axis`` (or one), and its
+    rescaling, one rounding. One shift for both sides: each ``M * 2^-S`` is within ``2^-S``
+    of ``s_x / s_out`` (times the slope on the negative side), as ``QAdd``'s."""
+    s_x = _activation(ctx, 0)
+    x = ctx.type(0)
+    slopes, negatives = ctx["slope"], ctx["multiplier_neg"]
+    if len(slopes) != len(negatives) or not slopes:
+        raise ShapeError("QPRelu needs one negative-side multiplier per slope")
+    if len(slopes) > 1 and not (0 <= ctx["axis"] < x.rank and x.shape[ctx["axis"]] == len(slopes)):
+        raise ShapeError(f"{len(slopes)} slopes do not fit axis {ctx['axis']} of {x}")
+    out = _output(ctx, x.shape)
+    shift, ratio = ctx["shift"], s_x / ctx["scale"]
+    sides = [(ctx["multiplier_pos"], ratio, "x >= 0")]
+    sides += [(m, a * ratio, f"slope {a!r}") for m, a in zip(negatives, slopes)]
+    for m, real, name in sides:
+        if not -(1 << 31) < m < 1 << 31 or abs(math.ldexp(m, -shift) - real) > math.ldexp(
+            1, -shift
+        ):
+            raise ShapeError(f"QPRelu multiplier of {name} does not match its ratio {real!r}")
     return [out]
 
 

@@ -318,6 +318,10 @@ class Lowering:
 
         A BatchNorm with a tiny gamma leaves a channel with tiny weights but a real bias;
         its weight scale is raised until the bias fits comfortably in int32 (below 2^30).
+
+        A grouped transposed convolution has ``groups * channels`` biases for its weights'
+        ``channels`` scales along ``axis``: output channel ``g * channels + j`` has scale
+        ``s_x * s_w[j]``, and the floor of ``s_w[j]`` serves every group's bias.
         """
         value = node.inputs[1]
         if value is None or value.const is None:
@@ -326,7 +330,10 @@ class Lowering:
             )
         bits = self.options.bits(node.label()).weights
         s_x = scale_of(x)
-        floor = None if bias is None else np.abs(bias) / (s_x * 2.0**30)
+        channels = value.const.shape[axis]
+        floor = None
+        if bias is not None:
+            floor = (np.abs(bias) / (s_x * 2.0**30)).reshape(-1, channels).max(axis=0)
         # A pre-quantized model's own scales reproduce its integers (alpha would change them).
         model = self.model.weight(value)
         given = None
@@ -337,7 +344,7 @@ class Lowering:
         w.type = w.type.with_quant(channel_quant(bits, scales, axis, narrow=True))
         if bias is None:
             return w, None
-        acc_scales = tuple(s_x * s for s in scales)
+        acc_scales = tuple(s_x * s for s in scales) * (bias.size // channels)
         b_q = np.rint(bias / np.asarray(acc_scales)).astype(np.int32)
         b = self.dst.add_constant(b_q, f"{node.label()}.bias")
         b.type = b.type.with_quant(channel_quant(32, acc_scales, 0))

@@ -28,7 +28,8 @@ from intq.passes.integer_lowering import (
 )
 from intq.passes.precision import quantize_weights
 from intq.semantics.kernels import elementwise_table, layernorm_constants
-from intq.semantics.numpy_eval import EVAL
+from intq.semantics.numerics import common_shift, storage_dtype
+from intq.semantics.numpy_eval import EVAL, resize_nearest_index, resized_axes
 from intq.tables import RuleTable
 
 # ----- one rule per float op -------------------------------------------------------------------
@@ -49,6 +50,14 @@ def _conv(low: Lowering, node: Node) -> None:
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
     w, b = low.linear(node, x, 0, _bias(node, 2))
     acc = low.emit(node, "QConv", [x, w, b], **node.attrs)
+    low.pending[node.output] = Accumulator(acc)
+
+
+@_rule("ConvTranspose")
+def _conv_transpose(low: Lowering, node: Node) -> None:
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    w, b = low.linear(node, x, 1, _bias(node, 2))
+    acc = low.emit(node, "QConvTranspose", [x, w, b], **node.attrs)
     low.pending[node.output] = Accumulator(acc)
 
 
@@ -96,9 +105,17 @@ def _activation(low: Lowering, node: Node) -> None:
     assert source is not None
     low_real = 0.0 if node.op == "Relu" else node.attrs["min"]
     high_real = math.inf if node.op == "Relu" else node.attrs["max"]
+    _clamped(low, node, source, low_real, high_real)
+
+
+def _clamped(low: Lowering, node: Node, source: Value, low_real: float, high_real: float) -> None:
+    """``node``'s output: ``source`` clamped to ``[low_real, high_real]``, in the pending
+    rescale of ``source`` when ``node`` is its only reader, else as an integer ``Clip``."""
     # Fuse into the pending rescale only when the activation is its sole reader.
     if source in low.pending and len(source.uses()) == 1 and not source.is_graph_output:
-        quant = low.activation_quant(node.output)
+        # Unsigned when clamped at 0 (Max(x, 0) too), unless a pre-quantized model says.
+        unsigned = low_real >= 0 and low.model.activation(node.output) is None
+        quant = low.activation_quant(node.output, non_negative=True if unsigned else None)
         scale = quant.scale[0]
         lo = (
             quant.qmin
@@ -119,6 +136,56 @@ def _activation(low: Lowering, node: Node) -> None:
     bounds = {"min": math.floor(low_real / scale + 0.5) if low_real > -math.inf else -math.inf}
     bounds["max"] = math.floor(high_real / scale + 0.5) if high_real < math.inf else math.inf
     low.ints[node.output] = low.emit(node, "Clip", [x], **bounds)
+
+
+@_rule("Min", "Max")
+def _min_max(low: Lowering, node: Node) -> None:
+    """With a scalar constant, a clamp (``Max(x, 0)`` is a ReLU, fused like one); otherwise
+    both operands rescaled to the output's calibrated quantization (a constant quantized to
+    it), then the integer ``Min``/``Max``: rounding is monotone, so the extreme of the rounded
+    operands is the rounded extreme."""
+    a, b = node.inputs
+    assert a is not None and b is not None
+    for x, c in ((a, b), (b, a)):
+        bound = _scalar(c) if c.is_const and not x.is_const else None
+        fused = x in low.pending and len(x.uses()) == 1 and not x.is_graph_output
+        # A bound the unfused operand cannot represent (a cap below its whole range) takes
+        # the general path: the output's own scale holds it.
+        if bound is not None and (fused or _representable(low.materialize(x), bound)):
+            if node.op == "Max":
+                _clamped(low, node, x, bound, math.inf)
+            else:
+                _clamped(low, node, x, -math.inf, bound)
+            return
+    quant = low.activation_quant(node.output)
+    parts = []
+    for value in (a, b):
+        pending = low.pending.get(value)
+        if value.const is not None:
+            codes = np.clip(
+                np.rint(np.asarray(value.const, np.float64) / quant.scale[0]),
+                quant.qmin,
+                quant.qmax,
+            )
+            part = low.dst.add_constant(
+                codes.astype(storage_dtype(quant.bits, quant.signed)), value.name
+            )
+            part.type = part.type.with_quant(quant)
+        elif pending is not None:  # rescaled straight to the output's quantization
+            part = pending.finish(low, quant, quant.qmin, quant.qmax, node.label())
+        else:
+            part = low.materialize(value)
+            if part.type.quant != quant:
+                part = Accumulator(part).finish(low, quant, quant.qmin, quant.qmax, node.label())
+        parts.append(part)
+    low.ints[node.output] = low.emit(node, node.op, parts)
+
+
+def _representable(x: Value, real: float) -> bool:
+    """Whether ``real`` rounds to a code of integer ``x``'s quantization."""
+    quant = x.type.quant
+    assert quant is not None
+    return quant.qmin <= math.floor(real / quant.scale[0] + 0.5) <= quant.qmax
 
 
 @_rule("Add")
@@ -190,13 +257,15 @@ def _fold_channel_scale(low: Lowering, node: Node, x: Value, c: Value) -> bool:
     if x.is_graph_output or c.const is None:
         return False
     acc = pending.acc  # type: ignore[union-attr]
-    axis = 1 if layer.op == "QConv" else acc.type.rank - 1
+    axis = 1 if layer.op in ("QConv", "QConvTranspose") else acc.type.rank - 1
     gamma = _channel_vector(np.asarray(c.const, np.float64), x.type.shape, axis)
     w_axis = layer.opdef.weight_axis(layer)
     if gamma is None or w_axis is None:
         return False
     x_q, w, b = (*layer.inputs, None)[:3]
     assert x_q is not None and w is not None and w.const is not None
+    if w.const.shape[w_axis] != len(gamma):  # a grouped transposed conv's shared scales
+        return False
     sign = np.sign(gamma)
     w_quant, shape = w.type.quant, [1] * w.type.rank
     assert w_quant is not None
@@ -239,6 +308,41 @@ def raw(low: Lowering, value: Value | None) -> Value | None:
     token id, an attention mask and what is computed from them: no scale), else None."""
     source = low.ints.get(value) if value is not None else None
     return source if source is not None and source.type.quant is None else None
+
+
+@_rule("PRelu")
+def _prelu(low: Lowering, node: Node) -> None:
+    """One ``QPRelu``: the slope (a constant, per tensor or varying along one axis) times the
+    rescaling on the negative side, the rescaling alone on the other, one rounding."""
+    source, slope = node.inputs
+    assert source is not None
+    if slope is None or slope.const is None:
+        raise UnsupportedOpError("PRelu with a computed slope", node=node.label())
+    x = low.materialize(source)
+    c = np.asarray(slope.const, np.float64)
+    dims = (1,) * (x.type.rank - c.ndim) + c.shape
+    varying = [i for i, d in enumerate(dims) if d != 1]
+    if len(varying) > 1:
+        raise UnsupportedOpError(
+            f"PRelu with a slope {list(c.shape)} varying along more than one axis",
+            node=node.label(),
+        )
+    slopes = [float(v) for v in c.reshape(-1)]
+    out = low.activation_quant(node.output)
+    ratio = scale_of(x) / out.scale[0]
+    magnitudes, shift = common_shift(ratio, *(abs(a) * ratio for a in slopes))
+    negatives = tuple(int(math.copysign(m, a)) for m, a in zip(magnitudes[1:], slopes))
+    low.ints[node.output] = low.emit(
+        node,
+        "QPRelu",
+        [x],
+        slope=tuple(slopes),
+        multiplier_pos=magnitudes[0],
+        multiplier_neg=negatives,
+        shift=shift,
+        axis=varying[0] if varying else -1,
+        **output_attrs(out, out.qmin, out.qmax),
+    )
 
 
 @_rule("Cast")
@@ -392,6 +496,28 @@ def _pad(low: Lowering, node: Node) -> None:
             "Pad with a non-zero constant in the integer path", node=node.label()
         )
     _movement(low, node)
+
+
+@_rule("Resize")
+def _resize(low: Lowering, node: Node) -> None:
+    """Nearest: pure data movement, one ``Gather`` of constant indices per resized axis (the
+    indices the float semantics computes), so the output keeps the input's scale."""
+    attrs = node.attrs
+    if attrs["mode"] != "nearest":
+        raise UnsupportedOpError(
+            f"Resize mode {attrs['mode']!r} in the integer path", node=node.label()
+        )
+    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    axes = resized_axes(attrs, x.type.shape)
+    transform, rounding = attrs["coordinate_transformation_mode"], attrs["nearest_mode"]
+    for i, (axis, size, out, scale) in enumerate(axes):
+        index = resize_nearest_index(size, out, scale, transform, rounding)
+        const = low.dst.add_constant(index, f"{node.label()}.index{axis}")
+        if i == len(axes) - 1:
+            x = low.emit(node, "Gather", [x, const], axis=axis)
+        else:
+            x = low.dst.add("Gather", [x, const], {"axis": axis}, name=node.label()).output
+    low.ints[node.output] = x
 
 
 @_rule("Concat")

@@ -6,9 +6,9 @@ an integer with its scale in its type. One rule per float op, in
 :data:`intq.passes.integer_rules.LOWERINGS`; the lowering's state is in
 :mod:`intq.passes.integer_lowering`.
 
-- Conv, Gemm and MatMul (constant weights) become ``QConv``/``QGemm``/
-  ``QMatMul``: weights per output channel, symmetric, narrow range; bias int32
-  at ``s_x * s_w[c]``; int32 accumulation.
+- Conv, ConvTranspose, Gemm and MatMul (constant weights) become ``QConv``/
+  ``QConvTranspose``/``QGemm``/``QMatMul``: weights per output channel, symmetric, narrow
+  range; bias int32 at ``s_x * s_w[c]``; int32 accumulation.
 - An accumulator stays *pending* until a consumer needs an activation: a
   following ReLU or ReLU6 then sets the clamp of the one ``Requantize``
   (``lo = 0``, unsigned output), so the activation costs nothing and the
@@ -20,11 +20,17 @@ an integer with its scale in its type. One rule per float op, in
   work on the integers unchanged; Concat first requantizes its inputs to one
   scale; average pools and ReduceMean sum in int32 and put ``1/N`` in the dyadic
   multiplier (ReduceSum keeps the input's scale).
+- A nearest Resize is one ``Gather`` per resized axis, of the constant input indices the
+  float semantics computes: data movement, so the input's scale travels.
 - An elementwise function (an op with ``Trait.ELEMENTWISE``: Sigmoid, Tanh, HardSwish...)
   of an 8-bit input becomes ``QLookup``, its exactly rounded 256-entry table, evaluated by
   the reference semantics at every input code.
 - A ``Mul`` of two activations (SiLU, gates) is pending too and becomes one ``QMul``
   ``(a*b*M + 2^(S-1)) >> S`` (broadcasting) with the following ReLU's clamp.
+- A PRelu (LeakyRelu) with a constant slope becomes one ``QPRelu``: the rescaling of its
+  8- or 16-bit input, times the slope of the element's channel where it is negative.
+- Min/Max with a scalar constant is a clamp (fused like a ReLU); of two activations (or a
+  constant tensor) both operands are rescaled to the output's scale, then integer Min/Max.
 - Graph outputs are dequantized once, straight from the int32 accumulator
   when they come from a Gemm (no 8-bit rounding of the logits). A trailing
   Softmax runs after that dequantization, outside the integer region.

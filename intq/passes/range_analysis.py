@@ -4,15 +4,17 @@ Interval arithmetic over the integer ops, one rule per op in :data:`RULES`.
 Intervals start at the clamp ranges of quantized values (and the exact
 extremes of constants) and follow each op:
 
-- ``QConv``/``QGemm``/``QMatMul``: per output channel, the worst case of
+- ``QConv``/``QConvTranspose``/``QGemm``/``QMatMul``: per output channel, the worst case of
   ``sum(w * x) + b`` over the input interval (zero padding included) must fit
   int32.
 - ``QGlobalAveragePool``/``QAveragePool``/``QReduceSum``: ``N * x`` must fit int32.
 - ``Requantize``: ``acc * M`` (and for ``S <= 0`` the left shift) must fit int64.
 - ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64 (``Mb < 0`` for a Sub).
 - ``QMul``: ``a * b`` must fit int32 and ``a * b * M + 2^(S-1)`` stay below 2^62.
+- ``QPRelu``: ``x * M + 2^(S-1)`` (``M`` the larger side's) must stay below 2^62.
 - ``QLookup``: its table's smallest and largest entries.
-- Data movement keeps the interval; Concat joins them; Clip intersects.
+- Data movement keeps the interval; Concat joins them; Clip intersects; Min and Max take
+  the smaller or larger bounds.
 
 A value that could overflow raises :class:`~intq.errors.NumericsError` naming
 the layer, the bound and what to do. An integer op without a rule is refused
@@ -101,6 +103,13 @@ def _const(node: Node, index: int) -> np.ndarray:
 @_rule("QConv")
 def _qconv(node: Node, ins: list[Interval | None]) -> Interval:
     return _dot_bound(node, ins[0], _const(node, 1), 0, ins[2] if len(ins) > 2 else None)  # type: ignore[arg-type]
+
+
+@_rule("QConvTranspose")
+def _qconv_transpose(node: Node, ins: list[Interval | None]) -> Interval:
+    """Per output channel of a group (axis 1 of the weights), every input channel and tap:
+    a superset of the products any output sums, in every group."""
+    return _dot_bound(node, ins[0], _const(node, 1), 1, ins[2] if len(ins) > 2 else None)  # type: ignore[arg-type]
 
 
 @_rule("QGemm")
@@ -230,6 +239,20 @@ def _qmul(node: Node, ins: list[Interval | None]) -> Interval:
     return _clamp(node)
 
 
+@_rule("QPRelu")
+def _qprelu(node: Node, ins: list[Interval | None]) -> Interval:
+    """``|x| max|M| 2^max(0, -S) + 2^(S-1)`` stays below 2^62 (what
+    :func:`intq.semantics.kernels.prelu` needs for its rounding shift)."""
+    a = node.attrs
+    shift = a["shift"]
+    largest = max(abs(a["multiplier_pos"]), *(abs(m) for m in a["multiplier_neg"]))
+    total = _magnitude(ins[0]) * largest * 2 ** max(0, -shift) + (
+        2 ** (shift - 1) if 1 <= shift < 63 else 0
+    )
+    _fits(node, (-total, total), INT62, "the rescaled PRelu", "report this model")
+    return _clamp(node)
+
+
 @_rule("QLookup")
 def _qlookup(node: Node, ins: list[Interval | None]) -> Interval:
     table = node.attrs["table"]
@@ -265,6 +288,14 @@ def _clip(node: Node, ins: list[Interval | None]) -> Interval:
     low = x[0] if lo == -np.inf else max(x[0], int(np.ceil(lo)))
     high = x[1] if hi == np.inf else min(x[1], int(np.floor(hi)))
     return low, max(low, high)
+
+
+@_rule("Min", "Max")
+def _min_max(node: Node, ins: list[Interval | None]) -> Interval:
+    a, b = ins[0], ins[1]
+    assert a is not None and b is not None
+    pick = min if node.op == "Min" else max
+    return pick(a[0], b[0]), pick(a[1], b[1])
 
 
 @_rule("Concat")

@@ -1,8 +1,9 @@
 """Integer-only kernels: Shiftmax, ShiftGELU, integer LayerNorm; tables and products.
 
 ``QLookup`` (an elementwise function as an exactly rounded 256-entry table,
-:func:`elementwise_table`, :func:`lookup`) and ``QMul`` (a product of two activations and
-one dyadic rescaling, :func:`multiply`) are written the same way.
+:func:`elementwise_table`, :func:`lookup`), ``QMul`` (a product of two activations and
+one dyadic rescaling, :func:`multiply`) and ``QPRelu`` (a slope per channel on the negative
+side and the rescaling, :func:`prelu`) are written the same way.
 
 Each kernel is written **once**, against :class:`IntOps`, a small vocabulary
 of int64 operations (add, multiply, shifts, compare-and-select, reductions,
@@ -574,6 +575,37 @@ def multiply(
         rounded = k.round_shift(product, shift) if shift >= 1 else product
     out = k.clamp(rounded, lo, hi)
     return out if offset == 0 else ops.add(out, ops.const(offset))
+
+
+def prelu(
+    ops: IntOps[T],
+    x: T,
+    multiplier_pos: int,
+    multiplier_neg: Sequence[int],
+    axis: int,
+    rank: int,
+    shift: int,
+    lo: int,
+    hi: int,
+) -> T:
+    """``clamp((x M + 2^(S-1)) >> S, lo, hi)`` with ``M = multiplier_pos`` where ``x >= 0``
+    and ``M = multiplier_neg[c]`` (of any sign, per channel along ``axis`` of a rank-``rank``
+    ``x``, or one) where ``x < 0``: a PRelu and its rescaling in one rounding, both sides
+    sharing ``S`` (``S <= 0``: ``x M 2^-S``, no rounding). The caller proves
+    ``|x M| 2^max(0, -S) < 2^62``."""
+    k = _K(ops)
+    up = 1 << max(0, -shift)
+    shape = [1] * rank
+    if len(multiplier_neg) > 1:
+        shape[axis] = len(multiplier_neg)
+    negative_side = np.asarray(multiplier_neg, np.int64).reshape(shape) * up
+    m = ops.where(ops.less(x, k.c(0)), k.c(negative_side), k.c(multiplier_pos * up))
+    product = ops.mul(x, m)
+    if shift >= 63:  # |x M| < 2^62 <= 2^(S-1): exactly 0 (intq.semantics.numerics)
+        rounded = ops.mul(product, k.c(0))
+    else:
+        rounded = k.round_shift(product, shift) if shift >= 1 else product
+    return k.clamp(rounded, lo, hi)
 
 
 # ----- one entry point for the backends ---------------------------------------------------------

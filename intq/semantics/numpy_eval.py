@@ -388,6 +388,24 @@ def _qmul(node: Node, a: Array, b: Array) -> list[Array]:
     return [y.astype(_out_dtype(node))]
 
 
+@_kernel("QPRelu")
+def _qprelu(node: Node, x: Array) -> list[Array]:
+    a = node.attrs
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.prelu(
+        ops,
+        x.astype(np.int64),
+        a["multiplier_pos"],
+        a["multiplier_neg"],
+        a["axis"],
+        x.ndim,
+        a["shift"],
+        a["lo"],
+        a["hi"],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
 # ----- transformer kernels (written once in intq.kernels) -------------------------------
 
 
@@ -602,17 +620,40 @@ def _nearest_index(coords: np.ndarray, size: int, mode: str) -> np.ndarray:
     return np.clip(index, 0, size - 1).astype(np.int64)
 
 
+def resized_axes(
+    attrs: Mapping[str, object], shape: Sequence[int]
+) -> list[tuple[int, int, int, float]]:
+    """``(axis, size, out, scale)`` of each axis a Resize with ``attrs`` changes, in the order
+    it resizes them (an axis of unchanged size and scale 1 is left as it is)."""
+    sizes, scales = attrs["sizes"], attrs["scales"]
+    assert isinstance(sizes, tuple) and isinstance(scales, tuple)
+    return [
+        (axis, size, out, scale)
+        for axis, (size, out, scale) in enumerate(zip(shape, sizes, scales))
+        if not (size == out and scale == 1.0)
+    ]
+
+
+def resize_nearest_index(
+    size: int, out: int, scale: float, transform: str, nearest_mode: str
+) -> np.ndarray:
+    """The input index (int64) each of ``out`` output positions of a nearest Resize reads
+    along an axis of ``size``: the float semantics and the integer lowering (a ``Gather``
+    per axis) share it."""
+    return _nearest_index(resize_coordinates(out, size, scale, transform), size, nearest_mode)
+
+
 @_kernel("Resize")
 def _resize(node: Node, x: Array) -> list[Array]:
     attrs = node.attrs
     y = x
-    for axis, (size, out, scale) in enumerate(zip(x.shape, attrs["sizes"], attrs["scales"])):
-        if size == out and scale == 1.0:
-            continue
-        coords = resize_coordinates(out, size, scale, attrs["coordinate_transformation_mode"])
+    transform = attrs["coordinate_transformation_mode"]
+    for axis, size, out, scale in resized_axes(attrs, x.shape):
         if attrs["mode"] == "nearest":
-            y = np.take(y, _nearest_index(coords, size, attrs["nearest_mode"]), axis=axis)
+            index = resize_nearest_index(size, out, scale, transform, attrs["nearest_mode"])
+            y = np.take(y, index, axis=axis)
             continue
+        coords = resize_coordinates(out, size, scale, transform)
         coords = np.clip(coords, 0, size - 1)
         low = np.minimum(coords.astype(np.int64), size - 1)
         high = np.minimum(low + 1, size - 1)
@@ -627,6 +668,17 @@ def _resize(node: Node, x: Array) -> list[Array]:
 
 @_kernel("ConvTranspose")
 def _conv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    return [_transposed(node, x, w, b).astype(_out_dtype(node), copy=False)]
+
+
+@_kernel("QConvTranspose")
+def _qconv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]:
+    return [_int32(node, _transposed(node, x, w, b))]
+
+
+def _transposed(node: Node, x: Array, w: Array, b: Array | None) -> Array:
+    """Transposed convolution in the inputs' float type, or exactly in float64 for integer
+    inputs."""
     attrs = node.attrs
     group = attrs["group"]
     strides, dilations, pads = attrs["strides"], attrs["dilations"], attrs["pads"]
@@ -641,7 +693,7 @@ def _conv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> l
         + attrs["output_padding"][i]
         for i in range(spatial)
     ]
-    acc = x.dtype if x.dtype.kind == "f" else np.float64
+    acc = x.dtype if x.dtype.kind == "f" else _ACC_EXACT
     y = np.zeros((n, group, m_per, *full), acc)
     xg = x.reshape(n, group, c // group, *x.shape[2:]).astype(acc, copy=False)
     wg = w.reshape(group, c // group, m_per, *kernel).astype(acc, copy=False)
@@ -660,7 +712,7 @@ def _conv_transpose(node: Node, x: Array, w: Array, b: Array | None = None) -> l
     y = y[(slice(None), slice(None), *crop)]
     if b is not None:
         y = y + b.reshape((1, -1) + (1,) * spatial).astype(acc, copy=False)
-    return [np.ascontiguousarray(y).astype(_out_dtype(node), copy=False)]
+    return np.ascontiguousarray(y)
 
 
 # ----- the interpreter ------------------------------------------------------------------
