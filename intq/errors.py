@@ -8,6 +8,8 @@ what to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 
 class IntqError(Exception):
     """Base class of every error intq raises on purpose.
@@ -34,6 +36,29 @@ class ModelImportError(IntqError):
 
 class UnsupportedOpError(ModelImportError):
     """The model uses an operator (or an opset of it) that intq cannot convert."""
+
+
+def unsupported_ops(unsupported: Mapping[str, Sequence[str]], hint: str) -> UnsupportedOpError:
+    """One error listing every op an importer cannot convert (op -> its nodes' names), the
+    most frequent first, with a few node names each."""
+    if len(unsupported) == 1:
+        ((op, names),) = unsupported.items()
+        if len(names) == 1:
+            return UnsupportedOpError(f"{op} is not supported", node=names[0], hint=hint)
+    total = sum(len(names) for names in unsupported.values())
+    parts = []
+    for op, names in sorted(unsupported.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(repr(n) for n in names[:_SHOWN])
+        more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+        parts.append(f"{op} x{len(names)} ({shown}{more})")
+    kinds = "op is" if len(unsupported) == 1 else f"{len(unsupported)} ops are"
+    return UnsupportedOpError(
+        f"{kinds} not supported, in {total} nodes: " + "; ".join(parts), hint=hint
+    )
+
+
+_SHOWN = 3
+"""Node names an unsupported-ops error shows per op."""
 
 
 class ShapeError(IntqError):

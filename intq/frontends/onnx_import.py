@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from intq.artifacts import parse_onnx
-from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
+from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError, unsupported_ops
 from intq.frontends.onnx_context import (
     MAX_OPSET,
     ConvertContext,
@@ -54,8 +54,6 @@ from intq.ir.verifier import verify
 from intq.passes.dce import DeadCodeElimination
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_SHOWN = 3
-"""Nodes named per unsupported op in the report."""
 
 
 def from_onnx(
@@ -472,20 +470,7 @@ class _Importer:
         hint = "supported ONNX ops (opsets): " + ", ".join(supported_ops())
         if custom:
             hint = "intq converts standard ONNX (ai.onnx) ops only; " + hint
-        if len(self.unsupported) == 1:
-            ((op, names),) = self.unsupported.items()
-            if len(names) == 1:
-                return UnsupportedOpError(f"{op} is not supported", node=names[0], hint=hint)
-        total = sum(len(names) for names in self.unsupported.values())
-        parts = []
-        for op, names in sorted(self.unsupported.items(), key=lambda item: -len(item[1])):
-            shown = ", ".join(repr(n) for n in names[:_SHOWN])
-            more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
-            parts.append(f"{op} x{len(names)} ({shown}{more})")
-        kinds = "op is" if len(self.unsupported) == 1 else f"{len(self.unsupported)} ops are"
-        return UnsupportedOpError(
-            f"{kinds} not supported, in {total} nodes: " + "; ".join(parts), hint=hint
-        )
+        return unsupported_ops(self.unsupported, hint)
 
     def _fold(self, node: onnx.NodeProto, name: str, inputs: list[Value | None]) -> bool:
         """Evaluate a node intq has no converter for on its constant inputs; False when onnx

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError
+from intq.errors import IntqError, ModelImportError, ShapeError, UnsupportedOpError, unsupported_ops
 from intq.frontends.onnx_import import from_onnx
 from intq.frontends.torch_ops import ATEN_CONVERTERS, TorchContext, supported_aten_ops
 from intq.ir.graph import Graph, Value
@@ -194,6 +194,14 @@ def _ir_type(val: Any, what: str) -> TensorType:
     return TensorType(dtype, shape)
 
 
+_MISSING = object()
+"""The value of an fx node intq could not convert (reported), and of what it feeds."""
+
+
+def _reads_missing(args: Any) -> bool:
+    return any(a is _MISSING or (isinstance(a, (list, tuple)) and _reads_missing(a)) for a in args)
+
+
 def _bind(node: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     """The node's arguments by schema name, defaults filled in, fx nodes as IR values."""
     import torch
@@ -231,6 +239,7 @@ class _Importer:
         self.graph = Graph("main")
         self.values: dict[str, Any] = {}
         self.labels = self._labels()
+        self.unsupported: dict[str, list[str]] = {}  # ATen op -> the nodes that use it
 
     def _labels(self) -> dict[str, tuple[str, str]]:
         """fx node name -> (node label, module type): module paths, made unique per node."""
@@ -296,6 +305,13 @@ class _Importer:
                 output_node = node
             else:
                 raise UnsupportedOpError(f"fx node {node.name} of kind {node.op}")
+        if self.unsupported:
+            raise unsupported_ops(
+                self.unsupported,
+                hint="rewrite this part of the model with supported ops, or export the model"
+                " to ONNX and use intq.from_onnx; supported ATen ops: "
+                + ", ".join(op.removeprefix("aten.") for op in supported_aten_ops()),
+            )
         assert output_node is not None
         self._outputs(output_node)
         DeadCodeElimination()(self.graph)
@@ -318,22 +334,23 @@ class _Importer:
         target = str(node.target)
         label, kind = self.labels[node.name]
         converter = ATEN_CONVERTERS.get(target)
-        where = f" (in {kind})" if kind else ""
+        args = _bind(node, self.values)
+        if _reads_missing(args.values()):  # downstream of an op already reported
+            self.values[node.name] = _MISSING
+            return
         if converter is None:
-            raise UnsupportedOpError(
-                f"ATen op {target}{where} is not supported",
-                node=label,
-                hint="rewrite this part of the model with supported ops, or export the model"
-                " to ONNX and use intq.from_onnx; supported ATen ops: "
-                + ", ".join(op.removeprefix("aten.") for op in supported_aten_ops()),
-            )
+            folded = self._fold(node)
+            if folded is None:
+                where = f" (in {kind})" if kind else ""
+                self.unsupported.setdefault(f"ATen op {target}{where}", []).append(label)
+                folded = _MISSING
+            self.values[node.name] = folded
+            return
         val = node.meta.get("val")
         import torch
 
         out_type = _ir_type(val, f"output of {target}") if isinstance(val, torch.Tensor) else None
-        ctx = TorchContext(
-            self.graph, target, label, _bind(node, self.values), out_type, node.name, kind
-        )
+        ctx = TorchContext(self.graph, target, label, args, out_type, node.name, kind)
         try:
             result = converter(ctx)
         except IntqError as err:
@@ -346,6 +363,41 @@ class _Importer:
                     f"{target} gave {result.type} in intq but {out_type} in PyTorch", node=label
                 )
         self.values[node.name] = result
+
+    def _fold(self, node: Any) -> Value | list[Value | None] | None:
+        """The op evaluated by PyTorch itself when every tensor it reads is a constant (a
+        mask builder's ``new_ones``, a ``linspace``): constants; ``None`` otherwise."""
+        import torch
+
+        constant = True
+
+        def tensor(arg: Any) -> Any:
+            nonlocal constant
+            if isinstance(arg, torch.fx.Node):
+                value = self.values.get(arg.name)
+                if not isinstance(value, Value) or value.const is None:
+                    constant = False
+                    return None
+                return torch.from_numpy(np.array(value.const))
+            if isinstance(arg, (list, tuple)):
+                return type(arg)(tensor(a) for a in arg)
+            return arg
+
+        args = [tensor(a) for a in node.args]
+        kwargs = {k: tensor(v) for k, v in node.kwargs.items()}
+        if not constant:
+            return None
+        try:
+            with torch.no_grad():
+                result = node.target(*args, **kwargs)
+        except Exception:  # not evaluable here (a device, an out= argument): reported
+            return None
+        results = result if isinstance(result, (list, tuple)) else [result]
+        if not all(isinstance(r, torch.Tensor) for r in results):
+            return None
+        label = self.labels[node.name][0]
+        values = [self.graph.add_constant(r.detach().numpy().copy(), label) for r in results]
+        return values[0] if not isinstance(result, (list, tuple)) else list(values)
 
     def _outputs(self, node: Any) -> None:
         import torch

@@ -104,20 +104,41 @@ def _pairs(values: Sequence[int] | int, spatial: int) -> tuple[int, ...]:
 
 
 @_aten("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default")
+@_aten("aten.conv1d.padding", "aten.conv2d.padding", "aten.conv3d.padding")
 def _conv(ctx: TorchContext) -> Result:
     x, w = ctx.value("input"), ctx.value("weight")
     spatial = w.type.rank - 2
-    if isinstance(ctx.args["padding"], str):
-        raise ctx.unsupported(f"padding={ctx.args['padding']!r}; give explicit padding")
-    padding = _pairs(ctx.args["padding"], spatial)
+    strides = _pairs(ctx.args["stride"], spatial)
+    dilations = _pairs(ctx.args["dilation"], spatial)
+    padding = ctx.args["padding"]
+    if padding == "valid":
+        begins = ends = (0,) * spatial
+    elif padding == "same":  # torch puts the odd pixel at the end (stride 1 only)
+        total = [d * (k - 1) for d, k in zip(dilations, w.type.shape[2:])]
+        begins = tuple(t // 2 for t in total)
+        ends = tuple(t - b for t, b in zip(total, begins))
+    else:
+        begins = ends = _pairs(padding, spatial)
     return ctx.emit(
         "Conv",
         [x, w, ctx.args.get("bias")],
-        strides=_pairs(ctx.args["stride"], spatial),
-        pads=padding + padding,
-        dilations=_pairs(ctx.args["dilation"], spatial),
+        strides=strides,
+        pads=begins + ends,
+        dilations=dilations,
         group=int(ctx.args["groups"]),
     )
+
+
+@_aten("aten.arange.default", "aten.arange.start", "aten.arange.start_step")
+def _arange(ctx: TorchContext) -> Result:
+    """A constant at the captured shapes (position ids, mask builders' index ranges)."""
+    bounds = [ctx.args.get(k) for k in ("start", "end", "step") if k in ctx.args]
+    if any(isinstance(b, Value) for b in bounds):
+        raise ctx.unsupported("a bound computed at run time")
+    assert ctx.out_type is not None
+    start, end, step = (*bounds, 1)[:3] if len(bounds) > 1 else (0, bounds[0], 1)
+    data = np.arange(start, end, step).astype(ctx.out_type.dtype.numpy)
+    return ctx.graph.add_constant(data, ctx.name)
 
 
 @_aten("aten.conv_transpose1d.default", "aten.conv_transpose2d.input")
@@ -420,8 +441,18 @@ def _attention(ctx: TorchContext) -> Result:
     if ctx.args.get("enable_gqa"):
         raise ctx.unsupported("enable_gqa=True")
     mask = ctx.args.get("attn_mask")
-    if mask is not None and (not isinstance(mask, Value) or not mask.type.dtype.is_float):
-        raise ctx.unsupported("a boolean attn_mask; pass an additive float mask")
+    if mask is not None and not isinstance(mask, Value):
+        raise ctx.unsupported(f"attn_mask={mask!r}")
+    if (
+        mask is not None
+        and mask.const is not None
+        and mask.const.dtype == bool
+        and mask.const.all()
+    ):
+        mask = None  # keeps every position (a bidirectional model's mask at fixed shapes)
+    if mask is not None and not mask.type.dtype.is_float:  # True keeps: 0, else the lowest
+        keep, drop = ctx.scalar(0.0, q), ctx.scalar(np.finfo(np.float32).min, q)
+        mask = ctx.emit("Where", [mask, keep, drop])
     scale = ctx.args.get("scale")
     scale = 1.0 / float(np.sqrt(q.type.shape[-1])) if scale is None else float(scale)
     perm = list(range(k.type.rank))
