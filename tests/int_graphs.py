@@ -22,9 +22,13 @@ def shifted_batches(x: np.ndarray, count: int = 3) -> list[dict[str, np.ndarray]
     ]
 
 
-def int_input(g: Graph, name: str, shape, signed: bool, scale: float = 0.05):
-    dtype = DType.I8 if signed else DType.U8
-    return g.add_input(name, TensorType(dtype, tuple(shape), QuantParams(8, signed, (scale,))))
+def int_input(g: Graph, name: str, shape, signed: bool, scale: float = 0.05, bits: int = 8):
+    """A quantized graph input of ``bits`` bits, stored in 8 or (above 8 bits) 16."""
+    if bits <= 8:
+        dtype = DType.I8 if signed else DType.U8
+    else:
+        dtype = DType.I16 if signed else DType.U16
+    return g.add_input(name, TensorType(dtype, tuple(shape), QuantParams(bits, signed, (scale,))))
 
 
 def weight(g: Graph, data: np.ndarray, scales, axis: int):
@@ -34,13 +38,17 @@ def weight(g: Graph, data: np.ndarray, scales, axis: int):
     return w
 
 
-def full_range(rng: np.random.Generator, shape, signed: bool) -> np.ndarray:
-    low, high = (-128, 128) if signed else (0, 256)
+def full_range(rng: np.random.Generator, shape, signed: bool, bits: int = 8) -> np.ndarray:
+    """Integers over the whole ``bits``-bit range, a third of them the maximum and a fifth
+    the minimum; stored as 8-bit integers, or 16-bit above 8 bits."""
+    low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
     values = rng.integers(low, high, size=shape)
     values.reshape(-1)[::3] = (
         high - 1
     )  # many extremes: saturating kernels (vpmaddubsw) fail on them
     values.reshape(-1)[1::5] = low
+    if bits > 8:
+        return values.astype(np.int16 if signed else np.uint16)
     return values.astype(np.int8 if signed else np.uint8)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from int_graphs import (
@@ -152,6 +153,121 @@ def test_qgemm_layers_are_bit_exact(seed, signed, trans_b, k):
     acc = g.op("QGemm", x, w, transB=int(trans_b))
     g.set_outputs([acc, requantized(g, acc, float(rng.uniform(1, 100)), True)])
     assert_bit_exact(g, {"x": full_range(rng, (3, k), signed)})
+
+
+# ----- 16-bit activations: two byte planes through the u8 x u8 kernels -------------------------
+
+
+def _onnx_ops(graph: Graph) -> list[str]:
+    return [n.op_type for n in intq.compile(graph, target="onnxruntime").model.graph.node]
+
+
+@settings(max_examples=25, deadline=None)
+@example(seed=0, signed=True, bits=16, channels=4, depthwise=True, kernel=3, stride=1, pad=2)
+@given(
+    seed=st.integers(0, 2**16),
+    signed=st.booleans(),
+    bits=st.sampled_from([12, 16]),
+    channels=st.sampled_from([1, 2, 4]),
+    depthwise=st.booleans(),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    pad=st.integers(0, 2),
+)
+def test_qconv_on_16_bit_activations_is_bit_exact(
+    seed, signed, bits, channels, depthwise, kernel, stride, pad
+):
+    """Full-range 16-bit inputs and weights, every tap of a padded border included: the two
+    ``ConvInteger`` planes pad with their zero points, which stand for an input of 0."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    x = int_input(g, "x", (1, channels, 6, 6), signed, bits=bits)
+    group = channels if depthwise else 1
+    acc = qconv(g, rng, x, channels if depthwise else 3, group, kernel, stride, pad, True)
+    g.set_outputs([acc, requantized(g, acc, float(rng.uniform(50, 5000)), rng.random() < 0.5)])
+    verify(g)
+    assert _onnx_ops(g).count("ConvInteger") == 2
+    assert_bit_exact(g, {"x": full_range(rng, (1, channels, 6, 6), signed, bits)})
+
+
+@settings(max_examples=25, deadline=None)
+@example(seed=0, signed=False, trans_b=False, k=256)
+@given(
+    # k <= 256: the longest full-range u16 x 127 reduction whose sum fits int32, where the
+    # two planes' partial sums (256 p_hi alone may pass int32) must join in int64.
+    seed=st.integers(0, 2**16),
+    signed=st.booleans(),
+    trans_b=st.booleans(),
+    k=st.integers(1, 256),
+)
+def test_qgemm_on_16_bit_activations_is_bit_exact(seed, signed, trans_b, k):
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    x = int_input(g, "x", (3, k), signed, bits=16)
+    shape = (5, k) if trans_b else (k, 5)
+    w = weight(
+        g, full_range(rng, shape, True).clip(-127), rng.uniform(0.001, 0.1, 5), 0 if trans_b else 1
+    )
+    b = g.add_constant(rng.integers(-(2**20), 2**20, 5).astype(np.int32), "b")
+    b.type = b.type.with_quant(
+        QuantParams(32, True, tuple(0.05 * s for s in w.type.quant.scale), 0)
+    )
+    acc = g.op("QGemm", x, w, b, transB=int(trans_b))
+    g.set_outputs([acc, requantized(g, acc, float(rng.uniform(100, 10000)), True)])
+    assert _onnx_ops(g).count("MatMulInteger") == 2
+    assert_bit_exact(g, {"x": full_range(rng, (3, k), signed, 16)})
+
+
+def test_a_byte_plane_sum_beyond_int32_is_refused():
+    """A 2-bit input stored in 16 bits passes the range analysis over 70000 taps, but its low
+    byte plane (up to 255 per tap) could not sum in int32."""
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.I16, (1, 70000), QuantParams(2, True, (0.05,))))
+    w = weight(g, np.full((70000, 1), 127), (0.01,), 1)
+    g.set_outputs([g.op("QMatMul", x, w)])
+    with pytest.raises(intq.UnsupportedOpError, match="byte plane's int32 sum can reach"):
+        intq.compile(g, target="onnxruntime")
+
+
+class _NormThenConv(torch.nn.Module):
+    """A channels-last LayerNorm (16-bit output, as in ConvNeXt, PVT-v2, FocalNet) read by a
+    convolution."""
+
+    def __init__(self, out_channels: int, kernel: int, stride: int, pad: int, group: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.conv = torch.nn.Conv2d(8, out_channels, kernel, stride, pad, groups=group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize(
+    ("out_channels", "kernel", "stride", "pad", "group"),
+    [(6, 1, 1, 0, 1), (6, 2, 2, 0, 1), (6, 3, 1, 1, 1), (8, 7, 1, 3, 8), (8, 3, 2, 1, 8)],
+    ids=["plain", "strided", "padded", "depthwise", "depthwise-strided"],
+)
+def test_layernorm_into_conv_is_bit_exact_on_every_backend(
+    out_channels, kernel, stride, pad, group
+):
+    torch.manual_seed(0)
+    module = _NormThenConv(out_channels, kernel, stride, pad, group).eval()
+    x = torch.randn(1, 8, 9, 9)
+    graph = intq.from_torch(module, (x,))
+    rng = np.random.default_rng(0)
+    name = graph.inputs[0].name
+    batches = [{name: rng.standard_normal((1, 8, 9, 9)).astype(np.float32)} for _ in range(4)]
+    quantized = intq.quantize(graph, batches)
+    (conv,) = [n for n in quantized if n.op == "QConv"]
+    assert conv.inputs[0].type.dtype is DType.I16
+    reference = intq.compile(quantized, target="reference")
+    backends = {t: intq.compile(quantized, target=t) for t in ("onnxruntime", "tvm")}
+    for feed in [x.numpy(), 3 * rng.standard_normal((1, 8, 9, 9)).astype(np.float32)]:
+        want = reference.run({name: feed})
+        for target, exe in backends.items():
+            got = exe.run({name: feed})
+            for out, array in want.items():
+                np.testing.assert_array_equal(got[out], array, err_msg=f"{target} {out}")
 
 
 @settings(max_examples=50, deadline=None)

@@ -28,6 +28,9 @@ this x86 AVX2 CPU without VNNI (``benchmarks/ort_integer_ops_probe.py``):
 - 4-bit weights are saved packed two per byte as ONNX ``INT4`` initializers (opset 21)
   and widened by integer ``Cast``/``Add`` to the offset uint8 the kernels read; ONNX
   Runtime has no 4-bit integer conv or matmul, so they run as 8-bit ones, exactly.
+- A 16-bit activation into ``QConv``, ``QGemm`` or ``QMatMul`` runs the 8-bit kernel
+  once per byte plane (``x = 256 (hi - 128) + lo``), the two int32 sums joined in int64
+  (:func:`_wide_product`).
 - ``Quantize``/``Dequantize`` are ``QuantizeLinear``/``DequantizeLinear``, which
   compute exactly what the reference does (float32 division, round half to
   even; float32 product).
@@ -153,7 +156,8 @@ class _Builder:
         raise UnsupportedOpError(
             f"{node.op} on {value.type} in the ONNX Runtime backend",
             node=node.label(),
-            hint="the ONNX Runtime backend runs 8-bit (or narrower) activations and weights",
+            hint="the ONNX Runtime backend runs 8-bit (or narrower) activations and weights; "
+            "16-bit activations only into QConv, QGemm and QMatMul",
         )
 
     def weight_u8(self, value: Value, weights: np.ndarray, node: Node) -> str:
@@ -322,20 +326,34 @@ def _add_bias(b: _Builder, acc: str, node: Node, bias: Value | None, axis: int) 
 
 @_lower("QConv")
 def _qconv(b: _Builder, node: Node) -> None:
-    x_u8, x_zp = b.u8(_input(node, 0), node)
-    w_u8, w_zp = b.u8(_input(node, 1), node)
+    x, w = _input(node, 0), _input(node, 1)
     attrs = node.attrs
+    geometry = {
+        "strides": list(attrs["strides"]),
+        "pads": list(attrs["pads"]),
+        "dilations": list(attrs["dilations"]),
+        "group": attrs["group"],
+    }
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    w_u8, w_zp = b.u8(w, node)
+    if x.type.dtype in _WIDE:
+        assert w.const is not None
+
+        def conv(byte: str, zp: int, base: str) -> str:
+            inputs = [byte, w_u8, b.zero_point(zp), b.zero_point(w_zp)]
+            return b.op("ConvInteger", inputs, base, node, **geometry)
+
+        _wide_product(b, x, w.const, 0, conv, node, bias, 1)
+        return
+    x_u8, x_zp = b.u8(x, node)
     acc = b.op(
         "ConvInteger",
         [x_u8, w_u8, b.zero_point(x_zp), b.zero_point(w_zp)],
         node.output.name + ".acc",
         node,
-        strides=list(attrs["strides"]),
-        pads=list(attrs["pads"]),
-        dilations=list(attrs["dilations"]),
-        group=attrs["group"],
+        **geometry,
     )
-    _add_bias(b, acc, node, node.inputs[2] if len(node.inputs) > 2 else None, 1)
+    _add_bias(b, acc, node, bias, 1)
 
 
 @_lower("QConvTranspose")
@@ -431,52 +449,104 @@ def _qmatmul(b: _Builder, node: Node) -> None:
     a = _input(node, 0)
     w = _input(node, 1)
     assert w.const is not None
-    weights = w.const.T if node.attrs.get("transB") else w.const
-    w_u8 = b.weight_u8(w, np.ascontiguousarray(weights), node)
-    out = node.output.name
-    if a.type.dtype in (DType.I16, DType.U16):
-        acc = _wide_matmul(b, a, w_u8, node)
-    else:
-        a_u8, a_zp = b.u8(a, node)
-        acc = b.op(
-            "MatMulInteger",
-            [a_u8, w_u8, b.zero_point(a_zp), b.zero_point(OFFSET)],
-            out + ".acc",
-            node,
-        )
+    weights = np.ascontiguousarray(w.const.T if node.attrs.get("transB") else w.const)
+    w_u8 = b.weight_u8(w, weights, node)
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    _add_bias(b, acc, node, bias, node.output.type.rank - 1)
+    channel_axis = node.output.type.rank - 1
+    if a.type.dtype in _WIDE:
 
+        def matmul(byte: str, zp: int, base: str) -> str:
+            inputs = [byte, w_u8, b.zero_point(zp), b.zero_point(OFFSET)]
+            return b.op("MatMulInteger", inputs, base, node)
 
-def _wide_matmul(b: _Builder, a: Value, w_u8: str, node: Node) -> str:
-    """A 16-bit activation times 8-bit weights with two exact u8 x u8 ``MatMulInteger``:
-    ``x + 2^15 = 256 hi + lo`` (``hi``, ``lo`` bytes), so ``x = 256 (hi - 128) + lo``
-    (unsigned ``x``: ``x = 256 hi + lo``); the two partial sums are joined in int64 (the
-    total fits int32, the range analysis says)."""
-    name, _ = b.tensor(a)
-    out = node.output.name
-    signed = a.type.dtype is DType.I16
-    wide = b.op("Cast", [name], out + ".i32", node, to=TensorProto.INT32)
-    if signed:
-        wide = b.op("Add", [wide, b.const(np.int32(1 << 15), "half")], out + ".biased", node)
-    u32 = b.op("Cast", [wide], out + ".u32", node, to=TensorProto.UINT32)
-    hi = b.op(
-        "BitShift", [u32, b.const(np.uint32(8), "eight")], out + ".hi16", node, direction="RIGHT"
+        _wide_product(b, a, weights, -1, matmul, node, bias, channel_axis)
+        return
+    a_u8, a_zp = b.u8(a, node)
+    acc = b.op(
+        "MatMulInteger",
+        [a_u8, w_u8, b.zero_point(a_zp), b.zero_point(OFFSET)],
+        node.output.name + ".acc",
+        node,
     )
-    lo = b.op("BitwiseAnd", [u32, b.const(np.uint32(255), "low_byte")], out + ".lo16", node)
-    partial = []
-    for part, zp in ((hi, OFFSET if signed else 0), (lo, 0)):
-        byte = b.op("Cast", [part], part + ".u8", node, to=TensorProto.UINT8)
-        acc = b.op(
-            "MatMulInteger",
-            [byte, w_u8, b.zero_point(zp), b.zero_point(OFFSET)],
-            byte + ".acc",
-            node,
+    _add_bias(b, acc, node, bias, channel_axis)
+
+
+_WIDE = (DType.I16, DType.U16)
+"""Activations that reach the u8 x u8 kernels as two byte planes (:func:`_wide_product`)."""
+
+BytePlaneProduct = Callable[[str, int, str], str]
+"""``(uint8 plane, its zero point, output base name) -> int32 accumulator`` of one plane."""
+
+
+def _byte_planes(b: _Builder, x: Value, node: Node) -> list[tuple[str, int]]:
+    """16-bit ``x`` as two uint8 planes with zero points, high byte first.
+
+    ``x + 2^15 = 256 hi + lo`` (``hi``, ``lo`` bytes), so ``x = 256 (hi - 128) + lo``;
+    unsigned ``x = 256 hi + lo``. A zero in ``x`` is ``hi = zp``, ``lo = 0``: exactly what
+    ``ConvInteger`` pads each plane with (its input zero point), so the planes' padded
+    sums add up to the padded sum of ``x``.
+    """
+    name, _ = b.tensor(x)
+    base = node.output.name
+    signed = x.type.dtype is DType.I16
+    wide = b.op("Cast", [name], base + ".i32", node, to=TensorProto.INT32)
+    if signed:
+        wide = b.op("Add", [wide, b.const(np.int32(1 << 15), "half")], base + ".biased", node)
+    u32 = b.op("Cast", [wide], base + ".u32", node, to=TensorProto.UINT32)
+    hi = b.op(
+        "BitShift", [u32, b.const(np.uint32(8), "eight")], base + ".hi16", node, direction="RIGHT"
+    )
+    lo = b.op("BitwiseAnd", [u32, b.const(np.uint32(255), "low_byte")], base + ".lo16", node)
+    return [
+        (b.op("Cast", [part], part + ".u8", node, to=TensorProto.UINT8), zp)
+        for part, zp in ((hi, OFFSET if signed else 0), (lo, 0))
+    ]
+
+
+_PLANE_MAX = 255
+"""The largest ``|byte - zp|`` of either plane: ``hi - 128`` in [-128, 127], ``lo`` in [0, 255]."""
+
+
+def _wide_product(
+    b: _Builder,
+    x: Value,
+    weights: np.ndarray,
+    w_axis: int,
+    product: BytePlaneProduct,
+    node: Node,
+    bias: Value | None,
+    channel_axis: int,
+) -> None:
+    """A 16-bit activation times 8-bit ``weights`` as two exact u8 x u8 products, one per
+    byte plane of ``x`` (:func:`_byte_planes`), joined with the bias in int64.
+
+    Exact: each plane's int32 sum is bounded by ``255 * sum|w|`` over the weights of one
+    output channel (axis ``w_axis`` of ``weights``), checked here to fit int32; the int64 join
+    ``256 p_hi + p_lo + bias`` cannot overflow (``|.| < 2^41``) and equals the accumulator
+    the range analysis proved to fit int32, so the final ``Cast`` to int32 is exact too.
+    """
+    taps = np.moveaxis(np.abs(weights.astype(np.int64)), w_axis, 0)
+    bound = _PLANE_MAX * int(taps.reshape(taps.shape[0], -1).sum(axis=1).max(initial=0))
+    if bound >= 2**31:
+        raise UnsupportedOpError(
+            f"{node.op} on {x.type} in the ONNX Runtime backend: a byte plane's int32 sum "
+            f"can reach {bound}",
+            node=node.label(),
+            hint="use fewer activation bits for this layer, or split its reduction",
         )
-        partial.append(b.op("Cast", [acc], acc + ".i64", node, to=TensorProto.INT64))
+    out = node.output.name
+    partial = [
+        b.op("Cast", [product(byte, zp, byte + ".acc")], byte + ".i64", node, to=TensorProto.INT64)
+        for byte, zp in _byte_planes(b, x, node)
+    ]
     high = b.op("Mul", [partial[0], b.const(np.int64(256), "byte")], out + ".high", node)
     total = b.op("Add", [high, partial[1]], out + ".total", node)
-    return b.op("Cast", [total], out + ".acc", node, to=TensorProto.INT32)
+    if bias is not None:
+        assert bias.const is not None
+        shape = _channel_shape(node.output, channel_axis, bias.type.size)
+        b_i64 = b.const(bias.const.astype(np.int64).reshape(shape), bias.name + ".i64")
+        total = b.op("Add", [total, b_i64], out + ".biased", node)
+    b.add("Cast", [total], [out], node, to=TensorProto.INT32)
 
 
 @_lower("QBatchMatMul")
