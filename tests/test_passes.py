@@ -179,7 +179,7 @@ def test_fold_batchnorm_leaves_shared_conv_outputs_alone():
     ("shape", "ops"),
     [
         ((3, 4), ["Reshape", "Conv", "Reshape", "Relu"]),
-        ((2, 4, 7), ["Conv", "Relu"]),
+        ((2, 4, 7), ["Reshape", "Conv", "Reshape", "Relu"]),
         ((2, 4, 5, 5), ["Conv", "Relu"]),
         ((1, 4, 2, 3, 3), ["Reshape", "Conv", "Reshape", "Relu"]),
     ],
@@ -200,7 +200,7 @@ def test_standalone_batchnorm_becomes_a_depthwise_conv(shape, ops):
     np.testing.assert_allclose(intq.compile(g).run(feed)["relu"], before, rtol=1e-5, atol=1e-5)
 
 
-def test_standalone_batchnorm_on_n_c_is_reshaped_to_rank_3():
+def test_standalone_batchnorm_on_n_c_is_reshaped_to_rank_4():
     check_pass(
         FoldBatchNorm(),
         """
@@ -219,10 +219,10 @@ def test_standalone_batchnorm_on_n_c_is_reshaped_to_rank_3():
           %b = const f32[2] [1.0, -1.0]
           %m = const f32[2] [0.0, 1.0]
           %v = const f32[2] [1.0, 4.0]
-          %bn.scale = const f32[2,1,1] [2.0, 0.25]
+          %bn.scale = const f32[2,1,1,1] [2.0, 0.25]
           %bn.shift = const f32[2] [1.0, -1.25]
-          %bn.0 = Reshape(%x) {shape=[3, 2, 1]} : f32[3,2,1] @"bn"
-          %bn.1 = Conv(%bn.0, %bn.scale, %bn.shift) {dilations=[1], group=2, pads=[0, 0], strides=[1]} : f32[3,2,1] @"bn"
+          %bn.0 = Reshape(%x) {shape=[3, 2, 1, 1]} : f32[3,2,1,1] @"bn"
+          %bn.1 = Conv(%bn.0, %bn.scale, %bn.shift) {dilations=[1, 1], group=2, pads=[0, 0, 0, 0], strides=[1, 1]} : f32[3,2,1,1] @"bn"
           %bn = Reshape(%bn.1) {shape=[3, 2]} : f32[3,2] @"bn"
           return %bn
         }

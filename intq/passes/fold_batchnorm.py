@@ -19,8 +19,13 @@ Rules (HAWQ-V3 folds BN before quantizing, so weights carry its scale):
   weight ``k``, bias ``shift``: the integer lowering, range analysis and backends handle it
   as any depthwise conv. Its 8-bit per-channel weight quantization is exact up to the
   rounding of ``k`` (each channel's one weight becomes ``+-127`` at scale ``|k[c]| / 127``).
-  A rank-3 or rank-4 input takes the Conv as it is; any other rank is reshaped to
-  ``[N, C, -1]`` around a 1-D Conv (``[N, C]`` becomes ``[N, C, 1]``).
+  A rank-4 input takes the Conv as it is; any other rank is reshaped to ``[N, C, -1, 1]``
+  around it (``[N, C]`` becomes ``[N, C, 1, 1]``): every backend lowers 2-D convolutions.
+- ``norm-affine-depthwise``: ``Add(Mul(y, gamma), beta)`` with one constant per channel
+  (``[C, 1, 1]``) of a LayerNormalization's output ``y``, or of a Reshape of one (torch's
+  export of ``GroupNorm``: InstanceNormalization of ``[N, G, -1]``, then the affine), is the
+  same depthwise Conv: after a normalization there is no layer to fold ``gamma`` into, and
+  the Conv quantizes it per channel.
 - Arithmetic is in float64, stored in the weights' dtype.
 """
 
@@ -97,16 +102,20 @@ def _fold_conv_transpose(graph: Graph, m: Match) -> list[Value]:
 
 
 def _depthwise(graph: Graph, m: Match) -> list[Value]:
-    """The BN as a Conv with one weight per channel (reshaped to rank 3 where needed)."""
+    """The BN as a Conv with one weight per channel."""
     k, shift = _bn_factors(m)
-    bn: Node = m.root
-    x: Value = m["x"]
+    return [_channel_affine(graph, m.root, m["x"], k, shift)]
+
+
+def _channel_affine(graph: Graph, bn: Node, x: Value, k: np.ndarray, shift: np.ndarray) -> Value:
+    """``k[c] x + shift[c]`` over axis 1 of ``x`` as a depthwise 2-D Conv placed before
+    ``bn`` (``x`` reshaped to ``[N, C, -1, 1]`` unless it has rank 4)."""
     dtype = x.type.dtype.numpy
     shape = x.type.shape
     name = bn.name or "batchnorm"
     source = x
-    if x.type.rank not in (3, 4):
-        flat = (shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64)))
+    if x.type.rank != 4:  # the TVM backend's convolutions are 2-D
+        flat = (shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64)), 1)
         source = graph.add("Reshape", [x], {"shape": flat}, name=bn.name, before=bn).output
     spatial = source.type.rank - 2
     w = graph.add_constant(k.reshape((-1, 1) + (1,) * spatial).astype(dtype), name + ".scale")
@@ -120,7 +129,54 @@ def _depthwise(graph: Graph, m: Match) -> list[Value]:
     y = graph.add("Conv", [source, w, b], attrs, name=bn.name, before=bn).output
     if source is not x:
         y = graph.add("Reshape", [y], {"shape": shape}, name=bn.name, before=bn).output
-    return [y]
+    return y
+
+
+def _channel_vector(value: Value, x: Value) -> np.ndarray | None:
+    """The constant ``value`` as one entry per channel of ``x`` (axis 1), when it broadcasts
+    to ``x`` varying along that axis only."""
+    c = value.const
+    shape = x.type.shape
+    if c is None or c.ndim > len(shape) or x.type.rank < 3:
+        return None
+    dims = (1,) * (len(shape) - c.ndim) + c.shape
+    if dims[1] != shape[1] or any(d != 1 for i, d in enumerate(dims) if i != 1):
+        return None
+    return np.asarray(c, np.float64).reshape(-1)
+
+
+def _normalized(x: Value) -> bool:
+    """``x`` is a LayerNormalization's output, or a Reshape of one (a decomposed GroupNorm)."""
+    producer = x.producer
+    if producer is not None and producer.op == "Reshape" and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer
+    return producer is not None and producer.op == "LayerNormalization"
+
+
+def _affine_check(m: Match) -> str | None:
+    x = m["x"]
+    if not _normalized(x):
+        return "the scaled tensor is no normalization's output"
+    if _channel_vector(m["s"], x) is None or _channel_vector(m["b"], x) is None:
+        return "the scale or shift is not one constant per channel (axis 1)"
+    if x.type.dtype.numpy != m["s"].type.dtype.numpy:
+        return "the scale's dtype differs from the tensor's"
+    return None
+
+
+def _affine(graph: Graph, m: Match) -> list[Value]:
+    x = m["x"]
+    k, shift = _channel_vector(m["s"], x), _channel_vector(m["b"], x)
+    assert k is not None and shift is not None
+    return [_channel_affine(graph, m.root, x, k, shift)]
+
+
+_AFFINE = Op(
+    "Add",
+    Op("Mul", Var("x"), Const("s"), commutative=True, name="mul"),
+    Const("b"),
+    commutative=True,
+)
 
 
 def _depthwise_check(m: Match) -> str | None:
@@ -155,6 +211,7 @@ RULES = (
     Rule("gemm-bn", _bn_pattern("Gemm", "c"), _fold_gemm, _gemm_check),
     Rule("convtranspose-bn", _bn_pattern("ConvTranspose"), _fold_conv_transpose),
     Rule("bn-depthwise", _bn_pattern(None), _depthwise, _depthwise_check),
+    Rule("norm-affine-depthwise", _AFFINE, _affine, _affine_check),
 )
 """Tried in order at each BatchNormalization: a fold into the producer first."""
 
