@@ -186,6 +186,12 @@ def test_sqrt_negative_is_nan() -> None:
     check("Sqrt", [np.array([-1.0, 0.0, 4.0], np.float32)], opset=13)
 
 
+@pytest.mark.parametrize("opset", [9, 13, 20])
+def test_isnan(opset: int) -> None:
+    """IsNaN (what a Hugging Face softmax's fully masked rows are checked with)."""
+    check("IsNaN", [np.array([np.nan, 0.0, -np.inf, 4.0], np.float32)], opset=opset)
+
+
 BINARY_FLOAT = ["Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater"]
 
 
