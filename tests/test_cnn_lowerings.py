@@ -328,3 +328,110 @@ def test_a_scaled_accumulator_at_the_graph_output_keeps_its_factor():
     want = intq.compile(graph).run({"x": x})["y"]
     got = bit_exact(lowered, [x])["y"]
     np.testing.assert_allclose(got, want, atol=0.01 * float(np.abs(want).max()))
+
+
+# ----- normalizations without a layer to fold into -------------------------------------------
+
+
+def _bn(name: str, x: str, c: int, rng: np.random.Generator) -> tuple:
+    params = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(size=c) * 0.5,
+        rng.normal(size=c) * 0.5,
+        rng.uniform(0.2, 2.0, c),
+    ]
+    inits = [
+        numpy_helper.from_array(p.astype(np.float32), f"{name}.{k}") for p, k in zip(params, "sbmv")
+    ]
+    node = helper.make_node("BatchNormalization", [x, *(i.name for i in inits)], [name])
+    return node, inits
+
+
+def test_standalone_batchnorm_is_a_depthwise_qconv_bit_exact_on_every_backend():
+    """DenseNet's pre-activation ``BN -> ReLU -> Conv`` after a concatenation, and a
+    BatchNorm1d on ``[N, C]``: no layer to fold into, so each is a depthwise QConv."""
+    rng = np.random.default_rng(7)
+    c1, w1 = _conv("c1", "x", 3, 4, rng)
+    bn1, p1 = _bn("bn1", "cat", 7, rng)
+    c2, w2 = _conv("c2", "r", 7, 4, rng)
+    bn2, p2 = _bn("bn2", "flat", 4 * 5 * 5, rng)
+    nodes = [
+        c1,
+        helper.make_node("Concat", ["x", "c1"], ["cat"], axis=1),
+        bn1,
+        helper.make_node("Relu", ["bn1"], ["r"]),
+        c2,
+        helper.make_node("Flatten", ["c2"], ["flat"]),
+        bn2,
+        helper.make_node("Relu", ["bn2"], ["y"]),
+    ]
+    shape = (2, 3, 5, 5)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("y", (2, 100))], [*w1, *p1, *w2, *p2], opset=14
+    )
+    graph, feeds = _quantized(model, shape)
+    ops = _ops(graph)
+    assert ops.count("QConv") == 4 and "BatchNormalization" not in ops
+    depthwise = [n for n in graph if n.op == "QConv" and n.attrs["group"] > 1]
+    assert [n.attrs["group"] for n in depthwise] == [7, 100]
+    # One 8-bit weight per channel: +-127, the channel's scale |k| / 127.
+    assert all(set(np.abs(n.inputs[1].const).reshape(-1)) == {127} for n in depthwise)
+    got = _bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.05 * np.ptp(want))
+
+
+def _groupnorm_model(groups: int) -> tuple:
+    """conv -> GroupNorm -> ReLU -> conv, the GroupNorm as torch exports it: Reshape to
+    ``[N, G, -1]``, InstanceNormalization with unit scale, Reshape back, Mul, Add."""
+    rng = np.random.default_rng(8)
+    c1, w1 = _conv("c1", "x", 3, 8, rng)
+    c2, w2 = _conv("c2", "r", 8, 4, rng)
+    consts = [
+        numpy_helper.from_array(np.array([2, groups, -1], np.int64), "grouped"),
+        numpy_helper.from_array(np.array([2, 8, 6, 6], np.int64), "ungrouped"),
+        numpy_helper.from_array(np.ones(groups, np.float32), "ones"),
+        numpy_helper.from_array(np.zeros(groups, np.float32), "zeros"),
+        numpy_helper.from_array(rng.uniform(-2, 2, (8, 1, 1)).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.normal(size=(8, 1, 1)).astype(np.float32), "beta"),
+    ]
+    nodes = [
+        c1,
+        helper.make_node("Reshape", ["c1", "grouped"], ["g"]),
+        helper.make_node("InstanceNormalization", ["g", "ones", "zeros"], ["n"], epsilon=1e-5),
+        helper.make_node("Reshape", ["n", "ungrouped"], ["u"]),
+        helper.make_node("Mul", ["u", "gamma"], ["m"]),
+        helper.make_node("Add", ["m", "beta"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        c2,
+        helper.make_node("GlobalAveragePool", ["c2"], ["y"]),
+    ]
+    shape = (2, 3, 6, 6)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("y", (2, 4, 1, 1))], [*w1, *w2, *consts], opset=17
+    )
+    return model, shape
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("wide_bits", [16, 8])
+def test_groupnorm_is_a_qlayernorm_and_a_depthwise_qconv(groups, wide_bits):
+    """Rows of 288 or 72 values through QLayerNorm (one affine entry for all of them), the
+    per-channel affine a depthwise QConv. At ``wide_bits=16`` the QConv reads a 16-bit input,
+    which the ONNX Runtime backend does not lower yet: reference and TVM only."""
+    model, shape = _groupnorm_model(groups)
+    graph, feeds = _quantized(model, shape, wide_bits=wide_bits)
+    ops = _ops(graph)
+    assert ops.count("QLayerNorm") == 1 and ops.count("QConv") == 3
+    norm = next(n for n in graph if n.op == "QLayerNorm")
+    assert len(norm.attrs["multiplier"]) == 1
+    reference = intq.compile(graph, target="reference")
+    targets = ["tvm"] if wide_bits == 16 else ["onnxruntime", "tvm"]
+    for target in (t for t in targets if t in TARGETS):
+        compiled = intq.compile(graph, target=target)
+        for feed in feeds:
+            want = reference.run({"x": feed})["y"]
+            np.testing.assert_array_equal(compiled.run({"x": feed})["y"], want, err_msg=target)
+    got = reference.run({"x": feeds[0]})["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.05 * np.ptp(want))

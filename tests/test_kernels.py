@@ -125,9 +125,31 @@ def test_extreme_inputs_stay_inside_int64():
         kernels.gelu(OPS, wide, 1e-5, 16, 1e-3, -128, 127, variant)
 
 
+def test_long_rows_of_8_bit_inputs_stay_inside_int64_and_one_unit_of_float():
+    """A GroupNorm's row (C/G channels times every position) of 8-bit inputs, up to the
+    longest admitted, full range; one affine entry stands for the whole row."""
+    size = kernels.layernorm_max_size(8)
+    assert size == 41285 and kernels.layernorm_max_size(16) == 1024
+    x = np.full((2, size), 127, np.int64)
+    x[1, ::2] = -128
+    rng = np.random.default_rng(0)
+    x = np.concatenate([x, rng.integers(-128, 128, (2, size))])
+    in_scale, out_scale = 0.01, 4.0 / 127
+    c = kernels.layernorm_constants([1.0], [0.0], 1e-5, in_scale, out_scale, size)
+    xr = x * in_scale
+    want = (xr - xr.mean(-1, keepdims=True)) / np.sqrt(xr.var(-1, keepdims=True) + 1e-5)
+    for variant in kernels.LAYERNORM_VARIANTS:
+        out = kernels.layernorm(
+            OPS, x, size, c["eps"], c["multiplier"], c["shift"], c["bias"], -128, 127, variant, 8
+        )
+        assert np.abs(out - want / out_scale).max() <= 1.0
+
+
 def test_limits_are_refused():
     with pytest.raises(NumericsError, match="1024"):
         kernels.check_layernorm_size(2048)
+    with pytest.raises(NumericsError, match="8-bit inputs supports up to 41285"):
+        kernels.check_layernorm_size(41286, 8)
     with pytest.raises(NumericsError, match="2\\^14"):
         kernels.check_softmax_size(1 << 15)
     with pytest.raises(NumericsError, match="too fine"):

@@ -186,6 +186,12 @@ def test_sqrt_negative_is_nan() -> None:
     check("Sqrt", [np.array([-1.0, 0.0, 4.0], np.float32)], opset=13)
 
 
+@pytest.mark.parametrize("opset", [9, 13, 20])
+def test_isnan(opset: int) -> None:
+    """IsNaN (what a Hugging Face softmax's fully masked rows are checked with)."""
+    check("IsNaN", [np.array([np.nan, 0.0, -np.inf, 4.0], np.float32)], opset=opset)
+
+
 BINARY_FLOAT = ["Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater"]
 
 
@@ -687,6 +693,38 @@ def test_layernorm(shape: tuple[int, ...], axis: int, bias: bool) -> None:
 def test_layernorm_default_attrs() -> None:
     """LayerNormalization with default axis/epsilon and runtime scale/bias."""
     check("LayerNormalization", [randf(3, 7), randf(7, seed=1), randf(7, seed=2)], opset=18)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 4, 3, 3), (2, 2, 2, 3, 2)])
+@pytest.mark.parametrize("opset", [6, 17, 22])
+def test_instancenorm(shape: tuple[int, ...], opset: int) -> None:
+    """InstanceNormalization: per sample and channel over the spatial axes, then the affine."""
+    c = shape[1]
+    scale, bias = Init(randf(c, seed=1)), Init(randf(c, seed=2))
+    check("InstanceNormalization", [randf(*shape), scale, bias], opset=opset, epsilon=1e-3)
+
+
+def test_instancenorm_unit_affine_on_a_grouped_tensor() -> None:
+    """What torch exports for ``GroupNorm``: InstanceNormalization of ``[N, G, -1]`` with unit
+    scale and zero bias (the affine follows as Mul and Add)."""
+    ones, zeros = Init(np.ones(4, np.float32)), Init(np.zeros(4, np.float32))
+    check("InstanceNormalization", [randf(2, 4, 24), ones, zeros], opset=17)
+
+
+@pytest.mark.parametrize(("shape", "groups"), [((2, 6, 4, 4), 3), ((1, 4, 5), 1), ((2, 4, 3), 4)])
+@pytest.mark.parametrize("opset", [18, 21])
+def test_groupnorm(shape: tuple[int, ...], groups: int, opset: int) -> None:
+    """GroupNormalization: opset 18's scale and bias have one entry per group, 21's one per
+    channel."""
+    n = groups if opset == 18 else shape[1]
+    scale, bias = Init(randf(n, seed=1)), Init(randf(n, seed=2))
+    check(
+        "GroupNormalization",
+        [randf(*shape), scale, bias],
+        opset=opset,
+        num_groups=groups,
+        epsilon=1e-4,
+    )
 
 
 @pytest.mark.parametrize("opset", [1, 11])

@@ -158,11 +158,92 @@ def test_fold_batchnorm_into_gemm_is_equivalent(trans_b):
 
 
 def test_fold_batchnorm_leaves_shared_conv_outputs_alone():
+    """The Conv keeps its weights (another reader sees its output); the BN becomes a
+    depthwise Conv of its own."""
     rng = np.random.default_rng(3)
     graph = conv_bn_graph(rng, True)
     conv_out = graph["conv"]
     graph.set_outputs([*graph.outputs, conv_out])
-    assert not FoldBatchNorm()(graph).modified
+    weights = graph.nodes[0].inputs[1]
+    x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+    before = intq.compile(graph.copy()).run({"x": x})
+    assert pipeline("fold-batchnorm,dce", verify_each=True)(graph).modified
+    assert [n.op for n in graph] == ["Conv", "Conv", "Relu"]
+    assert graph.nodes[0].inputs[1] is weights and graph.nodes[1].attrs["group"] == 4
+    after = intq.compile(graph).run({"x": x})
+    for name, value in before.items():
+        np.testing.assert_allclose(after[name], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "ops"),
+    [
+        ((3, 4), ["Reshape", "Conv", "Reshape", "Relu"]),
+        ((2, 4, 7), ["Reshape", "Conv", "Reshape", "Relu"]),
+        ((2, 4, 5, 5), ["Conv", "Relu"]),
+        ((1, 4, 2, 3, 3), ["Reshape", "Conv", "Reshape", "Relu"]),
+    ],
+)
+def test_standalone_batchnorm_becomes_a_depthwise_conv(shape, ops):
+    """DenseNet's BN -> ReLU, a BatchNorm1d on [N, C]: no producer to fold into."""
+    rng = np.random.default_rng(4)
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.F32, shape))
+    bn = g.op("BatchNormalization", x, *bn_params(g, rng, 4), name="bn", epsilon=1e-3)
+    g.set_outputs([g.op("Relu", bn, name="relu")])
+    feed = {"x": rng.normal(size=shape).astype(np.float32)}
+    before = intq.compile(g.copy()).run(feed)["relu"]
+    assert pipeline("fold-batchnorm,dce", verify_each=True)(g).modified
+    assert [n.op for n in g] == ops
+    conv = next(n for n in g if n.op == "Conv")
+    assert conv.attrs["group"] == 4 and conv.inputs[1].type.shape[:2] == (4, 1)
+    np.testing.assert_allclose(intq.compile(g).run(feed)["relu"], before, rtol=1e-5, atol=1e-5)
+
+
+def test_standalone_batchnorm_on_n_c_is_reshaped_to_rank_4():
+    check_pass(
+        FoldBatchNorm(),
+        """
+        graph main(%x: f32[3,2]) {
+          %s = const f32[2] [2.0, 0.5]
+          %b = const f32[2] [1.0, -1.0]
+          %m = const f32[2] [0.0, 1.0]
+          %v = const f32[2] [1.0, 4.0]
+          %bn = BatchNormalization(%x, %s, %b, %m, %v) {epsilon=0.0} : f32[3,2] @"bn"
+          return %bn
+        }
+        """,
+        """
+        graph main(%x: f32[3,2]) {
+          %s = const f32[2] [2.0, 0.5]
+          %b = const f32[2] [1.0, -1.0]
+          %m = const f32[2] [0.0, 1.0]
+          %v = const f32[2] [1.0, 4.0]
+          %bn.scale = const f32[2,1,1,1] [2.0, 0.25]
+          %bn.shift = const f32[2] [1.0, -1.25]
+          %bn.0 = Reshape(%x) {shape=[3, 2, 1, 1]} : f32[3,2,1,1] @"bn"
+          %bn.1 = Conv(%bn.0, %bn.scale, %bn.shift) {dilations=[1, 1], group=2, pads=[0, 0, 0, 0], strides=[1, 1]} : f32[3,2,1,1] @"bn"
+          %bn = Reshape(%bn.1) {shape=[3, 2]} : f32[3,2] @"bn"
+          return %bn
+        }
+        """,  # noqa: E501
+    )
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_fold_batchnorm_into_conv_transpose_is_equivalent(group):
+    rng = np.random.default_rng(5)
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.F32, (2, 4, 5, 5)))
+    w = g.add_constant(rng.normal(size=(4, 6 // group, 3, 3)).astype(np.float32), "w")
+    y = g.op("ConvTranspose", x, w, name="up", strides=(2, 2), group=group)
+    bn = g.op("BatchNormalization", y, *bn_params(g, rng, 6), name="bn")
+    g.set_outputs([bn])
+    feed = {"x": rng.normal(size=(2, 4, 5, 5)).astype(np.float32)}
+    before = intq.compile(g.copy()).run(feed)["bn"]
+    assert pipeline("fold-batchnorm,dce", verify_each=True)(g).modified
+    assert [n.op for n in g] == ["ConvTranspose"]
+    np.testing.assert_allclose(intq.compile(g).run(feed)["bn"], before, rtol=1e-4, atol=1e-4)
 
 
 def test_pipeline_strings_parse_and_print():

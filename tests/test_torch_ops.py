@@ -228,3 +228,61 @@ def test_hard_activations_quantize_to_integers():
     with torch.no_grad():
         want = module(torch.from_numpy(data[:8])).numpy()
     assert np.abs(got - want).max() / np.ptp(want) < 0.1
+
+
+def _affine(module: nn.Module, channels: int) -> nn.Module:
+    """``module`` with a non-trivial affine (torch starts it at 1 and 0)."""
+    with torch.no_grad():
+        module.weight.copy_(torch.linspace(-1.5, 2.0, channels))
+        module.bias.copy_(torch.linspace(0.5, -1.0, channels))
+    return module
+
+
+NORMS = {
+    "group_norm": (_affine(nn.GroupNorm(2, 4), 4), X),
+    "group_norm_one_group": (_affine(nn.GroupNorm(1, 4), 4), X),
+    "group_norm_no_affine": (nn.GroupNorm(4, 4, affine=False), (2, 4, 7)),
+    "native_group_norm": (
+        _Fn(lambda x: torch.ops.aten.native_group_norm(x, None, None, 2, 4, 36, 2, 1e-3)[0]),
+        X,
+    ),
+    "instance_norm2d": (_affine(nn.InstanceNorm2d(4, affine=True), 4), X),
+    "instance_norm1d": (nn.InstanceNorm1d(4), (2, 4, 9)),
+    "instance_norm_running_stats": (nn.InstanceNorm2d(4, track_running_stats=True), X),
+    "batch_norm_one_sample_batch_stats": (
+        _Fn(lambda x: F.batch_norm(x, None, None, training=True, eps=1e-3)),
+        (1, 4, 5, 5),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_normalizations_match_pytorch(name):
+    module, shape = NORMS[name]
+    graph = _check(module, _inputs(shape))
+    assert "LayerNormalization" in _ops(graph) or name == "instance_norm_running_stats"
+
+
+class _StdConv(nn.Module):
+    """BiT's weight-standardized convolution: the weight's own batch norm, a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.conv.weight
+        flat = F.batch_norm(w.reshape(1, 6, -1), None, None, training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(x, flat.reshape_as(w))
+
+
+def test_weight_standardization_folds_to_a_constant_weight():
+    torch.manual_seed(0)
+    graph = _check(_StdConv(), _inputs(X))
+    assert [node.op for node in graph] == ["Conv"]
+
+
+def test_batch_statistics_of_several_samples_are_refused():
+    module = _Fn(lambda x: F.batch_norm(x, None, None, training=True))
+    with pytest.raises(intq.UnsupportedOpError, match="more than one sample"):
+        intq.from_torch(module.eval(), (torch.randn(2, 4, 3, 3),))

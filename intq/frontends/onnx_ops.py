@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from intq.frontends.normalization import group_norm
 from intq.frontends.onnx_context import (
     ConvertContext,
     Converter,
@@ -222,6 +223,44 @@ def _layernorm(ctx: ConvertContext) -> list[Value]:
         axis=ctx.attr("axis", -1),
         epsilon=ctx.attr("epsilon", 1e-5),
     )
+
+
+def _group_norm(
+    ctx: ConvertContext, groups: int, gamma: np.ndarray | None, beta: np.ndarray | None
+) -> list[Value]:
+    def emit(op: str, inputs: list[Value | None], suffix: str, **attrs: Any) -> Value:
+        out_name = ctx.node.output[0] + suffix if suffix else ""
+        return ctx.emit1(op, inputs, out_name=out_name, **attrs)
+
+    x = ctx.input(0)
+    eps = ctx.attr("epsilon", 1e-5)
+    return [group_norm(ctx.graph, emit, x, groups, gamma, beta, eps, node=ctx.name)]
+
+
+@converter("InstanceNormalization", 6)
+def _instancenorm(ctx: ConvertContext) -> list[Value]:
+    """GroupNorm with one group per channel (:mod:`intq.frontends.normalization`)."""
+    channels = ctx.input(0).type.shape[1] if ctx.input(0).type.rank >= 2 else 0
+    return _group_norm(ctx, channels, ctx.const(1, "scale"), ctx.const(2, "B"))
+
+
+@converter("GroupNormalization", 18, 20)
+def _groupnorm_per_group(ctx: ConvertContext) -> list[Value]:
+    """Opset 18: ``scale`` and ``bias`` hold one entry per group, shared by its channels."""
+    groups = ctx.attr("num_groups")
+    channels = ctx.input(0).type.shape[1] if ctx.input(0).type.rank >= 2 else 0
+    gamma, beta = ctx.const(1, "scale"), ctx.const(2, "bias")
+    if groups < 1 or channels % groups:
+        raise ctx.unsupported(f"{channels} channels in {groups} groups")
+    per_channel = [None if v is None else np.repeat(v, channels // groups) for v in (gamma, beta)]
+    return _group_norm(ctx, groups, *per_channel)
+
+
+@converter("GroupNormalization", 21)
+def _groupnorm(ctx: ConvertContext) -> list[Value]:
+    """Opset 21: ``scale`` and ``bias`` per channel; ``stash_type`` (the precision of the
+    statistics) is float32 or wider in every intq evaluation."""
+    return _group_norm(ctx, ctx.attr("num_groups"), ctx.const(1, "scale"), ctx.const(2, "bias"))
 
 
 @converter("Softmax", 1, 12)

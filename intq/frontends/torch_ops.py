@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from intq.errors import UnsupportedOpError
+from intq.frontends.normalization import group_norm
 from intq.ir.graph import Graph, Value
 from intq.ir.types import TensorType
 from intq.passes.constant_folding import fold_node, foldable
@@ -45,9 +46,14 @@ class TorchContext:
             raise self.unsupported(f"argument {key!r} must be a tensor, got {value!r}")
         return value
 
-    def emit(self, op: str, inputs: Sequence[Value | None], **attrs: Any) -> Value:
-        """Add IR node ``op`` for this ATen op, folded to a constant when its inputs are."""
-        node = self.graph.add(op, list(inputs), attrs, name=self.name, out_names=[self.out_name])
+    def emit(
+        self, op: str, inputs: Sequence[Value | None], suffix: str = "", **attrs: Any
+    ) -> Value:
+        """Add IR node ``op`` for this ATen op, folded to a constant when its inputs are; its
+        output is named after the ATen op's, plus ``suffix`` (an intermediate node)."""
+        node = self.graph.add(
+            op, list(inputs), attrs, name=self.name, out_names=[self.out_name + suffix]
+        )
         if foldable(node):
             return fold_node(self.graph, node)[0]
         return node.output
@@ -224,6 +230,74 @@ def _layernorm(ctx: TorchContext) -> Result:
         axis=x.type.rank - len(shape),
         epsilon=float(ctx.args["eps"]),
     )
+
+
+def _param(ctx: TorchContext, key: str) -> np.ndarray | None:
+    """Optional tensor argument ``key`` as constant data (a normalization's weight, bias)."""
+    value = ctx.args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Value) or value.const is None:
+        raise ctx.unsupported(f"{key} must be a constant tensor")
+    return np.asarray(value.const)
+
+
+def _group_norm(ctx: TorchContext, x: Value, groups: int) -> Value:
+    """``x`` through :func:`intq.frontends.normalization.group_norm` with the op's weight,
+    bias and eps."""
+    gamma, beta = _param(ctx, "weight"), _param(ctx, "bias")
+    eps = float(ctx.args["eps"])
+    return group_norm(ctx.graph, ctx.emit, x, groups, gamma, beta, eps, node=ctx.name)
+
+
+@_aten("aten.group_norm.default")
+def _groupnorm(ctx: TorchContext) -> Result:
+    return _group_norm(ctx, ctx.value("input"), int(ctx.args["num_groups"]))
+
+
+@_aten("aten.native_group_norm.default")
+def _native_groupnorm(ctx: TorchContext) -> Result:
+    y = _group_norm(ctx, ctx.value("input"), int(ctx.args["group"]))
+    return [y, None, None]  # the mean / rstd outputs exist for the backward pass
+
+
+@_aten("aten.instance_norm.default")
+def _instancenorm(ctx: TorchContext) -> Result:
+    """Statistics of each sample and channel (``use_input_stats``), else the running ones: an
+    inference batch norm."""
+    x = ctx.value("input")
+    if not ctx.args.get("use_input_stats"):
+        ctx.args = {**ctx.args, "training": False}
+        result = _batchnorm(ctx)
+        return result[0] if isinstance(result, list) else result
+    return _group_norm(ctx, x, x.type.shape[1] if x.type.rank >= 2 else 0)
+
+
+@_aten("aten._native_batch_norm_legit.no_stats")
+def _batchnorm_batch_stats(ctx: TorchContext) -> Result:
+    """Batch norm by the batch's own statistics (``training=True``, no running stats): of a
+    constant, computed here (weight standardization: ``F.batch_norm`` of a conv weight viewed
+    as ``[1, C_out, -1]``); of one sample, an instance norm."""
+    x = ctx.value("input")
+    if x.type.rank < 2:
+        raise ctx.unsupported(f"batch norm of {x.type}")
+    if x.const is not None:
+        data = np.asarray(x.const, np.float64)
+        axes = (0, *range(2, data.ndim))
+        mean = data.mean(axis=axes, keepdims=True)
+        var = data.var(axis=axes, keepdims=True)
+        y = (data - mean) / np.sqrt(var + float(ctx.args["eps"]))
+        channel = (1, -1) + (1,) * (data.ndim - 2)
+        gamma, beta = _param(ctx, "weight"), _param(ctx, "bias")
+        if gamma is not None:
+            y = y * gamma.reshape(channel)
+        if beta is not None:
+            y = y + beta.reshape(channel)
+        out = ctx.graph.add_constant(y.astype(x.type.dtype.numpy), ctx.out_name)
+        return [out, None, None]
+    if x.type.shape[0] != 1:
+        raise ctx.unsupported("batch norm by the statistics of a batch of more than one sample")
+    return [_group_norm(ctx, x, x.type.shape[1]), None, None]
 
 
 @_aten("aten.relu.default", "aten.relu_.default")

@@ -557,7 +557,8 @@ def _qlayernorm(ctx: InferContext) -> list[TensorType]:
     """Integer LayerNorm over the last axis (:func:`intq.semantics.kernels.layernorm`).
 
     ``eps`` in integer units of the centred sums; ``multiplier``/``shift``/``bias`` are
-    the per-channel affine ``gamma``, ``beta`` and output scale (``layernorm_affine``).
+    the per-channel affine ``gamma``, ``beta`` and output scale (``layernorm_affine``), or
+    one entry each for every channel.
     """
     x = ctx.type(0)
     _per_tensor(ctx, 0)
@@ -565,10 +566,10 @@ def _qlayernorm(ctx: InferContext) -> list[TensorType]:
         raise ShapeError(f"QLayerNorm takes 8- or 16-bit integers, got {x}")
     _variant(ctx, LAYERNORM_VARIANTS)
     size = x.shape[-1]
-    if not len(ctx["multiplier"]) == len(ctx["shift"]) == len(ctx["bias"]) == size:
-        raise ShapeError(f"QLayerNorm needs {size} multipliers, shifts and biases")
+    if not len(ctx["multiplier"]) == len(ctx["shift"]) == len(ctx["bias"]) in (1, size):
+        raise ShapeError(f"QLayerNorm needs {size} multipliers, shifts and biases (or one each)")
     try:
-        check_layernorm_size(size)
+        check_layernorm_size(size, x.quant.bits if x.quant is not None else x.dtype.bits)
     except NumericsError as err:
         raise ShapeError(str(err)) from None
     return [_output(ctx, x.shape)]

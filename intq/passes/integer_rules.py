@@ -641,9 +641,11 @@ def _layernorm(low: Lowering, node: Node) -> None:
     size = x.type.shape[-1]
     g = np.asarray(gamma.const, np.float64).reshape(size)
     b = np.zeros(size) if beta is None else np.asarray(beta.const, np.float64).reshape(size)
+    if np.all(g == g[0]) and np.all(b == b[0]):  # a GroupNorm's unit gamma: one entry
+        g, b = g[:1], b[:1]
     out = low.activation_quant(node.output, non_negative=False)
     constants = layernorm_constants(
-        g.tolist(), b.tolist(), node.attrs["epsilon"], scale_of(x), out.scale[0]
+        g.tolist(), b.tolist(), node.attrs["epsilon"], scale_of(x), out.scale[0], size
     )
     low.ints[node.output] = low.emit(
         node,

@@ -410,13 +410,19 @@ def _gelu_float(x: np.ndarray) -> np.ndarray:
 
 
 def layernorm_constants(
-    gamma: Sequence[float], beta: Sequence[float], eps: float, in_scale: float, out_scale: float
+    gamma: Sequence[float],
+    beta: Sequence[float],
+    eps: float,
+    in_scale: float,
+    out_scale: float,
+    size: int | None = None,
 ) -> dict[str, int | tuple[int, ...]]:
     """The integer attributes of ``QLayerNorm``: ``eps`` in units of ``V``, and per channel
     ``out = round((n M_c + B_c) / 2^S_c)`` standing for
     ``(gamma_c n / 2^16 + beta_c) / out_scale`` (``M_c`` signed, ``|M_c| < 2^31``, ``S_c <= 48``).
+    ``size``: the row length, when one ``gamma`` and ``beta`` stand for all of it.
     """
-    size = len(gamma)
+    size = len(gamma) if size is None else size
     multipliers, shifts, biases = [], [], []
     for g, b in zip(gamma, beta):
         real = abs(g) / out_scale / 2**NORM_BITS
@@ -445,21 +451,24 @@ def layernorm(
     lo: int,
     hi: int,
     variant: str,
+    bits: int = 16,
 ) -> T:
-    """Integer LayerNorm over the last axis (``size`` = C) of ``x`` (<= 16 bits, any sign).
+    """Integer LayerNorm over the last axis (``size`` = C) of ``x`` (``bits`` <= 16, any sign).
 
     Without any division by C: ``d = C x - sum(x)`` and ``V = sum(d^2) + eps`` give
     ``(x - mean) / sqrt(var + eps') = d sqrt(C) / sqrt(V)``. The normalised value
     ``n = d R`` with ``R = 2^16 sqrt(C) / sqrt(V)`` comes from an integer square root and
     one division per row (``isqrt``) or Newton's inverse square root (``divfree``); the
     affine ``gamma, beta`` and output scale are one per-channel multiply-and-shift
-    (:func:`layernorm_constants`). Bounds: ``|d| <= C 2^16``, ``V <= C^3 2^30 + eps < 2^61``.
+    (:func:`layernorm_constants`; one entry each stands for every channel, as for a
+    GroupNorm's unit ``gamma``). Bounds: ``|d| <= C 2^16``, ``V <= C^3 2^30 + eps < 2^61``
+    for 16-bit inputs; 8-bit inputs take rows up to 41285 long (:func:`check_layernorm_size`).
     Error: within one output unit of the exactly rounded float LayerNorm of ``x``.
     """
     k, o = _K(ops), ops
     if variant not in LAYERNORM_VARIANTS:
         raise NumericsError(f"unknown LayerNorm variant {variant!r}")
-    check_layernorm_size(size)
+    check_layernorm_size(size, bits)
     d = o.sub(o.mul(x, o.const(size)), o.reduce_sum(x, -1))
     v = o.add(o.reduce_sum(o.mul(d, d), -1), o.const(eps))
     v = o.where(o.less(v, o.const(1)), o.const(1), v)  # V = 0 only where every d is 0
@@ -484,11 +493,28 @@ def layernorm(
     return k.clamp(k.round_shift(total, np.asarray(shift, np.int64)), lo, hi)
 
 
-def check_layernorm_size(size: int) -> None:
-    """``V <= C^3 2^30 + eps < 2^61`` (a variance is at most (range / 2)^2 = 2^30 for 16-bit
-    inputs) keeps every LayerNorm intermediate inside int64: C <= 1024."""
-    if size > 1024:
-        raise NumericsError(f"integer LayerNorm supports up to 1024 channels, got {size}")
+def layernorm_max_size(bits: int) -> int:
+    """The largest row :func:`layernorm` takes for ``bits``-bit inputs: the largest ``C`` with
+    ``C^3 4^(bits - 1) <= 2^60`` (1024 for 16 bits, 41285 for 8)."""
+    limit, unit = 1 << 60, 1 << (2 * (bits - 1))
+    size = round((limit / unit) ** (1 / 3))
+    while size**3 * unit > limit:
+        size -= 1
+    while (size + 1) ** 3 * unit <= limit:
+        size += 1
+    return size
+
+
+def check_layernorm_size(size: int, bits: int = 16) -> None:
+    """``V <= C^3 (range / 2)^2 + eps < 2^61`` (a variance is at most (range / 2)^2, 2^30 for
+    16-bit inputs, 2^14 for 8-bit ones) keeps every LayerNorm intermediate inside int64:
+    ``C <= layernorm_max_size(bits)``. The other bounds hold for any such row: ``|d| <= C
+    2^bits``, ``sqrt(C) 2^53 < 2^62`` (``isqrt``), ``|n M| <= sqrt(C) 2^47 < 2^62``."""
+    largest = layernorm_max_size(bits)
+    if size > largest:
+        raise NumericsError(
+            f"integer LayerNorm of {bits}-bit inputs supports up to {largest} channels, got {size}"
+        )
 
 
 def _isqrt(k: _K[T], v: T) -> T:
@@ -635,4 +661,5 @@ def run_node(ops: IntOps[T], node: Node, x: T, keep: T | None = None) -> T:
         attrs["lo"],
         attrs["hi"],
         attrs["variant"],
+        source.type.quant.bits,
     )
