@@ -351,9 +351,9 @@ def test_standalone_batchnorm_is_a_depthwise_qconv_bit_exact_on_every_backend():
     """DenseNet's pre-activation ``BN -> ReLU -> Conv`` after a concatenation, and a
     BatchNorm1d on ``[N, C]``: no layer to fold into, so each is a depthwise QConv."""
     rng = np.random.default_rng(7)
-    c1, w1 = _conv("c1", "x", 3, 4, rng)
+    c1, w1 = conv_node("c1", "x", 3, 4, rng)
     bn1, p1 = _bn("bn1", "cat", 7, rng)
-    c2, w2 = _conv("c2", "r", 7, 4, rng)
+    c2, w2 = conv_node("c2", "r", 7, 4, rng)
     bn2, p2 = _bn("bn2", "flat", 4 * 5 * 5, rng)
     nodes = [
         c1,
@@ -369,14 +369,14 @@ def test_standalone_batchnorm_is_a_depthwise_qconv_bit_exact_on_every_backend():
     model = make_model(
         nodes, [f32("x", shape)], [f32("y", (2, 100))], [*w1, *p1, *w2, *p2], opset=14
     )
-    graph, feeds = _quantized(model, shape)
-    ops = _ops(graph)
+    graph, feeds = quantized(model, shape)
+    ops = op_names(graph)
     assert ops.count("QConv") == 4 and "BatchNormalization" not in ops
     depthwise = [n for n in graph if n.op == "QConv" and n.attrs["group"] > 1]
     assert [n.attrs["group"] for n in depthwise] == [7, 100]
     # One 8-bit weight per channel: +-127, the channel's scale |k| / 127.
     assert all(set(np.abs(n.inputs[1].const).reshape(-1)) == {127} for n in depthwise)
-    got = _bit_exact(graph, feeds)["y"]
+    got = bit_exact(graph, feeds)["y"]
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.05 * np.ptp(want))
 
@@ -385,8 +385,8 @@ def _groupnorm_model(groups: int) -> tuple:
     """conv -> GroupNorm -> ReLU -> conv, the GroupNorm as torch exports it: Reshape to
     ``[N, G, -1]``, InstanceNormalization with unit scale, Reshape back, Mul, Add."""
     rng = np.random.default_rng(8)
-    c1, w1 = _conv("c1", "x", 3, 8, rng)
-    c2, w2 = _conv("c2", "r", 8, 4, rng)
+    c1, w1 = conv_node("c1", "x", 3, 8, rng)
+    c2, w2 = conv_node("c2", "r", 8, 4, rng)
     consts = [
         numpy_helper.from_array(np.array([2, groups, -1], np.int64), "grouped"),
         numpy_helper.from_array(np.array([2, 8, 6, 6], np.int64), "ungrouped"),
@@ -420,8 +420,8 @@ def test_groupnorm_is_a_qlayernorm_and_a_depthwise_qconv(groups, wide_bits):
     per-channel affine a depthwise QConv. At ``wide_bits=16`` the QConv reads a 16-bit input,
     which the ONNX Runtime backend does not lower yet: reference and TVM only."""
     model, shape = _groupnorm_model(groups)
-    graph, feeds = _quantized(model, shape, wide_bits=wide_bits)
-    ops = _ops(graph)
+    graph, feeds = quantized(model, shape, wide_bits=wide_bits)
+    ops = op_names(graph)
     assert ops.count("QLayerNorm") == 1 and ops.count("QConv") == 3
     norm = next(n for n in graph if n.op == "QLayerNorm")
     assert len(norm.attrs["multiplier"]) == 1

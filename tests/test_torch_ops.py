@@ -197,8 +197,34 @@ def test_attention_refuses_what_it_cannot_express():
     with pytest.raises(intq.UnsupportedOpError, match="is_causal") as info:
         intq.from_torch(causal, qkv)
     assert "scaled_dot_product_attention" in str(info.value)
-    with pytest.raises(intq.UnsupportedOpError, match="boolean attn_mask"):
-        intq.from_torch(_Fn(F.scaled_dot_product_attention), (*qkv, torch.ones(5, 5).bool()))
+
+
+def test_attention_takes_a_boolean_mask():
+    """True keeps a position: an additive 0 / float32-lowest mask; an all-true constant mask
+    (a bidirectional model's, folded at the captured shapes) is no mask at all."""
+    keep = np.random.default_rng(3).random((2, 1, 5, 5)) > 0.4
+    keep[..., 0] = True  # no row masked entirely (torch gives NaN there)
+    graph = intq.from_torch(
+        _Fn(F.scaled_dot_product_attention),
+        (*map(torch.from_numpy, _inputs(Q, Q, Q)), torch.from_numpy(keep)),
+    )
+    assert "Where" in _ops(graph)
+    q, k, v = _inputs(Q, Q, Q)
+    with torch.no_grad():
+        want = F.scaled_dot_product_attention(
+            *map(torch.from_numpy, (q, k, v)), torch.from_numpy(keep)
+        )
+    got = intq.compile(graph, "reference").run(
+        dict(zip([i.name for i in graph.inputs], (q, k, v, keep)))
+    )
+    np.testing.assert_allclose(next(iter(got.values())), want.numpy(), atol=1e-5)
+
+    ones = torch.ones(5, 5, dtype=torch.bool)
+    graph = intq.from_torch(
+        _Fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, ones)),
+        tuple(map(torch.from_numpy, (q, k, v))),
+    )
+    assert [node.op for node in graph] == ["Transpose", "MatMul", "Mul", "Softmax", "MatMul"]
 
 
 class _HardCNN(nn.Module):
