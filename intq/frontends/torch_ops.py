@@ -22,7 +22,7 @@ import numpy as np
 from intq.errors import UnsupportedOpError
 from intq.frontends.normalization import group_norm
 from intq.ir.graph import Graph, Value
-from intq.ir.types import TensorType
+from intq.ir.types import DType, TensorType
 from intq.passes.constant_folding import fold_node, foldable
 
 
@@ -133,6 +133,25 @@ def _conv(ctx: TorchContext) -> Result:
         dilations=dilations,
         group=int(ctx.args["groups"]),
     )
+
+
+@_aten("aten.index.Tensor")
+def _index(ctx: TorchContext) -> Result:
+    """``x[i0, i1, ...]`` with constant index tensors for the leading axes (a mask builder's
+    ``mask[batch_idx, kv_idx]``): one Gather from ``x`` flattened over those axes, at the
+    flat positions of the broadcast indices."""
+    x = ctx.value("self")
+    indices = ctx.args["indices"]
+    if not indices or any(not isinstance(i, Value) or i.const is None for i in indices):
+        raise ctx.unsupported("indices that are not constant tensors, or a None (slice)")
+    lead = x.type.shape[: len(indices)]
+    arrays = np.broadcast_arrays(*(np.asarray(i.const) for i in indices))
+    if arrays[0].dtype == bool:
+        raise ctx.unsupported("a boolean index")
+    positions = np.ravel_multi_index([np.mod(a, n) for a, n in zip(arrays, lead)], lead)
+    flat = ctx.emit("Reshape", [x], shape=(int(np.prod(lead)), *x.type.shape[len(indices) :]))
+    index = ctx.graph.add_constant(positions.astype(np.int64), f"{ctx.name}.positions")
+    return ctx.emit("Gather", [flat, index], axis=0)
 
 
 @_aten("aten.arange.default", "aten.arange.start", "aten.arange.start_step")
@@ -403,6 +422,34 @@ def _mish(ctx: TorchContext) -> Result:
 
 
 _ARITH = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}
+
+
+_LOGIC = {
+    **dict.fromkeys(("__and__", "bitwise_and", "logical_and"), "And"),
+    **dict.fromkeys(("__or__", "bitwise_or", "logical_or"), "Or"),
+    **{"eq": "Equal", "lt": "Less", "gt": "Greater"},
+}
+
+
+@_aten(*(f"aten.{name}.Tensor" for name in _LOGIC))
+@_aten("aten.eq.Scalar", "aten.lt.Scalar", "aten.gt.Scalar", "aten.ne.Tensor", "aten.ne.Scalar")
+def _logic(ctx: TorchContext) -> Result:
+    """Masks and their comparisons: ``And``/``Or`` of bool tensors, ``Equal``/``Less``/
+    ``Greater`` (``ne`` as ``Not(Equal)``), a Python number as a constant of ``self``'s dtype."""
+    x = ctx.value("self")
+    other = ctx.operand("other", x)
+    name = ctx.target.split(".")[1]
+    if name == "ne":
+        return ctx.emit("Not", [ctx.emit("Equal", [x, other])])
+    return ctx.emit(_LOGIC[name], [x, other])
+
+
+@_aten("aten.logical_not.default", "aten.bitwise_not.default")
+def _logical_not(ctx: TorchContext) -> Result:
+    x = ctx.value("self")
+    if x.type.dtype is not DType.BOOL:
+        raise ctx.unsupported(f"bitwise not of {x.type.dtype.name.lower()}")
+    return ctx.emit("Not", [x])
 
 
 @_aten("aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor")
