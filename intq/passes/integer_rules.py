@@ -231,8 +231,10 @@ def _scale_by_constant(low: Lowering, node: Node) -> None:
         return
     if node.op == "Mul" and c.is_const and _fold_channel_scale(low, node, x, c):
         return
-    if factor is not None and factor > 0 and x in low.ints:  # a requantization by the factor
-        low.pending[node.output] = Accumulator(low.ints[x], factor)
+    if factor is not None and factor > 0 and (x in low.ints or x in low.pending):
+        # A requantization by the factor (a pending sum is rounded first: DeiT's mean of
+        # its two heads' logits).
+        low.pending[node.output] = Accumulator(low.materialize(x), factor)
         return
     if node.op == "Mul" and not x.is_const and x not in low.affine and c not in low.affine:
         # Two activations, or one and a constant this cannot fold (quantized per tensor).
