@@ -66,7 +66,15 @@ from intq.errors import UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
-from intq.semantics.kernels import lookup, lookup_offset, multiply, prelu, run_node
+from intq.semantics.kernels import (
+    lookup,
+    lookup_offset,
+    multiply,
+    prelu,
+    resize_linear,
+    resize_taps,
+    run_node,
+)
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
@@ -685,6 +693,9 @@ class _RelaxOps:
         # keeps TVM from warning that "fast" mode trusts them.
         return self._emit(self.op.take(self.const(table), index, axis=0, mode="clip"))
 
+    def take(self, x: Any, index: np.ndarray, axis: int) -> Any:
+        return self._emit(self.op.take(x, self.const(index), axis=axis, mode="clip"))
+
     def div(self, a: Any, b: Any) -> Any:
         return self._emit(self.op.floor_divide(a, b))
 
@@ -737,6 +748,16 @@ def _qprelu(lw: Lowerer, node: Node) -> None:
 
 def _int64(lw: Lowerer, value: Value) -> Any:
     return lw.bb.emit(lw.relax.op.astype(lw.value(value), "int64"))
+
+
+@_lower("QResize")
+def _qresize(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.resize_linear` as Relax int64 ``take``, ``multiply`` and
+    ``add`` (the graph's layout), cast to the int32 accumulator."""
+    x = input_of(node)
+    taps = resize_taps(node.attrs)
+    result = resize_linear(_RelaxOps(lw), _int64(lw, x), taps, x.type.rank, node.attrs["frac_bits"])
+    _store(lw, node, result)
 
 
 def _store(lw: Lowerer, node: Node, result: Any) -> None:
