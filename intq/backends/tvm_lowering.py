@@ -250,6 +250,8 @@ class _Accumulator:
     args: list[Any]  # Relax expressions: input, weights[, bias]
     kind: str  # the schedule's kernel kind
     nhwc: bool  # the accumulator (a 4-D conv output) is NHWC
+    shape: tuple[int, ...] | None = None  # the graph's shape of a result the kernel
+    # computes with another (a 1-D conv's, computed with height 1)
 
 
 def _packed_operands(
@@ -282,6 +284,14 @@ def _accumulator(lw: Lowerer, node: Node) -> _Accumulator:
     if node.op == "QConvTranspose":
         args = [lw.value(x), lw.value(w), *bias]
         return _Accumulator(conv_transpose_te(node), args, "generic", False)
+    if node.op == "QConv" and x.type.rank == 3:  # a 1-D conv: a 2-D one of height 1
+        conv = ConvShape.of(node)
+        assert w.const is not None
+        rows = lw.relax.ShapeExpr(list(conv.as_2d(x.type.shape)))
+        tall = lw.bb.emit(lw.relax.op.reshape(lw.value(x), rows))
+        weights = lw.const(w.const.reshape(conv.as_2d(w.type.shape)))
+        fn, kind = conv_te(node)
+        return _Accumulator(fn, [tall, weights, *bias], kind, False, node.output.type.shape)
     if node.op == "QConv":
         fn, kind = conv_te(node)
         return _Accumulator(fn, [lw.value(x), lw.value(w), *bias], kind, False)
@@ -300,7 +310,14 @@ def _accumulate(lw: Lowerer, node: Node) -> None:
     if node.output.name in lw.deferred:
         return  # computed inside its reader's kernel
     acc = _accumulator(lw, node)
-    lw.bind(node, lw.emit_node(acc.fn, acc.args, node, acc.kind), nhwc=acc.nhwc)
+    lw.bind(node, _in_shape(lw, acc, lw.emit_node(acc.fn, acc.args, node, acc.kind)), acc.nhwc)
+
+
+def _in_shape(lw: Lowerer, acc: _Accumulator, expr: Any) -> Any:
+    """``expr``, computed by ``acc``'s kernel (or its fused epilogue), in the graph's shape."""
+    if acc.shape is None:
+        return expr
+    return lw.bb.emit(lw.relax.op.reshape(expr, lw.relax.ShapeExpr(list(acc.shape))))
 
 
 # ----- epilogues and elementwise integer ops ------------------------------------------------------
@@ -326,7 +343,8 @@ def _fused(
     def fn(*tensors: Any) -> Any:
         return epilogue(acc.fn(*tensors[:count]), *tensors[count:])
 
-    lw.bind(node, lw.emit_node(fn, [*acc.args, *extra], producer, acc.kind), nhwc=acc.nhwc)
+    result = lw.emit_node(fn, [*acc.args, *extra], producer, acc.kind)
+    lw.bind(node, _in_shape(lw, acc, result), nhwc=acc.nhwc)
 
 
 @_lower("Requantize")
