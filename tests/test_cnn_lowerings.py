@@ -435,3 +435,32 @@ def test_groupnorm_is_a_qlayernorm_and_a_depthwise_qconv(groups, wide_bits):
     got = reference.run({"x": feeds[0]})["y"]
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
     np.testing.assert_allclose(got, want, atol=0.05 * np.ptp(want))
+
+
+def test_conv1d_model_is_bit_exact_on_every_backend():
+    """Conv1d (padding 2, stride 2) -> ReLU -> grouped Conv1d (groups 2, asymmetric padding,
+    dilation 2) -> depthwise Conv1d, as SqueezeBERT's and audio models' layers: each a 1-D
+    ``QConv`` (on TVM a 2-D one of height 1), the same integers on every backend."""
+    rng = np.random.default_rng(21)
+
+    def conv1d(name, x, cin, cout, k, group=1, **attrs):
+        w = numpy_helper.from_array(
+            (rng.standard_normal((cout, cin // group, k)) * 0.3).astype(np.float32), f"{name}.w"
+        )
+        b = numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"{name}.b")
+        node = helper.make_node("Conv", [x, w.name, b.name], [name], group=group, **attrs)
+        return node, [w, b]
+
+    c1, w1 = conv1d("c1", "x", 3, 4, 5, pads=[2, 2], strides=[2])
+    c2, w2 = conv1d("c2", "r", 4, 6, 3, group=2, pads=[1, 3], dilations=[2])
+    c3, w3 = conv1d("c3", "c2", 6, 6, 3, group=6, pads=[1, 1])
+    nodes = [c1, helper.make_node("Relu", ["c1"], ["r"]), c2, c3]
+    shape = (2, 3, 16)
+    model = make_model(nodes, [f32("x", shape)], [f32("c3", (2, 6, 8))], [*w1, *w2, *w3])
+    graph, feeds = quantized(model, shape)
+    convs = [node for node in graph if node.op == "QConv"]
+    assert [n.inputs[0].type.rank for n in convs] == [3, 3, 3]
+    assert [n.attrs["group"] for n in convs] == [1, 2, 6]
+    got = bit_exact(graph, feeds)["c3"]
+    want = intq.compile(intq.from_onnx(model)).run({"x": feeds[0]})["c3"]
+    np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))

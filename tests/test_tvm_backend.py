@@ -262,6 +262,46 @@ def test_a_3d_convolution_is_refused_with_its_name():
 # ----- single layers, full-range integers (Hypothesis) --------------------------------------------
 
 
+@settings(max_examples=16, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    signed=st.booleans(),
+    groups=st.sampled_from(["one", "depthwise", "two"]),
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    pads=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    bias=st.booleans(),
+    fused=st.booleans(),
+    length=st.integers(7, 12),  # the widest window: 2 * (4 - 1) + 1
+)
+def test_1d_qconv_layers_are_bit_exact(
+    seed, signed, groups, kernel, stride, dilation, pads, bias, fused, length
+):
+    """A 1-D ``QConv`` (SqueezeBERT's grouped Conv1d, audio front ends) runs as a 2-D one of
+    height 1: input ``[N, C, 1, L]``, weights ``[M, C / group, 1, K]``, its pads, stride and
+    dilation along the width; the result reshaped back (after the fused requantization)."""
+    rng = np.random.default_rng(seed)
+    channels = 4
+    group = {"one": 1, "depthwise": channels, "two": 2}[groups]
+    out_channels = channels if groups == "depthwise" else 6
+    g = Graph()
+    x = int_input(g, "x", (2, channels, length), signed)
+    w_data = full_range(rng, (out_channels, channels // group, kernel), True).clip(-127, 127)
+    w = weight(g, w_data, rng.uniform(0.001, 0.1, out_channels), 0)
+    inputs = [x, w]
+    if bias:
+        acc_scales = tuple(0.05 * s for s in w.type.quant.scale)
+        b = g.add_constant(rng.integers(-(2**20), 2**20, out_channels).astype(np.int32), "b")
+        b.type = b.type.with_quant(QuantParams(32, True, acc_scales, axis=0))
+        inputs.append(b)
+    acc = g.op("QConv", *inputs, group=group, strides=(stride,), dilations=(dilation,), pads=pads)
+    y = requantized(g, acc, float(rng.uniform(0.5, 20)), rng.random() < 0.5)
+    g.set_outputs([y] if fused else [acc, y])
+    verify(g)
+    assert_same(g, compile_tvm(g), {"x": full_range(rng, (2, channels, length), signed)})
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**16),

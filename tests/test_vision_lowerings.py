@@ -130,11 +130,145 @@ def test_nearest_upsampling_is_bit_exact_on_every_backend():
     np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
 
 
-def test_linear_resize_is_refused_until_lowered():
+# ----- Resize linear ------------------------------------------------------------------------------
+
+
+def test_linear_resize_is_one_qresize_of_fixed_point_taps():
+    """A 2x bilinear upsampling (half_pixel) of an 8-bit input: two axes, so ``F = (31 - 8)
+    // 2 = 11``; per axis the float semantics' positions (clamped at the ends, where both
+    taps are one input and weigh 1/2) and weights ``frac * 2^11``; the accumulator's scale is
+    ``s_x * 2^-22``."""
     graph = _resize_graph((1, 1, 2, 2), (1, 1, 4, 4), "linear", "half_pixel", "floor")
-    x = np.ones((1, 1, 2, 2), np.float32)
-    with pytest.raises(intq.UnsupportedOpError, match="Resize mode 'linear'"):
-        intq.quantize(graph, [{"x": x}])
+    x = np.asarray([[[[0.0, 1.0], [2.0, -3.0]]]], np.float32)
+    lowered = intq.quantize(graph, [{"x": x}], intq.QuantConfig(calibration="minmax"))
+    assert op_names(lowered) == ["Quantize", "QResize", "Dequantize"]
+    (node,) = [n for n in lowered if n.op == "QResize"]
+    a = node.attrs
+    assert a["axes"] == (2, 3) and a["frac_bits"] == 11 and a["sizes"] == (1, 1, 4, 4)
+    assert a["low"] == (0, 0, 0, 1) * 2 and a["high"] == (1, 1, 1, 1) * 2
+    assert a["weight"] == (0, 512, 1536, 1024) * 2
+    s_x = node.inputs[0].type.quant.scale[0]
+    assert node.output.type.quant.scale == (s_x * 2.0**-22,)
+    assert node.output.type.dtype is intq.ir.DType.I32
+    text = intq.ir.to_text(lowered)
+    assert intq.ir.to_text(intq.ir.from_text(text)) == text
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    out_h=st.integers(1, 13),
+    out_w=st.integers(1, 13),
+    transform=st.sampled_from(RESIZE_COORDINATES),
+    bits=st.sampled_from([8, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_resize_is_within_its_fixed_point_bound(h, w, out_h, out_w, transform, bits, seed):
+    """``QResize`` is the float linear Resize with each weight rounded to ``F`` fractional
+    bits. Each axis' pair of weights still sums to 1, so its error is
+    ``|w - w_F| |x_high - x_low| <= 2^-(F+1) (max - min)``, and the next axis' convex
+    combination does not grow it: on every input code, within
+    ``axes (max - min) s_x 2^-(F+1)`` of the float Resize of the dequantized codes (float32
+    weights: a relative ``2^-23`` on top). Through its one ``Requantize`` (with a ReLU's
+    clamp) the model is within that plus half an output step of the float model on the
+    quantized input, clamped to the output's range."""
+    graph = _resize_graph((2, 2, h, w), (2, 2, out_h, out_w), "linear", transform, "floor")
+    (y,) = graph.outputs
+    relu = graph.op("Relu", y, name="act")
+    graph.set_outputs([relu])
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 2, h, w)).astype(np.float32)
+    config = intq.QuantConfig(calibration="minmax", activation_bits=bits)
+    lowered = intq.quantize(graph, [{"x": x}], config)
+    nodes = [n for n in lowered if n.op == "QResize"]
+    if not nodes:  # nothing resized: the input moves as it is
+        assert (h, w) == (out_h, out_w) and "Resize" not in op_names(lowered)
+        return
+    (node,) = nodes
+    axes, frac_bits = len(node.attrs["axes"]), node.attrs["frac_bits"]
+    quant = node.inputs[0].type.quant
+    assert frac_bits == (31 - quant.bits) // axes
+    assert "Relu" not in op_names(lowered)  # in the Requantize's clamp
+
+    codes = rng.integers(quant.qmin, quant.qmax + 1, (2, 2, h, w))
+    (acc,) = EVAL["QResize"](node, codes.astype(node.inputs[0].type.dtype.numpy))
+    assert acc.dtype == np.int32
+    float_resize = next(n for n in graph if n.op == "Resize")
+    real = codes * quant.scale[0]
+    (want,) = EVAL["Resize"](float_resize, real)  # float64 data, the float32 positions
+    spread = float(real.max() - real.min())
+    bound = axes * spread * 2.0 ** -(frac_bits + 1) + axes * 2.0**-23 * float(np.abs(real).max())
+    error = np.abs(acc * node.output.type.quant.scale[0] - want)
+    assert error.max() <= bound * (1 + 1e-9) + 1e-12
+
+    on_grid, _ = _input_grid(lowered, x)
+    got = intq.compile(lowered).run({"x": x})[relu.name]
+    exact = intq.compile(graph).run({"x": on_grid})[relu.name].astype(np.float64)
+    (requantize,) = [n for n in lowered if n.op == "Requantize"]
+    # The clamp to the calibrated range (of the float data, which the quantized input may
+    # pass by half a step) moves both results alike: clamping never grows a difference.
+    r = requantize.attrs
+    exact = exact.clip(r["lo"] * r["scale"], r["hi"] * r["scale"])
+    spread = float(on_grid.max() - on_grid.min())
+    bound = (
+        axes * spread * 2.0 ** -(frac_bits + 1)
+        + requantize.attrs["scale"] / 2
+        + axes * 2.0**-23 * float(np.abs(on_grid).max())
+    )
+    assert np.abs(got - exact).max() <= bound * (1 + 1e-6) + 1e-7
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_bilinear_resizes_are_bit_exact_on_every_backend(align_corners):
+    """conv -> ReLU -> 2x bilinear upsampling (by scales, as ``F.interpolate(...,
+    scale_factor=2, mode="bilinear", align_corners=...)`` exports it) -> conv -> a linear
+    Resize to an arbitrary smaller size (by sizes) -> conv: each Resize one ``QResize``,
+    requantized once (the first unsigned: a mean of non-negative codes), the same integers
+    on every backend."""
+    rng = np.random.default_rng(15)
+    transform = "align_corners" if align_corners else "pytorch_half_pixel"
+    c1, w1 = conv_node("c1", "x", 2, 3, rng)
+    c2, w2 = conv_node("c2", "up", 3, 3, rng)
+    c3, w3 = conv_node("c3", "down", 3, 2, rng)
+    scales = numpy_helper.from_array(np.asarray([1, 1, 2, 2], np.float32), "scales")
+    sizes = numpy_helper.from_array(np.asarray([2, 3, 5, 7], np.int64), "sizes")
+    nodes = [
+        c1,
+        helper.make_node("Relu", ["c1"], ["r"]),
+        helper.make_node(
+            "Resize",
+            ["r", "", "scales"],
+            ["up"],
+            mode="linear",
+            coordinate_transformation_mode=transform,
+        ),
+        c2,
+        helper.make_node(
+            "Resize",
+            ["c2", "", "", "sizes"],
+            ["down"],
+            mode="linear",
+            coordinate_transformation_mode="align_corners" if align_corners else "half_pixel",
+        ),
+        c3,
+    ]
+    shape = (2, 2, 3, 5)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("c3", (2, 2, 5, 7))], [*w1, *w2, *w3, scales, sizes]
+    )
+    graph, feeds = quantized(model, shape)
+    layers = [node for node in graph if node.op == "QResize"]
+    assert [n.attrs["axes"] for n in layers] == [(2, 3), (2, 3)]
+    assert "Resize" not in op_names(graph)
+    first = layers[0].output.consumers()
+    assert [n.op for n in first] == ["Requantize"]
+    assert first[0].output.type.dtype is intq.ir.DType.U8
+    _within_proven_ranges(graph, {"x": feeds[2]})
+    got = bit_exact(graph, feeds)["c3"]
+    want = intq.compile(_float(model)).run({"x": feeds[0]})["c3"]
+    # Four 8-bit roundings deep (each Resize's own error is below 2^-11 of its range).
+    np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))
 
 
 # ----- ConvTranspose ------------------------------------------------------------------------------

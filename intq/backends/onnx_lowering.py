@@ -664,6 +664,9 @@ class _OnnxOps:
     def gather(self, table: np.ndarray, index: str) -> str:
         return self._op("Gather", [self.const(table), index], axis=0)
 
+    def take(self, x: str, index: np.ndarray, axis: int) -> str:
+        return self._op("Gather", [x, self.const(index)], axis=axis)
+
     def div(self, a: str, b: str) -> str:
         return self._op("Div", [a, b])
 
@@ -732,6 +735,22 @@ def _qprelu(b: _Builder, node: Node) -> None:
         a["shift"],
         a["lo"],
         a["hi"],
+    )
+    _store(b, result, node)
+
+
+@_lower("QResize")
+def _qresize(b: _Builder, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.resize_linear`: per axis two ``Gather`` of constant
+    positions, integer ``Mul`` by the constant weights and an ``Add`` (int64, exact; the
+    range analysis proves the result fits the int32 accumulator it is cast to)."""
+    x = _input(node)
+    result = kernels.resize_linear(
+        _OnnxOps(b, node),
+        _as_int64(b, x, node),
+        kernels.resize_taps(node.attrs),
+        x.type.rank,
+        node.attrs["frac_bits"],
     )
     _store(b, result, node)
 

@@ -59,7 +59,8 @@ def bias_input(node: Node) -> Value | None:
 
 @dataclass(frozen=True)
 class ConvShape:
-    """The geometry of a 2-D ``QConv``."""
+    """The geometry of a 2-D ``QConv``, or of a 1-D one as a 2-D one of height 1 (input
+    ``[N, C, 1, L]``, weights ``[M, C / group, 1, K]``: :func:`as_2d` reshapes them)."""
 
     n: int
     c: int
@@ -78,13 +79,32 @@ class ConvShape:
     @staticmethod
     def of(node: Node) -> ConvShape:
         x_type, w_type = input_of(node, 0).type, input_of(node, 1).type
+        attrs = node.attrs
+        if x_type.rank == 3:  # a 1-D conv: height 1, no padding, stride or dilation there
+            (n, c, length), (m, cg, k) = x_type.shape, w_type.shape
+            (left, right), (s,), (d,) = attrs["pads"], attrs["strides"], attrs["dilations"]
+            (ol,) = node.output.type.shape[2:]
+            return ConvShape(
+                n=n,
+                c=c,
+                h=1,
+                w=length,
+                m=m,
+                cg=cg,
+                kh=1,
+                kw=k,
+                group=attrs["group"],
+                pads=(0, left, 0, right),
+                strides=(1, s),
+                dilations=(1, d),
+                out=(1, ol),
+            )
         if x_type.rank != 4:
             raise UnsupportedOpError(
                 f"QConv with {x_type.rank - 2} spatial dimensions in the TVM backend",
                 node=node.label(),
-                hint="the TVM backend lowers 2-D convolutions; use the onnxruntime target",
+                hint="the TVM backend lowers 1-D and 2-D convolutions; use the onnxruntime target",
             )
-        attrs = node.attrs
         (n, c, h, w), (m, cg, kh, kw) = x_type.shape, w_type.shape
         top, left, bottom, right = attrs["pads"]
         sh, sw = attrs["strides"]
@@ -105,6 +125,11 @@ class ConvShape:
             (dh, dw),
             (oh, ow),
         )
+
+    def as_2d(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A 1-D conv's input, weight or output ``shape`` with the height 1 inserted (a 2-D
+        conv's unchanged)."""
+        return shape if len(shape) == 4 else (*shape[:2], 1, *shape[2:])
 
     @property
     def depthwise(self) -> bool:
@@ -176,12 +201,13 @@ def _add_bias(acc: Any, bias: Sequence[Any], axis: int) -> Any:
 
 def conv_te(node: Node) -> tuple[Callable[..., Any], str]:
     """The TE function ``(x, w[, b]) -> int32 acc`` of a 2-D ``QConv`` in NCHW (any groups
-    and operand widths), and its kernel kind."""
+    and operand widths; a 1-D one on its operands and result of height 1), and its kernel
+    kind."""
     from tvm import te, tirx
 
     conv = ConvShape.of(node)
     top, left, bottom, right = conv.pads
-    out_shape = node.output.type.shape
+    out_shape = (conv.n, conv.m, *conv.out)
     per_group = conv.m // conv.group
 
     def fn(x: Any, wt: Any, *bias: Any) -> Any:

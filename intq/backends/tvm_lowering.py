@@ -66,7 +66,15 @@ from intq.errors import UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
-from intq.semantics.kernels import lookup, lookup_offset, multiply, prelu, run_node
+from intq.semantics.kernels import (
+    lookup,
+    lookup_offset,
+    multiply,
+    prelu,
+    resize_linear,
+    resize_taps,
+    run_node,
+)
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
@@ -242,6 +250,8 @@ class _Accumulator:
     args: list[Any]  # Relax expressions: input, weights[, bias]
     kind: str  # the schedule's kernel kind
     nhwc: bool  # the accumulator (a 4-D conv output) is NHWC
+    shape: tuple[int, ...] | None = None  # the graph's shape of a result the kernel
+    # computes with another (a 1-D conv's, computed with height 1)
 
 
 def _packed_operands(
@@ -274,6 +284,14 @@ def _accumulator(lw: Lowerer, node: Node) -> _Accumulator:
     if node.op == "QConvTranspose":
         args = [lw.value(x), lw.value(w), *bias]
         return _Accumulator(conv_transpose_te(node), args, "generic", False)
+    if node.op == "QConv" and x.type.rank == 3:  # a 1-D conv: a 2-D one of height 1
+        conv = ConvShape.of(node)
+        assert w.const is not None
+        rows = lw.relax.ShapeExpr(list(conv.as_2d(x.type.shape)))
+        tall = lw.bb.emit(lw.relax.op.reshape(lw.value(x), rows))
+        weights = lw.const(w.const.reshape(conv.as_2d(w.type.shape)))
+        fn, kind = conv_te(node)
+        return _Accumulator(fn, [tall, weights, *bias], kind, False, node.output.type.shape)
     if node.op == "QConv":
         fn, kind = conv_te(node)
         return _Accumulator(fn, [lw.value(x), lw.value(w), *bias], kind, False)
@@ -292,7 +310,14 @@ def _accumulate(lw: Lowerer, node: Node) -> None:
     if node.output.name in lw.deferred:
         return  # computed inside its reader's kernel
     acc = _accumulator(lw, node)
-    lw.bind(node, lw.emit_node(acc.fn, acc.args, node, acc.kind), nhwc=acc.nhwc)
+    lw.bind(node, _in_shape(lw, acc, lw.emit_node(acc.fn, acc.args, node, acc.kind)), acc.nhwc)
+
+
+def _in_shape(lw: Lowerer, acc: _Accumulator, expr: Any) -> Any:
+    """``expr``, computed by ``acc``'s kernel (or its fused epilogue), in the graph's shape."""
+    if acc.shape is None:
+        return expr
+    return lw.bb.emit(lw.relax.op.reshape(expr, lw.relax.ShapeExpr(list(acc.shape))))
 
 
 # ----- epilogues and elementwise integer ops ------------------------------------------------------
@@ -318,7 +343,8 @@ def _fused(
     def fn(*tensors: Any) -> Any:
         return epilogue(acc.fn(*tensors[:count]), *tensors[count:])
 
-    lw.bind(node, lw.emit_node(fn, [*acc.args, *extra], producer, acc.kind), nhwc=acc.nhwc)
+    result = lw.emit_node(fn, [*acc.args, *extra], producer, acc.kind)
+    lw.bind(node, _in_shape(lw, acc, result), nhwc=acc.nhwc)
 
 
 @_lower("Requantize")
@@ -685,6 +711,9 @@ class _RelaxOps:
         # keeps TVM from warning that "fast" mode trusts them.
         return self._emit(self.op.take(self.const(table), index, axis=0, mode="clip"))
 
+    def take(self, x: Any, index: np.ndarray, axis: int) -> Any:
+        return self._emit(self.op.take(x, self.const(index), axis=axis, mode="clip"))
+
     def div(self, a: Any, b: Any) -> Any:
         return self._emit(self.op.floor_divide(a, b))
 
@@ -737,6 +766,16 @@ def _qprelu(lw: Lowerer, node: Node) -> None:
 
 def _int64(lw: Lowerer, value: Value) -> Any:
     return lw.bb.emit(lw.relax.op.astype(lw.value(value), "int64"))
+
+
+@_lower("QResize")
+def _qresize(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.resize_linear` as Relax int64 ``take``, ``multiply`` and
+    ``add`` (the graph's layout), cast to the int32 accumulator."""
+    x = input_of(node)
+    taps = resize_taps(node.attrs)
+    result = resize_linear(_RelaxOps(lw), _int64(lw, x), taps, x.type.rank, node.attrs["frac_bits"])
+    _store(lw, node, result)
 
 
 def _store(lw: Lowerer, node: Node, result: Any) -> None:

@@ -415,6 +415,7 @@ def _resize_canon(attrs: dict[str, Any], types: Sequence[TensorType | None]) -> 
         "nearest_mode": Attr("str", "round_prefer_floor"),
     },
     canonicalize=_resize_canon,
+    traits=(Trait.CONVEX,),
 )
 def _resize(ctx: InferContext) -> list[TensorType]:
     """Resize every axis to ``sizes`` by ``scales`` (ONNX Resize without roi, cubic or

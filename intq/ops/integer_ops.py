@@ -18,6 +18,8 @@ the graph:
 - ``QLookup`` is an elementwise function of an 8-bit input as a 256-entry table.
 - ``QPRelu`` is a PRelu and its rescaling: one multiplier for ``x >= 0``, one per channel
   (the slope times it) for ``x < 0``, one shared shift.
+- ``QResize`` is a linear Resize in ``F``-bit fixed point: an int32 accumulator at
+  ``s_x * 2^-(F * axes)``, requantized once like a convolution's.
 """
 
 from __future__ import annotations
@@ -303,6 +305,54 @@ def _qreduce_sum(ctx: InferContext) -> list[TensorType]:
         shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
     scale = _activation(ctx, 0) / (count if ctx["mean"] else 1)
     return [_accumulator(shape, (scale,), 0)]
+
+
+@OPS.op(
+    "QResize",
+    attrs={
+        "axes": Attr("ints"),
+        "sizes": Attr("ints"),
+        "low": Attr("ints"),
+        "high": Attr("ints"),
+        "weight": Attr("ints"),
+        "frac_bits": Attr("int"),
+    },
+    traits=(Trait.INTEGER, Trait.ACCUMULATOR, Trait.LAYER),
+)
+def _qresize(ctx: InferContext) -> list[TensorType]:
+    """Linear interpolation to ``sizes`` along ``axes`` (ascending), one after another
+    (:func:`intq.semantics.kernels.resize_linear`): output position ``o`` of an axis sums
+    ``x[low[o]] (2^F - weight[o]) + x[high[o]] weight[o]``, ``F = frac_bits``. ``low``,
+    ``high`` and ``weight`` hold each axis' entries in turn. The input is a per-tensor
+    activation of <= 16 bits; the result an int32 accumulator at ``s_x * 2^-(F * axes)``
+    (the range analysis proves it fits)."""
+    s_x = _activation(ctx, 0)
+    x = ctx.type(0)
+    axes, sizes, frac_bits = ctx["axes"], ctx["sizes"], ctx["frac_bits"]
+    if len(sizes) != x.rank or any(d < 1 for d in sizes):
+        raise ShapeError(f"QResize sizes {list(sizes)} do not fit {x}")
+    if not axes or list(axes) != sorted(set(axes)) or not all(0 <= a < x.rank for a in axes):
+        raise ShapeError(f"QResize axes {list(axes)} must be ascending axes of {x}")
+    if any(sizes[a] != x.shape[a] for a in range(x.rank) if a not in axes):
+        raise ShapeError(f"QResize changes the size of an axis outside {list(axes)}")
+    if not 1 <= frac_bits <= 30:
+        raise ShapeError(f"QResize frac_bits {frac_bits} outside [1, 30]")
+    count = sum(sizes[a] for a in axes)
+    start = 0
+    for a in axes:
+        end = start + sizes[a]
+        for key in ("low", "high"):
+            part = ctx[key][start:end]
+            if len(part) != end - start or not all(0 <= i < x.shape[a] for i in part):
+                raise ShapeError(f"QResize {key} indices outside axis {a} of {x}")
+        start = end
+    weights = ctx["weight"]
+    if len(ctx["low"]) != count or len(ctx["high"]) != count or len(weights) != count:
+        raise ShapeError(f"QResize needs {count} low and high indices and weights")
+    if not all(0 <= w <= 1 << frac_bits for w in weights):
+        raise ShapeError(f"QResize weights outside [0, 2^{frac_bits}]")
+    scale = math.ldexp(s_x, -frac_bits * len(axes))
+    return [_accumulator(tuple(sizes), (scale,), 0)]
 
 
 # ----- rescaling --------------------------------------------------------------------------------

@@ -116,6 +116,10 @@ class Trait(enum.Enum):
         "one data input whose values it only moves, clamps or zero-pads: a layer's bit width"
         " reaches through it (mixed-precision ties)"
     )
+    CONVEX = (
+        "each output is a weighted mean of its input's values (weights >= 0 summing to 1):"
+        " non-negative where the input is"
+    )
     ACTIVATION = "an elementwise clamp that the integer lowering fuses into the rescale"
     NON_NEGATIVE = "its output is >= 0 for every input"
     WIDE = "feeds a transformer's residual stream and dense layers: quantized at wide_bits"

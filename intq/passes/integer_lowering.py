@@ -370,7 +370,7 @@ def provably_non_negative(value: Value) -> bool:
         return False
     if node.opdef.is_non_negative(node.attrs):
         return True
-    if node.opdef.has(Trait.MOVEMENT):
+    if node.opdef.has(Trait.MOVEMENT) or node.opdef.has(Trait.CONVEX):
         source = node.inputs[0]
         return source is not None and provably_non_negative(source)
     return False

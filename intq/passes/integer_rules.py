@@ -29,7 +29,12 @@ from intq.passes.integer_lowering import (
 from intq.passes.precision import quantize_weights
 from intq.semantics.kernels import elementwise_table, layernorm_constants
 from intq.semantics.numerics import common_shift, storage_dtype
-from intq.semantics.numpy_eval import EVAL, resize_nearest_index, resized_axes
+from intq.semantics.numpy_eval import (
+    EVAL,
+    resize_linear_taps,
+    resize_nearest_index,
+    resized_axes,
+)
 from intq.tables import RuleTable
 
 # ----- one rule per float op -------------------------------------------------------------------
@@ -370,7 +375,7 @@ def _alias(low: Lowering, x: Value, out: Value) -> None:
     """``out`` is ``x`` in the integer graph (whatever form ``x`` has there)."""
     for table in (low.ints, low.pending, low.affine, low.floats):
         if x in table:
-            table[out] = table[x]  # type: ignore[index]
+            table[out] = table[x]  # type: ignore[assignment]
             return
     low.ints[out] = low.materialize(x)
 
@@ -503,14 +508,18 @@ def _pad(low: Lowering, node: Node) -> None:
 @_rule("Resize")
 def _resize(low: Lowering, node: Node) -> None:
     """Nearest: pure data movement, one ``Gather`` of constant indices per resized axis (the
-    indices the float semantics computes), so the output keeps the input's scale."""
+    indices the float semantics computes), so the output keeps the input's scale. Linear:
+    one ``QResize`` (:func:`_resize_linear`)."""
     attrs = node.attrs
-    if attrs["mode"] != "nearest":
+    if attrs["mode"] not in ("nearest", "linear"):
         raise UnsupportedOpError(
             f"Resize mode {attrs['mode']!r} in the integer path", node=node.label()
         )
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
     axes = resized_axes(attrs, x.type.shape)
+    if attrs["mode"] == "linear" and axes:
+        _resize_linear(low, node, x, axes)
+        return
     transform, rounding = attrs["coordinate_transformation_mode"], attrs["nearest_mode"]
     for i, (axis, size, out, scale) in enumerate(axes):
         index = resize_nearest_index(size, out, scale, transform, rounding)
@@ -520,6 +529,43 @@ def _resize(low: Lowering, node: Node) -> None:
         else:
             x = low.dst.add("Gather", [x, const], {"axis": axis}, name=node.label()).output
     low.ints[node.output] = x
+
+
+def _resize_linear(
+    low: Lowering, node: Node, x: Value, axes: list[tuple[int, int, int, float]]
+) -> None:
+    """One ``QResize``: per resized axis, the float semantics' two input positions and its
+    weights in ``F = (31 - bits) // axes`` fractional bits (computed here, once, for every
+    backend). Each axis' weights are >= 0 and sum to ``2^F``, so a ``bits``-bit input stays
+    below ``2^(bits + F * axes) <= 2^31`` in magnitude: the int32 accumulator cannot
+    overflow. It is pending at ``s_x * 2^-(F * axes)``, so its one ``Requantize`` (with a
+    following ReLU's clamp) is the only rounding: within ``axes * (max - min) * 2^-(F+1)``
+    of the float Resize of the quantized input, plus half an output step."""
+    quant = x.type.quant
+    assert quant is not None
+    frac_bits = (31 - quant.bits) // len(axes)
+    if frac_bits < 1:
+        raise UnsupportedOpError(
+            f"a linear Resize of {len(axes)} axes of a {quant.bits}-bit input in int32",
+            node=node.label(),
+            hint="resize fewer axes at once or use fewer activation bits",
+        )
+    transform = node.attrs["coordinate_transformation_mode"]
+    taps = [
+        resize_linear_taps(size, out, scale, transform, frac_bits) for _, size, out, scale in axes
+    ]
+    acc = low.emit(
+        node,
+        "QResize",
+        [x],
+        axes=tuple(axis for axis, *_ in axes),
+        sizes=tuple(node.attrs["sizes"]),
+        low=tuple(int(i) for t in taps for i in t[0]),
+        high=tuple(int(i) for t in taps for i in t[1]),
+        weight=tuple(int(w) for t in taps for w in t[2]),
+        frac_bits=frac_bits,
+    )
+    low.pending[node.output] = Accumulator(acc)
 
 
 @_rule("Concat")

@@ -22,6 +22,8 @@ an integer with its scale in its type. One rule per float op, in
   multiplier (ReduceSum keeps the input's scale).
 - A nearest Resize is one ``Gather`` per resized axis, of the constant input indices the
   float semantics computes: data movement, so the input's scale travels.
+- A linear Resize is one ``QResize``: the float semantics' positions and its weights in
+  ``(31 - bits) // axes`` fractional bits, an int32 accumulator pending like a conv's.
 - An elementwise function (an op with ``Trait.ELEMENTWISE``: Sigmoid, Tanh, HardSwish...)
   of an 8-bit input becomes ``QLookup``, its exactly rounded 256-entry table, evaluated by
   the reference semantics at every input code.

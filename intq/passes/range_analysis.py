@@ -13,6 +13,8 @@ extremes of constants) and follow each op:
 - ``QMul``: ``a * b`` must fit int32 and ``a * b * M + 2^(S-1)`` stay below 2^62.
 - ``QPRelu``: ``x * M + 2^(S-1)`` (``M`` the larger side's) must stay below 2^62.
 - ``QLookup``: its table's smallest and largest entries.
+- ``QResize``: per axis a combination of two inputs with weights >= 0 summing to ``2^F``,
+  so ``[lo, hi] * 2^(F * axes)``, which must fit int32 (every partial result lies inside).
 - Data movement keeps the interval; Concat joins them; Clip intersects; Min and Max take
   the smaller or larger bounds.
 
@@ -186,6 +188,22 @@ def _pool_sum(node: Node, ins: list[Interval | None]) -> Interval:
         INT32,
         f"the sum of {count} values",
         "pool over fewer elements or use fewer activation bits",
+    )
+
+
+@_rule("QResize")
+def _qresize(node: Node, ins: list[Interval | None]) -> Interval:
+    """Each axis' weights are >= 0 and sum to ``2^F``: every output (and every partial
+    result, axis after axis) is a convex combination of inputs times ``2^(F * axes)``."""
+    x = ins[0]
+    assert x is not None
+    gain = 1 << (node.attrs["frac_bits"] * len(node.attrs["axes"]))
+    return _fits(
+        node,
+        (x[0] * gain, x[1] * gain),
+        INT32,
+        "the interpolated int32 accumulator",
+        "use fewer activation bits for the Resize's input, or report this model",
     )
 
 

@@ -2,8 +2,9 @@
 
 ``QLookup`` (an elementwise function as an exactly rounded 256-entry table,
 :func:`elementwise_table`, :func:`lookup`), ``QMul`` (a product of two activations and
-one dyadic rescaling, :func:`multiply`) and ``QPRelu`` (a slope per channel on the negative
-side and the rescaling, :func:`prelu`) are written the same way.
+one dyadic rescaling, :func:`multiply`), ``QPRelu`` (a slope per channel on the negative
+side and the rescaling, :func:`prelu`) and ``QResize`` (linear interpolation with
+fixed-point weights, :func:`resize_linear`) are written the same way.
 
 Each kernel is written **once**, against :class:`IntOps`, a small vocabulary
 of int64 operations (add, multiply, shifts, compare-and-select, reductions,
@@ -43,7 +44,8 @@ division per row; I-BERT) and ``divfree`` (inverse square root by Newton).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -112,6 +114,11 @@ class IntOps(Protocol[T]):
         """``table[index]`` for ``0 <= index < len(table)``."""
         ...
 
+    def take(self, x: T, index: np.ndarray, axis: int) -> T:
+        """``x``'s entries at the constant 1-D ``index`` along ``axis`` (every index inside
+        that axis): data movement."""
+        ...
+
     def div(self, a: T, b: T) -> T:
         """``a // b`` for ``a >= 0``, ``b > 0``: the one run-time division."""
         ...
@@ -174,6 +181,9 @@ class NumpyOps:
 
     def gather(self, table: np.ndarray, index: np.ndarray) -> np.ndarray:
         return np.asarray(table, np.int64)[index]
+
+    def take(self, x: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+        return np.take(x, np.asarray(index, np.int64), axis=axis)
 
     def div(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a // b
@@ -632,6 +642,54 @@ def prelu(
     else:
         rounded = k.round_shift(product, shift) if shift >= 1 else product
     return k.clamp(rounded, lo, hi)
+
+
+@dataclass(frozen=True)
+class ResizeTaps:
+    """One axis of a linear ``QResize``: output position ``o`` reads input positions
+    ``low[o]`` and ``high[o]`` with the fixed-point weights ``2^F - weight[o]`` and
+    ``weight[o]`` (``0 <= weight <= 2^F``)."""
+
+    axis: int
+    low: np.ndarray
+    high: np.ndarray
+    weight: np.ndarray
+
+
+def resize_taps(attrs: Mapping[str, object]) -> list[ResizeTaps]:
+    """The taps of each resized axis of a ``QResize`` with ``attrs``: its ``low``, ``high``
+    and ``weight`` attributes hold one entry per output position of each axis in ``axes``,
+    the axes one after another (``sizes`` gives their lengths)."""
+    axes, sizes = attrs["axes"], attrs["sizes"]
+    assert isinstance(axes, tuple) and isinstance(sizes, tuple)
+    taps, start = [], 0
+    for axis in axes:
+        end = start + sizes[axis]
+        low, high, weight = (
+            np.asarray(attrs[key][start:end], np.int64)  # type: ignore[index]
+            for key in ("low", "high", "weight")
+        )
+        taps.append(ResizeTaps(axis, low, high, weight))
+        start = end
+    return taps
+
+
+def resize_linear(ops: IntOps[T], x: T, taps: Sequence[ResizeTaps], rank: int, frac_bits: int) -> T:
+    """Separable linear interpolation with ``F = frac_bits``-bit weights: per axis
+    ``y[o] = x[low[o]] (2^F - w[o]) + x[high[o]] w[o]``, one axis after another, no rounding
+    anywhere. The weights of each axis are >= 0 and sum to ``2^F``, so every intermediate of
+    ``k`` axes lies in ``[min(x), max(x)] * 2^(F k)``: the caller proves that range fits."""
+    k = _K(ops)
+    one = 1 << frac_bits
+    y = x
+    for tap in taps:
+        shape = [1] * rank
+        shape[tap.axis] = len(tap.low)
+        w_high = tap.weight.reshape(shape)
+        low = ops.mul(ops.take(y, tap.low, tap.axis), k.c(one - w_high))
+        high = ops.mul(ops.take(y, tap.high, tap.axis), k.c(w_high))
+        y = ops.add(low, high)
+    return y
 
 
 # ----- one entry point for the backends ---------------------------------------------------------

@@ -643,6 +643,40 @@ def resize_nearest_index(
     return _nearest_index(resize_coordinates(out, size, scale, transform), size, nearest_mode)
 
 
+def _linear_positions(
+    size: int, out: int, scale: float, transform: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two input positions (int64) each of ``out`` output positions of a linear Resize
+    reads along an axis of ``size``, and the weight of the second (float32; ``1 - frac`` is
+    the first's). At the clamped ends both positions are one and both weights ``1/2``."""
+    coords = np.clip(resize_coordinates(out, size, scale, transform), 0, size - 1)
+    low = np.minimum(coords.astype(np.int64), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    frac = np.where(low == high, np.float32(0.5), coords - low.astype(np.float32))
+    return low, high, frac.astype(np.float32)
+
+
+def resize_linear_taps(
+    size: int, out: int, scale: float, transform: str, frac_bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(low, high, weight)`` (int64) of one axis of a linear Resize in ``frac_bits``-bit
+    fixed point: the float semantics' positions, and its weight of ``high`` rounded to the
+    nearest multiple of ``2^-F`` (``weight / 2^F`` within ``2^-(F+1)`` of it; the weight of
+    ``low`` is ``2^F - weight``, so each pair sums to ``2^F`` exactly). The integer
+    lowering computes them once and every backend reads the same integers."""
+    low, high, frac = _linear_positions(size, out, scale, transform)
+    weight = np.rint(frac.astype(np.float64) * 2.0**frac_bits).astype(np.int64)
+    return low, high, weight
+
+
+@_kernel("QResize")
+def _qresize(node: Node, x: Array) -> list[Array]:
+    ops = kernels.NumpyOps(node.label())
+    taps = kernels.resize_taps(node.attrs)
+    y = kernels.resize_linear(ops, x.astype(np.int64), taps, x.ndim, node.attrs["frac_bits"])
+    return [_int32(node, y)]
+
+
 @_kernel("Resize")
 def _resize(node: Node, x: Array) -> list[Array]:
     attrs = node.attrs
@@ -653,11 +687,7 @@ def _resize(node: Node, x: Array) -> list[Array]:
             index = resize_nearest_index(size, out, scale, transform, attrs["nearest_mode"])
             y = np.take(y, index, axis=axis)
             continue
-        coords = resize_coordinates(out, size, scale, transform)
-        coords = np.clip(coords, 0, size - 1)
-        low = np.minimum(coords.astype(np.int64), size - 1)
-        high = np.minimum(low + 1, size - 1)
-        frac = np.where(low == high, np.float32(0.5), coords - low.astype(np.float32))
+        low, high, frac = _linear_positions(size, out, scale, transform)
         shape = [1] * x.ndim
         shape[axis] = out
         w_high = frac.reshape(shape).astype(x.dtype)
