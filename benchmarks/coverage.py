@@ -338,12 +338,29 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: Sequence[Row]) -> str:
+    """The table as Markdown (for benchmarks/README.md): one row per model, its steps, its
+    fidelity and what stops it."""
+    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "obstacle"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            f"`{r.name}`", r.family, *(r.steps[c] for c in COLUMNS),
+            "-" if r.fidelity is None else f"{r.fidelity:.4f}",
+            "-" if r.top1 is None else f"{r.top1:.2f}", _ort_text(r),
+            r.note.replace("|", "/")[:200],
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", help="comma-separated corpus names (default: all)")
     parser.add_argument("--fast", action="store_true", help="only the make-test subset")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--markdown", type=Path, help="also write the table as Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -369,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(rows) + "\n")
     return 0
 
 
