@@ -3,7 +3,9 @@
 ``QLookup`` (an elementwise function as an exactly rounded 256-entry table,
 :func:`elementwise_table`, :func:`lookup`), ``QMul`` (a product of two activations and
 one dyadic rescaling, :func:`multiply`) and ``QPRelu`` (a slope per channel on the negative
-side and the rescaling, :func:`prelu`) are written the same way.
+side and the rescaling, :func:`prelu`), ``QMask`` (:func:`mask`) and ``QDivCount`` (a sum
+divided by a run-time count through a table of multipliers, :func:`divide_by_count`) are
+written the same way.
 
 Each kernel is written **once**, against :class:`IntOps`, a small vocabulary
 of int64 operations (add, multiply, shifts, compare-and-select, reductions,
