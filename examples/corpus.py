@@ -386,7 +386,7 @@ def _squeezebert():
     return m, text()
 
 
-@_entry("sentence-bert-meanpool", "text", dynamic=_TEXT)
+@_entry("sentence-bert-meanpool", "text", fast=True, dynamic=_TEXT)
 def _sentence():
     return _hf("BertConfig", "BertModel", "mean_pool", **_SMALL_BERT), text()
 

@@ -721,6 +721,27 @@ def _qmul(b: _Builder, node: Node) -> None:
     _store(b, result, node)
 
 
+@_lower("QMask")
+def _qmask(b: _Builder, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.mask` in int64: the stored codes less their zero
+    point times the 0/1 keep, stored at the output's zero point (a removed int8 is 128)."""
+    x, keep = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+    _store(b, kernels.mask(_OnnxOps(b, node), x, keep), node)
+
+
+@_lower("QDivCount")
+def _qdiv_count(b: _Builder, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.divide_by_count`: each count ``Gather``s its multiplier,
+    rounding term and shift from constant tables; int64 ``Mul``/``Add``, the arithmetic
+    shift by a run-time amount through a ``2^62`` offset and a logical ``BitShift``."""
+    attrs = node.attrs
+    acc, count = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+    result = kernels.divide_by_count(
+        _OnnxOps(b, node), acc, count, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    _store(b, result, node)
+
+
 @_lower("QPRelu")
 def _qprelu(b: _Builder, node: Node) -> None:
     a = node.attrs

@@ -67,8 +67,10 @@ from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
 from intq.semantics.kernels import (
+    divide_by_count,
     lookup,
     lookup_offset,
+    mask,
     multiply,
     prelu,
     resize_linear,
@@ -742,6 +744,25 @@ def _qmul(lw: Lowerer, node: Node) -> None:
         _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
     )
     lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+
+
+@_lower("QMask")
+def _qmask(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.mask` as a Relax int64 multiply (broadcasting)."""
+    x, keep = (_int64(lw, input_of(node, i)) for i in (0, 1))
+    _store(lw, node, mask(_RelaxOps(lw), x, keep))
+
+
+@_lower("QDivCount")
+def _qdiv_count(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.divide_by_count` as Relax int64 ops: each count
+    ``take``s its multiplier, rounding term and shift from constant tables."""
+    attrs = node.attrs
+    acc, count = (_int64(lw, input_of(node, i)) for i in (0, 1))
+    result = divide_by_count(
+        _RelaxOps(lw), acc, count, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    _store(lw, node, result)
 
 
 @_lower("QPRelu")

@@ -343,8 +343,7 @@ class _Importer:
             if folded is None:
                 where = f" (in {kind})" if kind else ""
                 self.unsupported.setdefault(f"ATen op {target}{where}", []).append(label)
-                folded = _MISSING
-            self.values[node.name] = folded
+            self.values[node.name] = _MISSING if folded is None else folded
             return
         val = node.meta.get("val")
         import torch

@@ -157,11 +157,11 @@ def _index(ctx: TorchContext) -> Result:
 @_aten("aten.arange.default", "aten.arange.start", "aten.arange.start_step")
 def _arange(ctx: TorchContext) -> Result:
     """A constant at the captured shapes (position ids, mask builders' index ranges)."""
-    bounds = [ctx.args.get(k) for k in ("start", "end", "step") if k in ctx.args]
-    if any(isinstance(b, Value) for b in bounds):
+    given = [ctx.args[k] for k in ("start", "end", "step") if k in ctx.args]
+    if not all(isinstance(b, (int, float)) for b in given):
         raise ctx.unsupported("a bound computed at run time")
     assert ctx.out_type is not None
-    start, end, step = (*bounds, 1)[:3] if len(bounds) > 1 else (0, bounds[0], 1)
+    start, end, step = (*given, 1)[:3] if len(given) > 1 else (0, given[0], 1)
     data = np.arange(start, end, step).astype(ctx.out_type.dtype.numpy)
     return ctx.graph.add_constant(data, ctx.name)
 

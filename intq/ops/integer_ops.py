@@ -15,6 +15,9 @@ the graph:
   rescalings: their attributes hold ``M`` and ``S`` and the output scale, and the rule
   checks that ``M * 2^-S`` is within ``2^-30`` (relative) of ``s_in / s_out``
   (``s_a * s_b / s_out`` for ``QMul``).
+- ``QMask`` zeroes the masked positions of an activation (its scale kept); ``QDivCount`` is
+  the requantization of a masked sum by a run-time count: one ``(M, S)`` per count from a
+  compile-time table, ``M[c] * 2^-S[c]`` within ``2^-30`` of ``s_in / (c * s_out)``.
 - ``QLookup`` is an elementwise function of an 8-bit input as a 256-entry table.
 - ``QPRelu`` is a PRelu and its rescaling: one multiplier for ``x >= 0``, one per channel
   (the slope times it) for ``x < 0``, one shared shift.
@@ -293,7 +296,8 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
 )
 def _qreduce_sum(ctx: InferContext) -> list[TensorType]:
     """Sum over ``axes`` in int32 (kept as size 1 with ``keepdims``); the scale is ``s_x``,
-    or ``s_x / N`` with ``mean`` (ReduceMean: the division lives in the scale)."""
+    or ``s_x / N`` with ``mean`` (ReduceMean: the division lives in the scale). A raw
+    (unquantized) 0/1 mask gives its raw int32 count (a masked mean's denominator)."""
     x = ctx.type(0)
     axes = ctx["axes"]
     if not axes or len(set(axes)) != len(axes) or not all(0 <= a < x.rank for a in axes):
@@ -303,6 +307,10 @@ def _qreduce_sum(ctx: InferContext) -> list[TensorType]:
         shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
     else:
         shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    if x.quant is None:  # a raw 0/1 mask: how many positions it keeps, as a raw int32
+        if not x.dtype.is_integer or x.dtype is DType.BOOL or ctx["mean"]:
+            raise ShapeError(f"QReduceSum counts a raw integer mask, got {x}")
+        return [TensorType(DType.I32, shape)]
     scale = _activation(ctx, 0) / (count if ctx["mean"] else 1)
     return [_accumulator(shape, (scale,), 0)]
 
@@ -449,6 +457,60 @@ def _qmul(ctx: InferContext) -> list[TensorType]:
         raise ShapeError(f"QMul input shapes do not broadcast: {a}, {b}") from None
     out = _output(ctx, shape)
     _check_dyadic(ctx["multiplier"], ctx["shift"], s_a * s_b / ctx["scale"], "QMul")
+    return [out]
+
+
+@OPS.op("QMask", inputs=2, traits=(Trait.INTEGER,))
+def _qmask(ctx: InferContext) -> list[TensorType]:
+    """``x * keep`` (:func:`intq.semantics.kernels.mask`): a per-tensor activation with the
+    positions a raw 0/1 ``keep`` (broadcasting to it) removes set to 0, its type kept."""
+    x, keep = ctx.type(0), ctx.type(1)
+    _per_tensor(ctx, 0)
+    if keep.quant is not None or not keep.dtype.is_integer:
+        raise ShapeError(f"QMask keep must be a raw integer 0/1 tensor, got {keep}")
+    try:
+        fits = np.broadcast_shapes(keep.shape, x.shape) == x.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ShapeError(f"QMask keep {keep} does not broadcast to {x}")
+    return [x]
+
+
+MAX_SHIFT = 62
+"""``QDivCount``'s shifts lie in ``[1, 62]``: a run-time shift of a signed value below 2^62."""
+
+
+@OPS.op(
+    "QDivCount",
+    inputs=2,
+    attrs={"multiplier": Attr("ints"), "shift": Attr("ints"), **_OUTPUT_ATTRS},
+    traits=(Trait.INTEGER,),
+)
+def _qdiv_count(ctx: InferContext) -> list[TensorType]:
+    """``clamp((acc * M[c] + 2^(S[c]-1)) >> S[c], lo, hi)`` with ``c = count``
+    (:func:`intq.semantics.kernels.divide_by_count`): a per-tensor sum divided by a raw
+    integer count ``0 <= c <= L`` broadcasting to it, a masked mean's ``sum / count``.
+    ``multiplier``/``shift`` hold one pair per count ``0..L``, each within ``2^-30`` of
+    ``s_in / (c * s_out)`` (entry 0 repeats entry 1: nothing kept sums to 0)."""
+    acc, count = ctx.type(0), ctx.type(1)
+    s_in = _per_tensor(ctx, 0)
+    if count.quant is not None or not count.dtype.is_integer or count.dtype is DType.BOOL:
+        raise ShapeError(f"QDivCount count must be a raw integer tensor, got {count}")
+    try:
+        shape = np.broadcast_shapes(acc.shape, count.shape)
+    except ValueError:
+        raise ShapeError(f"QDivCount count {count} does not broadcast to {acc}") from None
+    if shape != acc.shape:
+        raise ShapeError(f"QDivCount count {count} does not broadcast to {acc}")
+    multipliers, shifts = ctx["multiplier"], ctx["shift"]
+    if len(multipliers) != len(shifts) or len(multipliers) < 2:
+        raise ShapeError("QDivCount needs one multiplier and one shift per count 0..L")
+    out = _output(ctx, acc.shape)
+    for c, (m, s) in enumerate(zip(multipliers, shifts)):
+        if not 1 <= s <= MAX_SHIFT:
+            raise ShapeError(f"QDivCount shift {s} of count {c} outside [1, {MAX_SHIFT}]")
+        _check_dyadic(m, s, s_in / (max(c, 1) * ctx["scale"]), f"count {c}")
     return [out]
 
 

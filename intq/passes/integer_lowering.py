@@ -21,7 +21,7 @@ from intq.ir.types import QuantParams
 from intq.ops import Trait
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantize_weights
-from intq.semantics.numerics import common_shift, dyadic, storage_dtype
+from intq.semantics.numerics import common_shift, count_divisors, dyadic, storage_dtype
 from intq.tables import RuleTable
 
 if TYPE_CHECKING:
@@ -126,6 +126,34 @@ class Product:
         return node.output
 
 
+@dataclass(frozen=True)
+class Count:
+    """How many positions a 0/1 mask keeps along the reduced axes: a raw int32 ``value`` of
+    the integer graph in ``0..length`` (``length`` the reduced size, known at compile time)."""
+
+    value: Value
+    length: int
+
+
+@dataclass
+class CountMean:
+    """A masked sum divided by its run-time count (sentence-transformers' mean pooling):
+    one ``QDivCount``, whose multiplier for each count ``c`` is ``s_sum / (c s_out)``."""
+
+    total: Accumulator
+    count: Count
+
+    def finish(self, lowering: Lowering, quant: QuantParams, lo: int, hi: int, name: str) -> Value:
+        multipliers, shifts = count_divisors(self.total.scale / quant.scale[0], self.count.length)
+        node = lowering.dst.add(
+            "QDivCount",
+            [self.total.acc, self.count.value],
+            {"multiplier": multipliers, "shift": shifts, **output_attrs(quant, lo, hi)},
+            name=name,
+        )
+        return node.output
+
+
 def output_attrs(quant: QuantParams, lo: int, hi: int) -> dict[str, int | float]:
     return {
         "bits": quant.bits,
@@ -174,6 +202,7 @@ class Lowering:
         self.absorbed: set[Node] = set()
         self.affine: dict[Value, Affine] = {}
         self.masked: dict[Value, tuple[Value, Value]] = {}
+        self.counts: dict[Value, Count] = {}
 
     # ----- scales ---------------------------------------------------------------------
 
@@ -425,9 +454,26 @@ def keep_mask(low: Lowering, node: Node, mask: Affine) -> Value:
             node=node.label(),
             hint="integer attention supports 0/1 masks that keep or remove positions",
         )
+    return _keep_flags(low, node, mask.source, keep_if_set)
+
+
+def multiplicative_keep(low: Lowering, node: Node, mask: Affine) -> Value | None:
+    """The 0/1 ``keep`` tensor (u8) of a multiplicative mask of a 0/1 input ``m``: ``m``
+    itself (``a = 1, b = 0``) or ``1 - m``; None for any other ``a * m + b``.
+
+    ``m`` counts as 1 when non-zero, as in :func:`keep_mask`."""
+    if abs(mask.a - 1) < 1e-6 and abs(mask.b) < 1e-6:
+        return _keep_flags(low, node, mask.source, keep_if_set=True)
+    if abs(mask.a + 1) < 1e-6 and abs(mask.b - 1) < 1e-6:
+        return _keep_flags(low, node, mask.source, keep_if_set=False)
+    return None
+
+
+def _keep_flags(low: Lowering, node: Node, source: Value, keep_if_set: bool) -> Value:
+    """u8 ``source != 0`` (or ``== 0``) under ``node``'s name."""
     name = node.label()
-    flag = low.dst.add("Cast", [mask.source], {"to": "bool"}, name=name).output
-    if drop_if_set:
+    flag = low.dst.add("Cast", [source], {"to": "bool"}, name=name).output
+    if not keep_if_set:
         flag = low.dst.add("Not", [flag], name=name).output
     return low.dst.add("Cast", [flag], {"to": "u8"}, name=name).output
 

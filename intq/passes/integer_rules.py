@@ -16,12 +16,15 @@ from intq.ops import Trait, ops_with
 from intq.passes.integer_lowering import (
     Accumulator,
     Affine,
+    Count,
+    CountMean,
     Lowering,
     Product,
     Sum,
     bias_reader,
     channel_quant,
     keep_mask,
+    multiplicative_keep,
     output_attrs,
     scale_count,
     scale_of,
@@ -110,7 +113,29 @@ def _activation(low: Lowering, node: Node) -> None:
     assert source is not None
     low_real = 0.0 if node.op == "Relu" else node.attrs["min"]
     high_real = math.inf if node.op == "Relu" else node.attrs["max"]
+    if source in low.counts:
+        _clamped_count(low, node, low.counts[source], low_real, high_real)
+        return
     _clamped(low, node, source, low_real, high_real)
+
+
+def _clamped_count(
+    low: Lowering, node: Node, count: Count, low_real: float, high_real: float
+) -> None:
+    """A masked mean's ``clamp(count, min=eps)`` (``0 < eps <= 1``, so no division by 0):
+    ``max(count, 1)`` on the raw integer count. The same quotient: where the count is 0 the
+    masked sum is 0 too. A bound <= 0 changes nothing."""
+    if high_real < count.length or low_real > 1:
+        raise UnsupportedOpError(
+            f"{node.op} of a mask's count to [{low_real:g}, {high_real:g}]: only a lower bound"
+            " of at most 1 (a guard against dividing by 0) is supported",
+            node=node.label(),
+        )
+    if low_real <= 0:
+        low.counts[node.output] = count
+        return
+    value = low.emit(node, "Clip", [count.value], min=1.0, max=math.inf)
+    low.counts[node.output] = Count(value, count.length)
 
 
 def _clamped(low: Lowering, node: Node, source: Value, low_real: float, high_real: float) -> None:
@@ -221,6 +246,14 @@ def _scalar(value: Value | None) -> float | None:
 def _scale_by_constant(low: Lowering, node: Node) -> None:
     x, c = node.inputs
     assert x is not None and c is not None
+    if node.op == "Div" and c in low.counts:
+        _mean_by_count(low, node, x, low.counts[c])
+        return
+    if node.op == "Mul":
+        for value, flags in ((x, c), (c, x)):
+            if flags in low.affine and value not in low.affine and not value.is_const:
+                _masked(low, node, value, low.affine[flags])
+                return
     if node.op == "Mul" and (_scalar(x) is not None or (x.is_const and not c.is_const)):
         x, c = c, x
     factor = _scalar(c)
@@ -250,6 +283,48 @@ def _scale_by_constant(low: Lowering, node: Node) -> None:
         " (folded into its requantization) or a product is supported",
         node=node.label(),
     )
+
+
+def _masked(low: Lowering, node: Node, value: Value, mask: Affine) -> None:
+    """An activation times a 0/1 mask ``m`` (or ``1 - m``) of a raw integer input: one
+    ``QMask``, the removed positions 0, the activation's quantization kept (exact)."""
+    keep = multiplicative_keep(low, node, mask)
+    if keep is None:
+        raise UnsupportedOpError(
+            f"Mul of an activation by a mask {mask.a:g} * m + {mask.b:g}: only m or 1 - m"
+            " (a 0/1 mask) is supported",
+            node=node.label(),
+        )
+    x = low.materialize(value)
+    if scale_count(x) != 1 or x.type.shape != node.output.type.shape:
+        raise UnsupportedOpError(
+            f"Mul of a {x.type} activation by a {keep.type.shape} mask: the mask must"
+            " broadcast to the activation, which must have one scale",
+            node=node.label(),
+        )
+    low.ints[node.output] = low.emit(node, "QMask", [x, keep])
+
+
+def _mean_by_count(low: Lowering, node: Node, x: Value, count: Count) -> None:
+    """A sum divided by a mask's count: pending as one ``QDivCount`` (a requantization whose
+    multiplier each count looks up in a compile-time table), no run-time division."""
+    pending = low.pending.get(x)
+    if isinstance(pending, Accumulator) and scale_count(pending.acc) == 1:
+        total = pending
+    elif x in low.ints and low.ints[x].type.quant is not None and scale_count(low.ints[x]) == 1:
+        total = Accumulator(low.ints[x])
+    else:
+        raise UnsupportedOpError(
+            "Div by a mask's count in the integer path: only a per-tensor sum divided",
+            node=node.label(),
+        )
+    if np.broadcast_shapes(total.acc.type.shape, count.value.type.shape) != total.acc.type.shape:
+        raise UnsupportedOpError(
+            f"Div of a {total.acc.type.shape} sum by a {count.value.type.shape} count that does"
+            " not broadcast to it",
+            node=node.label(),
+        )
+    low.pending[node.output] = CountMean(total, count)
 
 
 def _fold_channel_scale(low: Lowering, node: Node, x: Value, c: Value) -> bool:
@@ -463,8 +538,19 @@ def _global_avgpool(low: Lowering, node: Node) -> None:
 
 @_rule("ReduceMean", "ReduceSum")
 def _reduce_sum(low: Lowering, node: Node) -> None:
-    """An int32 sum over the axes; a mean's ``1/N`` lives in the accumulator's scale."""
-    x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
+    """An int32 sum over the axes; a mean's ``1/N`` lives in the accumulator's scale. The
+    sum of a 0/1 mask (a masked mean's denominator) is its raw int32 count."""
+    source = node.inputs[0]
+    if node.op == "ReduceSum" and source in low.affine:
+        keep = multiplicative_keep(low, node, low.affine[source])
+        if keep is None:
+            raise UnsupportedOpError("ReduceSum of a mask other than m or 1 - m", node=node.label())
+        axes = node.attrs["axes"]
+        count = low.emit(node, "QReduceSum", [keep], axes=axes, keepdims=node.attrs["keepdims"])
+        length = math.prod(keep.type.shape[a] for a in axes)
+        low.counts[node.output] = Count(count, length)
+        return
+    x = low.materialize(source)  # type: ignore[arg-type]
     acc = low.emit(
         node,
         "QReduceSum",

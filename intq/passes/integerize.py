@@ -31,6 +31,10 @@ an integer with its scale in its type. One rule per float op, in
   ``(a*b*M + 2^(S-1)) >> S`` (broadcasting) with the following ReLU's clamp.
 - A PRelu (LeakyRelu) with a constant slope becomes one ``QPRelu``: the rescaling of its
   8- or 16-bit input, times the slope of the element's channel where it is negative.
+- Masked mean pooling (an activation times a 0/1 mask cast from an integer input, summed,
+  divided by the mask's clamped sum): ``QMask``, an int32 ``QReduceSum``, the raw count
+  (``QReduceSum`` of the keep mask, ``max(count, 1)``) and a pending ``QDivCount``, the
+  requantization whose multiplier the count looks up in a compile-time table.
 - Min/Max with a scalar constant is a clamp (fused like a ReLU); of two activations (or a
   constant tensor) both operands are rescaled to the output's scale, then integer Min/Max.
 - Graph outputs are dequantized once, straight from the int32 accumulator

@@ -12,6 +12,9 @@ extremes of constants) and follow each op:
 - ``QAdd``: ``a * Ma + b * Mb + 2^(S-1)`` must fit int64 (``Mb < 0`` for a Sub).
 - ``QMul``: ``a * b`` must fit int32 and ``a * b * M + 2^(S-1)`` stay below 2^62.
 - ``QPRelu``: ``x * M + 2^(S-1)`` (``M`` the larger side's) must stay below 2^62.
+- ``QMask``: the input's interval and 0.
+- ``QDivCount``: the count inside its table's ``0..L``, and ``acc * M[c] + 2^(S[c]-1)`` below
+  2^62 for every count.
 - ``QLookup``: its table's smallest and largest entries.
 - ``QResize``: per axis a combination of two inputs with weights >= 0 summing to ``2^F``,
   so ``[lo, hi] * 2^(F * axes)``, which must fit int32 (every partial result lies inside).
@@ -268,6 +271,39 @@ def _qprelu(node: Node, ins: list[Interval | None]) -> Interval:
         2 ** (shift - 1) if 1 <= shift < 63 else 0
     )
     _fits(node, (-total, total), INT62, "the rescaled PRelu", "report this model")
+    return _clamp(node)
+
+
+@_rule("QMask")
+def _qmask(node: Node, ins: list[Interval | None]) -> Interval:
+    x = ins[0]
+    assert x is not None
+    return min(x[0], 0), max(x[1], 0)
+
+
+@_rule("QDivCount")
+def _qdiv_count(node: Node, ins: list[Interval | None]) -> Interval:
+    acc, count = ins[0], ins[1]
+    assert acc is not None and count is not None
+    length = len(node.attrs["multiplier"]) - 1
+    if count[0] < 0 or count[1] > length:
+        raise NumericsError(
+            f"the count can reach [{count[0]}, {count[1]}], outside the table's 0..{length}",
+            node=node.label(),
+            hint="report this model: the count should be a reduction of a 0/1 mask",
+        )
+    magnitude = max(abs(acc[0]), abs(acc[1]))
+    top = max(
+        magnitude * m + (1 << (s - 1))
+        for m, s in zip(node.attrs["multiplier"], node.attrs["shift"])
+    )
+    _fits(
+        node,
+        (-top, top),
+        INT62,
+        "the sum times its count's multiplier",
+        "sum fewer positions or use fewer activation bits",
+    )
     return _clamp(node)
 
 

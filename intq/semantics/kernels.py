@@ -3,8 +3,10 @@
 ``QLookup`` (an elementwise function as an exactly rounded 256-entry table,
 :func:`elementwise_table`, :func:`lookup`), ``QMul`` (a product of two activations and
 one dyadic rescaling, :func:`multiply`), ``QPRelu`` (a slope per channel on the negative
-side and the rescaling, :func:`prelu`) and ``QResize`` (linear interpolation with
-fixed-point weights, :func:`resize_linear`) are written the same way.
+side and the rescaling, :func:`prelu`), ``QResize`` (linear interpolation with fixed-point
+weights, :func:`resize_linear`), ``QMask`` (:func:`mask`) and ``QDivCount`` (a sum divided by
+a run-time count through a table of multipliers, :func:`divide_by_count`) are written the
+same way.
 
 Each kernel is written **once**, against :class:`IntOps`, a small vocabulary
 of int64 operations (add, multiply, shifts, compare-and-select, reductions,
@@ -611,6 +613,34 @@ def multiply(
         rounded = k.round_shift(product, shift) if shift >= 1 else product
     out = k.clamp(rounded, lo, hi)
     return out if offset == 0 else ops.add(out, ops.const(offset))
+
+
+def mask(ops: IntOps[T], x: T, keep: T) -> T:
+    """``x * keep`` for a 0/1 ``keep`` broadcasting to ``x``: the masked values of a masked
+    mean (``QMask``), exact, in ``x``'s own units."""
+    return ops.mul(x, keep)
+
+
+def divide_by_count(
+    ops: IntOps[T],
+    acc: T,
+    count: T,
+    multipliers: Sequence[int],
+    shifts: Sequence[int],
+    lo: int,
+    hi: int,
+) -> T:
+    """``clamp((acc M[c] + 2^(S[c]-1)) >> S[c], lo, hi)`` with ``c = count`` (broadcasting to
+    ``acc``) indexing compile-time tables (:func:`intq.semantics.numerics.count_divisors`):
+    a sum divided by a run-time count ``0 <= c < len(multipliers)``, as one requantization
+    whose dyadic multiplier is looked up, no division. The caller proves
+    ``|acc| max(M) + 2^(max(S)-1) < 2^62`` and every ``S`` in ``[1, 62]``."""
+    k = _K(ops)
+    s = np.asarray(shifts, np.int64)
+    m = ops.gather(np.asarray(multipliers, np.int64), count)
+    half = ops.gather(np.left_shift(np.int64(1), s - 1), count)
+    product = ops.add(ops.mul(acc, m), half)
+    return k.clamp(k.sra_var(product, ops.gather(s, count)), lo, hi)
 
 
 def prelu(

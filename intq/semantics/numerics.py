@@ -67,6 +67,17 @@ def common_shift(*reals: float) -> tuple[list[int], int]:
     return multipliers, shift
 
 
+def count_divisors(ratio: float, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The dyadic ``M[c] * 2^-S[c]`` of ``ratio / c`` for every count ``c`` in ``0..length``:
+    a masked mean's division by its run-time count ``c`` as a table of multipliers. Entry 0
+    repeats entry 1 (a row with nothing kept sums to 0, which any multiplier keeps)."""
+    if length < 1:
+        raise NumericsError(f"a count table needs a length of at least 1, got {length}")
+    pairs = [dyadic(ratio / c) for c in range(1, length + 1)]
+    pairs.insert(0, pairs[0])
+    return tuple(d.multiplier for d in pairs), tuple(d.shift for d in pairs)
+
+
 def shift_round(product: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
     """``(product + 2^(S-1)) >> S`` elementwise for int64 ``product`` (``S`` may be an array).
 

@@ -388,6 +388,35 @@ def _qmul(node: Node, a: Array, b: Array) -> list[Array]:
     return [y.astype(_out_dtype(node))]
 
 
+@_kernel("QMask")
+def _qmask(node: Node, x: Array, keep: Array) -> list[Array]:
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.mask(ops, x.astype(np.int64), keep.astype(np.int64))
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QDivCount")
+def _qdiv_count(node: Node, acc: Array, count: Array) -> list[Array]:
+    attrs = node.attrs
+    length = len(attrs["multiplier"]) - 1
+    if count.size and (count.min() < 0 or count.max() > length):
+        raise NumericsError(
+            f"a count in [{count.min()}, {count.max()}] is outside the table's 0..{length}",
+            node=node.label(),
+        )
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.divide_by_count(
+        ops,
+        acc.astype(np.int64),
+        count.astype(np.int64),
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["lo"],
+        attrs["hi"],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
 @_kernel("QPRelu")
 def _qprelu(node: Node, x: Array) -> list[Array]:
     a = node.attrs
