@@ -152,6 +152,12 @@ def _hf(config_name: str, model_name: str, field: str = "logits", **config) -> n
 
     cfg = getattr(transformers, config_name)(**config)
     model = getattr(transformers, model_name)(cfg)
+    # PyTorch's own initialisation rather than transformers' (normal, std 0.02, zero-init
+    # branches): a trained network's activations do not vanish with depth, and in some
+    # random Hugging Face CNNs they did (EfficientNet's logits were 1e-35).
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+            module.reset_parameters()
     return Output(model, field)
 
 

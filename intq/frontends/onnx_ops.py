@@ -29,6 +29,7 @@ from intq.frontends.onnx_context import (
 from intq.frontends.onnx_layout_ops import CONVERTERS as LAYOUT_CONVERTERS
 from intq.ir.graph import Value
 from intq.ir.types import TensorType
+from intq.ops.shape_rules import global_window
 
 _CORE = ConverterTable()
 converter = _CORE.register
@@ -187,6 +188,9 @@ def _maxpool(ctx: ConvertContext) -> list[Value]:
 @converter("AveragePool", 7)
 def _avgpool(ctx: ConvertContext) -> list[Value]:
     attrs = _pool_attrs(ctx, False)
+    sizes = ctx.input(0).type.shape[2:]
+    if global_window(sizes, attrs["kernel_shape"], attrs["pads"], attrs["ceil_mode"]):
+        return ctx.emit("GlobalAveragePool", ctx.inputs)
     attrs["count_include_pad"] = ctx.attr("count_include_pad", 0)
     return ctx.emit("AveragePool", ctx.inputs, **attrs)
 

@@ -23,6 +23,7 @@ from intq.errors import UnsupportedOpError
 from intq.frontends.normalization import group_norm
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
+from intq.ops.shape_rules import global_window
 from intq.passes.constant_folding import fold_node, foldable
 
 
@@ -501,6 +502,8 @@ def _avgpool(ctx: TorchContext) -> Result:
     kernel = _pairs(ctx.args["kernel_size"], spatial)
     stride = ctx.args["stride"]
     padding = _pairs(ctx.args["padding"], spatial)
+    if global_window(x.type.shape[2:], kernel, padding, bool(ctx.args["ceil_mode"])):
+        return ctx.emit("GlobalAveragePool", [x])
     return ctx.emit(
         "AveragePool",
         [x],

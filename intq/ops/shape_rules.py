@@ -85,6 +85,17 @@ def spatial_defaults(
     return attrs
 
 
+def global_window(
+    sizes: Sequence[int], kernel: Sequence[int], pads: Sequence[int], ceil: bool
+) -> bool:
+    """Whether an unpadded average pool has one window, over the whole input: the kernel as
+    large as the input, or larger with ``ceil_mode`` (Hugging Face EfficientNet's pool of
+    ``hidden_dim`` on a 7x7 map: PyTorch and ONNX average the part inside the input)."""
+    if any(pads):
+        return False
+    return all(k == s or (ceil and k > s) for k, s in zip(kernel, sizes))
+
+
 def window_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil: bool) -> int:
     """Output length of a sliding window (ONNX/PyTorch rule, incl. ceil_mode)."""
     if kernel < 1 or stride < 1 or dilation < 1 or pad < 0:
