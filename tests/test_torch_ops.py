@@ -227,6 +227,32 @@ def test_attention_takes_a_boolean_mask():
     assert [node.op for node in graph] == ["Transpose", "MatMul", "Mul", "Softmax", "MatMul"]
 
 
+EINSUMS = [
+    ("bhlk,bhtk->bhlt", [(2, 3, 4, 5), (2, 3, 6, 5)]),
+    ("bhlt,bhtv->bhlv", [(2, 3, 4, 6), (2, 3, 6, 5)]),
+    ("bij,jk->bik", [(2, 3, 4), (4, 5)]),
+    ("abc,cd->dba", [(2, 3, 4), (4, 5)]),
+    ("ijk,jl->il", [(2, 3, 4), (3, 5)]),
+    ("bk,bk->b", [(3, 4), (3, 4)]),
+    ("i,j->ij", [(3,), (4,)]),
+    ("...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)]),
+    ("bxij,bjk", [(2, 3, 4, 5), (2, 5, 6)]),
+    ("ij->ji", [(3, 4)]),
+    ("bij->bj", [(2, 3, 4)]),
+]
+
+
+@pytest.mark.parametrize(("equation", "shapes"), EINSUMS, ids=[e for e, _ in EINSUMS])
+def test_einsum_matches_pytorch(equation, shapes):
+    graph = _check(_Fn(lambda *xs: torch.einsum(equation, *xs)), _inputs(*shapes))
+    assert _ops(graph) <= {"Transpose", "Reshape", "MatMul", "ReduceSum"}
+
+
+def test_einsum_refuses_a_diagonal():
+    with pytest.raises(intq.UnsupportedOpError, match="'ii->i'.*repeated within"):
+        intq.from_torch(_Fn(lambda x: torch.einsum("ii->i", x)), (torch.zeros(3, 3),))
+
+
 class _HardCNN(nn.Module):
     """A MobileNetV3-style block: the tabled activations lower to integer lookups."""
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from intq.frontends.normalization import group_norm
+from intq.frontends.einsum import einsum
+from intq.frontends.normalization import Emit, group_norm
 from intq.frontends.onnx_context import (
     ConvertContext,
     Converter,
@@ -206,6 +207,13 @@ def _gemm(ctx: ConvertContext) -> list[Value]:
     )
 
 
+@converter("Einsum", 12)
+def _einsum(ctx: ConvertContext) -> list[Value]:
+    """Transpose, Reshape, batched MatMul and ReduceSum (:mod:`intq.frontends.einsum`)."""
+    operands = [ctx.input(i) for i in range(len(ctx.inputs))]
+    return [einsum(_emitter(ctx), ctx.attr("equation"), operands, node=ctx.name)]
+
+
 @converter("BatchNormalization", 9)
 def _batchnorm(ctx: ConvertContext) -> list[Value]:
     ctx.only_first_output()
@@ -225,16 +233,23 @@ def _layernorm(ctx: ConvertContext) -> list[Value]:
     )
 
 
-def _group_norm(
-    ctx: ConvertContext, groups: int, gamma: np.ndarray | None, beta: np.ndarray | None
-) -> list[Value]:
+def _emitter(ctx: ConvertContext) -> Emit:
+    """``ctx.emit1`` as the shared decompositions call it: intermediate outputs named after the
+    node's output plus a suffix, the last one (``suffix=""``) after the output itself."""
+
     def emit(op: str, inputs: list[Value | None], suffix: str, **attrs: Any) -> Value:
         out_name = ctx.node.output[0] + suffix if suffix else ""
         return ctx.emit1(op, inputs, out_name=out_name, **attrs)
 
+    return emit
+
+
+def _group_norm(
+    ctx: ConvertContext, groups: int, gamma: np.ndarray | None, beta: np.ndarray | None
+) -> list[Value]:
     x = ctx.input(0)
     eps = ctx.attr("epsilon", 1e-5)
-    return [group_norm(ctx.graph, emit, x, groups, gamma, beta, eps, node=ctx.name)]
+    return [group_norm(ctx.graph, _emitter(ctx), x, groups, gamma, beta, eps, node=ctx.name)]
 
 
 @converter("InstanceNormalization", 6)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from intq.errors import UnsupportedOpError
+from intq.frontends.einsum import einsum
 from intq.frontends.normalization import group_norm
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
@@ -202,6 +203,16 @@ def _matmul(ctx: TorchContext) -> Result:
     return ctx.emit(
         "MatMul", [ctx.value("self"), ctx.value("other" if "other" in ctx.args else "mat2")]
     )
+
+
+@_aten("aten.einsum.default")
+def _einsum(ctx: TorchContext) -> Result:
+    """Transpose, Reshape, batched MatMul and ReduceSum (:mod:`intq.frontends.einsum`)."""
+    operands = ctx.args.get("tensors")
+    if not isinstance(operands, (list, tuple)) or not all(isinstance(v, Value) for v in operands):
+        raise ctx.unsupported(f"operands must be tensors, got {operands!r}")
+    equation = str(ctx.args["equation"])
+    return einsum(ctx.emit, equation, list(operands), node=ctx.name)
 
 
 @_aten("aten.addmm.default")
