@@ -758,8 +758,8 @@ def test_softmax_13(axis: int | None) -> None:
 
 # ----- reductions ------------------------------------------------------------------------
 
-REDUCE_ATTR_OPSET = {"ReduceMean": 13, "ReduceMax": 13, "ReduceSum": 11}
-REDUCE_INPUT_OPSET = {"ReduceMean": 18, "ReduceMax": 18, "ReduceSum": 13}
+REDUCE_ATTR_OPSET = {"ReduceMean": 13, "ReduceMax": 13, "ReduceSum": 11, "ReduceL2": 17}
+REDUCE_INPUT_OPSET = {"ReduceMean": 18, "ReduceMax": 18, "ReduceSum": 13, "ReduceL2": 18}
 AXES_CASES = [None, (1,), (-1,), (0, 2), (-3, -1), (0, 1, 2)]
 
 
@@ -803,6 +803,13 @@ def test_reduce_int(op: str, dtype: Any) -> None:
     """Integer reductions (ReduceMean of ints truncates toward zero)."""
     x = randi(3, 4, 5, low=-50, high=50, dtype=dtype)
     check(op, [x], opset=REDUCE_ATTR_OPSET[op], axes=[1], keepdims=0)
+
+
+def test_reduce_l2_is_sqrt_of_a_sum_of_squares() -> None:
+    """ReduceL2 imports as Mul, ReduceSum and Sqrt (ConvNeXt-V2's GRN, F.normalize)."""
+    model, _ = make_model("ReduceL2", [randf(2, 3, 4)], opset=17, axes=[1, 2], keepdims=1)
+    graph = intq.from_onnx(model)
+    assert [n.op for n in graph.nodes] == ["Mul", "ReduceSum", "Sqrt"]
 
 
 # ----- data movement ---------------------------------------------------------------------

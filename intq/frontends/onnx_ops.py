@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from intq.frontends.einsum import einsum
-from intq.frontends.normalization import Emit, group_norm
+from intq.frontends.normalization import Emit, group_norm, l2_norm
 from intq.frontends.onnx_context import (
     ConvertContext,
     Converter,
@@ -325,6 +325,21 @@ def _reduce(ctx: ConvertContext, axes: tuple[int, ...]) -> list[Value]:
 for _op, _last_attr_opset in (("ReduceMean", 17), ("ReduceMax", 17), ("ReduceSum", 12)):
     converter(_op, 1, _last_attr_opset)(lambda ctx: _reduce(ctx, tuple(ctx.attr("axes", []))))
     converter(_op, _last_attr_opset + 1)(lambda ctx: _reduce(ctx, ints(ctx.const(1, "axes"))))
+
+
+def _reduce_l2(ctx: ConvertContext, axes: tuple[int, ...]) -> list[Value]:
+    """``Sqrt(ReduceSum(x * x))`` (:func:`intq.frontends.normalization.l2_norm`)."""
+    x = ctx.input(0)
+    if not axes:
+        if ctx.attr("noop_with_empty_axes", 0):  # no reduction: sqrt(x^2), as ORT computes
+            return ctx.emit("Abs", [x])
+        axes = tuple(range(x.type.rank))
+    axes = tuple(sorted(a % max(x.type.rank, 1) for a in axes))
+    return [l2_norm(_emitter(ctx), x, axes, bool(ctx.attr("keepdims", 1)))]
+
+
+converter("ReduceL2", 1, 17)(lambda ctx: _reduce_l2(ctx, tuple(ctx.attr("axes", []))))
+converter("ReduceL2", 18)(lambda ctx: _reduce_l2(ctx, ints(ctx.const(1, "axes"))))
 
 
 CONVERTERS = _CORE.joined(LAYOUT_CONVERTERS)

@@ -21,7 +21,7 @@ import numpy as np
 
 from intq.errors import UnsupportedOpError
 from intq.frontends.einsum import einsum
-from intq.frontends.normalization import group_norm
+from intq.frontends.normalization import group_norm, l2_norm
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
 from intq.passes.constant_folding import fold_node, foldable
@@ -336,6 +336,7 @@ def _relu(ctx: TorchContext) -> Result:
 
 
 @_aten("aten.hardtanh.default", "aten.hardtanh_.default", "aten.clamp.default")
+@_aten("aten.clamp_min.default")
 def _clip(ctx: TorchContext) -> Result:
     low = ctx.args.get("min_val", ctx.args.get("min"))
     high = ctx.args.get("max_val", ctx.args.get("max"))
@@ -552,6 +553,22 @@ def _reduce(op: str) -> TorchConverter:
 _aten("aten.mean.dim")(_reduce("ReduceMean"))
 _aten("aten.sum.dim_IntList")(_reduce("ReduceSum"))
 _aten("aten.amax.default")(_reduce("ReduceMax"))
+
+
+@_aten("aten.linalg_vector_norm.default")
+def _vector_norm(ctx: TorchContext) -> Result:
+    """``ord=2``: ``sqrt(sum(x^2))`` (:func:`intq.frontends.normalization.l2_norm`); torch.norm
+    with ``p=2`` and F.normalize's norm export this."""
+    x = ctx.value("self")
+    if float(ctx.args.get("ord", 2)) != 2.0:
+        raise ctx.unsupported(f"ord={ctx.args.get('ord')!r} (only the L2 norm, ord=2)")
+    if ctx.args.get("dtype") is not None:
+        raise ctx.unsupported("dtype=")
+    dims = ctx.args.get("dim")
+    dims = [dims] if isinstance(dims, int) else dims
+    rank = max(x.type.rank, 1)
+    axes = tuple(range(x.type.rank)) if not dims else tuple(sorted(int(d) % rank for d in dims))
+    return l2_norm(ctx.emit, x, axes, bool(ctx.args.get("keepdim")))
 
 
 @_aten("aten.softmax.int", "aten._softmax.default")
