@@ -758,8 +758,8 @@ def test_softmax_13(axis: int | None) -> None:
 
 # ----- reductions ------------------------------------------------------------------------
 
-REDUCE_ATTR_OPSET = {"ReduceMean": 13, "ReduceMax": 13, "ReduceSum": 11}
-REDUCE_INPUT_OPSET = {"ReduceMean": 18, "ReduceMax": 18, "ReduceSum": 13}
+REDUCE_ATTR_OPSET = {"ReduceMean": 13, "ReduceMax": 13, "ReduceSum": 11, "ReduceL2": 17}
+REDUCE_INPUT_OPSET = {"ReduceMean": 18, "ReduceMax": 18, "ReduceSum": 13, "ReduceL2": 18}
 AXES_CASES = [None, (1,), (-1,), (0, 2), (-3, -1), (0, 1, 2)]
 
 
@@ -803,6 +803,13 @@ def test_reduce_int(op: str, dtype: Any) -> None:
     """Integer reductions (ReduceMean of ints truncates toward zero)."""
     x = randi(3, 4, 5, low=-50, high=50, dtype=dtype)
     check(op, [x], opset=REDUCE_ATTR_OPSET[op], axes=[1], keepdims=0)
+
+
+def test_reduce_l2_is_sqrt_of_a_sum_of_squares() -> None:
+    """ReduceL2 imports as Mul, ReduceSum and Sqrt (ConvNeXt-V2's GRN, F.normalize)."""
+    model, _ = make_model("ReduceL2", [randf(2, 3, 4)], opset=17, axes=[1, 2], keepdims=1)
+    graph = intq.from_onnx(model)
+    assert [n.op for n in graph.nodes] == ["Mul", "ReduceSum", "Sqrt"]
 
 
 # ----- data movement ---------------------------------------------------------------------
@@ -1516,6 +1523,70 @@ def test_unsupported_features(
     model, _ = make_model(op, inputs, opset=19, outputs=outputs, name="feature_node", **attrs)
     with pytest.raises(intq.UnsupportedOpError, match="feature_node"):
         _import(model)
+
+
+# ----- Einsum ----------------------------------------------------------------------------
+
+EINSUM_CASES = [
+    ("bhlk,bhtk->bhlt", [(2, 3, 4, 5), (2, 3, 6, 5)]),  # attention's Q K^T
+    ("bhlt,bhtv->bhlv", [(2, 3, 4, 6), (2, 3, 6, 5)]),  # and P V
+    ("ij,jk->ik", [(3, 4), (4, 5)]),
+    ("ij,kj->ki", [(3, 4), (5, 4)]),
+    ("bij,jk->bik", [(2, 3, 4), (4, 5)]),
+    ("abc,cd->dba", [(2, 3, 4), (4, 5)]),
+    ("ijk,jl->il", [(2, 3, 4), (3, 5)]),  # k summed out of one operand first
+    ("bij,bjk->ik", [(2, 3, 4), (2, 4, 5)]),  # a batch label contracted
+    ("bk,bk->b", [(3, 4), (3, 4)]),
+    ("ij,ij->", [(3, 4), (3, 4)]),
+    ("i,j->ij", [(3,), (4,)]),
+    ("bhwc,bhcd->bhdw", [(1, 2, 3, 4), (1, 2, 4, 5)]),
+    ("bhlk,bhtk->bhlt", [(2, 1, 4, 5), (2, 3, 6, 5)]),  # a batch dim broadcast
+    ("...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)]),
+    ("bxij,bjk", [(2, 3, 4, 5), (2, 5, 6)]),  # implicit output: labels used once, sorted
+    ("ij->ji", [(3, 4)]),
+    ("bij->bj", [(2, 3, 4)]),
+    ("bij->", [(2, 3, 4)]),
+    ("ij->ij", [(3, 4)]),
+]
+
+
+@pytest.mark.parametrize(("equation", "shapes"), EINSUM_CASES)
+def test_einsum(equation: str, shapes: list[tuple[int, ...]]) -> None:
+    """Transpose, Reshape, MatMul and ReduceSum compute what ONNX Runtime's Einsum does."""
+    inputs = [randf(*shape, seed=i) for i, shape in enumerate(shapes)]
+    check("Einsum", inputs, opset=12, equation=equation)
+
+
+@pytest.mark.parametrize("constant", [0, 1])
+def test_einsum_constant_operand_is_a_weight(constant: int) -> None:
+    """A constant operand without batch labels ends as MatMul's 2-D B (a QMatMul weight),
+    whichever side of the equation it is on."""
+    shapes = [(2, 3, 4), (4, 5)] if constant == 1 else [(4, 5), (2, 3, 4)]
+    equation = "bij,jk->bik" if constant == 1 else "jk,bij->bki"
+    inputs: list[Operand] = [randf(*s, seed=i) for i, s in enumerate(shapes)]
+    inputs[constant] = Init(inputs[constant])  # type: ignore[arg-type]
+    check("Einsum", inputs, opset=17, equation=equation)
+    graph = intq.from_onnx(make_model("Einsum", inputs, opset=17, equation=equation)[0])
+    (matmul,) = [n for n in graph.nodes if n.op == "MatMul"]
+    assert matmul.inputs[1].const is not None and matmul.inputs[1].type.rank == 2
+
+
+@pytest.mark.parametrize(
+    ("equation", "shapes", "why"),
+    [
+        ("ii->i", [(3, 3)], "repeated within"),
+        ("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)], "3 operands"),
+        ("ij,jk->ik", [(2, 3), (1, 4)], "contracted label 'j' has sizes 3 and 1"),
+    ],
+)
+def test_einsum_unsupported(equation: str, shapes: list[tuple[int, ...]], why: str) -> None:
+    """Diagonals, three operands and broadcast contractions are refused, naming the equation."""
+    model, _ = make_model(
+        "Einsum", [randf(*s) for s in shapes], opset=12, name="einsum_node", equation=equation
+    )
+    with pytest.raises(intq.UnsupportedOpError, match=why) as error:
+        _import(model)
+    assert equation in str(error.value) and "einsum_node" in str(error.value)
 
 
 def test_opset_too_new() -> None:

@@ -179,7 +179,7 @@ def _readme_section(title: str) -> str:
 
 def test_the_readme_lists_exactly_the_onnx_converters():
     section = _readme_section("Supported ONNX ops")
-    listed = re.findall(r"([A-Z][A-Za-z]*) \((\d+-\d+)\)", section)
+    listed = re.findall(r"([A-Z][A-Za-z0-9]*) \((\d+-\d+)\)", section)
     assert [f"{op} ({opsets})" for op, opsets in listed] == supported_ops(), (
         "README.md's 'Supported ONNX ops' list differs from intq.frontends.onnx_ops.CONVERTERS"
     )

@@ -227,6 +227,59 @@ def test_attention_takes_a_boolean_mask():
     assert [node.op for node in graph] == ["Transpose", "MatMul", "Mul", "Softmax", "MatMul"]
 
 
+EINSUMS = [
+    ("bhlk,bhtk->bhlt", [(2, 3, 4, 5), (2, 3, 6, 5)]),
+    ("bhlt,bhtv->bhlv", [(2, 3, 4, 6), (2, 3, 6, 5)]),
+    ("bij,jk->bik", [(2, 3, 4), (4, 5)]),
+    ("abc,cd->dba", [(2, 3, 4), (4, 5)]),
+    ("ijk,jl->il", [(2, 3, 4), (3, 5)]),
+    ("bk,bk->b", [(3, 4), (3, 4)]),
+    ("i,j->ij", [(3,), (4,)]),
+    ("...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)]),
+    ("bxij,bjk", [(2, 3, 4, 5), (2, 5, 6)]),
+    ("ij->ji", [(3, 4)]),
+    ("bij->bj", [(2, 3, 4)]),
+]
+
+
+@pytest.mark.parametrize(("equation", "shapes"), EINSUMS, ids=[e for e, _ in EINSUMS])
+def test_einsum_matches_pytorch(equation, shapes):
+    graph = _check(_Fn(lambda *xs: torch.einsum(equation, *xs)), _inputs(*shapes))
+    assert _ops(graph) <= {"Transpose", "Reshape", "MatMul", "ReduceSum"}
+
+
+def test_einsum_refuses_a_diagonal():
+    with pytest.raises(intq.UnsupportedOpError, match="'ii->i'.*repeated within"):
+        intq.from_torch(_Fn(lambda x: torch.einsum("ii->i", x)), (torch.zeros(3, 3),))
+
+
+L2_NORMS = {
+    "vector_norm": lambda x: torch.linalg.vector_norm(x, dim=-1),
+    "norm_keepdim": lambda x: torch.norm(x, p=2, dim=(1, 2), keepdim=True),  # ConvNeXt-V2's GRN
+    "vector_norm_all": lambda x: torch.linalg.vector_norm(x),
+    "normalize": lambda x: F.normalize(x, dim=-1),  # SwiftFormer's attention
+}
+
+
+@pytest.mark.parametrize("name", list(L2_NORMS))
+def test_l2_norm_matches_pytorch(name):
+    graph = _check(_Fn(L2_NORMS[name]), _inputs(X))
+    assert {"Mul", "ReduceSum", "Sqrt"} <= _ops(graph)
+
+
+def test_l2_norm_does_not_quantize_yet():
+    """The square root of the sum of squares has no integer lowering: the error names it."""
+    graph = intq.from_torch(_Fn(lambda x: F.normalize(x, dim=-1)), (torch.ones(2, 8),))
+    feeds = {graph.inputs[0].name: _inputs((2, 8))[0]}
+    with pytest.raises(intq.UnsupportedOpError, match="Sqrt has no integer lowering"):
+        intq.quantize(graph, [feeds], intq.QuantConfig(progress=False))
+
+
+def test_vector_norm_refuses_other_orders():
+    with pytest.raises(intq.UnsupportedOpError, match="ord=1"):
+        intq.from_torch(_Fn(lambda x: torch.linalg.vector_norm(x, ord=1)), (torch.ones(3),))
+
+
 class _HardCNN(nn.Module):
     """A MobileNetV3-style block: the tabled activations lower to integer lookups."""
 

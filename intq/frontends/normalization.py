@@ -1,4 +1,9 @@
-"""GroupNorm and InstanceNorm as the IR ops both frontends already produce.
+"""GroupNorm, InstanceNorm and the L2 norm as the IR ops both frontends already produce.
+
+``L2(x) = Sqrt(ReduceSum(Mul(x, x), axes))`` (ONNX ``ReduceL2``, ``torch.linalg.vector_norm``
+with ``ord=2``, ``F.normalize``'s norm): float IR with numpy and torch semantics. Its integer
+lowering is still missing (the square root of an accumulator, and the division by a per-row
+norm that usually follows): ``intq.quantize`` refuses it.
 
 ``GroupNorm(x)`` over ``G`` groups of an ``[N, C, ...]`` tensor normalizes each group of
 ``C / G`` channels over those channels and every spatial position: ``Reshape(x, [N, G, -1])``,
@@ -77,3 +82,10 @@ def group_norm(
         vector(None, 1.0, ".var"),
     ]
     return emit("BatchNormalization", [y, *params], "", epsilon=0.0)
+
+
+def l2_norm(emit: Emit, x: Value, axes: tuple[int, ...], keepdims: bool) -> Value:
+    """``sqrt(sum(x^2, axes))``: Mul, ReduceSum and Sqrt (ONNX's ReduceL2)."""
+    squares = emit("Mul", [x, x], ".squares")
+    total = emit("ReduceSum", [squares], ".sum_squares", axes=axes, keepdims=int(keepdims))
+    return emit("Sqrt", [total], "")

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from intq.frontends.normalization import group_norm
+from intq.frontends.einsum import einsum
+from intq.frontends.normalization import Emit, group_norm, l2_norm
 from intq.frontends.onnx_context import (
     ConvertContext,
     Converter,
@@ -210,6 +211,13 @@ def _gemm(ctx: ConvertContext) -> list[Value]:
     )
 
 
+@converter("Einsum", 12)
+def _einsum(ctx: ConvertContext) -> list[Value]:
+    """Transpose, Reshape, batched MatMul and ReduceSum (:mod:`intq.frontends.einsum`)."""
+    operands = [ctx.input(i) for i in range(len(ctx.inputs))]
+    return [einsum(_emitter(ctx), ctx.attr("equation"), operands, node=ctx.name)]
+
+
 @converter("BatchNormalization", 9)
 def _batchnorm(ctx: ConvertContext) -> list[Value]:
     ctx.only_first_output()
@@ -229,16 +237,23 @@ def _layernorm(ctx: ConvertContext) -> list[Value]:
     )
 
 
-def _group_norm(
-    ctx: ConvertContext, groups: int, gamma: np.ndarray | None, beta: np.ndarray | None
-) -> list[Value]:
+def _emitter(ctx: ConvertContext) -> Emit:
+    """``ctx.emit1`` as the shared decompositions call it: intermediate outputs named after the
+    node's output plus a suffix, the last one (``suffix=""``) after the output itself."""
+
     def emit(op: str, inputs: list[Value | None], suffix: str, **attrs: Any) -> Value:
         out_name = ctx.node.output[0] + suffix if suffix else ""
         return ctx.emit1(op, inputs, out_name=out_name, **attrs)
 
+    return emit
+
+
+def _group_norm(
+    ctx: ConvertContext, groups: int, gamma: np.ndarray | None, beta: np.ndarray | None
+) -> list[Value]:
     x = ctx.input(0)
     eps = ctx.attr("epsilon", 1e-5)
-    return [group_norm(ctx.graph, emit, x, groups, gamma, beta, eps, node=ctx.name)]
+    return [group_norm(ctx.graph, _emitter(ctx), x, groups, gamma, beta, eps, node=ctx.name)]
 
 
 @converter("InstanceNormalization", 6)
@@ -314,6 +329,21 @@ def _reduce(ctx: ConvertContext, axes: tuple[int, ...]) -> list[Value]:
 for _op, _last_attr_opset in (("ReduceMean", 17), ("ReduceMax", 17), ("ReduceSum", 12)):
     converter(_op, 1, _last_attr_opset)(lambda ctx: _reduce(ctx, tuple(ctx.attr("axes", []))))
     converter(_op, _last_attr_opset + 1)(lambda ctx: _reduce(ctx, ints(ctx.const(1, "axes"))))
+
+
+def _reduce_l2(ctx: ConvertContext, axes: tuple[int, ...]) -> list[Value]:
+    """``Sqrt(ReduceSum(x * x))`` (:func:`intq.frontends.normalization.l2_norm`)."""
+    x = ctx.input(0)
+    if not axes:
+        if ctx.attr("noop_with_empty_axes", 0):  # no reduction: sqrt(x^2), as ORT computes
+            return ctx.emit("Abs", [x])
+        axes = tuple(range(x.type.rank))
+    axes = tuple(sorted(a % max(x.type.rank, 1) for a in axes))
+    return [l2_norm(_emitter(ctx), x, axes, bool(ctx.attr("keepdims", 1)))]
+
+
+converter("ReduceL2", 1, 17)(lambda ctx: _reduce_l2(ctx, tuple(ctx.attr("axes", []))))
+converter("ReduceL2", 18)(lambda ctx: _reduce_l2(ctx, ints(ctx.const(1, "axes"))))
 
 
 CONVERTERS = _CORE.joined(LAYOUT_CONVERTERS)

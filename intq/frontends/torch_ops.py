@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from intq.errors import UnsupportedOpError
-from intq.frontends.normalization import group_norm
+from intq.frontends.einsum import einsum
+from intq.frontends.normalization import group_norm, l2_norm
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
 from intq.ops.shape_rules import global_window
@@ -205,6 +206,16 @@ def _matmul(ctx: TorchContext) -> Result:
     )
 
 
+@_aten("aten.einsum.default")
+def _einsum(ctx: TorchContext) -> Result:
+    """Transpose, Reshape, batched MatMul and ReduceSum (:mod:`intq.frontends.einsum`)."""
+    operands = ctx.args.get("tensors")
+    if not isinstance(operands, (list, tuple)) or not all(isinstance(v, Value) for v in operands):
+        raise ctx.unsupported(f"operands must be tensors, got {operands!r}")
+    equation = str(ctx.args["equation"])
+    return einsum(ctx.emit, equation, list(operands), node=ctx.name)
+
+
 @_aten("aten.addmm.default")
 def _addmm(ctx: TorchContext) -> Result:
     return ctx.emit(
@@ -326,6 +337,7 @@ def _relu(ctx: TorchContext) -> Result:
 
 
 @_aten("aten.hardtanh.default", "aten.hardtanh_.default", "aten.clamp.default")
+@_aten("aten.clamp_min.default")
 def _clip(ctx: TorchContext) -> Result:
     low = ctx.args.get("min_val", ctx.args.get("min"))
     high = ctx.args.get("max_val", ctx.args.get("max"))
@@ -544,6 +556,22 @@ def _reduce(op: str) -> TorchConverter:
 _aten("aten.mean.dim")(_reduce("ReduceMean"))
 _aten("aten.sum.dim_IntList")(_reduce("ReduceSum"))
 _aten("aten.amax.default")(_reduce("ReduceMax"))
+
+
+@_aten("aten.linalg_vector_norm.default")
+def _vector_norm(ctx: TorchContext) -> Result:
+    """``ord=2``: ``sqrt(sum(x^2))`` (:func:`intq.frontends.normalization.l2_norm`); torch.norm
+    with ``p=2`` and F.normalize's norm export this."""
+    x = ctx.value("self")
+    if float(ctx.args.get("ord", 2)) != 2.0:
+        raise ctx.unsupported(f"ord={ctx.args.get('ord')!r} (only the L2 norm, ord=2)")
+    if ctx.args.get("dtype") is not None:
+        raise ctx.unsupported("dtype=")
+    dims = ctx.args.get("dim")
+    dims = [dims] if isinstance(dims, int) else dims
+    rank = max(x.type.rank, 1)
+    axes = tuple(range(x.type.rank)) if not dims else tuple(sorted(int(d) % rank for d in dims))
+    return l2_norm(ctx.emit, x, axes, bool(ctx.args.get("keepdim")))
 
 
 @_aten("aten.softmax.int", "aten._softmax.default")
