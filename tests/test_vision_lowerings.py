@@ -42,6 +42,15 @@ def _float(model) -> intq.ir.Graph:
     return intq.from_onnx(model)
 
 
+def _checked(model, graph, feeds, output: str, tolerance: float) -> None:
+    """``graph`` (``model`` quantized) stays within its proven ranges, is bit-exact on every
+    backend and within ``tolerance`` of the output's largest magnitude of the float model."""
+    _within_proven_ranges(graph, {"x": feeds[2]})
+    got = bit_exact(graph, feeds)[output]
+    want = intq.compile(_float(model)).run({"x": feeds[0]})[output]
+    np.testing.assert_allclose(got, want, atol=tolerance * float(np.abs(want).max()))
+
+
 def _resize_graph(shape, sizes, mode, transform, nearest_mode) -> intq.ir.Graph:
     attrs = f'coordinate_transformation_mode="{transform}", mode="{mode}"'
     if mode == "nearest":
@@ -124,10 +133,7 @@ def test_nearest_upsampling_is_bit_exact_on_every_backend():
     gathers = [node for node in graph if node.op == "Gather"]
     assert [g.attrs["axis"] for g in gathers] == [2, 3]
     assert gathers[-1].output.type.dtype is intq.ir.DType.U8
-    _within_proven_ranges(graph, {"x": feeds[2]})
-    got = bit_exact(graph, feeds)["c2"]
-    want = intq.compile(_float(model)).run({"x": feeds[0]})["c2"]
-    np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+    _checked(model, graph, feeds, "c2", 0.03)
 
 
 # ----- Resize linear ------------------------------------------------------------------------------
@@ -264,11 +270,8 @@ def test_bilinear_resizes_are_bit_exact_on_every_backend(align_corners):
     first = layers[0].output.consumers()
     assert [n.op for n in first] == ["Requantize"]
     assert first[0].output.type.dtype is intq.ir.DType.U8
-    _within_proven_ranges(graph, {"x": feeds[2]})
-    got = bit_exact(graph, feeds)["c3"]
-    want = intq.compile(_float(model)).run({"x": feeds[0]})["c3"]
     # Four 8-bit roundings deep (each Resize's own error is below 2^-11 of its range).
-    np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))
+    _checked(model, graph, feeds, "c3", 0.05)
 
 
 # ----- ConvTranspose ------------------------------------------------------------------------------
@@ -443,10 +446,7 @@ def test_upsampling_decoder_with_transposed_convs_is_bit_exact_on_every_backend(
     layers = [node for node in graph if node.op == "QConvTranspose"]
     assert len(layers) == 2
     assert "Relu" not in op_names(graph)
-    _within_proven_ranges(graph, {"x": feeds[2]})
-    got = bit_exact(graph, feeds)["c2"]
-    want = intq.compile(_float(model)).run({"x": feeds[0]})["c2"]
-    np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+    _checked(model, graph, feeds, "c2", 0.03)
 
 
 # ----- PRelu and LeakyRelu ------------------------------------------------------------------------
@@ -508,10 +508,7 @@ def test_prelu_and_leaky_relu_are_bit_exact_on_every_backend():
     layers = [node for node in graph if node.op == "QPRelu"]
     assert [len(n.attrs["slope"]) for n in layers] == [4, 1]
     assert layers[0].attrs["multiplier_neg"][1] < 0 and layers[0].attrs["multiplier_neg"][2] == 0
-    _within_proven_ranges(graph, {"x": feeds[2]})
-    got = bit_exact(graph, feeds)["y"]
-    want = intq.compile(_float(model)).run({"x": feeds[0]})["y"]
-    np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+    _checked(model, graph, feeds, "y", 0.03)
 
 
 # ----- Min and Max --------------------------------------------------------------------------------
@@ -588,7 +585,4 @@ def test_min_max_of_activations_and_constants_are_bit_exact_on_every_backend():
     last = out.inputs[0].producer
     assert last.op == "Requantize" and last.inputs[0].producer.op == "QConv"
     assert last.attrs["hi"] == round(0.5 / last.attrs["scale"])  # the cap, in the clamp
-    _within_proven_ranges(graph, {"x": feeds[2]})
-    got = bit_exact(graph, feeds)["y"]
-    want = intq.compile(_float(model)).run({"x": feeds[0]})["y"]
-    np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))
+    _checked(model, graph, feeds, "y", 0.05)
