@@ -155,6 +155,18 @@ def test_qgemm_layers_are_bit_exact(seed, signed, trans_b, k):
     assert_bit_exact(g, {"x": full_range(rng, (3, k), signed)})
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_16_bit_pad_is_bit_exact(signed):
+    """ONNX Runtime has no 16-bit Pad (Swin pads its 16-bit residual stream to whole
+    windows): the backend pads in int32 and casts back."""
+    g = Graph("pad16")
+    x = int_input(g, "x", (1, 2, 5, 5), signed, bits=16)
+    y = g.op("Pad", x, pads=(0, 0, 1, 2, 0, 0, 3, 0), mode="constant", value=0.0)
+    g.set_outputs([y])
+    verify(g)
+    assert_bit_exact(g, {"x": full_range(np.random.default_rng(1), (1, 2, 5, 5), signed, 16)})
+
+
 # ----- 16-bit activations: two byte planes through the u8 x u8 kernels -------------------------
 
 

@@ -983,9 +983,17 @@ def _pad(b: _Builder, node: Node) -> None:
     x = _input(node)
     name, zp = b.tensor(x)
     pads = b.const(np.asarray(node.attrs["pads"], np.int64), "pads")
-    stored = np.uint8 if zp else x.type.dtype.numpy
-    value = b.const(np.asarray(node.attrs["value"] + zp, stored), "value")
+    stored = np.dtype(np.uint8 if zp else x.type.dtype.numpy)
     out, _ = b.output(node.output)
+    if stored.itemsize == 2:  # ONNX Runtime has no 16-bit Pad: padded in int32
+        wide = b.fresh(name + ".i32")
+        b.add("Cast", [name], [wide], node, to=TensorProto.INT32)
+        value = b.const(np.asarray(node.attrs["value"] + zp, np.int32), "value")
+        padded = b.fresh(out + ".i32")
+        b.add("Pad", [wide, pads, value], [padded], node, mode=node.attrs["mode"])
+        b.add("Cast", [padded], [out], node, to=_ONNX_TYPE[node.output.type.dtype])
+        return
+    value = b.const(np.asarray(node.attrs["value"] + zp, stored), "value")
     b.add("Pad", [name, pads, value], [out], node, mode=node.attrs["mode"])
 
 
