@@ -289,7 +289,8 @@ def cover(
         if entry.family == "packaged":
             step("ORT int8")
             try:
-                ort = [ort_int8(path, calib, out_dir)(t) for t in tests]
+                ort_run = ort_int8(path, calib, out_dir)
+                ort = [ort_run(t) for t in tests]
                 row.ort_fidelity = fidelity(ort, expected)
                 row.ort_top1 = agreement(ort, expected) if entry.classifier else None
             except Exception as err:  # ORT's own tool failing on the model: shown
