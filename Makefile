@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m examples.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=15
 
 # The fuzz and differential tests with many more cases than CI runs (tens of minutes).
 fuzz: $(STAMP)

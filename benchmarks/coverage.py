@@ -170,11 +170,13 @@ def ort_int8(path: Path, calib: Sequence[dict[str, np.ndarray]], out_dir: Path) 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
+    path, out_dir = path.resolve(), out_dir.resolve()
     prepared, quantized = out_dir / f"{path.stem}.pre.onnx", out_dir / f"{path.stem}.qdq.onnx"
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            ortq.quant_pre_process(str(path), str(prepared))
+        try:  # in out_dir: a failing symbolic shape inference leaves a file in the cwd
+            with contextlib.chdir(out_dir):
+                ortq.quant_pre_process(str(path), str(prepared))
         except Exception:  # symbolic shape inference fails on some exports: quantize as is
             prepared = path
         ortq.quantize_static(

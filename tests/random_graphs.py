@@ -21,7 +21,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 import intq
 
-TABLED = ("Sigmoid", "Tanh", "Erf", "Exp", "Neg", "Abs", "HardSigmoid", "HardSwish")
+TABLED = (
+    "Sigmoid",
+    "Tanh",
+    "Erf",
+    "Exp",
+    "Neg",
+    "Abs",
+    "HardSigmoid",
+    "HardSwish",
+    "Softplus",
+    "Mish",
+)
 """The elementwise functions the integer lowering tables (``QLookup``)."""
 
 

@@ -106,6 +106,8 @@ _FLOAT64 = {
     "Abs": np.abs,
     "HardSigmoid": lambda x: np.clip(0.2 * x + 0.5, 0, 1),
     "HardSwish": lambda x: x * np.clip(x * (1 / 6) + 0.5, 0, 1),
+    "Softplus": lambda x: np.logaddexp(0.0, x),
+    "Mish": lambda x: x * np.tanh(np.logaddexp(0.0, x)),
 }
 """Each tabled function in float64, written independently of intq's semantics."""
 
@@ -165,6 +167,9 @@ def test_a_16_bit_input_is_refused_naming_the_layer():
     with pytest.raises(intq.UnsupportedOpError, match="only 8-bit inputs are tabled") as err:
         intq.quantize(graph, [{"x": data}])
     assert "act" in str(err.value)
+    assert "wide_bits=8" in err.value.hint
+    narrow = intq.quantize(graph, [{"x": data}], intq.QuantConfig(wide_bits=8))
+    assert "QLookup" in {node.op for node in narrow}
 
 
 # ----- products of two activations ------------------------------------------------------------

@@ -118,6 +118,21 @@ def test_range_analysis_refuses_an_accumulator_that_could_overflow():
     assert "fewer" in str(info.value)
 
 
+def test_an_overflow_over_a_16_bit_input_names_wide_bits():
+    """A dense layer reading a transformer's 16-bit residual stream: the way out is a
+    narrower stream, and the message says so in Python and config-file terms."""
+    k = 1 << 10
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.I16, (1, k), QuantParams(16, True, (0.01,))))
+    w = g.add_constant(np.full((k, 2), 127, np.int8), "w")
+    w.type = w.type.with_quant(QuantParams(8, True, (0.01,), narrow=True))
+    g.op("QMatMul", x, w, name="/encoder/dense/MatMul")
+    with pytest.raises(intq.NumericsError, match="/encoder/dense/MatMul.*outside int32") as info:
+        analyze_ranges(g)
+    assert "wide_bits=12 or 8" in str(info.value)
+    assert "wide_bits = 12" in str(info.value)
+
+
 def test_range_analysis_bounds_a_small_layer():
     g = Graph()
     x = g.add_input("x", TensorType(DType.I8, (1, 3), QuantParams(8, True, (0.1,))))

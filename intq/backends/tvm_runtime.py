@@ -44,8 +44,19 @@ ARTIFACT = "a shared object (.tar of objects for a cross target) and a manifest"
 """What :meth:`TvmExecutable.save` writes, in a few words."""
 
 
+DEFAULT_SPIN_COUNT = 0
+"""How many rounds an idle worker of TVM's thread pool busy-waits for the next parallel
+region before it sleeps, unless ``TVM_THREAD_POOL_SPIN_COUNT`` says otherwise. TVM's own
+default (300000 rounds of ``sched_yield``) keeps a waiting worker on its core: next to another
+busy process, two threads then ran EfficientNet-Lite0 19x slower than one thread (measured
+with ``benchmarks/tvm_threads.py``). A worker that sleeps at once leaves the core to whoever
+needs it."""
+
+
 def _tvm() -> Any:
-    """Import TVM on first use: ``import intq`` must not pay for it."""
+    """Import TVM on first use (``import intq`` must not pay for it), with intq's thread-pool
+    default set before TVM's pool starts (:data:`DEFAULT_SPIN_COUNT`)."""
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(DEFAULT_SPIN_COUNT))
     import tvm
     from tvm import relax  # noqa: F401  (registers the Relax namespace)
 

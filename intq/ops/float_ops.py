@@ -364,8 +364,8 @@ def _prelu(ctx: InferContext) -> list[TensorType]:
     return same_type(ctx)
 
 
-@OPS.op("Softplus")
-@OPS.op("Mish")
+@OPS.op("Softplus", traits=(*_TABLED, Trait.NON_NEGATIVE))
+@OPS.op("Mish", traits=_TABLED)
 def _softplus(ctx: InferContext) -> list[TensorType]:
     """``Softplus(x) = log(1 + exp(x))``; ``Mish(x) = x * tanh(Softplus(x))``."""
     need_float(ctx, 0)

@@ -736,8 +736,8 @@ def _tabled(low: Lowering, node: Node) -> None:
         raise UnsupportedOpError(
             f"{node.op} of a {x.type} input in the integer path: only 8-bit inputs are tabled",
             node=node.label(),
-            hint="a 16-bit input (a transformer's residual stream) is not supported yet;"
-            " give the layer before it 8-bit activations",
+            hint="a 16-bit input (a transformer's residual stream) has no table: quantize with"
+            " wide_bits=8 (in a --config file: wide_bits = 8)",
         )
     out = low.activation_quant(node.output)
     kernel = EVAL[node.op]

@@ -75,6 +75,21 @@ def _quantize(node: Node, ins: list[Interval | None]) -> Interval:
     return q.qmin, q.qmax
 
 
+WIDE_HINT = (
+    "its input is 16-bit (a transformer's residual stream at wide_bits=16): quantize with a"
+    " narrower stream, wide_bits=12 or 8 (in a --config file: wide_bits = 12)"
+)
+"""What to do when an accumulator over a wide (16-bit) activation cannot be proven to fit."""
+
+
+def _hint(node: Node, narrow: str) -> str:
+    """``narrow``, or :data:`WIDE_HINT` where an input of ``node`` is a 16-bit activation."""
+    wide = (DType.I16, DType.U16)
+    if any(v is not None and v.type.dtype in wide for v in node.inputs):
+        return WIDE_HINT
+    return narrow
+
+
 def _dot_bound(
     node: Node, x: Interval, w: np.ndarray, axis: int, bias: Interval | None
 ) -> Interval:
@@ -92,7 +107,7 @@ def _dot_bound(
         interval,
         INT32,
         "the int32 accumulator",
-        "use fewer activation or weight bits for this layer, or split its reduction",
+        _hint(node, "use fewer activation or weight bits for this layer, or split its reduction"),
     )
 
 
@@ -143,7 +158,7 @@ def _qbatch_matmul(node: Node, ins: list[Interval | None]) -> Interval:
         (-bound, bound),
         INT32,
         "the int32 accumulator of two activations",
-        "use fewer activation bits for the two operands",
+        _hint(node, "use fewer activation bits for the two operands"),
     )
 
 
