@@ -4,13 +4,17 @@ degrades gracefully?
 Run from the repository root (the ``dev`` extra installed)::
 
     .venv/bin/python -m benchmarks.tvm_threads                # EfficientNet-Lite0, ResNet-18-shaped
-    .venv/bin/python -m benchmarks.tvm_threads --seconds 2 --models resnet18
+    .venv/bin/python -m benchmarks.tvm_threads --seconds 2 --models resnet18_like
 
 Each model is quantized once (default ``QuantConfig``, 8 calibration crops of real photos) and
 compiled for the host with ``intq.compile(..., target="tvm")``; the saved library then runs in
 a fresh process per setting, because TVM reads its thread-pool settings once, when the pool
-starts. A setting is a thread count (``TVM_NUM_THREADS`` 1 or 2), a spin policy and a load:
+starts. A setting is a thread count (``TVM_NUM_THREADS`` 1 or 2), a pool policy, a spin policy
+and a load:
 
+* **pool**: ``fixed`` (the pool keeps its threads) or ``adaptive``, intq's default: before a
+  run, the pool gets the cores other processes left free over the last 0.2 s
+  (:class:`intq.backends.tvm_threads.ThreadPolicy`);
 * **spin**: how long an idle pool worker busy-waits (``sched_yield`` in a loop) for the next
   parallel region before it sleeps: TVM's own default (300000 rounds) or intq's default
   (``intq.backends.tvm_runtime.DEFAULT_SPIN_COUNT``, which intq sets unless the environment
@@ -45,10 +49,16 @@ from intq.backends.tvm_runtime import DEFAULT_SPIN_COUNT
 TVM_DEFAULT_SPIN = 300_000
 """The spin count of TVM's thread pool when ``TVM_THREAD_POOL_SPIN_COUNT`` is not set."""
 
+SETTINGS = ((1, "fixed"), (2, "fixed"), (2, "adaptive"))
+"""``(TVM_NUM_THREADS, pool policy)``: "fixed" keeps the pool's size, "adaptive" is intq's
+default (:class:`intq.backends.tvm_threads.ThreadPolicy`)."""
+
 _CHILD = """
 import json, sys, time
 import numpy as np
 import intq
+from intq.backends import tvm_runtime, tvm_threads
+tvm_threads.policy(tvm_runtime._tvm()).adaptive = sys.argv[4] == "adaptive"
 exe = intq.load(sys.argv[1])
 feeds = dict(np.load(sys.argv[2]))
 for _ in range(5):
@@ -65,7 +75,10 @@ print(json.dumps({"median": float(np.median(times)), "p90": float(np.percentile(
 
 def build(name: str, work: Path) -> tuple[Path, Path]:
     """The model's TVM library and one input, saved under ``work``."""
-    spec = next(spec for spec in MODELS if spec.name == name)
+    specs = {spec.name: spec for spec in MODELS}
+    if name not in specs:
+        raise SystemExit(f"unknown model {name!r}: choose from {', '.join(specs)}")
+    spec = specs[name]
     fp32 = export_model(spec, 1, work)
     calib = [crop[None] for crop in photo_crops(spec, 8, seed=1)]
     graph = intq.quantize(intq.from_onnx(fp32), [{"input": b} for b in calib])
@@ -75,7 +88,9 @@ def build(name: str, work: Path) -> tuple[Path, Path]:
     return library, feeds
 
 
-def run(library: Path, feeds: Path, threads: int, spin: int, busy: bool, seconds: float) -> dict:
+def run(
+    library: Path, feeds: Path, threads: int, pool: str, spin: int, busy: bool, seconds: float
+) -> dict:
     """One setting, in a fresh process (and a spinning competitor when ``busy``)."""
     env = {**os.environ, "TVM_NUM_THREADS": str(threads), "TVM_THREAD_POOL_SPIN_COUNT": str(spin)}
     competitor = None
@@ -84,7 +99,7 @@ def run(library: Path, feeds: Path, threads: int, spin: int, busy: bool, seconds
         time.sleep(0.5)
     try:
         out = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(library), str(feeds), str(seconds)],
+            [sys.executable, "-c", _CHILD, str(library), str(feeds), str(seconds), pool],
             env=env,
             capture_output=True,
             text=True,
@@ -100,13 +115,14 @@ def run(library: Path, feeds: Path, threads: int, spin: int, busy: bool, seconds
 def table(rows: Sequence[dict]) -> list[str]:
     """One line per setting, with the ratio to one thread under the same load and spin."""
     one = {(r["model"], r["spin"], r["busy"]): r["median"] for r in rows if r["threads"] == 1}
-    header = ("model", "spin", "load", "threads", "median ms", "p90 ms", "vs 1 thread")
+    header = ("model", "spin", "load", "threads", "pool", "median ms", "p90 ms", "vs 1 thread")
     body = [
         (
             r["model"],
             str(r["spin"]),
             "busy" if r["busy"] else "quiet",
             str(r["threads"]),
+            r["pool"],
             f"{r['median'] * 1e3:.2f}",
             f"{r['p90'] * 1e3:.2f}",
             f"{r['median'] / one[(r['model'], r['spin'], r['busy'])]:.2f}x",
@@ -123,7 +139,7 @@ def table(rows: Sequence[dict]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="efficientnet_lite0,resnet18")
+    parser.add_argument("--models", default="efficientnet_lite0,resnet18_like")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per setting")
     parser.add_argument("--work-dir", type=Path, default=Path("out/bench/threads"))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
@@ -136,10 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         library, feeds = build(name, args.work_dir)
         for spin in sorted({TVM_DEFAULT_SPIN, DEFAULT_SPIN_COUNT}, reverse=True):
             for busy in (False, True):
-                for threads in (1, 2):
-                    result = run(library, feeds, threads, spin, busy, args.seconds)
+                for threads, pool in SETTINGS:
+                    result = run(library, feeds, threads, pool, spin, busy, args.seconds)
                     setting = {"model": name, "spin": spin, "busy": busy, "threads": threads}
-                    rows.append({**setting, **result})
+                    rows.append({**setting, "pool": pool, **result})
                     print(f"  {rows[-1]}", file=sys.stderr)
     date = time.strftime("%Y-%m-%d", time.gmtime(started))
     print(f"CPU: {cpu_description()}; load average before: {load:.2f}; {date}, ", end="")

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from intq.backends import tvm_threads
 from intq.backends.base import (
     KernelTime,
     atomic_write,
@@ -355,6 +356,8 @@ class TvmExecutable:
         output name -> array."""
         feeds = check_inputs(self.inputs, inputs)
         vm, device = self.vm(), self.device()
+        if self.tvm_target.get("kind") != "cuda":  # the CPU's thread pool
+            tvm_threads.policy(_tvm()).before_run()
         return named_outputs(
             self.outputs, vm["main"](*device_arguments(self.inputs, feeds, device))
         )
