@@ -5,6 +5,7 @@ Run from the repository root (the ``dev`` extra installed)::
     .venv/bin/python -m benchmarks.coverage                    # the whole corpus
     .venv/bin/python -m benchmarks.coverage --models hf-vit,unet --targets reference,onnxruntime
     .venv/bin/python -m benchmarks.coverage --fast --json out/coverage.json
+    .venv/bin/python -m benchmarks.coverage --latency --markdown out/coverage.md
 
 For every entry of :mod:`examples.corpus` (Hugging Face CNNs, ViTs and BERTs built from their
 configs, compact versions of the classic CNN families, detection and segmentation shapes,
@@ -25,6 +26,8 @@ random seeded weights, small inputs) and the real-weight models of :mod:`example
 * **ORT int8**: for the real-weight models, the same measures for ONNX Runtime's own
   ``quantize_static`` model (QDQ, per-channel, u8 activations with reduce_range, MinMax) on
   the same calibration samples;
+* **TVM/FP32** (``--latency``): intq TVM's median time per run on one test sample over ONNX
+  Runtime FP32's, one thread each, timed one after the other in this process;
 * **islands**: ops left in float inside the integer graph (always 0: intq is integer-only).
 
 A failing cell shows ``FAIL``; the row's note names the obstacle (the missing op, the
@@ -37,12 +40,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +85,10 @@ class Row:
     """The same measures for ONNX Runtime's own ``quantize_static`` model (real weights)."""
     ort_top1: float | None = None
     islands: int | None = None
+    tvm_ms: float | None = None
+    """intq TVM's median time per run on one test sample, one thread (``--latency``)."""
+    fp32_ms: float | None = None
+    """ONNX Runtime FP32's, on the same sample, one intra-op thread."""
     note: str = ""
     seconds: float = 0.0
 
@@ -157,6 +166,30 @@ def onnx_fp32(path: Path) -> Outputs:
     return lambda batch: session.run(None, batch)
 
 
+def median_ms(run: Callable[[], Any], seconds: float = 1.0, most: int = 200) -> float:
+    """Median wall time of ``run()`` in ms: two warm-up calls, then up to ``most`` calls or
+    ``seconds``, whichever ends first (at least five)."""
+    run(), run()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(times) < 5 or (len(times) < most and time.perf_counter() < end):
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return 1e3 * float(np.median(times))
+
+
+def fp32_session_ms(path: Path, feed: dict[str, np.ndarray]) -> float:
+    """ONNX Runtime FP32 on ``path``, one intra-op thread, all graph optimizations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return median_ms(lambda: session.run(None, feed))
+
+
 def ort_int8(path: Path, calib: Sequence[dict[str, np.ndarray]], out_dir: Path) -> Outputs:
     """ONNX Runtime's own int8 model of ``path``: ``quant_pre_process`` then ``quantize_static``
     (QDQ, per-channel weights, u8 activations, reduce_range: its x86 setting), MinMax ranges
@@ -222,6 +255,7 @@ def cover(
     out_dir: Path,
     targets: Sequence[str] = TARGETS,
     step: Callable[[str], None] = lambda _: None,
+    latency: bool = False,
 ) -> Row:
     """Run corpus entry ``name`` through every step; never raises for an intq failure."""
     entry = corpus.CORPUS[name]
@@ -279,6 +313,10 @@ def cover(
             exe = intq.compile(int_graph, target=target)
             outputs[target] = [exe.run(t) for t in tests]
             row.steps[target] = "ok"
+            if latency and target == "tvm" and path.exists():
+                step("latency")
+                row.tvm_ms = median_ms(partial(exe.run, tests[0]))
+                row.fp32_ms = fp32_session_ms(path, tests[0])
         except intq.IntqError as err:
             row.fail(target, err)
     if "reference" in outputs:
@@ -311,11 +349,17 @@ def cover(
     return _finish(row, start)
 
 
-def safe_cover(name: str, out_dir: Path, targets: Sequence[str], bar: Any) -> Row:
+def safe_cover(
+    name: str, out_dir: Path, targets: Sequence[str], bar: Any, latency: bool = False
+) -> Row:
     """:func:`cover`, with a crash (a bug in intq or in the corpus) shown as the row's note."""
     bar.set_postfix_str(name)
+
+    def show(step: str) -> None:
+        bar.set_postfix_str(f"{name}: {step}")
+
     try:
-        return cover(name, out_dir, targets, lambda step: bar.set_postfix_str(f"{name}: {step}"))
+        return cover(name, out_dir, targets, show, latency)
     except Exception as err:
         row = Row(name, corpus.CORPUS[name].family, note=f"crash: {describe(err)}")
         return _finish(row, time.perf_counter())
@@ -335,14 +379,21 @@ def _ort_text(row: Row) -> str:
     return f"{row.ort_fidelity:.4f}{top1}"
 
 
+def _speed_text(row: Row) -> str:
+    if row.tvm_ms is None or row.fp32_ms is None:
+        return "-"
+    return f"{row.tvm_ms / row.fp32_ms:.2f}"
+
+
 def table(rows: Sequence[Row]) -> str:
-    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "islands", "s", "obstacle"]
+    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "TVM/FP32", "islands"]
+    head += ["s", "obstacle"]
     body = [
         [
             r.name, r.family, *(r.steps[c] for c in COLUMNS),
             "-" if r.fidelity is None else f"{r.fidelity:.4f}",
             "-" if r.top1 is None else f"{r.top1:.2f}",
-            _ort_text(r),
+            _ort_text(r), _speed_text(r),
             "-" if r.islands is None else str(r.islands), f"{r.seconds:.0f}", r.note,
         ]
         for r in rows
@@ -364,13 +415,13 @@ def table(rows: Sequence[Row]) -> str:
 def markdown(rows: Sequence[Row]) -> str:
     """The table as Markdown (for benchmarks/README.md): one row per model, its steps, its
     fidelity and what stops it."""
-    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "obstacle"]
+    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "TVM/FP32", "obstacle"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             f"`{r.name}`", r.family, *(r.steps[c] for c in COLUMNS),
             "-" if r.fidelity is None else f"{r.fidelity:.4f}",
-            "-" if r.top1 is None else f"{r.top1:.2f}", _ort_text(r),
+            "-" if r.top1 is None else f"{r.top1:.2f}", _ort_text(r), _speed_text(r),
             r.note.replace("|", "/")[:200],
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -385,7 +436,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="also time intq TVM against ONNX Runtime FP32 on one sample, one thread each",
+    )
     args = parser.parse_args(argv)
+    # One thread for TVM's pool too (read once, when the pool starts), for a fair ratio.
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     names = args.models.split(",") if args.models else list(corpus.CORPUS)
     if args.fast:
@@ -402,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = show_progress(False if args.quiet else None)
         with tqdm(total=len(names), desc="coverage", disable=not shown, leave=False) as bar:
             for name in names:
-                rows.append(safe_cover(name, Path(tmp), targets, bar))
+                rows.append(safe_cover(name, Path(tmp), targets, bar, args.latency))
                 bar.update()
     print(table(rows))
     print(f"# {len(rows)} models in {time.perf_counter() - start:.0f} s")
