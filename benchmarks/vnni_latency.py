@@ -104,7 +104,9 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Linear(1280, 1000)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+        return self.classifier(
+            torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+        )
 
 
 def _mobilenet_module() -> nn.Module:

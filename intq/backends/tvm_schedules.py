@@ -127,7 +127,6 @@ see ``intq.backends.tvm_kernels.reduction_depth``), ``vpmaddwd`` by ones, an add
 multiply-adds in three instructions, against 16 in two for :data:`AVX2_DOT_8x2`."""
 
 
-
 def _dot_8x4_vnni(operands: str) -> Any:
     """``vpdpbusd`` on 8 int32 lanes, its two byte operands passed as ``operands``: the
     LLVM intrinsic takes them as ``int8x32`` from LLVM 22 (apache-tvm 0.27's) and as
