@@ -168,12 +168,14 @@ def full_range_weights(g: Graph, rng: np.random.Generator, shape: tuple[int, ...
     return w
 
 
-def vnni_layer(layer: str, signed: bool, seed: int = 0, cin: int = 19, cout: int = 24) -> Graph:
-    """A conv (3x3, padded) or a dense layer with full-range 8-bit weights and a bias, its
-    accumulator and its requantized output both graph outputs."""
+def vnni_layer(
+    layer: str, signed: bool, seed: int = 0, cin: int = 19, cout: int = 24, width: int = 8
+) -> Graph:
+    """A conv (3x3, padded, 5 rows of ``width``) or a dense layer with full-range 8-bit
+    weights and a bias, its accumulator and its requantized output both graph outputs."""
     rng = np.random.default_rng(seed)
     g = Graph()
-    shape = (1, cin, 5, 8) if layer == "conv" else (3, cin)
+    shape = (1, cin, 5, width) if layer == "conv" else (3, cin)
     x = int_input(g, "x", shape, signed)
     if layer == "conv":
         w = full_range_weights(g, rng, (cout, cin, 3, 3), 0)
@@ -230,22 +232,29 @@ def test_without_vnni_in_mattr_the_avx2_kernels_return():
 
 @pytest.mark.parametrize("target", [ZEN4, AVX_VNNI_ONLY], ids=["znver4", "avxvnni"])
 @settings(max_examples=10, deadline=None)
+# The AVX-512 targets' wide register tiles: 4 columns x 4 blocks, 7 columns x 2 blocks.
+@example(seed=1, layer="conv", signed=True, cin=19, cout=32, width=8)
+@example(seed=2, layer="conv", signed=False, cin=64, cout=32, width=7)
 @given(
     seed=st.integers(0, 2**16),
     layer=st.sampled_from(["conv", "gemm"]),
     signed=st.booleans(),
     cin=st.sampled_from([1, 3, 4, 19, 64]),  # channel groups of 4 with and without a tail
-    cout=st.sampled_from([5, 8, 24]),
+    cout=st.sampled_from([5, 8, 24, 32]),  # 1-4 blocks of 8: every register tile
+    width=st.sampled_from([7, 8]),
 )
-def test_vnni_kernels_are_bit_exact_with_full_range_weights(target, seed, layer, signed, cin, cout):
+def test_vnni_kernels_are_bit_exact_with_full_range_weights(
+    target, seed, layer, signed, cin, cout, width
+):
     """``vpdpbusd`` adds four u8 x s8 products into int32 with no intermediate saturation,
     so full-range 8-bit weights (-128 and 127 included) are exact, with int8 activations
     offset by 128 (the offset taken out of the bias) and uint8 ones as they are: checked at
-    both ends of the activation range and on random full-range inputs."""
+    both ends of the activation range and on random full-range inputs, through the 4 x 4,
+    7 x 2, 4 x 2 and one-block register tiles of AVX-512 targets."""
     reason = host_runs(target)
     if reason is not None:
         pytest.skip(f"a {target['mcpu']} module cannot run here: {reason}")
-    g = vnni_layer(layer, signed, seed, cin, cout)
+    g = vnni_layer(layer, signed, seed, cin, cout, width)
     exe = compile_tvm(g, target)
     assert set(exe.kernel_paths.values()) == {"vnni"}
     shape = g.inputs[0].type.shape
