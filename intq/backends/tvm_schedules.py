@@ -128,9 +128,10 @@ multiply-adds in three instructions, against 16 in two for :data:`AVX2_DOT_8x2`.
 
 
 def _dot_8x4_vnni(operands: str) -> Any:
-    """``vpdpbusd`` on 8 int32 lanes, its two byte operands passed as ``operands``: the
-    LLVM intrinsic takes them as ``int8x32`` from LLVM 22 (apache-tvm 0.27's) and as
-    ``int32x8`` before (what TVM's own ``dot_16x4_vnni`` passes)."""
+    """``vpdpbusd`` on 8 int32 lanes, its two byte operands passed as ``operands``: LLVM 22
+    (apache-tvm 0.27's) declares the intrinsic's operands ``<32 x i8>``, older LLVMs
+    ``<8 x i32>`` (what TVM's own ``dot_16x4_vnni`` passes, and what LLVM 22's verifier
+    rejects). A mismatch fails the compile loudly (an ``IntqError``), never silently."""
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -154,6 +155,7 @@ def _dot_8x4_vnni(operands: str) -> Any:
 
 
 def _vnni_operands() -> str:
+    """The operand type of :func:`_dot_8x4_vnni` for the LLVM that TVM was built with."""
     from tvm.target import codegen
 
     return "int8x32" if codegen.llvm_version_major() >= 22 else "int32x8"
@@ -280,11 +282,6 @@ class Isa:
         evex = {"avx512vnni", "avx512vl"} <= features
         vnni = avx2 and (evex or "avxvnni" in features)
         return Isa(avx2=avx2, vnni=vnni, registers=32 if "avx512f" in features else 16)
-
-
-def has_avx2(target: Any) -> bool:
-    """True when ``target`` is an LLVM x86 target with AVX2 (``vpmaddwd`` on 256 bits)."""
-    return Isa.of(target).avx2
 
 
 KERNEL_PATHS = ("vnni", "byte", "vpmaddwd", "vector", "fallback")
