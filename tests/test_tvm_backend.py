@@ -223,6 +223,32 @@ def test_kernel_path_follows_the_targets_features(layer, target, path, dot):
         assert "smlal" in asm  # widening multiply-adds, no x86 in sight
 
 
+@pytest.mark.parametrize(
+    ("target", "avx2", "vnni", "registers"),
+    [
+        ({"mcpu": "znver3"}, True, False, 16),
+        ({"mcpu": "znver4"}, True, True, 32),
+        ({"mcpu": "cascadelake"}, True, True, 32),
+        ({"mcpu": "sapphirerapids"}, True, True, 32),
+        ({"mcpu": "alderlake"}, True, True, 16),  # AVX-VNNI, no AVX-512
+        ({"mcpu": "znver3", "mattr": ["+avxvnni"]}, True, True, 16),
+        # vpdpbusd on 256 bits is AVX512-VNNI *with* AVX512-VL (EVEX-encoded ymm).
+        ({"mcpu": "znver3", "mattr": ["+avx512vnni"]}, True, False, 32),
+        ({"mcpu": "znver3", "mattr": ["+avx512vnni", "+avx512vl"]}, True, True, 32),
+        ({"mcpu": "znver4", "mattr": ["-avx512vnni"]}, True, False, 32),
+        ({}, False, False, 16),  # generic x86-64
+        ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, False, False, 16),
+    ],
+)
+def test_isa_comes_from_the_targets_mcpu_and_mattr(target, avx2, vnni, registers):
+    import tvm
+
+    from intq.backends.tvm_schedules import Isa
+
+    isa = Isa.of(tvm.target.Target({"kind": "llvm", **target}))
+    assert (isa.avx2, isa.vnni, isa.registers) == (avx2, vnni, registers)
+
+
 def test_without_vnni_in_mattr_the_avx2_kernels_return():
     """``-avx512vnni`` on a Zen 4 target takes VNNI away: the AVX2 kernels again."""
     exe = compile_tvm(vnni_layer("conv", True), {**ZEN4, "mattr": ["-avx512vnni"]})

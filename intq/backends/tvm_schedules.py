@@ -272,7 +272,8 @@ class Isa:
     """``vpdpbusd`` on 256 bits: AVX512-VNNI with AVX512-VL (``znver4``, ``cascadelake``,
     ``+avx512vnni,+avx512vl``) or AVX-VNNI (``alderlake``, ``+avxvnni``)."""
     registers: int = 16
-    """Vector registers: 32 with AVX-512 (``avx512f``), room for wider register tiles."""
+    """x86 vector registers: 32 with AVX-512 (``avx512f``), room for wider register tiles
+    (16 otherwise, and for other ISAs, which no tile here reads it for)."""
 
     @staticmethod
     def of(target: Any) -> Isa:
