@@ -14,9 +14,10 @@ the quantized all-MiniLM-L6-v2 (2 sentences x 16 tokens; ``--no-minilm`` leaves 
 * **intq TVM**: the same integer graph through ``intq.compile(..., target="tvm")`` for this
   machine (``--tvm-target`` to override), run on TVM's Relax VM;
 * **intq TVM, 7-bit weights** (the CNNs): quantized with ``weight_bits=7`` instead, whose
-  weights cannot saturate ``vpmaddubsw``, so the convs take TVM's byte kernel (8-bit
-  weights take ``vpmaddwd``; ``benchmarks/efficientnet_agreement.py`` measures what the
-  seventh bit costs in agreement with FP32).
+  weights cannot saturate ``vpmaddubsw``, so on a target without VNNI the convs take TVM's
+  byte kernel (8-bit weights take ``vpmaddwd``; with VNNI both take ``vpdpbusd``, see
+  ``benchmarks/vnni_latency.py``; ``benchmarks/efficientnet_agreement.py`` measures what
+  the seventh bit costs in agreement with FP32).
 
 Then, per model, where intq TVM's time goes: ``exe.profile`` (each kernel call timed on an
 instrumented VM) summed by kind: 1x1 convs, kxk convs, depthwise convs, matmuls, Relax ops
@@ -30,8 +31,9 @@ with ``TVM_NUM_THREADS`` = ``--threads`` and ``TVM_THREAD_POOL_SPIN_COUNT=0`` (i
 block, like the ORT sessions' ``spin=False``).
 
 The GEMM micro-benchmark (``--gemm M,K,N``, default 128x768x768, a BERT-base projection):
-intq TVM's ``QMatMul`` kernel (uint8 x int8 -> int32: the tensorized ``vpmaddwd`` schedule
-for full-range weights, the byte kernel for the same weights halved to 7 bits),
+intq TVM's ``QMatMul`` kernel (uint8 x int8 -> int32: without VNNI the tensorized
+``vpmaddwd`` schedule for full-range weights, the byte kernel for the same weights halved
+to 7 bits; with VNNI ``vpdpbusd`` for both; each row names its kernel path),
 ORT ``MatMulInteger`` with u8 x s8 operands (its fast ``vpmaddubsw`` kernel, exact only for
 7-bit weights) and u8 x u8 (exact at full range, what intq's ORT backend uses), and ORT
 FP32 ``MatMul`` (the float peak of this machine), each as GOPS = 2*M*K*N / time.
@@ -68,7 +70,8 @@ from intq.ir import DType, Graph, Node, QuantParams, TensorType
 TVM = "intq TVM"
 TVM_W7 = "intq TVM, 7-bit weights"
 """The CNNs quantized with ``weight_bits=7`` as well: their weights cannot saturate
-``vpmaddubsw``, so TVM takes its byte kernel (the default 8-bit weights take ``vpmaddwd``)."""
+``vpmaddubsw``, so TVM takes its byte kernel without VNNI (the default 8-bit weights take
+``vpmaddwd`` there; with VNNI both take ``vpdpbusd``)."""
 TARGET_LINE = (
     "target: intq TVM integer-only no slower than intq ORT integer-only, <= 0.75x ORT FP32"
 )
@@ -256,9 +259,9 @@ def _ort_matmul(
     return path
 
 
-def _tvm_matmul(a_u8: np.ndarray, w_s8: np.ndarray, tvm_target: str | None) -> Any:
+def _tvm_matmul(a_u8: np.ndarray, w_s8: np.ndarray, tvm_target: str | None) -> tuple[Any, str]:
     """The Relax VM of intq's ``QMatMul`` of uint8 ``a_u8``-shaped input by ``w_s8``,
-    checked against numpy."""
+    checked against numpy, and its kernel path (``exe.kernel_paths``)."""
     g = Graph("gemm")
     a = g.add_input("a", TensorType(DType.U8, a_u8.shape, QuantParams(8, False, (0.02,))))
     w = g.add_constant(w_s8, "w")
@@ -268,7 +271,8 @@ def _tvm_matmul(a_u8: np.ndarray, w_s8: np.ndarray, tvm_target: str | None) -> A
     exe = intq.compile(g, target="tvm", tvm_target=tvm_target)
     want = a_u8.astype(np.int64) @ w_s8.astype(np.int64)
     assert np.array_equal(exe.run({"a": a_u8})[g.outputs[0].name], want)
-    return exe.vm()
+    (path,) = set(exe.kernel_paths.values())
+    return exe.vm(), path
 
 
 def gemm_rows(
@@ -282,13 +286,11 @@ def gemm_rows(
     import tvm
 
     a_tvm = tvm.runtime.tensor(a_u8)
-    vms = {
-        name: _tvm_matmul(a_u8, w, tvm_target)
-        for name, w in (
-            ("intq TVM u8 x s8 (vpmaddwd)", w_s8),
-            ("intq TVM u8 x s7 (vpmaddubsw)", w_s8 // 2),  # 7-bit weights: [-64, 63]
-        )
-    }
+    vms = {}
+    # 7-bit weights ([-64, 63]) take the byte kernel without VNNI; both take vpdpbusd with it.
+    for name, w in (("intq TVM u8 x s8", w_s8), ("intq TVM u8 x s7", w_s8 // 2)):
+        vm, path = _tvm_matmul(a_u8, w, tvm_target)
+        vms[f"{name} ({path})"] = vm
 
     opts = session_options(threads, spin=False)
     u8s8 = open_session(

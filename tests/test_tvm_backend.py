@@ -78,6 +78,7 @@ def test_real_models_are_bit_exact(fixture, weight_bits, request):
     assert "conv" in kinds and "dense" in kinds
     fallbacks = {name: s for name, s in exe.schedules.items() if s[0] != s[1]}
     assert not fallbacks
+    assert exe.kernel_paths and "fallback" not in exe.kernel_paths.values()
 
 
 def test_tensorized_kernels_use_vpmaddwd_and_32_bit_products(digits_int8):
@@ -113,12 +114,182 @@ def test_byte_kernel_only_where_no_weight_pair_can_saturate(signed, pair, byte_k
         acc = g.op("QGemm", x, w, transB=1)
     g.set_outputs([acc, requantized(g, acc, 20.0, True)])
     verify(g)
-    asm = assembly(compile_tvm(g, ZEN3))
+    zen3 = compile_tvm(g, ZEN3)
+    asm = assembly(zen3)
     assert ("vpmaddubsw" in asm) == byte_kernel and "vpmaddwd" in asm
+    assert set(zen3.kernel_paths.values()) == {"byte" if byte_kernel else "vpmaddwd"}
     exe = compile_tvm(g)  # exact on this host, whatever its instruction set
     dtype = np.int8 if signed else np.uint8
     for value in (np.iinfo(dtype).max, np.iinfo(dtype).min):
         assert_same(g, exe, {"x": np.full(shape, value, dtype)})
+    assert_same(g, exe, {"x": full_range(rng, shape, signed)})
+
+
+# ----- the VNNI kernel: chosen from the target, exact for full-range 8-bit weights ---------------
+
+ZEN4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
+CASCADELAKE = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
+AVX_VNNI = {"kind": "llvm", "mcpu": "alderlake", "num-cores": 2}
+"""AVX-VNNI (VEX-encoded ``vpdpbusd``) without AVX-512."""
+AARCH64_DOTPROD = {**AARCH64, "mattr": "+neon,+dotprod"}
+
+
+AVX_VNNI_ONLY = {"kind": "llvm", "mcpu": "x86-64-v3", "mattr": ["+avxvnni"], "num-cores": 2}
+"""AVX2 plus AVX-VNNI and nothing else: a module any AVX-VNNI host runs."""
+TUNING = ("fast-", "slow-", "false-deps-", "prefer-", "tuning-", "no-bypass-", "allow-light-")
+"""LLVM CPU feature prefixes that tune code generation rather than enable instructions."""
+
+
+def host_runs(target: dict) -> str | None:
+    """Why a module for ``target`` cannot run here (None when it can): the host (as LLVM
+    detects it) must be x86-64 with every instruction-set feature of the target."""
+    import tvm
+    from tvm.target import codegen
+
+    from intq.backends.tvm import host_target
+
+    if not codegen.llvm_get_system_triple().startswith("x86_64"):
+        return "the host is not x86-64"
+    features = codegen.llvm_get_cpu_features(tvm.target.Target(target))
+    host = set(codegen.llvm_get_cpu_features(tvm.target.Target(host_target())))
+    missing = sorted(f for f in features if f not in host and not f.startswith(TUNING))
+    return f"this host lacks {', '.join(missing)}" if missing else None
+
+
+def full_range_weights(g: Graph, rng: np.random.Generator, shape: tuple[int, ...], axis: int):
+    """Int8 weights over all of -128..127 (not narrow), a quarter of them each extreme."""
+    data = rng.integers(-128, 128, shape).astype(np.int8)
+    flat = data.reshape(-1)
+    flat[::4], flat[1::4] = -128, 127
+    w = g.add_constant(data, "w")
+    channels = shape[axis]
+    quant = QuantParams(8, True, tuple(rng.uniform(0.001, 0.1, channels)), axis=axis)
+    w.type = w.type.with_quant(quant)
+    return w
+
+
+def vnni_layer(
+    layer: str, signed: bool, seed: int = 0, cin: int = 19, cout: int = 24, width: int = 8
+) -> Graph:
+    """A conv (3x3, padded, 5 rows of ``width``) or a dense layer with full-range 8-bit
+    weights and a bias, its accumulator and its requantized output both graph outputs."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    shape = (1, cin, 5, width) if layer == "conv" else (3, cin)
+    x = int_input(g, "x", shape, signed)
+    if layer == "conv":
+        w = full_range_weights(g, rng, (cout, cin, 3, 3), 0)
+    else:
+        w = full_range_weights(g, rng, (cin, cout), 1)
+    b = g.add_constant(rng.integers(-(2**20), 2**20, cout).astype(np.int32), "b")
+    b.type = b.type.with_quant(
+        QuantParams(32, True, tuple(0.05 * s for s in w.type.quant.scale), axis=0)
+    )
+    if layer == "conv":
+        acc = g.op("QConv", x, w, b, group=1, strides=(1, 1), pads=(1, 1, 1, 1))
+    else:
+        acc = g.op("QMatMul", x, w, b)
+    g.set_outputs([acc, requantized(g, acc, 20.0, True)])
+    verify(g)
+    return g
+
+
+@pytest.mark.parametrize("layer", ["conv", "gemm"])
+@pytest.mark.parametrize(
+    ("target", "path", "dot"),
+    [
+        (ZEN3, "vpmaddwd", None),
+        (ZEN4, "vnni", "vpdpbusd\t%ymm"),
+        (CASCADELAKE, "vnni", "vpdpbusd\t%ymm"),
+        (AVX_VNNI, "vnni", "{vex}\tvpdpbusd"),
+        (AARCH64, "vector", None),
+        (AARCH64_DOTPROD, "vector", None),
+    ],
+    ids=["znver3", "znver4", "cascadelake", "alderlake", "aarch64", "aarch64+dotprod"],
+)
+def test_kernel_path_follows_the_targets_features(layer, target, path, dot):
+    """The kernel path comes from the target's ``mcpu``/``mattr`` at compile time, whatever
+    this host is: ``vpdpbusd`` on AVX512-VNNI and AVX-VNNI targets, none on Zen 3 (full-range
+    8-bit weights there take ``vpmaddwd``), plain vector multiply-adds on AArch64."""
+    exe = compile_tvm(vnni_layer(layer, signed=True), target)
+    assert set(exe.kernel_paths.values()) == {path}
+    asm = assembly(exe)
+    assert ("vpdpbusd" in asm) == (dot is not None)
+    if dot is not None:
+        assert dot in asm and "vpmaddubsw" not in asm and "vpmaddwd" not in asm
+    if target is ZEN3:
+        assert "vpmaddwd" in asm and "vpmaddubsw" not in asm
+    if target["mtriple" if "mtriple" in target else "kind"] == "aarch64-linux-gnu":
+        assert "smlal" in asm  # widening multiply-adds, no x86 in sight
+
+
+@pytest.mark.parametrize(
+    ("target", "avx2", "vnni", "registers"),
+    [
+        ({"mcpu": "znver3"}, True, False, 16),
+        ({"mcpu": "znver4"}, True, True, 32),
+        ({"mcpu": "cascadelake"}, True, True, 32),
+        ({"mcpu": "sapphirerapids"}, True, True, 32),
+        ({"mcpu": "alderlake"}, True, True, 16),  # AVX-VNNI, no AVX-512
+        ({"mcpu": "znver3", "mattr": ["+avxvnni"]}, True, True, 16),
+        # vpdpbusd on 256 bits is AVX512-VNNI *with* AVX512-VL (EVEX-encoded ymm).
+        ({"mcpu": "znver3", "mattr": ["+avx512vnni"]}, True, False, 32),
+        ({"mcpu": "znver3", "mattr": ["+avx512vnni", "+avx512vl"]}, True, True, 32),
+        ({"mcpu": "znver4", "mattr": ["-avx512vnni"]}, True, False, 32),
+        ({}, False, False, 16),  # generic x86-64
+        ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, False, False, 16),
+    ],
+)
+def test_isa_comes_from_the_targets_mcpu_and_mattr(target, avx2, vnni, registers):
+    import tvm
+
+    from intq.backends.tvm_schedules import Isa
+
+    isa = Isa.of(tvm.target.Target({"kind": "llvm", **target}))
+    assert (isa.avx2, isa.vnni, isa.registers) == (avx2, vnni, registers)
+
+
+def test_without_vnni_in_mattr_the_avx2_kernels_return():
+    """``-avx512vnni`` on a Zen 4 target takes VNNI away: the AVX2 kernels again."""
+    exe = compile_tvm(vnni_layer("conv", True), {**ZEN4, "mattr": ["-avx512vnni"]})
+    assert set(exe.kernel_paths.values()) == {"vpmaddwd"}
+    assert "vpdpbusd" not in assembly(exe)
+
+
+@pytest.mark.parametrize("target", [ZEN4, AVX_VNNI_ONLY], ids=["znver4", "avxvnni"])
+@settings(max_examples=10, deadline=None)
+# The AVX-512 targets' wide register tiles: 4 columns x 4 blocks, 7 columns x 2 blocks.
+@example(seed=1, layer="conv", signed=True, cin=19, cout=32, width=8)
+@example(seed=2, layer="conv", signed=False, cin=64, cout=32, width=7)
+@given(
+    seed=st.integers(0, 2**16),
+    layer=st.sampled_from(["conv", "gemm"]),
+    signed=st.booleans(),
+    cin=st.sampled_from([1, 3, 4, 19, 64]),  # channel groups of 4 with and without a tail
+    cout=st.sampled_from([5, 8, 24, 32]),  # 1-4 blocks of 8: every register tile
+    width=st.sampled_from([7, 8]),
+)
+def test_vnni_kernels_are_bit_exact_with_full_range_weights(
+    target, seed, layer, signed, cin, cout, width
+):
+    """``vpdpbusd`` adds four u8 x s8 products into int32 with no intermediate saturation,
+    so full-range 8-bit weights (-128 and 127 included) are exact, with int8 activations
+    offset by 128 (the offset taken out of the bias) and uint8 ones as they are: checked at
+    both ends of the activation range and on random full-range inputs, through the 4 x 4,
+    7 x 2, 4 x 2 and one-block register tiles of AVX-512 targets."""
+    reason = host_runs(target)
+    if reason is not None:
+        pytest.skip(f"a {target['mcpu']} module cannot run here: {reason}")
+    g = vnni_layer(layer, signed, seed, cin, cout, width)
+    exe = compile_tvm(g, target)
+    assert set(exe.kernel_paths.values()) == {"vnni"}
+    shape = g.inputs[0].type.shape
+    dtype = np.int8 if signed else np.uint8
+    rng = np.random.default_rng(seed)
+    for value in (np.iinfo(dtype).max, np.iinfo(dtype).min):
+        assert_same(g, exe, {"x": np.full(shape, value, dtype)})
+    alternating = np.where(np.indices(shape).sum(0) % 2 == 0, np.iinfo(dtype).max, 0)
+    assert_same(g, exe, {"x": alternating.astype(dtype)})
     assert_same(g, exe, {"x": full_range(rng, shape, signed)})
 
 

@@ -35,17 +35,21 @@ from intq.backends.tvm_runtime import (
     load_tvm,
     parse_target,
 )
-from intq.backends.tvm_schedules import schedule_module
+from intq.backends.tvm_schedules import Isa, schedule_module
 from intq.backends.tvm_tuning import tune_with_database
 from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.passes.range_analysis import value_ranges
 
 
-def to_relax(graph: Graph, channels_last: bool = True) -> tuple[Any, dict[str, Kernel]]:
+def to_relax(
+    graph: Graph, channels_last: bool = True, vnni: bool = False
+) -> tuple[Any, dict[str, Kernel]]:
     """The Relax ``IRModule`` computing ``graph`` and the kernels it holds (by prim func name);
-    ``channels_last`` keeps CNN activations NHWC between the kernels that want it."""
-    lw = Lowerer(graph, channels_last)
+    ``channels_last`` keeps CNN activations NHWC between the kernels that want it; ``vnni``
+    (the target has ``vpdpbusd``, :class:`~intq.backends.tvm_schedules.Isa`) packs every
+    8-bit conv and dense 4 byte channels deep."""
+    lw = Lowerer(graph, channels_last, vnni)
     relax = lw.relax
     params = [relax.Var(v.name, relax.TensorType(v.type.shape, dtype_of(v))) for v in graph.inputs]
     with lw.bb.function("main", params):
@@ -113,31 +117,34 @@ def compile_tvm(
             hint="drop tune_trials/tuning_db (--tune-trials/--tuning-db) for this target",
         )
     start = time.perf_counter()
+    cuda = spec["kind"] == "cuda"
+    target = tvm.target.Target(spec, host=host_target()) if cuda else tvm.target.Target(spec)
+    # The kernels follow the target's own features (mcpu/mattr), not this machine's:
+    # vpdpbusd packing only where the scheduled module will tensorize with it.
+    vnni = schedule and Isa.of(target).vnni
     # NHWC for the CPU schedules; the GPU's default schedules take the graph as it is.
-    mod, kernels = to_relax(graph, channels_last=spec["kind"] == "llvm")
+    mod, kernels = to_relax(graph, channels_last=spec["kind"] == "llvm", vnni=vnni)
     report: dict[str, str] = {}
-    if spec["kind"] == "cuda":
+    paths: dict[str, str] = {}
+    if cuda:
         # GPU kernels need their loops bound to threads: dlight's default GPU schedules
         # (integer kernels as they are; a tuned GPU schedule is future work).
         from tvm.s_tir import dlight
 
-        target = tvm.target.Target(spec, host=host_target())
         with target:
             mod = dlight.ApplyDefaultSchedule(
                 dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()
             )(mod)
-    else:
-        target = tvm.target.Target(spec)
-        if schedule and spec["kind"] == "llvm":
-            mod, kernels = fuse_relax_ops(mod, kernels)
-            hand = kernels
-            if tuning_db is not None or tune_trials:
-                mod, tuned = tune_with_database(
-                    mod, kernels, target, tuning_db, tune_trials, progress=progress
-                )
-                report.update(tuned)
-                hand = {name: k for name, k in kernels.items() if name not in tuned}
-            mod = schedule_module(mod, hand, target, report=report)
+    elif schedule and spec["kind"] == "llvm":
+        mod, kernels = fuse_relax_ops(mod, kernels)
+        hand = kernels
+        if tuning_db is not None or tune_trials:
+            mod, tuned = tune_with_database(
+                mod, kernels, target, tuning_db, tune_trials, progress=progress
+            )
+            report.update(tuned)
+            hand = {name: k for name, k in kernels.items() if name not in tuned}
+        mod = schedule_module(mod, hand, target, report=report, paths=paths)
     try:
         executable = tvm.compile(mod, target=target, relax_pipeline="default_build")
     except Exception as err:
@@ -148,6 +155,7 @@ def compile_tvm(
     inputs, outputs = graph_specs(graph)
     exe = TvmExecutable(executable, spec, inputs, outputs, graph, time.perf_counter() - start)
     exe.schedules = {name: (kernels[name].kind, applied) for name, applied in report.items()}
+    exe.kernel_paths = paths
     exe.kernel_nodes = {name: list(k.nodes) for name, k in kernels.items() if k.nodes}
     return exe
 

@@ -9,7 +9,8 @@ reorders their loops and can change no arithmetic).
   products, with the bias. A generic NCHW conv, transposed conv and dense; a depthwise conv
   on NHWC; and the tensorized ones, which read packed int8 weights (:func:`packed_weights`)
   and reduce 2 (``pmaddwd`` on int16) or 4 (``pmaddubsw`` on bytes) input channels per int32
-  lane, where :func:`pairs_exactly` and :func:`reduction_depth` show that this is exact.
+  lane, where :func:`pairs_exactly` and :func:`reduction_depth` show that this is exact
+  (always, for 4 byte channels, with VNNI's ``vpdpbusd``).
 - **Requantization** (:func:`rescale_te`) is the reference's arithmetic in int64, per channel
   ``((acc * M') << L + R) >> S'`` then the clamp: ``S`` in ``[1, 63]`` gives
   ``M' = M, L = 0, R = 2^(S-1), S' = S``; ``S <= 0`` gives ``L = -S`` and no
@@ -288,25 +289,28 @@ BYTE_OFFSET = 128
 """Added to int8 activations to make them the unsigned operand of ``pmaddubsw``."""
 
 
-def reduction_depth(node: Node, w: np.ndarray) -> int:
+def reduction_depth(node: Node, w: np.ndarray, vnni: bool = False) -> int:
     """Input channels per int32 lane of one step of the tensorized conv or dense of ``node``
-    with int8 weights ``w`` (``[outputs, inputs, *taps]``): 4 (``pmaddubsw`` on bytes, then
-    ``pmaddwd`` by ones) where that is exact, else 2 (``pmaddwd`` on int16).
+    with int8 weights ``w`` (``[outputs, inputs, *taps]``): 4 (bytes: ``vpdpbusd`` when
+    ``vnni``, else ``pmaddubsw`` then ``pmaddwd`` by ones) where that is exact, else 2
+    (``pmaddwd`` on int16).
 
-    ``pmaddubsw`` multiplies unsigned by signed bytes and adds each pair *with int16
-    saturation*, so it is exact only if no pair of packed weights can reach past int16 with
-    activations in ``[0, 255]`` (int8 activations are offset by :data:`BYTE_OFFSET`; see
-    :func:`offset_bias`): ``255 * (w_a + w_b) <= 32767`` over each pair's positive weights
-    and ``255 * (|w_a| + |w_b|) <= 32768`` over its negative ones. Weights of 7 bits or
-    fewer always pass; full-range 8-bit weights almost never do. Every partial sum must
-    also fit int32 (it does unless a channel reduces more than ~65000 inputs).
+    ``vpdpbusd`` (VNNI) multiplies unsigned by signed bytes and adds the four products of a
+    lane straight into its int32 accumulator: exact for any int8 weights. ``pmaddubsw``
+    adds each pair *with int16 saturation*, so without VNNI it is exact only if no pair of
+    packed weights can reach past int16 with activations in ``[0, 255]`` (int8 activations
+    are offset by :data:`BYTE_OFFSET`; see :func:`offset_bias`): ``255 * (w_a + w_b) <=
+    32767`` over each pair's positive weights and ``255 * (|w_a| + |w_b|) <= 32768`` over
+    its negative ones. Weights of 7 bits or fewer always pass; full-range 8-bit weights
+    almost never do. Either way every partial sum must also fit int32 (it does unless a
+    channel reduces more than ~65000 inputs).
     """
     x, b = input_of(node, 0).type.dtype, bias_input(node)
     if x not in (DType.I8, DType.U8) or (b is not None and b.const is None):
         return 2
     pairs = packed_weights(w, 4).reshape(-1, 2).astype(np.int64)
     positive, negative = np.maximum(pairs, 0).sum(1), np.maximum(-pairs, 0).sum(1)
-    if 255 * positive.max() > 2**15 - 1 or 255 * negative.max() > 2**15:
+    if not vnni and (255 * positive.max() > 2**15 - 1 or 255 * negative.max() > 2**15):
         return 2
     reach = 255 * np.abs(w.astype(np.int64)).reshape(len(w), -1).sum(1)
     reach += np.abs(offset_bias(node, w).astype(np.int64))

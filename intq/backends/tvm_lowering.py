@@ -129,12 +129,13 @@ class Lowerer:
     and remember it.
     """
 
-    def __init__(self, graph: Graph, channels_last: bool = False):
+    def __init__(self, graph: Graph, channels_last: bool = False, vnni: bool = False):
         from tvm import relax
 
         self.relax = relax
         self.graph = graph
         self.channels_last = channels_last
+        self.vnni = vnni  # the target has vpdpbusd: every 8-bit conv/dense reduces bytes
         self.bb = relax.BlockBuilder()
         self.env: dict[str, Any] = {}  # value name -> its Relax expression, as stored
         self.nhwc: set[str] = set()  # the values stored NHWC
@@ -261,8 +262,9 @@ def _packed_operands(
 ) -> tuple[int, Any, list[Any]]:
     """The reduction depth of the tensorized ``node`` with weights ``w`` (``[outputs,
     inputs, *taps]``), its packed weights, and its bias arguments (the byte kernel's
-    :func:`offset_bias` where it needs one)."""
-    depth = reduction_depth(node, w)
+    :func:`offset_bias` where it needs one); with :attr:`Lowerer.vnni` every 8-bit one
+    reduces bytes (``vpdpbusd`` is exact for any int8 weights)."""
+    depth = reduction_depth(node, w, lw.vnni)
     if depth == 4 and (bias or input_of(node).type.dtype is DType.I8):
         bias = [lw.const(offset_bias(node, w))]
     return depth, lw.const(packed_weights(w, depth)), bias

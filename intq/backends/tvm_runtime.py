@@ -291,6 +291,10 @@ class TvmExecutable:
         self.compile_seconds = compile_seconds
         self.schedules: dict[str, tuple[str, str]] = {}
         """Prim func -> (kernel kind, the schedule that applied), from :func:`compile_tvm`."""
+        self.kernel_paths: dict[str, str] = {}
+        """Prim func -> what each conv and dense kernel's inner product runs as (``"vnni"``,
+        ``"byte"``, ``"vpmaddwd"``, ``"vector"`` or ``"fallback"``:
+        :data:`~intq.backends.tvm_schedules.KERNEL_PATHS`), from :func:`compile_tvm`."""
         self.kernel_nodes: dict[str, list[str]] = {}
         """Prim func -> the graph nodes it computes (saved in the manifest)."""
         self.path: Path | None = None

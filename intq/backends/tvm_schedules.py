@@ -1,4 +1,4 @@
-"""TIR schedules for the TVM backend's integer kernels on x86 AVX2.
+"""TIR schedules for the TVM backend's integer kernels on x86 (AVX2, VNNI) and other CPUs.
 
 The kernels arrive as TE functions (:mod:`intq.backends.tvm_kernels`) whose compute
 fixes the arithmetic; a schedule only reorders, tiles, vectorizes and
@@ -14,6 +14,9 @@ scheduled model with the reference interpreter anyway).
   (weights larger than L2 are streamed once instead), and 4 rows x 3 blocks of 8
   columns for the dense. The conv's requantization epilogue
   runs per tile, right after its accumulators; the dense one's after the product.
+  Kernels reducing 4 byte channels per lane use :data:`AVX2_DOT_8x4` (``vpmaddubsw``,
+  weights that cannot saturate it) or, on targets with VNNI (:class:`Isa`),
+  :data:`VNNI_DOT_8x4`: one ``vpdpbusd``, exact for any 8-bit weights.
   Without AVX2 (AArch64, plain x86) the same tiles use vector multiply-adds.
 - ``depthwise`` (NHWC): up to 8 channels per vector x 8 output columns per tile
   (divisors: a predicated tail would be scalarized), the kxk taps unrolled, the
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from tvm import s_tir
@@ -122,19 +126,64 @@ signed bytes, pairs added with int16 saturation, so only for weights that cannot
 see ``intq.backends.tvm_kernels.reduction_depth``), ``vpmaddwd`` by ones, an add: 32
 multiply-adds in three instructions, against 16 in two for :data:`AVX2_DOT_8x2`."""
 
+
+def _dot_8x4_vnni(operands: str) -> Any:
+    """``vpdpbusd`` on 8 int32 lanes, its two byte operands passed as ``operands``: LLVM 22
+    (apache-tvm 0.27's) declares the intrinsic's operands ``<32 x i8>``, older LLVMs
+    ``<8 x i32>`` (what TVM's own ``dot_16x4_vnni`` passes, and what LLVM 22's verifier
+    rejects). A mismatch fails the compile loudly (an ``IntqError``), never silently."""
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        a: T.Buffer((4,), "uint8", offset_factor=1),
+        b: T.Buffer((8, 4), "int8", offset_factor=1),
+        c: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:8])
+            quad = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+                c.vload([0], dtype="int32x8"),
+                T.reinterpret(T.broadcast(quad, 8), dtype=operands),
+                T.reinterpret(b.vload([0, 0], dtype="int8x32"), dtype=operands),
+                dtype="int32x8",
+            )
+
+    return impl
+
+
+def _vnni_operands() -> str:
+    """The operand type of :func:`_dot_8x4_vnni` for the LLVM that TVM was built with."""
+    from tvm.target import codegen
+
+    return "int8x32" if codegen.llvm_version_major() >= 22 else "int32x8"
+
+
+VNNI_DOT_8x4 = "intq_vnni_dot_8x4_u8i8i32"
+"""``c[i] += a[0]*b[i,0] + ... + a[3]*b[i,3]`` for 8 lanes: one ``vpdpbusd`` (AVX512-VNNI
+on 256 bits, or AVX-VNNI, which LLVM encodes from the same intrinsic). It multiplies
+unsigned by signed bytes and adds all four products into the int32 lane with no
+intermediate rounding or saturation (a product is at most ``255 * 128``; the four and the
+lane add wrap modulo 2^32 like any int32 add), so it computes the description exactly for
+full-range 8-bit weights: 32 multiply-adds in one instruction."""
+
 INTRINSICS = {2: AVX2_DOT_8x2, 4: AVX2_DOT_8x4}
-"""The tensorized dot product by input channels per lane."""
+"""The tensorized dot product by input channels per lane (AVX2 without VNNI)."""
 
 _registered = False
 
 
 def register_intrinsics() -> None:
-    """Register :data:`AVX2_DOT_8x2` and :data:`AVX2_DOT_8x4` with TVM (once per process)."""
+    """Register :data:`AVX2_DOT_8x2`, :data:`AVX2_DOT_8x4` and :data:`VNNI_DOT_8x4` with
+    TVM (once per process)."""
     global _registered
     if not _registered:
         for name, desc, impl in (
             (AVX2_DOT_8x2, _dot_desc(2, "int16"), _dot_8x2_avx2),
             (AVX2_DOT_8x4, _dot_desc(4, "uint8"), _dot_8x4_avx2),
+            (VNNI_DOT_8x4, _dot_desc(4, "uint8"), _dot_8x4_vnni(_vnni_operands())),
         ):
             s_tir.TensorIntrin.register(name, desc, impl, override=True)
         _registered = True
@@ -203,29 +252,64 @@ def _epilogue(sch: Sch, producer: str, parallel: bool = True) -> Any | None:
     return last
 
 
-def has_avx2(target: Any) -> bool:
-    """True when ``target`` is an LLVM x86 target with AVX2 (``vpmaddwd`` on 256 bits)."""
+def _cpu_features(target: Any) -> frozenset[str]:
+    """The LLVM CPU features of an ``llvm`` ``target`` (its ``mcpu`` and ``mattr``), else none."""
     if target is None or target.kind.name != "llvm":
-        return False
+        return frozenset()
     from tvm.target import codegen
 
-    return "avx2" in set(codegen.llvm_get_cpu_features(target))
+    return frozenset(codegen.llvm_get_cpu_features(target))
 
 
-def _lanes(sch: Sch, dot: Any, reduction: Any, lanes: Any, pair: Any, avx2: bool) -> None:
-    """The 8 lanes x 2 (or 4) channel loops of ``dot``: one ``vpmaddwd`` (or ``vpmaddubsw``
-    and ``vpmaddwd``) with AVX2, else a vector of 8 int32 multiply-adds per channel (what
-    other ISAs vectorize)."""
-    if avx2:
+@dataclass(frozen=True)
+class Isa:
+    """The x86 dot-product instructions the kernels of a target may use, read from the LLVM
+    target's features at compile time (never from the machine compiling it)."""
+
+    avx2: bool = False
+    """``vpmaddwd`` and ``vpmaddubsw`` on 256 bits."""
+    vnni: bool = False
+    """``vpdpbusd`` on 256 bits: AVX512-VNNI with AVX512-VL (``znver4``, ``cascadelake``,
+    ``+avx512vnni,+avx512vl``) or AVX-VNNI (``alderlake``, ``+avxvnni``)."""
+    registers: int = 16
+    """x86 vector registers: 32 with AVX-512 (``avx512f``), room for wider register tiles
+    (16 otherwise, and for other ISAs, which no tile here reads it for)."""
+
+    @staticmethod
+    def of(target: Any) -> Isa:
+        """What ``target`` (a ``tvm.target.Target``, or None) has."""
+        features = _cpu_features(target)
+        avx2 = "avx2" in features
+        evex = {"avx512vnni", "avx512vl"} <= features
+        vnni = avx2 and (evex or "avxvnni" in features)
+        return Isa(avx2=avx2, vnni=vnni, registers=32 if "avx512f" in features else 16)
+
+
+KERNEL_PATHS = ("vnni", "byte", "vpmaddwd", "vector", "fallback")
+"""What a conv or dense kernel's inner product ran as: ``vpdpbusd``; ``vpmaddubsw``;
+``vpmaddwd`` on int16; plain vector multiply-adds (no x86 dot product: AArch64, x86
+without AVX2); or a plainer schedule, its own having failed (see :func:`schedule_module`)."""
+
+
+def _lanes(sch: Sch, dot: Any, reduction: Any, lanes: Any, pair: Any, isa: Isa) -> str:
+    """The 8 lanes x 2 (or 4) channel loops of ``dot``: one ``vpmaddwd``, ``vpdpbusd`` (VNNI)
+    or ``vpmaddubsw`` and ``vpmaddwd`` with AVX2, else a vector of 8 int32 multiply-adds per
+    channel (what other ISAs vectorize). Returns the kernel path (:data:`KERNEL_PATHS`)."""
+    depth = _extent(sch, pair)
+    if isa.avx2:
         init = sch.decompose_reduction(dot, reduction)
         sch.vectorize(sch.get_loops(init)[-1])
-        sch.tensorize(lanes, INTRINSICS[_extent(sch, pair)])
-        return
+        if depth == 4 and isa.vnni:
+            sch.tensorize(lanes, VNNI_DOT_8x4)
+            return "vnni"
+        sch.tensorize(lanes, INTRINSICS[depth])
+        return "byte" if depth == 4 else "vpmaddwd"
     sch.reorder(pair, lanes)
     sch.vectorize(lanes)
     sch.unroll(pair)
     init = sch.decompose_reduction(dot, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
+    return "vector"
 
 
 def _pad(sch: Sch) -> None:
@@ -239,15 +323,17 @@ def _pad(sch: Sch) -> None:
         _parallel_outer(sch, pad, keep=2, vectorize=True)
 
 
-def schedule_conv(sch: Sch, avx2: bool) -> None:
-    """NHWC ``[pad] -> dot`` (tensorized, register tile over output columns) -> epilogue."""
+def schedule_conv(sch: Sch, isa: Isa) -> str:
+    """NHWC ``[pad] -> dot`` (tensorized, register tile over output columns) -> epilogue;
+    returns the kernel path."""
     epilogue = _epilogue(sch, "dot", parallel=False)
     _pad(sch)
     dot = _blocks(sch)["dot"]
     n, i, j, ko, ki, ry, rx, rc, rt = sch.get_loops(dot)
     taps = _extent(sch, ry) * _extent(sch, rx)
     weight_bytes = _extent(sch, ko) * _extent(sch, ki) * taps * _extent(sch, rc) * _extent(sch, rt)
-    columns, blocks = _conv_tile(_extent(sch, j), _extent(sch, ko))
+    wide = isa.vnni and isa.registers == 32 and _extent(sch, rt) == 4
+    columns, blocks = _conv_tile(_extent(sch, j), _extent(sch, ko), wide)
     jo, ji = sch.split(j, [None, columns])
     koo, koi = sch.split(ko, [None, blocks])
     if taps > 1 and weight_bytes > WEIGHTS_IN_CACHE:  # int8 weights
@@ -269,7 +355,7 @@ def schedule_conv(sch: Sch, avx2: bool) -> None:
         tile = koo
     local = sch.cache_write(dot, 0, "local")
     sch.reverse_compute_at(local, tile)
-    _lanes(sch, dot, ry, ki, rt, avx2)
+    path = _lanes(sch, dot, ry, ki, rt, isa)
     sch.unroll(ji)
     sch.unroll(koi)
     sch.vectorize(sch.get_loops(local)[-1])
@@ -278,9 +364,10 @@ def schedule_conv(sch: Sch, avx2: bool) -> None:
         # tensor never leaves the cache.
         sch.reverse_compute_at(epilogue, tile)
         sch.vectorize(sch.get_loops(epilogue)[-1])
+    return path
 
 
-def _conv_tile(width: int, channel_blocks: int) -> tuple[int, int]:
+def _conv_tile(width: int, channel_blocks: int, wide: bool = False) -> tuple[int, int]:
     """The conv's register tile: (output columns, blocks of 8 output channels).
 
     4 columns x 2 blocks when they divide the row and the channels (8 accumulators, each
@@ -288,15 +375,27 @@ def _conv_tile(width: int, channel_blocks: int) -> tuple[int, int]:
     predicated tail would be scalarized). Measured here, interleaved, one thread: 3x3
     convs at 56x56 and 28x28 (64 and 128 channels) 105 -> 126 and 97 -> 124 GOPS; 1x1
     convs about the same; 3 blocks or 6 columns were slower on EfficientNet's expand convs.
+
+    ``wide`` (the ``vpdpbusd`` kernel with 32 vector registers, AVX-512) doubles the blocks
+    where the channels allow: 4 x 4, or up to 8 columns x 2 blocks (up to 16 accumulators,
+    enough independent ``vpdpbusd`` chains to hide their latency). Measured on a Zen 4,
+    interleaved, one thread, G multiply-adds/s: ResNet's 3x3 convs 171 -> 192 (64 channels
+    at 28x28), 182 -> 214 (128 at 14x14), 176 -> 211 (256 at 7x7), 189 -> 190 (512 at
+    4x4); 1x1 convs at 14x14 and 7x7 (96-960 channels) 109-173 -> 137-205.
     """
+    if wide and channel_blocks % 2 == 0:
+        if width % 4 == 0:
+            return 4, 4 if channel_blocks % 4 == 0 else 2
+        return _divisor(width, 8), 2
     if width % 4 == 0 and channel_blocks % 2 == 0:
         return 4, 2
     return _divisor(width, 8), 1
 
 
-def schedule_dense(sch: Sch, avx2: bool) -> None:
+def schedule_dense(sch: Sch, isa: Isa) -> str:
     """``pad -> dot`` (tensorized; a tile of up to 4 rows x 3 blocks of 8 columns: 12
-    accumulators, the weights of a block loaded once per row) -> epilogue."""
+    accumulators, the weights of a block loaded once per row) -> epilogue; returns the
+    kernel path."""
     _epilogue(sch, "dot")
     _pad(sch)
     dot = _blocks(sch)["dot"]
@@ -308,13 +407,14 @@ def schedule_dense(sch: Sch, avx2: bool) -> None:
     sch.parallel(outer)
     local = sch.cache_write(dot, 0, "local")
     sch.reverse_compute_at(local, outer)
-    _lanes(sch, dot, rk, ji, rt, avx2)
+    path = _lanes(sch, dot, rk, ji, rt, isa)
     sch.unroll(ri)
     sch.unroll(joi)
     sch.vectorize(sch.get_loops(local)[-1])
+    return path
 
 
-def schedule_depthwise(sch: Sch, avx2: bool) -> None:
+def schedule_depthwise(sch: Sch, isa: Isa) -> None:
     """NHWC: up to 8 channels per vector x 8 output columns per tile (neighbouring columns
     share input vectors), taps unrolled, the epilogue per tile. Measured against 16 x 4,
     interleaved, on EfficientNet-Lite0's depthwise shapes: as fast or faster on all but
@@ -343,7 +443,7 @@ def schedule_depthwise(sch: Sch, avx2: bool) -> None:
         sch.vectorize(sch.get_loops(epilogue)[-1])
 
 
-def schedule_pool(sch: Sch, avx2: bool) -> None:
+def schedule_pool(sch: Sch, isa: Isa) -> None:
     """An NHWC pool (``maxpool``/``pool`` block, then maybe an epilogue): output rows in
     parallel, the window's taps outside a vector of up to 16 channels."""
     blocks = _blocks(sch)
@@ -367,7 +467,7 @@ def schedule_pool(sch: Sch, avx2: bool) -> None:
         _parallel_outer(sch, _blocks(sch)[name], keep=1, vectorize=True)
 
 
-def schedule_fused(sch: Sch, avx2: bool) -> None:
+def schedule_fused(sch: Sch, isa: Isa) -> None:
     """Relax ops fused into one prim func (the transformer kernels' int64 arithmetic): the
     innermost loop of every elementwise block vectorized, serially. Measured on MiniLM, one
     thread: 18 -> 15 ms. Inlining the blocks into each other instead repeats shared
@@ -381,13 +481,13 @@ def schedule_fused(sch: Sch, avx2: bool) -> None:
         _vectorize_innermost(sch, loops[-1])
 
 
-def schedule_elementwise(sch: Sch, avx2: bool) -> None:
+def schedule_elementwise(sch: Sch, isa: Isa) -> None:
     """Every block: outer loops fused and parallel."""
     for block in _blocks(sch).values():
         _parallel_outer(sch, block, keep=1, vectorize=True)
 
 
-SCHEDULES: dict[str, Callable[[Sch, bool], None]] = {
+SCHEDULES: dict[str, Callable[[Sch, Isa], str | None]] = {
     "conv": schedule_conv,
     "dense": schedule_dense,
     "depthwise": schedule_depthwise,
@@ -396,28 +496,34 @@ SCHEDULES: dict[str, Callable[[Sch, bool], None]] = {
     "fused": schedule_fused,
     "generic": schedule_elementwise,
 }
-"""Kernel kind -> the function scheduling its prim func."""
+"""Kernel kind -> the function scheduling its prim func (returning the kernel path of a conv
+or dense, :data:`KERNEL_PATHS`)."""
 
 
 def schedule_module(
-    mod: Any, kernels: Mapping[str, Any], target: Any, report: dict[str, str] | None = None
+    mod: Any,
+    kernels: Mapping[str, Any],
+    target: Any,
+    report: dict[str, str] | None = None,
+    paths: dict[str, str] | None = None,
 ) -> Any:
     """Return ``mod`` with each kernel's prim func scheduled; a kernel whose schedule does
     not apply falls back to the elementwise one (not a fused one), then to TVM's default
     loops. ``report`` receives prim func name -> the schedule that applied (``"none"`` for
-    the default)."""
+    the default); ``paths`` prim func name -> the kernel path of each conv and dense
+    (:data:`KERNEL_PATHS`)."""
     register_intrinsics()
-    avx2 = has_avx2(target)
+    isa = Isa.of(target)
     for gv in mod.get_global_vars():
         kernel = kernels.get(gv.name_hint)
         if kernel is None:
             continue
-        func, applied = mod[gv], "none"
+        func, applied, path = mod[gv], "none", None
         # A fused chain of Relax ops keeps TVM's loops rather than a parallel region per block.
         for kind in (kernel.kind,) if kernel.kind == "fused" else (kernel.kind, "elementwise"):
             sch = s_tir.Schedule(func)
             try:
-                SCHEDULES[kind](sch, avx2)
+                path = SCHEDULES[kind](sch, isa)
             except Exception as err:  # a schedule primitive refused: try the next one
                 log.debug("%s %s: %s schedule failed: %s", gv.name_hint, kernel.nodes, kind, err)
                 continue
@@ -425,5 +531,7 @@ def schedule_module(
             break
         if report is not None:
             report[gv.name_hint] = applied
+        if paths is not None and kernel.kind in ("conv", "dense"):
+            paths[gv.name_hint] = path if applied == kernel.kind and path else "fallback"
         mod.update_func(gv, func)
     return mod

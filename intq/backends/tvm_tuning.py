@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from intq.backends.tvm_runtime import is_host
-from intq.backends.tvm_schedules import SCHEDULES, has_avx2, register_intrinsics
+from intq.backends.tvm_schedules import SCHEDULES, Isa, register_intrinsics
 from intq.errors import IntqError
 from intq.progress import show_progress
 
@@ -186,7 +186,7 @@ def _local_builder() -> Any:
     return ms.builder.LocalBuilder(f_build=build, timeout_sec=BUILD_TIMEOUT_S)
 
 
-def _hand_schedule(workload: Any, kind: str, avx2: bool) -> Any | None:
+def _hand_schedule(workload: Any, kind: str, isa: Isa) -> Any | None:
     """A traced schedule of ``workload`` by the hand schedule of ``kind`` (or the
     elementwise one, as :func:`~intq.backends.tvm_schedules.schedule_module` falls back)."""
     from tvm import s_tir
@@ -194,7 +194,7 @@ def _hand_schedule(workload: Any, kind: str, avx2: bool) -> Any | None:
     for name in dict.fromkeys((kind, "elementwise")):
         sch = s_tir.Schedule(workload)
         try:
-            SCHEDULES[name](sch, avx2)
+            SCHEDULES[name](sch, isa)
         except Exception as err:  # a schedule primitive refused: try the next one
             log.debug("hand schedule %s does not apply: %s", name, err)
             continue
@@ -208,10 +208,10 @@ def _seed_hand_schedules(
     """Measure the hand schedule of each ``(workload, kind)`` and commit it as a record."""
     from tvm.s_tir import meta_schedule as ms
 
-    avx2 = has_avx2(target)
+    isa = Isa.of(target)
     seeds = []
     for workload, kind in jobs:
-        sch = _hand_schedule(workload, kind, avx2)
+        sch = _hand_schedule(workload, kind, isa)
         if sch is not None:
             seeds.append((workload, sch))
     if not seeds:
