@@ -270,12 +270,14 @@ def _qglobal_avgpool(ctx: InferContext) -> list[TensorType]:
 
 @OPS.op(
     "QAveragePool",
-    attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", ())},
+    attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", ()), "mean": Attr("int", 1)},
     canonicalize=lambda a, t: {**a, "strides": a["strides"] or (1,) * len(a["kernel_shape"])},
     traits=(Trait.INTEGER, Trait.ACCUMULATOR, Trait.LAYER),
 )
 def _qavgpool(ctx: InferContext) -> list[TensorType]:
-    """Window sums in int32 (no padding); the scale ``s_x / N`` makes them means."""
+    """Window sums in int32 (no padding: a padded pool reads a ``Pad``); the scale
+    ``s_x / N`` makes them means, or, with ``mean=0``, ``s_x`` the plain sums (divided by a
+    count per position that varies: a ``QDivCount`` reads them)."""
     x = ctx.type(0)
     kernel, strides = ctx["kernel_shape"], ctx["strides"]
     if x.rank != len(kernel) + 2 or len(strides) != len(kernel):
@@ -285,7 +287,7 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
         if k > size:
             raise ShapeError(f"window {k} larger than the input {size}")
         dims.append((size - k) // s + 1)
-    count = math.prod(kernel)
+    count = math.prod(kernel) if ctx["mean"] else 1
     return [_accumulator((*x.shape[:2], *dims), (_activation(ctx, 0) / count,), 1)]
 
 

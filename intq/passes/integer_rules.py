@@ -34,6 +34,8 @@ from intq.semantics.kernels import elementwise_table, layernorm_constants
 from intq.semantics.numerics import common_shift, storage_dtype
 from intq.semantics.numpy_eval import (
     EVAL,
+    average_pool_counts,
+    average_pool_extra,
     resize_linear_taps,
     resize_nearest_index,
     resized_axes,
@@ -564,16 +566,46 @@ def _reduce_sum(low: Lowering, node: Node) -> None:
 
 @_rule("AveragePool")
 def _avgpool(low: Lowering, node: Node) -> None:
+    """Window sums in int32 (``QAveragePool``) of the input zero-padded by ``pads`` and the
+    extra end padding of ceil_mode. Where every window has the same divisor ``N``, its
+    ``1/N`` lives in the requantization. Where the divisor varies (``count_include_pad=0``
+    at the borders, PoolFormer's token mixer; ceil_mode's partial windows) it is a
+    compile-time count per output position, and the requantization one ``QDivCount``: each
+    position's multiplier ``s_x / (c s_out)`` looked up by its count ``c``, no run-time
+    division. Within half an output step of the float pool of the quantized input (plus
+    the multipliers' ``2^-30`` relative error)."""
     attrs = node.attrs
-    if any(attrs["pads"]) or attrs["ceil_mode"]:
-        raise UnsupportedOpError(
-            "AveragePool with padding or ceil_mode in the integer path", node=node.label()
-        )
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
-    acc = low.emit(
-        node, "QAveragePool", [x], kernel_shape=attrs["kernel_shape"], strides=attrs["strides"]
+    spatial = len(attrs["kernel_shape"])
+    extra = average_pool_extra(node)
+    pads = (
+        0,
+        0,
+        *attrs["pads"][:spatial],
+        0,
+        0,
+        *(p + e for p, e in zip(attrs["pads"][spatial:], extra)),
     )
-    low.pending[node.output] = Accumulator(acc)
+    if any(pads):
+        x = low.dst.add(
+            "Pad", [x], {"pads": pads, "mode": "constant", "value": 0.0}, name=node.label()
+        ).output
+    size = math.prod(attrs["kernel_shape"])
+    counts = average_pool_counts(node)
+    uniform = bool((counts == size).all())
+    acc = low.emit(
+        node,
+        "QAveragePool",
+        [x],
+        kernel_shape=attrs["kernel_shape"],
+        strides=attrs["strides"],
+        mean=int(uniform),
+    )
+    if uniform:
+        low.pending[node.output] = Accumulator(acc)
+        return
+    count = low.dst.add_constant(counts.astype(np.int32), f"{node.label()}.count")
+    low.pending[node.output] = CountMean(Accumulator(acc), Count(count, size))
 
 
 @_rule(*ops_with(Trait.MOVEMENT))
