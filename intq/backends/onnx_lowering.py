@@ -721,6 +721,30 @@ def _qmul(b: _Builder, node: Node) -> None:
     _store(b, result, node)
 
 
+@_lower("QReduceL2")
+def _qreduce_l2(b: _Builder, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.l2_norm` in int64: ``ReduceSum`` of the squares, the
+    leading-bit count and Newton's inverse square root as ``Mul``/``BitShift``, no division."""
+    a = node.attrs
+    x = _as_int64(b, _input(node), node)
+    result = kernels.l2_norm(
+        _OnnxOps(b, node), x, a["axes"], a["multiplier"], a["shift"], a["lo"], a["hi"]
+    )
+    _store(b, result, node)
+
+
+@_lower("QDiv")
+def _qdiv(b: _Builder, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.divide` in int64: Newton's reciprocal of the normalised
+    divisor as ``Mul``/``BitShift``, no ``Div``."""
+    attrs = node.attrs
+    a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+    result = kernels.divide(
+        _OnnxOps(b, node), a, c, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    _store(b, result, node)
+
+
 @_lower("QMask")
 def _qmask(b: _Builder, node: Node) -> None:
     """:func:`~intq.semantics.kernels.mask` in int64: the stored codes less their zero

@@ -67,7 +67,9 @@ from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
 from intq.semantics.kernels import (
+    divide,
     divide_by_count,
+    l2_norm,
     lookup,
     lookup_offset,
     mask,
@@ -744,6 +746,26 @@ def _qmul(lw: Lowerer, node: Node) -> None:
         _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
     )
     lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+
+
+@_lower("QReduceL2")
+def _qreduce_l2(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.l2_norm` as Relax int64 ops, in the graph's layout."""
+    a = node.attrs
+    x = _int64(lw, input_of(node))
+    result = l2_norm(_RelaxOps(lw), x, a["axes"], a["multiplier"], a["shift"], a["lo"], a["hi"])
+    _store(lw, node, result)
+
+
+@_lower("QDiv")
+def _qdiv(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.divide` as Relax int64 ops (broadcasting as numpy)."""
+    attrs = node.attrs
+    a, b = (_int64(lw, input_of(node, i)) for i in (0, 1))
+    result = divide(
+        _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    _store(lw, node, result)
 
 
 @_lower("QMask")

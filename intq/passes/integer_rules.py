@@ -31,7 +31,7 @@ from intq.passes.integer_lowering import (
 )
 from intq.passes.precision import quantize_weights
 from intq.semantics.kernels import elementwise_table, layernorm_constants
-from intq.semantics.numerics import common_shift, storage_dtype
+from intq.semantics.numerics import common_shift, dyadic, storage_dtype
 from intq.semantics.numpy_eval import (
     EVAL,
     average_pool_counts,
@@ -251,6 +251,8 @@ def _scale_by_constant(low: Lowering, node: Node) -> None:
     if node.op == "Div" and c in low.counts:
         _mean_by_count(low, node, x, low.counts[c])
         return
+    if node.op == "Mul" and x is c and _l2_norm(low, node, x):
+        return
     if node.op == "Mul":
         for value, flags in ((x, c), (c, x)):
             if flags in low.affine and value not in low.affine and not value.is_const:
@@ -280,10 +282,90 @@ def _scale_by_constant(low: Lowering, node: Node) -> None:
         # Two activations, or one and a constant this cannot fold (quantized per tensor).
         low.pending[node.output] = Product(low.materialize(x), low.materialize(c))
         return
+    if node.op == "Div" and not x.is_const and not c.is_const:
+        if x not in low.affine and c not in low.affine:
+            _divide(low, node, x, c)
+            return
     raise UnsupportedOpError(
         f"{node.op} in the integer path: only a positive constant scaling an accumulator"
         " (folded into its requantization) or a product is supported",
         node=node.label(),
+    )
+
+
+def _l2_norm(low: Lowering, node: Node, x: Value) -> bool:
+    """``Sqrt(ReduceSum(Mul(x, x)))`` (ONNX's ReduceL2, ``torch.norm``, F.normalize's norm, as
+    the frontends import them): one ``QReduceL2`` at the norm's calibrated (unsigned) scale,
+    the sum of squares in int64 and a division-free square root; the ReduceSum and Sqrt are
+    absorbed. False when ``node`` does not start the pattern."""
+    uses = node.output.uses()
+    if len(uses) != 1 or node.output.is_graph_output or uses[0].node.op != "ReduceSum":
+        return False
+    total = uses[0].node
+    roots = total.output.uses()
+    if len(roots) != 1 or total.output.is_graph_output or roots[0].node.op != "Sqrt":
+        return False
+    sqrt = roots[0].node
+    source = low.materialize(x)
+    if scale_count(source) != 1:
+        return False
+    out = low.activation_quant(sqrt.output, non_negative=True)
+    step = dyadic(scale_of(source) / out.scale[0])
+    if step.shift < 2:
+        raise NumericsError(
+            f"an L2 norm whose scale is over 2^29 times its input's (shift {step.shift})",
+            node=sqrt.label(),
+            hint="report this model: the calibrated norm is far smaller than its inputs",
+        )
+    axes = total.attrs["axes"]
+    norm = low.emit(
+        sqrt,
+        "QReduceL2",
+        [source],
+        axes=axes,
+        multiplier=step.multiplier,
+        shift=step.shift,
+        **output_attrs(out, out.qmin, out.qmax),
+    )
+    if not total.attrs["keepdims"]:
+        norm = low.dst.add(
+            "Reshape", [norm], {"shape": sqrt.output.type.shape}, name=sqrt.label()
+        ).output
+    low.absorbed.update((total, sqrt))
+    low.ints[sqrt.output] = norm
+    return True
+
+
+def _divide(low: Lowering, node: Node, x: Value, c: Value) -> None:
+    """A quotient of two activations (``x / max(||x||, eps)``, GRN's ``Gx / (mean(Gx) +
+    eps)``): one ``QDiv`` by a division-free reciprocal, for a divisor that calibration saw
+    non-negative (a norm, a mean of norms). A divisor that rounds to 0 counts as one step."""
+    stats = low.stats.get(c)
+    if stats is not None and stats.min < 0:
+        raise UnsupportedOpError(
+            f"Div by an activation that calibration saw reach {stats.min:g}: the integer"
+            " quotient needs a non-negative divisor",
+            node=node.label(),
+            hint="integer division of activations supports norms and their means",
+        )
+    a, b = low.materialize(x), low.materialize(c)
+    if scale_count(a) != 1 or scale_count(b) != 1:
+        raise UnsupportedOpError("Div of per-channel activations", node=node.label())
+    out = low.activation_quant(node.output)
+    step = dyadic(scale_of(a) / (scale_of(b) * out.scale[0]))
+    if step.shift < 1:
+        raise NumericsError(
+            f"a quotient whose scale ratio exceeds 2^30 (shift {step.shift})",
+            node=node.label(),
+            hint="report this model",
+        )
+    low.ints[node.output] = low.emit(
+        node,
+        "QDiv",
+        [a, b],
+        multiplier=step.multiplier,
+        shift=step.shift,
+        **output_attrs(out, out.qmin, out.qmax),
     )
 
 

@@ -16,6 +16,8 @@ extremes of constants) and follow each op:
 - ``QDivCount``: the count inside its table's ``0..L``, and ``acc * M[c] + 2^(S[c]-1)`` below
   2^62 for every count.
 - ``QLookup``: its table's smallest and largest entries.
+- ``QReduceL2``: the sum of squares ``N max(x^2)`` below 2^62. ``QDiv``: a dividend of at
+  most 16 bits.
 - ``QResize``: per axis a combination of two inputs with weights >= 0 summing to ``2^F``,
   so ``[lo, hi] * 2^(F * axes)``, which must fit int32 (every partial result lies inside).
 - Data movement keeps the interval; Concat joins them; Clip intersects; Min and Max take
@@ -257,6 +259,39 @@ def _qmul(node: Node, ins: list[Interval | None]) -> Interval:
         2 ** (shift - 1) if 1 <= shift < 63 else 0
     )
     _fits(node, (-total, total), INT62, "the rescaled product", "report this model")
+    return _clamp(node)
+
+
+@_rule("QReduceL2")
+def _qreduce_l2(node: Node, ins: list[Interval | None]) -> Interval:
+    """The sum of squares ``N max(x^2)`` stays below 2^62 (:func:`intq.semantics.kernels.l2_norm`
+    normalises it there; every later intermediate is bounded by the kernel)."""
+    source = node.inputs[0]
+    assert source is not None
+    count = int(np.prod([source.type.shape[a] for a in node.attrs["axes"]]))
+    square = count * _magnitude(ins[0]) ** 2
+    _fits(
+        node,
+        (0, square),
+        INT62,
+        f"the sum of {count} squares",
+        "reduce over fewer elements or use fewer activation bits",
+    )
+    return _clamp(node)
+
+
+@_rule("QDiv")
+def _qdiv(node: Node, ins: list[Interval | None]) -> Interval:
+    """``|a| <= 2^15``, so ``|a w| < 2^46`` in :func:`intq.semantics.kernels.divide` (the
+    divisor is normalised whatever its value: one below 1 counts as 1)."""
+    a = ins[0]
+    if _magnitude(a) > 2**15:
+        assert a is not None
+        raise NumericsError(
+            f"the dividend can reach [{a[0]}, {a[1]}], beyond 16 bits",
+            node=node.label(),
+            hint="use at most 16 activation bits for the dividend",
+        )
     return _clamp(node)
 
 

@@ -372,6 +372,38 @@ def _qlookup(node: Node, x: Array) -> list[Array]:
     return [y.astype(_out_dtype(node))]
 
 
+@_kernel("QReduceL2")
+def _qreduce_l2(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.l2_norm(
+        ops,
+        x.astype(np.int64),
+        attrs["axes"],
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["lo"],
+        attrs["hi"],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QDiv")
+def _qdiv(node: Node, a: Array, b: Array) -> list[Array]:
+    attrs = node.attrs
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.divide(
+        ops,
+        a.astype(np.int64),
+        b.astype(np.int64),
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["lo"],
+        attrs["hi"],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
 @_kernel("QMul")
 def _qmul(node: Node, a: Array, b: Array) -> list[Array]:
     attrs = node.attrs
