@@ -224,6 +224,8 @@ def _representable(x: Value, real: float) -> bool:
 def _add(low: Lowering, node: Node) -> None:
     if node in low.absorbed:
         return
+    if _raw_arithmetic(low, node):
+        return
     x, y = node.inputs
     assert x is not None and y is not None
     for scores, mask in ((x, y), (y, x)):
@@ -246,6 +248,8 @@ def _scalar(value: Value | None) -> float | None:
 
 @_rule("Mul", "Div")
 def _scale_by_constant(low: Lowering, node: Node) -> None:
+    if node.op == "Mul" and _raw_arithmetic(low, node):
+        return
     x, c = node.inputs
     assert x is not None and c is not None
     if node.op == "Div" and c in low.counts:
@@ -525,6 +529,11 @@ def _cast(low: Lowering, node: Node) -> None:
     if x.type.dtype.is_float and node.output.type.dtype.is_float:  # float to float: a no-op
         _alias(low, x, node.output)
         return
+    if source is not None and node.output.type.dtype.is_integer:
+        # Index arithmetic on raw integers (position ids): the same Cast, exact (the range
+        # analysis proves the value fits the new dtype).
+        low.ints[node.output] = low.emit(node, "Cast", [source], to=node.attrs["to"])
+        return
     if source is None or not node.output.type.dtype.is_float:
         raise UnsupportedOpError("Cast in the integer path", node=node.label())
     low.affine[node.output] = Affine(source, 1.0, 0.0)
@@ -537,6 +546,74 @@ def _alias(low: Lowering, x: Value, out: Value) -> None:
             table[out] = table[x]  # type: ignore[assignment]
             return
     low.ints[out] = low.materialize(x)
+
+
+def _raw_arithmetic(low: Lowering, node: Node) -> bool:
+    """``Add``, ``Sub``, ``Mul`` or ``Equal`` of raw integer tensors (token ids, a mask and
+    what is computed from them, no scale) and integer constants: the same op in the integer
+    graph, exact index arithmetic, as the attention mask's ``Cast``/``Expand``/``Gather`` are
+    (RoBERTa's position ids ``cumsum(ids != pad) * (ids != pad) + pad``). The range analysis
+    proves every result fits its dtype. False when no operand is a raw integer tensor."""
+    operands = [raw(low, value) for value in node.inputs]
+    if all(v is None for v in operands):
+        return False
+    inputs = []
+    for value, source in zip(node.inputs, operands):
+        assert value is not None
+        if source is None and value.const is not None and value.type.dtype.is_integer:
+            source = low.dst.add_constant(value.const, value.name)
+        if source is None:
+            raise UnsupportedOpError(
+                f"{node.op} of a raw integer tensor (token ids, a mask) and %{value.name}, which"
+                " is neither a raw integer tensor nor an integer constant",
+                node=node.label(),
+                hint="integer index arithmetic supports raw integer tensors and constants",
+            )
+        inputs.append(source)
+    low.ints[node.output] = low.emit(node, node.op, inputs)
+    return True
+
+
+@_rule("Equal")
+def _equal(low: Lowering, node: Node) -> None:
+    """A comparison of token ids (``input_ids == pad``): :func:`_raw_arithmetic`."""
+    if not _raw_arithmetic(low, node):
+        raise UnsupportedOpError(
+            "Equal in the integer path: only of raw integer tensors (token ids, masks)",
+            node=node.label(),
+        )
+
+
+@_rule("Not", "CumSum")
+def _raw_unary(low: Lowering, node: Node) -> None:
+    """``Not`` of a raw flag, ``CumSum`` of raw integers (the running count of real tokens):
+    the same op in the integer graph, exact."""
+    source = raw(low, node.inputs[0])
+    if source is None:
+        raise UnsupportedOpError(
+            f"{node.op} in the integer path: only of a raw integer tensor (token ids, masks)",
+            node=node.label(),
+        )
+    if node.op == "Not" and source.type.dtype is not DType.BOOL:  # a flag carried as u8
+        source = low.dst.add("Cast", [source], {"to": "bool"}, name=node.label()).output
+    low.ints[node.output] = low.emit(node, node.op, [source], **node.attrs)
+
+
+@_rule("GatherElements")
+def _gather_elements(low: Lowering, node: Node) -> None:
+    """A constant raw integer tensor indexed by raw integers (RoBERTa's buffered token type
+    ids gathered by its position ids): the same op, data movement; the range analysis proves
+    every index inside the axis."""
+    data, index = node.inputs
+    source = raw(low, index)
+    if data is None or data.const is None or not data.type.dtype.is_integer or source is None:
+        raise UnsupportedOpError(
+            "GatherElements in the integer path: only of an integer constant by raw integer"
+            " indices",
+            node=node.label(),
+        )
+    table = low.dst.add_constant(data.const, data.name)
+    low.ints[node.output] = low.emit(node, "GatherElements", [table, source], **node.attrs)
 
 
 @_rule("And")
@@ -575,6 +652,8 @@ def _where(low: Lowering, node: Node) -> None:
 
 @_rule("Sub")
 def _sub(low: Lowering, node: Node) -> None:
+    if _raw_arithmetic(low, node):
+        return
     x, y = node.inputs
     if x in low.affine and _scalar(y) is not None:
         m = low.affine[x]

@@ -22,6 +22,8 @@ extremes of constants) and follow each op:
   so ``[lo, hi] * 2^(F * axes)``, which must fit int32 (every partial result lies inside).
 - Data movement keeps the interval; Concat joins them; Clip intersects; Min and Max take
   the smaller or larger bounds.
+- Raw integer index arithmetic (``Add``, ``Sub``, ``Mul``, ``CumSum``, ``Cast`` of token ids
+  and masks: position ids): interval arithmetic, which must fit the result's dtype.
 
 A value that could overflow raises :class:`~intq.errors.NumericsError` naming
 the layer, the bound and what to do. An integer op without a rule is refused
@@ -169,10 +171,77 @@ def _kernel(node: Node, ins: list[Interval | None]) -> Interval:
 
 @_rule("Cast", "Not")
 def _flag(node: Node, ins: list[Interval | None]) -> Interval:
-    """Attention masks: integers cast to bool and back (0 or 1)."""
-    if node.op == "Cast" and node.attrs["to"] not in ("bool", "u8"):
-        raise NumericsError(f"integer Cast to {node.attrs['to']}", node=node.label())
+    """Attention masks: integers cast to bool and back (0 or 1). A raw integer cast to a wider
+    or narrower integer type (position ids) keeps its interval, which must fit the type."""
+    if node.op == "Not" or node.attrs["to"] == "bool":
+        return 0, 1
+    x = ins[0]
+    assert x is not None
+    if node.attrs["to"] == "u8" and x[0] >= 0 and x[1] <= 1:
+        return x
+    return _in_dtype(node, x, "the cast value")
+
+
+def _in_dtype(node: Node, interval: Interval, what: str) -> Interval:
+    """``interval`` when it fits the dtype of ``node``'s output, else a refusal."""
+    info = np.iinfo(node.output.type.dtype.numpy)
+    if interval[0] < int(info.min) or interval[1] > int(info.max):
+        raise NumericsError(
+            f"{what} can reach [{interval[0]}, {interval[1]}], outside"
+            f" {node.output.type.dtype.value}",
+            node=node.label(),
+            hint="integer index arithmetic must fit its dtype: bound the token ids' inputs",
+        )
+    return interval
+
+
+@_rule("Add", "Sub", "Mul")
+def _raw_arithmetic(node: Node, ins: list[Interval | None]) -> Interval:
+    """Raw integer arithmetic (position ids): interval arithmetic, within the dtype (Python
+    integers: the bound itself cannot overflow)."""
+    a, b = ins[0], ins[1]
+    assert a is not None and b is not None
+    if node.op == "Add":
+        interval = (a[0] + b[0], a[1] + b[1])
+    elif node.op == "Sub":
+        interval = (a[0] - b[1], a[1] - b[0])
+    else:
+        products = [x * y for x in a for y in b]
+        interval = (min(products), max(products))
+    return _in_dtype(node, interval, f"the {node.op}")
+
+
+@_rule("GatherElements")
+def _gather_elements(node: Node, ins: list[Interval | None]) -> Interval:
+    """The data's interval; every index must lie inside the axis, ``0 <= i < size`` (no
+    backend checks it at run time, and TVM's kernel takes no negative index)."""
+    data = node.inputs[0]
+    assert data is not None and ins[1] is not None and ins[0] is not None
+    size = data.type.shape[node.attrs["axis"]]
+    if ins[1][0] < 0 or ins[1][1] >= size:
+        raise NumericsError(
+            f"the indices can reach [{ins[1][0]}, {ins[1][1]}], outside the axis of {size}",
+            node=node.label(),
+            hint="GatherElements in the integer path needs indices proven inside the data",
+        )
+    return ins[0]
+
+
+@_rule("Equal")
+def _equal(node: Node, ins: list[Interval | None]) -> Interval:
     return 0, 1
+
+
+@_rule("CumSum")
+def _cumsum(node: Node, ins: list[Interval | None]) -> Interval:
+    """A running sum of up to ``L`` values in ``[lo, hi]`` (``L`` the axis' length; none for
+    the first exclusive sum): ``[min(0, L lo), max(0, L hi)]``, within the dtype."""
+    x = ins[0]
+    source = node.inputs[0]
+    assert x is not None and source is not None
+    length = source.type.shape[node.attrs["axis"]] if source.type.rank else 1
+    interval = (min(0, length * x[0], x[0]), max(0, length * x[1], x[1]))
+    return _in_dtype(node, interval, f"the running sum of {length} values")
 
 
 @_rule("QGlobalAveragePool", "QAveragePool", "QReduceSum")

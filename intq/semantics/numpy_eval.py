@@ -69,6 +69,16 @@ def _compare(node: Node, a: Array, b: Array) -> list[Array]:
     return [fn(a, b)]
 
 
+@_kernel("CumSum")
+def _cumsum(node: Node, x: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    data = np.flip(x, axis) if node.attrs["reverse"] else x
+    total = np.cumsum(data, axis=axis, dtype=x.dtype)
+    if node.attrs["exclusive"]:
+        total = total - data
+    return [np.flip(total, axis) if node.attrs["reverse"] else total]
+
+
 @_kernel("Not")
 def _not(node: Node, x: Array) -> list[Array]:
     return [np.logical_not(x)]
@@ -616,6 +626,22 @@ def _gather(node: Node, data: Array, indices: Array) -> list[Array]:
             f"Gather index {bad} out of range for axis {axis} of size {size}", node=node.label()
         )
     return [np.take(data, indices.astype(np.int64), axis=axis)]
+
+
+@_kernel("GatherElements")
+def _gather_elements(node: Node, data: Array, indices: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    size = data.shape[axis]
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        bad = indices[(indices < -size) | (indices >= size)].reshape(-1)[0]
+        raise ShapeError(
+            f"GatherElements index {bad} out of range for axis {axis} of size {size}",
+            node=node.label(),
+        )
+    index = np.where(indices < 0, indices + size, indices).astype(np.int64)
+    # The data's other axes may be longer than the indices': only their leading part is read.
+    view = data[tuple(slice(0, n) if i != axis else slice(None) for i, n in enumerate(index.shape))]
+    return [np.take_along_axis(view, index, axis=axis)]
 
 
 @_kernel("Expand")
