@@ -70,6 +70,83 @@ def test_reduce_sum_refuses_an_int32_overflow():
     assert "pool" in str(err.value)
 
 
+# ----- AveragePool with padding -------------------------------------------------------------
+
+
+def _avgpool_model(shape, out, **attrs):
+    """``x -> AveragePool(x)``, the attributes as given."""
+    pool = helper.make_node("AveragePool", ["x"], ["y"], **attrs)
+    return make_model([pool], [f32("x", shape)], [f32("y", out)])
+
+
+@pytest.mark.parametrize(
+    ("attrs", "out"),
+    [
+        ({"pads": [1, 1, 1, 1], "count_include_pad": 0}, (2, 3, 6, 5)),  # PoolFormer's mixer
+        ({"pads": [1, 1, 1, 1], "count_include_pad": 1}, (2, 3, 6, 5)),
+        ({"pads": [0, 1, 1, 0], "strides": [2, 2], "ceil_mode": 1}, (2, 3, 3, 3)),
+    ],
+)
+def test_a_padded_average_pool_is_bit_exact_on_every_backend(attrs, out):
+    """A zero ``Pad`` and window sums; where the divisor varies by position (the borders of
+    ``count_include_pad=0``, ceil_mode's partial windows) one ``QDivCount`` whose count is a
+    compile-time constant per position: the multiplier ``s_x / (c s_out)`` of each count, no
+    run-time division."""
+    shape = (2, 3, 6, 5)
+    model = _avgpool_model(shape, out, kernel_shape=[3, 3], **attrs)
+    graph, feeds = quantized(model, shape)
+    names = op_names(graph)
+    assert "Pad" in names and "QAveragePool" in names
+    varying = attrs.get("count_include_pad", 0) == 0 or attrs.get("ceil_mode", 0)
+    assert ("QDivCount" in names) == bool(varying)
+    got = bit_exact(graph, feeds)["y"]
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": feeds[0]})["y"]
+    np.testing.assert_allclose(got, want, atol=0.02 * float(np.abs(want).max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    strides=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pads=st.tuples(*(st.integers(0, 3) for _ in range(4))),
+    include=st.integers(0, 1),
+    ceil=st.integers(0, 1),
+    bits=st.integers(4, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_a_padded_average_pool_is_within_half_a_step_of_the_float_pool(
+    kernel, strides, pads, include, ceil, bits, seed
+):
+    """Against the float pool of the float input, the integer pool errs by at most the
+    input's rounding (a mean of errors of at most ``s_x / 2``) plus the output's
+    half step (and the multipliers' ``2^-30`` relative error), at every position: the
+    divisor of each, whatever its count, is exact."""
+    pads = tuple(min(p, k - 1) for p, k in zip(pads, kernel * 2))  # ONNX: pads below kernel
+    shape = (1, 2, 7, 6)
+    sizes = [
+        (d + pads[i] + pads[i + 2] - k + (s - 1 if ceil else 0)) // s + 1
+        for i, (d, k, s) in enumerate(zip(shape[2:], kernel, strides))
+    ]
+    for i, d in enumerate(shape[2:]):  # ceil_mode: the last window must start inside
+        if ceil and (sizes[i] - 1) * strides[i] >= d + pads[i]:
+            sizes[i] -= 1
+    attrs = {"kernel_shape": list(kernel), "strides": list(strides), "pads": list(pads)}
+    attrs.update(count_include_pad=include, ceil_mode=ceil)
+    model = _avgpool_model(shape, (1, 2, *sizes), **attrs)
+    data = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    graph = intq.quantize(
+        intq.from_onnx(model), [{"x": data}], intq.QuantConfig(activation_bits=bits)
+    )
+    got = intq.compile(graph, target="reference").run({"x": data})["y"].astype(np.float64)
+    want = intq.compile(intq.from_onnx(model), target="reference").run({"x": data})["y"]
+    (quantize,) = [node for node in graph if node.op == "Quantize"]
+    steps = [node.attrs["scale"] for node in graph if node.op in ("QDivCount", "Requantize")]
+    step_out = steps[0] if steps else 0.0  # a uniform pool is dequantized from its sums
+    bound = quantize.attrs["scale"] / 2 + step_out / 2
+    err = np.abs(got - want.astype(np.float64))
+    assert err.max() <= bound * (1 + 1e-5) + 1e-6 * float(np.abs(want).max()), (err.max(), bound)
+
+
 # ----- elementwise functions as tables ------------------------------------------------------
 
 

@@ -265,3 +265,85 @@ def test_kernels_on_tvm_are_bit_exact(op, variant):
     got = intq.compile(graph, target="tvm").run({"x": x})
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
+
+
+# ----- the L2 norm and the quotient (no run-time division) ---------------------------------------
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    bits=st.integers(2, 16),
+    size=st.sampled_from([1, 2, 7, 64, 1000]),
+    log_ratio=st.floats(-6, 1),
+    sparse=st.booleans(),
+)
+def test_l2_norm_within_half_a_unit_of_the_exact_norm(seed, bits, size, log_ratio, sparse):
+    """``l2_norm`` against ``sqrt(sum(x^2)) M 2^-S`` in float64: within ``1/2 + 2^-26 n``
+    output units (the rounding and the square root's relative error), 0 for a zero row."""
+    rng = np.random.default_rng(seed)
+    top = 1 << (bits - 1)
+    x = rng.integers(-top, top, (4, size), endpoint=False)
+    if sparse:  # mostly zeros, a zero row, a single full-range element
+        x = np.where(rng.random(x.shape) < 0.9, 0, x)
+        x[0] = 0
+        x[1, 0] = -top
+    step = intq.semantics.numerics.dyadic(10.0**log_ratio)
+    got = kernels.l2_norm(OPS, x.astype(np.int64), [1], step.multiplier, step.shift, 0, 1 << 40)
+    exact = np.sqrt((x.astype(np.float64) ** 2).sum(1, keepdims=True))
+    exact = exact * step.multiplier / 2.0**step.shift
+    assert got.shape == (4, 1)
+    assert (np.abs(got - exact) <= 0.5 + 2.0**-26 * exact + 1e-9).all()
+    assert (got[exact == 0] == 0).all()
+
+
+def test_l2_norm_of_full_range_16_bit_rows_stays_inside_int64():
+    """Over two axes of 16-bit extremes (``sum(x^2)`` near 2^46): NumpyOps checks every
+    intermediate; the result is the exact norm rounded."""
+    x = np.full((2, 3, 40, 40), -32768, np.int64)
+    x[1] = 32767
+    step = intq.semantics.numerics.dyadic(1 / 64)
+    got = kernels.l2_norm(OPS, x, [2, 3], step.multiplier, step.shift, 0, 65535)
+    exact = np.sqrt((x.astype(np.float64) ** 2).sum((2, 3), keepdims=True)) / 64
+    np.testing.assert_array_equal(got, np.floor(exact + 0.5))
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    a_bits=st.integers(2, 16),
+    b_bits=st.integers(1, 16),
+    log_ratio=st.floats(-8, 6),
+)
+def test_divide_within_half_a_unit_of_the_exact_quotient(seed, a_bits, b_bits, log_ratio):
+    """``divide`` against ``a M / (max(b, 1) 2^S)`` in float64: within ``1/2 + 2^-27 |q|``
+    output units (the rounding and the reciprocal's relative error); a divisor of 0 counts as
+    one step."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-(1 << (a_bits - 1)), 1 << (a_bits - 1), (5, 6), endpoint=True)
+    b = rng.integers(0, 1 << b_bits, (5, 1))
+    b[0] = 0
+    step = intq.semantics.numerics.dyadic(10.0**log_ratio)
+    lo, hi = -(1 << 40), 1 << 40
+    got = kernels.divide(OPS, a, b, step.multiplier, step.shift, lo, hi)
+    exact = a / np.maximum(b, 1) * step.multiplier / 2.0**step.shift
+    assert got.shape == a.shape
+    assert (np.abs(got - exact) <= 0.5 + 2.0**-27 * np.abs(exact) + 1e-9).all()
+
+
+@given(seed=st.integers(0, 2**16), size=st.sampled_from([1, 5, 300]))
+def test_qreduce_l2_and_qdiv_lowerings_are_bit_exact(seed, size):
+    """The ONNX Runtime lowering of both kernels equals the reference on random and
+    extreme 16-bit inputs (``x / ||x||`` of a row)."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.I16, (3, size), QuantParams(16, True, (1e-3,))))
+    norm_scale = 1e-3 * np.sqrt(size) * 32768 / 65535
+    ratio = intq.semantics.numerics.dyadic(1e-3 / norm_scale)
+    out = dict(bits=16, signed=0, scale=norm_scale, lo=0, hi=65535)
+    norm = g.op("QReduceL2", x, axes=(1,), multiplier=ratio.multiplier, shift=ratio.shift, **out)
+    q = intq.semantics.numerics.dyadic(1e-3 / (norm_scale * 2**-15))
+    out = dict(bits=16, signed=1, scale=2**-15, lo=-32768, hi=32767)
+    g.set_outputs([g.op("QDiv", x, norm, multiplier=q.multiplier, shift=q.shift, **out), norm])
+    data = rng.integers(-32768, 32767, (3, size), endpoint=True).astype(np.int16)
+    data[1] = 0
+    data[2, 0] = -32768
+    _bit_exact(g, data)

@@ -1596,6 +1596,38 @@ def test_opset_too_new() -> None:
         _import(model)
 
 
+# ----- running sums and element gathers (position ids) --------------------------------------------
+
+
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    axis_seed=st.integers(0, 5),
+    exclusive=st.integers(0, 1),
+    reverse=st.integers(0, 1),
+    dtype=st.sampled_from([np.int32, np.int64, np.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_cumsum_matches_onnxruntime(shape, axis_seed, exclusive, reverse, dtype, seed):
+    """CumSum-11/14 along any axis (negative too), exclusive and reverse, ints and floats."""
+    rank = len(shape)
+    axis = axis_seed % (2 * rank) - rank
+    x = randi(*shape, seed=seed, dtype=dtype) if dtype != np.float32 else randf(*shape, seed=seed)
+    axis_const = Init(np.asarray(axis, np.int64))
+    for opset in (11, 14):
+        check("CumSum", [x, axis_const], opset=opset, exclusive=exclusive, reverse=reverse)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gather_elements_matches_onnxruntime(axis):
+    """GatherElements-11/13: indices smaller than the data on the other axes, negative ones."""
+    data = randf(4, 5, seed=3)
+    size = data.shape[axis]
+    shape = (2, 3) if axis == 0 else (3, 2)
+    index = randi(*shape, seed=4, low=-size, high=size - 1)
+    for opset in (11, 13):
+        check("GatherElements", [data, index], opset=opset, axis=axis)
+
+
 def test_every_converter_is_exercised(request: pytest.FixtureRequest) -> None:
     """Every converter in CONVERTERS ran through :func:`check` (needs the whole module)."""
     here = sys.modules[__name__]

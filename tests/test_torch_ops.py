@@ -267,12 +267,17 @@ def test_l2_norm_matches_pytorch(name):
     assert {"Mul", "ReduceSum", "Sqrt"} <= _ops(graph)
 
 
-def test_l2_norm_does_not_quantize_yet():
-    """The square root of the sum of squares has no integer lowering: the error names it."""
+def test_l2_normalize_quantizes_to_an_integer_norm_and_quotient():
+    """``F.normalize(x, dim=-1)`` from the PyTorch import: one ``QReduceL2`` (the sum of
+    squares and a division-free square root) and one ``QDiv``, close to the float op."""
     graph = intq.from_torch(_Fn(lambda x: F.normalize(x, dim=-1)), (torch.ones(2, 8),))
-    feeds = {graph.inputs[0].name: _inputs((2, 8))[0]}
-    with pytest.raises(intq.UnsupportedOpError, match="Sqrt has no integer lowering"):
-        intq.quantize(graph, [feeds], intq.QuantConfig(progress=False))
+    feeds = [{graph.inputs[0].name: x} for x in _inputs((2, 8), (2, 8), (2, 8))]
+    lowered = intq.quantize(graph, feeds, intq.QuantConfig(progress=False))
+    assert {"QReduceL2", "QDiv"} <= _ops(lowered)
+    got = intq.compile(lowered).run(feeds[0])
+    want = intq.compile(graph).run(feeds[0])
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=0.02)
 
 
 def test_vector_norm_refuses_other_orders():

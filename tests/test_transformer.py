@@ -153,3 +153,99 @@ def test_dividing_variants_are_listed_by_the_census(minilm_model):
 def test_unknown_variant_is_refused():
     with pytest.raises(intq.IntqError, match="softmax variant"):
         intq.QuantConfig(kernels={"softmax": "exact"})
+
+
+# ----- position ids computed from the token ids (RoBERTa, MPNet) ---------------------------------
+
+
+class _PositionIds(nn.Module):
+    """RoBERTa's embeddings: position ids ``cumsum(ids != pad) * (ids != pad) + pad`` from the
+    token ids, the buffered token type ids gathered by them, three lookups and a LayerNorm."""
+
+    def __init__(self, table: int = 20) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.words = nn.Embedding(32, 8)
+        self.positions = nn.Embedding(table, 8)
+        self.types = nn.Embedding(1, 8)
+        self.register_buffer("token_type_ids", torch.zeros(1, table, dtype=torch.long))
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids.ne(1).int()
+        positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + 1
+        types = torch.gather(self.token_type_ids.expand(ids.shape[0], -1), 1, positions)
+        return self.norm(self.words(ids) + self.positions(positions) + self.types(types))
+
+
+def _token_batches(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        ids = rng.integers(2, 32, (2, 12)).astype(np.int64)
+        ids[0, -3:] = 1  # padding at the end, as a tokenizer batch has
+        batches.append({"ids": ids})
+    return batches
+
+
+def _position_ids_graph(path, table: int = 20) -> intq.ir.Graph:
+    import onnx
+
+    ids = torch.from_numpy(_token_batches(1, 0)[0]["ids"])
+    torch.onnx.export(
+        _PositionIds(table), (ids,), str(path), dynamo=False, opset_version=17, input_names=["ids"]
+    )
+    model = onnx.load(str(path))
+    model.ir_version = 8
+    return intq.from_onnx(model)
+
+
+def test_position_ids_from_token_ids_are_exact_integer_arithmetic_on_every_backend(tmp_path):
+    """``Equal``, ``Not``, ``Cast``, ``CumSum``, ``Mul``, ``Add`` and ``GatherElements`` of raw
+    int64 token ids stay the same ops in the integer graph (no scale, exact, proven to fit
+    their dtypes); every backend computes the same integers, close to the float model."""
+    graph = _position_ids_graph(tmp_path / "positions.onnx")
+    calibration = _token_batches(8, 1)
+    lowered = intq.quantize(graph, calibration)
+    ops = {node.op for node in lowered}
+    assert {"Equal", "Not", "CumSum", "Mul", "Add", "GatherElements"} <= ops
+    assert not census(lowered).violations
+    reference = intq.compile(lowered, target="reference")
+    test = _token_batches(3, 2)
+    for target in ("onnxruntime", "tvm"):
+        if target not in intq.backends.TARGETS:
+            continue
+        compiled = intq.compile(lowered, target=target)
+        for feed in test:
+            want = reference.run(feed)
+            for name, got in compiled.run(feed).items():
+                np.testing.assert_array_equal(got, want[name], err_msg=f"{target}: {name}")
+    float_model = intq.compile(graph, target="reference")
+    for feed in test:
+        (want,) = float_model.run(feed).values()
+        (got,) = reference.run(feed).values()
+        cosine = (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got)
+        assert cosine > 0.999
+
+
+def test_position_ids_beyond_the_table_are_refused_naming_the_node():
+    """Twelve tokens count up to position 12: a 10-entry buffer cannot hold them, and the range
+    analysis refuses the GatherElements that could read past it (no backend checks)."""
+    from intq.passes.range_analysis import analyze_ranges
+
+    text = """
+    graph main(%ids: i64[1,12]) {
+      %pad = const i64[] [1]
+      %buffer = const i64[1,10] [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+      %e = Equal(%ids, %pad) : bool[1,12]
+      %keep = Not(%e) : bool[1,12]
+      %m = Cast(%keep) {to="i64"} : i64[1,12]
+      %p = CumSum(%m) {axis=1, exclusive=0, reverse=0} : i64[1,12]
+      %t = GatherElements(%buffer, %p) {axis=1} : i64[1,12] @"types"
+      return %t
+    }
+    """
+    graph = intq.ir.from_text(text)
+    with pytest.raises(intq.NumericsError, match=r"reach \[0, 12\], outside the axis of 10") as err:
+        analyze_ranges(graph)
+    assert "types" in str(err.value)

@@ -18,6 +18,7 @@ from onnx_models import bit_exact, conv_node, f32, make_model, op_names, quantiz
 
 import intq
 from intq.ops.float_ops import NEAREST_MODES, RESIZE_COORDINATES
+from intq.passes.integer_only import census
 from intq.passes.range_analysis import analyze_ranges
 from intq.semantics.numpy_eval import EVAL, run_graph
 
@@ -585,4 +586,53 @@ def test_min_max_of_activations_and_constants_are_bit_exact_on_every_backend():
     last = out.inputs[0].producer
     assert last.op == "Requantize" and last.inputs[0].producer.op == "QConv"
     assert last.attrs["hi"] == round(0.5 / last.attrs["scale"])  # the cap, in the clamp
+    _checked(model, graph, feeds, "y", 0.05)
+
+
+# ----- L2 norms and quotients of activations ------------------------------------------------------
+
+
+def test_normalize_by_the_l2_norm_is_bit_exact_on_every_backend():
+    """``F.normalize(x, dim=-1)`` as exported (``x / Expand(Clip(ReduceL2(x), eps))``,
+    SwiftFormer's attention): one ``QReduceL2`` (division-free square root) and one ``QDiv``
+    (division-free reciprocal), no float op and no run-time division."""
+    rng = np.random.default_rng(5)
+    conv, weights = conv_node("c", "x", 2, 3, rng)
+    eps = numpy_helper.from_array(np.asarray(1e-12, np.float32), "eps")
+    shape = numpy_helper.from_array(np.asarray([2, 3, 4, 6], np.int64), "shape")
+    nodes = [
+        conv,
+        helper.make_node("ReduceL2", ["c"], ["n"], axes=[-1], keepdims=1),
+        helper.make_node("Clip", ["n", "eps"], ["clipped"]),
+        helper.make_node("Expand", ["clipped", "shape"], ["wide"]),
+        helper.make_node("Div", ["c", "wide"], ["y"]),
+    ]
+    model = make_model(
+        nodes, [f32("x", (2, 2, 4, 6))], [f32("y", (2, 3, 4, 6))], [*weights, eps, shape]
+    )
+    graph, feeds = quantized(model, (2, 2, 4, 6))
+    names = op_names(graph)
+    assert "QReduceL2" in names and "QDiv" in names
+    assert census(graph).divisions == 0 and not census(graph).violations
+    _checked(model, graph, feeds, "y", 0.03)
+
+
+def test_global_response_norm_is_bit_exact_on_every_backend():
+    """ConvNeXt V2's GRN, ``x * Gx / (mean_c(Gx) + eps)`` with ``Gx`` the L2 norm over H, W
+    (then ``gamma * . + beta + x``): ``QReduceL2`` over two axes, ``QReduceSum``, ``QDiv`` of
+    the norm by its mean, a ``QMul``."""
+    rng = np.random.default_rng(6)
+    conv, weights = conv_node("c", "x", 2, 4, rng)
+    eps = numpy_helper.from_array(np.asarray(1e-6, np.float32), "eps")
+    nodes = [
+        conv,
+        helper.make_node("ReduceL2", ["c"], ["g"], axes=[2, 3], keepdims=1),
+        helper.make_node("ReduceMean", ["g"], ["m"], axes=[1], keepdims=1),
+        helper.make_node("Add", ["m", "eps"], ["d"]),
+        helper.make_node("Div", ["g", "d"], ["n"]),
+        helper.make_node("Mul", ["c", "n"], ["y"]),
+    ]
+    model = make_model(nodes, [f32("x", (2, 2, 5, 5))], [f32("y", (2, 4, 5, 5))], [*weights, eps])
+    graph, feeds = quantized(model, (2, 2, 5, 5))
+    assert {"QReduceL2", "QDiv", "QMul"} <= set(op_names(graph))
     _checked(model, graph, feeds, "y", 0.05)

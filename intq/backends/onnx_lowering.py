@@ -581,6 +581,58 @@ def _mask_flag(b: _Builder, node: Node) -> None:
     b.add("Cast", [name], [node.output.name], node, to=_ONNX_TYPE[node.output.type.dtype])
 
 
+@_lower("Add", "Sub", "Mul", "Equal")
+def _raw_arithmetic(b: _Builder, node: Node) -> None:
+    """Index arithmetic on raw integers (position ids from token ids): the same ONNX op, exact
+    (the range analysis proves the results fit their dtype)."""
+    inputs = [b.tensor(_input(node, i))[0] for i in (0, 1)]
+    b.add(node.op, inputs, [node.output.name], node)
+
+
+@_lower("GatherElements")
+def _gather_elements(b: _Builder, node: Node) -> None:
+    """Raw integers moved by raw indices: ONNX ``GatherElements`` (the data cut to the
+    indices' extent on the other axes, as the IR allows and ONNX does not)."""
+    data, index = _input(node, 0), _input(node, 1)
+    name = _leading(b, node, data, index.type.shape, node.attrs["axis"])
+    b.add(
+        "GatherElements",
+        [name, b.tensor(index)[0]],
+        [node.output.name],
+        node,
+        axis=node.attrs["axis"],
+    )
+
+
+def _leading(b: _Builder, node: Node, data: Value, shape: tuple[int, ...], axis: int) -> str:
+    """``data`` cut to ``shape`` on every axis but ``axis``."""
+    name = b.tensor(data)[0]
+    ends = [d if i == axis else n for i, (n, d) in enumerate(zip(shape, data.type.shape))]
+    if list(ends) == list(data.type.shape):
+        return name
+    starts = b.const(np.zeros(len(ends), np.int64), f"{node.output.name}.starts")
+    stops = b.const(np.asarray(ends, np.int64), f"{node.output.name}.ends")
+    return b.op("Slice", [name, starts, stops], f"{node.output.name}.data", node)
+
+
+@_lower("CumSum")
+def _cumsum(b: _Builder, node: Node) -> None:
+    """A running sum of raw integers (the count of real tokens): ONNX ``CumSum``, in int64
+    for the types ONNX Runtime's kernel lacks (its int32 and int64 run as they are)."""
+    x = _input(node)
+    name = b.tensor(x)[0]
+    native = x.type.dtype in (DType.I32, DType.I64)
+    if not native:
+        name = b.op("Cast", [name], f"{node.output.name}.i64", node, to=TensorProto.INT64)
+    axis = b.const(np.asarray(node.attrs["axis"], np.int64), f"{node.output.name}.axis")
+    attrs = {"exclusive": node.attrs["exclusive"], "reverse": node.attrs["reverse"]}
+    if native:
+        b.add("CumSum", [name, axis], [node.output.name], node, **attrs)
+        return
+    total = b.op("CumSum", [name, axis], f"{node.output.name}.sum", node, **attrs)
+    b.add("Cast", [total], [node.output.name], node, to=_ONNX_TYPE[node.output.type.dtype])
+
+
 # ----- the transformer kernels: intq.semantics.kernels run on ONNX nodes -----------------
 
 
@@ -716,6 +768,30 @@ def _qmul(b: _Builder, node: Node) -> None:
     attrs = node.attrs
     a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
     result = kernels.multiply(
+        _OnnxOps(b, node), a, c, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    _store(b, result, node)
+
+
+@_lower("QReduceL2")
+def _qreduce_l2(b: _Builder, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.l2_norm` in int64: ``ReduceSum`` of the squares, the
+    leading-bit count and Newton's inverse square root as ``Mul``/``BitShift``, no division."""
+    a = node.attrs
+    x = _as_int64(b, _input(node), node)
+    result = kernels.l2_norm(
+        _OnnxOps(b, node), x, a["axes"], a["multiplier"], a["shift"], a["lo"], a["hi"]
+    )
+    _store(b, result, node)
+
+
+@_lower("QDiv")
+def _qdiv(b: _Builder, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.divide` in int64: Newton's reciprocal of the normalised
+    divisor as ``Mul``/``BitShift``, no ``Div``."""
+    attrs = node.attrs
+    a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+    result = kernels.divide(
         _OnnxOps(b, node), a, c, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
     )
     _store(b, result, node)

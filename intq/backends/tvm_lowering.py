@@ -67,7 +67,9 @@ from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import DType
 from intq.ops import OPS, Trait, ops_with
 from intq.semantics.kernels import (
+    divide,
     divide_by_count,
+    l2_norm,
     lookup,
     lookup_offset,
     mask,
@@ -650,9 +652,59 @@ def _gather(lw: Lowerer, node: Node) -> None:
     lw.bind(node, take)
 
 
+@_lower("Add", "Sub", "Mul", "Equal")
+def _raw_arithmetic(lw: Lowerer, node: Node) -> None:
+    """Index arithmetic on raw integers (position ids from token ids): the same Relax op,
+    exact (the range analysis proves the results fit their dtype)."""
+    fn = {
+        "Add": lw.relax.op.add,
+        "Sub": lw.relax.op.subtract,
+        "Mul": lw.relax.op.multiply,
+        "Equal": lw.relax.op.equal,
+    }[node.op]
+    lw.bind(node, lw.bb.emit(fn(*(lw.value(input_of(node, i)) for i in (0, 1)))))
+
+
+@_lower("GatherElements")
+def _gather_elements(lw: Lowerer, node: Node) -> None:
+    """Raw integers moved by raw indices (proven inside the axis): Relax ``gather_elements``
+    of the data cut to the indices' extent on the other axes."""
+    op, axis = lw.relax.op, node.attrs["axis"]
+    data, index = input_of(node, 0), input_of(node, 1)
+    source = lw.value(data)
+    ends = [
+        d if i == axis else n for i, (n, d) in enumerate(zip(index.type.shape, data.type.shape))
+    ]
+    if ends != list(data.type.shape):
+        source = lw.bb.emit(op.strided_slice(source, list(range(len(ends))), [0] * len(ends), ends))
+    lw.bind(node, lw.bb.emit(op.gather_elements(source, lw.value(index), axis=axis)))
+
+
+@_lower("CumSum")
+def _cumsum(lw: Lowerer, node: Node) -> None:
+    """A running sum of raw integers: Relax ``cumsum`` in the value's dtype (``reverse``
+    flips the axis before and after)."""
+    op, axis = lw.relax.op, node.attrs["axis"]
+    x = lw.value(input_of(node))
+    if node.attrs["reverse"]:
+        x = lw.bb.emit(op.flip(x, axis))
+    total = lw.bb.emit(
+        op.cumsum(
+            x, axis=axis, dtype=dtype_of(node.output), exclusive=bool(node.attrs["exclusive"])
+        )
+    )
+    if node.attrs["reverse"]:
+        total = lw.bb.emit(op.flip(total, axis))
+    lw.bind(node, total)
+
+
 @_lower("Not")
 def _not(lw: Lowerer, node: Node) -> None:
-    lw.bind(node, lw.bb.emit(lw.relax.op.logical_not(lw.value(input_of(node)))))
+    """``x == 0`` on the flag as a byte: TVM lowers ``logical_not`` of a fused ``equal`` to a
+    bitwise not of its byte (254 and 255 where 0 and 1 are meant)."""
+    op = lw.relax.op
+    byte = lw.bb.emit(op.astype(lw.value(input_of(node)), "uint8"))
+    lw.bind(node, lw.bb.emit(op.equal(byte, lw.const(np.zeros((), np.uint8)))))
 
 
 class _RelaxOps:
@@ -746,6 +798,26 @@ def _qmul(lw: Lowerer, node: Node) -> None:
         _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
     )
     lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+
+
+@_lower("QReduceL2")
+def _qreduce_l2(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.l2_norm` as Relax int64 ops, in the graph's layout."""
+    a = node.attrs
+    x = _int64(lw, input_of(node))
+    result = l2_norm(_RelaxOps(lw), x, a["axes"], a["multiplier"], a["shift"], a["lo"], a["hi"])
+    _store(lw, node, result)
+
+
+@_lower("QDiv")
+def _qdiv(lw: Lowerer, node: Node) -> None:
+    """:func:`~intq.semantics.kernels.divide` as Relax int64 ops (broadcasting as numpy)."""
+    attrs = node.attrs
+    a, b = (_int64(lw, input_of(node, i)) for i in (0, 1))
+    result = divide(
+        _RelaxOps(lw), a, b, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
+    )
+    _store(lw, node, result)
 
 
 @_lower("QMask")

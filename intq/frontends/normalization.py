@@ -1,9 +1,9 @@
 """GroupNorm, InstanceNorm and the L2 norm as the IR ops both frontends already produce.
 
 ``L2(x) = Sqrt(ReduceSum(Mul(x, x), axes))`` (ONNX ``ReduceL2``, ``torch.linalg.vector_norm``
-with ``ord=2``, ``F.normalize``'s norm): float IR with numpy and torch semantics. Its integer
-lowering is still missing (the square root of an accumulator, and the division by a per-row
-norm that usually follows): ``intq.quantize`` refuses it.
+with ``ord=2``, ``F.normalize``'s norm): float IR with numpy and torch semantics. The integer
+lowering matches the three ops as one ``QReduceL2`` (a division-free square root), and the
+division by the norm that usually follows as a ``QDiv`` (a division-free reciprocal).
 
 ``GroupNorm(x)`` over ``G`` groups of an ``[N, C, ...]`` tensor normalizes each group of
 ``C / G`` channels over those channels and every spatial position: ``Reshape(x, [N, G, -1])``,

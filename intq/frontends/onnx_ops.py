@@ -88,6 +88,26 @@ def _identity(ctx: ConvertContext) -> list[Value]:
     return [ctx.input(0)]
 
 
+@converter("GatherElements", 11)
+def _gather_elements(ctx: ConvertContext) -> list[Value]:
+    return ctx.emit("GatherElements", ctx.inputs[:2], axis=ctx.attr("axis", 0))
+
+
+@converter("CumSum", 11)
+def _cumsum(ctx: ConvertContext) -> list[Value]:
+    """``axis`` from its constant input (position ids: the running count of real tokens)."""
+    axis = ctx.const(1, "axis")
+    if axis is None or np.asarray(axis).size != 1:
+        raise ctx.unsupported("a computed or non-scalar axis")
+    return ctx.emit(
+        "CumSum",
+        ctx.inputs[:1],
+        axis=int(np.asarray(axis).reshape(())),
+        exclusive=ctx.attr("exclusive", 0),
+        reverse=ctx.attr("reverse", 0),
+    )
+
+
 @converter("Gelu", 20)
 def _gelu(ctx: ConvertContext) -> list[Value]:
     return ctx.emit("Gelu", ctx.inputs[:1], approximate=ctx.attr("approximate", "none"))

@@ -37,15 +37,17 @@ OPS = OpTable()
 # ----- elementwise --------------------------------------------------------------
 
 
-@OPS.op("Add", inputs=2)
-@OPS.op("Sub", inputs=2)
-@OPS.op("Mul", inputs=2)
+@OPS.op("Add", inputs=2, traits=(Trait.INTEGER,))
+@OPS.op("Sub", inputs=2, traits=(Trait.INTEGER,))
+@OPS.op("Mul", inputs=2, traits=(Trait.INTEGER,))
 @OPS.op("Div", inputs=2, traits=(Trait.DIVIDES,))
 def _arith(ctx: InferContext) -> list[TensorType]:
     """Broadcasting arithmetic on two tensors of one numeric dtype.
 
     Integer ``Div`` truncates toward zero (ONNX) and counts as a runtime
-    division in the integer-only census.
+    division in the integer-only census. ``Add``, ``Sub`` and ``Mul`` of raw integers
+    (position ids computed from token ids) stay in integer graphs, exact: the range
+    analysis proves they fit their dtype.
     """
     dtype = need_same_dtype(ctx, 0, 1)
     need_numeric(ctx, 0)
@@ -60,7 +62,7 @@ def _pow(ctx: InferContext) -> list[TensorType]:
     return [TensorType(ctx.type(0).dtype, broadcast_shape(ctx.type(0), ctx.type(1)))]
 
 
-@OPS.op("Equal", inputs=2)
+@OPS.op("Equal", inputs=2, traits=(Trait.INTEGER,))
 @OPS.op("Less", inputs=2)
 @OPS.op("Greater", inputs=2)
 def _compare(ctx: InferContext) -> list[TensorType]:
@@ -76,6 +78,25 @@ def _logical(ctx: InferContext) -> list[TensorType]:
     if {ctx.type(0).dtype, ctx.type(1).dtype} != {DType.BOOL}:
         raise ShapeError(f"{ctx.op} takes bool tensors, got {ctx.type(0)}, {ctx.type(1)}")
     return [TensorType(DType.BOOL, broadcast_shape(ctx.type(0), ctx.type(1)))]
+
+
+@OPS.op(
+    "CumSum",
+    attrs={"axis": Attr("int"), "exclusive": Attr("int", 0), "reverse": Attr("int", 0)},
+    canonicalize=lambda a, t: {**a, "axis": a["axis"] % max(t[0].rank, 1)} if t and t[0] else a,
+    traits=(Trait.INTEGER,),
+)
+def _cumsum(ctx: InferContext) -> list[TensorType]:
+    """Running sums along ``axis`` (``exclusive``: without the element itself; ``reverse``:
+    from the end), of a float or a raw (unquantized) integer tensor (position ids: the
+    running count of non-padding tokens)."""
+    x = ctx.type(0)
+    need_numeric(ctx, 0)
+    if x.quant is not None:
+        raise ShapeError(f"CumSum of a quantized tensor {x}")
+    if not 0 <= ctx["axis"] < max(x.rank, 1):
+        raise ShapeError(f"CumSum axis {ctx['axis']} outside rank {x.rank}")
+    return [TensorType(x.dtype, x.shape)]
 
 
 @OPS.op("Not", traits=(Trait.INTEGER,))

@@ -23,6 +23,8 @@ the graph:
   (the slope times it) for ``x < 0``, one shared shift.
 - ``QResize`` is a linear Resize in ``F``-bit fixed point: an int32 accumulator at
   ``s_x * 2^-(F * axes)``, requantized once like a convolution's.
+- ``QReduceL2`` is an L2 norm at its output scale (a division-free square root) and
+  ``QDiv`` a quotient of two activations (a division-free reciprocal), each one rescaling.
 """
 
 from __future__ import annotations
@@ -270,12 +272,14 @@ def _qglobal_avgpool(ctx: InferContext) -> list[TensorType]:
 
 @OPS.op(
     "QAveragePool",
-    attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", ())},
+    attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", ()), "mean": Attr("int", 1)},
     canonicalize=lambda a, t: {**a, "strides": a["strides"] or (1,) * len(a["kernel_shape"])},
     traits=(Trait.INTEGER, Trait.ACCUMULATOR, Trait.LAYER),
 )
 def _qavgpool(ctx: InferContext) -> list[TensorType]:
-    """Window sums in int32 (no padding); the scale ``s_x / N`` makes them means."""
+    """Window sums in int32 (no padding: a padded pool reads a ``Pad``); the scale
+    ``s_x / N`` makes them means, or, with ``mean=0``, ``s_x`` the plain sums (divided by a
+    count per position that varies: a ``QDivCount`` reads them)."""
     x = ctx.type(0)
     kernel, strides = ctx["kernel_shape"], ctx["strides"]
     if x.rank != len(kernel) + 2 or len(strides) != len(kernel):
@@ -285,7 +289,7 @@ def _qavgpool(ctx: InferContext) -> list[TensorType]:
         if k > size:
             raise ShapeError(f"window {k} larger than the input {size}")
         dims.append((size - k) // s + 1)
-    count = math.prod(kernel)
+    count = math.prod(kernel) if ctx["mean"] else 1
     return [_accumulator((*x.shape[:2], *dims), (_activation(ctx, 0) / count,), 1)]
 
 
@@ -475,6 +479,54 @@ def _qmask(ctx: InferContext) -> list[TensorType]:
     if not fits:
         raise ShapeError(f"QMask keep {keep} does not broadcast to {x}")
     return [x]
+
+
+@OPS.op(
+    "QReduceL2",
+    attrs={"axes": Attr("ints"), "multiplier": Attr("int"), "shift": Attr("int"), **_OUTPUT_ATTRS},
+    traits=(Trait.INTEGER, Trait.LAYER),
+)
+def _qreduce_l2(ctx: InferContext) -> list[TensorType]:
+    """``clamp(round(sqrt(sum(x^2)) M / 2^S), lo, hi)`` over ``axes``, kept as size 1
+    (:func:`intq.semantics.kernels.l2_norm`): the L2 norm of a per-tensor activation at the
+    output scale, ``M 2^-S ~= s_x / s_out`` with ``S >= 2``; no run-time division."""
+    x = ctx.type(0)
+    s_x = _activation(ctx, 0)
+    axes = ctx["axes"]
+    if not axes or any(not 0 <= a < x.rank for a in axes) or len(set(axes)) != len(axes):
+        raise ShapeError(f"QReduceL2 axes {list(axes)} do not fit {x}")
+    shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    out = _output(ctx, shape)
+    if ctx["shift"] < 2:
+        raise ShapeError(f"QReduceL2 shift {ctx['shift']} below 2")
+    _check_dyadic(ctx["multiplier"], ctx["shift"], s_x / ctx["scale"], "QReduceL2")
+    return [out]
+
+
+@OPS.op(
+    "QDiv",
+    inputs=2,
+    attrs={"multiplier": Attr("int"), "shift": Attr("int"), **_OUTPUT_ATTRS},
+    traits=(Trait.INTEGER, Trait.LAYER),
+)
+def _qdiv(ctx: InferContext) -> list[TensorType]:
+    """``clamp(round(a M / (max(b, 1) 2^S)), lo, hi)`` (:func:`intq.semantics.kernels.divide`):
+    a per-tensor activation divided by a non-negative per-tensor one broadcasting to it
+    (a norm, a mean of norms), ``M 2^-S ~= s_a / (s_b s_out)`` with ``S >= 1``, by a
+    division-free reciprocal."""
+    s_a, s_b = _activation(ctx, 0), _activation(ctx, 1)
+    a, b = ctx.type(0), ctx.type(1)
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ShapeError(f"QDiv input shapes do not broadcast: {a}, {b}") from None
+    if shape != a.shape:
+        raise ShapeError(f"QDiv divisor {b} does not broadcast to the dividend {a}")
+    out = _output(ctx, shape)
+    if ctx["shift"] < 1:
+        raise ShapeError(f"QDiv shift {ctx['shift']} below 1")
+    _check_dyadic(ctx["multiplier"], ctx["shift"], s_a / (s_b * ctx["scale"]), "QDiv")
+    return [out]
 
 
 MAX_SHIFT = 62

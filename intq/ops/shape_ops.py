@@ -332,6 +332,26 @@ def _gather(ctx: InferContext) -> list[TensorType]:
 
 
 @OPS.op(
+    "GatherElements",
+    inputs=2,
+    attrs={"axis": Attr("int", 0)},
+    canonicalize=lambda a, t: {**a, "axis": normal_axis(a["axis"], t[0].rank)} if t[0] else a,
+    traits=(Trait.INTEGER,),
+)
+def _gather_elements(ctx: InferContext) -> list[TensorType]:
+    """``out[i][j]... = data[..., indices[i][j]..., ...]`` along ``axis`` (numpy's
+    ``take_along_axis``; negative indices count from the end): the shape of ``indices``."""
+    data, indices = ctx.type(0), ctx.type(1)
+    if indices.dtype not in (DType.I32, DType.I64):
+        raise ShapeError(f"GatherElements indices must be i32 or i64, got {indices}")
+    if indices.rank != data.rank or any(
+        i != ctx["axis"] and n > d for i, (n, d) in enumerate(zip(indices.shape, data.shape))
+    ):
+        raise ShapeError(f"GatherElements indices {indices} do not fit the data {data}")
+    return moved(ctx, indices.shape)
+
+
+@OPS.op(
     "Expand",
     attrs={"shape": Attr("ints")},
     canonicalize=lambda a, t: (

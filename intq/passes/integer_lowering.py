@@ -300,6 +300,8 @@ class Lowering:
         for value in self.src.inputs:
             self.input(value)
         for node in self.src:
+            if node in self.absorbed:  # lowered with the node that matched it
+                continue
             rules.rule_for(node, "integer lowering")(self, node)
         outputs = []
         for value in self.src.outputs:

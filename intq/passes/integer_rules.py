@@ -31,9 +31,11 @@ from intq.passes.integer_lowering import (
 )
 from intq.passes.precision import quantize_weights
 from intq.semantics.kernels import elementwise_table, layernorm_constants
-from intq.semantics.numerics import common_shift, storage_dtype
+from intq.semantics.numerics import common_shift, dyadic, storage_dtype
 from intq.semantics.numpy_eval import (
     EVAL,
+    average_pool_counts,
+    average_pool_extra,
     resize_linear_taps,
     resize_nearest_index,
     resized_axes,
@@ -222,6 +224,8 @@ def _representable(x: Value, real: float) -> bool:
 def _add(low: Lowering, node: Node) -> None:
     if node in low.absorbed:
         return
+    if _raw_arithmetic(low, node):
+        return
     x, y = node.inputs
     assert x is not None and y is not None
     for scores, mask in ((x, y), (y, x)):
@@ -244,10 +248,14 @@ def _scalar(value: Value | None) -> float | None:
 
 @_rule("Mul", "Div")
 def _scale_by_constant(low: Lowering, node: Node) -> None:
+    if node.op == "Mul" and _raw_arithmetic(low, node):
+        return
     x, c = node.inputs
     assert x is not None and c is not None
     if node.op == "Div" and c in low.counts:
         _mean_by_count(low, node, x, low.counts[c])
+        return
+    if node.op == "Mul" and x is c and _l2_norm(low, node, x):
         return
     if node.op == "Mul":
         for value, flags in ((x, c), (c, x)):
@@ -278,10 +286,90 @@ def _scale_by_constant(low: Lowering, node: Node) -> None:
         # Two activations, or one and a constant this cannot fold (quantized per tensor).
         low.pending[node.output] = Product(low.materialize(x), low.materialize(c))
         return
+    if node.op == "Div" and not x.is_const and not c.is_const:
+        if x not in low.affine and c not in low.affine:
+            _divide(low, node, x, c)
+            return
     raise UnsupportedOpError(
         f"{node.op} in the integer path: only a positive constant scaling an accumulator"
         " (folded into its requantization) or a product is supported",
         node=node.label(),
+    )
+
+
+def _l2_norm(low: Lowering, node: Node, x: Value) -> bool:
+    """``Sqrt(ReduceSum(Mul(x, x)))`` (ONNX's ReduceL2, ``torch.norm``, F.normalize's norm, as
+    the frontends import them): one ``QReduceL2`` at the norm's calibrated (unsigned) scale,
+    the sum of squares in int64 and a division-free square root; the ReduceSum and Sqrt are
+    absorbed. False when ``node`` does not start the pattern."""
+    uses = node.output.uses()
+    if len(uses) != 1 or node.output.is_graph_output or uses[0].node.op != "ReduceSum":
+        return False
+    total = uses[0].node
+    roots = total.output.uses()
+    if len(roots) != 1 or total.output.is_graph_output or roots[0].node.op != "Sqrt":
+        return False
+    sqrt = roots[0].node
+    source = low.materialize(x)
+    if scale_count(source) != 1:
+        return False
+    out = low.activation_quant(sqrt.output, non_negative=True)
+    step = dyadic(scale_of(source) / out.scale[0])
+    if step.shift < 2:
+        raise NumericsError(
+            f"an L2 norm whose scale is over 2^29 times its input's (shift {step.shift})",
+            node=sqrt.label(),
+            hint="report this model: the calibrated norm is far smaller than its inputs",
+        )
+    axes = total.attrs["axes"]
+    norm = low.emit(
+        sqrt,
+        "QReduceL2",
+        [source],
+        axes=axes,
+        multiplier=step.multiplier,
+        shift=step.shift,
+        **output_attrs(out, out.qmin, out.qmax),
+    )
+    if not total.attrs["keepdims"]:
+        norm = low.dst.add(
+            "Reshape", [norm], {"shape": sqrt.output.type.shape}, name=sqrt.label()
+        ).output
+    low.absorbed.update((total, sqrt))
+    low.ints[sqrt.output] = norm
+    return True
+
+
+def _divide(low: Lowering, node: Node, x: Value, c: Value) -> None:
+    """A quotient of two activations (``x / max(||x||, eps)``, GRN's ``Gx / (mean(Gx) +
+    eps)``): one ``QDiv`` by a division-free reciprocal, for a divisor that calibration saw
+    non-negative (a norm, a mean of norms). A divisor that rounds to 0 counts as one step."""
+    stats = low.stats.get(c)
+    if stats is not None and stats.min < 0:
+        raise UnsupportedOpError(
+            f"Div by an activation that calibration saw reach {stats.min:g}: the integer"
+            " quotient needs a non-negative divisor",
+            node=node.label(),
+            hint="integer division of activations supports norms and their means",
+        )
+    a, b = low.materialize(x), low.materialize(c)
+    if scale_count(a) != 1 or scale_count(b) != 1:
+        raise UnsupportedOpError("Div of per-channel activations", node=node.label())
+    out = low.activation_quant(node.output)
+    step = dyadic(scale_of(a) / (scale_of(b) * out.scale[0]))
+    if step.shift < 1:
+        raise NumericsError(
+            f"a quotient whose scale ratio exceeds 2^30 (shift {step.shift})",
+            node=node.label(),
+            hint="report this model",
+        )
+    low.ints[node.output] = low.emit(
+        node,
+        "QDiv",
+        [a, b],
+        multiplier=step.multiplier,
+        shift=step.shift,
+        **output_attrs(out, out.qmin, out.qmax),
     )
 
 
@@ -441,6 +529,11 @@ def _cast(low: Lowering, node: Node) -> None:
     if x.type.dtype.is_float and node.output.type.dtype.is_float:  # float to float: a no-op
         _alias(low, x, node.output)
         return
+    if source is not None and node.output.type.dtype.is_integer:
+        # Index arithmetic on raw integers (position ids): the same Cast, exact (the range
+        # analysis proves the value fits the new dtype).
+        low.ints[node.output] = low.emit(node, "Cast", [source], to=node.attrs["to"])
+        return
     if source is None or not node.output.type.dtype.is_float:
         raise UnsupportedOpError("Cast in the integer path", node=node.label())
     low.affine[node.output] = Affine(source, 1.0, 0.0)
@@ -453,6 +546,74 @@ def _alias(low: Lowering, x: Value, out: Value) -> None:
             table[out] = table[x]  # type: ignore[assignment]
             return
     low.ints[out] = low.materialize(x)
+
+
+def _raw_arithmetic(low: Lowering, node: Node) -> bool:
+    """``Add``, ``Sub``, ``Mul`` or ``Equal`` of raw integer tensors (token ids, a mask and
+    what is computed from them, no scale) and integer constants: the same op in the integer
+    graph, exact index arithmetic, as the attention mask's ``Cast``/``Expand``/``Gather`` are
+    (RoBERTa's position ids ``cumsum(ids != pad) * (ids != pad) + pad``). The range analysis
+    proves every result fits its dtype. False when no operand is a raw integer tensor."""
+    operands = [raw(low, value) for value in node.inputs]
+    if all(v is None for v in operands):
+        return False
+    inputs = []
+    for value, source in zip(node.inputs, operands):
+        assert value is not None
+        if source is None and value.const is not None and value.type.dtype.is_integer:
+            source = low.dst.add_constant(value.const, value.name)
+        if source is None:
+            raise UnsupportedOpError(
+                f"{node.op} of a raw integer tensor (token ids, a mask) and %{value.name}, which"
+                " is neither a raw integer tensor nor an integer constant",
+                node=node.label(),
+                hint="integer index arithmetic supports raw integer tensors and constants",
+            )
+        inputs.append(source)
+    low.ints[node.output] = low.emit(node, node.op, inputs)
+    return True
+
+
+@_rule("Equal")
+def _equal(low: Lowering, node: Node) -> None:
+    """A comparison of token ids (``input_ids == pad``): :func:`_raw_arithmetic`."""
+    if not _raw_arithmetic(low, node):
+        raise UnsupportedOpError(
+            "Equal in the integer path: only of raw integer tensors (token ids, masks)",
+            node=node.label(),
+        )
+
+
+@_rule("Not", "CumSum")
+def _raw_unary(low: Lowering, node: Node) -> None:
+    """``Not`` of a raw flag, ``CumSum`` of raw integers (the running count of real tokens):
+    the same op in the integer graph, exact."""
+    source = raw(low, node.inputs[0])
+    if source is None:
+        raise UnsupportedOpError(
+            f"{node.op} in the integer path: only of a raw integer tensor (token ids, masks)",
+            node=node.label(),
+        )
+    if node.op == "Not" and source.type.dtype is not DType.BOOL:  # a flag carried as u8
+        source = low.dst.add("Cast", [source], {"to": "bool"}, name=node.label()).output
+    low.ints[node.output] = low.emit(node, node.op, [source], **node.attrs)
+
+
+@_rule("GatherElements")
+def _gather_elements(low: Lowering, node: Node) -> None:
+    """A constant raw integer tensor indexed by raw integers (RoBERTa's buffered token type
+    ids gathered by its position ids): the same op, data movement; the range analysis proves
+    every index inside the axis."""
+    data, index = node.inputs
+    source = raw(low, index)
+    if data is None or data.const is None or not data.type.dtype.is_integer or source is None:
+        raise UnsupportedOpError(
+            "GatherElements in the integer path: only of an integer constant by raw integer"
+            " indices",
+            node=node.label(),
+        )
+    table = low.dst.add_constant(data.const, data.name)
+    low.ints[node.output] = low.emit(node, "GatherElements", [table, source], **node.attrs)
 
 
 @_rule("And")
@@ -491,6 +652,8 @@ def _where(low: Lowering, node: Node) -> None:
 
 @_rule("Sub")
 def _sub(low: Lowering, node: Node) -> None:
+    if _raw_arithmetic(low, node):
+        return
     x, y = node.inputs
     if x in low.affine and _scalar(y) is not None:
         m = low.affine[x]
@@ -564,16 +727,46 @@ def _reduce_sum(low: Lowering, node: Node) -> None:
 
 @_rule("AveragePool")
 def _avgpool(low: Lowering, node: Node) -> None:
+    """Window sums in int32 (``QAveragePool``) of the input zero-padded by ``pads`` and the
+    extra end padding of ceil_mode. Where every window has the same divisor ``N``, its
+    ``1/N`` lives in the requantization. Where the divisor varies (``count_include_pad=0``
+    at the borders, PoolFormer's token mixer; ceil_mode's partial windows) it is a
+    compile-time count per output position, and the requantization one ``QDivCount``: each
+    position's multiplier ``s_x / (c s_out)`` looked up by its count ``c``, no run-time
+    division. Within half an output step of the float pool of the quantized input (plus
+    the multipliers' ``2^-30`` relative error)."""
     attrs = node.attrs
-    if any(attrs["pads"]) or attrs["ceil_mode"]:
-        raise UnsupportedOpError(
-            "AveragePool with padding or ceil_mode in the integer path", node=node.label()
-        )
     x = low.materialize(node.inputs[0])  # type: ignore[arg-type]
-    acc = low.emit(
-        node, "QAveragePool", [x], kernel_shape=attrs["kernel_shape"], strides=attrs["strides"]
+    spatial = len(attrs["kernel_shape"])
+    extra = average_pool_extra(node)
+    pads = (
+        0,
+        0,
+        *attrs["pads"][:spatial],
+        0,
+        0,
+        *(p + e for p, e in zip(attrs["pads"][spatial:], extra)),
     )
-    low.pending[node.output] = Accumulator(acc)
+    if any(pads):
+        x = low.dst.add(
+            "Pad", [x], {"pads": pads, "mode": "constant", "value": 0.0}, name=node.label()
+        ).output
+    size = math.prod(attrs["kernel_shape"])
+    counts = average_pool_counts(node)
+    uniform = bool((counts == size).all())
+    acc = low.emit(
+        node,
+        "QAveragePool",
+        [x],
+        kernel_shape=attrs["kernel_shape"],
+        strides=attrs["strides"],
+        mean=int(uniform),
+    )
+    if uniform:
+        low.pending[node.output] = Accumulator(acc)
+        return
+    count = low.dst.add_constant(counts.astype(np.int32), f"{node.label()}.count")
+    low.pending[node.output] = CountMean(Accumulator(acc), Count(count, size))
 
 
 @_rule(*ops_with(Trait.MOVEMENT))

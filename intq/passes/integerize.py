@@ -37,6 +37,15 @@ an integer with its scale in its type. One rule per float op, in
   requantization whose multiplier the count looks up in a compile-time table.
 - Min/Max with a scalar constant is a clamp (fused like a ReLU); of two activations (or a
   constant tensor) both operands are rescaled to the output's scale, then integer Min/Max.
+- An AveragePool with padding zero-``Pad``s its input; where the divisor varies by position
+  (``count_include_pad=0``, ceil_mode) the window sums go to a pending ``QDivCount`` whose
+  count is a compile-time constant per position.
+- An L2 norm ``Sqrt(ReduceSum(x * x))`` is one ``QReduceL2`` (a division-free square root),
+  and a ``Div`` of two activations whose divisor is non-negative one ``QDiv`` (a
+  division-free reciprocal).
+- Arithmetic on raw integers (token ids: ``Equal``, ``Not``, ``Cast``, ``CumSum``, ``Add``,
+  ``Sub``, ``Mul`` with integer constants, ``GatherElements`` of a constant) is the same op
+  in the integer graph, exact (position ids).
 - Graph outputs are dequantized once, straight from the int32 accumulator
   when they come from a Gemm (no 8-bit rounding of the logits). A trailing
   Softmax runs after that dequantization, outside the integer region.

@@ -16,10 +16,14 @@ extremes of constants) and follow each op:
 - ``QDivCount``: the count inside its table's ``0..L``, and ``acc * M[c] + 2^(S[c]-1)`` below
   2^62 for every count.
 - ``QLookup``: its table's smallest and largest entries.
+- ``QReduceL2``: the sum of squares ``N max(x^2)`` below 2^62. ``QDiv``: a dividend of at
+  most 16 bits.
 - ``QResize``: per axis a combination of two inputs with weights >= 0 summing to ``2^F``,
   so ``[lo, hi] * 2^(F * axes)``, which must fit int32 (every partial result lies inside).
 - Data movement keeps the interval; Concat joins them; Clip intersects; Min and Max take
   the smaller or larger bounds.
+- Raw integer index arithmetic (``Add``, ``Sub``, ``Mul``, ``CumSum``, ``Cast`` of token ids
+  and masks: position ids): interval arithmetic, which must fit the result's dtype.
 
 A value that could overflow raises :class:`~intq.errors.NumericsError` naming
 the layer, the bound and what to do. An integer op without a rule is refused
@@ -182,10 +186,77 @@ def _kernel(node: Node, ins: list[Interval | None]) -> Interval:
 
 @_rule("Cast", "Not")
 def _flag(node: Node, ins: list[Interval | None]) -> Interval:
-    """Attention masks: integers cast to bool and back (0 or 1)."""
-    if node.op == "Cast" and node.attrs["to"] not in ("bool", "u8"):
-        raise NumericsError(f"integer Cast to {node.attrs['to']}", node=node.label())
+    """Attention masks: integers cast to bool and back (0 or 1). A raw integer cast to a wider
+    or narrower integer type (position ids) keeps its interval, which must fit the type."""
+    if node.op == "Not" or node.attrs["to"] == "bool":
+        return 0, 1
+    x = ins[0]
+    assert x is not None
+    if node.attrs["to"] == "u8" and x[0] >= 0 and x[1] <= 1:
+        return x
+    return _in_dtype(node, x, "the cast value")
+
+
+def _in_dtype(node: Node, interval: Interval, what: str) -> Interval:
+    """``interval`` when it fits the dtype of ``node``'s output, else a refusal."""
+    info = np.iinfo(node.output.type.dtype.numpy)
+    if interval[0] < int(info.min) or interval[1] > int(info.max):
+        raise NumericsError(
+            f"{what} can reach [{interval[0]}, {interval[1]}], outside"
+            f" {node.output.type.dtype.value}",
+            node=node.label(),
+            hint="integer index arithmetic must fit its dtype: bound the token ids' inputs",
+        )
+    return interval
+
+
+@_rule("Add", "Sub", "Mul")
+def _raw_arithmetic(node: Node, ins: list[Interval | None]) -> Interval:
+    """Raw integer arithmetic (position ids): interval arithmetic, within the dtype (Python
+    integers: the bound itself cannot overflow)."""
+    a, b = ins[0], ins[1]
+    assert a is not None and b is not None
+    if node.op == "Add":
+        interval = (a[0] + b[0], a[1] + b[1])
+    elif node.op == "Sub":
+        interval = (a[0] - b[1], a[1] - b[0])
+    else:
+        products = [x * y for x in a for y in b]
+        interval = (min(products), max(products))
+    return _in_dtype(node, interval, f"the {node.op}")
+
+
+@_rule("GatherElements")
+def _gather_elements(node: Node, ins: list[Interval | None]) -> Interval:
+    """The data's interval; every index must lie inside the axis, ``0 <= i < size`` (no
+    backend checks it at run time, and TVM's kernel takes no negative index)."""
+    data = node.inputs[0]
+    assert data is not None and ins[1] is not None and ins[0] is not None
+    size = data.type.shape[node.attrs["axis"]]
+    if ins[1][0] < 0 or ins[1][1] >= size:
+        raise NumericsError(
+            f"the indices can reach [{ins[1][0]}, {ins[1][1]}], outside the axis of {size}",
+            node=node.label(),
+            hint="GatherElements in the integer path needs indices proven inside the data",
+        )
+    return ins[0]
+
+
+@_rule("Equal")
+def _equal(node: Node, ins: list[Interval | None]) -> Interval:
     return 0, 1
+
+
+@_rule("CumSum")
+def _cumsum(node: Node, ins: list[Interval | None]) -> Interval:
+    """A running sum of up to ``L`` values in ``[lo, hi]`` (``L`` the axis' length; none for
+    the first exclusive sum): ``[min(0, L lo), max(0, L hi)]``, within the dtype."""
+    x = ins[0]
+    source = node.inputs[0]
+    assert x is not None and source is not None
+    length = source.type.shape[node.attrs["axis"]] if source.type.rank else 1
+    interval = (min(0, length * x[0], x[0]), max(0, length * x[1], x[1]))
+    return _in_dtype(node, interval, f"the running sum of {length} values")
 
 
 @_rule("QGlobalAveragePool", "QAveragePool", "QReduceSum")
@@ -272,6 +343,39 @@ def _qmul(node: Node, ins: list[Interval | None]) -> Interval:
         2 ** (shift - 1) if 1 <= shift < 63 else 0
     )
     _fits(node, (-total, total), INT62, "the rescaled product", "report this model")
+    return _clamp(node)
+
+
+@_rule("QReduceL2")
+def _qreduce_l2(node: Node, ins: list[Interval | None]) -> Interval:
+    """The sum of squares ``N max(x^2)`` stays below 2^62 (:func:`intq.semantics.kernels.l2_norm`
+    normalises it there; every later intermediate is bounded by the kernel)."""
+    source = node.inputs[0]
+    assert source is not None
+    count = int(np.prod([source.type.shape[a] for a in node.attrs["axes"]]))
+    square = count * _magnitude(ins[0]) ** 2
+    _fits(
+        node,
+        (0, square),
+        INT62,
+        f"the sum of {count} squares",
+        "reduce over fewer elements or use fewer activation bits",
+    )
+    return _clamp(node)
+
+
+@_rule("QDiv")
+def _qdiv(node: Node, ins: list[Interval | None]) -> Interval:
+    """``|a| <= 2^15``, so ``|a w| < 2^46`` in :func:`intq.semantics.kernels.divide` (the
+    divisor is normalised whatever its value: one below 1 counts as 1)."""
+    a = ins[0]
+    if _magnitude(a) > 2**15:
+        assert a is not None
+        raise NumericsError(
+            f"the dividend can reach [{a[0]}, {a[1]}], beyond 16 bits",
+            node=node.label(),
+            hint="use at most 16 activation bits for the dividend",
+        )
     return _clamp(node)
 
 

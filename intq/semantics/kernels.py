@@ -4,9 +4,11 @@
 :func:`elementwise_table`, :func:`lookup`), ``QMul`` (a product of two activations and
 one dyadic rescaling, :func:`multiply`), ``QPRelu`` (a slope per channel on the negative
 side and the rescaling, :func:`prelu`), ``QResize`` (linear interpolation with fixed-point
-weights, :func:`resize_linear`), ``QMask`` (:func:`mask`) and ``QDivCount`` (a sum divided by
-a run-time count through a table of multipliers, :func:`divide_by_count`) are written the
-same way.
+weights, :func:`resize_linear`), ``QMask`` (:func:`mask`), ``QDivCount`` (a sum divided by
+a run-time count through a table of multipliers, :func:`divide_by_count`), ``QReduceL2`` (an
+L2 norm by the division-free inverse square root, :func:`l2_norm`) and ``QDiv`` (a quotient
+of two activations by the division-free reciprocal, :func:`divide`) are written the same
+way.
 
 Each kernel is written **once**, against :class:`IntOps`, a small vocabulary
 of int64 operations (add, multiply, shifts, compare-and-select, reductions,
@@ -641,6 +643,62 @@ def divide_by_count(
     half = ops.gather(np.left_shift(np.int64(1), s - 1), count)
     product = ops.add(ops.mul(acc, m), half)
     return k.clamp(k.sra_var(product, ops.gather(s, count)), lo, hi)
+
+
+def l2_norm(
+    ops: IntOps[T], x: T, axes: Sequence[int], multiplier: int, shift: int, lo: int, hi: int
+) -> T:
+    """``clamp(round(sqrt(sum(x^2)) M / 2^S), lo, hi)`` over ``axes`` (kept as size 1): an
+    integer L2 norm (``QReduceL2``) at the output scale, ``M 2^-S ~= s_x / s_out``, with no
+    run-time division.
+
+    ``V = sum(x^2)`` in int64 (the caller proves ``N max(x^2) < 2^62``). Normalised as in
+    :func:`layernorm`: ``m = V 4^h`` in ``[2^60, 2^62)``, ``sqrt(V) = sqrt(m) / 2^h``; the
+    division-free inverse square root ``y ~= 2^61 / sqrt(m)`` (relative error < 2^-28) gives
+    ``t = (m >> 31) y ~= sqrt(m) 2^30`` and ``w = round(t / 2^31) ~= sqrt(m) / 2`` in
+    ``[2^29, 2^30]``; the output is ``round(w M / 2^(S + h - 1))`` (``w M < 2^61``). The
+    caller keeps ``S >= 2``. A zero row gives 0. Error: within ``1/2 + 2^-26 |n|`` output
+    units of the exact norm ``n = sqrt(V) M 2^-S`` (the relative errors of ``y``, of
+    ``m >> 31`` and of ``w``, each below ``2^-28``)."""
+    k, o = _K(ops), ops
+    v = o.mul(x, x)
+    for axis in axes:
+        v = o.reduce_sum(v, axis)
+    positive = o.less(o.const(0), v)
+    v = o.where(positive, v, o.const(1))
+    h = o.sra(o.sub(o.const(61), k.floor_log2(v)), 1)
+    m = o.shl_var(v, o.add(h, h))
+    t = o.mul(o.sra(m, 31), _inverse_sqrt(k, m))
+    w = k.round_shift(t, 31)
+    amount = o.add(h, o.const(shift - 1))
+    amount = o.where(o.less(o.const(62), amount), o.const(62), amount)
+    product = o.add(o.mul(w, o.const(multiplier)), o.shl_var(o.const(1), o.sub(amount, o.const(1))))
+    norm = k.sra_var(product, amount)
+    return k.clamp(o.where(positive, norm, o.const(0)), lo, hi)
+
+
+def divide(ops: IntOps[T], a: T, b: T, multiplier: int, shift: int, lo: int, hi: int) -> T:
+    """``clamp(round(a M / (b 2^S)), lo, hi)`` for an activation ``a`` and a non-negative
+    activation ``b`` broadcasting to it (``QDiv``: ``x / ||x||``, GRN's ``Gx / mean(Gx)``),
+    ``M 2^-S ~= s_a / (s_b s_out)``, with no run-time division.
+
+    ``b`` is normalised by its leading bit ``l``: ``b 2^(30-l)`` in ``[2^30, 2^31)``, whose
+    division-free reciprocal ``r ~= 2^61 / (b 2^(30-l))`` (Newton, relative error < 2^-29)
+    gives ``a / b = a r / 2^(31+l)``. ``w = round(r M / 2^31) < 2^31`` folds the multiplier in
+    at full precision, and the output is ``round(a w / 2^(S + l))`` (``|a w| < 2^46`` for
+    16-bit ``a``; shifts beyond 62 give 0, as the exact result is below 1/4). The caller
+    keeps ``S >= 1``. A divisor that rounds to 0 (or below, which a non-negative one only
+    reaches by rounding) is taken as one step: the float op's ``eps`` guard. Error: within
+    ``1/2 + 2^-27 |q|`` output units of the exact quotient ``q = a M / (b 2^S)``."""
+    k, o = _K(ops), ops
+    b = o.where(o.less(b, o.const(1)), o.const(1), b)
+    lead = k.floor_log2(b)
+    normal = o.shl_var(b, o.sub(o.const(30), lead))
+    w = k.round_shift(o.mul(k.reciprocal(normal), o.const(multiplier)), 31)
+    amount = o.add(lead, o.const(shift))
+    amount = o.where(o.less(o.const(62), amount), o.const(62), amount)
+    product = o.add(o.mul(a, w), o.shl_var(o.const(1), o.sub(amount, o.const(1))))
+    return k.clamp(k.sra_var(product, amount), lo, hi)
 
 
 def prelu(

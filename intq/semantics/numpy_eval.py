@@ -69,6 +69,16 @@ def _compare(node: Node, a: Array, b: Array) -> list[Array]:
     return [fn(a, b)]
 
 
+@_kernel("CumSum")
+def _cumsum(node: Node, x: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    data = np.flip(x, axis) if node.attrs["reverse"] else x
+    total = np.cumsum(data, axis=axis, dtype=x.dtype)
+    if node.attrs["exclusive"]:
+        total = total - data
+    return [np.flip(total, axis) if node.attrs["reverse"] else total]
+
+
 @_kernel("Not")
 def _not(node: Node, x: Array) -> list[Array]:
     return [np.logical_not(x)]
@@ -372,6 +382,38 @@ def _qlookup(node: Node, x: Array) -> list[Array]:
     return [y.astype(_out_dtype(node))]
 
 
+@_kernel("QReduceL2")
+def _qreduce_l2(node: Node, x: Array) -> list[Array]:
+    attrs = node.attrs
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.l2_norm(
+        ops,
+        x.astype(np.int64),
+        attrs["axes"],
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["lo"],
+        attrs["hi"],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
+@_kernel("QDiv")
+def _qdiv(node: Node, a: Array, b: Array) -> list[Array]:
+    attrs = node.attrs
+    ops = kernels.NumpyOps(node.label())
+    y = kernels.divide(
+        ops,
+        a.astype(np.int64),
+        b.astype(np.int64),
+        attrs["multiplier"],
+        attrs["shift"],
+        attrs["lo"],
+        attrs["hi"],
+    )
+    return [y.astype(_out_dtype(node))]
+
+
 @_kernel("QMul")
 def _qmul(node: Node, a: Array, b: Array) -> list[Array]:
     attrs = node.attrs
@@ -450,14 +492,18 @@ def _transformer_kernel(node: Node, x: Array, keep: Array | None = None) -> list
 
 def _ceil_extra(node: Node, x: Array) -> tuple[int, ...]:
     """End padding beyond ``pads`` that ceil_mode windows reach into."""
+    return _ceil_extra_of(node, x.shape[2:])
+
+
+def _ceil_extra_of(node: Node, sizes: Sequence[int]) -> tuple[int, ...]:
     attrs = node.attrs
-    spatial = x.ndim - 2
+    spatial = len(sizes)
     dilations = attrs.get("dilations") or (1,) * spatial
     out = node.outputs[0].type.shape[2:]
     extra = []
     for i in range(spatial):
         span = dilations[i] * (attrs["kernel_shape"][i] - 1) + 1
-        padded = x.shape[2 + i] + attrs["pads"][i] + attrs["pads"][i + spatial]
+        padded = sizes[i] + attrs["pads"][i] + attrs["pads"][i + spatial]
         extra.append(max(0, (out[i] - 1) * attrs["strides"][i] + span - padded))
     return tuple(extra)
 
@@ -490,13 +536,32 @@ def _avgpool(node: Node, x: Array) -> list[Array]:
     axes = tuple(range(-len(kernel), 0))
     total = _windows(_pad_spatial(x, attrs["pads"], 0, extra), kernel, strides, ones, out)
     total = total.sum(axis=axes, dtype=np.float64)
-    # The divisor counts real elements, plus declared padding with count_include_pad;
-    # the extra end padding that ceil_mode adds never counts.
-    inside = np.ones((1, 1, *x.shape[2:]), np.float64)
+    return [(total / average_pool_counts(node)).astype(x.dtype)]
+
+
+def average_pool_counts(node: Node) -> np.ndarray:
+    """The divisor of each output position of ``AveragePool`` ``node``, ``(1, 1, *out)``
+    int64: the real elements its window covers, plus the declared padding with
+    ``count_include_pad``; the extra end padding that ceil_mode adds never counts. Known at
+    compile time: the float semantics and the integer lowering (a count per position) share
+    it."""
+    attrs = node.attrs
+    source = node.inputs[0]
+    assert source is not None
+    kernel, strides = attrs["kernel_shape"], attrs["strides"]
+    out = node.outputs[0].type.shape[2:]
+    inside = np.ones((1, 1, *source.type.shape[2:]), np.int64)
     counted = _pad_spatial(inside, attrs["pads"], 1 if attrs["count_include_pad"] else 0)
-    counted = _pad_spatial(counted, (0,) * (2 * len(kernel)), 0, extra)
-    count = _windows(counted, kernel, strides, ones, out).sum(axis=axes)
-    return [(total / count).astype(x.dtype)]
+    counted = _pad_spatial(counted, (0,) * (2 * len(kernel)), 0, average_pool_extra(node))
+    ones = (1,) * len(kernel)
+    return _windows(counted, kernel, strides, ones, out).sum(axis=tuple(range(-len(kernel), 0)))
+
+
+def average_pool_extra(node: Node) -> tuple[int, ...]:
+    """The end padding beyond ``pads`` that the ceil_mode windows of pool ``node`` reach."""
+    source = node.inputs[0]
+    assert source is not None
+    return _ceil_extra_of(node, source.type.shape[2:])
 
 
 @_kernel("GlobalAveragePool")
@@ -561,6 +626,22 @@ def _gather(node: Node, data: Array, indices: Array) -> list[Array]:
             f"Gather index {bad} out of range for axis {axis} of size {size}", node=node.label()
         )
     return [np.take(data, indices.astype(np.int64), axis=axis)]
+
+
+@_kernel("GatherElements")
+def _gather_elements(node: Node, data: Array, indices: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    size = data.shape[axis]
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        bad = indices[(indices < -size) | (indices >= size)].reshape(-1)[0]
+        raise ShapeError(
+            f"GatherElements index {bad} out of range for axis {axis} of size {size}",
+            node=node.label(),
+        )
+    index = np.where(indices < 0, indices + size, indices).astype(np.int64)
+    # The data's other axes may be longer than the indices': only their leading part is read.
+    view = data[tuple(slice(0, n) if i != axis else slice(None) for i, n in enumerate(index.shape))]
+    return [np.take_along_axis(view, index, axis=axis)]
 
 
 @_kernel("Expand")

@@ -121,6 +121,16 @@ def _where(node: Node, cond: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return torch.where(cond, x, y)
 
 
+@_rule("CumSum")
+def _cumsum(node: Node, x: Tensor) -> Tensor:
+    axis = node.attrs["axis"]
+    data = torch.flip(x, (axis,)) if node.attrs["reverse"] else x
+    total = torch.cumsum(data, dim=axis)
+    if node.attrs["exclusive"]:
+        total = total - data
+    return torch.flip(total, (axis,)) if node.attrs["reverse"] else total
+
+
 @_rule("Cast")
 def _cast(node: Node, x: Tensor) -> Tensor:
     return x.to(_out_dtype(node))
@@ -277,6 +287,14 @@ def _slice(node: Node, x: Tensor) -> Tensor:
         kept = range(*slice(start, None if end < 0 else end, step).indices(x.shape[axis]))
         x = torch.index_select(x, axis, torch.tensor(list(kept), dtype=torch.int64))
     return x
+
+
+@_rule("GatherElements")
+def _gather_elements(node: Node, data: Tensor, indices: Tensor) -> Tensor:
+    axis = node.attrs["axis"]
+    index = indices.to(torch.int64) % data.shape[axis]
+    view = data[tuple(slice(0, n) if i != axis else slice(None) for i, n in enumerate(index.shape))]
+    return torch.gather(view, axis, index)
 
 
 @_rule("Gather")
