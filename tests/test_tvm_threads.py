@@ -49,12 +49,13 @@ exe = intq.compile(graph, target="tvm")
 x = feeds[0]
 policy = tvm_threads.policy(tvm_runtime._tvm())
 first = exe.run(x)
-seen, end = set(), time.monotonic() + 3 * tvm_threads.WINDOW_S + 1.0
+end = time.monotonic() + 3 * tvm_threads.WINDOW_S + 1.0
 while time.monotonic() < end:
     out = exe.run(x)
-    seen.add(policy.threads)
     assert all(np.array_equal(first[k], out[k]) for k in first)
-print(json.dumps({"most": policy.most, "last": policy.threads, "seen": sorted(seen)}))
+after = sorted(os.sched_getaffinity(0))  # TVM must not have pinned the caller
+result = {"most": policy.most, "last": policy.threads, "cpus": policy.cpus, "after": after}
+print(json.dumps(result))
 """
 
 
@@ -86,4 +87,5 @@ def test_a_busy_core_leaves_the_pool_one_thread() -> None:
     assert child.returncode == 0, child.stderr[-3000:]
     result = json.loads(child.stdout.strip().splitlines()[-1])
     assert result["most"] == 2
+    assert result["cpus"] == result["after"] == sorted(pair)
     assert result["last"] == 1, result  # the competitor holds one of the two CPUs

@@ -48,16 +48,25 @@ ARTIFACT = "a shared object (.tar of objects for a cross target) and a manifest"
 DEFAULT_SPIN_COUNT = 0
 """How many rounds an idle worker of TVM's thread pool busy-waits for the next parallel
 region before it sleeps, unless ``TVM_THREAD_POOL_SPIN_COUNT`` says otherwise. TVM's own
-default (300000 rounds of ``sched_yield``) keeps a waiting worker on its core: next to another
-busy process, two threads then ran EfficientNet-Lite0 19x slower than one thread (measured
-with ``benchmarks/tvm_threads.py``). A worker that sleeps at once leaves the core to whoever
-needs it."""
+default (300000 rounds of ``sched_yield``) keeps a waiting worker on its core, taking it from
+whatever else needs it (``benchmarks/tvm_threads.py`` measures both)."""
+
+POOL_DEFAULTS = {
+    "TVM_THREAD_POOL_SPIN_COUNT": str(DEFAULT_SPIN_COUNT),
+    # TVM pins each pool thread, the caller's too, to one CPU. With one thread that pins the
+    # calling Python thread to CPU 0 for good: two such processes on a 2-core machine then
+    # share CPU 0 while CPU 1 idles. Unpinned, the OS places them.
+    "TVM_BIND_THREADS": "0",
+}
+"""The thread-pool settings intq gives TVM where the environment names none (TVM reads them
+once, when its pool starts)."""
 
 
 def _tvm() -> Any:
     """Import TVM on first use (``import intq`` must not pay for it), with intq's thread-pool
-    default set before TVM's pool starts (:data:`DEFAULT_SPIN_COUNT`)."""
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(DEFAULT_SPIN_COUNT))
+    defaults set before TVM's pool starts (:data:`POOL_DEFAULTS`)."""
+    for name, value in POOL_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     import tvm
     from tvm import relax  # noqa: F401  (registers the Relax namespace)
 
