@@ -398,36 +398,25 @@ def _qreduce_l2(node: Node, x: Array) -> list[Array]:
     return [y.astype(_out_dtype(node))]
 
 
-@_kernel("QDiv")
-def _qdiv(node: Node, a: Array, b: Array) -> list[Array]:
-    attrs = node.attrs
-    ops = kernels.NumpyOps(node.label())
-    y = kernels.divide(
-        ops,
-        a.astype(np.int64),
-        b.astype(np.int64),
-        attrs["multiplier"],
-        attrs["shift"],
-        attrs["lo"],
-        attrs["hi"],
-    )
-    return [y.astype(_out_dtype(node))]
+def _requantized_pair(kernel: Callable[..., Array]) -> Callable[[Node, Array, Array], list[Array]]:
+    """The numpy rule of an op whose kernel takes two integer operands and the requantization
+    attributes (``QMul``: :func:`kernels.multiply`, ``QDiv``: :func:`kernels.divide`)."""
+
+    def run(node: Node, a: Array, b: Array) -> list[Array]:
+        attrs = node.attrs
+        y = kernel(
+            kernels.NumpyOps(node.label()),
+            a.astype(np.int64),
+            b.astype(np.int64),
+            *(attrs[k] for k in ("multiplier", "shift", "lo", "hi")),
+        )
+        return [y.astype(_out_dtype(node))]
+
+    return run
 
 
-@_kernel("QMul")
-def _qmul(node: Node, a: Array, b: Array) -> list[Array]:
-    attrs = node.attrs
-    ops = kernels.NumpyOps(node.label())
-    y = kernels.multiply(
-        ops,
-        a.astype(np.int64),
-        b.astype(np.int64),
-        attrs["multiplier"],
-        attrs["shift"],
-        attrs["lo"],
-        attrs["hi"],
-    )
-    return [y.astype(_out_dtype(node))]
+_kernel("QDiv")(_requantized_pair(kernels.divide))
+_kernel("QMul")(_requantized_pair(kernels.multiply))
 
 
 @_kernel("QMask")
