@@ -206,6 +206,8 @@ def test_compile_run_inspect_bench_report_end_to_end(digits_model, digits_files,
         assert png.read_bytes().startswith(b"\x89PNG")
         values = [float(line.split()[-1]) for line in done.stdout.splitlines()[3:]]
         assert len(values) >= 6 and values == sorted(values)  # worst first
+        assert done.stdout.splitlines()[1].split()[2] == "clip"
+        assert "p99.9" in done.stdout  # the config's clipping rule, per layer
         assert "/classifier/classifier.1/Gemm" in done.stdout
 
 

@@ -35,6 +35,10 @@ from intq.semantics.numpy_eval import run_graph
 CLIP_METHODS: Final = ("minmax", "percentile", "mse")
 """The clipping methods :meth:`TensorStats.clip` accepts."""
 
+CALIBRATION_METHODS: Final = ("auto", *CLIP_METHODS)
+"""The calibration methods ``QuantConfig`` accepts: ``auto`` picks one of :data:`CLIP_METHODS`
+per tensor (:mod:`intq.passes.auto_clip`)."""
+
 DEFAULT_BINS: Final = 2048
 """Histogram bins of a :class:`TensorStats` unless told otherwise."""
 
@@ -439,6 +443,50 @@ def collect_stats(
     return stats
 
 
+@dataclass(frozen=True)
+class ClipRule:
+    """One way to turn a tensor's statistics into its clipping threshold: a
+    :meth:`TensorStats.clip` method and, for ``percentile``, its percentile."""
+
+    method: str
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.method not in CLIP_METHODS:
+            raise IntqError(
+                f"unknown clipping method {self.method!r}",
+                hint="use one of " + ", ".join(repr(m) for m in CLIP_METHODS),
+            )
+
+    def threshold(self, stats: TensorStats, bits: int, signed: bool) -> float:
+        """The clipping threshold this rule gives ``stats`` at ``bits`` bits."""
+        return stats.clip(self.method, bits, signed, self.percentile)
+
+    @property
+    def label(self) -> str:
+        """A short name for reports: ``minmax``, ``p99.99``, ``mse``."""
+        return f"p{self.percentile:g}" if self.method == "percentile" else self.method
+
+
+AUTO_CANDIDATES: Final = (
+    ClipRule("minmax"),
+    ClipRule("percentile", 99.9),
+    ClipRule("percentile", 99.99),
+    ClipRule("percentile", 99.999),
+    ClipRule("mse"),
+)
+"""The rules ``calibration="auto"`` chooses among, per tensor; ties go to the first."""
+
+AUTO_FALLBACK: Final = ClipRule("mse")
+"""The rule ``auto`` uses for a tensor it could not measure (statistics without data)."""
+
+
+class ClipChoices(ValueMap[ClipRule]):
+    """The clipping rule of each tensor. On a float graph, what ``auto-clip`` chose
+    (:class:`~intq.passes.auto_clip.AutoClip`); on an integer graph, the rule that set each
+    calibrated value's scale (stored by ``integerize``, read by the layer table)."""
+
+
 class CalibrationStats(ValueMap[TensorStats]):
     """The calibration statistics of a float graph's tensors, stored on the graph by
     :class:`Calibrate` for :class:`~intq.passes.integerize.Integerize`."""
@@ -488,7 +536,12 @@ def _tracked_outputs(graph: Graph, names: Collection[str] | None) -> list[str]:
 
 
 __all__ = [
+    "AUTO_CANDIDATES",
+    "AUTO_FALLBACK",
+    "CALIBRATION_METHODS",
     "CLIP_METHODS",
+    "ClipChoices",
+    "ClipRule",
     "Calibrate",
     "CalibrationStats",
     "DEFAULT_BINS",

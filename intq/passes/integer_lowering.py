@@ -19,6 +19,7 @@ from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.ops import Trait
+from intq.passes.calibration import AUTO_FALLBACK, ClipChoices, ClipRule
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantize_weights
 from intq.semantics.numerics import common_shift, count_divisors, dyadic, storage_dtype
@@ -190,10 +191,13 @@ class Lowering:
         stats: Mapping[Value, Stats],
         options: Integerize,
         model: ModelQuantization | None = None,
+        choices: Mapping[Value, ClipRule] | None = None,
     ):
         self.src = src
         self.stats = stats
         self.options = options
+        self.choices = choices if choices is not None else {}
+        self.clips: dict[Value, ClipRule] = {}  # the rule that set each calibrated scale
         self.model = model if model is not None else ModelQuantization({})
         self.dst = Graph(src.name)
         self.ints: dict[Value, Value] = {}
@@ -237,11 +241,18 @@ class Lowering:
             raise IntqError(f"no calibration statistics for %{value.name}", node=origin(value))
         if non_negative is None:
             non_negative = provably_non_negative(value)
-        threshold = stats.clip(
-            self.options.calibration, bits, not non_negative, self.options.percentile
-        )
+        rule = self.clip_rule(value)
+        self.clips[value] = rule
+        threshold = stats.clip(rule.method, bits, not non_negative, rule.percentile)
         qmax = (1 << bits) - 1 if non_negative else (1 << (bits - 1)) - 1
         return QuantParams(bits, not non_negative, (threshold / qmax,))
+
+    def clip_rule(self, value: Value) -> ClipRule:
+        """How ``value``'s threshold comes from its statistics: ``auto``'s choice for it, or
+        the configured method."""
+        if self.options.calibration == "auto":
+            return self.choices.get(value, AUTO_FALLBACK)
+        return ClipRule(self.options.calibration, self.options.percentile)
 
     # ----- materializing -------------------------------------------------------------
 
@@ -311,6 +322,9 @@ class Lowering:
                 self.dst.rename(out, value.name)
             outputs.append(out)
         self.dst.set_outputs(outputs)
+        self.dst.store_analysis(
+            ClipChoices({self.ints[v]: rule for v, rule in self.clips.items() if v in self.ints})
+        )
         return self.dst
 
     def input(self, value: Value) -> None:

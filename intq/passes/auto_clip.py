@@ -1,0 +1,236 @@
+"""``calibration="auto"``: choose each tensor's clipping rule by the error it causes downstream.
+
+No single clipping rule suits every model: ImageNet MobileNetV2 wants a percentile,
+EfficientNet-Lite0 min/max, a random-weight network the MSE clip. The tensor's own squared
+error (what ``mse`` minimises) is a poor judge, because what matters is how the error moves
+the layers that read the tensor: a clipped outlier that a convolution multiplies by a large
+weight costs more than many small rounding errors spread over channels it averages.
+
+:class:`AutoClip` runs after ``calibrate``. For every calibrated float tensor it measures,
+on a few calibration batches (a reservoir, :data:`AUTO_BATCHES`), each candidate rule of
+:data:`~intq.passes.calibration.AUTO_CANDIDATES`: the tensor is quantized and dequantized at
+the candidate's threshold (at the width and signedness the lowering will give it), each
+consumer node is evaluated on it with its other inputs in float, and the candidate's cost is
+the sum over consumers and batches of the relative squared error of the consumer's output
+(``sum (y_q - y)^2 / sum y^2`` per batch); a graph output also counts its own relative error. The
+cheapest candidate wins (ties go to the earlier candidate, min/max first) and is stored on
+the graph as :class:`~intq.passes.calibration.ClipChoices` for ``integerize``.
+
+Memory stays bounded: one batch's live tensors at a time, plus per tensor and candidate two
+running sums. The work is about one consumer evaluation per distinct candidate threshold,
+i.e. a few float forward passes per reservoir batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Final
+
+import numpy as np
+from tqdm import tqdm
+
+from intq.errors import PassError
+from intq.ir.graph import Graph, Value
+from intq.passes.calibration import (
+    AUTO_CANDIDATES,
+    CalibrationStats,
+    ClipChoices,
+    ClipRule,
+    TensorStats,
+    qmax,
+)
+from intq.passes.integer_lowering import is_wide, provably_non_negative
+from intq.passes.manager import Pass
+from intq.progress import show_progress
+from intq.semantics.feeds import check_feeds
+from intq.semantics.numpy_eval import evaluate
+
+if TYPE_CHECKING:
+    from intq.passes.integerize import Integerize
+
+Batch = Mapping[str, np.ndarray]
+
+AUTO_BATCHES: Final = 8
+"""How many calibration batches (a uniform reservoir sample) ``auto`` measures candidates on."""
+
+# Candidate thresholds closer than this (relatively) give the same quantization grid for
+# practical purposes: measured once.
+_SAME_THRESHOLD: Final = 1e-6
+
+
+def reservoir(
+    batches: Iterable[Batch], size: int = AUTO_BATCHES, seed: int = 0
+) -> tuple[Iterable[Batch], list[Batch]]:
+    """``batches`` to read once as before, and a list that holds, once they were read, a
+    uniform sample of ``size`` of them (Algorithm R, seeded: the same data, the same sample).
+
+    A sized collection is sampled at once and passed through unchanged (so its length still
+    shows in progress bars); any other iterable is wrapped in a generator that fills the
+    list as it goes, keeping at most ``size`` batches in memory.
+    """
+    rng = np.random.default_rng(seed)
+    if isinstance(batches, Sized) and isinstance(batches, Sequence):
+        count = len(batches)
+        picks = sorted(rng.choice(count, size=min(size, count), replace=False).tolist())
+        return batches, [batches[i] for i in picks]
+    kept: list[Batch] = []
+
+    def tee() -> Iterator[Batch]:
+        for index, batch in enumerate(batches):
+            if index < size:
+                kept.append(batch)
+            else:
+                slot = int(rng.integers(0, index + 1))
+                if slot < size:
+                    kept[slot] = batch
+            yield batch
+
+    return tee(), kept
+
+
+def fake_quantize(x: np.ndarray, threshold: float, bits: int, signed: bool) -> np.ndarray:
+    """``x`` quantized symmetrically to ``bits`` at clipping ``threshold`` and dequantized,
+    in ``x``'s dtype: what the integer graph's value stands for."""
+    top = qmax(bits, signed)
+    scale = threshold / top
+    q = np.clip(np.rint(x / scale), -top if signed else 0, top)
+    return (q * scale).astype(x.dtype, copy=False)
+
+
+@dataclass
+class _Candidates:
+    """One tensor's distinct candidate thresholds and their accumulated costs."""
+
+    bits: int
+    signed: bool
+    rules: list[list[ClipRule]]  # rules[k]: the candidates giving thresholds[k]
+    thresholds: list[float]
+    cost: np.ndarray = field(init=False)  # [k]: sum over batches and consumers
+
+    def __post_init__(self) -> None:
+        self.cost = np.zeros(len(self.thresholds))
+
+    def add(self, reference: np.ndarray, outputs: Sequence[np.ndarray]) -> None:
+        """Add one consumer's relative squared error on one batch, for each threshold's
+        ``outputs``: per batch, so that a batch of large values does not outvote the rest
+        (what a per-sample measure such as cosine or top-1 agreement sees)."""
+        ref = reference.astype(np.float64, copy=False)
+        signal = max(float(np.sum(ref * ref)), np.finfo(np.float64).tiny)
+        for k, out in enumerate(outputs):
+            diff = out.astype(np.float64, copy=False) - ref
+            self.cost[k] += float(np.sum(diff * diff)) / signal
+
+    def best(self) -> ClipRule:
+        """The cheapest rule (the first of equals)."""
+        return self.rules[int(np.argmin(self.cost))][0]
+
+
+@dataclass(frozen=True)
+class AutoClip(Pass):
+    """Choose each calibrated tensor's clipping rule among
+    :data:`~intq.passes.calibration.AUTO_CANDIDATES` by its consumers' output error on
+    ``batches`` (a few calibration batches, :func:`reservoir`); stores
+    :class:`~intq.passes.calibration.ClipChoices` for ``integerize``. Changes nothing in
+    the graph. ``lowering`` gives each tensor's width, as the lowering will; ``progress`` as
+    for :func:`~intq.passes.calibration.collect_stats`."""
+
+    name: ClassVar[str] = "auto-clip"
+    batches: Sequence[Batch] = field(default=(), repr=False, compare=False)
+    lowering: Integerize | None = field(default=None, repr=False, compare=False)
+    progress: bool | None = None
+
+    def requires(self, graph: Graph) -> None:
+        if graph.analysis(CalibrationStats) is None:
+            raise PassError(
+                "auto-clip chooses among thresholds of the calibration statistics: run the"
+                " calibrate pass first"
+            )
+
+    def apply(self, graph: Graph) -> bool:
+        stats = graph.analysis(CalibrationStats)
+        assert stats is not None
+        candidates = {v: self._candidates(graph, v, s) for v, s in stats.items()}
+        measured = {v: c for v, c in candidates.items() if len(c.thresholds) > 1}
+        show = show_progress(self.progress)
+        with tqdm(
+            self.batches, desc="choosing clips", disable=not show, file=sys.stderr, unit="batch"
+        ) as bar:
+            for batch in bar:
+                self._measure(graph, batch, measured)
+        choices = {v: c.best() if v in measured else c.rules[0][0] for v, c in candidates.items()}
+        graph.store_analysis(ClipChoices(choices))
+        return False
+
+    def _candidates(self, graph: Graph, value: Value, stats: TensorStats) -> _Candidates:
+        """The distinct thresholds of the candidates at the width and sign the lowering gives
+        ``value`` (an input is unsigned when no calibration value was negative)."""
+        producer = value.producer
+        bits = 8
+        if self.lowering is not None:
+            bits = self.lowering.bits(producer.name if producer else value.name).activations
+            if is_wide(value):
+                bits = max(bits, self.lowering.wide_bits)
+        signed = stats.min < 0 if producer is None else not provably_non_negative(value)
+        rules: list[list[ClipRule]] = []
+        thresholds: list[float] = []
+        for rule in AUTO_CANDIDATES:
+            t = rule.threshold(stats, bits, signed)
+            for k, seen in enumerate(thresholds):
+                if abs(t - seen) <= _SAME_THRESHOLD * max(t, seen):
+                    rules[k].append(rule)
+                    break
+            else:
+                rules.append([rule])
+                thresholds.append(t)
+        return _Candidates(bits, signed, rules, thresholds)
+
+    def _measure(self, graph: Graph, batch: Batch, measured: Mapping[Value, _Candidates]) -> None:
+        """Run ``graph`` on one batch, adding every candidate's consumer errors."""
+        env: dict[Value, np.ndarray] = {}
+        feeds = check_feeds(graph.inputs, batch)
+        for value in graph.inputs:
+            env[value] = feeds[value.name]
+        remaining: dict[Value, int] = {}
+        for node in graph.nodes:
+            for operand in node.inputs:
+                if operand is not None and not operand.is_const:
+                    remaining[operand] = remaining.get(operand, 0) + 1
+        outputs = set(graph.outputs)
+        for value in graph.inputs:
+            if value in measured and value in outputs:
+                self._own_error(measured[value], env[value])
+        for node in graph.nodes:
+            args = [None if v is None else (v.const if v.is_const else env[v]) for v in node.inputs]
+            results = evaluate(node, args)
+            for value, array in zip(node.outputs, results):
+                env[value] = array
+                if value in measured and value in outputs:
+                    self._own_error(measured[value], array)
+            seen: set[Value] = set()
+            for operand in node.inputs:
+                if operand is None or operand not in measured or operand in seen:
+                    continue
+                seen.add(operand)  # an operand read twice (x * x) is quantized in both places
+                cand = measured[operand]
+                trials = []
+                for t in cand.thresholds:
+                    q = fake_quantize(env[operand], t, cand.bits, cand.signed)
+                    trial = [q if v is operand else a for v, a in zip(node.inputs, args)]
+                    trials.append(evaluate(node, trial)[0])
+                cand.add(results[0], trials)
+            for operand in node.inputs:
+                if operand is None or operand.is_const:
+                    continue
+                remaining[operand] -= 1
+                if remaining[operand] == 0 and operand not in outputs:
+                    del env[operand]
+
+    @staticmethod
+    def _own_error(cand: _Candidates, array: np.ndarray) -> None:
+        """A graph output's own relative error counts as one more consumer's."""
+        cand.add(array, [fake_quantize(array, t, cand.bits, cand.signed) for t in cand.thresholds])
+
+
+__all__ = ["AUTO_BATCHES", "AutoClip", "fake_quantize", "reservoir"]
