@@ -64,6 +64,7 @@ class QuantConfig:
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
     mixed_precision: MixedPrecision | None = None
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.wide_bits not in WIDE_BITS:
@@ -97,6 +98,7 @@ class QuantConfig:
             dict(self.layer_bits),
             self.wide_bits,
             dict(self.kernels),
+            self.bias_correction,
         )
 
     @property

@@ -68,9 +68,10 @@ def lowering_pipeline(
     if calibration_data is not None:
         if lowering.calibration == "auto":
             calibration_data, kept = reservoir(calibration_data)
-            calibrate += [Calibrate(calibration_data, progress), AutoClip(kept, lowering, progress)]
+            calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction))
+            calibrate.append(AutoClip(kept, lowering, progress))
         else:
-            calibrate.append(Calibrate(calibration_data, progress))
+            calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction))
     return PassManager(
         [
             *calibrate,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Collection, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
@@ -26,7 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from intq.errors import IntqError, NumericsError
-from intq.ir.graph import Graph, Node, ValueMap
+from intq.ir.graph import Graph, Node, Value, ValueMap
+from intq.passes.bias_correction import MeanInputs
 from intq.passes.manager import Pass
 from intq.progress import show_progress
 from intq.semantics.feeds import check_feeds
@@ -355,6 +356,7 @@ def collect_stats(
     names: Collection[str] | None = None,
     *,
     progress: bool | None = None,
+    observe: Callable[[Value, np.ndarray], None] | None = None,
 ) -> dict[str, TensorStats]:
     """Run the float ``graph`` over calibration ``batches``; return value name -> statistics.
 
@@ -362,6 +364,8 @@ def collect_stats(
     float graph inputs and for the node outputs named in ``names`` (every float node output
     when ``None``). ``batches`` is iterated once, lazily, so a generator works. A progress bar
     goes to stderr when ``progress`` is true, or when it is ``None`` and stderr is a terminal.
+    ``observe(value, array)``, when given, sees every float input and node output of every
+    batch (bias correction's mean inputs gather there).
 
     Raises :class:`IntqError` for no batches or an unknown name, :class:`NumericsError` for NaN
     or Inf in an input or an intermediate value (naming the batch and the node), and the
@@ -394,6 +398,8 @@ def collect_stats(
                 )
             if name in tracked_set:
                 stats[name].update(outputs[i])
+            if observe is not None:
+                observe(node.outputs[i], outputs[i])
 
     with tqdm(
         batches, desc="calibrating", total=total, disable=not show, file=sys.stderr, unit="batch"
@@ -416,6 +422,8 @@ def collect_stats(
                             " the sample",
                         )
                     stats[value.name].update(feeds[value.name])
+                    if observe is not None:
+                        observe(value, feeds[value.name])
                 run_graph(graph, feeds, on_node=on_node)
             except NumericsError:
                 raise
@@ -499,15 +507,22 @@ class Calibrate(Pass):
 
     Changes nothing in the graph. ``batches`` and ``progress`` are the arguments of
     :func:`collect_stats`; the batches are data, not an option a pipeline string can spell.
+    ``bias_correction`` also keeps each weighted layer's mean inputs
+    (:class:`~intq.passes.bias_correction.InputMeans`) for ``integerize`` to correct its bias.
     """
 
     name: ClassVar[str] = "calibrate"
     batches: Iterable[Mapping[str, np.ndarray]] = field(default=(), repr=False, compare=False)
     progress: bool | None = None
+    bias_correction: bool = False
 
     def apply(self, graph: Graph) -> bool:
-        stats = collect_stats(graph, self.batches, progress=self.progress)
+        means = MeanInputs(graph.nodes) if self.bias_correction else None
+        observe = means.observe if means is not None else None
+        stats = collect_stats(graph, self.batches, progress=self.progress, observe=observe)
         graph.store_analysis(CalibrationStats({graph[name]: s for name, s in stats.items()}))
+        if means is not None:
+            graph.store_analysis(means.result())
         return False
 
 

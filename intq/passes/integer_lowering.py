@@ -19,6 +19,7 @@ from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.ops import Trait
+from intq.passes.bias_correction import corrected_bias
 from intq.passes.calibration import AUTO_FALLBACK, ClipChoices, ClipRule
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantize_weights
@@ -192,12 +193,14 @@ class Lowering:
         options: Integerize,
         model: ModelQuantization | None = None,
         choices: Mapping[Value, ClipRule] | None = None,
+        means: Mapping[Value, np.ndarray] | None = None,
     ):
         self.src = src
         self.stats = stats
         self.options = options
         self.choices = choices if choices is not None else {}
         self.clips: dict[Value, ClipRule] = {}  # the rule that set each calibrated scale
+        self.means = means if means is not None else {}  # bias correction's mean inputs
         self.model = model if model is not None else ModelQuantization({})
         self.dst = Graph(src.name)
         self.ints: dict[Value, Value] = {}
@@ -357,7 +360,9 @@ class Lowering:
         self, node: Node, x: Value, axis: int, bias: np.ndarray | None, alpha: float = 1.0
     ) -> tuple[Value, Value | None]:
         """The constant weight (input 1, times ``alpha``) per channel along ``axis``, and
-        the float ``bias`` as int32 at ``s_x * s_w[c]``.
+        the float ``bias`` as int32 at ``s_x * s_w[c]``, less the mean shift the weights'
+        rounding causes where bias correction has the layer's mean input (a layer without a
+        bias then gets one).
 
         A BatchNorm with a tiny gamma leaves a channel with tiny weights but a real bias;
         its weight scale is raised until the bias fits comfortably in int32 (below 2^30).
@@ -385,6 +390,12 @@ class Lowering:
         q, scales = quantize_weights(value.const * alpha, bits, axis, floor, given)
         w = self.dst.add_constant(q, value.name)
         w.type = w.type.with_quant(channel_quant(bits, scales, axis, narrow=True))
+        mean = self.means.get(node.output) if given is None else None
+        if mean is not None:  # a pre-quantized model's own integers and biases stay as they are
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            dequantized = q * np.asarray(scales).reshape(shape)
+            bias = corrected_bias(bias, value.const * alpha, dequantized, axis, mean)
         if bias is None:
             return w, None
         acc_scales = tuple(s_x * s for s in scales) * (bias.size // channels)

@@ -58,6 +58,7 @@ from typing import ClassVar
 from intq.errors import IntqError, PassError
 from intq.ir.graph import Graph, Value
 from intq.ops import OPS, KernelSpec
+from intq.passes.bias_correction import InputMeans
 from intq.passes.calibration import CALIBRATION_METHODS, CalibrationStats, ClipChoices, ClipRule
 from intq.passes.integer_lowering import Lowering, Stats
 from intq.passes.integer_rules import LOWERINGS
@@ -83,7 +84,10 @@ class Integerize(Pass):
     there is none; the pass's own default stays ``minmax``, which needs no second look at
     the data), per-layer widths by
     original node name, the transformer's residual width and the kernel variants
-    (``{"softmax": "shift"}``; the others keep their defaults).
+    (``{"softmax": "shift"}``; the others keep their defaults), and ``bias_correction``: remove
+    each weighted layer's mean output shift from weight rounding from its integer bias, with
+    the :class:`~intq.passes.bias_correction.InputMeans` that ``calibrate`` stored
+    (:mod:`intq.passes.bias_correction`; layers without means are left as they are).
     """
 
     name: ClassVar[str] = "integerize"
@@ -94,6 +98,7 @@ class Integerize(Pass):
     layer_bits: Mapping[str, LayerBits] = field(default_factory=dict)
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
@@ -143,7 +148,8 @@ class Integerize(Pass):
         stats = graph.analysis(CalibrationStats)
         model = graph.analysis(ModelQuantization)
         choices = graph.analysis(ClipChoices)
-        lowering = Lowering(graph, stats if stats is not None else {}, self, model, choices)
+        means = graph.analysis(InputMeans) if self.bias_correction else None
+        lowering = Lowering(graph, stats if stats is not None else {}, self, model, choices, means)
         return PassResult(lowering.run(LOWERINGS), True)
 
 
