@@ -378,6 +378,7 @@ def _config(args: argparse.Namespace) -> intq.QuantConfig:
         "activation_bits": args.activation_bits,
         "calibration": args.calibration,
         "percentile": args.percentile,
+        "bias_correction": args.bias_correction,
         "mixed_precision": mixed_precision_from_args(args),
     }
     progress = False if args.quiet else None
@@ -783,6 +784,11 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
         help="default auto: per tensor, the clip that least disturbs the layers reading it",
     )
     command.add_argument("--percentile", type=float, help="for --calibration percentile")
+    command.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        help="remove the mean output shift of weight rounding from each layer's integer bias",
+    )
     command.add_argument(
         "--weight-bits",
         type=int,

@@ -38,7 +38,10 @@ class QuantConfig:
     the error each causes in the layers reading the tensor, measured on a few calibration
     batches (:mod:`intq.passes.auto_clip`); or one rule for every tensor: ``minmax``,
     ``percentile`` (of ``|x|``, with ``percentile``), or ``mse`` (the clipping that
-    minimises the tensor's own expected squared error). ``mixed_precision`` (a
+    minimises the tensor's own expected squared error). ``bias_correction`` removes from each
+    Conv/Gemm/MatMul's integer bias the mean output shift its weights' rounding causes, from
+    the layer's mean input over the calibration data (:mod:`intq.passes.bias_correction`;
+    only integer biases change). ``mixed_precision`` (a
     :class:`intq.MixedPrecision`) chooses each layer's weight bits to meet a budget
     (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.
 

@@ -57,7 +57,7 @@ AUTO_BATCHES: Final = 8
 
 # Candidate thresholds closer than this (relatively) give the same quantization grid for
 # practical purposes: measured once.
-_SAME_THRESHOLD: Final = 1e-6
+_SAME_THRESHOLD: Final = 1e-3
 
 
 def reservoir(
@@ -123,8 +123,9 @@ class _Candidates:
             self.cost[k] += float(np.sum(diff * diff)) / signal
 
     def best(self) -> ClipRule:
-        """The cheapest rule (the first of equals)."""
-        return self.rules[int(np.argmin(self.cost))][0]
+        """The cheapest rule (the first of equals; a consumer that overflowed to Inf or NaN on
+        a candidate rules it out)."""
+        return self.rules[int(np.argmin(np.nan_to_num(self.cost, nan=np.inf)))][0]
 
 
 @dataclass(frozen=True)
