@@ -84,6 +84,13 @@ def test_auto_clip_pass_stores_a_candidate_per_tensor():
     assert choices is not None
     assert {v.name for v in choices} == {"x", "fc1", "relu", "fc2"}
     assert all(rule in AUTO_CANDIDATES for rule in choices.values())
+    # Only the input and the ReLU's output get scales: fc1's accumulator is clamped by the
+    # ReLU, fc2's is dequantized as it is. The others are neither measured nor simulated.
+    stats = graph.analysis(intq.passes.calibration.CalibrationStats)
+    assert {v.name for v in AutoClip(lowering=lowering)._scaled_values(graph, stats)} == {
+        "x",
+        "relu",
+    }
 
 
 def test_auto_clip_needs_the_statistics():
