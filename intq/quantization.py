@@ -36,7 +36,9 @@ class QuantConfig:
     :class:`LayerBits`. ``calibration`` picks the activation range: ``auto`` (the default)
     chooses per tensor among min/max, the 99.9/99.99/99.999 percentiles and the MSE clip by
     the error each causes in the layers reading the tensor, measured on a few calibration
-    batches (:mod:`intq.passes.auto_clip`); or one rule for every tensor: ``minmax``,
+    batches, and keeps these choices where the whole integer model follows FP32 more closely
+    with them than with any single rule, on other calibration batches
+    (:mod:`intq.passes.auto_clip`); or one rule for every tensor: ``minmax``,
     ``percentile`` (of ``|x|``, with ``percentile``), or ``mse`` (the clipping that
     minimises the tensor's own expected squared error). ``bias_correction`` removes from each
     Conv/Gemm/MatMul's integer bias the mean output shift its weights' rounding causes, from
