@@ -787,8 +787,8 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--bias-correction",
         action=argparse.BooleanOptionalAction,
-        help="default on: remove the mean output shift of weight rounding from each layer's"
-        " integer bias",
+        help="remove the mean output shift of weight rounding from each layer's integer bias"
+        " (default off)",
     )
     command.add_argument(
         "--weight-bits",

@@ -40,7 +40,7 @@ class QuantConfig:
     with them than with any single rule, on other calibration batches
     (:mod:`intq.passes.auto_clip`); or one rule for every tensor: ``minmax``,
     ``percentile`` (of ``|x|``, with ``percentile``), or ``mse`` (the clipping that
-    minimises the tensor's own expected squared error). ``bias_correction`` (on by default)
+    minimises the tensor's own expected squared error). ``bias_correction`` (off by default)
     removes from each Conv/Gemm/MatMul's integer bias the mean output shift its weights'
     rounding causes, from the layer's mean input over the calibration data
     (:mod:`intq.passes.bias_correction`; only integer biases change). ``mixed_precision`` (a
@@ -69,7 +69,7 @@ class QuantConfig:
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
     mixed_precision: MixedPrecision | None = None
-    bias_correction: bool = True
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.wide_bits not in WIDE_BITS:
