@@ -61,6 +61,7 @@ from benchmarks.machine import cpu_description, load_average
 from examples import corpus
 from intq.ir import Graph
 from intq.ops import Trait
+from intq.passes.calibration import CALIBRATION_METHODS
 from intq.passes.integer_only import census
 from intq.progress import show_progress
 
@@ -255,9 +256,11 @@ def cover(
     out_dir: Path,
     targets: Sequence[str] = TARGETS,
     step: Callable[[str], None] = lambda _: None,
+    config: intq.QuantConfig | None = None,
     latency: bool = False,
 ) -> Row:
-    """Run corpus entry ``name`` through every step; never raises for an intq failure."""
+    """Run corpus entry ``name`` through every step, quantized with ``config`` (the default
+    ``QuantConfig`` without a progress bar when ``None``); never raises for an intq failure."""
     entry = corpus.CORPUS[name]
     row = Row(name, entry.family)
     start = time.perf_counter()
@@ -300,7 +303,7 @@ def cover(
         return _finish(row, start)
     step("quantize")
     try:
-        int_graph = intq.quantize(graph, calib, intq.QuantConfig(progress=False))
+        int_graph = intq.quantize(graph, calib, config or intq.QuantConfig(progress=False))
         row.steps["quantize"] = "ok"
     except intq.IntqError as err:
         row.fail("quantize", err)
@@ -350,16 +353,21 @@ def cover(
 
 
 def safe_cover(
-    name: str, out_dir: Path, targets: Sequence[str], bar: Any, latency: bool = False
+    name: str,
+    out_dir: Path,
+    targets: Sequence[str],
+    bar: Any,
+    config: intq.QuantConfig | None = None,
+    latency: bool = False,
 ) -> Row:
     """:func:`cover`, with a crash (a bug in intq or in the corpus) shown as the row's note."""
     bar.set_postfix_str(name)
 
-    def show(step: str) -> None:
-        bar.set_postfix_str(f"{name}: {step}")
+    def step(what: str) -> None:
+        bar.set_postfix_str(f"{name}: {what}")
 
     try:
-        return cover(name, out_dir, targets, show, latency)
+        return cover(name, out_dir, targets, step, config, latency)
     except Exception as err:
         row = Row(name, corpus.CORPUS[name].family, note=f"crash: {describe(err)}")
         return _finish(row, time.perf_counter())
@@ -441,7 +449,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also time intq TVM against ONNX Runtime FP32 on one sample, one thread each",
     )
+    parser.add_argument(
+        "--calibration",
+        choices=CALIBRATION_METHODS,
+        help="QuantConfig's calibration (default: its default, auto)",
+    )
+    parser.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        help="QuantConfig's bias_correction (default: its default)",
+    )
     args = parser.parse_args(argv)
+    options = {"calibration": args.calibration, "bias_correction": args.bias_correction}
+    config = intq.QuantConfig(progress=False, **{k: v for k, v in options.items() if v is not None})
     # One thread for TVM's pool too (read once, when the pool starts), for a fair ratio.
     os.environ.setdefault("TVM_NUM_THREADS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -454,13 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = args.targets.split(",")
     print(f"# intq coverage, {time.strftime('%Y-%m-%d')}, {cpu_description()}")
     print(f"# load average at start {load_average():.2f}; torch {torch.__version__}")
+    print(f"# calibration {config.calibration}, bias correction {config.bias_correction}")
     rows: list[Row] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         shown = show_progress(False if args.quiet else None)
         with tqdm(total=len(names), desc="coverage", disable=not shown, leave=False) as bar:
             for name in names:
-                rows.append(safe_cover(name, Path(tmp), targets, bar, args.latency))
+                rows.append(safe_cover(name, Path(tmp), targets, bar, config, args.latency))
                 bar.update()
     print(table(rows))
     print(f"# {len(rows)} models in {time.perf_counter() - start:.0f} s")

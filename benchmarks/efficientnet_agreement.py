@@ -10,10 +10,10 @@ Run from the repository root (the ``dev`` extra installed)::
 What runs, every executable on the same evaluation crops:
 
 * the FP32 model in an ONNX Runtime CPU session: the reference every other row is compared to;
-* intq INT8 (``intq.quantize``, integer-only) calibrated with ``minmax``, ``percentile`` and
-  ``mse``, then intq with 7-bit and with 4-bit weights / 8-bit activations using the INT8
-  method that agreed best (7 bits: what the TVM backend's byte kernel needs on AVX2); intq
-  graphs run in intq's numpy reference interpreter;
+* intq INT8 (``intq.quantize``, integer-only) calibrated with ``minmax``, ``percentile``,
+  ``mse`` and ``auto`` (the default: a rule per tensor), then intq with 7-bit and with 4-bit
+  weights / 8-bit activations using the INT8 method that agreed best (7 bits: what the TVM
+  backend's byte kernel needs on AVX2); intq graphs run in intq's numpy reference interpreter;
 * ONNX Runtime's ``quantize_static`` on the same FP32 model (after ``quant_pre_process``): QDQ
   format, per-channel weights, s8s8 and u8s8 (``reduce_range=True``), calibrated with MinMax,
   Entropy and Percentile on the same calibration crops as intq; each ORT model also runs a
@@ -92,7 +92,7 @@ PERCENTILE = 99.99
 ORT_MAX_IR_VERSION = 13
 """The newest ONNX IR version onnxruntime 1.31 loads; onnx 1.23 stamps 14 on new models."""
 
-INTQ_METHODS = ("minmax", "percentile", "mse")
+INTQ_METHODS = ("minmax", "percentile", "mse", "auto")
 
 
 @dataclass(frozen=True)

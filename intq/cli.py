@@ -41,7 +41,7 @@ from intq.inspection import layer_sqnr, layer_table, table
 from intq.ir import Graph, Value, from_text, to_text
 from intq.mixed_precision import SENSITIVITY_METHODS
 from intq.ops import Trait
-from intq.passes.calibration import CLIP_METHODS
+from intq.passes.calibration import CALIBRATION_METHODS
 from intq.passes.integer_only import census
 from intq.passes.model_quantization import ModelQuantization
 from intq.vectors import read_manifest
@@ -378,6 +378,7 @@ def _config(args: argparse.Namespace) -> intq.QuantConfig:
         "activation_bits": args.activation_bits,
         "calibration": args.calibration,
         "percentile": args.percentile,
+        "bias_correction": args.bias_correction,
         "mixed_precision": mixed_precision_from_args(args),
     }
     progress = False if args.quiet else None
@@ -721,7 +722,15 @@ def _report(args: argparse.Namespace) -> int:
     print(f"per-layer SQNR vs FP32 on {len(batches)} calibration batches, worst first:")
     print(
         table(
-            [{"layer": r["layer"], "op": r["op"], "SQNR dB": f"{r['sqnr_db']:.1f}"} for r in shown]
+            [
+                {
+                    "layer": r["layer"],
+                    "op": r["op"],
+                    "clip": r["clip"],
+                    "SQNR dB": f"{r['sqnr_db']:.1f}",
+                }
+                for r in shown
+            ]
         )
     )
     path = _plot(shown, args.output, f"{args.model.name}: per-layer SQNR (worst at the top)")
@@ -769,8 +778,18 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
         metavar="CFG.toml",
         help="QuantConfig as TOML (flags given here override it)",
     )
-    command.add_argument("--calibration", choices=CLIP_METHODS, help="default minmax")
+    command.add_argument(
+        "--calibration",
+        choices=CALIBRATION_METHODS,
+        help="default auto: per tensor, the clip that least disturbs the layers reading it",
+    )
     command.add_argument("--percentile", type=float, help="for --calibration percentile")
+    command.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        help="remove the mean output shift of weight rounding from each layer's integer bias"
+        " (default off)",
+    )
     command.add_argument(
         "--weight-bits",
         type=int,

@@ -2,8 +2,9 @@
 
     weight_bits = 8
     activation_bits = 8
-    calibration = "percentile"     # minmax | percentile | mse
+    calibration = "auto"           # auto | minmax | percentile | mse
     percentile = 99.99
+    bias_correction = true         # remove the mean output shift of weight rounding
 
     [layer_bits."layer3.1.conv2"]  # by original node name, as `intq inspect --ir` prints
     weights = 4

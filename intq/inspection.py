@@ -1,7 +1,8 @@
 """What a user reads about a converted model: per-layer bits and scales, per-layer error.
 
 - :func:`layer_table` lists every integer layer (``QConv``, ``QGemm``, ``QMatMul``,
-  ``QAdd``, pools) with its input, weight and output bits and scales.
+  ``QAdd``, pools) with its input, weight and output bits and scales, and the clipping rule
+  that set its output's scale (``calibration="auto"`` chooses one per tensor).
 - :func:`layer_sqnr` runs the float graph and the integer graph side by side on calibration
   data and measures, per layer, the signal-to-quantization-noise ratio of the layer's output
   (``10 log10(sum f^2 / sum (f - q)^2)`` over all samples), worst first: the layer that
@@ -22,6 +23,7 @@ from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.ops import Trait
 from intq.passes import PREPARE, pipeline
+from intq.passes.calibration import ClipChoices
 from intq.progress import show_progress
 from intq.semantics.numpy_eval import run_graph
 
@@ -48,8 +50,26 @@ def _result(node: Node) -> Value:
     return out
 
 
+def clip_labels(graph: Graph) -> dict[str, str]:
+    """Layer name -> the clipping rule (``minmax``, ``p99.99``, ``mse``) that set the scale of
+    its output, for the layers of an integer graph fresh from ``quantize`` (the rules are not
+    saved in artifacts: a loaded graph has none)."""
+    choices = graph.analysis(ClipChoices)
+    if choices is None:
+        return {}
+    labels = {}
+    for node in graph:
+        rule = choices.get(_result(node)) or choices.get(node.output)
+        if rule is not None:
+            labels[node.label()] = rule.label
+    return labels
+
+
 def layer_table(graph: Graph) -> list[dict[str, Any]]:
-    """One row per integer layer: name, op, input/weight/output bits and scales."""
+    """One row per integer layer: name, op, input/weight/output bits and scales, and the
+    clipping rule of its output (``-`` where none is known: an accumulator output, a graph
+    read from an artifact)."""
+    clips = clip_labels(graph)
     rows = []
     for node in graph:
         if not node.opdef.has(Trait.LAYER):
@@ -69,6 +89,7 @@ def layer_table(graph: Graph) -> list[dict[str, Any]]:
                 "output": f"{_bits_text(out.type.quant)} @ {_scale_text(out.type.quant)}"
                 if out.type.quant is not None
                 else f"{out.type.dtype.value} (float)",
+                "clip": clips.get(node.label(), "-"),
             }
         )
     return rows
@@ -133,7 +154,8 @@ def layer_sqnr(
     progress: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Per-layer SQNR (dB) of ``int_graph`` against ``float_graph`` over ``batches``, worst
-    first. Layers are matched by their original node names; ``float_graph`` should be the
+    first, with the clipping rule of each layer's output (``clip``). Layers are matched by
+    their original node names; ``float_graph`` should be the
     float graph ``quantize`` started from (BatchNorm folding keeps the names)."""
     prepared = float_graph.copy()
     pipeline(PREPARE)(prepared)
@@ -155,12 +177,19 @@ def layer_sqnr(
             entry.signal += float(np.sum(reference.astype(np.float64) ** 2))
             entry.noise += float(np.sum((reference - actual) ** 2))
     order = [n.label() for n in int_graph]
+    clips = clip_labels(int_graph)
     rows = [
-        {"layer": label, "op": e.op, "sqnr_db": e.sqnr, "position": order.index(label)}
+        {
+            "layer": label,
+            "op": e.op,
+            "sqnr_db": e.sqnr,
+            "position": order.index(label),
+            "clip": clips.get(label, "-"),
+        }
         for label, e in energy.items()
     ]
     rows.sort(key=lambda r: (r["sqnr_db"], r["position"]))
     return rows
 
 
-__all__ = ["layer_sqnr", "layer_table", "real_value", "table"]
+__all__ = ["clip_labels", "layer_sqnr", "layer_table", "real_value", "table"]

@@ -21,7 +21,7 @@ from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.mixed_precision import MixedPrecision, plan_bits
 from intq.passes import PREPARE, DumpHook, lowering_pipeline, pipeline
-from intq.passes.calibration import CLIP_METHODS
+from intq.passes.calibration import CALIBRATION_METHODS
 from intq.passes.integerize import Integerize
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import ACTIVATION_BITS, WEIGHT_BITS, WIDE_BITS, LayerBits
@@ -33,9 +33,17 @@ class QuantConfig:
 
     ``weight_bits`` and ``activation_bits`` apply to every layer unless
     ``layer_bits`` names the layer (its original node name) with its own
-    :class:`LayerBits`. ``calibration`` picks the activation range:
-    ``minmax``, ``percentile`` (of ``|x|``, with ``percentile``), or ``mse``
-    (the clipping that minimises the expected squared error). ``mixed_precision`` (a
+    :class:`LayerBits`. ``calibration`` picks the activation range: ``auto`` (the default)
+    chooses per tensor among min/max, the 99.9/99.99/99.999 percentiles and the MSE clip by
+    the error each causes in the layers reading the tensor, measured on a few calibration
+    batches, and keeps these choices where the whole integer model follows FP32 more closely
+    with them than with any single rule, on other calibration batches
+    (:mod:`intq.passes.auto_clip`); or one rule for every tensor: ``minmax``,
+    ``percentile`` (of ``|x|``, with ``percentile``), or ``mse`` (the clipping that
+    minimises the tensor's own expected squared error). ``bias_correction`` (off by default)
+    removes from each Conv/Gemm/MatMul's integer bias the mean output shift its weights'
+    rounding causes, from the layer's mean input over the calibration data
+    (:mod:`intq.passes.bias_correction`; only integer biases change). ``mixed_precision`` (a
     :class:`intq.MixedPrecision`) chooses each layer's weight bits to meet a budget
     (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.
 
@@ -54,23 +62,24 @@ class QuantConfig:
 
     weight_bits: int = 8
     activation_bits: int = 8
-    calibration: str = "minmax"
+    calibration: str = "auto"
     percentile: float = 99.99
     layer_bits: Mapping[str, LayerBits] = field(default_factory=dict)
     progress: bool | None = None
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
     mixed_precision: MixedPrecision | None = None
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.wide_bits not in WIDE_BITS:
             raise IntqError(
                 f"wide_bits must be one of {', '.join(map(str, WIDE_BITS))}, got {self.wide_bits}"
             )
-        if self.calibration not in CLIP_METHODS:
+        if self.calibration not in CALIBRATION_METHODS:
             raise IntqError(
                 f"unknown calibration method {self.calibration!r}",
-                hint=f"use one of {', '.join(CLIP_METHODS)}",
+                hint=f"use one of {', '.join(CALIBRATION_METHODS)}",
             )
         if not 0 < self.percentile <= 100:
             raise IntqError(f"percentile must be in (0, 100], got {self.percentile}")
@@ -94,6 +103,7 @@ class QuantConfig:
             dict(self.layer_bits),
             self.wide_bits,
             dict(self.kernels),
+            self.bias_correction,
         )
 
     @property

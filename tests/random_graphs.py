@@ -371,7 +371,7 @@ def random_case(seed: int, transformer: bool = False):
     config = intq.QuantConfig(
         weight_bits=int(rng.integers(4, 9)),
         activation_bits=int(rng.integers(4, 9)),
-        calibration=str(rng.choice(["minmax", "percentile", "mse"])),
+        calibration=str(rng.choice(["auto", "minmax", "percentile", "mse"])),
         kernels=kernels,
         wide_bits=wide_bits,
     )

@@ -224,12 +224,13 @@ def test_the_demo_says_each_models_calibration_and_readable_latencies(tmp_path, 
 def test_config_file(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text(
-        'calibration = "percentile"\npercentile = 99\nweight_bits = 8\n'
+        'calibration = "percentile"\npercentile = 99\nweight_bits = 8\nbias_correction = true\n'
         '[kernels]\nsoftmax = "lut"\n[layer_bits."features.0"]\nweights = 4\n'
         '[mixed_precision]\nsize_mb = 2\nsensitivity = "direct"\ncandidates = [4, 8]\n'
     )
     config = load_config(good, weight_bits=None, activation_bits=8)
     assert config.calibration == "percentile" and config.percentile == 99.0
+    assert config.bias_correction
     assert config.kernels == {"softmax": "lut"}
     assert config.layer_bits["features.0"] == intq.LayerBits(weights=4, activations=8)
     assert config.mixed_precision == intq.MixedPrecision(
@@ -238,7 +239,8 @@ def test_config_file(tmp_path):
     for text, match, hint in [
         ("weight_bit = 4\n", "unknown config key 'weight_bit'", "weight_bits"),
         ('weight_bits = "8"\n', "'weight_bits' must be a int", "weight_bits = 8"),
-        ('calibration = "best"\n', "unknown calibration method 'best'", "minmax"),
+        ('calibration = "best"\n', "unknown calibration method 'best'", "auto, minmax"),
+        ('bias_correction = "yes"\n', "'bias_correction' must be a bool", "bias_correction ="),
         ('[layer_bits."a"]\nweight = 4\n', "unknown key 'weight' in layer_bits", "weights"),
         ("weight_bits = \n", "not valid TOML", None),
         ("[mixed_precision]\nsize = 2\n", "unknown key 'size' in mixed_precision", "size_mb"),

@@ -78,6 +78,7 @@ def test_quantize_command_writes_an_integer_only_graph(digits_model, tmp_path):
         str(out),
         "--calibration",
         "percentile",
+        "--bias-correction",
         "--quiet",
     )
     assert done.returncode == 0, done.stderr
@@ -87,7 +88,8 @@ def test_quantize_command_writes_an_integer_only_graph(digits_model, tmp_path):
     # The same result as the Python API on the same batches.
     graph = intq.from_onnx(digits_model.path)
     batches = [{"input": zoo._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
-    api = intq.quantize(graph, batches, intq.QuantConfig(calibration="percentile"))
+    config = intq.QuantConfig(calibration="percentile", bias_correction=True)
+    api = intq.quantize(graph, batches, config)
     assert intq.ir.to_text(intq.load(out).graph) == intq.ir.to_text(api)
 
 
@@ -206,6 +208,8 @@ def test_compile_run_inspect_bench_report_end_to_end(digits_model, digits_files,
         assert png.read_bytes().startswith(b"\x89PNG")
         values = [float(line.split()[-1]) for line in done.stdout.splitlines()[3:]]
         assert len(values) >= 6 and values == sorted(values)  # worst first
+        assert done.stdout.splitlines()[1].split()[2] == "clip"
+        assert "p99.9" in done.stdout  # the config's clipping rule, per layer
         assert "/classifier/classifier.1/Gemm" in done.stdout
 
 

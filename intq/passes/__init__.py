@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from intq.passes.auto_clip import AutoClip, reservoir
 from intq.passes.calibration import Calibrate
 from intq.passes.constant_folding import ConstantFolding
 from intq.passes.dce import DeadCodeElimination
@@ -57,13 +58,20 @@ def lowering_pipeline(
     dump: DumpHook | None = None,
 ) -> PassManager:
     """The core steps after the float clean-up, as one pipeline: ``calibrate`` (on the data),
-    ``integerize`` (with ``lowering``'s options), ``range-analysis`` (the overflow proof, kept
-    on the graph for the backends), ``check-integer-only`` and ``verify``; ``verify_each`` and
-    ``dump`` as for :func:`pipeline`. Without ``calibration_data`` there is no ``calibrate``
-    step: a pre-quantized model's graph carries its own ranges (``ModelQuantization``)."""
+    ``auto-clip`` when ``lowering`` calibrates ``auto`` (on a reservoir of the same data, read
+    once), ``integerize`` (with ``lowering``'s options), ``range-analysis`` (the overflow
+    proof, kept on the graph for the backends), ``check-integer-only`` and ``verify``;
+    ``verify_each`` and ``dump`` as for :func:`pipeline`. Without ``calibration_data`` there
+    is no ``calibrate`` step: a pre-quantized model's graph carries its own ranges
+    (``ModelQuantization``)."""
     calibrate: list[Pass] = []
     if calibration_data is not None:
-        calibrate.append(Calibrate(calibration_data, progress))
+        if lowering.calibration == "auto":
+            calibration_data, kept = reservoir(calibration_data)
+            calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction))
+            calibrate.append(AutoClip(kept, lowering, progress))
+        else:
+            calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction))
     return PassManager(
         [
             *calibrate,
@@ -80,6 +88,7 @@ def lowering_pipeline(
 __all__ = [
     "PASSES",
     "PREPARE",
+    "AutoClip",
     "Calibrate",
     "CheckIntegerOnly",
     "ConstantFolding",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Collection, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
@@ -26,7 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from intq.errors import IntqError, NumericsError
-from intq.ir.graph import Graph, Node, ValueMap
+from intq.ir.graph import Graph, Node, Value, ValueMap
+from intq.passes.bias_correction import MeanInputs
 from intq.passes.manager import Pass
 from intq.progress import show_progress
 from intq.semantics.feeds import check_feeds
@@ -34,6 +35,10 @@ from intq.semantics.numpy_eval import run_graph
 
 CLIP_METHODS: Final = ("minmax", "percentile", "mse")
 """The clipping methods :meth:`TensorStats.clip` accepts."""
+
+CALIBRATION_METHODS: Final = ("auto", *CLIP_METHODS)
+"""The calibration methods ``QuantConfig`` accepts: ``auto`` picks one of :data:`CLIP_METHODS`
+per tensor (:mod:`intq.passes.auto_clip`)."""
 
 DEFAULT_BINS: Final = 2048
 """Histogram bins of a :class:`TensorStats` unless told otherwise."""
@@ -351,6 +356,7 @@ def collect_stats(
     names: Collection[str] | None = None,
     *,
     progress: bool | None = None,
+    observe: Callable[[Value, np.ndarray], None] | None = None,
 ) -> dict[str, TensorStats]:
     """Run the float ``graph`` over calibration ``batches``; return value name -> statistics.
 
@@ -358,6 +364,8 @@ def collect_stats(
     float graph inputs and for the node outputs named in ``names`` (every float node output
     when ``None``). ``batches`` is iterated once, lazily, so a generator works. A progress bar
     goes to stderr when ``progress`` is true, or when it is ``None`` and stderr is a terminal.
+    ``observe(value, array)``, when given, sees every float input and node output of every
+    batch (bias correction's mean inputs gather there).
 
     Raises :class:`IntqError` for no batches or an unknown name, :class:`NumericsError` for NaN
     or Inf in an input or an intermediate value (naming the batch and the node), and the
@@ -390,6 +398,8 @@ def collect_stats(
                 )
             if name in tracked_set:
                 stats[name].update(outputs[i])
+            if observe is not None:
+                observe(node.outputs[i], outputs[i])
 
     with tqdm(
         batches, desc="calibrating", total=total, disable=not show, file=sys.stderr, unit="batch"
@@ -412,6 +422,8 @@ def collect_stats(
                             " the sample",
                         )
                     stats[value.name].update(feeds[value.name])
+                    if observe is not None:
+                        observe(value, feeds[value.name])
                 run_graph(graph, feeds, on_node=on_node)
             except NumericsError:
                 raise
@@ -439,6 +451,50 @@ def collect_stats(
     return stats
 
 
+@dataclass(frozen=True)
+class ClipRule:
+    """One way to turn a tensor's statistics into its clipping threshold: a
+    :meth:`TensorStats.clip` method and, for ``percentile``, its percentile."""
+
+    method: str
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.method not in CLIP_METHODS:
+            raise IntqError(
+                f"unknown clipping method {self.method!r}",
+                hint="use one of " + ", ".join(repr(m) for m in CLIP_METHODS),
+            )
+
+    def threshold(self, stats: TensorStats, bits: int, signed: bool) -> float:
+        """The clipping threshold this rule gives ``stats`` at ``bits`` bits."""
+        return stats.clip(self.method, bits, signed, self.percentile)
+
+    @property
+    def label(self) -> str:
+        """A short name for reports: ``minmax``, ``p99.99``, ``mse``."""
+        return f"p{self.percentile:g}" if self.method == "percentile" else self.method
+
+
+AUTO_CANDIDATES: Final = (
+    ClipRule("minmax"),
+    ClipRule("percentile", 99.9),
+    ClipRule("percentile", 99.99),
+    ClipRule("percentile", 99.999),
+    ClipRule("mse"),
+)
+"""The rules ``calibration="auto"`` chooses among, per tensor; ties go to the first."""
+
+AUTO_FALLBACK: Final = ClipRule("mse")
+"""The rule ``auto`` uses for a tensor it could not measure (statistics without data)."""
+
+
+class ClipChoices(ValueMap[ClipRule]):
+    """The clipping rule of each tensor. On a float graph, what ``auto-clip`` chose
+    (:class:`~intq.passes.auto_clip.AutoClip`); on an integer graph, the rule that set each
+    calibrated value's scale (stored by ``integerize``, read by the layer table)."""
+
+
 class CalibrationStats(ValueMap[TensorStats]):
     """The calibration statistics of a float graph's tensors, stored on the graph by
     :class:`Calibrate` for :class:`~intq.passes.integerize.Integerize`."""
@@ -451,15 +507,22 @@ class Calibrate(Pass):
 
     Changes nothing in the graph. ``batches`` and ``progress`` are the arguments of
     :func:`collect_stats`; the batches are data, not an option a pipeline string can spell.
+    ``bias_correction`` also keeps each weighted layer's mean inputs
+    (:class:`~intq.passes.bias_correction.InputMeans`) for ``integerize`` to correct its bias.
     """
 
     name: ClassVar[str] = "calibrate"
     batches: Iterable[Mapping[str, np.ndarray]] = field(default=(), repr=False, compare=False)
     progress: bool | None = None
+    bias_correction: bool = False
 
     def apply(self, graph: Graph) -> bool:
-        stats = collect_stats(graph, self.batches, progress=self.progress)
+        means = MeanInputs(graph.nodes) if self.bias_correction else None
+        observe = means.observe if means is not None else None
+        stats = collect_stats(graph, self.batches, progress=self.progress, observe=observe)
         graph.store_analysis(CalibrationStats({graph[name]: s for name, s in stats.items()}))
+        if means is not None:
+            graph.store_analysis(means.result())
         return False
 
 
@@ -488,7 +551,12 @@ def _tracked_outputs(graph: Graph, names: Collection[str] | None) -> list[str]:
 
 
 __all__ = [
+    "AUTO_CANDIDATES",
+    "AUTO_FALLBACK",
+    "CALIBRATION_METHODS",
     "CLIP_METHODS",
+    "ClipChoices",
+    "ClipRule",
     "Calibrate",
     "CalibrationStats",
     "DEFAULT_BINS",

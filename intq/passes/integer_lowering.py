@@ -19,6 +19,8 @@ from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.ops import Trait
+from intq.passes.bias_correction import corrected_bias
+from intq.passes.calibration import AUTO_FALLBACK, ClipChoices, ClipRule
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantize_weights
 from intq.semantics.numerics import common_shift, count_divisors, dyadic, storage_dtype
@@ -190,10 +192,15 @@ class Lowering:
         stats: Mapping[Value, Stats],
         options: Integerize,
         model: ModelQuantization | None = None,
+        choices: Mapping[Value, ClipRule] | None = None,
+        means: Mapping[Value, np.ndarray] | None = None,
     ):
         self.src = src
         self.stats = stats
         self.options = options
+        self.choices = choices if choices is not None else {}
+        self.clips: dict[Value, ClipRule] = {}  # the rule that set each calibrated scale
+        self.means = means if means is not None else {}  # bias correction's mean inputs
         self.model = model if model is not None else ModelQuantization({})
         self.dst = Graph(src.name)
         self.ints: dict[Value, Value] = {}
@@ -237,11 +244,18 @@ class Lowering:
             raise IntqError(f"no calibration statistics for %{value.name}", node=origin(value))
         if non_negative is None:
             non_negative = provably_non_negative(value)
-        threshold = stats.clip(
-            self.options.calibration, bits, not non_negative, self.options.percentile
-        )
+        rule = self.clip_rule(value)
+        self.clips[value] = rule
+        threshold = stats.clip(rule.method, bits, not non_negative, rule.percentile)
         qmax = (1 << bits) - 1 if non_negative else (1 << (bits - 1)) - 1
         return QuantParams(bits, not non_negative, (threshold / qmax,))
+
+    def clip_rule(self, value: Value) -> ClipRule:
+        """How ``value``'s threshold comes from its statistics: ``auto``'s choice for it, or
+        the configured method."""
+        if self.options.calibration == "auto":
+            return self.choices.get(value, AUTO_FALLBACK)
+        return ClipRule(self.options.calibration, self.options.percentile)
 
     # ----- materializing -------------------------------------------------------------
 
@@ -313,6 +327,9 @@ class Lowering:
                 self.dst.rename(out, value.name)
             outputs.append(out)
         self.dst.set_outputs(outputs)
+        self.dst.store_analysis(
+            ClipChoices({self.ints[v]: rule for v, rule in self.clips.items() if v in self.ints})
+        )
         return self.dst
 
     def input(self, value: Value) -> None:
@@ -345,7 +362,9 @@ class Lowering:
         self, node: Node, x: Value, axis: int, bias: np.ndarray | None, alpha: float = 1.0
     ) -> tuple[Value, Value | None]:
         """The constant weight (input 1, times ``alpha``) per channel along ``axis``, and
-        the float ``bias`` as int32 at ``s_x * s_w[c]``.
+        the float ``bias`` as int32 at ``s_x * s_w[c]``, less the mean shift the weights'
+        rounding causes where bias correction has the layer's mean input (a layer without a
+        bias then gets one).
 
         A BatchNorm with a tiny gamma leaves a channel with tiny weights but a real bias;
         its weight scale is raised until the bias fits comfortably in int32 (below 2^30).
@@ -373,6 +392,12 @@ class Lowering:
         q, scales = quantize_weights(value.const * alpha, bits, axis, floor, given)
         w = self.dst.add_constant(q, value.name)
         w.type = w.type.with_quant(channel_quant(bits, scales, axis, narrow=True))
+        mean = self.means.get(node.output) if given is None else None
+        if mean is not None:  # a pre-quantized model's own integers and biases stay as they are
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            dequantized = q * np.asarray(scales).reshape(shape)
+            bias = corrected_bias(bias, value.const * alpha, dequantized, axis, mean)
         if bias is None:
             return w, None
         acc_scales = tuple(s_x * s for s in scales) * (bias.size // channels)

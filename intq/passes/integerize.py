@@ -67,7 +67,8 @@ from typing import ClassVar
 from intq.errors import IntqError, PassError
 from intq.ir.graph import Graph, Value
 from intq.ops import OPS, KernelSpec
-from intq.passes.calibration import CLIP_METHODS, CalibrationStats
+from intq.passes.bias_correction import InputMeans
+from intq.passes.calibration import CALIBRATION_METHODS, CalibrationStats, ClipChoices, ClipRule
 from intq.passes.integer_lowering import Lowering, Stats
 from intq.passes.integer_rules import LOWERINGS
 from intq.passes.manager import Pass, PassResult
@@ -87,9 +88,15 @@ class Integerize(Pass):
     Reads the :class:`CalibrationStats` that ``calibrate`` stored on the graph, and the
     :class:`ModelQuantization` of a pre-quantized model, whose scales win for the values it
     quantizes (calibration, when given, fills the others). The options
-    are :class:`intq.QuantConfig`'s: default widths, the clipping method, per-layer widths by
+    are :class:`intq.QuantConfig`'s: default widths, the clipping method (``auto`` takes each
+    tensor's rule from the :class:`ClipChoices` that ``auto-clip`` stored, the MSE clip where
+    there is none; the pass's own default stays ``minmax``, which needs no second look at
+    the data), per-layer widths by
     original node name, the transformer's residual width and the kernel variants
-    (``{"softmax": "shift"}``; the others keep their defaults).
+    (``{"softmax": "shift"}``; the others keep their defaults), and ``bias_correction``: remove
+    each weighted layer's mean output shift from weight rounding from its integer bias, with
+    the :class:`~intq.passes.bias_correction.InputMeans` that ``calibrate`` stored
+    (:mod:`intq.passes.bias_correction`; layers without means are left as they are).
     """
 
     name: ClassVar[str] = "integerize"
@@ -100,12 +107,13 @@ class Integerize(Pass):
     layer_bits: Mapping[str, LayerBits] = field(default_factory=dict)
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
-        if self.calibration not in CLIP_METHODS:
+        if self.calibration not in CALIBRATION_METHODS:
             raise IntqError(
                 f"unknown calibration method {self.calibration!r}",
-                hint=f"use one of {', '.join(CLIP_METHODS)}",
+                hint=f"use one of {', '.join(CALIBRATION_METHODS)}",
             )
         specs = kernel_specs()
         for key, variant in self.kernels.items():
@@ -148,11 +156,19 @@ class Integerize(Pass):
     def run(self, graph: Graph) -> PassResult:
         stats = graph.analysis(CalibrationStats)
         model = graph.analysis(ModelQuantization)
-        lowering = Lowering(graph, stats if stats is not None else {}, self, model)
+        choices = graph.analysis(ClipChoices)
+        means = graph.analysis(InputMeans) if self.bias_correction else None
+        lowering = Lowering(graph, stats if stats is not None else {}, self, model, choices, means)
         return PassResult(lowering.run(LOWERINGS), True)
 
 
-def integerize(graph: Graph, stats: Mapping[Value, Stats], options: Integerize) -> Graph:
+def integerize(
+    graph: Graph,
+    stats: Mapping[Value, Stats],
+    options: Integerize,
+    choices: Mapping[Value, ClipRule] | None = None,
+) -> Graph:
     """The integer-only graph computing ``graph`` with the calibrated ``stats`` (the lowering
-    of :class:`Integerize`, for callers that hold statistics of their own)."""
-    return Lowering(graph, stats, options).run(LOWERINGS)
+    of :class:`Integerize`, for callers that hold statistics of their own; ``choices`` are
+    ``auto``'s rules per tensor)."""
+    return Lowering(graph, stats, options, None, choices).run(LOWERINGS)
