@@ -203,8 +203,8 @@ def test_the_demo_says_each_models_calibration_and_readable_latencies(tmp_path, 
     minutes); no progress bars when stderr is not a terminal."""
     from examples import demo
 
-    assert demo.calibration_text(demo.CONFIG) == "percentile 99.99"
-    assert demo.calibration_text(demo.MINILM_CONFIG) == "minmax"  # BERT's outliers matter
+    assert demo.CONFIG == intq.QuantConfig()  # the demo shows what the defaults give
+    assert demo.calibration_text(intq.QuantConfig(calibration="percentile")) == "percentile 99.99"
     assert [demo.ms_text(ms) for ms in (0.0412, 0.21, 8.43, 0.0004)] == [
         "0.041", "0.21", "8.4", "<0.001",
     ]  # fmt: skip
@@ -214,7 +214,7 @@ def test_the_demo_says_each_models_calibration_and_readable_latencies(tmp_path, 
     out, err = capsys.readouterr()
     header, model_line = out.splitlines()[:2]
     assert "percentile" not in header and "minmax" not in header
-    assert model_line == "  digits_cnn: calibration percentile 99.99 ..."
+    assert model_line == "  digits_cnn: calibration auto ..."
     row = next(line for line in out.splitlines() if line.startswith("digits_cnn | reference"))
     fp32_ms = row.split(" | ")[4].strip()
     assert float(fp32_ms) > 0, row  # not "0.0"
