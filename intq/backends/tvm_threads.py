@@ -18,7 +18,6 @@ no ``/proc/stat`` the pool keeps its size.
 from __future__ import annotations
 
 import os
-import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,12 +52,6 @@ def busy_seconds(cpus: Sequence[int], text: str) -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def own_seconds() -> float:
-    """CPU time this process (all its threads) has used."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 class ThreadPolicy:
     """Resizes TVM's thread pool before a run to the cores other work left free
     (``adaptive = False`` keeps the pool at its size)."""
@@ -77,7 +70,7 @@ class ThreadPolicy:
             busy = busy_seconds(self.cpus, _STAT.read_text())
         except OSError:
             return None
-        return None if busy is None else (time.monotonic(), busy, own_seconds())
+        return None if busy is None else (time.monotonic(), busy, time.process_time())
 
     def before_run(self) -> int:
         """Adjust the pool if a window has passed; returns the threads the run will use."""
