@@ -177,3 +177,16 @@ def test_every_cli_command_runs(
         elif code != 0:
             failures.append(f"line {line}: intq {shlex.join(argv)} exited {code}: {err}")
     assert not failures, "\n".join(failures)
+
+
+def test_the_coverage_summary_matches_the_recorded_table() -> None:
+    """The README's count of converting corpus models is the recorded table's count."""
+    table = (README.parent / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    section = table[table.index("## `coverage.py`") :]
+    section = section[: section.index("\n## ")]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    converting = sum(line.split(" | ")[8] == "ok" for line in rows)  # the `exact` column
+    claimed = re.search(r"(\d+) of the (\d+) \((\d+)%\) convert", README.read_text("utf-8"))
+    assert claimed is not None
+    assert (int(claimed[1]), int(claimed[2])) == (converting, len(rows))
+    assert f"**{converting} of {len(rows)} models" in section
