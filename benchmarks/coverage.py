@@ -27,7 +27,7 @@ random seeded weights, small inputs) and the real-weight models of :mod:`example
   ``quantize_static`` model (QDQ, per-channel, u8 activations with reduce_range, MinMax) on
   the same calibration samples;
 * **TVM/FP32** (``--latency``): intq TVM's median time per run on one test sample over ONNX
-  Runtime FP32's, one thread each, timed one after the other in this process;
+  Runtime FP32's, one thread each, in interleaved rounds in this process;
 * **islands**: ops left in float inside the integer graph (always 0: intq is integer-only).
 
 A failing cell shows ``FAIL``; the row's note names the obstacle (the missing op, the
@@ -58,6 +58,8 @@ from tqdm import tqdm
 
 import intq
 from benchmarks.machine import cpu_description, load_average
+from benchmarks.ort_latency import open_session, session_options
+from benchmarks.tvm_latency import timed_rounds
 from examples import corpus
 from intq.ir import Graph
 from intq.ops import Trait
@@ -70,6 +72,8 @@ CALIBRATION_SAMPLES = 16
 TEST_SAMPLES = 4
 CLASSIFIER_SAMPLES = 48
 OPSET = 17
+LATENCY_ROUNDS = 50
+"""Interleaved rounds of intq TVM and ORT FP32 per model for ``--latency``."""
 COLUMNS = ("onnx", "torch", "quantize", *TARGETS, "exact")
 
 
@@ -165,30 +169,6 @@ def onnx_fp32(path: Path) -> Outputs:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda batch: session.run(None, batch)
-
-
-def median_ms(run: Callable[[], Any], seconds: float = 1.0, most: int = 200) -> float:
-    """Median wall time of ``run()`` in ms: two warm-up calls, then up to ``most`` calls or
-    ``seconds``, whichever ends first (at least five)."""
-    run(), run()
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while len(times) < 5 or (len(times) < most and time.perf_counter() < end):
-        begin = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - begin)
-    return 1e3 * float(np.median(times))
-
-
-def fp32_session_ms(path: Path, feed: dict[str, np.ndarray]) -> float:
-    """ONNX Runtime FP32 on ``path``, one intra-op thread, all graph optimizations."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return median_ms(lambda: session.run(None, feed))
 
 
 def ort_int8(path: Path, calib: Sequence[dict[str, np.ndarray]], out_dir: Path) -> Outputs:
@@ -318,8 +298,13 @@ def cover(
             row.steps[target] = "ok"
             if latency and target == "tvm" and path.exists():
                 step("latency")
-                row.tvm_ms = median_ms(partial(exe.run, tests[0]))
-                row.fp32_ms = fp32_session_ms(path, tests[0])
+                session = open_session(path, session_options(1, spin=False))
+                runners = {
+                    "tvm": partial(exe.run, tests[0]),
+                    "fp32": partial(session.run, None, tests[0]),
+                }
+                times = timed_rounds(runners, warmup=2, runs=LATENCY_ROUNDS)
+                row.tvm_ms, row.fp32_ms = (float(np.median(times[k])) for k in runners)
         except intq.IntqError as err:
             row.fail(target, err)
     if "reference" in outputs:
