@@ -312,6 +312,8 @@ class TvmExecutable:
         """The per-layer table read from a loaded library's manifest (None when compiled, or
         when the manifest predates it)."""
         self._vm: Any = None
+        self._pool: tvm_threads.ThreadPolicy | None = None
+        """The process's thread-pool policy, once a CPU VM exists."""
 
     @property
     def input_names(self) -> list[str]:
@@ -340,6 +342,8 @@ class TvmExecutable:
         """The Relax virtual machine on this CPU (created on first use)."""
         if self._vm is None:
             self._vm = _tvm().relax.VirtualMachine(self.executable, self._local_device())
+            if self.tvm_target.get("kind") != "cuda":  # runs on the CPU's thread pool
+                self._pool = tvm_threads.policy(_tvm())
         return self._vm
 
     def _local_device(self) -> Any:
@@ -369,8 +373,8 @@ class TvmExecutable:
         output name -> array."""
         feeds = check_inputs(self.inputs, inputs)
         vm, device = self.vm(), self.device()
-        if self.tvm_target.get("kind") != "cuda":  # the CPU's thread pool
-            tvm_threads.policy(_tvm()).before_run()
+        if self._pool is not None:
+            self._pool.before_run()
         return named_outputs(
             self.outputs, vm["main"](*device_arguments(self.inputs, feeds, device))
         )
