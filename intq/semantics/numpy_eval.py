@@ -605,15 +605,20 @@ def _slice(node: Node, x: Array) -> list[Array]:
     return [x[tuple(index)]]
 
 
-@_kernel("Gather")
-def _gather(node: Node, data: Array, indices: Array) -> list[Array]:
-    axis = node.attrs["axis"]
-    size = data.shape[axis]
+def _check_indices(node: Node, indices: Array, size: int) -> None:
+    """Every index of a gather along ``node``'s axis (of ``size``) lies in ``[-size, size)``."""
     if indices.size and (indices.min() < -size or indices.max() >= size):
         bad = indices[(indices < -size) | (indices >= size)].reshape(-1)[0]
         raise ShapeError(
-            f"Gather index {bad} out of range for axis {axis} of size {size}", node=node.label()
+            f"{node.op} index {bad} out of range for axis {node.attrs['axis']} of size {size}",
+            node=node.label(),
         )
+
+
+@_kernel("Gather")
+def _gather(node: Node, data: Array, indices: Array) -> list[Array]:
+    axis = node.attrs["axis"]
+    _check_indices(node, indices, data.shape[axis])
     return [np.take(data, indices.astype(np.int64), axis=axis)]
 
 
@@ -621,12 +626,7 @@ def _gather(node: Node, data: Array, indices: Array) -> list[Array]:
 def _gather_elements(node: Node, data: Array, indices: Array) -> list[Array]:
     axis = node.attrs["axis"]
     size = data.shape[axis]
-    if indices.size and (indices.min() < -size or indices.max() >= size):
-        bad = indices[(indices < -size) | (indices >= size)].reshape(-1)[0]
-        raise ShapeError(
-            f"GatherElements index {bad} out of range for axis {axis} of size {size}",
-            node=node.label(),
-        )
+    _check_indices(node, indices, size)
     index = np.where(indices < 0, indices + size, indices).astype(np.int64)
     # The data's other axes may be longer than the indices': only their leading part is read.
     view = data[tuple(slice(0, n) if i != axis else slice(None) for i, n in enumerate(index.shape))]
