@@ -763,14 +763,23 @@ def _qlookup(b: _Builder, node: Node) -> None:
     b.add("Cast", [result], [out_name], node, to=b.storage_type(node.output, out_zp))
 
 
-@_lower("QMul")
-def _qmul(b: _Builder, node: Node) -> None:
-    attrs = node.attrs
-    a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
-    result = kernels.multiply(
-        _OnnxOps(b, node), a, c, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
-    )
-    _store(b, result, node)
+def _requantized_pair(kernel: Callable[..., Any]) -> Lowering:
+    """The lowering of an op whose kernel takes two integer operands and the requantization
+    attributes, in int64 (``QMul``: :func:`~intq.semantics.kernels.multiply`; ``QDiv``:
+    :func:`~intq.semantics.kernels.divide`, Newton's reciprocal of the normalised divisor as
+    ``Mul``/``BitShift``, no ``Div``)."""
+
+    def lower(b: _Builder, node: Node) -> None:
+        attrs = node.attrs
+        a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+        limits = (attrs[k] for k in ("multiplier", "shift", "lo", "hi"))
+        _store(b, kernel(_OnnxOps(b, node), a, c, *limits), node)
+
+    return lower
+
+
+_lower("QMul")(_requantized_pair(kernels.multiply))
+_lower("QDiv")(_requantized_pair(kernels.divide))
 
 
 @_lower("QReduceL2")
@@ -781,18 +790,6 @@ def _qreduce_l2(b: _Builder, node: Node) -> None:
     x = _as_int64(b, _input(node), node)
     result = kernels.l2_norm(
         _OnnxOps(b, node), x, a["axes"], a["multiplier"], a["shift"], a["lo"], a["hi"]
-    )
-    _store(b, result, node)
-
-
-@_lower("QDiv")
-def _qdiv(b: _Builder, node: Node) -> None:
-    """:func:`~intq.semantics.kernels.divide` in int64: Newton's reciprocal of the normalised
-    divisor as ``Mul``/``BitShift``, no ``Div``."""
-    attrs = node.attrs
-    a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
-    result = kernels.divide(
-        _OnnxOps(b, node), a, c, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
     )
     _store(b, result, node)
 
