@@ -28,6 +28,7 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz INTQ_DIFFERENTIAL_GRAPHS=5000 INTQ_DIFFERENTIAL_TVM_GRAPHS=5000 $(PY) -m pytest -q \
 		tests/test_fuzz.py tests/test_differential.py
+	$(PY) tests/hostile.py --cases 500
 
 lint: $(STAMP)
 	$(PY) -m ruff check intq tests benchmarks examples
