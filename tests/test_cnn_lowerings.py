@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.special
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from onnx_models import bit_exact, conv_node, f32, make_model, op_names, quantized
@@ -114,6 +114,7 @@ def test_a_padded_average_pool_is_bit_exact_on_every_backend(attrs, out):
     bits=st.integers(4, 8),
     seed=st.integers(0, 2**16),
 )
+@example(kernel=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), include=0, ceil=0, bits=4, seed=47)
 def test_a_padded_average_pool_is_within_half_a_step_of_the_float_pool(
     kernel, strides, pads, include, ceil, bits, seed
 ):
@@ -134,9 +135,9 @@ def test_a_padded_average_pool_is_within_half_a_step_of_the_float_pool(
     attrs.update(count_include_pad=include, ceil_mode=ceil)
     model = _avgpool_model(shape, (1, 2, *sizes), **attrs)
     data = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    graph = intq.quantize(
-        intq.from_onnx(model), [{"x": data}], intq.QuantConfig(activation_bits=bits)
-    )
+    # min/max: the bound is the rounding's; a clipping rule (auto's choice) may cut the peak.
+    config = intq.QuantConfig(activation_bits=bits, calibration="minmax")
+    graph = intq.quantize(intq.from_onnx(model), [{"x": data}], config)
     got = intq.compile(graph, target="reference").run({"x": data})["y"].astype(np.float64)
     want = intq.compile(intq.from_onnx(model), target="reference").run({"x": data})["y"]
     (quantize,) = [node for node in graph if node.op == "Quantize"]
