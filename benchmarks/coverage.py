@@ -133,14 +133,18 @@ def samples(inputs: dict[str, torch.Tensor], count: int, seed: int) -> list[dict
 
 
 def export_onnx(
-    module: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic: Sequence[str], path: Path
+    module: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    dynamic: Sequence[str],
+    path: Path,
+    opset: int = OPSET,
 ) -> None:
     names = list(inputs)
     axes = {n: {0: "batch", 1: "sequence"} for n in dynamic}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, tuple(inputs.values()), str(path), dynamo=False, opset_version=OPSET,
+            module, tuple(inputs.values()), str(path), dynamo=False, opset_version=opset,
             input_names=names, output_names=["output"], dynamic_axes=axes or None,
             training=torch.onnx.TrainingMode.PRESERVE,
         )  # fmt: skip
@@ -258,7 +262,7 @@ def cover(
     path = module if isinstance(module, Path) else out_dir / f"{name}.onnx"
     try:
         if not isinstance(module, Path):
-            export_onnx(module, inputs, entry.dynamic, path)
+            export_onnx(module, inputs, entry.dynamic, path, entry.opset)
         graph = intq.from_onnx(path, input_shapes=shapes)
         row.steps["onnx"] = "ok"
     except intq.IntqError as err:

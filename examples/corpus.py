@@ -63,6 +63,8 @@ class CorpusModel:
     """Real inputs ``(count, seed) -> [{name: array}, ...]`` (photos), else random ones."""
     classifier: bool = False
     """Real-weight classifier: scored by top-1 agreement with FP32 too."""
+    opset: int = 17
+    """ONNX opset of the export: 18 where torch needs it (``nn.Fold`` exports as Col2Im)."""
 
 
 CORPUS: dict[str, CorpusModel] = {}
@@ -247,7 +249,7 @@ def _mobilevit():
     return m, image()
 
 
-@_entry("hf-mobilevitv2", "vit")
+@_entry("hf-mobilevitv2", "vit", opset=18)
 def _mobilevitv2():
     m = _hf("MobileViTV2Config", "MobileViTV2ForImageClassification", image_size=IMAGE,
             width_multiplier=0.5, num_labels=10)  # fmt: skip

@@ -129,6 +129,27 @@ def test_upsample_matches_pytorch(name):
     assert "Resize" in _ops(_check(UPSAMPLES[name], _inputs(X)))
 
 
+BLOCKS = {  # nn.Unfold then nn.Fold: (kwargs, whether the blocks tile the image)
+    "patches": ({"kernel_size": 2, "stride": 2}, True),
+    "overlapping": ({"kernel_size": 3, "padding": 1}, False),
+    "strided_dilated": ({"kernel_size": (2, 3), "stride": 2, "dilation": (2, 1)}, False),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_unfold_and_fold_match_pytorch(name):
+    """MobileViT-V2's patches tile the image (a transpose each way); overlapping blocks are a
+    one-hot (transposed) convolution, whose sums ``fold`` needs."""
+    kwargs, tiles = BLOCKS[name]
+
+    def unfold_fold(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cols = F.unfold(x, **kwargs)
+        return cols * 0.5, F.fold(cols * 2.0, output_size=x.shape[2:], **kwargs)
+
+    ops = _ops(_check(_Fn(unfold_fold), _inputs(X)))
+    assert ({"Conv", "ConvTranspose"} <= ops) != tiles, ops
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -636,3 +636,60 @@ def test_global_response_norm_is_bit_exact_on_every_backend():
     graph, feeds = quantized(model, (2, 2, 5, 5))
     assert {"QReduceL2", "QDiv", "QMul"} <= set(op_names(graph))
     _checked(model, graph, feeds, "y", 0.05)
+
+
+# ----- Col2Im (nn.Fold) -----------------------------------------------------------------------
+
+
+def _fold_model(channels, image, block, **attrs):
+    """``x`` -> Conv -> Col2Im of its channels read as blocks over ``image``."""
+    rng = np.random.default_rng(5)
+    size = int(np.prod(block))
+    strides = attrs.get("strides", [1, 1])
+    pads = attrs.get("pads", [0, 0, 0, 0])
+    dilations = attrs.get("dilations", [1, 1])
+    counts = [
+        (image[i] + pads[i] + pads[i + 2] - dilations[i] * (block[i] - 1) - 1) // strides[i] + 1
+        for i in range(2)
+    ]
+    conv, weights = conv_node("c", "x", 2, channels * size, rng)
+    shape_in = (1, 2, 1, counts[0] * counts[1])
+    conv.attribute[0].ints[:] = [1, 1, 1, 1]  # 3x3, padding 1: a [1, L] map keeps its length
+    consts = [
+        numpy_helper.from_array(np.asarray([1, channels * size, -1], np.int64), "flat"),
+        numpy_helper.from_array(np.asarray(image, np.int64), "image"),
+        numpy_helper.from_array(np.asarray(block, np.int64), "block"),
+    ]
+    nodes = [
+        conv,
+        helper.make_node("Reshape", ["c", "flat"], ["cols"]),
+        helper.make_node("Col2Im", ["cols", "image", "block"], ["y"], **attrs),
+    ]
+    model = make_model(
+        nodes, [f32("x", shape_in)], [f32("y", (1, channels, *image))], weights + consts, opset=18
+    )
+    return model, shape_in
+
+
+@pytest.mark.parametrize(
+    ("image", "block", "attrs"),
+    [
+        ((4, 6), (2, 2), {"strides": [2, 2]}),  # patches that tile the image: a transpose
+        ((5, 5), (3, 3), {}),  # every position, overlapping
+        ((7, 6), (3, 2), {"strides": [2, 2], "pads": [1, 0, 1, 1], "dilations": [1, 2]}),
+    ],
+)
+def test_col2im_folds_as_onnx_runtime_and_is_bit_exact_on_every_backend(image, block, attrs):
+    import onnxruntime as ort
+
+    model, shape = _fold_model(3, image, block, **attrs)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (want,) = session.run(None, {"x": x})
+    got = intq.compile(_float(model)).run({"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    graph, feeds = quantized(model, shape)
+    names = op_names(graph)
+    tiles = attrs.get("strides") == list(block) and "pads" not in attrs
+    assert ("QConvTranspose" in names) != tiles, names
+    _checked(model, graph, feeds, "y", 0.05)

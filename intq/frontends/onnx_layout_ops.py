@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from intq.errors import ModelImportError, ShapeError
+from intq.frontends.blocks import Blocks, fold
 from intq.frontends.onnx_context import (
     ConvertContext,
     ConverterTable,
@@ -428,3 +429,26 @@ def _conv_transpose(ctx: ConvertContext) -> list[Value]:
         output_padding=extra,
         group=ctx.attr("group", 1),
     )
+
+
+@converter("Col2Im", 18)
+def _col2im(ctx: ConvertContext) -> list[Value]:
+    """``nn.Fold``: sliding blocks ``[N, C*prod(block), L]`` summed back into an image."""
+    x = ctx.input(0)
+    image, block = ints(ctx.const(1, "image_shape")), ints(ctx.const(2, "block_shape"))
+    d = len(block)
+    geometry = Blocks(
+        image,
+        block,
+        tuple(ctx.attr("strides", [1] * d)),
+        tuple(ctx.attr("dilations", [1] * d)),
+        tuple(ctx.attr("pads", [0] * 2 * d)),
+    )
+
+    def emit(op: str, inputs: Sequence[Value | None], suffix: str, **attrs: Any) -> Value:
+        return ctx.emit1(op, inputs, out_name=suffix.lstrip("."), **attrs)
+
+    def constant(array: np.ndarray, suffix: str) -> Value:
+        return ctx.graph.add_constant(array, ctx.name + suffix)
+
+    return [fold(emit, constant, x, geometry, ctx.name)]

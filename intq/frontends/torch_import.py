@@ -321,6 +321,9 @@ class _Importer:
     def _getitem(self, node: Any) -> None:
         source, index = node.args
         results = self.values.get(source.name)
+        if results is _MISSING:  # downstream of an op already reported
+            self.values[node.name] = _MISSING
+            return
         picked = results[index] if isinstance(results, list) else None
         if picked is None:
             label = self.labels.get(source.name, (source.name, ""))[0]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from intq.errors import UnsupportedOpError
+from intq.frontends.blocks import Blocks, Constant, Emit, fold, unfold
 from intq.frontends.einsum import einsum
 from intq.frontends.normalization import group_norm, l2_norm
 from intq.ir.graph import Graph, Value
@@ -183,6 +184,40 @@ def _conv_transpose(ctx: TorchContext) -> Result:
         dilations=_pairs(ctx.args["dilation"], spatial),
         group=int(ctx.args["groups"]),
     )
+
+
+def _blocks(ctx: TorchContext, image: Sequence[int]) -> Blocks:
+    padding = _pairs(ctx.args["padding"], len(image))
+    return Blocks(
+        tuple(int(n) for n in image),
+        _pairs(ctx.args["kernel_size"], len(image)),
+        _pairs(ctx.args["stride"], len(image)),
+        _pairs(ctx.args["dilation"], len(image)),
+        padding + padding,
+    )
+
+
+def _block_emitters(ctx: TorchContext) -> tuple[Emit, Constant]:
+    def constant(array: np.ndarray, suffix: str) -> Value:
+        return ctx.graph.add_constant(array, ctx.name + suffix)
+
+    return ctx.emit, constant
+
+
+@_aten("aten.im2col.default")
+def _im2col(ctx: TorchContext) -> Result:
+    """``nn.Unfold`` (see :mod:`intq.frontends.blocks`)."""
+    x = ctx.value("self")
+    geometry = _blocks(ctx, x.type.shape[2:])
+    return unfold(*_block_emitters(ctx), x, geometry, ctx.name)
+
+
+@_aten("aten.col2im.default")
+def _col2im(ctx: TorchContext) -> Result:
+    """``nn.Fold`` (see :mod:`intq.frontends.blocks`)."""
+    x = ctx.value("self")
+    geometry = _blocks(ctx, ctx.args["output_size"])
+    return fold(*_block_emitters(ctx), x, geometry, ctx.name)
 
 
 @_aten("aten.linear.default")
