@@ -129,6 +129,23 @@ def test_upsample_matches_pytorch(name):
     assert "Resize" in _ops(_check(UPSAMPLES[name], _inputs(X)))
 
 
+POSITION_IDS = {  # what RoBERTa's and MPNet's embeddings compute from the token ids
+    "cumsum_float": lambda x: torch.cumsum(x, dim=1),
+    "cumsum_mask": lambda x: torch.cumsum((x > 0).int(), dim=-1) * (x > 0).int() + 1,
+    "where_scalar_other": lambda x: torch.where(x > 0, x, 0.5),
+    "where_scalar_self": lambda x: torch.where(x > 0, -1.0, x),
+    "where_tensors": lambda x: torch.where(x > 0, x, x * 2.0),
+    "gather": lambda x: torch.gather(x, 1, (x > 1).long() + (x > 2).long()),
+    "int_promotion": lambda x: (x > 0).int() * torch.cumsum((x > 0).int(), dim=1) / 2,
+    "type_as": lambda x: (x > 0).type_as(x) * x,
+}
+
+
+@pytest.mark.parametrize("name", list(POSITION_IDS))
+def test_position_id_ops_match_pytorch(name):
+    _check(_Fn(POSITION_IDS[name]), _inputs(X))
+
+
 BLOCKS = {  # nn.Unfold then nn.Fold: (kwargs, whether the blocks tile the image)
     "patches": ({"kernel_size": 2, "stride": 2}, True),
     "overlapping": ({"kernel_size": 3, "padding": 1}, False),

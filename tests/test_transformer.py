@@ -200,11 +200,17 @@ def _position_ids_graph(path, table: int = 20) -> intq.ir.Graph:
     return intq.from_onnx(model)
 
 
-def test_position_ids_from_token_ids_are_exact_integer_arithmetic_on_every_backend(tmp_path):
+@pytest.mark.parametrize("route", ["onnx", "torch"])
+def test_position_ids_from_token_ids_are_exact_integer_arithmetic_on_every_backend(tmp_path, route):
     """``Equal``, ``Not``, ``Cast``, ``CumSum``, ``Mul``, ``Add`` and ``GatherElements`` of raw
     int64 token ids stay the same ops in the integer graph (no scale, exact, proven to fit
-    their dtypes); every backend computes the same integers, close to the float model."""
-    graph = _position_ids_graph(tmp_path / "positions.onnx")
+    their dtypes); every backend computes the same integers, close to the float model. The
+    PyTorch route (``aten.cumsum``, ``type_as``, ``gather``) gives the same ops."""
+    if route == "onnx":
+        graph = _position_ids_graph(tmp_path / "positions.onnx")
+    else:
+        ids = torch.from_numpy(_token_batches(1, 0)[0]["ids"])
+        graph = intq.from_torch(_PositionIds(), (ids,))
     calibration = _token_batches(8, 1)
     lowered = intq.quantize(graph, calibration)
     ops = {node.op for node in lowered}

@@ -492,6 +492,35 @@ def _logic(ctx: TorchContext) -> Result:
     return ctx.emit(_LOGIC[name], [x, other])
 
 
+@_aten("aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar")
+def _where(ctx: TorchContext) -> Result:
+    """``torch.where(mask, a, b)``; a Python number takes the dtype torch gives the result."""
+    assert ctx.out_type is not None
+    like = Value("like", TensorType(ctx.out_type.dtype, ()))
+    x, other = ctx.operand("self", like), ctx.operand("other", like)
+    return ctx.emit("Where", [ctx.value("condition"), x, other])
+
+
+@_aten("aten.gather.default")
+def _gather_elements(ctx: TorchContext) -> Result:
+    """``torch.gather``: ONNX's GatherElements (RoBERTa picks its token-type embedding ids)."""
+    x = ctx.value("self")
+    return ctx.emit(
+        "GatherElements", [x, ctx.value("index")], axis=int(ctx.args["dim"]) % x.type.rank
+    )
+
+
+@_aten("aten.cumsum.default")
+def _cumsum(ctx: TorchContext) -> Result:
+    """A running sum (RoBERTa's and MPNet's position ids count the real tokens), in the dtype
+    torch gives it: integers sum in int64 unless ``dtype`` says otherwise."""
+    x = ctx.value("self")
+    assert ctx.out_type is not None
+    if ctx.out_type.dtype != x.type.dtype:
+        x = ctx.emit("Cast", [x], ".cast", to=ctx.out_type.dtype.value)
+    return ctx.emit("CumSum", [x], axis=int(ctx.args["dim"]) % x.type.rank, exclusive=0, reverse=0)
+
+
 @_aten("aten.logical_not.default", "aten.bitwise_not.default")
 def _logical_not(ctx: TorchContext) -> Result:
     x = ctx.value("self")
@@ -500,11 +529,18 @@ def _logical_not(ctx: TorchContext) -> Result:
     return ctx.emit("Not", [x])
 
 
+def _promoted(ctx: TorchContext, x: Value, suffix: str) -> Value:
+    """``x`` in the dtype torch's type promotion gives the result (``int64 * int32`` is
+    int64, an integer divided is float): IR arithmetic takes operands of one dtype."""
+    want = ctx.out_type.dtype if ctx.out_type is not None else x.type.dtype
+    return x if x.type.dtype == want else ctx.emit("Cast", [x], suffix, to=want.value)
+
+
 @_aten("aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor")
 @_aten("aten.add.Scalar", "aten.sub.Scalar", "aten.mul.Scalar", "aten.div.Scalar")
 def _arith(ctx: TorchContext) -> Result:
-    x = ctx.value("self")
-    other = ctx.operand("other", x)
+    x = _promoted(ctx, ctx.value("self"), ".self")
+    other = _promoted(ctx, ctx.operand("other", x), ".other")
     op = _ARITH[ctx.target.split(".")[1]]
     if ctx.args.get("rounding_mode") is not None:
         raise ctx.unsupported(f"rounding_mode={ctx.args['rounding_mode']!r}")
@@ -824,7 +860,7 @@ def _pad(ctx: TorchContext) -> Result:
     )
 
 
-@_aten("aten._to_copy.default", "aten.to.dtype")
+@_aten("aten._to_copy.default", "aten.to.dtype", "aten.type_as.default")
 def _to(ctx: TorchContext) -> Result:
     x = ctx.value("self")
     assert ctx.out_type is not None
