@@ -1628,6 +1628,27 @@ def test_gather_elements_matches_onnxruntime(axis):
         check("GatherElements", [data, index], opset=opset, axis=axis)
 
 
+@pytest.mark.parametrize(
+    ("image", "block", "attrs"),
+    [
+        ((4, 6), (2, 2), {"strides": [2, 2]}),  # patches that tile the image
+        ((5, 5), (3, 3), {}),
+        ((7, 6), (3, 2), {"strides": [2, 2], "pads": [1, 0, 1, 1], "dilations": [1, 2]}),
+    ],
+)
+def test_col2im_matches_onnxruntime(image, block, attrs):
+    """Col2Im-18: tiling blocks (a transpose) and overlapping, strided, padded, dilated ones."""
+    strides, pads = attrs.get("strides", [1, 1]), attrs.get("pads", [0, 0, 0, 0])
+    dilations = attrs.get("dilations", [1, 1])
+    counts = [
+        (image[i] + pads[i] + pads[i + 2] - dilations[i] * (block[i] - 1) - 1) // strides[i] + 1
+        for i in range(2)
+    ]
+    x = randf(2, 3 * block[0] * block[1], counts[0] * counts[1], seed=7)
+    operands = [x, Init(np.asarray(image, np.int64)), Init(np.asarray(block, np.int64))]
+    check("Col2Im", operands, opset=18, **attrs)
+
+
 def test_every_converter_is_exercised(request: pytest.FixtureRequest) -> None:
     """Every converter in CONVERTERS ran through :func:`check` (needs the whole module)."""
     here = sys.modules[__name__]
