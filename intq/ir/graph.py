@@ -119,6 +119,11 @@ class Value:
         """A snapshot of the ``(node, input index)`` pairs reading this value."""
         return tuple(Use(node, index) for node, index in self._uses)
 
+    def is_read_by(self, node: Node, index: int) -> bool:
+        """Whether input ``index`` of ``node`` is recorded as reading this value (in constant
+        time: the verifier asks it for every input, and a value may have 10^5 readers)."""
+        return (node, index) in self._uses
+
     def consumers(self) -> tuple[Node, ...]:
         """The distinct nodes reading this value, in use order."""
         return tuple(dict.fromkeys(node for node, _ in self._uses))

@@ -11,17 +11,21 @@ import binascii
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
+from intq import limits
 from intq.errors import IntqError, ParseError
 from intq.ir.graph import AttrValue, Graph, Node, Value
 from intq.ir.int4 import packed_int4, unpack_int4
 from intq.ir.types import DType, QuantParams, TensorType
 
 T = TypeVar("T")
+
+_MAX_DIGITS = 20
+"""Digits an integer may have: every integer the IR holds (a dimension, an attribute, an
+element of a 64-bit constant) has at most 20."""
 
 # Strings use the unrolled-loop form: weights are long base64 strings, and a per-character
 # alternation made parsing a ResNet-18 take 14 s instead of a fraction of a second.
@@ -40,9 +44,8 @@ _TOKEN = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class Token:
-    """One lexical token and where it starts."""
+class Token(NamedTuple):
+    """One lexical token and where it starts (a tuple: a 50,000-node graph has a million)."""
 
     kind: str
     text: str
@@ -51,15 +54,18 @@ class Token:
 
 def _tokenize(text: str) -> Iterator[Token]:
     pos = 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None:
-            raise _error(text, pos, f"unexpected character {text[pos]!r}")
+    # finditer finds at ``pos`` the match ``match(text, pos)`` would, if there is one; a
+    # match further on means an unexpected character at ``pos``.
+    for match in _TOKEN.finditer(text):
+        if match.start() != pos:
+            break
         kind = match.lastgroup
         assert kind is not None
         if kind != "space":
             yield Token(kind, match.group(), pos)
         pos = match.end()
+    if pos < len(text):
+        raise _error(text, pos, f"unexpected character {text[pos]!r}")
     yield Token("eof", "", pos)
 
 
@@ -147,6 +153,9 @@ class _Parser:
         text = token.text
         if any(c in text for c in ".eEin"):
             return float(text)
+        if len(text.lstrip("+-")) > _MAX_DIGITS:
+            # Python refuses int() of over 4,300 digits (a ValueError) and is slow below.
+            raise self.fail(f"an integer of {len(text)} digits is out of range", token)
         return int(text)
 
     def int_(self) -> int:
@@ -168,6 +177,7 @@ class _Parser:
         if self.tok.kind == "word" and self.tok.text == "q":
             quant = self.quant()
         try:
+            limits.check_size(shape, dtype.numpy.itemsize, f"a value ({dtype.value})")
             return TensorType(dtype, tuple(shape), quant)
         except IntqError as err:
             raise self.fail(err.message, token) from None

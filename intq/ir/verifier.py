@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from intq.errors import IntqError, VerificationError
-from intq.ir.graph import Graph, Node, Use, Value
+from intq.ir.graph import Graph, Node, Value
 from intq.ir.printer import format_node
 from intq.ir.types import TensorType
 
@@ -58,7 +58,7 @@ def verify(graph: Graph) -> None:
                         " (the nodes are not in topological order, or it is not in this graph)",
                         node=node.label(),
                     )
-                if Use(node, index) not in operand.uses():
+                if not operand.is_read_by(node, index):
                     raise VerificationError(
                         f"input {index} (%{operand.name}) is missing from its use list",
                         node=node.label(),
@@ -76,12 +76,16 @@ def verify(graph: Graph) -> None:
                 f"{err.message}\n  in: {format_node(node)}", node=err.node, hint=err.hint
             ) from None
 
+    inputs_of: dict[Node, tuple[Value | None, ...]] = {}  # one copy per node, not per use
     for value in graph.values():
         for use in value.uses():
+            inputs = inputs_of.get(use.node)
+            if inputs is None:
+                inputs = inputs_of[use.node] = use.node.inputs
             if (
                 use.node.graph is not graph
-                or use.index >= len(use.node.inputs)
-                or (use.node.inputs[use.index] is not value)
+                or use.index >= len(inputs)
+                or inputs[use.index] is not value
             ):
                 raise VerificationError(f"%{value.name} has a dangling use by {use.node.label()}")
     for value in graph.outputs:

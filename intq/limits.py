@@ -1,0 +1,46 @@
+"""The resource limits every layer checks before it allocates: the size of one tensor.
+
+The limit is read when a check runs, so raising :data:`MAX_TENSOR_BYTES` (``intq.limits.
+MAX_TENSOR_BYTES = 1 << 34``) takes effect for every later import, parse, compile and run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from intq.errors import ShapeError
+
+MAX_TENSOR_BYTES = 1 << 33
+"""The largest tensor (8 GiB) intq creates or reads: an initializer, a graph input, any value
+a node computes (at import, when a graph is built or parsed, and when it runs on any backend)
+and any array of a calibration or input archive. Larger ones are refused from their declared
+shape, before anything is allocated, so a hostile or corrupt file cannot exhaust memory."""
+
+HINT = (
+    "check the shapes (a corrupt or hostile file can declare any size), or raise"
+    " intq.limits.MAX_TENSOR_BYTES"
+)
+
+
+def tensor_bytes(shape: Sequence[int], itemsize: int) -> int:
+    """The bytes of a tensor of ``shape`` (exact: Python integers do not overflow)."""
+    return math.prod(int(d) for d in shape) * itemsize
+
+
+def check_size(
+    shape: Sequence[int], itemsize: int, what: str, *, node: str | None = None, hint: str = HINT
+) -> None:
+    """Refuse a tensor of ``shape`` and elements of ``itemsize`` bytes larger than
+    :data:`MAX_TENSOR_BYTES`, naming it as ``what``."""
+    nbytes = tensor_bytes(shape, itemsize)
+    if nbytes > MAX_TENSOR_BYTES:
+        raise ShapeError(
+            f"{what} of shape {list(shape)} would take {nbytes:.3g} bytes, more than intq's"
+            f" limit of {MAX_TENSOR_BYTES} bytes",
+            node=node or None,
+            hint=hint,
+        )
+
+
+__all__ = ["MAX_TENSOR_BYTES", "check_size", "tensor_bytes"]
