@@ -35,12 +35,21 @@ def check_size(
     :data:`MAX_TENSOR_BYTES`, naming it as ``what``."""
     nbytes = tensor_bytes(shape, itemsize)
     if nbytes > MAX_TENSOR_BYTES:
+        dims = ", ".join(_number(int(d)) for d in shape)
         raise ShapeError(
-            f"{what} of shape {list(shape)} would take {nbytes:.3g} bytes, more than intq's"
+            f"{what} of shape [{dims}] would take {_number(nbytes)} bytes, more than intq's"
             f" limit of {MAX_TENSOR_BYTES} bytes",
             node=node or None,
             hint=hint,
         )
+
+
+def _number(n: int) -> str:
+    """``n`` for a message: exact when short, else its magnitude (a hostile header can hold a
+    dimension of 4,000 digits, which neither ``str`` nor a float format takes)."""
+    if abs(n) < 10**15:
+        return str(n)
+    return f"~10^{int(n.bit_length() * 0.30103)}" if abs(n) >= 10**300 else f"{float(n):.3g}"
 
 
 __all__ = ["MAX_TENSOR_BYTES", "check_size", "tensor_bytes"]
