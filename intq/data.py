@@ -13,12 +13,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -275,6 +276,8 @@ def _exact(item: Any, inputs: Sequence[Value]) -> bool:
 
 # ----- .npz archives, read defensively ------------------------------------------------------
 
+_CHUNK = 1 << 24
+"""Bytes read from an archive member at a time."""
 _NPZ_HINT = "save it with numpy.savez(path, input_name=array, ...)"
 _DTYPE_KINDS = "biuf"
 """Array kinds an archive may hold: bool, signed and unsigned integers, floats. Object arrays
@@ -309,6 +312,7 @@ _READ_ERRORS = (
     zlib.error,
     NotImplementedError,
     RuntimeError,
+    tokenize.TokenError,  # numpy's fallback parse of a header it takes for Python 2's
 )
 """What zipfile, zlib and numpy's header reader raise on a damaged archive."""
 
@@ -398,12 +402,19 @@ def read_npz(path: Path, what: str = "calibration data") -> dict[str, np.ndarray
         with zipfile.ZipFile(path) as archive:
             for name, member in members.items():
                 flat = np.empty(math.prod(member.shape), member.dtype)
+                view = flat.view(np.uint8)
                 with archive.open(member.info) as stream:
                     stream.read(member.offset)  # the header, checked by npz_members
-                    got = stream.readinto(memoryview(flat.view(np.uint8)))
+                    got = 0
+                    while got < member.nbytes:  # in chunks: memory stays the array's size
+                        chunk = stream.read(min(_CHUNK, member.nbytes - got))
+                        if not chunk:
+                            break
+                        view[got : got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                        got += len(chunk)
                     if got != member.nbytes or stream.read(1):
                         raise _bad(path, what, f"array {name!r} is truncated")
-                order = "F" if member.fortran else "C"
+                order: Literal["C", "F"] = "F" if member.fortran else "C"
                 arrays[name] = flat.reshape(member.shape, order=order)
     except IntqError:
         raise

@@ -220,23 +220,66 @@ def _fan_model(n: int, sources: int, rng_seed: int):
     return model
 
 
-def wide_graph(directory: Path, n: int, sources: int, seed: int) -> None:
-    """Import, print, parse and verify a Concat of ``n`` inputs from ``sources`` values, and
-    run the parsed graph on the reference: each in time linear in ``n``."""
+def _timed(what: str, action):
+    """``action()``, which must finish within :data:`BUDGET_SECONDS`."""
+    start = time.perf_counter()
+    result = action()
+    seconds = time.perf_counter() - start
+    if seconds > BUDGET_SECONDS:
+        raise AssertionError(f"{what} took {seconds:.1f} s")
+    return result
+
+
+def wide_graph(directory: Path, n: int, sources: int, seed: int, steps: str) -> None:
+    """A Concat of ``n`` inputs from ``sources`` values imported, and for ``steps`` "all"
+    also printed, parsed, verified and run on the reference: each in time linear in ``n``."""
     import intq
     from intq.ir import from_text, to_text, verify
 
     model = _fan_model(n, sources, seed)
-    start = time.perf_counter()
-    graph = intq.from_onnx(model)
-    parsed = from_text(to_text(graph))
-    verify(parsed)
-    out = intq.compile(parsed, target="reference").run({"x": np.ones((1, 2), np.float32)})
-    seconds = time.perf_counter() - start
+    what = f"a Concat of {n} inputs from {sources} values"
+    graph = _timed(f"importing {what}", lambda: intq.from_onnx(model))
+    if steps == "import":
+        return
+    parsed = _timed(f"printing and parsing {what}", lambda: from_text(to_text(graph)))
+    _timed(f"verifying {what}", lambda: verify(parsed))
+    exe = intq.compile(parsed, target="reference")
+    out = _timed(f"running {what}", lambda: exe.run({"x": np.ones((1, 2), np.float32)}))
     if out["y"].shape != (n, 2):
         raise AssertionError(f"Concat of {n} gave {out['y'].shape}")
-    if seconds > BUDGET_SECONDS:
-        raise AssertionError(f"a Concat of {n} inputs from {sources} values took {seconds:.1f} s")
+
+
+def deep_graph(directory: Path, n: int, seed: int) -> None:
+    """A chain of ``n`` nodes (Relu, Neg, Abs at random), each also read by a random earlier
+    node's Add: imported, printed, parsed, verified and run, in time linear in ``n``."""
+    from onnx import TensorProto, helper
+
+    import intq
+    from intq.ir import from_text, to_text, verify
+
+    rng = random.Random(seed)
+    nodes, names = [], ["x"]
+    for i in range(n):
+        if i % 7 == 6:  # an Add of the chain and a random earlier value: long-range uses
+            inputs = [names[-1], names[rng.randrange(len(names))]]
+            nodes.append(helper.make_node("Add", inputs, [f"v{i}"], name=f"add{i}"))
+        else:
+            op = rng.choice(["Relu", "Neg", "Abs"])
+            nodes.append(helper.make_node(op, [names[-1]], [f"v{i}"], name=f"{op}{i}"))
+        names.append(f"v{i}")
+    nodes.append(helper.make_node("Identity", [names[-1]], ["y"], name="out"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    what = f"a chain of {n} nodes"
+    graph = _timed(f"importing {what}", lambda: intq.from_onnx(model))
+    parsed = _timed(f"printing and parsing {what}", lambda: from_text(to_text(graph)))
+    _timed(f"verifying {what}", lambda: verify(parsed))
+    exe = intq.compile(parsed, target="reference")
+    _timed(f"running {what}", lambda: exe.run({"x": np.ones((1, 2), np.float32)}))
 
 
 def wide_text(directory: Path, n: int, sources: int, seed: int) -> None:
@@ -248,11 +291,9 @@ def wide_text(directory: Path, n: int, sources: int, seed: int) -> None:
     lines += [f'  %r{i} = Relu(%x) : f32[1,2] @"relu{i}"' for i in range(sources)]
     operands = ", ".join(f"%r{rng.randrange(sources)}" for _ in range(n))
     lines += [f"  %y = Concat({operands}) {{axis=0}} : f32[{n},2]", "  return %y", "}"]
-    start = time.perf_counter()
-    verify(from_text("\n".join(lines)))
-    seconds = time.perf_counter() - start
-    if seconds > BUDGET_SECONDS:
-        raise AssertionError(f"parsing a Concat of {n} operands took {seconds:.1f} s")
+    text = "\n".join(lines)
+    graph = _timed(f"parsing a Concat of {n} operands", lambda: from_text(text))
+    _timed(f"verifying a Concat of {n} operands", lambda: verify(graph))
 
 
 # ----- hangs: integers of thousands of digits --------------------------------------------------
@@ -644,11 +685,20 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
         n_inputs = rng.randint(biggest // 4, biggest)
         sources = rng.choice([1, 2, rng.randint(2, 100), n_inputs])
         seed = rng.randrange(1 << 30)
-        if rng.random() < 0.5:
-            return Case("hangs", f"Concat of {n_inputs} from {sources} (ONNX)", wide_graph,
+        form = rng.choice(["import", "all", "text"])
+        if form == "text":
+            return Case("hangs", f"Concat of {n_inputs} from {sources} (text)", wide_text,
                         (n_inputs, sources, seed))  # fmt: skip
-        return Case("hangs", f"Concat of {n_inputs} from {sources} (text)", wide_text,
-                    (n_inputs, sources, seed))  # fmt: skip
+        if form == "all":  # every step, at up to 20,000 nodes
+            n_inputs = min(n_inputs, 20_000)
+            sources = min(sources, n_inputs)
+        return Case("hangs", f"Concat of {n_inputs} from {sources} (ONNX, {form})", wide_graph,
+                    (n_inputs, sources, seed, form))  # fmt: skip
+
+    def deep() -> Case:
+        length = rng.randint(biggest // 8, biggest // 2)
+        return Case("hangs", f"chain of {length} nodes", deep_graph,
+                    (length, rng.randrange(1 << 30)))  # fmt: skip
 
     def digits() -> Case:
         where = rng.choice(
@@ -689,7 +739,7 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
 
     makers = [
         zero_declared, zero_given, zero_data, zero_text, wide, digits, huge, huge_float,
-        onnx_huge, archive, archive, digits,
+        onnx_huge, archive, archive, digits, deep, archive,
     ]  # fmt: skip
     for i in range(n):
         yield makers[i % len(makers)]()

@@ -294,3 +294,20 @@ def test_a_member_listed_with_a_wrong_crc_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(intq.ArtifactError, match="BadZipFile.*CRC"):
         read_npz(path)
+
+
+def test_a_header_numpy_cannot_tokenize_is_refused(tmp_path):
+    # numpy retries a header it cannot parse as Python 2's, whose tokenizer raises its own error
+    path = tmp_path / "bad.npz"
+    hl._write_npz(path, {"x": hl._npy_bytes("(4,6{, 4, 4)", "<f4", bytes(64))})
+    with pytest.raises(intq.ArtifactError, match="cannot read it"):
+        read_npz(path)
+
+
+def test_running_a_wide_fan_out_checks_each_feed_use_once():
+    graph = intq.from_onnx(hl._fan_model(20_000, 1, 0))
+    exe = intq.compile(graph, target="reference")
+    start = time.perf_counter()
+    out = exe.run({"x": np.ones((1, 2), np.float32)})
+    assert out["y"].shape == (20_000, 2)
+    assert time.perf_counter() - start < 5.0  # the feed check copied the input list per use

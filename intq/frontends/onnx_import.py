@@ -6,7 +6,7 @@
 - External data is read only from files inside the model's directory (a
   location escaping it, also through a symlink, is refused) and only within
   the file's size.
-- No tensor over ``onnx_context.MAX_TENSOR_BYTES`` is accepted, judged from its
+- No tensor over ``intq.limits.MAX_TENSOR_BYTES`` is accepted, judged from its
   declared shape before anything is allocated, and an initializer's data must
   be as long as its dims say.
 - Symbolic input dimensions (``batch_size``, ``sequence_length``) are fixed

@@ -199,6 +199,16 @@ class Node:
         return tuple(self._inputs)
 
     @property
+    def arity(self) -> int:
+        """How many inputs the node has (omitted optional ones included)."""
+        return len(self._inputs)
+
+    def operand(self, index: int) -> Value | None:
+        """Input ``index`` (``None`` when omitted), without copying the input list as
+        :attr:`inputs` does: a reader visiting each use of a Concat of 50,000 inputs."""
+        return self._inputs[index]
+
+    @property
     def outputs(self) -> tuple[Value, ...]:
         """The output values."""
         return self._outputs

@@ -76,16 +76,12 @@ def verify(graph: Graph) -> None:
                 f"{err.message}\n  in: {format_node(node)}", node=err.node, hint=err.hint
             ) from None
 
-    inputs_of: dict[Node, tuple[Value | None, ...]] = {}  # one copy per node, not per use
     for value in graph.values():
         for use in value.uses():
-            inputs = inputs_of.get(use.node)
-            if inputs is None:
-                inputs = inputs_of[use.node] = use.node.inputs
             if (
                 use.node.graph is not graph
-                or use.index >= len(inputs)
-                or inputs[use.index] is not value
+                or use.index >= use.node.arity
+                or use.node.operand(use.index) is not value
             ):
                 raise VerificationError(f"%{value.name} has a dangling use by {use.node.label()}")
     for value in graph.outputs:
