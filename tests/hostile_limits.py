@@ -739,7 +739,7 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
 
     makers = [
         zero_declared, zero_given, zero_data, zero_text, wide, digits, huge, huge_float,
-        onnx_huge, archive, archive, digits, deep, archive,
+        onnx_huge, archive, deep, archive, digits, archive, wide,
     ]  # fmt: skip
     for i in range(n):
         yield makers[i % len(makers)]()
