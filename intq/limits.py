@@ -17,6 +17,9 @@ a node computes (at import, when a graph is built or parsed, and when it runs on
 and any array of a calibration or input archive. Larger ones are refused from their declared
 shape, before anything is allocated, so a hostile or corrupt file cannot exhaust memory."""
 
+MAX_RANK = 64
+"""The most dimensions a tensor may have: numpy's own limit, so every backend's."""
+
 HINT = (
     "check the shapes (a corrupt or hostile file can declare any size), or raise"
     " intq.limits.MAX_TENSOR_BYTES"
@@ -33,6 +36,12 @@ def check_size(
 ) -> None:
     """Refuse a tensor of ``shape`` and elements of ``itemsize`` bytes larger than
     :data:`MAX_TENSOR_BYTES`, naming it as ``what``."""
+    if len(shape) > MAX_RANK:
+        raise ShapeError(
+            f"{what} has {len(shape)} dimensions, more than the {MAX_RANK} numpy supports",
+            node=node or None,
+            hint=hint,
+        )
     nbytes = tensor_bytes(shape, itemsize)
     if nbytes > MAX_TENSOR_BYTES:
         dims = ", ".join(_number(int(d)) for d in shape)
@@ -52,4 +61,4 @@ def _number(n: int) -> str:
     return f"~10^{int(n.bit_length() * 0.30103)}" if abs(n) >= 10**300 else f"{float(n):.3g}"
 
 
-__all__ = ["MAX_TENSOR_BYTES", "check_size", "tensor_bytes"]
+__all__ = ["MAX_RANK", "MAX_TENSOR_BYTES", "check_size", "tensor_bytes"]

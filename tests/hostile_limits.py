@@ -345,6 +345,36 @@ def long_integer(directory: Path, where: str, digits: int, seed: int) -> None:
         raise ValueError(where)
 
 
+def long_list(directory: Path, where: str, count: int) -> None:
+    """IR text with a list of ``count`` items where intq reads one: a constant's values, an
+    attribute, a shape (a rank of thousands), a per-channel scale list. Refused (or, when
+    small enough, parsed) in memory bounded well below the harness's limit."""
+    from intq.ir import from_text
+
+    items = ", ".join(["1"] * count)
+    texts = {
+        "constant": f"graph g(%x: i8[{count}]) {{\n  %c = const i8[{count}] [{items}]\n"
+        "  return %c\n}",
+        "attribute": "graph g(%x: f32[1]) {\n"
+        f"  %y = Reshape(%x) {{shape=[{items}]}} : f32[1]\n  return %y\n}}",
+        "rank": f"graph g(%x: f32[{items}]) {{\n  return %x\n}}",
+        "scales": f"graph g(%x: f32[{count}]) {{\n  %x.q = Quantize(%x) {{bits=8, scale=0.1,"
+        f" signed=1}} : i8[{count}] q(bits=8, signed, axis=0, scale=[{items}])\n"
+        "  return %x\n}",
+    }
+    if (
+        count > 1 << 20
+        or (where == "rank" and count > 64)
+        or (where == "constant" and count > 1 << 16)
+    ):
+        _refused(lambda: from_text(texts[where]), where, f"{count} items")
+    else:
+        import intq
+
+        with contextlib.suppress(intq.IntqError):
+            from_text(texts[where])
+
+
 # ----- memory: huge shapes through shape ops ---------------------------------------------------
 
 
@@ -709,6 +739,12 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
         return Case("hangs", f"{count}-digit integer in {where}", long_integer,
                     (where, count, rng.randrange(1 << 30)))  # fmt: skip
 
+    def lists() -> Case:
+        where = rng.choice(["constant", "attribute", "rank", "scales"])
+        count = rng.choice([65, 1000, 70_000, 1_500_000 if full else 300_000])
+        return Case("memory", f"list of {count} items in IR text ({where})", long_list,
+                    (where, count))  # fmt: skip
+
     def huge() -> Case:
         op = rng.choice(["Expand", "Pad", "Reshape", "ConstantOfShape"])
         dims = _huge_dims(rng, 1 << rng.randint(34, 44), 1)
@@ -739,7 +775,7 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
 
     makers = [
         zero_declared, zero_given, zero_data, zero_text, wide, digits, huge, huge_float,
-        onnx_huge, archive, deep, archive, digits, archive, wide,
+        onnx_huge, archive, deep, lists, digits, archive, wide, archive,
     ]  # fmt: skip
     for i in range(n):
         yield makers[i % len(makers)]()

@@ -311,3 +311,30 @@ def test_running_a_wide_fan_out_checks_each_feed_use_once():
     out = exe.run({"x": np.ones((1, 2), np.float32)})
     assert out["y"].shape == (20_000, 2)
     assert time.perf_counter() - start < 5.0  # the feed check copied the input list per use
+
+
+# ----- lists in IR text: memory bounded by limits, not by the text's length --------------------
+
+
+def test_a_listed_constant_of_more_than_65536_values_is_refused_before_its_list(tmp_path):
+    error, peak = _traced(lambda: hl.long_list(tmp_path, "constant", 200_000))
+    assert isinstance(error, intq.ParseError) and "written as b64 data" in error.message
+    assert peak < SMALL
+
+
+def test_a_rank_above_numpys_is_refused_at_the_65th_dimension(tmp_path):
+    with pytest.raises(intq.ParseError, match="more than 64 dimensions"):
+        hl.long_list(tmp_path, "rank", 100_000)
+    with pytest.raises(intq.ShapeError, match="65 dimensions, more than the 64 numpy supports"):
+        limits.check_size([1] * 65, 4, "x")
+
+
+def test_lists_of_any_kind_stop_at_the_item_limit(monkeypatch):
+    from intq.ir import parser
+
+    assert parser._MAX_ITEMS == 1 << 20
+    monkeypatch.setattr(parser, "_MAX_ITEMS", 1000)  # the real one takes seconds to reach
+    items = ", ".join(["1"] * 1001)
+    text = f"graph g(%x: f32[1]) {{\n  %y = Reshape(%x) {{shape=[{items}]}} : f32[1]\n"
+    with pytest.raises(intq.ParseError, match="a list of more than 1000 items"):
+        from_text(text + "  return %y\n}")

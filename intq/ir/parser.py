@@ -23,6 +23,14 @@ from intq.ir.types import DType, QuantParams, TensorType
 
 T = TypeVar("T")
 
+_MAX_LISTED = 1 << 16
+"""Values a constant may list one by one (the printer lists at most 16; larger constants are
+base64 data, one token)."""
+
+_MAX_ITEMS = 1 << 20
+"""Items any bracketed list may hold (operands, dimensions, attribute values, per-channel
+scales): a bound on the memory a list of a hostile text takes, far above real models'."""
+
 _MAX_DIGITS = 20
 """Digits an integer may have: every integer the IR holds (a dimension, an attribute, an
 element of a 64-bit constant) has at most 20."""
@@ -82,15 +90,21 @@ def _error(text: str, pos: int, message: str) -> ParseError:
 class _Parser:
     def __init__(self, text: str):
         self.text = text
-        self.tokens = list(_tokenize(text))
-        self.i = 0
+        # One token at a time: a list of every token would hold ~100 bytes per token, 50
+        # times the text of a hostile file of 2-character tokens.
+        self.tokens = _tokenize(text)
+        self.current = next(self.tokens)
         self.graph = Graph()
 
     # ----- token helpers ---------------------------------------------------------
 
     @property
     def tok(self) -> Token:
-        return self.tokens[self.i]
+        return self.current
+
+    def _advance(self) -> None:
+        if self.current.kind != "eof":
+            self.current = next(self.tokens)
 
     def fail(self, message: str, token: Token | None = None) -> ParseError:
         token = token or self.tok
@@ -102,13 +116,13 @@ class _Parser:
             want = repr(text) if text is not None else kind
             got = repr(token.text) if token.text else "end of text"
             raise self.fail(f"expected {want}, got {got}")
-        self.i += 1
+        self._advance()
         return token
 
     def accept(self, kind: str, text: str | None = None) -> Token | None:
         token = self.tok
         if token.kind == kind and (text is None or token.text == text):
-            self.i += 1
+            self._advance()
             return token
         return None
 
@@ -123,11 +137,17 @@ class _Parser:
         raw = token.text[1:]
         return (self.string(token, 1) if raw.startswith('"') else raw), token
 
-    def comma_list(self, close: str, item: Callable[[], T]) -> list[T]:
+    def comma_list(
+        self, close: str, item: Callable[[], T], most: int = 0, what: str = "items"
+    ) -> list[T]:
+        most = most or _MAX_ITEMS
         items: list[T] = []
+        start = self.tok
         if self.accept("punct", close):
             return items
         while True:
+            if len(items) == most:
+                raise self.fail(f"a list of more than {most} {what}", start)
             items.append(item())
             if self.accept("punct", close):
                 return items
@@ -172,7 +192,7 @@ class _Parser:
         except ValueError:
             raise self.fail(f"unknown dtype {token.text!r}", token) from None
         self.take("punct", "[")
-        shape = self.comma_list("]", self.int_)
+        shape = self.comma_list("]", self.int_, limits.MAX_RANK, "dimensions")
         quant = None
         if self.tok.kind == "word" and self.tok.text == "q":
             quant = self.quant()
@@ -229,7 +249,14 @@ class _Parser:
 
     def data(self, type_: TensorType, token: Token) -> np.ndarray:
         dtype = type_.dtype.numpy
-        if self.accept("punct", "["):
+        if self.tok.kind == "punct" and self.tok.text == "[":
+            if type_.size > _MAX_LISTED:  # before the list: it costs ~40 bytes a value
+                raise self.fail(
+                    f"a constant of {type_.size} values listed one by one; at most"
+                    f" {_MAX_LISTED} may be, larger ones are written as b64 data",
+                    token,
+                )
+            self.take("punct", "[")
             items = self.comma_list("]", self.number)
             if len(items) != type_.size:
                 raise self.fail(f"{len(items)} values for a constant of {type_.size}", token)
