@@ -300,7 +300,9 @@ def wide_text(directory: Path, n: int, sources: int, seed: int) -> None:
 
 
 def long_integer(directory: Path, where: str, digits: int, seed: int) -> None:
-    """An integer of ``digits`` digits where intq reads one: must be refused cleanly."""
+    """An integer of ``digits`` digits where intq reads one (or, for ``blanks`` and
+    ``comments``, that many blank lines or comments before a bad character): must be refused
+    cleanly and quickly."""
     import intq
     from intq.ir import from_text
 
@@ -319,6 +321,8 @@ def long_integer(directory: Path, where: str, digits: int, seed: int) -> None:
         f" signed=1}} : i8[2] {q.replace('signed,', f'signed, axis={big},')}\n"
         "  return %x\n}",
     }
+    texts["blanks"] = "graph g(%x: f32[1]) {" + " \n\t" * digits + "@"  # bad after blanks
+    texts["comments"] = "graph g(%x: f32[1]) {" + "# #\n" * digits + "@"
     if where in texts:
         _refused(lambda: from_text(texts[where]), where, f"{digits} digits")
     elif where == "header":
@@ -733,7 +737,7 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
     def digits() -> Case:
         where = rng.choice(
             ["shape", "attribute", "constant", "quant", "quant_axis", "header", "cli",
-             "npy_header"]
+             "npy_header", "blanks", "comments"]
         )  # fmt: skip
         count = rng.choice([25, 400, 4301, 5000, 20000])
         return Case("hangs", f"{count}-digit integer in {where}", long_integer,

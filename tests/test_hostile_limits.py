@@ -119,6 +119,14 @@ def test_long_integers_in_ir_text_are_parse_errors(where, tmp_path):
         hl.long_integer(tmp_path, where, 5000, 0)
 
 
+@pytest.mark.parametrize("where", ["blanks", "comments"])
+def test_a_bad_character_after_a_million_blanks_is_found_at_once(where, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(intq.ParseError, match="unexpected character '@'"):
+        hl.long_integer(tmp_path, where, 300_000, 0)
+    assert time.perf_counter() - start < 5.0  # a search from each blank was quadratic
+
+
 def test_a_long_format_number_in_a_header_is_a_damaged_header(tmp_path):
     with pytest.raises(intq.ArtifactError, match="damaged intq artifact header"):
         hl.long_integer(tmp_path, "header", 5000, 0)
