@@ -152,6 +152,12 @@ def test_a_huge_shape_hidden_behind_a_small_type_is_refused_at_compile(op, targe
     assert peak < SMALL
 
 
+def test_loading_a_sealed_artifact_hiding_a_huge_shape_is_refused(tmp_path):
+    error, peak = _traced(lambda: hl.huge_text(tmp_path, "Expand", [1 << 20] * 2, False, "load"))
+    assert isinstance(error, intq.IntqError) and "the output of Expand (i8)" in error.message
+    assert peak < SMALL
+
+
 def test_a_huge_declared_type_is_a_parse_error():
     text = "graph g(%x: i8[1048576,1048576]) {\n  return %x\n}"
     with pytest.raises(intq.ParseError, match=r"line 1: a value \(i8\) of shape.*limit"):
