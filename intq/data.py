@@ -278,6 +278,8 @@ def _exact(item: Any, inputs: Sequence[Value]) -> bool:
 
 _CHUNK = 1 << 24
 """Bytes read from an archive member at a time."""
+_INFLATE = 1032
+"""The most deflate can expand its input (258 bytes from 2 bits)."""
 _NPZ_HINT = "save it with numpy.savez(path, input_name=array, ...)"
 _DTYPE_KINDS = "biuf"
 """Array kinds an archive may hold: bool, signed and unsigned integers, floats. Object arrays
@@ -321,7 +323,9 @@ def _bad(path: Path, what: str, why: str) -> ArtifactError:
     return ArtifactError(f"{what} {path}: {why}", hint=_NPZ_HINT)
 
 
-def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, what: str) -> NpzMember:
+def _member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, what: str, size_on_disk: int
+) -> NpzMember:
     """The header of one archive member, checked against the limits and its stored size."""
     member = f"member {info.filename!r}"
     if not info.filename.endswith(".npy") or info.is_dir():
@@ -330,6 +334,17 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, what: s
         raise _bad(path, what, f"{member} is encrypted")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise _bad(path, what, f"{member} uses compression method {info.compress_type}")
+    # The sizes the zip directory states, against what the file can hold: deflate expands at
+    # most 1032-fold, so a member claiming more (to have an array of that size allocated
+    # for 64 bytes of data) is corrupt, whatever its .npy header says.
+    most = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else _INFLATE)
+    if info.compress_size > size_on_disk or info.file_size > most + 1024:
+        raise _bad(
+            path,
+            what,
+            f"{member} claims {info.file_size} bytes from {info.compress_size} stored bytes"
+            f" in a {size_on_disk}-byte file: the file is corrupt",
+        )
     with archive.open(info) as stream:
         version = npy_format.read_magic(stream)
         if version == (1, 0):
@@ -380,7 +395,7 @@ def npz_members(path: Path, what: str = "calibration data") -> dict[str, NpzMemb
         with zipfile.ZipFile(path) as archive:
             members: dict[str, NpzMember] = {}
             for info in archive.infolist():
-                member = _member(archive, info, path, what)
+                member = _member(archive, info, path, what, path.stat().st_size)
                 if member.name in members:
                     raise _bad(path, what, f"array {member.name!r} is stored twice")
                 members[member.name] = member

@@ -519,6 +519,22 @@ def _write_npz(path: Path, members: dict[str, bytes], compress: bool = False) ->
             archive.writestr(name + ".npy", data)
 
 
+def _raw_zip(path: Path, payload: bytes, method: int, crc: int, size: int) -> None:
+    """A zip of one member ``x.npy`` whose stored ``payload`` (deflated when ``method`` is 8)
+    the zip's headers say inflates to ``size`` bytes with ``crc``: both may lie."""
+    name = b"x.npy"
+    local = struct.pack(
+        "<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(payload), size, len(name), 0
+    )
+    central = struct.pack(
+        "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, len(payload), size,
+        len(name), 0, 0, 0, 0, 0, 0,
+    )  # fmt: skip
+    body = local + name + payload
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central) + len(name), len(body), 0)
+    path.write_bytes(body + central + name + end)
+
+
 def _bomb(path: Path, declared: str, inflated: int) -> None:
     """A deflated member whose header declares ``declared`` and whose stream inflates to
     ``inflated`` zero bytes (written in chunks: the file stays small)."""
@@ -534,19 +550,16 @@ def _bomb(path: Path, declared: str, inflated: int) -> None:
         crc = zlib.crc32(piece, crc)
         left -= len(piece)
     parts.append(compressor.flush())
-    stream = b"".join(parts)
-    size = len(header) + inflated
-    name = b"x.npy"
-    local = struct.pack(
-        "<4s5H3L2H", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(stream), size, len(name), 0
-    )
-    central = struct.pack(
-        "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc, len(stream), size, len(name),
-        0, 0, 0, 0, 0, 0,
-    )  # fmt: skip
-    body = local + name + stream
-    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central) + len(name), len(body), 0)
-    path.write_bytes(body + central + name + end)
+    _raw_zip(path, b"".join(parts), 8, crc, len(header) + inflated)
+
+
+def _forged(path: Path, elements: int, deflate: bool) -> None:
+    """A member whose header declares ``elements`` float32 values (under the size limit) and
+    whose zip headers claim the matching size, over 64 bytes of real data."""
+    data = _npy_bytes(f"({elements},)", "<f4", bytes(64))
+    header_length = len(data) - 64
+    payload = zlib.compress(data, 9)[2:-4] if deflate else data
+    _raw_zip(path, payload, 8 if deflate else 0, zlib.crc32(data), header_length + 4 * elements)
 
 
 def _archive(path: Path, kind: str, rng: random.Random) -> None:
@@ -570,6 +583,8 @@ def _archive(path: Path, kind: str, rng: random.Random) -> None:
         _bomb(path, f"({(10 << 30) // 4},)", inflated)
     elif kind == "bomb_lying":  # the header declares a small array, the stream inflates more
         _bomb(path, "(4, 1, 4, 4)", rng.choice([1, 8, 32]) << 20)
+    elif kind == "forged_size":  # 1-2 GiB declared consistently, 64 bytes of data
+        _forged(path, rng.choice([1 << 28, 3 << 27, 1 << 29]), rng.random() < 0.5)
     elif kind == "truncated":
         path.write_bytes(valid[: rng.randrange(1, len(valid))])
     elif kind == "flipped":  # random bytes of the archive changed
@@ -635,7 +650,8 @@ def _archive(path: Path, kind: str, rng: random.Random) -> None:
 
 
 ARCHIVES = [
-    "declared_huge", "declared_more", "declared_less", "bomb", "bomb_lying", "truncated",
+    "declared_huge", "declared_more", "declared_less", "bomb", "bomb_lying", "forged_size",
+    "truncated",
     "flipped", "header_mutation", "header_length", "not_zip", "npy", "object", "dtype",
     "negative", "duplicate", "foreign_member", "encrypted_flag", "empty", "version",
 ]  # fmt: skip
@@ -779,7 +795,8 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
     def archive() -> Case:
         kind = rng.choice(ARCHIVES)
         consumer = rng.choice(["convert", "calib", "inputs"])
-        klass = "memory" if kind in ("declared_huge", "bomb", "bomb_lying") else "malformed models"
+        big = ("declared_huge", "bomb", "bomb_lying", "forged_size")
+        klass = "memory" if kind in big else "malformed models"
         return Case(klass, f"archive {kind} as {consumer}", archive_case,
                     (kind, consumer, rng.randrange(1 << 30)))  # fmt: skip
 

@@ -216,6 +216,18 @@ def test_a_zip_bomb_is_refused_without_inflating_it(tmp_path):
     assert peak < SMALL
 
 
+@pytest.mark.parametrize("deflate", [False, True], ids=["stored", "deflated"])
+def test_zip_sizes_claiming_more_than_the_file_can_hold_are_refused(tmp_path, deflate):
+    # 2 GiB declared consistently by the .npy header and the zip directory (under the size
+    # limit), over 64 bytes of data: nothing of that size may be allocated.
+    path = tmp_path / "forged.npz"
+    hl._forged(path, 1 << 29, deflate)
+    error, peak = _traced(lambda: read_npz(path))
+    assert isinstance(error, intq.ArtifactError)
+    assert "claims 2147483776 bytes" in error.message and "corrupt" in error.message
+    assert peak < SMALL
+
+
 def test_a_member_inflating_to_more_than_its_header_declares_is_refused(tmp_path):
     path = tmp_path / "bomb.npz"
     hl._bomb(path, "(4, 1, 4, 4)", 32 << 20)
