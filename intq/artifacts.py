@@ -42,7 +42,7 @@ MAX_ARTIFACT_BYTES = 1 << 31
 """Larger files are refused before they are read (protobuf's own limit is 2 GiB)."""
 
 _HEADER = re.compile(
-    rb"# intq-artifact format=(?P<version>\d+) target=(?P<target>[A-Za-z0-9_.-]+)"
+    rb"# intq-artifact format=(?P<version>\d{1,9}) target=(?P<target>[A-Za-z0-9_.-]+)"
     rb" sha256=(?P<digest>[0-9a-f]{64})\n"
 )
 _MAGIC = b"# intq-artifact "

@@ -29,7 +29,7 @@ from intq.backends.onnxruntime import onnx_census
 from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
 from intq.backends.tvm_runtime import TensorSpec, read_tvm_artifact
 from intq.config import load_config
-from intq.data import calibration_batches, first_batch_shapes
+from intq.data import calibration_batches, first_batch_shapes, read_npz
 from intq.frontends.onnx_import import (
     declared_inputs,
     is_static,
@@ -148,11 +148,18 @@ def error_text(err: intq.IntqError) -> str:
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.rpartition("=")
     try:
-        if not sep or not name:
+        # A dimension has at most 18 digits: int() of 5,000 digits is slow or refused.
+        if not sep or not name or any(len(d.strip()) > 18 for d in dims.split(",")):
             raise ValueError
-        return name, tuple(int(d) for d in dims.split(","))
+        shape = tuple(int(d) for d in dims.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}") from None
+    if any(d < 1 for d in shape):
+        # A zero-size input holds no sample: calibration would wait forever for a batch.
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: every dimension must be at least 1, got {list(shape)}"
+        )
+    return name, shape
 
 
 def _add_input_shape(parser: argparse.ArgumentParser) -> None:
@@ -468,19 +475,6 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise intq.ArtifactError(f"no {what} file at {path}", hint="check the path")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise intq.ArtifactError(
-            f"cannot read {what} {path}: {err}",
-            hint="save it with numpy.savez(path, input_name=array, ...)",
-        ) from None
-
-
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -490,7 +484,7 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 def _run(args: argparse.Namespace) -> int:
     _check_output(args.output)
     exe = intq.load(args.artifact)
-    feeds = _read_npz(args.inputs, "inputs")
+    feeds = read_npz(args.inputs, "inputs")
     outputs = exe.run(feeds)
     path = _write_npz(args.output, outputs)
     _say(
@@ -503,7 +497,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _vectors(args: argparse.Namespace) -> int:
     exe = intq.load(args.artifact)
-    feeds = _read_npz(args.inputs, "inputs")
+    feeds = read_npz(args.inputs, "inputs")
     out_dir = exe.golden_vectors(feeds, args.output, overwrite=args.force)
     manifest = read_manifest(out_dir)
     _say(args, f"wrote golden vectors of {len(manifest['nodes'])} nodes to {out_dir}")
@@ -561,7 +555,7 @@ def _bench(args: argparse.Namespace) -> int:
             hint="compile with --target tvm or --target onnxruntime",
         )
     if args.inputs is not None:
-        feeds = _read_npz(args.inputs, "inputs")
+        feeds = read_npz(args.inputs, "inputs")
     else:
         feeds = _random_inputs(_input_values(exe), seed=0)
     rows = [
@@ -658,7 +652,7 @@ def _bench_remote(args: argparse.Namespace) -> int:
         )
     artifact = read_tvm_artifact(path)
     if args.inputs is not None:
-        feeds = _read_npz(args.inputs, "inputs")
+        feeds = read_npz(args.inputs, "inputs")
     else:
         feeds = _random_inputs([s.value() for s in artifact.inputs], seed=0)
     result = remote_bench(

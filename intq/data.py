@@ -11,14 +11,21 @@ dtypes raise :class:`~intq.errors.ShapeError` naming the input and saying what t
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import tokenize
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from numpy.lib import format as npy_format
 
-from intq.errors import ArtifactError, ShapeError
+from intq import limits
+from intq.errors import ArtifactError, IntqError, ShapeError
 from intq.ir.graph import Value
 
 
@@ -135,9 +142,23 @@ def _rebatch(
         )
 
 
+def _no_empty_inputs(inputs: Sequence[Value]) -> None:
+    """Refuse inputs with a zero-size dimension: they hold no samples, and regrouping data
+    into batches of zero samples would never end."""
+    for value in inputs:
+        if 0 in value.type.shape:
+            raise ShapeError(
+                f"input {value.name!r} has type {value.type}: a zero-size dimension holds no"
+                " samples to calibrate on",
+                hint="give the model the input shape you will run with (input_shapes=...),"
+                " every dimension at least 1",
+            )
+
+
 def calibration_batches(data: Any, inputs: Sequence[Value]) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the model's batch size (name -> array) from ``data`` in any accepted form
     (see the module docstring), checked against the graph ``inputs``."""
+    _no_empty_inputs(inputs)
     if isinstance(data, (str, os.PathLike)):
         yield from _rebatch([_npz(Path(data), inputs)], inputs)
         return
@@ -185,18 +206,21 @@ def first_batch_shapes(
     """
     names = list(inputs)
     described = ", ".join(names)
-    block: Mapping[str, Any] | None = None
+    found: dict[str, tuple[int, ...]] | None = None
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
-        block = _read_npz(path) if path.is_file() else {}
+        # The archive's headers say the shapes: no data is read (calibration_batches reads it).
+        found = {k: m.shape for k, m in npz_members(path).items()} if path.is_file() else {}
     else:
         data = _to_numpy(data)
+        block: Mapping[str, Any] | None = None
         if isinstance(data, np.ndarray):
             block = {names[0]: data} if len(names) == 1 else {}
         elif isinstance(data, Mapping):
             block = data
-    if block is not None:
-        found = {str(k): np.shape(_to_numpy(v)) for k, v in block.items()}
+        if block is not None:
+            found = {str(k): np.shape(_to_numpy(v)) for k, v in block.items()}
+    if found is not None:
         return {
             k: (1, *s[1:]) if len(s) == inputs[k] or inputs[k] is None else (1, *s)
             for k, s in found.items()
@@ -225,6 +249,7 @@ def model_batches(data: Any, inputs: Sequence[Value]) -> Iterable[dict[str, np.n
     returned as they are, unchecked and not regrouped: that is the form ``intq.quantize``
     always took, and a graph whose inputs have no common sample axis (``x[2, 3]`` with
     ``y[3]``) has no other. So is an empty list or iterator (calibration says it is empty)."""
+    _no_empty_inputs(inputs)
     if isinstance(data, (Sequence, Iterator)) and not isinstance(data, (str, bytes)):
         if isinstance(data, Sequence):
             if not data or _exact(data[0], inputs):
@@ -249,21 +274,174 @@ def _exact(item: Any, inputs: Sequence[Value]) -> bool:
     )
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+# ----- .npz archives, read defensively ------------------------------------------------------
+
+_CHUNK = 1 << 24
+"""Bytes read from an archive member at a time."""
+_INFLATE = 1032
+"""The most deflate can expand its input (258 bytes from 2 bits)."""
+_NPZ_HINT = "save it with numpy.savez(path, input_name=array, ...)"
+_DTYPE_KINDS = "biuf"
+"""Array kinds an archive may hold: bool, signed and unsigned integers, floats. Object arrays
+(pickles), strings, structured and complex dtypes are refused before any data is read."""
+
+
+@dataclass(frozen=True)
+class NpzMember:
+    """One array of an ``.npz`` archive as its header declares it (nothing read yet)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    info: zipfile.ZipInfo
+    offset: int  # where the data starts in the member's uncompressed stream
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the data takes, from the declared shape and dtype."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,  # numpy's header checks, a header's int of 5,000 digits
+    TypeError,
+    SyntaxError,
+    RecursionError,
+    zipfile.BadZipFile,  # a bad CRC, a truncated central directory
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+    tokenize.TokenError,  # numpy's fallback parse of a header it takes for Python 2's
+)
+"""What zipfile, zlib and numpy's header reader raise on a damaged archive."""
+
+
+def _bad(path: Path, what: str, why: str) -> ArtifactError:
+    return ArtifactError(f"{what} {path}: {why}", hint=_NPZ_HINT)
+
+
+def _member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, what: str, size_on_disk: int
+) -> NpzMember:
+    """The header of one archive member, checked against the limits and its stored size."""
+    member = f"member {info.filename!r}"
+    if not info.filename.endswith(".npy") or info.is_dir():
+        raise _bad(path, what, f"{member} is not an .npy array")
+    if info.flag_bits & 0x1:
+        raise _bad(path, what, f"{member} is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _bad(path, what, f"{member} uses compression method {info.compress_type}")
+    # The sizes the zip directory states, against what the file can hold: deflate expands at
+    # most 1032-fold, so a member claiming more (to have an array of that size allocated
+    # for 64 bytes of data) is corrupt, whatever its .npy header says.
+    most = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else _INFLATE)
+    if info.compress_size > size_on_disk or info.file_size > most + 1024:
+        raise _bad(
+            path,
+            what,
+            f"{member} claims {info.file_size} bytes from {info.compress_size} stored bytes"
+            f" in a {size_on_disk}-byte file: the file is corrupt",
+        )
+    with archive.open(info) as stream:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise _bad(path, what, f"{member} is in .npy format version {version}")
+        offset = stream.tell()
+    name = info.filename.removesuffix(".npy")
+    if dtype.hasobject or dtype.kind not in _DTYPE_KINDS or dtype.names or dtype.subdtype:
+        raise _bad(
+            path,
+            what,
+            f"array {name!r} has dtype {dtype}; intq reads bool, integer and float arrays only"
+            " (no objects or pickles)",
+        )
+    if any(d < 0 for d in shape):
+        raise _bad(path, what, f"array {name!r} declares negative dimensions {list(shape)}")
+    found = NpzMember(name, tuple(shape), dtype, fortran, info, offset)
+    limits.check_size(found.shape, found.dtype.itemsize, f"array {name!r} of {what} {path}")
+    if info.file_size != offset + found.nbytes:
+        raise _bad(
+            path,
+            what,
+            f"array {name!r} declares shape {list(shape)} ({dtype}, {found.nbytes} bytes), but"
+            f" its member holds {max(info.file_size - offset, 0)} bytes of data: the file is"
+            " truncated or corrupt",
+        )
+    return found
+
+
+def npz_members(path: Path, what: str = "calibration data") -> dict[str, NpzMember]:
+    """The arrays of the ``.npz`` archive at ``path`` as their headers declare them (name ->
+    :class:`NpzMember`), every one checked before any data is read: a bool, integer or float
+    dtype, a shape within ``intq.limits.MAX_TENSOR_BYTES``, and a stored (uncompressed) size
+    that is exactly what the shape needs, so a header declaring 10 GB over 64 bytes of data or
+    a zip bomb is refused without inflating it. ``what`` names the file in errors."""
+    if not path.is_file():
+        raise ArtifactError(f"no {what} file at {path}", hint="check the path")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise ArtifactError(
-            f"cannot read calibration data {path}: {err}",
-            hint="save it with numpy.savez(path, input_name=array, ...)",
-        ) from None
+        with open(path, "rb") as f:
+            magic = f.read(len(npy_format.MAGIC_PREFIX))
+        if magic == npy_format.MAGIC_PREFIX:
+            raise _bad(path, what, "this is an .npy file (one array); intq reads .npz archives")
+        if not zipfile.is_zipfile(path):
+            raise _bad(path, what, "not an .npz archive (a zip file of .npy arrays)")
+        with zipfile.ZipFile(path) as archive:
+            members: dict[str, NpzMember] = {}
+            for info in archive.infolist():
+                member = _member(archive, info, path, what, path.stat().st_size)
+                if member.name in members:
+                    raise _bad(path, what, f"array {member.name!r} is stored twice")
+                members[member.name] = member
+            return members
+    except IntqError:
+        raise
+    except _READ_ERRORS as err:
+        raise _bad(path, what, f"cannot read it ({type(err).__name__}: {err})") from None
+
+
+def read_npz(path: Path, what: str = "calibration data") -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` archive at ``path`` (name -> array), each checked by
+    :func:`npz_members` before it is read, and read straight into an array of the declared
+    size; a member whose data does not inflate to what its header declares (a corrupt
+    stream, a bad CRC) is refused naming it."""
+    members = npz_members(path, what)
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name, member in members.items():
+                flat = np.empty(math.prod(member.shape), member.dtype)
+                view = flat.view(np.uint8)
+                with archive.open(member.info) as stream:
+                    stream.read(member.offset)  # the header, checked by npz_members
+                    got = 0
+                    while got < member.nbytes:  # in chunks: memory stays the array's size
+                        chunk = stream.read(min(_CHUNK, member.nbytes - got))
+                        if not chunk:
+                            break
+                        view[got : got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                        got += len(chunk)
+                    if got != member.nbytes or stream.read(1):
+                        raise _bad(path, what, f"array {name!r} is truncated")
+                order: Literal["C", "F"] = "F" if member.fortran else "C"
+                arrays[name] = flat.reshape(member.shape, order=order)
+    except IntqError:
+        raise
+    except _READ_ERRORS as err:
+        raise _bad(path, what, f"cannot read it ({type(err).__name__}: {err})") from None
+    return arrays
 
 
 def _npz(path: Path, inputs: Sequence[Value]) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ArtifactError(f"no calibration file at {path}", hint="check the path")
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     if len(inputs) == 1 and len(arrays) == 1 and inputs[0].name not in arrays:
         (only,) = arrays
         raise ShapeError(
@@ -276,4 +454,11 @@ def _npz(path: Path, inputs: Sequence[Value]) -> dict[str, np.ndarray]:
     return arrays
 
 
-__all__ = ["calibration_batches", "first_batch_shapes", "model_batches"]
+__all__ = [
+    "NpzMember",
+    "calibration_batches",
+    "first_batch_shapes",
+    "model_batches",
+    "npz_members",
+    "read_npz",
+]

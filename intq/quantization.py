@@ -19,6 +19,7 @@ from typing import Any
 from intq.data import model_batches
 from intq.errors import IntqError
 from intq.ir.graph import Graph
+from intq.ir.verifier import verify
 from intq.mixed_precision import MixedPrecision, plan_bits
 from intq.passes import PREPARE, DumpHook, lowering_pipeline, pipeline
 from intq.passes.calibration import CALIBRATION_METHODS
@@ -136,6 +137,9 @@ def quantize(
     after each and ``dump`` is called after each, as for :func:`intq.passes.pipeline`.
     """
     config = config or QuantConfig()
+    # A hand-written or edited graph may declare types its nodes do not compute (an Expand
+    # to 2^40 elements typed i8[1,2]): the checks below and the calibration trust them.
+    verify(graph)
     model = graph.analysis(ModelQuantization)
     if calibration_data is None and model is None:
         raise IntqError(

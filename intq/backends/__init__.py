@@ -19,6 +19,7 @@ from intq.backends.reference import REFERENCE
 from intq.backends.tvm_runtime import load_tvm
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph
+from intq.ir.verifier import verify
 
 # The TVM compiler is imported on first use: its schedules import TVM, an optional heavy
 # dependency that `import intq` must not pull in (the runtime module imports TVM only when a
@@ -51,12 +52,18 @@ TARGETS: dict[str, Backend] = {b.name: b for b in (REFERENCE, ONNXRUNTIME, TVM)}
 
 
 def compile(graph: Graph, target: str = "reference", **options: Any) -> Executable:
-    """Compile ``graph`` for ``target``; returns an executable with ``.run`` and ``.save``."""
+    """Compile ``graph`` for ``target``; returns an executable with ``.run`` and ``.save``.
+
+    The graph is verified first (:func:`intq.ir.verify`): every node's output types are what
+    its shape rule gives, each within ``intq.limits.MAX_TENSOR_BYTES``, so no backend runs a
+    node whose declared type hides the tensor it would allocate (hand-written or edited IR
+    text declaring ``i8[1,2]`` for an Expand to 2^40 elements)."""
     backend = TARGETS.get(target)
     if backend is None:
         raise IntqError(
             f"unknown target {target!r}", hint=f"the targets are: {', '.join(sorted(TARGETS))}"
         )
+    verify(graph)
     return backend.compile(graph, **options)
 
 

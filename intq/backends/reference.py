@@ -12,6 +12,7 @@ from intq.backends.base import Backend, GraphExecutable, atomic_write
 from intq.ir.graph import Graph
 from intq.ir.parser import from_text
 from intq.ir.printer import to_text
+from intq.ir.verifier import verify
 from intq.semantics.feeds import Feeds, check_feeds
 from intq.semantics.numpy_eval import run_graph
 
@@ -40,8 +41,13 @@ def compile_reference(graph: Graph) -> ReferenceExecutable:
 
 
 def load_reference(path: Path, data: bytes) -> ReferenceExecutable:
-    """Reopen the ``.intq`` artifact ``data`` read from ``path`` (checksum verified first)."""
-    return compile_reference(from_text(open_text(data, path)))
+    """Reopen the ``.intq`` artifact ``data`` read from ``path`` (checksum verified first).
+
+    The graph is verified as :func:`intq.compile` verifies it: anyone can write a valid
+    checksum, so the text's declared types are not trusted to be what its nodes compute."""
+    graph = from_text(open_text(data, path))
+    verify(graph)
+    return compile_reference(graph)
 
 
 REFERENCE = Backend(

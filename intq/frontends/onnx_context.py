@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from intq import limits
 from intq.errors import ModelImportError, ShapeError, UnsupportedOpError
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType
@@ -20,34 +21,21 @@ from intq.passes.constant_folding import fold_node, foldable
 MAX_OPSET = 22
 """Newest default-domain opset the converters were written against."""
 
-
-MAX_TENSOR_BYTES = 1 << 33
-"""The largest tensor (8 GiB) a model may declare: an initializer, a graph input or any value
-a node computes. Larger ones are refused from their declared shape, before anything is
-allocated, so a hostile or corrupt file cannot exhaust memory."""
+MAX_TENSOR_BYTES = limits.MAX_TENSOR_BYTES
+"""Kept for old imports; the limit is :data:`intq.limits.MAX_TENSOR_BYTES` (set that one)."""
 
 
 def check_size(shape: Sequence[int], dtype: DType, what: str, *, node: str = "") -> None:
-    """Refuse a tensor of ``shape`` and ``dtype`` larger than :data:`MAX_TENSOR_BYTES`."""
-    elements = 1
-    for dim in shape:
-        elements *= int(dim)
-    nbytes = elements * dtype.numpy.itemsize
-    if nbytes > MAX_TENSOR_BYTES:
-        raise ShapeError(
-            f"{what} of shape {list(shape)} ({dtype.value}) would take {nbytes:.3g} bytes,"
-            f" more than intq's limit of {MAX_TENSOR_BYTES} bytes",
-            node=node,
-            hint="check the model's shapes (a corrupt or hostile file can declare any size),"
-            " or raise intq.frontends.onnx_context.MAX_TENSOR_BYTES",
-        )
+    """Refuse a tensor of ``shape`` and ``dtype`` larger than ``intq.limits.MAX_TENSOR_BYTES``
+    (see :func:`intq.limits.check_size`)."""
+    limits.check_size(shape, dtype.numpy.itemsize, f"{what} ({dtype.value})", node=node)
 
 
 def tensor_data(tensor: onnx.TensorProto, what: str, *, node: str = "") -> np.ndarray:
     """The data of an in-file ``TensorProto``, checked before anything is allocated.
 
     The element type must be one intq supports, the dims non-negative and within
-    :data:`MAX_TENSOR_BYTES`, and the stored data exactly as long as the dims say. External
+    ``intq.limits.MAX_TENSOR_BYTES``, and the stored data exactly as long as the dims say. External
     data is refused here (only initializers may use it, read by ``onnx_import.read_external``
     within the model's directory): ``numpy_helper.to_array`` would open any path it names.
     """
@@ -144,9 +132,9 @@ class ConvertContext:
         conversion), else after the ONNX node's first output."""
         # Every IR op a converter emits has one output: the ONNX node's first.
         name = self.node.output[0] if self.node.output and self.node.output[0] else self.name
+        # The shape rule refuses an output over intq.limits.MAX_TENSOR_BYTES, before folding
+        # would allocate it (an Expand to 10^12 elements).
         node = self.graph.add(op, list(inputs), attrs, name=self.name, out_names=[out_name or name])
-        for value in node.outputs:  # before folding allocates it (an Expand to 10^12...)
-            check_size(value.type.shape, value.type.dtype, f"the output of {op}", node=self.name)
         if foldable(node):
             return fold_node(self.graph, node)
         return list(node.outputs)

@@ -9,7 +9,7 @@ Rules:
 
 - Only deterministic default-domain nodes without subgraphs fold (never ``RandomNormal``).
 - The outputs' types come from onnx's shape inference on a one-node model, before anything
-  is evaluated: each must be static and within ``onnx_context.MAX_TENSOR_BYTES``, so a
+  is evaluated: each must be static and within ``intq.limits.MAX_TENSOR_BYTES``, so a
   ``Range(0, 10**12)`` is refused without allocating it. A node whose output size onnx
   cannot tell in advance is not folded (the importer reports it as unsupported).
 - A tensor attribute may not use external data (the evaluator would open any path it names).

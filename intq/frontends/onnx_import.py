@@ -6,7 +6,7 @@
 - External data is read only from files inside the model's directory (a
   location escaping it, also through a symlink, is refused) and only within
   the file's size.
-- No tensor over ``onnx_context.MAX_TENSOR_BYTES`` is accepted, judged from its
+- No tensor over ``intq.limits.MAX_TENSOR_BYTES`` is accepted, judged from its
   declared shape before anything is allocated, and an initializer's data must
   be as long as its dims say.
 - Symbolic input dimensions (``batch_size``, ``sequence_length``) are fixed
@@ -265,6 +265,10 @@ def resolve_input_shapes(
                     )
                 bound.setdefault(dim, (size, name))
 
+    for name, shape in given.items():
+        _no_empty_dims(name, shape, f"{_option(cli)} gives", cli)
+    for name, shape in observed.items():
+        _no_empty_dims(name, shape, "the first calibration batch gives", cli)
     bind({k: tuple(v) for k, v in given.items()}, True)
     bind({k: v for k, v in observed.items() if k not in given}, False)
     shapes = {name: tuple(int(d) for d in shape) for name, shape in given.items()}
@@ -307,6 +311,18 @@ def resolve_input_shapes(
                 )
         shapes[name] = tuple(resolved)
     return shapes
+
+
+def _no_empty_dims(name: str, shape: Sequence[int], what: str, cli: bool) -> None:
+    """Refuse a dimension below 1 for input ``name``: a zero-size input holds no sample to
+    calibrate or run on (and a batch of 0 samples never fills)."""
+    if any(int(d) < 1 for d in shape):
+        raise ShapeError(
+            f"{what} input {name!r} the shape {list(shape)}: every dimension must be at"
+            " least 1 (a zero-size input holds no samples)",
+            hint="give the shape you will run with, "
+            + _spell(cli, name, [max(int(d), 1) for d in shape]),
+        )
 
 
 def _option(cli: bool) -> str:
@@ -410,6 +426,13 @@ class _Importer:
         else:  # resolve_input_shapes gave every input that is not static a shape
             shape = tuple(d.dim_value for d in ttype.shape.dim)
         check_size(shape, dtype, f"input {info.name!r}")
+        if any(d == 0 for d in shape):
+            raise ShapeError(
+                f"input {info.name!r} has shape {list(shape)}: a zero-size dimension holds"
+                " no samples to calibrate or run on",
+                hint="fix the input's shape with "
+                + _spell(False, info.name, [max(d, 1) for d in shape]),
+            )
         try:
             self.values[info.name] = self.graph.add_input(info.name, TensorType(dtype, shape))
         except IntqError as err:
@@ -525,6 +548,9 @@ def _topological_order(nodes: Sequence[onnx.NodeProto]) -> list[int]:
             producer[out] = i
     order: list[int] = []
     state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 done
+    # Each node's producers, listed once: a node is popped once per input, and listing them
+    # on every pop made a Concat of 50,000 inputs take minutes.
+    deps_of: dict[int, list[int]] = {}
     for root in range(len(nodes)):
         stack = [(root, 0)]
         while stack:
@@ -533,7 +559,9 @@ def _topological_order(nodes: Sequence[onnx.NodeProto]) -> list[int]:
                 if state[i] == 2:
                     continue
                 state[i] = 1
-            deps = [producer[n] for n in nodes[i].input if n in producer]
+            deps = deps_of.get(i)
+            if deps is None:
+                deps = deps_of[i] = [producer[n] for n in nodes[i].input if n in producer]
             if next_input < len(deps):
                 stack.append((i, next_input + 1))
                 dep = deps[next_input]
@@ -546,4 +574,5 @@ def _topological_order(nodes: Sequence[onnx.NodeProto]) -> list[int]:
             else:
                 state[i] = 2
                 order.append(i)
+                del deps_of[i]
     return order

@@ -119,6 +119,11 @@ class Value:
         """A snapshot of the ``(node, input index)`` pairs reading this value."""
         return tuple(Use(node, index) for node, index in self._uses)
 
+    def is_read_by(self, node: Node, index: int) -> bool:
+        """Whether input ``index`` of ``node`` is recorded as reading this value (in constant
+        time: the verifier asks it for every input, and a value may have 10^5 readers)."""
+        return (node, index) in self._uses
+
     def consumers(self) -> tuple[Node, ...]:
         """The distinct nodes reading this value, in use order."""
         return tuple(dict.fromkeys(node for node, _ in self._uses))
@@ -192,6 +197,16 @@ class Node:
     def inputs(self) -> tuple[Value | None, ...]:
         """The input values (``None`` for an omitted optional input)."""
         return tuple(self._inputs)
+
+    @property
+    def arity(self) -> int:
+        """How many inputs the node has (omitted optional ones included)."""
+        return len(self._inputs)
+
+    def operand(self, index: int) -> Value | None:
+        """Input ``index`` (``None`` when omitted), without copying the input list as
+        :attr:`inputs` does: a reader visiting each use of a Concat of 50,000 inputs."""
+        return self._inputs[index]
 
     @property
     def outputs(self) -> tuple[Value, ...]:
@@ -498,6 +513,30 @@ class Graph:
         self._touch()
         for value in node._outputs:
             self._unregister(value)
+
+    def remove_nodes(self, nodes: Iterable[Node]) -> None:
+        """Remove ``nodes`` at once, in time linear in the graph (one :meth:`remove` per node
+        searches the node list each time). Their outputs may be read only by each other."""
+        gone = set(nodes)
+        for node in gone:
+            if node._graph is not self:
+                raise VerificationError("node is not in this graph", node=node.label())
+            for value in node._outputs:
+                readers = [n for n, _ in value._uses if n not in gone]
+                if readers or value.is_graph_output:
+                    names = ", ".join(n.label() for n in readers) or "graph outputs"
+                    raise VerificationError(
+                        f"cannot remove {node.op}: output %{value.name} is still read by {names}",
+                        node=node.label(),
+                    )
+        for node in gone:
+            node._detach()
+        self._nodes = [node for node in self._nodes if node not in gone]
+        for node in gone:
+            node._graph = None
+            for value in node._outputs:
+                self._unregister(value)
+        self._touch()
 
     def remove_constant(self, value: Value) -> None:
         """Remove an unused constant."""

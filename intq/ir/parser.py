@@ -11,11 +11,11 @@ import binascii
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
+from intq import limits
 from intq.errors import IntqError, ParseError
 from intq.ir.graph import AttrValue, Graph, Node, Value
 from intq.ir.int4 import packed_int4, unpack_int4
@@ -23,26 +23,42 @@ from intq.ir.types import DType, QuantParams, TensorType
 
 T = TypeVar("T")
 
+_MAX_LISTED = 1 << 16
+"""Values a constant may list one by one (the printer lists at most 16; larger constants are
+base64 data, one token)."""
+
+_MAX_ITEMS = 1 << 20
+"""Items any bracketed list may hold (operands, dimensions, attribute values, per-channel
+scales): a bound on the memory a list of a hostile text takes, far above real models'."""
+
+_MAX_DIGITS = 20
+"""Digits an integer may have: every integer the IR holds (a dimension, an attribute, an
+element of a 64-bit constant) has at most 20."""
+
 # Strings use the unrolled-loop form: weights are long base64 strings, and a per-character
-# alternation made parsing a ResNet-18 take 14 s instead of a fraction of a second.
+# alternation made parsing a ResNet-18 take 14 s instead of a fraction of a second. Each match
+# is the blanks and comments before a token, then the token (or the end of the text): one
+# match per token, which halves the tokenizer's time on a 50,000-node graph.
+_SPACE = r"(?:[ \t\r\n]+|\#[^\n]*)*+"  # possessive: blanks never backtrack (no blowup)
 _TOKEN = re.compile(
-    r"""
-    (?P<space>[ \t\r\n]+|\#[^\n]*)
-  | (?P<value>%(?:[A-Za-z0-9_.$]+|"[^"\\\n]*(?:\\.[^"\\\n]*)*"))
+    _SPACE
+    + r"""(?:
+    (?P<value>%(?:[A-Za-z0-9_.$]+|"[^"\\\n]*(?:\\.[^"\\\n]*)*"))
   | (?P<origin>@"[^"\\\n]*(?:\\.[^"\\\n]*)*")
   | (?P<string>"[^"\\\n]*(?:\\.[^"\\\n]*)*")
   | (?P<number>[-+]?(?:(?:inf|nan)(?![A-Za-z0-9_])|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))
   | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<arrow>->)
   | (?P<punct>[()\[\]{},:=<>])
-    """,
+  | (?P<eof>\Z)
+    )""",
     re.VERBOSE,
 )
+_BLANKS = re.compile(_SPACE)
 
 
-@dataclass(frozen=True)
-class Token:
-    """One lexical token and where it starts."""
+class Token(NamedTuple):
+    """One lexical token and where it starts (a tuple: a 50,000-node graph has a million)."""
 
     kind: str
     text: str
@@ -51,16 +67,19 @@ class Token:
 
 def _tokenize(text: str) -> Iterator[Token]:
     pos = 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None:
+    match_at = _TOKEN.match  # anchored at pos: a search (finditer) would rescan the blanks
+    while True:  # before a bad character from each of their positions, quadratic in them
+        match = match_at(text, pos)
+        kind = match.lastgroup if match is not None else None
+        if match is None or kind is None:
+            pos = _BLANKS.match(text, pos).end()  # type: ignore[union-attr]
             raise _error(text, pos, f"unexpected character {text[pos]!r}")
-        kind = match.lastgroup
-        assert kind is not None
-        if kind != "space":
-            yield Token(kind, match.group(), pos)
+        start = match.start(kind)
+        if kind == "eof":
+            yield Token("eof", "", start)
+            return
+        yield Token(kind, match.group(kind), start)
         pos = match.end()
-    yield Token("eof", "", pos)
 
 
 def _error(text: str, pos: int, message: str) -> ParseError:
@@ -76,15 +95,21 @@ def _error(text: str, pos: int, message: str) -> ParseError:
 class _Parser:
     def __init__(self, text: str):
         self.text = text
-        self.tokens = list(_tokenize(text))
-        self.i = 0
+        # One token at a time: a list of every token would hold ~100 bytes per token, 50
+        # times the text of a hostile file of 2-character tokens.
+        self.tokens = _tokenize(text)
+        self.current = next(self.tokens)
         self.graph = Graph()
 
     # ----- token helpers ---------------------------------------------------------
 
     @property
     def tok(self) -> Token:
-        return self.tokens[self.i]
+        return self.current
+
+    def _advance(self) -> None:
+        if self.current.kind != "eof":
+            self.current = next(self.tokens)
 
     def fail(self, message: str, token: Token | None = None) -> ParseError:
         token = token or self.tok
@@ -96,13 +121,13 @@ class _Parser:
             want = repr(text) if text is not None else kind
             got = repr(token.text) if token.text else "end of text"
             raise self.fail(f"expected {want}, got {got}")
-        self.i += 1
+        self._advance()
         return token
 
     def accept(self, kind: str, text: str | None = None) -> Token | None:
         token = self.tok
         if token.kind == kind and (text is None or token.text == text):
-            self.i += 1
+            self._advance()
             return token
         return None
 
@@ -117,11 +142,17 @@ class _Parser:
         raw = token.text[1:]
         return (self.string(token, 1) if raw.startswith('"') else raw), token
 
-    def comma_list(self, close: str, item: Callable[[], T]) -> list[T]:
+    def comma_list(
+        self, close: str, item: Callable[[], T], most: int = 0, what: str = "items"
+    ) -> list[T]:
+        most = most or _MAX_ITEMS
         items: list[T] = []
+        start = self.tok
         if self.accept("punct", close):
             return items
         while True:
+            if len(items) == most:
+                raise self.fail(f"a list of more than {most} {what}", start)
             items.append(item())
             if self.accept("punct", close):
                 return items
@@ -147,6 +178,9 @@ class _Parser:
         text = token.text
         if any(c in text for c in ".eEin"):
             return float(text)
+        if len(text.lstrip("+-")) > _MAX_DIGITS:
+            # Python refuses int() of over 4,300 digits (a ValueError) and is slow below.
+            raise self.fail(f"an integer of {len(text)} digits is out of range", token)
         return int(text)
 
     def int_(self) -> int:
@@ -163,11 +197,12 @@ class _Parser:
         except ValueError:
             raise self.fail(f"unknown dtype {token.text!r}", token) from None
         self.take("punct", "[")
-        shape = self.comma_list("]", self.int_)
+        shape = self.comma_list("]", self.int_, limits.MAX_RANK, "dimensions")
         quant = None
         if self.tok.kind == "word" and self.tok.text == "q":
             quant = self.quant()
         try:
+            limits.check_size(shape, dtype.numpy.itemsize, f"a value ({dtype.value})")
             return TensorType(dtype, tuple(shape), quant)
         except IntqError as err:
             raise self.fail(err.message, token) from None
@@ -219,7 +254,14 @@ class _Parser:
 
     def data(self, type_: TensorType, token: Token) -> np.ndarray:
         dtype = type_.dtype.numpy
-        if self.accept("punct", "["):
+        if self.tok.kind == "punct" and self.tok.text == "[":
+            if type_.size > _MAX_LISTED:  # before the list: it costs ~40 bytes a value
+                raise self.fail(
+                    f"a constant of {type_.size} values listed one by one; at most"
+                    f" {_MAX_LISTED} may be, larger ones are written as b64 data",
+                    token,
+                )
+            self.take("punct", "[")
             items = self.comma_list("]", self.number)
             if len(items) != type_.size:
                 raise self.fail(f"{len(items)} values for a constant of {type_.size}", token)

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from intq.errors import IntqError, VerificationError
-from intq.ir.graph import Graph, Node, Use, Value
+from intq.ir.graph import Graph, Node, Value
 from intq.ir.printer import format_node
 from intq.ir.types import TensorType
 
@@ -58,7 +58,7 @@ def verify(graph: Graph) -> None:
                         " (the nodes are not in topological order, or it is not in this graph)",
                         node=node.label(),
                     )
-                if Use(node, index) not in operand.uses():
+                if not operand.is_read_by(node, index):
                     raise VerificationError(
                         f"input {index} (%{operand.name}) is missing from its use list",
                         node=node.label(),
@@ -80,8 +80,8 @@ def verify(graph: Graph) -> None:
         for use in value.uses():
             if (
                 use.node.graph is not graph
-                or use.index >= len(use.node.inputs)
-                or (use.node.inputs[use.index] is not value)
+                or use.index >= use.node.arity
+                or use.node.operand(use.index) is not value
             ):
                 raise VerificationError(f"%{value.name} has a dangling use by {use.node.label()}")
     for value in graph.outputs:

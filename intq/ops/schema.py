@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from intq import limits
 from intq.errors import ShapeError, VerificationError
 from intq.ir.types import TensorType
 
@@ -238,9 +239,19 @@ class OpDef:
     def infer_types(
         self, inputs: Sequence[Value | None], attrs: Mapping[str, AttrValue], *, node: str = ""
     ) -> list[TensorType]:
-        """The output types for these inputs and attributes; errors name ``node``."""
+        """The output types for these inputs and attributes; errors name ``node``. Each must
+        fit ``intq.limits.MAX_TENSOR_BYTES``: every node a front end, pass or the verifier
+        builds or checks passes here, so no graph holds a value a backend could not
+        allocate (an Expand or ConstantOfShape to 2^40 elements is refused here)."""
         try:
-            return self.infer(InferContext(self.name, inputs, attrs))
+            types = self.infer(InferContext(self.name, inputs, attrs))
+            for type_ in types:
+                limits.check_size(
+                    type_.shape,
+                    type_.dtype.numpy.itemsize,
+                    f"the output of {self.name} ({type_.dtype.value})",
+                )
+            return types
         except ShapeError as err:
             raise ShapeError(err.message, node=node, hint=err.hint) from None
 

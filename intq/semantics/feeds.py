@@ -68,8 +68,10 @@ def _check_indices(value: Value, array: np.ndarray) -> None:
     """Token ids and other indices fed to a ``Gather`` must lie in its table."""
     for use in value.uses():
         node = use.node
-        table = node.inputs[0]
-        if node.op != "Gather" or use.index != 1 or table is None or not array.size:
+        if node.op != "Gather" or use.index != 1 or not array.size:
+            continue
+        table = node.operand(0)
+        if table is None:
             continue
         size = table.type.shape[node.attrs["axis"]]
         low, high = int(array.min()), int(array.max())

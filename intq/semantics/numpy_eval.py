@@ -16,6 +16,7 @@ import numpy as np
 import scipy.special
 from numpy.lib.stride_tricks import sliding_window_view
 
+from intq import limits
 from intq.errors import IntqError, NumericsError, ShapeError
 from intq.ir.graph import Graph, Node
 from intq.ir.types import QuantParams
@@ -883,6 +884,14 @@ def run_graph(
     Intermediate arrays are freed after their last reader, so memory stays at
     the graph's live set, not its total.
     """
+    for node in graph.nodes:  # before anything is allocated; a verified graph's types are
+        for value in node.outputs:  # what each node computes (intq.compile verifies)
+            limits.check_size(
+                value.type.shape,
+                value.type.dtype.numpy.itemsize,
+                f"the output %{value.name} of {node.op}",
+                node=node.label(),
+            )
     env: dict[str, Array] = dict(check_feeds(graph.inputs, feeds))
     for value in graph.constants:
         assert value.const is not None
