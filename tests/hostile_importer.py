@@ -41,6 +41,8 @@ from onnx_models import make_model
 from onnx_mutations import FAULTS, SYMLINK_LOOP, RandomChooser, inject_fault, mutate
 
 import intq
+import intq.cli
+import intq.config
 
 MALFORMED = "malformed models"
 FOREIGN = "foreign exceptions"

@@ -94,8 +94,8 @@ ATTR_SWAPS = [
 HUGE_DIMS = [0, 1, 3, 10**6, 10**12, 2**31, 2**62, -1, -(2**40)]
 """Dimensions and integer attribute values at and beyond every boundary."""
 
-UNKNOWN_DTYPES = [27, 40, 99, 1000, 2**31 - 1, -1]
-"""Element-type enums no ONNX release defines (27 is one past FLOAT4E2M1 = 23 ... 26)."""
+UNKNOWN_DTYPES = [29, 64, 99, 1000, 2**31 - 1, -1]
+"""Element-type enums no ONNX release defines (onnx 1.23 defines 0 ... 28)."""
 
 _OP_TYPES = [
     "Conv",

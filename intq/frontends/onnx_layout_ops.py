@@ -395,6 +395,12 @@ def _conv_transpose(ctx: ConvertContext) -> list[Value]:
     extra = tuple(ctx.attr("output_padding", [0] * spatial))
     auto_pad = ctx.attr("auto_pad", "NOTSET")
     wanted = ctx.attr("output_shape")
+    if len(extra) != spatial or (wanted is not None and len(wanted) < spatial):
+        raise ShapeError(
+            f"output_padding {list(extra)} or output_shape {wanted} does not give one value"
+            f" per spatial axis ({spatial})",
+            node=ctx.name,
+        )
     if wanted is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         wanted = [x.type.shape[2 + i] * strides[i] for i in range(spatial)]
     if wanted is not None:

@@ -26,6 +26,7 @@ from intq.frontends.onnx_context import (
     ints,
     onnx_dtype,
     window_geometry,
+    window_lengths,
 )
 from intq.frontends.onnx_layout_ops import CONVERTERS as LAYOUT_CONVERTERS
 from intq.ir.graph import Value
@@ -185,6 +186,7 @@ def _pool_attrs(ctx: ConvertContext, dilations: bool) -> dict[str, Any]:
     spatial = len(kernel)
     strides = tuple(ctx.attr("strides", [1] * spatial))
     dil = tuple(ctx.attr("dilations", [1] * spatial))
+    window_lengths(ctx, ctx.input(0), spatial, kernel_shape=kernel, strides=strides, dilations=dil)
     attrs: dict[str, Any] = {
         "kernel_shape": kernel,
         "strides": strides,
