@@ -39,7 +39,7 @@ from typing import Any
 from intq.errors import IntqError
 from intq.mixed_precision import MixedPrecision
 from intq.passes.integerize import kernel_specs
-from intq.passes.precision import LayerBits
+from intq.passes.precision import ACTIVATION_BITS, WEIGHT_BITS, WIDE_BITS, LayerBits
 from intq.quantization import QuantConfig
 
 _NOT_IN_FILES = {"progress"}
@@ -162,7 +162,21 @@ def _between(low: float, high: float) -> Callable[[Any], str | None]:
     return check
 
 
+def _one_of(choices: tuple[int, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value in choices:
+            return None
+        return f"expected one of {', '.join(map(str, choices))}, got {_shown(value)}"
+
+    return check
+
+
 RANGES: dict[str, Callable[[Any], str | None]] = {
+    "weight_bits": _one_of(WEIGHT_BITS),
+    "activation_bits": _one_of(ACTIVATION_BITS),
+    "wide_bits": _one_of(WIDE_BITS),
+    "layer_bits.weights": _one_of(WEIGHT_BITS),
+    "layer_bits.activations": _one_of(ACTIVATION_BITS),
     "percentile": _finite(1e-9, 100),
     "mixed_precision.size_mb": _finite(0, 1e12),
     "mixed_precision.bops": _finite(0, 1e30),
@@ -171,8 +185,8 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "mixed_precision.max_iterations": _finite(1, 100_000),
     "mixed_precision.seed": _finite(0, 2**63 - 1),
 }
-"""Value ranges of numeric keys (``table.key``) beyond what their type says; the bit widths
-and names are judged by QuantConfig and MixedPrecision, whose messages list the choices."""
+"""Value ranges of numeric keys (``table.key``) beyond what their type says; names (methods,
+kernels, layers) are judged by QuantConfig and MixedPrecision, whose messages list them."""
 
 
 def _shown(value: Any) -> str:

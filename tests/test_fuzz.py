@@ -356,9 +356,10 @@ def test_missing_required_attribute():
 
 def test_zero_stride_and_negative_padding():
     """Was a ZeroDivisionError (strides 0); negative pads are refused too."""
-    _refused(_conv_model(strides=[0, 0]), intq.ShapeError, "stride 0 .* must be >= 1")
-    _refused(_conv_model(dilations=[1, 0]), intq.ShapeError, "dilation 0")
-    _refused(_conv_model(pads=[0, -1, 0, 0]), intq.ShapeError, "pads must be >= 0")
+    out_of_range = intq.ModelImportError
+    _refused(_conv_model(strides=[0, 0]), out_of_range, "'strides' of Conv .*: 0 is below 1")
+    _refused(_conv_model(dilations=[1, 0]), out_of_range, "'dilations' .*: 0 is below 1")
+    _refused(_conv_model(pads=[0, -1, 0, 0]), out_of_range, "'pads' .*: -1 is below 0")
 
 
 def test_attribute_given_twice():
