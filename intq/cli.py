@@ -780,7 +780,9 @@ def _report(args: argparse.Namespace) -> int:
             ]
         )
     )
-    path = _plot(shown, args.output, f"{args.model.name}: per-layer SQNR (worst at the top)")
+    # A name decoded with surrogateescape is no text the font renderer takes.
+    name = args.model.name.encode("utf-8", "backslashreplace").decode()
+    path = _plot(shown, args.output, f"{name}: per-layer SQNR (worst at the top)")
     _say(args, f"wrote {path}")
     return 0
 

@@ -286,3 +286,18 @@ def test_no_subcommand_exits_3_on_a_wrong_file(files, command, path):
     }[command]
     code, _, err = _cli(files, command, path, *rest)
     assert code in (1, 2) and err.strip() and "internal error" not in err, err
+
+
+def test_window_pads_need_a_begin_and_an_end_per_axis():
+    """Was accepted: pads [0, 0] on a 2-d window (ONNX Runtime refuses the model)."""
+    with pytest.raises(intq.ShapeError, match=r"pads \[0, 0\] gives 2 values; 2 spatial axes"):
+        intq.from_onnx(_model(pads=[0, 0]))
+
+
+def test_report_titles_a_model_whose_name_is_not_utf8(files):
+    """Was exit 3: matplotlib cannot render a name decoded with surrogateescape."""
+    (files / "\udcff.onnx").write_bytes((files / "model.onnx").read_bytes())
+    argv = ["report", "\udcff.onnx", "--calib", "calib.npz", "-o", "r.png", "--quiet"]
+    code, _, err = _cli(files, *argv, "--calibration", "minmax")
+    assert code == 0, err
+    assert (files / "r.png").read_bytes()[:4] == b"\x89PNG"

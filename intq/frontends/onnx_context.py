@@ -285,6 +285,18 @@ def window_lengths(ctx: ConvertContext, x: Value, spatial: int, **attrs: Sequenc
             raise ShapeError(f"{key} {list(values)}: each must be at least 1", node=ctx.name)
 
 
+def explicit_pads(ctx: ConvertContext, spatial: int) -> tuple[int, ...]:
+    """A window's ``pads`` attribute (all 0 when absent): a begin and an end per axis."""
+    pads = tuple(ctx.attr("pads", [0] * 2 * spatial))
+    if len(pads) != 2 * spatial:
+        raise ShapeError(
+            f"pads {list(pads)} gives {len(pads)} values; {spatial} spatial axes take"
+            f" {2 * spatial} (the begins, then the ends)",
+            node=ctx.name,
+        )
+    return pads
+
+
 def ints(array: np.ndarray | None) -> tuple[int, ...]:
     """A constant operand as a tuple of ints (``()`` when absent)."""
     return () if array is None else tuple(int(x) for x in np.asarray(array).reshape(-1))

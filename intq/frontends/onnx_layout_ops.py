@@ -14,6 +14,7 @@ from intq.frontends.onnx_context import (
     ConvertContext,
     ConverterTable,
     check_size,
+    explicit_pads,
     ints,
     tensor_data,
     window_geometry,
@@ -418,11 +419,7 @@ def _conv_transpose(ctx: ConvertContext) -> list[Value]:
             end.append(large if auto_pad == "SAME_UPPER" else small)
         pads = tuple(begin + end)
     elif auto_pad in ("NOTSET", "VALID"):
-        pads = (
-            tuple(ctx.attr("pads", [0] * 2 * spatial))
-            if auto_pad == "NOTSET"
-            else (0,) * 2 * spatial
-        )
+        pads = explicit_pads(ctx, spatial) if auto_pad == "NOTSET" else (0,) * 2 * spatial
     else:
         raise ctx.unsupported(f"auto_pad={auto_pad!r}")
     return ctx.emit(

@@ -23,6 +23,7 @@ from intq.frontends.onnx_context import (
     ConvertContext,
     Converter,
     ConverterTable,
+    explicit_pads,
     ints,
     onnx_dtype,
     window_geometry,
@@ -151,7 +152,7 @@ def _resolve_auto_pad(
     spatial = len(kernel)
     auto_pad = ctx.attr("auto_pad", "NOTSET")
     if auto_pad == "NOTSET":
-        return tuple(ctx.attr("pads", [0] * 2 * spatial))
+        return explicit_pads(ctx, spatial)
     if auto_pad == "VALID":
         return (0,) * (2 * spatial)
     if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
