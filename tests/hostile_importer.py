@@ -137,7 +137,58 @@ def _tokens() -> onnx.ModelProto:
     return make_model(nodes, [x], [y], inits, opset=17)
 
 
-MODELS: dict[str, Callable[[], onnx.ModelProto]] = {"cnn": _cnn, "mlp": _mlp, "tokens": _tokens}
+def _vision() -> onnx.ModelProto:
+    """ConvTranspose, BatchNormalization, LeakyRelu, Resize, a reflecting Pad, Split,
+    Concat, Transpose, Clip, Gather on an axis, ReduceMean: integer to the end."""
+    rng = np.random.default_rng(4)
+    w = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)  # noqa: E731
+    nodes = [
+        helper.make_node(
+            "ConvTranspose",
+            ["pixels", "up.w"],
+            ["up"],
+            "/up/convt",
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+            output_padding=[1, 1],
+        ),
+        helper.make_node(
+            "BatchNormalization", ["up", "bn.s", "bn.b", "bn.m", "bn.v"], ["bn"], "/up/bn"
+        ),
+        helper.make_node("LeakyRelu", ["bn"], ["act"], "/up/act", alpha=0.1),
+        helper.make_node("Resize", ["act", "", "scales"], ["down"], "/down/resize", mode="nearest"),
+        helper.make_node("Pad", ["down", "pads"], ["padded"], "/down/pad", mode="reflect"),
+        helper.make_node("Split", ["padded", "split"], ["a", "b"], "/mix/split", axis=1),
+        helper.make_node("Concat", ["b", "a"], ["swapped"], "/mix/concat", axis=1),
+        helper.make_node("Transpose", ["swapped"], ["nhwc"], "/mix/transpose", perm=[0, 2, 3, 1]),
+        helper.make_node("Clip", ["nhwc", "lo", "hi"], ["clipped"], "/mix/clip"),
+        helper.make_node("Gather", ["clipped", "rows"], ["picked"], "/out/gather", axis=1),
+        helper.make_node("ReduceMean", ["picked"], ["pooled"], "/out/mean", axes=[2], keepdims=1),
+    ]
+    inits = [
+        _const("up.w", w(2, 2, 3, 3)),
+        _const("bn.s", np.abs(w(2)) + 0.5),
+        _const("bn.b", w(2)),
+        _const("bn.m", w(2)),
+        _const("bn.v", np.abs(w(2)) + 0.5),
+        _const("scales", np.array([1, 1, 0.5, 0.5], np.float32)),
+        _const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+        _const("split", np.array([1, 1], np.int64)),
+        _const("lo", np.array(-1.0, np.float32)),
+        _const("hi", np.array(1.0, np.float32)),
+        _const("rows", np.array([0, 2, 4], np.int64)),
+    ]
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 2, 6, 6])
+    y = helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [1, 3, 1, 2])
+    return make_model(nodes, [x], [y], inits, opset=13)
+
+
+MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
+    "cnn": _cnn,
+    "mlp": _mlp,
+    "tokens": _tokens,
+    "vision": _vision,
+}
 """The small real models every model case starts from, by name."""
 
 
@@ -240,8 +291,15 @@ def _model_cases(rng: random.Random, index: int) -> Case:
             MALFORMED, f"{name}: {fault}", import_fault, (inject_fault(model, choose, fault), fault)
         )
     kinds = [mutate(model, choose) for _ in range(rng.randint(1, 3))]
-    if index % 4 == 1:  # the survey of intq inspect, and the CLI's shape resolution
-        argv = ["inspect", "model.onnx", *rng.choice([[], ["--ir"], ["--input-shape", "x=2"]])]
+    if index % 4 == 1:  # the survey of intq inspect, the CLI's shape resolution, compile
+        argv = rng.choice(
+            [
+                ["inspect", "model.onnx"],
+                ["inspect", "model.onnx", "--ir"],
+                ["inspect", "model.onnx", "--input-shape", "x=2"],
+                ["compile", "model.onnx", "--calib", "calib.npz", "-o", "out.onnx"],
+            ]
+        )
         name = f"intq {' '.join(argv)} ({name} mutated: {', '.join(kinds)})"
         return Case(FOREIGN, name, run_cli, (argv, model.SerializeToString()))
     return Case(
