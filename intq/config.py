@@ -302,8 +302,9 @@ def _read_text(path: Path) -> str:
     """The file's text: UTF-8, as TOML is."""
     try:
         data = path.read_bytes()
-    except OSError as err:
-        raise IntqError(f"cannot read config {path}: {err.strerror or err}") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise IntqError(f"cannot read config {path}: {reason}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -19,6 +19,7 @@ from onnx_mutations import set_external
 
 import intq
 import intq.cli
+import intq.config
 from intq.ir import from_text
 
 
@@ -301,3 +302,12 @@ def test_report_titles_a_model_whose_name_is_not_utf8(files):
     code, _, err = _cli(files, *argv, "--calibration", "minmax")
     assert code == 0, err
     assert (files / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name", ["m" * 300 + ".onnx", "m\x00.onnx"])
+def test_model_and_config_paths_no_file_can_have(tmp_path, name):
+    """Were an OSError (File name too long) and a ValueError (embedded null byte)."""
+    with pytest.raises(intq.ModelImportError, match="cannot read|no model file at"):
+        intq.from_onnx(tmp_path / name)
+    with pytest.raises(intq.IntqError, match="cannot read config"):
+        intq.config.load_config(tmp_path / name.replace(".onnx", ".toml"))

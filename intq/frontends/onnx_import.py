@@ -138,12 +138,13 @@ def survey(
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """The parsed ONNX file at ``path`` (external data is read later, on import)."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelImportError(f"no model file at {path}")
     try:
+        if not path.is_file():
+            raise ModelImportError(f"no model file at {path}")
         data = path.read_bytes()
-    except OSError as err:
-        raise ModelImportError(f"cannot read {path}: {err.strerror}") from None
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ModelImportError(f"cannot read {_short(str(path))}: {reason}") from None
     return parse_onnx(
         data, path, ModelImportError, "re-export the model, or check that the download completed"
     )
