@@ -311,3 +311,12 @@ def test_model_and_config_paths_no_file_can_have(tmp_path, name):
         intq.from_onnx(tmp_path / name)
     with pytest.raises(intq.IntqError, match="cannot read config"):
         intq.config.load_config(tmp_path / name.replace(".onnx", ".toml"))
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e308, float("nan"), -1.0])
+def test_an_rpc_timeout_a_socket_cannot_take_is_refused(timeout):
+    """``--rpc-timeout inf`` was exit 3: an OverflowError from socket.settimeout."""
+    from intq.backends.tvm_rpc import remote_bench
+
+    with pytest.raises(intq.IntqError, match="RPC timeout must be positive and at most 86400"):
+        remote_bench("m.so", "127.0.0.1:1", "k", {}, timeout=timeout)
