@@ -517,6 +517,9 @@ def cli_files() -> dict[str, bytes]:
             "empty.toml": b"",
             "notes.txt": b"not a model\n",
             "latency.json": b'{"layers": {"/stem/conv": {"4": "fast"}}',
+            "deep.json": b"[" * 100_000 + b"]" * 100_000,
+            "counts.json": b'{"format": "intq-latency-table", "version": 1, "layers": {},'
+            b' "batch": "x"}',
             "file.txt": b"a file, not a directory\n",
             "cfg.toml": b'weight_bits = 8\ncalibration = "minmax"\n',
         }
@@ -607,7 +610,7 @@ _FLAGS: dict[str, list[str]] = {
     "--size-mb": _BUDGETS,
     "--bops": _BUDGETS,
     "--latency-ms": _BUDGETS,
-    "--latency-table": ["latency.json", *_PATHS],
+    "--latency-table": ["latency.json", "deep.json", "counts.json", *_PATHS],
     "--sensitivity": ["direct", "nope"],
     "--mp-report": ["nodir/sub/mp", "dir", "file.txt/mp", "mp"],
     "--target": ["reference", "onnxruntime", "tvm", "cuda", "", "ONNXRUNTIME"],

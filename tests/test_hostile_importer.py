@@ -21,6 +21,7 @@ import intq
 import intq.cli
 import intq.config
 from intq.ir import from_text
+from intq.mixed_precision import LatencyTable
 
 
 def _model(*extra_nodes, inputs=None, outputs=None, **conv_attrs) -> onnx.ModelProto:
@@ -320,3 +321,21 @@ def test_an_rpc_timeout_a_socket_cannot_take_is_refused(timeout):
 
     with pytest.raises(intq.IntqError, match="RPC timeout must be positive and at most 86400"):
         remote_bench("m.so", "127.0.0.1:1", "k", {}, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"format": "intq-latency-table", "version": 1, "layers": {}, "batch": "x"}', "batch"),
+        (b'{"format": "intq-latency-table", "version": 1, "layers": {}, "repeats": [1]}', "rep"),
+        (b'{"format": "intq-latency-table", "version": 1, "layers": {"\xff": {}}}', "UTF-8|utf-8"),
+    ],
+)
+def test_a_malformed_latency_table_is_refused(tmp_path, data, match):
+    """Were a RecursionError (deep JSON) and a ValueError/TypeError (counts of other types),
+    for --latency-table."""
+    path = tmp_path / "latency.json"
+    path.write_bytes(data)
+    with pytest.raises(intq.ArtifactError, match=match):
+        LatencyTable.load(path)
