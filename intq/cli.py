@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -143,6 +144,25 @@ def error_text(err: intq.IntqError) -> str:
     if err.hint and text.endswith(err.hint):
         text = text[: -len(err.hint)] + cli_hint(err.hint)
     return text
+
+
+NAME_MAX = 255
+"""The longest file name (one path component, in bytes) Linux file systems take."""
+
+
+def _path(text: str) -> Path:
+    """A path argument, refused at parse time when no file system could hold it (the
+    checks on the file would otherwise fail inside ``stat`` with ``File name too long``)."""
+    encoded = os.fsencode(text)
+    if b"\x00" in encoded:
+        raise argparse.ArgumentTypeError("a path cannot hold a NUL byte")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise argparse.ArgumentTypeError(
+            f"the name {os.fsdecode(longest[:40])!r}... is {len(longest)} bytes long;"
+            f" file names take at most {NAME_MAX}"
+        )
+    return Path(text)
 
 
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -296,7 +316,9 @@ def _onnx_type(info: Any) -> str:
     dims = ",".join(
         str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in t.shape.dim
     )
-    return f"{onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{dims}]"
+    known = t.elem_type in onnx.TensorProto.DataType.values()
+    kind = onnx.TensorProto.DataType.Name(t.elem_type).lower() if known else f"type{t.elem_type}"
+    return f"{kind}[{dims}]"
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -347,7 +369,7 @@ def add_mixed_precision_args(command: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--latency-table",
-        type=Path,
+        type=_path,
         metavar="TABLE.json",
         help="per-layer latency table (JSON) to use; without it one is measured on ONNX"
         " Runtime (and saved as PREFIX.latency.json with --mp-report)",
@@ -356,7 +378,7 @@ def add_mixed_precision_args(command: argparse.ArgumentParser) -> None:
         "--sensitivity", default="hessian", choices=SENSITIVITY_METHODS, help="how Ω is measured"
     )
     group.add_argument(
-        "--mp-report", type=Path, metavar="PREFIX", help="write PREFIX.txt and PREFIX.png"
+        "--mp-report", type=_path, metavar="PREFIX", help="write PREFIX.txt and PREFIX.png"
     )
 
 
@@ -580,6 +602,7 @@ def _bench(args: argparse.Namespace) -> int:
                 f"the FP32 model takes inputs {missing} the artifact does not",
                 hint="pass the FP32 model the artifact was converted from",
             )
+        _same_inputs(args.fp32, session.get_inputs(), fp32_feeds)
         rows.append(
             {
                 "model": f"{args.fp32} (FP32, onnxruntime)",
@@ -590,6 +613,30 @@ def _bench(args: argparse.Namespace) -> int:
     if args.profile:
         _print_profile(args, exe, feeds)
     return 0
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
+_ORT_TYPES |= {"tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(float16)": "float16"}
+_ORT_TYPES |= {"tensor(int8)": "int8", "tensor(uint8)": "uint8"}
+
+
+def _same_inputs(path: Path, inputs: Sequence[Any], feeds: dict[str, np.ndarray]) -> None:
+    """Refuse an FP32 model whose inputs take other shapes or dtypes than the artifact's
+    feeds (ONNX Runtime would refuse the first run with an error of its own)."""
+    for info in inputs:
+        array = feeds[info.name]
+        dims = list(info.shape)
+        fits = len(dims) == array.ndim and all(
+            not isinstance(d, int) or d == n for d, n in zip(dims, array.shape)
+        )
+        dtype = _ORT_TYPES.get(info.type)
+        if not fits or (dtype is not None and array.dtype != np.dtype(dtype)):
+            shown = ",".join(str(d) if isinstance(d, int) else str(d or "?") for d in dims)
+            raise intq.ShapeError(
+                f"--fp32 {path}: input {info.name!r} takes {info.type}[{shown}], the artifact"
+                f" {array.dtype}{list(array.shape)}",
+                hint="pass the FP32 model the artifact was converted from (same input shapes)",
+            )
 
 
 def _print_profile(args: argparse.Namespace, exe: Any, feeds: dict[str, np.ndarray]) -> None:
@@ -727,7 +774,9 @@ def _report(args: argparse.Namespace) -> int:
             ]
         )
     )
-    path = _plot(shown, args.output, f"{args.model.name}: per-layer SQNR (worst at the top)")
+    # A name decoded with surrogateescape is no text the font renderer takes.
+    name = args.model.name.encode("utf-8", "backslashreplace").decode()
+    path = _plot(shown, args.output, f"{name}: per-layer SQNR (worst at the top)")
     _say(args, f"wrote {path}")
     return 0
 
@@ -750,7 +799,7 @@ def _add_exact_inputs(command: argparse.ArgumentParser) -> None:
     """``--inputs IN.npz``, required: what ``run`` and ``vectors`` feed the artifact."""
     command.add_argument(
         "--inputs",
-        type=Path,
+        type=_path,
         required=True,
         metavar="IN.npz",
         help="one array per model input (numpy.savez(path, input=x)), of the exact shape and"
@@ -761,14 +810,14 @@ def _add_exact_inputs(command: argparse.ArgumentParser) -> None:
 def _add_quant_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--calib",
-        type=Path,
+        type=_path,
         metavar="CALIB.npz",
         help="calibration samples: one array per model input, samples on the first axis"
         " (optional for a model already quantized in QDQ format: it brings its own ranges)",
     )
     command.add_argument(
         "--config",
-        type=Path,
+        type=_path,
         metavar="CFG.toml",
         help="QuantConfig as TOML (flags given here override it)",
     )
@@ -807,11 +856,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     command = _command(commands, "compile", "calibrate, convert to integers and compile")
-    command.add_argument("model", type=Path, help="an .onnx file (or a float .intq graph)")
+    command.add_argument("model", type=_path, help="an .onnx file (or a float .intq graph)")
     command.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_path,
         required=True,
         metavar="OUT",
         help="the artifact to write; its suffix picks the target when --target is not given: "
@@ -840,7 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument(
         "--tuning-db",
-        type=Path,
+        type=_path,
         metavar="DIR",
         help="with --target tvm: MetaSchedule database directory; kernels it has records for"
         " use the best one (created by --tune-trials)",
@@ -849,11 +898,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(run=_compile)
 
     command = _command(commands, "quantize", "calibrate and convert to an integer-only .intq")
-    command.add_argument("model", type=Path, help="an .onnx file")
+    command.add_argument("model", type=_path, help="an .onnx file")
     command.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_path,
         required=True,
         metavar="OUT.intq",
         help="the integer-only graph to write (a .intq artifact: textual IR, checksummed)",
@@ -862,12 +911,12 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(run=_compile, target="reference")
 
     command = _command(commands, "run", "run a compiled artifact on inputs from an .npz")
-    command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
+    command.add_argument("artifact", type=_path, help="an artifact intq compile wrote")
     _add_exact_inputs(command)
     command.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_path,
         required=True,
         metavar="OUT.npz",
         help="where to write the outputs: one array per model output",
@@ -879,13 +928,13 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "vectors", "write golden vectors: each integer node's inputs and outputs"
     )
     command.add_argument(
-        "artifact", type=Path, help="a .intq artifact (intq quantize; the integer graph)"
+        "artifact", type=_path, help="a .intq artifact (intq quantize; the integer graph)"
     )
     _add_exact_inputs(command)
     command.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_path,
         required=True,
         metavar="DIR",
         help="the directory to write (vectors.json and one .npz per node), written atomically",
@@ -898,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = _command(commands, "inspect", "summarise a model or artifact")
     command.add_argument(
-        "model", type=Path, help="an .onnx model or artifact, a .intq graph or a TVM .so/.tar"
+        "model", type=_path, help="an .onnx model or artifact, a .intq graph or a TVM .so/.tar"
     )
     _add_input_shape(command)
     command.add_argument("--ir", action="store_true", help="also print the textual IR")
@@ -910,11 +959,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(run=_inspect)
 
     command = _command(commands, "bench", "measure an artifact's latency (p50/p90/p99)")
-    command.add_argument("artifact", type=Path, help="an artifact intq compile wrote")
-    command.add_argument("--fp32", type=Path, metavar="MODEL.onnx", help="compare with it")
+    command.add_argument("artifact", type=_path, help="an artifact intq compile wrote")
+    command.add_argument("--fp32", type=_path, metavar="MODEL.onnx", help="compare with it")
     command.add_argument(
         "--inputs",
-        type=Path,
+        type=_path,
         metavar="IN.npz",
         help="one array per model input (numpy.savez(path, input=x)); default: random arrays"
         " of the shapes and dtypes the artifact takes",
@@ -947,11 +996,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(run=_bench)
 
     command = _command(commands, "report", "per-layer SQNR vs FP32: which layer hurts")
-    command.add_argument("model", type=Path, help="the float .onnx model")
+    command.add_argument("model", type=_path, help="the float .onnx model")
     command.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_path,
         required=True,
         metavar="REPORT.png",
         help="the plot of the per-layer SQNR to write (PNG)",
@@ -964,6 +1013,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``intq`` command; returns the exit code."""
+    for stream in (sys.stdout, sys.stderr):
+        # Paths come from argv, decoded with surrogateescape: printing them must not fail.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))

@@ -81,8 +81,9 @@ def _check(arrays: dict[str, np.ndarray], inputs: Sequence[Value], where: str) -
         )
     for value in inputs:
         array = arrays[value.name]
-        want = value.type.shape[1:]
-        if array.ndim == len(value.type.shape) - 1 and array.shape == want:
+        want = value.type.shape[1:]  # a rank-0 input's samples are scalars too
+        single = array.ndim == len(value.type.shape) - 1 and array.shape == want
+        if single or array.ndim == 0:
             array = array[None]  # a single sample without its batch axis
             arrays[value.name] = array
         if tuple(array.shape[1:]) != tuple(want):
@@ -115,6 +116,14 @@ def _rebatch(
     items: Iterable[dict[str, np.ndarray]], inputs: Sequence[Value]
 ) -> Iterator[dict[str, np.ndarray]]:
     batch = inputs[0].type.shape[0] if inputs[0].type.shape else 1
+    scalars = {v.name for v in inputs if not v.type.shape}  # inputs without a batch axis
+    if scalars and batch != 1:
+        raise ShapeError(
+            f"input {sorted(scalars)[0]!r} is a scalar, without the batch axis of"
+            f" {inputs[0].name!r} (batch {batch}): the model's inputs share no sample axis",
+            hint="pass calibration batches as a list of dicts {input name: array} of the"
+            " exact shapes the model takes",
+        )
     pending: dict[str, list[np.ndarray]] = {v.name: [] for v in inputs}
     count = 0
     produced = 0
@@ -131,7 +140,7 @@ def _rebatch(
         count += counts.pop()
         while count >= batch:
             joined = {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in pending.items()}
-            yield {k: a[:batch] for k, a in joined.items()}
+            yield {k: a[0] if k in scalars else a[:batch] for k, a in joined.items()}
             produced += 1
             pending = {k: [a[batch:]] for k, a in joined.items()}
             count -= batch

@@ -154,9 +154,11 @@ class LatencyTable:
     def load(cls, path: str | Path) -> LatencyTable:
         """Read a table :meth:`save` wrote; :class:`ArtifactError` on a bad file."""
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as err:  # also not UTF-8 (UnicodeDecodeError), bad JSON
             raise ArtifactError(f"cannot read latency table {path}: {err}") from None
+        except RecursionError:  # json recurses once per level of nesting
+            raise ArtifactError(f"{path}: JSON nested too deeply for a latency table") from None
         if not isinstance(data, dict) or data.get("format") != LATENCY_FORMAT:
             raise ArtifactError(
                 f'{path} is not an intq latency table (no "format": "{LATENCY_FORMAT}")'
@@ -174,12 +176,18 @@ class LatencyTable:
                     raise ValueError(f"layer {name!r} has a negative or non-finite latency")
         except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path}: malformed layers: {err}") from None
+        counts = {}
+        for key, default in (("batch", 1), ("activation_bits", 8), ("repeats", 0)):
+            value = data.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ArtifactError(f"{path}: {key}: expected a count, got {value!r:.40}")
+            counts[key] = value
         return cls(
             layers,
             str(data.get("backend", "")),
-            int(data.get("batch", 1)),
-            int(data.get("activation_bits", 8)),
-            int(data.get("repeats", 0)),
+            counts["batch"],
+            counts["activation_bits"],
+            counts["repeats"],
         )
 
     def for_layer(self, name: str, candidates: Sequence[int]) -> dict[int, float]:

@@ -238,15 +238,25 @@ def test_config_file(tmp_path):
     )
     for text, match, hint in [
         ("weight_bit = 4\n", "unknown config key 'weight_bit'", "weight_bits"),
-        ('weight_bits = "8"\n', "'weight_bits' must be a int", "weight_bits = 8"),
+        ('weight_bits = "8"\n', 'weight_bits: expected an integer, got "8"', "weight_bits = 8"),
         ('calibration = "best"\n', "unknown calibration method 'best'", "auto, minmax"),
-        ('bias_correction = "yes"\n', "'bias_correction' must be a bool", "bias_correction ="),
-        ('[layer_bits."a"]\nweight = 4\n', "unknown key 'weight' in layer_bits", "weights"),
+        (
+            'bias_correction = "yes"\n',
+            "bias_correction: expected true or false",
+            "bias_correction =",
+        ),
+        ('[layer_bits."a"]\nweight = 4\n', r'\[layer_bits."a"\]: unknown key .weight.', "weights"),
         ("weight_bits = \n", "not valid TOML", None),
-        ("[mixed_precision]\nsize = 2\n", "unknown key 'size' in mixed_precision", "size_mb"),
+        ("[mixed_precision]\nsize = 2\n", r"\[mixed_precision\]: unknown key 'size'", "size_mb"),
+        ('[mixed_precision]\nsize_mb = "big"\n', 'size_mb: expected a number, got "big"', "2.5"),
+        ("[mixed_precision]\ncandidates = 5\n", "candidates: expected an array of int", "[4, 8]"),
+        ('[mixed_precision]\npins = "x"\n', 'pins: expected a table of integers, got "x"', "8"),
+        ("[mixed_precision]\ntol = 2.0\n", r"\[mixed_precision\] tol: expected a value betw", None),
+        ("x = " + "[" * 10**4 + "]" * 10**4 + "\n", "nest too deeply", None),
+        ("[mixed_precision]\npins" + ".a" * 10**4 + " = 4\n", "nests deeper than 4", None),
         ('[kernels]\ngelu = "exact"\n', "unknown gelu variant 'exact'", "poly"),
-        ('[kernels]\nsoftmx = "lut"\n', "unknown kernel 'softmx' in kernels", "softmax"),
-        ("[kernels]\nsoftmax = 3\n", "kernels.softmax must be a string", "divfree"),
+        ('[kernels]\nsoftmx = "lut"\n', r"\[kernels\]: unknown kernel 'softmx'", "softmax"),
+        ("[kernels]\nsoftmax = 3\n", r"\[kernels\] softmax: expected a string", "divfree"),
     ]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
@@ -255,6 +265,9 @@ def test_config_file(tmp_path):
         assert str(bad) in str(info.value)
         if hint:
             assert hint in info.value.hint
+    bad.write_bytes(b'calibration = "min\xe9max"\n')  # Latin-1, not UTF-8
+    with pytest.raises(intq.IntqError, match="bad.toml is not UTF-8 text .byte 18"):
+        load_config(bad)
 
 
 # ----- properties ------------------------------------------------------------------------

@@ -131,9 +131,7 @@ def test_a_tensor_attribute_with_external_data_is_refused():
     entry = tensor.external_data.add()
     entry.key, entry.value = "location", "/etc/passwd"
     tensor.ClearField("raw_data")
-    node = helper.make_node("Unknown_like", [], ["c"], name="/sneaky")
-    node.op_type = "EyeLike"  # any op without a converter, given a tensor attribute
-    node.attribute.append(helper.make_attribute("value", tensor))
+    node = helper.make_node("Constant", [], ["c"], name="/sneaky", value=tensor)
     nodes = [node, helper.make_node("Add", ["x", "c"], ["y"], name="/add")]
     model = model_of(
         nodes,

@@ -46,7 +46,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from intq.errors import UnsupportedOpError
+from intq.errors import IntqError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.int4 import fits_int4, pack_int4
 from intq.ir.types import DType
@@ -1070,8 +1070,30 @@ def _pad(b: _Builder, node: Node) -> None:
     b.add("Pad", [name, pads, value], [out], node, mode=node.attrs["mode"])
 
 
+def _check_names(graph: Graph) -> None:
+    """Refuse names ONNX cannot store: its strings are UTF-8, which has no lone surrogates
+    (Python lets them into a ``str``: ``"\\udc80"`` in IR text, bytes decoded with
+    ``surrogateescape``)."""
+    named = [("graph", graph.name)]
+    named += [("input", v.name) for v in graph.inputs]
+    for node in graph:
+        named.append(("node", node.name))
+        named += [("value", v.name) for v in node.outputs]
+    for what, name in named:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "backslashreplace").decode()
+            raise IntqError(
+                f"{what} name '{shown}' is not"
+                " text UTF-8 can encode (it holds a lone surrogate), so ONNX cannot store it",
+                hint="rename it: node and tensor names must be valid Unicode text",
+            ) from None
+
+
 def to_onnx(graph: Graph) -> onnx.ModelProto:
     """The ONNX model computing ``graph`` (integer-only graphs and their float boundary)."""
+    _check_names(graph)
     b = _Builder(graph, value_ranges(graph))
     node_of_input = Node("Input", [], [], name="input")
     for value in graph.inputs:

@@ -55,6 +55,9 @@ from intq.errors import IntqError, RemoteError
 DEFAULT_TIMEOUT = 10.0
 """Seconds to wait for the tracker to answer and hand out a free device."""
 
+MAX_TIMEOUT = 86_400.0
+"""The longest wait a timeout may ask for (a day)."""
+
 _START_TRACKER = (
     "start one: python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}"
     " (it needs `pip install tornado`)"
@@ -114,8 +117,10 @@ def remote_bench(
     """
     if repeat < 1 or warmup < 0:
         raise IntqError("repeat must be at least 1 and warmup at least 0")
-    if not timeout > 0:
-        raise IntqError(f"the RPC timeout must be positive, got {timeout}")
+    if not 0 < timeout <= MAX_TIMEOUT:  # inf overflows the socket's time_t
+        raise IntqError(
+            f"the RPC timeout must be positive and at most {MAX_TIMEOUT:g} s, got {timeout}"
+        )
     host, port = parse_tracker(tracker) if isinstance(tracker, str) else tracker
     artifact = _artifact(model)
     feeds = check_inputs(artifact.inputs, inputs)

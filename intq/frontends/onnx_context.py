@@ -68,6 +68,12 @@ def tensor_data(tensor: onnx.TensorProto, what: str, *, node: str = "") -> np.nd
 
 def onnx_dtype(elem_type: int, *, node: str = "") -> DType:
     """The IR dtype of an ONNX ``TensorProto`` element type."""
+    if elem_type not in onnx.TensorProto.DataType.values():
+        raise ModelImportError(
+            f"element type {elem_type} is not one ONNX defines",
+            node=node,
+            hint="the model file is malformed or corrupt; re-export it",
+        )
     try:
         return DType.from_numpy(helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, ValueError, ShapeError):
@@ -243,7 +249,40 @@ def window_geometry(
         )
     strides = tuple(ctx.attr("strides", [1] * spatial))
     dilations = tuple(ctx.attr("dilations", [1] * spatial))
+    window_lengths(ctx, x, spatial, strides=strides, dilations=dilations)
     return x, kernel, strides, dilations
+
+
+def window_lengths(ctx: ConvertContext, x: Value, spatial: int, **attrs: Sequence[int]) -> None:
+    """Refuse a window over ``spatial`` axes of an input ``x`` without them, and window
+    attributes (``strides=...``) without one value per spatial axis or below 1: ONNX's
+    ``auto_pad`` arithmetic divides by them."""
+    if spatial < 1 or x.type.rank != 2 + spatial:
+        raise ShapeError(
+            f"{ctx.node.op_type} of a {spatial}-d kernel needs a rank-{2 + spatial} input"
+            f" (batch, channels, then one axis per kernel axis), got {x.type}",
+            node=ctx.name,
+        )
+    for key, values in attrs.items():
+        if len(values) != spatial:
+            raise ShapeError(
+                f"{key} {list(values)} gives {len(values)} values for {spatial} spatial axes",
+                node=ctx.name,
+            )
+        if any(v < 1 for v in values):
+            raise ShapeError(f"{key} {list(values)}: each must be at least 1", node=ctx.name)
+
+
+def explicit_pads(ctx: ConvertContext, spatial: int) -> tuple[int, ...]:
+    """A window's ``pads`` attribute (all 0 when absent): a begin and an end per axis."""
+    pads = tuple(ctx.attr("pads", [0] * 2 * spatial))
+    if len(pads) != 2 * spatial:
+        raise ShapeError(
+            f"pads {list(pads)} gives {len(pads)} values; {spatial} spatial axes take"
+            f" {2 * spatial} (the begins, then the ends)",
+            node=ctx.name,
+        )
+    return pads
 
 
 def ints(array: np.ndarray | None) -> tuple[int, ...]:

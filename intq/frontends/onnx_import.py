@@ -1,8 +1,10 @@
 """Import an ONNX model into the IR: ``intq.from_onnx(path_or_model, input_shapes)``.
 
 - The file is parsed defensively: a truncated or corrupt file, a cycle, an
-  undefined or twice-defined tensor, an unknown op or domain each raise a
-  :class:`~intq.errors.ModelImportError` naming the node.
+  undefined tensor, an unknown op or domain each raise a
+  :class:`~intq.errors.ModelImportError` naming the node; before anything is converted,
+  :mod:`intq.frontends.onnx_validate` refuses names that are not UTF-8, a value defined
+  twice, a graph input listed twice, unknown dtype enums and attribute values out of range.
 - External data is read only from files inside the model's directory (a
   location escaping it, also through a symlink, is refused) and only within
   the file's size.
@@ -48,6 +50,7 @@ from intq.frontends.onnx_context import (
 from intq.frontends.onnx_fold import can_fold, fold
 from intq.frontends.onnx_ops import find_converter, supported_ops
 from intq.frontends.onnx_qdq import DEQUANTIZE, QUANTIZE, QdqImport, refuse_other_quantization
+from intq.frontends.onnx_validate import check_strings, validate
 from intq.ir.graph import Graph, Value
 from intq.ir.types import TensorType
 from intq.ir.verifier import verify
@@ -135,12 +138,13 @@ def survey(
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """The parsed ONNX file at ``path`` (external data is read later, on import)."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelImportError(f"no model file at {path}")
     try:
+        if not path.is_file():
+            raise ModelImportError(f"no model file at {path}")
         data = path.read_bytes()
-    except OSError as err:
-        raise ModelImportError(f"cannot read {path}: {err.strerror}") from None
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ModelImportError(f"cannot read {_short(str(path))}: {reason}") from None
     return parse_onnx(
         data, path, ModelImportError, "re-export the model, or check that the download completed"
     )
@@ -151,15 +155,30 @@ def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
     what = f"external data of initializer {tensor.name!r}"
-    root = base_dir.resolve()
-    target = (root / location).resolve()
-    if not location or os.path.isabs(location) or not target.is_relative_to(root):
+    shown = _short(location)
+    if "\x00" in location:
         raise ModelImportError(
-            f"{what} points to {location!r}, outside the model's directory {root}",
+            f"{what} points to {shown}, a name with a NUL byte: no file has one",
+            hint="the model file is corrupt; re-export it",
+        )
+    root = base_dir.resolve()
+    try:
+        target = (root / location).resolve()
+        inside = target.is_relative_to(root)
+        found = inside and target.is_file()
+    except (OSError, RuntimeError) as err:  # a name too long for the file system, a loop
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "a symlink loop"
+        raise ModelImportError(
+            f"{what} points to {shown}, which cannot be resolved: {reason}",
+            hint="external data files must sit in the model's directory or below it",
+        ) from None
+    if not location or os.path.isabs(location) or not inside:
+        raise ModelImportError(
+            f"{what} points to {shown}, outside the model's directory {root}",
             hint="external data files must sit in the model's directory or below it",
         )
-    if not target.is_file():
-        raise ModelImportError(f"{what}: file {location!r} not found next to the model")
+    if not found:
+        raise ModelImportError(f"{what}: file {shown} not found next to the model")
     ir_dtype = onnx_dtype(tensor.data_type, node=tensor.name)
     dtype = ir_dtype.numpy
     shape = tuple(tensor.dims)
@@ -172,16 +191,27 @@ def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
         length = int(info.get("length", expected))
     except ValueError:
         raise ModelImportError(f"{what}: offset or length is not an integer") from None
-    size = target.stat().st_size
-    if offset < 0 or length != expected or offset + length > size:
-        raise ModelImportError(
-            f"{what}: {length} bytes at offset {offset} of a {size}-byte file, but the tensor"
-            f" {list(shape)} needs {expected} bytes"
-        )
-    with open(target, "rb") as f:
-        f.seek(offset)
-        raw = f.read(length)
+    try:
+        size = target.stat().st_size
+        if offset < 0 or length != expected or offset + length > size:
+            raise ModelImportError(
+                f"{what}: {length} bytes at offset {offset} of a {size}-byte file, but the"
+                f" tensor {list(shape)} needs {expected} bytes"
+            )
+        with open(target, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+    except OSError as err:
+        raise ModelImportError(f"{what}: cannot read {shown}: {err.strerror or err}") from None
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` quoted, cut to ``limit`` characters with its length (a 5,000-character name
+    should not fill the screen)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 # ----- symbolic input dimensions ------------------------------------------------------------
@@ -193,7 +223,7 @@ Dim = int | str | None
 def declared_inputs(proto: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
     """The graph inputs that are not initializers, with their declared dims (None: no shape)."""
     g = proto.graph
-    _check_strings(g)  # the first reader of the names
+    check_strings(g)  # the first reader of the names
     initialized = {t.name for t in g.initializer}
     declared: dict[str, tuple[Dim, ...] | None] = {}
     for info in g.input:
@@ -365,7 +395,7 @@ class _Importer:
 
     def run(self) -> Graph:
         g = self.proto.graph
-        _check_strings(g)
+        validate(g)
         for tensor in g.initializer:
             self._initializer(tensor)
         if g.sparse_initializer:
@@ -514,24 +544,6 @@ class _Importer:
         if taken is not None:
             self.graph.rename(taken, self.graph.unique_name(name))
         return self.graph.add("Identity", [value], name=name, out_names=[name]).output
-
-
-def _check_strings(g: onnx.GraphProto) -> None:
-    """Refuse names that are not text: ONNX is proto2, whose parser lets invalid UTF-8 through
-    as ``bytes``, and every later message and lookup expects ``str``."""
-    named = [*g.initializer, *g.input, *g.output, *g.value_info]
-    strings = [(item.name, "a tensor name") for item in named]
-    for node in g.node:
-        strings += [(node.name, "a node name"), (node.op_type, "an op type")]
-        strings += [(node.domain, "a domain")]
-        strings += [(name, "a tensor name") for name in [*node.input, *node.output]]
-        strings += [(a.name, "an attribute name") for a in node.attribute]
-    for text, what in strings:
-        if not isinstance(text, str):
-            raise ModelImportError(
-                f"{what} is not valid UTF-8 ({bytes(text)[:40]!r}); the file is corrupt",
-                hint="re-export the model, or check that the download completed",
-            )
 
 
 def _topological_order(nodes: Sequence[onnx.NodeProto]) -> list[int]:

@@ -15,6 +15,7 @@ from intq.frontends.onnx_context import (
     ConvertContext,
     ConverterTable,
     check_size,
+    explicit_pads,
     ints,
     tensor_data,
     window_geometry,
@@ -396,6 +397,12 @@ def _conv_transpose(ctx: ConvertContext) -> list[Value]:
     extra = tuple(ctx.attr("output_padding", [0] * spatial))
     auto_pad = ctx.attr("auto_pad", "NOTSET")
     wanted = ctx.attr("output_shape")
+    if len(extra) != spatial or (wanted is not None and len(wanted) < spatial):
+        raise ShapeError(
+            f"output_padding {list(extra)} or output_shape {wanted} does not give one value"
+            f" per spatial axis ({spatial})",
+            node=ctx.name,
+        )
     if wanted is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         wanted = [x.type.shape[2 + i] * strides[i] for i in range(spatial)]
     if wanted is not None:
@@ -413,11 +420,7 @@ def _conv_transpose(ctx: ConvertContext) -> list[Value]:
             end.append(large if auto_pad == "SAME_UPPER" else small)
         pads = tuple(begin + end)
     elif auto_pad in ("NOTSET", "VALID"):
-        pads = (
-            tuple(ctx.attr("pads", [0] * 2 * spatial))
-            if auto_pad == "NOTSET"
-            else (0,) * 2 * spatial
-        )
+        pads = explicit_pads(ctx, spatial) if auto_pad == "NOTSET" else (0,) * 2 * spatial
     else:
         raise ctx.unsupported(f"auto_pad={auto_pad!r}")
     return ctx.emit(

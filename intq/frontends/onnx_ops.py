@@ -23,9 +23,11 @@ from intq.frontends.onnx_context import (
     ConvertContext,
     Converter,
     ConverterTable,
+    explicit_pads,
     ints,
     onnx_dtype,
     window_geometry,
+    window_lengths,
 )
 from intq.frontends.onnx_layout_ops import CONVERTERS as LAYOUT_CONVERTERS
 from intq.ir.graph import Value
@@ -150,7 +152,7 @@ def _resolve_auto_pad(
     spatial = len(kernel)
     auto_pad = ctx.attr("auto_pad", "NOTSET")
     if auto_pad == "NOTSET":
-        return tuple(ctx.attr("pads", [0] * 2 * spatial))
+        return explicit_pads(ctx, spatial)
     if auto_pad == "VALID":
         return (0,) * (2 * spatial)
     if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
@@ -185,6 +187,7 @@ def _pool_attrs(ctx: ConvertContext, dilations: bool) -> dict[str, Any]:
     spatial = len(kernel)
     strides = tuple(ctx.attr("strides", [1] * spatial))
     dil = tuple(ctx.attr("dilations", [1] * spatial))
+    window_lengths(ctx, ctx.input(0), spatial, kernel_shape=kernel, strides=strides, dilations=dil)
     attrs: dict[str, Any] = {
         "kernel_shape": kernel,
         "strides": strides,

@@ -133,9 +133,13 @@ class _Parser:
 
     def string(self, token: Token, skip: int = 0) -> str:
         try:
-            return str(json.loads(token.text[skip:]))
+            text = str(json.loads(token.text[skip:]))
+            text.encode("utf-8")  # a lone surrogate ("\\udc80") is no text
         except json.JSONDecodeError as err:
             raise self.fail(f"bad string literal: {err.msg}", token) from None
+        except UnicodeEncodeError:
+            raise self.fail("bad string literal: a lone surrogate is not text", token) from None
+        return text
 
     def name(self) -> tuple[str, Token]:
         token = self.take("value")

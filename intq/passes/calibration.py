@@ -101,7 +101,7 @@ class TensorStats:
 
         Raises :class:`NumericsError` on NaN or Inf, leaving the statistics unchanged.
         """
-        a = np.asarray(array)
+        a = np.atleast_1d(array)  # a rank-0 tensor's arithmetic would give numpy scalars
         if a.dtype.kind not in "fiub":
             raise IntqError(f"cannot calibrate an array of dtype {a.dtype}")
         if a.size == 0:
