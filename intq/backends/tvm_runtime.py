@@ -7,6 +7,7 @@ only (no IR graph), as a device-side loader would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -594,6 +595,33 @@ class TvmExecutable:
                 shutil.rmtree(staging, ignore_errors=True)
 
 
+_EXIT_HANDLER: Any = None
+"""The ``on_exit`` handler of an export child (kept alive: C holds a pointer to it)."""
+
+
+def _end_quickly(parent: int) -> None:
+    """In a forked export child: end with the parent (``PR_SET_PDEATHSIG``), and let an
+    ``exit()`` from LLVM end the process at once (``_exit``) with its status.
+
+    Without the second, ``exit()`` runs the exit handlers of every library the parent had
+    loaded, and ONNX Runtime's wait on a condition variable of a thread the fork did not
+    copy: the child never ends."""
+    global _EXIT_HANDLER
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with contextlib.suppress(AttributeError):
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent is gone already
+        os._exit(1)
+    handler = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p)(
+        lambda status, _: os._exit(status or 1)
+    )
+    with contextlib.suppress(AttributeError):  # glibc's; exit handlers run last-first
+        libc.on_exit(handler, None)
+        _EXIT_HANDLER = handler
+
+
 def _export(executable: Any, staged: Path, path: Path) -> None:
     """``executable.export_library(staged)`` in a child process (forked: it shares the
     compiled module), its intermediate files in ``staged``'s directory.
@@ -611,12 +639,14 @@ def _export(executable: Any, staged: Path, path: Path) -> None:
     # The child's stderr is a pipe, not a file: a file size limit that stops the export
     # must not stop its message too.
     reader, writer = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: export, say how it went by the exit status, never return
         status = 1
         try:
             os.close(reader)
             os.dup2(writer, 2)
+            _end_quickly(parent)
             executable.export_library(str(staged), workspace_dir=str(workspace))
             status = 0
         except BaseException as err:
@@ -802,6 +832,13 @@ def load_tvm(path: str | Path, files: Mapping[str, bytes] | None = None) -> TvmE
             hint="load it on the device it was compiled for",
         )
     module = load_library(artifact)
+    if not module.implements_function("vm_load_executable"):
+        raise ArtifactError(
+            f"{path} holds no Relax VM executable: it is not a library intq compiled (its"
+            " checksum in the manifest was recomputed, or the manifest belongs elsewhere)",
+            hint="compile the model again; sign artifacts (sign_key=, --sign-key) and load them"
+            " with trusted_keys= (--trusted-key) to refuse a swapped library before it is loaded",
+        )
     exe = TvmExecutable(module, artifact.target, artifact.inputs, artifact.outputs)
     exe.path = path
     exe.artifact = artifact
