@@ -523,7 +523,6 @@ def _failing_save(directory: Path, root: str, draw: int) -> None:
     out.mkdir()
     if rng.random() < 0.5:  # an earlier artifact at the path, which must survive a failure
         _copy(cache, "B-signed" if rng.random() < 0.5 else "B", kind, out)
-    before = _snapshot(out)
     name = NAMES[kind]
     how = rng.choice(["size limit", "size limit", "size limit", "path"])
     target = out / name
@@ -535,7 +534,6 @@ def _failing_save(directory: Path, root: str, draw: int) -> None:
         elif bad == "is a directory":
             shutil.rmtree(out)
             out.mkdir()
-            before = {}
             (out / name).mkdir()
         elif bad == "long":
             target = out / ("n" * 300 + Path(name).suffix)
@@ -543,6 +541,7 @@ def _failing_save(directory: Path, root: str, draw: int) -> None:
             target = out / ("m\0" + name)
         else:
             target = out / ("m\ud800" + name)
+    before = _snapshot(out)
     full = sum(p.stat().st_size for p in (cache / "A-signed").iterdir() if p.name.startswith(name))
     limit = rng.randrange(0, full) if how == "size limit" else resource.RLIM_INFINITY
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write fails instead
