@@ -245,7 +245,7 @@ def onnx_metadata(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
     layers = parse_json(
         meta.get("intq.layers", "").encode(),
         path,
-        "the metadata entry intq.layers (per-layer table)",
+        "metadata entry intq.layers (per-layer table)",
         LAYER_TABLE,
         hint=_METADATA_HINT,
     )
