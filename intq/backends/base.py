@@ -301,8 +301,8 @@ def write_files(path: str | Path, files: Mapping[str, Content], remove: Sequence
             hint="check that the directory exists, is writable and has room",
         ) from None
     finally:
-        for name in temporaries:
-            name.unlink(missing_ok=True)  # renamed ones are gone already
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)  # renamed ones are gone already
     return path
 
 

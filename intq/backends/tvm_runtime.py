@@ -29,6 +29,7 @@ import numpy as np
 from intq.artifacts import LAYER_TABLE, MAX_ARTIFACT_BYTES, SHA256
 from intq.backends import tvm_threads
 from intq.backends.base import (
+    Content,
     KernelTime,
     check_artifact_path,
     check_profile_runs,
@@ -583,7 +584,10 @@ class TvmExecutable:
             _export(self.executable, staged, path)
             library = staged.read_bytes()
             manifest = {**self.manifest(), "sha256": hashlib.sha256(library).hexdigest()}
-            files = {"": staged, MANIFEST_SUFFIX: json.dumps(manifest, indent=2).encode()}
+            files: dict[str, Content] = {
+                "": staged,
+                MANIFEST_SUFFIX: json.dumps(manifest, indent=2).encode(),
+            }
             return save_artifact(path, files, sign_key)
         except OSError as err:
             raise ArtifactError(
