@@ -136,6 +136,8 @@ API_FLAGS = {
     "tune_trials": "--tune-trials",
     "tuning_db": "--tuning-db",
     "tvm_target": "--tvm-target",
+    "sign_key": "--sign-key",
+    "trusted_keys": "--trusted-key",
 }
 """Keyword argument of the Python API -> the flag that sets it, for hints shown by the CLI."""
 

@@ -177,7 +177,8 @@ def load_public_keys(keys: Any) -> list[Ed25519PublicKey]:
     if not loaded:
         raise IntqError(
             "trusted_keys is empty: no signature could verify",
-            hint="pass the public keys to trust (--trusted-key PUB.pem), or None to load"
+            hint="pass the public keys to trust, trusted_keys=KEYS (--trusted-key PUB.pem), or"
+            " None to load"
             " unsigned artifacts",
         )
     return loaded
@@ -235,13 +236,15 @@ def verify_files(
     from cryptography.exceptions import InvalidSignature
 
     sig_path = signature_path(path)
-    hint = "use the artifact as it was signed, or save it again with sign_key= (--sign-key)"
+    hint = (
+        "use the artifact as it was signed, or save it again with sign_key=KEY (--sign-key KEY.pem)"
+    )
     if not sig_path.is_file():
         raise ArtifactError(
             f"{path} is not signed (there is no {sig_path.name} next to it) and trusted keys"
             " were given",
-            hint="sign it when saving: exe.save(path, sign_key=...) / intq compile --sign-key"
-            " KEY.pem; or load it without trusted_keys (--trusted-key) to trust it unsigned",
+            hint="sign it when saving, sign_key=KEY (--sign-key KEY.pem); or load it without"
+            " trusted_keys=KEYS (--trusted-key) to trust it unsigned",
         )
     document = parse_json(
         _read(sig_path, MAX_SIGNATURE_BYTES, "signature file"),
@@ -258,7 +261,7 @@ def verify_files(
         raise ArtifactError(
             f"{path} is signed by the key {document['key'][:16]}..., which is not trusted"
             f" (trusted: {', '.join(f[:16] + '...' for f in keys)})",
-            hint="pass the public key that signed it (--trusted-key PUB.pem)",
+            hint="trust the public key that signed it: trusted_keys=KEYS (--trusted-key PUB.pem)",
         )
     try:
         key.verify(

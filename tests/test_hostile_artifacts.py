@@ -333,8 +333,12 @@ def test_cli_signs_with_sign_key_and_checks_trusted_key(tmp_path):
     run = ["run", out, "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz", "--quiet"]
     assert _cli(*run, "--trusted-key", tmp_path / "key.pub.pem")[0] == 0
     code, err = _cli(*run, "--trusted-key", tmp_path / "other.pub.pem")
-    assert code == 1 and "not trusted" in err, err
+    assert code == 1 and "not trusted" in err and "hint: trust the public key" in err, err
+    assert "--trusted-key PUB.pem" in err and "trusted_keys" not in err, err  # CLI words
     assert _cli(*run, "--trusted-key", tmp_path / "other.pub.pem",
                 "--trusted-key", tmp_path / "key.pub.pem")[0] == 0  # fmt: skip
     code, err = _cli("inspect", out, "--trusted-key", tmp_path / "other.pub.pem")
     assert code == 1 and "not trusted" in err, err
+    (tmp_path / "m.intq.sig").unlink()
+    code, err = _cli(*run, "--trusted-key", tmp_path / "key.pub.pem")
+    assert code == 1 and "is not signed" in err and "--sign-key KEY.pem" in err, err

@@ -104,7 +104,7 @@ def artifact_files(
         if trusted_keys is not None:
             raise ArtifactError(
                 f"the signature of {path} does not cover {path.name + suffix}",
-                hint="save it again with sign_key= (--sign-key), which signs every file",
+                hint="save it again with sign_key=KEY (--sign-key KEY.pem), which signs every file",
             )
         companion = path.with_name(path.name + suffix)
         if not companion.is_file():

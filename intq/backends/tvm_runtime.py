@@ -840,8 +840,9 @@ def load_tvm(path: str | Path, files: Mapping[str, bytes] | None = None) -> TvmE
         raise ArtifactError(
             f"{path} holds no Relax VM executable: it is not a library intq compiled (its"
             " checksum in the manifest was recomputed, or the manifest belongs elsewhere)",
-            hint="compile the model again; sign artifacts (sign_key=, --sign-key) and load them"
-            " with trusted_keys= (--trusted-key) to refuse a swapped library before it is loaded",
+            hint="compile the model again; sign artifacts, sign_key=KEY (--sign-key KEY.pem), and"
+            " load them with trusted_keys=KEYS (--trusted-key PUB.pem) to refuse a swapped"
+            " library before it is loaded",
         )
     exe = TvmExecutable(module, artifact.target, artifact.inputs, artifact.outputs)
     exe.path = path
