@@ -373,6 +373,19 @@ def _header(directory: Path, root: str, draw: int) -> None:
     entry()
 
 
+def _payload(directory: Path, root: str, draw: int) -> None:
+    """A ``.intq`` artifact whose graph text was edited and resealed (as anyone can)."""
+    rng = random.Random(draw)
+    cache = Path(root)
+    path = _copy(cache, "A", "reference", directory)
+    data = path.read_bytes()
+    payload = data[data.index(b"\n") + 1 :]
+    dim = rng.choice([b"1099511627776", b"1" * 5000, b"-2", b"0", b"2147483648", b"x"])
+    payload = payload.replace(b"f32[2,1,8,8]", b"f32[" + dim + b",1,8,8]", 1)
+    path.write_bytes(_reseal_text(payload))
+    _entry(path, cache, directory, rng)()
+
+
 def _import_model(path: Path) -> Any:
     from intq.api import import_model
 
@@ -746,6 +759,7 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
             "foreign exceptions", f"TVM manifest mutation {d}", _manifest, (root, d, None)
         ),
         lambda d: Case("foreign exceptions", f".intq header {d}", _header, (root, d)),
+        lambda d: Case("memory", f".intq graph resealed {d}", _payload, (root, d)),
         lambda d: Case("foreign exceptions", f".onnx metadata resealed {d}", _metadata, (root, d)),
         lambda d: Case(
             "foreign exceptions", f"TVM layer table {d}", _manifest, (root, d, "layers")
@@ -757,7 +771,7 @@ def cases(rng: random.Random, n: int) -> Iterator[Case]:
         lambda d: Case("memory", f"huge declared tensor {d}", _huge_manifest, (root, d)),
         lambda d: Case("files left behind", f"killed save {d}", _killed_save, (root, d)),
     ]
-    weights = [4, 2, 3, 2, 3, 2, 2, 3, 1, 1]
+    weights = [4, 2, 1, 3, 2, 3, 2, 2, 3, 1, 1]
     for i in range(n):
         maker = makers[i] if i < len(makers) else rng.choices(makers, weights)[0]
         yield maker(rng.getrandbits(32))

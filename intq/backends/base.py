@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from intq.errors import ArtifactError, IntqError
+from intq.frontends.onnx_context import MAX_TENSOR_BYTES
 from intq.inspection import layer_table
 from intq.ir.graph import Graph
 from intq.semantics.feeds import Feeds
@@ -100,6 +101,21 @@ def check_artifact_path(
             hint=f"save it as {path.with_suffix(suffixes[0]).name}",
         )
     return path
+
+
+def check_declared_size(path: Path, what: str, shape: Sequence[int], itemsize: int) -> None:
+    """Refuse an artifact that declares a tensor (``what``, of ``shape``) larger than
+    :data:`~intq.frontends.onnx_context.MAX_TENSOR_BYTES`, before anything of that size is
+    allocated (``intq bench`` makes random inputs of the declared shapes)."""
+    elements = 1
+    for dim in shape:
+        elements *= int(dim)
+    if elements * itemsize > MAX_TENSOR_BYTES:
+        raise ArtifactError(
+            f"{path}: {what} of shape {list(shape)} would take {elements * itemsize:.3g} bytes,"
+            f" more than intq's limit of {MAX_TENSOR_BYTES}",
+            hint="recompile the model (intq compile ...); an artifact's shapes come from it",
+        )
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from intq.backends.base import (
     Backend,
     GraphExecutable,
     KernelTime,
+    check_declared_size,
     check_profile_runs,
     kernel_times,
     no_graph_for_vectors,
@@ -168,6 +169,12 @@ class LoadedOnnxExecutable:
                     hint="recompile the model (intq compile ...)",
                 )
             dtype = DType.from_numpy(np.dtype(numpy_type))
+            check_declared_size(
+                path or Path("artifact"),
+                f"input {info.name!r}",
+                dims,
+                np.dtype(numpy_type).itemsize,
+            )
             self.inputs.append(Value(info.name, TensorType(dtype, tuple(dims))))
 
     @property

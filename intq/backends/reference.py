@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from intq.artifacts import open_text, seal_text
-from intq.backends.base import Backend, GraphExecutable, save_artifact
+from intq.backends.base import Backend, GraphExecutable, check_declared_size, save_artifact
 from intq.ir.graph import Graph
 from intq.ir.parser import from_text
 from intq.ir.printer import to_text
@@ -44,8 +44,13 @@ def compile_reference(graph: Graph) -> ReferenceExecutable:
 
 
 def load_reference(path: Path, files: Mapping[str, bytes]) -> ReferenceExecutable:
-    """Reopen the ``.intq`` artifact read from ``path`` (checksum verified first)."""
-    return compile_reference(from_text(open_text(files[""], path)))
+    """Reopen the ``.intq`` artifact read from ``path`` (checksum verified first); its inputs
+    must fit the per-tensor limit (:func:`~intq.backends.base.check_declared_size`)."""
+    graph = from_text(open_text(files[""], path))
+    for value in graph.inputs:
+        what = f"input {value.name!r}"
+        check_declared_size(path, what, value.type.shape, value.type.dtype.numpy.itemsize)
+    return compile_reference(graph)
 
 
 REFERENCE = Backend(

@@ -32,6 +32,7 @@ from intq.backends.base import (
     Content,
     KernelTime,
     check_artifact_path,
+    check_declared_size,
     check_profile_runs,
     kernel_times,
     no_graph_for_vectors,
@@ -40,7 +41,6 @@ from intq.backends.base import (
     temporary_prefix,
 )
 from intq.errors import ArtifactError, IntqError
-from intq.frontends.onnx_context import MAX_TENSOR_BYTES
 from intq.inspection import layer_table
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
@@ -759,16 +759,9 @@ def tvm_artifact(path: Path, files: Mapping[str, bytes]) -> TvmArtifact:
     manifest = validate(document, manifest_path, "manifest", MANIFEST, hint=_MANIFEST_HINT)
     for role in ("inputs", "outputs"):
         for i, spec in enumerate(manifest[role]):
-            elements = 1
-            for dim in spec["shape"]:
-                elements *= dim
-            nbytes = elements * np.dtype(spec["dtype"]).itemsize
-            if nbytes > MAX_TENSOR_BYTES:
-                raise ArtifactError(
-                    f"{manifest_path}: manifest field {role}[{i}].shape {spec['shape']} would"
-                    f" take {nbytes:.3g} bytes, more than intq's limit of {MAX_TENSOR_BYTES}",
-                    hint=_MANIFEST_HINT,
-                )
+            itemsize = np.dtype(spec["dtype"]).itemsize
+            what = f"manifest field {role}[{i}].shape"
+            check_declared_size(manifest_path, what, spec["shape"], itemsize)
     library = files[""]
     if hashlib.sha256(library).hexdigest() != manifest["sha256"]:
         raise ArtifactError(
