@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from intq.errors import ArtifactError, IntqError
-from intq.frontends.onnx_context import MAX_TENSOR_BYTES
+from intq.frontends import onnx_context
 from intq.inspection import layer_table
 from intq.ir.graph import Graph
 from intq.semantics.feeds import Feeds
@@ -110,10 +110,11 @@ def check_declared_size(path: Path, what: str, shape: Sequence[int], itemsize: i
     elements = 1
     for dim in shape:
         elements *= int(dim)
-    if elements * itemsize > MAX_TENSOR_BYTES:
+    limit = onnx_context.MAX_TENSOR_BYTES  # read now: a caller may have raised it
+    if elements * itemsize > limit:
         raise ArtifactError(
             f"{path}: {what} of shape {list(shape)} would take {elements * itemsize:.3g} bytes,"
-            f" more than intq's limit of {MAX_TENSOR_BYTES}",
+            f" more than intq's limit of {limit}",
             hint="recompile the model (intq compile ...); an artifact's shapes come from it",
         )
 
