@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from intq.errors import ArtifactError, IntqError
+from intq.schema import Invalid, decimal, list_of, obj, parse_fields, parse_json, string
 
 if TYPE_CHECKING:
     import onnx
@@ -41,11 +41,30 @@ FORMAT_VERSION = 1
 MAX_ARTIFACT_BYTES = 1 << 31
 """Larger files are refused before they are read (protobuf's own limit is 2 GiB)."""
 
-_HEADER = re.compile(
-    rb"# intq-artifact format=(?P<version>\d{1,9}) target=(?P<target>[A-Za-z0-9_.-]+)"
-    rb" sha256=(?P<digest>[0-9a-f]{64})\n"
-)
 _MAGIC = b"# intq-artifact "
+MAX_HEADER = 1024
+"""Longest header line of a text artifact (intq writes about 120 bytes)."""
+
+TARGET_NAME = string(64, pattern=r"[A-Za-z0-9_.-]+")
+"""A target's name as an envelope records it."""
+SHA256 = string(64, pattern=r"[0-9a-f]{64}")
+"""A sha256 as lowercase hex."""
+VERSION = decimal(0, 10**6)
+"""A format version as a header or metadata field holds it."""
+
+_HEADER_FIELDS = {"format": VERSION, "target": TARGET_NAME, "sha256": SHA256}
+
+MAX_LAYERS = 100_000
+"""Most rows a saved per-layer table may have."""
+
+LAYER_TABLE = list_of(
+    obj(
+        {key: string() for key in ("layer", "op", "input", "weights", "output")},
+        {"clip": string()},
+    ),
+    MAX_LAYERS,
+)
+"""The per-layer table (:func:`intq.inspection.layer_table`) as an artifact stores it."""
 
 
 def _sha256(*parts: bytes) -> str:
@@ -102,18 +121,34 @@ def seal_text(text: str, target: str = "reference") -> bytes:
     return header.encode() + payload
 
 
+def _header(data: bytes, path: Path) -> tuple[dict[str, Any], int]:
+    """The checked fields of a text artifact's header line and where its payload starts."""
+    hint = (
+        "intq.load reads files written by exe.save / intq compile; read hand-written"
+        " textual IR with intq.ir.from_text"
+    )
+    if not has_header(data):
+        raise ArtifactError(f"{path} has no valid intq artifact header", hint=hint)
+    end = data.find(b"\n", 0, MAX_HEADER + 1)
+    if end < 0:
+        raise ArtifactError(
+            f"{path}: the intq artifact header has no end of line in its first {MAX_HEADER} bytes",
+            hint=hint,
+        )
+    try:
+        line = data[len(_MAGIC) : end].decode("ascii")
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: the intq artifact header is not ASCII", hint=hint) from None
+    fields = parse_fields(line, path, "the intq artifact header", _HEADER_FIELDS, hint=hint)
+    return fields, end + 1
+
+
 def open_text(data: bytes, path: Path) -> str:
     """The verified textual IR of a ``.intq`` artifact's bytes."""
-    match = _HEADER.match(data)
-    if match is None:
-        raise ArtifactError(
-            f"{path} has no valid intq artifact header",
-            hint="intq.load reads files written by exe.save / intq compile; read hand-written"
-            " textual IR with intq.ir.from_text",
-        )
-    _check_version(path, int(match["version"]))
-    payload = data[match.end() :]
-    if _sha256(payload) != match["digest"].decode():
+    fields, start = _header(data, path)
+    _check_version(path, fields["format"])
+    payload = data[start:]
+    if _sha256(payload) != fields["sha256"]:
         raise _tampered(path)
     try:
         return payload.decode()
@@ -184,32 +219,94 @@ def parse_onnx(
     return model
 
 
-def onnx_metadata(model: onnx.ModelProto, path: Path) -> dict[str, str]:
-    """The verified intq metadata of an ONNX artifact."""
-    meta = {p.key: p.value for p in model.metadata_props}
+_METADATA_HINT = "recompile the model (intq compile ...) or copy the file again"
+
+
+def onnx_metadata(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
+    """The verified intq metadata of an ONNX artifact: ``intq.format`` and ``intq.target``,
+    ``intq.layers`` parsed (:data:`LAYER_TABLE`), ``intq.sha256``."""
+    meta: dict[str, str] = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith("intq.") and prop.key in meta:
+            raise ArtifactError(
+                f"{path}: the metadata entry {prop.key} appears twice", hint=_METADATA_HINT
+            )
+        meta[prop.key] = prop.value
     if "intq.format" not in meta:
         raise ArtifactError(
             f"{path} is an ONNX model but not an intq artifact (no intq metadata)",
             hint="convert it first: intq compile MODEL.onnx --calib CALIB.npz -o OUT.onnx",
         )
-    try:
-        version = int(meta["intq.format"])
-    except ValueError:
-        raise _tampered(path) from None
-    _check_version(path, version)
-    if _onnx_digest(model) != meta.get("intq.sha256"):
+    fields = {"intq.format": VERSION, "intq.target": TARGET_NAME, "intq.sha256": SHA256}
+    checked = _metadata_fields(meta, path, fields)
+    _check_version(path, checked["intq.format"])
+    if _onnx_digest(model) != checked["intq.sha256"]:
         raise _tampered(path)
-    try:
-        json.loads(meta.get("intq.layers", ""))
-    except ValueError:
-        raise _tampered(path) from None
-    return meta
+    layers = parse_json(
+        meta.get("intq.layers", "").encode(),
+        path,
+        "metadata entry intq.layers (per-layer table)",
+        LAYER_TABLE,
+        hint=_METADATA_HINT,
+    )
+    return {**checked, "intq.layers": layers}
+
+
+def _metadata_fields(meta: dict[str, str], path: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """The metadata entries ``fields`` names, each present and checked."""
+    out = {}
+    for key, rule in fields.items():
+        if key not in meta:
+            raise ArtifactError(
+                f"{path}: the intq metadata entry {key} is missing", hint=_METADATA_HINT
+            )
+        try:
+            out[key] = rule(meta[key], key)
+        except Invalid as err:
+            raise ArtifactError(
+                f"{path}: the intq metadata entry {err.at} {err.reason}", hint=_METADATA_HINT
+            ) from None
+    return out
+
+
+def check_self_contained(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse an artifact whose tensors name external data: intq writes every tensor into
+    the file, and a session would otherwise read whatever file the entry names."""
+    import onnx
+
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+            raise ArtifactError(
+                f"{path}: the tensor {tensor.name!r} keeps its data in an external file;"
+                " intq artifacts hold all their data",
+                hint=_METADATA_HINT,
+            )
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph`` and of its subgraphs: initializers and attribute values
+    (a stack, not recursion: a file may nest subgraphs deeply)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
 
 
 def open_onnx(data: bytes, path: Path) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """The verified model of an ``.onnx`` artifact's bytes and its per-layer table."""
     model = parse_onnx(data, path)
-    layers: list[dict[str, Any]] = json.loads(onnx_metadata(model, path)["intq.layers"])
+    layers: list[dict[str, Any]] = onnx_metadata(model, path)["intq.layers"]
+    check_self_contained(model, path)
     return model, layers
 
 
@@ -220,18 +317,17 @@ def envelope_target(path: Path, data: bytes) -> str | None:
     """The target an artifact's envelope names: a text header's, or an ``.onnx`` file's
     metadata (verified); None for a file with neither, which only its suffix can place."""
     if has_header(data):
-        match = _HEADER.match(data)
-        if match is None:
-            raise ArtifactError(f"{path} has a damaged intq artifact header")
-        return match["target"].decode()
+        return str(_header(data, path)[0]["target"])
     if path.suffix == ".onnx":
-        return onnx_metadata(parse_onnx(data, path), path).get("intq.target", "onnxruntime")
+        return str(onnx_metadata(parse_onnx(data, path), path)["intq.target"])
     return None
 
 
 __all__ = [
     "FORMAT_VERSION",
+    "LAYER_TABLE",
     "MAX_ARTIFACT_BYTES",
+    "check_self_contained",
     "envelope_target",
     "has_header",
     "onnx_metadata",

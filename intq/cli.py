@@ -23,12 +23,19 @@ from typing import Any
 import numpy as np
 
 import intq
-from intq.artifacts import has_header, onnx_metadata, open_text, parse_onnx, read_artifact_bytes
-from intq.backends import TARGETS, artifact_target
+from intq.artifacts import (
+    check_self_contained,
+    has_header,
+    onnx_metadata,
+    open_text,
+    parse_onnx,
+    read_artifact_bytes,
+)
+from intq.backends import TARGETS, artifact_files
 from intq.backends.base import atomic_write
 from intq.backends.onnxruntime import onnx_census
 from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
-from intq.backends.tvm_runtime import TensorSpec, read_tvm_artifact
+from intq.backends.tvm_runtime import MANIFEST_SUFFIX, TensorSpec, tvm_artifact
 from intq.config import load_config
 from intq.data import calibration_batches, first_batch_shapes, read_npz
 from intq.frontends.onnx_import import (
@@ -45,6 +52,7 @@ from intq.ops import Trait
 from intq.passes.calibration import CALIBRATION_METHODS
 from intq.passes.integer_only import census
 from intq.passes.model_quantization import ModelQuantization
+from intq.signing import write_key_pair
 from intq.vectors import read_manifest
 
 EXAMPLES = {
@@ -59,6 +67,7 @@ EXAMPLES = {
   intq compile model.onnx --calib calib.npz --config cfg.toml -o model_int8.onnx
   intq compile model.onnx --calib calib.npz --size-mb 2.5 --mp-report mp -o model_int8.onnx
   intq compile bert.onnx --calib calib.npz --input-shape input_ids=1,128 -o bert_int8.onnx
+  intq keygen -o key.pem        # then sign: intq compile ... -o model.so --sign-key key.pem
 
 Without --target, the suffix of -o picks the target: .onnx onnxruntime, .intq reference,
 .so/.tar tvm. calib.npz holds one array per model input (numpy.savez(path, input=x)),
@@ -71,6 +80,7 @@ line win over the file.""",
     "run": """examples:
   intq run model_int8.onnx --inputs in.npz -o out.npz
   intq run model.intq --inputs in.npz -o out.npz --quiet
+  intq run model.so --inputs in.npz -o out.npz --trusted-key key.pub.pem   # signed only
 
 in.npz holds one array per model input, of the exact shape the model takes; out.npz gets one
 array per model output.""",
@@ -87,6 +97,7 @@ docs/golden-vectors.md. in.npz holds one array per model input, as for intq run.
   intq inspect model_int8.onnx             # an artifact: integer-only check, per-layer bits
   intq inspect model.intq --ir             # a saved graph, with its IR
   intq inspect model_int8.so               # a TVM library: its manifest (target, tensors)
+  intq inspect model_int8.so --trusted-key pub.pem   # and check its signature
   intq inspect bert.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128""",
     "bench": """examples:
   intq bench model_int8.onnx                          # latency percentiles p50/p90/p99
@@ -99,6 +110,15 @@ docs/golden-vectors.md. in.npz holds one array per model input, as for intq run.
   python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190            # anywhere
   python -m tvm.exec.rpc_server --tracker 10.0.0.5:9190 --key rasp4    # on each device
 A .tar (cross target) is linked on the device by its C++ compiler.""",
+    "keygen": """examples:
+  intq keygen -o key.pem                   # key.pem (private, 0600) and key.pub.pem
+  intq compile model.onnx --calib calib.npz -o model.so --sign-key key.pem
+  intq run model.so --inputs in.npz -o out.npz --trusted-key key.pub.pem
+
+The same keys from openssl: openssl genpkey -algorithm ed25519 -out key.pem, then
+openssl pkey -in key.pem -pubout -out key.pub.pem. Signing writes OUT.sig next to the
+artifact: an Ed25519 signature over every file of it (a TVM library and its manifest);
+--trusted-key refuses an unsigned, otherwise signed or altered artifact before reading it.""",
     "report": """examples:
   intq report model.onnx --calib calib.npz -o report.png
   intq report model.onnx --calib calib.npz --config cfg.toml -o report.png --top 10
@@ -117,6 +137,8 @@ API_FLAGS = {
     "tune_trials": "--tune-trials",
     "tuning_db": "--tuning-db",
     "tvm_target": "--tvm-target",
+    "sign_key": "--sign-key",
+    "trusted_keys": "--trusted-key",
 }
 """Keyword argument of the Python API -> the flag that sets it, for hints shown by the CLI."""
 
@@ -256,13 +278,24 @@ def summary(graph: Graph) -> str:
     return "\n".join(lines)
 
 
-def _onnx_artifact_summary(path: Path) -> str | None:
-    """The summary of an intq ``.onnx`` artifact, or None for a plain ONNX model."""
-    path, data = read_artifact_bytes(path)
+def _trusted(args: argparse.Namespace) -> list[Path] | None:
+    """The ``--trusted-key`` files, or None (no flag: unsigned artifacts load)."""
+    return getattr(args, "trusted_key", None) or None
+
+
+def _onnx_artifact_summary(path: Path, trusted: list[Path] | None = None) -> str | None:
+    """The summary of an intq ``.onnx`` artifact, or None for a plain ONNX model (with
+    ``trusted`` keys: a signed artifact, or an error)."""
+    if trusted is not None:
+        path, _, files = artifact_files(path, trusted)
+        data = files[""]
+    else:
+        path, data = read_artifact_bytes(path)
     model = parse_onnx(data, path)
-    if not any(p.key == "intq.format" for p in model.metadata_props):
+    if trusted is None and not any(p.key == "intq.format" for p in model.metadata_props):
         return None
     meta = onnx_metadata(model, path)
+    check_self_contained(model, path)
     lines = [f"{path}: intq artifact format {meta['intq.format']}, target {meta['intq.target']}"]
     lines += [f"  input  {i.name}: {_onnx_type(i)}" for i in model.graph.input]
     lines += [f"  output {o.name}: {_onnx_type(o)}" for o in model.graph.output]
@@ -275,14 +308,15 @@ def _onnx_artifact_summary(path: Path) -> str | None:
     except intq.NumericsError as err:
         lines.append(f"integer-only: NO: {err.message}")
     lines.append("per-layer bits @ scales:")
-    lines += ["  " + line for line in table(json.loads(meta["intq.layers"])).splitlines()]
+    lines += ["  " + line for line in table(meta["intq.layers"]).splitlines()]
     return "\n".join(lines)
 
 
-def _tvm_artifact_summary(path: Path) -> str:
-    """The summary of a TVM library from its manifest (the library's checksum verified; its
-    code is not loaded): target, tensors and how they are (de)quantized, kernels, layers."""
-    artifact = read_tvm_artifact(path)
+def _tvm_artifact_summary(path: Path, trusted: list[Path] | None = None) -> str:
+    """The summary of a TVM library from its manifest (the library's checksum verified, and
+    its signature with ``trusted`` keys; its code is not loaded): target, tensors and how
+    they are (de)quantized, kernels, layers."""
+    artifact = _read_tvm(path, trusted)
     kind = "object files to link" if artifact.needs_linker else "a shared object"
     lines = [f"{path}: intq TVM artifact ({kind}), target {json.dumps(artifact.target)}"]
     for role, specs in (("input ", artifact.inputs), ("output", artifact.outputs)):
@@ -293,6 +327,18 @@ def _tvm_artifact_summary(path: Path) -> str:
         lines.append("per-layer bits @ scales:")
         lines += ["  " + line for line in table(artifact.layers).splitlines()]
     return "\n".join(lines)
+
+
+def _read_tvm(path: Path, trusted: list[Path] | None) -> Any:
+    """A TVM artifact's checked files (:func:`intq.backends.artifact_files`), not loaded;
+    what ``bench --rpc-tracker`` uploads (``inspect`` places libraries by their suffix)."""
+    path, backend, files = artifact_files(path, trusted)
+    if backend.name != "tvm" or MANIFEST_SUFFIX not in files:
+        raise intq.IntqError(
+            f"{path} is a {backend.name} artifact; --rpc-tracker runs TVM artifacts only",
+            hint="compile it with --target tvm (and --tvm-target for a device)",
+        )
+    return tvm_artifact(path, files)
 
 
 def _spec_text(spec: TensorSpec) -> str:
@@ -316,9 +362,11 @@ def _onnx_type(info: Any) -> str:
     dims = ",".join(
         str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in t.shape.dim
     )
-    known = t.elem_type in onnx.TensorProto.DataType.values()
-    kind = onnx.TensorProto.DataType.Name(t.elem_type).lower() if known else f"type{t.elem_type}"
-    return f"{kind}[{dims}]"
+    if t.elem_type in onnx.TensorProto.DataType.values():
+        elem = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+    else:  # a number this onnx has no name for
+        elem = f"type {t.elem_type} (unknown)"
+    return f"{elem}[{dims}]"
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -328,13 +376,20 @@ def _inspect(args: argparse.Namespace) -> int:
                 f"{args.model} is a TVM library: it holds compiled code, not the IR graph",
                 hint="inspect --ir the .intq or .onnx the model was compiled from",
             )
-        _say(args, _tvm_artifact_summary(args.model))
+        _say(args, _tvm_artifact_summary(args.model, _trusted(args)))
         return 0
     if args.model.suffix == ".onnx" and not args.ir:
-        text = _onnx_artifact_summary(args.model) if args.model.is_file() else None
+        text = _onnx_artifact_summary(args.model, _trusted(args)) if args.model.is_file() else None
         if text is not None:
             _say(args, text)
             return 0
+    if _trusted(args) is not None:  # a signed .intq (or an .onnx artifact with --ir)
+        path, _, files = artifact_files(args.model, _trusted(args))
+        graph = from_text(open_text(files[""], path))
+        _say(args, summary(graph))
+        if args.ir:
+            _say(args, "", to_text(graph, elide_above=8).rstrip("\n"))
+        return 0
     if args.model.suffix == ".onnx":
         # A plain ONNX model: which of its ops intq converts, also when some are missing.
         proto = load_model(args.model)
@@ -492,7 +547,8 @@ def _compile(args: argparse.Namespace) -> int:
     options: dict[str, object] = {}
     if args.target == "tvm":
         options = {"tvm_target": tvm_target, **tuning, "progress": False if args.quiet else None}
-    path = intq.compile(quantized, target=args.target, **options).save(args.output)
+    exe = intq.compile(quantized, target=args.target, **options)
+    path = exe.save(args.output, sign_key=getattr(args, "sign_key", None))
     _say(args, summary(quantized), f"wrote {path}")
     return 0
 
@@ -505,7 +561,7 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 
 def _run(args: argparse.Namespace) -> int:
     _check_output(args.output)
-    exe = intq.load(args.artifact)
+    exe = intq.load(args.artifact, trusted_keys=_trusted(args))
     feeds = read_npz(args.inputs, "inputs")
     outputs = exe.run(feeds)
     path = _write_npz(args.output, outputs)
@@ -518,7 +574,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _vectors(args: argparse.Namespace) -> int:
-    exe = intq.load(args.artifact)
+    exe = intq.load(args.artifact, trusted_keys=_trusted(args))
     feeds = read_npz(args.inputs, "inputs")
     out_dir = exe.golden_vectors(feeds, args.output, overwrite=args.force)
     manifest = read_manifest(out_dir)
@@ -570,7 +626,7 @@ def _bench(args: argparse.Namespace) -> int:
                 hint="bench the device without --profile, or profile a host build here",
             )
         return _bench_remote(args)
-    exe = intq.load(args.artifact)
+    exe = intq.load(args.artifact, trusted_keys=_trusted(args))
     if args.profile and not hasattr(exe, "profile"):
         raise intq.IntqError(
             f"--profile times the kernels of TVM and ONNX Runtime artifacts, not {exe.target}",
@@ -690,14 +746,8 @@ def _bench_remote(args: argparse.Namespace) -> int:
             " their times do not compare",
             hint="bench the FP32 model on the device separately",
         )
-    path, data = read_artifact_bytes(args.artifact)
-    target = artifact_target(path, data)
-    if target != "tvm":
-        raise intq.IntqError(
-            f"{path} is a {target} artifact; --rpc-tracker runs TVM artifacts only",
-            hint="compile it with --target tvm (and --tvm-target for the device)",
-        )
-    artifact = read_tvm_artifact(path)
+    artifact = _read_tvm(args.artifact, _trusted(args))
+    path = artifact.path
     if args.inputs is not None:
         feeds = read_npz(args.inputs, "inputs")
     else:
@@ -844,6 +894,33 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
     add_mixed_precision_args(command)
 
 
+def _add_sign_key(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="KEY.pem",
+        help="sign the artifact with this Ed25519 private key (PEM or raw 32 bytes; intq"
+        " keygen makes one): writes OUT.sig, which --trusted-key checks when loading",
+    )
+
+
+def _add_trusted_key(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        metavar="PUB.pem",
+        help="accept the artifact only if signed by this Ed25519 public key (repeatable):"
+        " checked before the artifact is parsed or its library loaded",
+    )
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    private, public = write_key_pair(args.output, overwrite=args.force)
+    _say(args, f"wrote {private} (private: keep it secret) and {public} (public)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``intq`` command."""
     parser = argparse.ArgumentParser(
@@ -895,6 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
         " use the best one (created by --tune-trials)",
     )
     _add_quant_options(command)
+    _add_sign_key(command)
     command.set_defaults(run=_compile)
 
     command = _command(commands, "quantize", "calibrate and convert to an integer-only .intq")
@@ -908,6 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the integer-only graph to write (a .intq artifact: textual IR, checksummed)",
     )
     _add_quant_options(command)
+    _add_sign_key(command)
     command.set_defaults(run=_compile, target="reference")
 
     command = _command(commands, "run", "run a compiled artifact on inputs from an .npz")
@@ -922,6 +1001,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the outputs: one array per model output",
     )
     command.add_argument("--quiet", action="store_true", help="print nothing")
+    _add_trusted_key(command)
     command.set_defaults(run=_run)
 
     command = _command(
@@ -943,6 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace DIR when it exists and is not empty"
     )
     command.add_argument("--quiet", action="store_true", help="print nothing")
+    _add_trusted_key(command)
     command.set_defaults(run=_vectors)
 
     command = _command(commands, "inspect", "summarise a model or artifact")
@@ -956,6 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print nothing: the exit code says whether the file reads (checksums verified)",
     )
+    _add_trusted_key(command)
     command.set_defaults(run=_inspect)
 
     command = _command(commands, "bench", "measure an artifact's latency (p50/p90/p99)")
@@ -993,7 +1075,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"wait this long for the tracker and a free device (default {DEFAULT_TIMEOUT:g})",
     )
+    _add_trusted_key(command)
     command.set_defaults(run=_bench)
+
+    command = _command(commands, "keygen", "make an Ed25519 key pair to sign artifacts with")
+    command.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="KEY.pem",
+        help="the private key to write (PEM, mode 0600); the public key goes to KEY.pub.pem",
+    )
+    command.add_argument("--force", action="store_true", help="replace existing key files")
+    command.add_argument("--quiet", action="store_true", help="print nothing")
+    command.set_defaults(run=_keygen)
 
     command = _command(commands, "report", "per-layer SQNR vs FP32: which layer hurts")
     command.add_argument("model", type=_path, help="the float .onnx model")

@@ -8,10 +8,11 @@ has ``.run(inputs)`` and ``.save(path)``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from intq.artifacts import envelope_target, read_artifact_bytes
+from intq.artifacts import MAX_ARTIFACT_BYTES, envelope_target, read_artifact_bytes
 from intq.backends import tvm_runtime
 from intq.backends.base import Backend, Executable
 from intq.backends.onnxruntime import ONNXRUNTIME
@@ -20,6 +21,7 @@ from intq.backends.tvm_runtime import load_tvm
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
+from intq.signing import load_public_keys, verify_files
 
 # The TVM compiler is imported on first use: its schedules import TVM, an optional heavy
 # dependency that `import intq` must not pull in (the runtime module imports TVM only when a
@@ -32,10 +34,9 @@ def _compile_tvm(graph: Graph, **options: Any) -> Executable:
     return compile_tvm(graph, **options)
 
 
-def _load_tvm(path: Path, data: bytes) -> Executable:
-    """A TVM library with its manifest, which holds the library's sha256 (the library's bytes
-    are read again there, next to the manifest)."""
-    return load_tvm(path)
+def _load_tvm(path: Path, files: Mapping[str, bytes]) -> Executable:
+    """A TVM library with its manifest (``files``: both, read and checked by :func:`load`)."""
+    return load_tvm(path, files)
 
 
 TVM = Backend(
@@ -44,6 +45,7 @@ TVM = Backend(
     _load_tvm,
     tvm_runtime.SUFFIXES,
     tvm_runtime.ARTIFACT,
+    (tvm_runtime.MANIFEST_SUFFIX,),
 )
 """The TVM backend's record (:mod:`intq.backends.tvm`, :mod:`intq.backends.tvm_runtime`)."""
 
@@ -82,13 +84,20 @@ def artifact_target(path: Path, data: bytes) -> str:
     )
 
 
-def load(path: str | Path) -> Executable:
-    """Reopen an artifact written by ``exe.save`` / ``intq compile``; returns an executable.
+def artifact_files(
+    path: str | Path, trusted_keys: Any = None
+) -> tuple[Path, Backend, dict[str, bytes]]:
+    """The artifact at ``path``: its backend and the bytes of all its files (suffix added
+    to the name -> bytes; ``""`` is ``path`` itself), each read once.
 
-    The checksum and format version are verified first: a modified, damaged or
-    other-version file raises :class:`ArtifactError`.
+    With ``trusted_keys`` (public keys: :func:`intq.signing.load_public_keys`) the
+    signature is checked first, before anything in the files is parsed, and must cover
+    every file the backend reads (:func:`intq.signing.verify_files`).
     """
     path, data = read_artifact_bytes(path)
+    files = {"": data}
+    if trusted_keys is not None:
+        files = verify_files(path, data, load_public_keys(trusted_keys), MAX_ARTIFACT_BYTES)
     target = artifact_target(path, data)
     backend = TARGETS.get(target)
     if backend is None:
@@ -96,12 +105,49 @@ def load(path: str | Path) -> Executable:
             f"{path} was written for target {target!r}, which this intq cannot load",
             hint=f"loadable targets: {', '.join(sorted(TARGETS))}",
         )
+    for suffix in backend.companions:
+        if suffix in files:
+            continue
+        if trusted_keys is not None:
+            raise ArtifactError(
+                f"the signature of {path} does not cover {path.name + suffix}",
+                hint="save it again with sign_key=KEY (--sign-key KEY.pem), which signs every file",
+            )
+        companion = path.with_name(path.name + suffix)
+        if not companion.is_file():
+            raise ArtifactError(
+                f"{path} needs {companion.name} next to it ({backend.artifact}), and there is none",
+                hint="save() writes both; keep them together",
+            )
+        files[suffix] = read_artifact_bytes(companion)[1]
+    return path, backend, files
+
+
+def load(path: str | Path, trusted_keys: Any = None) -> Executable:
+    """Reopen an artifact written by ``exe.save`` / ``intq compile``; returns an executable.
+
+    The checksum and format version are verified first: a modified, damaged or
+    other-version file raises :class:`ArtifactError`. A checksum detects damage, not
+    tampering. ``trusted_keys`` (Ed25519 public keys, their bytes or PEM files) requires a
+    signature by one of them over every file of the artifact (``exe.save(path,
+    sign_key=...)``), checked before anything is parsed or loaded: an unsigned, wrongly
+    signed or altered artifact is refused (:mod:`intq.signing`).
+    """
+    path, backend, files = artifact_files(path, trusted_keys)
     try:
-        return backend.load(path, data)
+        return backend.load(path, files)
     except ArtifactError:
         raise
     except IntqError as err:
         raise ArtifactError(f"{path}: {err}") from None
 
 
-__all__ = ["TARGETS", "Backend", "Executable", "artifact_target", "compile", "load"]
+__all__ = [
+    "TARGETS",
+    "Backend",
+    "Executable",
+    "artifact_files",
+    "artifact_target",
+    "compile",
+    "load",
+]

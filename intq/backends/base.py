@@ -4,8 +4,10 @@ and the rows of a per-kernel profile."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -13,9 +15,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from intq.errors import ArtifactError, IntqError
+from intq.frontends import onnx_context
 from intq.inspection import layer_table
 from intq.ir.graph import Graph
 from intq.semantics.feeds import Feeds
+from intq.signing import SIGNATURE_SUFFIX, load_private_key, sign_files
 from intq.vectors import write_golden_vectors
 
 
@@ -41,8 +45,10 @@ class Executable(Protocol):
         (:func:`intq.inspection.layer_table`)."""
         ...
 
-    def save(self, path: str | Path) -> Path:
-        """Write the artifact atomically; returns its path."""
+    def save(self, path: str | Path, *, sign_key: Any = None) -> Path:
+        """Write the artifact atomically; returns its path. With ``sign_key`` (an Ed25519
+        private key: :func:`intq.signing.load_private_key`) also a signature over all its
+        files, which ``intq.load(path, trusted_keys=...)`` checks."""
         ...
 
     def golden_vectors(
@@ -63,14 +69,18 @@ class Backend:
     """The target name: ``intq.compile(graph, target=name)``, ``intq compile --target``."""
     compile: Callable[..., Executable]
     """``compile(graph, **options)``: the graph as an executable."""
-    load: Callable[[Path, bytes], Executable]
-    """``load(path, data)``: the executable reopened from an artifact's path and bytes
-    (read by :func:`intq.artifacts.read_artifact_bytes`)."""
+    load: Callable[[Path, Mapping[str, bytes]], Executable]
+    """``load(path, files)``: the executable reopened from an artifact's path and the bytes
+    of its files (suffix added to the name -> bytes; ``""`` is the artifact itself), read
+    once by :func:`intq.backends.load` and checked there when signed."""
     suffixes: tuple[str, ...]
     """The artifact's usual file suffixes: how ``intq.load`` places a file whose envelope
     does not name its target."""
     artifact: str
     """What ``save`` writes, in a few words (for ``intq compile --help``)."""
+    companions: tuple[str, ...] = ()
+    """The artifact's other files, as suffixes added to its name (a TVM library's
+    manifest: ``".json"``); a signature covers them too."""
 
     def check_path(self, path: str | Path) -> Path:
         """``path`` as the name of this backend's artifact (:func:`check_artifact_path`)."""
@@ -84,13 +94,29 @@ def check_artifact_path(
     before anything is written) unless it ends in one of ``suffixes``, since a file named
     for another kind of artifact misleads its readers and ``intq.load`` places a file by its
     suffix when its envelope does not say."""
-    path = Path(path)
+    path = check_file_name(Path(path))
     if path.suffix not in suffixes:
         raise ArtifactError(
             f"{path}: a {target} artifact is {artifact}, named {' or '.join(suffixes)}",
             hint=f"save it as {path.with_suffix(suffixes[0]).name}",
         )
     return path
+
+
+def check_declared_size(path: Path, what: str, shape: Sequence[int], itemsize: int) -> None:
+    """Refuse an artifact that declares a tensor (``what``, of ``shape``) larger than
+    :data:`~intq.frontends.onnx_context.MAX_TENSOR_BYTES`, before anything of that size is
+    allocated (``intq bench`` makes random inputs of the declared shapes)."""
+    elements = 1
+    for dim in shape:
+        elements *= int(dim)
+    limit = onnx_context.MAX_TENSOR_BYTES  # read now: a caller may have raised it
+    if elements * itemsize > limit:
+        raise ArtifactError(
+            f"{path}: {what} of shape {list(shape)} would take {elements * itemsize:.3g} bytes,"
+            f" more than intq's limit of {limit}",
+            hint="recompile the model (intq compile ...); an artifact's shapes come from it",
+        )
 
 
 @dataclass(frozen=True)
@@ -181,28 +207,135 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
+Content = bytes | Path
+"""What :func:`write_files` places: bytes to write, or a file already staged beside the
+target (renamed into place)."""
 
-    A crash or a full disk leaves either the old file or none, never half
-    of a new one.
-    """
-    path = Path(path)
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp")
+"""The name of a temporary a save stages: ``.<target name>.<pid>.<random>.tmp``."""
+
+
+def temporary_prefix(target: Path) -> str:
+    """The prefix of this process's temporaries for ``target`` (:data:`_TEMPORARY`)."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path, companions: Iterable[str] = ()) -> list[Path]:
+    """Remove what a killed save to ``path`` (or to ``path`` + one of ``companions``) left
+    behind: temporaries named for it whose writing process is gone. A live process's are
+    kept, so that two saves at once do not undo each other; returns what was removed."""
+    names = {path.name + c for c in ("", *companions)}
     directory = path.parent if str(path.parent) else Path(".")
     try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or match["name"] not in names or _alive(int(match["pid"])):
+            continue
+        stale = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
+def check_file_name(path: Path) -> Path:
+    """``path``, refused (:class:`ArtifactError`) when the file system cannot name it: a NUL
+    character, or characters that do not encode (a lone surrogate)."""
+    try:
+        encoded = os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ArtifactError(
+            f"{str(path)!a} cannot be a file name: it holds a lone surrogate",
+            hint="name the file in plain text",
+        ) from None
+    if b"\0" in encoded:
+        raise ArtifactError(
+            f"{str(path)!a} cannot be a file name: it holds a NUL character",
+            hint="name the file in plain text",
+        )
+    return path
+
+
+def write_files(path: str | Path, files: Mapping[str, Content], remove: Sequence[str] = ()) -> Path:
+    """Write one artifact's files: ``files`` maps a suffix added to ``path``'s name (``""``
+    for ``path`` itself, ``".json"`` for a manifest) to its content; ``remove`` names
+    suffixes of files that no longer belong with it (a signature of an earlier save).
+
+    Every file is written in full to a temporary beside its target before any is renamed
+    into place, in the order given, so a failure while writing (a full disk, a file size
+    limit, an interrupt) leaves the previous files as they were, and its temporaries are
+    removed (a ``finally``). Temporaries a killed save to the same path left are removed
+    first (:func:`remove_stale_temporaries`); readers never look at them. Returns ``path``.
+    """
+    path = check_file_name(Path(path))
+    directory = path.parent if str(path.parent) else Path(".")
+    temporaries: list[Path] = []
+    try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
+        remove_stale_temporaries(path, [*files, *remove])
+        staged: list[tuple[Path, Path]] = []
+        for suffix, content in files.items():
+            target = path.with_name(path.name + suffix)
+            if isinstance(content, Path):
+                staged.append((content, target))
+                continue
+            fd, name = tempfile.mkstemp(
+                prefix=temporary_prefix(target), suffix=".tmp", dir=directory
+            )
+            temporaries.append(Path(name))
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                f.write(content)
                 f.flush()
                 os.fsync(f.fileno())
             # mkstemp makes the file private (0600); give it the usual permissions.
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            os.chmod(name, 0o666 & ~_umask())
+            staged.append((Path(name), target))
+        for suffix in remove:
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        for source, target in staged:
+            os.replace(source, target)
     except OSError as err:
-        raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from err
+        raise ArtifactError(
+            f"cannot write {path}: {err.strerror or err}",
+            hint="check that the directory exists, is writable and has room",
+        ) from None
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)  # renamed ones are gone already
     return path
+
+
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename
+    (:func:`write_files`): a crash or a full disk leaves either the old file or none, never
+    half of a new one."""
+    return write_files(path, {"": data})
+
+
+def save_artifact(path: Path, files: Mapping[str, Content], sign_key: Any = None) -> Path:
+    """Write an artifact's files (:func:`write_files`), with a signature file
+    (``<path>.sig``, :mod:`intq.signing`) over all of them when ``sign_key`` is given; an
+    unsigned save removes the signature an earlier save left, which no longer matches."""
+    if sign_key is None:
+        return write_files(path, files, remove=[SIGNATURE_SUFFIX])
+    contents = {s: c if isinstance(c, bytes) else c.read_bytes() for s, c in files.items()}
+    signature = sign_files(contents, load_private_key(sign_key))
+    return write_files(path, {**files, SIGNATURE_SUFFIX: signature})

@@ -24,10 +24,11 @@ from intq.backends.base import (
     Backend,
     GraphExecutable,
     KernelTime,
-    atomic_write,
+    check_declared_size,
     check_profile_runs,
     kernel_times,
     no_graph_for_vectors,
+    save_artifact,
 )
 from intq.backends.onnx_lowering import to_onnx
 from intq.errors import ArtifactError, NumericsError
@@ -109,14 +110,15 @@ class OnnxRuntimeExecutable(GraphExecutable):
         feeds = check_feeds(self.graph.inputs, inputs)
         return profile_session(self.session, self.model, feeds, runs, warmup)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, sign_key: Any = None) -> Path:
         """Write the ``.onnx`` file (atomically) with intq's checksummed metadata
-        (:mod:`intq.artifacts`); plain ONNX Runtime runs it. The name must end in ``.onnx``."""
+        (:mod:`intq.artifacts`); plain ONNX Runtime runs it. The name must end in ``.onnx``.
+        ``sign_key`` also writes a signature (:mod:`intq.signing`)."""
         path = ONNXRUNTIME.check_path(path)
         data = seal_onnx(self.model, layer_table(self.graph))
         if len(data) >= 2**31:
             raise ArtifactError("the model exceeds protobuf's 2 GB limit")
-        return atomic_write(path, data)
+        return save_artifact(path, {"": data}, sign_key)
 
 
 _NUMPY_OF_ORT = {
@@ -138,11 +140,14 @@ class LoadedOnnxExecutable:
 
     target = "onnxruntime"
 
-    def __init__(self, model: onnx.ModelProto, layers: list[dict[str, Any]]):
+    def __init__(
+        self, model: onnx.ModelProto, layers: list[dict[str, Any]], path: Path | None = None
+    ):
         import onnxruntime as ort
 
         self.model = model
         self.layers = layers
+        where = f"{path}: " if path is not None else ""
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
@@ -150,12 +155,27 @@ class LoadedOnnxExecutable:
                 model.SerializeToString(), options, providers=["CPUExecutionProvider"]
             )
         except Exception as err:  # ORT raises its own exception types
-            raise ArtifactError(f"ONNX Runtime cannot open the artifact: {err}") from None
+            raise ArtifactError(f"{where}ONNX Runtime cannot open the artifact: {err}") from None
         self.inputs = []
         for info in self.session.get_inputs():
-            dtype = DType.from_numpy(np.dtype(_NUMPY_OF_ORT.get(info.type, np.float32)))
-            shape = tuple(int(d) for d in info.shape)
-            self.inputs.append(Value(info.name, TensorType(dtype, shape)))
+            # intq writes every input with a static shape and one of these types; anything
+            # else was put there by someone else, and check_feeds could not match it.
+            dims = list(info.shape)
+            numpy_type = _NUMPY_OF_ORT.get(info.type)
+            if numpy_type is None or not all(isinstance(d, int) and d >= 0 for d in dims):
+                raise ArtifactError(
+                    f"{where}input {info.name!r} is {info.type} of shape {dims}: an intq"
+                    " artifact's inputs have static shapes and plain numeric types",
+                    hint="recompile the model (intq compile ...)",
+                )
+            dtype = DType.from_numpy(np.dtype(numpy_type))
+            check_declared_size(
+                path or Path("artifact"),
+                f"input {info.name!r}",
+                dims,
+                np.dtype(numpy_type).itemsize,
+            )
+            self.inputs.append(Value(info.name, TensorType(dtype, tuple(dims))))
 
     @property
     def input_names(self) -> list[str]:
@@ -184,9 +204,11 @@ class LoadedOnnxExecutable:
         """Refused: a loaded ``.onnx`` artifact has no integer graph (:mod:`intq.vectors`)."""
         raise no_graph_for_vectors("a loaded .onnx artifact")
 
-    def save(self, path: str | Path) -> Path:
-        """Write the artifact again (atomically), metadata and checksum unchanged."""
-        return atomic_write(ONNXRUNTIME.check_path(path), self.model.SerializeToString())
+    def save(self, path: str | Path, *, sign_key: Any = None) -> Path:
+        """Write the artifact again (atomically), metadata and checksum unchanged; signed
+        with ``sign_key`` when given."""
+        path = ONNXRUNTIME.check_path(path)
+        return save_artifact(path, {"": self.model.SerializeToString()}, sign_key)
 
 
 def profile_session(
@@ -238,10 +260,10 @@ def compile_onnxruntime(graph: Graph, threads: int | None = None) -> OnnxRuntime
     return OnnxRuntimeExecutable(graph, to_onnx(graph), threads)
 
 
-def load_onnxruntime(path: Path, data: bytes) -> LoadedOnnxExecutable:
-    """Reopen the ``.onnx`` artifact ``data`` read from ``path`` (checksum verified first)."""
-    model, layers = open_onnx(data, path)
-    return LoadedOnnxExecutable(model, layers)
+def load_onnxruntime(path: Path, files: Mapping[str, bytes]) -> LoadedOnnxExecutable:
+    """Reopen the ``.onnx`` artifact read from ``path`` (checksum verified first)."""
+    model, layers = open_onnx(files[""], path)
+    return LoadedOnnxExecutable(model, layers, path)
 
 
 ONNXRUNTIME = Backend(

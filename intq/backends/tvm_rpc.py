@@ -148,8 +148,8 @@ def _artifact(model: TvmExecutable | TvmArtifact | str | Path) -> TvmArtifact:
         return model
     if isinstance(model, str | Path):
         return read_tvm_artifact(model)
-    if model.path is not None:  # loaded from an artifact: TVM cannot export it again
-        return read_tvm_artifact(model.path)
+    if model.artifact is not None:  # loaded: the bytes it was loaded from, as checked
+        return model.artifact
     # As save() would write it: a .so where this machine links, else object files for the
     # device to link. The bytes are read before the temporary directory goes.
     name = "model.so" if links_here(model.tvm_target) else "model.tar"

@@ -7,11 +7,16 @@ only (no IR graph), as a device-side loader would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
+import shutil
+import signal
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,23 +26,45 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from intq.artifacts import LAYER_TABLE, MAX_ARTIFACT_BYTES, SHA256
 from intq.backends import tvm_threads
 from intq.backends.base import (
+    Content,
     KernelTime,
-    atomic_write,
     check_artifact_path,
+    check_declared_size,
     check_profile_runs,
     kernel_times,
     no_graph_for_vectors,
+    remove_stale_temporaries,
+    save_artifact,
+    temporary_prefix,
 )
 from intq.errors import ArtifactError, IntqError
 from intq.inspection import layer_table
 from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
+from intq.schema import (
+    boolean,
+    equal,
+    integer,
+    list_of,
+    mapping,
+    number,
+    obj,
+    one_of,
+    optional,
+    parse_json,
+    string,
+    validate,
+)
 from intq.semantics.feeds import Feeds, check_feeds
+from intq.signing import SIGNATURE_SUFFIX
 from intq.vectors import write_golden_vectors
 
 MANIFEST_VERSION = 1
+MANIFEST_SUFFIX = ".json"
+"""A library's manifest is named for it with this added: ``model.so.json``."""
 
 SUFFIXES = (".so", ".tar")
 """What a TVM artifact's library is named: a shared object, or a .tar of object files."""
@@ -278,6 +305,67 @@ def named_outputs(specs: Sequence[TensorSpec], results: Any) -> dict[str, np.nda
     return {s.name: results[i].numpy() for i, s in enumerate(specs)}
 
 
+# ----- the manifest's schema (intq.schema) ---------------------------------------------------
+
+_DTYPES = tuple(d.numpy.name for d in DType)
+_NAME = string(1024)
+_IDENTIFIER = string(256, pattern=r"[A-Za-z_][A-Za-z0-9_.]*")
+_SCALE = number(0.0)
+_QUANTIZATION = obj(
+    {
+        "op": string(choices=("quantize", "dequantize", "integer")),
+        "scale": one_of(_SCALE, list_of(_SCALE, 1 << 20, 1), what="a scale or a list of them"),
+        "bits": integer(1, 64),
+        "signed": boolean,
+    },
+    {
+        "formula": string(),
+        "axis": optional(integer(0, 31), "an axis"),
+        "qmin": integer(),
+        "qmax": integer(),
+        "dtype": string(choices=_DTYPES),
+    },
+)
+_TENSOR = obj(
+    {
+        "name": _NAME,
+        "shape": list_of(integer(0, 2**31 - 1), 32),
+        "dtype": string(choices=_DTYPES),
+    },
+    {"quantization": optional(_QUANTIZATION, "a quantization")},
+)
+_OPTION = one_of(
+    string(),
+    integer(),
+    boolean,
+    list_of(string(), 256),
+    what="a string, an integer, a boolean or a list of strings",
+)
+_TARGET = obj(
+    {"kind": _IDENTIFIER},
+    extra=one_of(_OPTION, mapping(_IDENTIFIER, _OPTION, 256), what="a target option"),
+)
+MANIFEST = obj(
+    {
+        "format": equal("intq-tvm"),
+        "version": equal(MANIFEST_VERSION),
+        "target": _TARGET,
+        "inputs": list_of(_TENSOR, 10_000),
+        "outputs": list_of(_TENSOR, 10_000, 1),
+        "sha256": SHA256,
+    },
+    {
+        "entry": _IDENTIFIER,
+        "runtime": string(),
+        "kernels": mapping(_NAME, list_of(_NAME, 100_000), 100_000),
+        "layers": optional(LAYER_TABLE, "a per-layer table"),
+    },
+)
+"""What a TVM manifest holds (:mod:`intq.schema`); every field is checked on reading."""
+
+_MANIFEST_HINT = "compile it again; save() writes the manifest next to the library"
+
+
 class TvmExecutable:
     """A graph compiled by TVM: runs on the Relax VM (host targets) and saves as a library."""
 
@@ -308,6 +396,8 @@ class TvmExecutable:
         """Prim func -> the graph nodes it computes (saved in the manifest)."""
         self.path: Path | None = None
         """The library this executable was loaded from (:func:`load_tvm`); None when compiled."""
+        self.artifact: TvmArtifact | None = None
+        """The checked bytes and manifest it was loaded from (:func:`load_tvm`)."""
         self.saved_layers: list[dict[str, Any]] | None = None
         """The per-layer table read from a loaded library's manifest (None when compiled, or
         when the manifest predates it)."""
@@ -341,7 +431,13 @@ class TvmExecutable:
     def vm(self) -> Any:
         """The Relax virtual machine on this CPU (created on first use)."""
         if self._vm is None:
-            self._vm = _tvm().relax.VirtualMachine(self.executable, self._local_device())
+            device = self._local_device()
+            try:
+                self._vm = _tvm().relax.VirtualMachine(self.executable, device)
+            except Exception as err:  # the FFI's error: no VM executable in the library
+                if self.path is None:
+                    raise
+                raise self._mismatch(str(err).strip().splitlines()[-1]) from None
             if self.tvm_target.get("kind") != "cuda":  # runs on the CPU's thread pool
                 self._pool = tvm_threads.policy(_tvm())
         return self._vm
@@ -375,8 +471,27 @@ class TvmExecutable:
         vm, device = self.vm(), self.device()
         if self._pool is not None:
             self._pool.before_run()
-        return named_outputs(
-            self.outputs, vm["main"](*device_arguments(self.inputs, feeds, device))
+        if self.path is None:
+            return named_outputs(
+                self.outputs, vm["main"](*device_arguments(self.inputs, feeds, device))
+            )
+        try:
+            results = vm["main"](*device_arguments(self.inputs, feeds, device))
+            count = 1 if hasattr(results, "numpy") else len(results)
+        except Exception as err:  # TVM's checks of the arguments, from the FFI
+            raise self._mismatch(str(err).strip().splitlines()[-1]) from None
+        if count != len(self.outputs):
+            raise self._mismatch(
+                f"it returns {count} outputs, the manifest lists {len(self.outputs)}"
+            )
+        return named_outputs(self.outputs, results)
+
+    def _mismatch(self, what: str) -> ArtifactError:
+        """The refusal of a loaded library that does not compute what its manifest says."""
+        return ArtifactError(
+            f"{self.path} does not take or give the tensors its manifest"
+            f" {_manifest_path(self.path or Path())} describes: {what}",
+            hint="keep a library with the manifest saved with it; compile it again",
         )
 
     def profile(self, inputs: Feeds, runs: int = 10, warmup: int = 2) -> list[KernelTime]:
@@ -438,13 +553,16 @@ class TvmExecutable:
             "layers": self.layers if self.graph is not None else self.saved_layers,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the library and ``<path>.json`` (its manifest), each atomically.
+    def save(self, path: str | Path, *, sign_key: Any = None) -> Path:
+        """Write the library and ``<path>.json`` (its manifest), and with ``sign_key`` a
+        signature over both (:mod:`intq.signing`).
 
         A host target writes a shared object (``.so``, or ``.tar`` of its object files); a
         cross target needs a ``.tar`` name and writes its object files there, for the
         device's toolchain to link. Another suffix is refused
-        (:func:`~intq.backends.base.check_artifact_path`).
+        (:func:`~intq.backends.base.check_artifact_path`). Nothing is placed until every
+        file is written in full: a failure anywhere (no linker, a full disk, a file size
+        limit, even LLVM ending the exporting process) leaves no file of this save behind.
         Returns the library's path.
         """
         path = check_artifact_path(path, "tvm", SUFFIXES, ARTIFACT)
@@ -455,28 +573,120 @@ class TvmExecutable:
                 hint=f"save it as {path.with_suffix('.tar')}; no cross linker is needed",
             )
         directory = path.parent if str(path.parent) else Path(".")
+        staging: Path | None = None
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory, prefix=f".{path.name}.") as tmp:
-                staged = Path(tmp) / ("lib.tar" if path.suffix == ".tar" else "lib.so")
-                without_scope_log(lambda: self.executable.export_library(str(staged)))
-                os.replace(staged, path)
+            remove_stale_temporaries(path, (MANIFEST_SUFFIX, SIGNATURE_SUFFIX))
+            staging = Path(
+                tempfile.mkdtemp(prefix=temporary_prefix(path), suffix=".tmp", dir=directory)
+            )
+            staged = staging / ("lib.tar" if path.suffix == ".tar" else "lib.so")
+            _export(self.executable, staged, path)
+            library = staged.read_bytes()
+            manifest = {**self.manifest(), "sha256": hashlib.sha256(library).hexdigest()}
+            files: dict[str, Content] = {
+                "": staged,
+                MANIFEST_SUFFIX: json.dumps(manifest, indent=2).encode(),
+            }
+            return save_artifact(path, files, sign_key)
         except OSError as err:
-            raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from err
-        except Exception as err:  # TVM's toolchain errors (no linker, ...) come from the FFI
-            if isinstance(err, IntqError):
-                raise
             raise ArtifactError(
-                f"TVM could not export {path}: {str(err).strip().splitlines()[-1]}",
-                hint="for a cross target, save as .tar (object files, no linker needed)",
-            ) from err
-        manifest = {**self.manifest(), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        atomic_write(_manifest_path(path), json.dumps(manifest, indent=2).encode())
-        return path
+                f"cannot write {path}: {err.strerror or err}",
+                hint="check that the directory exists, is writable and has room",
+            ) from None
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+_EXIT_HANDLER: Any = None
+"""The ``on_exit`` handler of an export child (kept alive: C holds a pointer to it)."""
+
+
+def _end_quickly(parent: int) -> None:
+    """In a forked export child: end with the parent (``PR_SET_PDEATHSIG``), and let an
+    ``exit()`` from LLVM end the process at once (``_exit``) with its status.
+
+    Without the second, ``exit()`` runs the exit handlers of every library the parent had
+    loaded, and ONNX Runtime's wait on a condition variable of a thread the fork did not
+    copy: the child never ends."""
+    global _EXIT_HANDLER
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with contextlib.suppress(AttributeError):
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent is gone already
+        os._exit(1)
+    handler = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p)(
+        lambda status, _: os._exit(status or 1)
+    )
+    with contextlib.suppress(AttributeError):  # glibc's; exit handlers run last-first
+        libc.on_exit(handler, None)
+        _EXIT_HANDLER = handler
+
+
+def _export(executable: Any, staged: Path, path: Path) -> None:
+    """``executable.export_library(staged)`` in a child process (forked: it shares the
+    compiled module), its intermediate files in ``staged``'s directory.
+
+    LLVM ends the process that writes an object file when the write fails (``LLVM ERROR:
+    IO failure on output stream: File too large``, on a full disk or a file size limit):
+    in this process, nothing after it would run, no temporary would be removed and the
+    caller would get no error. In a child, the failure is the child's exit status, and its
+    message (its stderr) becomes the :class:`ArtifactError`.
+    """
+    workspace = staged.with_name("work")
+    workspace.mkdir()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The child's stderr is a pipe, not a file: a file size limit that stops the export
+    # must not stop its message too.
+    reader, writer = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the child: export, say how it went by the exit status, never return
+        status = 1
+        try:
+            os.close(reader)
+            os.dup2(writer, 2)
+            _end_quickly(parent)
+            executable.export_library(str(staged), workspace_dir=str(workspace))
+            status = 0
+        except BaseException as err:
+            os.write(2, f"\n{type(err).__name__}: {str(err).strip()}\n".encode(errors="replace"))
+        finally:
+            os._exit(status)
+    os.close(writer)
+    chunks = []
+    try:
+        with os.fdopen(reader, "rb") as pipe:
+            while chunk := pipe.read(1 << 16):  # until the child exits (TVM logs a lot)
+                chunks.append(chunk)
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # interrupted: stop the child before its files are removed
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    output = _SCOPE_LOG.sub(b"", b"".join(chunks))
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and staged.is_file():
+        if output.strip():  # what TVM printed besides its scope log, as it would have
+            sys.stderr.write(output.decode(errors="replace"))
+        return
+    lines = [line for line in output.decode(errors="replace").splitlines() if line.strip()]
+    if os.WIFSIGNALED(status):
+        reason = f"the exporting process was killed by signal {os.WTERMSIG(status)}"
+    else:
+        reason = lines[-1].strip() if lines else f"exit status {os.WEXITSTATUS(status)}"
+    raise ArtifactError(
+        f"TVM could not export {path}: {reason}",
+        hint="check that the directory has room (and the file size limit, ulimit -f); for a"
+        " cross target, save as .tar (object files, no linker needed)",
+    )
 
 
 def _manifest_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
+    return path.with_name(path.name + MANIFEST_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -507,23 +717,53 @@ class TvmArtifact:
 
 def read_tvm_artifact(path: str | Path) -> TvmArtifact:
     """Read a library written by :meth:`TvmExecutable.save` and its manifest, checking the
-    manifest's format and the library's sha256; any target (a cross ``.tar`` too)."""
+    manifest (:data:`MANIFEST`) and the library's sha256; any target (a cross ``.tar`` too).
+    Signatures are checked by :func:`intq.backends.artifact_files`, which reads the files
+    once for :func:`tvm_artifact`."""
     path = Path(path)
+    files = {}
+    for suffix in ("", MANIFEST_SUFFIX):
+        name = path.with_name(path.name + suffix)
+        try:
+            size = name.stat().st_size
+            if size > MAX_ARTIFACT_BYTES:
+                raise ArtifactError(f"{name} is {size} bytes, more than intq reads")
+            files[suffix] = name.read_bytes()
+        except OSError as err:
+            raise ArtifactError(
+                f"cannot read {name}: {err.strerror or err}",
+                hint="save() writes the library and its manifest (.json) side by side;"
+                " keep the two together",
+            ) from None
+    return tvm_artifact(path, files)
+
+
+def tvm_artifact(path: Path, files: Mapping[str, bytes]) -> TvmArtifact:
+    """The artifact of the library ``path`` from its files' bytes (``""``: the library,
+    ``".json"``: the manifest): every manifest field checked against :data:`MANIFEST`, each
+    tensor within :data:`~intq.frontends.onnx_context.MAX_TENSOR_BYTES`, and the library's
+    sha256 against the manifest's. Refusals are :class:`ArtifactError` naming the field."""
     manifest_path = _manifest_path(path)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    document = parse_json(
+        files[MANIFEST_SUFFIX], manifest_path, "manifest", lambda v, at: v, hint=_MANIFEST_HINT
+    )
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != "intq-tvm"
+        or document.get("version") != MANIFEST_VERSION
+    ):
         raise ArtifactError(
-            f"cannot read the manifest {manifest_path}: {err}",
-            hint="save() writes it next to the library; keep the two together",
-        ) from err
-    if manifest.get("format") != "intq-tvm" or manifest.get("version") != MANIFEST_VERSION:
-        raise ArtifactError(f"{manifest_path} is not an intq TVM manifest (version 1)")
-    try:
-        library = path.read_bytes()
-    except OSError as err:
-        raise ArtifactError(f"cannot read {path}: {err.strerror or err}") from None
-    if hashlib.sha256(library).hexdigest() != manifest.get("sha256"):
+            f"{manifest_path} is not an intq TVM manifest (version {MANIFEST_VERSION})",
+            hint=_MANIFEST_HINT,
+        )
+    manifest = validate(document, manifest_path, "manifest", MANIFEST, hint=_MANIFEST_HINT)
+    for role in ("inputs", "outputs"):
+        for i, spec in enumerate(manifest[role]):
+            itemsize = np.dtype(spec["dtype"]).itemsize
+            what = f"manifest field {role}[{i}].shape"
+            check_declared_size(manifest_path, what, spec["shape"], itemsize)
+    library = files[""]
+    if hashlib.sha256(library).hexdigest() != manifest["sha256"]:
         raise ArtifactError(
             f"{path} does not match the checksum in {manifest_path.name}: it was modified or"
             " damaged after intq wrote it",
@@ -536,27 +776,70 @@ def read_tvm_artifact(path: str | Path) -> TvmArtifact:
         manifest.get("entry", "main"),
         [TensorSpec.from_json(s) for s in manifest["inputs"]],
         [TensorSpec.from_json(s) for s in manifest["outputs"]],
-        {str(k): [str(n) for n in v] for k, v in manifest.get("kernels", {}).items()},
+        manifest.get("kernels", {}),
         manifest.get("layers"),
     )
 
 
-def load_tvm(path: str | Path) -> TvmExecutable:
-    """Reopen a host library written by :meth:`TvmExecutable.save` (with its manifest)."""
-    artifact = read_tvm_artifact(path)
-    path = artifact.path
+def _check_tar(artifact: TvmArtifact) -> None:
+    """Refuse a ``.tar`` library whose members are not plain files with plain names:
+    unpacking it must not write anywhere but the directory it is unpacked in."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(artifact.library)) as archive:
+            members = archive.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ArtifactError(f"{artifact.path} is not a valid .tar ({err})") from None
+    for member in members:
+        if not member.isfile() or "/" in member.name or member.name.startswith("."):
+            raise ArtifactError(
+                f"{artifact.path}: the member {member.name!r} is not a plain object file",
+                hint="a TVM .tar artifact holds object files only; compile it again",
+            )
+
+
+def load_library(artifact: TvmArtifact) -> Any:
+    """The TVM module in ``artifact``'s library bytes, loaded (its code run) from a private
+    copy of exactly those bytes, so that what was checked is what runs even if the file
+    changes meanwhile. A ``.tar`` is linked there first (the machine's C++ compiler)."""
+    tvm = _tvm()
+    tar = artifact.path.suffix == ".tar"
+    if tar:
+        _check_tar(artifact)
+    with tempfile.TemporaryDirectory(prefix="intq-load-") as private:  # mode 0700
+        copy = Path(private) / ("lib.tar" if tar else "lib.so")
+        copy.write_bytes(artifact.library)
+        try:
+            return without_scope_log(lambda: tvm.runtime.load_module(str(copy)))
+        except Exception as err:  # TVM's loader errors come from the FFI
+            raise ArtifactError(
+                f"TVM cannot load {artifact.path}: {str(err).strip().splitlines()[-1]}",
+                hint="compile it again for this machine",
+            ) from None
+
+
+def load_tvm(path: str | Path, files: Mapping[str, bytes] | None = None) -> TvmExecutable:
+    """Reopen a host library written by :meth:`TvmExecutable.save` (with its manifest):
+    from ``files`` (the library's and the manifest's bytes, as :func:`intq.load` read and
+    checked them) or, without, read from ``path``."""
+    path = Path(path)
+    artifact = read_tvm_artifact(path) if files is None else tvm_artifact(path, files)
     if not links_here(artifact.target):
         raise ArtifactError(
             f"{path} holds code for {artifact.target}, not this machine",
             hint="load it on the device it was compiled for",
         )
-    tvm = _tvm()
-    try:
-        module = without_scope_log(lambda: tvm.runtime.load_module(str(path)))
-    except Exception as err:
-        raise ArtifactError(f"TVM cannot load {path}: {str(err).strip().splitlines()[-1]}") from err
+    module = load_library(artifact)
+    if not module.implements_function("vm_load_executable"):
+        raise ArtifactError(
+            f"{path} holds no Relax VM executable: it is not a library intq compiled (its"
+            " checksum in the manifest was recomputed, or the manifest belongs elsewhere)",
+            hint="compile the model again; sign artifacts, sign_key=KEY (--sign-key KEY.pem), and"
+            " load them with trusted_keys=KEYS (--trusted-key PUB.pem) to refuse a swapped"
+            " library before it is loaded",
+        )
     exe = TvmExecutable(module, artifact.target, artifact.inputs, artifact.outputs)
     exe.path = path
+    exe.artifact = artifact
     exe.kernel_nodes = artifact.kernels
     exe.saved_layers = artifact.layers
     return exe
@@ -573,8 +856,12 @@ __all__ = [
     "links_here",
     "check_inputs",
     "device_arguments",
+    "load_library",
     "load_tvm",
+    "MANIFEST",
+    "MANIFEST_SUFFIX",
     "named_outputs",
+    "tvm_artifact",
     "parse_target",
     "read_tvm_artifact",
     "without_scope_log",
