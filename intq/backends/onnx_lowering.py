@@ -33,7 +33,8 @@ this x86 AVX2 CPU without VNNI (``benchmarks/ort_integer_ops_probe.py``):
   (:func:`_wide_product`).
 - ``Quantize``/``Dequantize`` are ``QuantizeLinear``/``DequantizeLinear``, which
   compute exactly what the reference does (float32 division, round half to
-  even; float32 product).
+  even, saturation; float32 product). NaN, which ``QuantizeLinear`` sends to the
+  range's bottom, is first replaced by 0 (``IsNaN``, ``Where``): it quantizes to 0.
 """
 
 from __future__ import annotations
@@ -284,7 +285,11 @@ def _quantize(b: _Builder, node: Node) -> None:
     name, zp = b.output(out)
     zero = b.const(np.asarray(zp, np.uint8 if zp else out.type.dtype.numpy), "zp")
     scale = b.const(np.float32(node.attrs["scale"]), "scale")
-    x = _input(node).name
+    real = _input(node)
+    # QuantizeLinear saturates NaN to the range's bottom: give it the code 0 first.
+    nan = b.op("IsNaN", [real.name], name + ".nan", node)
+    none = b.const(np.zeros((), real.type.dtype.numpy), "zero")
+    x = b.op("Where", [nan, none, real.name], name + ".real", node)
     if quant.bits == out.type.dtype.bits:
         b.add("QuantizeLinear", [x, scale, zero], [name], node)
         return

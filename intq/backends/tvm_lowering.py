@@ -14,8 +14,8 @@ graph's inputs. :func:`intq.backends.tvm.to_relax` drives it over a graph.
 - **Layouts.** With ``channels_last``, 4-D activations between the CNN kernels are stored
   NHWC (:mod:`intq.backends.tvm_layout`); a value keeps the layout its producer chose.
 - **Quantize** divides in float32 and rounds half to even (``nearbyint``), as
-  the reference and ONNX ``QuantizeLinear`` do; ``Dequantize`` multiplies in
-  float32.
+  the reference and ONNX ``QuantizeLinear`` do, saturating; NaN gives 0, tested
+  before the clamp (docs/numerics.md); ``Dequantize`` multiplies in float32.
 - **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``), tables (``QLookup``) and
   products of activations (``QMul``) are the reference's own code
   (:mod:`intq.semantics.kernels`), emitted op by op as Relax int64 ops (:class:`_RelaxOps`).
@@ -385,9 +385,14 @@ def _quantize(lw: Lowerer, node: Node) -> None:
     def fn(x: Any) -> Any:
         def body(*i: Any) -> Any:
             # float32 division then round half to even, as the reference (never x * (1/s)).
-            scaled = tirx.nearbyint(x(*i).astype("float32") / tirx.const(scale, "float32"))
+            real = x(*i).astype("float32")
+            scaled = tirx.nearbyint(real / tirx.const(scale, "float32"))
             low, high = tirx.const(q.qmin, "float32"), tirx.const(q.qmax, "float32")
-            return tirx.max(tirx.min(scaled, high), low).astype(out)
+            clamped = tirx.max(tirx.min(scaled, high), low)
+            # NaN quantizes to 0 as on every backend: LLVM's min/max would return the other
+            # operand (here the range's top), so NaN is tested for before the clamp's result.
+            zero = tirx.const(0, "float32")
+            return tirx.Select(tirx.isnan(real), zero, clamped).astype(out)
 
         return te.compute(x.shape, body, name="quantize")
 

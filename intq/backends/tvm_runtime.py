@@ -215,7 +215,7 @@ def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
             assert q is not None
             quant = {
                 "op": "quantize",
-                "formula": "clamp(round_half_even(float32(x) / scale), qmin, qmax)",
+                "formula": "clamp(round_half_even(float32(x) / scale), qmin, qmax); NaN -> 0",
                 "scale": float(np.float32(readers[0].attrs["scale"])),
                 "bits": q.bits,
                 "signed": q.signed,

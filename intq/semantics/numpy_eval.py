@@ -302,9 +302,14 @@ def _per_channel(values: Sequence[int | float], axis: int, ndim: int, dtype: typ
 def _quantize(node: Node, x: Array) -> list[Array]:
     q = node.outputs[0].type.quant
     assert q is not None
-    # As ONNX QuantizeLinear: divide in float32, round half to even, saturate.
-    scaled = np.rint(x.astype(np.float32) / np.float32(node.attrs["scale"]))
-    return [np.clip(scaled, q.qmin, q.qmax).astype(_out_dtype(node))]
+    # As ONNX QuantizeLinear: divide in float32, round half to even, saturate (so +-Inf and
+    # anything the division sends past float32's range saturate too). NaN has no order, so
+    # it is given the code 0 explicitly: a cast of NaN to an integer is undefined in C, and
+    # each backend's clamp would otherwise pick a different end of the range.
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.rint(x.astype(np.float32) / np.float32(node.attrs["scale"]))
+    clamped = np.clip(np.where(np.isnan(scaled), np.float32(0), scaled), q.qmin, q.qmax)
+    return [clamped.astype(_out_dtype(node))]
 
 
 @_kernel("Dequantize")
