@@ -19,6 +19,7 @@ from intq.backends.reference import REFERENCE
 from intq.backends.tvm_runtime import load_tvm
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph
+from intq.passes.range_analysis import prove_no_overflow
 
 # The TVM compiler is imported on first use: its schedules import TVM, an optional heavy
 # dependency that `import intq` must not pull in (the runtime module imports TVM only when a
@@ -51,12 +52,20 @@ TARGETS: dict[str, Backend] = {b.name: b for b in (REFERENCE, ONNXRUNTIME, TVM)}
 
 
 def compile(graph: Graph, target: str = "reference", **options: Any) -> Executable:
-    """Compile ``graph`` for ``target``; returns an executable with ``.run`` and ``.save``."""
+    """Compile ``graph`` for ``target``; returns an executable with ``.run`` and ``.save``.
+
+    An integer graph must pass the overflow proof first, whatever the target
+    (:func:`~intq.passes.range_analysis.prove_no_overflow`): a layer whose int32 accumulator
+    or int64 product could overflow raises :class:`~intq.errors.NumericsError` naming it.
+    """
     backend = TARGETS.get(target)
     if backend is None:
         raise IntqError(
             f"unknown target {target!r}", hint=f"the targets are: {', '.join(sorted(TARGETS))}"
         )
+    # The one overflow gate, before any target's compiler sees the graph: an integer graph the
+    # range analysis cannot prove is refused (naming the layer) on every target alike.
+    prove_no_overflow(graph)
     return backend.compile(graph, **options)
 
 

@@ -12,6 +12,7 @@ from intq.backends.base import Backend, GraphExecutable, atomic_write
 from intq.ir.graph import Graph
 from intq.ir.parser import from_text
 from intq.ir.printer import to_text
+from intq.passes.range_analysis import prove_no_overflow
 from intq.semantics.feeds import Feeds, check_feeds
 from intq.semantics.numpy_eval import run_graph
 
@@ -41,7 +42,9 @@ def compile_reference(graph: Graph) -> ReferenceExecutable:
 
 def load_reference(path: Path, data: bytes) -> ReferenceExecutable:
     """Reopen the ``.intq`` artifact ``data`` read from ``path`` (checksum verified first)."""
-    return compile_reference(from_text(open_text(data, path)))
+    graph = from_text(open_text(data, path))
+    prove_no_overflow(graph)  # as intq.compile: an edited artifact meets the same gate
+    return compile_reference(graph)
 
 
 REFERENCE = Backend(

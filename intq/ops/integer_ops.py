@@ -111,6 +111,13 @@ def _accumulator(shape: tuple[int, ...], scales: Sequence[float], axis: int) -> 
 def _output(ctx: InferContext, shape: tuple[int, ...]) -> TensorType:
     """The type an ``_OUTPUT_ATTRS`` op produces: its bits, signedness, scale; clamp checked."""
     bits, signed = ctx["bits"], bool(ctx["signed"])
+    # Every backend divides in float32: a scale float32 rounds to 0 or Inf, or to a
+    # subnormal that a backend may flush to 0, would quantize differently on each.
+    if not _FLOAT32_NORMAL <= abs(ctx["scale"]) <= _FLOAT32_MAX:
+        raise ShapeError(
+            f"Quantize's scale {ctx['scale']:g} is not a normal float32 number"
+            f" (between {_FLOAT32_NORMAL:g} and {_FLOAT32_MAX:g}), which every backend divides by"
+        )
     quant = QuantParams(bits, signed, (ctx["scale"],))
     if not quant.qmin <= ctx["lo"] <= ctx["hi"] <= quant.qmax:
         raise ShapeError(
@@ -133,6 +140,10 @@ def _check_dyadic(multiplier: int, shift: int, real: float, what: str) -> None:
 # ----- the float boundary ----------------------------------------------------------------
 
 
+_FLOAT32_NORMAL = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 @OPS.op(
     "Quantize",
     attrs={"bits": Attr("int"), "signed": Attr("int"), "scale": Attr("float")},
@@ -144,6 +155,13 @@ def _quantize(ctx: InferContext) -> list[TensorType]:
     if not x.dtype.is_float:
         raise ShapeError(f"Quantize takes a float tensor, got {x}")
     bits, signed = ctx["bits"], bool(ctx["signed"])
+    # Every backend divides in float32: a scale float32 rounds to 0 or Inf, or to a
+    # subnormal that a backend may flush to 0, would quantize differently on each.
+    if not _FLOAT32_NORMAL <= abs(ctx["scale"]) <= _FLOAT32_MAX:
+        raise ShapeError(
+            f"Quantize's scale {ctx['scale']:g} is not a normal float32 number"
+            f" (between {_FLOAT32_NORMAL:g} and {_FLOAT32_MAX:g}), which every backend divides by"
+        )
     quant = QuantParams(bits, signed, (ctx["scale"],))
     return [TensorType(DType.from_numpy(storage_dtype(bits, signed)), x.shape, quant)]
 

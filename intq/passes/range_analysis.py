@@ -537,6 +537,17 @@ def value_ranges(graph: Graph) -> ValueRanges:
     return ranges
 
 
+def prove_no_overflow(graph: Graph) -> ValueRanges | None:
+    """The overflow proof that gates every backend (:func:`intq.backends.compile`, and loading
+    a ``.intq`` artifact): the proven intervals of an integer graph, whoever built it
+    (``intq.quantize``, textual IR, the Python API), or :class:`NumericsError` naming the
+    layer that could overflow. ``None`` for a float graph, which has no integer arithmetic
+    to prove."""
+    if not any(v.type.quant is not None for v in graph.values()):
+        return None
+    return value_ranges(graph)
+
+
 @dataclass(frozen=True)
 class RangeAnalysis(Pass):
     """Prove that no integer accumulator or product of the graph can overflow (refusing the
