@@ -54,6 +54,7 @@ from intq.ir.types import DType
 from intq.ops import Trait, ops_with
 from intq.passes.range_analysis import ValueRanges, value_ranges
 from intq.semantics import kernels
+from intq.semantics.numerics import clip_bounds
 from intq.tables import RuleTable
 
 OPSET = 21
@@ -973,20 +974,15 @@ def _clip(b: _Builder, node: Node) -> None:
         if node.op == "Relu":
             b.add("Relu", [name], [out], node)
             return
-        lo, hi = (
-            np.asarray(node.attrs["min"], np.float32),
-            np.asarray(node.attrs["max"], np.float32),
-        )
+        # min > max: every value becomes max, as the reference's np.clip.
+        high_f = np.float32(node.attrs["max"])
+        lo = np.asarray(min(np.float32(node.attrs["min"]), high_f), np.float32)
+        hi = np.asarray(high_f, np.float32)
     else:
-        info = np.iinfo(x.type.dtype.numpy)
         low, high = (0.0, np.inf) if node.op == "Relu" else (node.attrs["min"], node.attrs["max"])
         stored = np.uint8 if zp else x.type.dtype.numpy
-        lo = np.asarray(
-            (info.min if low == -np.inf else max(info.min, int(np.ceil(low)))) + zp, stored
-        )
-        hi = np.asarray(
-            (info.max if high == np.inf else min(info.max, int(np.floor(high)))) + zp, stored
-        )
+        lo_i, hi_i = clip_bounds(low, high, x.type.dtype.numpy)
+        lo, hi = np.asarray(lo_i + zp, stored), np.asarray(hi_i + zp, stored)
     b.add("Clip", [name, b.const(lo, "lo"), b.const(hi, "hi")], [out], node)
 
 

@@ -79,6 +79,7 @@ from intq.semantics.kernels import (
     resize_taps,
     run_node,
 )
+from intq.semantics.numerics import clip_bounds
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ class Lowerer:
 
     def const(self, array: np.ndarray) -> Any:
         """A Relax constant."""
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # as ascontiguousarray, but keeps rank 0
         # The dtype explicitly: relax.const narrows int64 arrays to int32 by default.
         return self.relax.const(array, dtype=str(array.dtype))
 
@@ -506,12 +507,12 @@ def _clip(lw: Lowerer, node: Node) -> None:
     dtype = dtype_of(node.output)
     low, high = (0.0, np.inf) if node.op == "Relu" else (node.attrs["min"], node.attrs["max"])
     if x_type.dtype.is_integer:
-        info = np.iinfo(x_type.dtype.numpy)
-        low = info.min if low == -np.inf else max(info.min, int(np.ceil(low)))
-        high = info.max if high == np.inf else min(info.max, int(np.floor(high)))
+        low, high = clip_bounds(low, high, x_type.dtype.numpy)
     else:
-        low = float(np.float32(max(low, -3.4e38)))
+        # min > max: every value becomes max, as the reference's np.clip (the clamps below
+        # apply max last, so lo <= hi makes their order irrelevant).
         high = float(np.float32(min(high, 3.4e38)))
+        low = min(float(np.float32(max(low, -3.4e38))), high)
 
     def fn(x: Any) -> Any:
         lo_, hi_ = tirx.const(low, dtype), tirx.const(high, dtype)

@@ -267,7 +267,8 @@ def device_arguments(
     """Checked ``feeds`` as TVM tensors on ``device`` (local or an RPC session's), in the
     order of ``specs``: the arguments of the module's entry function."""
     tvm = _tvm()
-    return [tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name]), device) for s in specs]
+    # np.require, not ascontiguousarray: that makes a rank-0 input 1-d, which the VM refuses.
+    return [tvm.runtime.tensor(np.require(feeds[s.name], requirements="C"), device) for s in specs]
 
 
 def named_outputs(specs: Sequence[TensorSpec], results: Any) -> dict[str, np.ndarray]:

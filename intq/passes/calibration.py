@@ -102,7 +102,8 @@ class TensorStats:
 
         Raises :class:`NumericsError` on NaN or Inf, leaving the statistics unchanged.
         """
-        a = np.asarray(array)
+        # A rank-0 array is one value; as 1-d, numpy's ufuncs give arrays back, not scalars.
+        a = np.asarray(array).reshape(-1) if np.ndim(array) == 0 else np.asarray(array)
         if a.dtype.kind not in "fiub":
             raise IntqError(f"cannot calibrate an array of dtype {a.dtype}")
         if a.size == 0:

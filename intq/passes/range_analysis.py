@@ -44,6 +44,7 @@ from intq.ir.types import DType
 from intq.ops import Trait, ops_with
 from intq.passes.manager import Pass
 from intq.semantics.kernels import GELU_SIGMOID, check_exp_range
+from intq.semantics.numerics import clip_bounds
 from intq.tables import RuleTable
 
 Interval = tuple[int, int]
@@ -457,10 +458,8 @@ def _pad(node: Node, ins: list[Interval | None]) -> Interval:
 def _clip(node: Node, ins: list[Interval | None]) -> Interval:
     x = ins[0]
     assert x is not None
-    lo, hi = node.attrs["min"], node.attrs["max"]
-    low = x[0] if lo == -np.inf else max(x[0], int(np.ceil(lo)))
-    high = x[1] if hi == np.inf else min(x[1], int(np.floor(hi)))
-    return low, max(low, high)
+    lo, hi = clip_bounds(node.attrs["min"], node.attrs["max"], node.output.type.dtype.numpy)
+    return min(max(x[0], lo), hi), min(max(x[1], lo), hi)  # a monotone map of x's ends
 
 
 @_rule("Min", "Max")

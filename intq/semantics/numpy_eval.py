@@ -22,7 +22,7 @@ from intq.ir.types import QuantParams
 from intq.ops import Trait, ops_with
 from intq.semantics import kernels
 from intq.semantics.feeds import check_feeds
-from intq.semantics.numerics import requantize, shift_round
+from intq.semantics.numerics import clip_bounds, requantize, shift_round
 from intq.tables import RuleTable
 
 Array = np.ndarray
@@ -138,9 +138,9 @@ def _gelu(node: Node, x: Array) -> list[Array]:
 def _clip(node: Node, x: Array) -> list[Array]:
     low, high = node.attrs["min"], node.attrs["max"]
     if x.dtype.kind in "iu":
-        info = np.iinfo(x.dtype)
-        low = max(info.min, math.ceil(low)) if low > -math.inf else info.min
-        high = min(info.max, math.floor(high)) if high < math.inf else info.max
+        lo, hi = clip_bounds(low, high, x.dtype)
+        return [np.clip(x, x.dtype.type(lo), x.dtype.type(hi))]
+    # min > max: every value becomes max (ONNX), which np.clip gives too.
     return [np.clip(x, x.dtype.type(low), x.dtype.type(high))]
 
 
