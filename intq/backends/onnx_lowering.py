@@ -982,6 +982,13 @@ def _clip(b: _Builder, node: Node) -> None:
         low, high = (0.0, np.inf) if node.op == "Relu" else (node.attrs["min"], node.attrs["max"])
         stored = np.uint8 if zp else x.type.dtype.numpy
         lo_i, hi_i = clip_bounds(low, high, x.type.dtype.numpy)
+        if np.dtype(stored).itemsize == 2:
+            # ONNX Runtime has no 16-bit Clip: clamp in int32 (exact, it holds both ranges).
+            wide = b.op("Cast", [name], out + ".i32", node, to=TensorProto.INT32)
+            bounds = [b.const(np.int32(lo_i), "lo"), b.const(np.int32(hi_i), "hi")]
+            clipped = b.op("Clip", [wide, *bounds], out + ".clip", node)
+            b.add("Cast", [clipped], [out], node, to=_ONNX_TYPE[x.type.dtype])
+            return
         lo, hi = np.asarray(lo_i + zp, stored), np.asarray(hi_i + zp, stored)
     b.add("Clip", [name, b.const(lo, "lo"), b.const(hi, "hi")], [out], node)
 

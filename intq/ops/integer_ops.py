@@ -325,6 +325,8 @@ def _qreduce_sum(ctx: InferContext) -> list[TensorType]:
     if not axes or len(set(axes)) != len(axes) or not all(0 <= a < x.rank for a in axes):
         raise ShapeError(f"QReduceSum axes {list(axes)} do not fit {x}")
     count = math.prod(x.shape[a] for a in axes)
+    if ctx["mean"] and count == 0:  # the float mean is NaN: no integer stands for it
+        raise ShapeError(f"QReduceSum takes a mean over axes {list(axes)} of {x}: no elements")
     if ctx["keepdims"]:
         shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
     else:

@@ -41,6 +41,7 @@ import numpy as np
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node, Value, ValueMap
 from intq.ir.types import DType
+from intq.ir.verifier import verify
 from intq.ops import Trait, ops_with
 from intq.passes.manager import Pass
 from intq.semantics.kernels import GELU_SIGMOID, check_exp_range
@@ -537,11 +538,13 @@ def value_ranges(graph: Graph) -> ValueRanges:
 
 
 def prove_no_overflow(graph: Graph) -> ValueRanges | None:
-    """The overflow proof that gates every backend (:func:`intq.backends.compile`, and loading
-    a ``.intq`` artifact): the proven intervals of an integer graph, whoever built it
-    (``intq.quantize``, textual IR, the Python API), or :class:`NumericsError` naming the
-    layer that could overflow. ``None`` for a float graph, which has no integer arithmetic
-    to prove."""
+    """The gate every backend's compile passes through (:func:`intq.backends.compile`, and
+    loading a ``.intq`` artifact), whoever built the graph (``intq.quantize``, textual IR,
+    the Python API): the verifier (every declared type is what its op gives, so the proof
+    reads true widths and scales), then, for an integer graph, the overflow proof. Returns
+    the proven intervals (``None`` for a float graph, which has no integer arithmetic to
+    prove); raises :class:`VerificationError` or :class:`NumericsError` naming the layer."""
+    verify(graph)
     if not any(v.type.quant is not None for v in graph.values()):
         return None
     return value_ranges(graph)
