@@ -280,8 +280,9 @@ _REQUANTIZE = re.compile(r"multiplier=\[(?P<m>[^\]]*)\].*?shift=\[(?P<s>[^\]]*)\
 def overflow_text(rng: random.Random) -> tuple[str, str, bool, tuple[int, ...]]:
     """A quantized layer as IR text, mutated: (text, the layer's label, whether it can
     overflow, the input shape). Mutations: the int32 bias pushed near int32's ends (with
-    full-range weights), or the output scale made 2^20..2^60 finer (a left-shifting
-    requantization whose int64 product overflows); a harmless one keeps a small bias."""
+    full-range weights), or the output scale made 2^55..2^70 finer (a left-shifting
+    requantization whose int64 product overflows); a harmless one keeps a small bias or
+    makes the output scale only 2^1..2^8 finer."""
     import intq
     from intq.ir import to_text
     from intq.semantics.numerics import dyadic
@@ -294,7 +295,7 @@ def overflow_text(rng: random.Random) -> tuple[str, str, bool, tuple[int, ...]]:
     graph = intq.quantize(intq.from_onnx(model), data, config)
     layer = next(n for n in graph if n.op in ("QGemm", "QMatMul", "QConv")).label()
     lines = to_text(graph).splitlines()
-    mutation = rng.choice(["bias", "bias", "scale", "harmless"])
+    mutation = rng.choice(["bias", "bias", "scale", "harmless", "finer"])
     for i, line in enumerate(lines):
         match = _CONST.match(line)
         if match and match["type"].startswith("i32") and mutation in ("bias", "harmless"):
@@ -309,11 +310,14 @@ def overflow_text(rng: random.Random) -> tuple[str, str, bool, tuple[int, ...]]:
             count = len(match["data"].split(","))
             values = [rng.choice([127, -127]) for _ in range(count)]
             lines[i] = f"{match.group(1)}[{', '.join(map(str, values))}]"
-    if mutation == "scale":  # the Requantize after the layer, made 2^k finer
+    if mutation in ("scale", "finer"):  # the Requantize after the layer, made 2^k finer
+        requantize = next(n for n in graph if n.op == "Requantize")
         i = next(i for i, line in enumerate(lines) if "Requantize(" in line)
         old = re.search(r" scale=([0-9.e+-]+)", lines[i])
         assert old is not None
-        factor = 2.0 ** rng.randint(20, 60)
+        # 2^55 and more: |acc| >= 2^10 (127 codes by a weight of 8 or more) times M >= 2^30
+        # times 2^(k-31) passes 2^63. 2^8 and less keeps a right shift: harmless.
+        factor = 2.0 ** (rng.randint(55, 70) if mutation == "scale" else rng.randint(1, 8))
         new_scale = float(old[1]) / factor
         req = _REQUANTIZE.search(lines[i])
         assert req is not None
@@ -326,7 +330,7 @@ def overflow_text(rng: random.Random) -> tuple[str, str, bool, tuple[int, ...]]:
         line = re.sub(r"multiplier=\[[^\]]*\]", f"multiplier=[{multipliers}]", lines[i])
         lines[i] = re.sub(r"shift=\[[^\]]*\]", f"shift=[{shifts}]", line)
         text = "\n".join(lines).replace(f"scale={old[1]}", f"scale={new_scale!r}")
-        return text, layer, True, shape
+        return text, requantize.label(), mutation == "scale", shape
     return "\n".join(lines), layer, mutation == "bias", shape
 
 
@@ -345,7 +349,8 @@ def run_overflow(
         agree(from_text(text), feeds, targets, f"layer {layer}")
     except intq.NumericsError as err:
         if err.node != layer:
-            raise hostile.Disagreement(f"the refusal names {err.node!r}, not {layer!r}: {err}")
+            message = f"the refusal names {err.node!r}, not {layer!r}: {err}"
+            raise hostile.Disagreement(message) from None
         raise
     if overflows:
         raise hostile.Disagreement(f"layer {layer} can overflow int32 but every target compiled")
