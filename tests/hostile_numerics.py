@@ -173,7 +173,8 @@ def codes_text(rng: random.Random) -> tuple[str, tuple[int, ...], float]:
     rank = rng.randint(0, 4)
     shape = tuple(rng.randint(1, 5) for _ in range(rank))
     g = Graph("codes")
-    x = g.add_input("x", TensorType(DType.F32, shape))
+    dtype = rng.choice([DType.F32, DType.F32, DType.F16, DType.F64])
+    x = g.add_input("x", TensorType(dtype, shape))
     q = g.op("Quantize", x, bits=bits, signed=int(signed), scale=scale, name="x.q")
     if rng.random() < 0.6:
         quant = q.type.quant
@@ -190,7 +191,9 @@ def run_codes(directory: Path, text: str, shape: tuple[int, ...], scale: float, 
 
     graph = from_text(text)
     gen = np.random.default_rng(seed)
-    feeds = [{"x": hostile_array(gen, shape, scale * 50, scale)} for _ in range(3)]
+    dtype = graph.inputs[0].type.dtype.numpy  # f16 and f64 too: quantized from float32
+    with np.errstate(over="ignore"):  # 1e38 is Inf in float16
+        feeds = [{"x": hostile_array(gen, shape, scale * 50, scale).astype(dtype)} for _ in "abc"]
     wants = agree(graph, feeds, TARGETS, "Quantize on hostile values")
     quantize = next(n for n in graph if n.op == "Quantize")
     clip = next((n for n in graph if n.op == "Clip"), None)

@@ -65,6 +65,24 @@ def test_nan_inf_and_negatives_quantize_alike_on_every_backend():
         assert np.array_equal(codes, contract_codes(HOSTILE, 0.25, qmin, qmax))
 
 
+def test_float16_and_float64_inputs_quantize_from_float32_on_every_backend():
+    g = Graph("wide_and_narrow")
+    outputs = []
+    for name, dtype in (("h", DType.F16), ("d", DType.F64)):
+        x = g.add_input(name, TensorType(dtype, HOSTILE.shape))
+        q = g.op("Quantize", x, bits=8, signed=1, scale=0.25, name=f"{name}.q")
+        outputs.append(g.op("Dequantize", q, name=f"{name}.y"))
+    g.set_outputs(outputs)
+    with np.errstate(over="ignore"):  # 1e38 is Inf in float16
+        feeds = {"h": HOSTILE.astype(np.float16), "d": HOSTILE.astype(np.float64)}
+    feeds["d"][3] = -1e300  # float32 -Inf once cast
+    want = agree(g, [feeds], TARGETS, "float16 and float64 inputs")[0]
+    for name in ("h", "d"):
+        codes = contract_codes(feeds[name], 0.25, -128, 127)
+        assert np.array_equal(want[f"{name}.y"], codes.astype(np.float32) * np.float32(0.25))
+    assert want["d.y"][3] == -32.0 and want["h.y"][0] == 0
+
+
 def test_nan_at_random_positions_of_a_random_cnn_agrees_on_every_backend():
     from random_graphs import random_model
 

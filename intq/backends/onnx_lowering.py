@@ -286,11 +286,12 @@ def _quantize(b: _Builder, node: Node) -> None:
     name, zp = b.output(out)
     zero = b.const(np.asarray(zp, np.uint8 if zp else out.type.dtype.numpy), "zp")
     scale = b.const(np.float32(node.attrs["scale"]), "scale")
-    real = _input(node)
+    x = _input(node).name
+    if _input(node).type.dtype is not DType.F32:  # divided in float32, as the reference
+        x = b.op("Cast", [x], name + ".f32", node, to=TensorProto.FLOAT)
     # QuantizeLinear saturates NaN to the range's bottom: give it the code 0 first.
-    nan = b.op("IsNaN", [real.name], name + ".nan", node)
-    none = b.const(np.zeros((), real.type.dtype.numpy), "zero")
-    x = b.op("Where", [nan, none, real.name], name + ".real", node)
+    nan = b.op("IsNaN", [x], name + ".nan", node)
+    x = b.op("Where", [nan, b.const(np.float32(0), "zero"), x], name + ".real", node)
     if quant.bits == out.type.dtype.bits:
         b.add("QuantizeLinear", [x, scale, zero], [name], node)
         return

@@ -306,7 +306,7 @@ def _quantize(node: Node, x: Array) -> list[Array]:
     # anything the division sends past float32's range saturate too). NaN has no order, so
     # it is given the code 0 explicitly: a cast of NaN to an integer is undefined in C, and
     # each backend's clamp would otherwise pick a different end of the range.
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 1e300 is float32 Inf
         scaled = np.rint(x.astype(np.float32) / np.float32(node.attrs["scale"]))
     clamped = np.clip(np.where(np.isnan(scaled), np.float32(0), scaled), q.qmin, q.qmax)
     return [clamped.astype(_out_dtype(node))]
