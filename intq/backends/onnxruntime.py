@@ -36,7 +36,6 @@ from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
 from intq.semantics.feeds import Feeds, check_feeds
 
-
 _INPUT_QUANTIZER = frozenset({"Cast", "IsNaN", "Where"})
 """The float ops the input quantizer runs before its ``QuantizeLinear``."""
 
