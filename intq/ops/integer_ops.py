@@ -108,16 +108,27 @@ def _accumulator(shape: tuple[int, ...], scales: Sequence[float], axis: int) -> 
     return TensorType(DType.I32, shape, quant)
 
 
+_FLOAT32_NORMAL = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float32_scale(ctx: InferContext) -> None:
+    """Refuse a ``scale`` attribute that is not a normal float32 number: every backend
+    quantizes (divides) and dequantizes (multiplies) in float32, and a scale that rounds to
+    0 or Inf there, or to a subnormal that a backend may flush to 0, would give each its own
+    answer."""
+    scale = ctx["scale"]
+    if not _FLOAT32_NORMAL <= abs(scale) <= _FLOAT32_MAX:
+        raise ShapeError(
+            f"{ctx.op}'s scale {scale:g} is not a normal float32 number (between"
+            f" {_FLOAT32_NORMAL:g} and {_FLOAT32_MAX:g}), which every backend computes with"
+        )
+
+
 def _output(ctx: InferContext, shape: tuple[int, ...]) -> TensorType:
     """The type an ``_OUTPUT_ATTRS`` op produces: its bits, signedness, scale; clamp checked."""
     bits, signed = ctx["bits"], bool(ctx["signed"])
-    # Every backend divides in float32: a scale float32 rounds to 0 or Inf, or to a
-    # subnormal that a backend may flush to 0, would quantize differently on each.
-    if not _FLOAT32_NORMAL <= abs(ctx["scale"]) <= _FLOAT32_MAX:
-        raise ShapeError(
-            f"Quantize's scale {ctx['scale']:g} is not a normal float32 number"
-            f" (between {_FLOAT32_NORMAL:g} and {_FLOAT32_MAX:g}), which every backend divides by"
-        )
+    _float32_scale(ctx)
     quant = QuantParams(bits, signed, (ctx["scale"],))
     if not quant.qmin <= ctx["lo"] <= ctx["hi"] <= quant.qmax:
         raise ShapeError(
@@ -140,10 +151,6 @@ def _check_dyadic(multiplier: int, shift: int, real: float, what: str) -> None:
 # ----- the float boundary ----------------------------------------------------------------
 
 
-_FLOAT32_NORMAL = float(np.finfo(np.float32).tiny)
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
 @OPS.op(
     "Quantize",
     attrs={"bits": Attr("int"), "signed": Attr("int"), "scale": Attr("float")},
@@ -155,13 +162,7 @@ def _quantize(ctx: InferContext) -> list[TensorType]:
     if not x.dtype.is_float:
         raise ShapeError(f"Quantize takes a float tensor, got {x}")
     bits, signed = ctx["bits"], bool(ctx["signed"])
-    # Every backend divides in float32: a scale float32 rounds to 0 or Inf, or to a
-    # subnormal that a backend may flush to 0, would quantize differently on each.
-    if not _FLOAT32_NORMAL <= abs(ctx["scale"]) <= _FLOAT32_MAX:
-        raise ShapeError(
-            f"Quantize's scale {ctx['scale']:g} is not a normal float32 number"
-            f" (between {_FLOAT32_NORMAL:g} and {_FLOAT32_MAX:g}), which every backend divides by"
-        )
+    _float32_scale(ctx)
     quant = QuantParams(bits, signed, (ctx["scale"],))
     return [TensorType(DType.from_numpy(storage_dtype(bits, signed)), x.shape, quant)]
 
