@@ -12,7 +12,7 @@ layer). The sources, drawn round-robin by :func:`cases`:
   (docs/numerics.md: NaN -> 0, saturation, round half to even).
 - ``graphs``: random small CNNs (``tests/random_graphs.py``), quantized with random widths
   and calibration, fed such hostile arrays; reference and ONNX Runtime (and TVM in the
-  long run, ``n > 12``).
+  long run, ``n > 12``, which also draws encoder layers with random kernel variants).
 - ``overflow``: a quantized Gemm/MatMul/Conv as IR text whose bias is pushed to int32's
   ends, or whose output scale is made far finer than its accumulator's (an int64 product
   that overflows): every target must refuse, naming the layer; a harmless mutation must
@@ -213,13 +213,16 @@ def run_codes(directory: Path, text: str, shape: tuple[int, ...], scale: float, 
 # ----- source 2: random quantized CNNs on hostile inputs --------------------------------------
 
 
-def run_graph(directory: Path, seed: int, options: dict[str, Any], with_tvm: bool):
-    """A random small CNN quantized with ``options``, fed hostile arrays on every backend."""
-    from random_graphs import random_model
+def run_graph(
+    directory: Path, seed: int, options: dict[str, Any], transformer: bool, with_tvm: bool
+):
+    """A random small CNN (or encoder layer) quantized with ``options``, fed hostile arrays
+    on every backend."""
+    from random_graphs import random_model, random_transformer
 
     import intq
 
-    model, shape, ops = random_model(seed)
+    model, shape, ops = (random_transformer if transformer else random_model)(seed)
     gen = np.random.default_rng(seed + 7)
     scale = 10.0 ** gen.uniform(-2, 2)
     non_negative = gen.random() < 0.4
@@ -463,14 +466,24 @@ def _codes_case(rng: random.Random, long: bool) -> Case:
 
 def _graph_case(rng: random.Random, long: bool) -> Case:
     seed = rng.randrange(10**6)
-    options = {
+    options: dict[str, Any] = {
         "weight_bits": rng.randint(4, 8),
         "activation_bits": rng.randint(4, 8),
         "calibration": rng.choice(["minmax", "percentile", "mse"]),
     }
-    return Case(
-        KIND, f"random graph {seed}", run_graph, (seed, options, long and rng.random() < 0.2)
-    )
+    transformer = long and rng.random() < 0.25  # an encoder layer: seconds to quantize
+    if transformer:
+        from intq.semantics import kernels
+
+        options["kernels"] = {
+            "softmax": rng.choice(kernels.SOFTMAX_VARIANTS),
+            "gelu": rng.choice(kernels.GELU_VARIANTS),
+            "layernorm": rng.choice(kernels.LAYERNORM_VARIANTS),
+        }
+        options["wide_bits"] = rng.choice([8, 12, 16])
+    what = "encoder layer" if transformer else "CNN"
+    tvm = long and not transformer and rng.random() < 0.2  # an encoder's compile: > 30 s
+    return Case(KIND, f"random {what} {seed}", run_graph, (seed, options, transformer, tvm))
 
 
 def _overflow_case(rng: random.Random, long: bool) -> Case:
