@@ -232,8 +232,10 @@ def same_bits(outputs: dict[str, Any], reference: dict[str, Any], what: str) -> 
                 f"{what}: output {name!r} is {got.dtype}{got.shape}, "
                 f"the reference {want.dtype}{want.shape}"
             )
-        if not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
-            diff = np.flatnonzero(got.view(np.uint8) != want.view(np.uint8))
+        # 1-d first: a rank-0 array cannot be viewed as bytes.
+        got_bytes, want_bytes = got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)
+        if not np.array_equal(got_bytes, want_bytes):
+            diff = np.flatnonzero(got_bytes != want_bytes)
             raise Disagreement(f"{what}: output {name!r} differs at {diff.size} bytes")
 
 

@@ -22,6 +22,7 @@ from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
 from intq.signing import load_public_keys, verify_files
+from intq.passes.range_analysis import prove_no_overflow
 
 # The TVM compiler is imported on first use: its schedules import TVM, an optional heavy
 # dependency that `import intq` must not pull in (the runtime module imports TVM only when a
@@ -59,13 +60,21 @@ def compile(graph: Graph, target: str = "reference", **options: Any) -> Executab
     The graph is verified first (:func:`intq.ir.verify`): every node's output types are what
     its shape rule gives, each within ``intq.limits.MAX_TENSOR_BYTES``, so no backend runs a
     node whose declared type hides the tensor it would allocate (hand-written or edited IR
-    text declaring ``i8[1,2]`` for an Expand to 2^40 elements)."""
+    text declaring ``i8[1,2]`` for an Expand to 2^40 elements).
+
+    An integer graph must then pass the overflow proof, whatever the target
+    (:func:`~intq.passes.range_analysis.prove_no_overflow`): a layer whose int32 accumulator
+    or int64 product could overflow raises :class:`~intq.errors.NumericsError` naming it.
+    """
     backend = TARGETS.get(target)
     if backend is None:
         raise IntqError(
             f"unknown target {target!r}", hint=f"the targets are: {', '.join(sorted(TARGETS))}"
         )
     verify(graph)
+    # The one overflow gate, before any target's compiler sees the graph: an integer graph the
+    # range analysis cannot prove is refused (naming the layer) on every target alike.
+    prove_no_overflow(graph)
     return backend.compile(graph, **options)
 
 

@@ -33,7 +33,8 @@ this x86 AVX2 CPU without VNNI (``benchmarks/ort_integer_ops_probe.py``):
   (:func:`_wide_product`).
 - ``Quantize``/``Dequantize`` are ``QuantizeLinear``/``DequantizeLinear``, which
   compute exactly what the reference does (float32 division, round half to
-  even; float32 product).
+  even, saturation; float32 product). NaN, which ``QuantizeLinear`` sends to the
+  range's bottom, is first replaced by 0 (``IsNaN``, ``Where``): it quantizes to 0.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from intq.ir.types import DType
 from intq.ops import Trait, ops_with
 from intq.passes.range_analysis import ValueRanges, value_ranges
 from intq.semantics import kernels
+from intq.semantics.numerics import clip_bounds
 from intq.tables import RuleTable
 
 OPSET = 21
@@ -285,6 +287,11 @@ def _quantize(b: _Builder, node: Node) -> None:
     zero = b.const(np.asarray(zp, np.uint8 if zp else out.type.dtype.numpy), "zp")
     scale = b.const(np.float32(node.attrs["scale"]), "scale")
     x = _input(node).name
+    if _input(node).type.dtype is not DType.F32:  # divided in float32, as the reference
+        x = b.op("Cast", [x], name + ".f32", node, to=TensorProto.FLOAT)
+    # QuantizeLinear saturates NaN to the range's bottom: give it the code 0 first.
+    nan = b.op("IsNaN", [x], name + ".nan", node)
+    x = b.op("Where", [nan, b.const(np.float32(0), "zero"), x], name + ".real", node)
     if quant.bits == out.type.dtype.bits:
         b.add("QuantizeLinear", [x, scale, zero], [name], node)
         return
@@ -968,20 +975,22 @@ def _clip(b: _Builder, node: Node) -> None:
         if node.op == "Relu":
             b.add("Relu", [name], [out], node)
             return
-        lo, hi = (
-            np.asarray(node.attrs["min"], np.float32),
-            np.asarray(node.attrs["max"], np.float32),
-        )
+        # min > max: every value becomes max, as the reference's np.clip.
+        high_f = np.float32(node.attrs["max"])
+        lo = np.asarray(min(np.float32(node.attrs["min"]), high_f), np.float32)
+        hi = np.asarray(high_f, np.float32)
     else:
-        info = np.iinfo(x.type.dtype.numpy)
         low, high = (0.0, np.inf) if node.op == "Relu" else (node.attrs["min"], node.attrs["max"])
         stored = np.uint8 if zp else x.type.dtype.numpy
-        lo = np.asarray(
-            (info.min if low == -np.inf else max(info.min, int(np.ceil(low)))) + zp, stored
-        )
-        hi = np.asarray(
-            (info.max if high == np.inf else min(info.max, int(np.floor(high)))) + zp, stored
-        )
+        lo_i, hi_i = clip_bounds(low, high, x.type.dtype.numpy)
+        if np.dtype(stored).itemsize == 2:
+            # ONNX Runtime has no 16-bit Clip: clamp in int32 (exact, it holds both ranges).
+            wide = b.op("Cast", [name], out + ".i32", node, to=TensorProto.INT32)
+            bounds = [b.const(np.int32(lo_i), "lo"), b.const(np.int32(hi_i), "hi")]
+            clipped = b.op("Clip", [wide, *bounds], out + ".clip", node)
+            b.add("Cast", [clipped], [out], node, to=_ONNX_TYPE[x.type.dtype])
+            return
+        lo, hi = np.asarray(lo_i + zp, stored), np.asarray(hi_i + zp, stored)
     b.add("Clip", [name, b.const(lo, "lo"), b.const(hi, "hi")], [out], node)
 
 

@@ -37,6 +37,9 @@ from intq.ir.graph import Graph, Value
 from intq.ir.types import DType, TensorType
 from intq.semantics.feeds import Feeds, check_feeds
 
+_INPUT_QUANTIZER = frozenset({"Cast", "IsNaN", "Where"})
+"""The float ops the input quantizer runs before its ``QuantizeLinear``."""
+
 
 def onnx_census(model: onnx.ModelProto, *, allow_division: bool = False) -> dict[str, int]:
     """The op census of an exported model; raises :class:`NumericsError` when a float op
@@ -45,7 +48,9 @@ def onnx_census(model: onnx.ModelProto, *, allow_division: bool = False) -> dict
     kernel variant was chosen; the counts still show them).
 
     The same rule as :func:`intq.passes.integer_only.census`, on the ONNX file itself:
-    a node may read floats only after a ``DequantizeLinear``.
+    a node may read floats only after a ``DequantizeLinear``, or, on the way from a graph
+    input into its ``QuantizeLinear``, be one of the input quantizer's own ops (the
+    ``Cast`` to float32 and the ``IsNaN``/``Where`` that give NaN the code 0).
     """
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
@@ -56,6 +61,8 @@ def onnx_census(model: onnx.ModelProto, *, allow_division: bool = False) -> dict
     elem.update({t.name: t.data_type for t in graph.initializer})
     floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
     after: set[str] = set()
+    constants = {t.name for t in graph.initializer}
+    before = {v.name for v in graph.input}  # graph inputs and what the input quantizer made
     counts: dict[str, int] = {}
     bad = []
     for node in graph.node:
@@ -63,6 +70,10 @@ def onnx_census(model: onnx.ModelProto, *, allow_division: bool = False) -> dict
         if node.domain not in ("", "ai.onnx"):
             bad.append(f"{node.op_type} {node.name!r} is outside the default domain")
         if node.op_type == "QuantizeLinear":
+            continue
+        read = [n for n in node.input if n and n not in constants]
+        if node.op_type in _INPUT_QUANTIZER and read and all(n in before for n in read):
+            before.update(node.output)
             continue
         if node.op_type == "DequantizeLinear":
             after.update(node.output)

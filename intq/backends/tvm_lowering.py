@@ -14,8 +14,8 @@ graph's inputs. :func:`intq.backends.tvm.to_relax` drives it over a graph.
 - **Layouts.** With ``channels_last``, 4-D activations between the CNN kernels are stored
   NHWC (:mod:`intq.backends.tvm_layout`); a value keeps the layout its producer chose.
 - **Quantize** divides in float32 and rounds half to even (``nearbyint``), as
-  the reference and ONNX ``QuantizeLinear`` do; ``Dequantize`` multiplies in
-  float32.
+  the reference and ONNX ``QuantizeLinear`` do, saturating; NaN gives 0, tested
+  before the clamp (docs/numerics.md); ``Dequantize`` multiplies in float32.
 - **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``), tables (``QLookup``) and
   products of activations (``QMul``) are the reference's own code
   (:mod:`intq.semantics.kernels`), emitted op by op as Relax int64 ops (:class:`_RelaxOps`).
@@ -79,6 +79,7 @@ from intq.semantics.kernels import (
     resize_taps,
     run_node,
 )
+from intq.semantics.numerics import clip_bounds
 from intq.tables import RuleTable
 
 # ----- op facts -----------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ class Lowerer:
 
     def const(self, array: np.ndarray) -> Any:
         """A Relax constant."""
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # as ascontiguousarray, but keeps rank 0
         # The dtype explicitly: relax.const narrows int64 arrays to int32 by default.
         return self.relax.const(array, dtype=str(array.dtype))
 
@@ -385,9 +386,14 @@ def _quantize(lw: Lowerer, node: Node) -> None:
     def fn(x: Any) -> Any:
         def body(*i: Any) -> Any:
             # float32 division then round half to even, as the reference (never x * (1/s)).
-            scaled = tirx.nearbyint(x(*i).astype("float32") / tirx.const(scale, "float32"))
+            real = x(*i).astype("float32")
+            scaled = tirx.nearbyint(real / tirx.const(scale, "float32"))
             low, high = tirx.const(q.qmin, "float32"), tirx.const(q.qmax, "float32")
-            return tirx.max(tirx.min(scaled, high), low).astype(out)
+            clamped = tirx.max(tirx.min(scaled, high), low)
+            # NaN quantizes to 0 as on every backend: LLVM's min/max would return the other
+            # operand (here the range's top), so NaN is tested for before the clamp's result.
+            zero = tirx.const(0, "float32")
+            return tirx.Select(tirx.isnan(real), zero, clamped).astype(out)
 
         return te.compute(x.shape, body, name="quantize")
 
@@ -501,12 +507,12 @@ def _clip(lw: Lowerer, node: Node) -> None:
     dtype = dtype_of(node.output)
     low, high = (0.0, np.inf) if node.op == "Relu" else (node.attrs["min"], node.attrs["max"])
     if x_type.dtype.is_integer:
-        info = np.iinfo(x_type.dtype.numpy)
-        low = info.min if low == -np.inf else max(info.min, int(np.ceil(low)))
-        high = info.max if high == np.inf else min(info.max, int(np.floor(high)))
+        low, high = clip_bounds(low, high, x_type.dtype.numpy)
     else:
-        low = float(np.float32(max(low, -3.4e38)))
+        # min > max: every value becomes max, as the reference's np.clip (the clamps below
+        # apply max last, so lo <= hi makes their order irrelevant).
         high = float(np.float32(min(high, 3.4e38)))
+        low = min(float(np.float32(max(low, -3.4e38))), high)
 
     def fn(x: Any) -> Any:
         lo_, hi_ = tirx.const(low, dtype), tirx.const(high, dtype)

@@ -242,7 +242,7 @@ def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
             assert q is not None
             quant = {
                 "op": "quantize",
-                "formula": "clamp(round_half_even(float32(x) / scale), qmin, qmax)",
+                "formula": "clamp(round_half_even(float32(x) / scale), qmin, qmax); NaN -> 0",
                 "scale": float(np.float32(readers[0].attrs["scale"])),
                 "bits": q.bits,
                 "signed": q.signed,
@@ -294,7 +294,8 @@ def device_arguments(
     """Checked ``feeds`` as TVM tensors on ``device`` (local or an RPC session's), in the
     order of ``specs``: the arguments of the module's entry function."""
     tvm = _tvm()
-    return [tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name]), device) for s in specs]
+    # np.require, not ascontiguousarray: that makes a rank-0 input 1-d, which the VM refuses.
+    return [tvm.runtime.tensor(np.require(feeds[s.name], requirements="C"), device) for s in specs]
 
 
 def named_outputs(specs: Sequence[TensorSpec], results: Any) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ The ONNX frontend folds the constant inputs into these attributes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,12 +166,15 @@ def _numeric_unary(ctx: InferContext) -> list[TensorType]:
     "Clip",
     attrs={"min": Attr("float", -INF), "max": Attr("float", INF)},
     traits=(Trait.INTEGER, Trait.ACTIVATION, Trait.PASS_THROUGH),
-    non_negative_if=lambda attrs: attrs["min"] >= 0,
+    # min(min, max): with min > max every value is max, which may be negative.
+    non_negative_if=lambda attrs: min(attrs["min"], attrs["max"]) >= 0,
 )
 def _clip(ctx: InferContext) -> list[TensorType]:
     """Clamp to ``[min, max]`` (constant bounds; ReLU6 is ``Clip(0, 6)``). With min > max
     every value becomes max, as ONNX (from Clip-11) and ``np.clip`` say."""
     need_numeric(ctx, 0)
+    if math.isnan(ctx["min"]) or math.isnan(ctx["max"]):
+        raise ShapeError(f"Clip's bounds must be numbers, got min={ctx['min']} max={ctx['max']}")
     return moved(ctx)
 
 

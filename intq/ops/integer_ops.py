@@ -108,9 +108,27 @@ def _accumulator(shape: tuple[int, ...], scales: Sequence[float], axis: int) -> 
     return TensorType(DType.I32, shape, quant)
 
 
+_FLOAT32_NORMAL = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float32_scale(ctx: InferContext) -> None:
+    """Refuse a ``scale`` attribute that is not a normal float32 number: every backend
+    quantizes (divides) and dequantizes (multiplies) in float32, and a scale that rounds to
+    0 or Inf there, or to a subnormal that a backend may flush to 0, would give each its own
+    answer."""
+    scale = ctx["scale"]
+    if not _FLOAT32_NORMAL <= abs(scale) <= _FLOAT32_MAX:
+        raise ShapeError(
+            f"{ctx.op}'s scale {scale:g} is not a normal float32 number (between"
+            f" {_FLOAT32_NORMAL:g} and {_FLOAT32_MAX:g}), which every backend computes with"
+        )
+
+
 def _output(ctx: InferContext, shape: tuple[int, ...]) -> TensorType:
     """The type an ``_OUTPUT_ATTRS`` op produces: its bits, signedness, scale; clamp checked."""
     bits, signed = ctx["bits"], bool(ctx["signed"])
+    _float32_scale(ctx)
     quant = QuantParams(bits, signed, (ctx["scale"],))
     if not quant.qmin <= ctx["lo"] <= ctx["hi"] <= quant.qmax:
         raise ShapeError(
@@ -144,6 +162,7 @@ def _quantize(ctx: InferContext) -> list[TensorType]:
     if not x.dtype.is_float:
         raise ShapeError(f"Quantize takes a float tensor, got {x}")
     bits, signed = ctx["bits"], bool(ctx["signed"])
+    _float32_scale(ctx)
     quant = QuantParams(bits, signed, (ctx["scale"],))
     return [TensorType(DType.from_numpy(storage_dtype(bits, signed)), x.shape, quant)]
 
@@ -307,6 +326,8 @@ def _qreduce_sum(ctx: InferContext) -> list[TensorType]:
     if not axes or len(set(axes)) != len(axes) or not all(0 <= a < x.rank for a in axes):
         raise ShapeError(f"QReduceSum axes {list(axes)} do not fit {x}")
     count = math.prod(x.shape[a] for a in axes)
+    if ctx["mean"] and count == 0:  # the float mean is NaN: no integer stands for it
+        raise ShapeError(f"QReduceSum takes a mean over axes {list(axes)} of {x}: no elements")
     if ctx["keepdims"]:
         shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
     else:

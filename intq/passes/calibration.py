@@ -45,7 +45,8 @@ DEFAULT_BINS: Final = 2048
 
 MIN_THRESHOLD: Final = 1e-8
 """The smallest threshold :meth:`TensorStats.clip` returns, so a constant-zero tensor still
-gets a valid (positive) scale."""
+gets a valid (positive) scale. A tensor whose data are not all zero but stay below it is
+refused by the integer lowering, naming it: every value would quantize to 0."""
 
 # The MSE search starts at this fraction of the range: below it, a threshold spans so few
 # histogram bins that the bins cannot tell the rounding error apart from the clipping error.
@@ -234,6 +235,11 @@ class TensorStats:
         hist = self._pos.copy()
         hist[0] += negatives
         return hist, self._zeros + negatives, max(0.0, self._max)
+
+    def top(self, signed: bool) -> float:
+        """The largest magnitude a ``signed`` (or unsigned: ``max(x, 0)``) quantizer sees."""
+        self._require_data()
+        return self.absmax if signed else max(0.0, self._max)
 
     # ----- thresholds --------------------------------------------------------------
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from intq.errors import IntqError, UnsupportedOpError
+from intq.errors import IntqError, NumericsError, UnsupportedOpError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
 from intq.ops import Trait
 from intq.passes.bias_correction import corrected_bias
-from intq.passes.calibration import AUTO_FALLBACK, ClipChoices, ClipRule
+from intq.passes.calibration import AUTO_FALLBACK, MIN_THRESHOLD, ClipChoices, ClipRule
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantize_weights
 from intq.semantics.numerics import common_shift, count_divisors, dyadic, storage_dtype
@@ -35,6 +35,8 @@ class Stats(Protocol):
 
     @property
     def min(self) -> float: ...
+
+    def top(self, signed: bool) -> float: ...
 
     def clip(self, method: str, bits: int, signed: bool, percentile: float = ...) -> float: ...
 
@@ -246,6 +248,18 @@ class Lowering:
             non_negative = provably_non_negative(value)
         rule = self.clip_rule(value)
         self.clips[value] = rule
+        top = stats.top(not non_negative)
+        if 0.0 < top < MIN_THRESHOLD:
+            # The threshold would be floored to MIN_THRESHOLD and every value round to 0: a
+            # model that runs and answers zeros. Refused rather than warned about, since the
+            # artifact would be wrong whoever reads the warning.
+            raise NumericsError(
+                f"%{value.name}'s calibration data reach only {top:.3g}, below the smallest"
+                f" range intq quantizes ({MIN_THRESHOLD:g}): every value would quantize to 0",
+                node=origin(value),
+                hint="scale the calibration and run-time data up (normalise the model's"
+                " inputs to about unit range), or rescale the layer's weights",
+            )
         threshold = stats.clip(rule.method, bits, not non_negative, rule.percentile)
         qmax = (1 << bits) - 1 if non_negative else (1 << (bits - 1)) - 1
         return QuantParams(bits, not non_negative, (threshold / qmax,))

@@ -113,8 +113,9 @@ def _matmul(low: Lowering, node: Node) -> None:
 def _activation(low: Lowering, node: Node) -> None:
     source = node.inputs[0]
     assert source is not None
-    low_real = 0.0 if node.op == "Relu" else node.attrs["min"]
     high_real = math.inf if node.op == "Relu" else node.attrs["max"]
+    # min > max makes every value max (ONNX): a clamp to [max, max].
+    low_real = 0.0 if node.op == "Relu" else min(node.attrs["min"], high_real)
     if source in low.counts:
         _clamped_count(low, node, low.counts[source], low_real, high_real)
         return

@@ -65,11 +65,14 @@ class ActivationRange:
         """The smallest real value the model represents."""
         return self.lo
 
+    def top(self, signed: bool) -> float:
+        """The largest magnitude of the model's range a ``signed`` (or unsigned) value holds."""
+        return float(max(-self.lo, self.hi) if signed else max(self.hi, 0.0))
+
     def clip(self, method: str, bits: int, signed: bool, percentile: float = 99.99) -> float:
         """The symmetric threshold covering the model's range (``scale = T / qmax``); the
         calibration ``method`` does not apply, the model fixed the range."""
-        top = max(-self.lo, self.hi) if signed else self.hi
-        return max(float(top), MIN_THRESHOLD)
+        return max(self.top(signed), MIN_THRESHOLD)
 
     def quant(self, bits: int, signed: bool | None = None) -> QuantParams:
         """intq's quantization of the value at ``bits`` (``signed``: ``None`` lets the model

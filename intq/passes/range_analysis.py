@@ -41,9 +41,11 @@ import numpy as np
 from intq.errors import NumericsError
 from intq.ir.graph import Graph, Node, Value, ValueMap
 from intq.ir.types import DType
+from intq.ir.verifier import verify
 from intq.ops import Trait, ops_with
 from intq.passes.manager import Pass
 from intq.semantics.kernels import GELU_SIGMOID, check_exp_range
+from intq.semantics.numerics import clip_bounds
 from intq.tables import RuleTable
 
 Interval = tuple[int, int]
@@ -457,10 +459,8 @@ def _pad(node: Node, ins: list[Interval | None]) -> Interval:
 def _clip(node: Node, ins: list[Interval | None]) -> Interval:
     x = ins[0]
     assert x is not None
-    lo, hi = node.attrs["min"], node.attrs["max"]
-    low = x[0] if lo == -np.inf else max(x[0], int(np.ceil(lo)))
-    high = x[1] if hi == np.inf else min(x[1], int(np.floor(hi)))
-    return low, max(low, high)
+    lo, hi = clip_bounds(node.attrs["min"], node.attrs["max"], node.output.type.dtype.numpy)
+    return min(max(x[0], lo), hi), min(max(x[1], lo), hi)  # a monotone map of x's ends
 
 
 @_rule("Min", "Max")
@@ -535,6 +535,19 @@ def value_ranges(graph: Graph) -> ValueRanges:
         ranges = analyze_ranges(graph)
         graph.store_analysis(ranges)
     return ranges
+
+
+def prove_no_overflow(graph: Graph) -> ValueRanges | None:
+    """The gate every backend's compile passes through (:func:`intq.backends.compile`, and
+    loading a ``.intq`` artifact), whoever built the graph (``intq.quantize``, textual IR,
+    the Python API): the verifier (every declared type is what its op gives, so the proof
+    reads true widths and scales), then, for an integer graph, the overflow proof. Returns
+    the proven intervals (``None`` for a float graph, which has no integer arithmetic to
+    prove); raises :class:`VerificationError` or :class:`NumericsError` naming the layer."""
+    verify(graph)
+    if not any(v.type.quant is not None for v in graph.values()):
+        return None
+    return value_ranges(graph)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ How ``S`` outside ``[1, 63]`` is handled:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,3 +116,27 @@ def storage_dtype(bits: int, signed: bool) -> np.dtype:
         if bits <= width:
             return np.dtype(f"{'int' if signed else 'uint'}{width}")
     raise NumericsError(f"no integer type holds {bits} bits")
+
+
+def clip_bounds(low: float, high: float, dtype: np.dtype | type) -> tuple[int, int]:
+    """The integer bounds ``lo <= hi`` that every backend clamps a ``dtype`` integer ``Clip``
+    of float bounds ``[low, high]`` to, as ``min(max(x, lo), hi)``.
+
+    ``ceil(low)`` and ``floor(high)`` (the integers inside the bounds), each saturated to
+    ``dtype``'s range (an infinite bound is that range's end). When they cross (``min >
+    max``, or two bounds with no integer between them) both are ``hi``: every value becomes
+    the max, as ONNX's ``Clip`` and ``np.clip`` say. With ``lo <= hi`` the order in which a
+    backend applies the two clamps no longer matters.
+    """
+    info = np.iinfo(dtype)
+    bottom, top = int(info.min), int(info.max)
+
+    def saturated(bound: float, rounding: Callable[[float], int]) -> int:
+        if math.isnan(bound):
+            raise NumericsError("a Clip bound is NaN")
+        if math.isinf(bound):
+            return top if bound > 0 else bottom
+        return min(max(rounding(bound), bottom), top)
+
+    lo, hi = saturated(low, math.ceil), saturated(high, math.floor)
+    return min(lo, hi), hi

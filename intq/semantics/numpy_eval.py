@@ -23,7 +23,7 @@ from intq.ir.types import QuantParams
 from intq.ops import Trait, ops_with
 from intq.semantics import kernels
 from intq.semantics.feeds import check_feeds
-from intq.semantics.numerics import requantize, shift_round
+from intq.semantics.numerics import clip_bounds, requantize, shift_round
 from intq.tables import RuleTable
 
 Array = np.ndarray
@@ -139,9 +139,9 @@ def _gelu(node: Node, x: Array) -> list[Array]:
 def _clip(node: Node, x: Array) -> list[Array]:
     low, high = node.attrs["min"], node.attrs["max"]
     if x.dtype.kind in "iu":
-        info = np.iinfo(x.dtype)
-        low = max(info.min, math.ceil(low)) if low > -math.inf else info.min
-        high = min(info.max, math.floor(high)) if high < math.inf else info.max
+        lo, hi = clip_bounds(low, high, x.dtype)
+        return [np.clip(x, x.dtype.type(lo), x.dtype.type(hi))]
+    # min > max: every value becomes max (ONNX), which np.clip gives too.
     return [np.clip(x, x.dtype.type(low), x.dtype.type(high))]
 
 
@@ -303,9 +303,14 @@ def _per_channel(values: Sequence[int | float], axis: int, ndim: int, dtype: typ
 def _quantize(node: Node, x: Array) -> list[Array]:
     q = node.outputs[0].type.quant
     assert q is not None
-    # As ONNX QuantizeLinear: divide in float32, round half to even, saturate.
-    scaled = np.rint(x.astype(np.float32) / np.float32(node.attrs["scale"]))
-    return [np.clip(scaled, q.qmin, q.qmax).astype(_out_dtype(node))]
+    # As ONNX QuantizeLinear: divide in float32, round half to even, saturate (so +-Inf and
+    # anything the division sends past float32's range saturate too). NaN has no order, so
+    # it is given the code 0 explicitly: a cast of NaN to an integer is undefined in C, and
+    # each backend's clamp would otherwise pick a different end of the range.
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 1e300 is float32 Inf
+        scaled = np.rint(x.astype(np.float32) / np.float32(node.attrs["scale"]))
+    clamped = np.clip(np.where(np.isnan(scaled), np.float32(0), scaled), q.qmin, q.qmax)
+    return [clamped.astype(_out_dtype(node))]
 
 
 @_kernel("Dequantize")
