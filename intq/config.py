@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from intq.distillation import DistillConfig
 from intq.errors import IntqError
 from intq.mixed_precision import MixedPrecision
 from intq.passes.integerize import kernel_specs
@@ -38,7 +39,7 @@ from intq.quantization import QuantConfig
 
 _NOT_IN_FILES = {"progress"}
 """QuantConfig fields that are run-time choices (``--quiet``), not part of a config file."""
-_TABLES = ("layer_bits", "kernels", "mixed_precision")
+_TABLES = ("layer_bits", "kernels", "mixed_precision", "distill")
 """QuantConfig fields written as TOML tables."""
 
 
@@ -88,6 +89,29 @@ def _mixed_precision(table: Any, path: Path) -> MixedPrecision:
     if "candidates" in values:
         values["candidates"] = tuple(values["candidates"])
     return MixedPrecision(**values)
+
+
+def _distill(table: Any, path: Path) -> DistillConfig:
+    if not isinstance(table, dict):
+        raise IntqError(
+            f"{path}: distill must be a table",
+            hint="write [distill] followed by steps = 200 (and lr, loss, train...)",
+        )
+    hints = typing.get_type_hints(DistillConfig)
+    valid = sorted(f.name for f in dataclasses.fields(DistillConfig) if f.name != "progress")
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        raise IntqError(
+            f"{path}: unknown key {unknown[0]!r} in distill",
+            hint=f"the valid keys are: {', '.join(valid)}",
+        )
+    values = {k: _check_type(f"distill.{k}", v, hints[k], path) for k, v in table.items()}
+    if "train" in values:
+        values["train"] = tuple(values["train"])
+    try:
+        return DistillConfig(**values)
+    except IntqError as err:
+        raise IntqError(f"{path}: distill: {err.message}", hint=err.hint) from None
 
 
 def _kernels(table: Any, path: Path) -> dict[str, str]:
@@ -166,6 +190,8 @@ def load_config(path: str | Path, **overrides: Any) -> QuantConfig:
             values[key] = _kernels(value, path)
         elif key == "mixed_precision":
             values[key] = _mixed_precision(value, path)
+        elif key == "distill":
+            values[key] = _distill(value, path)
         else:
             values[key] = _check_type(key, value, keys[key], path)
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -46,9 +46,9 @@ from intq.distillation import DistillConfig, DistillHistory, Parameters, learned
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph, Node, Value
 from intq.ir.types import QuantParams
+from intq.passes.calibration import CalibrationStats
 from intq.passes.integer_lowering import Lowering, bias_reader
 from intq.passes.integer_rules import LOWERINGS
-from intq.passes.calibration import CalibrationStats
 from intq.passes.integerize import Integerize
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantizable_layers

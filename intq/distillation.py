@@ -51,18 +51,20 @@ class DistillConfig:
 
     ``steps`` optimizer steps, each on ``batch`` of the model's own batches (accumulated;
     under ``torchrun`` split between the processes, so ``batch`` must divide by their
-    number), Adam with learning rate ``lr`` for weights and biases and ``scale_lr`` for the
-    logarithms of the step sizes (``rounding_lr`` for the rounding variables). ``loss``: one of :data:`DISTILL_LOSSES`; ``temperature``
-    for ``kl``. ``train``: a subset of :data:`TRAINABLE` (``weights`` and ``rounding``
-    exclude each other). ``holdout`` of the batches (at least one) is never trained on: every
-    ``eval_every`` steps the integer model's agreement with the teacher on it (top-1 for
-    ``kl``, mean cosine otherwise) is measured, and the best parameters are the result (the
-    post-training model when no step beats it). ``checkpoint`` (a file path) is written
-    every ``checkpoint_every`` steps; ``resume`` continues from it. ``seed`` fixes the split
-    and the order of the batches, so a resumed run ends where an uninterrupted one does.
-    ``progress``: a bar with the running loss (``None``: when standard error is a terminal).
-    ``threads``: torch's intra-op threads while training (``None``: torch's setting); one
-    is fastest for small models on a busy machine, where torch's threads wait on each other.
+    number). Adam, with learning rate ``lr`` for weights and biases, ``scale_lr`` for the
+    logarithms of the step sizes and ``rounding_lr`` for the rounding variables.
+    ``loss``: one of :data:`DISTILL_LOSSES`; ``temperature`` for ``kl``. ``train``: a
+    subset of :data:`TRAINABLE` (``weights`` and ``rounding`` exclude each other).
+
+    ``holdout`` of the batches (at least one) is never trained on: every ``eval_every``
+    steps the integer model's agreement with the teacher on it (top-1 for ``kl``, mean
+    cosine otherwise) is measured, and the best parameters are the result (ties go to the
+    lower held-out loss; the post-training model when no step beats it). ``checkpoint`` (a
+    file path) is written every ``checkpoint_every`` steps; ``resume`` continues from it.
+    ``seed`` fixes the split and the order of the batches, so a resumed run ends where an
+    uninterrupted one does. ``progress``: a bar with the running loss (``None``: when
+    standard error is a terminal). ``threads``: torch's intra-op threads while training
+    (``None``: torch's setting); one is fastest for small models on a busy machine.
     """
 
     steps: int = 200
@@ -242,6 +244,40 @@ def distill_prepared(
     return graph
 
 
+def distill_graph(
+    graph: Graph,
+    int_graph: Graph,
+    batches: Sequence[Mapping[str, Any]],
+    config: DistillConfig,
+    lowering: Integerize,
+) -> Graph:
+    """Distill ``int_graph``, the post-training lowering of the float ``graph`` with
+    ``lowering``'s options, on ``batches``; the core of :func:`intq.distill`.
+
+    ``graph`` is cleaned up as ``intq.quantize`` does and calibrated on ``batches`` (for the
+    values ``int_graph`` does not name); each layer keeps the weight width ``int_graph``
+    gives it (so a mixed-precision plan stays as it is), and ``int_graph``'s scales are the
+    starting point.
+    """
+    from intq.passes import PREPARE, Calibrate, pipeline
+    from intq.passes.precision import LayerBits, quantizable_layers
+
+    prepared = graph.copy()
+    pipeline(PREPARE)(prepared)
+    batches = list(batches)
+    Calibrate(batches, config.progress)(prepared)
+    stats = prepared.analysis(CalibrationStats)
+    assert stats is not None
+    layer_bits = dict(lowering.layer_bits)
+    for layer in quantizable_layers(prepared):
+        weight = int_graph.find(layer.weight)
+        quant = weight.type.quant if weight is not None and weight.is_const else None
+        if quant is not None and layer.name not in layer_bits:
+            layer_bits[layer.name] = LayerBits(quant.bits, lowering.bits(layer.name).activations)
+    options = replace(lowering, layer_bits=layer_bits)
+    return distill_prepared(prepared, batches, options, config, stats=stats, start=int_graph)
+
+
 __all__ = [
     "DISTILL_LOSSES",
     "TRAINABLE",
@@ -249,6 +285,7 @@ __all__ = [
     "DistillHistory",
     "LearnedRange",
     "Parameters",
+    "distill_graph",
     "distill_prepared",
     "learned_lowering",
     "reintegerize",

@@ -200,7 +200,8 @@ def quantize(
                     if calibration_data is None
                     else " this model is pre-quantized"
                 ),
-                hint="pass unlabelled samples as calibration data of a float model, or drop distill",
+                hint="pass unlabelled samples of a float model as calibration data, or drop"
+                " distill",
             )
         calibration_data = list(calibration_data)
     manager = lowering_pipeline(
