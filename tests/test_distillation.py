@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distill_worker import CONFIG, distill
 
 import intq
 from examples import zoo
@@ -25,7 +26,6 @@ from intq.ir import to_text
 from intq.passes import PREPARE, Calibrate, PassManager, pipeline
 from intq.passes.calibration import CalibrationStats
 from intq.semantics.numpy_eval import run_graph
-from distill_worker import CONFIG, distill
 
 REPO = Path(__file__).resolve().parent.parent
 
