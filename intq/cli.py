@@ -113,6 +113,8 @@ OVERVIEW = "examples:\n" + "\n".join(
 
 
 API_FLAGS = {
+    "checkpoint": "--checkpoint",
+    "resume": "--resume",
     "input_shapes": "--input-shape",
     "tune_trials": "--tune-trials",
     "tuning_db": "--tuning-db",

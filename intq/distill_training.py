@@ -537,7 +537,7 @@ def _load(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         raise ArtifactError(
             f"{path}: no checkpoint to resume from",
-            hint="run without --resume first (with --checkpoint) to write one",
+            hint="run once without resume=True (--resume) to write it",
         )
     try:
         state = torch.load(path, weights_only=True)
@@ -547,7 +547,7 @@ def _load(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         raise ArtifactError(
             f"{path}: the checkpoint is of another distillation (model, train, loss, batch or"
             " seed differ)",
-            hint="resume with the settings that wrote it, or start afresh without --resume",
+            hint="resume with the settings that wrote it, or start afresh without resuming",
         )
     return state
 
@@ -585,7 +585,8 @@ def _train(
     if config.batch % world:
         raise IntqError(
             f"distillation's batch of {config.batch} does not split between {world} processes",
-            hint="choose a batch (--distill-batch) that the number of processes divides",
+            hint="choose a batch per step (--distill-batch N) that the number of processes"
+            " divides",
         )
     the_plan = plan(prepared, lowering, stats, choices, start)
     student = Student(prepared, the_plan, config.train)
@@ -682,7 +683,7 @@ def _train(
             for j, i in enumerate(local):
                 sync = model.no_sync() if world > 1 and j < len(local) - 1 else nullcontext()  # type: ignore[operator]
                 values, _ = lowered.run(batches[i])
-                feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in batches[i].items()}
+                feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batches[i].items()}
                 with sync:
                     outs = model(feeds, values)
                     loss = sum(

@@ -118,7 +118,7 @@ class DistillConfig:
         if self.resume and self.checkpoint is None:
             raise IntqError(
                 "resume needs the checkpoint to resume from",
-                hint="set checkpoint= (the CLI's --checkpoint) to the file an earlier run wrote",
+                hint="give checkpoint=PATH (--checkpoint PATH), the file an earlier run wrote",
             )
 
 

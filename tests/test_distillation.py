@@ -211,3 +211,39 @@ def test_distill_config_errors_say_what_to_do(digits_model, tmp_path):
             _digits_data(16),
             replace(CONFIG, distill=_small(checkpoint=tmp_path / "none.pt", resume=True)),
         )
+
+
+def test_the_command_line_distills_and_refuses_resume_without_steps(digits_model, tmp_path):
+    import contextlib
+    import io
+
+    from intq.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main(list(args))
+        return code, err.getvalue()
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=zoo._digits_split()[0][:64])
+    checkpoint, out = tmp_path / "run.pt", tmp_path / "digits.intq"
+    common = ["quantize", str(digits_model.path), "--calib", str(calib), "--quiet"]
+    common += ["--weight-bits", "4", "--activation-bits", "4", "--calibration", "minmax"]
+    flags = ["--distill-steps", "2", "--distill-batch", "2", "--checkpoint", str(checkpoint)]
+    code, err = run(*common, *flags, "-o", str(out))
+    assert code == 0, err
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    # What the command wrote is the API's distillation of the same batches (up to float
+    # rounding: torch's kernels there ran in another thread-pool state).
+    data = [{"input": zoo._digits_split()[0][i : i + 8]} for i in range(0, 64, 8)]
+    api_checkpoint = tmp_path / "api.pt"
+    config = DistillConfig(steps=2, batch=2, progress=False, checkpoint=api_checkpoint)
+    intq.quantize(intq.from_onnx(digits_model.path), data, replace(CONFIG, distill=config))
+    a = torch.load(checkpoint, weights_only=True)["student"]
+    b = torch.load(api_checkpoint, weights_only=True)["student"]
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9) for k in a)
+    assert "QConv" in to_text(intq.load(out).graph)
+    code, err = run(*common, "--resume", "-o", str(tmp_path / "other.intq"))
+    assert code == 1 and "add --distill-steps N" in err, err
+    assert not (tmp_path / "other.intq").exists()
