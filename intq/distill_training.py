@@ -198,11 +198,11 @@ class _Exact(torch.autograd.Function):
     value it replaces (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx: Any, surrogate: Tensor, exact: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, surrogate: Tensor, exact: Tensor) -> Tensor:
         return exact.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
@@ -253,7 +253,7 @@ class Student(torch.nn.Module):
         self.thresholds = torch.nn.Parameter(
             torch.zeros(len(plan.activations), dtype=torch.float64), requires_grad=scales
         )
-        self.bias_index = {}
+        self.bias_index: dict[str, int] = {}
         for layer in plan.layers:
             if layer.bias is not None:
                 self.bias_index[layer.bias] = len(self.bias_index)
@@ -585,8 +585,7 @@ def _train(
     if config.batch % world:
         raise IntqError(
             f"distillation's batch of {config.batch} does not split between {world} processes",
-            hint="choose a batch per step (--distill-batch N) that the number of processes"
-            " divides",
+            hint="choose a batch per step (--distill-batch N) that the number of processes divides",
         )
     the_plan = plan(prepared, lowering, stats, choices, start)
     student = Student(prepared, the_plan, config.train)
@@ -620,8 +619,8 @@ def _train(
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         first = int(state["step"])
-        history.losses = [tuple(x) for x in state["losses"]]  # type: ignore[misc]
-        history.evaluations = [tuple(x) for x in state["evaluations"]]  # type: ignore[misc]
+        history.losses = [(int(s), float(v)) for s, v in state["losses"]]
+        history.evaluations = [(int(s), float(v)) for s, v in state["evaluations"]]
         key = (float(state["best"][0]), float(state["best"][1]))
         best = (key, int(state["best"][2]), state["best_state"])
 
@@ -636,8 +635,8 @@ def _train(
                 total, count = total + agreeing, count + n
                 pair = (torch.from_numpy(np.asarray(got)), torch.from_numpy(np.asarray(t)))
                 held_loss += float(distill_loss(*pair, config))
-        total, count, held_loss = _sum([total, float(count), held_loss], world)
-        metric = total / count
+        total, counted, held_loss = _sum([total, float(count), held_loss], world)
+        metric = total / counted
         history.evaluations.append((step, metric))
         # Ties (a saturated agreement) go to the lower held-out loss.
         rank_key = (metric, -held_loss)
@@ -681,9 +680,12 @@ def _train(
             local = schedule.step(step)[rank::world]
             total = 0.0
             for j, i in enumerate(local):
-                sync = model.no_sync() if world > 1 and j < len(local) - 1 else nullcontext()  # type: ignore[operator]
-                values, _ = lowered.run(batches[i])
-                feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batches[i].items()}
+                # DDP sums the gradients on the last of this step's batches only.
+                last = world == 1 or j == len(local) - 1
+                sync = nullcontext() if last else model.no_sync()  # type: ignore[operator]
+                batch = batches[i]
+                values, _ = lowered.run(batch)
+                feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
                 with sync:
                     outs = model(feeds, values)
                     loss = sum(

@@ -247,3 +247,15 @@ def test_the_command_line_distills_and_refuses_resume_without_steps(digits_model
     code, err = run(*common, "--resume", "-o", str(tmp_path / "other.intq"))
     assert code == 1 and "add --distill-steps N" in err, err
     assert not (tmp_path / "other.intq").exists()
+
+
+def test_mixed_precision_plans_the_widths_and_distillation_keeps_them(digits_model):
+    graph = intq.from_onnx(digits_model.path)
+    mp = intq.MixedPrecision(size_mb=0.035, sensitivity="direct", pin_first_last=False)
+    config = replace(CONFIG, activation_bits=8, mixed_precision=mp, distill=_small(steps=2))
+    distilled = intq.quantize(graph, _digits_data(), config)
+    # CONFIG's 4-bit weights everywhere, but for the layers the plan widened.
+    weights = [v.type.quant for v in distilled.constants if v.type.quant and v.type.quant.narrow]
+    assert {q.bits for q in weights} == {4, 8}
+    history = distilled.analysis(DistillHistory)
+    assert history is not None and len(history.losses) == 2
