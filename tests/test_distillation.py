@@ -259,3 +259,19 @@ def test_mixed_precision_plans_the_widths_and_distillation_keeps_them(digits_mod
     assert {q.bits for q in weights} == {4, 8}
     history = distilled.analysis(DistillHistory)
     assert history is not None and len(history.losses) == 2
+
+
+def test_a_config_file_distills_with_a_distill_table(tmp_path):
+    from intq.config import load_config
+
+    path = tmp_path / "q.toml"
+    path.write_text('weight_bits = 4\n[distill]\nsteps = 3\nloss = "cosine"\ntrain = ["scales"]\n')
+    config = load_config(path)
+    assert config.distill == DistillConfig(steps=3, loss="cosine", train=("scales",))
+    path.write_text("[distill]\nepochs = 3\n")
+    with pytest.raises(intq.IntqError, match="unknown key 'epochs' in distill") as info:
+        load_config(path)
+    assert "steps" in info.value.hint
+    path.write_text('[distill]\nloss = "hinge"\n')
+    with pytest.raises(intq.IntqError, match="distill: unknown distillation loss"):
+        load_config(path)
