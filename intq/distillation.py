@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from intq.errors import IntqError
+from intq.errors import IntqError, NumericsError
 from intq.ir.graph import Graph, Value
 from intq.passes import CheckIntegerOnly, PassManager, RangeAnalysis, Verify
 from intq.passes.calibration import MIN_THRESHOLD, CalibrationStats
@@ -185,7 +185,16 @@ def reintegerize(prepared: Graph, params: Parameters, lowering: Integerize) -> G
     manager = PassManager(
         [options, RangeAnalysis(), CheckIntegerOnly(allow_division=options.divides), Verify()]
     )
-    return manager(params.apply(prepared)).graph
+    try:
+        return manager(params.apply(prepared)).graph
+    except NumericsError as err:
+        raise NumericsError(
+            f"the distilled model cannot be proved: {err.message}",
+            node=err.node,
+            hint="its learned weight steps make this layer's integers too large: distill with a"
+            " smaller scale_lr, or without 'scales' in train (the post-training steps stay)"
+            + (f"; or {err.hint}" if err.hint else ""),
+        ) from None
 
 
 @dataclass

@@ -275,3 +275,21 @@ def test_a_config_file_distills_with_a_distill_table(tmp_path):
     path.write_text('[distill]\nloss = "hinge"\n')
     with pytest.raises(intq.IntqError, match="distill: unknown distillation loss"):
         load_config(path)
+
+
+def test_a_learned_step_that_would_overflow_is_refused_naming_the_layer(digits_model):
+    graph = intq.from_onnx(digits_model.path)
+    data = _digits_data(16)
+    lowering = replace(CONFIG, weight_bits=8, activation_bits=16).lowering()
+    prepared, stats = _prepared(graph, data)
+    the_plan = plan(prepared, lowering, stats, None, None)
+    student = Student(prepared, the_plan, ("weights", "scales"))
+    reintegerize(prepared, student.parameters_now(), lowering)  # the post-training steps fit
+    last = [layer.weight for layer in the_plan.layers].index("classifier.1.weight")
+    with torch.no_grad():  # steps 1000 times finer: every weight saturates at +-127
+        student.steps[last].fill_(float(np.log(1e-3)))
+    with pytest.raises(intq.NumericsError, match="outside int32") as info:
+        reintegerize(prepared, student.parameters_now(), lowering)
+    assert info.value.node == "/classifier/classifier.1/Gemm"
+    assert "the distilled model cannot be proved" in str(info.value)
+    assert "smaller scale_lr" in info.value.hint
