@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 import intq
-from benchmarks.machine import cpu_description
+from benchmarks.machine import cpu_description, load_average
 from examples import zoo
 from intq.distillation import DistillConfig, DistillHistory
 from intq.passes import PREPARE, pipeline
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.train_crops, args.eval_crops = 3, 16, 16
     args.cache.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_description()}", flush=True)
+    print(f"CPU: {cpu_description()}; load average {load_average():.1f}", flush=True)
     rows: list[Row] = []
     began = time.perf_counter()
     for key in args.rows:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {row.steps} steps on {row.samples} samples in {row.seconds:.0f} s",
             flush=True,
         )
-    print(f"total {time.perf_counter() - began:.0f} s")
+    print(f"total {time.perf_counter() - began:.0f} s; load average {load_average():.1f}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
