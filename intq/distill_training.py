@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +173,6 @@ def plan(
 
 def replace_bias_correction(lowering: Integerize) -> Integerize:
     """The post-training lowering without bias correction: distillation trains the biases."""
-    from dataclasses import replace
-
     return replace(lowering, bias_correction=False)
 
 
