@@ -12,8 +12,9 @@ The public entry points::
 """
 
 from intq import ir, passes
-from intq.api import convert, load
+from intq.api import convert, distill, load
 from intq.backends import compile
+from intq.distillation import DistillConfig
 from intq.errors import (
     ArtifactError,
     IntqError,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",
+    "DistillConfig",
     "IntqError",
     "ModelImportError",
     "NumericsError",
@@ -49,6 +51,7 @@ __all__ = [
     "QuantConfig",
     "compile",
     "convert",
+    "distill",
     "from_onnx",
     "from_torch",
     "ir",

@@ -20,6 +20,7 @@ from intq.artifacts import has_header, open_text, read_artifact_bytes
 from intq.backends import compile, load
 from intq.backends.base import Executable
 from intq.data import calibration_batches, first_batch_shapes
+from intq.distillation import DistillConfig, distill_graph
 from intq.errors import ModelImportError, ShapeError
 from intq.frontends import from_onnx, from_torch
 from intq.frontends.onnx_import import (
@@ -165,4 +166,35 @@ def convert(
     return exe
 
 
-__all__ = ["convert", "import_model", "load"]
+def distill(
+    model: Any,
+    int_graph: Graph,
+    data: Any,
+    config: DistillConfig | None = None,
+    *,
+    quant: QuantConfig | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    example_inputs: Any = None,
+) -> Graph:
+    """Train ``int_graph`` (what ``intq.quantize`` made of ``model`` with ``quant``) on the
+    FP32 ``model``'s outputs over the unlabelled ``data``; returns the distilled integer
+    graph, re-integerized and proved (:mod:`intq.distillation`), carrying its
+    :class:`~intq.distillation.DistillHistory`.
+
+    ``model`` and ``data`` in any form :func:`convert` takes; ``quant`` (default
+    ``QuantConfig()``) gives the lowering's options (kernels, widths of the layers
+    ``int_graph`` does not show). ``QuantConfig(distill=...)`` does the same inside
+    :func:`intq.quantize` and :func:`convert`.
+    """
+    if hasattr(model, "forward") and hasattr(model, "modules") and example_inputs is None:
+        example_inputs, data = _first_batch_as_example(data)
+    if _is_onnx(model):
+        graph, data = _import_onnx(model, input_shapes, data)
+    else:
+        graph = import_model(model, input_shapes, example_inputs)
+    batches = list(calibration_batches(data, graph.inputs))
+    lowering = (quant or QuantConfig()).lowering()
+    return distill_graph(graph, int_graph, batches, config or DistillConfig(), lowering)
+
+
+__all__ = ["convert", "distill", "import_model", "load"]

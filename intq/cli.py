@@ -38,6 +38,7 @@ from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
 from intq.backends.tvm_runtime import MANIFEST_SUFFIX, TensorSpec, tvm_artifact
 from intq.config import load_config
 from intq.data import calibration_batches, first_batch_shapes, read_npz
+from intq.distillation import DISTILL_LOSSES, DistillConfig
 from intq.frontends.onnx_import import (
     declared_inputs,
     is_static,
@@ -133,6 +134,8 @@ OVERVIEW = "examples:\n" + "\n".join(
 
 
 API_FLAGS = {
+    "checkpoint": "--checkpoint",
+    "resume": "--resume",
     "input_shapes": "--input-shape",
     "tune_trials": "--tune-trials",
     "tuning_db": "--tuning-db",
@@ -456,6 +459,52 @@ def mixed_precision_from_args(args: argparse.Namespace) -> intq.MixedPrecision |
     )
 
 
+def add_distill_args(command: argparse.ArgumentParser) -> None:
+    """The distillation flags (``--distill-steps``, ``--checkpoint``, ``--resume``...) of a
+    command that quantizes; :func:`distill_from_args` reads them back."""
+    group = command.add_argument_group(
+        "distillation",
+        "train the integer model on the FP32 model's outputs over the --calib samples"
+        " (no labels): weights, biases and step sizes",
+    )
+    group.add_argument("--distill-steps", type=int, metavar="N", help="distill for N steps")
+    group.add_argument("--distill-lr", type=float, help="learning rate of the weights (1e-5)")
+    group.add_argument("--distill-loss", choices=DISTILL_LOSSES, help="default kl")
+    group.add_argument(
+        "--distill-batch", type=int, help="model batches per step (default 4), split by torchrun"
+    )
+    group.add_argument(
+        "--checkpoint", type=Path, metavar="FILE.pt", help="write the training state to FILE.pt"
+    )
+    group.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+
+
+def distill_from_args(args: argparse.Namespace) -> DistillConfig | None:
+    """The :class:`intq.DistillConfig` the flags ask for, or ``None`` without
+    ``--distill-steps``."""
+    if args.distill_steps is None:
+        given = [args.distill_lr, args.distill_loss, args.distill_batch, args.checkpoint]
+        if any(v is not None for v in given) or args.resume:
+            raise intq.IntqError(
+                "--distill-lr, --distill-loss, --distill-batch, --checkpoint and --resume"
+                " tune distillation, which is off",
+                hint="add --distill-steps N",
+            )
+        return None
+    options = {
+        "lr": args.distill_lr,
+        "loss": args.distill_loss,
+        "batch": args.distill_batch,
+        "checkpoint": args.checkpoint,
+    }
+    return DistillConfig(
+        steps=args.distill_steps,
+        resume=args.resume,
+        progress=False if args.quiet else None,
+        **{k: v for k, v in options.items() if v is not None},
+    )
+
+
 def _config(args: argparse.Namespace) -> intq.QuantConfig:
     overrides = {
         "weight_bits": args.weight_bits,
@@ -464,6 +513,7 @@ def _config(args: argparse.Namespace) -> intq.QuantConfig:
         "percentile": args.percentile,
         "bias_correction": args.bias_correction,
         "mixed_precision": mixed_precision_from_args(args),
+        "distill": distill_from_args(args),
     }
     progress = False if args.quiet else None
     if args.config is not None:
@@ -892,6 +942,7 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
     _add_input_shape(command)
     command.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     add_mixed_precision_args(command)
+    add_distill_args(command)
 
 
 def _add_sign_key(command: argparse.ArgumentParser) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from intq.distillation import DistillConfig
 from intq.errors import IntqError
 from intq.mixed_precision import MixedPrecision
 from intq.passes.integerize import kernel_specs
@@ -44,7 +45,7 @@ from intq.quantization import QuantConfig
 
 _NOT_IN_FILES = {"progress"}
 """QuantConfig fields that are run-time choices (``--quiet``), not part of a config file."""
-_TABLES = ("layer_bits", "kernels", "mixed_precision")
+_TABLES = ("layer_bits", "kernels", "mixed_precision", "distill")
 """QuantConfig fields written as TOML tables."""
 
 MAX_DEPTH = 4
@@ -99,6 +100,12 @@ def _integers(value: Any) -> Any:
     return tuple(value)
 
 
+def _strings(value: Any) -> Any:
+    if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
+        return None
+    return tuple(value)
+
+
 def _integer_table(value: Any) -> Any:
     if not isinstance(value, dict) or any(_integer(v) is None for v in value.values()):
         return None
@@ -114,6 +121,7 @@ _NUMBER = _Kind("a number", "2.5", _number)
 _STRING = _Kind("a string", '"minmax"', _string)
 _BOOLEAN = _Kind("true or false", "true", _boolean)
 _INTEGERS = _Kind("an array of integers", "[4, 8]", _integers)
+_STRINGS = _Kind("an array of strings", '["weights", "scales"]', _strings)
 _INTEGER_TABLE = _Kind("a table of integers", '{ "layer.name" = 8 }', _integer_table)
 _PATH = _Kind("a path (a non-empty string)", '"table.json"', _path)
 
@@ -123,7 +131,7 @@ def _kind(hint: Any) -> _Kind:
     no null, so leaving the key out is how a file says None)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     origin = typing.get_origin(hint)
-    if hint is int:
+    if hint is int or args == [int]:
         return _INTEGER
     if hint is float or args == [float]:
         return _NUMBER
@@ -132,7 +140,7 @@ def _kind(hint: Any) -> _Kind:
     if hint is bool:
         return _BOOLEAN
     if origin is tuple:
-        return _INTEGERS
+        return _STRINGS if typing.get_args(hint)[0] is str else _INTEGERS
     if origin is Mapping and typing.get_args(hint) == (str, int):
         return _INTEGER_TABLE
     if Path in args:
@@ -240,22 +248,21 @@ class _Reader:
         )
 
 
-def _mixed_precision(reader: _Reader, value: Any) -> MixedPrecision:
-    table = reader.table(
-        "[mixed_precision]", value, "write [mixed_precision] followed by size_mb = 2.5"
-    )
-    hints = typing.get_type_hints(MixedPrecision)
-    valid = sorted(f.name for f in dataclasses.fields(MixedPrecision))
+def _options(reader: _Reader, value: Any, name: str, kind: type, hint: str) -> Any:
+    """A table of ``kind``'s (a dataclass) fields: ``[mixed_precision]``, ``[distill]``."""
+    where = f"[{name}]"
+    table = reader.table(where, value, hint)
+    hints = typing.get_type_hints(kind)
+    valid = sorted(f.name for f in dataclasses.fields(kind) if f.name not in _NOT_IN_FILES)
     values = {}
     for key, item in table.items():
         if key not in valid:
-            raise reader.unknown("[mixed_precision]", key, valid)
-        field = f"[mixed_precision] {key}"
-        values[key] = reader.value(field, key, item, _kind(hints[key]), f"mixed_precision.{key}")
+            raise reader.unknown(where, key, valid)
+        values[key] = reader.value(f"{where} {key}", key, item, _kind(hints[key]), f"{name}.{key}")
     try:
-        return MixedPrecision(**values)
+        return kind(**values)
     except IntqError as err:
-        raise reader.error("[mixed_precision]", err.message, err.hint) from None
+        raise reader.error(where, err.message, err.hint) from None
 
 
 def _kernels(reader: _Reader, value: Any) -> dict[str, str]:
@@ -365,7 +372,11 @@ def load_config(path: str | Path, **overrides: Any) -> QuantConfig:
         elif key == "kernels":
             values[key] = _kernels(reader, value)
         elif key == "mixed_precision":
-            values[key] = _mixed_precision(reader, value)
+            hint = "write [mixed_precision] followed by size_mb = 2.5"
+            values[key] = _options(reader, value, key, MixedPrecision, hint)
+        elif key == "distill":
+            hint = "write [distill] followed by steps = 200 (and lr, loss, train...)"
+            values[key] = _options(reader, value, key, DistillConfig, hint)
         else:
             values[key] = reader.value(key, key, value, _kind(keys[key]), key)
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from intq.data import model_batches
+from intq.distillation import DistillConfig, distill_prepared
 from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
 from intq.mixed_precision import MixedPrecision, plan_bits
 from intq.passes import PREPARE, DumpHook, lowering_pipeline, pipeline
-from intq.passes.calibration import CALIBRATION_METHODS
+from intq.passes.calibration import CALIBRATION_METHODS, CalibrationStats, ClipChoices
 from intq.passes.integerize import Integerize
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import ACTIVATION_BITS, WEIGHT_BITS, WIDE_BITS, LayerBits
@@ -59,6 +60,12 @@ class QuantConfig:
     the LayerNorm and GELU outputs the dense layers read: at 8 bits BERT's outlier
     channels swamp the rest (MiniLM's pooled cosine to FP32 drops from 0.996 to 0.97).
     The range analysis still proves every int32 accumulator.
+
+    ``distill`` (a :class:`intq.DistillConfig`) then trains the integer model on the FP32
+    model's outputs over the calibration data (no labels): weights, biases and step sizes,
+    by a straight-through estimator whose forward pass is the integer model itself, and
+    lowers the result again (:mod:`intq.distillation`). With ``mixed_precision`` it distills
+    the planned widths.
     """
 
     weight_bits: int = 8
@@ -71,6 +78,7 @@ class QuantConfig:
     kernels: Mapping[str, str] = field(default_factory=dict)
     mixed_precision: MixedPrecision | None = None
     bias_correction: bool = False
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if self.wide_bits not in WIDE_BITS:
@@ -187,7 +195,33 @@ def quantize(
     if carried is not None:
         # The clean-up rewrote the graph in place: values it kept keep their entries.
         prepared.store_analysis(carried.surviving(prepared))
+    if config.distill is not None:
+        if calibration_data is None or carried is not None:
+            raise IntqError(
+                "distillation trains on the float model's outputs over calibration data, and"
+                + (
+                    " none was given"
+                    if calibration_data is None
+                    else " this model is pre-quantized"
+                ),
+                hint="pass unlabelled samples of a float model as calibration data, or drop"
+                " distill",
+            )
+        calibration_data = list(calibration_data)
     manager = lowering_pipeline(
         calibration_data, lowering, progress=config.progress, verify_each=verify_each, dump=dump
     )
-    return manager(prepared).graph
+    int_graph = manager(prepared).graph
+    if config.distill is None:
+        return int_graph
+    stats = prepared.analysis(CalibrationStats)
+    assert stats is not None and calibration_data is not None
+    return distill_prepared(
+        prepared,
+        calibration_data,
+        lowering,
+        config.distill,
+        stats=stats,
+        choices=prepared.analysis(ClipChoices),
+        start=int_graph,
+    )

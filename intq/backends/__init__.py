@@ -21,8 +21,8 @@ from intq.backends.tvm_runtime import load_tvm
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
-from intq.signing import load_public_keys, verify_files
 from intq.passes.range_analysis import prove_no_overflow
+from intq.signing import load_public_keys, verify_files
 
 # The TVM compiler is imported on first use: its schedules import TVM, an optional heavy
 # dependency that `import intq` must not pull in (the runtime module imports TVM only when a
