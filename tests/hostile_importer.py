@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import random
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -183,11 +185,57 @@ def _vision() -> onnx.ModelProto:
     return make_model(nodes, [x], [y], inits, opset=13)
 
 
+@functools.cache
+def _qdq_bytes() -> bytes:
+    """The CNN quantized by ONNX Runtime in QDQ format (per-channel int8 weights, symmetric
+    int8 activations), as intq imports pre-quantized models."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(5)
+            shape = (2, 1, 8, 8)
+            self.batches = iter([{"image": rng.standard_normal(shape).astype(np.float32)}] * 2)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the model, once per call
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "cnn.onnx", Path(tmp) / "qdq.onnx"
+        source.write_bytes(_cnn().SerializeToString())
+        quantize_static(
+            source,
+            target,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": True},
+        )
+        root.setLevel(level)
+        return target.read_bytes()
+
+
+def _qdq() -> onnx.ModelProto:
+    """QuantizeLinear/DequantizeLinear pairs around every Conv and Gemm of the CNN."""
+    return onnx.load_from_string(_qdq_bytes())
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "cnn": _cnn,
     "mlp": _mlp,
     "tokens": _tokens,
     "vision": _vision,
+    "qdq": _qdq,
 }
 """The small real models every model case starts from, by name."""
 
@@ -483,8 +531,6 @@ def cli_files() -> dict[str, bytes]:
     quantized = intq.quantize(graph, [{"image": calib[:2]}, {"image": calib[2:4]}], _QUIET)
     files = {}
     with contextlib.ExitStack() as stack:
-        import tempfile
-
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         intq.compile(quantized).save(tmp / "model.intq")
         intq.compile(quantized, target="onnxruntime").save(tmp / "int8.onnx")
