@@ -73,6 +73,9 @@ class _Recorded:
     def min(self) -> float:
         return float(self.stats.min)
 
+    def top(self, signed: bool) -> float:
+        return float(self.stats.top(signed))
+
     def clip(self, method: str, bits: int, signed: bool, percentile: float = 99.99) -> float:
         threshold = float(self.stats.clip(method, bits, signed, percentile))
         self.out[self.name] = threshold
