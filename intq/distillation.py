@@ -131,6 +131,10 @@ class LearnedRange:
     min: float
     threshold: float
 
+    def top(self, signed: bool) -> float:
+        """The range's end: the learned threshold stands for the data's largest magnitude."""
+        return self.threshold
+
     def clip(self, method: str, bits: int, signed: bool, percentile: float = 99.99) -> float:
         """The learned threshold (the method does not apply: training chose it)."""
         return max(self.threshold, MIN_THRESHOLD)

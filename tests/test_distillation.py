@@ -269,11 +269,11 @@ def test_a_config_file_distills_with_a_distill_table(tmp_path):
     config = load_config(path)
     assert config.distill == DistillConfig(steps=3, loss="cosine", train=("scales",))
     path.write_text("[distill]\nepochs = 3\n")
-    with pytest.raises(intq.IntqError, match="unknown key 'epochs' in distill") as info:
+    with pytest.raises(intq.IntqError, match=r"\[distill\]: unknown key 'epochs'") as info:
         load_config(path)
     assert "steps" in info.value.hint
     path.write_text('[distill]\nloss = "hinge"\n')
-    with pytest.raises(intq.IntqError, match="distill: unknown distillation loss"):
+    with pytest.raises(intq.IntqError, match=r"\[distill\]: unknown distillation loss"):
         load_config(path)
 
 
