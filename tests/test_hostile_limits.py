@@ -128,7 +128,7 @@ def test_a_bad_character_after_a_million_blanks_is_found_at_once(where, tmp_path
 
 
 def test_a_long_format_number_in_a_header_is_a_damaged_header(tmp_path):
-    with pytest.raises(intq.ArtifactError, match="damaged intq artifact header"):
+    with pytest.raises(intq.ArtifactError, match="header has no end of line in its first"):
         hl.long_integer(tmp_path, "header", 5000, 0)
 
 
