@@ -20,7 +20,6 @@ from intq.backends.reference import REFERENCE
 from intq.backends.tvm_runtime import load_tvm
 from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph
-from intq.ir.verifier import verify
 from intq.passes.range_analysis import prove_no_overflow
 from intq.signing import load_public_keys, verify_files
 
@@ -71,9 +70,8 @@ def compile(graph: Graph, target: str = "reference", **options: Any) -> Executab
         raise IntqError(
             f"unknown target {target!r}", hint=f"the targets are: {', '.join(sorted(TARGETS))}"
         )
-    verify(graph)
-    # The one overflow gate, before any target's compiler sees the graph: an integer graph the
-    # range analysis cannot prove is refused (naming the layer) on every target alike.
+    # The one gate, before any target's compiler sees the graph: the verifier, then for an
+    # integer graph the overflow proof, refusing (naming the layer) on every target alike.
     prove_no_overflow(graph)
     return backend.compile(graph, **options)
 

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from intq import limits
 from intq.errors import ArtifactError, IntqError
-from intq.frontends import onnx_context
 from intq.inspection import layer_table
 from intq.ir.graph import Graph
 from intq.semantics.feeds import Feeds
@@ -105,15 +105,13 @@ def check_artifact_path(
 
 def check_declared_size(path: Path, what: str, shape: Sequence[int], itemsize: int) -> None:
     """Refuse an artifact that declares a tensor (``what``, of ``shape``) larger than
-    :data:`~intq.frontends.onnx_context.MAX_TENSOR_BYTES`, before anything of that size is
-    allocated (``intq bench`` makes random inputs of the declared shapes)."""
-    elements = 1
-    for dim in shape:
-        elements *= int(dim)
-    limit = onnx_context.MAX_TENSOR_BYTES  # read now: a caller may have raised it
-    if elements * itemsize > limit:
+    :data:`intq.limits.MAX_TENSOR_BYTES`, before anything of that size is allocated
+    (``intq bench`` makes random inputs of the declared shapes)."""
+    nbytes = limits.tensor_bytes(shape, itemsize)
+    limit = limits.MAX_TENSOR_BYTES  # read now: a caller may have raised it
+    if nbytes > limit:
         raise ArtifactError(
-            f"{path}: {what} of shape {list(shape)} would take {elements * itemsize:.3g} bytes,"
+            f"{path}: {what} of shape {list(shape)} would take {nbytes:.3g} bytes,"
             f" more than intq's limit of {limit}",
             hint="recompile the model (intq compile ...); an artifact's shapes come from it",
         )
