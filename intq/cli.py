@@ -52,6 +52,7 @@ from intq.mixed_precision import SENSITIVITY_METHODS
 from intq.ops import Trait
 from intq.passes.calibration import CALIBRATION_METHODS
 from intq.passes.integer_only import census
+from intq.passes.learned_rounding import ROUNDINGS
 from intq.passes.model_quantization import ModelQuantization
 from intq.signing import write_key_pair
 from intq.vectors import read_manifest
@@ -512,6 +513,7 @@ def _config(args: argparse.Namespace) -> intq.QuantConfig:
         "calibration": args.calibration,
         "percentile": args.percentile,
         "bias_correction": args.bias_correction,
+        "rounding": args.rounding,
         "mixed_precision": mixed_precision_from_args(args),
         "distill": distill_from_args(args),
     }
@@ -932,6 +934,12 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="remove the mean output shift of weight rounding from each layer's integer bias"
         " (default off)",
+    )
+    command.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        help="default auto: layers under 8 bits learn their integer weights from the"
+        " calibration data (learned: every layer; nearest: none)",
     )
     command.add_argument(
         "--weight-bits",

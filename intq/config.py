@@ -5,6 +5,7 @@
     calibration = "auto"           # auto | minmax | percentile | mse
     percentile = 99.99
     bias_correction = true         # remove the mean output shift of weight rounding
+    rounding = "auto"              # auto | nearest | learned (auto: layers under 8 bits)
 
     [layer_bits."layer3.1.conv2"]  # by original node name, as `intq inspect --ir` prints
     weights = 4

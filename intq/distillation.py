@@ -177,8 +177,9 @@ class Parameters:
 
 def learned_lowering(lowering: Integerize) -> Integerize:
     """The lowering options for trained parameters: the thresholds are the learned ones (no
-    clipping rule applies) and bias correction is off (training moved the biases itself)."""
-    return replace(lowering, calibration="minmax", bias_correction=False)
+    clipping rule applies), bias correction is off (training moved the biases itself) and
+    weights round to nearest (the trained weights are the rounding's result)."""
+    return replace(lowering, calibration="minmax", bias_correction=False, rounding="nearest")
 
 
 def reintegerize(prepared: Graph, params: Parameters, lowering: Integerize) -> Graph:

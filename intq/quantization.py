@@ -45,7 +45,11 @@ class QuantConfig:
     minimises the tensor's own expected squared error). ``bias_correction`` (off by default)
     removes from each Conv/Gemm/MatMul's integer bias the mean output shift its weights'
     rounding causes, from the layer's mean input over the calibration data
-    (:mod:`intq.passes.bias_correction`; only integer biases change). ``mixed_precision`` (a
+    (:mod:`intq.passes.bias_correction`; only integer biases change). ``rounding``: ``auto``
+    (the default) learns the integer weights of every layer narrower than 8 bits from the
+    calibration data, each layer's weights chosen to reproduce its float outputs rather than
+    rounded to nearest (:mod:`intq.passes.learned_rounding`); ``learned`` does it for 8-bit
+    layers too, ``nearest`` for none. ``mixed_precision`` (a
     :class:`intq.MixedPrecision`) chooses each layer's weight bits to meet a budget
     (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.
 
@@ -79,6 +83,7 @@ class QuantConfig:
     mixed_precision: MixedPrecision | None = None
     bias_correction: bool = False
     distill: DistillConfig | None = None
+    rounding: str = "auto"
 
     def __post_init__(self) -> None:
         if self.wide_bits not in WIDE_BITS:
@@ -113,6 +118,7 @@ class QuantConfig:
             self.wide_bits,
             dict(self.kernels),
             self.bias_correction,
+            self.rounding,
         )
 
     @property

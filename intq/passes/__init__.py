@@ -21,6 +21,7 @@ from intq.passes.fold_pad import FoldPad
 from intq.passes.fuse_transformer import FuseTransformer
 from intq.passes.integer_only import CheckIntegerOnly
 from intq.passes.integerize import Integerize
+from intq.passes.learned_rounding import LearnedRounding
 from intq.passes.manager import DumpHook, Pass, PassManager, PassResult, parse_pipeline
 from intq.passes.range_analysis import RangeAnalysis
 from intq.passes.verify import Verify
@@ -59,19 +60,24 @@ def lowering_pipeline(
 ) -> PassManager:
     """The core steps after the float clean-up, as one pipeline: ``calibrate`` (on the data),
     ``auto-clip`` when ``lowering`` calibrates ``auto`` (on a reservoir of the same data, read
-    once), ``integerize`` (with ``lowering``'s options), ``range-analysis`` (the overflow
-    proof, kept on the graph for the backends), ``check-integer-only`` and ``verify``;
+    once), ``learned-rounding`` when ``lowering`` learns some layer's rounding (on the input
+    Gram matrices ``calibrate`` gathers for it), ``integerize`` (with ``lowering``'s
+    options), ``range-analysis`` (the overflow proof, kept on the graph for the backends),
+    ``check-integer-only`` and ``verify``;
     ``verify_each`` and ``dump`` as for :func:`pipeline`. Without ``calibration_data`` there
     is no ``calibrate`` step: a pre-quantized model's graph carries its own ranges
     (``ModelQuantization``)."""
     calibrate: list[Pass] = []
     if calibration_data is not None:
+        learns = lowering.learns if lowering.rounding != "nearest" else None
+        kept: list[Mapping[str, np.ndarray]] = []
         if lowering.calibration == "auto":
             calibration_data, kept = reservoir(calibration_data)
-            calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction))
+        calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction, learns))
+        if lowering.calibration == "auto":
             calibrate.append(AutoClip(kept, lowering, progress))
-        else:
-            calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction))
+        if learns is not None:
+            calibrate.append(LearnedRounding(lowering, progress))
     return PassManager(
         [
             *calibrate,
@@ -98,6 +104,7 @@ __all__ = [
     "FoldPad",
     "FuseTransformer",
     "Integerize",
+    "LearnedRounding",
     "Pass",
     "PassManager",
     "PassResult",

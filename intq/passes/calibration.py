@@ -28,6 +28,7 @@ from tqdm import tqdm
 from intq.errors import IntqError, NumericsError
 from intq.ir.graph import Graph, Node, Value, ValueMap
 from intq.passes.bias_correction import MeanInputs
+from intq.passes.learned_rounding import GramInputs
 from intq.passes.manager import Pass
 from intq.progress import show_progress
 from intq.semantics.feeds import check_feeds
@@ -514,21 +515,36 @@ class Calibrate(Pass):
     Changes nothing in the graph. ``batches`` and ``progress`` are the arguments of
     :func:`collect_stats`; the batches are data, not an option a pipeline string can spell.
     ``bias_correction`` also keeps each weighted layer's mean inputs
-    (:class:`~intq.passes.bias_correction.InputMeans`) for ``integerize`` to correct its bias.
+    (:class:`~intq.passes.bias_correction.InputMeans`) for ``integerize`` to correct its bias;
+    ``learns`` (a layer name -> bool, the lowering's :meth:`Integerize.learns`) the Gram
+    matrices of the inputs of the layers it names
+    (:class:`~intq.passes.learned_rounding.InputGrams`) for ``learned-rounding``.
     """
 
     name: ClassVar[str] = "calibrate"
     batches: Iterable[Mapping[str, np.ndarray]] = field(default=(), repr=False, compare=False)
     progress: bool | None = None
     bias_correction: bool = False
+    learns: Callable[[str], bool] | None = field(default=None, repr=False, compare=False)
 
     def apply(self, graph: Graph) -> bool:
         means = MeanInputs(graph.nodes) if self.bias_correction else None
-        observe = means.observe if means is not None else None
-        stats = collect_stats(graph, self.batches, progress=self.progress, observe=observe)
+        learns = self.learns
+        names = {n.label() for n in graph if learns is not None and learns(n.label())}
+        grams = GramInputs(graph.nodes, names) if learns is not None else None
+        observers = [o.observe for o in (means, grams) if o is not None and o.wanted]
+
+        def observe(value: Value, array: np.ndarray) -> None:
+            for observer in observers:
+                observer(value, array)
+
+        stats = collect_stats(
+            graph, self.batches, progress=self.progress, observe=observe if observers else None
+        )
         graph.store_analysis(CalibrationStats({graph[name]: s for name, s in stats.items()}))
-        if means is not None:
-            graph.store_analysis(means.result())
+        for gathered in (means, grams):
+            if gathered is not None:
+                graph.store_analysis(gathered.result())
         return False
 
 

@@ -21,6 +21,7 @@ from intq.ir.types import QuantParams
 from intq.ops import Trait
 from intq.passes.bias_correction import corrected_bias
 from intq.passes.calibration import AUTO_FALLBACK, MIN_THRESHOLD, ClipChoices, ClipRule
+from intq.passes.learned_rounding import Rounded
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantize_weights
 from intq.semantics.numerics import common_shift, count_divisors, dyadic, storage_dtype
@@ -196,6 +197,7 @@ class Lowering:
         model: ModelQuantization | None = None,
         choices: Mapping[Value, ClipRule] | None = None,
         means: Mapping[Value, np.ndarray] | None = None,
+        rounded: Mapping[Value, Rounded] | None = None,
     ):
         self.src = src
         self.stats = stats
@@ -203,6 +205,7 @@ class Lowering:
         self.choices = choices if choices is not None else {}
         self.clips: dict[Value, ClipRule] = {}  # the rule that set each calibrated scale
         self.means = means if means is not None else {}  # bias correction's mean inputs
+        self.rounded = rounded if rounded is not None else {}  # learned rounding's integers
         self.model = model if model is not None else ModelQuantization({})
         self.dst = Graph(src.name)
         self.ints: dict[Value, Value] = {}
@@ -403,7 +406,11 @@ class Lowering:
         given = None
         if model is not None and alpha == 1.0:
             given = model.channel_scales(value.const.shape, axis, bits)
-        q, scales = quantize_weights(value.const * alpha, bits, axis, floor, given)
+        learned = self.rounded.get(value) if self.options.learns(node.label()) else None
+        if learned is not None and given is None and alpha == 1.0 and _holds(learned, floor):
+            q, scales = learned.q.astype(storage_dtype(bits, True)), learned.scales
+        else:
+            q, scales = quantize_weights(value.const * alpha, bits, axis, floor, given)
         w = self.dst.add_constant(q, value.name)
         w.type = w.type.with_quant(channel_quant(bits, scales, axis, narrow=True))
         mean = self.means.get(node.output) if given is None else None
@@ -419,6 +426,12 @@ class Lowering:
         b = self.dst.add_constant(b_q, f"{node.label()}.bias")
         b.type = b.type.with_quant(channel_quant(32, acc_scales, 0))
         return w, b
+
+
+def _holds(learned: Rounded, floor: np.ndarray | None) -> bool:
+    """Whether learned steps leave room for the layer's bias (at least ``floor``; else the
+    lowering raises the steps and rounds to nearest)."""
+    return floor is None or bool(np.all(np.asarray(learned.scales) >= floor))
 
 
 def channel_quant(

@@ -71,6 +71,7 @@ from intq.passes.bias_correction import InputMeans
 from intq.passes.calibration import CALIBRATION_METHODS, CalibrationStats, ClipChoices, ClipRule
 from intq.passes.integer_lowering import Lowering, Stats
 from intq.passes.integer_rules import LOWERINGS
+from intq.passes.learned_rounding import ROUNDINGS, RoundedWeights
 from intq.passes.manager import Pass, PassResult
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import LayerBits
@@ -97,6 +98,9 @@ class Integerize(Pass):
     each weighted layer's mean output shift from weight rounding from its integer bias, with
     the :class:`~intq.passes.bias_correction.InputMeans` that ``calibrate`` stored
     (:mod:`intq.passes.bias_correction`; layers without means are left as they are).
+    ``rounding`` (``nearest`` here, ``auto`` in ``QuantConfig``) says which layers take the
+    integer weights ``learned-rounding`` chose (:class:`RoundedWeights`) instead of rounding
+    to nearest (:meth:`learns`).
     """
 
     name: ClassVar[str] = "integerize"
@@ -108,8 +112,13 @@ class Integerize(Pass):
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
     bias_correction: bool = False
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise IntqError(
+                f"unknown rounding {self.rounding!r}", hint=f"use one of {', '.join(ROUNDINGS)}"
+            )
         if self.calibration not in CALIBRATION_METHODS:
             raise IntqError(
                 f"unknown calibration method {self.calibration!r}",
@@ -131,6 +140,13 @@ class Integerize(Pass):
     def bits(self, node_name: str) -> LayerBits:
         """The bit widths of the layer named ``node_name``."""
         return self.layer_bits.get(node_name) or LayerBits(self.weight_bits, self.activation_bits)
+
+    def learns(self, node_name: str) -> bool:
+        """Whether the layer named ``node_name`` takes learned rounding: every layer for
+        ``learned``, those with weights narrower than 8 bits for ``auto``."""
+        if self.rounding == "auto":
+            return self.bits(node_name).weights < 8
+        return self.rounding == "learned"
 
     def variant(self, op: str) -> str:
         """The chosen variant of kernel op ``op`` (``QSoftmax``...)."""
@@ -158,7 +174,10 @@ class Integerize(Pass):
         model = graph.analysis(ModelQuantization)
         choices = graph.analysis(ClipChoices)
         means = graph.analysis(InputMeans) if self.bias_correction else None
-        lowering = Lowering(graph, stats if stats is not None else {}, self, model, choices, means)
+        rounded = graph.analysis(RoundedWeights) if self.rounding != "nearest" else None
+        lowering = Lowering(
+            graph, stats if stats is not None else {}, self, model, choices, means, rounded
+        )
         return PassResult(lowering.run(LOWERINGS), True)
 
 
