@@ -192,7 +192,9 @@ def test_eight_bit_layers_round_to_nearest_by_default():
 def test_the_passes_store_grams_and_rounded_weights_for_learned_layers_only():
     model, batches = correlated_convs()
     graph = intq.from_onnx(model)
-    lowering = Integerize(weight_bits=8, layer_bits={"Conv_2": intq.LayerBits(4, 8)}, rounding="auto")
+    lowering = Integerize(
+        weight_bits=8, layer_bits={"Conv_2": intq.LayerBits(4, 8)}, rounding="auto"
+    )
     PassManager([Calibrate(batches, False, learns=lowering.learns)])(graph)
     grams = graph.analysis(InputGrams)
     assert grams is not None and [v.name for v in grams] == ["c2"]  # the output of Conv_2
