@@ -134,7 +134,7 @@ class MixedPrecision:
             raise IntqError(
                 f"candidate activation bits must be among {ACTIVATION_BITS},"
                 f" got {self.activation_bits!r}",
-                hint="write activation_bits=(8, 16)",
+                hint="for example 8 and 16: 16 bits where the budget allows",
             )
         object.__setattr__(self, "activation_bits", activations)
         self.budget()  # validates the budget values
