@@ -399,16 +399,26 @@ class MixedPrecisionPlan:
     activation_perturbation: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def layer_bits(self, activations: int = 8, weights: int = 8) -> dict[str, LayerBits]:
-        """The choice as :attr:`intq.QuantConfig.layer_bits`: each layer's weight bits with
-        ``activations``-bit outputs, except where an activation was chosen: every node that
-        sets its width (:attr:`ActivationSite.keys`) then produces that many bits (a node
-        that is not a layer gets ``weights``, which it does not read)."""
-        bits = self.allocation.layer_bits(activations)
-        for site in self.sites:
-            a = self.allocation.activations[site.value]
-            for key in site.keys:
-                bits[key] = LayerBits(bits[key].weights if key in bits else weights, a)
-        return bits
+        """The choice as :attr:`intq.QuantConfig.layer_bits` (:func:`place_activations`)."""
+        return place_activations(self.allocation, self.sites, activations, weights)
+
+
+def place_activations(
+    allocation: Allocation,
+    sites: Sequence[ActivationSite],
+    activations: int = 8,
+    weights: int = 8,
+) -> dict[str, LayerBits]:
+    """An allocation as :attr:`intq.QuantConfig.layer_bits`: each layer's weight bits with
+    ``activations``-bit outputs, except where an activation was chosen: every node that sets
+    its width (:attr:`ActivationSite.keys`) then produces that many bits (a node that is not
+    a layer gets ``weights``, which it does not read)."""
+    bits = allocation.layer_bits(activations)
+    for site in sites:
+        a = allocation.activations[site.value]
+        for key in site.keys:
+            bits[key] = LayerBits(bits[key].weights if key in bits else weights, a)
+    return bits
 
     def table(self) -> str:
         """The chosen bits per layer with Ω, costs (and trace), then the ties and pins."""
@@ -551,31 +561,21 @@ def plan_bits(
     if mp.latency_ms is not None or mp.latency_table is not None:
         latency = _latency_table(graph, mp, layers, activation_bits)
     a_candidates = mp.activation_candidates(activation_bits)
-    sites: list[ActivationSite] = []
-    a_perturbation: dict[str, dict[int, float]] = {}
-    activations: list[ActivationCosts] = []
+    choice = ActivationChoice((), {}, (), {})
     if a_candidates:
-        sites = _choosable_sites(graph, layers, fixed_activations or {})
-        a_perturbation = _activation_perturbations(
-            graph, batches, sites, a_candidates, mp, clip, progress
+        choice = activation_choice(
+            graph, batches, layers, mp, a_candidates, clip, fixed_activations, progress
         )
-        ends = {layers[0].name, layers[-1].name} if mp.pin_first_last else set()
-        for site in sites:
-            widths = a_candidates
-            if ends & set(site.readers) and any(a >= 8 for a in widths):
-                widths = tuple(a for a in widths if a >= 8)  # HAWQ-V3 keeps the ends at 8
-            activations.append(
-                ActivationCosts(
-                    site.value, {a: a_perturbation[site.value][a] for a in widths}, site.readers
-                )
-            )
+    sites = list(choice.sites)
+    a_perturbation = choice.perturbation
+    activations = list(choice.activations)
     read = {name for site in sites for name in site.readers}
     costs = []
     for layer in layers:
         pairs = None
         pair_latency = None
         if layer.name in read:
-            pairs = _allowed_pairs(graph, layer, mp.candidates, a_candidates)
+            pairs = choice.pairs[layer.name]
             if latency is not None:
                 pair_latency = latency.for_pairs(layer.name, pairs)
         costs.append(
@@ -615,6 +615,50 @@ ACCUMULATOR_HEADROOM = 2**30
 """A (weight, activation) pair is offered only when ``max_c sum|q_w[c]| * 2^a`` stays below
 this: half of int32, the rest left to the bias, so that the range analysis can prove the
 accumulator (it refuses the graph otherwise)."""
+
+
+@dataclass(frozen=True)
+class ActivationChoice:
+    """The activation side of the program: the ``sites`` chosen for, their ``Ω`` per width
+    (``perturbation``, by site value), their :class:`ActivationCosts` (with the widths the
+    pins allow) and each reading layer's allowed (weight, activation) ``pairs``."""
+
+    sites: tuple[ActivationSite, ...]
+    perturbation: dict[str, dict[int, float]]
+    activations: tuple[ActivationCosts, ...]
+    pairs: dict[str, list[tuple[int, int]]]
+
+
+def activation_choice(
+    graph: Graph,
+    batches: Sequence[Batch],
+    layers: Sequence[QuantLayer],
+    mp: MixedPrecision,
+    candidates: Sequence[int],
+    clip: ClipRule | None = None,
+    fixed_activations: Mapping[str, int] | None = None,
+    progress: bool | None = None,
+) -> ActivationChoice:
+    """Sites, sensitivities and allowed pairs for activation ``candidates`` (see
+    :class:`MixedPrecision` and :func:`plan_bits`, which calls this)."""
+    sites = _choosable_sites(graph, layers, fixed_activations or {})
+    omega = _activation_perturbations(graph, batches, sites, candidates, mp, clip, progress)
+    ends = {layers[0].name, layers[-1].name} if mp.pin_first_last else set()
+    activations = []
+    for site in sites:
+        widths = tuple(candidates)
+        if ends & set(site.readers) and any(a >= 8 for a in widths):
+            widths = tuple(a for a in widths if a >= 8)  # as HAWQ-V3 keeps the ends at 8
+        activations.append(
+            ActivationCosts(site.value, {a: omega[site.value][a] for a in widths}, site.readers)
+        )
+    read = {name for site in sites for name in site.readers}
+    pairs = {
+        layer.name: _allowed_pairs(graph, layer, mp.candidates, candidates)
+        for layer in layers
+        if layer.name in read
+    }
+    return ActivationChoice(tuple(sites), omega, tuple(activations), pairs)
 
 
 def _choosable_sites(
@@ -710,10 +754,13 @@ def as_list(batches: Iterable[Batch]) -> list[Batch]:
 
 
 __all__ = [
+    "ActivationChoice",
     "LatencyTable",
     "MixedPrecision",
     "MixedPrecisionPlan",
     "derive_ties",
+    "activation_choice",
     "measure_latency",
+    "place_activations",
     "plan_bits",
 ]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import intq
-from intq.backends.onnxruntime import compile_onnxruntime
+from intq.backends.onnxruntime import compile_onnxruntime, onnx_census
 from intq.backends.tvm import compile_tvm
 from intq.cli import main
 from intq.config import load_config
@@ -216,6 +216,34 @@ def test_default_keeps_every_activation_at_activation_bits(outlier_mlp) -> None:
     assert plans[0].sites == () and plans[1].sites == ()
     assert plans[0].allocation == plans[1].allocation
     assert plans[0].layer_bits() == plans[1].layer_bits()
+
+
+@pytest.mark.parametrize(
+    "pool, relu",
+    [
+        (nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), False),  # i16, padded, ceil
+        (nn.MaxPool2d(2, dilation=2), True),  # u16, dilated
+    ],
+)
+def test_16_bit_maxpool_is_bit_exact_on_both_backends(pool: nn.Module, relu: bool) -> None:
+    # ONNX Runtime's MaxPool takes 8-bit integers only: 16-bit inputs take strided slices.
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(2, 4, 3, padding=1), *([nn.ReLU()] if relu else []), pool]
+    net = nn.Sequential(*layers, nn.Conv2d(4, 4, 1)).eval()
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((2, 2, 9, 9)).astype(np.float32)} for _ in range(3)]
+    graph = intq.from_torch(net, (torch.from_numpy(batches[0]["x"]),), input_names=["x"])
+    config = intq.QuantConfig(activation_bits=16, calibration="minmax")
+    quantized = intq.quantize(graph, batches, config)
+    pooled = next(node for node in quantized if node.op == "MaxPool")
+    assert pooled.output.type.dtype.name == ("U16" if relu else "I16")
+    expected = run_graph(quantized, batches[1])
+    ort = compile_onnxruntime(quantized)
+    assert "MaxPool" not in onnx_census(ort.model)
+    for exe in (ort, compile_tvm(quantized)):
+        got = exe.run(batches[1])
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
 
 
 # ----- config file and command line -------------------------------------------------------------
