@@ -402,24 +402,6 @@ class MixedPrecisionPlan:
         """The choice as :attr:`intq.QuantConfig.layer_bits` (:func:`place_activations`)."""
         return place_activations(self.allocation, self.sites, activations, weights)
 
-
-def place_activations(
-    allocation: Allocation,
-    sites: Sequence[ActivationSite],
-    activations: int = 8,
-    weights: int = 8,
-) -> dict[str, LayerBits]:
-    """An allocation as :attr:`intq.QuantConfig.layer_bits`: each layer's weight bits with
-    ``activations``-bit outputs, except where an activation was chosen: every node that sets
-    its width (:attr:`ActivationSite.keys`) then produces that many bits (a node that is not
-    a layer gets ``weights``, which it does not read)."""
-    bits = allocation.layer_bits(activations)
-    for site in sites:
-        a = allocation.activations[site.value]
-        for key in site.keys:
-            bits[key] = LayerBits(bits[key].weights if key in bits else weights, a)
-    return bits
-
     def table(self) -> str:
         """The chosen bits per layer with Ω, costs (and trace), then the ties and pins."""
         lines = [f"mixed precision: sensitivity {self.method}", self.allocation.table()]
@@ -488,6 +470,24 @@ def place_activations(
         if self.latency is not None:
             paths.append(self.latency.save(base.with_name(base.name + ".latency.json")))
         return paths
+
+
+def place_activations(
+    allocation: Allocation,
+    sites: Sequence[ActivationSite],
+    activations: int = 8,
+    weights: int = 8,
+) -> dict[str, LayerBits]:
+    """An allocation as :attr:`intq.QuantConfig.layer_bits`: each layer's weight bits with
+    ``activations``-bit outputs, except where an activation was chosen: every node that sets
+    its width (:attr:`ActivationSite.keys`) then produces that many bits (a node that is not
+    a layer gets ``weights``, which it does not read)."""
+    bits = allocation.layer_bits(activations)
+    for site in sites:
+        a = allocation.activations[site.value]
+        for key in site.keys:
+            bits[key] = LayerBits(bits[key].weights if key in bits else weights, a)
+    return bits
 
 
 def plan_bits(
