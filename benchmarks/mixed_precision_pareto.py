@@ -248,6 +248,7 @@ def run(
     iterations: int,
     pin: bool = True,
     activations: bool = False,
+    sizes: bool = True,
 ) -> list[Point]:
     layers = quantizable_layers(task.graph)
     pins = {layers[0].name: 8, layers[-1].name: 8} if pin else {}
@@ -270,6 +271,8 @@ def run(
         f"[{task.name}] Hessian traces: {estimate.iterations} iterations"
         f" (converged: {estimate.converged}), {time.perf_counter() - started:.1f} s"
     )
+    if not sizes:
+        return run_activations(task, layers, stats, omegas["ilp-hessian"], ties, pins)
     started = time.perf_counter()
     omegas["ilp-direct"] = direct_perturbations(
         task.graph, task.calibration[:8], layers, (4, 8), loss=task.loss, progress=False
@@ -450,24 +453,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also BOPs budgets with 8/16-bit input activations chosen by the ILP",
     )
+    parser.add_argument(
+        "--activations-only", action="store_true", help="--activations without the size budgets"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"machine: {cpu_description()}; load {load_average()}")
     fractions = (0.2, 0.5, 0.8) if args.quick else (0.1, 0.3, 0.55, 0.8)
     seeds = 2 if args.quick else args.seeds
     pin = not args.no_pins
-    acts = args.activations
+    acts = args.activations or args.activations_only
+    sizes = not args.activations_only
     models = ["digits"] if args.quick else args.models.split(",")
     points = []
     if "digits" in models:
         task = digits_task(args.zoo)
-        points += run(task, fractions, seeds, iterations=64, pin=pin, activations=acts)
+        points += run(task, fractions, seeds, iterations=64, pin=pin, activations=acts, sizes=sizes)
     if "efficientnet" in models:
         task = efficientnet_task(args.zoo, calibration_crops=16, eval_crops=args.crops)
-        points += run(task, fractions, seeds, iterations=32, pin=pin, activations=acts)
+        points += run(task, fractions, seeds, iterations=32, pin=pin, activations=acts, sizes=sizes)
     if "minilm" in models:
         task = minilm_task(args.zoo)
-        points += run(task, fractions, seeds, iterations=32, pin=pin, activations=acts)
+        points += run(task, fractions, seeds, iterations=32, pin=pin, activations=acts, sizes=sizes)
     print()
     print("\n".join(verdict(points)))
     if args.json:

@@ -661,6 +661,11 @@ def _solve(
 # ----- weight and activation decisions ---------------------------------------------------------
 
 
+_Column = tuple[str, int, int, int]
+"""A binary of the program with activation decisions: ``(kind, index, w, a)``: ``("x", g, w,
+0)``, ``("y", t, 0, a)`` or ``("z", i, w, a)`` (:class:`_PairProgram`)."""
+
+
 @dataclass(frozen=True)
 class _PairProgram:
     """The program with activation decisions, as columns of binaries.
@@ -673,7 +678,7 @@ class _PairProgram:
     BOPs and latency in ``z`` (or ``x`` for an uncovered layer), ``Ω`` in ``x`` and ``y``.
     """
 
-    columns: list[tuple[str, int, object]]
+    columns: list[_Column]
     equalities: csr_array
     rhs: np.ndarray
     costs: dict[str, np.ndarray]
@@ -721,16 +726,16 @@ def _allocate_pairs(
             activation_of[reader] = t
     covered = [layer for layer in layers if layer.name in activation_of]
 
-    columns: list[tuple[str, int, object]] = []
+    columns: list[_Column] = []
     for g, d in enumerate(decisions):
-        columns += [("x", g, w) for w in d.allowed]
+        columns += [("x", g, w, 0) for w in d.allowed]
     for t, act in enumerate(activations):
-        columns += [("y", t, a) for a in act.candidates]
+        columns += [("y", t, 0, a) for a in act.candidates]
     for i, layer in enumerate(covered):
         g, t = decision_of[layer.name], activation_of[layer.name]
         assert layer.pair_bops is not None
         columns += [
-            ("z", i, (w, a))
+            ("z", i, w, a)
             for w in decisions[g].allowed
             for a in activations[t].candidates
             if (w, a) in layer.pair_bops
@@ -739,19 +744,19 @@ def _allocate_pairs(
     n = len(columns)
     rows: list[dict[int, float]] = []
     for g, d in enumerate(decisions):
-        rows.append({col[("x", g, w)]: 1.0 for w in d.allowed})
+        rows.append({col[("x", g, w, 0)]: 1.0 for w in d.allowed})
     for t, act in enumerate(activations):
-        rows.append({col[("y", t, a)]: 1.0 for a in act.candidates})
+        rows.append({col[("y", t, 0, a)]: 1.0 for a in act.candidates})
     for i, layer in enumerate(covered):
         g, t = decision_of[layer.name], activation_of[layer.name]
         pairs = [c for c in columns if c[0] == "z" and c[1] == i]
         for w in decisions[g].allowed:
-            row = {col[c]: 1.0 for c in pairs if c[2][0] == w}  # type: ignore[index]
-            row[col[("x", g, w)]] = -1.0
+            row = {col[c]: 1.0 for c in pairs if c[2] == w}
+            row[col[("x", g, w, 0)]] = -1.0
             rows.append(row)
         for a in activations[t].candidates:
-            row = {col[c]: 1.0 for c in pairs if c[2][1] == a}  # type: ignore[index]
-            row[col[("y", t, a)]] = -1.0
+            row = {col[c]: 1.0 for c in pairs if c[3] == a}
+            row[col[("y", t, 0, a)]] = -1.0
             rows.append(row)
     entries = [(r, j, v) for r, row in enumerate(rows) for j, v in row.items()]
     equalities = coo_array(
@@ -763,27 +768,24 @@ def _allocate_pairs(
         + [0.0] * (len(rows) - len(decisions) - len(activations))
     )
 
-    def column_cost(dimension: str, c: tuple[str, int, object]) -> float:
-        kind, index, choice = c
+    def column_cost(dimension: str, c: _Column) -> float:
+        kind, index, w, a = c
         if kind == "x":
             d = decisions[index]
-            if dimension == "perturbation":
-                return d.cost("perturbation", choice)  # type: ignore[arg-type]
-            if dimension == "size_mb":
-                return d.cost("size_mb", choice)  # type: ignore[arg-type]
+            if dimension in ("perturbation", "size_mb"):
+                return d.cost(dimension, w)
             # BOPs and latency of the members no activation decision covers.
             free = [m for m in d.members if m.name not in activation_of]
-            return math.fsum(m.cost(dimension, choice) for m in free)  # type: ignore[arg-type]
+            return math.fsum(m.cost(dimension, w) for m in free)
         if kind == "y":
-            act = activations[index]
-            return act.perturbation[choice] if dimension == "perturbation" else 0.0  # type: ignore[index]
+            return activations[index].perturbation[a] if dimension == "perturbation" else 0.0
         layer = covered[index]
         if dimension == "bops":
             assert layer.pair_bops is not None
-            return layer.pair_bops[choice]  # type: ignore[index]
+            return layer.pair_bops[(w, a)]
         if dimension == "latency_ms":
             assert layer.pair_latency_ms is not None
-            return layer.pair_latency_ms[choice]  # type: ignore[index]
+            return layer.pair_latency_ms[(w, a)]
         return 0.0
 
     dims = ["perturbation", *requested]
@@ -792,8 +794,8 @@ def _allocate_pairs(
 
     def allocation(x: np.ndarray, optimal: bool) -> Allocation:
         chosen = [columns[j] for j in np.flatnonzero(x > 0.5)]
-        weight = {g: int(w) for kind, g, w in chosen if kind == "x"}  # type: ignore[call-overload]
-        act = {t: int(a) for kind, t, a in chosen if kind == "y"}  # type: ignore[call-overload]
+        weight = {g: w for kind, g, w, _ in chosen if kind == "x"}
+        act = {t: a for kind, t, _, a in chosen if kind == "y"}
         return _pair_allocation(layers, decisions, activations, activation_of, weight, act, optimal)
 
     # The least-perturbation choice of every decision, when its pairs are allowed and it fits.
