@@ -16,7 +16,7 @@ from intq.cli import main
 from intq.config import load_config
 from intq.inspection import layer_table
 from intq.ir import to_text
-from intq.mixed_precision import MixedPrecision, plan_bits
+from intq.mixed_precision import LatencyTable, MixedPrecision, activation_choice, plan_bits
 from intq.passes import PREPARE, pipeline
 from intq.passes.bit_allocation import (
     ActivationCosts,
@@ -128,6 +128,37 @@ def test_activation_sites_reach_through_relu_and_pools_and_join_shared_readers()
     assert len(sites[1].keys) == 3 and sites[1].keys[-1] == names[0]
     chain = {node.name: node.op for node in graph if node.name in sites[1].keys}
     assert sorted(chain.values()) == ["Conv", "MaxPool", "Relu"]
+
+
+def test_no_16_bit_input_where_the_accumulator_could_overflow() -> None:
+    # 4096 full-scale weights per output: |acc| could reach 4096 * 127 * 2^16 > 2^31 (8-bit
+    # weights) and 4096 * 7 * 2^16 > 2^30 (4-bit): only 8-bit inputs are offered.
+    net = nn.Sequential(nn.Linear(4096, 4), nn.ReLU(), nn.Linear(4, 4))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.sign(torch.randn(4, 4096)))
+    batches = [{"x": np.random.default_rng(0).standard_normal((2, 4096)).astype(np.float32)}]
+    graph = intq.from_torch(net, (torch.from_numpy(batches[0]["x"]),), input_names=["x"])
+    pipeline(PREPARE)(graph)
+    layers = quantizable_layers(graph)
+    mp = MixedPrecision(activation_bits=(8, 16), sensitivity="direct")
+    choice = activation_choice(graph, batches, layers, mp, (8, 16), ClipRule("minmax"))
+    assert choice.pairs[layers[0].name] == [(4, 8), (8, 8)]
+    assert choice.pairs[layers[1].name] == [(4, 8), (4, 16), (8, 8), (8, 16)]
+
+
+def test_latency_table_pairs_round_trip(tmp_path) -> None:
+    table = LatencyTable({"fc": {4: 1.0, 8: 1.5}}, pairs={"fc": {(4, 16): 2.0, (8, 16): 2.5}})
+    loaded = LatencyTable.load(table.save(tmp_path / "t.json"))
+    assert loaded.pairs == table.pairs
+    got = loaded.for_pairs("fc", [(4, 8), (8, 16)])
+    assert got == {(4, 8): 1.0, (8, 16): 2.5}
+    with pytest.raises(intq.IntqError, match="no entry for 8-bit weights with 12-bit") as info:
+        loaded.for_pairs("fc", [(8, 12)])
+    assert info.value.node == "fc"
+    text = (tmp_path / "t.json").read_text().replace('"4x16"', '"4by16"')
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(intq.ArtifactError, match="malformed pairs"):
+        LatencyTable.load(tmp_path / "bad.json")
 
 
 # ----- through intq.quantize --------------------------------------------------------------------
