@@ -1,4 +1,5 @@
-"""Mixed precision: pick 4 or 8 weight bits per layer to meet a budget (HAWQ-V3).
+"""Mixed precision: pick 4 or 8 weight bits per layer to meet a budget (HAWQ-V3), and with
+``MixedPrecision(activation_bits=(8, 16))`` each layer's input activation width too.
 
     config = intq.QuantConfig(mixed_precision=intq.MixedPrecision(size_mb=1.5))
     int_graph = intq.quantize(graph, calibration_batches, config)
@@ -13,6 +14,9 @@
    the choice and are left out), BOPs ``macs * b * activation_bits`` per sample, and latency
    from a per-layer table measured on ONNX Runtime (:func:`measure_latency`; a
    :class:`LatencyTable` saves to and loads from JSON, see its docstring for the format).
+   With activation candidates, each layer's input traced to where its width is set
+   (:func:`intq.passes.precision.activation_sites`), its ``Ω`` per width measured with its
+   calibrated quantizer (:func:`activation_choice`), and BOPs ``macs * w * a`` per pair.
 3. **Ties** derived from the graph (:func:`derive_ties`) and **pins** (the first and last
    layer at the widest candidate by default).
 4. The **ILP** (:func:`intq.passes.bit_allocation.allocate_bits`) and its answer as

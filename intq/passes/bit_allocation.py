@@ -32,6 +32,13 @@ is optimal up to HiGHS's dual tolerance (1e-10 of the largest scaled ``Ω`` diff
 is within about ``1e-9 * max(optimum, spread)`` where ``spread`` sums each layer's largest
 minus smallest ``Ω``. Among allocations of equal perturbation, which comes back is unspecified.
 
+Activation widths (``allocate_bits(..., activations=[ActivationCosts(...)])``) add a second
+kind of decision, one width per activation tensor shared by the layers reading it, and a
+binary per layer and allowed (weight, activation) pair that the equalities of
+:class:`_PairProgram` make the product of the layer's two choices, so that BOPs
+``macs * w * a`` and pair latencies stay linear. Without activations the program is exactly
+the one above.
+
 Without a binding budget the answer needs no solver: every decision takes its
 least-perturbation width (ties towards more bits). And with ties and pins but no other
 budget, the smallest achievable size, BOPs or latency is the sum of each decision's cheapest
