@@ -8,6 +8,7 @@ Run from the repository root (the ``dev`` extra installed)::
     .venv/bin/python -m benchmarks.mixed_precision_pareto --models minilm
     .venv/bin/python -m benchmarks.mixed_precision_pareto --quick      # digits only, small
     .venv/bin/python -m benchmarks.mixed_precision_pareto --json out/pareto.json
+    .venv/bin/python -m benchmarks.mixed_precision_pareto --quick --activations
 
 In one run, per model, every point integer-only and run by ONNX Runtime (bit-exact with the
 reference interpreter, see tests/test_mixed_precision.py):
@@ -20,6 +21,13 @@ reference interpreter, see tests/test_mixed_precision.py):
   layers in a random order switched to 4 bits while the model still exceeds the budget (the
   same pins; ties are not imposed on the random ones, which only widens their choice), then
   layers switched back to 8 bits in another random order wherever the model still fits.
+
+``--activations`` adds, per model, BOPs budgets (``macs * w * a`` per layer) from the fewest
+BOPs (W4A8 but the pinned ends) to every layer at W8A16: the ILP over weight widths alone
+(activations 8-bit) against the ILP that also picks each layer's input activation among 8
+and 16 bits (:class:`intq.MixedPrecision` ``activation_bits=(8, 16)``; activation Ω measured
+by quantizing that tensor alone with its min/max scale, twice the KL increase beside the
+Hessian weight Ω), plus uniform W8A8 and W8A16.
 
 Sensitivity is measured once per model and method; the calibration statistics once per model;
 each point is then the ILP, the integer lowering and an evaluation. Digits: accuracy on the
@@ -51,13 +59,24 @@ from benchmarks.machine import cpu_description, load_average
 from examples import zoo
 from intq.backends.onnxruntime import compile_onnxruntime
 from intq.ir.graph import Graph
-from intq.mixed_precision import derive_ties
+from intq.mixed_precision import (
+    ActivationChoice,
+    MixedPrecision,
+    activation_choice,
+    derive_ties,
+    place_activations,
+)
 from intq.passes import PREPARE, pipeline
-from intq.passes.bit_allocation import BITS_PER_MB, Budget, LayerCosts, allocate_bits
-from intq.passes.calibration import TensorStats, collect_stats
+from intq.passes.bit_allocation import (
+    BITS_PER_MB,
+    Budget,
+    LayerCosts,
+    allocate_bits,
+)
+from intq.passes.calibration import ClipRule, TensorStats, collect_stats
 from intq.passes.integer_only import check_integer_only
 from intq.passes.integerize import Integerize, integerize
-from intq.passes.precision import LayerBits, QuantLayer, quantizable_layers
+from intq.passes.precision import ActivationSite, LayerBits, QuantLayer, quantizable_layers
 from intq.passes.range_analysis import analyze_ranges
 from intq.passes.sensitivity import (
     direct_perturbations,
@@ -79,6 +98,7 @@ class Point:
     metric: float
     divergence: float
     seed: int | None = None
+    bops: float | None = None
 
 
 @dataclass
@@ -181,7 +201,15 @@ def kl(reference: np.ndarray, logits: np.ndarray) -> float:
 def lower(task: Task, stats: Mapping[str, TensorStats], bits: Mapping[str, int]) -> Graph:
     """The integer-only graph with the given weight bits per layer (8-bit activations),
     from statistics collected once for every choice."""
-    options = Integerize(layer_bits={n: LayerBits(b, 8) for n, b in bits.items()})
+    return lower_bits(task, stats, {n: LayerBits(b, 8) for n, b in bits.items()})
+
+
+def lower_bits(
+    task: Task, stats: Mapping[str, TensorStats], layer_bits: Mapping[str, LayerBits]
+) -> Graph:
+    """The integer-only graph with ``layer_bits`` (min/max calibration), from statistics
+    collected once for every choice."""
+    options = Integerize(layer_bits=dict(layer_bits))
     by_value = {task.graph[name]: s for name, s in stats.items()}
     result = integerize(task.graph, by_value, options)
     analyze_ranges(result)
@@ -214,7 +242,13 @@ def random_bits(
 
 
 def run(
-    task: Task, fractions: Sequence[float], seeds: int, iterations: int, pin: bool = True
+    task: Task,
+    fractions: Sequence[float],
+    seeds: int,
+    iterations: int,
+    pin: bool = True,
+    activations: bool = False,
+    sizes: bool = True,
 ) -> list[Point]:
     layers = quantizable_layers(task.graph)
     pins = {layers[0].name: 8, layers[-1].name: 8} if pin else {}
@@ -237,6 +271,8 @@ def run(
         f"[{task.name}] Hessian traces: {estimate.iterations} iterations"
         f" (converged: {estimate.converged}), {time.perf_counter() - started:.1f} s"
     )
+    if not sizes:
+        return run_activations(task, layers, stats, omegas["ilp-hessian"], ties, pins)
     started = time.perf_counter()
     omegas["ilp-direct"] = direct_perturbations(
         task.graph, task.calibration[:8], layers, (4, 8), loss=task.loss, progress=False
@@ -277,7 +313,103 @@ def run(
         rng = np.random.default_rng(0)
         for seed in range(seeds):
             point("random", random_bits(layers, pins, budget, rng), budget, seed)
+    if activations:
+        points += run_activations(task, layers, stats, omegas["ilp-hessian"], ties, pins)
     return points
+
+
+def run_activations(
+    task: Task,
+    layers: Sequence[QuantLayer],
+    stats: Mapping[str, TensorStats],
+    omega: Mapping[str, Mapping[int, float]],
+    ties: Sequence[Sequence[str]],
+    pins: Mapping[str, int],
+    fractions: Sequence[float] = (0.1, 0.25, 0.4, 0.6, 0.8),
+) -> list[Point]:
+    """BOPs budgets: the weights-only ILP against the ILP with 8/16-bit input activations."""
+    mp = MixedPrecision(activation_bits=(8, 16), pin_first_last=bool(pins), loss=task.loss)
+    started = time.perf_counter()
+    choice = activation_choice(
+        task.graph, task.calibration[:8], layers, mp, (8, 16), ClipRule("minmax")
+    )
+    print(
+        f"[{task.name}] activation sensitivity: {len(choice.sites)} activations,"
+        f" {time.perf_counter() - started:.1f} s"
+    )
+    plain = [
+        LayerCosts.from_counts(n.name, omega[n.name], params=n.params, macs=n.macs) for n in layers
+    ]
+    paired = [
+        LayerCosts.from_counts(
+            n.name, omega[n.name], params=n.params, macs=n.macs, pairs=choice.pairs.get(n.name)
+        )
+        for n in layers
+    ]
+    sites = choice.sites
+    widest = {a.name: max(a.perturbation) for a in choice.activations}
+
+    def bops(weights: Mapping[str, int], inputs: Mapping[str, int]) -> float:
+        return float(sum(n.macs * weights[n.name] * inputs.get(n.name, 8) for n in layers))
+
+    points = []
+
+    def point(
+        method: str,
+        layer_bits: Mapping[str, LayerBits],
+        weights: Mapping[str, int],
+        inputs: Mapping[str, int],
+        budget: float | None,
+    ) -> None:
+        metric, divergence = task.evaluate(lower_bits(task, stats, layer_bits))
+        total = bops(weights, inputs)
+        p = Point(task.name, method, None, size_mb(layers, weights), metric, divergence, None)
+        p.bops = total
+        budget_text = "" if budget is None else f"{budget:.4g}"
+        print(
+            f"{task.name:<20} {method:<12} {budget_text:>10} {total:>10.4g} {p.size_mb:>9.4f}"
+            f" {metric:>9.4f} {divergence:>10.3g}",
+            flush=True,
+        )
+        points.append(p)
+
+    print(
+        f"{'model':<20} {'method':<12} {'BOPs budget':>10} {'BOPs':>10} {'size MB':>9}"
+        f" {task.metric:>9} {'divergence':>10}"
+    )
+    eights = {n.name: 8 for n in layers}
+    point("uniform-w8a8", {n: LayerBits(8, 8) for n in eights}, eights, {}, None)
+    # Every chosen activation at its widest allowed width (16 bits where the pairs allow).
+    wide = {n: LayerBits(8, 8) for n in eights}
+    all16 = {}
+    for site in sites:
+        a = max((a for a in widest_allowed(site, choice) if a <= widest[site.value]), default=8)
+        all16.update(dict.fromkeys(site.readers, a))
+        wide.update({key: LayerBits(8, a) for key in site.keys})
+    point("uniform-w8a16", wide, eights, all16, None)
+    least = bops({n.name: pins.get(n.name, 4) for n in layers}, {})
+    high = bops(eights, all16)
+    for fraction in fractions:
+        budget = least + fraction * (high - least)
+        weights_only = allocate_bits(plain, Budget(bops=budget), ties=ties, pins=pins)
+        point(
+            "ilp-w", {n: LayerBits(b, 8) for n, b in weights_only.bits.items()},
+            weights_only.bits, {}, budget,
+        )  # fmt: skip
+        both = allocate_bits(
+            paired, Budget(bops=budget), ties=ties, pins=pins, activations=choice.activations
+        )
+        point("ilp-w+a", place_activations(both, sites), both.bits, both.input_bits, budget)
+    return points
+
+
+def widest_allowed(site: ActivationSite, choice: ActivationChoice) -> list[int]:
+    """The input widths every reader of ``site`` allows with 8-bit weights."""
+    return [
+        a
+        for a in (8, 16)
+        if all((8, a) in choice.pairs.get(reader, [(8, 8)]) for reader in site.readers)
+    ]
 
 
 def verdict(points: Sequence[Point]) -> list[str]:
@@ -316,21 +448,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-pins", action="store_true", help="let the first and last layer take 4 bits too"
     )
+    parser.add_argument(
+        "--activations",
+        action="store_true",
+        help="also BOPs budgets with 8/16-bit input activations chosen by the ILP",
+    )
+    parser.add_argument(
+        "--activations-only", action="store_true", help="--activations without the size budgets"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"machine: {cpu_description()}; load {load_average()}")
     fractions = (0.2, 0.5, 0.8) if args.quick else (0.1, 0.3, 0.55, 0.8)
     seeds = 2 if args.quick else args.seeds
     pin = not args.no_pins
+    acts = args.activations or args.activations_only
+    sizes = not args.activations_only
     models = ["digits"] if args.quick else args.models.split(",")
     points = []
     if "digits" in models:
-        points += run(digits_task(args.zoo), fractions, seeds, iterations=64, pin=pin)
+        task = digits_task(args.zoo)
+        points += run(task, fractions, seeds, iterations=64, pin=pin, activations=acts, sizes=sizes)
     if "efficientnet" in models:
         task = efficientnet_task(args.zoo, calibration_crops=16, eval_crops=args.crops)
-        points += run(task, fractions, seeds, iterations=32, pin=pin)
+        points += run(task, fractions, seeds, iterations=32, pin=pin, activations=acts, sizes=sizes)
     if "minilm" in models:
-        points += run(minilm_task(args.zoo), fractions, seeds, iterations=32, pin=pin)
+        task = minilm_task(args.zoo)
+        points += run(task, fractions, seeds, iterations=32, pin=pin, activations=acts, sizes=sizes)
     print()
     print("\n".join(verdict(points)))
     if args.json:

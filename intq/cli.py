@@ -419,7 +419,8 @@ def add_mixed_precision_args(command: argparse.ArgumentParser) -> None:
     """The mixed-precision flags (``--size-mb``, ``--bops``, ``--latency-ms``...) of a command
     that quantizes; :func:`mixed_precision_from_args` reads them back."""
     group = command.add_argument_group(
-        "mixed precision", "choose 4 or 8 weight bits per layer to meet a budget (HAWQ-V3 ILP)"
+        "mixed precision",
+        "choose weight (and input activation) bits per layer to meet a budget (HAWQ-V3 ILP)",
     )
     group.add_argument("--size-mb", type=float, help="weight storage budget in MB (2^20 bytes)")
     group.add_argument("--bops", type=float, help="bit operations budget per sample")
@@ -437,16 +438,30 @@ def add_mixed_precision_args(command: argparse.ArgumentParser) -> None:
         "--sensitivity", default="hessian", choices=SENSITIVITY_METHODS, help="how Ω is measured"
     )
     group.add_argument(
+        "--activation-candidates",
+        type=_bit_list,
+        default=(),
+        metavar="BITS",
+        help="also choose each layer's input activation width among these, e.g. 8,16"
+        " (default: every activation at --activation-bits)",
+    )
+    group.add_argument(
         "--mp-report", type=_path, metavar="PREFIX", help="write PREFIX.txt and PREFIX.png"
     )
+
+
+def _bit_list(text: str) -> tuple[int, ...]:
+    """``8,16`` -> ``(8, 16)``; argparse reports the ValueError as a usage error."""
+    return tuple(int(part) for part in text.split(",") if part.strip())
 
 
 def mixed_precision_from_args(args: argparse.Namespace) -> intq.MixedPrecision | None:
     """The :class:`intq.MixedPrecision` the flags ask for, or ``None`` when no budget is set."""
     if args.size_mb is None and args.bops is None and args.latency_ms is None:
-        if args.latency_table is not None or args.mp_report is not None:
+        given = (args.latency_table, args.mp_report, args.activation_candidates or None)
+        if any(flag is not None for flag in given):
             raise intq.IntqError(
-                "--latency-table and --mp-report need a budget",
+                "--latency-table, --activation-candidates and --mp-report need a budget",
                 hint="add --size-mb, --bops or --latency-ms",
             )
         return None
@@ -457,6 +472,7 @@ def mixed_precision_from_args(args: argparse.Namespace) -> intq.MixedPrecision |
         sensitivity=args.sensitivity,
         latency_table=args.latency_table,
         report=args.mp_report,
+        activation_bits=args.activation_candidates,
     )
 
 

@@ -17,6 +17,7 @@
     [mixed_precision]              # 4 or 8 weight bits per layer within a budget
     size_mb = 2.5
     sensitivity = "hessian"        # hessian | direct
+    activation_bits = [8, 16]      # also choose each layer's input width (default: fixed)
 
 The keys are :class:`~intq.quantization.QuantConfig`'s fields (read from the dataclass, so a
 new field is a new key). The file is checked against that schema before anything is built:

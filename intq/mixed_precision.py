@@ -1,4 +1,5 @@
-"""Mixed precision: pick 4 or 8 weight bits per layer to meet a budget (HAWQ-V3).
+"""Mixed precision: pick 4 or 8 weight bits per layer to meet a budget (HAWQ-V3), and with
+``MixedPrecision(activation_bits=(8, 16))`` each layer's input activation width too.
 
     config = intq.QuantConfig(mixed_precision=intq.MixedPrecision(size_mb=1.5))
     int_graph = intq.quantize(graph, calibration_batches, config)
@@ -13,6 +14,9 @@
    the choice and are left out), BOPs ``macs * b * activation_bits`` per sample, and latency
    from a per-layer table measured on ONNX Runtime (:func:`measure_latency`; a
    :class:`LatencyTable` saves to and loads from JSON, see its docstring for the format).
+   With activation candidates, each layer's input traced to where its width is set
+   (:func:`intq.passes.precision.activation_sites`), its ``Ω`` per width measured with its
+   calibrated quantizer (:func:`activation_choice`), and BOPs ``macs * w * a`` per pair.
 3. **Ties** derived from the graph (:func:`derive_ties`) and **pins** (the first and last
    layer at the widest candidate by default).
 4. The **ILP** (:func:`intq.passes.bit_allocation.allocate_bits`) and its answer as
@@ -35,6 +39,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +49,24 @@ from intq.errors import ArtifactError, IntqError
 from intq.ir.graph import Graph, Node
 from intq.ops import Trait
 from intq.passes import PREPARE, Integerize, lowering_pipeline, pipeline
-from intq.passes.bit_allocation import Allocation, Budget, LayerCosts, allocate_bits
-from intq.passes.precision import LayerBits, QuantLayer, quantizable_layers
+from intq.passes.bit_allocation import (
+    ActivationCosts,
+    Allocation,
+    Budget,
+    LayerCosts,
+    allocate_bits,
+)
+from intq.passes.calibration import ClipRule, collect_stats
+from intq.passes.integer_lowering import is_wide, provably_non_negative
+from intq.passes.precision import (
+    ACTIVATION_BITS,
+    ActivationSite,
+    LayerBits,
+    QuantLayer,
+    activation_sites,
+    quantizable_layers,
+    quantize_weights,
+)
 
 SENSITIVITY_METHODS = ("hessian", "direct")
 LOSSES = ("kl", "mse")
@@ -71,6 +92,15 @@ class MixedPrecision:
     (original node name -> bits). ``tol`` and ``max_iterations`` stop Hutchinson's
     iterations; ``seed`` draws its vectors. ``report`` (a path prefix) writes
     ``PREFIX.txt`` (the table) and ``PREFIX.png`` (the plot) of the choice.
+
+    ``activation_bits`` are the candidate widths of each layer's input activation (e.g.
+    ``(8, 16)``; 4 to 8 and 16 are supported). Empty (the default), or the one width
+    ``QuantConfig.activation_bits``, keeps every activation at ``QuantConfig.activation_bits``
+    and the weights-only program. Otherwise each layer takes a (weight bits, input activation
+    bits) pair: the layers reading one tensor share its width, BOPs count
+    ``macs * w * a``, each activation's ``Ω`` is measured by quantizing it alone with its
+    calibrated scale, and ``pin_first_last`` keeps the first and last layer's input at 8 bits
+    or more (docs/mixed-precision.md says how and why).
     """
 
     size_mb: float | None = None
@@ -87,6 +117,7 @@ class MixedPrecision:
     max_iterations: int = 64
     seed: int = 0
     report: str | Path | None = None
+    activation_bits: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sensitivity not in SENSITIVITY_METHODS:
@@ -102,7 +133,20 @@ class MixedPrecision:
                 f"candidate weight bits must be ints in [2, 8], got {self.candidates!r}"
             )
         object.__setattr__(self, "candidates", candidates)
+        activations = tuple(sorted(set(self.activation_bits)))
+        if any(isinstance(a, bool) or a not in ACTIVATION_BITS for a in activations):
+            raise IntqError(
+                f"candidate activation bits must be among {ACTIVATION_BITS},"
+                f" got {self.activation_bits!r}",
+                hint="for example 8 and 16: 16 bits where the budget allows",
+            )
+        object.__setattr__(self, "activation_bits", activations)
         self.budget()  # validates the budget values
+
+    def activation_candidates(self, default: int) -> tuple[int, ...]:
+        """The activation widths to choose from, or ``()`` when activations stay at
+        ``default`` (``QuantConfig.activation_bits``): no candidates, or only that one."""
+        return () if self.activation_bits in ((), (default,)) else self.activation_bits
 
     def budget(self) -> Budget:
         """The budgets as the ILP takes them."""
@@ -127,7 +171,10 @@ class LatencyTable:
     Each entry is the median wall time of ``repeats`` runs of a graph holding only that
     layer, integer-only (input ``Quantize``, the ``QConv``/``QGemm``/``QMatMul``, output
     ``Dequantize``), at the model's batch size. A table written by hand in this format works
-    as well.
+    as well. With activation candidates, an optional ``"pairs"`` table holds the layers'
+    latencies at other input activation widths, keyed ``"<weight bits>x<activation bits>"``
+    (``{"conv1": {"4x16": 0.2, "8x16": 0.21}}``); a pair at ``activation_bits`` reads
+    ``layers``.
     """
 
     layers: Mapping[str, Mapping[int, float]]
@@ -135,6 +182,7 @@ class LatencyTable:
     batch: int = 1
     activation_bits: int = 8
     repeats: int = 0
+    pairs: Mapping[str, Mapping[tuple[int, int], float]] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         """Write the table as JSON (atomically); returns the path."""
@@ -148,6 +196,10 @@ class LatencyTable:
             "repeats": self.repeats,
             "layers": {n: {str(b): ms for b, ms in t.items()} for n, t in self.layers.items()},
         }
+        if self.pairs:
+            data["pairs"] = {
+                n: {f"{w}x{a}": ms for (w, a), ms in t.items()} for n, t in self.pairs.items()
+            }
         return atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
 
     @classmethod
@@ -176,6 +228,19 @@ class LatencyTable:
                     raise ValueError(f"layer {name!r} has a negative or non-finite latency")
         except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path}: malformed layers: {err}") from None
+        pairs: dict[str, dict[tuple[int, int], float]] = {}
+        try:
+            for name, table in data.get("pairs", {}).items():
+                pairs[name] = {}
+                for key, ms in table.items():
+                    w, a = key.split("x")
+                    pairs[name][(int(w), int(a))] = float(ms)
+                if not all(math.isfinite(v) and v >= 0 for v in pairs[name].values()):
+                    raise ValueError(f"layer {name!r} has a negative or non-finite latency")
+        except (AttributeError, TypeError, ValueError) as err:
+            raise ArtifactError(
+                f'{path}: malformed pairs (keys are "<weight>x<activation>" bits): {err}'
+            ) from None
         counts = {}
         for key, default in (("batch", 1), ("activation_bits", 8), ("repeats", 0)):
             value = data.get(key, default)
@@ -188,6 +253,7 @@ class LatencyTable:
             counts["batch"],
             counts["activation_bits"],
             counts["repeats"],
+            pairs,
         )
 
     def for_layer(self, name: str, candidates: Sequence[int]) -> dict[int, float]:
@@ -204,6 +270,26 @@ class LatencyTable:
         assert table is not None
         return {b: table[b] for b in candidates}
 
+    def for_pairs(
+        self, name: str, pairs: Sequence[tuple[int, int]]
+    ) -> dict[tuple[int, int], float]:
+        """The latencies of layer ``name`` at ``(weight, activation)`` bits ``pairs``."""
+        out = {}
+        for w, a in pairs:
+            if a == self.activation_bits:
+                out[(w, a)] = self.for_layer(name, [w])[w]
+                continue
+            ms = self.pairs.get(name, {}).get((w, a))
+            if ms is None:
+                raise IntqError(
+                    f"the latency table has no entry for {w}-bit weights with {a}-bit inputs",
+                    node=name,
+                    hint="measure the table with these activation candidates"
+                    " (MixedPrecision(latency_table=None) measures one)",
+                )
+            out[(w, a)] = ms
+        return out
+
 
 def measure_latency(
     graph: Graph,
@@ -213,11 +299,15 @@ def measure_latency(
     repeats: int = 20,
     layers: Sequence[QuantLayer] | None = None,
     seed: int = 0,
+    activation_candidates: Sequence[int] = (),
 ) -> LatencyTable:
     """Time each quantizable layer of the float ``graph`` alone on ONNX Runtime (one thread)
-    at every candidate weight width; see :class:`LatencyTable` for what is timed."""
+    at every candidate weight width, and at each of ``activation_candidates`` other than
+    ``activation_bits`` for its input and output (:attr:`LatencyTable.pairs`); see
+    :class:`LatencyTable` for what is timed."""
     rng = np.random.default_rng(seed)
     out: dict[str, dict[int, float]] = {}
+    pairs: dict[str, dict[tuple[int, int], float]] = {}
     layers = quantizable_layers(graph) if layers is None else layers
     for layer in layers:
         node = _node(graph, layer.name)
@@ -227,19 +317,29 @@ def measure_latency(
         feed = {x.name: rng.standard_normal(x.type.shape).astype(x.type.dtype.numpy)}
         out[layer.name] = {}
         pipeline(PREPARE)(sub)
-        for b in candidates:
-            lowering = Integerize(weight_bits=b, activation_bits=activation_bits)
-            int_graph = lowering_pipeline([feed], lowering, progress=False)(sub).graph
-            exe = compile_onnxruntime(int_graph, threads=1)
-            exe.run(feed)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                exe.run(feed)
-                times.append(time.perf_counter() - start)
-            out[layer.name][b] = float(np.median(times) * 1e3)
+        widths = [activation_bits, *(a for a in activation_candidates if a != activation_bits)]
+        for a in widths:
+            for b in candidates:
+                lowering = Integerize(weight_bits=b, activation_bits=a)
+                int_graph = lowering_pipeline([feed], lowering, progress=False)(sub).graph
+                ms = _median_ms(compile_onnxruntime(int_graph, threads=1), feed, repeats)
+                if a == activation_bits:
+                    out[layer.name][b] = ms
+                else:
+                    pairs.setdefault(layer.name, {})[(b, a)] = ms
     batch = graph.inputs[0].type.shape[0] if graph.inputs and graph.inputs[0].type.rank else 1
-    return LatencyTable(out, "onnxruntime", batch, activation_bits, repeats)
+    return LatencyTable(out, "onnxruntime", batch, activation_bits, repeats, pairs)
+
+
+def _median_ms(exe: Any, feed: Batch, repeats: int) -> float:
+    """The median wall time of ``repeats`` runs of ``exe`` on ``feed`` after a warm-up, ms."""
+    exe.run(feed)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        exe.run(feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
 
 
 def _node(graph: Graph, name: str) -> Node:
@@ -285,7 +385,9 @@ class MixedPrecisionPlan:
     """What :func:`plan_bits` measured and chose.
 
     ``perturbation`` is ``Ω`` per layer and width; ``traces`` the Hessian traces (``None``
-    for the direct method); ``allocation`` the ILP's answer with its totals.
+    for the direct method); ``allocation`` the ILP's answer with its totals. With activation
+    candidates, ``sites`` are the activations chosen for (named by ``value``) and
+    ``activation_perturbation`` their ``Ω`` per width.
     """
 
     layers: tuple[QuantLayer, ...]
@@ -297,10 +399,12 @@ class MixedPrecisionPlan:
     method: str
     iterations: int | None = None
     latency: LatencyTable | None = None
+    sites: tuple[ActivationSite, ...] = ()
+    activation_perturbation: dict[str, dict[int, float]] = field(default_factory=dict)
 
-    def layer_bits(self, activations: int = 8) -> dict[str, LayerBits]:
-        """The choice as :attr:`intq.QuantConfig.layer_bits`."""
-        return self.allocation.layer_bits(activations)
+    def layer_bits(self, activations: int = 8, weights: int = 8) -> dict[str, LayerBits]:
+        """The choice as :attr:`intq.QuantConfig.layer_bits` (:func:`place_activations`)."""
+        return place_activations(self.allocation, self.sites, activations, weights)
 
     def table(self) -> str:
         """The chosen bits per layer with Ω, costs (and trace), then the ties and pins."""
@@ -372,6 +476,24 @@ class MixedPrecisionPlan:
         return paths
 
 
+def place_activations(
+    allocation: Allocation,
+    sites: Sequence[ActivationSite],
+    activations: int = 8,
+    weights: int = 8,
+) -> dict[str, LayerBits]:
+    """An allocation as :attr:`intq.QuantConfig.layer_bits`: each layer's weight bits with
+    ``activations``-bit outputs, except where an activation was chosen: every node that sets
+    its width (:attr:`ActivationSite.keys`) then produces that many bits (a node that is not
+    a layer gets ``weights``, which it does not read)."""
+    bits = allocation.layer_bits(activations)
+    for site in sites:
+        a = allocation.activations[site.value]
+        for key in site.keys:
+            bits[key] = LayerBits(bits[key].weights if key in bits else weights, a)
+    return bits
+
+
 def plan_bits(
     graph: Graph,
     batches: Sequence[Batch],
@@ -380,10 +502,16 @@ def plan_bits(
     activation_bits: int = 8,
     fixed: Mapping[str, int] | None = None,
     progress: bool | None = None,
+    clip: ClipRule | None = None,
+    fixed_activations: Mapping[str, int] | None = None,
 ) -> MixedPrecisionPlan:
     """Measure sensitivity and costs of the prepared float ``graph`` and solve the ILP.
 
-    ``fixed`` pins layers the caller has already decided (``QuantConfig.layer_bits``).
+    ``fixed`` pins layers the caller has already decided (``QuantConfig.layer_bits``);
+    ``fixed_activations`` names the nodes whose output width the caller decided, whose
+    activations are then left out of the choice. ``clip`` is how activation thresholds come
+    from calibration statistics (``QuantConfig.calibration``; MSE when not given), for the
+    activations' sensitivity.
     Raises :class:`~intq.passes.bit_allocation.InfeasibleBudgetError` for a budget no choice
     meets, naming the smallest feasible one.
     """
@@ -436,19 +564,40 @@ def plan_bits(
     latency = None
     if mp.latency_ms is not None or mp.latency_table is not None:
         latency = _latency_table(graph, mp, layers, activation_bits)
-    costs = [
-        LayerCosts.from_counts(
-            layer.name,
-            perturbation[layer.name],
-            params=layer.params,
-            macs=layer.macs,
-            activation_bits=activation_bits,
-            latency_ms=None if latency is None else latency.for_layer(layer.name, mp.candidates),
+    a_candidates = mp.activation_candidates(activation_bits)
+    choice = ActivationChoice((), {}, (), {})
+    if a_candidates:
+        choice = activation_choice(
+            graph, batches, layers, mp, a_candidates, clip, fixed_activations, progress
         )
-        for layer in layers
-    ]
+    sites = list(choice.sites)
+    a_perturbation = choice.perturbation
+    activations = list(choice.activations)
+    read = {name for site in sites for name in site.readers}
+    costs = []
+    for layer in layers:
+        pairs = None
+        pair_latency = None
+        if layer.name in read:
+            pairs = choice.pairs[layer.name]
+            if latency is not None:
+                pair_latency = latency.for_pairs(layer.name, pairs)
+        costs.append(
+            LayerCosts.from_counts(
+                layer.name,
+                perturbation[layer.name],
+                params=layer.params,
+                macs=layer.macs,
+                activation_bits=activation_bits,
+                latency_ms=None
+                if latency is None
+                else latency.for_layer(layer.name, mp.candidates),
+                pairs=pairs,
+                pair_latency_ms=pair_latency,
+            )
+        )
     ties = derive_ties(graph, layers) if mp.ties else []
-    allocation = allocate_bits(costs, mp.budget(), ties=ties, pins=pins)
+    allocation = allocate_bits(costs, mp.budget(), ties=ties, pins=pins, activations=activations)
     return MixedPrecisionPlan(
         tuple(layers),
         perturbation,
@@ -459,7 +608,131 @@ def plan_bits(
         mp.sensitivity,
         iterations,
         latency,
+        tuple(sites),
+        a_perturbation,
     )
+
+
+# ----- activation candidates -------------------------------------------------------------------
+
+ACCUMULATOR_HEADROOM = 2**30
+"""A (weight, activation) pair is offered only when ``max_c sum|q_w[c]| * 2^a`` stays below
+this: half of int32, the rest left to the bias, so that the range analysis can prove the
+accumulator (it refuses the graph otherwise)."""
+
+
+@dataclass(frozen=True)
+class ActivationChoice:
+    """The activation side of the program: the ``sites`` chosen for, their ``Ω`` per width
+    (``perturbation``, by site value), their :class:`ActivationCosts` (with the widths the
+    pins allow) and each reading layer's allowed (weight, activation) ``pairs``."""
+
+    sites: tuple[ActivationSite, ...]
+    perturbation: dict[str, dict[int, float]]
+    activations: tuple[ActivationCosts, ...]
+    pairs: dict[str, list[tuple[int, int]]]
+
+
+def activation_choice(
+    graph: Graph,
+    batches: Sequence[Batch],
+    layers: Sequence[QuantLayer],
+    mp: MixedPrecision,
+    candidates: Sequence[int],
+    clip: ClipRule | None = None,
+    fixed_activations: Mapping[str, int] | None = None,
+    progress: bool | None = None,
+) -> ActivationChoice:
+    """Sites, sensitivities and allowed pairs for activation ``candidates`` (see
+    :class:`MixedPrecision` and :func:`plan_bits`, which calls this)."""
+    sites = _choosable_sites(graph, layers, fixed_activations or {})
+    omega = _activation_perturbations(graph, batches, sites, candidates, mp, clip, progress)
+    ends = {layers[0].name, layers[-1].name} if mp.pin_first_last else set()
+    activations = []
+    for site in sites:
+        widths = tuple(candidates)
+        if ends & set(site.readers) and any(a >= 8 for a in widths):
+            widths = tuple(a for a in widths if a >= 8)  # as HAWQ-V3 keeps the ends at 8
+        activations.append(
+            ActivationCosts(site.value, {a: omega[site.value][a] for a in widths}, site.readers)
+        )
+    read = {name for site in sites for name in site.readers}
+    pairs = {
+        layer.name: _allowed_pairs(graph, layer, mp.candidates, candidates)
+        for layer in layers
+        if layer.name in read
+    }
+    return ActivationChoice(tuple(sites), omega, tuple(activations), pairs)
+
+
+def _choosable_sites(
+    graph: Graph, layers: Sequence[QuantLayer], fixed: Mapping[str, int]
+) -> list[ActivationSite]:
+    """The activations whose width the plan may choose: not a transformer's wide value (kept
+    at ``wide_bits`` whatever is asked) and none of whose nodes the caller fixed."""
+    out = []
+    for site in activation_sites(graph, list(layers)):
+        values = [graph[site.value]]
+        for key in site.keys:
+            found = graph.find(key)
+            if found is not None and found.producer is None:
+                values.append(found)  # a graph input
+        values += [n.output for n in graph if n.name in site.keys]
+        if any(is_wide(v) for v in values) or any(k in fixed for k in site.keys):
+            continue
+        out.append(site)
+    return out
+
+
+def _allowed_pairs(
+    graph: Graph, layer: QuantLayer, weights: Sequence[int], activations: Sequence[int]
+) -> list[tuple[int, int]]:
+    """The (weight, activation) pairs whose accumulator keeps within
+    :data:`ACCUMULATOR_HEADROOM` (the weight integers are the lowering's own)."""
+    w = graph[layer.weight].const
+    assert w is not None
+    pairs = []
+    for wb in weights:
+        q, _ = quantize_weights(w, wb, layer.axis)
+        taps = np.moveaxis(np.abs(q.astype(np.int64)), layer.axis, 0)
+        largest = int(taps.reshape(taps.shape[0], -1).sum(axis=1).max(initial=0))
+        pairs += [(wb, a) for a in activations if largest << a < ACCUMULATOR_HEADROOM]
+    return pairs
+
+
+def _activation_perturbations(
+    graph: Graph,
+    batches: Sequence[Batch],
+    sites: Sequence[ActivationSite],
+    candidates: Sequence[int],
+    mp: MixedPrecision,
+    clip: ClipRule | None,
+    progress: bool | None,
+) -> dict[str, dict[int, float]]:
+    """``Ω`` of each site's activation at each width: the loss with it alone quantized by
+    its calibrated quantizer. With Hessian weight sensitivities, twice that: their ``Ω`` is
+    ``ΔWᵀHΔW`` in expectation, twice the second-order loss increase, so both are in one unit."""
+    from intq.passes.sensitivity import ActivationQuantizer, activation_perturbations
+
+    if not sites:
+        return {}
+    rule = clip or ClipRule("mse")
+    inputs = {v.name for v in graph.inputs}
+    names = [site.value for site in sites if site.value not in inputs]
+    stats = collect_stats(graph, batches, names, progress=progress)
+    quantizers = {}
+    for site in sites:
+        value = graph[site.value]
+        signed = not provably_non_negative(value)
+        thresholds = {
+            a: stats[site.value].clip(rule.method, a, signed, rule.percentile) for a in candidates
+        }
+        quantizers[site.value] = ActivationQuantizer(thresholds, signed)
+    measured = activation_perturbations(
+        graph, batches, quantizers, candidates, loss=mp.loss, progress=progress
+    )
+    factor = 2.0 if mp.sensitivity == "hessian" else 1.0
+    return {n: {a: factor * v for a, v in table.items()} for n, table in measured.items()}
 
 
 def _latency_table(
@@ -470,7 +743,13 @@ def _latency_table(
         return table
     if table is not None:
         return LatencyTable.load(table)
-    return measure_latency(graph, mp.candidates, activation_bits=activation_bits, layers=layers)
+    return measure_latency(
+        graph,
+        mp.candidates,
+        activation_bits=activation_bits,
+        layers=layers,
+        activation_candidates=mp.activation_candidates(activation_bits),
+    )
 
 
 def as_list(batches: Iterable[Batch]) -> list[Batch]:
@@ -479,10 +758,13 @@ def as_list(batches: Iterable[Batch]) -> list[Batch]:
 
 
 __all__ = [
+    "ActivationChoice",
     "LatencyTable",
     "MixedPrecision",
     "MixedPrecisionPlan",
     "derive_ties",
+    "activation_choice",
     "measure_latency",
+    "place_activations",
     "plan_bits",
 ]

@@ -23,7 +23,13 @@ from intq.ir.graph import Graph
 from intq.ir.verifier import verify
 from intq.mixed_precision import MixedPrecision, plan_bits
 from intq.passes import PREPARE, DumpHook, lowering_pipeline, pipeline
-from intq.passes.calibration import CALIBRATION_METHODS, CalibrationStats, ClipChoices
+from intq.passes.calibration import (
+    AUTO_FALLBACK,
+    CALIBRATION_METHODS,
+    CalibrationStats,
+    ClipChoices,
+    ClipRule,
+)
 from intq.passes.integerize import Integerize
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import ACTIVATION_BITS, WEIGHT_BITS, WIDE_BITS, LayerBits
@@ -50,7 +56,8 @@ class QuantConfig:
     calibration data, each layer's weights chosen to reproduce its float outputs rather than
     rounded to nearest (:mod:`intq.passes.learned_rounding`); ``learned`` does it for 8-bit
     layers too, ``nearest`` for none. ``mixed_precision`` (a
-    :class:`intq.MixedPrecision`) chooses each layer's weight bits to meet a budget
+    :class:`intq.MixedPrecision`) chooses each layer's weight bits (and, with its
+    ``activation_bits`` candidates, input activation bits) to meet a budget
     (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.
 
     Transformers: ``kernels`` picks integer kernels' variants by kernel name
@@ -193,10 +200,14 @@ def quantize(
             activation_bits=config.activation_bits,
             fixed={name: bits.weights for name, bits in config.layer_bits.items()},
             progress=config.progress,
+            clip=AUTO_FALLBACK
+            if config.calibration == "auto"
+            else ClipRule(config.calibration, config.percentile),
+            fixed_activations={n: b.activations for n, b in config.layer_bits.items()},
         )
         if config.mixed_precision.report is not None:
             plan.save_report(config.mixed_precision.report)
-        chosen = plan.layer_bits(config.activation_bits)
+        chosen = plan.layer_bits(config.activation_bits, config.weight_bits)
         lowering = replace(lowering, layer_bits={**chosen, **config.layer_bits})
     if carried is not None:
         # The clean-up rewrote the graph in place: values it kept keep their entries.

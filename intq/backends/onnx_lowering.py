@@ -39,6 +39,7 @@ this x86 AVX2 CPU without VNNI (``benchmarks/ort_integer_ops_probe.py``):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -1034,7 +1035,61 @@ def _maxpool(b: _Builder, node: Node) -> None:
             pads[i + spatial] += max(0, (target - 1) * attrs["strides"][i] - reach)
         attrs["pads"], attrs["ceil_mode"] = tuple(pads), 0
     out, _ = b.output(node.output)
+    if _input(node).type.dtype in _WIDE:
+        _wide_maxpool(b, node, attrs, out)
+        return
     b.add("MaxPool", [b.tensor(_input(node))[0]], [out], node, **attrs)
+
+
+def _wide_maxpool(b: _Builder, node: Node, attrs: dict[str, Any], out: str) -> None:
+    """MaxPool of 16-bit integers, which ONNX Runtime's MaxPool (8-bit integers and floats
+    only) refuses: the window maximum as an elementwise ``Max`` of one strided ``Slice`` per
+    kernel tap over the input padded with a value below every 16-bit integer, in int32.
+    Exact, and integer-only; ``attrs`` are in floor mode (ceil mode already spelled as end
+    padding), so every window holds an input element and the padding never wins."""
+    x = _input(node)
+    name, zp = b.tensor(x)
+    assert zp == 0, "16-bit activations are stored as they are"
+    spatial = len(attrs["kernel_shape"])
+    dilations = attrs.get("dilations") or (1,) * spatial
+    strides = attrs.get("strides") or (1,) * spatial
+    pads = attrs.get("pads") or (0,) * (2 * spatial)
+    wide = b.op("Cast", [name], x.name + ".i32", node, to=TensorProto.INT32)
+    onnx_pads = [0, 0, *pads[:spatial], 0, 0, *pads[spatial:]]
+    padded = b.op(
+        "Pad",
+        [
+            wide,
+            b.const(np.asarray(onnx_pads, np.int64), "pads"),
+            b.const(np.int32(-(1 << 16)), "low"),
+        ],
+        x.name + ".padded",
+        node,
+        mode="constant",
+    )
+    size = node.output.type.shape[2:]
+    axes = b.const(np.arange(2, 2 + spatial, dtype=np.int64), "axes")
+    steps = b.const(np.asarray(strides, np.int64), "steps")
+    taps = []
+    for tap in itertools.product(*(range(k) for k in attrs["kernel_shape"])):
+        starts = [t * d for t, d in zip(tap, dilations)]
+        ends = [s0 + (n - 1) * st + 1 for s0, n, st in zip(starts, size, strides)]
+        taps.append(
+            b.op(
+                "Slice",
+                [
+                    padded,
+                    b.const(np.asarray(starts, np.int64), "starts"),
+                    b.const(np.asarray(ends, np.int64), "ends"),
+                    axes,
+                    steps,
+                ],
+                x.name + ".tap",
+                node,
+            )
+        )
+    top = b.op("Max", taps, node.output.name + ".max", node) if len(taps) > 1 else taps[0]
+    b.add("Cast", [top], [out], node, to=_ONNX_TYPE[node.output.type.dtype])
 
 
 LOWER["Reshape"] = _moving("Reshape", "shape")

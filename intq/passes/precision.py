@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from intq.ir.graph import Graph, Node
+from intq.ops import Trait
 from intq.semantics.numerics import storage_dtype
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -79,6 +80,57 @@ def quantizable_layers(graph: Graph) -> list[QuantLayer]:
     return layers
 
 
+@dataclass(frozen=True)
+class ActivationSite:
+    """A quantized activation that quantizable layers read, and where its width is set.
+
+    ``value`` is the tensor the layers' integer kernels read; ``keys`` the names whose
+    :attr:`LayerBits.activations` decide its width: the nodes from the readers back through
+    ops that only move or clamp values (ReLU, Clip, pools, reshapes) to the first one that
+    computes (or the graph input's name), since the lowering quantizes whichever of them it
+    materializes with its producer's width. ``readers`` are the layers (original node names)
+    that read it, which so share one activation width.
+    """
+
+    value: str
+    keys: tuple[str, ...]
+    readers: tuple[str, ...]
+
+
+def activation_sites(graph: Graph, layers: list[QuantLayer]) -> list[ActivationSite]:
+    """The input activation of each layer in ``layers``, grouped by where its width is set,
+    in the order of the layers first reading each; a layer whose chain passes a node without
+    a name (so no ``layer_bits`` key can reach it) is left out."""
+    by_name = {node.label(): node for node in graph}
+    sites: dict[str, tuple[str, list[str], list[str]]] = {}
+    for layer in layers:
+        x = by_name[layer.name].inputs[0]
+        keys: list[str] = []
+        named = True
+        while x is not None:
+            producer = x.producer
+            if producer is None:  # a graph input: the lowering keys it by its own name
+                keys.append(x.name)
+                break
+            named = named and bool(producer.name)
+            keys.append(producer.name)
+            if not producer.opdef.has(Trait.PASS_THROUGH):
+                break
+            x = producer.inputs[0]
+        if x is None or not named:
+            continue
+        value = by_name[layer.name].inputs[0]
+        assert value is not None
+        site = keys[-1]  # the computing node (or input) every chain through it ends at
+        entry = sites.setdefault(site, (value.name, [], []))
+        entry[1].extend(k for k in keys if k not in entry[1])
+        entry[2].append(layer.name)
+    return [
+        ActivationSite(value, tuple(keys), tuple(readers))
+        for value, keys, readers in sites.values()
+    ]
+
+
 def quantize_weights(
     w: np.ndarray,
     bits: int,
@@ -113,10 +165,12 @@ def quantize_weights(
 
 __all__ = [
     "ACTIVATION_BITS",
+    "ActivationSite",
     "WEIGHT_BITS",
     "WIDE_BITS",
     "LayerBits",
     "QuantLayer",
+    "activation_sites",
     "quantizable_layers",
     "quantize_weights",
     "weight_axis",

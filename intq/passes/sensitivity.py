@@ -291,8 +291,68 @@ def direct_perturbations(
     return out
 
 
+# ----- activations ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationQuantizer:
+    """How the lowering would quantize one activation tensor at each width: its clipping
+    ``thresholds`` (bits -> ``T``, from its calibration statistics and clip rule) and whether
+    it is ``signed``; :meth:`apply` is that quantizer, back to reals."""
+
+    thresholds: Mapping[int, float]
+    signed: bool
+
+    def apply(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """``s * clamp(floor(x / s + 1/2), lo, hi)`` with ``s = T / qmax``: the lowering's
+        round-half-up quantizer of this tensor at ``bits``."""
+        qmax = (1 << (bits - 1)) - 1 if self.signed else (1 << bits) - 1
+        lo = -qmax - 1 if self.signed else 0
+        scale = self.thresholds[bits] / qmax
+        q = torch.clamp(torch.floor(x.double() / scale + 0.5), lo, qmax)
+        return (q * scale).to(x.dtype)
+
+
+def activation_perturbations(
+    graph: Graph,
+    batches: Sequence[Batch],
+    quantizers: Mapping[str, ActivationQuantizer],
+    candidates: Sequence[int],
+    *,
+    loss: str = "kl",
+    progress: bool | None = None,
+) -> dict[str, dict[int, float]]:
+    """``Ω_t(a)``: the mean ``loss`` over ``batches`` with only activation ``t`` (a value name
+    of ``quantizers``) quantized to ``a`` bits by its calibrated quantizer, weights and every
+    other tensor float. Clipping and rounding both count, as the deployed model sees them."""
+    _need_batches(batches)
+    with torch.no_grad():
+        references = [run_torch(graph, batch) for batch in batches]
+        losses = [make_loss(graph, ref, loss) for ref in references]
+        out: dict[str, dict[int, float]] = {}
+        with tqdm(
+            total=len(quantizers) * len(candidates),
+            desc="activation sensitivity",
+            disable=not show_progress(progress),
+            file=sys.stderr,
+        ) as bar:
+            for name, quantizer in quantizers.items():
+                out[name] = {}
+                for a in candidates:
+                    change = {name: lambda x, a=a, qz=quantizer: qz.apply(x, a)}
+                    values = [
+                        float(fn(run_torch(graph, batch, transform=change)))
+                        for fn, batch in zip(losses, batches)
+                    ]
+                    out[name][a] = max(math.fsum(values) / len(values), 0.0)
+                    bar.update(1)
+    return out
+
+
 __all__ = [
     "LOSSES",
+    "ActivationQuantizer",
+    "activation_perturbations",
     "TraceEstimate",
     "direct_perturbations",
     "fake_quantized",

@@ -413,18 +413,25 @@ def run_torch(
     graph: Graph,
     feeds: Mapping[str, Tensor | np.ndarray],
     weights: Mapping[str, Tensor] | None = None,
+    transform: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """Run the float ``graph`` with torch; returns output name -> tensor.
 
     ``feeds`` maps input names to tensors or arrays (batch shapes as the graph declares);
-    ``weights`` replaces the constants it names (e.g. by leaves that require grad). Raises
-    :class:`~intq.errors.UnsupportedOpError` naming the node for an op without a torch rule.
+    ``weights`` replaces the constants it names (e.g. by leaves that require grad);
+    ``transform`` maps graph inputs and node outputs to a function applied to the value as
+    soon as it is computed, before any reader sees it (e.g. fake-quantizing one activation
+    to measure its sensitivity). Raises :class:`~intq.errors.UnsupportedOpError` naming the
+    node for an op without a torch rule.
     """
     env: dict[str, Tensor] = {}
     for value in graph.inputs:
         if value.name not in feeds:
             raise IntqError(f"missing input {value.name!r}", hint="feed every graph input")
         env[value.name] = torch.as_tensor(feeds[value.name])
+    changes = transform or {}
+    for name in changes.keys() & env.keys():
+        env[name] = changes[name](env[name])
     overrides = weights or {}
     unknown = sorted(set(overrides) - {v.name for v in graph.constants})
     if unknown:
@@ -440,6 +447,9 @@ def run_torch(
         while args and args[-1] is None:
             args.pop()
         env[node.output.name] = rule(node, *args)
+        change = changes.get(node.output.name)
+        if change is not None:
+            env[node.output.name] = change(env[node.output.name])
     return {v.name: env[v.name] for v in graph.outputs}
 
 
