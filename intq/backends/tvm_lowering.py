@@ -39,7 +39,9 @@ from intq.backends.tvm_kernels import (
     avgpool_te,
     bias_input,
     conv_te,
+    conv_transpose_nhwc_te,
     conv_transpose_te,
+    conv_transpose_weights,
     dense_te,
     depthwise_nhwc_te,
     dequantize_te,
@@ -47,6 +49,7 @@ from intq.backends.tvm_kernels import (
     global_avgpool_te,
     input_of,
     maxpool_te,
+    nhwc_conv_transpose,
     offset_bias,
     packed_conv_te,
     packed_dense_te,
@@ -90,8 +93,11 @@ its int32 accumulator fused into a lone reading epilogue."""
 
 
 def _channels_last_kernel(node: Node) -> bool:
-    """True for the convolutions with an NHWC kernel: depthwise, and one group of operands
-    ``pmaddwd`` reduces exactly (see :func:`~intq.backends.tvm_kernels.pairs_exactly`)."""
+    """True for the convolutions with an NHWC kernel: depthwise, one group of operands
+    ``pmaddwd`` reduces exactly (see :func:`~intq.backends.tvm_kernels.pairs_exactly`), and
+    the one-group transposed convs of :func:`~intq.backends.tvm_kernels.nhwc_conv_transpose`."""
+    if node.op == "QConvTranspose":
+        return nhwc_conv_transpose(node)
     if node.op != "QConv" or input_of(node).type.rank != 4:
         return False
     conv = ConvShape.of(node)
@@ -278,6 +284,11 @@ def _accumulator(lw: Lowerer, node: Node) -> _Accumulator:
     x, w = input_of(node, 0), input_of(node, 1)
     b = bias_input(node)
     bias = [lw.value(b)] if b is not None else []
+    if lw.channels_last and node.op == "QConvTranspose" and _channels_last_kernel(node):
+        assert w.const is not None
+        weights = lw.const(conv_transpose_weights(w.const, node.attrs["strides"]))
+        args = [lw.value_nhwc(x), weights, *bias]
+        return _Accumulator(conv_transpose_nhwc_te(node), args, "conv_transpose", True)
     if lw.channels_last and _channels_last_kernel(node):
         assert w.const is not None
         x_nhwc = lw.value_nhwc(x)
