@@ -1,0 +1,104 @@
+"""The TVM backend's CNN kernels beyond conv/dense: each one's own schedule, bit-exact with
+the reference interpreter, and a build that reports the kernels left without one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from int_graphs import adversarial
+
+import intq
+from intq.backends import TARGETS
+from intq.cli import main as cli
+
+pytestmark = pytest.mark.skipif("tvm" not in TARGETS, reason="TVM is not installed")
+
+
+def _upsampler(
+    channels: int, outputs: int, k: int, stride: int, pad: int, output_padding: int, seed: int
+) -> tuple[intq.ir.Graph, np.ndarray]:
+    """A float ``ConvTranspose`` (one group, no dilation) with bias, then ReLU, on a 5x6
+    image; and its input."""
+    rng = np.random.default_rng(seed)
+    g = intq.ir.Graph()
+    x = g.add_input("x", intq.ir.TensorType(intq.ir.DType.F32, (1, channels, 5, 6)))
+    w = g.add_constant(rng.standard_normal((channels, outputs, k, k)).astype(np.float32), "w")
+    b = g.add_constant(rng.standard_normal(outputs).astype(np.float32), "b")
+    y = g.op(
+        "ConvTranspose",
+        x,
+        w,
+        b,
+        strides=(stride, stride),
+        pads=(pad,) * 4,
+        output_padding=(output_padding,) * 2,
+        name="up",
+    )
+    g.set_outputs([g.op("Relu", y, name="relu")])
+    return g, rng.standard_normal((1, channels, 5, 6)).astype(np.float32)
+
+
+def _assert_exact(graph: intq.ir.Graph, exe, feeds: list[np.ndarray]) -> None:
+    reference = intq.compile(graph, target="reference")
+    for feed in feeds:
+        want, got = reference.run({"x": feed}), exe.run({"x": feed})
+        for name, array in want.items():
+            np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("channels", "outputs", "k", "stride", "pad", "output_padding"),
+    [
+        (8, 16, 2, 2, 0, 0),  # the decoders' upsampling: one tap per output and axis
+        (4, 8, 3, 2, 1, 1),  # a tap count the stride does not divide: padded taps
+        (3, 3, 4, 2, 1, 0),  # output channels no vector width divides
+        (5, 5, 3, 1, 1, 0),  # stride 1: every tap
+        (2, 1, 5, 3, 2, 2),  # a single output channel, stride 3
+    ],
+)
+def test_conv_transpose_runs_its_own_nhwc_schedule_bit_exactly(
+    channels, outputs, k, stride, pad, output_padding
+):
+    graph, x = _upsampler(channels, outputs, k, stride, pad, output_padding, seed=k + stride)
+    int_graph = intq.quantize(graph, [{"x": x}], intq.QuantConfig(calibration="minmax"))
+    exe = intq.compile(int_graph, target="tvm")
+    kinds = {kind: applied for kind, applied in exe.schedules.values()}
+    assert kinds.get("conv_transpose") == "conv_transpose", exe.schedules
+    assert "generic" not in kinds  # the NCHW gather over every tap is not used
+    assert not exe.fallbacks
+    _assert_exact(int_graph, exe, [x, x * 3, *adversarial(x)])
+
+
+def test_a_kernel_without_its_own_schedule_is_reported(monkeypatch, tmp_path, capsys):
+    """A kernel whose schedule does not apply (here the dense one given to the transposed
+    conv) runs on the plain elementwise schedule, still bit-exact, and says so: a warning at
+    compile time, ``exe.fallbacks``, the saved manifest and ``intq bench --profile``."""
+    from intq.backends import tvm_schedules
+    from intq.backends.tvm import ScheduleFallbackWarning
+
+    graph, x = _upsampler(8, 16, 2, 2, 0, 0, seed=0)
+    int_graph = intq.quantize(graph, [{"x": x}], intq.QuantConfig(calibration="minmax"))
+    monkeypatch.setitem(tvm_schedules.SCHEDULES, "conv_transpose", tvm_schedules.schedule_dense)
+    with pytest.warns(ScheduleFallbackWarning, match="1 kernels without their own schedule"):
+        exe = intq.compile(int_graph, target="tvm")
+    ((name, (kind, applied)),) = exe.fallbacks.items()
+    assert (kind, applied) == ("conv_transpose", "elementwise")
+    assert name.startswith("qconvtranspose")
+    _assert_exact(int_graph, exe, [x, *adversarial(x)])
+
+    path = exe.save(tmp_path / "up.so")
+    again = intq.load(path)
+    assert again.fallbacks == exe.fallbacks
+    assert cli(["bench", str(path), "--profile", "--repeat", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "fallback: 1 kernels without their own schedule" in out
+    assert "elementwise (fallback)" in out
+
+
+def test_a_build_with_every_schedule_says_so_in_the_profile(tmp_path, capsys):
+    graph, x = _upsampler(8, 16, 2, 2, 0, 0, seed=1)
+    int_graph = intq.quantize(graph, [{"x": x}], intq.QuantConfig(calibration="minmax"))
+    path = intq.compile(int_graph, target="tvm").save(tmp_path / "up.so")
+    assert cli(["bench", str(path), "--profile", "--repeat", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "ran its own schedule (no fallback)" in out and "(fallback)" not in out
