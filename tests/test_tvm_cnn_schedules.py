@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from int_graphs import adversarial
+from onnx import helper, numpy_helper
+from onnx_models import conv_node, f32, make_model, quantized
 
 import intq
 from intq.backends import TARGETS
@@ -102,3 +104,24 @@ def test_a_build_with_every_schedule_says_so_in_the_profile(tmp_path, capsys):
     assert cli(["bench", str(path), "--profile", "--repeat", "2", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert "ran its own schedule (no fallback)" in out and "(fallback)" not in out
+
+
+def test_prelu_between_nhwc_convs_needs_no_transposes():
+    """conv -> PRelu (a slope per channel) -> conv, as in MTCNN: the ``QPRelu`` runs on the
+    convs' NHWC layout, its slopes along the stored channel axis, so the only layout changes
+    are the graph input's and output's; bit-exact, every kernel on its own schedule."""
+    rng = np.random.default_rng(3)
+    c1, w1 = conv_node("c1", "x", 3, 8, rng)
+    c2, w2 = conv_node("c2", "p", 8, 4, rng)
+    slopes = np.asarray([0.25, -0.5, 0.0, 1.5, 0.1, 0.2, 0.3, 0.7], np.float32)
+    slope = numpy_helper.from_array(slopes.reshape(8, 1, 1), "slope")
+    nodes = [c1, helper.make_node("PRelu", ["c1", "slope"], ["p"]), c2]
+    shape = (1, 3, 6, 7)
+    model = make_model(nodes, [f32("x", shape)], [f32("c2", (1, 4, 6, 7))], [*w1, *w2, slope])
+    graph, feeds = quantized(model, shape)
+    assert [node.op for node in graph].count("QPRelu") == 1
+    exe = intq.compile(graph, target="tvm")
+    layouts = [name for name in exe.kernel_nodes if name.startswith("layout_")]
+    assert len(layouts) == 2, layouts  # the input to NHWC, the output back
+    assert not exe.fallbacks
+    _assert_exact(graph, exe, feeds)

@@ -858,22 +858,24 @@ def _qdiv_count(lw: Lowerer, node: Node) -> None:
 
 @_lower("QPRelu")
 def _qprelu(lw: Lowerer, node: Node) -> None:
-    """:func:`~intq.semantics.kernels.prelu` as Relax int64 ops (the graph's layout: the
-    slopes run along its channel axis)."""
+    """:func:`~intq.semantics.kernels.prelu` as Relax int64 ops on the stored layout (the
+    slopes along wherever the channel axis is stored): between NHWC convs a CNN's PReLU
+    needs no transposes, and its fused loops vectorize over the channels (MTCNN)."""
     a = node.attrs
     x = input_of(node)
+    source, nhwc = lw.stored(x)
     result = prelu(
         _RelaxOps(lw),
-        _int64(lw, x),
+        lw.bb.emit(lw.relax.op.astype(source, "int64")),
         a["multiplier_pos"],
         a["multiplier_neg"],
-        a["axis"],
+        lw.channel_axis(x, a["axis"]),
         x.type.rank,
         a["shift"],
         a["lo"],
         a["hi"],
     )
-    _store(lw, node, result)
+    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
 
 
 def _int64(lw: Lowerer, value: Value) -> Any:
