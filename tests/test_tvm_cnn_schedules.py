@@ -107,7 +107,7 @@ def test_a_build_with_every_schedule_says_so_in_the_profile(tmp_path, capsys):
 
 
 def test_prelu_between_nhwc_convs_needs_no_transposes():
-    """conv -> PRelu (a slope per channel) -> conv, as in MTCNN: the ``QPRelu`` runs on the
+    """conv -> PRelu (a slope per channel) -> conv -> LeakyRelu, as in MTCNN: a ``QPRelu`` runs on the
     convs' NHWC layout, its slopes along the stored channel axis, so the only layout changes
     are the graph input's and output's; bit-exact, every kernel on its own schedule."""
     rng = np.random.default_rng(3)
@@ -115,11 +115,16 @@ def test_prelu_between_nhwc_convs_needs_no_transposes():
     c2, w2 = conv_node("c2", "p", 8, 4, rng)
     slopes = np.asarray([0.25, -0.5, 0.0, 1.5, 0.1, 0.2, 0.3, 0.7], np.float32)
     slope = numpy_helper.from_array(slopes.reshape(8, 1, 1), "slope")
-    nodes = [c1, helper.make_node("PRelu", ["c1", "slope"], ["p"]), c2]
+    nodes = [
+        c1,
+        helper.make_node("PRelu", ["c1", "slope"], ["p"]),
+        c2,
+        helper.make_node("LeakyRelu", ["c2"], ["y"], alpha=0.1),  # one slope, no axis
+    ]
     shape = (1, 3, 6, 7)
-    model = make_model(nodes, [f32("x", shape)], [f32("c2", (1, 4, 6, 7))], [*w1, *w2, slope])
+    model = make_model(nodes, [f32("x", shape)], [f32("y", (1, 4, 6, 7))], [*w1, *w2, slope])
     graph, feeds = quantized(model, shape)
-    assert [node.op for node in graph].count("QPRelu") == 1
+    assert [node.op for node in graph].count("QPRelu") == 2
     exe = intq.compile(graph, target="tvm")
     layouts = [name for name in exe.kernel_nodes if name.startswith("layout_")]
     assert len(layouts) == 2, layouts  # the input to NHWC, the output back

@@ -864,12 +864,14 @@ def _qprelu(lw: Lowerer, node: Node) -> None:
     a = node.attrs
     x = input_of(node)
     source, nhwc = lw.stored(x)
+    # One slope (a LeakyRelu) has no axis (-1).
+    axis = lw.channel_axis(x, a["axis"]) if len(a["multiplier_neg"]) > 1 else a["axis"]
     result = prelu(
         _RelaxOps(lw),
         lw.bb.emit(lw.relax.op.astype(source, "int64")),
         a["multiplier_pos"],
         a["multiplier_neg"],
-        lw.channel_axis(x, a["axis"]),
+        axis,
         x.type.rank,
         a["shift"],
         a["lo"],
