@@ -107,9 +107,10 @@ def test_a_build_with_every_schedule_says_so_in_the_profile(tmp_path, capsys):
 
 
 def test_prelu_between_nhwc_convs_needs_no_transposes():
-    """conv -> PRelu (a slope per channel) -> conv -> LeakyRelu, as in MTCNN: a ``QPRelu`` runs on the
-    convs' NHWC layout, its slopes along the stored channel axis, so the only layout changes
-    are the graph input's and output's; bit-exact, every kernel on its own schedule."""
+    """conv -> PRelu (a slope per channel) -> conv -> LeakyRelu, as in MTCNN: each ``QPRelu``
+    runs on the convs' NHWC layout, its slopes along the stored channel axis, so the only
+    layout changes are the graph input's and output's; bit-exact, every kernel on its own
+    schedule."""
     rng = np.random.default_rng(3)
     c1, w1 = conv_node("c1", "x", 3, 8, rng)
     c2, w2 = conv_node("c2", "p", 8, 4, rng)
