@@ -131,3 +131,33 @@ def test_prelu_between_nhwc_convs_needs_no_transposes():
     assert len(layouts) == 2, layouts  # the input to NHWC, the output back
     assert not exe.fallbacks
     _assert_exact(graph, exe, feeds)
+
+
+def test_squeeze_excitation_scales_the_nhwc_activation_in_place():
+    """conv -> global average pool -> 1x1 conv -> HardSigmoid -> Mul by the conv's output
+    -> conv (MobileNetV3's SE block): the broadcasting ``QMul`` of ``[N, C, 1, 1]`` by
+    ``[N, C, H, W]`` runs NHWC like its inputs, so the only layout changes are the graph
+    input's and output's; bit-exact, every kernel on its own schedule."""
+    rng = np.random.default_rng(5)
+    c1, w1 = conv_node("c1", "x", 3, 8, rng)
+    squeeze = numpy_helper.from_array(
+        (rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32), "se.w"
+    )
+    c3, w3 = conv_node("c3", "scaled", 8, 4, rng)
+    nodes = [
+        c1,
+        helper.make_node("GlobalAveragePool", ["c1"], ["pooled"]),
+        helper.make_node("Conv", ["pooled", "se.w"], ["se"]),
+        helper.make_node("HardSigmoid", ["se"], ["gate"], alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["c1", "gate"], ["scaled"]),
+        c3,
+    ]
+    shape = (1, 3, 6, 7)
+    model = make_model(nodes, [f32("x", shape)], [f32("c3", (1, 4, 6, 7))], [*w1, squeeze, *w3])
+    graph, feeds = quantized(model, shape)
+    assert "QMul" in [node.op for node in graph]
+    exe = intq.compile(graph, target="tvm")
+    layouts = [name for name in exe.kernel_nodes if name.startswith("layout_")]
+    assert len(layouts) == 2, layouts
+    assert not exe.fallbacks
+    _assert_exact(graph, exe, feeds)

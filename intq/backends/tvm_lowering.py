@@ -448,12 +448,13 @@ def _qadd(lw: Lowerer, node: Node) -> None:
 
 def _elementwise_nhwc(lw: Lowerer, node: Node) -> bool:
     """True when the elementwise ``node`` should run NHWC: an input already is, and every
-    input has the output's 4-D shape (no broadcasting to remap)."""
+    input is 4-D like the output, so that the same permutation of each keeps numpy's
+    broadcasting (a squeeze-excitation block's ``[N, C, 1, 1]`` scale of an ``[N, C, H, W]``
+    activation is ``[N, 1, 1, C]`` of ``[N, H, W, C]``: no transposes of the activation)."""
     inputs = [v for v in node.inputs if v is not None]
-    shape = node.output.type.shape
     return (
-        len(shape) == 4
-        and all(v.type.shape == shape for v in inputs)
+        node.output.type.rank == 4
+        and all(v.type.rank == 4 for v in inputs)
         and any(lw.is_nhwc(v) for v in inputs)
     )
 
