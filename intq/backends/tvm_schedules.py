@@ -23,6 +23,8 @@ scheduled model with the reference interpreter anyway).
   epilogue per tile.
 - ``pool`` (NHWC max/average pools): rows in parallel, the window's taps outside
   a vector of channels.
+- ``conv_transpose`` (NHWC, one stride phase's taps): rows in parallel, up to 4 output
+  columns x a vector of up to 16 output channels per tile, the epilogue per tile.
 - ``elementwise`` and ``generic`` (grouped or unsigned 16-bit convs and matmuls,
   layout changes): the outer loops fused and parallel, the innermost vectorized where
   it is contiguous.
@@ -30,7 +32,8 @@ scheduled model with the reference interpreter anyway).
   innermost loop vectorized.
 
 Every kernel falls back to a plain parallel schedule, and then to TVM's
-default loops, if its schedule cannot be applied (logged at debug level).
+default loops, if its schedule cannot be applied (logged at debug level; the executable's
+``fallbacks`` lists them and the build warns).
 """
 
 from __future__ import annotations
