@@ -161,3 +161,35 @@ def test_squeeze_excitation_scales_the_nhwc_activation_in_place():
     assert len(layouts) == 2, layouts
     assert not exe.fallbacks
     _assert_exact(graph, exe, feeds)
+
+
+def test_channel_slices_and_nearest_upsampling_stay_nhwc():
+    """conv -> a channel Slice (YOLO's C2f split) -> nearest 2x Resize (a Gather per spatial
+    axis) -> conv, as an FPN neck: both run on the convs' NHWC layout, so the only layout
+    changes are the graph input's and output's; bit-exact, every kernel on its own schedule."""
+    rng = np.random.default_rng(7)
+    c1, w1 = conv_node("c1", "x", 3, 8, rng)
+    c2, w2 = conv_node("c2", "up", 4, 4, rng)
+    consts = [
+        numpy_helper.from_array(np.asarray(v, np.int64), n)
+        for n, v in (("starts", [2]), ("ends", [6]), ("axes", [1]))
+    ]
+    scales = numpy_helper.from_array(np.asarray([1, 1, 2, 2], np.float32), "scales")
+    nodes = [
+        c1,
+        helper.make_node("Slice", ["c1", "starts", "ends", "axes"], ["half"]),
+        helper.make_node("Resize", ["half", "", "scales"], ["up"], mode="nearest"),
+        c2,
+    ]
+    shape = (1, 3, 5, 6)
+    model = make_model(
+        nodes, [f32("x", shape)], [f32("c2", (1, 4, 10, 12))], [*w1, *w2, *consts, scales]
+    )
+    graph, feeds = quantized(model, shape)
+    ops = [node.op for node in graph]
+    assert "Slice" in ops and ops.count("Gather") == 2, ops
+    exe = intq.compile(graph, target="tvm")
+    layouts = [name for name in exe.kernel_nodes if name.startswith("layout_")]
+    assert len(layouts) == 2, layouts
+    assert not exe.fallbacks
+    _assert_exact(graph, exe, feeds)

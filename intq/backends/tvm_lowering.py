@@ -604,14 +604,20 @@ def _slice(lw: Lowerer, node: Node) -> None:
         first[axis] = int(picked[0]) if picked.size else 0
         step[axis] = stride
 
+    shape = node.output.type.shape
+    source, nhwc = lw.stored(input_of(node))
+    if nhwc:  # the same slice of the NHWC tensor (YOLO's C2f splits between NHWC convs)
+        shape = nhwc_shape(shape)
+        first, step = list(nhwc_shape(first)), list(nhwc_shape(step))
+
     def fn(x: Any) -> Any:
         return te.compute(
-            node.output.type.shape,
+            shape,
             lambda *i: x(*[first[d] + i[d] * step[d] for d in range(len(i))]),
             name="slice",
         )
 
-    lw.bind(node, lw.emit_node(fn, [lw.value(input_of(node))], node, "elementwise"))
+    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
 
 
 @_lower("Pad")
@@ -661,13 +667,20 @@ def _qbatch_matmul(lw: Lowerer, node: Node) -> None:
 
 @_lower("Gather")
 def _gather(lw: Lowerer, node: Node) -> None:
-    table, index = (lw.value(input_of(node, i)) for i in (0, 1))
+    data, indices = input_of(node, 0), input_of(node, 1)
+    axis = node.attrs["axis"] % data.type.rank
+    # A 1-D index of an NHWC tensor (nearest upsampling as a Gather per spatial axis) keeps
+    # its rank: the same take along the axis where it is stored, no transposes.
+    nhwc = indices.type.rank == 1 and lw.is_nhwc(data)
+    table = lw.value_nhwc(data) if nhwc else lw.value(data)
+    index = lw.value(indices)
     # "clip": an index outside the table can never read outside it, even in a device-side
     # loader that skips intq's input checks (TVM's "fast" mode does not check at all).
-    take = lw.bb.emit(lw.relax.op.take(table, index, axis=node.attrs["axis"], mode="clip"))
-    if input_of(node, 1).type.rank == 0:  # a scalar index: its axis goes (Relax keeps it)
+    axis = nhwc_axis(axis) if nhwc else axis
+    take = lw.bb.emit(lw.relax.op.take(table, index, axis=axis, mode="clip"))
+    if indices.type.rank == 0:  # a scalar index: its axis goes (Relax keeps it)
         take = lw.bb.emit(lw.relax.op.reshape(take, node.output.type.shape))
-    lw.bind(node, take)
+    lw.bind(node, take, nhwc=nhwc)
 
 
 @_lower("Add", "Sub", "Mul", "Equal")
