@@ -450,9 +450,10 @@ def schedule_conv_transpose(sch: Sch, isa: Isa) -> None:
     """An NHWC transposed conv (``acc`` over one stride phase's taps and the input channels,
     then maybe an epilogue): output rows in parallel, a register tile of up to 4 output
     columns x a vector of up to 16 output channels (the weights of one tap and input channel
-    are contiguous over them, the input a broadcast), the epilogue per tile. On the corpus
-    UNet's two stride-2 upsampling layers (64 -> 32 and 32 -> 16 channels): 20 ms with the
-    generic NCHW kernel, see benchmarks/README.md for the time with this one."""
+    are contiguous over them, the input a broadcast), the epilogue per tile. The corpus UNet
+    (two stride-2 upsampling layers, 64 -> 32 and 32 -> 16 channels, 64x64 output), one
+    thread, loaded 2-core Zen 4 VM: 20.3 ms a run with the generic NCHW kernel (its two
+    transposed convs 20 ms of it), 1.7 ms with this one."""
     epilogue = _epilogue(sch, "acc", parallel=False)
     acc = _blocks(sch)["acc"]
     b, i, j, k, ry, rx, rc = sch.get_loops(acc)
