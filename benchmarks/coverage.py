@@ -27,7 +27,10 @@ random seeded weights, small inputs) and the real-weight models of :mod:`example
   ``quantize_static`` model (QDQ, per-channel, u8 activations with reduce_range, MinMax) on
   the same calibration samples;
 * **TVM/FP32** (``--latency``): intq TVM's median time per run on one test sample over ONNX
-  Runtime FP32's, one thread each, in interleaved rounds in this process;
+  Runtime FP32's, one thread each, in interleaved rounds in this process (the text table also
+  shows both times in ms);
+* **fallbacks**: intq TVM's kernels that run without their own schedule
+  (``TvmExecutable.fallbacks``; 0 when every kernel has one);
 * **islands**: ops left in float inside the integer graph (always 0: intq is integer-only).
 
 A failing cell shows ``FAIL``; the row's note names the obstacle (the missing op, the
@@ -94,6 +97,8 @@ class Row:
     """intq TVM's median time per run on one test sample, one thread (``--latency``)."""
     fp32_ms: float | None = None
     """ONNX Runtime FP32's, on the same sample, one intra-op thread."""
+    fallbacks: int | None = None
+    """intq TVM's kernels without their own schedule (``TvmExecutable.fallbacks``)."""
     note: str = ""
     seconds: float = 0.0
 
@@ -300,6 +305,8 @@ def cover(
             exe = intq.compile(int_graph, target=target)
             outputs[target] = [exe.run(t) for t in tests]
             row.steps[target] = "ok"
+            if target == "tvm":
+                row.fallbacks = len(exe.fallbacks)
             if latency and target == "tvm" and path.exists():
                 step("latency")
                 session = open_session(path, session_options(1, spin=False))
@@ -382,16 +389,24 @@ def _speed_text(row: Row) -> str:
     return f"{row.tvm_ms / row.fp32_ms:.2f}"
 
 
+def _ms_text(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
+
+
+def _count_text(count: int | None) -> str:
+    return "-" if count is None else str(count)
+
+
 def table(rows: Sequence[Row]) -> str:
-    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "TVM/FP32", "islands"]
-    head += ["s", "obstacle"]
+    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "TVM ms", "FP32 ms"]
+    head += ["TVM/FP32", "fallbacks", "islands", "s", "obstacle"]
     body = [
         [
             r.name, r.family, *(r.steps[c] for c in COLUMNS),
             "-" if r.fidelity is None else f"{r.fidelity:.4f}",
             "-" if r.top1 is None else f"{r.top1:.2f}",
-            _ort_text(r), _speed_text(r),
-            "-" if r.islands is None else str(r.islands), f"{r.seconds:.0f}", r.note,
+            _ort_text(r), _ms_text(r.tvm_ms), _ms_text(r.fp32_ms), _speed_text(r),
+            _count_text(r.fallbacks), _count_text(r.islands), f"{r.seconds:.0f}", r.note,
         ]
         for r in rows
     ]  # fmt: skip
@@ -412,14 +427,15 @@ def table(rows: Sequence[Row]) -> str:
 def markdown(rows: Sequence[Row]) -> str:
     """The table as Markdown (for benchmarks/README.md): one row per model, its steps, its
     fidelity and what stops it."""
-    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "TVM/FP32", "obstacle"]
+    head = ["model", "family", *COLUMNS, "cosine", "top-1", "ORT int8", "TVM/FP32", "fallbacks"]
+    head += ["obstacle"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             f"`{r.name}`", r.family, *(r.steps[c] for c in COLUMNS),
             "-" if r.fidelity is None else f"{r.fidelity:.4f}",
             "-" if r.top1 is None else f"{r.top1:.2f}", _ort_text(r), _speed_text(r),
-            r.note.replace("|", "/")[:200],
+            _count_text(r.fallbacks), r.note.replace("|", "/")[:200],
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

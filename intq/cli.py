@@ -35,7 +35,7 @@ from intq.backends import TARGETS, artifact_files
 from intq.backends.base import atomic_write
 from intq.backends.onnxruntime import onnx_census
 from intq.backends.tvm_rpc import DEFAULT_TIMEOUT, parse_tracker, remote_bench
-from intq.backends.tvm_runtime import MANIFEST_SUFFIX, TensorSpec, tvm_artifact
+from intq.backends.tvm_runtime import MANIFEST_SUFFIX, TensorSpec, fallback_summary, tvm_artifact
 from intq.config import load_config
 from intq.data import calibration_batches, first_batch_shapes, read_npz
 from intq.distillation import DISTILL_LOSSES, DistillConfig
@@ -768,6 +768,7 @@ def _print_profile(args: argparse.Namespace, exe: Any, feeds: dict[str, np.ndarr
     kernels = exe.profile(feeds, runs=args.repeat, warmup=args.warmup)
     total = sum(k.ms for k in kernels) or 1.0
     shown = kernels[: args.top] if args.top > 0 else kernels
+    scheduled = bool(getattr(exe, "schedules", None))  # TVM, its manifest recording them
     rows = []
     for k in shown:
         nodes = k.nodes[0] if k.nodes else "-"
@@ -780,6 +781,7 @@ def _print_profile(args: argparse.Namespace, exe: Any, feeds: dict[str, np.ndarr
                 "calls": k.calls,
                 "ms": f"{k.ms:.3f}",
                 "share": share,
+                **({"schedule": _schedule_text(exe, k.kernel)} if scheduled else {}),
                 "node": nodes,
             }
         )
@@ -788,6 +790,19 @@ def _print_profile(args: argparse.Namespace, exe: Any, feeds: dict[str, np.ndarr
     rest = kernels[len(shown) :]
     if rest:
         print(f"... {len(rest)} more kernels: {sum(k.ms for k in rest):.3f} ms")
+    fallbacks = getattr(exe, "fallbacks", None)
+    if fallbacks:
+        slow = sum(k.ms for k in kernels if k.kernel in fallbacks)
+        print(f"fallback: {fallback_summary(fallbacks)} ({slow:.3f} ms per run)")
+    elif scheduled:
+        print(f"every one of the {len(exe.schedules)} kernels ran its own schedule (no fallback)")
+
+
+def _schedule_text(exe: Any, kernel: str) -> str:
+    """The schedule a TVM kernel ran (``conv``; ``elementwise (fallback)`` when its own
+    failed); ``-`` for the VM's builtins, ONNX Runtime nodes and older manifests."""
+    _, applied = getattr(exe, "schedules", {}).get(kernel, ("-", "-"))
+    return applied if kernel not in getattr(exe, "fallbacks", {}) else f"{applied} (fallback)"
 
 
 def _print_latency(args: argparse.Namespace, rows: list[dict[str, Any]], where: str = "") -> None:

@@ -53,6 +53,7 @@ def _cli(*argv) -> tuple[int, str]:
         (lambda m: m["outputs"][0].update(quantization={"op": 3}), "outputs[0].quantization"),
         (lambda m: m.update(kernels=[1]), "kernels must be an object"),
         (lambda m: m.update(layers=[[]]), "layers must be null or a per-layer table"),
+        (lambda m: m.update(schedules={"k": ["conv"]}), "schedules.k has 1 elements, not 2"),
         (lambda m: m["target"].update(kind=5), "target.kind must be a string"),
         (lambda m: m["inputs"][0].update(shape=[1 << 20] * 3), "would take"),
     ],

@@ -715,7 +715,8 @@ def test_profile_times_each_kernel_and_names_its_nodes(tmp_path, capsys):
     assert "more kernels:" not in out
     assert main([*bench, "--profile", "--top", "1"]) == 0
     out = capsys.readouterr().out.split("profiled runs:\n")[1].splitlines()
-    assert len(out) == 4 and out[3].startswith(f"... {len(rows) - 1} more kernels: ")
+    assert len(out) == 5 and out[3].startswith(f"... {len(rows) - 1} more kernels: ")
+    assert out[4].endswith("kernels ran its own schedule (no fallback)")  # from the manifest
     rpc = ["--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"]
     assert main([*bench, "--profile", *rpc]) == 1
     assert "--profile times the kernels on this machine" in capsys.readouterr().err

@@ -20,6 +20,7 @@ backend when a graph is first compiled for it or an artifact of it is loaded.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ from typing import Any
 from intq.backends.tvm_kernels import dtype_of
 from intq.backends.tvm_lowering import LOWER, Kernel, Lowerer
 from intq.backends.tvm_runtime import (
+    ScheduleFallbackWarning,
     TensorSpec,
     TvmExecutable,
     _tvm,
+    fallback_summary,
     graph_specs,
     host_target,
     load_tvm,
@@ -157,11 +160,20 @@ def compile_tvm(
     exe.schedules = {name: (kernels[name].kind, applied) for name, applied in report.items()}
     exe.kernel_paths = paths
     exe.kernel_nodes = {name: list(k.nodes) for name, k in kernels.items() if k.nodes}
+    if exe.fallbacks:
+        warnings.warn(
+            f"TVM build for {spec}: {fallback_summary(exe.fallbacks)}; they run on plainer"
+            " loops (exe.fallbacks; the debug log of intq.backends.tvm_schedules says why)."
+            " Report it with the model",
+            ScheduleFallbackWarning,
+            stacklevel=2,
+        )
     return exe
 
 
 __all__ = [
     "LOWER",
+    "ScheduleFallbackWarning",
     "TensorSpec",
     "TvmExecutable",
     "compile_tvm",

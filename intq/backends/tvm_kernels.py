@@ -439,6 +439,78 @@ def conv_transpose_te(node: Node) -> Callable[..., Any]:
     return fn
 
 
+def nhwc_conv_transpose(node: Node) -> bool:
+    """True for the ``QConvTranspose`` nodes :func:`conv_transpose_nhwc_te` computes: 2-D,
+    one group, no dilation, constant weights (decoder upsampling layers)."""
+    if node.op != "QConvTranspose" or input_of(node).type.rank != 4:
+        return False
+    attrs = node.attrs
+    return (
+        attrs["group"] == 1
+        and all(d == 1 for d in attrs["dilations"])
+        and input_of(node, 1).const is not None
+    )
+
+
+def transposed_taps(kernel: int, stride: int) -> int:
+    """Taps of a transposed conv that can reach one output along an axis: ``ceil(k / s)``
+    (the taps of one stride phase: ``t = (o + pad) mod s + q * s``)."""
+    return -(-kernel // stride)
+
+
+def conv_transpose_weights(w: np.ndarray, strides: Sequence[int]) -> np.ndarray:
+    """``[C, M, kh, kw]`` weights of a one-group ``QConvTranspose`` as ``[kh', kw', C, M]``,
+    each tap axis zero-padded to a multiple of its stride (``kh' = s * ceil(kh / s)``): the
+    output channels innermost, and every phase's taps inside the array (a padded tap adds
+    zero)."""
+    c, m, kh, kw = w.shape
+    full = [s * transposed_taps(k, s) for k, s in zip((kh, kw), strides)]
+    padded = np.zeros((c, m, *full), w.dtype)
+    padded[:, :, :kh, :kw] = w
+    return np.ascontiguousarray(padded.transpose(2, 3, 0, 1))
+
+
+def conv_transpose_nhwc_te(node: Node) -> Callable[..., Any]:
+    """A :func:`nhwc_conv_transpose` ``QConvTranspose`` on NHWC: ``(x, w[kh', kw', C, M]
+    [, b]) -> int32 acc`` (NHWC), weights from :func:`conv_transpose_weights`.
+
+    Output ``o`` (per axis) takes input ``i = (o + pad) // s - q`` through tap
+    ``t = (o + pad) mod s + q * s`` for ``q < ceil(k / s)``: exactly the taps with
+    ``o + pad = i * s + t``, so it reduces over ``ceil(k / s)`` taps per axis instead of
+    :func:`conv_transpose_te`'s ``k`` of which all but those are masked (4x fewer products for
+    the usual ``k = s = 2``); a tap beyond ``k`` reads a zero weight and an input outside the
+    image adds nothing, so the sum is the same integers."""
+    from tvm import te, tirx
+
+    _, h, w, c = nhwc_shape(input_of(node).type.shape)
+    kh, kw = input_of(node, 1).type.shape[2:]
+    (sh, sw), (ph, pw) = node.attrs["strides"], node.attrs["pads"][:2]
+    n, m, oh, ow = node.output.type.shape
+    qh, qw = transposed_taps(kh, sh), transposed_taps(kw, sw)
+
+    def fn(x: Any, wt: Any, *bias: Any) -> Any:
+        ry = te.reduce_axis((0, qh), name="ry")
+        rx = te.reduce_axis((0, qw), name="rx")
+        rc = te.reduce_axis((0, c), name="rc")
+
+        def body(b: Any, i: Any, j: Any, k: Any) -> Any:
+            # i + pad >= 0, so floor and truncating division agree.
+            ai, aj = i + ph, j + pw
+            ii, jj = tirx.floordiv(ai, sh) - ry, tirx.floordiv(aj, sw) - rx
+            ty, tx = tirx.floormod(ai, sh) + ry * sh, tirx.floormod(aj, sw) + rx * sw
+            inside = tirx.all(ii >= 0, ii < h, jj >= 0, jj < w)
+            source = x[b, tirx.max(tirx.min(ii, h - 1), 0), tirx.max(tirx.min(jj, w - 1), 0), rc]
+            product = source.astype("int32") * wt[ty, tx, rc, k].astype("int32")
+            return te.sum(
+                tirx.if_then_else(inside, product, tirx.const(0, "int32")), axis=[ry, rx, rc]
+            )
+
+        acc = te.compute((n, oh, ow, m), body, name="acc")
+        return _add_bias(acc, bias, 3)
+
+    return fn
+
+
 def dense_te(node: Node) -> Callable[..., Any]:
     """The TE function ``(a, w_nk[, bias]) -> int32 acc`` of ``QGemm``/``QMatMul``.
 

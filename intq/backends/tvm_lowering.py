@@ -39,7 +39,9 @@ from intq.backends.tvm_kernels import (
     avgpool_te,
     bias_input,
     conv_te,
+    conv_transpose_nhwc_te,
     conv_transpose_te,
+    conv_transpose_weights,
     dense_te,
     depthwise_nhwc_te,
     dequantize_te,
@@ -47,6 +49,7 @@ from intq.backends.tvm_kernels import (
     global_avgpool_te,
     input_of,
     maxpool_te,
+    nhwc_conv_transpose,
     offset_bias,
     packed_conv_te,
     packed_dense_te,
@@ -90,8 +93,11 @@ its int32 accumulator fused into a lone reading epilogue."""
 
 
 def _channels_last_kernel(node: Node) -> bool:
-    """True for the convolutions with an NHWC kernel: depthwise, and one group of operands
-    ``pmaddwd`` reduces exactly (see :func:`~intq.backends.tvm_kernels.pairs_exactly`)."""
+    """True for the convolutions with an NHWC kernel: depthwise, one group of operands
+    ``pmaddwd`` reduces exactly (see :func:`~intq.backends.tvm_kernels.pairs_exactly`), and
+    the one-group transposed convs of :func:`~intq.backends.tvm_kernels.nhwc_conv_transpose`."""
+    if node.op == "QConvTranspose":
+        return nhwc_conv_transpose(node)
     if node.op != "QConv" or input_of(node).type.rank != 4:
         return False
     conv = ConvShape.of(node)
@@ -278,6 +284,11 @@ def _accumulator(lw: Lowerer, node: Node) -> _Accumulator:
     x, w = input_of(node, 0), input_of(node, 1)
     b = bias_input(node)
     bias = [lw.value(b)] if b is not None else []
+    if lw.channels_last and node.op == "QConvTranspose" and _channels_last_kernel(node):
+        assert w.const is not None
+        weights = lw.const(conv_transpose_weights(w.const, node.attrs["strides"]))
+        args = [lw.value_nhwc(x), weights, *bias]
+        return _Accumulator(conv_transpose_nhwc_te(node), args, "conv_transpose", True)
     if lw.channels_last and _channels_last_kernel(node):
         assert w.const is not None
         x_nhwc = lw.value_nhwc(x)
@@ -437,12 +448,13 @@ def _qadd(lw: Lowerer, node: Node) -> None:
 
 def _elementwise_nhwc(lw: Lowerer, node: Node) -> bool:
     """True when the elementwise ``node`` should run NHWC: an input already is, and every
-    input has the output's 4-D shape (no broadcasting to remap)."""
+    input is 4-D like the output, so that the same permutation of each keeps numpy's
+    broadcasting (a squeeze-excitation block's ``[N, C, 1, 1]`` scale of an ``[N, C, H, W]``
+    activation is ``[N, 1, 1, C]`` of ``[N, H, W, C]``: no transposes of the activation)."""
     inputs = [v for v in node.inputs if v is not None]
-    shape = node.output.type.shape
     return (
-        len(shape) == 4
-        and all(v.type.shape == shape for v in inputs)
+        node.output.type.rank == 4
+        and all(v.type.rank == 4 for v in inputs)
         and any(lw.is_nhwc(v) for v in inputs)
     )
 
@@ -592,14 +604,20 @@ def _slice(lw: Lowerer, node: Node) -> None:
         first[axis] = int(picked[0]) if picked.size else 0
         step[axis] = stride
 
+    shape = node.output.type.shape
+    source, nhwc = lw.stored(input_of(node))
+    if nhwc:  # the same slice of the NHWC tensor (YOLO's C2f splits between NHWC convs)
+        shape = nhwc_shape(shape)
+        first, step = list(nhwc_shape(first)), list(nhwc_shape(step))
+
     def fn(x: Any) -> Any:
         return te.compute(
-            node.output.type.shape,
+            shape,
             lambda *i: x(*[first[d] + i[d] * step[d] for d in range(len(i))]),
             name="slice",
         )
 
-    lw.bind(node, lw.emit_node(fn, [lw.value(input_of(node))], node, "elementwise"))
+    lw.bind(node, lw.emit_node(fn, [source], node, "elementwise"), nhwc=nhwc)
 
 
 @_lower("Pad")
@@ -649,13 +667,20 @@ def _qbatch_matmul(lw: Lowerer, node: Node) -> None:
 
 @_lower("Gather")
 def _gather(lw: Lowerer, node: Node) -> None:
-    table, index = (lw.value(input_of(node, i)) for i in (0, 1))
+    data, indices = input_of(node, 0), input_of(node, 1)
+    axis = node.attrs["axis"] % data.type.rank
+    # A 1-D index of an NHWC tensor (nearest upsampling as a Gather per spatial axis) keeps
+    # its rank: the same take along the axis where it is stored, no transposes.
+    nhwc = indices.type.rank == 1 and lw.is_nhwc(data)
+    table = lw.value_nhwc(data) if nhwc else lw.value(data)
+    index = lw.value(indices)
     # "clip": an index outside the table can never read outside it, even in a device-side
     # loader that skips intq's input checks (TVM's "fast" mode does not check at all).
-    take = lw.bb.emit(lw.relax.op.take(table, index, axis=node.attrs["axis"], mode="clip"))
-    if input_of(node, 1).type.rank == 0:  # a scalar index: its axis goes (Relax keeps it)
+    axis = nhwc_axis(axis) if nhwc else axis
+    take = lw.bb.emit(lw.relax.op.take(table, index, axis=axis, mode="clip"))
+    if indices.type.rank == 0:  # a scalar index: its axis goes (Relax keeps it)
         take = lw.bb.emit(lw.relax.op.reshape(take, node.output.type.shape))
-    lw.bind(node, take)
+    lw.bind(node, take, nhwc=nhwc)
 
 
 @_lower("Add", "Sub", "Mul", "Equal")
@@ -847,22 +872,26 @@ def _qdiv_count(lw: Lowerer, node: Node) -> None:
 
 @_lower("QPRelu")
 def _qprelu(lw: Lowerer, node: Node) -> None:
-    """:func:`~intq.semantics.kernels.prelu` as Relax int64 ops (the graph's layout: the
-    slopes run along its channel axis)."""
+    """:func:`~intq.semantics.kernels.prelu` as Relax int64 ops on the stored layout (the
+    slopes along wherever the channel axis is stored): between NHWC convs a CNN's PReLU
+    needs no transposes, and its fused loops vectorize over the channels (MTCNN)."""
     a = node.attrs
     x = input_of(node)
+    source, nhwc = lw.stored(x)
+    # One slope (a LeakyRelu) has no axis (-1).
+    axis = lw.channel_axis(x, a["axis"]) if len(a["multiplier_neg"]) > 1 else a["axis"]
     result = prelu(
         _RelaxOps(lw),
-        _int64(lw, x),
+        lw.bb.emit(lw.relax.op.astype(source, "int64")),
         a["multiplier_pos"],
         a["multiplier_neg"],
-        a["axis"],
+        axis,
         x.type.rank,
         a["shift"],
         a["lo"],
         a["hi"],
     )
-    _store(lw, node, result)
+    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
 
 
 def _int64(lw: Lowerer, value: Value) -> Any:

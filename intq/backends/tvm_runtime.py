@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -360,11 +360,30 @@ MANIFEST = obj(
         "runtime": string(),
         "kernels": mapping(_NAME, list_of(_NAME, 100_000), 100_000),
         "layers": optional(LAYER_TABLE, "a per-layer table"),
+        "schedules": mapping(_NAME, list_of(string(), 2, 2), 100_000),
     },
 )
 """What a TVM manifest holds (:mod:`intq.schema`); every field is checked on reading."""
 
 _MANIFEST_HINT = "compile it again; save() writes the manifest next to the library"
+
+
+TUNED_SCHEDULES = ("tuned",)
+"""What :attr:`TvmExecutable.schedules` says of a kernel scheduled from MetaSchedule records
+(:mod:`intq.backends.tvm_tuning`): its own schedule, not a fallback."""
+
+
+class ScheduleFallbackWarning(UserWarning):
+    """Some kernels of a TVM build run without their own schedule (a plainer one, or TVM's
+    default loops: often many times slower); :attr:`TvmExecutable.fallbacks` lists them."""
+
+
+def fallback_summary(fallbacks: Mapping[str, tuple[str, str]], limit: int = 5) -> str:
+    """``fallbacks`` (:attr:`TvmExecutable.fallbacks`) in one line: how many, and the first
+    ``limit`` as ``prim func (kind -> what ran)``."""
+    shown = [f"{name} ({kind} -> {applied})" for name, (kind, applied) in fallbacks.items()]
+    more = f" and {len(shown) - limit} more" if len(shown) > limit else ""
+    return f"{len(shown)} kernels without their own schedule: {', '.join(shown[:limit])}{more}"
 
 
 class TvmExecutable:
@@ -388,7 +407,8 @@ class TvmExecutable:
         self.graph = graph
         self.compile_seconds = compile_seconds
         self.schedules: dict[str, tuple[str, str]] = {}
-        """Prim func -> (kernel kind, the schedule that applied), from :func:`compile_tvm`."""
+        """Prim func -> (kernel kind, the schedule that applied), from :func:`compile_tvm`
+        (and the manifest of a loaded library); see :attr:`fallbacks`."""
         self.kernel_paths: dict[str, str] = {}
         """Prim func -> what each conv and dense kernel's inner product runs as (``"vnni"``,
         ``"byte"``, ``"vpmaddwd"``, ``"vector"`` or ``"fallback"``:
@@ -405,6 +425,17 @@ class TvmExecutable:
         self._vm: Any = None
         self._pool: tvm_threads.ThreadPolicy | None = None
         """The process's thread-pool policy, once a CPU VM exists."""
+
+    @property
+    def fallbacks(self) -> dict[str, tuple[str, str]]:
+        """The kernels that run without their own schedule: prim func -> (kernel kind, the
+        plainer schedule that applied instead, ``"none"`` for TVM's default loops), from
+        :attr:`schedules`. Empty when every kernel has its hand (or tuned) schedule."""
+        return {
+            name: (kind, applied)
+            for name, (kind, applied) in self.schedules.items()
+            if applied != kind and applied not in TUNED_SCHEDULES
+        }
 
     @property
     def input_names(self) -> list[str]:
@@ -552,6 +583,7 @@ class TvmExecutable:
             "outputs": [s.to_json() for s in self.outputs],
             "kernels": self.kernel_nodes,
             "layers": self.layers if self.graph is not None else self.saved_layers,
+            "schedules": {name: list(pair) for name, pair in self.schedules.items()},
         }
 
     def save(self, path: str | Path, *, sign_key: Any = None) -> Path:
@@ -708,6 +740,8 @@ class TvmArtifact:
     """Prim func -> the graph nodes it computes (for profiles of a loaded library)."""
     layers: list[dict[str, Any]] | None = None
     """The per-layer table (:func:`intq.inspection.layer_table`); None in older manifests."""
+    schedules: dict[str, list[str]] = field(default_factory=dict)
+    """Prim func -> [kernel kind, the schedule that applied]; empty in older manifests."""
 
     @property
     def needs_linker(self) -> bool:
@@ -779,6 +813,7 @@ def tvm_artifact(path: Path, files: Mapping[str, bytes]) -> TvmArtifact:
         [TensorSpec.from_json(s) for s in manifest["outputs"]],
         manifest.get("kernels", {}),
         manifest.get("layers"),
+        manifest.get("schedules", {}),
     )
 
 
@@ -843,11 +878,15 @@ def load_tvm(path: str | Path, files: Mapping[str, bytes] | None = None) -> TvmE
     exe.artifact = artifact
     exe.kernel_nodes = artifact.kernels
     exe.saved_layers = artifact.layers
+    exe.schedules = {name: (kind, applied) for name, (kind, applied) in artifact.schedules.items()}
     return exe
 
 
 __all__ = [
     "MANIFEST_VERSION",
+    "ScheduleFallbackWarning",
+    "TUNED_SCHEDULES",
+    "fallback_summary",
     "graph_specs",
     "TensorSpec",
     "TvmArtifact",

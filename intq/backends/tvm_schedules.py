@@ -23,6 +23,8 @@ scheduled model with the reference interpreter anyway).
   epilogue per tile.
 - ``pool`` (NHWC max/average pools): rows in parallel, the window's taps outside
   a vector of channels.
+- ``conv_transpose`` (NHWC, one stride phase's taps): rows in parallel, up to 4 output
+  columns x a vector of up to 16 output channels per tile, the epilogue per tile.
 - ``elementwise`` and ``generic`` (grouped or unsigned 16-bit convs and matmuls,
   layout changes): the outer loops fused and parallel, the innermost vectorized where
   it is contiguous.
@@ -30,7 +32,8 @@ scheduled model with the reference interpreter anyway).
   innermost loop vectorized.
 
 Every kernel falls back to a plain parallel schedule, and then to TVM's
-default loops, if its schedule cannot be applied (logged at debug level).
+default loops, if its schedule cannot be applied (logged at debug level; the executable's
+``fallbacks`` lists them and the build warns).
 """
 
 from __future__ import annotations
@@ -443,6 +446,40 @@ def schedule_depthwise(sch: Sch, isa: Isa) -> None:
         sch.vectorize(sch.get_loops(epilogue)[-1])
 
 
+def schedule_conv_transpose(sch: Sch, isa: Isa) -> None:
+    """An NHWC transposed conv (``acc`` over one stride phase's taps and the input channels,
+    then maybe an epilogue): output rows in parallel, a register tile of up to 4 output
+    columns x a vector of up to 16 output channels (the weights of one tap and input channel
+    are contiguous over them, the input a broadcast), the epilogue per tile. The corpus UNet
+    (two stride-2 upsampling layers, 64 -> 32 and 32 -> 16 channels, 64x64 output), one
+    thread, loaded 2-core Zen 4 VM: 20.3 ms a run with the generic NCHW kernel (its two
+    transposed convs 20 ms of it), 1.7 ms with this one."""
+    epilogue = _epilogue(sch, "acc", parallel=False)
+    acc = _blocks(sch)["acc"]
+    b, i, j, k, ry, rx, rc = sch.get_loops(acc)
+    # Divisors: a predicated tail would be scalarized.
+    ko, ki = sch.split(k, [None, _divisor(_extent(sch, k), 16)])
+    jo, ji = sch.split(j, [None, _divisor(_extent(sch, j), 4)])
+    sch.reorder(b, i, jo, ko, ry, rx, rc, ji, ki)
+    sch.parallel(sch.fuse(b, i))
+    local = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(local, ko)
+    _vectorize_lanes(sch, ki)
+    sch.unroll(ji)
+    init = sch.decompose_reduction(acc, ry)
+    _vectorize_lanes(sch, sch.get_loops(init)[-1])
+    _vectorize_lanes(sch, sch.get_loops(local)[-1])
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, ko)
+        _vectorize_lanes(sch, sch.get_loops(epilogue)[-1])
+
+
+def _vectorize_lanes(sch: Sch, loop: Any) -> None:
+    """Vectorize ``loop`` unless it has one iteration (a single output channel)."""
+    if _extent(sch, loop) > 1:
+        sch.vectorize(loop)
+
+
 def schedule_pool(sch: Sch, isa: Isa) -> None:
     """An NHWC pool (``maxpool``/``pool`` block, then maybe an epilogue): output rows in
     parallel, the window's taps outside a vector of up to 16 channels."""
@@ -493,6 +530,7 @@ SCHEDULES: dict[str, Callable[[Sch, Isa], str | None]] = {
     "depthwise": schedule_depthwise,
     "elementwise": schedule_elementwise,
     "pool": schedule_pool,
+    "conv_transpose": schedule_conv_transpose,
     "fused": schedule_fused,
     "generic": schedule_elementwise,
 }
