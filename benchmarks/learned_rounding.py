@@ -7,12 +7,15 @@ Run from the repository root (the ``dev`` extra installed)::
     .venv/bin/python -m benchmarks.learned_rounding --quick            # 8 + 16 crops: a smoke run
 
 Rows: EfficientNet-Lite0 (ImageNet weights) with 4-bit weights and 8-bit activations, the
-first and last layer at 8 bits, and the ResNet-18-shaped network (seeded weights) at W4A8;
+first and last layer at 8 bits, the ResNet-18-shaped network (seeded weights) at W4A8, and
+all-MiniLM-L6-v2 at W4A8 (16-bit residual stream, the default ``wide_bits``);
 each quantized by ``intq.quantize`` with the defaults but for the widths, once with
 ``rounding="nearest"`` and once with the default ``rounding="auto"`` (learned rounding for
 the 4-bit layers), on the same calibration crops. Each integer graph runs on ONNX Runtime
 (bit exact with the reference interpreter) over other crops, scored by top-1 agreement with
-the FP32 model (all crops, and the crops where FP32 is confident: max softmax > 0.5). The
+the FP32 model (all crops, and the crops where FP32 is confident: max softmax > 0.5);
+MiniLM calibrates on the 16 sentences of ``minilm_variants.py`` and is scored by the mean
+cosine of its mean-pooled embeddings to FP32's on the 24 others. The
 time is ``intq.quantize``'s, calibration included. ONNX Runtime's ``quantize_static`` has
 no 4-bit convolution weights, so it has no row here (its INT8 rows are in
 ``efficientnet_agreement.py``).
@@ -50,6 +53,7 @@ class Row:
 MODELS: dict[str, tuple[str, Callable]] = {
     "efficientnet": ("EfficientNet-Lite0, W4A8 (first/last 8-bit)", zoo.efficientnet_lite0),
     "resnet18": ("ResNet-18-shaped, W4A8", zoo.resnet18_like),
+    "minilm": ("all-MiniLM-L6-v2, W4A8 (16-bit residual)", zoo.minilm),
 }
 
 
@@ -58,7 +62,35 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def minilm_rows(cache: Path, args: argparse.Namespace) -> list[Row]:
+    from benchmarks.minilm_variants import CALIBRATION, EVALUATION, batches, pooled
+
+    label, builder = MODELS["minilm"]
+    model = builder(cache)
+    graph = intq.from_onnx(model.path)
+    fp32 = _ort_fp32(model.path)
+    data, feeds = batches(model, CALIBRATION), batches(model, EVALUATION)
+    rows = []
+    for rounding in ("nearest", "auto"):
+        config = intq.QuantConfig(weight_bits=4, rounding=rounding, progress=args.progress)
+        began = time.perf_counter()
+        quantized = intq.quantize(graph, data, config)
+        seconds = time.perf_counter() - began
+        run = _int_runner(quantized)
+        cosines = []
+        for feed in feeds:
+            a = pooled(fp32(feed), feed["attention_mask"])
+            b = pooled(run(feed), feed["attention_mask"])
+            norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+            cosines.extend((a * b).sum(-1) / norms)
+        rows.append(Row(label, rounding, float(np.mean(cosines)), float("nan"), 0, seconds))
+        print(f"  {label}, rounding={rounding}: {rows[-1].agreement:.4f}", flush=True)
+    return rows
+
+
 def rows_for(key: str, cache: Path, args: argparse.Namespace) -> list[Row]:
+    if key == "minilm":
+        return minilm_rows(cache, args)
     label, builder = MODELS[key]
     model = builder(cache)
     graph = intq.from_onnx(model.path)
@@ -97,15 +129,14 @@ def rows_for(key: str, cache: Path, args: argparse.Namespace) -> list[Row]:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| model | rounding | top-1 agreement, all crops | confident crops | quantize s |",
+        "| model | rounding | top-1 agreement, all crops (MiniLM: mean cosine) | confident crops"
+        " | quantize s |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         name = "nearest" if r.rounding == "nearest" else "learned (default `auto`)"
-        lines.append(
-            f"| {r.model} | {name} | {r.agreement:.3f} | {r.confident:.3f} ({r.confident_crops})"
-            f" | {r.seconds:.0f} |"
-        )
+        sure = f"{r.confident:.3f} ({r.confident_crops})" if r.confident_crops else ""
+        lines.append(f"| {r.model} | {name} | {r.agreement:.4f} | {sure} | {r.seconds:.0f} |")
     return "\n".join(lines)
 
 
