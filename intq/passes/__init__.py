@@ -73,11 +73,14 @@ def lowering_pipeline(
         kept: list[Mapping[str, np.ndarray]] = []
         if lowering.calibration == "auto":
             calibration_data, kept = reservoir(calibration_data)
+        refit: list[Mapping[str, np.ndarray]] = []
+        if learns is not None:
+            calibration_data, refit = reservoir(calibration_data, 16, seed=1)
         calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction, learns))
         if lowering.calibration == "auto":
             calibrate.append(AutoClip(kept, lowering, progress))
         if learns is not None:
-            calibrate.append(LearnedRounding(lowering, progress))
+            calibrate.append(LearnedRounding(lowering, progress, refit))
     return PassManager(
         [
             *calibrate,

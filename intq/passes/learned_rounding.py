@@ -33,7 +33,7 @@ matrices in the same column order.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,6 +45,7 @@ from intq.ir.graph import Graph, Node, Value, ValueMap
 from intq.passes.manager import Pass, PassError
 from intq.passes.precision import weight_axis
 from intq.progress import show_progress
+from intq.semantics.numpy_eval import run_graph
 
 ROUNDINGS = ("auto", "nearest", "learned")
 """``QuantConfig.rounding``: ``learned`` for every layer, ``nearest`` for none, ``auto`` (the
@@ -304,8 +305,8 @@ def learn_rounding(
     top = np.abs(w).max(axis=-1, keepdims=True)
     nearest_step = np.where(top > 0, top, 1.0) / qmax
     nearest = np.clip(np.rint(w / nearest_step), -qmax, qmax)
-    nearest_error = output_error(w, nearest * nearest_step, gram)
-    learned_error = output_error(w, q * steps[..., None], gram)
+    nearest_error = output_error(aim, nearest * nearest_step, gram)
+    learned_error = output_error(aim, q * steps[..., None], gram)
     if learned_error > nearest_error:  # never worse than nearest on the calibration data
         q, steps, learned_error = nearest, nearest_step[..., 0], nearest_error
     return Rounded(
@@ -327,6 +328,7 @@ class LearnedRounding(Pass):
     name: ClassVar[str] = "learned-rounding"
     lowering: object = field(default=None, repr=False, compare=False)
     progress: bool | None = None
+    batches: Sequence[Mapping[str, np.ndarray]] = field(default=(), repr=False, compare=False)
 
     def requires(self, graph: Graph) -> None:
         if graph.analysis(InputGrams) is None:
@@ -349,8 +351,74 @@ class LearnedRounding(Pass):
             value = node.inputs[1]
             assert value is not None
             learned[value] = learn_rounding(node, grams[node.output], bits)
+        if self.batches:
+            learned = self._refit(graph, nodes, learned)
         graph.store_analysis(RoundedWeights(learned))
         return False
+
+    def _refit(
+        self, graph: Graph, nodes: list[Node], learned: dict[Value, Rounded]
+    ) -> dict[Value, Rounded]:
+        """Learn again on the inputs the learned model itself computes: ``H`` of those rows,
+        and the target ``W C H^-1`` (``C``: float rows against quantized rows) that maps
+        them to the float outputs, so each layer also undoes what earlier layers' rounding
+        moved (asymmetric reconstruction)."""
+        quantized = graph.copy()
+        for node in nodes:
+            value = node.inputs[1]
+            assert value is not None and value.const is not None
+            rule = PATCHES[node.op]
+            r = learned[value]
+            groups = rule.matrix(node, value.const).shape[0]
+            approx = rule.matrix(node, r.q.astype(np.float64)) * np.reshape(
+                r.scales, (groups, -1, 1)
+            )
+            copy = quantized.find(value.name)
+            assert copy is not None
+            copy.const = rule.weight(node, approx).astype(value.const.dtype)
+        readers = {n.inputs[0].name for n in nodes if n.inputs[0] is not None}
+        grams: dict[Node, np.ndarray] = {}
+        cross: dict[Node, np.ndarray] = {}
+        for batch in self.batches:
+            floats = _inputs_of(graph, batch, readers)
+            rounded = _inputs_of(quantized, batch, readers)
+            for node in nodes:
+                x = node.inputs[0]
+                assert x is not None
+                rule = PATCHES[node.op]
+                rf, rq = rule.rows(node, floats[x.name]), rule.rows(node, rounded[x.name])
+                h = np.matmul(rq.transpose(0, 2, 1), rq).astype(np.float64)
+                c = np.matmul(rf.transpose(0, 2, 1), rq).astype(np.float64)
+                grams[node] = grams[node] + h if node in grams else h
+                cross[node] = cross[node] + c if node in cross else c
+        refit: dict[Value, Rounded] = {}
+        for node in nodes:
+            value = node.inputs[1]
+            assert value is not None and value.const is not None
+            h = grams[node]
+            size = h.shape[-1]
+            mean = np.maximum(np.einsum("gii->g", h) / size, 1e-12)
+            damped = h + (DAMPING * mean)[:, None, None] * np.eye(size)
+            w = PATCHES[node.op].matrix(node, value.const.astype(np.float64))
+            target = np.matmul(np.matmul(w, cross[node]), np.linalg.inv(damped))
+            bits = self.lowering.bits(node.label()).weights  # type: ignore[attr-defined]
+            refit[value] = learn_rounding(node, h, bits, target)
+        return refit
+
+
+def _inputs_of(
+    graph: Graph, batch: Mapping[str, np.ndarray], names: set[str]
+) -> dict[str, np.ndarray]:
+    """The values named ``names`` (graph inputs or node outputs) when ``graph`` runs ``batch``."""
+    found = {name: np.asarray(batch[name]) for name in names if name in batch}
+
+    def keep(node: Node, outputs: Sequence[np.ndarray]) -> None:
+        for value, array in zip(node.outputs, outputs):
+            if value.name in names:
+                found[value.name] = array
+
+    run_graph(graph, batch, on_node=keep)
+    return found
 
 
 __all__ = [
