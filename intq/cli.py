@@ -53,6 +53,7 @@ from intq.ops import Trait
 from intq.passes.calibration import CALIBRATION_METHODS
 from intq.passes.integer_only import census
 from intq.passes.model_quantization import ModelQuantization
+from intq.quantization import SMOOTH_MODES
 from intq.signing import write_key_pair
 from intq.vectors import read_manifest
 
@@ -512,6 +513,7 @@ def _config(args: argparse.Namespace) -> intq.QuantConfig:
         "calibration": args.calibration,
         "percentile": args.percentile,
         "bias_correction": args.bias_correction,
+        "smooth": args.smooth,
         "mixed_precision": mixed_precision_from_args(args),
         "distill": distill_from_args(args),
     }
@@ -932,6 +934,12 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="remove the mean output shift of weight rounding from each layer's integer bias"
         " (default off)",
+    )
+    command.add_argument(
+        "--smooth",
+        choices=SMOOTH_MODES,
+        help="layernorm: migrate LayerNorm outputs' outlier channels into the MatMuls reading"
+        " them (SmoothQuant; for 8-bit LayerNorm outputs, wide_bits = 8 in a --config file)",
     )
     command.add_argument(
         "--weight-bits",

@@ -185,3 +185,21 @@ def test_unknown_smooth_mode_is_refused():
         intq.QuantConfig(smooth="all")
     with pytest.raises(IntqError, match="smooth_alpha"):
         intq.QuantConfig(smooth_alpha=1.5)
+
+
+def test_config_file_and_cli_flag_set_the_smoothing(tmp_path):
+    from intq.cli import _config, build_parser
+    from intq.config import load_config
+
+    good = tmp_path / "good.toml"
+    good.write_text('wide_bits = 8\nsmooth = "layernorm"\nsmooth_alpha = 0.75\n')
+    config = load_config(good)
+    assert (config.wide_bits, config.smooth, config.smooth_alpha) == (8, "layernorm", 0.75)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("smooth_alpha = 2.0\n")
+    with pytest.raises(IntqError, match="smooth_alpha: expected a value in .0, 1., got 2.0"):
+        load_config(bad)
+    args = build_parser().parse_args(
+        ["quantize", "m.onnx", "-o", "m.intq", "--smooth", "layernorm"]
+    )
+    assert _config(args).smooth == "layernorm"
