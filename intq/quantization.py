@@ -23,12 +23,18 @@ from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
 from intq.mixed_precision import MixedPrecision, plan_bits
-from intq.passes import PREPARE, DumpHook, PassManager, lowering_pipeline, pipeline
+from intq.passes import (
+    PREPARE,
+    DumpHook,
+    PassManager,
+    SmoothLayerNorm,
+    lowering_pipeline,
+    pipeline,
+)
 from intq.passes.calibration import CALIBRATION_METHODS, CalibrationStats, ClipChoices
 from intq.passes.integerize import Integerize
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import ACTIVATION_BITS, WEIGHT_BITS, WIDE_BITS, LayerBits
-from intq.passes.smooth_layernorm import SmoothLayerNorm
 
 SMOOTH_MODES = ("off", "layernorm")
 """``QuantConfig.smooth``: ``layernorm`` migrates LayerNorm outputs' outlier channels into the
