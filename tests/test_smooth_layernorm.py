@@ -203,3 +203,11 @@ def test_config_file_and_cli_flag_set_the_smoothing(tmp_path):
         ["quantize", "m.onnx", "-o", "m.intq", "--smooth", "layernorm"]
     )
     assert _config(args).smooth == "layernorm"
+
+
+def test_calibration_read_once_sees_every_batch(block, block_8bit):
+    """A generator is read once: the batches the smoothing reads go on to calibration, so the
+    result equals that of the same batches as a list."""
+    config = intq.QuantConfig(wide_bits=8, smooth="layernorm", calibration="minmax")
+    streamed = intq.quantize(block, iter(_batches(block, 4, 0)), config)
+    assert str(streamed) == str(block_8bit)
