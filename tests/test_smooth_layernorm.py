@@ -211,3 +211,20 @@ def test_calibration_read_once_sees_every_batch(block, block_8bit):
     config = intq.QuantConfig(wide_bits=8, smooth="layernorm", calibration="minmax")
     streamed = intq.quantize(block, iter(_batches(block, 4, 0)), config)
     assert str(streamed) == str(block_8bit)
+
+
+def test_at_wide_bits_16_the_matmuls_read_8_bit_copies(block):
+    """The rescaled copies take the layers' 8-bit width; the residual stream stays 16-bit."""
+    config = intq.QuantConfig(smooth="layernorm", calibration="minmax")
+    quantized = intq.quantize(block, _batches(block, 4, 0), config)
+    widths = {n.name: n.output.type.dtype.name for n in quantized if n.op == "QLayerNorm"}
+    copies = {name for name in widths if name.endswith(".smooth")}
+    assert len(copies) == 2 and {widths[c] for c in copies} == {"I8"}
+    assert {w for name, w in widths.items() if name not in copies} == {"I16"}
+    for node in quantized:
+        if node.op == "QMatMul" and node.inputs[0].producer.name in copies:
+            assert node.inputs[0].type.dtype.bits == 8
+    reference, ort = intq.compile(quantized, "reference"), intq.compile(quantized, "onnxruntime")
+    feed = _batches(block, 1, 5)[0]
+    for name, want in reference.run(feed).items():
+        np.testing.assert_array_equal(ort.run(feed)[name], want)

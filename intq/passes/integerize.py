@@ -97,6 +97,9 @@ class Integerize(Pass):
     each weighted layer's mean output shift from weight rounding from its integer bias, with
     the :class:`~intq.passes.bias_correction.InputMeans` that ``calibrate`` stored
     (:mod:`intq.passes.bias_correction`; layers without means are left as they are).
+    ``narrow`` names nodes whose outputs keep their layer's activation width even where a
+    transformer's values are widened to ``wide_bits`` (the LayerNorm copies that
+    ``smooth-layernorm`` made for MatMuls to read at 8 bits).
     """
 
     name: ClassVar[str] = "integerize"
@@ -108,6 +111,7 @@ class Integerize(Pass):
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
     bias_correction: bool = False
+    narrow: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
@@ -131,6 +135,11 @@ class Integerize(Pass):
     def bits(self, node_name: str) -> LayerBits:
         """The bit widths of the layer named ``node_name``."""
         return self.layer_bits.get(node_name) or LayerBits(self.weight_bits, self.activation_bits)
+
+    def widened(self, node_name: str) -> bool:
+        """Whether the output of the node named ``node_name``, a transformer value kept
+        wide, takes ``wide_bits`` (every such value but those of :attr:`narrow`)."""
+        return node_name not in self.narrow
 
     def variant(self, op: str) -> str:
         """The chosen variant of kernel op ``op`` (``QSoftmax``...)."""

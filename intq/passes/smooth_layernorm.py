@@ -42,6 +42,18 @@ from intq.ir.graph import Graph, Node, Value
 from intq.passes.calibration import collect_stats
 from intq.passes.manager import Pass
 
+SUFFIX = ".smooth"
+"""Appended to a LayerNorm's name to name its rescaled copy (:func:`smoothed_copies`)."""
+
+
+def smoothed_copies(graph: Graph) -> frozenset[str]:
+    """The names of the rescaled LayerNorm copies in ``graph``: only MatMuls read them, so
+    the lowering may keep them at the layers' activation width (8 bits) where a
+    transformer's other LayerNorm outputs are widened."""
+    return frozenset(
+        n.name for n in graph if n.op == "LayerNormalization" and n.name.endswith(SUFFIX)
+    )
+
 
 @dataclass(frozen=True)
 class Consumer:
@@ -167,7 +179,7 @@ def _rescale(graph: Graph, node: Node, consumers: list[Consumer], smooth: Smooth
         "LayerNormalization",
         [x, new_gamma, new_beta],
         dict(node.attrs),
-        name=f"{label}.smooth",
+        name=label + SUFFIX,
         after=node,
     )
     for user in consumers:
