@@ -83,7 +83,7 @@ class QuantConfig:
     strength ``smooth_alpha``; :mod:`intq.passes.smooth_layernorm`): an exact float rewrite,
     calibrated on the first :data:`SMOOTH_BATCHES` batches, after which those MatMuls read
     their LayerNorm outputs at ``activation_bits`` (8) whatever ``wide_bits`` is, at little
-    loss (MiniLM: 0.9974 against 0.9978, where 8-bit LayerNorm outputs without it give
+    loss (MiniLM: 0.9975 against 0.9978, where 8-bit LayerNorm outputs without it give
     0.986). The residual stream keeps ``wide_bits``: it cannot be rescaled.
 
     ``distill`` (a :class:`intq.DistillConfig`) then trains the integer model on the FP32
