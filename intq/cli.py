@@ -939,7 +939,7 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
         "--smooth",
         choices=SMOOTH_MODES,
         help="layernorm: migrate LayerNorm outputs' outlier channels into the MatMuls reading"
-        " them (SmoothQuant; for 8-bit LayerNorm outputs, wide_bits = 8 in a --config file)",
+        " them (SmoothQuant), which then read them at 8 bits (default off)",
     )
     command.add_argument(
         "--weight-bits",

@@ -27,7 +27,8 @@ the original ``y``: per-channel factors do not commute with the residual sum's n
 LayerNorm (``LN(h / s) != LN(h) / s``). So the LayerNorm is split: the absorbing readers read
 a rescaled copy (a second ``LayerNormalization`` of the same input, calibrated on its own),
 the others keep the original. The copy costs one more LayerNorm per block, small beside the
-projections it feeds.
+projections it feeds. ``intq.quantize`` lowers the copies (:func:`smoothed_copies`) at the
+layers' activation width, 8 bits, even where ``wide_bits`` widens the other LayerNorm outputs.
 """
 
 from __future__ import annotations
