@@ -17,7 +17,9 @@ Rows: intq INT8 (8-bit weights and attention operands, 16-bit residual stream an
 LayerNorm/GELU outputs) with the default kernels (softmax and LayerNorm ``divfree``, GELU
 ``poly``: the most accurate division-free choice) and each variant for all three ops:
 ``divfree``, ``shift`` (I-ViT, with I-BERT's integer square root for LayerNorm),
-``lut`` (tables; LayerNorm divfree) and ``poly`` (I-BERT's i-exp / i-GELU / isqrt); then ONNX
+``lut`` (tables; LayerNorm divfree) and ``poly`` (I-BERT's i-exp / i-GELU / isqrt); the default
+kernels with SmoothQuant's LayerNorm migration and with 8-bit activations everywhere
+(:data:`WIDTHS`); then ONNX
 Runtime's ``quantize_dynamic`` (int8 weights, float activations) and ``quantize_static`` (QDQ,
 MinMax calibration on the same calibration sentences), run by ONNX Runtime.
 """
@@ -90,6 +92,15 @@ VARIANTS = {
     "poly (I-BERT)": {"softmax": "poly", "gelu": "poly", "layernorm": "isqrt"},
 }
 
+WIDTHS: dict[str, dict] = {
+    "default, smooth=layernorm": {"smooth": "layernorm"},
+    "wide_bits=8": {"wide_bits": 8},
+    "wide_bits=8, smooth=layernorm": {"wide_bits": 8, "smooth": "layernorm"},
+}
+"""Rows with the default kernels at other widths: ``wide_bits=8`` quantizes the residual
+stream and the LayerNorm/GELU outputs to 8 bits; ``smooth`` migrates the LayerNorm outputs'
+outlier channels into the MatMuls reading them first (``intq.passes.smooth_layernorm``)."""
+
 
 def batches(model: zoo.ZooModel, sentences: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
     """``sentences`` tokenized as the packaged model expects, two at a time."""
@@ -145,9 +156,10 @@ def main() -> None:
         reference = [pooled(fp32(f), f["attention_mask"]) for f in evaluation]
         graph = intq.from_onnx(model.path)
         rows = []
-        for name, variant in VARIANTS.items():
+        configs = {name: {"kernels": variant} for name, variant in VARIANTS.items()}
+        for name, config in {**configs, **WIDTHS}.items():
             start = time.perf_counter()
-            quantized = intq.quantize(graph, calib, intq.QuantConfig(kernels=variant))
+            quantized = intq.quantize(graph, calib, intq.QuantConfig(**config))
             exe = intq.compile(quantized, "onnxruntime")
             elapsed = time.perf_counter() - start
             c = cosines(lambda f, e=exe: e.run(f)["last_hidden_state"], reference, evaluation)
@@ -160,7 +172,7 @@ def main() -> None:
     print(header + "  quantize+compile")
     print("-" * (len(header) + 18))
     for name, c, divisions, floats, elapsed in rows:
-        print(f"{name:<32} {c.mean():>9.4f} {c.min():>8.4f} {divisions:>9} {floats:>9}  {elapsed}")
+        print(f"{name:<36} {c.mean():>9.4f} {c.min():>8.4f} {divisions:>9} {floats:>9}  {elapsed}")
 
 
 NOT_FLOAT = {

@@ -54,6 +54,7 @@ from intq.passes.calibration import CALIBRATION_METHODS
 from intq.passes.integer_only import census
 from intq.passes.learned_rounding import ROUNDINGS
 from intq.passes.model_quantization import ModelQuantization
+from intq.quantization import SMOOTH_MODES
 from intq.signing import write_key_pair
 from intq.vectors import read_manifest
 
@@ -530,6 +531,7 @@ def _config(args: argparse.Namespace) -> intq.QuantConfig:
         "percentile": args.percentile,
         "bias_correction": args.bias_correction,
         "rounding": args.rounding,
+        "smooth": args.smooth,
         "mixed_precision": mixed_precision_from_args(args),
         "distill": distill_from_args(args),
     }
@@ -971,6 +973,12 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
         choices=ROUNDINGS,
         help="default auto: layers under 8 bits learn their integer weights from the"
         " calibration data (learned: every layer; nearest: none)",
+    )
+    command.add_argument(
+        "--smooth",
+        choices=SMOOTH_MODES,
+        help="layernorm: migrate LayerNorm outputs' outlier channels into the MatMuls reading"
+        " them (SmoothQuant), which then read them at 8 bits (default off)",
     )
     command.add_argument(
         "--weight-bits",

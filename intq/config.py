@@ -6,6 +6,9 @@
     percentile = 99.99
     bias_correction = true         # remove the mean output shift of weight rounding
     rounding = "auto"              # auto | nearest | learned (auto: layers under 8 bits)
+    wide_bits = 8                  # transformers: 8-bit residual stream, LayerNorm/GELU outputs
+    smooth = "layernorm"           # off | layernorm (SmoothQuant migration before calibration)
+    smooth_alpha = 0.5
 
     [layer_bits."layer3.1.conv2"]  # by original node name, as `intq inspect --ir` prints
     weights = 4
@@ -188,6 +191,7 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "layer_bits.weights": _one_of(WEIGHT_BITS),
     "layer_bits.activations": _one_of(ACTIVATION_BITS),
     "percentile": _finite(1e-9, 100),
+    "smooth_alpha": _finite(0, 1),
     "mixed_precision.size_mb": _finite(0, 1e12),
     "mixed_precision.bops": _finite(0, 1e30),
     "mixed_precision.latency_ms": _finite(0, 1e12),

@@ -12,8 +12,9 @@ collect calibration statistics over the batches, lower to integers
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain, islice
 from typing import Any
 
 from intq.data import model_batches
@@ -22,7 +23,14 @@ from intq.errors import IntqError
 from intq.ir.graph import Graph
 from intq.ir.verifier import verify
 from intq.mixed_precision import MixedPrecision, plan_bits
-from intq.passes import PREPARE, DumpHook, lowering_pipeline, pipeline
+from intq.passes import (
+    PREPARE,
+    DumpHook,
+    PassManager,
+    SmoothLayerNorm,
+    lowering_pipeline,
+    pipeline,
+)
 from intq.passes.calibration import (
     AUTO_FALLBACK,
     CALIBRATION_METHODS,
@@ -33,6 +41,15 @@ from intq.passes.calibration import (
 from intq.passes.integerize import Integerize
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import ACTIVATION_BITS, WEIGHT_BITS, WIDE_BITS, LayerBits
+from intq.passes.smooth_layernorm import smoothed_copies
+
+SMOOTH_MODES = ("off", "layernorm")
+"""``QuantConfig.smooth``: ``layernorm`` migrates LayerNorm outputs' outlier channels into the
+MatMuls reading them (:mod:`intq.passes.smooth_layernorm`) before calibration."""
+
+SMOOTH_BATCHES = 32
+"""Calibration batches the smoothing reads its channel ranges from (the first ones; all of
+them go on to calibration), so that its memory stays bounded."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +86,16 @@ class QuantConfig:
 
     ``wide_bits`` (16 by default) is the width of a transformer's residual stream and of
     the LayerNorm and GELU outputs the dense layers read: at 8 bits BERT's outlier
-    channels swamp the rest (MiniLM's pooled cosine to FP32 drops from 0.996 to 0.97).
+    channels swamp the rest (MiniLM's pooled cosine to FP32 drops from 0.998 to 0.65).
     The range analysis still proves every int32 accumulator.
+
+    ``smooth="layernorm"`` (off by default) migrates LayerNorm outputs' outlier channels into
+    the MatMuls reading them before calibration (SmoothQuant with a per-channel shift,
+    strength ``smooth_alpha``; :mod:`intq.passes.smooth_layernorm`): an exact float rewrite,
+    calibrated on the first :data:`SMOOTH_BATCHES` batches, after which those MatMuls read
+    their LayerNorm outputs at ``activation_bits`` (8) whatever ``wide_bits`` is, at little
+    loss (MiniLM: 0.9975 against 0.9978, where 8-bit LayerNorm outputs without it give
+    0.986). The residual stream keeps ``wide_bits``: it cannot be rescaled.
 
     ``distill`` (a :class:`intq.DistillConfig`) then trains the integer model on the FP32
     model's outputs over the calibration data (no labels): weights, biases and step sizes,
@@ -91,8 +116,16 @@ class QuantConfig:
     bias_correction: bool = False
     distill: DistillConfig | None = None
     rounding: str = "auto"
+    smooth: str = "off"
+    smooth_alpha: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.smooth not in SMOOTH_MODES:
+            raise IntqError(
+                f"unknown smooth mode {self.smooth!r}", hint=f"use one of {', '.join(SMOOTH_MODES)}"
+            )
+        if not 0 <= self.smooth_alpha <= 1:
+            raise IntqError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.wide_bits not in WIDE_BITS:
             raise IntqError(
                 f"wide_bits must be one of {', '.join(map(str, WIDE_BITS))}, got {self.wide_bits}"
@@ -174,6 +207,16 @@ def quantize(
     prepared = graph.copy()
     carried = model.copied_to(prepared) if model is not None else None
     pipeline(PREPARE, verify_each=verify_each, dump=dump)(prepared)
+    if config.smooth != "off" and calibration_data is not None:
+        if isinstance(calibration_data, Sequence):
+            head = list(calibration_data[:SMOOTH_BATCHES])
+        else:  # read once: the batches read here go on to calibration
+            rest = iter(calibration_data)
+            head = list(islice(rest, SMOOTH_BATCHES))
+            calibration_data = chain(head, rest)
+        smooth = SmoothLayerNorm(head, alpha=config.smooth_alpha)
+        PassManager([smooth], verify_each=verify_each, dump=dump)(prepared)
+    narrow = smoothed_copies(prepared)
     layers = {node.label() for node in prepared}
     unknown = sorted(set(config.layer_bits) - layers)
     if unknown:
@@ -184,7 +227,7 @@ def quantize(
             f"layer_bits names layers the model does not have: {unknown}",
             hint=f"use the original node names, as `intq inspect --ir` prints them: {examples}",
         )
-    lowering = config.lowering()
+    lowering = replace(config.lowering(), narrow=narrow)
     if config.mixed_precision is not None:
         if calibration_data is None:
             raise IntqError(

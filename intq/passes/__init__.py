@@ -2,8 +2,9 @@
 
 Every pass is a frozen dataclass; those a pipeline string can spell are registered in
 :data:`PASSES` under their names: ``intq.passes.pipeline("fold-batchnorm,dce")``.
-``calibrate`` (which takes data) and ``integerize`` (whose per-layer and per-kernel options
-are mappings) are built in Python; :func:`lowering_pipeline` lines up the core steps.
+``calibrate`` and ``smooth-layernorm`` (which take data) and ``integerize`` (whose per-layer
+and per-kernel options are mappings) are built in Python; :func:`lowering_pipeline` lines up
+the core steps.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from intq.passes.integerize import Integerize
 from intq.passes.learned_rounding import LearnedRounding
 from intq.passes.manager import DumpHook, Pass, PassManager, PassResult, parse_pipeline
 from intq.passes.range_analysis import RangeAnalysis
+from intq.passes.smooth_layernorm import SmoothLayerNorm
 from intq.passes.verify import Verify
 
 PASSES: dict[str, type[Pass]] = {
@@ -112,6 +114,7 @@ __all__ = [
     "PassManager",
     "PassResult",
     "RangeAnalysis",
+    "SmoothLayerNorm",
     "Verify",
     "lowering_pipeline",
     "parse_pipeline",

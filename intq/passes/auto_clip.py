@@ -228,7 +228,7 @@ class AutoClip(Pass):
         bits = 8
         if self.lowering is not None:
             bits = self.lowering.bits(producer.name if producer else value.name).activations
-            if is_wide(value):
+            if is_wide(value) and self.lowering.widened(producer.name if producer else value.name):
                 bits = max(bits, self.lowering.wide_bits)
         signed = stats.min < 0 if producer is None else not provably_non_negative(value)
         rules: list[list[ClipRule]] = []

@@ -227,7 +227,7 @@ class Lowering:
         """
         producer = value.producer
         bits = self.options.bits(producer.name if producer else value.name).activations
-        if is_wide(value):
+        if is_wide(value) and self.options.widened(producer.name if producer else value.name):
             bits = max(bits, self.options.wide_bits)
         model = self.model.activation(value)
         if model is not None:

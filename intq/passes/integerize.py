@@ -101,6 +101,9 @@ class Integerize(Pass):
     ``rounding`` (``nearest`` here, ``auto`` in ``QuantConfig``) says which layers take the
     integer weights ``learned-rounding`` chose (:class:`RoundedWeights`) instead of rounding
     to nearest (:meth:`learns`).
+    ``narrow`` names nodes whose outputs keep their layer's activation width even where a
+    transformer's values are widened to ``wide_bits`` (the LayerNorm copies that
+    ``smooth-layernorm`` made for MatMuls to read at 8 bits).
     """
 
     name: ClassVar[str] = "integerize"
@@ -113,6 +116,7 @@ class Integerize(Pass):
     kernels: Mapping[str, str] = field(default_factory=dict)
     bias_correction: bool = False
     rounding: str = "nearest"
+    narrow: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -147,6 +151,11 @@ class Integerize(Pass):
         if self.rounding == "auto":
             return self.bits(node_name).weights < 8
         return self.rounding == "learned"
+
+    def widened(self, node_name: str) -> bool:
+        """Whether the output of the node named ``node_name``, a transformer value kept
+        wide, takes ``wide_bits`` (every such value but those of :attr:`narrow`)."""
+        return node_name not in self.narrow
 
     def variant(self, op: str) -> str:
         """The chosen variant of kernel op ``op`` (``QSoftmax``...)."""
