@@ -903,6 +903,7 @@ def _report(args: argparse.Namespace) -> int:
                     "layer": r["layer"],
                     "op": r["op"],
                     "clip": r["clip"],
+                    "rounding (weights' SQNR)": r["rounding"],
                     "SQNR dB": f"{r['sqnr_db']:.1f}",
                 }
                 for r in shown

@@ -12,6 +12,7 @@ from onnx_models import bit_exact, conv_node, f32, make_model
 import intq
 from intq.config import load_config
 from intq.errors import IntqError
+from intq.inspection import layer_sqnr, layer_table, rounding_labels
 from intq.ir import DType, Graph, TensorType
 from intq.passes import Calibrate, Integerize, PassManager
 from intq.passes.learned_rounding import (
@@ -170,6 +171,23 @@ def test_learned_rounding_brings_4_bit_outputs_closer_and_stays_bit_exact():
     learned, graph_learned = error("auto")  # the default learns layers under 8 bits
     assert learned < 0.7 * nearest
     bit_exact(graph_learned, [b["x"] for b in held_out[:2]])
+
+
+def test_the_layer_tables_show_the_weights_sqnr_before_and_after():
+    model, batches = correlated_convs()
+    graph = intq.from_onnx(model)
+    config = intq.QuantConfig(weight_bits=4, calibration="minmax", progress=False)
+    quantized = intq.quantize(graph, batches[:8], config)
+    labels = rounding_labels(quantized)
+    assert sorted(labels) == ["Conv_0", "Conv_2"]
+    for text in labels.values():
+        before, after = (float(part.split()[0]) for part in text.split(" -> "))
+        assert after >= before
+    rows = layer_sqnr(graph, quantized, batches[:2], progress=False)
+    shown = [r["rounding"] for r in rows if r["layer"] in labels]
+    assert shown and shown == [labels[r["layer"]] for r in rows if r["layer"] in labels]
+    table = {r["layer"]: r for r in layer_table(quantized)}
+    assert table["Conv_0"]["rounding"] == labels["Conv_0"]
 
 
 def test_eight_bit_layers_round_to_nearest_by_default():

@@ -21,7 +21,7 @@ from intq.ir.types import QuantParams
 from intq.ops import Trait
 from intq.passes.bias_correction import corrected_bias
 from intq.passes.calibration import AUTO_FALLBACK, MIN_THRESHOLD, ClipChoices, ClipRule
-from intq.passes.learned_rounding import Rounded
+from intq.passes.learned_rounding import Rounded, RoundedWeights
 from intq.passes.model_quantization import ModelQuantization
 from intq.passes.precision import quantize_weights
 from intq.semantics.numerics import common_shift, count_divisors, dyadic, storage_dtype
@@ -206,6 +206,7 @@ class Lowering:
         self.clips: dict[Value, ClipRule] = {}  # the rule that set each calibrated scale
         self.means = means if means is not None else {}  # bias correction's mean inputs
         self.rounded = rounded if rounded is not None else {}  # learned rounding's integers
+        self.learned: dict[Value, Rounded] = {}  # the weights of dst that took them
         self.model = model if model is not None else ModelQuantization({})
         self.dst = Graph(src.name)
         self.ints: dict[Value, Value] = {}
@@ -347,6 +348,7 @@ class Lowering:
         self.dst.store_analysis(
             ClipChoices({self.ints[v]: rule for v, rule in self.clips.items() if v in self.ints})
         )
+        self.dst.store_analysis(RoundedWeights(self.learned))
         return self.dst
 
     def input(self, value: Value) -> None:
@@ -407,11 +409,14 @@ class Lowering:
         if model is not None and alpha == 1.0:
             given = model.channel_scales(value.const.shape, axis, bits)
         learned = self.rounded.get(value) if self.options.learns(node.label()) else None
-        if learned is not None and given is None and alpha == 1.0 and _holds(learned, floor):
+        use = learned is not None and given is None and alpha == 1.0 and _holds(learned, floor)
+        if learned is not None and use:
             q, scales = learned.q.astype(storage_dtype(bits, True)), learned.scales
         else:
             q, scales = quantize_weights(value.const * alpha, bits, axis, floor, given)
         w = self.dst.add_constant(q, value.name)
+        if learned is not None and use:
+            self.learned[w] = learned  # the integer graph's own record, for the layer table
         w.type = w.type.with_quant(channel_quant(bits, scales, axis, narrow=True))
         mean = self.means.get(node.output) if given is None else None
         if mean is not None:  # a pre-quantized model's own integers and biases stay as they are
