@@ -22,7 +22,7 @@ from intq.passes.fold_pad import FoldPad
 from intq.passes.fuse_transformer import FuseTransformer
 from intq.passes.integer_only import CheckIntegerOnly
 from intq.passes.integerize import Integerize
-from intq.passes.learned_rounding import LearnedRounding
+from intq.passes.learned_rounding import REFIT_BATCHES, LearnedRounding
 from intq.passes.manager import DumpHook, Pass, PassManager, PassResult, parse_pipeline
 from intq.passes.range_analysis import RangeAnalysis
 from intq.passes.smooth_layernorm import SmoothLayerNorm
@@ -77,7 +77,7 @@ def lowering_pipeline(
             calibration_data, kept = reservoir(calibration_data)
         refit: list[Mapping[str, np.ndarray]] = []
         if learns is not None:
-            calibration_data, refit = reservoir(calibration_data, 16, seed=1)
+            calibration_data, refit = reservoir(calibration_data, REFIT_BATCHES, seed=1)
         calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction, learns))
         if lowering.calibration == "auto":
             calibrate.append(AutoClip(kept, lowering, progress))
