@@ -60,7 +60,7 @@ MAX_LAYERS = 100_000
 LAYER_TABLE = list_of(
     obj(
         {key: string() for key in ("layer", "op", "input", "weights", "output")},
-        {"clip": string()},
+        {"clip": string(), "rounding": string()},
     ),
     MAX_LAYERS,
 )
