@@ -26,7 +26,9 @@ scheduled model with the reference interpreter anyway).
 - ``elementwise`` and ``generic`` (grouped or unsigned 16-bit convs and matmuls,
   layout changes): the outer loops fused and parallel, the innermost vectorized where
   it is contiguous.
-- ``fused`` (Relax ops fused by ``FuseOps``/``FuseTIR``): each elementwise block's
+- ``fused`` (Relax ops fused by ``FuseOps``/``FuseTIR``: the transformer kernels' int64
+  arithmetic): one parallel loop over rows, every block computed inside it, vectorized
+  (:func:`schedule_fused_rows`); ``fused-loops``, its fallback: each elementwise block's
   innermost loop vectorized.
 
 Every kernel falls back to a plain parallel schedule, and then to TVM's
