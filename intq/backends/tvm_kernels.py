@@ -510,105 +510,6 @@ def packed_dense_te(node: Node, depth: int) -> Callable[..., Any]:
     return fn
 
 
-PLANE_OFFSET = 1 << 15
-"""Added to int16 activations to make them uint16, whose two bytes are the unsigned
-operands of the byte-plane dense (:func:`byte_planes`)."""
-
-
-def byte_planes(node: Node, w: np.ndarray, vnni: bool) -> bool:
-    """True when the VNNI dense computes ``QGemm``/``QMatMul`` ``node`` (int8 weights ``w``
-    as ``[N, K]``) exactly as two byte planes of its 16-bit activations
-    (:func:`planes_dense_te`).
-
-    A 16-bit activation offset to ``u = x + 2^15`` (uint16 ones as they are) is
-    ``256 * hi + lo`` with bytes ``hi = u >> 8`` and ``lo = u & 255``, each an unsigned
-    operand of ``vpdpbusd`` (exact for any int8 weights: no intermediate saturation). Each
-    plane's accumulator is at most ``255 * sum|w|`` per output, checked below ``2^31``
-    here (it fails only for a column reducing more than about 66000 inputs), so neither
-    wraps; only their combination ``256 * acc_hi + acc_lo + bias'`` may pass int32, and it
-    runs modulo ``2^32`` (uint32), where the result the range analysis proved to fit int32
-    comes out exactly."""
-    x, b = input_of(node, 0).type.dtype, bias_input(node)
-    weights = input_of(node, 1)
-    if not vnni or node.op not in ("QGemm", "QMatMul") or x not in (DType.I16, DType.U16):
-        return False
-    if weights.type.dtype is not DType.I8 or weights.const is None:
-        return False
-    if b is not None and b.const is None:
-        return False
-    return bool((255 * np.abs(w.astype(np.int64)).sum(1)).max() < 2**31)
-
-
-def plane_bias(node: Node, w: np.ndarray) -> np.ndarray:
-    """The bias of the byte-plane dense: ``sum(x * w) = 256 * sum(hi * w) + sum(lo * w) -
-    2^15 * sum(w)`` for int16 activations (:func:`byte_planes`), so ``bias - 2^15 *
-    sum(w)`` per output column (``w`` as ``[N, K]``), kept modulo ``2^32`` as int32 bits:
-    the kernel adds it in uint32."""
-    b = bias_input(node)
-    bias = np.zeros(len(w), np.int64)
-    if b is not None:
-        assert b.const is not None  # byte_planes takes constant biases only
-        bias += b.const.astype(np.int64)
-    if input_of(node, 0).type.dtype is DType.I16:
-        bias -= PLANE_OFFSET * w.astype(np.int64).sum(1)
-    return (bias & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
-
-
-def planes_dense_te(node: Node) -> Callable[..., Any]:
-    """``QGemm``/``QMatMul`` with 16-bit activations on ``vpdpbusd`` (:func:`byte_planes`).
-
-    The input arrives as ``[rows, K]`` and becomes ``planes[2 * rows, 4 * ceil(K/4)]``
-    (uint8): row ``r`` the low bytes of ``x + 2^15`` (int16; uint16 as it is), row
-    ``rows + r`` its high bytes, K zero-padded. ``dot`` is then the byte dense of
-    :func:`packed_dense_te` over twice the rows (the same schedule and intrinsic), and the
-    result reads ``256 * dot[rows + r] + dot[r] + bias'`` in uint32 (:func:`plane_bias`),
-    reinterpreted as int32.
-    """
-    from tvm import te, tirx
-
-    a_shape = input_of(node, 0).type.shape
-    rows, k_dim = int(np.prod(a_shape[:-1])), a_shape[-1]
-    out_shape = node.output.type.shape
-    no, groups = -(-out_shape[-1] // LANES), -(-k_dim // 4)
-    offset = PLANE_OFFSET if input_of(node, 0).type.dtype is DType.I16 else 0
-
-    def fn(a: Any, wp: Any, *bias: Any) -> Any:
-        def pad(r: Any, k: Any) -> Any:
-            low = r < rows
-            source = a[tirx.if_then_else(low, r, r - rows), tirx.min(k, k_dim - 1)]
-            u = source.astype("int32") + offset  # in [0, 65535]
-            byte = tirx.if_then_else(low, u & 255, u >> 8).astype("uint8")
-            return tirx.if_then_else(k < k_dim, byte, tirx.const(0, "uint8"))
-
-        planes = te.compute((2 * rows, 4 * groups), pad, name="pad")
-        rk = te.reduce_axis((0, groups), name="rk")
-        rt = te.reduce_axis((0, 4), name="rt")
-        dot = te.compute(
-            (2 * rows, no, LANES),
-            lambda r, jo, ji: te.sum(
-                planes[r, rk * 4 + rt].astype("int32") * wp[jo, rk, ji, rt].astype("int32"),
-                axis=[rk, rt],
-            ),
-            name="dot",
-        )
-
-        def read(*i: Any) -> Any:
-            row = 0
-            for d, size in zip(i[:-1], out_shape[:-1]):
-                row = row * size + d
-            jo, ji = i[-1] // LANES, i[-1] % LANES
-            low = dot[row, jo, ji].astype("uint32")
-            high = dot[row + rows, jo, ji].astype("uint32")
-            total = high * tirx.const(256, "uint32") + low
-            if bias:
-                total = total + bias[0][i[-1]].astype("uint32")
-            return tirx.reinterpret("int32", total)
-
-        return te.compute(out_shape, read, name="acc")
-
-    return fn
-
-
 # ----- requantization and dequantization epilogues ------------------------------------------------
 
 
@@ -829,12 +730,10 @@ def maxpool_te(node: Node, nhwc: bool) -> Callable[..., Any]:
 __all__ = [
     "BYTE_OFFSET",
     "LANES",
-    "PLANE_OFFSET",
     "ConvShape",
     "Rescale",
     "avgpool_te",
     "bias_input",
-    "byte_planes",
     "conv_te",
     "dense_te",
     "depthwise_nhwc_te",
@@ -847,8 +746,6 @@ __all__ = [
     "packed_conv_te",
     "packed_dense_te",
     "packed_weights",
-    "plane_bias",
-    "planes_dense_te",
     "pairs_exactly",
     "reduction_depth",
     "rescale_te",

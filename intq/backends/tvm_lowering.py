@@ -38,7 +38,6 @@ from intq.backends.tvm_kernels import (
     Rescale,
     avgpool_te,
     bias_input,
-    byte_planes,
     conv_te,
     conv_transpose_te,
     dense_te,
@@ -53,8 +52,6 @@ from intq.backends.tvm_kernels import (
     packed_dense_te,
     packed_weights,
     pairs_exactly,
-    plane_bias,
-    planes_dense_te,
     reduction_depth,
     rescale_te,
 )
@@ -305,20 +302,6 @@ def _accumulator(lw: Lowerer, node: Node) -> _Accumulator:
     if node.op == "QConv":
         fn, kind = conv_te(node)
         return _Accumulator(fn, [lw.value(x), lw.value(w), *bias], kind, False)
-    if (
-        node.op != "QConv"
-        and w.const is not None
-        and byte_planes(node, _dense_weights(node), lw.vnni)
-    ):
-        # 16-bit activations on vpdpbusd as two byte planes: half the instructions of
-        # vpmaddwd's int16 pairs (each one needs an add), and activations read as bytes.
-        shape = x.type.shape
-        rows = lw.relax.ShapeExpr([int(np.prod(shape[:-1])), shape[-1]])
-        a = lw.bb.emit(lw.relax.op.reshape(lw.value(x), rows))
-        nk = _dense_weights(node)
-        weights = lw.const(packed_weights(nk, 4))
-        bias = [lw.const(plane_bias(node, nk))] if bias or x.type.dtype is DType.I16 else []
-        return _Accumulator(planes_dense_te(node), [a, weights, *bias], "dense", False)
     if pairs_exactly(node):
         shape = x.type.shape
         rows = lw.relax.ShapeExpr([int(np.prod(shape[:-1])), shape[-1]])

@@ -396,17 +396,17 @@ def _conv_tile(width: int, channel_blocks: int, wide: bool = False) -> tuple[int
 
 def schedule_dense(sch: Sch, isa: Isa) -> str:
     """``pad -> dot`` (tensorized; a tile of up to 4 rows x 3 blocks of 8 columns: 12
-    accumulators, the weights of a block loaded once per row; 6 blocks with VNNI on AVX-512)
+    accumulators, the weights of a block loaded once per row; 6 blocks on AVX-512 targets)
     -> epilogue; returns the kernel path."""
     _epilogue(sch, "dot")
     _pad(sch)
     dot = _blocks(sch)["dot"]
     r, jo, ji, rk, rt = sch.get_loops(dot)
-    # With vpdpbusd and 32 vector registers (AVX-512), 4 rows x 6 blocks: 24 accumulators,
-    # 6 weight vectors loaded per 4 broadcasts. Measured on a Zen 4 (MiniLM's projections,
-    # 16-bit activations as byte planes, one thread, CPU time under load): 20-30% faster
-    # than 4 x 3; 8 x 3 and 2 x 8 were about as fast as 4 x 6.
-    wide = isa.vnni and isa.registers == 32 and _extent(sch, rt) == 4
+    # With 32 vector registers (AVX-512), 4 rows x 6 blocks: 24 accumulators, 6 weight
+    # vectors loaded per 4 broadcasts. Measured on a Zen 4 (MiniLM's projections, one
+    # thread, CPU time under load): 4.9 -> 3.7 ms per run with vpmaddwd on its 16-bit
+    # activations; 8 x 3 and 2 x 8 were about as fast as 4 x 6.
+    wide = isa.avx2 and isa.registers == 32
     ro, ri = sch.split(r, [None, _divisor(_extent(sch, r), 4)])
     joo, joi = sch.split(jo, [None, _divisor(_extent(sch, jo), 6 if wide else 3)])
     sch.reorder(ro, joo, rk, ri, joi, ji, rt)
