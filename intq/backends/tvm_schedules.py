@@ -501,14 +501,15 @@ def schedule_fused_rows(sch: Sch, isa: Isa) -> None:
     row in chunks of :data:`CHUNK` elements; one with reductions (LayerNorm's sums,
     softmax's maximum and sum) computes whole rows, so that no reduction runs twice.
     Each intermediate then holds one row or chunk instead of the whole tensor (MiniLM's
-    GELU: 42 int64 tensors of 393 KB each), so the chain runs in cache. Raises (and
+    GELU: 42 int64 tensors of 393 KB each; TVM allocates each buffer where it is used and
+    shrinks it to what that loop touches), so the chain runs in cache. Raises (and
     :func:`schedule_module` falls back to :func:`schedule_fused`) where a block cannot be
     moved into the row, such as a block no later block reads."""
     blocks = list(_blocks(sch).values())
     last = blocks[-1]
     loops = sch.get_loops(last)
     kinds = [int(iv.iter_type) for iv in sch.get(last).iter_vars]
-    spatial = len(kinds) if all(k == 0 for k in kinds) else kinds.index(next(k for k in kinds if k))
+    spatial = next((i for i, kind in enumerate(kinds) if kind), len(kinds))  # leading loops
     if not loops or len(loops) != len(kinds) or spatial == 0 or not all(kinds[spatial:]):
         raise ValueError("the last block has no spatial loops of its own to run by rows")
     reducing = any(int(iv.iter_type) != 0 for block in blocks for iv in sch.get(block).iter_vars)
