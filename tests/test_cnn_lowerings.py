@@ -547,3 +547,34 @@ def test_conv1d_model_is_bit_exact_on_every_backend():
     got = bit_exact(graph, feeds)["c3"]
     want = intq.compile(intq.from_onnx(model)).run({"x": feeds[0]})["c3"]
     np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize(
+    "cin, cout, kernel, attrs",
+    [
+        (6, 6, 3, {"pads": [1, 1, 1, 1]}),
+        (4, 8, 3, {"pads": [0, 1, 2, 1], "strides": [2, 1]}),  # channel multiplier 2
+        (5, 5, 5, {"pads": [2, 2, 2, 2], "strides": [2, 2], "dilations": [1, 2]}),
+    ],
+)
+def test_the_interpreters_depthwise_integer_convolution_is_the_grouped_product(
+    cin, cout, kernel, attrs
+):
+    # The reference interpreter convolves integer depthwise layers tap by tap; the same node
+    # on float64 copies of the integers takes the grouped-matmul path: they agree exactly.
+    from intq.semantics.numpy_eval import _convolve
+
+    rng = np.random.default_rng(cin + cout + kernel)
+    w = numpy_helper.from_array(
+        rng.standard_normal((cout, 1, kernel, kernel)).astype(np.float32), "w"
+    )
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=cin, **attrs)
+    model = make_model([node], [f32("x", [2, cin, 11, 9])], [f32("y", None)], [w])
+    (conv,) = [n for n in intq.from_onnx(model).nodes if n.op == "Conv"]
+    x = rng.integers(-128, 128, (2, cin, 11, 9)).astype(np.int8)
+    q = rng.integers(-7, 8, (cout, 1, kernel, kernel)).astype(np.int8)
+    bias = rng.integers(-(2**20), 2**20, cout).astype(np.int32)
+    got = _convolve(conv, x, q, bias)
+    want = _convolve(conv, x.astype(np.float64), q.astype(np.float64), bias.astype(np.float64))
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+    assert np.abs(got).max() > 2**10  # the integers are not trivially small

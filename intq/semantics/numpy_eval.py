@@ -202,6 +202,8 @@ def _convolve(node: Node, x: Array, w: Array, b: Array | None) -> Array:
         attrs["dilations"],
         out_shape[2:],
     )
+    if c == group and x.dtype.kind in "iu":
+        return _depthwise_exact(patches, w, b, out_shape)
     positions = math.prod(out_shape[2:])
     taps = math.prod(kernel)
     # (N, G, C/G, O..., K...) -> (N, G, O, C/G * K): one matmul per group.
@@ -213,6 +215,27 @@ def _convolve(node: Node, x: Array, w: Array, b: Array | None) -> Array:
     y = y.transpose(0, 1, 3, 2).reshape(out_shape)
     if b is not None:
         y = y + b.reshape((1, m) + (1,) * spatial).astype(acc_dtype, copy=False)
+    return y
+
+
+def _depthwise_exact(patches: Array, w: Array, b: Array | None, out_shape: Sequence[int]) -> Array:
+    """A depthwise (one input channel per group) integer convolution, exactly in float64:
+    one multiply-add of the whole output per kernel tap. The grouped matmul would run one
+    tiny matrix product per channel and copy every window first (im2col), which made the
+    depthwise layers most of an integer EfficientNet's run; integer products and sums below
+    2^53 are exact in float64 in any order, so the result is the same to the bit."""
+    m, spatial = w.shape[0], w.ndim - 2
+    per = m // patches.shape[1]  # a channel multiplier: output o reads input channel o // per
+    weights = w.astype(_ACC_EXACT).reshape(m, -1)
+    y = np.zeros(out_shape, _ACC_EXACT)
+    channel = (1, m) + (1,) * spatial
+    for k, tap in enumerate(np.ndindex(*w.shape[2:])):
+        window = patches[(Ellipsis, *tap)].astype(_ACC_EXACT)
+        if per > 1:
+            window = np.repeat(window, per, axis=1)
+        y += window * weights[:, k].reshape(channel)
+    if b is not None:
+        y += b.reshape(channel).astype(_ACC_EXACT, copy=False)
     return y
 
 
