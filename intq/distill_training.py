@@ -641,9 +641,23 @@ def train(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _train(prepared, batches, lowering, config, stats, choices, start)
+        with _blas_threads(config.threads):
+            return _train(prepared, batches, lowering, config, stats, choices, start)
     finally:
         torch.set_num_threads(threads)
+
+
+def _blas_threads(threads: int | None) -> Any:
+    """Numpy's BLAS at ``threads`` threads while training, where ``threadpoolctl`` is
+    installed: the reference runs' matrix products are small, and OpenBLAS's default of a
+    thread per core ran them several times slower on a busy machine."""
+    if threads is None:
+        return nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # not a dependency of intq: BLAS keeps its own setting
+        return nullcontext()
+    return threadpool_limits(threads, user_api="blas")
 
 
 def _train(
@@ -746,8 +760,10 @@ def _train(
         file=sys.stderr,
         unit="step",
     ) as bar:
+        ahead: Lowered | None = None  # the lowering an evaluation made of the next step's
         for step in range(first, config.steps):
-            lowered = Lowered(prepared, student.parameters_now(), lowering)
+            lowered = ahead or Lowered(prepared, student.parameters_now(), lowering)
+            ahead = None
             if step == 0 or step % config.eval_every == 0:
                 if not history.evaluations or history.evaluations[-1][0] != step:
                     evaluate(lowered, step)
@@ -776,7 +792,8 @@ def _train(
             bar.set_postfix(loss=f"{mean / world:.4g}", best=f"{best[0][0]:.4f}" if best else "-")
             if (step + 1) % config.checkpoint_every == 0:
                 if (step + 1) % config.eval_every == 0:
-                    evaluate(Lowered(prepared, student.parameters_now(), lowering), step + 1)
+                    ahead = Lowered(prepared, student.parameters_now(), lowering)
+                    evaluate(ahead, step + 1)
                 checkpoint(step + 1)
     final = max(first, config.steps)
     if not history.evaluations or history.evaluations[-1][0] != final:
