@@ -307,7 +307,7 @@ class Student(torch.nn.Module):
         self.biases = torch.nn.ParameterList()
         self.steps = torch.nn.ParameterList()
         self.offsets = torch.nn.ParameterList()
-        for name, array in plan.start.items():  # start's integers (plan.start_weights)
+        for name, array in plan.start.items():  # where start has other integers (start_weights)
             self.constants[name] = torch.from_numpy(np.array(array))
         for layer in plan.layers:
             w = self.constants[layer.weight].to(torch.float32)
