@@ -114,6 +114,7 @@ def image_row(
     distill = DistillConfig(
         steps=steps,
         batch=args.batch,
+        lr=args.lr,
         eval_every=max(1, steps // 4),
         threads=args.threads,
         progress=args.progress,
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-crops", type=int, help="image rows' samples (default: per row)")
     parser.add_argument("--eval-crops", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=DistillConfig.lr, help="image rows' lr")
     parser.add_argument("--quick", action="store_true", help="3 steps, 16 crops: a smoke run")
     parser.add_argument("--progress", action="store_true", default=None)
     parser.add_argument("--cache", type=Path, default=Path("out/zoo"))
