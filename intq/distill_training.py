@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,7 @@ class Plan:
     minimums: Mapping[str, float]
     steps: Mapping[str, tuple[float, ...]]  # the post-training weight steps
     outputs: tuple[str, ...]  # the float values the loss compares (a Softmax's logits)
+    start: Mapping[str, np.ndarray] = field(default_factory=dict)  # float weights, biases
 
 
 def _quant(value: Value | None) -> QuantParams | None:
@@ -146,9 +147,9 @@ def plan(
                 q.signed,
                 None,
             ):
-                thresholds[value.name] = given.scale[0] * q.qmax
+                thresholds[value.name] = threshold_of(given.scale[0], q.qmax)
         activations.append(Activation(value.name, q.qmin, q.qmax))
-    layers, steps = [], {}
+    layers, steps, labels = [], {}, {}
     for layer in quantizable_layers(prepared):
         node = prepared.find(layer.weight)
         assert node is not None
@@ -165,13 +166,84 @@ def plan(
                 scales = tuple(given.scale) * (channels // len(given.scale))
         steps[layer.weight] = scales
         layers.append(Layer(layer.weight, layer.axis, q.bits, _bias_of(reader)))
+        labels[layer.weight] = reader.label()
     outputs = []
     for value in prepared.outputs:
         producer = value.producer
         if producer is not None and producer.op == "Softmax":
             value = producer.inputs[0]  # type: ignore[assignment]
         outputs.append(value.name)
-    return Plan(tuple(layers), tuple(activations), thresholds, minimums, steps, tuple(outputs))
+    found = Plan(tuple(layers), tuple(activations), thresholds, minimums, steps, tuple(outputs))
+    if start is None:
+        return found
+    return replace(found, start=start_weights(prepared, found, labels, lowering, start))
+
+
+def threshold_of(scale: float, qmax: int) -> float:
+    """The threshold whose scale (``threshold / qmax``, as the lowering divides) is ``scale``
+    to the bit: ``scale * qmax`` is, but for a rounding, one representable number off."""
+    threshold = scale * qmax
+    for _ in range(8):
+        got = threshold / qmax
+        if got == scale:
+            break
+        threshold = float(np.nextafter(threshold, np.inf if got < scale else -np.inf))
+    return threshold
+
+
+def start_weights(
+    prepared: Graph, found: Plan, labels: Mapping[str, str], lowering: Integerize, start: Graph
+) -> dict[str, np.ndarray]:
+    """The float weights and biases from which the lowering, with the plan's thresholds and
+    steps, makes ``start``'s integers, where the float model's own do not: a weight whose
+    integer ``start`` rounded otherwise (learned rounding, or any other) starts at the centre
+    of its integer's step, ``q * step``; a bias ``start`` changed (bias correction) at its
+    integer times its scale. Everything else keeps the float model's value, and with it the
+    position within the step that training moves from. So step 0 is ``start`` bit for bit."""
+    steps = {
+        layer.weight: (found.steps[layer.weight], layer.axis, layer.bits) for layer in found.layers
+    }
+    params = Parameters({}, found.thresholds, found.minimums, steps)
+    graph = params.apply(prepared)
+    stats, model = graph.analysis(CalibrationStats), graph.analysis(ModelQuantization)
+    assert stats is not None and model is not None
+    first = Lowering(graph, stats, learned_lowering(lowering), model).run(LOWERINGS)
+    out: dict[str, np.ndarray] = {}
+    for layer in found.layers:
+        float_w = prepared.find(layer.weight)
+        mine, given = first.find(layer.weight), start.find(layer.weight)
+        assert float_w is not None and float_w.const is not None
+        if _differs(mine, given):
+            assert mine is not None and given is not None
+            shape = [1] * float_w.const.ndim
+            shape[layer.axis] = -1
+            step = np.asarray(found.steps[layer.weight], np.float64).reshape(shape)
+            centre = np.asarray(given.const, np.float64) * step
+            keep = np.asarray(mine.const) == np.asarray(given.const)
+            out[layer.weight] = np.where(keep, float_w.const, centre).astype(float_w.const.dtype)
+        if layer.bias is None:
+            continue
+        name = f"{labels[layer.weight]}.bias"  # the lowering's name for the int32 bias
+        float_b = prepared.find(layer.bias)
+        mine, given = first.find(name), start.find(name)
+        assert float_b is not None and float_b.const is not None
+        same_size = given is not None and np.size(float_b.const) == np.size(given.const)  # type: ignore[arg-type]
+        if _differs(mine, given) and same_size:
+            assert mine is not None and given is not None and given.type.quant is not None
+            q = np.asarray(given.const, np.float64).reshape(-1)
+            scale = np.broadcast_to(np.asarray(given.type.quant.scale, np.float64), q.shape)
+            keep = np.asarray(mine.const).reshape(-1) == q
+            b = np.where(keep, np.asarray(float_b.const).reshape(-1), q * scale)
+            out[layer.bias] = b.reshape(float_b.const.shape).astype(float_b.const.dtype)
+    return out
+
+
+def _differs(mine: Value | None, given: Value | None) -> bool:
+    """Whether ``start`` has other integers, of the same shape, for a constant."""
+    if mine is None or given is None or mine.const is None or given.const is None:
+        return False
+    a, b = np.asarray(mine.const), np.asarray(given.const)
+    return a.shape == b.shape and not np.array_equal(a, b)
 
 
 def replace_bias_correction(lowering: Integerize) -> Integerize:
@@ -235,6 +307,8 @@ class Student(torch.nn.Module):
         self.biases = torch.nn.ParameterList()
         self.steps = torch.nn.ParameterList()
         self.offsets = torch.nn.ParameterList()
+        for name, array in plan.start.items():  # where start has other integers (start_weights)
+            self.constants[name] = torch.from_numpy(np.array(array))
         for layer in plan.layers:
             w = self.constants[layer.weight].to(torch.float32)
             self.weights.append(torch.nn.Parameter(w.clone(), requires_grad=weights))
@@ -295,9 +369,9 @@ class Student(torch.nn.Module):
                 if self.rounding:
                     q, _ = self._integer_weight(i, layer)
                     weights[layer.weight] = (q * step).to(torch.float32).numpy()
-                elif self.weights[i].requires_grad:
+                else:  # trained or not: start's weights may not be the float model's
                     weights[layer.weight] = self.weights[i].detach().numpy().copy()
-                if layer.bias is not None and self.weights[i].requires_grad:
+                if layer.bias is not None:
                     bias = self.biases[self.bias_index[layer.bias]].detach().numpy()
                     weights[layer.bias] = bias.astype(self.constants[layer.bias].numpy().dtype)
                 steps[layer.weight] = (
@@ -567,9 +641,23 @@ def train(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _train(prepared, batches, lowering, config, stats, choices, start)
+        with _blas_threads(config.threads):
+            return _train(prepared, batches, lowering, config, stats, choices, start)
     finally:
         torch.set_num_threads(threads)
+
+
+def _blas_threads(threads: int | None) -> Any:
+    """Numpy's BLAS at ``threads`` threads while training, where ``threadpoolctl`` is
+    installed: the reference runs' matrix products are small, and OpenBLAS's default of a
+    thread per core ran them several times slower on a busy machine."""
+    if threads is None:
+        return nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # not a dependency of intq: BLAS keeps its own setting
+        return nullcontext()
+    return threadpool_limits(threads, user_api="blas")
 
 
 def _train(
@@ -672,8 +760,10 @@ def _train(
         file=sys.stderr,
         unit="step",
     ) as bar:
+        ahead: Lowered | None = None  # the lowering an evaluation made of the next step's
         for step in range(first, config.steps):
-            lowered = Lowered(prepared, student.parameters_now(), lowering)
+            lowered = ahead or Lowered(prepared, student.parameters_now(), lowering)
+            ahead = None
             if step == 0 or step % config.eval_every == 0:
                 if not history.evaluations or history.evaluations[-1][0] != step:
                     evaluate(lowered, step)
@@ -702,7 +792,8 @@ def _train(
             bar.set_postfix(loss=f"{mean / world:.4g}", best=f"{best[0][0]:.4f}" if best else "-")
             if (step + 1) % config.checkpoint_every == 0:
                 if (step + 1) % config.eval_every == 0:
-                    evaluate(Lowered(prepared, student.parameters_now(), lowering), step + 1)
+                    ahead = Lowered(prepared, student.parameters_now(), lowering)
+                    evaluate(ahead, step + 1)
                 checkpoint(step + 1)
     final = max(first, config.steps)
     if not history.evaluations or history.evaluations[-1][0] != final:

@@ -63,8 +63,9 @@ class DistillConfig:
     file path) is written every ``checkpoint_every`` steps; ``resume`` continues from it.
     ``seed`` fixes the split and the order of the batches, so a resumed run ends where an
     uninterrupted one does. ``progress``: a bar with the running loss (``None``: when
-    standard error is a terminal). ``threads``: torch's intra-op threads while training
-    (``None``: torch's setting); one is fastest for small models on a busy machine.
+    standard error is a terminal). ``threads``: torch's intra-op threads and (where
+    ``threadpoolctl`` is installed) numpy's BLAS threads while training (``None``: their
+    settings); one is fastest for small models on a busy machine.
     """
 
     steps: int = 200

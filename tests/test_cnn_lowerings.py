@@ -547,3 +547,39 @@ def test_conv1d_model_is_bit_exact_on_every_backend():
     got = bit_exact(graph, feeds)["c3"]
     want = intq.compile(intq.from_onnx(model)).run({"x": feeds[0]})["c3"]
     np.testing.assert_allclose(got, want, atol=0.03 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize(
+    "cin, cout, group, kernel, attrs, x_dtype",
+    [
+        (6, 6, 6, 3, {"pads": [1, 1, 1, 1]}, np.int8),  # depthwise
+        (4, 8, 4, 3, {"pads": [0, 1, 2, 1], "strides": [2, 1]}, np.uint8),  # multiplier 2
+        (5, 5, 5, 5, {"pads": [2, 2, 2, 2], "strides": [2, 2], "dilations": [1, 2]}, np.int8),
+        (6, 10, 1, 1, {}, np.int8),  # pointwise
+        (96, 8, 1, 1, {}, np.int16),  # pointwise, beyond float32's exact integers
+        (6, 10, 1, 1, {"strides": [2, 2]}, np.int8),
+        (6, 4, 2, 3, {"pads": [1, 0, 1, 0]}, np.int8),  # grouped
+    ],
+)
+def test_the_interpreters_integer_convolution_is_the_float64_product(
+    cin, cout, group, kernel, attrs, x_dtype
+):
+    # The reference interpreter convolves integers by the fastest exact route (depthwise tap
+    # by tap, pointwise as one product, float32 where every partial sum is below 2^24); the
+    # same node on float64 copies of the integers takes the grouped-matmul path in float64.
+    from intq.semantics.numpy_eval import _convolve
+
+    rng = np.random.default_rng(cin + cout + kernel)
+    shape = (cout, cin // group, kernel, kernel)
+    w = numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=group, **attrs)
+    model = make_model([node], [f32("x", [2, cin, 11, 9])], [f32("y", None)], [w])
+    (conv,) = [n for n in intq.from_onnx(model).nodes if n.op == "Conv"]
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, int(info.max) + 1, (2, cin, 11, 9)).astype(x_dtype)
+    q = rng.integers(-7, 8, shape).astype(np.int8)
+    bias = rng.integers(-(2**20), 2**20, cout).astype(np.int32)
+    got = _convolve(conv, x, q, bias)
+    want = _convolve(conv, x.astype(np.float64), q.astype(np.float64), bias.astype(np.float64))
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+    assert np.abs(got - bias.reshape(-1, 1, 1)).max() > 2**9  # not trivially small

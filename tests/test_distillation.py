@@ -293,3 +293,41 @@ def test_a_learned_step_that_would_overflow_is_refused_naming_the_layer(digits_m
     assert info.value.node == "/classifier/classifier.1/Gemm"
     assert "the distilled model cannot be proved" in str(info.value)
     assert "smaller scale_lr" in info.value.hint
+
+
+def test_distillation_starts_from_the_given_integer_graph_bit_for_bit(digits_model):
+    # Learned rounding (or any other) gives integers that round-to-nearest of the float
+    # weights does not; bias correction moves the biases. Simulate both on a post-training
+    # graph: distilled for 0 steps, the result is that graph, whatever made its integers.
+    graph = intq.from_onnx(digits_model.path)
+    data = _digits_data(32)
+    post = intq.quantize(graph, data, CONFIG)
+    altered = post.copy()
+    rng = np.random.default_rng(0)
+    changed = []
+    for value in altered.constants:
+        quant = value.type.quant
+        if quant is None or value.const is None or quant.bits not in (4, 32):
+            continue
+        q = np.array(value.const)
+        flip = rng.random(q.shape) < 0.2
+        if quant.bits == 4:  # another rounding: one step up or down, within the range
+            q = np.where(flip, np.clip(q + rng.choice([-1, 1], q.shape), -7, 7), q)
+        else:  # a corrected bias
+            q = np.where(flip, q + rng.integers(-50, 50, q.shape), q).astype(q.dtype)
+        value.const = q.astype(value.const.dtype)
+        changed.append(value.name)
+    assert len(changed) >= 4  # weights and biases of several layers
+    feeds = {"input": zoo._digits_split()[1][:8]}
+    name = graph.outputs[0].name
+    assert not np.array_equal(run_graph(altered, feeds)[name], run_graph(post, feeds)[name])
+    for train in (("weights", "scales"), ("rounding", "scales"), ("scales",)):
+        distilled = intq.distill(
+            digits_model.path, altered, data, _small(steps=0, train=train), quant=CONFIG
+        )
+        for value_name in changed:
+            want, got = altered.find(value_name), distilled.find(value_name)
+            assert got is not None and np.array_equal(got.const, want.const), (train, value_name)
+        assert np.array_equal(run_graph(distilled, feeds)[name], run_graph(altered, feeds)[name])
+        history = distilled.analysis(DistillHistory)
+        assert history is not None and history.best_step == 0

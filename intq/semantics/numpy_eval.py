@@ -187,7 +187,7 @@ def _conv(node: Node, x: Array, w: Array, b: Array | None = None) -> list[Array]
 
 
 def _convolve(node: Node, x: Array, w: Array, b: Array | None) -> Array:
-    """Convolution in the inputs' float type, or exactly in float64 for integer inputs."""
+    """Convolution in the inputs' float type, or exactly (in float64) for integer inputs."""
     attrs = node.attrs
     out_shape = node.outputs[0].type.shape
     spatial = x.ndim - 2
@@ -195,6 +195,19 @@ def _convolve(node: Node, x: Array, w: Array, b: Array | None) -> Array:
     n, c = x.shape[:2]
     m = w.shape[0]
     kernel = w.shape[2:]
+    positions = math.prod(out_shape[2:])
+    taps = math.prod(kernel)
+    exact = x.dtype.kind in "iu"
+    acc_dtype = _exact_product_dtype(x.dtype, w, (c // group) * taps) if exact else x.dtype
+    pointwise = all(k == 1 for k in kernel) and not any(attrs["pads"])
+    if exact and group == 1 and pointwise and all(s == 1 for s in attrs["strides"]):
+        # A 1x1 convolution is one product of the weights and the input as it lies: no
+        # window copy, no transposes (half of an integer EfficientNet's convolution time).
+        flat = x.reshape(n, c, positions).astype(acc_dtype, copy=False)
+        matrix = w.reshape(m, c).astype(acc_dtype)
+        # One plain GEMM per sample: OpenBLAS runs a broadcast (stacked) matmul slower.
+        y = np.stack([matrix @ flat[i] for i in range(n)]).reshape(out_shape)
+        return _add_bias(y.astype(_ACC_EXACT, copy=False), b, m, spatial)
     patches = _windows(
         _pad_spatial(x, attrs["pads"], 0),
         kernel,
@@ -202,17 +215,51 @@ def _convolve(node: Node, x: Array, w: Array, b: Array | None) -> Array:
         attrs["dilations"],
         out_shape[2:],
     )
-    positions = math.prod(out_shape[2:])
-    taps = math.prod(kernel)
+    if exact and c == group:
+        y = _depthwise(patches, w, out_shape, acc_dtype)
+        return _add_bias(y.astype(_ACC_EXACT, copy=False), b, m, spatial)
     # (N, G, C/G, O..., K...) -> (N, G, O, C/G * K): one matmul per group.
     patches = patches.reshape(n, group, c // group, positions, taps)
     patches = patches.transpose(0, 1, 3, 2, 4).reshape(n, group, positions, (c // group) * taps)
     weights = w.reshape(group, m // group, (c // group) * taps).transpose(0, 2, 1)
-    acc_dtype = _ACC_EXACT if x.dtype.kind in "iu" else x.dtype
     y = np.matmul(patches.astype(acc_dtype, copy=False), weights.astype(acc_dtype, copy=False))
     y = y.transpose(0, 1, 3, 2).reshape(out_shape)
-    if b is not None:
-        y = y + b.reshape((1, m) + (1,) * spatial).astype(acc_dtype, copy=False)
+    if exact:
+        y = y.astype(_ACC_EXACT, copy=False)
+    return _add_bias(y, b, m, spatial)
+
+
+def _add_bias(y: Array, b: Array | None, m: int, spatial: int) -> Array:
+    if b is None:
+        return y
+    return y + b.reshape((1, m) + (1,) * spatial).astype(y.dtype, copy=False)
+
+
+def _exact_product_dtype(x_dtype: np.dtype, w: Array, terms: int) -> np.dtype:
+    """The float type in which sums of ``terms`` products of integers of ``x_dtype`` by
+    ``w``'s are exact: float32 when every partial sum stays below 2^24 (its integers are all
+    exact; 4-bit weights by 8-bit activations over any real layer), float64 otherwise (below
+    2^53, as the int32 accumulator's range is). BLAS sums in any order: exact either way."""
+    info = np.iinfo(x_dtype)
+    top = max(abs(int(info.min)), int(info.max)) * float(np.abs(w).max(initial=0)) * terms
+    return np.dtype(np.float32 if top < 2**24 else _ACC_EXACT)
+
+
+def _depthwise(patches: Array, w: Array, out_shape: Sequence[int], acc_dtype: np.dtype) -> Array:
+    """A depthwise (one input channel per group) integer convolution, exactly in
+    ``acc_dtype``: one multiply-add of the whole output per kernel tap. The grouped matmul
+    would run one tiny matrix product per channel after copying every window (im2col), most
+    of an integer EfficientNet's run; exact integer sums are the same in any order."""
+    m, spatial = w.shape[0], w.ndim - 2
+    per = m // patches.shape[1]  # a channel multiplier: output o reads input channel o // per
+    weights = w.astype(acc_dtype).reshape(m, -1)
+    y = np.zeros(out_shape, acc_dtype)
+    channel = (1, m) + (1,) * spatial
+    for k, tap in enumerate(np.ndindex(*w.shape[2:])):
+        window = patches[(Ellipsis, *tap)].astype(acc_dtype)
+        if per > 1:
+            window = np.repeat(window, per, axis=1)
+        y += window * weights[:, k].reshape(channel)
     return y
 
 
