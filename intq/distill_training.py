@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from intq.distillation import DistillConfig, DistillHistory, Parameters, learned_lowering
@@ -648,14 +649,10 @@ def train(
 
 
 def _blas_threads(threads: int | None) -> Any:
-    """Numpy's BLAS at ``threads`` threads while training, where ``threadpoolctl`` is
-    installed: the reference runs' matrix products are small, and OpenBLAS's default of a
-    thread per core ran them several times slower on a busy machine."""
+    """Numpy's BLAS at ``threads`` threads while training: the reference runs' matrix
+    products are small, and OpenBLAS's default of a thread per core ran them several times
+    slower on a busy machine."""
     if threads is None:
-        return nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # not a dependency of intq: BLAS keeps its own setting
         return nullcontext()
     return threadpool_limits(threads, user_api="blas")
 
