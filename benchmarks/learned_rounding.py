@@ -57,7 +57,11 @@ MODELS: dict[str, tuple[str, Callable]] = {
 }
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def _probabilities(x: np.ndarray) -> np.ndarray:
+    """``x`` as class probabilities: as it is where the model ends in a softmax, else the
+    softmax of its logits."""
+    if np.all(x >= 0) and np.allclose(x.sum(axis=-1), 1.0, atol=1e-3):
+        return x
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -100,7 +104,7 @@ def rows_for(key: str, cache: Path, args: argparse.Namespace) -> list[Row]:
     feeds = [{"input": evaluation[i : i + 1]} for i in range(len(evaluation))]
     fp32 = _ort_fp32(model.path)
     teacher = [fp32(f) for f in feeds]
-    confident = [float(_softmax(t).max()) > 0.5 for t in teacher]
+    confident = [float(_probabilities(t).max()) > 0.5 for t in teacher]
     layer_bits = _first_last_8bit(graph) if key == "efficientnet" else {}
     rows = []
     for rounding in ("nearest", "auto"):

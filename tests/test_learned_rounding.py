@@ -216,8 +216,10 @@ def test_the_passes_store_grams_and_rounded_weights_for_learned_layers_only():
     PassManager([Calibrate(batches, False, learns=lowering.learns)])(graph)
     grams = graph.analysis(InputGrams)
     assert grams is not None and [v.name for v in grams] == ["c2"]  # the output of Conv_2
-    (gram,) = grams.values()
-    assert gram.shape == (1, 16 * 9, 16 * 9)
+    (entry,) = grams.values()
+    gram = entry.matrix
+    assert gram.shape == (1, 16 * 9, 16 * 9) and entry.rows == 24 * 10 * 10
+    assert entry.determined
     np.testing.assert_allclose(gram[0], gram[0].T)
     PassManager([LearnedRounding(lowering, False)])(graph)
     rounded = graph.analysis(RoundedWeights)
