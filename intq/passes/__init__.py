@@ -22,7 +22,7 @@ from intq.passes.fold_pad import FoldPad
 from intq.passes.fuse_transformer import FuseTransformer
 from intq.passes.integer_only import CheckIntegerOnly
 from intq.passes.integerize import Integerize
-from intq.passes.learned_rounding import REFIT_BATCHES, LearnedRounding
+from intq.passes.learned_rounding import LearnedRounding
 from intq.passes.manager import DumpHook, Pass, PassManager, PassResult, parse_pipeline
 from intq.passes.range_analysis import RangeAnalysis
 from intq.passes.smooth_layernorm import SmoothLayerNorm
@@ -75,14 +75,11 @@ def lowering_pipeline(
         kept: list[Mapping[str, np.ndarray]] = []
         if lowering.calibration == "auto":
             calibration_data, kept = reservoir(calibration_data)
-        refit: list[Mapping[str, np.ndarray]] = []
-        if learns is not None:
-            calibration_data, refit = reservoir(calibration_data, REFIT_BATCHES, seed=1)
         calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction, learns))
         if lowering.calibration == "auto":
             calibrate.append(AutoClip(kept, lowering, progress))
         if learns is not None:
-            calibrate.append(LearnedRounding(lowering, progress, refit))
+            calibrate.append(LearnedRounding(lowering, progress))
     return PassManager(
         [
             *calibrate,

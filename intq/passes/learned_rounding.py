@@ -19,12 +19,7 @@ intq minimizes it layer by layer on the calibration data, without labels:
   rounded to nearest and its error compensated on the columns not yet rounded, with the
   inverse Hessian's Cholesky factor (the optimal-brain-quantization update of GPTQ,
   Frantar et al. 2023): :func:`reconstruct`. It solves the layer's reconstruction in one
-  pass, no iterations;
-- then, on :data:`REFIT_BATCHES` calibration batches, the float model and the model with
-  those integers run side by side, and each layer is solved again for the rows its
-  quantized inputs ``X_q`` form, towards the float outputs ``W X``: the target becomes
-  ``W C H_q^-1`` (``C = X^T X_q``), which also undoes what the earlier layers' rounding
-  moved (the asymmetric reconstruction of AdaRound and BRECQ).
+  pass, no iterations.
 
 The result, :class:`RoundedWeights`, is a side table of integer weights and steps per weight
 value; ``integerize`` takes them instead of rounding to nearest. The graph is an ordinary
@@ -38,7 +33,7 @@ matrices in the same column order.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,7 +45,6 @@ from intq.ir.graph import Graph, Node, Value, ValueMap
 from intq.passes.manager import Pass, PassError
 from intq.passes.precision import weight_axis
 from intq.progress import show_progress
-from intq.semantics.numpy_eval import run_graph
 
 ROUNDINGS = ("auto", "nearest", "learned")
 """``QuantConfig.rounding``: ``learned`` for every layer, ``nearest`` for none, ``auto`` (the
@@ -63,13 +57,6 @@ input that never vary (a constant channel, zero padding) make ``H`` singular."""
 CLIPS = np.linspace(1.0, 0.5, 26)
 """The fractions of a channel's largest magnitude tried as its clip (the step is
 ``clip / qmax``)."""
-
-ROWS_PER_INPUT = 4
-"""Input rows per weight input the refit's Gram must sum for a layer to be refitted."""
-
-REFIT_BATCHES = 16
-"""Calibration batches (a seeded sample) the second, asymmetric fit runs the float and the
-learned model on (:meth:`LearnedRounding._refit`)."""
 
 BLOCK = 128
 """Columns rounded between two updates of the remaining weights (one matrix product each)."""
@@ -180,14 +167,6 @@ class Gram:
 
     matrix: np.ndarray
     rows: int
-
-    @property
-    def determined(self) -> bool:
-        """Whether the rows pin a regression on the layer's ``K`` inputs down: at least
-        :data:`ROWS_PER_INPUT` rows per input. The refit's target ``W C H_q^-1`` is such a
-        regression; on fewer rows it fits the calibration rows, not the data (measured: on
-        MiniLM, 512 rows for up to 1536 inputs, it took the pooled cosine from 0.87 to 0.51)."""
-        return self.rows >= ROWS_PER_INPUT * self.matrix.shape[-1]
 
 
 class InputGrams(ValueMap[Gram]):
@@ -356,15 +335,12 @@ class LearnedRounding(Pass):
     """Choose the integer weights of every layer with input Gram matrices (:class:`InputGrams`,
     which ``calibrate`` gathers for the layers ``lowering`` learns) by reconstructing its
     float outputs (:func:`learn_rounding`); stores :class:`RoundedWeights` for ``integerize``.
-    With ``batches`` (a few calibration batches), it then learns each layer again on the
-    inputs the learned model computes, towards the float model's outputs (:meth:`_refit`).
     Changes nothing in the graph. ``lowering`` gives each layer's weight width, as the
     lowering will; ``progress`` as for :func:`~intq.passes.calibration.collect_stats`."""
 
     name: ClassVar[str] = "learned-rounding"
     lowering: object = field(default=None, repr=False, compare=False)
     progress: bool | None = None
-    batches: Sequence[Mapping[str, np.ndarray]] = field(default=(), repr=False, compare=False)
 
     def requires(self, graph: Graph) -> None:
         if graph.analysis(InputGrams) is None:
@@ -387,88 +363,12 @@ class LearnedRounding(Pass):
             value = node.inputs[1]
             assert value is not None
             learned[value] = learn_rounding(node, grams[node.output], bits)
-        if self.batches and nodes:
-            learned = self._refit(graph, nodes, learned)
         graph.store_analysis(RoundedWeights(learned))
         return False
-
-    def _refit(
-        self, graph: Graph, nodes: list[Node], learned: dict[Value, Rounded]
-    ) -> dict[Value, Rounded]:
-        """Learn again on the inputs the learned model itself computes: ``H`` of those rows,
-        and the target ``W C H^-1`` (``C``: float rows against quantized rows) that maps
-        them to the float outputs, so each layer also undoes what earlier layers' rounding
-        moved (asymmetric reconstruction)."""
-        quantized = graph.copy()
-        for node in nodes:
-            value = node.inputs[1]
-            assert value is not None and value.const is not None
-            rule = PATCHES[node.op]
-            r = learned[value]
-            groups = rule.matrix(node, value.const).shape[0]
-            approx = rule.matrix(node, r.q.astype(np.float64)) * np.reshape(
-                r.scales, (groups, -1, 1)
-            )
-            copy = quantized.find(value.name)
-            assert copy is not None
-            copy.const = rule.weight(node, approx).astype(value.const.dtype)
-        readers = {n.inputs[0].name for n in nodes if n.inputs[0] is not None}
-        grams: dict[Node, np.ndarray] = {}
-        cross: dict[Node, np.ndarray] = {}
-        rows: dict[Node, int] = {}
-        show = show_progress(self.progress)
-        for batch in tqdm(
-            self.batches, desc="refitting rounding", disable=not show, file=sys.stderr, unit="batch"
-        ):
-            floats = _inputs_of(graph, batch, readers)
-            rounded = _inputs_of(quantized, batch, readers)
-            for node in nodes:
-                x = node.inputs[0]
-                assert x is not None
-                rule = PATCHES[node.op]
-                rf, rq = rule.rows(node, floats[x.name]), rule.rows(node, rounded[x.name])
-                h = np.matmul(rq.transpose(0, 2, 1), rq).astype(np.float64)
-                c = np.matmul(rf.transpose(0, 2, 1), rq).astype(np.float64)
-                grams[node] = grams[node] + h if node in grams else h
-                cross[node] = cross[node] + c if node in cross else c
-                rows[node] = rows.get(node, 0) + rq.shape[1]
-        refit: dict[Value, Rounded] = {}
-        for node in nodes:
-            value = node.inputs[1]
-            assert value is not None and value.const is not None
-            h = grams[node]
-            if not Gram(h, rows[node]).determined:  # a regression on too few rows overfits
-                refit[value] = learned[value]
-                continue
-            size = h.shape[-1]
-            mean = np.maximum(np.einsum("gii->g", h) / size, 1e-12)
-            damped = h + (DAMPING * mean)[:, None, None] * np.eye(size)
-            w = PATCHES[node.op].matrix(node, value.const.astype(np.float64))
-            target = np.matmul(np.matmul(w, cross[node]), np.linalg.inv(damped))
-            bits = self.lowering.bits(node.label()).weights  # type: ignore[attr-defined]
-            refit[value] = learn_rounding(node, Gram(h, rows[node]), bits, target)
-        return refit
-
-
-def _inputs_of(
-    graph: Graph, batch: Mapping[str, np.ndarray], names: set[str]
-) -> dict[str, np.ndarray]:
-    """The values named ``names`` (graph inputs or node outputs) when ``graph`` runs ``batch``."""
-    found = {name: np.asarray(batch[name]) for name in names if name in batch}
-
-    def keep(node: Node, outputs: Sequence[np.ndarray]) -> None:
-        for value, array in zip(node.outputs, outputs):
-            if value.name in names:
-                found[value.name] = array
-
-    run_graph(graph, batch, on_node=keep)
-    return found
 
 
 __all__ = [
     "PATCHES",
-    "REFIT_BATCHES",
-    "ROWS_PER_INPUT",
     "ROUNDINGS",
     "Gram",
     "GramInputs",
