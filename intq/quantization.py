@@ -72,7 +72,8 @@ class QuantConfig:
     (the default) learns the integer weights of every layer narrower than 8 bits from the
     calibration data, each layer's weights chosen to reproduce its float outputs rather than
     rounded to nearest (:mod:`intq.passes.learned_rounding`); ``learned`` does it for 8-bit
-    layers too, ``nearest`` for none. ``mixed_precision`` (a
+    layers too, ``nearest`` for none; ``distill`` starts from the learned integers.
+    ``mixed_precision`` (a
     :class:`intq.MixedPrecision`) chooses each layer's weight bits (and, with its
     ``activation_bits`` candidates, input activation bits) to meet a budget
     (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.

@@ -14,7 +14,10 @@ from pathlib import Path
 import intq
 from examples import zoo
 
-CONFIG = intq.QuantConfig(weight_bits=4, activation_bits=4, calibration="minmax")
+# Nearest rounding: the post-training graph the tests compare the untrained student with.
+CONFIG = intq.QuantConfig(
+    weight_bits=4, activation_bits=4, calibration="minmax", rounding="nearest"
+)
 
 
 def distill(model: Path, checkpoint: Path) -> intq.ir.Graph:

@@ -72,7 +72,11 @@ def test_bias_correction_removes_the_mean_output_error_and_stays_bit_exact():
 
     def mean_error(correct: bool) -> float:
         config = intq.QuantConfig(
-            weight_bits=4, calibration="minmax", bias_correction=correct, progress=False
+            weight_bits=4,
+            calibration="minmax",
+            bias_correction=correct,
+            rounding="nearest",  # learned rounding leaves little mean shift to remove
+            progress=False,
         )
         quantized = intq.quantize(graph, batches, config)
         diffs = [
