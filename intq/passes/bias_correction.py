@@ -95,11 +95,6 @@ class MeanInputs:
         self._sums: dict[Node, np.ndarray] = {}
         self._counts: dict[Node, int] = {}
 
-    @property
-    def wanted(self) -> bool:
-        """Whether any layer reads a float activation (else calibration need not call)."""
-        return bool(self._readers)
-
     def observe(self, value: Value, array: np.ndarray) -> None:
         """Add ``array``, one batch of ``value``, to the sums of the layers reading it."""
         for node in self._readers.get(value, ()):

@@ -530,9 +530,10 @@ class Calibrate(Pass):
     def apply(self, graph: Graph) -> bool:
         means = MeanInputs(graph.nodes) if self.bias_correction else None
         learns = self.learns
-        names = {n.label() for n in graph if learns is not None and learns(n.label())}
-        grams = GramInputs(graph.nodes, names) if learns is not None else None
-        observers = [o.observe for o in (means, grams) if o is not None and o.wanted]
+        grams = None
+        if learns is not None:
+            grams = GramInputs(graph.nodes, {n.label() for n in graph if learns(n.label())})
+        observers = [o.observe for o in (means, grams) if o is not None]
 
         def observe(value: Value, array: np.ndarray) -> None:
             for observer in observers:

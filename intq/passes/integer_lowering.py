@@ -409,13 +409,14 @@ class Lowering:
         if model is not None and alpha == 1.0:
             given = model.channel_scales(value.const.shape, axis, bits)
         learned = self.rounded.get(value) if self.options.learns(node.label()) else None
-        use = learned is not None and given is None and alpha == 1.0 and _holds(learned, floor)
-        if learned is not None and use:
+        if learned is not None and not (given is None and alpha == 1.0 and _holds(learned, floor)):
+            learned = None
+        if learned is not None:
             q, scales = learned.q.astype(storage_dtype(bits, True)), learned.scales
         else:
             q, scales = quantize_weights(value.const * alpha, bits, axis, floor, given)
         w = self.dst.add_constant(q, value.name)
-        if learned is not None and use:
+        if learned is not None:
             self.learned[w] = learned  # the integer graph's own record, for the layer table
         w.type = w.type.with_quant(channel_quant(bits, scales, axis, narrow=True))
         mean = self.means.get(node.output) if given is None else None

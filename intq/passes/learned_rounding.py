@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from intq.ir.graph import Graph, Node, Value, ValueMap
 from intq.passes.manager import Pass, PassError
-from intq.passes.precision import weight_axis
+from intq.passes.precision import quantize_weights, weight_axis
 from intq.progress import show_progress
 
 ROUNDINGS = ("auto", "nearest", "learned")
@@ -190,11 +190,6 @@ class GramInputs:
         self._rows: dict[tuple[object, ...], int] = {}
         self._keys: dict[Node, tuple[object, ...]] = {}
 
-    @property
-    def wanted(self) -> bool:
-        """Whether any layer needs its inputs' Gram matrix (else calibration need not call)."""
-        return bool(self._readers)
-
     def observe(self, value: Value, array: np.ndarray) -> None:
         """Add ``array``, one batch of ``value``, to the Gram matrices of its readers."""
         done: set[tuple[object, ...]] = set()
@@ -300,28 +295,25 @@ def output_error(w: np.ndarray, approx: np.ndarray, h: np.ndarray) -> float:
     return num / den if den > 0 else 0.0
 
 
-def learn_rounding(
-    node: Node, inputs: Gram, bits: int, target: np.ndarray | None = None
-) -> Rounded:
-    """The learned rounding of ``node``'s weight at ``bits`` for its inputs' ``Gram``;
-    ``target`` (``(groups, channels, K)``) replaces the weight as what ``q * step``
-    approximates (the weight that maps the quantized model's inputs to the float outputs)."""
+def learn_rounding(node: Node, inputs: Gram, bits: int) -> Rounded:
+    """The learned rounding of ``node``'s weight at ``bits`` for its inputs' ``Gram``."""
     rule = PATCHES[node.op]
     value = node.inputs[1]
-    assert value is not None and value.const is not None
+    axis = weight_axis(node)
+    assert value is not None and value.const is not None and axis is not None
     gram = inputs.matrix
     qmax = (1 << (bits - 1)) - 1
     w = rule.matrix(node, value.const.astype(np.float64))
-    aim = w if target is None else target
-    steps = channel_steps(aim, np.einsum("gii->gi", gram), qmax)
-    q = reconstruct(aim, gram, steps, qmax)
-    top = np.abs(w).max(axis=-1, keepdims=True)
-    nearest_step = np.where(top > 0, top, 1.0) / qmax
-    nearest = np.clip(np.rint(w / nearest_step), -qmax, qmax)
-    nearest_error = output_error(aim, nearest * nearest_step, gram)
-    learned_error = output_error(aim, q * steps[..., None], gram)
+    steps = channel_steps(w, np.einsum("gii->gi", gram), qmax)
+    q = reconstruct(w, gram, steps, qmax)
+    # Nearest rounding as the lowering does it, for the comparison and the fallback.
+    ints, scales = quantize_weights(value.const, bits, axis)
+    nearest = rule.matrix(node, ints.astype(np.float64))
+    nearest_steps = np.reshape(scales, steps.shape)
+    nearest_error = output_error(w, nearest * nearest_steps[..., None], gram)
+    learned_error = output_error(w, q * steps[..., None], gram)
     if learned_error > nearest_error:  # never worse than nearest on the calibration data
-        q, steps, learned_error = nearest, nearest_step[..., 0], nearest_error
+        q, steps, learned_error = nearest, nearest_steps, nearest_error
     return Rounded(
         rule.weight(node, q),
         tuple(float(s) for s in steps.reshape(-1)),
