@@ -281,6 +281,40 @@ def test_16_bit_maxpool_is_bit_exact_on_both_backends(pool: nn.Module, relu: boo
             np.testing.assert_array_equal(got[name], expected[name])
 
 
+class _Attention(nn.Module):
+    """One self-attention head of width 64 over 16 tokens: ``Q K^T`` and ``P V`` multiply
+    two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(64, 64) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(1, 2) / 8.0
+        return torch.softmax(scores, dim=-1) @ self.v(x)
+
+
+def test_16_bit_activations_narrow_attention_operands_to_what_int32_holds() -> None:
+    # 16-bit Q and K over 64 channels could reach 64 * 2^30 = 2^36; at 13 bits the worst
+    # case 64 * 2^24 fits int32, and the range analysis proves it. V meets u8 probabilities
+    # over 16 tokens (16 * 255 * 2^15 fits): it keeps 16 bits, so P V is a wide product.
+    torch.manual_seed(0)
+    net = _Attention().eval()
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((1, 16, 64)).astype(np.float32)} for _ in range(3)]
+    graph = intq.from_torch(net, (torch.from_numpy(batches[0]["x"]),), input_names=["x"])
+    config = intq.QuantConfig(activation_bits=16, calibration="minmax", progress=False)
+    quantized = intq.quantize(graph, batches, config)
+    products = [node for node in quantized if node.op == "QBatchMatMul"]
+    widths = [[v.type.quant.bits for v in node.inputs] for node in products]
+    assert widths == [[13, 13], [8, 16]]
+    expected = run_graph(quantized, batches[1])
+    for exe in (compile_onnxruntime(quantized), compile_tvm(quantized)):
+        got = exe.run(batches[1])
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+
+
 # ----- config file and command line -------------------------------------------------------------
 
 

@@ -30,7 +30,8 @@ this x86 AVX2 CPU without VNNI (``benchmarks/ort_integer_ops_probe.py``):
   Runtime has no 4-bit integer conv or matmul, so they run as 8-bit ones, exactly.
 - A 16-bit activation into ``QConv``, ``QGemm`` or ``QMatMul`` runs the 8-bit kernel
   once per byte plane (``x = 256 (hi - 128) + lo``), the two int32 sums joined in int64
-  (:func:`_wide_product`).
+  (:func:`_wide_product`); a ``QBatchMatMul`` with a 16-bit operand is an ``int32``
+  ``MatMul`` (the range analysis proves its accumulator fits).
 - ``Quantize``/``Dequantize`` are ``QuantizeLinear``/``DequantizeLinear``, which
   compute exactly what the reference does (float32 division, round half to
   even, saturation; float32 product). NaN, which ``QuantizeLinear`` sends to the
@@ -160,7 +161,7 @@ class _Builder:
             f"{node.op} on {value.type} in the ONNX Runtime backend",
             node=node.label(),
             hint="the ONNX Runtime backend runs 8-bit (or narrower) activations and weights; "
-            "16-bit activations only into QConv, QGemm and QMatMul",
+            "16-bit activations only into QConv, QGemm, QMatMul and QBatchMatMul",
         )
 
     def weight_u8(self, value: Value, weights: np.ndarray, node: Node) -> str:
@@ -559,13 +560,29 @@ def _wide_product(
 
 @_lower("QBatchMatMul")
 def _qbatch_matmul(b: _Builder, node: Node) -> None:
-    (a_u8, a_zp), (b_u8, b_zp) = (b.u8(_input(node, i), node) for i in (0, 1))
+    """Two activations: ``MatMulInteger`` on 8-bit ones; an ``int32`` ``MatMul`` where one
+    is wider (exact: the range analysis proved the accumulator fits int32)."""
+    operands = [_input(node, i) for i in (0, 1)]
+    if any(v.type.dtype in _WIDE for v in operands):
+        a_i32, b_i32 = (_centred_int32(b, v, node) for v in operands)
+        b.add("MatMul", [a_i32, b_i32], [node.output.name], node)
+        return
+    (a_u8, a_zp), (b_u8, b_zp) = (b.u8(v, node) for v in operands)
     b.add(
         "MatMulInteger",
         [a_u8, b_u8, b.zero_point(a_zp), b.zero_point(b_zp)],
         [node.output.name],
         node,
     )
+
+
+def _centred_int32(b: _Builder, value: Value, node: Node) -> str:
+    """``value`` as int32, its storage offset taken out."""
+    name, zp = b.tensor(value)
+    wide = b.op("Cast", [name], value.name + ".i32", node, to=TensorProto.INT32)
+    if not zp:
+        return wide
+    return b.op("Sub", [wide, b.const(np.int32(zp), "zp")], value.name + ".centred", node)
 
 
 @_lower("Gather")

@@ -230,6 +230,8 @@ class Lowering:
         bits = self.options.bits(producer.name if producer else value.name).activations
         if is_wide(value) and self.options.widened(producer.name if producer else value.name):
             bits = max(bits, self.options.wide_bits)
+        if bits > 8:
+            bits = max(8, min(bits, operand_bits(value)))
         model = self.model.activation(value)
         if model is not None:
             if non_negative is None and model.exact is None:
@@ -482,6 +484,66 @@ def is_wide(value: Value) -> bool:
         ):
             return True
     return False
+
+
+INT32_MAX = (1 << 31) - 1
+SOFTMAX_MAX = 255
+"""The largest QSoftmax output (its probabilities are u8)."""
+
+
+def operand_bits(value: Value) -> int:
+    """The widest activation width at which every product of two activations that reads
+    ``value`` (attention's ``Q K^T`` and ``P V``, through reshapes, transposes and constant
+    scalings) keeps its int32 accumulator provably in range, however the inputs fall.
+
+    A signed ``b``-bit operand reaches ``2^(b-1)`` in magnitude; the other operand has the
+    same width, or is a softmax's u8 probabilities. 32 where no such product reads it.
+    """
+    widest = 32
+    for reader in _matmul_readers(value, set()):
+        a, b = reader.inputs
+        depth = a.type.shape[-1] if a is not None else None
+        if not isinstance(depth, int) or depth <= 0:
+            continue  # unknown depth: the range analysis decides
+        budget = INT32_MAX // depth
+        if any(v is not None and _from_softmax(v) for v in (a, b)):
+            fits = (budget // SOFTMAX_MAX).bit_length()  # 2^(b-1) <= budget / 255
+        else:
+            fits = (budget.bit_length() - 1) // 2 + 1  # 4^(b-1) <= budget
+        widest = min(widest, fits)
+    return widest
+
+
+def _passes_along(node: Node) -> bool:
+    """Whether ``node`` carries its input to a product unchanged but for movement or a
+    constant factor (the export's ``sqrt(scale)`` on Q and K)."""
+    if node.opdef.has(Trait.MOVEMENT):
+        return True
+    return node.op in ("Mul", "Div") and any(v is not None and v.is_const for v in node.inputs)
+
+
+def _matmul_readers(value: Value, seen: set[Value]) -> list[Node]:
+    """The two-activation ``MatMul`` nodes reached from ``value`` along :func:`_passes_along`."""
+    if value in seen:
+        return []
+    seen.add(value)
+    found: list[Node] = []
+    for use in value.uses():
+        node = use.node
+        if node.op == "MatMul" and all(v is not None and not v.is_const for v in node.inputs):
+            found.append(node)
+        elif _passes_along(node):
+            found.extend(_matmul_readers(node.output, seen))
+    return found
+
+
+def _from_softmax(value: Value) -> bool:
+    """Whether ``value`` is a softmax's output, seen through data movement."""
+    producer = value.producer
+    while producer is not None and producer.opdef.has(Trait.MOVEMENT):
+        source = producer.inputs[0]
+        producer = source.producer if source is not None else None
+    return producer is not None and producer.op == "Softmax"
 
 
 @dataclass(frozen=True)
