@@ -966,8 +966,8 @@ def _add_quant_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--bias-correction",
         action=argparse.BooleanOptionalAction,
-        help="remove the mean output shift of weight rounding from each layer's integer bias"
-        " (default off)",
+        help="remove the mean output shift of weight rounding from every layer's integer bias"
+        " (default: from the layers under 8 bits; --no-bias-correction: from none)",
     )
     command.add_argument(
         "--rounding",

@@ -4,7 +4,7 @@
     activation_bits = 8
     calibration = "auto"           # auto | minmax | percentile | mse
     percentile = 99.99
-    bias_correction = true         # remove the mean output shift of weight rounding
+    bias_correction = true         # every layer's rounding shift out (default "auto": under 8 bits)
     rounding = "auto"              # auto | nearest | learned (auto: layers under 8 bits)
     wide_bits = 8                  # transformers: 8-bit residual stream, LayerNorm/GELU outputs
     smooth = "layernorm"           # off | layernorm (SmoothQuant migration before calibration)
@@ -99,6 +99,10 @@ def _boolean(value: Any) -> Any:
     return value if isinstance(value, bool) else None
 
 
+def _switch(value: Any) -> Any:
+    return value if isinstance(value, bool) or value == "auto" else None
+
+
 def _integers(value: Any) -> Any:
     if not isinstance(value, list) or any(_integer(v) is None for v in value):
         return None
@@ -125,6 +129,7 @@ _INTEGER = _Kind("an integer", "8", _integer)
 _NUMBER = _Kind("a number", "2.5", _number)
 _STRING = _Kind("a string", '"minmax"', _string)
 _BOOLEAN = _Kind("true or false", "true", _boolean)
+_SWITCH = _Kind('true, false or "auto"', '"auto"', _switch)
 _INTEGERS = _Kind("an array of integers", "[4, 8]", _integers)
 _STRINGS = _Kind("an array of strings", '["weights", "scales"]', _strings)
 _INTEGER_TABLE = _Kind("a table of integers", '{ "layer.name" = 8 }', _integer_table)
@@ -144,6 +149,8 @@ def _kind(hint: Any) -> _Kind:
         return _STRING
     if hint is bool:
         return _BOOLEAN
+    if set(args) == {bool, str}:
+        return _SWITCH
     if origin is tuple:
         return _STRINGS if typing.get_args(hint)[0] is str else _INTEGERS
     if origin is Mapping and typing.get_args(hint) == (str, int):

@@ -65,18 +65,19 @@ class QuantConfig:
     with them than with any single rule, on other calibration batches
     (:mod:`intq.passes.auto_clip`); or one rule for every tensor: ``minmax``,
     ``percentile`` (of ``|x|``, with ``percentile``), or ``mse`` (the clipping that
-    minimises the tensor's own expected squared error). ``bias_correction`` (off by default)
-    removes from each Conv/Gemm/MatMul's integer bias the mean output shift its weights'
-    rounding causes, from the layer's mean input over the calibration data
-    (:mod:`intq.passes.bias_correction`; only integer biases change). ``rounding``: ``auto``
-    (the default) learns the integer weights of every layer narrower than 8 bits from the
-    calibration data, each layer's weights chosen to reproduce its float outputs rather than
-    rounded to nearest (:mod:`intq.passes.learned_rounding`); ``learned`` does it for 8-bit
-    layers too, ``nearest`` for none; ``distill`` starts from the learned integers.
-    ``mixed_precision`` (a
-    :class:`intq.MixedPrecision`) chooses each layer's weight bits (and, with its
-    ``activation_bits`` candidates, input activation bits) to meet a budget
-    (:mod:`intq.mixed_precision`); layers named in ``layer_bits`` keep their widths.
+    minimises the tensor's own expected squared error). ``bias_correction`` removes from
+    each Conv/Gemm/MatMul's integer bias the mean output shift its weights' rounding causes,
+    from the layer's mean input over the calibration data
+    (:mod:`intq.passes.bias_correction`; only integer biases change): ``auto`` (the default)
+    for the layers narrower than 8 bits, ``True`` for every layer, ``False`` for none.
+    ``rounding``: ``auto`` (the default) learns the integer weights of every layer narrower
+    than 8 bits from the calibration data, each layer's weights chosen to reproduce its
+    float outputs rather than rounded to nearest (:mod:`intq.passes.learned_rounding`);
+    ``learned`` does it for 8-bit layers too, ``nearest`` for none; ``distill`` starts from
+    the learned integers. ``mixed_precision`` (a :class:`intq.MixedPrecision`) chooses each
+    layer's weight bits (and, with its ``activation_bits`` candidates, input activation
+    bits) to meet a budget (:mod:`intq.mixed_precision`); layers named in ``layer_bits``
+    keep their widths.
 
     Transformers: ``kernels`` picks integer kernels' variants by kernel name
     (:mod:`intq.semantics.kernels`): ``{"softmax": ..., "gelu": ..., "layernorm": ...}`` with
@@ -114,7 +115,7 @@ class QuantConfig:
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
     mixed_precision: MixedPrecision | None = None
-    bias_correction: bool = False
+    bias_correction: bool | str = "auto"
     distill: DistillConfig | None = None
     rounding: str = "auto"
     smooth: str = "off"

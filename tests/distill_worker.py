@@ -14,9 +14,14 @@ from pathlib import Path
 import intq
 from examples import zoo
 
-# Nearest rounding: the post-training graph the tests compare the untrained student with.
+# Nearest rounding, no bias correction: the post-training graph the tests compare the
+# untrained student with.
 CONFIG = intq.QuantConfig(
-    weight_bits=4, activation_bits=4, calibration="minmax", rounding="nearest"
+    weight_bits=4,
+    activation_bits=4,
+    calibration="minmax",
+    rounding="nearest",
+    bias_correction=False,
 )
 
 

@@ -242,7 +242,7 @@ def test_config_file(tmp_path):
         ('calibration = "best"\n', "unknown calibration method 'best'", "auto, minmax"),
         (
             'bias_correction = "yes"\n',
-            "bias_correction: expected true or false",
+            'bias_correction: expected true, false or "auto"',
             "bias_correction =",
         ),
         ('[layer_bits."a"]\nweight = 4\n', r'\[layer_bits."a"\]: unknown key .weight.', "weights"),

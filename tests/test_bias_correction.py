@@ -95,9 +95,44 @@ def test_bias_correction_removes_the_mean_output_error_and_stays_bit_exact():
 def test_calibrate_keeps_mean_inputs_only_when_asked():
     model, batches = two_convs()
     graph = intq.from_onnx(model)
-    intq.passes.PassManager([intq.passes.Calibrate(batches, False, bias_correction=True)])(graph)
+    calibrate = intq.passes.Calibrate(batches, False, corrects=lambda name: True)
+    intq.passes.PassManager([calibrate])(graph)
     means = graph.analysis(InputMeans)
     assert means is not None and sorted(v.name for v in means) == ["c1", "c2"]
     plain = intq.from_onnx(model)
     intq.passes.PassManager([intq.passes.Calibrate(batches, False)])(plain)
     assert plain.analysis(InputMeans) is None
+
+
+def test_auto_corrects_the_layers_under_8_bits_only():
+    """The default ``auto``: the 4-bit layer's bias is corrected as with ``True``, the 8-bit
+    layer's is left as with ``False``; calibration keeps the means of the 4-bit layer only."""
+    model, batches = two_convs()
+    graph = intq.from_onnx(model)
+
+    def biases(correct: bool | str) -> dict[str, np.ndarray]:
+        config = intq.QuantConfig(
+            layer_bits={"Conv_0": intq.LayerBits(4, 8)},
+            calibration="minmax",
+            bias_correction=correct,
+            rounding="nearest",
+            progress=False,
+        )
+        quantized = intq.quantize(graph, batches, config)
+        return {n.label(): n.inputs[2].const for n in quantized if n.op == "QConv"}
+
+    auto, every, none = biases("auto"), biases(True), biases(False)
+    np.testing.assert_array_equal(auto["Conv_0"], every["Conv_0"])
+    assert not np.array_equal(auto["Conv_0"], none["Conv_0"])
+    np.testing.assert_array_equal(auto["Conv_2"], none["Conv_2"])
+    assert not np.array_equal(every["Conv_2"], none["Conv_2"])
+    assert intq.QuantConfig().bias_correction == "auto"
+    calibrate = intq.passes.Calibrate(batches, False, corrects=lambda name: name == "Conv_0")
+    intq.passes.PassManager([calibrate])(graph)
+    means = graph.analysis(InputMeans)
+    assert means is not None and [v.name for v in means] == ["c1"]
+
+
+def test_unknown_bias_correction_is_refused():
+    with pytest.raises(intq.IntqError, match="unknown bias correction 'yes'"):
+        intq.QuantConfig(bias_correction="yes")

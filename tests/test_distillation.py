@@ -230,7 +230,7 @@ def test_the_command_line_distills_and_refuses_resume_without_steps(digits_model
     checkpoint, out = tmp_path / "run.pt", tmp_path / "digits.intq"
     common = ["quantize", str(digits_model.path), "--calib", str(calib), "--quiet"]
     common += ["--weight-bits", "4", "--activation-bits", "4", "--calibration", "minmax"]
-    common += ["--rounding", "nearest"]  # as CONFIG
+    common += ["--rounding", "nearest", "--no-bias-correction"]  # as CONFIG
     flags = ["--distill-steps", "2", "--distill-batch", "2", "--checkpoint", str(checkpoint)]
     code, err = run(*common, *flags, "-o", str(out))
     assert code == 0, err

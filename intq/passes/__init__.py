@@ -72,10 +72,11 @@ def lowering_pipeline(
     calibrate: list[Pass] = []
     if calibration_data is not None:
         learns = lowering.learns if lowering.rounding != "nearest" else None
+        corrects = lowering.corrects if lowering.bias_correction is not False else None
         kept: list[Mapping[str, np.ndarray]] = []
         if lowering.calibration == "auto":
             calibration_data, kept = reservoir(calibration_data)
-        calibrate.append(Calibrate(calibration_data, progress, lowering.bias_correction, learns))
+        calibrate.append(Calibrate(calibration_data, progress, corrects, learns))
         if lowering.calibration == "auto":
             calibrate.append(AutoClip(kept, lowering, progress))
         if learns is not None:

@@ -32,6 +32,10 @@ from intq.tables import RuleTable
 
 MeanRule = Callable[[Node, np.ndarray], tuple[np.ndarray, int]]
 
+BIAS_CORRECTIONS = ("auto", True, False)
+"""``auto``: the layers with weights narrower than 8 bits (where rounding shifts outputs the
+most); ``True``: every layer; ``False``: none."""
+
 MEAN_INPUTS: RuleTable[MeanRule] = RuleTable()
 """Weighted op -> ``(node, input) -> (sum of the input each weight element reads, count)``."""
 

@@ -514,8 +514,9 @@ class Calibrate(Pass):
 
     Changes nothing in the graph. ``batches`` and ``progress`` are the arguments of
     :func:`collect_stats`; the batches are data, not an option a pipeline string can spell.
-    ``bias_correction`` also keeps each weighted layer's mean inputs
-    (:class:`~intq.passes.bias_correction.InputMeans`) for ``integerize`` to correct its bias;
+    ``corrects`` (a layer name -> bool, the lowering's :meth:`Integerize.corrects`) also keeps
+    the mean inputs of the weighted layers it names
+    (:class:`~intq.passes.bias_correction.InputMeans`) for ``integerize`` to correct their bias;
     ``learns`` (a layer name -> bool, the lowering's :meth:`Integerize.learns`) the Gram
     matrices of the inputs of the layers it names
     (:class:`~intq.passes.learned_rounding.InputGrams`) for ``learned-rounding``.
@@ -524,11 +525,14 @@ class Calibrate(Pass):
     name: ClassVar[str] = "calibrate"
     batches: Iterable[Mapping[str, np.ndarray]] = field(default=(), repr=False, compare=False)
     progress: bool | None = None
-    bias_correction: bool = False
+    corrects: Callable[[str], bool] | None = field(default=None, repr=False, compare=False)
     learns: Callable[[str], bool] | None = field(default=None, repr=False, compare=False)
 
     def apply(self, graph: Graph) -> bool:
-        means = MeanInputs(graph.nodes) if self.bias_correction else None
+        corrects = self.corrects
+        means = None
+        if corrects is not None:
+            means = MeanInputs(n for n in graph.nodes if corrects(n.label()))
         learns = self.learns
         grams = None
         if learns is not None:

@@ -67,7 +67,7 @@ from typing import ClassVar
 from intq.errors import IntqError, PassError
 from intq.ir.graph import Graph, Value
 from intq.ops import OPS, KernelSpec
-from intq.passes.bias_correction import InputMeans
+from intq.passes.bias_correction import BIAS_CORRECTIONS, InputMeans
 from intq.passes.calibration import CALIBRATION_METHODS, CalibrationStats, ClipChoices, ClipRule
 from intq.passes.integer_lowering import Lowering, Stats
 from intq.passes.integer_rules import LOWERINGS
@@ -114,11 +114,16 @@ class Integerize(Pass):
     layer_bits: Mapping[str, LayerBits] = field(default_factory=dict)
     wide_bits: int = 16
     kernels: Mapping[str, str] = field(default_factory=dict)
-    bias_correction: bool = False
+    bias_correction: bool | str = False
     rounding: str = "nearest"
     narrow: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise IntqError(
+                f"unknown bias correction {self.bias_correction!r}",
+                hint='use true, false or "auto"',
+            )
         if self.rounding not in ROUNDINGS:
             raise IntqError(
                 f"unknown rounding {self.rounding!r}", hint=f"use one of {', '.join(ROUNDINGS)}"
@@ -152,6 +157,13 @@ class Integerize(Pass):
             return self.bits(node_name).weights < 8
         return self.rounding == "learned"
 
+    def corrects(self, node_name: str) -> bool:
+        """Whether the layer named ``node_name`` has its bias corrected: every layer for
+        ``True``, those with weights narrower than 8 bits for ``auto``."""
+        if self.bias_correction == "auto":
+            return self.bits(node_name).weights < 8
+        return bool(self.bias_correction)
+
     def widened(self, node_name: str) -> bool:
         """Whether the output of the node named ``node_name``, a transformer value kept
         wide, takes ``wide_bits`` (every such value but those of :attr:`narrow`)."""
@@ -182,7 +194,7 @@ class Integerize(Pass):
         stats = graph.analysis(CalibrationStats)
         model = graph.analysis(ModelQuantization)
         choices = graph.analysis(ClipChoices)
-        means = graph.analysis(InputMeans) if self.bias_correction else None
+        means = graph.analysis(InputMeans) if self.bias_correction is not False else None
         rounded = graph.analysis(RoundedWeights) if self.rounding != "nearest" else None
         lowering = Lowering(
             graph, stats if stats is not None else {}, self, model, choices, means, rounded
