@@ -50,9 +50,13 @@ ROUNDINGS = ("auto", "nearest", "learned")
 """``QuantConfig.rounding``: ``learned`` for every layer, ``nearest`` for none, ``auto`` (the
 default) for the layers with weights narrower than 8 bits, where rounding costs accuracy."""
 
-DAMPING = 0.01
+DAMPING = 0.1
 """The fraction of ``H``'s mean diagonal added to it before inversion: rows of a layer's
-input that never vary (a constant channel, zero padding) make ``H`` singular."""
+input that never vary (a constant channel, zero padding) make ``H`` singular, and a few
+hundred calibration samples estimate it loosely, so the update is regularized towards
+nearest rounding. Measured at W4A8 on 32 photo crops, top-1 agreement with FP32 on 96 others
+(EfficientNet-Lite0, first and last layer 8-bit): 0.58 at 0.001, 0.56 at 0.01, 0.65 at 0.1,
+0.62 at 0.3, 0.48 at 1; all-MiniLM-L6-v2 pooled cosine 0.866 at 0.01, 0.880 at 0.1."""
 
 CLIPS = np.linspace(1.0, 0.5, 26)
 """The fractions of a channel's largest magnitude tried as its clip (the step is
