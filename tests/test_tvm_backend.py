@@ -678,6 +678,26 @@ def test_quantize_rounds_half_to_even_after_a_float32_division():
     assert_same(g, compile_tvm(g), {"x": ties})
 
 
+def test_quantize_runs_on_vectors_with_nan_ties_and_infinities_exact():
+    """An image's Quantize is vector code only (``vroundps``, no scalar ``vroundss``, no
+    byte extracts) with NaN -> 0 in every lane: TVM's own ``nearbyint`` and ``isnan`` left
+    the loop scalar, and LLVM vectorized the loop over rows instead, storing byte by byte
+    (and, for AVX-512, gathering each vector from 16 rows)."""
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.F32, (1, 3, 8, 64)))
+    q = g.op("Quantize", x, bits=8, signed=0, scale=0.1)
+    g.set_outputs([q])
+    exe = compile_tvm(g, ZEN3)
+    asm = assembly(exe)
+    assert "vroundps" in asm and "vroundss" not in asm and "vpextrb" not in asm
+    rng = np.random.default_rng(5)
+    special = [np.nan, -np.nan, np.inf, -np.inf, 0.05, 0.15, 0.25, 12.75, 25.45, -0.05, 1e30]
+    feed = rng.choice(np.float32(special), (1, 3, 8, 64))
+    feed[0, 1] = rng.normal(0, 10, (8, 64))
+    assert np.isnan(feed).sum() > 100
+    assert_same(g, exe, {"x": feed})
+
+
 # ----- running ------------------------------------------------------------------------------------
 
 

@@ -695,6 +695,30 @@ def rescale_te(
     return fn, constants
 
 
+def nearbyint(x: Any, llvm: bool) -> Any:
+    """``x`` rounded to an integer, half to even (the default rounding mode), as a float.
+
+    For LLVM CPU targets, as LLVM's own ``llvm.nearbyint``: TVM 0.27's loop vectorizer has
+    no rule for its ``tirx.nearbyint`` (nor ``tirx.isnan``: :func:`isnan`), so a loop holding
+    one stayed scalar, and LLVM then vectorized the loop around it instead, loading every
+    16 values with a gather: ``Quantize`` of a 3x64x64 image took 12.7 us (now ~1 us)."""
+    from tvm import tirx
+
+    if llvm:
+        return tirx.call_llvm_pure_intrin(str(x.ty), "llvm.nearbyint", x)
+    return tirx.nearbyint(x)
+
+
+def isnan(x: Any) -> Any:
+    """True where the float32 ``x`` is NaN (exponent all ones, mantissa not 0), tested on its
+    bits: TVM 0.27 neither vectorizes ``tirx.isnan`` (see :func:`nearbyint`) nor keeps
+    ``x != x`` (its simplifier folds it to false)."""
+    from tvm import tirx
+
+    magnitude = tirx.reinterpret("int32", x) & tirx.const(0x7FFFFFFF, "int32")
+    return magnitude > tirx.const(0x7F800000, "int32")
+
+
 def dequantize_te(scales: np.ndarray, axis: int) -> tuple[Callable[..., Any], list[np.ndarray]]:
     """``x * scale`` in float32, one scale per channel along ``axis`` when ``scales`` has
     several; returns the TE function ``(x, *channel_constants) -> y`` and the per-channel

@@ -48,7 +48,9 @@ from intq.backends.tvm_kernels import (
     dtype_of,
     global_avgpool_te,
     input_of,
+    isnan,
     maxpool_te,
+    nearbyint,
     nhwc_conv_transpose,
     offset_bias,
     packed_conv_te,
@@ -138,13 +140,16 @@ class Lowerer:
     and remember it.
     """
 
-    def __init__(self, graph: Graph, channels_last: bool = False, vnni: bool = False):
+    def __init__(
+        self, graph: Graph, channels_last: bool = False, vnni: bool = False, llvm: bool = False
+    ):
         from tvm import relax
 
         self.relax = relax
         self.graph = graph
         self.channels_last = channels_last
         self.vnni = vnni  # the target has vpdpbusd: every 8-bit conv/dense reduces bytes
+        self.llvm = llvm  # LLVM compiles the kernels for a CPU: its intrinsics may be called
         self.bb = relax.BlockBuilder()
         self.env: dict[str, Any] = {}  # value name -> its Relax expression, as stored
         self.nhwc: set[str] = set()  # the values stored NHWC
@@ -398,13 +403,13 @@ def _quantize(lw: Lowerer, node: Node) -> None:
         def body(*i: Any) -> Any:
             # float32 division then round half to even, as the reference (never x * (1/s)).
             real = x(*i).astype("float32")
-            scaled = tirx.nearbyint(real / tirx.const(scale, "float32"))
+            scaled = nearbyint(real / tirx.const(scale, "float32"), lw.llvm)
             low, high = tirx.const(q.qmin, "float32"), tirx.const(q.qmax, "float32")
             clamped = tirx.max(tirx.min(scaled, high), low)
             # NaN quantizes to 0 as on every backend: LLVM's min/max would return the other
             # operand (here the range's top), so NaN is tested for before the clamp's result.
             zero = tirx.const(0, "float32")
-            return tirx.Select(tirx.isnan(real), zero, clamped).astype(out)
+            return tirx.Select(isnan(real), zero, clamped).astype(out)
 
         return te.compute(x.shape, body, name="quantize")
 
