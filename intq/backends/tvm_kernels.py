@@ -695,6 +695,26 @@ def rescale_te(
     return fn, constants
 
 
+def lookup_te(offset: int) -> Callable[..., Any]:
+    """:func:`~intq.semantics.kernels.lookup`, ``table[x + offset]``, as one TE kernel: the
+    8-bit codes index the 256-entry table (a constant input, stored as the output) directly.
+
+    As Relax ops (the reference's code on :class:`~intq.backends.tvm_lowering._RelaxOps`) it
+    was three kernels with int64 tensors between them (widen and offset, ``take``, narrow):
+    TVM marks a ``take`` opaque, so ``FuseOps`` fuses nothing into it. Every index is in the
+    table: an 8-bit code plus ``offset`` (:func:`~intq.semantics.kernels.lookup_offset`)."""
+
+    def fn(x: Any, table: Any) -> Any:
+        from tvm import te
+
+        def body(*i: Any) -> Any:
+            return table[x(*i).astype("int32") + offset]
+
+        return te.compute(x.shape, body, name="lookup")
+
+    return fn
+
+
 def nearbyint(x: Any, llvm: bool) -> Any:
     """``x`` rounded to an integer, half to even (the default rounding mode), as a float.
 

@@ -16,9 +16,10 @@ graph's inputs. :func:`intq.backends.tvm.to_relax` drives it over a graph.
 - **Quantize** divides in float32 and rounds half to even (``nearbyint``), as
   the reference and ONNX ``QuantizeLinear`` do, saturating; NaN gives 0, tested
   before the clamp (docs/numerics.md); ``Dequantize`` multiplies in float32.
-- **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``), tables (``QLookup``) and
-  products of activations (``QMul``) are the reference's own code
-  (:mod:`intq.semantics.kernels`), emitted op by op as Relax int64 ops (:class:`_RelaxOps`).
+- **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``) and products of
+  activations (``QMul``) are the reference's own code (:mod:`intq.semantics.kernels`),
+  emitted op by op as Relax int64 ops (:class:`_RelaxOps`). Tables (``QLookup``) are one
+  TE kernel on the 8-bit codes (:func:`~intq.backends.tvm_kernels.lookup_te`).
 
 Every kernel keeps the compute it is given here, so a schedule
 (:mod:`intq.backends.tvm_schedules`) can only reorder it. TVM is imported when a
@@ -49,6 +50,7 @@ from intq.backends.tvm_kernels import (
     global_avgpool_te,
     input_of,
     isnan,
+    lookup_te,
     maxpool_te,
     nearbyint,
     nhwc_conv_transpose,
@@ -75,7 +77,6 @@ from intq.semantics.kernels import (
     divide,
     divide_by_count,
     l2_norm,
-    lookup,
     lookup_offset,
     mask,
     multiply,
@@ -812,13 +813,14 @@ class _RelaxOps:
 
 @_lower("QLookup")
 def _qlookup(lw: Lowerer, node: Node) -> None:
-    """:func:`~intq.semantics.kernels.lookup` as a Relax ``take``, on the stored layout."""
+    """:func:`~intq.semantics.kernels.lookup` as one TE kernel (:func:`lookup_te`), on the
+    stored layout."""
     x = input_of(node)
     source, nhwc = lw.stored(x)  # elementwise: any layout
-    codes = lw.bb.emit(lw.relax.op.astype(source, "int64"))
-    table = np.asarray(node.attrs["table"], np.int64)
-    result = lookup(_RelaxOps(lw), codes, table, lookup_offset(x.type.dtype.numpy))
-    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+    # The entries lie within the output's clamp (the op's check): they fit its dtype.
+    table = lw.const(np.asarray(node.attrs["table"], node.output.type.dtype.numpy))
+    fn = lookup_te(lookup_offset(x.type.dtype.numpy))
+    lw.bind(node, lw.emit_node(fn, [source, table], node, "elementwise"), nhwc=nhwc)
 
 
 @_lower("QMul")
