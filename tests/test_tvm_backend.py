@@ -698,6 +698,23 @@ def test_quantize_runs_on_vectors_with_nan_ties_and_infinities_exact():
     assert_same(g, exe, {"x": feed})
 
 
+def test_a_generic_conv_accumulates_a_vector_of_outputs_per_step():
+    """A grouped conv of 16-bit activations (SqueezeBERT's attention projections: no
+    tensorized kernel) runs its ``generic`` schedule with the reduction outside the
+    innermost output loop, which is vectorized (``vpmulld`` on the AVX2 target; the
+    reduction innermost left scalar multiplies), and stays bit-exact over the full range."""
+    rng = np.random.default_rng(8)
+    g = Graph()
+    x = int_input(g, "x", (1, 64, 1, 16), True, bits=16)
+    g.set_outputs([requantized(g, qconv(g, rng, x, 64, 2, 1, 1, 0, True), 0.05, True)])
+    zen3 = compile_tvm(g, ZEN3)
+    assert set(zen3.schedules.values()) == {("generic", "generic")}
+    assert "vpmulld" in assembly(zen3)
+    exe = compile_tvm(g)
+    for _ in range(3):
+        assert_same(g, exe, {"x": full_range(rng, (1, 64, 1, 16), True, bits=16)})
+
+
 # ----- running ------------------------------------------------------------------------------------
 
 
