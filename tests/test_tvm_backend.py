@@ -678,6 +678,112 @@ def test_quantize_rounds_half_to_even_after_a_float32_division():
     assert_same(g, compile_tvm(g), {"x": ties})
 
 
+def test_quantize_runs_on_vectors_with_nan_ties_and_infinities_exact():
+    """An image's Quantize is vector code only (``vroundps``, no scalar ``vroundss``, no
+    byte extracts) with NaN -> 0 in every lane: TVM's own ``nearbyint`` and ``isnan`` left
+    the loop scalar, and LLVM vectorized the loop over rows instead, storing byte by byte
+    (and, for AVX-512, gathering each vector from 16 rows)."""
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.F32, (1, 3, 8, 64)))
+    q = g.op("Quantize", x, bits=8, signed=0, scale=0.1)
+    g.set_outputs([q])
+    exe = compile_tvm(g, ZEN3)
+    asm = assembly(exe)
+    assert "vroundps" in asm and "vroundss" not in asm and "vpextrb" not in asm
+    rng = np.random.default_rng(5)
+    special = [np.nan, -np.nan, np.inf, -np.inf, 0.05, 0.15, 0.25, 12.75, 25.45, -0.05, 1e30]
+    feed = rng.choice(np.float32(special), (1, 3, 8, 64))
+    feed[0, 1] = rng.normal(0, 10, (8, 64))
+    assert np.isnan(feed).sum() > 100
+    assert_same(g, exe, {"x": feed})
+
+
+def test_a_generic_conv_accumulates_a_vector_of_outputs_per_step():
+    """A grouped conv of 16-bit activations (SqueezeBERT's attention projections: no
+    tensorized kernel) runs its ``generic`` schedule with the reduction outside the
+    innermost output loop, which is vectorized (``vpmulld`` on the AVX2 target; the
+    reduction innermost left scalar multiplies), and stays bit-exact over the full range."""
+    rng = np.random.default_rng(8)
+    g = Graph()
+    x = int_input(g, "x", (1, 64, 1, 16), True, bits=16)
+    g.set_outputs([requantized(g, qconv(g, rng, x, 64, 2, 1, 1, 0, True), 0.05, True)])
+    zen3 = compile_tvm(g, ZEN3)
+    assert set(zen3.schedules.values()) == {("generic", "generic")}
+    assert "vpmulld" in assembly(zen3)
+    exe = compile_tvm(g)
+    for _ in range(3):
+        assert_same(g, exe, {"x": full_range(rng, (1, 64, 1, 16), True, bits=16)})
+
+
+# ----- running ------------------------------------------------------------------------------------
+
+
+def _view_and_conv_graph(rng: np.random.Generator) -> Graph:
+    """An int8 input, returned flattened (on TVM a view of the input tensor) and through a
+    requantized conv, plus a float input quantized and dequantized."""
+    g = Graph()
+    x = int_input(g, "x", (1, 4, 5, 5), True)
+    f = g.add_input("f", TensorType(DType.F32, (2, 3)))
+    conv = requantized(g, qconv(g, rng, x, 8, 1, 3, 1, 1, True), 0.1, True)
+    q = g.op("Quantize", f, bits=8, signed=1, scale=0.02)
+    g.set_outputs([g.op("Flatten", x, axis=1), conv, g.op("Dequantize", q)])
+    verify(g)
+    return g
+
+
+def test_runs_fill_the_same_input_tensors_yet_every_result_stays_its_own():
+    """run() copies each feed into input tensors allocated once and copies each output out:
+    an output that is a view of an input (the flattened ``x``) keeps the values of its own
+    run after later runs overwrite the input tensors, and a result written to by the caller
+    changes nothing in the next run."""
+    rng = np.random.default_rng(3)
+    g = _view_and_conv_graph(rng)
+    exe = compile_tvm(g)
+    reference = intq.compile(g, target="reference")
+    feeds = [
+        {"x": full_range(rng, (1, 4, 5, 5), True), "f": rng.normal(size=(2, 3))}  # float64
+        for _ in range(3)
+    ]
+    feeds[1]["x"] = np.ascontiguousarray(feeds[1]["x"].transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    assert not feeds[1]["x"].flags.c_contiguous
+    results = [exe.run(feed) for feed in feeds]
+    for feed, got in zip(feeds, results):
+        for name, want in reference.run(feed).items():
+            assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+            np.testing.assert_array_equal(got[name], want, err_msg=name)
+    for array in results[0].values():
+        array[...] = 0  # the caller's own arrays, writable
+    assert_same(g, exe, feeds[0])
+    with pytest.raises(intq.ShapeError, match="has shape"):
+        exe.run({"x": feeds[0]["x"][..., :4], "f": feeds[0]["f"]})
+    assert_same(g, exe, feeds[2])  # a refused feed leaves nothing behind
+
+
+def test_runs_from_several_threads_each_get_their_own_results():
+    """One executable run from 4 threads at once: the runs share its input tensors and its
+    VM, one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(4)
+    g = _view_and_conv_graph(rng)
+    exe = compile_tvm(g)
+    reference = intq.compile(g, target="reference")
+    feeds = [
+        {"x": full_range(rng, (1, 4, 5, 5), True), "f": rng.normal(size=(2, 3)).astype(np.float32)}
+        for _ in range(48)
+    ]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads inside runs, not only between them
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(exe.run, feeds * 4))
+    finally:
+        sys.setswitchinterval(interval)
+    for feed, got in zip(feeds * 4, results):
+        for name, want in reference.run(feed).items():
+            np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
 # ----- profiling ----------------------------------------------------------------------------------
 
 

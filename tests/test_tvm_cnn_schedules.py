@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from int_graphs import adversarial
+from int_graphs import adversarial, int_input, qconv, requantized
 from onnx import helper, numpy_helper
 from onnx_models import conv_node, f32, make_model, quantized
 
@@ -161,6 +161,38 @@ def test_squeeze_excitation_scales_the_nhwc_activation_in_place():
     assert len(layouts) == 2, layouts
     assert not exe.fallbacks
     _assert_exact(graph, exe, feeds)
+
+
+def test_a_table_lookup_is_one_kernel_on_the_stored_layout_over_every_code():
+    """``QLookup`` of a graph input (int8 codes to uint8) and of an NHWC conv's requantized
+    uint8 output (to int8): one kernel each, its node named (as Relax ops it was three
+    kernels, a ``take`` among them, with int64 tensors between them), and every one of the
+    256 codes of each table gives the reference's entry."""
+    rng = np.random.default_rng(6)
+    g = intq.ir.Graph()
+    x = int_input(g, "x", (1, 4, 8, 8), True)
+    codes = [
+        dict(table=tuple(int(v) for v in rng.integers(0, 256, 256)), bits=8, signed=0),
+        dict(table=tuple(int(v) for v in rng.integers(-128, 128, 256)), bits=8, signed=1),
+    ]
+    clamps = [dict(scale=0.1, lo=0, hi=255), dict(scale=0.1, lo=-128, hi=127)]
+    direct = g.op("QLookup", x, **codes[0], **clamps[0])
+    conv = requantized(g, qconv(g, rng, x, 16, 1, 1, 1, 0, True), 0.02, False)
+    after_conv = g.op("QLookup", conv, **codes[1], **clamps[1])
+    g.set_outputs([direct, after_conv])
+    intq.ir.verify(g)
+    exe = intq.compile(g, target="tvm")
+    tables = [n.label() for n in g if n.op == "QLookup"]
+    lookups = [nodes for name, nodes in exe.kernel_nodes.items() if name.startswith("qlookup")]
+    assert sorted(lookups) == sorted([label] for label in tables)
+    assert not any(name.startswith("take") for name in exe.schedules) and not exe.fallbacks
+    every_code = np.arange(-128, 128, dtype=np.int8).reshape(1, 4, 8, 8)
+    reference = intq.compile(g, target="reference")
+    for feed in (every_code, every_code[..., ::-1]):
+        want, got = reference.run({"x": feed}), exe.run({"x": feed})
+        for name, array in want.items():
+            assert got[name].dtype == array.dtype
+            np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
 def test_channel_slices_and_nearest_upsampling_stay_nhwc():

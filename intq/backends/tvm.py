@@ -46,13 +46,14 @@ from intq.passes.range_analysis import value_ranges
 
 
 def to_relax(
-    graph: Graph, channels_last: bool = True, vnni: bool = False
+    graph: Graph, channels_last: bool = True, vnni: bool = False, llvm: bool = True
 ) -> tuple[Any, dict[str, Kernel]]:
     """The Relax ``IRModule`` computing ``graph`` and the kernels it holds (by prim func name);
     ``channels_last`` keeps CNN activations NHWC between the kernels that want it; ``vnni``
     (the target has ``vpdpbusd``, :class:`~intq.backends.tvm_schedules.Isa`) packs every
-    8-bit conv and dense 4 byte channels deep."""
-    lw = Lowerer(graph, channels_last, vnni)
+    8-bit conv and dense 4 byte channels deep; ``llvm`` (a CPU target) lets the kernels call
+    LLVM's intrinsics where TVM's own do not vectorize."""
+    lw = Lowerer(graph, channels_last, vnni, llvm)
     relax = lw.relax
     params = [relax.Var(v.name, relax.TensorType(v.type.shape, dtype_of(v))) for v in graph.inputs]
     with lw.bb.function("main", params):
@@ -126,7 +127,8 @@ def compile_tvm(
     # vpdpbusd packing only where the scheduled module will tensorize with it.
     vnni = schedule and Isa.of(target).vnni
     # NHWC for the CPU schedules; the GPU's default schedules take the graph as it is.
-    mod, kernels = to_relax(graph, channels_last=spec["kind"] == "llvm", vnni=vnni)
+    cpu = spec["kind"] == "llvm"
+    mod, kernels = to_relax(graph, channels_last=cpu, vnni=vnni, llvm=cpu)
     report: dict[str, str] = {}
     paths: dict[str, str] = {}
     if cuda:

@@ -16,9 +16,10 @@ graph's inputs. :func:`intq.backends.tvm.to_relax` drives it over a graph.
 - **Quantize** divides in float32 and rounds half to even (``nearbyint``), as
   the reference and ONNX ``QuantizeLinear`` do, saturating; NaN gives 0, tested
   before the clamp (docs/numerics.md); ``Dequantize`` multiplies in float32.
-- **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``), tables (``QLookup``) and
-  products of activations (``QMul``) are the reference's own code
-  (:mod:`intq.semantics.kernels`), emitted op by op as Relax int64 ops (:class:`_RelaxOps`).
+- **Transformer kernels** (``QSoftmax``, ``QGelu``, ``QLayerNorm``) and products of
+  activations (``QMul``) are the reference's own code (:mod:`intq.semantics.kernels`),
+  emitted op by op as Relax int64 ops (:class:`_RelaxOps`). Tables (``QLookup``) are one
+  TE kernel on the 8-bit codes (:func:`~intq.backends.tvm_kernels.lookup_te`).
 
 Every kernel keeps the compute it is given here, so a schedule
 (:mod:`intq.backends.tvm_schedules`) can only reorder it. TVM is imported when a
@@ -48,7 +49,10 @@ from intq.backends.tvm_kernels import (
     dtype_of,
     global_avgpool_te,
     input_of,
+    isnan,
+    lookup_te,
     maxpool_te,
+    nearbyint,
     nhwc_conv_transpose,
     offset_bias,
     packed_conv_te,
@@ -73,7 +77,6 @@ from intq.semantics.kernels import (
     divide,
     divide_by_count,
     l2_norm,
-    lookup,
     lookup_offset,
     mask,
     multiply,
@@ -138,13 +141,16 @@ class Lowerer:
     and remember it.
     """
 
-    def __init__(self, graph: Graph, channels_last: bool = False, vnni: bool = False):
+    def __init__(
+        self, graph: Graph, channels_last: bool = False, vnni: bool = False, llvm: bool = False
+    ):
         from tvm import relax
 
         self.relax = relax
         self.graph = graph
         self.channels_last = channels_last
         self.vnni = vnni  # the target has vpdpbusd: every 8-bit conv/dense reduces bytes
+        self.llvm = llvm  # LLVM compiles the kernels for a CPU: its intrinsics may be called
         self.bb = relax.BlockBuilder()
         self.env: dict[str, Any] = {}  # value name -> its Relax expression, as stored
         self.nhwc: set[str] = set()  # the values stored NHWC
@@ -398,13 +404,13 @@ def _quantize(lw: Lowerer, node: Node) -> None:
         def body(*i: Any) -> Any:
             # float32 division then round half to even, as the reference (never x * (1/s)).
             real = x(*i).astype("float32")
-            scaled = tirx.nearbyint(real / tirx.const(scale, "float32"))
+            scaled = nearbyint(real / tirx.const(scale, "float32"), lw.llvm)
             low, high = tirx.const(q.qmin, "float32"), tirx.const(q.qmax, "float32")
             clamped = tirx.max(tirx.min(scaled, high), low)
             # NaN quantizes to 0 as on every backend: LLVM's min/max would return the other
             # operand (here the range's top), so NaN is tested for before the clamp's result.
             zero = tirx.const(0, "float32")
-            return tirx.Select(tirx.isnan(real), zero, clamped).astype(out)
+            return tirx.Select(isnan(real), zero, clamped).astype(out)
 
         return te.compute(x.shape, body, name="quantize")
 
@@ -807,13 +813,14 @@ class _RelaxOps:
 
 @_lower("QLookup")
 def _qlookup(lw: Lowerer, node: Node) -> None:
-    """:func:`~intq.semantics.kernels.lookup` as a Relax ``take``, on the stored layout."""
+    """:func:`~intq.semantics.kernels.lookup` as one TE kernel (:func:`lookup_te`), on the
+    stored layout."""
     x = input_of(node)
     source, nhwc = lw.stored(x)  # elementwise: any layout
-    codes = lw.bb.emit(lw.relax.op.astype(source, "int64"))
-    table = np.asarray(node.attrs["table"], np.int64)
-    result = lookup(_RelaxOps(lw), codes, table, lookup_offset(x.type.dtype.numpy))
-    lw.bind(node, lw.bb.emit(lw.relax.op.astype(result, dtype_of(node.output))), nhwc=nhwc)
+    # The entries lie within the output's clamp (the op's check): they fit its dtype.
+    table = lw.const(np.asarray(node.attrs["table"], node.output.type.dtype.numpy))
+    fn = lookup_te(lookup_offset(x.type.dtype.numpy))
+    lw.bind(node, lw.emit_node(fn, [source, table], node, "elementwise"), nhwc=nhwc)
 
 
 @_lower("QMul")
