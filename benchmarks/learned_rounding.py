@@ -11,7 +11,8 @@ first and last layer at 8 bits, the ResNet-18-shaped network (seeded weights) at
 all-MiniLM-L6-v2 at W4A8 (16-bit residual stream, the default ``wide_bits``);
 each quantized by ``intq.quantize`` with the defaults but for the widths, once with
 ``rounding="nearest"`` and once with the default ``rounding="auto"`` (learned rounding for
-the 4-bit layers), on the same calibration crops. Each integer graph runs on ONNX Runtime
+the 4-bit layers), on the same calibration crops; both with the default bias correction
+of the layers under 8 bits. Each integer graph runs on ONNX Runtime
 (bit exact with the reference interpreter) over other crops, scored by top-1 agreement with
 the FP32 model (all crops, and the crops where FP32 is confident: max softmax > 0.5);
 MiniLM calibrates on the 16 sentences of ``minilm_variants.py`` and is scored by the mean

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,7 +59,7 @@ from intq.schema import (
     string,
     validate,
 )
-from intq.semantics.feeds import Feeds, check_feeds
+from intq.semantics.feeds import Feeds, IndexTable, check_feeds, index_tables
 from intq.signing import SIGNATURE_SUFFIX
 from intq.vectors import write_golden_vectors
 
@@ -211,23 +211,28 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str
     quantization: dict[str, Any] | None = None
+    indices: tuple[IndexTable, ...] = ()  # the tables an integer input indexes
 
     def value(self) -> Value:
         """An IR value with this name and type (what :func:`check_feeds` reads)."""
         return Value(self.name, TensorType(DType.from_numpy(np.dtype(self.dtype)), self.shape))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "shape": list(self.shape),
             "dtype": self.dtype,
             "quantization": self.quantization,
         }
+        if self.indices:  # written only where there are some: older readers take the rest
+            data["indices"] = [asdict(t) for t in self.indices]
+        return data
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> TensorSpec:
+        indices = tuple(IndexTable(**t) for t in data.get("indices", ()))
         return TensorSpec(
-            data["name"], tuple(data["shape"]), data["dtype"], data.get("quantization")
+            data["name"], tuple(data["shape"]), data["dtype"], data.get("quantization"), indices
         )
 
 
@@ -251,7 +256,7 @@ def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec]]:
                 "qmax": q.qmax,
                 "dtype": _dtype(readers[0].output),
             }
-        inputs.append(TensorSpec(v.name, v.type.shape, _dtype(v), quant))
+        inputs.append(TensorSpec(v.name, v.type.shape, _dtype(v), quant, index_tables(v)))
     outputs = []
     for v in graph.outputs:
         quant = None
@@ -286,7 +291,7 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Feeds) -> dict[str, np.nda
     The module quantizes its float inputs itself (the graph's ``Quantize`` ops are compiled
     into it), so checking is all the preparation an input needs, here or on a remote device.
     """
-    return check_feeds([s.value() for s in specs], inputs)
+    return check_feeds([s.value() for s in specs], inputs, {s.name: s.indices for s in specs})
 
 
 def device_arguments(
@@ -325,7 +330,6 @@ class HostCall:
 
     def __init__(self, specs: Sequence[TensorSpec], function: Any, device: Any) -> None:
         self.specs = list(specs)
-        self.values = [s.value() for s in specs]
         self.function = function
         self.device = device
         self.tensors: list[Any] = []
@@ -335,14 +339,14 @@ class HostCall:
     def __call__(self, inputs: Feeds) -> list[np.ndarray]:
         """The entry function's results on ``inputs`` (checked as :func:`check_inputs`
         does), in order, as numpy arrays of their own."""
-        feeds = check_feeds(self.values, inputs)
+        feeds = check_inputs(self.specs, inputs)
         with self.lock:
             if len(self.tensors) != len(self.specs):  # the first run, its feeds checked
                 empty = _tvm().runtime.empty
                 self.tensors = [empty(s.shape, s.dtype, self.device) for s in self.specs]
                 self.views = [np.from_dlpack(t) for t in self.tensors]
-            for value, view in zip(self.values, self.views):
-                np.copyto(view, feeds[value.name], casting="no")
+            for spec, view in zip(self.specs, self.views):
+                np.copyto(view, feeds[spec.name], casting="no")
             results = self.function(*self.tensors)
             if hasattr(results, "numpy"):  # a single tensor, not a tuple of them
                 results = (results,)
@@ -376,7 +380,10 @@ _TENSOR = obj(
         "shape": list_of(integer(0, 2**31 - 1), 32),
         "dtype": string(choices=_DTYPES),
     },
-    {"quantization": optional(_QUANTIZATION, "a quantization")},
+    {
+        "quantization": optional(_QUANTIZATION, "a quantization"),
+        "indices": list_of(obj({"node": _NAME, "table": _NAME, "size": integer(1, 2**62)}), 10_000),
+    },
 )
 _OPTION = one_of(
     string(),

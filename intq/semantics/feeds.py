@@ -4,6 +4,7 @@ indices inside their tables. Every executable and the interpreters check feeds h
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,8 +15,14 @@ Feeds = Mapping[str, np.ndarray] | np.ndarray
 """What ``run`` takes: input name -> array, or the bare array of a single-input model."""
 
 
-def check_feeds(inputs: Sequence[Value], feeds: Feeds) -> dict[str, np.ndarray]:
-    """Match ``feeds`` to the graph inputs: every input given, shapes exact, dtypes compatible.
+def check_feeds(
+    inputs: Sequence[Value],
+    feeds: Feeds,
+    tables: Mapping[str, Sequence[IndexTable]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Match ``feeds`` to the graph inputs: every input given, shapes exact, dtypes compatible,
+    indices inside the tables they index (``tables`` per input name, for inputs without the
+    graph around them: a loaded artifact's; else read from each input's uses).
 
     ``feeds`` maps input names to arrays; a single-input graph also takes the bare array.
     Arrays of another float width (numpy's default float64 for an f32 input)
@@ -59,27 +66,45 @@ def check_feeds(inputs: Sequence[Value], feeds: Feeds) -> dict[str, np.ndarray]:
                     hint=f"pass the array as .astype(np.{target})",
                 )
             array = converted
-        _check_indices(value, array)
+        _check_indices(name, array, index_tables(value) if tables is None else tables[name])
         out[name] = array
     return out
 
 
-def _check_indices(value: Value, array: np.ndarray) -> None:
-    """Token ids and other indices fed to a ``Gather`` must lie in its table."""
+@dataclass(frozen=True)
+class IndexTable:
+    """A table that an integer input indexes (the data of a ``Gather`` reading it): the
+    node, the table's name and its length along the gathered axis."""
+
+    node: str
+    table: str
+    size: int
+
+
+def index_tables(value: Value) -> tuple[IndexTable, ...]:
+    """The tables graph input ``value`` indexes (what :func:`check_feeds` checks its
+    values against)."""
+    found = []
     for use in value.uses():
         node = use.node
-        if node.op != "Gather" or use.index != 1 or not array.size:
-            continue
-        table = node.operand(0)
-        if table is None:
-            continue
-        size = table.type.shape[node.attrs["axis"]]
-        low, high = int(array.min()), int(array.max())
+        table = node.operand(0) if node.op == "Gather" and use.index == 1 else None
+        if table is not None:
+            found.append(IndexTable(node.label(), table.name, table.type.shape[node.attrs["axis"]]))
+    return tuple(found)
+
+
+def _check_indices(name: str, array: np.ndarray, tables: Sequence[IndexTable]) -> None:
+    """Token ids and other indices fed to a ``Gather`` must lie in its table."""
+    if not tables or not array.size:
+        return
+    low, high = int(array.min()), int(array.max())
+    for table in tables:
+        size = table.size
         if low < -size or high >= size:
             raise ShapeError(
-                f"input {value.name!r} holds index {low if low < -size else high}, outside"
-                f" [{-size}, {size - 1}] of {table.name!r}",
-                node=node.label(),
+                f"input {name!r} holds index {low if low < -size else high}, outside"
+                f" [{-size}, {size - 1}] of {table.table!r}",
+                node=table.node,
                 hint="token ids must come from the model's own tokenizer / vocabulary",
             )
 
