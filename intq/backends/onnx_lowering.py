@@ -564,7 +564,7 @@ def _qbatch_matmul(b: _Builder, node: Node) -> None:
     is wider (exact: the range analysis proved the accumulator fits int32)."""
     operands = [_input(node, i) for i in (0, 1)]
     if any(v.type.dtype in _WIDE for v in operands):
-        a_i32, b_i32 = (_centred_int32(b, v, node) for v in operands)
+        a_i32, b_i32 = (_centred(b, v, node, np.int32) for v in operands)
         b.add("MatMul", [a_i32, b_i32], [node.output.name], node)
         return
     (a_u8, a_zp), (b_u8, b_zp) = (b.u8(v, node) for v in operands)
@@ -574,15 +574,6 @@ def _qbatch_matmul(b: _Builder, node: Node) -> None:
         [node.output.name],
         node,
     )
-
-
-def _centred_int32(b: _Builder, value: Value, node: Node) -> str:
-    """``value`` as int32, its storage offset taken out."""
-    name, zp = b.tensor(value)
-    wide = b.op("Cast", [name], value.name + ".i32", node, to=TensorProto.INT32)
-    if not zp:
-        return wide
-    return b.op("Sub", [wide, b.const(np.int32(zp), "zp")], value.name + ".centred", node)
 
 
 @_lower("Gather")
@@ -748,13 +739,17 @@ class _OnnxOps:
         return self._op("Div", [a, b])
 
 
-def _as_int64(b: _Builder, value: Value, node: Node) -> str:
-    """``value`` as int64 with its zero point removed."""
+def _centred(b: _Builder, value: Value, node: Node, wide: type = np.int64) -> str:
+    """``value`` as int64 (or the ``wide`` numpy integer type) with its zero point removed."""
     name, zp = b.tensor(value)
-    wide = b.op("Cast", [name], value.name + ".i64", node, to=TensorProto.INT64)
+    dtype = np.dtype(wide)
+    suffix = f".i{8 * dtype.itemsize}"
+    cast = b.op(
+        "Cast", [name], value.name + suffix, node, to=helper.np_dtype_to_tensor_dtype(dtype)
+    )
     if not zp:
-        return wide
-    return b.op("Sub", [wide, b.const(np.int64(zp), "zp")], value.name + ".centred", node)
+        return cast
+    return b.op("Sub", [cast, b.const(dtype.type(zp), "zp")], value.name + ".centred", node)
 
 
 def _store(b: _Builder, result: str, node: Node) -> None:
@@ -769,8 +764,8 @@ def _store(b: _Builder, result: str, node: Node) -> None:
 @_lower(*ops_with(Trait.KERNEL))
 def _transformer_kernel(b: _Builder, node: Node) -> None:
     keep = node.inputs[1] if len(node.inputs) > 1 else None
-    x = _as_int64(b, _input(node), node)
-    mask = None if keep is None else _as_int64(b, keep, node)
+    x = _centred(b, _input(node), node)
+    mask = None if keep is None else _centred(b, keep, node)
     _store(b, kernels.run_node(_OnnxOps(b, node), node, x, mask), node)
 
 
@@ -796,7 +791,7 @@ def _requantized_pair(kernel: Callable[..., Any]) -> Lowering:
 
     def lower(b: _Builder, node: Node) -> None:
         attrs = node.attrs
-        a, c = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+        a, c = (_centred(b, _input(node, i), node) for i in (0, 1))
         limits = (attrs[k] for k in ("multiplier", "shift", "lo", "hi"))
         _store(b, kernel(_OnnxOps(b, node), a, c, *limits), node)
 
@@ -812,7 +807,7 @@ def _qreduce_l2(b: _Builder, node: Node) -> None:
     """:func:`~intq.semantics.kernels.l2_norm` in int64: ``ReduceSum`` of the squares, the
     leading-bit count and Newton's inverse square root as ``Mul``/``BitShift``, no division."""
     a = node.attrs
-    x = _as_int64(b, _input(node), node)
+    x = _centred(b, _input(node), node)
     result = kernels.l2_norm(
         _OnnxOps(b, node), x, a["axes"], a["multiplier"], a["shift"], a["lo"], a["hi"]
     )
@@ -823,7 +818,7 @@ def _qreduce_l2(b: _Builder, node: Node) -> None:
 def _qmask(b: _Builder, node: Node) -> None:
     """:func:`~intq.semantics.kernels.mask` in int64: the stored codes less their zero
     point times the 0/1 keep, stored at the output's zero point (a removed int8 is 128)."""
-    x, keep = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+    x, keep = (_centred(b, _input(node, i), node) for i in (0, 1))
     _store(b, kernels.mask(_OnnxOps(b, node), x, keep), node)
 
 
@@ -833,7 +828,7 @@ def _qdiv_count(b: _Builder, node: Node) -> None:
     rounding term and shift from constant tables; int64 ``Mul``/``Add``, the arithmetic
     shift by a run-time amount through a ``2^62`` offset and a logical ``BitShift``."""
     attrs = node.attrs
-    acc, count = (_as_int64(b, _input(node, i), node) for i in (0, 1))
+    acc, count = (_centred(b, _input(node, i), node) for i in (0, 1))
     result = kernels.divide_by_count(
         _OnnxOps(b, node), acc, count, attrs["multiplier"], attrs["shift"], attrs["lo"], attrs["hi"]
     )
@@ -846,7 +841,7 @@ def _qprelu(b: _Builder, node: Node) -> None:
     x = _input(node)
     result = kernels.prelu(
         _OnnxOps(b, node),
-        _as_int64(b, x, node),
+        _centred(b, x, node),
         a["multiplier_pos"],
         a["multiplier_neg"],
         a["axis"],
@@ -866,7 +861,7 @@ def _qresize(b: _Builder, node: Node) -> None:
     x = _input(node)
     result = kernels.resize_linear(
         _OnnxOps(b, node),
-        _as_int64(b, x, node),
+        _centred(b, x, node),
         kernels.resize_taps(node.attrs),
         x.type.rank,
         node.attrs["frac_bits"],
