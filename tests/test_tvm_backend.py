@@ -849,3 +849,30 @@ def test_compile_command_targets_tvm(digits_model, tmp_path, capsys):
     assert tarfile.is_tarfile(tmp_path / "digits.tar")
     assert main([*common, "--tvm-target", "{oops", "-o", str(tmp_path / "x.so")]) == 1
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_negative_token_ids_count_from_the_end_as_in_onnx():
+    # An embedding lookup takes -1 as the table's last row (ONNX Gather, the reference and
+    # ONNX Runtime); TVM's clipping take alone would read row 0.
+    import torch
+
+    class Embedded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table, self.dense = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.dense(self.table(ids))
+
+    torch.manual_seed(0)
+    graph = intq.from_torch(Embedded().eval(), (torch.tensor([[1, 2, 3]]),), input_names=["ids"])
+    data = [{"ids": np.array([[i, (i + 1) % 10, (i + 2) % 10]])} for i in range(10)]
+    quantized = intq.quantize(graph, data, intq.QuantConfig(progress=False))
+    reference = intq.compile(quantized, "reference")
+    feed = {"ids": np.array([[-1, 2, -10]])}
+    want = reference.run(feed)
+    same_rows = reference.run({"ids": np.array([[9, 2, 0]])})
+    got = compile_tvm(quantized).run(feed)
+    for name in want:
+        np.testing.assert_array_equal(want[name], same_rows[name])
+        np.testing.assert_array_equal(got[name], want[name])

@@ -680,6 +680,12 @@ def _gather(lw: Lowerer, node: Node) -> None:
     nhwc = indices.type.rank == 1 and lw.is_nhwc(data)
     table = lw.value_nhwc(data) if nhwc else lw.value(data)
     index = lw.value(indices)
+    if indices.const is None or (np.asarray(indices.const) < 0).any():
+        # A negative index counts from the end, as in ONNX (TVM's "clip" would take row 0).
+        dtype = indices.type.dtype.numpy
+        size = lw.const(np.asarray(data.type.shape[axis], dtype))
+        negative = lw.relax.op.less(index, lw.const(np.asarray(0, dtype)))
+        index = lw.bb.emit(lw.relax.op.where(negative, lw.relax.op.add(index, size), index))
     # "clip": an index outside the table can never read outside it, even in a device-side
     # loader that skips intq's input checks (TVM's "fast" mode does not check at all).
     axis = nhwc_axis(axis) if nhwc else axis
