@@ -67,15 +67,19 @@ from intq.mixed_precision import (
     place_activations,
 )
 from intq.passes import PREPARE, pipeline
+from intq.passes.bias_correction import InputMeans
 from intq.passes.bit_allocation import (
     BITS_PER_MB,
     Budget,
     LayerCosts,
     allocate_bits,
 )
-from intq.passes.calibration import ClipRule, TensorStats, collect_stats
+from intq.passes.calibration import Calibrate, CalibrationStats, ClipRule
+from intq.passes.integer_lowering import Lowering
 from intq.passes.integer_only import check_integer_only
-from intq.passes.integerize import Integerize, integerize
+from intq.passes.integer_rules import LOWERINGS
+from intq.passes.integerize import Integerize
+from intq.passes.learned_rounding import LearnedRounding, RoundedWeights
 from intq.passes.precision import ActivationSite, LayerBits, QuantLayer, quantizable_layers
 from intq.passes.range_analysis import analyze_ranges
 from intq.passes.sensitivity import (
@@ -198,20 +202,51 @@ def kl(reference: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
 
 
-def lower(task: Task, stats: Mapping[str, TensorStats], bits: Mapping[str, int]) -> Graph:
+@dataclass(frozen=True)
+class Calibrated:
+    """What the lowering of every point reads, gathered once: the statistics and, for learned
+    rounding, each layer's learned 4-bit integers and mean inputs (bias correction)."""
+
+    stats: CalibrationStats
+    rounded: RoundedWeights | None
+    means: InputMeans | None
+
+    @property
+    def rounding(self) -> str:
+        return "nearest" if self.rounded is None else "auto"
+
+
+def calibrate(task: Task, rounding: str) -> Calibrated:
+    """Calibrate ``task``'s graph once; with ``rounding="auto"`` (intq's default) also learn
+    the 4-bit rounding of every layer and keep the mean inputs, as ``intq.quantize`` does
+    for the layers under 8 bits (a layer at 8 bits in a point takes neither)."""
+    learned = rounding == "auto"
+    every = (lambda name: True) if learned else None
+    Calibrate(task.calibration, False, corrects=every, learns=every)(task.graph)
+    if learned:
+        LearnedRounding(Integerize(weight_bits=4, rounding="auto"), False)(task.graph)
+    stats = task.graph.analysis(CalibrationStats)
+    assert stats is not None
+    return Calibrated(stats, task.graph.analysis(RoundedWeights), task.graph.analysis(InputMeans))
+
+
+def lower(task: Task, calibrated: Calibrated, bits: Mapping[str, int]) -> Graph:
     """The integer-only graph with the given weight bits per layer (8-bit activations),
     from statistics collected once for every choice."""
-    return lower_bits(task, stats, {n: LayerBits(b, 8) for n, b in bits.items()})
+    return lower_bits(task, calibrated, {n: LayerBits(b, 8) for n, b in bits.items()})
 
 
-def lower_bits(
-    task: Task, stats: Mapping[str, TensorStats], layer_bits: Mapping[str, LayerBits]
-) -> Graph:
-    """The integer-only graph with ``layer_bits`` (min/max calibration), from statistics
-    collected once for every choice."""
-    options = Integerize(layer_bits=dict(layer_bits))
-    by_value = {task.graph[name]: s for name, s in stats.items()}
-    result = integerize(task.graph, by_value, options)
+def lower_bits(task: Task, calibrated: Calibrated, layer_bits: Mapping[str, LayerBits]) -> Graph:
+    """The integer-only graph with ``layer_bits`` (min/max calibration; learned rounding and
+    bias correction of the layers under 8 bits where ``calibrated`` has them), from
+    statistics collected once for every choice."""
+    rounding = calibrated.rounding
+    corrects = "auto" if rounding == "auto" else False
+    options = Integerize(layer_bits=dict(layer_bits), rounding=rounding, bias_correction=corrects)
+    lowering = Lowering(
+        task.graph, calibrated.stats, options, None, None, calibrated.means, calibrated.rounded
+    )
+    result = lowering.run(LOWERINGS)
     analyze_ranges(result)
     check_integer_only(result)
     return result
@@ -249,13 +284,17 @@ def run(
     pin: bool = True,
     activations: bool = False,
     sizes: bool = True,
+    rounding: str = "auto",
 ) -> list[Point]:
     layers = quantizable_layers(task.graph)
     pins = {layers[0].name: 8, layers[-1].name: 8} if pin else {}
     ties = derive_ties(task.graph, layers)
     started = time.perf_counter()
-    stats = collect_stats(task.graph, task.calibration, progress=False)
-    print(f"[{task.name}] calibration statistics: {time.perf_counter() - started:.1f} s")
+    stats = calibrate(task, rounding)
+    print(
+        f"[{task.name}] calibration statistics (rounding {rounding}):"
+        f" {time.perf_counter() - started:.1f} s"
+    )
     omegas: dict[str, dict[str, dict[int, float]]] = {}
     started = time.perf_counter()
     estimate = hessian_traces(
@@ -321,7 +360,7 @@ def run(
 def run_activations(
     task: Task,
     layers: Sequence[QuantLayer],
-    stats: Mapping[str, TensorStats],
+    stats: Calibrated,
     omega: Mapping[str, Mapping[int, float]],
     ties: Sequence[Sequence[str]],
     pins: Mapping[str, int],
@@ -446,6 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--models", default="digits,efficientnet,minilm", help="comma-separated subset"
     )
     parser.add_argument(
+        "--rounding",
+        choices=("auto", "nearest"),
+        default="auto",
+        help="auto (intq's default): learned rounding and bias correction of the 4-bit layers",
+    )
+    parser.add_argument(
         "--no-pins", action="store_true", help="let the first and last layer take 4 bits too"
     )
     parser.add_argument(
@@ -468,13 +513,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     points = []
     if "digits" in models:
         task = digits_task(args.zoo)
-        points += run(task, fractions, seeds, iterations=64, pin=pin, activations=acts, sizes=sizes)
+        points += run(
+            task,
+            fractions,
+            seeds,
+            iterations=64,
+            pin=pin,
+            activations=acts,
+            sizes=sizes,
+            rounding=args.rounding,
+        )
     if "efficientnet" in models:
         task = efficientnet_task(args.zoo, calibration_crops=16, eval_crops=args.crops)
-        points += run(task, fractions, seeds, iterations=32, pin=pin, activations=acts, sizes=sizes)
+        points += run(
+            task,
+            fractions,
+            seeds,
+            iterations=32,
+            pin=pin,
+            activations=acts,
+            sizes=sizes,
+            rounding=args.rounding,
+        )
     if "minilm" in models:
         task = minilm_task(args.zoo)
-        points += run(task, fractions, seeds, iterations=32, pin=pin, activations=acts, sizes=sizes)
+        points += run(
+            task,
+            fractions,
+            seeds,
+            iterations=32,
+            pin=pin,
+            activations=acts,
+            sizes=sizes,
+            rounding=args.rounding,
+        )
     print()
     print("\n".join(verdict(points)))
     if args.json:
