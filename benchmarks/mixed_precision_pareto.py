@@ -511,42 +511,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = not args.activations_only
     models = ["digits"] if args.quick else args.models.split(",")
     points = []
-    if "digits" in models:
-        task = digits_task(args.zoo)
-        points += run(
-            task,
-            fractions,
-            seeds,
-            iterations=64,
-            pin=pin,
-            activations=acts,
-            sizes=sizes,
-            rounding=args.rounding,
-        )
-    if "efficientnet" in models:
-        task = efficientnet_task(args.zoo, calibration_crops=16, eval_crops=args.crops)
-        points += run(
-            task,
-            fractions,
-            seeds,
-            iterations=32,
-            pin=pin,
-            activations=acts,
-            sizes=sizes,
-            rounding=args.rounding,
-        )
-    if "minilm" in models:
-        task = minilm_task(args.zoo)
-        points += run(
-            task,
-            fractions,
-            seeds,
-            iterations=32,
-            pin=pin,
-            activations=acts,
-            sizes=sizes,
-            rounding=args.rounding,
-        )
+    tasks = {  # each model's task and Hessian-trace iterations, built only when chosen
+        "digits": (lambda: digits_task(args.zoo), 64),
+        "efficientnet": (
+            lambda: efficientnet_task(args.zoo, calibration_crops=16, eval_crops=args.crops),
+            32,
+        ),
+        "minilm": (lambda: minilm_task(args.zoo), 32),
+    }
+    for key, (make, iterations) in tasks.items():
+        if key in models:
+            points += run(
+                make(),
+                fractions,
+                seeds,
+                iterations=iterations,
+                pin=pin,
+                activations=acts,
+                sizes=sizes,
+                rounding=args.rounding,
+            )
     print()
     print("\n".join(verdict(points)))
     if args.json:
