@@ -72,7 +72,7 @@ def lowering_pipeline(
     calibrate: list[Pass] = []
     if calibration_data is not None:
         learns = lowering.learns if lowering.rounding != "nearest" else None
-        corrects = lowering.corrects if lowering.bias_correction is not False else None
+        corrects = lowering.corrects if lowering.bias_correction else None
         kept: list[Mapping[str, np.ndarray]] = []
         if lowering.calibration == "auto":
             calibration_data, kept = reservoir(calibration_data)

@@ -421,7 +421,8 @@ class Lowering:
         if learned is not None:
             self.learned[w] = learned  # the integer graph's own record, for the layer table
         w.type = w.type.with_quant(channel_quant(bits, scales, axis, narrow=True))
-        mean = self.means.get(node.output) if given is None else None
+        corrects = given is None and self.options.corrects(node.label())
+        mean = self.means.get(node.output) if corrects else None
         if mean is not None:  # a pre-quantized model's own integers and biases stay as they are
             shape = [1] * q.ndim
             shape[axis] = -1

@@ -194,7 +194,7 @@ class Integerize(Pass):
         stats = graph.analysis(CalibrationStats)
         model = graph.analysis(ModelQuantization)
         choices = graph.analysis(ClipChoices)
-        means = graph.analysis(InputMeans) if self.bias_correction is not False else None
+        means = graph.analysis(InputMeans) if self.bias_correction else None
         rounded = graph.analysis(RoundedWeights) if self.rounding != "nearest" else None
         lowering = Lowering(
             graph, stats if stats is not None else {}, self, model, choices, means, rounded
